@@ -1,0 +1,160 @@
+//! The local API between `mesh` and `meshd`: one JSON [`Request`] per line on the unix socket
+//! `EXEC_ROOT/meshd.sock`, answered by one JSON [`Response`] line.
+//!
+//! **API Boundary**: this is the only interface the CLI uses; everything it shows comes from here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::objects::{Availability, NodeRole};
+
+/// A request to the local daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", content = "params", rename_all = "snake_case")]
+pub enum Request {
+    Version,
+    Info,
+    SwarmInit {
+        advertise_addr: Option<String>,
+        listen_addr: Option<String>,
+    },
+    SwarmJoin {
+        token: String,
+        remote: String,
+        advertise_addr: Option<String>,
+        listen_addr: Option<String>,
+    },
+    SwarmLeave {
+        force: bool,
+    },
+    JoinToken {
+        role: NodeRole,
+        rotate: bool,
+    },
+    NodeLs,
+    NodeInspect {
+        node: String,
+    },
+    NodeUpdate {
+        node: String,
+        availability: Option<Availability>,
+        label_add: BTreeMap<String, String>,
+        label_rm: Vec<String>,
+    },
+    NodePromote {
+        node: String,
+    },
+    NodeDemote {
+        node: String,
+    },
+    NodeRm {
+        node: String,
+        force: bool,
+    },
+}
+
+impl Request {
+    /// Whether the request reads or changes cluster state, so that only a manager with a
+    /// reachable leader may answer it.
+    pub fn is_management(&self) -> bool {
+        !matches!(
+            self,
+            Request::Version
+                | Request::Info
+                | Request::SwarmInit { .. }
+                | Request::SwarmJoin { .. }
+                | Request::SwarmLeave { .. }
+        )
+    }
+}
+
+/// The answer: the payload of the request's kind, or an error.
+pub type Response = Result<serde_json::Value, ApiError>;
+
+/// What kind of failure an [`ApiError`] is; the CLI maps it to an exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    NotInSwarm,
+    AlreadyInSwarm,
+    NotManager,
+    NoLeader,
+    PermissionDenied,
+    Unavailable,
+    Internal,
+}
+
+/// An error as the daemon reports it: a kind and one clear line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// Docker Swarm's words for a management call without Raft quorum.
+pub const NO_LEADER_MESSAGE: &str = "The swarm does not have a leader. It's possible that too few managers are online. Make sure more than half of the managers are online.";
+
+/// Docker Swarm's words for a management call on a worker.
+pub const NOT_MANAGER_MESSAGE: &str = "This node is not a swarm manager. Worker nodes can't be used to view or modify cluster state. Please run this command on a manager node or promote the current node to a manager.";
+
+/// Docker Swarm's words for a call that needs a swarm on a node outside one.
+pub const NOT_IN_SWARM_MESSAGE: &str = "This node is not a swarm manager. Use \"mesh swarm init\" or \"mesh swarm join\" to connect this node to swarm and try again.";
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl fmt::Display) -> Self {
+        ApiError {
+            kind,
+            message: message.to_string(),
+        }
+    }
+    pub fn invalid(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+    pub fn not_found(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+    pub fn internal(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+    pub fn no_leader() -> Self {
+        Self::new(ErrorKind::NoLeader, NO_LEADER_MESSAGE)
+    }
+    pub fn not_manager() -> Self {
+        Self::new(ErrorKind::NotManager, NOT_MANAGER_MESSAGE)
+    }
+    pub fn not_in_swarm() -> Self {
+        Self::new(ErrorKind::NotInSwarm, NOT_IN_SWARM_MESSAGE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_tagged() {
+        let r = Request::NodeRm {
+            node: "h1".into(),
+            force: true,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"method":"node_rm","params":{"node":"h1","force":true}}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        let v: Request = serde_json::from_str(r#"{"method":"version"}"#).unwrap();
+        assert_eq!(v, Request::Version);
+    }
+
+    #[test]
+    fn response_round_trips_errors() {
+        let r: Response = Err(ApiError::no_leader());
+        let s = serde_json::to_string(&r).unwrap();
+        let back: Response = serde_json::from_str(&s).unwrap();
+        assert_eq!(back.unwrap_err().kind, ErrorKind::NoLeader);
+    }
+}

@@ -1,0 +1,12 @@
+//! Types shared by the `mesh` CLI, `meshd` and the manager.
+//!
+//! [`objects`] holds the cluster objects as the replicated store keeps them, [`api`] the
+//! requests and responses of the daemon's local API socket (one JSON document per line).
+//! This crate knows nothing of Raft, TLS or the kernel: it is the vocabulary, not the machinery.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod objects;
+
+pub use api::{ApiError, ErrorKind, Request, Response};
+pub use objects::*;

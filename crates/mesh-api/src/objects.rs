@@ -1,0 +1,166 @@
+//! Cluster objects: nodes and the cluster record, as stored in the Raft state machine and
+//! shown by `mesh node inspect`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's role in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    Worker,
+    Manager,
+}
+
+impl fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeRole::Worker => "worker",
+            NodeRole::Manager => "manager",
+        })
+    }
+}
+
+impl FromStr for NodeRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "worker" => Ok(NodeRole::Worker),
+            "manager" => Ok(NodeRole::Manager),
+            other => Err(format!("invalid role: {other} (expected worker or manager)")),
+        }
+    }
+}
+
+/// What the scheduler may do with a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    Active,
+    Pause,
+    Drain,
+}
+
+impl fmt::Display for Availability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Availability::Active => "Active",
+            Availability::Pause => "Pause",
+            Availability::Drain => "Drain",
+        })
+    }
+}
+
+impl FromStr for Availability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "active" => Ok(Availability::Active),
+            "pause" => Ok(Availability::Pause),
+            "drain" => Ok(Availability::Drain),
+            _ => Err(format!(
+                "invalid availability: {s} (expected active, pause or drain)"
+            )),
+        }
+    }
+}
+
+/// Whether the managers hear from a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Heartbeats arrive.
+    Ready,
+    /// No heartbeat within the grace period.
+    Down,
+    /// The node left the swarm (`swarm leave`).
+    Left,
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeState::Ready => "Ready",
+            NodeState::Down => "Down",
+            NodeState::Left => "Down",
+        })
+    }
+}
+
+/// A node of the cluster, as replicated through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// 25-character base36 ID, as Swarm's.
+    pub id: String,
+    /// The node name (`--node-name`).
+    pub hostname: String,
+    pub role: NodeRole,
+    pub availability: Availability,
+    pub state: NodeState,
+    /// Address (`IP:PORT`) of the node's control endpoint, as advertised.
+    pub addr: String,
+    /// Raft member ID, used while the node is a manager.
+    pub raft_id: u64,
+    pub labels: BTreeMap<String, String>,
+    /// Unix time (seconds) of creation and of the last change.
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// The cluster-wide record written at `swarm init`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    pub id: String,
+    pub created_at: u64,
+    /// Root CA certificate and key (PEM). The key lives only on managers.
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    /// Join-token secrets per role; rotating one invalidates the old token.
+    pub worker_secret: String,
+    pub manager_secret: String,
+}
+
+/// One line of `mesh node ls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    pub id: String,
+    pub hostname: String,
+    pub status: String,
+    pub availability: String,
+    /// `Leader`, `Reachable`, `Unreachable`, or empty for workers.
+    pub manager_status: String,
+    /// Whether this is the node whose daemon answered.
+    pub is_self: bool,
+}
+
+/// What `mesh info` shows of the local daemon.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalInfo {
+    pub node_name: String,
+    /// `inactive`, `active`, `locked`, ...
+    pub swarm: String,
+    pub node_id: Option<String>,
+    pub cluster_id: Option<String>,
+    pub role: Option<NodeRole>,
+    pub node_addr: Option<String>,
+    /// Control addresses of the managers this node knows of.
+    pub managers: Vec<String>,
+    /// Node ID of the Raft leader, when known.
+    pub leader: Option<String>,
+    pub raft: Option<RaftInfo>,
+}
+
+/// Raft status of a manager, from its own metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftInfo {
+    pub raft_id: u64,
+    pub term: u64,
+    pub state: String,
+    pub leader_raft_id: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub voters: Vec<u64>,
+}

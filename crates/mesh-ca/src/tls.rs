@@ -1,0 +1,413 @@
+//! rustls configurations for node-to-node mutual TLS and for pinned bootstrap.
+//!
+//! Every configuration uses the ring provider explicitly; the process-default
+//! provider is never consulted. Servers send `[leaf, CA]` so that a joining
+//! node can pin the CA by the digest in its join token.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig, SignatureScheme,
+};
+
+use crate::ca::CaError;
+
+/// The TLS server name every node certificate carries and clients ask for.
+pub const SERVER_NAME: &str = "mesh-node";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Everything a node needs for mutual TLS (all PEM).
+#[derive(Clone)]
+pub struct NodeTls {
+    pub ca_cert_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl NodeTls {
+    /// Server side: presents `[node cert, CA cert]`; client certificates are
+    /// verified against the CA when presented but optional (a joining node has
+    /// none yet, the RPC layer restricts what unauthenticated peers may do).
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, CaError> {
+        let provider = provider();
+        let (roots, ca) = self.roots()?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()?;
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.leaf()?, ca], self.key()?)?;
+        Ok(Arc::new(config))
+    }
+
+    /// Client side: presents the node cert and trusts only the cluster CA.
+    /// Connect with server name [`SERVER_NAME`].
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, CaError> {
+        let (roots, _) = self.roots()?;
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![self.leaf()?], self.key()?)?;
+        Ok(Arc::new(config))
+    }
+
+    fn roots(&self) -> Result<(RootCertStore, CertificateDer<'static>), CaError> {
+        let ca = parse_cert(&self.ca_cert_pem)?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone())?;
+        Ok((roots, ca))
+    }
+
+    fn leaf(&self) -> Result<CertificateDer<'static>, CaError> {
+        parse_cert(&self.cert_pem)
+    }
+
+    fn key(&self) -> Result<PrivateKeyDer<'static>, CaError> {
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| CaError::InvalidKey(e.to_string()))
+    }
+}
+
+impl fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeTls").finish_non_exhaustive()
+    }
+}
+
+fn parse_cert(pem: &str) -> Result<CertificateDer<'static>, CaError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| CaError::InvalidCert(e.to_string()))
+}
+
+/// Client configuration for a joining node that has no certificate yet,
+/// pinned by the CA digest of its join token: the server must present a CA
+/// certificate with that digest after its leaf, and the leaf must verify
+/// against that CA (as for [`SERVER_NAME`]). Otherwise the handshake fails
+/// with an error whose text contains "CA digest mismatch".
+pub fn bootstrap_client_config(ca_digest: &str) -> Result<Arc<ClientConfig>, CaError> {
+    if ca_digest.len() != 50
+        || !ca_digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    {
+        return Err(CaError::InvalidDigest(ca_digest.to_owned()));
+    }
+    let provider = provider();
+    let verifier = PinnedCaVerifier {
+        ca_digest: ca_digest.to_owned(),
+        provider: provider.clone(),
+    };
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The certificate in a presented chain whose digest is `ca_digest`, if any.
+/// After a pinned bootstrap handshake, this is the CA to store (pass it the
+/// connection's `peer_certificates()`).
+pub fn find_pinned_ca<'a>(
+    chain: &'a [CertificateDer<'a>],
+    ca_digest: &str,
+) -> Option<&'a CertificateDer<'a>> {
+    chain
+        .iter()
+        .find(|c| crate::token::ca_digest(c) == ca_digest)
+}
+
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    ca_digest: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = find_pinned_ca(intermediates, &self.ca_digest)
+            .ok_or_else(|| rustls::Error::Other(OtherError(Arc::new(CaError::DigestMismatch))))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use rustls::{ClientConnection, ServerConnection, StreamOwned};
+
+    use super::*;
+    use crate::{peer_identity, NodeKey, PeerIdentity, Role, RootCa};
+
+    fn node_tls(ca: &RootCa, node_id: &str, role: Role) -> NodeTls {
+        let key = NodeKey::generate().unwrap();
+        let cert_pem = ca
+            .sign_node_csr(&key.csr_pem().unwrap(), node_id, role, "cluster-1")
+            .unwrap();
+        NodeTls {
+            ca_cert_pem: ca.cert_pem().to_owned(),
+            cert_pem,
+            key_pem: key.key_pem().to_owned(),
+        }
+    }
+
+    type ServerResult = Result<Option<PeerIdentity>, String>;
+    type ClientResult = Result<Vec<CertificateDer<'static>>, String>;
+
+    /// One ping/pong over a loopback TCP connection. Returns what the server
+    /// saw (the client's identity) and what the client saw (the server chain).
+    fn exchange(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+    ) -> (ServerResult, ClientResult) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::scope(|s| {
+            let server = s.spawn(move || -> ServerResult {
+                let (tcp, _) = listener.accept().map_err(|e| e.to_string())?;
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let conn = ServerConnection::new(server).map_err(|e| e.to_string())?;
+                let mut tls = StreamOwned::new(conn, tcp);
+                let mut buf = [0u8; 4];
+                tls.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                assert_eq!(&buf, b"ping");
+                tls.write_all(b"pong").map_err(|e| e.to_string())?;
+                tls.flush().map_err(|e| e.to_string())?;
+                let peer = tls.conn.peer_certificates().and_then(|c| c.first());
+                Ok(peer.map(|c| peer_identity(c).unwrap()))
+            });
+            let client = (|| -> ClientResult {
+                let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let name = ServerName::try_from(SERVER_NAME).unwrap();
+                let conn = ClientConnection::new(client, name).map_err(|e| e.to_string())?;
+                let mut tls = StreamOwned::new(conn, tcp);
+                tls.write_all(b"ping").map_err(|e| e.to_string())?;
+                tls.flush().map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 4];
+                tls.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                assert_eq!(&buf, b"pong");
+                let chain = tls.conn.peer_certificates().unwrap_or_default();
+                Ok(chain.iter().map(|c| c.clone().into_owned()).collect())
+            })();
+            (server.join().unwrap(), client)
+        })
+    }
+
+    #[test]
+    fn mutual_tls() {
+        let ca = RootCa::generate().unwrap();
+        let server = node_tls(&ca, "node-a", Role::Manager);
+        let client = node_tls(&ca, "node-b", Role::Worker);
+        let (seen_by_server, seen_by_client) = exchange(
+            server.server_config().unwrap(),
+            client.client_config().unwrap(),
+        );
+        assert_eq!(
+            seen_by_server.unwrap(),
+            Some(PeerIdentity {
+                node_id: "node-b".into(),
+                role: Role::Worker,
+                cluster_id: "cluster-1".into(),
+            })
+        );
+        let chain = seen_by_client.unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(peer_identity(&chain[0]).unwrap().role, Role::Manager);
+        assert_eq!(chain[1].as_ref(), ca.cert_der());
+    }
+
+    #[test]
+    fn bootstrap_pinned_by_digest() {
+        let ca = RootCa::generate().unwrap();
+        let server = node_tls(&ca, "node-a", Role::Manager);
+        let client = bootstrap_client_config(&ca.digest()).unwrap();
+        let (seen_by_server, seen_by_client) = exchange(server.server_config().unwrap(), client);
+        assert_eq!(seen_by_server.unwrap(), None);
+        let chain = seen_by_client.unwrap();
+        let pinned = find_pinned_ca(&chain, &ca.digest()).unwrap();
+        assert_eq!(pinned.as_ref(), ca.cert_der());
+    }
+
+    #[test]
+    fn bootstrap_wrong_digest_fails() {
+        let ca = RootCa::generate().unwrap();
+        let other = RootCa::generate().unwrap();
+        let server = node_tls(&ca, "node-a", Role::Manager);
+        let client = bootstrap_client_config(&other.digest()).unwrap();
+        let (seen_by_server, seen_by_client) = exchange(server.server_config().unwrap(), client);
+        assert!(seen_by_server.is_err());
+        let err = seen_by_client.unwrap_err();
+        assert!(err.contains("CA digest mismatch"), "{err}");
+    }
+
+    #[test]
+    fn bootstrap_rejects_leaf_not_signed_by_pinned_ca() {
+        // The server presents the pinned CA but a leaf from another CA.
+        let ca = RootCa::generate().unwrap();
+        let other = RootCa::generate().unwrap();
+        let mut server = node_tls(&other, "node-a", Role::Manager);
+        server.ca_cert_pem = ca.cert_pem().to_owned();
+        let client = bootstrap_client_config(&ca.digest()).unwrap();
+        let (_, seen_by_client) = exchange(server.server_config().unwrap(), client);
+        let err = seen_by_client.unwrap_err();
+        assert!(
+            err.contains("invalid peer certificate: BadSignature"),
+            "{err}"
+        );
+    }
+
+    // All root CAs share the subject "mesh-root-ca", so webpki finds the
+    // issuer by name and then fails on the signature: BadSignature.
+    #[test]
+    fn foreign_client_cert_rejected() {
+        let ca = RootCa::generate().unwrap();
+        let other = RootCa::generate().unwrap();
+        let server = node_tls(&ca, "node-a", Role::Manager);
+        let mut client = node_tls(&other, "node-b", Role::Manager);
+        client.ca_cert_pem = ca.cert_pem().to_owned(); // trusts the server
+        let (seen_by_server, seen_by_client) = exchange(
+            server.server_config().unwrap(),
+            client.client_config().unwrap(),
+        );
+        let err = seen_by_server.unwrap_err();
+        assert!(
+            err.contains("invalid peer certificate: BadSignature"),
+            "{err}"
+        );
+        assert!(seen_by_client.is_err());
+    }
+
+    #[test]
+    fn foreign_server_cert_rejected() {
+        let ca = RootCa::generate().unwrap();
+        let other = RootCa::generate().unwrap();
+        let server = node_tls(&other, "node-a", Role::Manager);
+        let mut client = node_tls(&other, "node-b", Role::Manager);
+        client.ca_cert_pem = ca.cert_pem().to_owned();
+        let (_, seen_by_client) = exchange(
+            server.server_config().unwrap(),
+            client.client_config().unwrap(),
+        );
+        let err = seen_by_client.unwrap_err();
+        assert!(
+            err.contains("invalid peer certificate: BadSignature"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reloaded_ca_issues_certs_trusted_by_original() {
+        let ca = RootCa::generate().unwrap();
+        let reloaded = RootCa::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
+        assert_eq!(reloaded.cert_der(), ca.cert_der());
+        assert_eq!(reloaded.digest(), ca.digest());
+        // Leaf from the reloaded CA, verified by webpki against the original.
+        let server = node_tls(&reloaded, "node-a", Role::Manager);
+        let leaf = parse_cert(&server.cert_pem).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.cert_der().to_vec()))
+            .unwrap();
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap()
+            .verify_server_cert(
+                &leaf,
+                &[],
+                &ServerName::try_from(SERVER_NAME).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap();
+        // And over a real handshake, both directions.
+        let client = node_tls(&ca, "node-b", Role::Worker);
+        let (seen_by_server, seen_by_client) = exchange(
+            server.server_config().unwrap(),
+            client.client_config().unwrap(),
+        );
+        assert_eq!(seen_by_server.unwrap().unwrap().node_id, "node-b");
+        seen_by_client.unwrap();
+    }
+
+    #[test]
+    fn bad_inputs() {
+        assert!(matches!(
+            bootstrap_client_config("abc"),
+            Err(CaError::InvalidDigest(_))
+        ));
+        let broken = NodeTls {
+            ca_cert_pem: "nope".into(),
+            cert_pem: String::new(),
+            key_pem: String::new(),
+        };
+        assert!(matches!(
+            broken.server_config(),
+            Err(CaError::InvalidCert(_))
+        ));
+        assert!(matches!(
+            broken.client_config(),
+            Err(CaError::InvalidCert(_))
+        ));
+    }
+}

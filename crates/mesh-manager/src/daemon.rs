@@ -1,0 +1,402 @@
+//! The daemon core: one per `meshd`. It owns the node's swarm membership (none, or a running
+//! [`Member`]), turns `swarm init/join/leave` into that membership, and answers the local API.
+//! Management calls go to the Raft leader through the member; a worker refuses them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_api::{ApiError, ErrorKind, LocalInfo, NodeRole, NodeState, RaftInfo, Request, Response};
+use mesh_ca::{JoinToken, NodeKey, RootCa};
+use serde_json::json;
+use tokio::sync::{mpsc, Mutex, RwLock};
+use tracing::{info, warn};
+
+use crate::local::{self, LocalState};
+use crate::member::{now_secs, Member, MemberEvent};
+use crate::peer::{JoinRequest, PeerRequest, PeerResponse};
+use crate::state::Command;
+
+/// Default control port, as Swarm's.
+pub const DEFAULT_CONTROL_PORT: u16 = 2377;
+
+/// Static settings of a daemon.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    pub exec_root: PathBuf,
+}
+
+/// The daemon core.
+pub struct Daemon {
+    cfg: DaemonConfig,
+    member: RwLock<Option<Arc<Member>>>,
+    /// Serializes init, join and leave.
+    lifecycle: Mutex<()>,
+    events: mpsc::UnboundedSender<MemberEvent>,
+}
+
+fn already_in_swarm() -> ApiError {
+    ApiError::new(
+        ErrorKind::AlreadyInSwarm,
+        "This node is already part of a swarm. Use \"mesh swarm leave\" to leave this swarm and join another one.",
+    )
+}
+
+impl Daemon {
+    /// Creates the daemon and, if `--data-dir` holds a swarm membership, rejoins it.
+    pub async fn start(cfg: DaemonConfig) -> Result<Arc<Daemon>, ApiError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let daemon = Arc::new(Daemon {
+            cfg,
+            member: RwLock::new(None),
+            lifecycle: Mutex::new(()),
+            events: tx,
+        });
+        if let Some(local) = LocalState::load(&daemon.cfg.data_dir).map_err(ApiError::internal)? {
+            info!(node_id = local.node_id, role = %local.role, "resuming swarm membership");
+            let listener = bind(&local.listen_addr).await?;
+            let member = Member::start(daemon.cfg.data_dir.clone(), local, listener, false, daemon.events.clone()).await?;
+            *daemon.member.write().await = Some(member);
+        }
+        let weak = Arc::downgrade(&daemon);
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                let Some(d) = weak.upgrade() else { return };
+                match ev {
+                    MemberEvent::Removed => {
+                        if let Err(e) = d.leave_local().await {
+                            warn!("leaving after removal: {e}");
+                        }
+                    }
+                }
+            }
+        });
+        Ok(daemon)
+    }
+
+    /// Stops the member runtime, keeping the state for the next start.
+    pub async fn shutdown(&self) {
+        if let Some(m) = self.member.write().await.take() {
+            m.stop().await;
+        }
+    }
+
+    async fn member(&self) -> Option<Arc<Member>> {
+        self.member.read().await.clone()
+    }
+
+    /// Answers one local API request.
+    pub async fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Version => Ok(json!({ "version": env!("CARGO_PKG_VERSION") })),
+            Request::Info => Ok(serde_json::to_value(self.info().await).map_err(ApiError::internal)?),
+            Request::SwarmInit { advertise_addr, listen_addr } => self.init(advertise_addr, listen_addr).await,
+            Request::SwarmJoin { token, remote, advertise_addr, listen_addr } => {
+                self.join(token, remote, advertise_addr, listen_addr).await
+            }
+            Request::SwarmLeave { force } => self.leave(force).await,
+            req => self.management(req).await,
+        }
+    }
+
+    async fn management(&self, req: Request) -> Response {
+        let member = self.member().await.ok_or_else(ApiError::not_in_swarm)?;
+        let local = member.local();
+        if local.role != NodeRole::Manager || member.raft().await.is_none() {
+            return Err(ApiError::not_manager());
+        }
+        let is_ls = matches!(req, Request::NodeLs);
+        let is_token = matches!(req, Request::JoinToken { .. });
+        let mut v = match member.on_leader(PeerRequest::Api(req)).await {
+            PeerResponse::Api(r) => r?,
+            PeerResponse::Error(e) => return Err(e),
+            other => return Err(ApiError::internal(format!("unexpected answer: {other:?}"))),
+        };
+        if is_ls {
+            if let Some(arr) = v.as_array_mut() {
+                for n in arr {
+                    n["is_self"] = json!(n["id"] == json!(local.node_id));
+                }
+            }
+        }
+        if is_token {
+            v["addr"] = json!(local.advertise_addr);
+        }
+        Ok(v)
+    }
+
+    async fn info(&self) -> LocalInfo {
+        let mut info = LocalInfo {
+            node_name: self.cfg.node_name.clone(),
+            swarm: "inactive".into(),
+            ..Default::default()
+        };
+        let Some(member) = self.member().await else {
+            return info;
+        };
+        let local = member.local();
+        info.swarm = "active".into();
+        info.node_id = Some(local.node_id.clone());
+        info.cluster_id = Some(local.cluster_id.clone());
+        info.role = Some(local.role);
+        info.node_addr = Some(local.advertise_addr.clone());
+        info.managers = local.managers.clone();
+        if let Some(node) = member.raft().await {
+            let m = node.raft.metrics().borrow().clone();
+            let leader = m.current_leader;
+            info.raft = Some(RaftInfo {
+                raft_id: node.raft_id,
+                term: m.current_term,
+                state: format!("{:?}", m.state),
+                leader_raft_id: leader,
+                last_log_index: m.last_log_index,
+                last_applied: m.last_applied.map(|l| l.index),
+                voters: m.membership_config.voter_ids().collect(),
+            });
+            info.leader = node
+                .sm
+                .with_state(|s| s.managers().find(|n| Some(n.raft_id) == leader).map(|n| n.id.clone()))
+                .await;
+        }
+        info
+    }
+
+    fn addrs(
+        &self,
+        advertise_addr: Option<String>,
+        listen_addr: Option<String>,
+    ) -> Result<(SocketAddr, SocketAddr), ApiError> {
+        let listen = match &listen_addr {
+            Some(l) => local::parse_addr(l, None, DEFAULT_CONTROL_PORT).map_err(ApiError::invalid)?,
+            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_CONTROL_PORT)),
+        };
+        let advertise = match advertise_addr {
+            Some(a) => local::parse_addr(&a, None, listen.port()).map_err(ApiError::invalid)?,
+            None if !listen.ip().is_unspecified() => listen,
+            None => SocketAddr::new(local::default_advertise_ip().map_err(ApiError::invalid)?, listen.port()),
+        };
+        if advertise.ip().is_unspecified() || advertise.ip().is_loopback() {
+            return Err(ApiError::invalid(format!(
+                "advertise address must be a non-zero, non-loopback IP address: {advertise}"
+            )));
+        }
+        Ok((advertise, listen))
+    }
+
+    async fn init(&self, advertise_addr: Option<String>, listen_addr: Option<String>) -> Response {
+        let _g = self.lifecycle.lock().await;
+        if self.member().await.is_some() {
+            return Err(already_in_swarm());
+        }
+        let (advertise, listen) = self.addrs(advertise_addr, listen_addr)?;
+        let listener = bind(&listen.to_string()).await?;
+        let ca = RootCa::generate().map_err(ApiError::internal)?;
+        let cluster_id = mesh_ca::new_secret();
+        let node_id = mesh_ca::new_secret();
+        let key = NodeKey::generate().map_err(ApiError::internal)?;
+        let csr = key.csr_pem().map_err(ApiError::internal)?;
+        let cert_pem = ca
+            .sign_node_csr(&csr, &node_id, mesh_ca::Role::Manager, &cluster_id)
+            .map_err(ApiError::internal)?;
+        let raft_id = rand::random::<u64>().max(1);
+        let local = LocalState {
+            node_id: node_id.clone(),
+            cluster_id: cluster_id.clone(),
+            role: NodeRole::Manager,
+            raft_id,
+            ca_cert_pem: ca.cert_pem().to_string(),
+            cert_pem,
+            key_pem: key.key_pem().to_string(),
+            advertise_addr: advertise.to_string(),
+            listen_addr: listen.to_string(),
+            managers: vec![advertise.to_string()],
+        };
+        // A half-done earlier init may have left a raft store: start clean.
+        let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
+        let member = Member::start(self.cfg.data_dir.clone(), local.clone(), listener, true, self.events.clone()).await?;
+        let now = now_secs();
+        let cluster = mesh_api::Cluster {
+            id: cluster_id,
+            created_at: now,
+            ca_cert_pem: ca.cert_pem().to_string(),
+            ca_key_pem: ca.key_pem().to_string(),
+            worker_secret: mesh_ca::new_secret(),
+            manager_secret: mesh_ca::new_secret(),
+        };
+        let node = mesh_api::Node {
+            id: node_id.clone(),
+            hostname: self.cfg.node_name.clone(),
+            role: NodeRole::Manager,
+            availability: mesh_api::Availability::Active,
+            state: NodeState::Ready,
+            addr: advertise.to_string(),
+            raft_id,
+            labels: Default::default(),
+            created_at: now,
+            updated_at: now,
+        };
+        let worker_token = JoinToken::new(&ca.digest(), &cluster.worker_secret).to_string();
+        let res = async {
+            let raft = member.raft().await.ok_or_else(|| ApiError::internal("raft did not start"))?;
+            raft.raft
+                .wait(Some(Duration::from_secs(10)))
+                .current_leader(raft_id, "self-election")
+                .await
+                .map_err(|e| ApiError::internal(format!("raft did not elect this node: {e}")))?;
+            let r = raft
+                .raft
+                .client_write(Command::InitCluster { cluster, node })
+                .await
+                .map_err(|e| ApiError::internal(format!("cannot write the cluster record: {e}")))?;
+            match r.data {
+                crate::state::CommandResult::Ok => Ok(()),
+                crate::state::CommandResult::Err(e) => Err(ApiError::internal(e)),
+            }
+        }
+        .await;
+        if let Err(e) = res.and_then(|_| local.save(&self.cfg.data_dir).map_err(ApiError::internal)) {
+            member.stop().await;
+            let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
+            return Err(e);
+        }
+        *self.member.write().await = Some(member);
+        info!(node_id, "swarm initialized");
+        Ok(json!({ "node_id": node_id, "worker_token": worker_token, "addr": advertise.to_string() }))
+    }
+
+    async fn join(
+        &self,
+        token: String,
+        remote: String,
+        advertise_addr: Option<String>,
+        listen_addr: Option<String>,
+    ) -> Response {
+        let _g = self.lifecycle.lock().await;
+        if self.member().await.is_some() {
+            return Err(already_in_swarm());
+        }
+        let parsed = JoinToken::parse(&token).map_err(ApiError::invalid)?;
+        let remote = local::parse_addr(&remote, None, DEFAULT_CONTROL_PORT).map_err(ApiError::invalid)?.to_string();
+        let (advertise, listen) = self.addrs(advertise_addr, listen_addr)?;
+        let listener = bind(&listen.to_string()).await?;
+        let key = NodeKey::generate().map_err(ApiError::internal)?;
+        let tls = mesh_ca::bootstrap_client_config(&parsed.ca_digest).map_err(ApiError::internal)?;
+        let req = PeerRequest::Join(JoinRequest {
+            token,
+            csr_pem: key.csr_pem().map_err(ApiError::internal)?,
+            hostname: self.cfg.node_name.clone(),
+            addr: advertise.to_string(),
+        });
+        let resp: PeerResponse = mesh_rpc::call_once(&remote, tls, &req, Duration::from_secs(20))
+            .await
+            .map_err(|e| {
+                let msg = e.to_string();
+                if msg.contains("CA digest mismatch") {
+                    ApiError::new(
+                        ErrorKind::PermissionDenied,
+                        format!("the join token does not match the CA of the swarm at {remote}: check the token"),
+                    )
+                } else {
+                    ApiError::new(ErrorKind::Unavailable, format!("cannot join the swarm at {remote}: {msg}"))
+                }
+            })?;
+        let accept = match resp {
+            PeerResponse::Joined(a) => a,
+            PeerResponse::Error(e) => return Err(e),
+            other => return Err(ApiError::internal(format!("unexpected answer to join: {other:?}"))),
+        };
+        let mut managers = accept.managers.clone();
+        if !managers.contains(&remote) {
+            managers.push(remote.clone());
+        }
+        let local = LocalState {
+            node_id: accept.node_id.clone(),
+            cluster_id: accept.cluster_id,
+            role: accept.role,
+            raft_id: accept.raft_id,
+            ca_cert_pem: accept.ca_cert_pem,
+            cert_pem: accept.cert_pem,
+            key_pem: key.key_pem().to_string(),
+            advertise_addr: advertise.to_string(),
+            listen_addr: listen.to_string(),
+            managers,
+        };
+        local.save(&self.cfg.data_dir).map_err(ApiError::internal)?;
+        let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
+        let member = Member::start(self.cfg.data_dir.clone(), local, listener, false, self.events.clone()).await?;
+        if accept.role == NodeRole::Manager {
+            if let Err(e) = member.become_manager().await {
+                // The node is in the swarm; the heartbeat loop retries joining Raft.
+                warn!("joining raft: {e}");
+            }
+        }
+        *self.member.write().await = Some(member);
+        info!(node_id = accept.node_id, role = %accept.role, "joined swarm");
+        Ok(json!({ "node_id": accept.node_id, "role": accept.role }))
+    }
+
+    async fn leave(&self, force: bool) -> Response {
+        let member = self
+            .member()
+            .await
+            .ok_or_else(|| ApiError::new(ErrorKind::NotInSwarm, "This node is not part of a swarm"))?;
+        let local = member.local();
+        if local.role == NodeRole::Manager && !force {
+            let voters = match member.raft().await {
+                Some(n) => n.raft.metrics().borrow().membership_config.voter_ids().count(),
+                None => 1,
+            };
+            let msg = if voters <= 1 {
+                "You are attempting to leave the swarm on a node that is participating as a manager. Removing the last manager erases all current state of the swarm. Use `--force` to ignore this message.".to_string()
+            } else {
+                let left = voters - 1;
+                let quorum_kept = left > voters / 2;
+                format!(
+                    "You are attempting to leave the swarm on a node that is participating as a manager. Removing this node leaves {left} managers out of {voters}.{} Use `--force` to suppress this message.",
+                    if quorum_kept { "" } else { " Without a Raft quorum your swarm will be inaccessible." }
+                )
+            };
+            return Err(ApiError::invalid(msg));
+        }
+        // Tell the leader (best effort: a forced leave works without quorum too).
+        let r = tokio::time::timeout(
+            Duration::from_secs(8),
+            member.on_leader(PeerRequest::Leave { node_id: local.node_id.clone() }),
+        )
+        .await;
+        if !matches!(r, Ok(PeerResponse::Done)) && local.role == NodeRole::Worker {
+            // A worker asks any manager it knows.
+            for addr in &local.managers {
+                let c = member.on_leader_via(addr, PeerRequest::Leave { node_id: local.node_id.clone() }).await;
+                if c {
+                    break;
+                }
+            }
+        }
+        self.leave_local().await?;
+        Ok(json!({ "message": "Node left the swarm." }))
+    }
+
+    /// Stops the member and wipes the swarm state from `--data-dir`.
+    async fn leave_local(&self) -> Result<(), ApiError> {
+        let _g = self.lifecycle.lock().await;
+        if let Some(m) = self.member.write().await.take() {
+            m.stop().await;
+        }
+        LocalState::remove(&self.cfg.data_dir).map_err(ApiError::internal)?;
+        let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
+        info!("left the swarm");
+        Ok(())
+    }
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ApiError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Unavailable, format!("cannot listen on {addr}: {e}")))
+}

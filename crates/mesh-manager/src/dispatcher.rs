@@ -1,0 +1,104 @@
+//! The dispatcher's heartbeat table: when the leader last heard from each node. It lives in
+//! the leader's memory only (heartbeats are not Raft writes); what is replicated is the
+//! Ready/Down transition the monitor derives from it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How often nodes send a heartbeat.
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(500);
+/// A node not heard from for this long is marked Down.
+pub const DOWN_AFTER: Duration = Duration::from_millis(2000);
+
+/// Last heartbeat per node ID, and when this manager last became leader.
+#[derive(Default)]
+pub struct Dispatcher {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    seen: HashMap<String, Instant>,
+    leader_since: Option<Instant>,
+}
+
+/// What the monitor should write for a node.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    StillReady,
+    NowDown,
+    NowReady,
+    StillDown,
+}
+
+impl Dispatcher {
+    pub fn beat(&self, node_id: &str) {
+        self.lock().seen.insert(node_id.to_string(), Instant::now());
+    }
+
+    /// Called while this manager leads; returns when leadership started. A new leader gives
+    /// every node a full grace period before calling it Down.
+    pub fn leading(&self) -> Instant {
+        *self.lock().leader_since.get_or_insert_with(Instant::now)
+    }
+
+    pub fn not_leading(&self) {
+        let mut g = self.lock();
+        g.leader_since = None;
+        g.seen.clear();
+    }
+
+    /// Whether the node was heard from within [`DOWN_AFTER`].
+    pub fn fresh(&self, node_id: &str) -> bool {
+        self.lock()
+            .seen
+            .get(node_id)
+            .is_some_and(|t| t.elapsed() < DOWN_AFTER)
+    }
+
+    /// Decides a node's status from its last heartbeat, given its replicated readiness.
+    pub fn verdict(&self, node_id: &str, ready: bool, now: Instant) -> Verdict {
+        let g = self.lock();
+        let seen = g.seen.get(node_id).copied();
+        let since = g.leader_since.unwrap_or(now);
+        let last = seen.unwrap_or(since);
+        let fresh = now.saturating_duration_since(last) < DOWN_AFTER;
+        match (ready, fresh, seen.is_some()) {
+            (true, true, _) => Verdict::StillReady,
+            (true, false, _) => Verdict::NowDown,
+            (false, true, true) => Verdict::NowReady,
+            (false, _, _) => Verdict::StillDown,
+        }
+    }
+
+    pub fn forget(&self, node_id: &str) {
+        self.lock().seen.remove(node_id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_then_down_then_ready() {
+        let d = Dispatcher::default();
+        let start = d.leading();
+        // Within the grace period a node never heard from stays Ready.
+        assert_eq!(d.verdict("a", true, start), Verdict::StillReady);
+        // After it, it goes Down.
+        assert_eq!(d.verdict("a", true, start + DOWN_AFTER), Verdict::NowDown);
+        // A Down node is not made Ready by the grace period alone.
+        assert_eq!(d.verdict("a", false, start), Verdict::StillDown);
+        d.beat("a");
+        assert_eq!(d.verdict("a", false, Instant::now()), Verdict::NowReady);
+        assert!(d.fresh("a"));
+        d.not_leading();
+        assert!(!d.fresh("a"));
+    }
+}

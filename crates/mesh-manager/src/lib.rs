@@ -1,0 +1,24 @@
+//! The manager and the node agent's swarm membership.
+//!
+//! - [`state`]: the replicated state machine (cluster record, nodes) and its commands;
+//! - [`storage`]: openraft log and state-machine storage on redb;
+//! - [`network`], [`peer`]: the control-port protocol, Raft RPCs included, over mutual TLS;
+//! - [`member`]: a node inside a swarm: Raft while it manages, heartbeats, leader handlers;
+//! - [`dispatcher`]: heartbeat bookkeeping that decides Ready/Down;
+//! - [`daemon`]: init/join/leave and the local API;
+//! - [`local`]: what a node persists about itself.
+//!
+//! **Architecture Invariant**: nothing here touches the kernel's network configuration
+//! (no netlink, no nftables, no BPF); the control plane only decides and records.
+
+pub mod daemon;
+pub mod dispatcher;
+pub mod local;
+pub mod member;
+pub mod network;
+pub mod peer;
+pub mod raft_types;
+pub mod state;
+pub mod storage;
+
+pub use daemon::{Daemon, DaemonConfig};

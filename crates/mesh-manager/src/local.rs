@@ -1,0 +1,187 @@
+//! What a node keeps about itself in `--data-dir`: identity, certificates, role and the managers
+//! it knows. Written atomically (temporary file, fsync, rename, fsync of the directory), so a
+//! daemon killed mid-write finds either the old or the new file, never a torn one.
+
+use std::fs;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use mesh_api::NodeRole;
+use serde::{Deserialize, Serialize};
+
+/// Errors reading or writing the local state.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("corrupt node state {path}: {source}")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+}
+
+/// The node's own record of its swarm membership.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalState {
+    pub node_id: String,
+    pub cluster_id: String,
+    pub role: NodeRole,
+    pub raft_id: u64,
+    pub ca_cert_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Control address this node advertises (`IP:PORT`).
+    pub advertise_addr: String,
+    /// Address the control port listens on.
+    pub listen_addr: String,
+    /// Control addresses of the managers, last known.
+    pub managers: Vec<String>,
+}
+
+const FILE: &str = "node.json";
+
+impl LocalState {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(FILE)
+    }
+
+    /// Loads the state, or `None` if this node is in no swarm.
+    pub fn load(data_dir: &Path) -> Result<Option<LocalState>, LocalError> {
+        let path = Self::path(data_dir);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| LocalError::Corrupt { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(LocalError::Read { path, source }),
+        }
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<(), LocalError> {
+        let bytes = serde_json::to_vec_pretty(self).expect("local state serializes");
+        write_atomic(&Self::path(data_dir), &bytes)
+    }
+
+    pub fn remove(data_dir: &Path) -> Result<(), LocalError> {
+        let path = Self::path(data_dir);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(LocalError::Write { path, source }),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see the old or the new content, whole.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
+    let err = |source| LocalError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(err)?;
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(err)?;
+        f.write_all(bytes).map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Parses `IP`, `IP:PORT` or `:PORT` with a default port.
+pub fn parse_addr(s: &str, default_ip: Option<IpAddr>, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| format!("invalid address: {s}"))?;
+        let ip = default_ip.ok_or_else(|| format!("invalid address: {s}: an IP address is needed"))?;
+        return Ok(SocketAddr::new(ip, port));
+    }
+    Err(format!("invalid address: {s} (expected IP or IP:PORT)"))
+}
+
+/// The IPv4 addresses of the up, non-loopback interfaces of this network namespace.
+pub fn local_ipv4_addrs() -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we own and free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        let up = ifa.ifa_flags & (libc::IFF_UP as u32) != 0;
+        let lo = ifa.ifa_flags & (libc::IFF_LOOPBACK as u32) != 0;
+        if up && !lo && !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr is non-null and points to a sockaddr of the family it names.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                // SAFETY: the family is AF_INET, so the sockaddr is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `ifap` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Chooses the address to advertise when none is given: the only IPv4 address of this
+/// namespace, or an error naming the candidates, as Docker does.
+pub fn default_advertise_ip() -> Result<IpAddr, String> {
+    let addrs = local_ipv4_addrs();
+    match addrs.as_slice() {
+        [one] => Ok(IpAddr::V4(*one)),
+        [] => Err("could not choose an IP address to advertise since this system has no non-loopback IPv4 address: use --advertise-addr".into()),
+        many => Err(format!(
+            "could not choose an IP address to advertise since this system has multiple addresses ({}): use --advertise-addr",
+            many.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_addr_forms() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(parse_addr("10.0.0.2", None, 2377).unwrap().to_string(), "10.0.0.2:2377");
+        assert_eq!(parse_addr("10.0.0.2:99", None, 2377).unwrap().to_string(), "10.0.0.2:99");
+        assert_eq!(parse_addr(":4000", Some(ip), 2377).unwrap().to_string(), "10.0.0.1:4000");
+        assert!(parse_addr("nonsense", Some(ip), 2377).is_err());
+        assert!(parse_addr(":x", Some(ip), 2377).is_err());
+    }
+
+    #[test]
+    fn atomic_write_replaces_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert!(!p.with_extension("tmp").exists());
+    }
+}

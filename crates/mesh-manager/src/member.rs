@@ -1,0 +1,786 @@
+//! A node's life inside a swarm: its control-port server, its Raft instance while it is a
+//! manager, its heartbeats, and the leader's handling of joins, heartbeats and management calls.
+//!
+//! Every management call runs on the leader: a follower forwards it once (never twice, so no
+//! forwarding loops), and a manager that cannot reach a leader answers "no leader" within a few
+//! seconds instead of hanging.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mesh_api::{
+    ApiError, Availability, ErrorKind, Node, NodeRole, NodeState, NodeSummary, Request, Response,
+};
+use mesh_ca::{JoinToken, NodeTls, RootCa};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use serde_json::json;
+use tokio::sync::{watch, RwLock};
+use tracing::{debug, info, warn};
+
+use crate::dispatcher::{Dispatcher, Verdict, DOWN_AFTER, HEARTBEAT_PERIOD};
+use crate::local::LocalState;
+use crate::network::Network;
+use crate::peer::{HeartbeatAck, JoinAccept, JoinRequest, PeerRequest, PeerResponse, RaftRequest};
+use crate::raft_types::Raft;
+use crate::state::{Command, CommandResult, StoreState};
+use crate::storage::{self, StateMachineStore};
+
+/// How long a management call waits for a leader or a commit before saying there is none.
+const LEADER_WAIT: Duration = Duration::from_secs(2);
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(4);
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A leader that has not heard from a quorum for this long does not answer.
+const QUORUM_STALE_MS: u64 = 1500;
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Raft timing: elections within ~1 s of a leader's death, so failover stays far below
+/// swarmkit's 10 s.
+pub fn raft_config() -> Arc<Config> {
+    let cfg = Config {
+        cluster_name: "mesh".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 750,
+        election_timeout_max: 1500,
+        install_snapshot_timeout: 5000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    };
+    Arc::new(cfg.validate().expect("static raft config is valid"))
+}
+
+/// The Raft instance of a manager and its state machine.
+#[derive(Clone)]
+pub(crate) struct RaftNode {
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub raft_id: u64,
+}
+
+/// Something the member asks the daemon to do about its own life.
+#[derive(Debug)]
+pub(crate) enum MemberEvent {
+    /// The cluster removed this node: leave, wiping the local state.
+    Removed,
+}
+
+/// Where the leader is, from this manager's view.
+enum Leader {
+    Me(RaftNode),
+    Other(String),
+}
+
+pub(crate) struct Member {
+    pub data_dir: PathBuf,
+    local: StdRwLock<LocalState>,
+    client_tls: Arc<rustls::ClientConfig>,
+    raft: RwLock<Option<RaftNode>>,
+    dispatcher: Dispatcher,
+    shutdown: watch::Sender<bool>,
+    clients: StdMutex<HashMap<String, mesh_rpc::Client>>,
+    events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
+    tasks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Member {
+    /// Starts the member runtime on an already-bound control listener. With `init`, this node
+    /// is the first manager: its Raft group is initialized with itself as the only voter.
+    pub async fn start(
+        data_dir: PathBuf,
+        local: LocalState,
+        listener: tokio::net::TcpListener,
+        init: bool,
+        events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
+    ) -> Result<Arc<Member>, ApiError> {
+        let tls = NodeTls {
+            ca_cert_pem: local.ca_cert_pem.clone(),
+            cert_pem: local.cert_pem.clone(),
+            key_pem: local.key_pem.clone(),
+        };
+        let server_tls = tls.server_config().map_err(ApiError::internal)?;
+        let client_tls = tls.client_config().map_err(ApiError::internal)?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let is_manager = local.role == NodeRole::Manager;
+        let member = Arc::new(Member {
+            data_dir,
+            local: StdRwLock::new(local),
+            client_tls,
+            raft: RwLock::new(None),
+            dispatcher: Dispatcher::default(),
+            shutdown,
+            clients: StdMutex::new(HashMap::new()),
+            events,
+            tasks: StdMutex::new(Vec::new()),
+        });
+        if is_manager {
+            member.start_raft(init).await?;
+        }
+        let handler = Arc::new(PeerHandler {
+            member: member.clone(),
+        });
+        let serve = tokio::spawn(mesh_rpc::serve(listener, server_tls, handler, shutdown_rx));
+        let hb = tokio::spawn(member.clone().heartbeat_loop());
+        let mon = tokio::spawn(member.clone().monitor_loop());
+        member.tasks_lock().extend([serve, hb, mon]);
+        Ok(member)
+    }
+
+    fn tasks_lock(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::JoinHandle<()>>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn local(&self) -> LocalState {
+        self.local.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update_local(&self, f: impl FnOnce(&mut LocalState)) {
+        let mut g = self.local.write().unwrap_or_else(|p| p.into_inner());
+        let before = serde_json::to_string(&*g).ok();
+        f(&mut g);
+        if serde_json::to_string(&*g).ok() != before {
+            if let Err(e) = g.save(&self.data_dir) {
+                warn!("saving node state: {e}");
+            }
+        }
+    }
+
+    pub fn raft_path(&self) -> PathBuf {
+        self.data_dir.join("raft.redb")
+    }
+
+    async fn start_raft(&self, init: bool) -> Result<RaftNode, ApiError> {
+        let mut slot = self.raft.write().await;
+        if let Some(r) = slot.as_ref() {
+            return Ok(r.clone());
+        }
+        let local = self.local();
+        let (log, sm) = storage::open(&self.raft_path()).map_err(ApiError::internal)?;
+        let network = Network {
+            tls: self.client_tls.clone(),
+        };
+        let raft = Raft::new(local.raft_id, raft_config(), network, log, sm.clone())
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot start raft: {e}")))?;
+        if init {
+            let mut members = BTreeMap::new();
+            members.insert(local.raft_id, BasicNode::new(local.advertise_addr.clone()));
+            raft.initialize(members)
+                .await
+                .map_err(|e| ApiError::internal(format!("cannot initialize raft: {e}")))?;
+        }
+        let node = RaftNode {
+            raft,
+            sm,
+            raft_id: local.raft_id,
+        };
+        *slot = Some(node.clone());
+        info!(raft_id = local.raft_id, init, "raft started");
+        Ok(node)
+    }
+
+    async fn stop_raft(&self) {
+        let node = self.raft.write().await.take();
+        if let Some(node) = node {
+            if let Err(e) = node.raft.shutdown().await {
+                warn!("raft shutdown: {e}");
+            }
+            info!("raft stopped");
+        }
+    }
+
+    async fn is_manager_node(&self, node_id: &str) -> bool {
+        match self.raft().await {
+            Some(node) => {
+                node.sm
+                    .with_state(|s| s.nodes.get(node_id).is_some_and(|n| n.role == NodeRole::Manager))
+                    .await
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) async fn raft(&self) -> Option<RaftNode> {
+        self.raft.read().await.clone()
+    }
+
+    /// Stops everything this member runs. The local state stays unless the caller wipes it.
+    pub async fn stop(&self) {
+        self.shutdown.send_replace(true);
+        self.stop_raft().await;
+        let tasks: Vec<_> = self.tasks_lock().drain(..).collect();
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    fn client(&self, addr: &str) -> mesh_rpc::Client {
+        let mut g = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        g.entry(addr.to_string())
+            .or_insert_with(|| mesh_rpc::Client::new(addr.to_string(), self.client_tls.clone()))
+            .clone()
+    }
+
+    async fn call(&self, addr: &str, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, mesh_rpc::RpcError> {
+        self.client(addr).call(req, timeout).await
+    }
+
+    /// Finds the leader, waiting up to [`LEADER_WAIT`] for an election to finish.
+    async fn leader(&self) -> Result<Leader, ApiError> {
+        let Some(node) = self.raft().await else {
+            return Err(ApiError::not_manager());
+        };
+        let mut rx = node.raft.metrics();
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                if let Some(l) = m.current_leader {
+                    if l == node.raft_id {
+                        if m.state == ServerState::Leader {
+                            let stale = m.millis_since_quorum_ack.is_none_or(|ms| ms > QUORUM_STALE_MS);
+                            let alone = m.membership_config.voter_ids().count() == 1;
+                            if stale && !alone {
+                                return Err(ApiError::no_leader());
+                            }
+                            return Ok(Leader::Me(node.clone()));
+                        }
+                    } else if let Some(n) = m.membership_config.nodes().find(|(id, _)| **id == l).map(|(_, n)| n) {
+                        return Ok(Leader::Other(n.addr.clone()));
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(ApiError::no_leader());
+            }
+        }
+    }
+
+    /// Runs `req` on the leader: here if this manager leads, else forwarded once.
+    pub async fn on_leader(self: &Arc<Self>, req: PeerRequest) -> PeerResponse {
+        match self.leader().await {
+            Err(e) => PeerResponse::Error(e),
+            Ok(Leader::Me(node)) => self.handle_as_leader(&node, req).await,
+            Ok(Leader::Other(addr)) => {
+                let fwd = PeerRequest::Forwarded(Box::new(req));
+                match self.call(&addr, &fwd, FORWARD_TIMEOUT).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        debug!("forwarding to leader {addr}: {e}");
+                        PeerResponse::Error(ApiError::no_leader())
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_as_leader(self: &Arc<Self>, node: &RaftNode, req: PeerRequest) -> PeerResponse {
+        let r = match req {
+            PeerRequest::Join(j) => self.leader_join(node, j).await.map(PeerResponse::Joined),
+            PeerRequest::Heartbeat { node_id } => self.leader_heartbeat(node, &node_id).await.map(PeerResponse::Heartbeat),
+            PeerRequest::AddVoter { node_id } => self.leader_add_voter(node, &node_id).await.map(|_| PeerResponse::Done),
+            PeerRequest::Leave { node_id } => self.leader_leave(node, &node_id).await.map(|_| PeerResponse::Done),
+            PeerRequest::Api(req) => Ok(PeerResponse::Api(self.leader_api(node, req).await)),
+            PeerRequest::Raft(_) | PeerRequest::Forwarded(_) => Err(ApiError::internal("request cannot run on the leader")),
+        };
+        r.unwrap_or_else(PeerResponse::Error)
+    }
+
+    /// Proposes a command and waits for it to be applied.
+    async fn write(&self, node: &RaftNode, cmd: Command) -> Result<(), ApiError> {
+        match tokio::time::timeout(COMMIT_TIMEOUT, node.raft.client_write(cmd)).await {
+            Err(_) => Err(ApiError::no_leader()),
+            Ok(Err(e)) => {
+                debug!("raft write: {e}");
+                Err(ApiError::no_leader())
+            }
+            Ok(Ok(resp)) => match resp.data {
+                CommandResult::Ok => Ok(()),
+                CommandResult::Err(m) => Err(ApiError::invalid(m)),
+            },
+        }
+    }
+
+    /// Makes sure this leader still leads, then reads its state.
+    async fn read(&self, node: &RaftNode) -> Result<StoreState, ApiError> {
+        match tokio::time::timeout(COMMIT_TIMEOUT, node.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(node.sm.state().await),
+            _ => Err(ApiError::no_leader()),
+        }
+    }
+
+    fn managers_of(state: &StoreState, leader_raft: Option<u64>) -> Vec<String> {
+        let mut m: Vec<&Node> = state.managers().filter(|n| n.state != NodeState::Left).collect();
+        m.sort_by_key(|n| (Some(n.raft_id) != leader_raft, n.hostname.clone()));
+        m.into_iter().map(|n| n.addr.clone()).collect()
+    }
+
+    async fn leader_join(&self, node: &RaftNode, j: JoinRequest) -> Result<JoinAccept, ApiError> {
+        let token = JoinToken::parse(&j.token).map_err(|e| ApiError::new(ErrorKind::PermissionDenied, e))?;
+        let state = self.read(node).await?;
+        let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::internal("cluster not initialized"))?;
+        let ca = RootCa::from_pem(&cluster.ca_cert_pem, &cluster.ca_key_pem).map_err(ApiError::internal)?;
+        if token.ca_digest != ca.digest() {
+            return Err(ApiError::new(
+                ErrorKind::PermissionDenied,
+                "the join token does not match this swarm's CA (CA digest mismatch)",
+            ));
+        }
+        let role = if mesh_ca::secrets_match(&token.secret, &cluster.manager_secret) {
+            NodeRole::Manager
+        } else if mesh_ca::secrets_match(&token.secret, &cluster.worker_secret) {
+            NodeRole::Worker
+        } else {
+            return Err(ApiError::new(
+                ErrorKind::PermissionDenied,
+                "invalid join token: a valid join token is necessary to join this swarm (was it rotated?)",
+            ));
+        };
+        let node_id = mesh_ca::new_secret();
+        let ca_role = match role {
+            NodeRole::Manager => mesh_ca::Role::Manager,
+            NodeRole::Worker => mesh_ca::Role::Worker,
+        };
+        let cert_pem = ca
+            .sign_node_csr(&j.csr_pem, &node_id, ca_role, &cluster.id)
+            .map_err(|e| ApiError::invalid(format!("cannot sign the node certificate: {e}")))?;
+        let now = now_secs();
+        let raft_id = rand::random::<u64>().max(1);
+        let new = Node {
+            id: node_id.clone(),
+            hostname: j.hostname,
+            role,
+            availability: Availability::Active,
+            state: NodeState::Ready,
+            addr: j.addr,
+            raft_id,
+            labels: BTreeMap::new(),
+            created_at: now,
+            updated_at: now,
+        };
+        self.write(node, Command::AddNode { node: new }).await?;
+        self.dispatcher.beat(&node_id);
+        info!(node_id, ?role, "node joined");
+        Ok(JoinAccept {
+            node_id,
+            cluster_id: cluster.id.clone(),
+            role,
+            raft_id,
+            cert_pem,
+            ca_cert_pem: cluster.ca_cert_pem.clone(),
+            managers: Self::managers_of(&state, Some(node.raft_id)),
+        })
+    }
+
+    async fn leader_heartbeat(&self, node: &RaftNode, node_id: &str) -> Result<HeartbeatAck, ApiError> {
+        let lookup = |s: &StoreState| {
+            let n = s.nodes.get(node_id)?;
+            (n.state != NodeState::Left).then(|| (n.role, Self::managers_of(s, Some(node.raft_id))))
+        };
+        let found = match node.sm.with_state(lookup).await {
+            Some(found) => Some(found),
+            None => {
+                // Confirm on a linearizable read: a fresh leader may not have applied everything.
+                let state = self.read(node).await?;
+                if state.cluster.is_none() {
+                    return Err(ApiError::new(ErrorKind::Unavailable, "cluster not initialized yet"));
+                }
+                lookup(&state)
+            }
+        };
+        let (role, managers) = found.ok_or_else(|| ApiError::not_found(format!("no such node: {node_id}")))?;
+        self.dispatcher.beat(node_id);
+        Ok(HeartbeatAck {
+            role,
+            managers,
+            period_ms: HEARTBEAT_PERIOD.as_millis() as u64,
+        })
+    }
+
+    async fn leader_add_voter(&self, node: &RaftNode, node_id: &str) -> Result<(), ApiError> {
+        let state = self.read(node).await?;
+        let n = state
+            .nodes
+            .get(node_id)
+            .ok_or_else(|| ApiError::not_found(format!("no such node: {node_id}")))?;
+        if n.role != NodeRole::Manager {
+            return Err(ApiError::invalid(format!("node {} is not a manager", n.hostname)));
+        }
+        let m = node.raft.metrics().borrow().membership_config.clone();
+        if m.voter_ids().any(|v| v == n.raft_id) {
+            return Ok(());
+        }
+        let raft_err = |e: String| ApiError::new(ErrorKind::Unavailable, format!("cannot add {} to raft: {e}", n.hostname));
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            node.raft.add_learner(n.raft_id, BasicNode::new(n.addr.clone()), true),
+        )
+        .await
+        .map_err(|_| raft_err("timed out catching up".into()))?
+        .map_err(|e| raft_err(e.to_string()))?;
+        let ids: BTreeSet<u64> = [n.raft_id].into();
+        tokio::time::timeout(Duration::from_secs(10), node.raft.change_membership(ChangeMembers::AddVoterIds(ids), false))
+            .await
+            .map_err(|_| raft_err("timed out".into()))?
+            .map_err(|e| raft_err(e.to_string()))?;
+        info!(node = n.hostname, raft_id = n.raft_id, "manager added to raft");
+        Ok(())
+    }
+
+    async fn remove_voter(&self, node: &RaftNode, raft_id: u64) -> Result<(), ApiError> {
+        let m = node.raft.metrics().borrow().membership_config.clone();
+        if !m.nodes().any(|(id, _)| *id == raft_id) {
+            return Ok(());
+        }
+        let ids: BTreeSet<u64> = [raft_id].into();
+        let res = if m.voter_ids().any(|v| v == raft_id) {
+            node.raft.change_membership(ChangeMembers::RemoveVoters(ids), false).await
+        } else {
+            node.raft.change_membership(ChangeMembers::RemoveNodes(ids), false).await
+        };
+        res.map(|_| ())
+            .map_err(|e| ApiError::new(ErrorKind::Unavailable, format!("cannot change raft membership: {e}")))
+    }
+
+    async fn leader_leave(&self, node: &RaftNode, node_id: &str) -> Result<(), ApiError> {
+        let state = self.read(node).await?;
+        let Some(n) = state.nodes.get(node_id) else {
+            return Ok(());
+        };
+        let at = now_secs();
+        if n.role == NodeRole::Manager {
+            self.write(node, Command::SetNodeRole { id: n.id.clone(), role: NodeRole::Worker, at }).await?;
+        }
+        self.write(node, Command::SetNodeState { id: n.id.clone(), state: NodeState::Left, at }).await?;
+        self.dispatcher.forget(node_id);
+        if n.role == NodeRole::Manager {
+            self.remove_voter(node, n.raft_id).await?;
+        }
+        Ok(())
+    }
+
+    fn manager_status(&self, n: &Node, leader: Option<u64>) -> String {
+        if n.role != NodeRole::Manager {
+            return String::new();
+        }
+        if Some(n.raft_id) == leader {
+            "Leader".into()
+        } else if n.state != NodeState::Left && self.dispatcher.fresh(&n.id) {
+            "Reachable".into()
+        } else {
+            "Unreachable".into()
+        }
+    }
+
+    async fn leader_api(&self, node: &RaftNode, req: Request) -> Response {
+        let leader = Some(node.raft_id);
+        match req {
+            Request::NodeLs => {
+                let state = self.read(node).await?;
+                let mut out: Vec<NodeSummary> = state
+                    .nodes
+                    .values()
+                    .map(|n| NodeSummary {
+                        id: n.id.clone(),
+                        hostname: n.hostname.clone(),
+                        status: n.state.to_string(),
+                        availability: n.availability.to_string(),
+                        manager_status: self.manager_status(n, leader),
+                        is_self: false,
+                    })
+                    .collect();
+                out.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
+                Ok(json!(out))
+            }
+            Request::NodeInspect { node: key } => {
+                let state = self.read(node).await?;
+                let n = state.find_node(&key).map_err(ApiError::not_found)?;
+                let mut v = serde_json::to_value(n).map_err(ApiError::internal)?;
+                v["manager_status"] = json!(self.manager_status(n, leader));
+                Ok(v)
+            }
+            Request::NodeUpdate { node: key, availability, label_add, label_rm } => {
+                if let Some(k) = label_add.keys().chain(label_rm.iter()).find(|k| k.is_empty()) {
+                    return Err(ApiError::invalid(format!("invalid label key: {k:?}")));
+                }
+                let state = self.read(node).await?;
+                let id = state.find_node(&key).map_err(ApiError::not_found)?.id.clone();
+                self.write(node, Command::UpdateNode { id: id.clone(), availability, label_add, label_rm, at: now_secs() })
+                    .await?;
+                Ok(json!({ "id": id }))
+            }
+            Request::NodePromote { node: key } => {
+                let state = self.read(node).await?;
+                let n = state.find_node(&key).map_err(ApiError::not_found)?;
+                if n.role == NodeRole::Manager {
+                    return Ok(json!({ "message": format!("Node {} is already a manager.", n.hostname) }));
+                }
+                if n.state != NodeState::Ready {
+                    return Err(ApiError::invalid(format!("node {} is not ready and cannot be promoted", n.hostname)));
+                }
+                self.write(node, Command::SetNodeRole { id: n.id.clone(), role: NodeRole::Manager, at: now_secs() })
+                    .await?;
+                Ok(json!({ "message": format!("Node {} promoted to a manager in the swarm.", n.hostname) }))
+            }
+            Request::NodeDemote { node: key } => {
+                let state = self.read(node).await?;
+                let n = state.find_node(&key).map_err(ApiError::not_found)?;
+                if n.role == NodeRole::Worker {
+                    return Ok(json!({ "message": format!("Node {} is already a worker.", n.hostname) }));
+                }
+                if state.managers().count() <= 1 {
+                    return Err(ApiError::invalid(format!(
+                        "attempting to demote the last manager of the swarm: {}",
+                        n.hostname
+                    )));
+                }
+                let (id, raft_id, name) = (n.id.clone(), n.raft_id, n.hostname.clone());
+                self.write(node, Command::SetNodeRole { id, role: NodeRole::Worker, at: now_secs() }).await?;
+                self.remove_voter(node, raft_id).await?;
+                Ok(json!({ "message": format!("Manager {name} demoted in the swarm.") }))
+            }
+            Request::NodeRm { node: key, force } => {
+                let state = self.read(node).await?;
+                let n = state.find_node(&key).map_err(ApiError::not_found)?;
+                if n.role == NodeRole::Manager && n.state != NodeState::Left {
+                    return Err(ApiError::invalid(format!(
+                        "node {} is a cluster manager and is a member of the raft cluster. It must be demoted to worker before removal",
+                        n.hostname
+                    )));
+                }
+                if n.state == NodeState::Ready && !force {
+                    return Err(ApiError::invalid(format!(
+                        "node {} is not down and can't be removed (use --force)",
+                        n.hostname
+                    )));
+                }
+                let id = n.id.clone();
+                self.write(node, Command::RemoveNode { id: id.clone() }).await?;
+                self.dispatcher.forget(&id);
+                Ok(json!({ "id": id }))
+            }
+            Request::JoinToken { role, rotate } => {
+                if rotate {
+                    self.write(node, Command::RotateSecret { role, secret: mesh_ca::new_secret() }).await?;
+                }
+                let state = self.read(node).await?;
+                let c = state.cluster.as_ref().ok_or_else(|| ApiError::internal("cluster not initialized"))?;
+                let digest = RootCa::from_pem(&c.ca_cert_pem, &c.ca_key_pem).map_err(ApiError::internal)?.digest();
+                let secret = match role {
+                    NodeRole::Worker => &c.worker_secret,
+                    NodeRole::Manager => &c.manager_secret,
+                };
+                Ok(json!({ "token": JoinToken::new(&digest, secret).to_string(), "role": role, "rotated": rotate }))
+            }
+            other => Err(ApiError::internal(format!("not a management request: {other:?}"))),
+        }
+    }
+
+    /// Every node, managers included, reports to the leader every [`HEARTBEAT_PERIOD`]; the
+    /// answer carries the node's role (so promote/demote reach it) and the managers' addresses.
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut not_found = 0;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let local = self.local();
+            let req = || PeerRequest::Heartbeat { node_id: local.node_id.clone() };
+            let resp = if self.raft().await.is_some() {
+                self.on_leader(req()).await
+            } else {
+                self.heartbeat_any_manager(&local.managers, req()).await
+            };
+            match resp {
+                PeerResponse::Heartbeat(ack) => {
+                    not_found = 0;
+                    self.apply_ack(ack).await
+                }
+                PeerResponse::Error(e) if e.kind == ErrorKind::NotFound && not_found < 2 => not_found += 1,
+                PeerResponse::Error(e) if e.kind == ErrorKind::NotFound => {
+                    warn!("this node was removed from the swarm");
+                    let _ = self.events.send(MemberEvent::Removed);
+                    return;
+                }
+                other => debug!("heartbeat: {other:?}"),
+            }
+        }
+    }
+
+    async fn heartbeat_any_manager(&self, managers: &[String], req: PeerRequest) -> PeerResponse {
+        let mut last = PeerResponse::Error(ApiError::no_leader());
+        for addr in managers {
+            match self.call(addr, &req, Duration::from_secs(1)).await {
+                Ok(PeerResponse::Error(e)) if e.kind != ErrorKind::NotFound => last = PeerResponse::Error(e),
+                Ok(r) => return r,
+                Err(e) => debug!("heartbeat to {addr}: {e}"),
+            }
+        }
+        last
+    }
+
+    async fn apply_ack(self: &Arc<Self>, ack: HeartbeatAck) {
+        let role_before = self.local().role;
+        self.update_local(|l| {
+            if !ack.managers.is_empty() {
+                l.managers = ack.managers.clone();
+            }
+            l.role = ack.role;
+        });
+        let running = self.raft().await.is_some();
+        match (ack.role, running) {
+            (NodeRole::Manager, false) => {
+                info!("promoted: starting raft");
+                if let Err(e) = self.become_manager().await {
+                    warn!("becoming a manager: {e}");
+                }
+            }
+            (NodeRole::Worker, true) if role_before == NodeRole::Manager || running => {
+                info!("demoted: stopping raft");
+                self.stop_raft().await;
+                let _ = std::fs::remove_file(self.raft_path());
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts Raft (fresh storage) and asks the leader to make this node a voter.
+    pub async fn become_manager(self: &Arc<Self>) -> Result<(), ApiError> {
+        if self.raft().await.is_none() {
+            let _ = std::fs::remove_file(self.raft_path());
+        }
+        self.start_raft(false).await?;
+        let local = self.local();
+        let req = PeerRequest::AddVoter { node_id: local.node_id.clone() };
+        // The leader may not be known to a fresh raft instance yet: ask the known managers.
+        let mut last = ApiError::no_leader();
+        for addr in &local.managers {
+            if *addr == local.advertise_addr {
+                continue;
+            }
+            match self.call(addr, &req, Duration::from_secs(40)).await {
+                Ok(PeerResponse::Done) => return Ok(()),
+                Ok(PeerResponse::Error(e)) => last = e,
+                Ok(other) => last = ApiError::internal(format!("unexpected answer: {other:?}")),
+                Err(e) => last = ApiError::new(ErrorKind::Unavailable, e),
+            }
+        }
+        Err(last)
+    }
+
+    /// While this manager leads, turns heartbeat silence into Down and heartbeats into Ready.
+    async fn monitor_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let Some(node) = self.raft().await else {
+                self.dispatcher.not_leading();
+                continue;
+            };
+            let leading = {
+                let m = node.raft.metrics();
+                let m = m.borrow();
+                m.state == ServerState::Leader && m.current_leader == Some(node.raft_id)
+            };
+            if !leading {
+                self.dispatcher.not_leading();
+                continue;
+            }
+            self.dispatcher.leading();
+            self.dispatcher.beat(&self.local().node_id);
+            let now = Instant::now();
+            let changes: Vec<(String, NodeState)> = node
+                .sm
+                .with_state(|s| {
+                    s.nodes
+                        .values()
+                        .filter(|n| n.state != NodeState::Left)
+                        .filter_map(|n| match self.dispatcher.verdict(&n.id, n.state == NodeState::Ready, now) {
+                            Verdict::NowDown => Some((n.id.clone(), NodeState::Down)),
+                            Verdict::NowReady => Some((n.id.clone(), NodeState::Ready)),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .await;
+            for (id, state) in changes {
+                info!(node = id, ?state, "node status changed (no heartbeat for {DOWN_AFTER:?} means down)");
+                if let Err(e) = self.write(&node, Command::SetNodeState { id, state, at: now_secs() }).await {
+                    debug!("writing node state: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Serves the control port.
+struct PeerHandler {
+    member: Arc<Member>,
+}
+
+impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
+    async fn handle(&self, peer: mesh_rpc::Peer, req: PeerRequest) -> PeerResponse {
+        let m = &self.member;
+        let local = m.local();
+        // Joining nodes have no certificate yet: joins are the only unauthenticated request.
+        if let PeerRequest::Join(j) = req {
+            return m.on_leader(PeerRequest::Join(j)).await;
+        }
+        let Some(peer) = peer else {
+            return PeerResponse::Error(ApiError::new(ErrorKind::PermissionDenied, "a node certificate is required"));
+        };
+        if peer.cluster_id != local.cluster_id {
+            return PeerResponse::Error(ApiError::new(ErrorKind::PermissionDenied, "certificate of another swarm"));
+        }
+        match req {
+            PeerRequest::Raft(r) => {
+                let Some(node) = m.raft().await else {
+                    return PeerResponse::Error(ApiError::new(ErrorKind::Unavailable, "raft is not running on this node"));
+                };
+                match r {
+                    RaftRequest::AppendEntries(a) => PeerResponse::AppendEntries(node.raft.append_entries(a).await),
+                    RaftRequest::Vote(v) => PeerResponse::Vote(node.raft.vote(v).await),
+                    RaftRequest::InstallSnapshot(s) => PeerResponse::InstallSnapshot(node.raft.install_snapshot(s).await),
+                }
+            }
+            PeerRequest::Heartbeat { ref node_id } | PeerRequest::Leave { ref node_id } | PeerRequest::AddVoter { ref node_id }
+                if *node_id != peer.node_id =>
+            {
+                PeerResponse::Error(ApiError::new(ErrorKind::PermissionDenied, "a node may only speak for itself"))
+            }
+            PeerRequest::Forwarded(inner) => match m.leader().await {
+                _ if !m.is_manager_node(&peer.node_id).await => {
+                    PeerResponse::Error(ApiError::new(ErrorKind::PermissionDenied, "only managers forward requests"))
+                }
+                Ok(Leader::Me(node)) => m.handle_as_leader(&node, *inner).await,
+                Ok(Leader::Other(_)) => PeerResponse::Error(ApiError::no_leader()),
+                Err(e) => PeerResponse::Error(e),
+            },
+            other => m.on_leader(other).await,
+        }
+    }
+}
+
+impl Member {
+    /// Sends `req` straight to the manager at `addr`; true if it was done.
+    pub async fn on_leader_via(&self, addr: &str, req: PeerRequest) -> bool {
+        matches!(self.call(addr, &req, Duration::from_secs(5)).await, Ok(PeerResponse::Done))
+    }
+}

@@ -1,0 +1,81 @@
+//! The node-to-node protocol on the control port (2377/tcp, mutual TLS): joining, Raft
+//! messages, heartbeats and management calls forwarded to the leader.
+//!
+//! **API Boundary**: every message between daemons is one of these; frames are JSON.
+
+use mesh_api::{ApiError, NodeRole};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::raft_types::{RaftId, TypeConfig};
+
+/// A request from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// A node without a certificate asks to join (the only request allowed unauthenticated).
+    Join(JoinRequest),
+    /// A manager whose Raft instance is running asks the leader to become a voter.
+    AddVoter { node_id: String },
+    Raft(RaftRequest),
+    Heartbeat { node_id: String },
+    /// A node leaves the swarm.
+    Leave { node_id: String },
+    /// A management call a follower forwards to the leader.
+    Api(mesh_api::Request),
+    /// A request a manager forwards to the leader; never forwarded again.
+    Forwarded(Box<PeerRequest>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    pub csr_pem: String,
+    pub hostname: String,
+    /// The control address (`IP:PORT`) the node advertises.
+    pub addr: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinAccept {
+    pub node_id: String,
+    pub cluster_id: String,
+    pub role: NodeRole,
+    pub raft_id: u64,
+    pub cert_pem: String,
+    pub ca_cert_pem: String,
+    pub managers: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRequest {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<RaftId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// What the leader tells a node in answer to its heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    pub role: NodeRole,
+    /// Control addresses of all managers, leader first.
+    pub managers: Vec<String>,
+    /// Milliseconds until the next heartbeat is due.
+    pub period_ms: u64,
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    Joined(JoinAccept),
+    AppendEntries(Result<AppendEntriesResponse<RaftId>, RaftError<RaftId>>),
+    Vote(Result<VoteResponse<RaftId>, RaftError<RaftId>>),
+    InstallSnapshot(Result<InstallSnapshotResponse<RaftId>, RaftError<RaftId, InstallSnapshotError>>),
+    Heartbeat(HeartbeatAck),
+    Api(mesh_api::Response),
+    Done,
+    Error(ApiError),
+}

@@ -1,0 +1,300 @@
+//! The replicated state machine: the cluster record and the nodes, changed only by applying
+//! [`Command`]s committed through Raft. Applying is deterministic and never fails the log:
+//! a command that does not fit the state yields [`CommandResult::Err`] and changes nothing.
+
+use std::collections::BTreeMap;
+
+use mesh_api::{Availability, Cluster, Node, NodeRole, NodeState};
+use serde::{Deserialize, Serialize};
+
+/// A change to the cluster state, proposed by the leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Written once, by `swarm init`.
+    InitCluster { cluster: Cluster, node: Node },
+    /// A node that joined (or re-joined under the same ID).
+    AddNode { node: Node },
+    SetNodeState { id: String, state: NodeState, at: u64 },
+    UpdateNode {
+        id: String,
+        availability: Option<Availability>,
+        label_add: BTreeMap<String, String>,
+        label_rm: Vec<String>,
+        at: u64,
+    },
+    SetNodeRole { id: String, role: NodeRole, at: u64 },
+    RemoveNode { id: String },
+    RotateSecret { role: NodeRole, secret: String },
+}
+
+/// What applying a command returned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    Ok,
+    Err(String),
+}
+
+/// The whole replicated state. Snapshots are this struct as JSON.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreState {
+    pub cluster: Option<Cluster>,
+    pub nodes: BTreeMap<String, Node>,
+}
+
+impl StoreState {
+    /// Applies one command. Deterministic: the same log gives the same state on every manager.
+    pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+        match self.try_apply(cmd) {
+            Ok(()) => CommandResult::Ok,
+            Err(e) => CommandResult::Err(e),
+        }
+    }
+
+    fn try_apply(&mut self, cmd: &Command) -> Result<(), String> {
+        match cmd {
+            Command::InitCluster { cluster, node } => {
+                if self.cluster.is_some() {
+                    return Err("cluster already initialized".into());
+                }
+                self.cluster = Some(cluster.clone());
+                self.nodes.insert(node.id.clone(), node.clone());
+            }
+            Command::AddNode { node } => {
+                self.cluster()?;
+                if let Some(other) = self
+                    .nodes
+                    .values()
+                    .find(|n| n.id != node.id && n.role == NodeRole::Manager && n.raft_id == node.raft_id)
+                {
+                    return Err(format!("raft id {} already used by {}", node.raft_id, other.id));
+                }
+                self.nodes.insert(node.id.clone(), node.clone());
+            }
+            Command::SetNodeState { id, state, at } => {
+                let n = self.node_mut(id)?;
+                n.state = *state;
+                n.updated_at = *at;
+            }
+            Command::UpdateNode {
+                id,
+                availability,
+                label_add,
+                label_rm,
+                at,
+            } => {
+                let n = self.node_mut(id)?;
+                if let Some(a) = availability {
+                    n.availability = *a;
+                }
+                for k in label_rm {
+                    n.labels.remove(k);
+                }
+                for (k, v) in label_add {
+                    n.labels.insert(k.clone(), v.clone());
+                }
+                n.updated_at = *at;
+            }
+            Command::SetNodeRole { id, role, at } => {
+                let n = self.node_mut(id)?;
+                n.role = *role;
+                n.updated_at = *at;
+            }
+            Command::RemoveNode { id } => {
+                self.nodes
+                    .remove(id)
+                    .ok_or_else(|| format!("no such node: {id}"))?;
+            }
+            Command::RotateSecret { role, secret } => {
+                let c = self.cluster.as_mut().ok_or("cluster not initialized")?;
+                match role {
+                    NodeRole::Worker => c.worker_secret = secret.clone(),
+                    NodeRole::Manager => c.manager_secret = secret.clone(),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cluster(&self) -> Result<&Cluster, String> {
+        self.cluster
+            .as_ref()
+            .ok_or_else(|| "cluster not initialized".to_string())
+    }
+
+    fn node_mut(&mut self, id: &str) -> Result<&mut Node, String> {
+        self.nodes
+            .get_mut(id)
+            .ok_or_else(|| format!("no such node: {id}"))
+    }
+
+    /// Finds a node by full ID, unique ID prefix, or name, as the Docker CLI does.
+    pub fn find_node(&self, key: &str) -> Result<&Node, String> {
+        if let Some(n) = self.nodes.get(key) {
+            return Ok(n);
+        }
+        let by_name: Vec<&Node> = self.nodes.values().filter(|n| n.hostname == key).collect();
+        if by_name.len() == 1 {
+            return Ok(by_name[0]);
+        }
+        if by_name.len() > 1 {
+            return Err(format!("node name {key} is ambiguous ({} matches): use the node ID", by_name.len()));
+        }
+        let by_prefix: Vec<&Node> = self.nodes.values().filter(|n| !key.is_empty() && n.id.starts_with(key)).collect();
+        match by_prefix.len() {
+            1 => Ok(by_prefix[0]),
+            0 => Err(format!("no such node: {key}")),
+            n => Err(format!("node {key} is ambiguous ({n} matches)")),
+        }
+    }
+
+    /// The managers, by Raft ID.
+    pub fn managers(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().filter(|n| n.role == NodeRole::Manager)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, name: &str, role: NodeRole, raft_id: u64) -> Node {
+        Node {
+            id: id.into(),
+            hostname: name.into(),
+            role,
+            availability: Availability::Active,
+            state: NodeState::Ready,
+            addr: "10.0.0.1:2377".into(),
+            raft_id,
+            labels: BTreeMap::new(),
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    fn cluster() -> Cluster {
+        Cluster {
+            id: "c1".into(),
+            created_at: 1,
+            ca_cert_pem: "cert".into(),
+            ca_key_pem: "key".into(),
+            worker_secret: "w".into(),
+            manager_secret: "m".into(),
+        }
+    }
+
+    fn initialized() -> StoreState {
+        let mut s = StoreState::default();
+        let r = s.apply(&Command::InitCluster {
+            cluster: cluster(),
+            node: node("aaa111", "h1", NodeRole::Manager, 1),
+        });
+        assert_eq!(r, CommandResult::Ok);
+        s
+    }
+
+    #[test]
+    fn init_only_once() {
+        let mut s = initialized();
+        let again = s.apply(&Command::InitCluster {
+            cluster: cluster(),
+            node: node("x", "x", NodeRole::Manager, 9),
+        });
+        assert_eq!(again, CommandResult::Err("cluster already initialized".into()));
+        assert_eq!(s.nodes.len(), 1);
+    }
+
+    #[test]
+    fn commands_before_init_are_refused() {
+        let mut s = StoreState::default();
+        let r = s.apply(&Command::AddNode {
+            node: node("b", "h2", NodeRole::Worker, 2),
+        });
+        assert!(matches!(r, CommandResult::Err(_)));
+        assert!(s.nodes.is_empty());
+    }
+
+    #[test]
+    fn node_lifecycle() {
+        let mut s = initialized();
+        assert_eq!(
+            s.apply(&Command::AddNode { node: node("bbb222", "h2", NodeRole::Worker, 2) }),
+            CommandResult::Ok
+        );
+        s.apply(&Command::SetNodeState { id: "bbb222".into(), state: NodeState::Down, at: 5 });
+        assert_eq!(s.nodes["bbb222"].state, NodeState::Down);
+        let mut add = BTreeMap::new();
+        add.insert("zone".to_string(), "a".to_string());
+        s.apply(&Command::UpdateNode {
+            id: "bbb222".into(),
+            availability: Some(Availability::Drain),
+            label_add: add,
+            label_rm: vec![],
+            at: 6,
+        });
+        assert_eq!(s.nodes["bbb222"].availability, Availability::Drain);
+        assert_eq!(s.nodes["bbb222"].labels["zone"], "a");
+        s.apply(&Command::UpdateNode {
+            id: "bbb222".into(),
+            availability: None,
+            label_add: BTreeMap::new(),
+            label_rm: vec!["zone".into()],
+            at: 7,
+        });
+        assert!(s.nodes["bbb222"].labels.is_empty());
+        s.apply(&Command::SetNodeRole { id: "bbb222".into(), role: NodeRole::Manager, at: 8 });
+        assert_eq!(s.managers().count(), 2);
+        assert_eq!(s.apply(&Command::RemoveNode { id: "bbb222".into() }), CommandResult::Ok);
+        assert_eq!(
+            s.apply(&Command::RemoveNode { id: "bbb222".into() }),
+            CommandResult::Err("no such node: bbb222".into())
+        );
+    }
+
+    #[test]
+    fn raft_ids_are_unique_among_managers() {
+        let mut s = initialized();
+        let r = s.apply(&Command::AddNode { node: node("ccc", "h3", NodeRole::Manager, 1) });
+        assert!(matches!(r, CommandResult::Err(_)));
+    }
+
+    #[test]
+    fn rotate_secret_changes_only_that_role() {
+        let mut s = initialized();
+        s.apply(&Command::RotateSecret { role: NodeRole::Worker, secret: "w2".into() });
+        let c = s.cluster.as_ref().unwrap();
+        assert_eq!(c.worker_secret, "w2");
+        assert_eq!(c.manager_secret, "m");
+    }
+
+    #[test]
+    fn find_node_by_id_name_prefix() {
+        let mut s = initialized();
+        s.apply(&Command::AddNode { node: node("aab999", "h2", NodeRole::Worker, 2) });
+        assert_eq!(s.find_node("aaa111").unwrap().hostname, "h1");
+        assert_eq!(s.find_node("h2").unwrap().id, "aab999");
+        assert_eq!(s.find_node("aaa").unwrap().id, "aaa111");
+        assert!(s.find_node("aa").unwrap_err().contains("ambiguous"));
+        assert_eq!(s.find_node("zzz").unwrap_err(), "no such node: zzz");
+    }
+
+    #[test]
+    fn same_log_same_state() {
+        let cmds = vec![
+            Command::AddNode { node: node("b", "h2", NodeRole::Worker, 2) },
+            Command::SetNodeState { id: "b".into(), state: NodeState::Down, at: 3 },
+            Command::RemoveNode { id: "nope".into() },
+            Command::RotateSecret { role: NodeRole::Manager, secret: "m9".into() },
+        ];
+        let (mut a, mut b) = (initialized(), initialized());
+        for c in &cmds {
+            a.apply(c);
+        }
+        for c in &cmds {
+            b.apply(c);
+        }
+        assert_eq!(a, b);
+        let json = serde_json::to_vec(&a).unwrap();
+        assert_eq!(serde_json::from_slice::<StoreState>(&json).unwrap(), a);
+    }
+}

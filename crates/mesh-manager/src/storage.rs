@@ -1,0 +1,379 @@
+//! Persistent Raft storage in one redb file under `--data-dir`: the log, the vote, the commit
+//! index and the latest snapshot. redb commits are atomic and durable, so a `meshd` killed
+//! mid-write restarts from the last committed transaction.
+//!
+//! The state machine lives in memory ([`StoreState`]) and is rebuilt at start from the last
+//! snapshot plus the committed log after it (openraft re-applies up to the saved commit index).
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, LogState, RaftLogReader, RaftSnapshotBuilder,
+};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::sync::{watch, RwLock};
+
+use crate::raft_types::*;
+use crate::state::{CommandResult, StoreState};
+
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "last_purged";
+const KEY_SNAPSHOT: &str = "snapshot";
+
+/// Errors opening the store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open raft store {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("corrupt raft store {path}: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+fn io_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    StorageError::from_io_error(ErrorSubject::Store, verb, std::io::Error::other(e.to_string()))
+}
+
+/// A snapshot as stored: its metadata and the serialized [`StoreState`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// The redb database shared by the log store and the state machine.
+#[derive(Clone)]
+struct Db(Arc<Database>);
+
+impl Db {
+    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+        let txn = self.0.begin_read().map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let table = txn.open_table(META).map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let Some(v) = table.get(key).map_err(|e| io_err(ErrorVerb::Read, e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| io_err(ErrorVerb::Read, e))
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| io_err(ErrorVerb::Write, e))?;
+        let txn = self.0.begin_write().map_err(|e| io_err(ErrorVerb::Write, e))?;
+        {
+            let mut table = txn.open_table(META).map_err(|e| io_err(ErrorVerb::Write, e))?;
+            table
+                .insert(key, bytes.as_slice())
+                .map_err(|e| io_err(ErrorVerb::Write, e))?;
+        }
+        txn.commit().map_err(|e| io_err(ErrorVerb::Write, e))
+    }
+}
+
+/// Opens (or creates) the store at `path` and returns its two halves.
+pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let db = Database::create(path).map_err(|e| OpenError::Open {
+        path: path.display().to_string(),
+        source: e.into(),
+    })?;
+    // Create the tables so that read transactions always find them.
+    let init = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        txn.open_table(LOGS)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(())
+    };
+    init().map_err(|e| OpenError::Open {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    let db = Db(Arc::new(db));
+    let snapshot: Option<StoredSnapshot> = db.get_meta(KEY_SNAPSHOT).map_err(|e| OpenError::Corrupt {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let mut sm = SmData::default();
+    if let Some(s) = &snapshot {
+        sm.state = serde_json::from_slice(&s.data).map_err(|e| OpenError::Corrupt {
+            path: path.display().to_string(),
+            message: format!("snapshot: {e}"),
+        })?;
+        sm.last_applied = s.meta.last_log_id;
+        sm.membership = s.meta.last_membership.clone();
+    }
+    let (tx, _) = watch::channel(sm.state.clone());
+    let sm = StateMachineStore {
+        db: db.clone(),
+        data: Arc::new(RwLock::new(sm)),
+        changes: Arc::new(tx),
+    };
+    Ok((LogStore { db }, sm))
+}
+
+/// The Raft log, vote and commit index.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Db,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let txn = self.db.0.begin_read().map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let table = txn.open_table(LOGS).map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let mut out = Vec::new();
+        for item in table.range(range).map_err(|e| io_err(ErrorVerb::Read, e))? {
+            let (_, v) = item.map_err(|e| io_err(ErrorVerb::Read, e))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| io_err(ErrorVerb::Read, e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.db.get_meta(KEY_PURGED)?;
+        let txn = self.db.0.begin_read().map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let table = txn.open_table(LOGS).map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let last = match table.last().map_err(|e| io_err(ErrorVerb::Read, e))? {
+            Some((_, v)) => {
+                let e: Entry = serde_json::from_slice(v.value()).map_err(|e| io_err(ErrorVerb::Read, e))?;
+                Some(e.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.db.put_meta(KEY_VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.db.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.db.put_meta(KEY_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.db.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let txn = self.db.0.begin_write().map_err(|e| io_err(ErrorVerb::Write, e))?;
+        {
+            let mut table = txn.open_table(LOGS).map_err(|e| io_err(ErrorVerb::Write, e))?;
+            for entry in entries {
+                let bytes = serde_json::to_vec(&entry).map_err(|e| io_err(ErrorVerb::Write, e))?;
+                table
+                    .insert(entry.log_id.index, bytes.as_slice())
+                    .map_err(|e| io_err(ErrorVerb::Write, e))?;
+            }
+        }
+        let res = txn.commit().map_err(|e| std::io::Error::other(e.to_string()));
+        let failed = res.as_ref().err().map(|e| io_err(ErrorVerb::Write, e));
+        callback.log_io_completed(res);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.delete_range(log_id.index..)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.db.put_meta(KEY_PURGED, &log_id)?;
+        self.delete_range(..=log_id.index)
+    }
+}
+
+impl LogStore {
+    fn delete_range(&self, range: impl RangeBounds<u64>) -> Result<(), StorageError> {
+        let txn = self.db.0.begin_write().map_err(|e| io_err(ErrorVerb::Delete, e))?;
+        {
+            let mut table = txn.open_table(LOGS).map_err(|e| io_err(ErrorVerb::Delete, e))?;
+            let keys: Vec<u64> = table
+                .range(range)
+                .map_err(|e| io_err(ErrorVerb::Delete, e))?
+                .map(|item| item.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| io_err(ErrorVerb::Delete, e))?;
+            for k in keys {
+                table.remove(k).map_err(|e| io_err(ErrorVerb::Delete, e))?;
+            }
+        }
+        txn.commit().map_err(|e| io_err(ErrorVerb::Delete, e))
+    }
+}
+
+#[derive(Default)]
+struct SmData {
+    state: StoreState,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+/// The state machine: the in-memory [`StoreState`], plus a watch channel that publishes every
+/// applied change to the rest of the manager.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Db,
+    data: Arc<RwLock<SmData>>,
+    changes: Arc<watch::Sender<StoreState>>,
+}
+
+impl StateMachineStore {
+    /// The current state, as applied on this manager.
+    pub async fn state(&self) -> StoreState {
+        self.data.read().await.state.clone()
+    }
+
+    /// A receiver that sees every applied state.
+    pub fn subscribe(&self) -> watch::Receiver<StoreState> {
+        self.changes.subscribe()
+    }
+
+    /// Reads a value derived from the state without cloning all of it.
+    pub async fn with_state<T>(&self, f: impl FnOnce(&StoreState) -> T) -> T {
+        f(&self.data.read().await.state)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (data, meta) = {
+            let sm = self.data.read().await;
+            let data = serde_json::to_vec(&sm.state).map_err(|e| io_err(ErrorVerb::Write, e))?;
+            let snapshot_id = match sm.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+                None => "empty".to_string(),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: sm.last_applied,
+                last_membership: sm.membership.clone(),
+                snapshot_id,
+            };
+            (data, meta)
+        };
+        self.db.put_meta(
+            KEY_SNAPSHOT,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data: data.clone(),
+            },
+        )?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let sm = self.data.read().await;
+        Ok((sm.last_applied, sm.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut sm = self.data.write().await;
+        let mut out = Vec::new();
+        let mut changed = false;
+        for entry in entries {
+            sm.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => out.push(CommandResult::Ok),
+                EntryPayload::Normal(cmd) => {
+                    let r = sm.state.apply(&cmd);
+                    changed |= r == CommandResult::Ok;
+                    out.push(r);
+                }
+                EntryPayload::Membership(m) => {
+                    sm.membership = StoredMembership::new(Some(entry.log_id), m);
+                    out.push(CommandResult::Ok);
+                }
+            }
+        }
+        if changed {
+            self.changes.send_replace(sm.state.clone());
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let state: StoreState = serde_json::from_slice(&data).map_err(|e| io_err(ErrorVerb::Read, e))?;
+        self.db.put_meta(
+            KEY_SNAPSHOT,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            },
+        )?;
+        let mut sm = self.data.write().await;
+        sm.state = state;
+        sm.last_applied = meta.last_log_id;
+        sm.membership = meta.last_membership.clone();
+        self.changes.send_replace(sm.state.clone());
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let stored: Option<StoredSnapshot> = self.db.get_meta(KEY_SNAPSHOT)?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}

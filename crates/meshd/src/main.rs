@@ -1,0 +1,122 @@
+//! `meshd`: the mesh daemon. Parses flags, sets up logging, takes the exec-root lock, serves
+//! the local API socket and wires it to the daemon core in `mesh-manager`.
+
+mod api;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use mesh_manager::{Daemon, DaemonConfig};
+use tracing::info;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The mesh daemon: one per host.
+#[derive(Parser, Debug)]
+#[command(name = "meshd", version, about)]
+struct Args {
+    /// Node name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Everything that must survive a restart.
+    #[arg(long, default_value = "/var/lib/mesh")]
+    data_dir: PathBuf,
+    /// Runtime state: the API socket, namespace handles, pid files.
+    #[arg(long, default_value = "/run/mesh")]
+    exec_root: PathBuf,
+    /// error, warn, info, debug or trace (or a tracing filter).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn init_logging(args: &Args) -> anyhow::Result<()> {
+    let level = match args.log_level.as_str() {
+        l @ ("error" | "warn" | "info" | "debug" | "trace") => {
+            // Keep the libraries' chatter one notch down.
+            format!("{l},openraft=warn,redb=warn,rustls=warn")
+        }
+        other => other.to_string(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
+        .with_context(|| format!("invalid --log-level: {}", args.log_level))?;
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("meshd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    init_logging(&args)?;
+    let node_name = args.node_name.clone().unwrap_or_else(hostname);
+    if node_name.is_empty() || node_name.len() > 63 {
+        bail!("invalid --node-name: {node_name:?} (1 to 63 characters)");
+    }
+    for dir in [&args.data_dir, &args.exec_root] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // One daemon per exec-root: the lock dies with the process, also on SIGKILL.
+    let lock_path = args.exec_root.join("meshd.lock");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!("another meshd is running with --exec-root {}", args.exec_root.display());
+    }
+    std::fs::write(args.exec_root.join("meshd.pid"), format!("{}\n", std::process::id()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let cfg = DaemonConfig {
+            node_name: node_name.clone(),
+            data_dir: args.data_dir.clone(),
+            exec_root: args.exec_root.clone(),
+        };
+        let daemon = Daemon::start(cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let sock = args.exec_root.join("meshd.sock");
+        let server = api::serve(&sock, daemon.clone())?;
+        info!(node_name, socket = %sock.display(), "meshd ready");
+        wait_for_signal().await?;
+        info!("shutting down");
+        server.abort();
+        daemon.shutdown().await;
+        let _ = std::fs::remove_file(&sock);
+        drop(lock);
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
