@@ -310,6 +310,14 @@ impl Daemon {
             PeerResponse::Error(e) => return Err(e),
             other => return Err(ApiError::internal(format!("unexpected answer to join: {other:?}"))),
         };
+        // The connection was pinned to the token's CA; check the CA we are told to store too.
+        let ca_der = mesh_ca::cert_der_from_pem(&accept.ca_cert_pem).map_err(ApiError::internal)?;
+        if mesh_ca::ca_digest(&ca_der) != parsed.ca_digest {
+            return Err(ApiError::new(
+                ErrorKind::PermissionDenied,
+                "the swarm's CA certificate does not match the join token",
+            ));
+        }
         let mut managers = accept.managers.clone();
         if !managers.contains(&remote) {
             managers.push(remote.clone());

@@ -57,6 +57,16 @@ impl Dispatcher {
             .is_some_and(|t| t.elapsed() < DOWN_AFTER)
     }
 
+    /// Like [`Self::fresh`], but a node not heard from yet counts as fresh during the grace
+    /// period that follows an election.
+    pub fn fresh_or_grace(&self, node_id: &str) -> bool {
+        self.fresh(node_id)
+            || self
+                .lock()
+                .leader_since
+                .is_some_and(|t| t.elapsed() < DOWN_AFTER)
+    }
+
     /// Decides a node's status from its last heartbeat, given its replicated readiness.
     pub fn verdict(&self, node_id: &str, ready: bool, now: Instant) -> Verdict {
         let g = self.lock();

@@ -46,9 +46,9 @@ pub(crate) fn now_secs() -> u64 {
 pub fn raft_config() -> Arc<Config> {
     let cfg = Config {
         cluster_name: "mesh".into(),
-        heartbeat_interval: 150,
-        election_timeout_min: 750,
-        election_timeout_max: 1500,
+        heartbeat_interval: 100,
+        election_timeout_min: 500,
+        election_timeout_max: 1000,
         install_snapshot_timeout: 5000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
         max_in_snapshot_log_to_keep: 1000,
@@ -266,19 +266,30 @@ impl Member {
 
     /// Runs `req` on the leader: here if this manager leads, else forwarded once.
     pub async fn on_leader(self: &Arc<Self>, req: PeerRequest) -> PeerResponse {
-        match self.leader().await {
-            Err(e) => PeerResponse::Error(e),
-            Ok(Leader::Me(node)) => self.handle_as_leader(&node, req).await,
-            Ok(Leader::Other(addr)) => {
-                let fwd = PeerRequest::Forwarded(Box::new(req));
-                match self.call(&addr, &fwd, FORWARD_TIMEOUT).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        debug!("forwarding to leader {addr}: {e}");
-                        PeerResponse::Error(ApiError::no_leader())
-                    }
+        // During an election the leader we know may be dead: keep trying until a leader
+        // answers or LEADER_WAIT has passed since the first failure.
+        let fwd = PeerRequest::Forwarded(Box::new(req));
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            match self.leader().await {
+                Err(e) => return PeerResponse::Error(e),
+                Ok(Leader::Me(node)) => {
+                    let PeerRequest::Forwarded(req) = fwd else { unreachable!() };
+                    return self.handle_as_leader(&node, *req).await;
                 }
+                Ok(Leader::Other(addr)) => match self.call(&addr, &fwd, FORWARD_TIMEOUT).await {
+                    Ok(PeerResponse::Error(e)) if e.kind == ErrorKind::NoLeader => {
+                        debug!("leader {addr} says it does not lead");
+                    }
+                    Ok(r) => return r,
+                    Err(e) => debug!("forwarding to leader {addr}: {e}"),
+                },
             }
+            let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + LEADER_WAIT);
+            if tokio::time::Instant::now() >= d {
+                return PeerResponse::Error(ApiError::no_leader());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -473,7 +484,7 @@ impl Member {
         }
         if Some(n.raft_id) == leader {
             "Leader".into()
-        } else if n.state != NodeState::Left && self.dispatcher.fresh(&n.id) {
+        } else if n.state != NodeState::Left && self.dispatcher.fresh_or_grace(&n.id) {
             "Reachable".into()
         } else {
             "Unreachable".into()
