@@ -29,6 +29,7 @@ mod binaries;
 mod cluster;
 mod host;
 mod process;
+pub mod swarm;
 
 use std::time::{Duration, Instant};
 

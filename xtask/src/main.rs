@@ -1,1 +1,137 @@
-fn main() {}
+//! `cargo xtask`: the one task runner.
+//!
+//! - `cargo xtask test [ARGS]`: installs what the tests need (as root), builds, runs the
+//!   whole test suite (`cargo test --workspace`), extra args passed to cargo test;
+//! - `cargo xtask demo [--keep]`: a cluster of simulated hosts on this machine, end to end;
+//! - `cargo xtask bench NAME`: runs a benchmark of `bench/` in release mode (it rewrites its
+//!   section of `docs/benchmarks.md`);
+//! - `cargo xtask tidy`: fmt and clippy as CI runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// Debian packages the tests, the demo and the benchmarks use.
+const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ping", "iputils-ping")];
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let verb = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match verb.as_str() {
+        "test" => test(&rest),
+        "demo" => {
+            ensure_packages()?;
+            bail!("demo: not yet")
+        }
+        "bench" => bench(&rest),
+        "tidy" => tidy(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask test [CARGO TEST ARGS] | demo [--keep] | bench NAME | tidy"
+            );
+            bail!("unknown verb: {verb:?}")
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs the Debian packages whose commands are missing (root only).
+fn ensure_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, p)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing packages {missing:?}: install them or run as root");
+    }
+    eprintln!("xtask: installing {missing:?}");
+    sh(Command::new("apt-get").arg("update").arg("-q"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    ensure_packages()?;
+    if !is_root() {
+        eprintln!(
+            "xtask: not root: the multi-host tests in netns-tests will be skipped (they need root)"
+        );
+    }
+    sh(cargo().args(["build", "--workspace", "--bins"]))?;
+    sh(cargo().args(["test", "--workspace"]).args(args))
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    ensure_packages()?;
+    sh(cargo().args(["build", "--release", "-p", "meshd", "-p", "mesh-cli"]))?;
+    sh(cargo()
+        .args(["run", "--release", "-p", "mesh-bench", "--"])
+        .args(args))
+}
+
+fn tidy() -> anyhow::Result<()> {
+    sh(cargo().args(["fmt", "--all", "--check"]))?;
+    sh(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}

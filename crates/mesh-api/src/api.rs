@@ -144,7 +144,10 @@ mod tests {
             force: true,
         };
         let s = serde_json::to_string(&r).unwrap();
-        assert_eq!(s, r#"{"method":"node_rm","params":{"node":"h1","force":true}}"#);
+        assert_eq!(
+            s,
+            r#"{"method":"node_rm","params":{"node":"h1","force":true}}"#
+        );
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         let v: Request = serde_json::from_str(r#"{"method":"version"}"#).unwrap();
         assert_eq!(v, Request::Version);

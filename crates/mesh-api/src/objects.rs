@@ -30,7 +30,9 @@ impl FromStr for NodeRole {
         match s {
             "worker" => Ok(NodeRole::Worker),
             "manager" => Ok(NodeRole::Manager),
-            other => Err(format!("invalid role: {other} (expected worker or manager)")),
+            other => Err(format!(
+                "invalid role: {other} (expected worker or manager)"
+            )),
         }
     }
 }

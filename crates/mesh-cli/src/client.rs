@@ -17,9 +17,11 @@ pub struct Client {
 
 impl Client {
     pub fn new(host: &str) -> Result<Client, Failure> {
-        let path = host
-            .strip_prefix("unix://")
-            .ok_or_else(|| Failure(format!("unsupported daemon address: {host} (expected unix:///PATH)")))?;
+        let path = host.strip_prefix("unix://").ok_or_else(|| {
+            Failure(format!(
+                "unsupported daemon address: {host} (expected unix:///PATH)"
+            ))
+        })?;
         Ok(Client {
             path: PathBuf::from(path),
             url: host.to_string(),
@@ -29,7 +31,10 @@ impl Client {
     /// Sends one request and returns its payload, or the daemon's error as a [`Failure`].
     pub fn call(&self, req: Request) -> Result<Value, Failure> {
         let unreachable = |e: std::io::Error| {
-            Failure(format!("cannot connect to the mesh daemon at {}: {e}. Is meshd running?", self.url))
+            Failure(format!(
+                "cannot connect to the mesh daemon at {}: {e}. Is meshd running?",
+                self.url
+            ))
         };
         let mut s = UnixStream::connect(&self.path).map_err(unreachable)?;
         s.set_read_timeout(Some(Duration::from_secs(300))).ok();
@@ -41,9 +46,12 @@ impl Client {
         r.read_line(&mut buf)
             .map_err(|e| Failure(format!("reading the daemon's answer: {e}")))?;
         if buf.is_empty() {
-            return Err(Failure("the daemon closed the connection without an answer".into()));
+            return Err(Failure(
+                "the daemon closed the connection without an answer".into(),
+            ));
         }
-        let resp: Response = serde_json::from_str(&buf).map_err(|e| Failure(format!("malformed answer from the daemon: {e}")))?;
+        let resp: Response = serde_json::from_str(&buf)
+            .map_err(|e| Failure(format!("malformed answer from the daemon: {e}")))?;
         resp.map_err(|e| Failure(format!("Error response from daemon: {}", e.message)))
     }
 }

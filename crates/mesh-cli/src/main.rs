@@ -15,10 +15,20 @@ use serde_json::{json, Value};
 use client::Client;
 
 #[derive(Parser, Debug)]
-#[command(name = "mesh", version, about = "Drive a mesh cluster: swarm, nodes, networks, services")]
+#[command(
+    name = "mesh",
+    version,
+    about = "Drive a mesh cluster: swarm, nodes, networks, services"
+)]
 struct Cli {
     /// Daemon socket to connect to.
-    #[arg(short = 'H', long = "host", env = "MESH_HOST", default_value = "unix:///run/mesh/meshd.sock", global = true)]
+    #[arg(
+        short = 'H',
+        long = "host",
+        env = "MESH_HOST",
+        default_value = "unix:///run/mesh/meshd.sock",
+        global = true
+    )]
     host: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -203,7 +213,10 @@ fn print_info(v: &Value) {
         println!(" ClusterID: {}", s("cluster_id"));
         println!(" Role: {}", s("role"));
         println!(" Node Address: {}", s("node_addr"));
-        let managers: Vec<&str> = v["managers"].as_array().map(|a| a.iter().filter_map(|m| m.as_str()).collect()).unwrap_or_default();
+        let managers: Vec<&str> = v["managers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|m| m.as_str()).collect())
+            .unwrap_or_default();
         println!(" Manager Addresses: {}", managers.join(", "));
         if let Some(l) = v["leader"].as_str() {
             println!(" Leader: {l}");
@@ -213,22 +226,50 @@ fn print_info(v: &Value) {
 
 fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
     match cmd {
-        SwarmCmd::Init { advertise_addr, listen_addr, autolock } => {
+        SwarmCmd::Init {
+            advertise_addr,
+            listen_addr,
+            autolock,
+        } => {
             if autolock {
                 return Err(Failure("--autolock is not supported yet".into()));
             }
-            let v = c.call(Request::SwarmInit { advertise_addr, listen_addr })?;
+            let v = c.call(Request::SwarmInit {
+                advertise_addr,
+                listen_addr,
+            })?;
             let id = v["node_id"].as_str().unwrap_or("");
             println!("Swarm initialized: current node ({id}) is now a manager.\n");
             println!("To add a worker to this swarm, run the following command:\n");
-            println!("    mesh swarm join --token {} {}\n", v["worker_token"].as_str().unwrap_or(""), v["addr"].as_str().unwrap_or(""));
+            println!(
+                "    mesh swarm join --token {} {}\n",
+                v["worker_token"].as_str().unwrap_or(""),
+                v["addr"].as_str().unwrap_or("")
+            );
             println!("To add a manager to this swarm, run 'mesh swarm join-token manager' and follow the instructions.");
         }
-        SwarmCmd::Join { token, advertise_addr, listen_addr, remote } => {
-            let v = c.call(Request::SwarmJoin { token, remote, advertise_addr, listen_addr })?;
-            println!("This node joined a swarm as a {}.", v["role"].as_str().unwrap_or("worker"));
+        SwarmCmd::Join {
+            token,
+            advertise_addr,
+            listen_addr,
+            remote,
+        } => {
+            let v = c.call(Request::SwarmJoin {
+                token,
+                remote,
+                advertise_addr,
+                listen_addr,
+            })?;
+            println!(
+                "This node joined a swarm as a {}.",
+                v["role"].as_str().unwrap_or("worker")
+            );
         }
-        SwarmCmd::JoinToken { quiet, rotate, role } => {
+        SwarmCmd::JoinToken {
+            quiet,
+            rotate,
+            role,
+        } => {
             let role: NodeRole = role.into();
             let v = c.call(Request::JoinToken { role, rotate })?;
             let token = v["token"].as_str().unwrap_or("");
@@ -240,7 +281,10 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
                 println!("Successfully rotated {role} join token.\n");
             }
             println!("To add a {role} to this swarm, run the following command:\n");
-            println!("    mesh swarm join --token {token} {}\n", v["addr"].as_str().unwrap_or(""));
+            println!(
+                "    mesh swarm join --token {token} {}\n",
+                v["addr"].as_str().unwrap_or("")
+            );
         }
         SwarmCmd::Leave { force } => {
             c.call(Request::SwarmLeave { force })?;
@@ -271,7 +315,11 @@ fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
                     .iter()
                     .map(|n| {
                         vec![
-                            if n.is_self { format!("{} *", n.id) } else { n.id.clone() },
+                            if n.is_self {
+                                format!("{} *", n.id)
+                            } else {
+                                n.id.clone()
+                            },
                             n.hostname.clone(),
                             n.status.clone(),
                             n.availability.clone(),
@@ -279,7 +327,10 @@ fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
                         ]
                     })
                     .collect();
-                table::print(&["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"], rows);
+                table::print(
+                    &["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"],
+                    rows,
+                );
             }
         }
         NodeCmd::Inspect { nodes } => {
@@ -289,20 +340,36 @@ fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        NodeCmd::Update { availability, label_add, label_rm, node } => {
-            let availability = availability.map(|a| a.parse::<Availability>()).transpose()?;
+        NodeCmd::Update {
+            availability,
+            label_add,
+            label_rm,
+            node,
+        } => {
+            let availability = availability
+                .map(|a| a.parse::<Availability>())
+                .transpose()?;
             let mut add = BTreeMap::new();
             for l in label_add {
                 let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
                 if k.is_empty() {
-                    return Err(Failure(format!("invalid label: {l:?} (expected KEY=VALUE)")));
+                    return Err(Failure(format!(
+                        "invalid label: {l:?} (expected KEY=VALUE)"
+                    )));
                 }
                 add.insert(k.to_string(), v.to_string());
             }
             if availability.is_none() && add.is_empty() && label_rm.is_empty() {
-                return Err(Failure("nothing to update: give --availability, --label-add or --label-rm".into()));
+                return Err(Failure(
+                    "nothing to update: give --availability, --label-add or --label-rm".into(),
+                ));
             }
-            c.call(Request::NodeUpdate { node: node.clone(), availability, label_add: add, label_rm })?;
+            c.call(Request::NodeUpdate {
+                node: node.clone(),
+                availability,
+                label_add: add,
+                label_rm,
+            })?;
             println!("{node}");
         }
         NodeCmd::Promote { nodes } => {
@@ -319,7 +386,10 @@ fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
         }
         NodeCmd::Rm { force, nodes } => {
             for n in nodes {
-                c.call(Request::NodeRm { node: n.clone(), force })?;
+                c.call(Request::NodeRm {
+                    node: n.clone(),
+                    force,
+                })?;
                 println!("{n}");
             }
         }

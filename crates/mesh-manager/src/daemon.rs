@@ -48,8 +48,9 @@ fn already_in_swarm() -> ApiError {
 impl Daemon {
     /// Creates the daemon and, if `--data-dir` holds a swarm membership, rejoins it.
     pub async fn start(cfg: DaemonConfig) -> Result<Arc<Daemon>, ApiError> {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            ApiError::internal(format!("cannot create {}: {e}", cfg.data_dir.display()))
+        })?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let daemon = Arc::new(Daemon {
             cfg,
@@ -60,7 +61,14 @@ impl Daemon {
         if let Some(local) = LocalState::load(&daemon.cfg.data_dir).map_err(ApiError::internal)? {
             info!(node_id = local.node_id, role = %local.role, "resuming swarm membership");
             let listener = bind(&local.listen_addr).await?;
-            let member = Member::start(daemon.cfg.data_dir.clone(), local, listener, false, daemon.events.clone()).await?;
+            let member = Member::start(
+                daemon.cfg.data_dir.clone(),
+                local,
+                listener,
+                false,
+                daemon.events.clone(),
+            )
+            .await?;
             *daemon.member.write().await = Some(member);
         }
         let weak = Arc::downgrade(&daemon);
@@ -94,11 +102,19 @@ impl Daemon {
     pub async fn handle(&self, req: Request) -> Response {
         match req {
             Request::Version => Ok(json!({ "version": env!("CARGO_PKG_VERSION") })),
-            Request::Info => Ok(serde_json::to_value(self.info().await).map_err(ApiError::internal)?),
-            Request::SwarmInit { advertise_addr, listen_addr } => self.init(advertise_addr, listen_addr).await,
-            Request::SwarmJoin { token, remote, advertise_addr, listen_addr } => {
-                self.join(token, remote, advertise_addr, listen_addr).await
+            Request::Info => {
+                Ok(serde_json::to_value(self.info().await).map_err(ApiError::internal)?)
             }
+            Request::SwarmInit {
+                advertise_addr,
+                listen_addr,
+            } => self.init(advertise_addr, listen_addr).await,
+            Request::SwarmJoin {
+                token,
+                remote,
+                advertise_addr,
+                listen_addr,
+            } => self.join(token, remote, advertise_addr, listen_addr).await,
             Request::SwarmLeave { force } => self.leave(force).await,
             req => self.management(req).await,
         }
@@ -160,7 +176,11 @@ impl Daemon {
             });
             info.leader = node
                 .sm
-                .with_state(|s| s.managers().find(|n| Some(n.raft_id) == leader).map(|n| n.id.clone()))
+                .with_state(|s| {
+                    s.managers()
+                        .find(|n| Some(n.raft_id) == leader)
+                        .map(|n| n.id.clone())
+                })
                 .await;
         }
         info
@@ -172,13 +192,18 @@ impl Daemon {
         listen_addr: Option<String>,
     ) -> Result<(SocketAddr, SocketAddr), ApiError> {
         let listen = match &listen_addr {
-            Some(l) => local::parse_addr(l, None, DEFAULT_CONTROL_PORT).map_err(ApiError::invalid)?,
+            Some(l) => {
+                local::parse_addr(l, None, DEFAULT_CONTROL_PORT).map_err(ApiError::invalid)?
+            }
             None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_CONTROL_PORT)),
         };
         let advertise = match advertise_addr {
             Some(a) => local::parse_addr(&a, None, listen.port()).map_err(ApiError::invalid)?,
             None if !listen.ip().is_unspecified() => listen,
-            None => SocketAddr::new(local::default_advertise_ip().map_err(ApiError::invalid)?, listen.port()),
+            None => SocketAddr::new(
+                local::default_advertise_ip().map_err(ApiError::invalid)?,
+                listen.port(),
+            ),
         };
         if advertise.ip().is_unspecified() || advertise.ip().is_loopback() {
             return Err(ApiError::invalid(format!(
@@ -218,7 +243,14 @@ impl Daemon {
         };
         // A half-done earlier init may have left a raft store: start clean.
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-        let member = Member::start(self.cfg.data_dir.clone(), local.clone(), listener, true, self.events.clone()).await?;
+        let member = Member::start(
+            self.cfg.data_dir.clone(),
+            local.clone(),
+            listener,
+            true,
+            self.events.clone(),
+        )
+        .await?;
         let now = now_secs();
         let cluster = mesh_api::Cluster {
             id: cluster_id,
@@ -242,7 +274,10 @@ impl Daemon {
         };
         let worker_token = JoinToken::new(&ca.digest(), &cluster.worker_secret).to_string();
         let res = async {
-            let raft = member.raft().await.ok_or_else(|| ApiError::internal("raft did not start"))?;
+            let raft = member
+                .raft()
+                .await
+                .ok_or_else(|| ApiError::internal("raft did not start"))?;
             raft.raft
                 .wait(Some(Duration::from_secs(10)))
                 .current_leader(raft_id, "self-election")
@@ -259,14 +294,17 @@ impl Daemon {
             }
         }
         .await;
-        if let Err(e) = res.and_then(|_| local.save(&self.cfg.data_dir).map_err(ApiError::internal)) {
+        if let Err(e) = res.and_then(|_| local.save(&self.cfg.data_dir).map_err(ApiError::internal))
+        {
             member.stop().await;
             let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
             return Err(e);
         }
         *self.member.write().await = Some(member);
         info!(node_id, "swarm initialized");
-        Ok(json!({ "node_id": node_id, "worker_token": worker_token, "addr": advertise.to_string() }))
+        Ok(
+            json!({ "node_id": node_id, "worker_token": worker_token, "addr": advertise.to_string() }),
+        )
     }
 
     async fn join(
@@ -281,11 +319,14 @@ impl Daemon {
             return Err(already_in_swarm());
         }
         let parsed = JoinToken::parse(&token).map_err(ApiError::invalid)?;
-        let remote = local::parse_addr(&remote, None, DEFAULT_CONTROL_PORT).map_err(ApiError::invalid)?.to_string();
+        let remote = local::parse_addr(&remote, None, DEFAULT_CONTROL_PORT)
+            .map_err(ApiError::invalid)?
+            .to_string();
         let (advertise, listen) = self.addrs(advertise_addr, listen_addr)?;
         let listener = bind(&listen.to_string()).await?;
         let key = NodeKey::generate().map_err(ApiError::internal)?;
-        let tls = mesh_ca::bootstrap_client_config(&parsed.ca_digest).map_err(ApiError::internal)?;
+        let tls =
+            mesh_ca::bootstrap_client_config(&parsed.ca_digest).map_err(ApiError::internal)?;
         let req = PeerRequest::Join(JoinRequest {
             token,
             csr_pem: key.csr_pem().map_err(ApiError::internal)?,
@@ -308,7 +349,11 @@ impl Daemon {
         let accept = match resp {
             PeerResponse::Joined(a) => a,
             PeerResponse::Error(e) => return Err(e),
-            other => return Err(ApiError::internal(format!("unexpected answer to join: {other:?}"))),
+            other => {
+                return Err(ApiError::internal(format!(
+                    "unexpected answer to join: {other:?}"
+                )))
+            }
         };
         // The connection was pinned to the token's CA; check the CA we are told to store too.
         let ca_der = mesh_ca::cert_der_from_pem(&accept.ca_cert_pem).map_err(ApiError::internal)?;
@@ -336,7 +381,14 @@ impl Daemon {
         };
         local.save(&self.cfg.data_dir).map_err(ApiError::internal)?;
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-        let member = Member::start(self.cfg.data_dir.clone(), local, listener, false, self.events.clone()).await?;
+        let member = Member::start(
+            self.cfg.data_dir.clone(),
+            local,
+            listener,
+            false,
+            self.events.clone(),
+        )
+        .await?;
         if accept.role == NodeRole::Manager {
             if let Err(e) = member.become_manager().await {
                 // The node is in the swarm; the heartbeat loop retries joining Raft.
@@ -349,14 +401,19 @@ impl Daemon {
     }
 
     async fn leave(&self, force: bool) -> Response {
-        let member = self
-            .member()
-            .await
-            .ok_or_else(|| ApiError::new(ErrorKind::NotInSwarm, "This node is not part of a swarm"))?;
+        let member = self.member().await.ok_or_else(|| {
+            ApiError::new(ErrorKind::NotInSwarm, "This node is not part of a swarm")
+        })?;
         let local = member.local();
         if local.role == NodeRole::Manager && !force {
             let voters = match member.raft().await {
-                Some(n) => n.raft.metrics().borrow().membership_config.voter_ids().count(),
+                Some(n) => n
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .voter_ids()
+                    .count(),
                 None => 1,
             };
             let msg = if voters <= 1 {
@@ -374,13 +431,22 @@ impl Daemon {
         // Tell the leader (best effort: a forced leave works without quorum too).
         let r = tokio::time::timeout(
             Duration::from_secs(8),
-            member.on_leader(PeerRequest::Leave { node_id: local.node_id.clone() }),
+            member.on_leader(PeerRequest::Leave {
+                node_id: local.node_id.clone(),
+            }),
         )
         .await;
         if !matches!(r, Ok(PeerResponse::Done)) && local.role == NodeRole::Worker {
             // A worker asks any manager it knows.
             for addr in &local.managers {
-                let c = member.on_leader_via(addr, PeerRequest::Leave { node_id: local.node_id.clone() }).await;
+                let c = member
+                    .on_leader_via(
+                        addr,
+                        PeerRequest::Leave {
+                            node_id: local.node_id.clone(),
+                        },
+                    )
+                    .await;
                 if c {
                     break;
                 }
@@ -404,7 +470,10 @@ impl Daemon {
 }
 
 async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ApiError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Unavailable, format!("cannot listen on {addr}: {e}")))
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            format!("cannot listen on {addr}: {e}"),
+        )
+    })
 }

@@ -14,11 +14,20 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt node state {path}: {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// The node's own record of its swarm membership.
@@ -88,19 +97,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
             .open(&tmp)
             .map_err(err)?;
         use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(err)?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
         f.write_all(bytes).map_err(err)?;
         f.sync_all().map_err(err)?;
     }
     fs::rename(&tmp, path).map_err(err)?;
     if let Some(dir) = path.parent() {
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
     }
     Ok(())
 }
 
 /// Parses `IP`, `IP:PORT` or `:PORT` with a default port.
-pub fn parse_addr(s: &str, default_ip: Option<IpAddr>, default_port: u16) -> Result<SocketAddr, String> {
+pub fn parse_addr(
+    s: &str,
+    default_ip: Option<IpAddr>,
+    default_port: u16,
+) -> Result<SocketAddr, String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
         return Ok(sa);
     }
@@ -109,7 +125,8 @@ pub fn parse_addr(s: &str, default_ip: Option<IpAddr>, default_port: u16) -> Res
     }
     if let Some(port) = s.strip_prefix(':') {
         let port: u16 = port.parse().map_err(|_| format!("invalid address: {s}"))?;
-        let ip = default_ip.ok_or_else(|| format!("invalid address: {s}: an IP address is needed"))?;
+        let ip =
+            default_ip.ok_or_else(|| format!("invalid address: {s}: an IP address is needed"))?;
         return Ok(SocketAddr::new(ip, port));
     }
     Err(format!("invalid address: {s} (expected IP or IP:PORT)"))
@@ -168,9 +185,18 @@ mod tests {
     #[test]
     fn parse_addr_forms() {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        assert_eq!(parse_addr("10.0.0.2", None, 2377).unwrap().to_string(), "10.0.0.2:2377");
-        assert_eq!(parse_addr("10.0.0.2:99", None, 2377).unwrap().to_string(), "10.0.0.2:99");
-        assert_eq!(parse_addr(":4000", Some(ip), 2377).unwrap().to_string(), "10.0.0.1:4000");
+        assert_eq!(
+            parse_addr("10.0.0.2", None, 2377).unwrap().to_string(),
+            "10.0.0.2:2377"
+        );
+        assert_eq!(
+            parse_addr("10.0.0.2:99", None, 2377).unwrap().to_string(),
+            "10.0.0.2:99"
+        );
+        assert_eq!(
+            parse_addr(":4000", Some(ip), 2377).unwrap().to_string(),
+            "10.0.0.1:4000"
+        );
         assert!(parse_addr("nonsense", Some(ip), 2377).is_err());
         assert!(parse_addr(":x", Some(ip), 2377).is_err());
     }

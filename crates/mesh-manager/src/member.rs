@@ -200,7 +200,11 @@ impl Member {
         match self.raft().await {
             Some(node) => {
                 node.sm
-                    .with_state(|s| s.nodes.get(node_id).is_some_and(|n| n.role == NodeRole::Manager))
+                    .with_state(|s| {
+                        s.nodes
+                            .get(node_id)
+                            .is_some_and(|n| n.role == NodeRole::Manager)
+                    })
                     .await
             }
             None => false,
@@ -229,7 +233,12 @@ impl Member {
             .clone()
     }
 
-    async fn call(&self, addr: &str, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, mesh_rpc::RpcError> {
+    async fn call(
+        &self,
+        addr: &str,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, mesh_rpc::RpcError> {
         self.client(addr).call(req, timeout).await
     }
 
@@ -246,19 +255,29 @@ impl Member {
                 if let Some(l) = m.current_leader {
                     if l == node.raft_id {
                         if m.state == ServerState::Leader {
-                            let stale = m.millis_since_quorum_ack.is_none_or(|ms| ms > QUORUM_STALE_MS);
+                            let stale = m
+                                .millis_since_quorum_ack
+                                .is_none_or(|ms| ms > QUORUM_STALE_MS);
                             let alone = m.membership_config.voter_ids().count() == 1;
                             if stale && !alone {
                                 return Err(ApiError::no_leader());
                             }
                             return Ok(Leader::Me(node.clone()));
                         }
-                    } else if let Some(n) = m.membership_config.nodes().find(|(id, _)| **id == l).map(|(_, n)| n) {
+                    } else if let Some(n) = m
+                        .membership_config
+                        .nodes()
+                        .find(|(id, _)| **id == l)
+                        .map(|(_, n)| n)
+                    {
                         return Ok(Leader::Other(n.addr.clone()));
                     }
                 }
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return Err(ApiError::no_leader());
             }
         }
@@ -274,7 +293,9 @@ impl Member {
             match self.leader().await {
                 Err(e) => return PeerResponse::Error(e),
                 Ok(Leader::Me(node)) => {
-                    let PeerRequest::Forwarded(req) = fwd else { unreachable!() };
+                    let PeerRequest::Forwarded(req) = fwd else {
+                        unreachable!()
+                    };
                     return self.handle_as_leader(&node, *req).await;
                 }
                 Ok(Leader::Other(addr)) => match self.call(&addr, &fwd, FORWARD_TIMEOUT).await {
@@ -296,11 +317,22 @@ impl Member {
     async fn handle_as_leader(self: &Arc<Self>, node: &RaftNode, req: PeerRequest) -> PeerResponse {
         let r = match req {
             PeerRequest::Join(j) => self.leader_join(node, j).await.map(PeerResponse::Joined),
-            PeerRequest::Heartbeat { node_id } => self.leader_heartbeat(node, &node_id).await.map(PeerResponse::Heartbeat),
-            PeerRequest::AddVoter { node_id } => self.leader_add_voter(node, &node_id).await.map(|_| PeerResponse::Done),
-            PeerRequest::Leave { node_id } => self.leader_leave(node, &node_id).await.map(|_| PeerResponse::Done),
+            PeerRequest::Heartbeat { node_id } => self
+                .leader_heartbeat(node, &node_id)
+                .await
+                .map(PeerResponse::Heartbeat),
+            PeerRequest::AddVoter { node_id } => self
+                .leader_add_voter(node, &node_id)
+                .await
+                .map(|_| PeerResponse::Done),
+            PeerRequest::Leave { node_id } => self
+                .leader_leave(node, &node_id)
+                .await
+                .map(|_| PeerResponse::Done),
             PeerRequest::Api(req) => Ok(PeerResponse::Api(self.leader_api(node, req).await)),
-            PeerRequest::Raft(_) | PeerRequest::Forwarded(_) => Err(ApiError::internal("request cannot run on the leader")),
+            PeerRequest::Raft(_) | PeerRequest::Forwarded(_) => {
+                Err(ApiError::internal("request cannot run on the leader"))
+            }
         };
         r.unwrap_or_else(PeerResponse::Error)
     }
@@ -329,16 +361,24 @@ impl Member {
     }
 
     fn managers_of(state: &StoreState, leader_raft: Option<u64>) -> Vec<String> {
-        let mut m: Vec<&Node> = state.managers().filter(|n| n.state != NodeState::Left).collect();
+        let mut m: Vec<&Node> = state
+            .managers()
+            .filter(|n| n.state != NodeState::Left)
+            .collect();
         m.sort_by_key(|n| (Some(n.raft_id) != leader_raft, n.hostname.clone()));
         m.into_iter().map(|n| n.addr.clone()).collect()
     }
 
     async fn leader_join(&self, node: &RaftNode, j: JoinRequest) -> Result<JoinAccept, ApiError> {
-        let token = JoinToken::parse(&j.token).map_err(|e| ApiError::new(ErrorKind::PermissionDenied, e))?;
+        let token = JoinToken::parse(&j.token)
+            .map_err(|e| ApiError::new(ErrorKind::PermissionDenied, e))?;
         let state = self.read(node).await?;
-        let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::internal("cluster not initialized"))?;
-        let ca = RootCa::from_pem(&cluster.ca_cert_pem, &cluster.ca_key_pem).map_err(ApiError::internal)?;
+        let cluster = state
+            .cluster
+            .as_ref()
+            .ok_or_else(|| ApiError::internal("cluster not initialized"))?;
+        let ca = RootCa::from_pem(&cluster.ca_cert_pem, &cluster.ca_key_pem)
+            .map_err(ApiError::internal)?;
         if token.ca_digest != ca.digest() {
             return Err(ApiError::new(
                 ErrorKind::PermissionDenied,
@@ -391,7 +431,11 @@ impl Member {
         })
     }
 
-    async fn leader_heartbeat(&self, node: &RaftNode, node_id: &str) -> Result<HeartbeatAck, ApiError> {
+    async fn leader_heartbeat(
+        &self,
+        node: &RaftNode,
+        node_id: &str,
+    ) -> Result<HeartbeatAck, ApiError> {
         let lookup = |s: &StoreState| {
             let n = s.nodes.get(node_id)?;
             (n.state != NodeState::Left).then(|| (n.role, Self::managers_of(s, Some(node.raft_id))))
@@ -402,12 +446,16 @@ impl Member {
                 // Confirm on a linearizable read: a fresh leader may not have applied everything.
                 let state = self.read(node).await?;
                 if state.cluster.is_none() {
-                    return Err(ApiError::new(ErrorKind::Unavailable, "cluster not initialized yet"));
+                    return Err(ApiError::new(
+                        ErrorKind::Unavailable,
+                        "cluster not initialized yet",
+                    ));
                 }
                 lookup(&state)
             }
         };
-        let (role, managers) = found.ok_or_else(|| ApiError::not_found(format!("no such node: {node_id}")))?;
+        let (role, managers) =
+            found.ok_or_else(|| ApiError::not_found(format!("no such node: {node_id}")))?;
         self.dispatcher.beat(node_id);
         Ok(HeartbeatAck {
             role,
@@ -423,26 +471,43 @@ impl Member {
             .get(node_id)
             .ok_or_else(|| ApiError::not_found(format!("no such node: {node_id}")))?;
         if n.role != NodeRole::Manager {
-            return Err(ApiError::invalid(format!("node {} is not a manager", n.hostname)));
+            return Err(ApiError::invalid(format!(
+                "node {} is not a manager",
+                n.hostname
+            )));
         }
         let m = node.raft.metrics().borrow().membership_config.clone();
         if m.voter_ids().any(|v| v == n.raft_id) {
             return Ok(());
         }
-        let raft_err = |e: String| ApiError::new(ErrorKind::Unavailable, format!("cannot add {} to raft: {e}", n.hostname));
+        let raft_err = |e: String| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                format!("cannot add {} to raft: {e}", n.hostname),
+            )
+        };
         tokio::time::timeout(
             Duration::from_secs(20),
-            node.raft.add_learner(n.raft_id, BasicNode::new(n.addr.clone()), true),
+            node.raft
+                .add_learner(n.raft_id, BasicNode::new(n.addr.clone()), true),
         )
         .await
         .map_err(|_| raft_err("timed out catching up".into()))?
         .map_err(|e| raft_err(e.to_string()))?;
         let ids: BTreeSet<u64> = [n.raft_id].into();
-        tokio::time::timeout(Duration::from_secs(10), node.raft.change_membership(ChangeMembers::AddVoterIds(ids), false))
-            .await
-            .map_err(|_| raft_err("timed out".into()))?
-            .map_err(|e| raft_err(e.to_string()))?;
-        info!(node = n.hostname, raft_id = n.raft_id, "manager added to raft");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            node.raft
+                .change_membership(ChangeMembers::AddVoterIds(ids), false),
+        )
+        .await
+        .map_err(|_| raft_err("timed out".into()))?
+        .map_err(|e| raft_err(e.to_string()))?;
+        info!(
+            node = n.hostname,
+            raft_id = n.raft_id,
+            "manager added to raft"
+        );
         Ok(())
     }
 
@@ -453,12 +518,20 @@ impl Member {
         }
         let ids: BTreeSet<u64> = [raft_id].into();
         let res = if m.voter_ids().any(|v| v == raft_id) {
-            node.raft.change_membership(ChangeMembers::RemoveVoters(ids), false).await
+            node.raft
+                .change_membership(ChangeMembers::RemoveVoters(ids), false)
+                .await
         } else {
-            node.raft.change_membership(ChangeMembers::RemoveNodes(ids), false).await
+            node.raft
+                .change_membership(ChangeMembers::RemoveNodes(ids), false)
+                .await
         };
-        res.map(|_| ())
-            .map_err(|e| ApiError::new(ErrorKind::Unavailable, format!("cannot change raft membership: {e}")))
+        res.map(|_| ()).map_err(|e| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                format!("cannot change raft membership: {e}"),
+            )
+        })
     }
 
     async fn leader_leave(&self, node: &RaftNode, node_id: &str) -> Result<(), ApiError> {
@@ -468,9 +541,25 @@ impl Member {
         };
         let at = now_secs();
         if n.role == NodeRole::Manager {
-            self.write(node, Command::SetNodeRole { id: n.id.clone(), role: NodeRole::Worker, at }).await?;
+            self.write(
+                node,
+                Command::SetNodeRole {
+                    id: n.id.clone(),
+                    role: NodeRole::Worker,
+                    at,
+                },
+            )
+            .await?;
         }
-        self.write(node, Command::SetNodeState { id: n.id.clone(), state: NodeState::Left, at }).await?;
+        self.write(
+            node,
+            Command::SetNodeState {
+                id: n.id.clone(),
+                state: NodeState::Left,
+                at,
+            },
+        )
+        .await?;
         self.dispatcher.forget(node_id);
         if n.role == NodeRole::Manager {
             self.remove_voter(node, n.raft_id).await?;
@@ -518,34 +607,72 @@ impl Member {
                 v["manager_status"] = json!(self.manager_status(n, leader));
                 Ok(v)
             }
-            Request::NodeUpdate { node: key, availability, label_add, label_rm } => {
-                if let Some(k) = label_add.keys().chain(label_rm.iter()).find(|k| k.is_empty()) {
+            Request::NodeUpdate {
+                node: key,
+                availability,
+                label_add,
+                label_rm,
+            } => {
+                if let Some(k) = label_add
+                    .keys()
+                    .chain(label_rm.iter())
+                    .find(|k| k.is_empty())
+                {
                     return Err(ApiError::invalid(format!("invalid label key: {k:?}")));
                 }
                 let state = self.read(node).await?;
-                let id = state.find_node(&key).map_err(ApiError::not_found)?.id.clone();
-                self.write(node, Command::UpdateNode { id: id.clone(), availability, label_add, label_rm, at: now_secs() })
-                    .await?;
+                let id = state
+                    .find_node(&key)
+                    .map_err(ApiError::not_found)?
+                    .id
+                    .clone();
+                self.write(
+                    node,
+                    Command::UpdateNode {
+                        id: id.clone(),
+                        availability,
+                        label_add,
+                        label_rm,
+                        at: now_secs(),
+                    },
+                )
+                .await?;
                 Ok(json!({ "id": id }))
             }
             Request::NodePromote { node: key } => {
                 let state = self.read(node).await?;
                 let n = state.find_node(&key).map_err(ApiError::not_found)?;
                 if n.role == NodeRole::Manager {
-                    return Ok(json!({ "message": format!("Node {} is already a manager.", n.hostname) }));
+                    return Ok(
+                        json!({ "message": format!("Node {} is already a manager.", n.hostname) }),
+                    );
                 }
                 if n.state != NodeState::Ready {
-                    return Err(ApiError::invalid(format!("node {} is not ready and cannot be promoted", n.hostname)));
+                    return Err(ApiError::invalid(format!(
+                        "node {} is not ready and cannot be promoted",
+                        n.hostname
+                    )));
                 }
-                self.write(node, Command::SetNodeRole { id: n.id.clone(), role: NodeRole::Manager, at: now_secs() })
-                    .await?;
-                Ok(json!({ "message": format!("Node {} promoted to a manager in the swarm.", n.hostname) }))
+                self.write(
+                    node,
+                    Command::SetNodeRole {
+                        id: n.id.clone(),
+                        role: NodeRole::Manager,
+                        at: now_secs(),
+                    },
+                )
+                .await?;
+                Ok(
+                    json!({ "message": format!("Node {} promoted to a manager in the swarm.", n.hostname) }),
+                )
             }
             Request::NodeDemote { node: key } => {
                 let state = self.read(node).await?;
                 let n = state.find_node(&key).map_err(ApiError::not_found)?;
                 if n.role == NodeRole::Worker {
-                    return Ok(json!({ "message": format!("Node {} is already a worker.", n.hostname) }));
+                    return Ok(
+                        json!({ "message": format!("Node {} is already a worker.", n.hostname) }),
+                    );
                 }
                 if state.managers().count() <= 1 {
                     return Err(ApiError::invalid(format!(
@@ -554,7 +681,15 @@ impl Member {
                     )));
                 }
                 let (id, raft_id, name) = (n.id.clone(), n.raft_id, n.hostname.clone());
-                self.write(node, Command::SetNodeRole { id, role: NodeRole::Worker, at: now_secs() }).await?;
+                self.write(
+                    node,
+                    Command::SetNodeRole {
+                        id,
+                        role: NodeRole::Worker,
+                        at: now_secs(),
+                    },
+                )
+                .await?;
                 self.remove_voter(node, raft_id).await?;
                 Ok(json!({ "message": format!("Manager {name} demoted in the swarm.") }))
             }
@@ -574,24 +709,41 @@ impl Member {
                     )));
                 }
                 let id = n.id.clone();
-                self.write(node, Command::RemoveNode { id: id.clone() }).await?;
+                self.write(node, Command::RemoveNode { id: id.clone() })
+                    .await?;
                 self.dispatcher.forget(&id);
                 Ok(json!({ "id": id }))
             }
             Request::JoinToken { role, rotate } => {
                 if rotate {
-                    self.write(node, Command::RotateSecret { role, secret: mesh_ca::new_secret() }).await?;
+                    self.write(
+                        node,
+                        Command::RotateSecret {
+                            role,
+                            secret: mesh_ca::new_secret(),
+                        },
+                    )
+                    .await?;
                 }
                 let state = self.read(node).await?;
-                let c = state.cluster.as_ref().ok_or_else(|| ApiError::internal("cluster not initialized"))?;
-                let digest = RootCa::from_pem(&c.ca_cert_pem, &c.ca_key_pem).map_err(ApiError::internal)?.digest();
+                let c = state
+                    .cluster
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("cluster not initialized"))?;
+                let digest = RootCa::from_pem(&c.ca_cert_pem, &c.ca_key_pem)
+                    .map_err(ApiError::internal)?
+                    .digest();
                 let secret = match role {
                     NodeRole::Worker => &c.worker_secret,
                     NodeRole::Manager => &c.manager_secret,
                 };
-                Ok(json!({ "token": JoinToken::new(&digest, secret).to_string(), "role": role, "rotated": rotate }))
+                Ok(
+                    json!({ "token": JoinToken::new(&digest, secret).to_string(), "role": role, "rotated": rotate }),
+                )
             }
-            other => Err(ApiError::internal(format!("not a management request: {other:?}"))),
+            other => Err(ApiError::internal(format!(
+                "not a management request: {other:?}"
+            ))),
         }
     }
 
@@ -608,7 +760,9 @@ impl Member {
                 _ = shutdown.changed() => return,
             }
             let local = self.local();
-            let req = || PeerRequest::Heartbeat { node_id: local.node_id.clone() };
+            let req = || PeerRequest::Heartbeat {
+                node_id: local.node_id.clone(),
+            };
             let resp = if self.raft().await.is_some() {
                 self.on_leader(req()).await
             } else {
@@ -619,7 +773,9 @@ impl Member {
                     not_found = 0;
                     self.apply_ack(ack).await
                 }
-                PeerResponse::Error(e) if e.kind == ErrorKind::NotFound && not_found < 2 => not_found += 1,
+                PeerResponse::Error(e) if e.kind == ErrorKind::NotFound && not_found < 2 => {
+                    not_found += 1
+                }
                 PeerResponse::Error(e) if e.kind == ErrorKind::NotFound => {
                     warn!("this node was removed from the swarm");
                     let _ = self.events.send(MemberEvent::Removed);
@@ -634,7 +790,9 @@ impl Member {
         let mut last = PeerResponse::Error(ApiError::no_leader());
         for addr in managers {
             match self.call(addr, &req, Duration::from_secs(1)).await {
-                Ok(PeerResponse::Error(e)) if e.kind != ErrorKind::NotFound => last = PeerResponse::Error(e),
+                Ok(PeerResponse::Error(e)) if e.kind != ErrorKind::NotFound => {
+                    last = PeerResponse::Error(e)
+                }
                 Ok(r) => return r,
                 Err(e) => debug!("heartbeat to {addr}: {e}"),
             }
@@ -674,7 +832,9 @@ impl Member {
         }
         self.start_raft(false).await?;
         let local = self.local();
-        let req = PeerRequest::AddVoter { node_id: local.node_id.clone() };
+        let req = PeerRequest::AddVoter {
+            node_id: local.node_id.clone(),
+        };
         // The leader may not be known to a fresh raft instance yet: ask the known managers.
         let mut last = ApiError::no_leader();
         for addr in &local.managers {
@@ -722,23 +882,49 @@ impl Member {
                     s.nodes
                         .values()
                         .filter(|n| n.state != NodeState::Left)
-                        .filter_map(|n| match self.dispatcher.verdict(&n.id, n.state == NodeState::Ready, now) {
-                            Verdict::NowDown => Some((n.id.clone(), NodeState::Down)),
-                            Verdict::NowReady => Some((n.id.clone(), NodeState::Ready)),
-                            _ => None,
+                        .filter_map(|n| {
+                            match self
+                                .dispatcher
+                                .verdict(&n.id, n.state == NodeState::Ready, now)
+                            {
+                                Verdict::NowDown => Some((n.id.clone(), NodeState::Down)),
+                                Verdict::NowReady => Some((n.id.clone(), NodeState::Ready)),
+                                _ => None,
+                            }
                         })
                         .collect()
                 })
                 .await;
             for (id, state) in changes {
-                info!(node = id, ?state, "node status changed (no heartbeat for {DOWN_AFTER:?} means down)");
-                if let Err(e) = self.write(&node, Command::SetNodeState { id, state, at: now_secs() }).await {
+                info!(
+                    node = id,
+                    ?state,
+                    "node status changed (no heartbeat for {DOWN_AFTER:?} means down)"
+                );
+                if let Err(e) = self
+                    .write(
+                        &node,
+                        Command::SetNodeState {
+                            id,
+                            state,
+                            at: now_secs(),
+                        },
+                    )
+                    .await
+                {
                     debug!("writing node state: {e}");
                     break;
                 }
             }
         }
     }
+}
+
+/// Whether `req` is a node's own heartbeat, leave or voter request.
+fn speaks_for_itself(req: &PeerRequest, peer: &str) -> bool {
+    matches!(req,
+        PeerRequest::Heartbeat { node_id } | PeerRequest::Leave { node_id } | PeerRequest::AddVoter { node_id }
+            if node_id == peer)
 }
 
 /// Serves the control port.
@@ -755,30 +941,53 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
             return m.on_leader(PeerRequest::Join(j)).await;
         }
         let Some(peer) = peer else {
-            return PeerResponse::Error(ApiError::new(ErrorKind::PermissionDenied, "a node certificate is required"));
+            return PeerResponse::Error(ApiError::new(
+                ErrorKind::PermissionDenied,
+                "a node certificate is required",
+            ));
         };
         if peer.cluster_id != local.cluster_id {
-            return PeerResponse::Error(ApiError::new(ErrorKind::PermissionDenied, "certificate of another swarm"));
+            return PeerResponse::Error(ApiError::new(
+                ErrorKind::PermissionDenied,
+                "certificate of another swarm",
+            ));
         }
         match req {
             PeerRequest::Raft(r) => {
                 let Some(node) = m.raft().await else {
-                    return PeerResponse::Error(ApiError::new(ErrorKind::Unavailable, "raft is not running on this node"));
+                    return PeerResponse::Error(ApiError::new(
+                        ErrorKind::Unavailable,
+                        "raft is not running on this node",
+                    ));
                 };
                 match r {
-                    RaftRequest::AppendEntries(a) => PeerResponse::AppendEntries(node.raft.append_entries(a).await),
+                    RaftRequest::AppendEntries(a) => {
+                        PeerResponse::AppendEntries(node.raft.append_entries(a).await)
+                    }
                     RaftRequest::Vote(v) => PeerResponse::Vote(node.raft.vote(v).await),
-                    RaftRequest::InstallSnapshot(s) => PeerResponse::InstallSnapshot(node.raft.install_snapshot(s).await),
+                    RaftRequest::InstallSnapshot(s) => {
+                        PeerResponse::InstallSnapshot(node.raft.install_snapshot(s).await)
+                    }
                 }
             }
-            PeerRequest::Heartbeat { ref node_id } | PeerRequest::Leave { ref node_id } | PeerRequest::AddVoter { ref node_id }
+            PeerRequest::Heartbeat { ref node_id }
+            | PeerRequest::Leave { ref node_id }
+            | PeerRequest::AddVoter { ref node_id }
                 if *node_id != peer.node_id =>
             {
-                PeerResponse::Error(ApiError::new(ErrorKind::PermissionDenied, "a node may only speak for itself"))
+                PeerResponse::Error(ApiError::new(
+                    ErrorKind::PermissionDenied,
+                    "a node may only speak for itself",
+                ))
             }
             PeerRequest::Forwarded(inner) => match m.leader().await {
-                _ if !m.is_manager_node(&peer.node_id).await => {
-                    PeerResponse::Error(ApiError::new(ErrorKind::PermissionDenied, "only managers forward requests"))
+                _ if !speaks_for_itself(&inner, &peer.node_id)
+                    && !m.is_manager_node(&peer.node_id).await =>
+                {
+                    PeerResponse::Error(ApiError::new(
+                        ErrorKind::PermissionDenied,
+                        "only managers forward requests",
+                    ))
                 }
                 Ok(Leader::Me(node)) => m.handle_as_leader(&node, *inner).await,
                 Ok(Leader::Other(_)) => PeerResponse::Error(ApiError::no_leader()),
@@ -792,6 +1001,9 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
 impl Member {
     /// Sends `req` straight to the manager at `addr`; true if it was done.
     pub async fn on_leader_via(&self, addr: &str, req: PeerRequest) -> bool {
-        matches!(self.call(addr, &req, Duration::from_secs(5)).await, Ok(PeerResponse::Done))
+        matches!(
+            self.call(addr, &req, Duration::from_secs(5)).await,
+            Ok(PeerResponse::Done)
+        )
     }
 }

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -49,7 +51,9 @@ impl Connection {
         {
             Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&e))),
             Ok(r) => Ok(r),
-            Err(e @ mesh_rpc::RpcError::Connect(..)) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e @ mesh_rpc::RpcError::Connect(..)) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }
@@ -67,7 +71,9 @@ impl RaftNetwork<TypeConfig> for Connection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<RaftId>, RpcErr> {
         match self.send(RaftRequest::AppendEntries(rpc), &option).await? {
-            PeerResponse::AppendEntries(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            PeerResponse::AppendEntries(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             other => Err(self.unexpected(other)),
         }
     }
@@ -77,15 +83,26 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<RaftId>, RpcErr<InstallSnapshotError>> {
-        match self.send(RaftRequest::InstallSnapshot(rpc), &option).await? {
-            PeerResponse::InstallSnapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+        match self
+            .send(RaftRequest::InstallSnapshot(rpc), &option)
+            .await?
+        {
+            PeerResponse::InstallSnapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             other => Err(self.unexpected(other)),
         }
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<RaftId>, option: RPCOption) -> Result<VoteResponse<RaftId>, RpcErr> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<RaftId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<RaftId>, RpcErr> {
         match self.send(RaftRequest::Vote(rpc), &option).await? {
-            PeerResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            PeerResponse::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             other => Err(self.unexpected(other)),
         }
     }

@@ -19,11 +19,17 @@ pub enum PeerRequest {
     /// A node without a certificate asks to join (the only request allowed unauthenticated).
     Join(JoinRequest),
     /// A manager whose Raft instance is running asks the leader to become a voter.
-    AddVoter { node_id: String },
+    AddVoter {
+        node_id: String,
+    },
     Raft(RaftRequest),
-    Heartbeat { node_id: String },
+    Heartbeat {
+        node_id: String,
+    },
     /// A node leaves the swarm.
-    Leave { node_id: String },
+    Leave {
+        node_id: String,
+    },
     /// A management call a follower forwards to the leader.
     Api(mesh_api::Request),
     /// A request a manager forwards to the leader; never forwarded again.
@@ -73,7 +79,9 @@ pub enum PeerResponse {
     Joined(JoinAccept),
     AppendEntries(Result<AppendEntriesResponse<RaftId>, RaftError<RaftId>>),
     Vote(Result<VoteResponse<RaftId>, RaftError<RaftId>>),
-    InstallSnapshot(Result<InstallSnapshotResponse<RaftId>, RaftError<RaftId, InstallSnapshotError>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<RaftId>, RaftError<RaftId, InstallSnapshotError>>,
+    ),
     Heartbeat(HeartbeatAck),
     Api(mesh_api::Response),
     Done,

@@ -11,10 +11,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Written once, by `swarm init`.
-    InitCluster { cluster: Cluster, node: Node },
+    InitCluster {
+        cluster: Cluster,
+        node: Node,
+    },
     /// A node that joined (or re-joined under the same ID).
-    AddNode { node: Node },
-    SetNodeState { id: String, state: NodeState, at: u64 },
+    AddNode {
+        node: Node,
+    },
+    SetNodeState {
+        id: String,
+        state: NodeState,
+        at: u64,
+    },
     UpdateNode {
         id: String,
         availability: Option<Availability>,
@@ -22,9 +31,18 @@ pub enum Command {
         label_rm: Vec<String>,
         at: u64,
     },
-    SetNodeRole { id: String, role: NodeRole, at: u64 },
-    RemoveNode { id: String },
-    RotateSecret { role: NodeRole, secret: String },
+    SetNodeRole {
+        id: String,
+        role: NodeRole,
+        at: u64,
+    },
+    RemoveNode {
+        id: String,
+    },
+    RotateSecret {
+        role: NodeRole,
+        secret: String,
+    },
 }
 
 /// What applying a command returned.
@@ -61,12 +79,13 @@ impl StoreState {
             }
             Command::AddNode { node } => {
                 self.cluster()?;
-                if let Some(other) = self
-                    .nodes
-                    .values()
-                    .find(|n| n.id != node.id && n.role == NodeRole::Manager && n.raft_id == node.raft_id)
-                {
-                    return Err(format!("raft id {} already used by {}", node.raft_id, other.id));
+                if let Some(other) = self.nodes.values().find(|n| {
+                    n.id != node.id && n.role == NodeRole::Manager && n.raft_id == node.raft_id
+                }) {
+                    return Err(format!(
+                        "raft id {} already used by {}",
+                        node.raft_id, other.id
+                    ));
                 }
                 self.nodes.insert(node.id.clone(), node.clone());
             }
@@ -137,9 +156,16 @@ impl StoreState {
             return Ok(by_name[0]);
         }
         if by_name.len() > 1 {
-            return Err(format!("node name {key} is ambiguous ({} matches): use the node ID", by_name.len()));
+            return Err(format!(
+                "node name {key} is ambiguous ({} matches): use the node ID",
+                by_name.len()
+            ));
         }
-        let by_prefix: Vec<&Node> = self.nodes.values().filter(|n| !key.is_empty() && n.id.starts_with(key)).collect();
+        let by_prefix: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| !key.is_empty() && n.id.starts_with(key))
+            .collect();
         match by_prefix.len() {
             1 => Ok(by_prefix[0]),
             0 => Err(format!("no such node: {key}")),
@@ -200,7 +226,10 @@ mod tests {
             cluster: cluster(),
             node: node("x", "x", NodeRole::Manager, 9),
         });
-        assert_eq!(again, CommandResult::Err("cluster already initialized".into()));
+        assert_eq!(
+            again,
+            CommandResult::Err("cluster already initialized".into())
+        );
         assert_eq!(s.nodes.len(), 1);
     }
 
@@ -218,10 +247,16 @@ mod tests {
     fn node_lifecycle() {
         let mut s = initialized();
         assert_eq!(
-            s.apply(&Command::AddNode { node: node("bbb222", "h2", NodeRole::Worker, 2) }),
+            s.apply(&Command::AddNode {
+                node: node("bbb222", "h2", NodeRole::Worker, 2)
+            }),
             CommandResult::Ok
         );
-        s.apply(&Command::SetNodeState { id: "bbb222".into(), state: NodeState::Down, at: 5 });
+        s.apply(&Command::SetNodeState {
+            id: "bbb222".into(),
+            state: NodeState::Down,
+            at: 5,
+        });
         assert_eq!(s.nodes["bbb222"].state, NodeState::Down);
         let mut add = BTreeMap::new();
         add.insert("zone".to_string(), "a".to_string());
@@ -242,11 +277,22 @@ mod tests {
             at: 7,
         });
         assert!(s.nodes["bbb222"].labels.is_empty());
-        s.apply(&Command::SetNodeRole { id: "bbb222".into(), role: NodeRole::Manager, at: 8 });
+        s.apply(&Command::SetNodeRole {
+            id: "bbb222".into(),
+            role: NodeRole::Manager,
+            at: 8,
+        });
         assert_eq!(s.managers().count(), 2);
-        assert_eq!(s.apply(&Command::RemoveNode { id: "bbb222".into() }), CommandResult::Ok);
         assert_eq!(
-            s.apply(&Command::RemoveNode { id: "bbb222".into() }),
+            s.apply(&Command::RemoveNode {
+                id: "bbb222".into()
+            }),
+            CommandResult::Ok
+        );
+        assert_eq!(
+            s.apply(&Command::RemoveNode {
+                id: "bbb222".into()
+            }),
             CommandResult::Err("no such node: bbb222".into())
         );
     }
@@ -254,14 +300,19 @@ mod tests {
     #[test]
     fn raft_ids_are_unique_among_managers() {
         let mut s = initialized();
-        let r = s.apply(&Command::AddNode { node: node("ccc", "h3", NodeRole::Manager, 1) });
+        let r = s.apply(&Command::AddNode {
+            node: node("ccc", "h3", NodeRole::Manager, 1),
+        });
         assert!(matches!(r, CommandResult::Err(_)));
     }
 
     #[test]
     fn rotate_secret_changes_only_that_role() {
         let mut s = initialized();
-        s.apply(&Command::RotateSecret { role: NodeRole::Worker, secret: "w2".into() });
+        s.apply(&Command::RotateSecret {
+            role: NodeRole::Worker,
+            secret: "w2".into(),
+        });
         let c = s.cluster.as_ref().unwrap();
         assert_eq!(c.worker_secret, "w2");
         assert_eq!(c.manager_secret, "m");
@@ -270,7 +321,9 @@ mod tests {
     #[test]
     fn find_node_by_id_name_prefix() {
         let mut s = initialized();
-        s.apply(&Command::AddNode { node: node("aab999", "h2", NodeRole::Worker, 2) });
+        s.apply(&Command::AddNode {
+            node: node("aab999", "h2", NodeRole::Worker, 2),
+        });
         assert_eq!(s.find_node("aaa111").unwrap().hostname, "h1");
         assert_eq!(s.find_node("h2").unwrap().id, "aab999");
         assert_eq!(s.find_node("aaa").unwrap().id, "aaa111");
@@ -281,10 +334,19 @@ mod tests {
     #[test]
     fn same_log_same_state() {
         let cmds = vec![
-            Command::AddNode { node: node("b", "h2", NodeRole::Worker, 2) },
-            Command::SetNodeState { id: "b".into(), state: NodeState::Down, at: 3 },
+            Command::AddNode {
+                node: node("b", "h2", NodeRole::Worker, 2),
+            },
+            Command::SetNodeState {
+                id: "b".into(),
+                state: NodeState::Down,
+                at: 3,
+            },
             Command::RemoveNode { id: "nope".into() },
-            Command::RotateSecret { role: NodeRole::Manager, secret: "m9".into() },
+            Command::RotateSecret {
+                role: NodeRole::Manager,
+                secret: "m9".into(),
+            },
         ];
         let (mut a, mut b) = (initialized(), initialized());
         for c in &cmds {

@@ -5,6 +5,9 @@
 //! The state machine lives in memory ([`StoreState`]) and is rebuilt at start from the last
 //! snapshot plus the committed log after it (openraft re-applies up to the saved commit index).
 
+// openraft's trait signatures fix `StorageError` (224 bytes) as the error type.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -44,7 +47,11 @@ pub enum OpenError {
 }
 
 fn io_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
-    StorageError::from_io_error(ErrorSubject::Store, verb, std::io::Error::other(e.to_string()))
+    StorageError::from_io_error(
+        ErrorSubject::Store,
+        verb,
+        std::io::Error::other(e.to_string()),
+    )
 }
 
 /// A snapshot as stored: its metadata and the serialized [`StoreState`].
@@ -60,8 +67,13 @@ struct Db(Arc<Database>);
 
 impl Db {
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
-        let txn = self.0.begin_read().map_err(|e| io_err(ErrorVerb::Read, e))?;
-        let table = txn.open_table(META).map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let txn = self
+            .0
+            .begin_read()
+            .map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let table = txn
+            .open_table(META)
+            .map_err(|e| io_err(ErrorVerb::Read, e))?;
         let Some(v) = table.get(key).map_err(|e| io_err(ErrorVerb::Read, e))? else {
             return Ok(None);
         };
@@ -72,9 +84,14 @@ impl Db {
 
     fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(value).map_err(|e| io_err(ErrorVerb::Write, e))?;
-        let txn = self.0.begin_write().map_err(|e| io_err(ErrorVerb::Write, e))?;
+        let txn = self
+            .0
+            .begin_write()
+            .map_err(|e| io_err(ErrorVerb::Write, e))?;
         {
-            let mut table = txn.open_table(META).map_err(|e| io_err(ErrorVerb::Write, e))?;
+            let mut table = txn
+                .open_table(META)
+                .map_err(|e| io_err(ErrorVerb::Write, e))?;
             table
                 .insert(key, bytes.as_slice())
                 .map_err(|e| io_err(ErrorVerb::Write, e))?;
@@ -102,10 +119,11 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
         source: e,
     })?;
     let db = Db(Arc::new(db));
-    let snapshot: Option<StoredSnapshot> = db.get_meta(KEY_SNAPSHOT).map_err(|e| OpenError::Corrupt {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let snapshot: Option<StoredSnapshot> =
+        db.get_meta(KEY_SNAPSHOT).map_err(|e| OpenError::Corrupt {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
     let mut sm = SmData::default();
     if let Some(s) = &snapshot {
         sm.state = serde_json::from_slice(&s.data).map_err(|e| OpenError::Corrupt {
@@ -135,8 +153,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let txn = self.db.0.begin_read().map_err(|e| io_err(ErrorVerb::Read, e))?;
-        let table = txn.open_table(LOGS).map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let txn = self
+            .db
+            .0
+            .begin_read()
+            .map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let table = txn
+            .open_table(LOGS)
+            .map_err(|e| io_err(ErrorVerb::Read, e))?;
         let mut out = Vec::new();
         for item in table.range(range).map_err(|e| io_err(ErrorVerb::Read, e))? {
             let (_, v) = item.map_err(|e| io_err(ErrorVerb::Read, e))?;
@@ -151,11 +175,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.db.get_meta(KEY_PURGED)?;
-        let txn = self.db.0.begin_read().map_err(|e| io_err(ErrorVerb::Read, e))?;
-        let table = txn.open_table(LOGS).map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let txn = self
+            .db
+            .0
+            .begin_read()
+            .map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let table = txn
+            .open_table(LOGS)
+            .map_err(|e| io_err(ErrorVerb::Read, e))?;
         let last = match table.last().map_err(|e| io_err(ErrorVerb::Read, e))? {
             Some((_, v)) => {
-                let e: Entry = serde_json::from_slice(v.value()).map_err(|e| io_err(ErrorVerb::Read, e))?;
+                let e: Entry =
+                    serde_json::from_slice(v.value()).map_err(|e| io_err(ErrorVerb::Read, e))?;
                 Some(e.log_id)
             }
             None => last_purged,
@@ -186,14 +217,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.db.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let txn = self.db.0.begin_write().map_err(|e| io_err(ErrorVerb::Write, e))?;
+        let txn = self
+            .db
+            .0
+            .begin_write()
+            .map_err(|e| io_err(ErrorVerb::Write, e))?;
         {
-            let mut table = txn.open_table(LOGS).map_err(|e| io_err(ErrorVerb::Write, e))?;
+            let mut table = txn
+                .open_table(LOGS)
+                .map_err(|e| io_err(ErrorVerb::Write, e))?;
             for entry in entries {
                 let bytes = serde_json::to_vec(&entry).map_err(|e| io_err(ErrorVerb::Write, e))?;
                 table
@@ -201,7 +242,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     .map_err(|e| io_err(ErrorVerb::Write, e))?;
             }
         }
-        let res = txn.commit().map_err(|e| std::io::Error::other(e.to_string()));
+        let res = txn
+            .commit()
+            .map_err(|e| std::io::Error::other(e.to_string()));
         let failed = res.as_ref().err().map(|e| io_err(ErrorVerb::Write, e));
         callback.log_io_completed(res);
         match failed {
@@ -222,9 +265,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 impl LogStore {
     fn delete_range(&self, range: impl RangeBounds<u64>) -> Result<(), StorageError> {
-        let txn = self.db.0.begin_write().map_err(|e| io_err(ErrorVerb::Delete, e))?;
+        let txn = self
+            .db
+            .0
+            .begin_write()
+            .map_err(|e| io_err(ErrorVerb::Delete, e))?;
         {
-            let mut table = txn.open_table(LOGS).map_err(|e| io_err(ErrorVerb::Delete, e))?;
+            let mut table = txn
+                .open_table(LOGS)
+                .map_err(|e| io_err(ErrorVerb::Delete, e))?;
             let keys: Vec<u64> = table
                 .range(range)
                 .map_err(|e| io_err(ErrorVerb::Delete, e))?
@@ -353,7 +402,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: StoreState = serde_json::from_slice(&data).map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let state: StoreState =
+            serde_json::from_slice(&data).map_err(|e| io_err(ErrorVerb::Read, e))?;
         self.db.put_meta(
             KEY_SNAPSHOT,
             &StoredSnapshot {

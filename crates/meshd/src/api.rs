@@ -18,7 +18,8 @@ const MAX_LINE: usize = 1 << 20;
 pub fn serve(path: &Path, daemon: Arc<Daemon>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // We hold the exec-root lock, so any socket file left here is stale.
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(tokio::spawn(async move {
         loop {
@@ -41,7 +42,11 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = match (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
+        let n = match (&mut r)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
@@ -53,7 +58,9 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) {
                 Err(e) => Err(ApiError::invalid(format!("malformed request: {e}"))),
             }
         };
-        let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"Err\":{\"kind\":\"internal\",\"message\":\"unserializable response\"}}".to_vec());
+        let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| {
+            b"{\"Err\":{\"kind\":\"internal\",\"message\":\"unserializable response\"}}".to_vec()
+        });
         out.push(b'\n');
         if w.write_all(&out).await.is_err() {
             return;

@@ -54,7 +54,9 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .with_context(|| format!("invalid --log-level: {}", args.log_level))?;
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -81,11 +83,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     // One daemon per exec-root: the lock dies with the process, also on SIGKILL.
     let lock_path = args.exec_root.join("meshd.lock");
-    let lock = std::fs::File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
-        bail!("another meshd is running with --exec-root {}", args.exec_root.display());
+        bail!(
+            "another meshd is running with --exec-root {}",
+            args.exec_root.display()
+        );
     }
-    std::fs::write(args.exec_root.join("meshd.pid"), format!("{}\n", std::process::id()))?;
+    std::fs::write(
+        args.exec_root.join("meshd.pid"),
+        format!("{}\n", std::process::id()),
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -96,7 +105,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             data_dir: args.data_dir.clone(),
             exec_root: args.exec_root.clone(),
         };
-        let daemon = Daemon::start(cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let daemon = Daemon::start(cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let sock = args.exec_root.join("meshd.sock");
         let server = api::serve(&sock, daemon.clone())?;
         info!(node_name, socket = %sock.display(), "meshd ready");

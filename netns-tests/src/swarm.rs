@@ -1,0 +1,121 @@
+//! Swarm helpers on top of the harness: form a swarm of `meshd`s with the CLI, read `node ls`,
+//! find the leader. They drive only the public CLI, as an operator would.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{wait_for, Cluster, Host};
+
+/// One row of `mesh node ls --format json`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRow {
+    pub id: String,
+    pub hostname: String,
+    pub status: String,
+    pub availability: String,
+    pub manager_status: String,
+    pub is_self: bool,
+}
+
+/// Runs `mesh node ls --format json` on `h`.
+pub fn node_ls(h: &Host) -> Result<Vec<NodeRow>> {
+    let v = h.mesh_json(&["node", "ls"])?;
+    let arr = v
+        .as_array()
+        .context("node ls --format json is not an array")?;
+    let s = |n: &Value, k: &str| n[k].as_str().unwrap_or_default().to_string();
+    Ok(arr
+        .iter()
+        .map(|n| NodeRow {
+            id: s(n, "ID"),
+            hostname: s(n, "Hostname"),
+            status: s(n, "Status"),
+            availability: s(n, "Availability"),
+            manager_status: s(n, "ManagerStatus"),
+            is_self: n["Self"].as_bool().unwrap_or(false),
+        })
+        .collect())
+}
+
+/// The hostname `h` reports as Leader.
+pub fn leader_name(h: &Host) -> Result<Option<String>> {
+    Ok(node_ls(h)?
+        .into_iter()
+        .find(|n| n.manager_status == "Leader")
+        .map(|n| n.hostname))
+}
+
+/// `swarm init` on host 1, then `managers - 1` more managers and the remaining hosts as
+/// workers; waits until every node is Ready and every manager is a Raft voter.
+pub fn form_swarm(c: &Cluster, managers: usize) -> Result<()> {
+    let first = c.host(1);
+    first.mesh_ok(&[
+        "swarm",
+        "init",
+        "--advertise-addr",
+        &first.addr().to_string(),
+    ])?;
+    let worker = first.mesh_ok(&["swarm", "join-token", "-q", "worker"])?;
+    let manager = first.mesh_ok(&["swarm", "join-token", "-q", "manager"])?;
+    let remote = format!("{}:2377", first.addr());
+    for h in &c.hosts()[1..] {
+        let token = if h.index() <= managers {
+            &manager
+        } else {
+            &worker
+        };
+        h.mesh_ok(&[
+            "swarm",
+            "join",
+            "--advertise-addr",
+            &h.addr().to_string(),
+            "--token",
+            token.trim(),
+            &remote,
+        ])?;
+    }
+    let n = c.hosts().len();
+    wait_for(
+        "all nodes ready and managers reachable",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let rows = node_ls(first)?;
+            let ready = rows.iter().filter(|r| r.status == "Ready").count();
+            let mgrs = rows
+                .iter()
+                .filter(|r| matches!(r.manager_status.as_str(), "Leader" | "Reachable"))
+                .count();
+            Ok((rows.len() == n && ready == n && mgrs == managers).then_some(()))
+        },
+    )?;
+    Ok(())
+}
+
+/// The local daemon's `mesh info --format json`.
+pub fn info(h: &Host) -> Result<Value> {
+    h.mesh_json(&["info"])
+}
+
+/// Asserts a CLI call fails and its stderr contains `needle`.
+pub fn expect_err(h: &Host, args: &[&str], needle: &str) -> Result<String> {
+    let out = h.mesh(args)?;
+    if out.success() {
+        bail!(
+            "mesh {args:?} succeeded, expected an error containing {needle:?}: {}",
+            out.stdout
+        );
+    }
+    if !out.stderr.contains(needle) {
+        bail!(
+            "mesh {args:?} failed with {:?}, expected {needle:?}",
+            out.stderr
+        );
+    }
+    if out.stderr.trim().lines().count() != 1 {
+        bail!("mesh {args:?}: error is not one line: {:?}", out.stderr);
+    }
+    Ok(out.stderr)
+}
