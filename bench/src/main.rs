@@ -1,1 +1,57 @@
-fn main() {}
+//! `mesh-bench`: benchmark programs for mesh.
+//!
+//! Usage: `mesh-bench NAME [ARGS...]`, normally through `cargo xtask bench NAME`, which
+//! builds `meshd` and `mesh` in release mode first. Each benchmark runs a real cluster on
+//! the multi-host harness (`mesh-netns`), prints a markdown report to stdout and, unless
+//! `--no-write-docs` is given, rewrites its own section of `docs/benchmarks.md` (between
+//! `<!-- bench:NAME:begin -->` and `<!-- bench:NAME:end -->`).
+//!
+//! Adding a benchmark: write `src/<name>.rs` with a `pub fn run(args: &[String]) ->
+//! anyhow::Result<()>` and a `pub const ABOUT: &str`, declare the module below and add a
+//! line to [`BENCHES`].
+
+mod api;
+mod raft;
+mod report;
+mod stats;
+
+use anyhow::{bail, Result};
+
+/// One benchmark: its name on the command line, a one-line description and its entry point
+/// (which gets the arguments after the name).
+struct Bench {
+    name: &'static str,
+    about: &'static str,
+    run: fn(&[String]) -> Result<()>,
+}
+
+/// All benchmarks, in the order `--help` lists them.
+const BENCHES: &[Bench] = &[Bench {
+    name: "raft",
+    about: raft::ABOUT,
+    run: raft::run,
+}];
+
+fn usage() -> String {
+    let mut s = String::from("usage: mesh-bench NAME [ARGS...]   (or: cargo xtask bench NAME)\n\n");
+    for b in BENCHES {
+        s.push_str(&format!("  {:<8} {}\n", b.name, b.about));
+    }
+    s.push_str("\nRun `mesh-bench NAME --help` for a benchmark's options.");
+    s
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(name) = args.first() else {
+        bail!("no benchmark given\n{}", usage());
+    };
+    if matches!(name.as_str(), "-h" | "--help" | "help") {
+        println!("{}", usage());
+        return Ok(());
+    }
+    match BENCHES.iter().find(|b| b.name == name) {
+        Some(b) => (b.run)(&args[1..]),
+        None => bail!("unknown benchmark {name:?}\n{}", usage()),
+    }
+}

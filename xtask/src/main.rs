@@ -7,6 +7,8 @@
 //!   section of `docs/benchmarks.md`);
 //! - `cargo xtask tidy`: fmt and clippy as CI runs them.
 
+mod demo;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -30,7 +32,7 @@ fn run() -> anyhow::Result<()> {
         "test" => test(&rest),
         "demo" => {
             ensure_packages()?;
-            bail!("demo: not yet")
+            demo::run(rest.iter().any(|a| a == "--keep"))
         }
         "bench" => bench(&rest),
         "tidy" => tidy(),
