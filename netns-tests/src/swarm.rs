@@ -57,6 +57,13 @@ pub fn form_swarm(c: &Cluster, managers: usize) -> Result<()> {
         "--advertise-addr",
         &first.addr().to_string(),
     ])?;
+    join_swarm(c, managers)
+}
+
+/// Joins hosts 2.. to the swarm host 1 initialized: hosts up to `managers` as managers, the
+/// rest as workers; waits until every node is Ready and every manager reachable.
+pub fn join_swarm(c: &Cluster, managers: usize) -> Result<()> {
+    let first = c.host(1);
     let worker = first.mesh_ok(&["swarm", "join-token", "-q", "worker"])?;
     let manager = first.mesh_ok(&["swarm", "join-token", "-q", "manager"])?;
     let remote = format!("{}:2377", first.addr());

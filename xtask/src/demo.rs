@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use mesh_netns::swarm::{form_swarm, leader_name};
+use mesh_netns::swarm::{join_swarm, leader_name};
 use mesh_netns::{wait_for, Cluster, ClusterOpts, Host};
 
 fn show(h: &Host, args: &[&str]) -> Result<()> {
@@ -20,38 +20,77 @@ pub fn run(keep: bool) -> Result<()> {
     if !mesh_netns::require_root()? {
         anyhow::bail!("the demo creates network namespaces: run it as root");
     }
-    println!("== building meshd and mesh, creating 4 simulated hosts (h1..h4) on an underlay bridge");
-    let c = Cluster::new(ClusterOpts { hosts: 4, start_daemons: true, name_hint: "demo" })?;
+    println!(
+        "== building meshd and mesh, creating 4 simulated hosts (h1..h4) on an underlay bridge"
+    );
+    let c = Cluster::new(ClusterOpts {
+        hosts: 4,
+        start_daemons: true,
+        name_hint: "demo",
+    })?;
     let (h1, h2) = (c.host(1), c.host(2));
     println!("== h1 initializes the swarm; h2, h3 join as managers, h4 as a worker");
-    show(h1, &["swarm", "init", "--advertise-addr", &h1.addr().to_string()])?;
-    c.host(1).mesh_ok(&["swarm", "leave", "--force"])?;
-    form_swarm(&c, 3)?;
+    show(
+        h1,
+        &["swarm", "init", "--advertise-addr", &h1.addr().to_string()],
+    )?;
+    join_swarm(&c, 3)?;
     show(h1, &["node", "ls"])?;
     show(c.host(4), &["node", "ls"])?;
 
     let leader = leader_name(h1)?.unwrap_or_default();
-    let lh = c.hosts().iter().find(|h| h.name() == leader).expect("leader host");
-    let survivor = c.hosts()[..3].iter().find(|h| h.name() != leader).expect("survivor");
+    let lh = c
+        .hosts()
+        .iter()
+        .find(|h| h.name() == leader)
+        .expect("leader host");
+    let survivor = c.hosts()[..3]
+        .iter()
+        .find(|h| h.name() != leader)
+        .expect("survivor");
     println!("\n== SIGKILL the leader's meshd ({leader})");
     lh.kill_daemon()?;
     let t0 = Instant::now();
-    let new = wait_for("new leader", Duration::from_secs(15), Duration::from_millis(50), || {
-        Ok(leader_name(survivor).ok().flatten().filter(|l| *l != leader))
-    })?;
-    println!("new leader {new} answering after {:.2} s", t0.elapsed().as_secs_f64());
-    wait_for("old leader Down", Duration::from_secs(10), Duration::from_millis(100), || {
-        let out = survivor.mesh_ok(&["node", "ls"])?;
-        Ok(out.lines().any(|l| l.contains(&leader) && l.contains("Down")).then_some(()))
-    })?;
+    let new = wait_for(
+        "new leader",
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        || {
+            Ok(leader_name(survivor)
+                .ok()
+                .flatten()
+                .filter(|l| *l != leader))
+        },
+    )?;
+    println!(
+        "new leader {new} answering after {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    wait_for(
+        "old leader Down",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let out = survivor.mesh_ok(&["node", "ls"])?;
+            Ok(out
+                .lines()
+                .any(|l| l.contains(&leader) && l.contains("Down"))
+                .then_some(()))
+        },
+    )?;
     show(survivor, &["node", "ls"])?;
 
     println!("\n== restart {leader}: it rejoins from its data dir and catches up");
     lh.start_daemon()?;
-    wait_for("all Ready", Duration::from_secs(20), Duration::from_millis(200), || {
-        let out = survivor.mesh_ok(&["node", "ls"])?;
-        Ok((out.lines().filter(|l| l.contains("Ready")).count() == 4).then_some(()))
-    })?;
+    wait_for(
+        "all Ready",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let out = survivor.mesh_ok(&["node", "ls"])?;
+            Ok((out.lines().filter(|l| l.contains("Ready")).count() == 4).then_some(()))
+        },
+    )?;
     show(lh, &["node", "ls"])?;
     show(h2, &["node", "update", "--label-add", "zone=west", "h4"])?;
     show(h2, &["swarm", "join-token", "worker"])?;

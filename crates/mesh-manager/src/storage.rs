@@ -437,9 +437,12 @@ mod tests {
     struct Builder;
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
-        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
             let dir = tempfile::tempdir().map_err(|e| io_err(ErrorVerb::Write, e))?;
-            let (log, sm) = open(&dir.path().join("raft.redb")).map_err(|e| io_err(ErrorVerb::Read, e))?;
+            let (log, sm) =
+                open(&dir.path().join("raft.redb")).map_err(|e| io_err(ErrorVerb::Read, e))?;
             Ok((dir, log, sm))
         }
     }
@@ -477,7 +480,8 @@ mod tests {
             {
                 let mut t = txn.open_table(LOGS).unwrap();
                 for e in &entries {
-                    t.insert(e.log_id.index, serde_json::to_vec(e).unwrap().as_slice()).unwrap();
+                    t.insert(e.log_id.index, serde_json::to_vec(e).unwrap().as_slice())
+                        .unwrap();
                 }
             }
             txn.commit().unwrap();
