@@ -178,6 +178,22 @@ fn three_managers_survive_leader_loss_and_report_quorum_loss() -> Result<()> {
             Ok((rows.iter().filter(|r| r.status == "Ready").count() == 4).then_some(()))
         },
     )?;
+
+    // A worker cut off the underlay goes Down; healed, it is Ready again.
+    c.host(4).cut_link()?;
+    wait_for(
+        "partitioned worker Down",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || Ok(status_of(keep, "h4")?.filter(|(s, _)| s == "Down")),
+    )?;
+    c.host(4).heal_link()?;
+    wait_for(
+        "healed worker Ready",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || Ok(status_of(keep, "h4")?.filter(|(s, _)| s == "Ready")),
+    )?;
     Ok(())
 }
 
@@ -389,5 +405,52 @@ fn tokens_are_checked_and_nodes_are_managed() -> Result<()> {
         || Ok(status_of(h1, "h2")?.filter(|(s, _)| s == "Ready")),
     )?;
     ensure!(info(h2)?["role"] == "worker");
+    Ok(())
+}
+
+/// Garbage on the local API socket gets an error answer; the connection and the daemon live on.
+#[test]
+fn malformed_api_requests_get_clear_errors() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(c) = cluster(1, "api")? else {
+        return Ok(());
+    };
+    let h = c.host(1);
+    let mut s = std::os::unix::net::UnixStream::connect(h.socket())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    for bad in [
+        "not json",
+        "{\"method\":\"no_such_method\"}",
+        "{\"method\":\"node_rm\",\"params\":{}}",
+        "\u{0}\u{1}",
+    ] {
+        writeln!(s, "{bad}")?;
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        ensure!(
+            line.contains("\"Err\"") && line.contains("malformed request"),
+            "{bad:?} -> {line}"
+        );
+    }
+    writeln!(s, "{{\"method\":\"version\"}}")?;
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    ensure!(line.contains("\"Ok\""), "{line}");
+    // Invalid flags and values are refused by the CLI with one line.
+    let out = h.mesh(&["swarm", "init", "--advertise-addr", "not-an-ip"])?;
+    ensure!(
+        !out.success() && out.stderr.contains("invalid address"),
+        "{}",
+        out.stderr
+    );
+    let out = h.mesh(&["swarm", "init", "--advertise-addr", "127.0.0.1"])?;
+    ensure!(
+        !out.success() && out.stderr.contains("non-loopback"),
+        "{}",
+        out.stderr
+    );
+    ensure!(h.daemon_running());
+    h.mesh_ok(&["version"])?;
     Ok(())
 }
