@@ -13,6 +13,7 @@
 mod api;
 mod raft;
 mod report;
+mod scheduler;
 mod stats;
 
 use anyhow::{bail, Result};
@@ -26,11 +27,35 @@ struct Bench {
 }
 
 /// All benchmarks, in the order `--help` lists them.
-const BENCHES: &[Bench] = &[Bench {
-    name: "raft",
-    about: raft::ABOUT,
-    run: raft::run,
-}];
+const BENCHES: &[Bench] = &[
+    Bench {
+        name: "raft",
+        about: raft::ABOUT,
+        run: raft::run,
+    },
+    Bench {
+        name: "scheduler",
+        about: scheduler::ABOUT,
+        run: run_scheduler,
+    },
+];
+
+/// The scheduler benchmark returns its report; print it and keep it in docs/benchmarks.md
+/// (unless `--no-write-docs`).
+fn run_scheduler(args: &[String]) -> Result<()> {
+    let write = !args.iter().any(|a| a == "--no-write-docs");
+    let args: Vec<String> = args
+        .iter()
+        .filter(|a| *a != "--no-write-docs")
+        .cloned()
+        .collect();
+    let text = scheduler::run(&args)?;
+    println!("{text}");
+    if write && !args.iter().any(|a| a == "--help" || a == "-h") {
+        report::write_section("scheduler", &text)?;
+    }
+    Ok(())
+}
 
 fn usage() -> String {
     let mut s = String::from("usage: mesh-bench NAME [ARGS...]   (or: cargo xtask bench NAME)\n\n");

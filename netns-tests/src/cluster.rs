@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::cgroups::{sweep_cgroup_subtree, CGROUP_ROOT, SWEEP_TIMEOUT};
 use crate::host::{ns_exec, read_tail, Host, EXEC_TIMEOUT};
 use crate::process::{describe, output_with_timeout};
 
@@ -363,7 +364,17 @@ impl Drop for Cluster {
                 }
             });
         }
-        // 3. Directories.
+        // 3. Task cgroups (tasks died with their shims, killed above; this
+        //    kills anything left and removes each host's cgroup subtree).
+        for h in &self.hosts {
+            best_effort(|| {
+                let root = Path::new(CGROUP_ROOT);
+                if let Err(e) = sweep_cgroup_subtree(root, h.cgroup_parent(), SWEEP_TIMEOUT) {
+                    eprintln!("mesh-netns: cleanup: {e:#}");
+                }
+            });
+        }
+        // 4. Directories.
         best_effort(|| {
             if std::env::var_os("MESH_KEEP_LOGS").is_some() {
                 eprintln!(

@@ -73,6 +73,7 @@ pub struct Host {
     pub(crate) data_dir: PathBuf,
     pub(crate) exec_root: PathBuf,
     pub(crate) log_path: PathBuf,
+    pub(crate) cgroup_parent: String,
     daemon: Mutex<DaemonState>,
 }
 
@@ -87,6 +88,7 @@ impl Host {
         exec_root: PathBuf,
         log_path: PathBuf,
     ) -> Host {
+        let cgroup_parent = format!("mesh-{ns}");
         Host {
             index,
             name: format!("h{index}"),
@@ -96,6 +98,7 @@ impl Host {
             data_dir,
             exec_root,
             log_path,
+            cgroup_parent,
             daemon: Mutex::new(DaemonState::default()),
         }
     }
@@ -140,6 +143,12 @@ impl Host {
         &self.log_path
     }
 
+    /// The daemon's `--cgroup-parent`, `mesh-<prefix>-h<i>` (unique per
+    /// host; removed in every hierarchy when the cluster is dropped).
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
     /// The name of this host's cable end (`v<i>`) in the underlay namespace.
     pub fn underlay_port(&self) -> String {
         format!("v{}", self.index)
@@ -150,9 +159,9 @@ impl Host {
     }
 
     /// Starts meshd in the namespace: `ip netns exec <ns> <meshd> --node-name
-    /// h<i> --data-dir D --exec-root E --log-level debug`, output appended to
-    /// [`Host::log_path`], and waits (max [`DAEMON_READY_TIMEOUT`]) until the
-    /// API socket accepts connections.
+    /// h<i> --data-dir D --exec-root E --cgroup-parent mesh-<ns> --log-level
+    /// debug`, output appended to [`Host::log_path`], and waits (max
+    /// [`DAEMON_READY_TIMEOUT`]) until the API socket accepts connections.
     pub fn start_daemon(&self) -> Result<()> {
         self.start_daemon_with(&[])
     }
@@ -233,6 +242,7 @@ impl Host {
             .arg(&self.data_dir)
             .arg("--exec-root")
             .arg(&self.exec_root)
+            .args(["--cgroup-parent", &self.cgroup_parent])
             .args(["--log-level", "debug"])
             .args(&extra_args);
         if std::env::var_os("RUST_BACKTRACE").is_none() {

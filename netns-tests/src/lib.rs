@@ -26,6 +26,7 @@
 //! `MESH_KEEP_LOGS` set, the log directory is kept and its path printed.
 
 mod binaries;
+mod cgroups;
 mod cluster;
 mod host;
 mod process;

@@ -191,6 +191,9 @@ fn daemon_lifecycle_with_fake_meshd() {
     assert!(log.contains("--node-name"), "{log}");
     assert!(log.contains("h1"), "{log}");
     assert!(log.contains("--extra"), "{log}");
+    let cgroup_arg = format!("--cgroup-parent {}", h1.cgroup_parent());
+    assert!(log.contains(&cgroup_arg), "{log}");
+    assert_ne!(h1.cgroup_parent(), cluster.host(2).cgroup_parent());
 
     // Double start is refused and leaves the daemon alone.
     let err = h1.start_daemon_bin(&fake, vec![]).unwrap_err();

@@ -9,6 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::objects::{Availability, NodeRole};
+use crate::service::{FailureAction, RestartCondition, ServiceSpec};
 
 /// A request to the local daemon.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +54,61 @@ pub enum Request {
         node: String,
         force: bool,
     },
+    ServiceCreate {
+        spec: ServiceSpec,
+    },
+    ServiceLs,
+    ServicePs {
+        service: String,
+    },
+    ServiceInspect {
+        service: String,
+    },
+    ServiceScale {
+        service: String,
+        replicas: u64,
+    },
+    ServiceUpdate {
+        service: String,
+        update: ServiceUpdate,
+    },
+    ServiceRollback {
+        service: String,
+    },
+    ServiceRm {
+        service: String,
+    },
+    ServiceLogs {
+        service: String,
+        max_bytes: usize,
+    },
+    /// Runs a command inside a task running on this node.
+    Exec {
+        task: String,
+        argv: Vec<String>,
+    },
+}
+
+/// The changes of `service update`; `None`/empty fields stay as they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceUpdate {
+    pub replicas: Option<u64>,
+    pub command: Option<Vec<String>>,
+    pub env_add: Vec<String>,
+    pub env_rm: Vec<String>,
+    pub constraint_add: Vec<String>,
+    pub constraint_rm: Vec<String>,
+    pub restart_condition: Option<RestartCondition>,
+    pub restart_delay_ms: Option<u64>,
+    pub restart_max_attempts: Option<u64>,
+    pub update_parallelism: Option<u64>,
+    pub update_delay_ms: Option<u64>,
+    pub update_failure_action: Option<FailureAction>,
+    pub update_monitor_ms: Option<u64>,
+    pub nano_cpus: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    /// Replace the tasks even if the spec did not change.
+    pub force: bool,
 }
 
 impl Request {
@@ -66,6 +122,7 @@ impl Request {
                 | Request::SwarmInit { .. }
                 | Request::SwarmJoin { .. }
                 | Request::SwarmLeave { .. }
+                | Request::Exec { .. }
         )
     }
 }

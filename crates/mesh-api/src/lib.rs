@@ -7,6 +7,8 @@
 
 pub mod api;
 pub mod objects;
+pub mod service;
 
-pub use api::{ApiError, ErrorKind, Request, Response};
+pub use api::{ApiError, ErrorKind, Request, Response, ServiceUpdate};
 pub use objects::*;
+pub use service::*;

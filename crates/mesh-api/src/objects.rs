@@ -107,6 +107,9 @@ pub struct Node {
     /// Raft member ID, used while the node is a manager.
     pub raft_id: u64,
     pub labels: BTreeMap<String, String>,
+    /// What the node offers to tasks (`nano_cpus` = CPUs × 1e9, `memory_bytes`); 0: unknown.
+    #[serde(default)]
+    pub resources: crate::service::Resources,
     /// Unix time (seconds) of creation and of the last change.
     pub created_at: u64,
     pub updated_at: u64,

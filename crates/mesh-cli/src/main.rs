@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod service;
 mod table;
 
 use std::collections::BTreeMap;
@@ -46,17 +47,27 @@ enum Cmd {
     /// Manage swarm nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Manage services.
+    #[command(subcommand)]
+    Service(Box<service::ServiceCmd>),
+    /// Run a command inside a task running on this node.
+    Exec {
+        /// Task ID, or name such as web.1.
+        task: String,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Args, Debug)]
-struct FormatArg {
+pub struct FormatArg {
     /// Output format: `table` or `json`.
     #[arg(long, default_value = "table")]
-    format: Format,
+    pub format: Format,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum Format {
+pub enum Format {
     Table,
     Json,
 }
@@ -160,7 +171,8 @@ enum NodeCmd {
 }
 
 /// A failure to report: one line, then exit 1.
-struct Failure(String);
+#[derive(Debug)]
+pub struct Failure(pub String);
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Self {
@@ -168,7 +180,7 @@ impl<E: std::fmt::Display> From<E> for Failure {
     }
 }
 
-type Result<T> = std::result::Result<T, Failure>;
+pub type Result<T> = std::result::Result<T, Failure>;
 
 fn main() {
     let cli = Cli::parse();
@@ -200,6 +212,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Swarm(s) => swarm(&c, s)?,
         Cmd::Node(n) => node(&c, n)?,
+        Cmd::Service(s) => service::run(&c, *s)?,
+        Cmd::Exec { task, command } => {
+            let status = service::exec(&c, task, command)?;
+            std::process::exit(status);
+        }
     }
     Ok(())
 }

@@ -13,20 +13,24 @@ use serde_json::json;
 use tokio::sync::{mpsc, Mutex, RwLock};
 use tracing::{info, warn};
 
+use crate::agent::Agent;
 use crate::local::{self, LocalState};
 use crate::member::{now_secs, Member, MemberEvent};
 use crate::peer::{JoinRequest, PeerRequest, PeerResponse};
+use crate::runtime::Runtime;
 use crate::state::Command;
 
 /// Default control port, as Swarm's.
 pub const DEFAULT_CONTROL_PORT: u16 = 2377;
 
 /// Static settings of a daemon.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DaemonConfig {
     pub node_name: String,
     pub data_dir: PathBuf,
     pub exec_root: PathBuf,
+    /// Runs the tasks assigned to this node.
+    pub runtime: Arc<dyn Runtime>,
 }
 
 /// The daemon core.
@@ -67,6 +71,7 @@ impl Daemon {
                 listener,
                 false,
                 daemon.events.clone(),
+                daemon.new_agent(),
             )
             .await?;
             *daemon.member.write().await = Some(member);
@@ -85,6 +90,64 @@ impl Daemon {
             }
         });
         Ok(daemon)
+    }
+
+    fn new_agent(&self) -> Arc<Agent> {
+        Agent::new(self.cfg.runtime.clone(), self.cfg.node_name.clone())
+    }
+
+    /// Runs a command inside a task on this node (`mesh exec`). TASK is a task ID (or unique
+    /// prefix), a full task name (`web.1.<id>`) or a short one (`web.1`).
+    async fn exec(&self, task: String, argv: Vec<String>) -> Response {
+        if argv.is_empty() {
+            return Err(ApiError::invalid("exec needs a command"));
+        }
+        let member = self.member().await.ok_or_else(ApiError::not_in_swarm)?;
+        let assigned = member.agent.assigned_tasks();
+        let rt = self.cfg.runtime.clone();
+        let local: Vec<String> = tokio::task::spawn_blocking(move || {
+            rt.list()
+                .into_iter()
+                .filter(|(_, s)| matches!(s, crate::runtime::RunState::Running { .. }))
+                .map(|(id, _)| id)
+                .collect()
+        })
+        .await
+        .map_err(ApiError::internal)?;
+        let matches: Vec<&String> = local
+            .iter()
+            .filter(|id| {
+                **id == task
+                    || id.starts_with(&task)
+                    || assigned
+                        .iter()
+                        .any(|t| t.id == **id && (t.name() == task || t.short_name() == task))
+            })
+            .collect();
+        let id = match matches.as_slice() {
+            [one] => (*one).clone(),
+            [] => {
+                return Err(ApiError::not_found(format!(
+                    "no such task running on this node: {task}"
+                )))
+            }
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "task {task} is ambiguous ({} matches)",
+                    matches.len()
+                )))
+            }
+        };
+        let rt = self.cfg.runtime.clone();
+        let r = tokio::task::spawn_blocking(move || rt.exec(&id, &argv, Duration::from_secs(300)))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))?;
+        Ok(json!({
+            "status": r.status,
+            "stdout": String::from_utf8_lossy(&r.stdout),
+            "stderr": String::from_utf8_lossy(&r.stderr),
+        }))
     }
 
     /// Stops the member runtime, keeping the state for the next start.
@@ -116,6 +179,7 @@ impl Daemon {
                 listen_addr,
             } => self.join(token, remote, advertise_addr, listen_addr).await,
             Request::SwarmLeave { force } => self.leave(force).await,
+            Request::Exec { task, argv } => self.exec(task, argv).await,
             req => self.management(req).await,
         }
     }
@@ -249,6 +313,7 @@ impl Daemon {
             listener,
             true,
             self.events.clone(),
+            self.new_agent(),
         )
         .await?;
         let now = now_secs();
@@ -269,6 +334,7 @@ impl Daemon {
             addr: advertise.to_string(),
             raft_id,
             labels: Default::default(),
+            resources: local::machine_resources(),
             created_at: now,
             updated_at: now,
         };
@@ -332,6 +398,7 @@ impl Daemon {
             csr_pem: key.csr_pem().map_err(ApiError::internal)?,
             hostname: self.cfg.node_name.clone(),
             addr: advertise.to_string(),
+            resources: local::machine_resources(),
         });
         let resp: PeerResponse = mesh_rpc::call_once(&remote, tls, &req, Duration::from_secs(20))
             .await
@@ -387,6 +454,7 @@ impl Daemon {
             listener,
             false,
             self.events.clone(),
+            self.new_agent(),
         )
         .await?;
         if accept.role == NodeRole::Manager {

@@ -11,13 +11,17 @@
 //! **Architecture Invariant**: nothing here touches the kernel's network configuration
 //! (no netlink, no nftables, no BPF); the control plane only decides and records.
 
+pub mod agent;
 pub mod daemon;
 pub mod dispatcher;
 pub mod local;
 pub mod member;
 pub mod network;
+pub mod orchestrator;
 pub mod peer;
 pub mod raft_types;
+pub mod runtime;
+pub mod services;
 pub mod state;
 pub mod storage;
 

@@ -178,6 +178,29 @@ pub fn default_advertise_ip() -> Result<IpAddr, String> {
     }
 }
 
+/// This machine's CPUs and memory, as the scheduler counts them.
+pub fn machine_resources() -> mesh_api::Resources {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
+    let mem_kb = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
+        })
+        .unwrap_or(0);
+    mesh_api::Resources {
+        nano_cpus: cpus * 1_000_000_000,
+        memory_bytes: mem_kb * 1024,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,20 +19,25 @@ use serde_json::json;
 use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
 
+use crate::agent::{assigned_to, digest, now_ms, Agent, POLL_HOLD};
 use crate::dispatcher::{Dispatcher, Verdict, DOWN_AFTER, HEARTBEAT_PERIOD};
 use crate::local::LocalState;
 use crate::network::Network;
+use crate::orchestrator::Orchestrator;
 use crate::peer::{HeartbeatAck, JoinAccept, JoinRequest, PeerRequest, PeerResponse, RaftRequest};
 use crate::raft_types::Raft;
+use crate::services;
 use crate::state::{Command, CommandResult, StoreState};
 use crate::storage::{self, StateMachineStore};
 
 /// How long a management call waits for a leader or a commit before saying there is none.
-const LEADER_WAIT: Duration = Duration::from_secs(2);
+const LEADER_WAIT: Duration = Duration::from_secs(4);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(4);
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A leader that has not heard from a quorum for this long does not answer.
 const QUORUM_STALE_MS: u64 = 1500;
+/// Connections per peer for forwarded calls.
+const POOL: usize = 4;
 
 pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
@@ -47,8 +52,8 @@ pub fn raft_config() -> Arc<Config> {
     let cfg = Config {
         cluster_name: "mesh".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
         install_snapshot_timeout: 5000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
         max_in_snapshot_log_to_keep: 1000,
@@ -86,8 +91,11 @@ pub(crate) struct Member {
     dispatcher: Dispatcher,
     shutdown: watch::Sender<bool>,
     clients: StdMutex<HashMap<String, mesh_rpc::Client>>,
+    next_client: std::sync::atomic::AtomicUsize,
     events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
     tasks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub agent: Arc<Agent>,
+    orchestrator: tokio::sync::Mutex<Orchestrator>,
 }
 
 impl Member {
@@ -99,6 +107,7 @@ impl Member {
         listener: tokio::net::TcpListener,
         init: bool,
         events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
+        agent: Arc<Agent>,
     ) -> Result<Arc<Member>, ApiError> {
         let tls = NodeTls {
             ca_cert_pem: local.ca_cert_pem.clone(),
@@ -117,8 +126,11 @@ impl Member {
             dispatcher: Dispatcher::default(),
             shutdown,
             clients: StdMutex::new(HashMap::new()),
+            next_client: std::sync::atomic::AtomicUsize::new(0),
             events,
             tasks: StdMutex::new(Vec::new()),
+            agent: agent.clone(),
+            orchestrator: tokio::sync::Mutex::new(Orchestrator::default()),
         });
         if is_manager {
             member.start_raft(init).await?;
@@ -129,7 +141,16 @@ impl Member {
         let serve = tokio::spawn(mesh_rpc::serve(listener, server_tls, handler, shutdown_rx));
         let hb = tokio::spawn(member.clone().heartbeat_loop());
         let mon = tokio::spawn(member.clone().monitor_loop());
-        member.tasks_lock().extend([serve, hb, mon]);
+        let orch = tokio::spawn(member.clone().orchestrator_loop());
+        let poll = tokio::spawn(
+            agent
+                .clone()
+                .poll_loop(member.clone(), member.shutdown.subscribe()),
+        );
+        let rec = tokio::spawn(agent.reconcile_loop(member.clone(), member.shutdown.subscribe()));
+        member
+            .tasks_lock()
+            .extend([serve, hb, mon, orch, poll, rec]);
         Ok(member)
     }
 
@@ -226,9 +247,18 @@ impl Member {
         }
     }
 
+    /// One of [`POOL`] persistent connections to `addr`, round robin, so that concurrent
+    /// calls (forwarded management calls, log requests) do not queue behind each other.
     fn client(&self, addr: &str) -> mesh_rpc::Client {
+        let n = self
+            .next_client
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.pooled(&format!("{addr}#{}", n % POOL), addr)
+    }
+
+    fn pooled(&self, key: &str, addr: &str) -> mesh_rpc::Client {
         let mut g = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        g.entry(addr.to_string())
+        g.entry(key.to_string())
             .or_insert_with(|| mesh_rpc::Client::new(addr.to_string(), self.client_tls.clone()))
             .clone()
     }
@@ -240,6 +270,92 @@ impl Member {
         timeout: Duration,
     ) -> Result<PeerResponse, mesh_rpc::RpcError> {
         self.client(addr).call(req, timeout).await
+    }
+
+    /// Forwards to the leader. Long polls get a connection of their own, so that they never
+    /// hold up the other calls this manager forwards.
+    async fn forward(
+        &self,
+        addr: &str,
+        req: &PeerRequest,
+    ) -> Result<PeerResponse, mesh_rpc::RpcError> {
+        let long = matches!(req, PeerRequest::Forwarded(r) if matches!(**r, PeerRequest::Assignments { .. }));
+        if long {
+            mesh_rpc::call_once(addr, self.client_tls.clone(), req, FORWARD_TIMEOUT).await
+        } else {
+            self.call(addr, req, FORWARD_TIMEOUT).await
+        }
+    }
+
+    /// Sends `req` to the leader: through Raft's view on a manager, through the known
+    /// managers on a worker.
+    pub async fn to_leader(self: &Arc<Self>, req: PeerRequest) -> PeerResponse {
+        if self.raft().await.is_some() {
+            return self.on_leader(req).await;
+        }
+        let managers = self.local().managers;
+        let mut last = PeerResponse::Error(ApiError::no_leader());
+        for addr in &managers {
+            match self.call(addr, &req, FORWARD_TIMEOUT).await {
+                Ok(PeerResponse::Error(e))
+                    if e.kind == ErrorKind::NoLeader || e.kind == ErrorKind::NotManager =>
+                {
+                    last = PeerResponse::Error(e)
+                }
+                Ok(r) => return r,
+                Err(e) => debug!("to leader via {addr}: {e}"),
+            }
+        }
+        last
+    }
+
+    /// The agent's long poll: on a dedicated connection (`client`), to the leader if this node
+    /// manages, else to a manager that forwards it.
+    pub async fn to_leader_polling(
+        self: &Arc<Self>,
+        req: PeerRequest,
+        client: &mut Option<mesh_rpc::Client>,
+    ) -> PeerResponse {
+        let timeout = POLL_HOLD + Duration::from_secs(5);
+        let (addr, req) = match self.raft().await {
+            Some(_) => match self.leader().await {
+                Ok(Leader::Me(node)) => return self.handle_as_leader(&node, req).await,
+                Ok(Leader::Other(addr)) => (addr, PeerRequest::Forwarded(Box::new(req))),
+                Err(e) => return PeerResponse::Error(e),
+            },
+            None => {
+                let managers = self.local().managers;
+                let pick = match client {
+                    Some(c) if managers.iter().any(|m| m == c.addr()) => c.addr().to_string(),
+                    _ => match managers.first() {
+                        Some(m) => m.clone(),
+                        None => return PeerResponse::Error(ApiError::no_leader()),
+                    },
+                };
+                (pick, req)
+            }
+        };
+        if client.as_ref().is_none_or(|c| c.addr() != addr) {
+            *client = Some(mesh_rpc::Client::new(addr.clone(), self.client_tls.clone()));
+        }
+        let Some(c) = client.as_ref() else {
+            return PeerResponse::Error(ApiError::no_leader());
+        };
+        match c.call(&req, timeout).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!("assignments poll via {addr}: {e}");
+                // Next time, try another manager.
+                let managers = self.local().managers;
+                if let Some(i) = managers.iter().position(|m| *m == addr) {
+                    if let Some(next) = managers.get((i + 1) % managers.len()) {
+                        *client =
+                            Some(mesh_rpc::Client::new(next.clone(), self.client_tls.clone()));
+                    }
+                }
+                PeerResponse::Error(ApiError::no_leader())
+            }
+        }
     }
 
     /// Finds the leader, waiting up to [`LEADER_WAIT`] for an election to finish.
@@ -298,7 +414,7 @@ impl Member {
                     };
                     return self.handle_as_leader(&node, *req).await;
                 }
-                Ok(Leader::Other(addr)) => match self.call(&addr, &fwd, FORWARD_TIMEOUT).await {
+                Ok(Leader::Other(addr)) => match self.forward(&addr, &fwd).await {
                     Ok(PeerResponse::Error(e)) if e.kind == ErrorKind::NoLeader => {
                         debug!("leader {addr} says it does not lead");
                     }
@@ -330,6 +446,16 @@ impl Member {
                 .await
                 .map(|_| PeerResponse::Done),
             PeerRequest::Api(req) => Ok(PeerResponse::Api(self.leader_api(node, req).await)),
+            PeerRequest::Assignments { node_id, known } => {
+                Ok(self.leader_assignments(node, &node_id, known).await)
+            }
+            PeerRequest::TaskStatus { node_id, updates } => self
+                .leader_task_status(node, &node_id, updates)
+                .await
+                .map(|_| PeerResponse::Done),
+            PeerRequest::TaskLogs { .. } => Err(ApiError::internal(
+                "task logs are asked of nodes, not the leader",
+            )),
             PeerRequest::Raft(_) | PeerRequest::Forwarded(_) => {
                 Err(ApiError::internal("request cannot run on the leader"))
             }
@@ -414,6 +540,7 @@ impl Member {
             addr: j.addr,
             raft_id,
             labels: BTreeMap::new(),
+            resources: j.resources,
             created_at: now,
             updated_at: now,
         };
@@ -741,6 +868,102 @@ impl Member {
                     json!({ "token": JoinToken::new(&digest, secret).to_string(), "role": role, "rotated": rotate }),
                 )
             }
+            Request::ServiceCreate { spec } => {
+                let state = self.read(node).await?;
+                services::validate_spec(&spec, &state)?;
+                if state.services.values().any(|s| s.spec.name == spec.name) {
+                    return Err(services::conflict(&spec.name));
+                }
+                let now = now_secs();
+                let svc = mesh_api::Service {
+                    id: mesh_ca::new_secret(),
+                    spec,
+                    previous_spec: None,
+                    version: 1,
+                    created_at: now,
+                    updated_at: now,
+                    update_status: None,
+                };
+                let id = svc.id.clone();
+                self.write(node, Command::CreateService { service: svc })
+                    .await?;
+                Ok(json!({ "id": id }))
+            }
+            Request::ServiceLs => Ok(json!(services::ls(&self.read(node).await?))),
+            Request::ServicePs { service } => {
+                let state = self.read(node).await?;
+                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let now = now_ms();
+                let rows: Vec<serde_json::Value> = services::ps(&state, svc)
+                    .into_iter()
+                    .map(|(row, ts)| {
+                        let mut v = json!(row);
+                        v["age_ms"] = json!(now.saturating_sub(ts));
+                        v
+                    })
+                    .collect();
+                Ok(json!(rows))
+            }
+            Request::ServiceInspect { service } => {
+                let state = self.read(node).await?;
+                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                Ok(services::inspect(&state, svc))
+            }
+            Request::ServiceScale { service, replicas } => {
+                let state = self.read(node).await?;
+                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                if svc.spec.mode == mesh_api::ServiceMode::Global {
+                    return Err(ApiError::invalid(format!(
+                        "{}: scale can only be used with replicated mode",
+                        svc.spec.name
+                    )));
+                }
+                let u = mesh_api::ServiceUpdate {
+                    replicas: Some(replicas),
+                    ..Default::default()
+                };
+                let spec = services::apply_update(&svc.spec, &u)?;
+                let next = services::updated(svc, spec, false, now_secs());
+                self.write(node, Command::UpdateService { service: next })
+                    .await?;
+                Ok(json!({ "id": svc.id }))
+            }
+            Request::ServiceUpdate { service, update } => {
+                let state = self.read(node).await?;
+                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let spec = services::apply_update(&svc.spec, &update)?;
+                services::validate_spec(&spec, &state)?;
+                let next = services::updated(svc, spec, update.force, now_secs());
+                let rollout = next.version != svc.version;
+                self.write(node, Command::UpdateService { service: next })
+                    .await?;
+                Ok(json!({ "id": svc.id, "rollout": rollout }))
+            }
+            Request::ServiceRollback { service } => {
+                let state = self.read(node).await?;
+                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let next = services::rolled_back(svc, now_secs())?;
+                self.write(node, Command::UpdateService { service: next })
+                    .await?;
+                Ok(json!({ "id": svc.id }))
+            }
+            Request::ServiceRm { service } => {
+                let state = self.read(node).await?;
+                let id = state
+                    .find_service(&service)
+                    .map_err(ApiError::not_found)?
+                    .id
+                    .clone();
+                self.write(node, Command::RemoveService { id: id.clone() })
+                    .await?;
+                Ok(json!({ "id": id }))
+            }
+            Request::ServiceLogs { service, max_bytes } => {
+                let state = self.read(node).await?;
+                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let lines = self.gather_logs(&state, &svc.id, max_bytes).await;
+                Ok(json!({ "lines": lines }))
+            }
             other => Err(ApiError::internal(format!(
                 "not a management request: {other:?}"
             ))),
@@ -789,7 +1012,8 @@ impl Member {
     async fn heartbeat_any_manager(&self, managers: &[String], req: PeerRequest) -> PeerResponse {
         let mut last = PeerResponse::Error(ApiError::no_leader());
         for addr in managers {
-            match self.call(addr, &req, Duration::from_secs(1)).await {
+            let hb = self.pooled(&format!("{addr}#heartbeat"), addr);
+            match hb.call(&req, Duration::from_secs(1)).await {
                 Ok(PeerResponse::Error(e)) if e.kind != ErrorKind::NotFound => {
                     last = PeerResponse::Error(e)
                 }
@@ -923,7 +1147,11 @@ impl Member {
 /// Whether `req` is a node's own heartbeat, leave or voter request.
 fn speaks_for_itself(req: &PeerRequest, peer: &str) -> bool {
     matches!(req,
-        PeerRequest::Heartbeat { node_id } | PeerRequest::Leave { node_id } | PeerRequest::AddVoter { node_id }
+        PeerRequest::Heartbeat { node_id }
+        | PeerRequest::Leave { node_id }
+        | PeerRequest::AddVoter { node_id }
+        | PeerRequest::Assignments { node_id, .. }
+        | PeerRequest::TaskStatus { node_id, .. }
             if node_id == peer)
 }
 
@@ -970,9 +1198,23 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
                     }
                 }
             }
+            PeerRequest::TaskLogs {
+                task_ids,
+                max_bytes,
+            } => {
+                if !m.is_manager_node(&peer.node_id).await && peer.role != mesh_ca::Role::Manager {
+                    return PeerResponse::Error(ApiError::new(
+                        ErrorKind::PermissionDenied,
+                        "only managers ask for logs",
+                    ));
+                }
+                PeerResponse::TaskLogs(m.agent.logs(task_ids, max_bytes).await)
+            }
             PeerRequest::Heartbeat { ref node_id }
             | PeerRequest::Leave { ref node_id }
             | PeerRequest::AddVoter { ref node_id }
+            | PeerRequest::Assignments { ref node_id, .. }
+            | PeerRequest::TaskStatus { ref node_id, .. }
                 if *node_id != peer.node_id =>
             {
                 PeerResponse::Error(ApiError::new(
@@ -1005,5 +1247,152 @@ impl Member {
             self.call(addr, &req, Duration::from_secs(5)).await,
             Ok(PeerResponse::Done)
         )
+    }
+}
+
+impl Member {
+    /// Answers a node's long poll: its assignment set, once it differs from what the node knows
+    /// or after [`POLL_HOLD`].
+    async fn leader_assignments(&self, node: &RaftNode, node_id: &str, known: u64) -> PeerResponse {
+        let mut rx = node.sm.subscribe();
+        let deadline = tokio::time::Instant::now() + POLL_HOLD;
+        loop {
+            let tasks = node
+                .sm
+                .with_state(|s| assigned_to(s.tasks.values(), node_id))
+                .await;
+            let d = digest(&tasks);
+            if d != known || tokio::time::Instant::now() >= deadline {
+                return PeerResponse::Assignments { digest: d, tasks };
+            }
+            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+        }
+    }
+
+    /// Takes a node's task reports; only for tasks placed on that node.
+    async fn leader_task_status(
+        &self,
+        node: &RaftNode,
+        node_id: &str,
+        updates: Vec<(String, mesh_api::TaskStatus)>,
+    ) -> Result<(), ApiError> {
+        let updates: Vec<_> = node
+            .sm
+            .with_state(|s| {
+                updates
+                    .into_iter()
+                    .filter(|(id, st)| {
+                        s.tasks
+                            .get(id)
+                            .is_some_and(|t| t.node_id == node_id && st.state > t.status.state)
+                    })
+                    .collect()
+            })
+            .await;
+        if updates.is_empty() {
+            return Ok(());
+        }
+        self.write(node, Command::UpdateTaskStatus { updates })
+            .await
+    }
+
+    /// While this manager leads: run the orchestrator after every change and on a short tick.
+    async fn orchestrator_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let Some(node) = self.raft().await else {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            };
+            let mut changes = node.sm.subscribe();
+            let leading = {
+                let m = node.raft.metrics();
+                let m = m.borrow();
+                m.state == ServerState::Leader && m.current_leader == Some(node.raft_id)
+            };
+            if leading {
+                let state = node.sm.state().await;
+                let cmds = self.orchestrator.lock().await.plan(&state, now_ms());
+                if !cmds.is_empty() {
+                    if let Err(e) = self.write(&node, Command::Batch { commands: cmds }).await {
+                        debug!("orchestrator write: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+impl Member {
+    /// Collects the logs of a service's tasks from the nodes that ran them, as
+    /// `name@node | line` lines (stdout, then stderr, per task).
+    async fn gather_logs(
+        &self,
+        state: &StoreState,
+        service_id: &str,
+        max_bytes: usize,
+    ) -> Vec<String> {
+        let mut by_node: BTreeMap<String, Vec<&mesh_api::Task>> = BTreeMap::new();
+        for t in state
+            .service_tasks(service_id)
+            .filter(|t| !t.node_id.is_empty())
+        {
+            by_node.entry(t.node_id.clone()).or_default().push(t);
+        }
+        let me = self.local().node_id;
+        let mut lines = Vec::new();
+        for (node_id, mut tasks) in by_node {
+            tasks.sort_by_key(|t| (t.slot, t.created_at));
+            let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+            let host = state
+                .nodes
+                .get(&node_id)
+                .map(|n| n.hostname.clone())
+                .unwrap_or_else(|| node_id.clone());
+            let logs = if node_id == me {
+                self.agent.logs(ids, max_bytes).await
+            } else {
+                let Some(addr) = state.nodes.get(&node_id).map(|n| n.addr.clone()) else {
+                    continue;
+                };
+                let req = PeerRequest::TaskLogs {
+                    task_ids: ids,
+                    max_bytes,
+                };
+                match self.call(&addr, &req, Duration::from_secs(10)).await {
+                    Ok(PeerResponse::TaskLogs(l)) => l,
+                    Ok(other) => {
+                        lines.push(format!("error from {host}: cannot get logs: {other:?}"));
+                        continue;
+                    }
+                    Err(e) => {
+                        lines.push(format!("error from {host}: cannot get logs: {e}"));
+                        continue;
+                    }
+                }
+            };
+            for (t, log) in tasks.iter().zip(logs) {
+                let prefix = format!("{}@{}", t.name(), host);
+                if let Some(e) = log.error {
+                    debug!("logs of {}: {e}", t.id);
+                    continue;
+                }
+                let out = String::from_utf8_lossy(&log.stdout).into_owned();
+                let err = String::from_utf8_lossy(&log.stderr).into_owned();
+                for l in out.lines().chain(err.lines()) {
+                    lines.push(format!("{prefix}    | {l}"));
+                }
+            }
+        }
+        lines
     }
 }

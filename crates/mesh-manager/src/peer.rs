@@ -32,6 +32,22 @@ pub enum PeerRequest {
     },
     /// A management call a follower forwards to the leader.
     Api(mesh_api::Request),
+    /// A node's long poll for the tasks assigned to it: answered at once if the set differs
+    /// from `known` (a digest), else when it changes or after a few seconds.
+    Assignments {
+        node_id: String,
+        known: u64,
+    },
+    /// A node reports the states of its tasks.
+    TaskStatus {
+        node_id: String,
+        updates: Vec<(String, mesh_api::TaskStatus)>,
+    },
+    /// A manager asks a node for the logs of some of its tasks.
+    TaskLogs {
+        task_ids: Vec<String>,
+        max_bytes: usize,
+    },
     /// A request a manager forwards to the leader; never forwarded again.
     Forwarded(Box<PeerRequest>),
 }
@@ -43,6 +59,9 @@ pub struct JoinRequest {
     pub hostname: String,
     /// The control address (`IP:PORT`) the node advertises.
     pub addr: String,
+    /// What the node can give tasks.
+    #[serde(default)]
+    pub resources: mesh_api::Resources,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -85,5 +104,19 @@ pub enum PeerResponse {
     Heartbeat(HeartbeatAck),
     Api(mesh_api::Response),
     Done,
+    Assignments {
+        digest: u64,
+        tasks: Vec<mesh_api::Task>,
+    },
+    TaskLogs(Vec<TaskLog>),
     Error(ApiError),
+}
+
+/// The logs of one task, as its node keeps them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskLog {
+    pub task_id: String,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub error: Option<String>,
 }

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use mesh_api::{Availability, Cluster, Node, NodeRole, NodeState};
+use mesh_api::{
+    Availability, Cluster, Node, NodeRole, NodeState, Service, Task, TaskState, TaskStatus,
+    UpdateStatus,
+};
 use serde::{Deserialize, Serialize};
 
 /// A change to the cluster state, proposed by the leader.
@@ -43,6 +46,54 @@ pub enum Command {
         role: NodeRole,
         secret: String,
     },
+    /// A new service (its name must be unused).
+    CreateService {
+        service: Service,
+    },
+    /// Replaces a service's spec, version and update status.
+    UpdateService {
+        service: Service,
+    },
+    /// Deletes a service; its tasks are asked to go away (desired state Remove).
+    RemoveService {
+        id: String,
+    },
+    SetUpdateStatus {
+        service_id: String,
+        status: Option<UpdateStatus>,
+    },
+    CreateTasks {
+        tasks: Vec<Task>,
+    },
+    /// Scheduler decisions: a node for each task (state Assigned), or why none fits.
+    AssignTasks {
+        assignments: Vec<Assignment>,
+    },
+    /// Desired states only move forward; a lower one is ignored.
+    SetDesiredState {
+        ids: Vec<String>,
+        desired: TaskState,
+    },
+    /// Observed states only move forward; an update to an earlier state is ignored.
+    UpdateTaskStatus {
+        updates: Vec<(String, TaskStatus)>,
+    },
+    DeleteTasks {
+        ids: Vec<String>,
+    },
+    /// Several commands in one log entry, applied in order (the orchestrator's plan).
+    Batch {
+        commands: Vec<Command>,
+    },
+}
+
+/// One scheduling decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task_id: String,
+    /// The chosen node, or `None` when no node fits (the task stays Pending with `status`).
+    pub node_id: Option<String>,
+    pub status: TaskStatus,
 }
 
 /// What applying a command returned.
@@ -57,6 +108,10 @@ pub enum CommandResult {
 pub struct StoreState {
     pub cluster: Option<Cluster>,
     pub nodes: BTreeMap<String, Node>,
+    #[serde(default)]
+    pub services: BTreeMap<String, Service>,
+    #[serde(default)]
+    pub tasks: BTreeMap<String, Task>,
 }
 
 impl StoreState {
@@ -130,8 +185,135 @@ impl StoreState {
                     NodeRole::Manager => c.manager_secret = secret.clone(),
                 }
             }
+            Command::CreateService { service } => {
+                self.cluster()?;
+                if self
+                    .services
+                    .values()
+                    .any(|s| s.spec.name == service.spec.name)
+                {
+                    return Err(format!("service {} already exists", service.spec.name));
+                }
+                if self.services.contains_key(&service.id) {
+                    return Err(format!("service id {} already exists", service.id));
+                }
+                self.services.insert(service.id.clone(), service.clone());
+            }
+            Command::UpdateService { service } => {
+                let cur = self
+                    .services
+                    .get_mut(&service.id)
+                    .ok_or_else(|| format!("no such service: {}", service.id))?;
+                if service.version < cur.version {
+                    return Err(format!(
+                        "update out of sequence for service {}",
+                        cur.spec.name
+                    ));
+                }
+                *cur = service.clone();
+            }
+            Command::RemoveService { id } => {
+                self.services
+                    .remove(id)
+                    .ok_or_else(|| format!("no such service: {id}"))?;
+                for t in self.tasks.values_mut().filter(|t| t.service_id == *id) {
+                    t.desired_state = t.desired_state.max(TaskState::Remove);
+                }
+            }
+            Command::SetUpdateStatus { service_id, status } => {
+                let s = self
+                    .services
+                    .get_mut(service_id)
+                    .ok_or_else(|| format!("no such service: {service_id}"))?;
+                s.update_status = status.clone();
+            }
+            Command::CreateTasks { tasks } => {
+                for t in tasks {
+                    if !self.services.contains_key(&t.service_id) {
+                        return Err(format!("no such service: {}", t.service_id));
+                    }
+                }
+                for t in tasks {
+                    self.tasks.entry(t.id.clone()).or_insert_with(|| t.clone());
+                }
+            }
+            Command::AssignTasks { assignments } => {
+                for a in assignments {
+                    let Some(t) = self.tasks.get_mut(&a.task_id) else {
+                        continue;
+                    };
+                    if t.status.state > TaskState::Pending {
+                        continue;
+                    }
+                    if let Some(n) = &a.node_id {
+                        t.node_id = n.clone();
+                    }
+                    if a.status.state >= t.status.state {
+                        t.status = a.status.clone();
+                    }
+                }
+            }
+            Command::SetDesiredState { ids, desired } => {
+                for id in ids {
+                    if let Some(t) = self.tasks.get_mut(id) {
+                        t.desired_state = t.desired_state.max(*desired);
+                    }
+                }
+            }
+            Command::UpdateTaskStatus { updates } => {
+                for (id, st) in updates {
+                    if let Some(t) = self.tasks.get_mut(id) {
+                        if st.state > t.status.state {
+                            t.status = st.clone();
+                        }
+                    }
+                }
+            }
+            Command::DeleteTasks { ids } => {
+                for id in ids {
+                    self.tasks.remove(id);
+                }
+            }
+            Command::Batch { commands } => {
+                let mut first_err = None;
+                for c in commands {
+                    if let Err(e) = self.try_apply(c) {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                if let Some(e) = first_err {
+                    return Err(e);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Finds a service by ID, unique ID prefix or name.
+    pub fn find_service(&self, key: &str) -> Result<&Service, String> {
+        if let Some(s) = self.services.get(key) {
+            return Ok(s);
+        }
+        if let Some(s) = self.services.values().find(|s| s.spec.name == key) {
+            return Ok(s);
+        }
+        let by_prefix: Vec<&Service> = self
+            .services
+            .values()
+            .filter(|s| !key.is_empty() && s.id.starts_with(key))
+            .collect();
+        match by_prefix.len() {
+            1 => Ok(by_prefix[0]),
+            0 => Err(format!("no such service: {key}")),
+            n => Err(format!("service {key} is ambiguous ({n} matches)")),
+        }
+    }
+
+    /// The tasks of a service.
+    pub fn service_tasks<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
+        self.tasks
+            .values()
+            .filter(move |t| t.service_id == service_id)
     }
 
     fn cluster(&self) -> Result<&Cluster, String> {
@@ -193,6 +375,7 @@ mod tests {
             addr: "10.0.0.1:2377".into(),
             raft_id,
             labels: BTreeMap::new(),
+            resources: Default::default(),
             created_at: 1,
             updated_at: 1,
         }

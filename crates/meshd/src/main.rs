@@ -2,6 +2,7 @@
 //! the local API socket and wires it to the daemon core in `mesh-manager`.
 
 mod api;
+mod runtime;
 
 use std::path::PathBuf;
 
@@ -29,6 +30,9 @@ struct Args {
     /// Runtime state: the API socket, namespace handles, pid files.
     #[arg(long, default_value = "/run/mesh")]
     exec_root: PathBuf,
+    /// Name of this daemon's cgroup subtree (tasks go below it), unique per meshd on a machine.
+    #[arg(long, default_value = "mesh")]
+    cgroup_parent: String,
     /// error, warn, info, debug or trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -65,6 +69,8 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
 }
 
 fn main() {
+    // A task shim is meshd re-executed: it must not parse meshd's flags.
+    mesh_executor::shim_main_if_requested();
     let args = Args::parse();
     if let Err(e) = run(args) {
         eprintln!("meshd: {e:#}");
@@ -100,10 +106,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let executor = mesh_executor::Executor::new(mesh_executor::ExecutorConfig {
+            exec_root: args.exec_root.clone(),
+            cgroup_parent: args.cgroup_parent.clone(),
+            shim_exe: None,
+        })
+        .map_err(|e| anyhow::anyhow!("cannot set up the task executor: {e}"))?;
         let cfg = DaemonConfig {
             node_name: node_name.clone(),
             data_dir: args.data_dir.clone(),
             exec_root: args.exec_root.clone(),
+            runtime: std::sync::Arc::new(runtime::ExecRuntime(executor)),
         };
         let daemon = Daemon::start(cfg)
             .await

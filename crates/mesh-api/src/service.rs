@@ -1,0 +1,331 @@
+//! Services and tasks, as the replicated store keeps them and `service inspect` / `service ps`
+//! show them. A service is a desired state; tasks are its units of work, one per slot
+//! (replicated) or per node (global), whose state only moves forward.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// How many tasks a service wants.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    Replicated { replicas: u64 },
+    Global,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    #[default]
+    Vip,
+    Dnsrr,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartCondition {
+    #[default]
+    Any,
+    OnFailure,
+    None,
+}
+
+impl FromStr for RestartCondition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "any" => Ok(Self::Any),
+            "on-failure" => Ok(Self::OnFailure),
+            "none" => Ok(Self::None),
+            _ => Err(format!(
+                "invalid restart condition: {s} (expected any, on-failure or none)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    pub condition: RestartCondition,
+    pub delay_ms: u64,
+    /// 0: unlimited.
+    pub max_attempts: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            condition: RestartCondition::Any,
+            delay_ms: 5000,
+            max_attempts: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    #[default]
+    Pause,
+    Continue,
+    Rollback,
+}
+
+impl FromStr for FailureAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pause" => Ok(Self::Pause),
+            "continue" => Ok(Self::Continue),
+            "rollback" => Ok(Self::Rollback),
+            _ => Err(format!(
+                "invalid failure action: {s} (expected pause, continue or rollback)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateConfig {
+    pub parallelism: u64,
+    pub delay_ms: u64,
+    pub failure_action: FailureAction,
+    /// How long a new task must keep running to count as a success.
+    pub monitor_ms: u64,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig {
+            parallelism: 1,
+            delay_ms: 0,
+            failure_action: FailureAction::Pause,
+            monitor_ms: 2000,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU limit in 1e-9 CPUs (0: none).
+    pub nano_cpus: u64,
+    /// Memory limit in bytes (0: none).
+    pub memory_bytes: u64,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    #[default]
+    Ingress,
+    Host,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortConfig {
+    pub protocol: Protocol,
+    pub target: u16,
+    /// 0 until allocated when omitted.
+    pub published: u16,
+    pub mode: PublishMode,
+}
+
+/// What a user asks for in `service create` / `service update`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub mode: ServiceMode,
+    pub command: Vec<String>,
+    /// `K=V` entries.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub networks: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    #[serde(default)]
+    pub update: UpdateConfig,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where a rolling update stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    Updating,
+    Paused,
+    Completed,
+    RollbackStarted,
+    RollbackPaused,
+    RollbackCompleted,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStatus {
+    pub state: UpdateState,
+    pub started_at: u64,
+    pub message: String,
+}
+
+/// A service as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    pub spec: ServiceSpec,
+    /// The spec before the last update, for `service rollback`.
+    pub previous_spec: Option<ServiceSpec>,
+    /// Bumped by every spec change; tasks carry the version they run.
+    pub version: u64,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub update_status: Option<UpdateStatus>,
+}
+
+/// Task states, in the only order they may move in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    New,
+    Pending,
+    Assigned,
+    Accepted,
+    Preparing,
+    Ready,
+    Starting,
+    Running,
+    Complete,
+    Shutdown,
+    Failed,
+    Rejected,
+    Remove,
+    Orphaned,
+}
+
+impl TaskState {
+    /// Whether the task has finished (no process runs for it any more).
+    pub fn is_terminal(self) -> bool {
+        self >= TaskState::Complete
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mut c = s.chars();
+        match c.next() {
+            Some(first) => write!(f, "{}{}", first.to_ascii_uppercase(), c.as_str()),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub state: TaskState,
+    /// Unix time in milliseconds of the last state change.
+    pub timestamp_ms: u64,
+    pub message: String,
+    pub err: String,
+    pub exit_code: Option<i32>,
+}
+
+/// A unit of work: one copy of a service's command on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub service_id: String,
+    pub service_name: String,
+    /// 1-based slot of a replicated service; 0 for global tasks.
+    pub slot: u64,
+    /// Empty until scheduled.
+    pub node_id: String,
+    /// The service version whose spec this task runs.
+    pub version: u64,
+    pub spec: ServiceSpec,
+    pub desired_state: TaskState,
+    pub status: TaskStatus,
+    pub created_at: u64,
+}
+
+impl Task {
+    /// `web.1.<id>` for replicated tasks, `web.<node>.<id>` for global ones, as Docker names them.
+    pub fn name(&self) -> String {
+        if self.slot > 0 {
+            format!("{}.{}.{}", self.service_name, self.slot, self.id)
+        } else {
+            format!("{}.{}.{}", self.service_name, self.node_id, self.id)
+        }
+    }
+
+    /// `web.1`, or `web.<node>` for global tasks: the name `service ps` shows.
+    pub fn short_name(&self) -> String {
+        if self.slot > 0 {
+            format!("{}.{}", self.service_name, self.slot)
+        } else {
+            format!("{}.{}", self.service_name, self.node_id)
+        }
+    }
+}
+
+/// One row of `mesh service ps`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSummary {
+    pub id: String,
+    pub name: String,
+    pub node: String,
+    pub desired_state: String,
+    pub current_state: String,
+    pub error: String,
+    /// Whether an older task of the same slot (shown as `\_ name` in the table).
+    pub is_history: bool,
+}
+
+/// One row of `mesh service ls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub id: String,
+    pub name: String,
+    pub mode: String,
+    pub running: u64,
+    pub desired: u64,
+    pub ports: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_only_move_forward_in_declared_order() {
+        assert!(TaskState::New < TaskState::Pending);
+        assert!(TaskState::Running < TaskState::Complete);
+        assert!(!TaskState::Running.is_terminal() && TaskState::Failed.is_terminal());
+        assert_eq!(TaskState::Running.to_string(), "Running");
+        assert_eq!(TaskState::New.to_string(), "New");
+    }
+}

@@ -1,0 +1,419 @@
+//! Setup of a forked child before `exec`: a task (new network, UTS and
+//! mount namespaces, hostname, private `/etc/resolv.conf`, `lo` up, cgroups)
+//! or an `exec` process (joining a running task's namespaces and cgroups).
+//!
+//! Everything (paths, strings, file descriptors) is prepared before the
+//! fork; the `pre_exec` hooks make only async-signal-safe syscalls and never
+//! allocate. A failing step is reported through std's CLOEXEC error pipe as
+//! the error code `(step << 16) | errno`; [`decode_spawn_error`] turns that
+//! (or a plain `exec` errno) into a readable error.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Where the task's resolv.conf is bind-mounted.
+const RESOLV_TARGET: &std::ffi::CStr = c"/etc/resolv.conf";
+/// The loopback interface name.
+const LOOPBACK: &[u8] = b"lo";
+/// Error codes at or above `1 << STEP_SHIFT` encode a setup step.
+const STEP_SHIFT: i32 = 16;
+
+/// Errors of preparing a child and of its spawn.
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    /// `execvp` found no such program.
+    #[error("command not found: {0}")]
+    NotFound(String),
+    /// The program exists but may not be executed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// `exec` failed otherwise.
+    #[error("cannot execute {program}: {source}")]
+    Exec { program: String, source: io::Error },
+    /// A setup step in the child failed.
+    #[error("{step} failed: {source}")]
+    Setup {
+        step: &'static str,
+        source: io::Error,
+    },
+    /// A file needed by the child could not be opened.
+    #[error("cannot open {}: {source}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    /// A path contains a NUL byte.
+    #[error("path {} contains a NUL byte", path.display())]
+    NulInPath { path: PathBuf },
+}
+
+/// The setup steps, numbered for the error pipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    ParentDeathSignal = 1,
+    JoinCgroup = 2,
+    Unshare = 3,
+    SetHostname = 4,
+    MakePrivate = 5,
+    BindResolvConf = 6,
+    LoopbackSocket = 7,
+    LoopbackUp = 8,
+    JoinNetNs = 9,
+    JoinUtsNs = 10,
+    JoinMountNs = 11,
+}
+
+impl Step {
+    const ALL: [Step; 11] = [
+        Step::ParentDeathSignal,
+        Step::JoinCgroup,
+        Step::Unshare,
+        Step::SetHostname,
+        Step::MakePrivate,
+        Step::BindResolvConf,
+        Step::LoopbackSocket,
+        Step::LoopbackUp,
+        Step::JoinNetNs,
+        Step::JoinUtsNs,
+        Step::JoinMountNs,
+    ];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Step::ParentDeathSignal => "setting the parent-death signal",
+            Step::JoinCgroup => "joining the task's cgroups",
+            Step::Unshare => "creating network, uts and mount namespaces",
+            Step::SetHostname => "setting the hostname",
+            Step::MakePrivate => "making mounts private",
+            Step::BindResolvConf => "bind-mounting /etc/resolv.conf",
+            Step::LoopbackSocket => "opening a socket to configure lo",
+            Step::LoopbackUp => "bringing lo up",
+            Step::JoinNetNs => "joining the task's network namespace",
+            Step::JoinUtsNs => "joining the task's uts namespace",
+            Step::JoinMountNs => "joining the task's mount namespace",
+        }
+    }
+}
+
+/// The current thread's errno (async-signal-safe).
+fn errno() -> i32 {
+    // SAFETY: __errno_location always returns a valid pointer to the
+    // calling thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+/// The error for a failed step, with the current errno. No allocation.
+fn step_error(step: Step) -> io::Error {
+    step_error_with(step, errno())
+}
+
+fn step_error_with(step: Step, errno: i32) -> io::Error {
+    io::Error::from_raw_os_error(((step as i32) << STEP_SHIFT) | (errno & 0xffff))
+}
+
+/// Turns the error of `Command::spawn` (for `program`) into a [`ChildError`].
+pub fn decode_spawn_error(err: io::Error, program: &str) -> ChildError {
+    match err.raw_os_error() {
+        Some(code) if code >> STEP_SHIFT != 0 => {
+            let step = Step::ALL
+                .iter()
+                .copied()
+                .find(|s| *s as i32 == code >> STEP_SHIFT);
+            ChildError::Setup {
+                step: step.map_or("child setup", Step::describe),
+                source: io::Error::from_raw_os_error(code & 0xffff),
+            }
+        }
+        Some(libc::ENOENT) => ChildError::NotFound(program.to_string()),
+        Some(libc::EACCES) => ChildError::PermissionDenied(program.to_string()),
+        _ => ChildError::Exec {
+            program: program.to_string(),
+            source: err,
+        },
+    }
+}
+
+fn cstring(path: &Path) -> Result<CString, ChildError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| ChildError::NulInPath {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Opens `<dir>/cgroup.procs` of each cgroup for writing (close-on-exec).
+pub fn open_cgroup_procs(dirs: &[PathBuf]) -> Result<Vec<OwnedFd>, ChildError> {
+    dirs.iter()
+        .map(|d| {
+            let path = d.join("cgroup.procs");
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map(OwnedFd::from)
+                .map_err(|source| ChildError::Open { path, source })
+        })
+        .collect()
+}
+
+/// Opens a file for appending (created if missing), for a child's output.
+pub fn open_log(path: &Path) -> Result<File, ChildError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| ChildError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// A `Command` for `argv` with exactly `env`, stdin from `/dev/null`, cwd
+/// `/`.
+fn base_command(argv: &[String], env: &[(String, String)]) -> Command {
+    // Callers reject an empty argv; an empty program would fail with ENOENT.
+    let (program, args) = argv
+        .split_first()
+        .map_or(("", &[][..]), |(p, a)| (p.as_str(), a));
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .current_dir("/");
+    cmd
+}
+
+/// Writes "0" (the calling process) to each pre-opened `cgroup.procs`.
+fn join_cgroups(fds: &[OwnedFd]) -> io::Result<()> {
+    for fd in fds {
+        // SAFETY: writes one byte from a static buffer to an open fd.
+        let n = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(step_error(Step::JoinCgroup));
+        }
+    }
+    Ok(())
+}
+
+/// Arms SIGKILL on the death of `parent` (the forking process) and checks
+/// it did not die before that.
+fn die_with_parent(parent: libc::pid_t) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(step_error(Step::ParentDeathSignal));
+    }
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != parent {
+        return Err(step_error_with(Step::ParentDeathSignal, libc::ESRCH));
+    }
+    Ok(())
+}
+
+/// Sets IFF_UP on `lo` in the current network namespace.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket() with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(step_error(Step::LoopbackSocket));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(LOOPBACK) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: fd is an open socket and ifr a valid, NUL-terminated ifreq
+    // that outlives both calls; SIOC[GS]IFFLAGS read/write ifru_flags.
+    let res = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            Err(step_error(Step::LoopbackUp))
+        } else {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) != 0 {
+                Err(step_error(Step::LoopbackUp))
+            } else {
+                Ok(())
+            }
+        }
+    };
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    res
+}
+
+/// What a task child needs, prepared before the fork.
+struct TaskSetup {
+    parent: libc::pid_t,
+    cgroup_procs: Vec<OwnedFd>,
+    hostname: Vec<u8>,
+    resolv_src: CString,
+}
+
+impl TaskSetup {
+    /// Runs in the forked child: async-signal-safe calls only.
+    fn run(&self) -> io::Result<()> {
+        die_with_parent(self.parent)?;
+        join_cgroups(&self.cgroup_procs)?;
+        // SAFETY: unshare with constant flags.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWNS) }
+            != 0
+        {
+            return Err(step_error(Step::Unshare));
+        }
+        // SAFETY: pointer and length describe the owned hostname buffer.
+        if unsafe { libc::sethostname(self.hostname.as_ptr().cast(), self.hostname.len()) } != 0 {
+            return Err(step_error(Step::SetHostname));
+        }
+        // SAFETY: "/" is a static NUL-terminated string; null source, type
+        // and data are allowed for a propagation change.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(step_error(Step::MakePrivate));
+        }
+        // SAFETY: both paths are NUL-terminated strings that outlive the
+        // call; type and data may be null for MS_BIND.
+        let rc = unsafe {
+            libc::mount(
+                self.resolv_src.as_ptr(),
+                RESOLV_TARGET.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(step_error(Step::BindResolvConf));
+        }
+        loopback_up()
+    }
+}
+
+/// The task's command: `argv` with exactly `env`, stdin from /dev/null,
+/// stdout/stderr appended to the given files; in the child it joins the
+/// cgroups, gets new network/UTS/mount namespaces, `hostname`,
+/// `resolv_conf` bind-mounted on `/etc/resolv.conf` and `lo` up, and dies
+/// with the calling process (PR_SET_PDEATHSIG).
+pub fn task_command(
+    argv: &[String],
+    env: &[(String, String)],
+    hostname: &str,
+    resolv_conf: &Path,
+    cgroups: &[PathBuf],
+    stdout: File,
+    stderr: File,
+) -> Result<Command, ChildError> {
+    let setup = TaskSetup {
+        // SAFETY: getpid has no preconditions.
+        parent: unsafe { libc::getpid() },
+        cgroup_procs: open_cgroup_procs(cgroups)?,
+        hostname: hostname.as_bytes().to_vec(),
+        resolv_src: cstring(resolv_conf)?,
+    };
+    let mut cmd = base_command(argv, env);
+    cmd.stdout(stdout).stderr(stderr);
+    // SAFETY: the hook only makes async-signal-safe syscalls on data
+    // prepared before the fork, and does not allocate.
+    unsafe { cmd.pre_exec(move || setup.run()) };
+    Ok(cmd)
+}
+
+/// What an exec child needs, prepared before the fork.
+struct JoinSetup {
+    parent: libc::pid_t,
+    cgroup_procs: Vec<OwnedFd>,
+    net: OwnedFd,
+    uts: OwnedFd,
+    mnt: OwnedFd,
+}
+
+impl JoinSetup {
+    /// Runs in the forked child: async-signal-safe calls only.
+    fn run(&self) -> io::Result<()> {
+        die_with_parent(self.parent)?;
+        join_cgroups(&self.cgroup_procs)?;
+        for (fd, flag, step) in [
+            (&self.net, libc::CLONE_NEWNET, Step::JoinNetNs),
+            (&self.uts, libc::CLONE_NEWUTS, Step::JoinUtsNs),
+            (&self.mnt, libc::CLONE_NEWNS, Step::JoinMountNs),
+        ] {
+            // SAFETY: fd is an open namespace file of the given type.
+            if unsafe { libc::setns(fd.as_raw_fd(), flag) } != 0 {
+                return Err(step_error(step));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens `/proc/<pid>/ns/<kind>`.
+fn open_ns(pid: u32, kind: &str) -> Result<OwnedFd, ChildError> {
+    let path = PathBuf::from(format!("/proc/{pid}/ns/{kind}"));
+    File::open(&path)
+        .map(OwnedFd::from)
+        .map_err(|source| ChildError::Open { path, source })
+}
+
+/// A command that runs `argv` with exactly `env` inside the network, UTS
+/// and mount namespaces of process `pid` and in the given cgroups; stdin
+/// from /dev/null, stdout/stderr piped; it dies with the calling process.
+pub fn join_command(
+    pid: u32,
+    argv: &[String],
+    env: &[(String, String)],
+    cgroups: &[PathBuf],
+) -> Result<Command, ChildError> {
+    let setup = JoinSetup {
+        // SAFETY: getpid has no preconditions.
+        parent: unsafe { libc::getpid() },
+        cgroup_procs: open_cgroup_procs(cgroups)?,
+        net: open_ns(pid, "net")?,
+        uts: open_ns(pid, "uts")?,
+        mnt: open_ns(pid, "mnt")?,
+    };
+    let mut cmd = base_command(argv, env);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: the hook only makes async-signal-safe syscalls on data
+    // prepared before the fork, and does not allocate.
+    unsafe { cmd.pre_exec(move || setup.run()) };
+    Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_errors() {
+        let e = decode_spawn_error(io::Error::from_raw_os_error(libc::ENOENT), "foo");
+        assert_eq!(e.to_string(), "command not found: foo");
+        let e = decode_spawn_error(io::Error::from_raw_os_error(libc::EACCES), "/x");
+        assert_eq!(e.to_string(), "permission denied: /x");
+        let e = decode_spawn_error(step_error_with(Step::BindResolvConf, libc::ENOENT), "foo");
+        assert!(e
+            .to_string()
+            .starts_with("bind-mounting /etc/resolv.conf failed: No such file"));
+        let e = decode_spawn_error(io::Error::from_raw_os_error(libc::ENOEXEC), "foo");
+        assert!(e.to_string().starts_with("cannot execute foo: "));
+    }
+
+    #[test]
+    fn plain_spawn_errors_are_decoded() {
+        let argv = vec!["/nonexistent/definitely-not-here".to_string()];
+        let err = base_command(&argv, &[])
+            .spawn()
+            .err()
+            .map(|e| decode_spawn_error(e, &argv[0]).to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("command not found: /nonexistent/definitely-not-here")
+        );
+    }
+}

@@ -1,0 +1,500 @@
+//! [`Executor`]: starts tasks through shims, reports, stops, removes and
+//! execs into them, and adopts the tasks of a previous meshd from the state
+//! in `<exec_root>/tasks/`.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::cgroup::CgroupLayout;
+use crate::exec::{self, RunError};
+use crate::spec::{self, ExecOutput, ExecutorConfig, TaskRuntime, TaskSpec};
+use crate::state::{
+    self, ExitRecord, TaskState, EXIT_FILE, HOSTNAME_FILE, LAUNCH_FILE, RESOLV_FILE, SPEC_FILE,
+    STATE_FILE, STDERR_LOG, STDOUT_LOG,
+};
+use crate::{child, procfs, shim};
+
+/// How long `start` waits for the shim's report.
+const SHIM_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `start`/`remove` wait for a concurrent operation on the same id.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `stop` waits after SIGKILL.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `status` waits for a live shim to record a dead task's exit.
+const EXIT_RECORD_WAIT: Duration = Duration::from_millis(500);
+/// How long `remove` waits for cgroups to become removable.
+const CGROUP_REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Poll interval of the bounded waits.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Errors of the executor. Messages name the task (its spec name when
+/// known, else its id).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The executor could not be set up.
+    #[error("cannot initialise the executor in {}: {reason}", exec_root.display())]
+    Init { exec_root: PathBuf, reason: String },
+    /// The task could not be started, e.g. `command not found: foo`.
+    #[error("cannot start task {task}: {reason}")]
+    Start { task: String, reason: String },
+    /// No task with this id.
+    #[error("task {task} not found")]
+    NotFound { task: String },
+    /// The task exists but does not run.
+    #[error("task {task} is not running")]
+    NotRunning { task: String },
+    /// The task did not stop.
+    #[error("cannot stop task {task}: {reason}")]
+    Stop { task: String, reason: String },
+    /// The task's cgroups or files could not be removed.
+    #[error("cannot remove task {task}: {reason}")]
+    Remove { task: String, reason: String },
+    /// The task's logs could not be read.
+    #[error("cannot read the logs of task {task}: {reason}")]
+    Logs { task: String, reason: String },
+    /// A command could not be run in the task.
+    #[error("cannot exec in task {task}: {reason}")]
+    Exec { task: String, reason: String },
+}
+
+/// The node's task executor (see the crate docs). `Send + Sync`; every
+/// method is blocking.
+#[derive(Debug)]
+pub struct Executor {
+    tasks_dir: PathBuf,
+    parent: String,
+    shim_exe: PathBuf,
+    layout: CgroupLayout,
+    /// Ids with a `start` or `remove` in progress.
+    busy: Mutex<HashSet<String>>,
+    busy_cv: Condvar,
+}
+
+/// Exclusive use of one task id; released on drop.
+struct Claim<'a> {
+    ex: &'a Executor,
+    id: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.ex.busy_set().remove(&self.id);
+        self.ex.busy_cv.notify_all();
+    }
+}
+
+impl Executor {
+    /// Detects (or mounts) the cgroup hierarchies, creates the
+    /// `cgroup_parent` subtree and `<exec_root>/tasks`.
+    pub fn new(cfg: ExecutorConfig) -> Result<Executor, ExecError> {
+        let init_err = |reason: String| ExecError::Init {
+            exec_root: cfg.exec_root.clone(),
+            reason,
+        };
+        spec::validate_cgroup_parent(&cfg.cgroup_parent).map_err(|e| init_err(e.to_string()))?;
+        let exec_root = std::path::absolute(&cfg.exec_root)
+            .map_err(|e| init_err(format!("cannot resolve the path: {e}")))?;
+        let shim_exe = match &cfg.shim_exe {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| init_err(format!("cannot find the current executable: {e}")))?,
+        };
+        let tasks_dir = exec_root.join("tasks");
+        fs::create_dir_all(&tasks_dir)
+            .map_err(|e| init_err(format!("cannot create {}: {e}", tasks_dir.display())))?;
+        let layout =
+            CgroupLayout::detect(&exec_root.join("cgroup")).map_err(|e| init_err(e.to_string()))?;
+        layout
+            .create_parent(&cfg.cgroup_parent)
+            .map_err(|e| init_err(e.to_string()))?;
+        tracing::info!(
+            mode = ?layout.mode(),
+            v2 = %layout.v2_root().display(),
+            mounted = layout.mounted().len(),
+            parent = %cfg.cgroup_parent,
+            "task executor ready"
+        );
+        Ok(Executor {
+            tasks_dir,
+            parent: cfg.cgroup_parent,
+            shim_exe,
+            layout,
+            busy: Mutex::new(HashSet::new()),
+            busy_cv: Condvar::new(),
+        })
+    }
+
+    /// The detected cgroup layout.
+    pub fn layout(&self) -> &CgroupLayout {
+        &self.layout
+    }
+
+    /// The cgroup parent tasks are created under.
+    pub fn cgroup_parent(&self) -> &str {
+        &self.parent
+    }
+
+    /// The task's state directory (`<exec_root>/tasks/<id>`).
+    pub fn task_dir(&self, id: &str) -> PathBuf {
+        self.tasks_dir.join(id)
+    }
+
+    fn busy_set(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits (bounded) until no other start/remove of `id` is running.
+    fn claim(&self, id: &str) -> Option<Claim<'_>> {
+        let deadline = Instant::now() + CLAIM_TIMEOUT;
+        let mut set = self.busy_set();
+        while set.contains(id) {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            set = match self.busy_cv.wait_timeout(set, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        set.insert(id.to_string());
+        Some(Claim {
+            ex: self,
+            id: id.to_string(),
+        })
+    }
+
+    /// The task's name from its spec, else its id.
+    fn name_of(&self, id: &str) -> String {
+        match state::read_json::<TaskSpec>(&self.task_dir(id).join(SPEC_FILE)) {
+            Ok(Some(s)) if !s.name.is_empty() => s.name,
+            _ => id.to_string(),
+        }
+    }
+
+    /// Starts the task; returns once the command has been exec'd
+    /// (`Running`) or fails with a clear error (`cannot start task web.1.x:
+    /// command not found: foo`). Idempotent: for an id that was already
+    /// started, returns its current runtime (`Running`, or `Exited` if it
+    /// has ended since) without starting anything.
+    pub fn start(&self, spec: &TaskSpec) -> Result<TaskRuntime, ExecError> {
+        let name = if spec.name.is_empty() {
+            spec.id.clone()
+        } else {
+            spec.name.clone()
+        };
+        let fail = |reason: String| ExecError::Start {
+            task: name.clone(),
+            reason,
+        };
+        spec.validate().map_err(|e| fail(e.to_string()))?;
+        let _claim = self
+            .claim(&spec.id)
+            .ok_or_else(|| fail("another operation on this task is still running".into()))?;
+        let dir = self.task_dir(&spec.id);
+        if dir.exists() {
+            if dir.join(STATE_FILE).exists() {
+                if let Some(rt) = self.status(&spec.id) {
+                    return Ok(rt);
+                }
+            }
+            // Left over by a meshd that died while starting it.
+            tracing::warn!(task = %name, "removing the remains of an unfinished start");
+            self.cleanup(&spec.id).map_err(fail)?;
+        }
+        let res = self.start_new(spec, &dir);
+        if let Err(reason) = res {
+            if let Err(e) = self.cleanup(&spec.id) {
+                tracing::warn!(task = %name, error = %e, "cleanup after a failed start");
+            }
+            return Err(fail(reason));
+        }
+        match state::read_json::<TaskState>(&dir.join(STATE_FILE)) {
+            Ok(Some(st)) => {
+                tracing::info!(task = %name, pid = st.pid, "task started");
+                Ok(TaskRuntime::Running {
+                    pid: st.pid,
+                    started_at_ms: st.started_at_ms,
+                })
+            }
+            Ok(None) => Err(fail("the shim reported success but wrote no state".into())),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+
+    fn start_new(&self, spec: &TaskSpec, dir: &Path) -> Result<(), String> {
+        fs::create_dir_all(&self.tasks_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.tasks_dir.display()))?;
+        fs::create_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let s = |e: state::StateError| e.to_string();
+        state::write_json(&dir.join(SPEC_FILE), spec).map_err(s)?;
+        state::write_atomic(&dir.join(RESOLV_FILE), spec.resolv_conf.as_bytes()).map_err(s)?;
+        state::write_atomic(&dir.join(HOSTNAME_FILE), spec.hostname.as_bytes()).map_err(s)?;
+        let launch = self
+            .layout
+            .create_task(&self.parent, &spec.id, spec.nano_cpus, spec.memory_bytes)
+            .map_err(|e| e.to_string())?;
+        state::write_json(&dir.join(LAUNCH_FILE), &launch).map_err(s)?;
+        shim::launch(&self.shim_exe, dir, SHIM_REPORT_TIMEOUT).map_err(|e| e.to_string())
+    }
+
+    /// Kills everything in the task's cgroups, removes them and the state
+    /// directory.
+    fn cleanup(&self, id: &str) -> Result<(), String> {
+        self.layout
+            .remove_task(&self.parent, id, CGROUP_REMOVE_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        match fs::remove_dir_all(self.task_dir(id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!(
+                "cannot remove {}: {e}",
+                self.task_dir(id).display()
+            )),
+        }
+    }
+
+    /// Current runtime of a task (`None` if unknown or not started). A task
+    /// that died without its shim recording it (the shim was SIGKILLed) is
+    /// reported as `Exited { code: None, signal: Some(9) }`, and that is
+    /// recorded.
+    pub fn status(&self, id: &str) -> Option<TaskRuntime> {
+        spec::validate_id(id).ok()?;
+        let dir = self.task_dir(id);
+        let st: TaskState = state::read_json(&dir.join(STATE_FILE)).ok()??;
+        let exited = |rec: ExitRecord| TaskRuntime::Exited {
+            code: rec.code,
+            signal: rec.signal,
+            started_at_ms: st.started_at_ms,
+            finished_at_ms: rec.finished_at_ms,
+        };
+        let exit_path = dir.join(EXIT_FILE);
+        let read_exit = || state::read_json::<ExitRecord>(&exit_path).ok().flatten();
+        if let Some(rec) = read_exit() {
+            return Some(exited(rec));
+        }
+        let running = TaskRuntime::Running {
+            pid: st.pid,
+            started_at_ms: st.started_at_ms,
+        };
+        if procfs::is_alive(st.pid, st.pid_start_time) {
+            return Some(running);
+        }
+        if procfs::is_alive(st.shim_pid, st.shim_start_time) {
+            // The shim is about to record the exit.
+            let deadline = Instant::now() + EXIT_RECORD_WAIT;
+            while Instant::now() < deadline {
+                thread::sleep(POLL);
+                if let Some(rec) = read_exit() {
+                    return Some(exited(rec));
+                }
+                if !procfs::is_alive(st.shim_pid, st.shim_start_time) {
+                    break;
+                }
+            }
+            if procfs::is_alive(st.shim_pid, st.shim_start_time) {
+                return Some(running);
+            }
+        }
+        if let Some(rec) = read_exit() {
+            return Some(exited(rec));
+        }
+        // Task and shim are gone without a record: the shim was killed and
+        // took the task with it (PR_SET_PDEATHSIG).
+        let rec = ExitRecord {
+            code: None,
+            signal: Some(libc::SIGKILL),
+            finished_at_ms: state::now_ms(),
+        };
+        if let Err(e) = state::write_json(&exit_path, &rec) {
+            tracing::warn!(task = id, error = %e, "cannot record the exit of a task");
+        }
+        Some(exited(rec))
+    }
+
+    /// All tasks with a state directory, sorted by id (to adopt them after a
+    /// meshd restart).
+    pub fn list(&self) -> Vec<(String, TaskRuntime)> {
+        let Ok(rd) = fs::read_dir(&self.tasks_dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, TaskRuntime)> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|id| self.status(&id).map(|rt| (id, rt)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Polls until the task is not running (true) or `timeout` passes.
+    fn wait_stopped(&self, id: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.status(id).is_some_and(|rt| rt.is_running()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Sends SIGTERM to every process of the task's cgroups, SIGKILL after
+    /// `grace`; returns once the task has exited (at most `grace` + 5 s).
+    pub fn stop(&self, id: &str, grace: Duration) -> Result<(), ExecError> {
+        let Some(rt) = self.status(id) else {
+            return Err(ExecError::NotFound {
+                task: id.to_string(),
+            });
+        };
+        if rt.is_running() {
+            let st = state::read_json::<TaskState>(&self.task_dir(id).join(STATE_FILE))
+                .ok()
+                .flatten();
+            if !grace.is_zero() {
+                self.layout.signal_task(&self.parent, id, libc::SIGTERM);
+                if let Some(st) = &st {
+                    procfs::signal_checked(st.pid, st.pid_start_time, libc::SIGTERM);
+                }
+            }
+            if grace.is_zero() || !self.wait_stopped(id, grace) {
+                self.layout.signal_task(&self.parent, id, libc::SIGKILL);
+                if let Some(st) = &st {
+                    procfs::signal_checked(st.pid, st.pid_start_time, libc::SIGKILL);
+                }
+                if !self.wait_stopped(id, KILL_TIMEOUT) {
+                    return Err(ExecError::Stop {
+                        task: self.name_of(id),
+                        reason: format!("still running {KILL_TIMEOUT:?} after SIGKILL"),
+                    });
+                }
+            }
+        }
+        // Processes started by `exec` may outlive the task.
+        self.layout.signal_task(&self.parent, id, libc::SIGKILL);
+        Ok(())
+    }
+
+    /// Stops the task if needed (SIGKILL), waits for its shim, removes its
+    /// cgroups and state directory (logs too). Removing an unknown id is
+    /// not an error.
+    pub fn remove(&self, id: &str) -> Result<(), ExecError> {
+        spec::validate_id(id).map_err(|e| ExecError::Remove {
+            task: id.to_string(),
+            reason: e.to_string(),
+        })?;
+        let name = self.name_of(id);
+        let fail = |reason: String| ExecError::Remove {
+            task: name.clone(),
+            reason,
+        };
+        let _claim = self
+            .claim(id)
+            .ok_or_else(|| fail("another operation on this task is still running".into()))?;
+        if self.status(id).is_some_and(|rt| rt.is_running()) {
+            self.stop(id, Duration::ZERO)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        if let Ok(Some(st)) = state::read_json::<TaskState>(&self.task_dir(id).join(STATE_FILE)) {
+            // Let the shim finish writing before its directory goes away.
+            let deadline = Instant::now() + KILL_TIMEOUT;
+            while procfs::is_alive(st.shim_pid, st.shim_start_time) {
+                if Instant::now() >= deadline {
+                    procfs::signal_checked(st.shim_pid, st.shim_start_time, libc::SIGKILL);
+                    break;
+                }
+                thread::sleep(POLL);
+            }
+        }
+        self.cleanup(id).map_err(fail)?;
+        tracing::info!(task = %name, "task removed");
+        Ok(())
+    }
+
+    /// The task's stdout and stderr so far, the last `max_bytes` of each.
+    pub fn logs(&self, id: &str, max_bytes: usize) -> Result<(Vec<u8>, Vec<u8>), ExecError> {
+        let dir = self.task_dir(id);
+        if spec::validate_id(id).is_err() || !dir.is_dir() {
+            return Err(ExecError::NotFound {
+                task: id.to_string(),
+            });
+        }
+        let fail = |e: state::StateError| ExecError::Logs {
+            task: self.name_of(id),
+            reason: e.to_string(),
+        };
+        let out = state::read_tail(&dir.join(STDOUT_LOG), max_bytes).map_err(fail)?;
+        let err = state::read_tail(&dir.join(STDERR_LOG), max_bytes).map_err(fail)?;
+        Ok((out, err))
+    }
+
+    /// Runs `argv` inside the task's network, UTS and mount namespaces and
+    /// its cgroups, with the task's environment; captures stdout and stderr
+    /// (at most 16 MiB each) and the exit status (128 + signal if killed).
+    /// Killed after `timeout`, which is an error.
+    pub fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, ExecError> {
+        let not_found = || ExecError::NotFound {
+            task: id.to_string(),
+        };
+        spec::validate_id(id).map_err(|_| not_found())?;
+        let dir = self.task_dir(id);
+        let spec: TaskSpec = state::read_json(&dir.join(SPEC_FILE))
+            .ok()
+            .flatten()
+            .ok_or_else(not_found)?;
+        let fail = |reason: String| ExecError::Exec {
+            task: spec.name.clone(),
+            reason,
+        };
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err(fail("empty command line".into()));
+        }
+        if argv.iter().any(|a| a.contains('\0')) {
+            return Err(fail("the command line contains a NUL byte".into()));
+        }
+        let st: Option<TaskState> = state::read_json(&dir.join(STATE_FILE)).ok().flatten();
+        let Some(st) = st.filter(|_| self.status(id).is_some_and(|rt| rt.is_running())) else {
+            return Err(ExecError::NotRunning { task: spec.name });
+        };
+        let cmd = child::join_command(
+            st.pid,
+            argv,
+            &spec.effective_env(),
+            &self.layout.task_paths(&self.parent, id),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        // The namespace files are open now; make sure they were the task's.
+        if !procfs::is_alive(st.pid, st.pid_start_time) {
+            return Err(ExecError::NotRunning { task: spec.name });
+        }
+        exec::run_captured(cmd, &argv[0], timeout).map_err(|e| match e {
+            RunError::Spawn(c) => fail(c.to_string()),
+            other => fail(other.to_string()),
+        })
+    }
+
+    /// The task's network namespace (`/proc/<pid>/ns/net`) while it runs.
+    pub fn netns_path(&self, id: &str) -> Option<PathBuf> {
+        match self.status(id)? {
+            TaskRuntime::Running { pid, .. } => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+            TaskRuntime::Exited { .. } => None,
+        }
+    }
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Executor>();
+};

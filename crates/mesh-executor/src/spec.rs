@@ -1,0 +1,342 @@
+//! The executor's public data types: configuration, task specification,
+//! task runtime and `exec` output, with the validation of names and specs.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `argv[1]` of a shim invocation (see [`crate::shim_main_if_requested`]).
+pub const SHIM_ARG: &str = "__mesh_task_shim";
+
+/// `PATH` given to a task whose environment has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The longest task id accepted (it is a directory and a cgroup name).
+pub const MAX_ID_LEN: usize = 128;
+
+/// The longest hostname Linux accepts (`HOST_NAME_MAX`).
+pub const MAX_HOSTNAME_LEN: usize = 64;
+
+/// Configuration of an [`crate::Executor`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecutorConfig {
+    /// meshd's `--exec-root`; task state lives in `<exec_root>/tasks/<id>/`,
+    /// cgroup hierarchies are mounted under `<exec_root>/cgroup/` when none
+    /// is visible.
+    pub exec_root: PathBuf,
+    /// The cgroup (relative to each hierarchy's root, `/`-separated) under
+    /// which task cgroups are created; meshd's `--cgroup-parent`.
+    pub cgroup_parent: String,
+    /// The binary re-executed as the shim (it must call
+    /// [`crate::shim_main_if_requested`] first thing in `main`). `None`: the
+    /// current executable, resolved with `std::env::current_exe()` when the
+    /// executor is created.
+    pub shim_exe: Option<PathBuf>,
+}
+
+impl ExecutorConfig {
+    /// A configuration with `shim_exe: None` (the running binary is the shim).
+    pub fn new(exec_root: impl Into<PathBuf>, cgroup_parent: impl Into<String>) -> ExecutorConfig {
+        ExecutorConfig {
+            exec_root: exec_root.into(),
+            cgroup_parent: cgroup_parent.into(),
+            shim_exe: None,
+        }
+    }
+}
+
+/// What to run: one task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Unique task id: `[A-Za-z0-9_.-]`, at most [`MAX_ID_LEN`] bytes, not
+    /// starting with `.`.
+    pub id: String,
+    /// Human-readable name used in messages, e.g. `web.1.<id>`.
+    pub name: String,
+    /// The task's hostname (its own UTS namespace).
+    pub hostname: String,
+    /// Command line; `argv[0]` is looked up in the task's `PATH`.
+    pub argv: Vec<String>,
+    /// The task's complete environment (`PATH` is added if missing).
+    pub env: Vec<(String, String)>,
+    /// CPU limit in billionths of a CPU; 0 = no limit.
+    pub nano_cpus: u64,
+    /// Memory limit in bytes; 0 = no limit.
+    pub memory_bytes: u64,
+    /// Full content of the task's `/etc/resolv.conf`.
+    pub resolv_conf: String,
+}
+
+/// Errors of spec and name validation.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The task id cannot be used as a directory and cgroup name.
+    #[error("invalid task id {id:?}: {reason}")]
+    Id { id: String, reason: &'static str },
+    /// The cgroup parent is not a relative path of valid names.
+    #[error("invalid cgroup parent {parent:?}: {reason}")]
+    CgroupParent {
+        parent: String,
+        reason: &'static str,
+    },
+    /// The hostname cannot be set.
+    #[error("invalid hostname {hostname:?}: {reason}")]
+    Hostname {
+        hostname: String,
+        reason: &'static str,
+    },
+    /// `argv` is empty.
+    #[error("empty command line")]
+    EmptyCommand,
+    /// An argument contains a NUL byte.
+    #[error("argument {index} of the command line contains a NUL byte")]
+    NulInArgument { index: usize },
+    /// An environment variable cannot be passed to `execve`.
+    #[error("invalid environment variable {name:?}: {reason}")]
+    Env { name: String, reason: &'static str },
+    /// The resolv.conf content contains a NUL byte.
+    #[error("resolv.conf content contains a NUL byte")]
+    NulInResolvConf,
+}
+
+fn name_char_ok(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+/// Checks that `id` is usable as a task id.
+pub fn validate_id(id: &str) -> Result<(), SpecError> {
+    let err = |reason| {
+        Err(SpecError::Id {
+            id: id.to_string(),
+            reason,
+        })
+    };
+    if id.is_empty() {
+        return err("empty");
+    }
+    if id.len() > MAX_ID_LEN {
+        return err("longer than 128 bytes");
+    }
+    if id.starts_with('.') {
+        return err("starts with '.'");
+    }
+    if !id.chars().all(name_char_ok) {
+        return err("only letters, digits, '_', '.' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// Checks that `parent` is a relative cgroup path of valid names.
+pub fn validate_cgroup_parent(parent: &str) -> Result<(), SpecError> {
+    let err = |reason| {
+        Err(SpecError::CgroupParent {
+            parent: parent.to_string(),
+            reason,
+        })
+    };
+    if parent.is_empty() {
+        return err("empty");
+    }
+    if parent.len() > 200 {
+        return err("longer than 200 bytes");
+    }
+    for seg in parent.split('/') {
+        if seg.is_empty() {
+            return err("empty path component (leading, trailing or double '/')");
+        }
+        if seg.starts_with('.') {
+            return err("a path component starts with '.'");
+        }
+        if !seg.chars().all(name_char_ok) {
+            return err("only letters, digits, '_', '.', '-' and '/' are allowed");
+        }
+    }
+    Ok(())
+}
+
+impl TaskSpec {
+    /// Checks everything that would make the start fail before exec.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_id(&self.id)?;
+        let herr = |reason| {
+            Err(SpecError::Hostname {
+                hostname: self.hostname.clone(),
+                reason,
+            })
+        };
+        if self.hostname.is_empty() {
+            return herr("empty");
+        }
+        if self.hostname.len() > MAX_HOSTNAME_LEN {
+            return herr("longer than 64 bytes");
+        }
+        if self
+            .hostname
+            .bytes()
+            .any(|b| b == 0 || b.is_ascii_whitespace() || b == b'/')
+        {
+            return herr("contains NUL, '/' or whitespace");
+        }
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err(SpecError::EmptyCommand);
+        }
+        if let Some(index) = self.argv.iter().position(|a| a.contains('\0')) {
+            return Err(SpecError::NulInArgument { index });
+        }
+        for (name, value) in &self.env {
+            let eerr = |reason| {
+                Err(SpecError::Env {
+                    name: name.clone(),
+                    reason,
+                })
+            };
+            if name.is_empty() {
+                return eerr("empty name");
+            }
+            if name.contains('=') || name.contains('\0') {
+                return eerr("name contains '=' or NUL");
+            }
+            if value.contains('\0') {
+                return eerr("value contains NUL");
+            }
+        }
+        if self.resolv_conf.contains('\0') {
+            return Err(SpecError::NulInResolvConf);
+        }
+        Ok(())
+    }
+
+    /// The environment the task gets: `env` (later duplicates win), plus
+    /// `PATH=`[`DEFAULT_PATH`] if `env` has no `PATH`.
+    pub fn effective_env(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::with_capacity(self.env.len() + 1);
+        for (k, v) in &self.env {
+            match out.iter_mut().find(|(ok, _)| ok == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => out.push((k.clone(), v.clone())),
+            }
+        }
+        if !out.iter().any(|(k, _)| k == "PATH") {
+            out.push(("PATH".to_string(), DEFAULT_PATH.to_string()));
+        }
+        out
+    }
+}
+
+/// The state of a task as seen by the executor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskRuntime {
+    /// The command runs as process `pid` (in the executor's pid namespace).
+    Running { pid: u32, started_at_ms: u64 },
+    /// The command exited with `code`, or was killed by `signal`. A task
+    /// whose shim was killed is reported with `signal: Some(9)`.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        started_at_ms: u64,
+        finished_at_ms: u64,
+    },
+}
+
+impl TaskRuntime {
+    /// True for [`TaskRuntime::Running`].
+    pub fn is_running(&self) -> bool {
+        matches!(self, TaskRuntime::Running { .. })
+    }
+}
+
+/// Result of [`crate::Executor::exec`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code, or 128 + signal number.
+    pub status: i32,
+    /// Standard output (at most 16 MiB; the rest is dropped).
+    pub stdout: Vec<u8>,
+    /// Standard error (at most 16 MiB; the rest is dropped).
+    pub stderr: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> TaskSpec {
+        TaskSpec {
+            id: "abc123".into(),
+            name: "web.1.abc123".into(),
+            hostname: "web-1".into(),
+            argv: vec!["sleep".into(), "1".into()],
+            env: vec![("A".into(), "1".into())],
+            nano_cpus: 0,
+            memory_bytes: 0,
+            resolv_conf: "nameserver 127.0.0.11\n".into(),
+        }
+    }
+
+    #[test]
+    fn ids() {
+        assert!(validate_id("abc-1_2.3").is_ok());
+        for bad in ["", ".x", "a/b", "a b", &"x".repeat(129)] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        let msg = validate_id("a/b").err().map(|e| e.to_string());
+        assert_eq!(
+            msg.as_deref(),
+            Some("invalid task id \"a/b\": only letters, digits, '_', '.' and '-' are allowed")
+        );
+    }
+
+    #[test]
+    fn parents() {
+        assert!(validate_cgroup_parent("mesh").is_ok());
+        assert!(validate_cgroup_parent("a/b-c").is_ok());
+        for bad in ["", "/mesh", "mesh/", "a//b", "..", "a/../b", "a b"] {
+            assert!(validate_cgroup_parent(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn spec_validation() {
+        assert!(spec().validate().is_ok());
+        let mut s = spec();
+        s.argv.clear();
+        assert!(matches!(s.validate(), Err(SpecError::EmptyCommand)));
+        let mut s = spec();
+        s.hostname = "x".repeat(65);
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.env.push(("A=B".into(), "x".into()));
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.argv.push("a\0b".into());
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::NulInArgument { index: 2 })
+        ));
+    }
+
+    #[test]
+    fn env_gets_default_path() {
+        let env = spec().effective_env();
+        assert_eq!(
+            env,
+            vec![
+                ("A".to_string(), "1".to_string()),
+                ("PATH".to_string(), DEFAULT_PATH.to_string())
+            ]
+        );
+        let mut s = spec();
+        s.env = vec![
+            ("PATH".into(), "/x".into()),
+            ("A".into(), "1".into()),
+            ("A".into(), "2".into()),
+        ];
+        assert_eq!(
+            s.effective_env(),
+            vec![
+                ("PATH".to_string(), "/x".to_string()),
+                ("A".to_string(), "2".to_string())
+            ]
+        );
+    }
+}

@@ -1,0 +1,469 @@
+//! The node agent: every node (managers too) long-polls the leader for the tasks assigned to
+//! it, makes its task runtime match (start, stop, adopt after a restart), and reports task
+//! states back. Reports are queued and retried until the leader takes them, so a status is
+//! never lost to a leader change.
+//!
+//! A task running here that the leader no longer assigns to this node (it was replaced while
+//! this node was partitioned, or its service was removed) is stopped: the cluster never runs
+//! more copies than asked for.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mesh_api::{Task, TaskState, TaskStatus};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::member::Member;
+use crate::peer::{PeerRequest, PeerResponse, TaskLog};
+use crate::runtime::{RunSpec, RunState, Runtime};
+
+/// How long a stopped task gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Exited tasks that are no longer assigned keep their logs this long.
+const KEEP_EXITED_MS: u64 = 10 * 60 * 1000;
+/// How long the leader holds an assignments poll without changes.
+pub const POLL_HOLD: Duration = Duration::from_secs(5);
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The digest of an assignment set: what a node must know to act.
+pub fn digest(tasks: &[Task]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for t in tasks {
+        (&t.id, t.desired_state, t.status.state, t.version).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// The tasks the leader assigns to `node_id`: placed there and not finished.
+pub fn assigned_to<'a>(tasks: impl Iterator<Item = &'a Task>, node_id: &str) -> Vec<Task> {
+    let mut out: Vec<Task> = tasks
+        .filter(|t| {
+            t.node_id == node_id
+                && t.status.state >= TaskState::Assigned
+                && !t.status.state.is_terminal()
+        })
+        .cloned()
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+#[derive(Default)]
+struct AgentState {
+    /// Latest assignment set from the leader, with its digest.
+    assigned: Option<(u64, HashMap<String, Task>)>,
+    /// Statuses waiting to be reported, by task.
+    outbox: BTreeMap<String, TaskStatus>,
+    /// Highest state reported (or queued) per task, so each is sent once.
+    reported: HashMap<String, TaskState>,
+    /// Tasks with a start or stop in progress.
+    busy: HashSet<String>,
+}
+
+/// The agent of one node.
+pub struct Agent {
+    runtime: Arc<dyn Runtime>,
+    node_name: String,
+    state: Mutex<AgentState>,
+    wake: Notify,
+}
+
+impl Agent {
+    pub fn new(runtime: Arc<dyn Runtime>, node_name: String) -> Arc<Agent> {
+        Arc::new(Agent {
+            runtime,
+            node_name,
+            state: Mutex::new(AgentState::default()),
+            wake: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.runtime
+    }
+
+    /// The tasks currently assigned here (for `mesh exec` name lookups).
+    pub fn assigned_tasks(&self) -> Vec<Task> {
+        self.lock()
+            .assigned
+            .as_ref()
+            .map(|(_, m)| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Long-polls the leader for assignments until shutdown.
+    pub(crate) async fn poll_loop(
+        self: Arc<Self>,
+        member: Arc<Member>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut client: Option<mesh_rpc::Client> = None;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let known = self.lock().assigned.as_ref().map(|(d, _)| *d).unwrap_or(0);
+            let node_id = member.local().node_id;
+            let req = PeerRequest::Assignments { node_id, known };
+            let resp = tokio::select! {
+                r = member.to_leader_polling(req, &mut client) => r,
+                _ = shutdown.changed() => return,
+            };
+            match resp {
+                PeerResponse::Assignments { digest, tasks } => {
+                    let changed = {
+                        let mut st = self.lock();
+                        let changed = st.assigned.as_ref().map(|(d, _)| *d) != Some(digest);
+                        st.assigned = Some((
+                            digest,
+                            tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
+                        ));
+                        changed
+                    };
+                    if changed {
+                        self.wake.notify_one();
+                    }
+                }
+                other => {
+                    debug!("assignments: {other:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconciles the runtime with the assignments and reports states, until shutdown.
+    pub(crate) async fn reconcile_loop(
+        self: Arc<Self>,
+        member: Arc<Member>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.changed() => return,
+            }
+            self.clone().reconcile(&member).await;
+            self.flush(&member).await;
+        }
+    }
+
+    fn queue(&self, st: &mut AgentState, id: &str, status: TaskStatus) {
+        if st.reported.get(id).is_some_and(|s| *s >= status.state) {
+            return;
+        }
+        st.reported.insert(id.to_string(), status.state);
+        st.outbox.insert(id.to_string(), status);
+    }
+
+    async fn reconcile(self: Arc<Self>, member: &Arc<Member>) {
+        let rt = self.runtime.clone();
+        let local: HashMap<String, RunState> =
+            match tokio::task::spawn_blocking(move || rt.list()).await {
+                Ok(l) => l.into_iter().collect(),
+                Err(_) => return,
+            };
+        let Some(assigned) = self.lock().assigned.as_ref().map(|(_, m)| m.clone()) else {
+            // No word from the leader since this daemon started: change nothing.
+            return;
+        };
+        let now = now_ms();
+        let mut to_start = Vec::new();
+        let mut to_stop = Vec::new();
+        let mut to_remove = Vec::new();
+        {
+            let mut st = self.lock();
+            for t in assigned.values() {
+                if st.busy.contains(&t.id) {
+                    continue;
+                }
+                let local_state = local.get(&t.id);
+                if t.desired_state <= TaskState::Running {
+                    match local_state {
+                        None if t.status.state < TaskState::Running => {
+                            st.busy.insert(t.id.clone());
+                            to_start.push(t.clone());
+                        }
+                        None => {
+                            let s = failed(now, "task not found on its node", None);
+                            self.queue(&mut st, &t.id, s);
+                        }
+                        Some(RunState::Running { started_at_ms, .. }) => {
+                            let s = TaskStatus {
+                                state: TaskState::Running,
+                                timestamp_ms: *started_at_ms,
+                                message: "started".into(),
+                                err: String::new(),
+                                exit_code: None,
+                            };
+                            self.queue(&mut st, &t.id, s);
+                        }
+                        Some(RunState::Exited {
+                            code,
+                            signal,
+                            finished_at_ms,
+                            ..
+                        }) => {
+                            let s = exited(*code, *signal, *finished_at_ms);
+                            self.queue(&mut st, &t.id, s);
+                        }
+                    }
+                } else {
+                    match local_state {
+                        Some(RunState::Running { .. }) => {
+                            st.busy.insert(t.id.clone());
+                            to_stop.push((t.id.clone(), true));
+                        }
+                        _ => {
+                            let s = TaskStatus {
+                                state: TaskState::Shutdown,
+                                timestamp_ms: now,
+                                message: "shutdown".into(),
+                                err: String::new(),
+                                exit_code: None,
+                            };
+                            self.queue(&mut st, &t.id, s);
+                        }
+                    }
+                }
+            }
+            for (id, rs) in &local {
+                if assigned.contains_key(id) || st.busy.contains(id) {
+                    continue;
+                }
+                match rs {
+                    RunState::Running { .. } => {
+                        info!(
+                            task = id,
+                            "stopping a task the leader no longer assigns here"
+                        );
+                        st.busy.insert(id.clone());
+                        to_stop.push((id.clone(), false));
+                    }
+                    RunState::Exited { finished_at_ms, .. }
+                        if now.saturating_sub(*finished_at_ms) > KEEP_EXITED_MS =>
+                    {
+                        st.busy.insert(id.clone());
+                        to_remove.push(id.clone());
+                    }
+                    RunState::Exited { .. } => {}
+                }
+            }
+            // Forget what is neither assigned nor queued.
+            let outbox: HashSet<String> = st.outbox.keys().cloned().collect();
+            st.reported
+                .retain(|id, _| assigned.contains_key(id) || outbox.contains(id));
+        }
+        let node_name = self.node_name.clone();
+        for t in to_start {
+            let me = self.clone();
+            let node_name = node_name.clone();
+            tokio::spawn(async move {
+                me.start_task(t, node_name).await;
+            });
+        }
+        for (id, report) in to_stop {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let rt = me.runtime.clone();
+                let id2 = id.clone();
+                let r = tokio::task::spawn_blocking(move || rt.stop(&id2, STOP_GRACE)).await;
+                if let Ok(Err(e)) = &r {
+                    warn!(task = id, "stop: {e}");
+                }
+                let mut st = me.lock();
+                st.busy.remove(&id);
+                if report {
+                    let s = TaskStatus {
+                        state: TaskState::Shutdown,
+                        timestamp_ms: now_ms(),
+                        message: "shutdown".into(),
+                        err: String::new(),
+                        exit_code: None,
+                    };
+                    me.queue(&mut st, &id, s);
+                }
+                drop(st);
+                me.wake.notify_one();
+            });
+        }
+        for id in to_remove {
+            let rt = self.runtime.clone();
+            let id2 = id.clone();
+            let _ = tokio::task::spawn_blocking(move || rt.remove(&id2)).await;
+            self.lock().busy.remove(&id);
+        }
+        let _ = member;
+    }
+
+    async fn start_task(self: Arc<Self>, t: Task, node_name: String) {
+        let name = t.name();
+        {
+            let mut st = self.lock();
+            let s = TaskStatus {
+                state: TaskState::Starting,
+                timestamp_ms: now_ms(),
+                message: "starting".into(),
+                err: String::new(),
+                exit_code: None,
+            };
+            self.queue(&mut st, &t.id, s);
+        }
+        let mut env: Vec<(String, String)> = t
+            .spec
+            .env
+            .iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (kv.clone(), String::new()),
+            })
+            .collect();
+        env.push(("MESH_SERVICE_NAME".into(), t.service_name.clone()));
+        env.push(("MESH_TASK_NAME".into(), name.clone()));
+        env.push(("MESH_TASK_SLOT".into(), t.slot.to_string()));
+        env.push(("MESH_NODE_NAME".into(), node_name));
+        let spec = RunSpec {
+            id: t.id.clone(),
+            name: name.clone(),
+            hostname: t.id.chars().take(12).collect(),
+            argv: t.spec.command.clone(),
+            env,
+            nano_cpus: t.spec.resources.nano_cpus,
+            memory_bytes: t.spec.resources.memory_bytes,
+            resolv_conf: "nameserver 127.0.0.11\noptions ndots:0\n".into(),
+        };
+        let rt = self.runtime.clone();
+        let r = tokio::task::spawn_blocking(move || rt.start(&spec)).await;
+        let status = match r {
+            Ok(Ok(RunState::Running { started_at_ms, .. })) => {
+                info!(task = name, "started");
+                TaskStatus {
+                    state: TaskState::Running,
+                    timestamp_ms: started_at_ms,
+                    message: "started".into(),
+                    err: String::new(),
+                    exit_code: None,
+                }
+            }
+            Ok(Ok(RunState::Exited {
+                code,
+                signal,
+                finished_at_ms,
+                ..
+            })) => exited(code, signal, finished_at_ms),
+            Ok(Err(e)) => {
+                warn!(task = name, "start failed: {e}");
+                TaskStatus {
+                    state: TaskState::Rejected,
+                    timestamp_ms: now_ms(),
+                    message: "start failed".into(),
+                    err: e,
+                    exit_code: None,
+                }
+            }
+            Err(e) => failed(now_ms(), &format!("start panicked: {e}"), None),
+        };
+        let mut st = self.lock();
+        st.busy.remove(&t.id);
+        self.queue(&mut st, &t.id, status);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Sends queued reports to the leader; keeps them on failure.
+    async fn flush(&self, member: &Arc<Member>) {
+        let updates: Vec<(String, TaskStatus)> = {
+            let st = self.lock();
+            st.outbox
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        if updates.is_empty() {
+            return;
+        }
+        let req = PeerRequest::TaskStatus {
+            node_id: member.local().node_id,
+            updates: updates.clone(),
+        };
+        match member.to_leader(req).await {
+            PeerResponse::Done => {
+                let mut st = self.lock();
+                for (id, s) in updates {
+                    if st.outbox.get(&id) == Some(&s) {
+                        st.outbox.remove(&id);
+                    }
+                }
+            }
+            other => debug!("reporting task status: {other:?}"),
+        }
+    }
+
+    /// Logs of local tasks, for `service logs`.
+    pub async fn logs(&self, task_ids: Vec<String>, max_bytes: usize) -> Vec<TaskLog> {
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            task_ids
+                .into_iter()
+                .map(|id| match rt.logs(&id, max_bytes) {
+                    Ok((stdout, stderr)) => TaskLog {
+                        task_id: id,
+                        stdout,
+                        stderr,
+                        error: None,
+                    },
+                    Err(e) => TaskLog {
+                        task_id: id,
+                        stdout: vec![],
+                        stderr: vec![],
+                        error: Some(e),
+                    },
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+}
+
+fn failed(now: u64, err: &str, code: Option<i32>) -> TaskStatus {
+    TaskStatus {
+        state: TaskState::Failed,
+        timestamp_ms: now,
+        message: "failed".into(),
+        err: err.into(),
+        exit_code: code,
+    }
+}
+
+fn exited(code: Option<i32>, signal: Option<i32>, at: u64) -> TaskStatus {
+    match (code, signal) {
+        (Some(0), _) => TaskStatus {
+            state: TaskState::Complete,
+            timestamp_ms: at,
+            message: "finished".into(),
+            err: String::new(),
+            exit_code: Some(0),
+        },
+        (Some(c), _) => failed(at, &format!("task: non-zero exit ({c})"), Some(c)),
+        (None, Some(s)) => failed(at, &format!("task: killed by signal {s}"), Some(128 + s)),
+        (None, None) => failed(at, "task: exited", None),
+    }
+}

@@ -1,0 +1,959 @@
+//! The orchestrator: compares services with their tasks and plans the commands that make
+//! reality match: tasks for empty slots, restarts under the restart policy, replacements for
+//! tasks on Down or drained nodes, scale down, rolling updates with their failure action,
+//! history trimming, cleanup of removed services, allocation (New -> Pending) and scheduling
+//! (Pending -> Assigned).
+//!
+//! [`Orchestrator::plan`] is a pure function of the store state and the time (plus a little
+//! memory of when the last update batch started), so it is unit-tested without Raft; the
+//! leader runs it after every change and on a short tick and commits its plan as one batch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use mesh_api::{
+    Availability, Node, NodeState, RestartCondition, Service, ServiceMode, Task, TaskState,
+    TaskStatus, UpdateState, UpdateStatus,
+};
+use mesh_scheduler::{parse_constraints, Scheduler};
+
+use crate::state::{Assignment, Command, StoreState};
+
+/// Terminal tasks kept per slot, as `service ps` shows them (Docker keeps 5).
+pub const HISTORY_PER_SLOT: usize = 5;
+
+/// A slot: the slot number of a replicated service, or the node of a global one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Key {
+    Slot(u64),
+    Node(String),
+}
+
+fn key_of(t: &Task) -> Key {
+    if t.slot > 0 {
+        Key::Slot(t.slot)
+    } else {
+        Key::Node(t.node_id.clone())
+    }
+}
+
+fn status(state: TaskState, now_ms: u64, message: &str) -> TaskStatus {
+    TaskStatus {
+        state,
+        timestamp_ms: now_ms,
+        message: message.to_string(),
+        err: String::new(),
+        exit_code: None,
+    }
+}
+
+/// Plans the changes; remembers update batches across calls.
+#[derive(Default)]
+pub struct Orchestrator {
+    last_batch_ms: HashMap<String, u64>,
+    /// Creates task IDs; swapped in tests for determinism.
+    pub new_id: Option<Box<dyn FnMut() -> String + Send>>,
+}
+
+/// What one service's reconciliation decided.
+#[derive(Default)]
+struct Plan {
+    create: Vec<Task>,
+    shutdown: BTreeSet<String>,
+    statuses: Vec<(String, TaskStatus)>,
+    delete: Vec<String>,
+    other: Vec<Command>,
+}
+
+impl Orchestrator {
+    fn id(&mut self) -> String {
+        match &mut self.new_id {
+            Some(f) => f(),
+            None => mesh_ca::new_secret(),
+        }
+    }
+
+    /// The commands that move the store toward the desired state (empty when converged).
+    pub fn plan(&mut self, s: &StoreState, now_ms: u64) -> Vec<Command> {
+        let mut p = Plan::default();
+        let node_ok = |id: &str| s.nodes.get(id).is_some_and(|n| n.state == NodeState::Ready);
+
+        // Tasks of removed services go once they stopped, or at once if their node is gone.
+        for t in s.tasks.values() {
+            if !s.services.contains_key(&t.service_id)
+                && (t.status.state.is_terminal() || t.node_id.is_empty() || !node_ok(&t.node_id))
+            {
+                p.delete.push(t.id.clone());
+            }
+        }
+
+        let placed = Scheduler::new(s.nodes.values(), s.tasks.values());
+        for svc in s.services.values() {
+            self.reconcile_service(s, svc, &placed, now_ms, &mut p);
+        }
+
+        let mut cmds = Vec::new();
+        if !p.create.is_empty() {
+            cmds.push(Command::CreateTasks { tasks: p.create });
+        }
+        if !p.shutdown.is_empty() {
+            cmds.push(Command::SetDesiredState {
+                ids: p.shutdown.into_iter().collect(),
+                desired: TaskState::Shutdown,
+            });
+        }
+        if !p.statuses.is_empty() {
+            cmds.push(Command::UpdateTaskStatus {
+                updates: p.statuses,
+            });
+        }
+        if !p.delete.is_empty() {
+            cmds.push(Command::DeleteTasks { ids: p.delete });
+        }
+        cmds.extend(p.other);
+        let assign = self.allocate_and_schedule(s, now_ms);
+        if !assign.is_empty() {
+            cmds.push(Command::AssignTasks {
+                assignments: assign,
+            });
+        }
+        cmds
+    }
+
+    fn new_task(&mut self, svc: &Service, key: &Key, now_ms: u64) -> Task {
+        let (slot, node_id) = match key {
+            Key::Slot(n) => (*n, String::new()),
+            Key::Node(n) => (0, n.clone()),
+        };
+        Task {
+            id: self.id(),
+            service_id: svc.id.clone(),
+            service_name: svc.spec.name.clone(),
+            slot,
+            node_id,
+            version: svc.version,
+            spec: svc.spec.clone(),
+            desired_state: TaskState::Running,
+            status: status(TaskState::New, now_ms, "created"),
+            created_at: now_ms / 1000,
+        }
+    }
+
+    fn reconcile_service(
+        &mut self,
+        s: &StoreState,
+        svc: &Service,
+        placed: &Scheduler,
+        now_ms: u64,
+        p: &mut Plan,
+    ) {
+        let node = |id: &str| -> Option<&Node> { s.nodes.get(id) };
+        let node_gone = |t: &Task| {
+            !t.node_id.is_empty() && node(&t.node_id).is_none_or(|n| n.state != NodeState::Ready)
+        };
+        let drained =
+            |t: &Task| node(&t.node_id).is_some_and(|n| n.availability == Availability::Drain);
+
+        let mut slots: BTreeMap<Key, Vec<&Task>> = BTreeMap::new();
+        for t in s.service_tasks(&svc.id) {
+            slots.entry(key_of(t)).or_default().push(t);
+        }
+        for hist in slots.values_mut() {
+            hist.sort_by(|a, b| {
+                (a.created_at, a.status.timestamp_ms, &a.id).cmp(&(
+                    b.created_at,
+                    b.status.timestamp_ms,
+                    &b.id,
+                ))
+            });
+        }
+        let wanted: BTreeSet<Key> = match svc.spec.mode {
+            ServiceMode::Replicated { replicas } => (1..=replicas).map(Key::Slot).collect(),
+            ServiceMode::Global => {
+                let constraints = parse_constraints(&svc.spec.constraints).unwrap_or_default();
+                placed
+                    .eligible_nodes(&constraints, &svc.spec.resources)
+                    .into_iter()
+                    .map(Key::Node)
+                    .collect()
+            }
+        };
+        let healthy = |t: &Task| {
+            t.status.state == TaskState::Running
+                && now_ms.saturating_sub(t.status.timestamp_ms) >= svc.spec.update.monitor_ms
+        };
+        // A task that ended while it was meant to run.
+        let ended_by_itself =
+            |t: &Task| t.desired_state <= TaskState::Running && t.status.state.is_terminal();
+
+        // Rolling update bookkeeping.
+        let updating = matches!(
+            svc.update_status.as_ref().map(|u| u.state),
+            Some(UpdateState::Updating | UpdateState::RollbackStarted)
+        );
+        let mut may_stop_outdated = 0usize;
+        if updating {
+            let mut in_flight = 0usize;
+            let mut outdated = 0usize;
+            let mut failed: Option<&Task> = None;
+            for (k, hist) in &slots {
+                let Some(l) = hist.last() else { continue };
+                if !wanted.contains(k) {
+                    continue;
+                }
+                let current =
+                    l.desired_state <= TaskState::Running && !l.status.state.is_terminal();
+                if l.version == svc.version {
+                    if current && !healthy(l) {
+                        in_flight += 1;
+                    }
+                    if ended_by_itself(l) && l.status.state != TaskState::Shutdown {
+                        failed = failed.or(Some(l));
+                    }
+                } else if current {
+                    outdated += 1;
+                } else if !l.status.state.is_terminal() || l.status.state == TaskState::Shutdown {
+                    // Being stopped, or stopped and about to be replaced.
+                    in_flight += 1;
+                }
+            }
+            let u = svc.spec.update.clone();
+            let rollback = svc
+                .update_status
+                .as_ref()
+                .is_some_and(|u| u.state == UpdateState::RollbackStarted);
+            if let (Some(f), false) = (
+                failed,
+                u.failure_action == mesh_api::FailureAction::Continue,
+            ) {
+                let msg = format!(
+                    "update paused due to failure or early termination of task {}",
+                    f.id
+                );
+                if u.failure_action == mesh_api::FailureAction::Rollback
+                    && !rollback
+                    && svc.previous_spec.is_some()
+                {
+                    let mut next = svc.clone();
+                    next.spec = svc
+                        .previous_spec
+                        .clone()
+                        .unwrap_or_else(|| svc.spec.clone());
+                    next.previous_spec = Some(svc.spec.clone());
+                    next.version += 1;
+                    next.updated_at = now_ms / 1000;
+                    next.update_status = Some(UpdateStatus {
+                        state: UpdateState::RollbackStarted,
+                        started_at: now_ms / 1000,
+                        message: format!("rollback started after failure of task {}", f.id),
+                    });
+                    p.other.push(Command::UpdateService { service: next });
+                } else {
+                    let state = if rollback {
+                        UpdateState::RollbackPaused
+                    } else {
+                        UpdateState::Paused
+                    };
+                    p.other.push(Command::SetUpdateStatus {
+                        service_id: svc.id.clone(),
+                        status: Some(UpdateStatus {
+                            state,
+                            started_at: now_ms / 1000,
+                            message: msg,
+                        }),
+                    });
+                }
+                self.reconcile_slots(s, svc, &slots, &wanted, now_ms, 0, p, &node_gone, &drained);
+                return;
+            }
+            if outdated == 0 && in_flight == 0 {
+                let state = if rollback {
+                    UpdateState::RollbackCompleted
+                } else {
+                    UpdateState::Completed
+                };
+                let message = if rollback {
+                    "rollback completed"
+                } else {
+                    "update completed"
+                };
+                p.other.push(Command::SetUpdateStatus {
+                    service_id: svc.id.clone(),
+                    status: Some(UpdateStatus {
+                        state,
+                        started_at: now_ms / 1000,
+                        message: message.into(),
+                    }),
+                });
+            } else {
+                let parallelism = if u.parallelism == 0 {
+                    usize::MAX
+                } else {
+                    u.parallelism as usize
+                };
+                let last = self.last_batch_ms.get(&svc.id).copied().unwrap_or(0);
+                if in_flight < parallelism && now_ms >= last + u.delay_ms {
+                    may_stop_outdated = parallelism - in_flight;
+                }
+            }
+        }
+        let stopped = self.reconcile_slots(
+            s,
+            svc,
+            &slots,
+            &wanted,
+            now_ms,
+            may_stop_outdated,
+            p,
+            &node_gone,
+            &drained,
+        );
+        if stopped > 0 {
+            self.last_batch_ms.insert(svc.id.clone(), now_ms);
+        }
+    }
+
+    /// Reconciles every slot; returns how many outdated tasks it stopped for the update.
+    #[allow(clippy::too_many_arguments)]
+    fn reconcile_slots(
+        &mut self,
+        s: &StoreState,
+        svc: &Service,
+        slots: &BTreeMap<Key, Vec<&Task>>,
+        wanted: &BTreeSet<Key>,
+        now_ms: u64,
+        mut may_stop_outdated: usize,
+        p: &mut Plan,
+        node_gone: &dyn Fn(&Task) -> bool,
+        drained: &dyn Fn(&Task) -> bool,
+    ) -> usize {
+        let _ = s;
+        let mut stopped_outdated = 0;
+        let keys: BTreeSet<&Key> = slots.keys().chain(wanted.iter()).collect();
+        let orphan = |t: &Task, p: &mut Plan| {
+            p.shutdown.insert(t.id.clone());
+            if !t.status.state.is_terminal() {
+                p.statuses.push((
+                    t.id.clone(),
+                    status(TaskState::Orphaned, now_ms, "node is down"),
+                ));
+            }
+        };
+        for key in keys {
+            let empty = Vec::new();
+            let hist = slots.get(key).unwrap_or(&empty);
+            let latest = hist.last().copied();
+            // Older tasks still meant to run (e.g. after a partition) are stopped.
+            for t in hist.iter().rev().skip(1) {
+                if t.desired_state <= TaskState::Running {
+                    p.shutdown.insert(t.id.clone());
+                }
+            }
+            self.trim_history(svc, hist, p);
+            if !wanted.contains(key) {
+                for t in hist {
+                    if t.desired_state <= TaskState::Running {
+                        p.shutdown.insert(t.id.clone());
+                    }
+                }
+                continue;
+            }
+            let Some(l) = latest else {
+                p.create.push(self.new_task(svc, key, now_ms));
+                continue;
+            };
+            let terminal = l.status.state.is_terminal();
+            if l.desired_state <= TaskState::Running && !terminal {
+                // The current task of the slot.
+                if node_gone(l) {
+                    orphan(l, p);
+                    p.create.push(self.new_task(svc, key, now_ms));
+                } else if !l.node_id.is_empty() && drained(l) {
+                    p.shutdown.insert(l.id.clone());
+                    if matches!(key, Key::Slot(_)) {
+                        p.create.push(self.new_task(svc, key, now_ms));
+                    }
+                } else if l.version < svc.version && may_stop_outdated > 0 {
+                    p.shutdown.insert(l.id.clone());
+                    may_stop_outdated -= 1;
+                    stopped_outdated += 1;
+                }
+            } else if l.desired_state <= TaskState::Running {
+                // Ended by itself: the restart policy decides.
+                let r = &svc.spec.restart;
+                let failed = l.status.state != TaskState::Complete;
+                let allowed = match r.condition {
+                    RestartCondition::Any => true,
+                    RestartCondition::OnFailure => failed,
+                    RestartCondition::None => false,
+                };
+                let attempts = hist
+                    .iter()
+                    .filter(|t| {
+                        t.version == svc.version
+                            && t.status.state.is_terminal()
+                            && t.status.state != TaskState::Shutdown
+                    })
+                    .count() as u64;
+                let exhausted =
+                    svc.spec.restart.max_attempts > 0 && attempts > svc.spec.restart.max_attempts;
+                if !allowed || exhausted {
+                    p.shutdown.insert(l.id.clone());
+                } else if now_ms >= l.status.timestamp_ms + svc.spec.restart.delay_ms {
+                    p.shutdown.insert(l.id.clone());
+                    p.create.push(self.new_task(svc, key, now_ms));
+                }
+            } else if terminal {
+                // Stopped on purpose: replace it, unless it had already ended by itself and
+                // the restart policy gave up on it.
+                if matches!(
+                    l.status.state,
+                    TaskState::Shutdown | TaskState::Orphaned | TaskState::Remove
+                ) {
+                    p.create.push(self.new_task(svc, key, now_ms));
+                }
+            } else if node_gone(l) {
+                // Being stopped on a node that is gone: replace it now.
+                orphan(l, p);
+                p.create.push(self.new_task(svc, key, now_ms));
+            } else if l.node_id.is_empty() {
+                // Never placed: nothing runs, so it is done.
+                p.statuses.push((
+                    l.id.clone(),
+                    status(TaskState::Shutdown, now_ms, "shut down before placement"),
+                ));
+            }
+        }
+        stopped_outdated
+    }
+
+    fn trim_history(&self, svc: &Service, hist: &[&Task], p: &mut Plan) {
+        let keep = HISTORY_PER_SLOT.max(svc.spec.restart.max_attempts as usize + 1);
+        if hist.len() <= keep {
+            return;
+        }
+        let excess = hist.len() - keep;
+        for t in hist
+            .iter()
+            .filter(|t| t.status.state.is_terminal() && t.desired_state >= TaskState::Shutdown)
+            .take(excess)
+        {
+            p.delete.push(t.id.clone());
+        }
+    }
+
+    /// New -> Pending (nothing to allocate yet), then Pending -> Assigned by the scheduler.
+    fn allocate_and_schedule(&mut self, s: &StoreState, now_ms: u64) -> Vec<Assignment> {
+        let mut out = Vec::new();
+        let mut sched = Scheduler::new(s.nodes.values(), s.tasks.values());
+        let mut pending: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+        for t in s.tasks.values() {
+            if t.desired_state > TaskState::Running || !s.services.contains_key(&t.service_id) {
+                continue;
+            }
+            match t.status.state {
+                TaskState::New => out.push(Assignment {
+                    task_id: t.id.clone(),
+                    node_id: None,
+                    status: status(TaskState::Pending, now_ms, "pending task scheduling"),
+                }),
+                TaskState::Pending => pending.entry(&t.service_id).or_default().push(t),
+                _ => {}
+            }
+        }
+        for (svc_id, tasks) in pending {
+            let svc = &s.services[svc_id];
+            let constraints = match parse_constraints(&svc.spec.constraints) {
+                Ok(c) => c,
+                Err(e) => {
+                    for t in tasks {
+                        out.push(self.unplaced(t, now_ms, &e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            let (global, replicated): (Vec<&Task>, Vec<&Task>) =
+                tasks.into_iter().partition(|t| t.slot == 0);
+            if !global.is_empty() {
+                let ok: BTreeSet<String> = sched
+                    .eligible_nodes(&constraints, &svc.spec.resources)
+                    .into_iter()
+                    .collect();
+                for t in global {
+                    if ok.contains(&t.node_id) {
+                        out.push(Assignment {
+                            task_id: t.id.clone(),
+                            node_id: Some(t.node_id.clone()),
+                            status: status(TaskState::Assigned, now_ms, "assigned"),
+                        });
+                    }
+                }
+            }
+            let mut replicated = replicated;
+            replicated.sort_by_key(|t| (t.slot, t.created_at));
+            let picks = sched.place(svc_id, &constraints, &svc.spec.resources, replicated.len());
+            for (t, pick) in replicated.into_iter().zip(picks) {
+                match pick {
+                    Ok(node) => out.push(Assignment {
+                        task_id: t.id.clone(),
+                        node_id: Some(node),
+                        status: status(TaskState::Assigned, now_ms, "assigned"),
+                    }),
+                    Err(reason) => {
+                        if t.status.err != reason {
+                            out.push(self.unplaced(t, now_ms, &reason));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn unplaced(&self, t: &Task, now_ms: u64, reason: &str) -> Assignment {
+        let mut st = status(TaskState::Pending, now_ms, "pending task scheduling");
+        st.err = reason.to_string();
+        Assignment {
+            task_id: t.id.clone(),
+            node_id: None,
+            status: st,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::field_reassign_with_default)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use mesh_api::{Cluster, FailureAction, NodeRole, RestartPolicy, ServiceSpec, UpdateConfig};
+
+    use super::*;
+    use crate::state::CommandResult;
+
+    fn cluster() -> StoreState {
+        let mut s = StoreState::default();
+        s.cluster = Some(Cluster {
+            id: "c".into(),
+            created_at: 0,
+            ca_cert_pem: String::new(),
+            ca_key_pem: String::new(),
+            worker_secret: String::new(),
+            manager_secret: String::new(),
+        });
+        for i in 1..=3 {
+            let id = format!("n{i}");
+            s.nodes.insert(
+                id.clone(),
+                Node {
+                    id: id.clone(),
+                    hostname: format!("h{i}"),
+                    role: NodeRole::Worker,
+                    availability: Availability::Active,
+                    state: NodeState::Ready,
+                    addr: String::new(),
+                    raft_id: i,
+                    labels: BTreeMap::new(),
+                    created_at: 0,
+                    updated_at: 0,
+                    resources: Default::default(),
+                },
+            );
+        }
+        s
+    }
+
+    fn spec(mode: ServiceMode) -> ServiceSpec {
+        ServiceSpec {
+            name: "web".into(),
+            mode,
+            command: vec!["sleep".into(), "1000".into()],
+            env: vec![],
+            networks: vec![],
+            ports: vec![],
+            endpoint_mode: Default::default(),
+            constraints: vec![],
+            restart: RestartPolicy {
+                delay_ms: 0,
+                ..Default::default()
+            },
+            update: UpdateConfig {
+                monitor_ms: 0,
+                ..Default::default()
+            },
+            resources: Default::default(),
+            labels: Default::default(),
+        }
+    }
+
+    struct World {
+        s: StoreState,
+        o: Orchestrator,
+        now: u64,
+    }
+
+    impl World {
+        fn new(mode: ServiceMode) -> World {
+            let mut s = cluster();
+            let svc = Service {
+                id: "svc".into(),
+                spec: spec(mode),
+                previous_spec: None,
+                version: 1,
+                created_at: 0,
+                updated_at: 0,
+                update_status: None,
+            };
+            assert_eq!(
+                s.apply(&Command::CreateService { service: svc }),
+                CommandResult::Ok
+            );
+            let mut n = 0;
+            let o = Orchestrator {
+                new_id: Some(Box::new(move || {
+                    n += 1;
+                    format!("t{n:03}")
+                })),
+                ..Default::default()
+            };
+            World {
+                s,
+                o,
+                now: 1_000_000,
+            }
+        }
+
+        /// One orchestrator pass plus one pass of every node agent; true if anything changed.
+        fn step(&mut self) -> bool {
+            self.now += 100;
+            let cmds = self.o.plan(&self.s, self.now);
+            let changed = !cmds.is_empty();
+            for c in &cmds {
+                self.s.apply(c);
+            }
+            let mut updates = Vec::new();
+            for t in self.s.tasks.values() {
+                let down = self
+                    .s
+                    .nodes
+                    .get(&t.node_id)
+                    .is_none_or(|n| n.state != NodeState::Ready);
+                if t.node_id.is_empty()
+                    || down
+                    || t.status.state.is_terminal()
+                    || t.status.state < TaskState::Assigned
+                {
+                    continue;
+                }
+                let next = if t.desired_state > TaskState::Running {
+                    TaskState::Shutdown
+                } else {
+                    TaskState::Running
+                };
+                if next != t.status.state {
+                    updates.push((t.id.clone(), status(next, self.now, "agent")));
+                }
+            }
+            let agents = !updates.is_empty();
+            self.s.apply(&Command::UpdateTaskStatus { updates });
+            changed || agents
+        }
+
+        fn settle(&mut self) {
+            for _ in 0..50 {
+                if !self.step() {
+                    return;
+                }
+            }
+            panic!("did not converge: {:#?}", self.s.tasks);
+        }
+
+        fn running(&self) -> Vec<&Task> {
+            self.s
+                .tasks
+                .values()
+                .filter(|t| {
+                    t.desired_state == TaskState::Running && t.status.state == TaskState::Running
+                })
+                .collect()
+        }
+
+        fn per_node(&self) -> BTreeMap<String, usize> {
+            let mut m = BTreeMap::new();
+            for t in self.running() {
+                *m.entry(t.node_id.clone()).or_default() += 1;
+            }
+            m
+        }
+
+        fn set_replicas(&mut self, r: u64) {
+            let mut svc = self.s.services["svc"].clone();
+            svc.spec.mode = ServiceMode::Replicated { replicas: r };
+            self.s.apply(&Command::UpdateService { service: svc });
+        }
+
+        fn fail(&mut self, id: &str, exit: i32) {
+            let mut st = status(
+                if exit == 0 {
+                    TaskState::Complete
+                } else {
+                    TaskState::Failed
+                },
+                self.now,
+                "exit",
+            );
+            st.exit_code = Some(exit);
+            self.s.apply(&Command::UpdateTaskStatus {
+                updates: vec![(id.to_string(), st)],
+            });
+        }
+    }
+
+    #[test]
+    fn replicas_spread_over_nodes_and_scale() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 3 });
+        w.settle();
+        assert_eq!(w.running().len(), 3);
+        assert_eq!(
+            w.per_node().values().copied().collect::<Vec<_>>(),
+            vec![1, 1, 1]
+        );
+        w.set_replicas(6);
+        w.settle();
+        assert_eq!(
+            w.per_node().values().copied().collect::<Vec<_>>(),
+            vec![2, 2, 2]
+        );
+        w.set_replicas(2);
+        w.settle();
+        assert_eq!(w.running().len(), 2);
+        let slots: Vec<u64> = w.running().iter().map(|t| t.slot).collect();
+        assert_eq!(slots, vec![1, 2]);
+        // Converged: nothing more to do.
+        assert!(w.o.plan(&w.s, w.now + 100).is_empty());
+    }
+
+    #[test]
+    fn failed_task_restarts_under_policy() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 1 });
+        w.settle();
+        let first = w.running()[0].id.clone();
+        w.fail(&first, 137);
+        w.settle();
+        let now = w.running();
+        assert_eq!(now.len(), 1);
+        assert_ne!(now[0].id, first);
+        assert_eq!(now[0].slot, 1);
+        assert_eq!(w.s.tasks[&first].desired_state, TaskState::Shutdown);
+
+        // on-failure: a clean exit is not restarted; none: nothing is.
+        let mut svc = w.s.services["svc"].clone();
+        svc.spec.restart.condition = RestartCondition::OnFailure;
+        w.s.apply(&Command::UpdateService { service: svc });
+        let cur = w.running()[0].id.clone();
+        w.fail(&cur, 0);
+        w.settle();
+        assert!(w.running().is_empty());
+    }
+
+    #[test]
+    fn restart_delay_and_max_attempts() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 1 });
+        let mut svc = w.s.services["svc"].clone();
+        svc.spec.restart = RestartPolicy {
+            condition: RestartCondition::Any,
+            delay_ms: 1000,
+            max_attempts: 2,
+        };
+        w.s.apply(&Command::UpdateService { service: svc });
+        w.settle();
+        for attempt in 0..3 {
+            let id = w.running()[0].id.clone();
+            w.fail(&id, 1);
+            // Within the delay nothing happens.
+            w.step();
+            assert!(w.running().is_empty(), "attempt {attempt}");
+            w.now += 1000;
+            w.settle();
+            if attempt < 2 {
+                assert_eq!(w.running().len(), 1, "attempt {attempt}");
+            }
+        }
+        assert!(w.running().is_empty(), "gave up after max attempts");
+    }
+
+    #[test]
+    fn down_and_drained_nodes_lose_their_tasks() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 3 });
+        w.settle();
+        w.s.nodes.get_mut("n1").unwrap().state = NodeState::Down;
+        w.settle();
+        assert_eq!(w.running().len(), 3);
+        assert!(!w.per_node().contains_key("n1"));
+        let orphaned =
+            w.s.tasks
+                .values()
+                .filter(|t| t.status.state == TaskState::Orphaned)
+                .count();
+        assert_eq!(orphaned, 1);
+        w.s.nodes.get_mut("n2").unwrap().availability = Availability::Drain;
+        w.settle();
+        assert_eq!(
+            w.per_node().keys().cloned().collect::<Vec<_>>(),
+            vec!["n3".to_string()]
+        );
+        assert_eq!(w.running().len(), 3);
+    }
+
+    #[test]
+    fn rolling_update_respects_parallelism_and_completes() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 4 });
+        w.settle();
+        let mut svc = w.s.services["svc"].clone();
+        svc.previous_spec = Some(svc.spec.clone());
+        svc.spec.command = vec!["sleep".into(), "2000".into()];
+        svc.spec.update.parallelism = 2;
+        svc.version = 2;
+        svc.update_status = Some(UpdateStatus {
+            state: UpdateState::Updating,
+            started_at: 0,
+            message: String::new(),
+        });
+        w.s.apply(&Command::UpdateService { service: svc });
+        let mut max_down = 0;
+        for _ in 0..60 {
+            let changed = w.step();
+            max_down = max_down.max(4 - w.running().len());
+            if !changed {
+                break;
+            }
+        }
+        assert!(
+            max_down <= 2,
+            "at most parallelism tasks down at once, saw {max_down}"
+        );
+        assert!(w
+            .running()
+            .iter()
+            .all(|t| t.version == 2 && t.spec.command[1] == "2000"));
+        assert_eq!(
+            w.s.services["svc"].update_status.as_ref().unwrap().state,
+            UpdateState::Completed
+        );
+    }
+
+    #[test]
+    fn failing_update_pauses_or_rolls_back() {
+        for action in [FailureAction::Pause, FailureAction::Rollback] {
+            let mut w = World::new(ServiceMode::Replicated { replicas: 2 });
+            w.settle();
+            let mut svc = w.s.services["svc"].clone();
+            svc.previous_spec = Some(svc.spec.clone());
+            svc.spec.command = vec!["false".into()];
+            svc.spec.update.failure_action = action;
+            svc.spec.restart.delay_ms = 60_000;
+            svc.version = 2;
+            svc.update_status = Some(UpdateStatus {
+                state: UpdateState::Updating,
+                started_at: 0,
+                message: String::new(),
+            });
+            w.s.apply(&Command::UpdateService { service: svc });
+            // Run until the first new task exists and runs, then make it fail.
+            for _ in 0..20 {
+                w.step();
+                if let Some(t) = w.running().into_iter().find(|t| t.version == 2) {
+                    let id = t.id.clone();
+                    w.fail(&id, 1);
+                    break;
+                }
+            }
+            for _ in 0..40 {
+                w.step();
+            }
+            let st = w.s.services["svc"].update_status.clone().unwrap();
+            match action {
+                FailureAction::Pause => {
+                    assert_eq!(st.state, UpdateState::Paused, "{st:?}");
+                    // One slot still runs the old version: the update stopped there.
+                    assert!(w.running().iter().any(|t| t.version == 1));
+                }
+                _ => {
+                    assert_eq!(st.state, UpdateState::RollbackCompleted, "{st:?}");
+                    let svc = &w.s.services["svc"];
+                    assert_eq!(svc.spec.command[0], "sleep");
+                    assert_eq!(w.running().len(), 2);
+                    assert!(w
+                        .running()
+                        .iter()
+                        .all(|t| t.version == 3 && t.spec.command[0] == "sleep"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn global_service_runs_once_per_eligible_node() {
+        let mut w = World::new(ServiceMode::Global);
+        w.settle();
+        assert_eq!(w.per_node().len(), 3);
+        // A node that joins later gets one too.
+        let mut n4 = w.s.nodes["n1"].clone();
+        n4.id = "n4".into();
+        n4.hostname = "h4".into();
+        w.s.nodes.insert("n4".into(), n4);
+        w.settle();
+        assert_eq!(w.per_node().len(), 4);
+        // A constraint that excludes a node stops its task.
+        let mut svc = w.s.services["svc"].clone();
+        svc.spec.constraints = vec!["node.hostname!=h2".into()];
+        w.s.apply(&Command::UpdateService { service: svc });
+        w.settle();
+        assert!(!w.per_node().contains_key("n2"));
+        assert_eq!(w.running().len(), 3);
+    }
+
+    #[test]
+    fn returning_node_does_not_keep_replaced_tasks() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 3 });
+        w.settle();
+        let on_n1: Vec<String> = w
+            .running()
+            .iter()
+            .filter(|t| t.node_id == "n1")
+            .map(|t| t.id.clone())
+            .collect();
+        w.s.nodes.get_mut("n1").unwrap().state = NodeState::Down;
+        w.settle();
+        w.s.nodes.get_mut("n1").unwrap().state = NodeState::Ready;
+        w.settle();
+        // The replaced task is not assigned to n1 any more, so its agent stops it.
+        let assigned = crate::agent::assigned_to(w.s.tasks.values(), "n1");
+        assert!(on_n1.iter().all(|id| !assigned.iter().any(|t| &t.id == id)));
+        assert_eq!(w.running().len(), 3);
+    }
+
+    #[test]
+    fn removed_service_tasks_are_deleted_once_stopped() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 2 });
+        w.settle();
+        w.s.apply(&Command::RemoveService { id: "svc".into() });
+        w.settle();
+        assert!(w.s.tasks.is_empty());
+    }
+
+    #[test]
+    fn history_is_trimmed_per_slot() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 1 });
+        w.settle();
+        for _ in 0..10 {
+            let id = w.running()[0].id.clone();
+            w.fail(&id, 1);
+            w.settle();
+        }
+        assert!(
+            w.s.tasks.len() <= HISTORY_PER_SLOT,
+            "{} tasks kept",
+            w.s.tasks.len()
+        );
+    }
+}

@@ -1,0 +1,409 @@
+//! Service management on the leader: spec validation (bad specs are refused before anything is
+//! stored), create, update (rolling, or a plain scale), rollback, remove, and the views
+//! `service ls`, `service ps` and `service inspect` show.
+
+use std::collections::BTreeMap;
+
+use mesh_api::{
+    ApiError, ErrorKind, Service, ServiceMode, ServiceSpec, ServiceSummary, ServiceUpdate,
+    TaskState, TaskSummary, UpdateState, UpdateStatus,
+};
+use serde_json::{json, Value};
+
+use crate::state::StoreState;
+
+/// Service names follow DNS labels, as Docker's: they become DNS names later.
+pub fn validate_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "invalid service name: {name:?} (1-63 letters, digits, '-' or '_', starting with a letter or digit)"
+        )))
+    }
+}
+
+/// Checks a spec against the cluster; the error names what is wrong.
+pub fn validate_spec(spec: &ServiceSpec, state: &StoreState) -> Result<(), ApiError> {
+    validate_name(&spec.name)?;
+    if spec.command.is_empty() || spec.command[0].trim().is_empty() {
+        return Err(ApiError::invalid(format!(
+            "service {}: the command is empty",
+            spec.name
+        )));
+    }
+    for e in &spec.env {
+        match e.split_once('=') {
+            Some((k, _)) if !k.is_empty() => {}
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "invalid environment variable: {e:?} (expected KEY=VALUE)"
+                )))
+            }
+        }
+    }
+    mesh_scheduler::parse_constraints(&spec.constraints).map_err(ApiError::invalid)?;
+    // Overlay networks arrive with the overlay issue; until then none exists.
+    let _ = state;
+    if let Some(n) = spec.networks.first() {
+        return Err(ApiError::not_found(format!("no such network: {n}")));
+    }
+    if !spec.ports.is_empty() {
+        return Err(ApiError::invalid("publishing ports is not supported yet"));
+    }
+    if spec.endpoint_mode == mesh_api::EndpointMode::Dnsrr && !spec.ports.is_empty() {
+        return Err(ApiError::invalid(
+            "port published with ingress mode can't be used with dnsrr mode",
+        ));
+    }
+    if spec.update.monitor_ms > 3_600_000
+        || spec.update.delay_ms > 3_600_000
+        || spec.restart.delay_ms > 3_600_000
+    {
+        return Err(ApiError::invalid(
+            "delays and monitor periods must be at most 1h",
+        ));
+    }
+    Ok(())
+}
+
+/// Applies `service update` arguments to a spec.
+pub fn apply_update(spec: &ServiceSpec, u: &ServiceUpdate) -> Result<ServiceSpec, ApiError> {
+    let mut s = spec.clone();
+    if let Some(r) = u.replicas {
+        match &mut s.mode {
+            ServiceMode::Replicated { replicas } => *replicas = r,
+            ServiceMode::Global => {
+                return Err(ApiError::invalid(format!(
+                    "service {}: replicas can only be used with replicated mode",
+                    spec.name
+                )))
+            }
+        }
+    }
+    if let Some(c) = &u.command {
+        s.command = c.clone();
+    }
+    let key = |e: &str| {
+        e.split_once('=')
+            .map(|(k, _)| k.to_string())
+            .unwrap_or_else(|| e.to_string())
+    };
+    s.env
+        .retain(|e| !u.env_rm.contains(&key(e)) && !u.env_add.iter().any(|a| key(a) == key(e)));
+    s.env.extend(u.env_add.iter().cloned());
+    s.constraints.retain(|c| !u.constraint_rm.contains(c));
+    for c in &u.constraint_add {
+        if !s.constraints.contains(c) {
+            s.constraints.push(c.clone());
+        }
+    }
+    if let Some(c) = u.restart_condition {
+        s.restart.condition = c;
+    }
+    if let Some(d) = u.restart_delay_ms {
+        s.restart.delay_ms = d;
+    }
+    if let Some(m) = u.restart_max_attempts {
+        s.restart.max_attempts = m;
+    }
+    if let Some(p) = u.update_parallelism {
+        s.update.parallelism = p;
+    }
+    if let Some(d) = u.update_delay_ms {
+        s.update.delay_ms = d;
+    }
+    if let Some(a) = u.update_failure_action {
+        s.update.failure_action = a;
+    }
+    if let Some(m) = u.update_monitor_ms {
+        s.update.monitor_ms = m;
+    }
+    if let Some(c) = u.nano_cpus {
+        s.resources.nano_cpus = c;
+    }
+    if let Some(m) = u.memory_bytes {
+        s.resources.memory_bytes = m;
+    }
+    Ok(s)
+}
+
+/// Whether two specs differ in more than the replica count (a plain scale replaces no task).
+pub fn needs_rollout(old: &ServiceSpec, new: &ServiceSpec) -> bool {
+    let mut a = old.clone();
+    let mut b = new.clone();
+    if let (ServiceMode::Replicated { .. }, ServiceMode::Replicated { .. }) = (&a.mode, &b.mode) {
+        a.mode = ServiceMode::Replicated { replicas: 0 };
+        b.mode = ServiceMode::Replicated { replicas: 0 };
+    }
+    // Update and restart settings steer the orchestrator; they do not change the tasks.
+    a.update = Default::default();
+    b.update = Default::default();
+    a != b
+}
+
+/// The next version of a service whose spec becomes `spec`.
+pub fn updated(svc: &Service, spec: ServiceSpec, force: bool, now: u64) -> Service {
+    let mut next = svc.clone();
+    let rollout = force || needs_rollout(&svc.spec, &spec);
+    if rollout {
+        next.previous_spec = Some(svc.spec.clone());
+        next.version += 1;
+        next.update_status = Some(UpdateStatus {
+            state: UpdateState::Updating,
+            started_at: now,
+            message: "update in progress".into(),
+        });
+    }
+    next.spec = spec;
+    next.updated_at = now;
+    next
+}
+
+/// The version `service rollback` goes back to.
+pub fn rolled_back(svc: &Service, now: u64) -> Result<Service, ApiError> {
+    let prev = svc.previous_spec.clone().ok_or_else(|| {
+        ApiError::invalid(format!(
+            "service {} does not have a previous spec",
+            svc.spec.name
+        ))
+    })?;
+    let mut next = svc.clone();
+    next.previous_spec = Some(svc.spec.clone());
+    next.spec = prev;
+    next.version += 1;
+    next.updated_at = now;
+    next.update_status = Some(UpdateStatus {
+        state: UpdateState::RollbackStarted,
+        started_at: now,
+        message: "manually requested rollback".into(),
+    });
+    Ok(next)
+}
+
+/// How many tasks a service wants, and how many run.
+pub fn replica_counts(state: &StoreState, svc: &Service) -> (u64, u64) {
+    let running = state
+        .service_tasks(&svc.id)
+        .filter(|t| t.desired_state == TaskState::Running && t.status.state == TaskState::Running)
+        .count() as u64;
+    let desired = match svc.spec.mode {
+        ServiceMode::Replicated { replicas } => replicas,
+        ServiceMode::Global => state
+            .service_tasks(&svc.id)
+            .filter(|t| t.desired_state == TaskState::Running && !t.status.state.is_terminal())
+            .count() as u64,
+    };
+    (running, desired)
+}
+
+pub fn ls(state: &StoreState) -> Vec<ServiceSummary> {
+    let mut out: Vec<ServiceSummary> = state
+        .services
+        .values()
+        .map(|svc| {
+            let (running, desired) = replica_counts(state, svc);
+            ServiceSummary {
+                id: svc.id.clone(),
+                name: svc.spec.name.clone(),
+                mode: match svc.spec.mode {
+                    ServiceMode::Replicated { .. } => "replicated".into(),
+                    ServiceMode::Global => "global".into(),
+                },
+                running,
+                desired,
+                ports: String::new(),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// `service ps`: per slot the newest task first, then its history, as Docker lists them.
+pub fn ps(state: &StoreState, svc: &Service) -> Vec<(TaskSummary, u64)> {
+    let mut by_slot: BTreeMap<(u64, String), Vec<&mesh_api::Task>> = BTreeMap::new();
+    for t in state.service_tasks(&svc.id) {
+        let key = if t.slot > 0 {
+            (t.slot, String::new())
+        } else {
+            (0, t.node_id.clone())
+        };
+        by_slot.entry(key).or_default().push(t);
+    }
+    let node_name = |id: &str| {
+        state
+            .nodes
+            .get(id)
+            .map(|n| n.hostname.clone())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for (_, mut tasks) in by_slot {
+        tasks.sort_by(|a, b| {
+            (b.created_at, b.status.timestamp_ms).cmp(&(a.created_at, a.status.timestamp_ms))
+        });
+        for (i, t) in tasks.into_iter().enumerate() {
+            let desired = if t.desired_state <= TaskState::Running && t.status.state.is_terminal() {
+                TaskState::Shutdown
+            } else {
+                t.desired_state
+            };
+            out.push((
+                TaskSummary {
+                    id: t.id.clone(),
+                    name: t.short_name(),
+                    node: node_name(&t.node_id),
+                    desired_state: desired.to_string(),
+                    current_state: t.status.state.to_string(),
+                    error: t.status.err.clone(),
+                    is_history: i > 0,
+                },
+                t.status.timestamp_ms,
+            ));
+        }
+    }
+    out
+}
+
+/// `service inspect`, in Docker's shape.
+pub fn inspect(state: &StoreState, svc: &Service) -> Value {
+    let (running, desired) = replica_counts(state, svc);
+    json!({
+        "ID": svc.id,
+        "Version": { "Index": svc.version },
+        "CreatedAt": svc.created_at,
+        "UpdatedAt": svc.updated_at,
+        "Spec": svc.spec,
+        "PreviousSpec": svc.previous_spec,
+        "UpdateStatus": svc.update_status,
+        "Endpoint": { "Spec": { "Mode": svc.spec.endpoint_mode }, "Ports": svc.spec.ports, "VirtualIPs": [] },
+        "ServiceStatus": { "RunningTasks": running, "DesiredTasks": desired },
+    })
+}
+
+pub fn conflict(name: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::AlreadyExists,
+        format!("service {name} already exists"),
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::field_reassign_with_default)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ServiceSpec {
+        ServiceSpec {
+            name: "web".into(),
+            mode: ServiceMode::Replicated { replicas: 2 },
+            command: vec!["sleep".into(), "1000".into()],
+            env: vec!["A=1".into()],
+            networks: vec![],
+            ports: vec![],
+            endpoint_mode: Default::default(),
+            constraints: vec![],
+            restart: Default::default(),
+            update: Default::default(),
+            resources: Default::default(),
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        assert!(validate_name("web-1").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("-x").is_err());
+        assert!(validate_name("a.b").is_err());
+        assert!(validate_name(&"x".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_clear_errors() {
+        let st = StoreState::default();
+        let mut s = spec();
+        s.command = vec![];
+        assert!(validate_spec(&s, &st)
+            .unwrap_err()
+            .message
+            .contains("command is empty"));
+        let mut s = spec();
+        s.constraints = vec!["node.colour==red".into()];
+        assert!(validate_spec(&s, &st)
+            .unwrap_err()
+            .message
+            .contains("unknown key"));
+        let mut s = spec();
+        s.constraints = vec!["node.role=manager".into()];
+        assert!(validate_spec(&s, &st).is_err());
+        let mut s = spec();
+        s.env = vec!["NOVALUE".into()];
+        assert!(validate_spec(&s, &st)
+            .unwrap_err()
+            .message
+            .contains("KEY=VALUE"));
+        let mut s = spec();
+        s.networks = vec!["appnet".into()];
+        let mut st2 = StoreState::default();
+        st2.cluster = Some(mesh_api::Cluster {
+            id: "c".into(),
+            created_at: 0,
+            ca_cert_pem: String::new(),
+            ca_key_pem: String::new(),
+            worker_secret: String::new(),
+            manager_secret: String::new(),
+        });
+        assert_eq!(
+            validate_spec(&s, &st2).unwrap_err().message,
+            "no such network: appnet"
+        );
+    }
+
+    #[test]
+    fn scale_is_not_a_rollout_but_a_command_change_is() {
+        let a = spec();
+        let mut b = spec();
+        b.mode = ServiceMode::Replicated { replicas: 5 };
+        assert!(!needs_rollout(&a, &b));
+        b.command = vec!["sleep".into(), "5".into()];
+        assert!(needs_rollout(&a, &b));
+        let mut c = spec();
+        c.update.parallelism = 3;
+        assert!(!needs_rollout(&a, &c));
+    }
+
+    #[test]
+    fn update_edits_env_and_constraints() {
+        let u = ServiceUpdate {
+            env_add: vec!["B=2".into(), "A=9".into()],
+            constraint_add: vec!["node.role==worker".into()],
+            ..Default::default()
+        };
+        let s = apply_update(&spec(), &u).unwrap();
+        assert_eq!(s.env, vec!["B=2".to_string(), "A=9".to_string()]);
+        assert_eq!(s.constraints, vec!["node.role==worker".to_string()]);
+        let u = ServiceUpdate {
+            env_rm: vec!["A".into()],
+            ..Default::default()
+        };
+        assert!(apply_update(&spec(), &u).unwrap().env.is_empty());
+        let mut g = spec();
+        g.mode = ServiceMode::Global;
+        let u = ServiceUpdate {
+            replicas: Some(3),
+            ..Default::default()
+        };
+        assert!(apply_update(&g, &u).is_err());
+    }
+}
