@@ -14,6 +14,7 @@ mod api;
 mod raft;
 mod report;
 mod scheduler;
+mod services;
 mod stats;
 
 use anyhow::{bail, Result};
@@ -32,6 +33,11 @@ const BENCHES: &[Bench] = &[
         name: "raft",
         about: raft::ABOUT,
         run: raft::run,
+    },
+    Bench {
+        name: "services",
+        about: services::ABOUT,
+        run: services::run,
     },
     Bench {
         name: "scheduler",

@@ -38,6 +38,44 @@ pub fn run(keep: bool) -> Result<()> {
     show(h1, &["node", "ls"])?;
     show(c.host(4), &["node", "ls"])?;
 
+    println!("\n== a replicated service: each task is a process in its own namespaces and cgroup");
+    show(
+        h1,
+        &[
+            "service",
+            "create",
+            "--name",
+            "hello",
+            "--replicas",
+            "4",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from $MESH_TASK_NAME on $MESH_NODE_NAME; exec sleep 100000",
+        ],
+    )?;
+    show(h1, &["service", "ls"])?;
+    show(h1, &["service", "ps", "hello"])?;
+    show(h1, &["service", "logs", "hello"])?;
+    let ps = h1.mesh_json(&["service", "ps", "hello"])?;
+    let on_h4 = ps
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["Node"] == "h4"))
+        .and_then(|t| t["Name"].as_str())
+        .unwrap_or("hello.1")
+        .to_string();
+    show(
+        c.host(4),
+        &[
+            "exec",
+            &on_h4,
+            "--",
+            "sh",
+            "-c",
+            "hostname; cat /etc/resolv.conf",
+        ],
+    )?;
+
     let leader = leader_name(h1)?.unwrap_or_default();
     let lh = c
         .hosts()
@@ -92,6 +130,21 @@ pub fn run(keep: bool) -> Result<()> {
         },
     )?;
     show(lh, &["node", "ls"])?;
+    println!("\n== the task on the killed node was replaced (Orphaned), the others kept running; rolling update, then rm");
+    show(
+        h2,
+        &[
+            "service",
+            "update",
+            "--update-parallelism",
+            "2",
+            "--env-add",
+            "V=2",
+            "hello",
+        ],
+    )?;
+    show(h2, &["service", "ps", "hello"])?;
+    show(h2, &["service", "rm", "hello"])?;
     show(h2, &["node", "update", "--label-add", "zone=west", "h4"])?;
     show(h2, &["swarm", "join-token", "worker"])?;
     if keep {
