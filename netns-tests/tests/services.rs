@@ -65,10 +65,10 @@ fn pids_of(secs: u32) -> Vec<u32> {
 }
 
 fn ps(h: &Host, svc: &str) -> Result<Vec<Value>> {
-    Ok(h.mesh_json(&["service", "ps", svc])?
+    h.mesh_json(&["service", "ps", svc])?
         .as_array()
         .cloned()
-        .context("ps is an array")?)
+        .context("ps is an array")
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -547,8 +547,6 @@ fn rolling_updates_pause_and_roll_back() -> Result<()> {
                 .all(|t| !before.contains(&s(t, "ID").to_string())),
         "{running:?}"
     );
-    let insp = h1.mesh_json(&["service", "inspect", "up"]);
-    drop(insp);
     let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "up"])?)?;
     ensure!(
         insp[0]["UpdateStatus"]["state"] == "completed" && insp[0]["Spec"]["env"][0] == "V=2",
