@@ -115,7 +115,48 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         );
     }
     sh(cargo().args(["build", "--workspace", "--bins"]))?;
-    sh(cargo().args(["test", "--workspace"]).args(args))
+    // Tee cargo test's output and add up every runner's closing line, so that the run ends on
+    // one summary for the whole workspace.
+    let mut child = cargo()
+        .args(["test", "--workspace"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            let count = |word: &str| -> u64 {
+                let words: Vec<&str> = line
+                    .split([' ', ';', ','])
+                    .filter(|w| !w.is_empty())
+                    .collect();
+                words
+                    .windows(2)
+                    .find(|w| w[1] == word)
+                    .and_then(|w| w[0].parse().ok())
+                    .unwrap_or(0)
+            };
+            // libtest's "test result: ok. N passed; M failed; K ignored; ..." and the plain
+            // "N passed, M failed" of harness-less test binaries.
+            if line.starts_with("test result:")
+                || line.trim_end().ends_with(" failed") && line.contains(" passed, ")
+            {
+                passed += count("passed");
+                failed += count("failed");
+                ignored += count("ignored") + count("skipped");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
