@@ -82,6 +82,16 @@ pub enum Request {
         service: String,
         max_bytes: usize,
     },
+    NetworkCreate {
+        spec: crate::network::NetworkSpec,
+    },
+    NetworkLs,
+    NetworkInspect {
+        network: String,
+    },
+    NetworkRm {
+        network: String,
+    },
     /// Runs a command inside a task running on this node.
     Exec {
         task: String,

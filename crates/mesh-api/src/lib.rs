@@ -6,9 +6,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod network;
 pub mod objects;
 pub mod service;
 
 pub use api::{ApiError, ErrorKind, Request, Response, ServiceUpdate};
+pub use network::*;
 pub use objects::*;
 pub use service::*;

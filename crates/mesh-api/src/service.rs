@@ -270,6 +270,9 @@ pub struct Task {
     pub desired_state: TaskState,
     pub status: TaskStatus,
     pub created_at: u64,
+    /// Addresses on the service's networks, given by the allocator before scheduling.
+    #[serde(default)]
+    pub networks: Vec<crate::network::NetworkAttachment>,
 }
 
 impl Task {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod network;
 mod service;
 mod table;
 
@@ -50,6 +51,9 @@ enum Cmd {
     /// Manage services.
     #[command(subcommand)]
     Service(Box<service::ServiceCmd>),
+    /// Manage overlay networks.
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
     /// Run a command inside a task running on this node.
     Exec {
         /// Task ID, or name such as web.1.
@@ -213,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Swarm(s) => swarm(&c, s)?,
         Cmd::Node(n) => node(&c, n)?,
         Cmd::Service(s) => service::run(&c, *s)?,
+        Cmd::Network(n) => network::run(&c, n)?,
         Cmd::Exec { task, command } => {
             let status = service::exec(&c, task, command)?;
             std::process::exit(status);

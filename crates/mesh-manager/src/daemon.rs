@@ -354,6 +354,17 @@ impl Daemon {
                 .client_write(Command::InitCluster { cluster, node })
                 .await
                 .map_err(|e| ApiError::internal(format!("cannot write the cluster record: {e}")))?;
+            if let crate::state::CommandResult::Err(e) = r.data {
+                return Err(ApiError::internal(e));
+            }
+            let ingress = crate::networks::ingress(now);
+            let r = raft
+                .raft
+                .client_write(Command::CreateNetwork { network: ingress })
+                .await
+                .map_err(|e| {
+                    ApiError::internal(format!("cannot create the ingress network: {e}"))
+                })?;
             match r.data {
                 crate::state::CommandResult::Ok => Ok(()),
                 crate::state::CommandResult::Err(e) => Err(ApiError::internal(e)),

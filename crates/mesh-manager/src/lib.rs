@@ -14,9 +14,11 @@
 pub mod agent;
 pub mod daemon;
 pub mod dispatcher;
+pub mod ipam;
 pub mod local;
 pub mod member;
 pub mod network;
+pub mod networks;
 pub mod orchestrator;
 pub mod peer;
 pub mod raft_types;

@@ -889,6 +889,28 @@ impl Member {
                     .await?;
                 Ok(json!({ "id": id }))
             }
+            Request::NetworkCreate { spec } => {
+                let state = self.read(node).await?;
+                let network = crate::networks::new_network(&state, spec, now_secs())?;
+                let id = network.id.clone();
+                self.write(node, Command::CreateNetwork { network }).await?;
+                Ok(json!({ "id": id }))
+            }
+            Request::NetworkLs => Ok(json!(crate::networks::ls(&self.read(node).await?))),
+            Request::NetworkInspect { network } => {
+                let state = self.read(node).await?;
+                let n = state.find_network(&network).map_err(ApiError::not_found)?;
+                Ok(crate::networks::inspect(&state, n))
+            }
+            Request::NetworkRm { network } => {
+                let state = self.read(node).await?;
+                let n = state.find_network(&network).map_err(ApiError::not_found)?;
+                crate::networks::check_unused(&state, n)?;
+                let id = n.id.clone();
+                self.write(node, Command::RemoveNetwork { id: id.clone() })
+                    .await?;
+                Ok(json!({ "id": id }))
+            }
             Request::ServiceLs => Ok(json!(services::ls(&self.read(node).await?))),
             Request::ServicePs { service } => {
                 let state = self.read(node).await?;

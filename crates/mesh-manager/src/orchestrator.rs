@@ -135,6 +135,7 @@ impl Orchestrator {
             desired_state: TaskState::Running,
             status: status(TaskState::New, now_ms, "created"),
             created_at: now_ms / 1000,
+            networks: Vec::new(),
         }
     }
 
@@ -441,21 +442,37 @@ impl Orchestrator {
         }
     }
 
-    /// New -> Pending (nothing to allocate yet), then Pending -> Assigned by the scheduler.
+    /// New -> Pending with the task's network addresses, then Pending -> Assigned by the
+    /// scheduler.
     fn allocate_and_schedule(&mut self, s: &StoreState, now_ms: u64) -> Vec<Assignment> {
         let mut out = Vec::new();
         let mut sched = Scheduler::new(s.nodes.values(), s.tasks.values());
         let mut pending: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+        let mut used = used_addrs(s);
         for t in s.tasks.values() {
             if t.desired_state > TaskState::Running || !s.services.contains_key(&t.service_id) {
                 continue;
             }
             match t.status.state {
-                TaskState::New => out.push(Assignment {
-                    task_id: t.id.clone(),
-                    node_id: None,
-                    status: status(TaskState::Pending, now_ms, "pending task scheduling"),
-                }),
+                TaskState::New => match allocate(s, t, &mut used) {
+                    Ok(networks) => out.push(Assignment {
+                        task_id: t.id.clone(),
+                        node_id: None,
+                        status: status(TaskState::Pending, now_ms, "pending task scheduling"),
+                        networks: Some(networks),
+                    }),
+                    Err(e) if t.status.err != e => {
+                        let mut st = status(TaskState::New, now_ms, "allocation failed");
+                        st.err = e;
+                        out.push(Assignment {
+                            task_id: t.id.clone(),
+                            node_id: None,
+                            status: st,
+                            networks: None,
+                        });
+                    }
+                    Err(_) => {}
+                },
                 TaskState::Pending => pending.entry(&t.service_id).or_default().push(t),
                 _ => {}
             }
@@ -484,6 +501,7 @@ impl Orchestrator {
                             task_id: t.id.clone(),
                             node_id: Some(t.node_id.clone()),
                             status: status(TaskState::Assigned, now_ms, "assigned"),
+                            networks: None,
                         });
                     }
                 }
@@ -497,6 +515,7 @@ impl Orchestrator {
                         task_id: t.id.clone(),
                         node_id: Some(node),
                         status: status(TaskState::Assigned, now_ms, "assigned"),
+                        networks: None,
                     }),
                     Err(reason) => {
                         if t.status.err != reason {
@@ -516,8 +535,51 @@ impl Orchestrator {
             task_id: t.id.clone(),
             node_id: None,
             status: st,
+            networks: None,
         }
     }
+}
+
+/// Addresses held per network: by tasks that may still run (not finished, or orphaned on a
+/// node that may come back).
+fn used_addrs(s: &StoreState) -> BTreeMap<String, BTreeSet<std::net::Ipv4Addr>> {
+    let mut used: BTreeMap<String, BTreeSet<std::net::Ipv4Addr>> = BTreeMap::new();
+    for t in s.tasks.values() {
+        if t.status.state.is_terminal() && t.status.state != TaskState::Orphaned {
+            continue;
+        }
+        for a in &t.networks {
+            if let Some(ip) = crate::ipam::addr_of(&a.addr) {
+                used.entry(a.network_id.clone()).or_default().insert(ip);
+            }
+        }
+    }
+    used
+}
+
+/// Gives a task one address on each of its service's networks.
+fn allocate(
+    s: &StoreState,
+    t: &Task,
+    used: &mut BTreeMap<String, BTreeSet<std::net::Ipv4Addr>>,
+) -> Result<Vec<mesh_api::NetworkAttachment>, String> {
+    let mut out = Vec::new();
+    for name in &t.spec.networks {
+        let n = s.find_network(name)?;
+        let subnet = crate::ipam::Cidr::parse(&n.subnet)?;
+        let taken = used.entry(n.id.clone()).or_default();
+        let ip = crate::ipam::next_addr(&subnet, taken)
+            .ok_or_else(|| format!("no IP address left in network {}", n.spec.name))?;
+        taken.insert(ip);
+        out.push(mesh_api::NetworkAttachment {
+            network_id: n.id.clone(),
+            network_name: n.spec.name.clone(),
+            addr: format!("{ip}/{}", subnet.len),
+            vni: n.vni,
+            gateway: n.gateway.clone(),
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

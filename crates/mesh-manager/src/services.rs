@@ -52,10 +52,21 @@ pub fn validate_spec(spec: &ServiceSpec, state: &StoreState) -> Result<(), ApiEr
         }
     }
     mesh_scheduler::parse_constraints(&spec.constraints).map_err(ApiError::invalid)?;
-    // Overlay networks arrive with the overlay issue; until then none exists.
-    let _ = state;
-    if let Some(n) = spec.networks.first() {
-        return Err(ApiError::not_found(format!("no such network: {n}")));
+    let mut seen = std::collections::BTreeSet::new();
+    for name in &spec.networks {
+        let n = state
+            .find_network(name)
+            .map_err(|_| ApiError::not_found(format!("no such network: {name}")))?;
+        if n.spec.ingress {
+            return Err(ApiError::invalid(
+                "service cannot be explicitly attached to the ingress network \"ingress\"",
+            ));
+        }
+        if !seen.insert(n.id.clone()) {
+            return Err(ApiError::invalid(format!(
+                "network {name} is given more than once"
+            )));
+        }
     }
     if !spec.ports.is_empty() {
         return Err(ApiError::invalid("publishing ports is not supported yet"));

@@ -81,6 +81,12 @@ pub enum Command {
     DeleteTasks {
         ids: Vec<String>,
     },
+    CreateNetwork {
+        network: mesh_api::Network,
+    },
+    RemoveNetwork {
+        id: String,
+    },
     /// Several commands in one log entry, applied in order (the orchestrator's plan).
     Batch {
         commands: Vec<Command>,
@@ -94,6 +100,9 @@ pub struct Assignment {
     /// The chosen node, or `None` when no node fits (the task stays Pending with `status`).
     pub node_id: Option<String>,
     pub status: TaskStatus,
+    /// Network addresses given by the allocator, set with the move to Pending.
+    #[serde(default)]
+    pub networks: Option<Vec<mesh_api::NetworkAttachment>>,
 }
 
 /// What applying a command returned.
@@ -112,6 +121,8 @@ pub struct StoreState {
     pub services: BTreeMap<String, Service>,
     #[serde(default)]
     pub tasks: BTreeMap<String, Task>,
+    #[serde(default)]
+    pub networks: BTreeMap<String, mesh_api::Network>,
 }
 
 impl StoreState {
@@ -248,6 +259,9 @@ impl StoreState {
                     if let Some(n) = &a.node_id {
                         t.node_id = n.clone();
                     }
+                    if let Some(nets) = &a.networks {
+                        t.networks = nets.clone();
+                    }
                     if a.status.state >= t.status.state {
                         t.status = a.status.clone();
                     }
@@ -273,6 +287,33 @@ impl StoreState {
                 for id in ids {
                     self.tasks.remove(id);
                 }
+            }
+            Command::CreateNetwork { network } => {
+                self.cluster()?;
+                let new = crate::ipam::Cidr::parse(&network.subnet)?;
+                for n in self.networks.values() {
+                    if n.spec.name == network.spec.name {
+                        return Err(format!("network with name {} already exists", n.spec.name));
+                    }
+                    if n.vni == network.vni {
+                        return Err(format!(
+                            "vni {} already used by network {}",
+                            n.vni, n.spec.name
+                        ));
+                    }
+                    if crate::ipam::Cidr::parse(&n.subnet).is_ok_and(|c| c.overlaps(&new)) {
+                        return Err(format!(
+                            "subnet {} overlaps with network {} ({})",
+                            network.subnet, n.spec.name, n.subnet
+                        ));
+                    }
+                }
+                self.networks.insert(network.id.clone(), network.clone());
+            }
+            Command::RemoveNetwork { id } => {
+                self.networks
+                    .remove(id)
+                    .ok_or_else(|| format!("no such network: {id}"))?;
             }
             Command::Batch { commands } => {
                 let mut first_err = None;
@@ -358,6 +399,28 @@ impl StoreState {
     /// The managers, by Raft ID.
     pub fn managers(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values().filter(|n| n.role == NodeRole::Manager)
+    }
+}
+
+impl StoreState {
+    /// Finds a network by ID, unique ID prefix or name.
+    pub fn find_network(&self, key: &str) -> Result<&mesh_api::Network, String> {
+        if let Some(n) = self.networks.get(key) {
+            return Ok(n);
+        }
+        if let Some(n) = self.networks.values().find(|n| n.spec.name == key) {
+            return Ok(n);
+        }
+        let by_prefix: Vec<_> = self
+            .networks
+            .values()
+            .filter(|n| !key.is_empty() && n.id.starts_with(key))
+            .collect();
+        match by_prefix.len() {
+            1 => Ok(by_prefix[0]),
+            0 => Err(format!("no such network: {key}")),
+            n => Err(format!("network {key} is ambiguous ({n} matches)")),
+        }
     }
 }
 

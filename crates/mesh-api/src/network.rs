@@ -1,0 +1,52 @@
+//! Overlay networks and task attachments, as the replicated store keeps them and
+//! `network inspect` shows them.
+
+use serde::{Deserialize, Serialize};
+
+/// What a user asks for in `network create`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    pub name: String,
+    /// Only `overlay` exists.
+    pub driver: String,
+    /// `A.B.C.D/N`, or `None` to take the next free /24 of 10.0.0.0/8.
+    pub subnet: Option<String>,
+    pub attachable: bool,
+    /// The routing-mesh network made at `swarm init`.
+    #[serde(default)]
+    pub ingress: bool,
+}
+
+/// A network as stored: its spec and what the allocator gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: String,
+    pub spec: NetworkSpec,
+    /// `A.B.C.D/N`.
+    pub subnet: String,
+    /// The first usable address: the bridge's address on every host.
+    pub gateway: String,
+    /// VXLAN network identifier, from 4096.
+    pub vni: u32,
+    pub created_at: u64,
+}
+
+/// A task's place on a network: its address there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkAttachment {
+    pub network_id: String,
+    pub network_name: String,
+    /// `A.B.C.D/N`.
+    pub addr: String,
+    pub vni: u32,
+    pub gateway: String,
+}
+
+/// One line of `mesh network ls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSummary {
+    pub id: String,
+    pub name: String,
+    pub driver: String,
+    pub scope: String,
+}
