@@ -378,6 +378,7 @@ mod tests {
                 exit_code: None,
             },
             created_at: 0,
+            networks: Vec::new(),
         }
     }
 
