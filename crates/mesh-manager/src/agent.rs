@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::member::Member;
 use crate::peer::{PeerRequest, PeerResponse, TaskLog};
-use crate::runtime::{RunSpec, RunState, Runtime};
+use crate::runtime::{NetworkPlane, RunSpec, RunState, Runtime};
 
 /// How long a stopped task gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -72,19 +72,32 @@ struct AgentState {
 /// The agent of one node.
 pub struct Agent {
     runtime: Arc<dyn Runtime>,
+    plane: Option<Arc<dyn NetworkPlane>>,
+    /// Digest of the running set last given to the plane.
+    plane_digest: Mutex<Option<u64>>,
     node_name: String,
     state: Mutex<AgentState>,
     wake: Notify,
 }
 
 impl Agent {
-    pub fn new(runtime: Arc<dyn Runtime>, node_name: String) -> Arc<Agent> {
+    pub fn new(
+        runtime: Arc<dyn Runtime>,
+        plane: Option<Arc<dyn NetworkPlane>>,
+        node_name: String,
+    ) -> Arc<Agent> {
         Arc::new(Agent {
             runtime,
+            plane,
+            plane_digest: Mutex::new(None),
             node_name,
             state: Mutex::new(AgentState::default()),
             wake: Notify::new(),
         })
+    }
+
+    pub fn plane(&self) -> Option<&Arc<dyn NetworkPlane>> {
+        self.plane.as_ref()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AgentState> {
@@ -311,6 +324,27 @@ impl Agent {
             self.lock().busy.remove(&id);
         }
         let _ = member;
+        self.update_plane(&assigned, &local);
+    }
+
+    /// Tells the network plane which tasks run here, when that changed.
+    fn update_plane(&self, assigned: &HashMap<String, Task>, local: &HashMap<String, RunState>) {
+        let Some(plane) = &self.plane else { return };
+        let mut running: Vec<Task> = assigned
+            .values()
+            .filter(|t| {
+                t.desired_state <= TaskState::Running
+                    && matches!(local.get(&t.id), Some(RunState::Running { .. }))
+            })
+            .cloned()
+            .collect();
+        running.sort_by(|a, b| a.id.cmp(&b.id));
+        let d = digest(&running);
+        let mut last = self.plane_digest.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != Some(d) {
+            *last = Some(d);
+            plane.set_local(running);
+        }
     }
 
     async fn start_task(self: Arc<Self>, t: Task, node_name: String) {
@@ -350,7 +384,18 @@ impl Agent {
             resolv_conf: "nameserver 127.0.0.11\noptions ndots:0\n".into(),
         };
         let rt = self.runtime.clone();
-        let r = tokio::task::spawn_blocking(move || rt.start(&spec)).await;
+        let plane = self.plane.clone();
+        let task = t.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            if task.networks.is_empty() {
+                return rt.start(&spec);
+            }
+            let Some(plane) = plane else {
+                return Err("this node has no network data plane".to_string());
+            };
+            rt.start_with(&spec, &mut |pid| plane.attach(&task, pid))
+        })
+        .await;
         let status = match r {
             Ok(Ok(RunState::Running { started_at_ms, .. })) => {
                 info!(task = name, "started");

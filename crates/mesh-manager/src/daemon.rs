@@ -17,7 +17,7 @@ use crate::agent::Agent;
 use crate::local::{self, LocalState};
 use crate::member::{now_secs, Member, MemberEvent};
 use crate::peer::{JoinRequest, PeerRequest, PeerResponse};
-use crate::runtime::Runtime;
+use crate::runtime::{NetworkPlane, Runtime};
 use crate::state::Command;
 
 /// Default control port, as Swarm's.
@@ -31,6 +31,8 @@ pub struct DaemonConfig {
     pub exec_root: PathBuf,
     /// Runs the tasks assigned to this node.
     pub runtime: Arc<dyn Runtime>,
+    /// Overlay plumbing and endpoint gossip (`None`: tasks get no network but `lo`).
+    pub plane: Option<Arc<dyn NetworkPlane>>,
 }
 
 /// The daemon core.
@@ -93,7 +95,11 @@ impl Daemon {
     }
 
     fn new_agent(&self) -> Arc<Agent> {
-        Agent::new(self.cfg.runtime.clone(), self.cfg.node_name.clone())
+        Agent::new(
+            self.cfg.runtime.clone(),
+            self.cfg.plane.clone(),
+            self.cfg.node_name.clone(),
+        )
     }
 
     /// Runs a command inside a task on this node (`mesh exec`). TASK is a task ID (or unique

@@ -141,6 +141,26 @@ impl Member {
         let serve = tokio::spawn(mesh_rpc::serve(listener, server_tls, handler, shutdown_rx));
         let hb = tokio::spawn(member.clone().heartbeat_loop());
         let mon = tokio::spawn(member.clone().monitor_loop());
+        if let Some(plane) = agent.plane() {
+            let l = member.local();
+            let ip = |a: &str| {
+                a.parse::<std::net::SocketAddr>()
+                    .ok()
+                    .and_then(|s| match s.ip() {
+                        std::net::IpAddr::V4(v4) => Some(v4),
+                        _ => None,
+                    })
+            };
+            let me = crate::runtime::PlaneIdentity {
+                node_id: l.node_id.clone(),
+                cluster_id: l.cluster_id.clone(),
+                addr: ip(&l.advertise_addr).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                peers: l.managers.iter().filter_map(|m| ip(m)).collect(),
+            };
+            if let Err(e) = plane.start(me) {
+                warn!("network plane: {e}");
+            }
+        }
         let orch = tokio::spawn(member.clone().orchestrator_loop());
         let poll = tokio::spawn(
             agent
@@ -239,6 +259,9 @@ impl Member {
     /// Stops everything this member runs. The local state stays unless the caller wipes it.
     pub async fn stop(&self) {
         self.shutdown.send_replace(true);
+        if let Some(plane) = self.agent.plane() {
+            plane.stop();
+        }
         self.stop_raft().await;
         let tasks: Vec<_> = self.tasks_lock().drain(..).collect();
         for t in tasks {

@@ -45,10 +45,46 @@ pub struct ExecResult {
 /// Runs task processes. Blocking calls: the agent calls them from blocking threads.
 pub trait Runtime: Send + Sync + 'static {
     fn start(&self, spec: &RunSpec) -> Result<RunState, String>;
+    /// Like `start`, but calls `setup(task_pid)` once the task's namespaces exist and before
+    /// its command runs (to plumb its network in).
+    fn start_with(
+        &self,
+        spec: &RunSpec,
+        setup: &mut dyn FnMut(u32) -> Result<(), String>,
+    ) -> Result<RunState, String> {
+        let _ = setup;
+        self.start(spec)
+    }
     fn status(&self, id: &str) -> Option<RunState>;
     fn list(&self) -> Vec<(String, RunState)>;
     fn stop(&self, id: &str, grace: Duration) -> Result<(), String>;
     fn remove(&self, id: &str) -> Result<(), String>;
     fn logs(&self, id: &str, max_bytes: usize) -> Result<(Vec<u8>, Vec<u8>), String>;
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecResult, String>;
+}
+
+/// Who this node is in the swarm, for the network plane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlaneIdentity {
+    pub node_id: String,
+    pub cluster_id: String,
+    /// This node's advertised address: its VTEP and gossip address.
+    pub addr: std::net::Ipv4Addr,
+    /// Other nodes to gossip with at first (the managers).
+    pub peers: Vec<std::net::Ipv4Addr>,
+}
+
+/// The data plane the agent drives: overlay plumbing and endpoint gossip. `meshd` plugs in the
+/// real one; without it, tasks run with `lo` only.
+pub trait NetworkPlane: Send + Sync + 'static {
+    /// Joins the swarm's gossip as this node (called when the node enters a swarm or restarts).
+    fn start(&self, me: PlaneIdentity) -> Result<(), String>;
+    /// Leaves the gossip and forgets the swarm.
+    fn stop(&self);
+    /// Plumbs a task's network attachments into `/proc/<pid>/ns/net` (blocking; called before
+    /// its command runs).
+    fn attach(&self, task: &mesh_api::Task, pid: u32) -> Result<(), String>;
+    /// The tasks that run here now: their endpoints are published, others withdrawn, and
+    /// networks without a local task lose their namespace.
+    fn set_local(&self, running: Vec<mesh_api::Task>);
 }

@@ -117,6 +117,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             data_dir: args.data_dir.clone(),
             exec_root: args.exec_root.clone(),
             runtime: std::sync::Arc::new(runtime::ExecRuntime(executor)),
+            plane: None,
         };
         let daemon = Daemon::start(cfg)
             .await
