@@ -469,6 +469,22 @@ impl CgroupLayout {
         Ok(crate::state::Launch { cgroups: dirs })
     }
 
+    /// Creates `<parent>/<name>` in every hierarchy (no limits) and returns
+    /// the directories, v2 first. Idempotent; unlike task cgroups, nothing is
+    /// rolled back on error (the cgroup may already hold processes).
+    pub(crate) fn create_leaf(
+        &self,
+        parent: &str,
+        name: &str,
+    ) -> Result<Vec<PathBuf>, CgroupError> {
+        self.create_parent(parent)?;
+        let dirs = self.task_paths(parent, name);
+        for d in &dirs {
+            mkdir(d)?;
+        }
+        Ok(dirs)
+    }
+
     fn write_limits(
         &self,
         parent: &str,

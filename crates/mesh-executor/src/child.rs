@@ -7,11 +7,15 @@
 //! allocate. A failing step is reported through std's CLOEXEC error pipe as
 //! the error code `(step << 16) | errno`; [`decode_spawn_error`] turns that
 //! (or a plain `exec` errno) into a readable error.
+//!
+//! A task child ends its setup at a *gate* (see [`Gate`]): it writes its pid
+//! to the shim and blocks until the shim lets it through (one byte), so that
+//! meshd can configure the task's network namespace before the command runs.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -64,10 +68,12 @@ enum Step {
     JoinNetNs = 9,
     JoinUtsNs = 10,
     JoinMountNs = 11,
+    GateReady = 12,
+    GateWait = 13,
 }
 
 impl Step {
-    const ALL: [Step; 11] = [
+    const ALL: [Step; 13] = [
         Step::ParentDeathSignal,
         Step::JoinCgroup,
         Step::Unshare,
@@ -79,6 +85,8 @@ impl Step {
         Step::JoinNetNs,
         Step::JoinUtsNs,
         Step::JoinMountNs,
+        Step::GateReady,
+        Step::GateWait,
     ];
 
     fn describe(self) -> &'static str {
@@ -94,6 +102,8 @@ impl Step {
             Step::JoinNetNs => "joining the task's network namespace",
             Step::JoinUtsNs => "joining the task's uts namespace",
             Step::JoinMountNs => "joining the task's mount namespace",
+            Step::GateReady => "reporting the task's pid to the shim",
+            Step::GateWait => "waiting for the network setup",
         }
     }
 }
@@ -241,12 +251,86 @@ fn loopback_up() -> io::Result<()> {
     res
 }
 
+/// The gate at the end of a task child's setup, after its namespaces exist
+/// and before `exec`: the child closes its copy of `close_in_child` (the
+/// shim's write end of the gate pipe, so that only the shim can open or
+/// close the gate), writes its pid (4 bytes, native endian) to `ready`, and
+/// blocks until it reads one byte from `wait`. EOF on `wait` (the gate
+/// closed without the byte) fails the setup with `ECANCELED`.
+#[derive(Debug)]
+pub struct Gate {
+    /// Write end of the ready pipe (the shim reads the pid).
+    pub ready: OwnedFd,
+    /// Read end of the gate pipe.
+    pub wait: OwnedFd,
+    /// The shim's write end of the gate pipe (closed in the child).
+    pub close_in_child: libc::c_int,
+}
+
+impl Gate {
+    /// Runs in the forked child: async-signal-safe calls only.
+    fn pass(&self) -> io::Result<()> {
+        // SAFETY: closes the child's copy of an fd number the shim owns; the
+        // shim's own copy is unaffected.
+        unsafe { libc::close(self.close_in_child) };
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() }.to_ne_bytes();
+        loop {
+            // SAFETY: writes 4 bytes from a stack buffer to an open fd.
+            let n = unsafe { libc::write(self.ready.as_raw_fd(), pid.as_ptr().cast(), pid.len()) };
+            if n == 4 {
+                break;
+            }
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            return Err(step_error_with(
+                Step::GateReady,
+                if n < 0 { errno() } else { libc::EIO },
+            ));
+        }
+        let mut byte = [0u8; 1];
+        loop {
+            // SAFETY: reads at most 1 byte into a stack buffer from an open fd.
+            let n = unsafe { libc::read(self.wait.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+            if n == 1 {
+                return Ok(());
+            }
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            return Err(step_error_with(
+                Step::GateWait,
+                if n < 0 { errno() } else { libc::ECANCELED },
+            ));
+        }
+    }
+}
+
+/// Creates a pipe (both ends close-on-exec): `(read end, write end)`.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sets IFF_UP on `lo` in the current network namespace (outside of a
+/// `pre_exec` hook: the error is a plain errno).
+pub fn bring_loopback_up() -> io::Result<()> {
+    loopback_up().map_err(|e| io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0) & 0xffff))
+}
+
 /// What a task child needs, prepared before the fork.
 struct TaskSetup {
     parent: libc::pid_t,
     cgroup_procs: Vec<OwnedFd>,
     hostname: Vec<u8>,
     resolv_src: CString,
+    gate: Gate,
 }
 
 impl TaskSetup {
@@ -292,15 +376,18 @@ impl TaskSetup {
         if rc != 0 {
             return Err(step_error(Step::BindResolvConf));
         }
-        loopback_up()
+        loopback_up()?;
+        self.gate.pass()
     }
 }
 
 /// The task's command: `argv` with exactly `env`, stdin from /dev/null,
 /// stdout/stderr appended to the given files; in the child it joins the
 /// cgroups, gets new network/UTS/mount namespaces, `hostname`,
-/// `resolv_conf` bind-mounted on `/etc/resolv.conf` and `lo` up, and dies
-/// with the calling process (PR_SET_PDEATHSIG).
+/// `resolv_conf` bind-mounted on `/etc/resolv.conf` and `lo` up, dies
+/// with the calling thread (PR_SET_PDEATHSIG: spawn it from a thread that
+/// lives as long as the task), then waits at `gate` before `exec`.
+#[allow(clippy::too_many_arguments)]
 pub fn task_command(
     argv: &[String],
     env: &[(String, String)],
@@ -309,6 +396,7 @@ pub fn task_command(
     cgroups: &[PathBuf],
     stdout: File,
     stderr: File,
+    gate: Gate,
 ) -> Result<Command, ChildError> {
     let setup = TaskSetup {
         // SAFETY: getpid has no preconditions.
@@ -316,6 +404,7 @@ pub fn task_command(
         cgroup_procs: open_cgroup_procs(cgroups)?,
         hostname: hostname.as_bytes().to_vec(),
         resolv_src: cstring(resolv_conf)?,
+        gate,
     };
     let mut cmd = base_command(argv, env);
     cmd.stdout(stdout).stderr(stderr);
@@ -323,6 +412,16 @@ pub fn task_command(
     // prepared before the fork, and does not allocate.
     unsafe { cmd.pre_exec(move || setup.run()) };
     Ok(cmd)
+}
+
+/// Makes the child of `cmd` join the given cgroups (their `cgroup.procs`
+/// are opened now) before `exec`; what it forks inherits them.
+pub fn join_cgroups_before_exec(cmd: &mut Command, cgroups: &[PathBuf]) -> Result<(), ChildError> {
+    let fds = open_cgroup_procs(cgroups)?;
+    // SAFETY: the hook only writes to fds opened before the fork and does
+    // not allocate.
+    unsafe { cmd.pre_exec(move || join_cgroups(&fds)) };
+    Ok(())
 }
 
 /// What an exec child needs, prepared before the fork.

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -12,15 +13,19 @@ use std::time::{Duration, Instant};
 
 use crate::cgroup::CgroupLayout;
 use crate::exec::{self, RunError};
-use crate::spec::{self, ExecOutput, ExecutorConfig, TaskRuntime, TaskSpec};
+use crate::netns::Holders;
+use crate::spec::{self, ExecOutput, ExecutorConfig, TaskRuntime, TaskSpec, NETNS_CGROUP};
 use crate::state::{
     self, ExitRecord, TaskState, EXIT_FILE, HOSTNAME_FILE, LAUNCH_FILE, RESOLV_FILE, SPEC_FILE,
     STATE_FILE, STDERR_LOG, STDOUT_LOG,
 };
 use crate::{child, procfs, shim};
 
-/// How long `start` waits for the shim's report.
+/// How long `start` waits for each of the shim's reports.
 const SHIM_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the network setup of `start_with` may take before the task is
+/// killed.
+pub const NETWORK_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `start`/`remove` wait for a concurrent operation on the same id.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `stop` waits after SIGKILL.
@@ -60,6 +65,12 @@ pub enum ExecError {
     /// A command could not be run in the task.
     #[error("cannot exec in task {task}: {reason}")]
     Exec { task: String, reason: String },
+    /// A network namespace (holder) could not be created.
+    #[error("cannot create network namespace {name}: {reason}")]
+    NetnsCreate { name: String, reason: String },
+    /// A network namespace (holder) could not be removed.
+    #[error("cannot remove network namespace {name}: {reason}")]
+    NetnsRemove { name: String, reason: String },
 }
 
 /// The node's task executor (see the crate docs). `Send + Sync`; every
@@ -70,6 +81,8 @@ pub struct Executor {
     parent: String,
     shim_exe: PathBuf,
     layout: CgroupLayout,
+    /// The network-namespace holders (`<exec_root>/netns`).
+    holders: Holders,
     /// Ids with a `start` or `remove` in progress.
     busy: Mutex<HashSet<String>>,
     busy_cv: Condvar,
@@ -90,7 +103,7 @@ impl Drop for Claim<'_> {
 
 impl Executor {
     /// Detects (or mounts) the cgroup hierarchies, creates the
-    /// `cgroup_parent` subtree and `<exec_root>/tasks`.
+    /// `cgroup_parent` subtree, `<exec_root>/tasks` and `<exec_root>/netns`.
     pub fn new(cfg: ExecutorConfig) -> Result<Executor, ExecError> {
         let init_err = |reason: String| ExecError::Init {
             exec_root: cfg.exec_root.clone(),
@@ -105,8 +118,11 @@ impl Executor {
                 .map_err(|e| init_err(format!("cannot find the current executable: {e}")))?,
         };
         let tasks_dir = exec_root.join("tasks");
-        fs::create_dir_all(&tasks_dir)
-            .map_err(|e| init_err(format!("cannot create {}: {e}", tasks_dir.display())))?;
+        let netns_dir = exec_root.join("netns");
+        for d in [&tasks_dir, &netns_dir] {
+            fs::create_dir_all(d)
+                .map_err(|e| init_err(format!("cannot create {}: {e}", d.display())))?;
+        }
         let layout =
             CgroupLayout::detect(&exec_root.join("cgroup")).map_err(|e| init_err(e.to_string()))?;
         layout
@@ -124,6 +140,7 @@ impl Executor {
             parent: cfg.cgroup_parent,
             shim_exe,
             layout,
+            holders: Holders { dir: netns_dir },
             busy: Mutex::new(HashSet::new()),
             busy_cv: Condvar::new(),
         })
@@ -182,7 +199,31 @@ impl Executor {
     /// command not found: foo`). Idempotent: for an id that was already
     /// started, returns its current runtime (`Running`, or `Exited` if it
     /// has ended since) without starting anything.
+    ///
+    /// Same as [`Executor::start_with`] with a setup that does nothing.
     pub fn start(&self, spec: &TaskSpec) -> Result<TaskRuntime, ExecError> {
+        self.start_with(spec, &mut |_| Ok(()))
+    }
+
+    /// Like [`Executor::start`], but after the task process exists in its
+    /// new namespaces (hostname, mounts and `lo` done) and BEFORE it execs
+    /// the command, calls `setup(task_pid)` on the caller's thread; the
+    /// task's network namespace is `/proc/<task_pid>/ns/net` (for the
+    /// overlay: move a veth in, addresses, routes). If `setup` returns
+    /// `Err(reason)`, the task is killed and the start fails with
+    /// `ExecError::Start { reason: "network setup failed: <reason>" }`,
+    /// leaving nothing (state directory, cgroups). If `setup` takes longer
+    /// than [`NETWORK_SETUP_TIMEOUT`] the task is killed at that moment and
+    /// the start fails once `setup` returns. If `setup` panics, the same
+    /// cleanup happens and the panic is resumed.
+    ///
+    /// For an id that was already started, `setup` is not called (see
+    /// `start`).
+    pub fn start_with(
+        &self,
+        spec: &TaskSpec,
+        setup: &mut dyn FnMut(u32) -> Result<(), String>,
+    ) -> Result<TaskRuntime, ExecError> {
         let name = if spec.name.is_empty() {
             spec.id.clone()
         } else {
@@ -207,10 +248,23 @@ impl Executor {
             tracing::warn!(task = %name, "removing the remains of an unfinished start");
             self.cleanup(&spec.id).map_err(fail)?;
         }
-        let res = self.start_new(spec, &dir);
+        // A panicking setup must not leave the task behind: it becomes an
+        // error here and is resumed after the cleanup.
+        let mut panicked = None;
+        let mut guarded = |pid: u32| match panic::catch_unwind(AssertUnwindSafe(|| setup(pid))) {
+            Ok(r) => r,
+            Err(payload) => {
+                panicked = Some(payload);
+                Err("the setup panicked".to_string())
+            }
+        };
+        let res = self.start_new(spec, &dir, &mut guarded);
         if let Err(reason) = res {
             if let Err(e) = self.cleanup(&spec.id) {
                 tracing::warn!(task = %name, error = %e, "cleanup after a failed start");
+            }
+            if let Some(payload) = panicked {
+                panic::resume_unwind(payload);
             }
             return Err(fail(reason));
         }
@@ -227,7 +281,12 @@ impl Executor {
         }
     }
 
-    fn start_new(&self, spec: &TaskSpec, dir: &Path) -> Result<(), String> {
+    fn start_new(
+        &self,
+        spec: &TaskSpec,
+        dir: &Path,
+        setup: &mut dyn FnMut(u32) -> Result<(), String>,
+    ) -> Result<(), String> {
         fs::create_dir_all(&self.tasks_dir)
             .map_err(|e| format!("cannot create {}: {e}", self.tasks_dir.display()))?;
         fs::create_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -240,7 +299,14 @@ impl Executor {
             .create_task(&self.parent, &spec.id, spec.nano_cpus, spec.memory_bytes)
             .map_err(|e| e.to_string())?;
         state::write_json(&dir.join(LAUNCH_FILE), &launch).map_err(s)?;
-        shim::launch(&self.shim_exe, dir, SHIM_REPORT_TIMEOUT).map_err(|e| e.to_string())
+        shim::launch(
+            &self.shim_exe,
+            dir,
+            SHIM_REPORT_TIMEOUT,
+            setup,
+            NETWORK_SETUP_TIMEOUT,
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// Kills everything in the task's cgroups, removes them and the state
@@ -491,6 +557,55 @@ impl Executor {
             TaskRuntime::Running { pid, .. } => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
             TaskRuntime::Exited { .. } => None,
         }
+    }
+
+    /// Creates (or finds, if its holder is alive) the network namespace
+    /// `name` (`[A-Za-z0-9_.-]`, at most 64 bytes), held by a detached
+    /// holder process that survives meshd (see the crate docs); returns the
+    /// holder's pid: the namespace is `/proc/<pid>/ns/net`, with `lo` up.
+    /// The holder runs in the cgroup `<cgroup_parent>/netns` of every
+    /// hierarchy. Idempotent; a record whose pid was reused by another
+    /// process is not mistaken for the holder (start times are compared).
+    pub fn netns_ensure(&self, name: &str) -> Result<u32, ExecError> {
+        let fail = |reason: String| ExecError::NetnsCreate {
+            name: name.to_string(),
+            reason,
+        };
+        spec::validate_netns_name(name).map_err(|e| fail(e.to_string()))?;
+        if let Some(r) = self.holders.live(name) {
+            return Ok(r.pid);
+        }
+        let cgroups = self
+            .layout
+            .create_leaf(&self.parent, NETNS_CGROUP)
+            .map_err(|e| fail(e.to_string()))?;
+        self.holders
+            .ensure(name, &self.shim_exe, &cgroups)
+            .map_err(fail)
+    }
+
+    /// The pid of the live holder of `name`, if any.
+    pub fn netns_pid(&self, name: &str) -> Option<u32> {
+        spec::validate_netns_name(name).ok()?;
+        self.holders.live(name).map(|r| r.pid)
+    }
+
+    /// Names and holder pids of all network namespaces with a live holder,
+    /// sorted by name (to collect garbage after a restart). Records of dead
+    /// holders are removed.
+    pub fn netns_list(&self) -> Vec<(String, u32)> {
+        self.holders.list()
+    }
+
+    /// Kills the holder of `name` (SIGKILL; waits until it is gone, at most
+    /// 5 s) and removes its record. A missing namespace is not an error.
+    pub fn netns_remove(&self, name: &str) -> Result<(), ExecError> {
+        let fail = |reason: String| ExecError::NetnsRemove {
+            name: name.to_string(),
+            reason,
+        };
+        spec::validate_netns_name(name).map_err(|e| fail(e.to_string()))?;
+        self.holders.remove(name).map_err(fail)
     }
 }
 

@@ -27,7 +27,30 @@
 //! [`cgroup`] (pure v2 and hybrid layouts, hierarchies mounted under
 //! `<exec_root>/cgroup/` when meshd runs under `ip netns exec`).
 //!
-//! meshd's `main` starts with the shim entry point:
+//! **Network gate.** [`Executor::start_with`] lets meshd configure a task's
+//! network namespace (a veth moved in, addresses, routes) before the command
+//! runs: the task child, after its namespaces, hostname, mounts and `lo` are
+//! in place, writes its pid to the shim and blocks reading one byte from a
+//! gate pipe; the shim reports `ready <pid>` to meshd, which runs the setup
+//! on `/proc/<pid>/ns/net` and answers `go` (the shim writes the byte and
+//! the command is exec'd; exec errors are reported as before) or `abort`
+//! (the shim kills the task; the start fails with `network setup failed:
+//! ...` and nothing is left). A setup that takes longer than
+//! [`NETWORK_SETUP_TIMEOUT`] gets its task killed. [`Executor::start`] is
+//! `start_with` and a setup that does nothing. The protocol is described in
+//! the `shim` module.
+//!
+//! **Network-namespace holders.** Namespaces that must outlive meshd (the
+//! per-network overlay namespace) are held by a tiny detached process,
+//! meshd re-executed as `__mesh_netns_holder <exec_root>/netns/<name>`, in
+//! the cgroup `<cgroup_parent>/netns`; it is recorded (pid and start time)
+//! in `<exec_root>/netns/<name>.json`, a plain file that a meshd in another
+//! mount namespace (`ip netns exec`) still sees, unlike an nsfs bind mount.
+//! See [`Executor::netns_ensure`], [`Executor::netns_pid`],
+//! [`Executor::netns_list`], [`Executor::netns_remove`]. The task id `netns`
+//! is reserved for that cgroup.
+//!
+//! meshd's `main` starts with the shim (and holder) entry point:
 //!
 //! ```no_run
 //! mesh_executor::shim_main_if_requested();
@@ -38,6 +61,7 @@ pub mod cgroup;
 mod child;
 mod exec;
 mod executor;
+mod netns;
 mod procfs;
 mod shim;
 mod spec;
@@ -46,10 +70,11 @@ mod state;
 pub use cgroup::{CgroupError, CgroupLayout, CgroupMode, V1Hierarchy};
 pub use child::ChildError;
 pub use exec::{RunError, MAX_OUTPUT};
-pub use executor::{ExecError, Executor};
+pub use executor::{ExecError, Executor, NETWORK_SETUP_TIMEOUT};
 pub use shim::{shim_main_if_requested, ShimError};
 pub use spec::{
-    validate_cgroup_parent, validate_id, ExecOutput, ExecutorConfig, SpecError, TaskRuntime,
-    TaskSpec, DEFAULT_PATH, MAX_HOSTNAME_LEN, MAX_ID_LEN, SHIM_ARG,
+    validate_cgroup_parent, validate_id, validate_netns_name, ExecOutput, ExecutorConfig,
+    SpecError, TaskRuntime, TaskSpec, DEFAULT_PATH, MAX_HOSTNAME_LEN, MAX_ID_LEN,
+    MAX_NETNS_NAME_LEN, NETNS_CGROUP, NETNS_HOLDER_ARG, SHIM_ARG,
 };
 pub use state::StateError;

@@ -1,37 +1,62 @@
 //! The per-task shim, and how meshd launches it.
 //!
 //! meshd re-executes itself as `<exe> __mesh_task_shim <task_dir>` with
-//! stdout a pipe. The shim forks at once and the first process exits (meshd
-//! reaps it right away); the second calls `setsid()`, so it belongs to no
-//! process of meshd's: it is reparented to init and survives a SIGKILL of
-//! meshd. It reports on the pipe (`shim <pid>`, then `ok` once the task was
-//! exec'd or `err <reason>`), points its stdout at `/dev/null`, waits for the
+//! stdin and stdout pipes. The shim forks at once and the first process
+//! exits (meshd reaps it right away); the second calls `setsid()`, so it
+//! belongs to no process of meshd's: it is reparented to init and survives a
+//! SIGKILL of meshd. The task is created with PR_SET_PDEATHSIG(SIGKILL):
+//! killing the shim kills the task.
+//!
+//! The conversation, one line each:
+//!
+//! | shim → meshd (stdout) | meshd → shim (stdin) | meaning |
+//! |---|---|---|
+//! | `shim <pid>` | | the detached shim's pid |
+//! | `ready <pid>` | | the task exists in its namespaces and waits at the gate |
+//! | | `go` / `abort` | open the gate / kill the task (EOF = abort) |
+//! | `ok` / `err <reason>` | | the command was exec'd / why not |
+//!
+//! The gate: the task child, at the end of its setup (namespaces, hostname,
+//! mounts, `lo` up), writes its pid on a *ready* pipe and blocks reading one
+//! byte from a *gate* pipe. A thread of the shim reads the pid, reports
+//! `ready`, waits for meshd's word, then writes the byte (`go`) or SIGKILLs
+//! the task (anything else; also when meshd says nothing for
+//! [`GATE_TIMEOUT`]). Meanwhile the shim's main thread is in
+//! `Command::spawn`, which returns once the command was exec'd (or failed to
+//! be: `command not found` etc. are reported as before). The task is spawned
+//! from the main thread because PR_SET_PDEATHSIG fires when the *thread*
+//! that forked the task exits.
+//!
+//! After `ok` the shim points stdin and stdout at `/dev/null`, waits for the
 //! task, kills what is left in the task's cgroups and writes `exit.json`.
-//! The task is created with PR_SET_PDEATHSIG(SIGKILL): killing the shim
-//! kills the task.
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::child::{self, ChildError};
-use crate::spec::{SpecError, TaskSpec, SHIM_ARG};
+use crate::child::{self, ChildError, Gate};
+use crate::spec::{SpecError, TaskSpec, NETNS_HOLDER_ARG, SHIM_ARG};
 use crate::state::{
     self, ExitRecord, Launch, StateError, TaskState, LAUNCH_FILE, RESOLV_FILE, SHIM_LOG, SPEC_FILE,
     STATE_FILE, STDERR_LOG, STDOUT_LOG,
 };
-use crate::{cgroup, procfs};
+use crate::{cgroup, netns, procfs};
 
 /// How long meshd waits for the intermediate shim process to exit.
 const INTERMEDIATE_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of `shim.log` goes into an error message.
 const SHIM_LOG_TAIL: usize = 2000;
+/// How long the shim waits for meshd's `go`/`abort` before it kills the
+/// task (meshd aborts after its own, shorter, setup timeout).
+pub(crate) const GATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of the shim and of launching it.
 #[derive(Debug, thiserror::Error)]
@@ -63,22 +88,42 @@ pub enum ShimError {
     /// The shim reported an error.
     #[error("{0}")]
     Reported(String),
+    /// The gate pipes could not be created.
+    #[error("cannot create the gate pipes: {0}")]
+    GatePipe(io::Error),
+    /// meshd did not open the gate: the task was killed.
+    #[error("the task was killed before it ran: {0}")]
+    Aborted(String),
+    /// The network setup before the command failed (the task was killed).
+    #[error("network setup failed: {0}")]
+    Setup(String),
+    /// The network setup did not finish in time (the task was killed).
+    #[error("network setup failed: it did not finish within {0:?} (the task was killed)")]
+    SetupTimeout(Duration),
 }
 
 /// If this process was started as a task shim (`argv[1]` is
-/// `__mesh_task_shim`), runs the shim and exits; otherwise returns at once.
+/// `__mesh_task_shim`) or a network-namespace holder (`argv[1]` is
+/// `__mesh_netns_holder`), runs it and exits; otherwise returns at once.
 ///
 /// meshd's `main` (and any binary used as `shim_exe`) must call this first
 /// thing, before starting threads.
 pub fn shim_main_if_requested() {
     let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() != Some(OsStr::new(SHIM_ARG)) {
-        return;
-    }
-    let code = match args.next() {
-        Some(dir) => run(Path::new(&dir)),
-        None => {
+    let holder = match args.next() {
+        Some(a) if a == OsStr::new(SHIM_ARG) => false,
+        Some(a) if a == OsStr::new(NETNS_HOLDER_ARG) => true,
+        _ => return,
+    };
+    let code = match (args.next(), holder) {
+        (Some(dir), false) => run(Path::new(&dir)),
+        (Some(base), true) => netns::holder_main(Path::new(&base)),
+        (None, false) => {
             eprintln!("mesh task shim: missing task directory argument");
+            2
+        }
+        (None, true) => {
+            eprintln!("mesh netns holder: missing path argument");
             2
         }
     };
@@ -93,11 +138,15 @@ fn report(line: &str) {
     let _ = out.flush();
 }
 
-/// Points stdout at /dev/null, closing the report pipe.
-fn close_report() {
-    if let Ok(null) = File::options().write(true).open("/dev/null") {
-        // SAFETY: dup2 of an open fd onto fd 1; `null` is closed afterwards.
-        unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) };
+/// Points stdin and stdout at /dev/null, closing the pipes to meshd.
+fn close_pipes() {
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        // SAFETY: dup2 of an open fd onto fds 0 and 1; `null` is closed
+        // afterwards.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), libc::STDIN_FILENO);
+            libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO);
+        }
     }
 }
 
@@ -129,7 +178,7 @@ fn run(dir: &Path) -> i32 {
         }
     };
     report("ok");
-    close_report();
+    close_pipes();
     let status = loop {
         match task.wait() {
             Ok(s) => break Some(s),
@@ -154,7 +203,99 @@ fn run(dir: &Path) -> i32 {
     0
 }
 
-/// Spawns the task and records `state.json`.
+/// What became of the gate.
+#[derive(Debug, PartialEq, Eq)]
+enum GateOutcome {
+    /// meshd said `go`; the byte was written.
+    Opened,
+    /// The task was killed at the gate (why).
+    Aborted(String),
+    /// The task never reached the gate (its setup failed before).
+    NoTask,
+}
+
+/// Reads meshd's word on stdin: `Ok` for `go`, else why not.
+fn read_verdict(timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut line = Vec::new();
+    loop {
+        if let Some(end) = line.iter().position(|b| *b == b'\n') {
+            line.truncate(end);
+            return match &line[..] {
+                b"go" => Ok(()),
+                b"abort" => Err("meshd aborted the start".into()),
+                other => Err(format!(
+                    "unexpected word from meshd: {:?}",
+                    String::from_utf8_lossy(other)
+                )),
+            };
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!("no word from meshd within {timeout:?}"));
+        }
+        let ms = (deadline - now).as_millis().clamp(1, 1000);
+        let mut pfd = libc::pollfd {
+            fd: libc::STDIN_FILENO,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, i32::try_from(ms).unwrap_or(1000)) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("cannot wait for meshd: {e}"));
+        }
+        if rc == 0 {
+            continue;
+        }
+        let mut chunk = [0u8; 64];
+        // SAFETY: reads into a stack buffer of the given size from fd 0.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, chunk.as_mut_ptr().cast(), chunk.len()) };
+        match n {
+            0 => return Err("meshd closed the control pipe".into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(format!("cannot read meshd's word: {e}"));
+                }
+            }
+            n => line.extend_from_slice(&chunk[..usize::try_from(n).unwrap_or(0)]),
+        }
+    }
+}
+
+/// The shim's gate keeper (a thread): waits for the task's pid on `ready`,
+/// reports it, and opens the gate or kills the task as meshd says.
+fn keep_gate(ready: OwnedFd, gate: OwnedFd, timeout: Duration) -> GateOutcome {
+    let mut ready = File::from(ready);
+    let mut buf = [0u8; 4];
+    if ready.read_exact(&mut buf).is_err() {
+        // EOF: the task failed (or was killed) before the gate.
+        return GateOutcome::NoTask;
+    }
+    let pid = u32::try_from(i32::from_ne_bytes(buf)).unwrap_or(0);
+    report(&format!("ready {pid}"));
+    let verdict = read_verdict(timeout).and_then(|()| {
+        let mut gate = File::from(gate);
+        gate.write_all(b"g")
+            .map_err(|e| format!("cannot open the gate: {e}"))
+    });
+    match verdict {
+        Ok(()) => GateOutcome::Opened,
+        Err(reason) => {
+            // The task is our unreaped child (the main thread is still in
+            // `spawn`, which does not reap a killed child): the pid is safe.
+            procfs::signal(pid, libc::SIGKILL);
+            GateOutcome::Aborted(reason)
+        }
+    }
+}
+
+/// Spawns the task (through the gate) and records `state.json`.
 fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
     let spec: TaskSpec = state::read_json(&dir.join(SPEC_FILE))?.ok_or(ShimError::Missing {
         file: SPEC_FILE,
@@ -165,6 +306,13 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
         dir: dir.to_path_buf(),
     })?;
     spec.validate()?;
+    let (ready_r, ready_w) = child::pipe().map_err(ShimError::GatePipe)?;
+    let (gate_r, gate_w) = child::pipe().map_err(ShimError::GatePipe)?;
+    let gate = Gate {
+        ready: ready_w,
+        wait: gate_r,
+        close_in_child: gate_w.as_raw_fd(),
+    };
     let mut cmd = child::task_command(
         &spec.argv,
         &spec.effective_env(),
@@ -173,10 +321,39 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
         &launch.cgroups,
         child::open_log(&dir.join(STDOUT_LOG))?,
         child::open_log(&dir.join(STDERR_LOG))?,
+        gate,
     )?;
+    let keeper = thread::spawn(move || keep_gate(ready_r, gate_w, GATE_TIMEOUT));
+    // On this (the main) thread: the task dies with the thread that forked
+    // it. Blocks until the command was exec'd or failed.
     let spawned = cmd.spawn();
-    // Drop the pre-opened fds and log files now.
+    // Drop the pre-opened fds, log files and our ends of the gate's pipes
+    // (the keeper sees EOF if the task never reached the gate).
     drop(cmd);
+    let outcome = keeper
+        .join()
+        .unwrap_or_else(|_| GateOutcome::Aborted("the gate keeper panicked".into()));
+    let kill_and_reap = |t: &mut Child| {
+        let _ = t.kill();
+        let _ = t.wait();
+    };
+    match outcome {
+        GateOutcome::Opened => {}
+        GateOutcome::Aborted(reason) => {
+            if let Ok(mut t) = spawned {
+                kill_and_reap(&mut t);
+            }
+            return Err(ShimError::Aborted(reason));
+        }
+        GateOutcome::NoTask => {
+            if let Ok(mut t) = spawned {
+                kill_and_reap(&mut t);
+                return Err(ShimError::Aborted(
+                    "the task died before reaching the gate".into(),
+                ));
+            }
+        }
+    }
     let mut task = spawned.map_err(|e| child::decode_spawn_error(e, &spec.argv[0]))?;
     let started_at_ms = state::now_ms();
     let me = std::process::id();
@@ -190,8 +367,7 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
         started_at_ms,
     };
     if let Err(e) = state::write_json(&dir.join(STATE_FILE), &st) {
-        let _ = task.kill();
-        let _ = task.wait();
+        kill_and_reap(&mut task);
         return Err(e.into());
     }
     Ok((task, launch))
@@ -213,6 +389,7 @@ fn log_suffix(dir: &Path) -> String {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Report {
     shim_pid: Option<u32>,
+    ready: Option<u32>,
     result: Option<Result<(), String>>,
 }
 
@@ -227,6 +404,8 @@ fn parse_report(buf: &[u8]) -> Report {
     for line in complete.lines() {
         if let Some(pid) = line.strip_prefix("shim ") {
             r.shim_pid = pid.trim().parse().ok();
+        } else if let Some(pid) = line.strip_prefix("ready ") {
+            r.ready = pid.trim().parse().ok().filter(|p| *p > 1);
         } else if line == "ok" {
             r.result = Some(Ok(()));
         } else if let Some(reason) = line.strip_prefix("err ") {
@@ -239,46 +418,68 @@ fn parse_report(buf: &[u8]) -> Report {
     r
 }
 
-/// Reads the shim's report until it has a result, EOF or `deadline`.
-/// Returns the report and whether the deadline passed.
-fn read_report(
-    pipe: &mut std::process::ChildStdout,
-    deadline: Instant,
-) -> Result<(Report, bool), ShimError> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let report = parse_report(&buf);
-        if report.result.is_some() {
-            return Ok((report, false));
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok((report, true));
-        }
-        let ms = (deadline - now).as_millis().clamp(1, 100);
-        let mut pfd = libc::pollfd {
-            fd: pipe.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, i32::try_from(ms).unwrap_or(100)) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
+/// How a wait for the shim's report ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Wait {
+    /// What was waited for arrived.
+    Done,
+    /// The pipe was closed.
+    Eof,
+    /// The deadline passed.
+    Timeout,
+}
+
+/// The shim's report pipe and what was read from it.
+struct ReportReader {
+    pipe: ChildStdout,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+impl ReportReader {
+    /// Reads until `done(report)`, EOF or `deadline`.
+    fn wait_for(
+        &mut self,
+        deadline: Instant,
+        done: impl Fn(&Report) -> bool,
+    ) -> Result<(Report, Wait), ShimError> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let report = parse_report(&self.buf);
+            if done(&report) {
+                return Ok((report, Wait::Done));
+            }
+            if self.eof {
+                return Ok((report, Wait::Eof));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok((report, Wait::Timeout));
+            }
+            let ms = (deadline - now).as_millis().clamp(1, 100);
+            let mut pfd = libc::pollfd {
+                fd: self.pipe.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let rc = unsafe { libc::poll(&mut pfd, 1, i32::try_from(ms).unwrap_or(100)) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ShimError::Pipe(e));
+            }
+            if rc == 0 {
                 continue;
             }
-            return Err(ShimError::Pipe(e));
-        }
-        if rc == 0 {
-            continue;
-        }
-        match pipe.read(&mut chunk) {
-            Ok(0) => return Ok((parse_report(&buf), false)),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ShimError::Pipe(e)),
+            match self.pipe.read(&mut chunk) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ShimError::Pipe(e)),
+            }
         }
     }
 }
@@ -299,16 +500,74 @@ fn reap(child: &mut Child) {
     }
 }
 
-/// Starts the shim for the task in `dir` and waits (at most `timeout`)
-/// until it reports that the command was exec'd. On failure the shim is
-/// gone (it exits after reporting an error; it is killed on timeout).
-pub(crate) fn launch(exe: &Path, dir: &Path, timeout: Duration) -> Result<(), ShimError> {
+/// Writes one line to the shim's stdin; errors (the shim is gone) are
+/// ignored: the report says what happened.
+fn tell(stdin: Option<&ChildStdin>, word: &str) {
+    if let Some(mut s) = stdin {
+        let _ = s.write_all(format!("{word}\n").as_bytes());
+    }
+}
+
+/// Runs `setup(pid)` on this thread; a watchdog tells the shim to `abort`
+/// (kill the task) if it takes longer than `limit`. Returns the setup's
+/// verdict and whether the watchdog fired.
+fn run_setup(
+    pid: u32,
+    setup: &mut dyn FnMut(u32) -> Result<(), String>,
+    limit: Duration,
+    stdin: Option<&ChildStdin>,
+) -> (Result<(), String>, bool) {
+    let fired = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel::<()>();
+    let fired_ref = &fired;
+    let verdict = thread::scope(|s| {
+        s.spawn(move || {
+            if rx.recv_timeout(limit) == Err(RecvTimeoutError::Timeout) {
+                fired_ref.store(true, Ordering::SeqCst);
+                tracing::warn!(pid, ?limit, "network setup too slow: killing the task");
+                tell(stdin, "abort");
+            }
+        });
+        let v = setup(pid);
+        drop(tx);
+        v
+    });
+    (verdict, fired.load(Ordering::SeqCst))
+}
+
+/// The error for a shim that gave no result: it is killed (its task dies
+/// with it).
+fn no_result(report: &Report, how: &Wait, timeout: Duration, dir: &Path) -> ShimError {
+    if let Some(pid) = report.shim_pid {
+        procfs::signal(pid, libc::SIGKILL);
+    }
+    let log = log_suffix(dir);
+    if *how == Wait::Timeout {
+        ShimError::Timeout { timeout, log }
+    } else {
+        ShimError::NoReport { log }
+    }
+}
+
+/// Starts the shim for the task in `dir`; once the task waits at the gate,
+/// runs `setup(task pid)` (bounded by `setup_timeout`: the task is killed
+/// when it passes), opens the gate and waits until the shim reports that the
+/// command was exec'd. Each wait for the shim is bounded by `timeout`. On
+/// failure the shim and the task are gone or going (the shim exits after
+/// reporting an error; it is killed on timeout).
+pub(crate) fn launch(
+    exe: &Path,
+    dir: &Path,
+    timeout: Duration,
+    setup: &mut dyn FnMut(u32) -> Result<(), String>,
+    setup_timeout: Duration,
+) -> Result<(), ShimError> {
     let log = child::open_log(&dir.join(SHIM_LOG))?;
     let mut cmd = Command::new(exe);
     cmd.arg(SHIM_ARG)
         .arg(dir)
         .env_clear()
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log)
         .current_dir("/");
@@ -316,26 +575,71 @@ pub(crate) fn launch(exe: &Path, dir: &Path, timeout: Duration) -> Result<(), Sh
         exe: exe.to_path_buf(),
         source,
     })?;
-    let read = match child.stdout.take() {
-        Some(mut pipe) => read_report(&mut pipe, Instant::now() + timeout),
-        None => Ok((Report::default(), false)),
+    let stdin = child.stdin.take();
+    let res = match child.stdout.take() {
+        Some(pipe) => {
+            let mut reader = ReportReader {
+                pipe,
+                buf: Vec::new(),
+                eof: false,
+            };
+            converse(
+                &mut reader,
+                stdin,
+                &mut child,
+                dir,
+                timeout,
+                setup,
+                setup_timeout,
+            )
+        }
+        None => Err(ShimError::NoReport { log: String::new() }),
     };
     reap(&mut child);
-    let (report, timed_out) = read?;
+    res
+}
+
+fn converse(
+    reader: &mut ReportReader,
+    stdin: Option<ChildStdin>,
+    child: &mut Child,
+    dir: &Path,
+    timeout: Duration,
+    setup: &mut dyn FnMut(u32) -> Result<(), String>,
+    setup_timeout: Duration,
+) -> Result<(), ShimError> {
+    let (report, how) = reader.wait_for(Instant::now() + timeout, |r| {
+        r.ready.is_some() || r.result.is_some()
+    })?;
+    let pid = match (report.ready, report.result.clone()) {
+        (_, Some(Err(reason))) => return Err(ShimError::Reported(reason)),
+        // A shim without a gate (not ours): nothing to set up.
+        (None, Some(Ok(()))) => return Ok(()),
+        (Some(pid), _) => pid,
+        (None, None) => return Err(no_result(&report, &how, timeout, dir)),
+    };
+    // The intermediate process exited long ago; do not leave it a zombie
+    // during the setup.
+    reap(child);
+    let (verdict, timed_out) = run_setup(pid, setup, setup_timeout, stdin.as_ref());
+    let go = verdict.is_ok() && !timed_out;
+    tell(stdin.as_ref(), if go { "go" } else { "abort" });
+    drop(stdin);
+    let (report, how) = reader.wait_for(Instant::now() + timeout, |r| r.result.is_some())?;
+    if !go {
+        if report.result.is_none() {
+            // Make sure the task is gone: it dies with its shim.
+            let _ = no_result(&report, &how, timeout, dir);
+        }
+        return Err(match verdict {
+            Err(reason) if !timed_out => ShimError::Setup(reason),
+            _ => ShimError::SetupTimeout(setup_timeout),
+        });
+    }
     match report.result {
         Some(Ok(())) => Ok(()),
         Some(Err(reason)) => Err(ShimError::Reported(reason)),
-        None => {
-            if let Some(pid) = report.shim_pid {
-                procfs::signal(pid, libc::SIGKILL);
-            }
-            let log = log_suffix(dir);
-            if timed_out {
-                Err(ShimError::Timeout { timeout, log })
-            } else {
-                Err(ShimError::NoReport { log })
-            }
-        }
+        None => Err(no_result(&report, &how, timeout, dir)),
     }
 }
 
@@ -350,13 +654,14 @@ mod tests {
             parse_report(b"shim 42\nok"),
             Report {
                 shim_pid: Some(42),
-                result: None
+                ..Report::default()
             }
         );
         assert_eq!(
-            parse_report(b"shim 42\nok\n"),
+            parse_report(b"shim 42\nready 43\nok\n"),
             Report {
                 shim_pid: Some(42),
+                ready: Some(43),
                 result: Some(Ok(()))
             }
         );
@@ -364,9 +669,16 @@ mod tests {
             parse_report(b"shim 7\nerr command not found: foo\n"),
             Report {
                 shim_pid: Some(7),
+                ready: None,
                 result: Some(Err("command not found: foo".into()))
             }
         );
+        // Nonsense pids are no readiness.
+        assert_eq!(parse_report(b"ready 1\nready x\n").ready, None);
+    }
+
+    fn no_setup(_: u32) -> Result<(), String> {
+        Ok(())
     }
 
     #[test]
@@ -374,9 +686,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join(SHIM_LOG), b"").expect("log");
         // `true` ignores its arguments and exits without reporting.
-        let err = launch(Path::new("/bin/true"), dir.path(), Duration::from_secs(5))
-            .err()
-            .map(|e| e.to_string());
+        let err = launch(
+            Path::new("/bin/true"),
+            dir.path(),
+            Duration::from_secs(5),
+            &mut no_setup,
+            Duration::from_secs(5),
+        )
+        .err()
+        .map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
             Some("the shim exited without reporting a result")
@@ -385,9 +703,133 @@ mod tests {
             Path::new("/nonexistent/shim"),
             dir.path(),
             Duration::from_secs(5),
+            &mut no_setup,
+            Duration::from_secs(5),
         )
         .err()
         .map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.starts_with("cannot run the shim /nonexistent/shim: ")));
+    }
+
+    /// A fake shim speaking the protocol: like the real one, the process
+    /// meshd started exits at once and a background one carries on; it
+    /// reports itself as the task, records meshd's word in `<dir>/verdict`
+    /// and reports the result.
+    const FAKE_SHIM: &str = r#"#!/bin/sh
+PATH=/usr/bin:/bin
+exec 3<&0
+{
+echo "shim $$"
+echo "ready $$"
+read -r verdict <&3
+echo "$verdict" > "$2/verdict.tmp" && mv "$2/verdict.tmp" "$2/verdict"
+if [ "$verdict" = go ]; then echo ok; else echo "err aborted"; fi
+} &
+"#;
+
+    fn fake_shim() -> (tempfile::TempDir, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = dir.path().join("fake-shim");
+        std::fs::write(&exe, FAKE_SHIM).expect("write");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        (dir, exe)
+    }
+
+    /// `launch`, retried while the script is busy (ETXTBSY: another test
+    /// thread forked while it was open for writing).
+    fn launch_fake(
+        exe: &Path,
+        dir: &Path,
+        setup: &mut dyn FnMut(u32) -> Result<(), String>,
+        setup_timeout: Duration,
+    ) -> Result<(), ShimError> {
+        for _ in 0..50 {
+            match launch(exe, dir, Duration::from_secs(5), setup, setup_timeout) {
+                Err(ShimError::Spawn { source, .. })
+                    if source.raw_os_error() == Some(libc::ETXTBSY) =>
+                {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+        panic!("the fake shim stayed busy");
+    }
+
+    fn verdict(dir: &Path) -> Option<String> {
+        std::fs::read_to_string(dir.join("verdict"))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    #[test]
+    fn the_gate_opens_after_a_successful_setup() {
+        let (dir, exe) = fake_shim();
+        let mut seen = None;
+        let res = launch_fake(
+            &exe,
+            dir.path(),
+            &mut |pid| {
+                seen = Some(pid);
+                // The shim waits for our word.
+                if verdict(dir.path()).is_some() {
+                    return Err("the shim did not wait".into());
+                }
+                Ok(())
+            },
+            Duration::from_secs(5),
+        );
+        assert!(res.is_ok(), "{res:?}");
+        assert!(seen.is_some_and(|p| p > 1));
+        assert_eq!(verdict(dir.path()).as_deref(), Some("go"));
+    }
+
+    #[test]
+    fn a_failed_setup_aborts() {
+        let (dir, exe) = fake_shim();
+        let res = launch_fake(
+            &exe,
+            dir.path(),
+            &mut |_| Err("no veth".into()),
+            Duration::from_secs(5),
+        );
+        assert_eq!(
+            res.err().map(|e| e.to_string()).as_deref(),
+            Some("network setup failed: no veth")
+        );
+        assert_eq!(verdict(dir.path()).as_deref(), Some("abort"));
+    }
+
+    #[test]
+    fn a_slow_setup_is_aborted_while_it_runs() {
+        let (dir, exe) = fake_shim();
+        let mut aborted_during_setup = false;
+        let t = Instant::now();
+        let res = launch_fake(
+            &exe,
+            dir.path(),
+            &mut |_| {
+                // Hang until the watchdog has told the shim to abort.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if verdict(dir.path()).is_some() {
+                        aborted_during_setup = true;
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Ok(())
+            },
+            Duration::from_millis(300),
+        );
+        assert!(aborted_during_setup, "no abort while the setup ran");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(verdict(dir.path()).as_deref(), Some("abort"));
+        let msg = res.err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(
+            msg,
+            "network setup failed: it did not finish within 300ms (the task was killed)"
+        );
     }
 }

@@ -8,6 +8,16 @@ use serde::{Deserialize, Serialize};
 /// `argv[1]` of a shim invocation (see [`crate::shim_main_if_requested`]).
 pub const SHIM_ARG: &str = "__mesh_task_shim";
 
+/// `argv[1]` of a network-namespace holder (see [`crate::Executor::netns_ensure`]).
+pub const NETNS_HOLDER_ARG: &str = "__mesh_netns_holder";
+
+/// The cgroup (under the cgroup parent) holding the network-namespace
+/// holders; reserved, so no task id may be this.
+pub const NETNS_CGROUP: &str = "netns";
+
+/// The longest network-namespace name accepted.
+pub const MAX_NETNS_NAME_LEN: usize = 64;
+
 /// `PATH` given to a task whose environment has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -97,6 +107,9 @@ pub enum SpecError {
     /// The resolv.conf content contains a NUL byte.
     #[error("resolv.conf content contains a NUL byte")]
     NulInResolvConf,
+    /// The name cannot be used for a network namespace.
+    #[error("invalid network namespace name {name:?}: {reason}")]
+    NetnsName { name: String, reason: &'static str },
 }
 
 fn name_char_ok(c: char) -> bool {
@@ -121,6 +134,33 @@ pub fn validate_id(id: &str) -> Result<(), SpecError> {
         return err("starts with '.'");
     }
     if !id.chars().all(name_char_ok) {
+        return err("only letters, digits, '_', '.' and '-' are allowed");
+    }
+    if id == NETNS_CGROUP {
+        return err("reserved for the cgroup of the network namespace holders");
+    }
+    Ok(())
+}
+
+/// Checks that `name` is usable as a network-namespace name: `[A-Za-z0-9_.-]`,
+/// at most [`MAX_NETNS_NAME_LEN`] bytes, not starting with `.`.
+pub fn validate_netns_name(name: &str) -> Result<(), SpecError> {
+    let err = |reason| {
+        Err(SpecError::NetnsName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return err("empty");
+    }
+    if name.len() > MAX_NETNS_NAME_LEN {
+        return err("longer than 64 bytes");
+    }
+    if name.starts_with('.') {
+        return err("starts with '.'");
+    }
+    if !name.chars().all(name_char_ok) {
         return err("only letters, digits, '_', '.' and '-' are allowed");
     }
     Ok(())
@@ -276,13 +316,28 @@ mod tests {
     #[test]
     fn ids() {
         assert!(validate_id("abc-1_2.3").is_ok());
-        for bad in ["", ".x", "a/b", "a b", &"x".repeat(129)] {
+        for bad in ["", ".x", "a/b", "a b", &"x".repeat(129), "netns"] {
             assert!(validate_id(bad).is_err(), "{bad:?}");
         }
         let msg = validate_id("a/b").err().map(|e| e.to_string());
         assert_eq!(
             msg.as_deref(),
             Some("invalid task id \"a/b\": only letters, digits, '_', '.' and '-' are allowed")
+        );
+    }
+
+    #[test]
+    fn netns_names() {
+        for good in ["ov-1", "a.b_c", &"x".repeat(64), "netns"] {
+            assert!(validate_netns_name(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", ".", "..", ".x", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(validate_netns_name(bad).is_err(), "{bad:?}");
+        }
+        let msg = validate_netns_name("a/b").err().map(|e| e.to_string());
+        assert_eq!(
+            msg.as_deref(),
+            Some("invalid network namespace name \"a/b\": only letters, digits, '_', '.' and '-' are allowed")
         );
     }
 

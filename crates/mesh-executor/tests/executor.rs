@@ -11,7 +11,9 @@
 //!
 //! Every test uses its own exec root (a temp dir) and cgroup parent
 //! (`mesh-exec-test-<pid>-<n>`); the fixture kills the shims and removes
-//! the whole cgroup subtree when dropped, also when the test failed.
+//! the whole cgroup subtree when dropped, also when the test failed; that
+//! kills the network-namespace holders too (they live in `<parent>/netns`).
+//! `ip netns` names are unique per process as well and deleted afterwards.
 
 use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -1030,6 +1032,8 @@ fn child_main(args: &[String]) -> i32 {
     let res = match mode.as_str() {
         "start" => child_start(Path::new(root), parent, id, expect_mode),
         "adopt" => child_adopt(Path::new(root), parent, id, expect_mode),
+        "holder-create" => child_holder_create(Path::new(root), parent, id, expect_mode),
+        "holder-find" => child_holder_find(Path::new(root), parent, id, expect_mode),
         _ => Err(format!("unknown child mode {mode}")),
     };
     match res {
@@ -1130,6 +1134,453 @@ fn child_adopt(root: &Path, parent: &str, id: &str, expect_mode: &str) -> TestRe
     Ok(())
 }
 
+/// Creates a link inside a namespace (a veth pair: the test kernel may lack
+/// the `dummy` link type).
+const VETH_ADD: [&str; 9] = [
+    "ip", "link", "add", "gate0", "type", "veth", "peer", "name", "gate1",
+];
+
+/// Runs `argv` in the network namespace of `pid` (setns in the child; no
+/// nsenter needed).
+fn in_netns(pid: u32, argv: &[&str]) -> Result<std::process::Output, String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net")).ctx("open the netns")?;
+    let fd = ns.as_raw_fd();
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: setns on an fd opened before the fork; no allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    };
+    let out = cmd
+        .output()
+        .ctx(&format!("{argv:?} in the netns of {pid}"))?;
+    drop(ns);
+    Ok(out)
+}
+
+fn ok_output(what: &str, o: std::process::Output) -> Result<String, String> {
+    ensure!(
+        o.status.success(),
+        "{what}: {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn start_with_runs_the_setup_before_the_command() -> TestResult {
+    let f = Fixture::new()?;
+    let id = unique("gate");
+    let marker_dir = f.root().join(format!("marker-{id}"));
+    fs::create_dir(&marker_dir).ctx("marker dir")?;
+    let marker = marker_dir.join("marker");
+    let content = format!("written-by-setup-{id}");
+    let script = format!(
+        "cat {}; cat /proc/net/dev; echo done; exec sleep 60",
+        marker.display()
+    );
+    let own_net = readlink("/proc/self/ns/net")?;
+    let own_exe = fs::read_link("/proc/self/exe").ctx("own exe")?;
+    let mut seen = None;
+    let rt =
+        f.ex.start_with(&spec(&id, &["sh", "-c", &script]), &mut |pid| {
+            seen = Some(pid);
+            let net = readlink(&format!("/proc/{pid}/ns/net"))?;
+            ensure!(net != own_net, "the task shares our netns");
+            // Not exec'd yet: still the shim's binary, hostname already set.
+            let exe = fs::read_link(format!("/proc/{pid}/exe")).ctx("task exe")?;
+            ensure!(exe == own_exe, "the task already runs {}", exe.display());
+            ensure!(!marker.exists(), "marker exists before the setup");
+            fs::write(&marker, format!("{content}\n")).ctx("write marker")?;
+            ok_output("ip link add", in_netns(pid, &VETH_ADD)?)?;
+            Ok(())
+        });
+    let rt = rt.ctx("start_with")?;
+    let pid = running_pid(&rt)?;
+    ensure!(seen == Some(pid), "setup saw {seen:?}, task is {pid}");
+    wait_until("the task's output", Duration::from_secs(5), || {
+        stdout_of(&f.ex, &id).contains("done\n")
+    })?;
+    let out = stdout_of(&f.ex, &id);
+    ensure!(
+        out.starts_with(&format!("{content}\n")),
+        "the command did not see the marker: {out}"
+    );
+    ensure!(out.contains("gate0:"), "gate0 not in the task: {out}");
+    // Also visible to exec, and nowhere else.
+    let o =
+        f.ex.exec(
+            &id,
+            &sv(&["ip", "-o", "link", "show", "gate0"]),
+            Duration::from_secs(10),
+        )
+        .ctx("exec ip")?;
+    ensure!(o.status == 0, "ip link show gate0 in the task: {o:?}");
+    ensure!(
+        !fs::read_to_string("/proc/net/dev")
+            .ctx("our /proc/net/dev")?
+            .contains("gate0:"),
+        "gate0 leaked into our namespace"
+    );
+    // start is start_with with no setup; a started id does not call setup.
+    let again =
+        f.ex.start_with(&spec(&id, &["sh", "-c", &script]), &mut |_| {
+            Err("must not be called".into())
+        })
+        .ctx("start_with again")?;
+    ensure!(running_pid(&again)? == pid, "second start: {again:?}");
+    // The id of the holders' cgroup is not a task id.
+    let msg =
+        f.ex.start(&spec("netns", &["true"]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+    ensure!(msg.contains("invalid task id \"netns\""), "{msg}");
+    f.ex.remove(&id).ctx("remove")?;
+    Ok(())
+}
+
+fn failed_network_setup_leaves_nothing() -> TestResult {
+    let f = Fixture::new()?;
+    let id = unique("nonet");
+    let ran = f.root().join(format!("ran-{id}"));
+    let script = format!("echo ran > {}; exec sleep 60", ran.display());
+    let mut seen: Option<(u32, u32)> = None;
+    let t = Instant::now();
+    let e =
+        f.ex.start_with(&spec(&id, &["sh", "-c", &script]), &mut |pid| {
+            let shim = stat_field(pid, 4)
+                .and_then(|p| u32::try_from(p).ok())
+                .unwrap_or(0);
+            seen = Some((pid, shim));
+            Err("no veth for you".into())
+        });
+    ensure!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    match &e {
+        Err(ExecError::Start { task, reason }) => {
+            ensure!(task == &format!("t.1.{id}"), "task {task}");
+            ensure!(
+                reason == "network setup failed: no veth for you",
+                "reason {reason}"
+            );
+        }
+        other => return Err(format!("expected a start error, got {other:?}")),
+    }
+    ensure!(
+        e.err().map(|e| e.to_string()).unwrap_or_default()
+            == format!("cannot start task t.1.{id}: network setup failed: no veth for you"),
+        "message"
+    );
+    let (pid, shim) = seen.ctx("the setup was not called")?;
+    ensure!(shim > 1, "no shim pid");
+    wait_until("task and shim to die", Duration::from_secs(5), || {
+        dead(pid) && dead(shim)
+    })?;
+    ensure!(!ran.exists(), "the command ran");
+    ensure!(!f.root().join("tasks").join(&id).exists(), "state dir left");
+    ensure!(
+        f.task_cgroups(&id).is_empty(),
+        "cgroups left: {:?}",
+        f.task_cgroups(&id)
+    );
+    ensure!(f.ex.status(&id).is_none(), "status {:?}", f.ex.status(&id));
+    ensure!(f.ex.list().is_empty(), "list {:?}", f.ex.list());
+    // A panicking setup: the panic goes on, after the same cleanup.
+    let id2 = unique("panic");
+    let mut seen2 = None;
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| println!("    (the expected setup panic)")));
+    let res = catch_unwind(AssertUnwindSafe(|| {
+        f.ex.start_with(&spec(&id2, &["sleep", "60"]), &mut |pid| {
+            seen2 = Some(pid);
+            panic!("setup exploded");
+        })
+    }));
+    std::panic::set_hook(hook);
+    ensure!(res.is_err(), "no panic: {:?}", res.ok());
+    let pid2 = seen2.ctx("the panicking setup was not called")?;
+    wait_until("the task to die", Duration::from_secs(5), || dead(pid2))?;
+    ensure!(
+        !f.root().join("tasks").join(&id2).exists(),
+        "state dir left"
+    );
+    ensure!(f.task_cgroups(&id2).is_empty(), "cgroups left");
+    // The same id starts fine afterwards.
+    let pid = running_pid(
+        &f.ex
+            .start(&spec(&id, &["sleep", "60"]))
+            .ctx("start again")?,
+    )?;
+    ensure!(!dead(pid), "not running");
+    f.ex.remove(&id).ctx("remove")?;
+    println!(
+        "    note: the {:?} setup bound is tested with a short bound in \
+         shim::tests::a_slow_setup_is_aborted_while_it_runs",
+        mesh_executor::NETWORK_SETUP_TIMEOUT
+    );
+    Ok(())
+}
+
+fn holder_start(pid: u32) -> Option<u64> {
+    stat(pid).map(|s| s.1)
+}
+
+fn in_cgroup(dir: &Path, pid: u32) -> bool {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .is_ok_and(|t| t.lines().any(|l| l.trim() == pid.to_string()))
+}
+
+fn netns_holders() -> TestResult {
+    let f = Fixture::new()?;
+    let name = unique("ovl");
+    let pid = f.ex.netns_ensure(&name).ctx("netns_ensure")?;
+    let start = holder_start(pid).ctx("holder stat")?;
+    ensure!(
+        f.ex.netns_ensure(&name).ctx("netns_ensure again")? == pid,
+        "second ensure made a new holder"
+    );
+    ensure!(holder_start(pid) == Some(start), "holder restarted");
+    // Its own namespace, with lo up.
+    let net = readlink(&format!("/proc/{pid}/ns/net"))?;
+    ensure!(
+        net != readlink("/proc/self/ns/net")?,
+        "holder shares our netns"
+    );
+    let lo = ok_output(
+        "ip link show lo",
+        in_netns(pid, &["ip", "-o", "link", "show", "lo"])?,
+    )?;
+    ensure!(lo.contains(",UP") || lo.contains("<UP"), "lo: {lo}");
+    let links = ok_output("ip link", in_netns(pid, &["ip", "-o", "link"])?)?;
+    ensure!(links.lines().count() == 1, "links: {links}");
+    // Detached, in <parent>/netns of every hierarchy.
+    ensure!(
+        stat_field(pid, 4) != Some(i64::from(std::process::id())),
+        "the holder is our child"
+    );
+    ensure!(
+        stat_field(pid, 6) == Some(i64::from(pid)),
+        "not a session leader"
+    );
+    for d in f.ex.layout().task_paths(&f.parent, "netns") {
+        ensure!(in_cgroup(&d, pid), "holder not in {}", d.display());
+    }
+    ensure!(
+        f.root().join("netns").join(format!("{name}.json")).exists(),
+        "no record"
+    );
+    // A restarted meshd finds it.
+    let b = f.another()?;
+    ensure!(
+        b.netns_pid(&name) == Some(pid),
+        "netns_pid {:?}",
+        b.netns_pid(&name)
+    );
+    ensure!(
+        b.netns_list() == vec![(name.clone(), pid)],
+        "netns_list {:?}",
+        b.netns_list()
+    );
+    ensure!(
+        b.netns_ensure(&name).ctx("ensure from b")? == pid,
+        "b made a new one"
+    );
+    // A holder outlives the executor that made it.
+    let name2 = unique("ovl");
+    let pid2 = b.netns_ensure(&name2).ctx("ensure 2")?;
+    drop(b);
+    thread::sleep(Duration::from_millis(50));
+    ensure!(!dead(pid2), "holder died with its executor");
+    ensure!(f.ex.netns_pid(&name2) == Some(pid2), "not found after drop");
+    let mut want = vec![(name.clone(), pid), (name2.clone(), pid2)];
+    want.sort();
+    ensure!(f.ex.netns_list() == want, "list {:?}", f.ex.netns_list());
+    // Names are validated.
+    for bad in ["", "a/b", "..", ".x", &"x".repeat(65)] {
+        let msg =
+            f.ex.netns_ensure(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+        ensure!(
+            msg.starts_with(&format!(
+                "cannot create network namespace {bad}: invalid network namespace name"
+            )),
+            "ensure({bad:?}): {msg}"
+        );
+        ensure!(f.ex.netns_pid(bad).is_none(), "netns_pid({bad:?})");
+        ensure!(f.ex.netns_remove(bad).is_err(), "netns_remove({bad:?})");
+    }
+    // remove kills it and forgets it.
+    f.ex.netns_remove(&name).ctx("netns_remove")?;
+    ensure!(dead(pid), "holder alive after remove");
+    ensure!(f.ex.netns_pid(&name).is_none(), "still found");
+    ensure!(
+        !f.root().join("netns").join(format!("{name}.json")).exists(),
+        "record left"
+    );
+    ensure!(
+        f.ex.netns_list() == vec![(name2.clone(), pid2)],
+        "list {:?}",
+        f.ex.netns_list()
+    );
+    f.ex.netns_remove(&name).ctx("remove twice")?;
+    // Killed from outside: reported absent, record collected, recreated.
+    let start2 = holder_start(pid2).ctx("stat 2")?;
+    kill(pid2, libc::SIGKILL);
+    wait_until("the holder to die", Duration::from_secs(5), || dead(pid2))?;
+    ensure!(f.ex.netns_pid(&name2).is_none(), "dead holder reported");
+    ensure!(f.ex.netns_list().is_empty(), "list {:?}", f.ex.netns_list());
+    ensure!(
+        !f.root()
+            .join("netns")
+            .join(format!("{name2}.json"))
+            .exists(),
+        "dead record kept"
+    );
+    let pid3 = f.ex.netns_ensure(&name2).ctx("ensure after kill")?;
+    ensure!(
+        pid3 != pid2 || holder_start(pid3) != Some(start2),
+        "the dead holder was returned"
+    );
+    ensure!(!dead(pid3), "new holder not alive");
+    // A stale record whose pid now belongs to another process.
+    f.ex.netns_remove(&name2).ctx("remove 2")?;
+    let me = std::process::id();
+    let fake = serde_json::json!({"pid": me, "start_time": 1, "created_at_ms": 0});
+    fs::write(
+        f.root().join("netns").join(format!("{name2}.json")),
+        fake.to_string(),
+    )
+    .ctx("write fake record")?;
+    ensure!(
+        f.ex.netns_pid(&name2).is_none(),
+        "reused pid taken for the holder"
+    );
+    let pid4 =
+        f.ex.netns_ensure(&name2)
+            .ctx("ensure over a stale record")?;
+    ensure!(pid4 != me, "ensure returned a reused pid");
+    f.ex.netns_remove(&name2).ctx("remove 3")?;
+    ensure!(dead(pid4) && dead(pid3), "holders alive");
+    Ok(())
+}
+
+/// A holder made by one `ip netns exec` meshd (its own mount namespace,
+/// SIGKILLed) is found, usable and removable by the next one.
+fn netns_holder_survives_ip_netns_exec_restarts() -> TestResult {
+    let f = Fixture::new()?;
+    let ns = unique("mesh-exec-test");
+    let out = Command::new("ip")
+        .args(["netns", "add", &ns])
+        .output()
+        .ctx("ip netns add")?;
+    ensure!(
+        out.status.success(),
+        "ip netns add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res = holder_netns_scenario(&f, &ns);
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    res
+}
+
+fn holder_netns_scenario(f: &Fixture, ns: &str) -> TestResult {
+    use std::os::unix::process::ExitStatusExt;
+    let name = unique("ovl");
+    let log = |o: &std::process::Output| {
+        format!(
+            "stdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let out = run_child(ns, "holder-create", f, &name)?;
+    ensure!(
+        out.status.signal() == Some(libc::SIGKILL),
+        "child 1 should have SIGKILLed itself: {:?}\n{}",
+        out.status,
+        log(&out)
+    );
+    let pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("holder pid ")?.trim().parse().ok())
+        .ctx("holder pid in child 1's output")?;
+    ensure!(!dead(pid), "holder died with child 1\n{}", log(&out));
+    // The root-namespace executor sees it as well.
+    ensure!(
+        f.ex.netns_pid(&name) == Some(pid),
+        "root executor: {:?}",
+        f.ex.netns_pid(&name)
+    );
+    let out2 = run_child(ns, "holder-find", f, &name)?;
+    ensure!(
+        out2.status.success(),
+        "child 2 failed: {:?}\n{}",
+        out2.status,
+        log(&out2)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out2.stdout).contains(&format!("found {pid}")),
+        "child 2 did not find {pid}\n{}",
+        log(&out2)
+    );
+    ensure!(dead(pid), "holder alive after child 2 removed it");
+    ensure!(f.ex.netns_pid(&name).is_none(), "still found");
+    Ok(())
+}
+
+fn child_holder_create(root: &Path, parent: &str, name: &str, expect_mode: &str) -> TestResult {
+    let ex = child_executor(root, parent, expect_mode)?;
+    let pid = ex.netns_ensure(name).ctx("netns_ensure")?;
+    let mine = readlink("/proc/self/ns/net")?;
+    ensure!(
+        readlink(&format!("/proc/{pid}/ns/net"))? != mine,
+        "same netns"
+    );
+    println!("holder pid {pid}");
+    use std::io::Write;
+    std::io::stdout().flush().ctx("flush")?;
+    kill(std::process::id(), libc::SIGKILL);
+    thread::sleep(Duration::from_secs(10));
+    Err("still alive after SIGKILL".into())
+}
+
+fn child_holder_find(root: &Path, parent: &str, name: &str, expect_mode: &str) -> TestResult {
+    let ex = child_executor(root, parent, expect_mode)?;
+    let pid = ex.netns_pid(name).ctx("netns_pid")?;
+    let list = ex.netns_list();
+    ensure!(list == vec![(name.to_string(), pid)], "list {list:?}");
+    ensure!(
+        ex.netns_ensure(name).ctx("ensure")? == pid,
+        "ensure made a new one"
+    );
+    // Usable from here: a link made in it is seen through /proc/<pid>.
+    ok_output("ip link add", in_netns(pid, &VETH_ADD)?)?;
+    let links = ok_output("ip link", in_netns(pid, &["ip", "-o", "link"])?)?;
+    ensure!(links.contains("gate0"), "links {links}");
+    ensure!(
+        readlink(&format!("/proc/{pid}/ns/net"))? != readlink("/proc/self/ns/net")?,
+        "same netns"
+    );
+    println!("found {pid}");
+    ex.netns_remove(name).ctx("netns_remove")?;
+    ensure!(ex.netns_pid(name).is_none(), "still found");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Runner
 
@@ -1184,6 +1635,19 @@ fn main() {
         (
             "mounts_hierarchies_under_ip_netns_exec",
             mounts_hierarchies_under_ip_netns_exec,
+        ),
+        (
+            "start_with_runs_the_setup_before_the_command",
+            start_with_runs_the_setup_before_the_command,
+        ),
+        (
+            "failed_network_setup_leaves_nothing",
+            failed_network_setup_leaves_nothing,
+        ),
+        ("netns_holders", netns_holders),
+        (
+            "netns_holder_survives_ip_netns_exec_restarts",
+            netns_holder_survives_ip_netns_exec_restarts,
         ),
     ];
     let (mut passed, mut failed) = (0, 0);

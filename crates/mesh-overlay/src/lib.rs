@@ -1,0 +1,282 @@
+//! The overlay data plane of one host, as libnetwork's overlay driver lays it out: for each
+//! network with a local endpoint, a namespace `ov-<vni>` holding bridge `br0` (the gateway
+//! address) and VXLAN device `vx-<vni>` (created in the host namespace so its UDP socket lives
+//! there, then moved in; learning off, ARP proxy on); a veth per local endpoint, one end on
+//! `br0`, the other `ethN` in the task; and a permanent ARP entry plus a VXLAN FDB entry for
+//! every remote endpoint, programmed statically from gossip.
+//!
+//! [`Overlay`] is a reconciler: [`Overlay::sync_remotes`] and [`Overlay::gc`] make the kernel
+//! match a desired state, idempotently, so a restart or a missed event heals on the next pass.
+//! Namespaces are held by processes ([`Holders`]) rather than bind mounts, so that a restarted
+//! daemon (in a new mount namespace under `ip netns exec`) still finds them.
+//!
+//! **Architecture Invariant**: knows links, addresses and neighbours; nothing of services,
+//! Raft or gossip (the caller turns gossip records into [`Remote`]s).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mesh_netlink::{Handle, Netns};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+/// VXLAN UDP port, as Swarm.
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+/// VXLAN's overhead on IPv4.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// Errors of the overlay reconciler.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("netlink: {0}")]
+    Netlink(#[from] mesh_netlink::NetlinkError),
+    #[error("namespace holder for {name}: {reason}")]
+    Holder { name: String, reason: String },
+    #[error("invalid address {0}")]
+    Addr(String),
+}
+
+/// Keeps network namespaces alive across daemon restarts (implemented by the executor's
+/// holder processes).
+pub trait Holders: Send + Sync + 'static {
+    /// Creates or finds the namespace `name`; returns the pid whose `/proc/<pid>/ns/net` it is.
+    fn ensure(&self, name: &str) -> Result<u32, String>;
+    /// Live namespaces: (name, pid).
+    fn list(&self) -> Vec<(String, u32)>;
+    fn remove(&self, name: &str) -> Result<(), String>;
+}
+
+/// A network as the data plane needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDesc {
+    pub vni: u32,
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+}
+
+/// An endpoint on another host, from gossip.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Remote {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub vtep: Ipv4Addr,
+}
+
+/// A local task's place on a network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub network: NetworkDesc,
+    pub ip: Ipv4Addr,
+    /// Interface name inside the task (`eth0`, `eth1`, ...).
+    pub ifname: String,
+}
+
+/// Host-wide settings.
+#[derive(Clone, Debug)]
+pub struct OverlayConfig {
+    /// This host's underlay address: the VTEP.
+    pub vtep: Ipv4Addr,
+    pub vxlan_port: u16,
+    /// Overlay MTU; `None` derives it from the underlay (its MTU - 50).
+    pub mtu: Option<u32>,
+}
+
+/// The reconciler of one host.
+pub struct Overlay {
+    cfg: OverlayConfig,
+    holders: Arc<dyn Holders>,
+    host: Handle,
+    mtu: u32,
+    /// Serializes changes to the kernel.
+    lock: Mutex<()>,
+}
+
+/// Namespace name of a network.
+pub fn ns_name(vni: u32) -> String {
+    format!("ov-{vni}")
+}
+
+fn vx_name(vni: u32) -> String {
+    format!("vx-{vni}")
+}
+
+fn proc_ns(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
+}
+
+impl Overlay {
+    /// Creates the reconciler in the calling thread's namespace (the host's).
+    pub async fn new(
+        cfg: OverlayConfig,
+        holders: Arc<dyn Holders>,
+    ) -> Result<Overlay, OverlayError> {
+        let host = Handle::new(&Netns::current()?).await?;
+        let mtu = match cfg.mtu {
+            Some(m) => m,
+            None => host
+                .route_mtu(cfg.vtep)
+                .await?
+                .unwrap_or(1500)
+                .saturating_sub(VXLAN_OVERHEAD),
+        };
+        info!(vtep = %cfg.vtep, mtu, "overlay data plane ready");
+        Ok(Overlay {
+            cfg,
+            holders,
+            host,
+            mtu,
+            lock: Mutex::new(()),
+        })
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// A netlink handle inside the network's namespace, creating the namespace, its bridge and
+    /// its VXLAN device as needed.
+    async fn network_ns(&self, net: &NetworkDesc) -> Result<(Netns, Handle), OverlayError> {
+        let name = ns_name(net.vni);
+        let pid = self
+            .holders
+            .ensure(&name)
+            .map_err(|reason| OverlayError::Holder {
+                name: name.clone(),
+                reason,
+            })?;
+        let ns = Netns::open(&proc_ns(pid))?;
+        let h = Handle::new(&ns).await?;
+        if h.link_index("br0").await?.is_none() {
+            h.add_bridge("br0", Some(self.mtu)).await?;
+        }
+        h.add_address("br0", net.gateway, net.prefix).await?;
+        h.set_up("br0").await?;
+        let vx = vx_name(net.vni);
+        if h.link_index(&vx).await?.is_none() {
+            // Made in the host namespace so its UDP socket lives there, then moved in.
+            self.host.del_link(&vx).await?;
+            self.host
+                .add_vxlan(
+                    &vx,
+                    net.vni,
+                    self.cfg.vxlan_port,
+                    self.cfg.vtep,
+                    None,
+                    Some(self.mtu),
+                )
+                .await?;
+            self.host.move_to_ns(&vx, &ns).await?;
+            info!(vni = net.vni, "overlay network namespace ready");
+        }
+        h.set_master(&vx, "br0").await?;
+        h.set_up(&vx).await?;
+        Ok((ns, h))
+    }
+
+    /// Plumbs a task into a network: a veth from `br0` to `ifname` in the task's namespace
+    /// (`/proc/<task_pid>/ns/net`), with the task's address and MAC, up. Called before the
+    /// task's command runs.
+    pub async fn attach(&self, task_pid: u32, a: &Attachment) -> Result<(), OverlayError> {
+        let _g = self.lock.lock().await;
+        let (_ns, h) = self.network_ns(&a.network).await?;
+        let task_ns = Netns::open(&proc_ns(task_pid))?;
+        let mac = mesh_netlink::mac_for_ip(a.ip);
+        let tag = format!("{:08x}", u32::from(a.ip) ^ task_pid.rotate_left(16));
+        let (outer, inner) = (format!("ve{tag}"), format!("vp{tag}"));
+        h.del_link(&outer).await?;
+        h.add_veth(&outer, &inner, Some(&task_ns), Some(self.mtu))
+            .await?;
+        h.set_master(&outer, "br0").await?;
+        h.set_up(&outer).await?;
+        let t = Handle::new(&task_ns).await?;
+        t.rename(&inner, &a.ifname).await?;
+        t.set_mac(&a.ifname, mac).await?;
+        t.add_address(&a.ifname, a.ip, a.network.prefix).await?;
+        t.set_up(&a.ifname).await?;
+        debug!(ip = %a.ip, ifname = a.ifname, "task attached");
+        Ok(())
+    }
+
+    /// Makes the ARP and FDB entries of every network match `remotes` (by VNI): adds what is
+    /// missing, replaces what changed, deletes what is gone. Networks not given are untouched.
+    pub async fn sync_remotes(
+        &self,
+        networks: &BTreeMap<u32, NetworkDesc>,
+        remotes: &BTreeMap<u32, BTreeSet<Remote>>,
+    ) -> Result<(), OverlayError> {
+        let _g = self.lock.lock().await;
+        let live: BTreeMap<String, u32> = self.holders.list().into_iter().collect();
+        for (vni, net) in networks {
+            // Only networks this host has a namespace for (a local endpoint).
+            if !live.contains_key(&ns_name(*vni)) {
+                continue;
+            }
+            let (_ns, h) = self.network_ns(net).await?;
+            let vx = vx_name(*vni);
+            let want: BTreeMap<Ipv4Addr, &Remote> = remotes
+                .get(vni)
+                .map(|s| {
+                    s.iter()
+                        .filter(|r| r.vtep != self.cfg.vtep)
+                        .map(|r| (r.ip, r))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let have_arp: BTreeMap<Ipv4Addr, [u8; 6]> =
+                h.neighbours(&vx).await?.into_iter().collect();
+            let have_fdb: BTreeSet<([u8; 6], Ipv4Addr)> = h.fdb(&vx).await?.into_iter().collect();
+            for (ip, r) in &want {
+                if have_arp.get(ip) != Some(&r.mac) {
+                    h.set_neighbour(&vx, *ip, r.mac).await?;
+                }
+                if !have_fdb.contains(&(r.mac, r.vtep)) {
+                    h.set_fdb(&vx, r.mac, r.vtep).await?;
+                }
+            }
+            let want_fdb: BTreeSet<([u8; 6], Ipv4Addr)> =
+                want.values().map(|r| (r.mac, r.vtep)).collect();
+            for ip in have_arp.keys().filter(|ip| !want.contains_key(ip)) {
+                h.del_neighbour(&vx, *ip).await?;
+            }
+            for (mac, dst) in have_fdb.iter().filter(|e| !want_fdb.contains(e)) {
+                if *mac != [0; 6] {
+                    h.del_fdb(&vx, *mac, *dst).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the namespaces of networks this host no longer has endpoints on, and VXLAN
+    /// devices left in the host namespace by a crash between create and move.
+    pub async fn gc(&self, keep_vnis: &BTreeSet<u32>) -> Result<(), OverlayError> {
+        let _g = self.lock.lock().await;
+        for (name, _) in self.holders.list() {
+            let Some(vni) = name.strip_prefix("ov-").and_then(|v| v.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !keep_vnis.contains(&vni) {
+                info!(
+                    vni,
+                    "removing overlay network namespace: no local endpoint left"
+                );
+                if let Err(reason) = self.holders.remove(&name) {
+                    warn!("{name}: {reason}");
+                }
+            }
+        }
+        for l in self.host.links().await? {
+            if l.name.starts_with("vx-") && l.kind.as_deref() == Some("vxlan") {
+                warn!(
+                    link = l.name,
+                    "removing a VXLAN device left in the host namespace"
+                );
+                self.host.del_link(&l.name).await?;
+            }
+        }
+        Ok(())
+    }
+}
