@@ -2,6 +2,7 @@
 //! the local API socket and wires it to the daemon core in `mesh-manager`.
 
 mod api;
+mod plane;
 mod runtime;
 
 use std::path::PathBuf;
@@ -33,6 +34,15 @@ struct Args {
     /// Name of this daemon's cgroup subtree (tasks go below it), unique per meshd on a machine.
     #[arg(long, default_value = "mesh")]
     cgroup_parent: String,
+    /// Gossip port (UDP and TCP), as Swarm's 7946.
+    #[arg(long, default_value_t = 7946)]
+    gossip_port: u16,
+    /// VXLAN UDP port, as Swarm's 4789.
+    #[arg(long, default_value_t = mesh_overlay::DEFAULT_VXLAN_PORT)]
+    vxlan_port: u16,
+    /// Overlay MTU (default: the underlay's MTU minus 50).
+    #[arg(long)]
+    overlay_mtu: Option<u32>,
     /// error, warn, info, debug or trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -112,12 +122,22 @@ fn run(args: Args) -> anyhow::Result<()> {
             shim_exe: None,
         })
         .map_err(|e| anyhow::anyhow!("cannot set up the task executor: {e}"))?;
+        let executor = std::sync::Arc::new(executor);
+        let plane = plane::Plane::new(
+            plane::PlaneConfig {
+                gossip_port: args.gossip_port,
+                vxlan_port: args.vxlan_port,
+                mtu: args.overlay_mtu,
+            },
+            tokio::runtime::Handle::current(),
+            executor.clone(),
+        );
         let cfg = DaemonConfig {
             node_name: node_name.clone(),
             data_dir: args.data_dir.clone(),
             exec_root: args.exec_root.clone(),
             runtime: std::sync::Arc::new(runtime::ExecRuntime(executor)),
-            plane: None,
+            plane: Some(std::sync::Arc::new(plane)),
         };
         let daemon = Daemon::start(cfg)
             .await

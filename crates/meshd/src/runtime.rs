@@ -6,7 +6,7 @@ use std::time::Duration;
 use mesh_executor::{Executor, TaskRuntime, TaskSpec};
 use mesh_manager::runtime::{ExecResult, RunSpec, RunState, Runtime};
 
-pub struct ExecRuntime(pub Executor);
+pub struct ExecRuntime(pub std::sync::Arc<Executor>);
 
 fn state(r: TaskRuntime) -> RunState {
     match r {
@@ -25,19 +25,36 @@ fn state(r: TaskRuntime) -> RunState {
     }
 }
 
+fn task_spec(spec: &RunSpec) -> TaskSpec {
+    TaskSpec {
+        id: spec.id.clone(),
+        name: spec.name.clone(),
+        hostname: spec.hostname.clone(),
+        argv: spec.argv.clone(),
+        env: spec.env.clone(),
+        nano_cpus: spec.nano_cpus,
+        memory_bytes: spec.memory_bytes,
+        resolv_conf: spec.resolv_conf.clone(),
+    }
+}
+
 impl Runtime for ExecRuntime {
     fn start(&self, spec: &RunSpec) -> Result<RunState, String> {
-        let spec = TaskSpec {
-            id: spec.id.clone(),
-            name: spec.name.clone(),
-            hostname: spec.hostname.clone(),
-            argv: spec.argv.clone(),
-            env: spec.env.clone(),
-            nano_cpus: spec.nano_cpus,
-            memory_bytes: spec.memory_bytes,
-            resolv_conf: spec.resolv_conf.clone(),
-        };
-        self.0.start(&spec).map(state).map_err(|e| e.to_string())
+        self.0
+            .start(&task_spec(spec))
+            .map(state)
+            .map_err(|e| e.to_string())
+    }
+
+    fn start_with(
+        &self,
+        spec: &RunSpec,
+        setup: &mut dyn FnMut(u32) -> Result<(), String>,
+    ) -> Result<RunState, String> {
+        self.0
+            .start_with(&task_spec(spec), setup)
+            .map(state)
+            .map_err(|e| e.to_string())
     }
 
     fn status(&self, id: &str) -> Option<RunState> {

@@ -1,0 +1,71 @@
+//! Packet and sync counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of the counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// UDP packets received (all, including dropped ones).
+    pub udp_in: u64,
+    /// UDP packets sent.
+    pub udp_out: u64,
+    /// UDP bytes received.
+    pub bytes_in: u64,
+    /// UDP bytes sent.
+    pub bytes_out: u64,
+    /// Push-pull connections accepted.
+    pub tcp_in: u64,
+    /// Push-pull connections opened.
+    pub tcp_out: u64,
+    /// Packets or streams dropped as malformed (bad length, magic, kind or encoding).
+    pub malformed: u64,
+    /// Packets or streams dropped because they carry another cluster's key.
+    pub foreign: u64,
+    /// Push-pull exchanges merged (both directions).
+    pub syncs: u64,
+    /// Push-pull exchanges that failed (connect, timeout, bad stream).
+    pub sync_failures: u64,
+    /// Records received for a network this node does not have (dropped).
+    pub out_of_scope: u64,
+}
+
+/// The live counters, shared between the core and the I/O tasks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub udp_in: AtomicU64,
+    pub udp_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub tcp_in: AtomicU64,
+    pub tcp_out: AtomicU64,
+    pub malformed: AtomicU64,
+    pub foreign: AtomicU64,
+    pub syncs: AtomicU64,
+    pub sync_failures: AtomicU64,
+    pub out_of_scope: AtomicU64,
+}
+
+/// Adds `n` to a counter.
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// A snapshot.
+    pub fn snapshot(&self) -> Stats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            udp_in: g(&self.udp_in),
+            udp_out: g(&self.udp_out),
+            bytes_in: g(&self.bytes_in),
+            bytes_out: g(&self.bytes_out),
+            tcp_in: g(&self.tcp_in),
+            tcp_out: g(&self.tcp_out),
+            malformed: g(&self.malformed),
+            foreign: g(&self.foreign),
+            syncs: g(&self.syncs),
+            sync_failures: g(&self.sync_failures),
+            out_of_scope: g(&self.out_of_scope),
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The network plane `meshd` gives its agent: the VXLAN overlay (`mesh-overlay`) programmed
+//! from endpoint records gossiped per network (`mesh-gossip`), with the overlay namespaces held
+//! by the executor's holder processes so they survive a daemon restart.
+//!
+//! Each running local task publishes one record per network it is attached to (table
+//! `endpoints`, key = task ID): its address, MAC, VTEP and names. Gossip delivers a network's
+//! records only to the hosts that have a task on it; every change (and a periodic pass) makes
+//! the overlay's ARP/FDB entries match the records, and removes the namespaces of networks
+//! without a local task.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_api::Task;
+use mesh_gossip::{Config as GossipConfig, Event, Gossip};
+use mesh_manager::runtime::{NetworkPlane, PlaneIdentity};
+use mesh_overlay::{Attachment, Holders, NetworkDesc, Overlay, OverlayConfig, Remote};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// The gossip table of endpoint records.
+pub const ENDPOINTS: &str = "endpoints";
+
+/// What a host publishes about a local task on one network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub mac: [u8; 6],
+    pub vtep: Ipv4Addr,
+    pub vni: u32,
+    pub task_name: String,
+    pub service_name: String,
+    pub service_id: String,
+}
+
+/// The executor's holder processes behind the overlay's `Holders` seam.
+pub struct ExecutorHolders(pub Arc<mesh_executor::Executor>);
+
+impl Holders for ExecutorHolders {
+    fn ensure(&self, name: &str) -> Result<u32, String> {
+        self.0.netns_ensure(name).map_err(|e| e.to_string())
+    }
+    fn list(&self) -> Vec<(String, u32)> {
+        self.0.netns_list()
+    }
+    fn remove(&self, name: &str) -> Result<(), String> {
+        self.0.netns_remove(name).map_err(|e| e.to_string())
+    }
+}
+
+/// Ports and settings from meshd's flags.
+#[derive(Clone, Debug)]
+pub struct PlaneConfig {
+    pub gossip_port: u16,
+    pub vxlan_port: u16,
+    pub mtu: Option<u32>,
+}
+
+struct Running {
+    gossip: Gossip,
+    overlay: Arc<Overlay>,
+    vtep: Ipv4Addr,
+    /// Records this host published: (network ID, task ID) -> record.
+    published: BTreeMap<(String, String), EndpointRecord>,
+    /// The networks with a local task: network ID -> description.
+    networks: BTreeMap<String, NetworkDesc>,
+    stop: watch::Sender<bool>,
+}
+
+/// The plane: a cheap handle on shared state.
+pub struct Plane(Arc<Inner>);
+
+struct Inner {
+    cfg: PlaneConfig,
+    rt: tokio::runtime::Handle,
+    holders: Arc<ExecutorHolders>,
+    running: tokio::sync::Mutex<Option<Running>>,
+    ready: watch::Sender<bool>,
+    /// Serializes `set_local` passes in order.
+    local_seq: tokio::sync::Mutex<()>,
+}
+
+fn attachment_desc(a: &mesh_api::NetworkAttachment) -> Option<(Ipv4Addr, NetworkDesc)> {
+    let (ip, prefix) = a.addr.split_once('/')?;
+    Some((
+        ip.parse().ok()?,
+        NetworkDesc {
+            vni: a.vni,
+            gateway: a.gateway.parse().ok()?,
+            prefix: prefix.parse().ok()?,
+        },
+    ))
+}
+
+impl Plane {
+    pub fn new(
+        cfg: PlaneConfig,
+        rt: tokio::runtime::Handle,
+        exec: Arc<mesh_executor::Executor>,
+    ) -> Plane {
+        let (ready, _) = watch::channel(false);
+        Plane(Arc::new(Inner {
+            cfg,
+            rt,
+            holders: Arc::new(ExecutorHolders(exec)),
+            running: tokio::sync::Mutex::new(None),
+            ready,
+            local_seq: tokio::sync::Mutex::new(()),
+        }))
+    }
+}
+
+impl Inner {
+    async fn start_async(self: Arc<Self>, me: PlaneIdentity) -> Result<(), String> {
+        let overlay = Overlay::new(
+            OverlayConfig {
+                vtep: me.addr,
+                vxlan_port: self.cfg.vxlan_port,
+                mtu: self.cfg.mtu,
+            },
+            self.holders.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let addr = SocketAddr::from((me.addr, self.cfg.gossip_port));
+        let gossip = Gossip::start(GossipConfig::new(
+            me.node_id.clone(),
+            addr,
+            me.cluster_id.clone(),
+        ))
+        .await
+        .map_err(|e| format!("cannot start gossip on {addr}: {e}"))?;
+        let peers: Vec<SocketAddr> = me
+            .peers
+            .iter()
+            .filter(|p| **p != me.addr)
+            .map(|p| SocketAddr::from((*p, self.cfg.gossip_port)))
+            .collect();
+        if !peers.is_empty() {
+            if let Err(e) = gossip.join(&peers).await {
+                warn!("gossip join: {e}");
+            }
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let overlay = Arc::new(overlay);
+        *self.running.lock().await = Some(Running {
+            gossip: gossip.clone(),
+            overlay,
+            vtep: me.addr,
+            published: BTreeMap::new(),
+            networks: BTreeMap::new(),
+            stop,
+        });
+        self.ready.send_replace(true);
+        tokio::spawn(self.clone().events_loop(gossip, stop_rx));
+        info!(gossip = %addr, "network plane started");
+        Ok(())
+    }
+
+    /// Programs the overlay after every gossip change, and every few seconds to heal.
+    async fn events_loop(self: Arc<Self>, gossip: Gossip, mut stop: watch::Receiver<bool>) {
+        let mut events = gossip.subscribe();
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Ok(Event::Upsert { .. } | Event::Delete { .. } | Event::NodeDown { .. }) => {}
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = stop.changed() => return,
+            }
+            // Coalesce a burst of events into one pass.
+            while let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(5), events.recv()).await
+            {}
+            if let Err(e) = self.sync_remotes().await {
+                debug!("overlay sync: {e}");
+            }
+        }
+    }
+
+    async fn sync_remotes(&self) -> Result<(), String> {
+        let guard = self.running.lock().await;
+        let Some(r) = guard.as_ref() else {
+            return Ok(());
+        };
+        let mut by_vni: BTreeMap<u32, NetworkDesc> = BTreeMap::new();
+        let mut remotes: BTreeMap<u32, BTreeSet<Remote>> = BTreeMap::new();
+        for (id, desc) in &r.networks {
+            by_vni.insert(desc.vni, desc.clone());
+            let set = remotes.entry(desc.vni).or_default();
+            for e in r.gossip.entries(id, ENDPOINTS).await {
+                match serde_json::from_slice::<EndpointRecord>(&e.value) {
+                    Ok(rec) if rec.vtep != r.vtep => {
+                        set.insert(Remote {
+                            ip: rec.ip,
+                            mac: rec.mac,
+                            vtep: rec.vtep,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(err) => debug!("bad endpoint record {}: {err}", e.key),
+                }
+            }
+        }
+        r.overlay
+            .sync_remotes(&by_vni, &remotes)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn set_local_async(&self, running: Vec<Task>) -> Result<(), String> {
+        {
+            let mut guard = self.running.lock().await;
+            let Some(r) = guard.as_mut() else {
+                return Ok(());
+            };
+            let mut want: BTreeMap<(String, String), EndpointRecord> = BTreeMap::new();
+            let mut networks = BTreeMap::new();
+            for t in &running {
+                for a in &t.networks {
+                    let Some((ip, desc)) = attachment_desc(a) else {
+                        continue;
+                    };
+                    networks.insert(a.network_id.clone(), desc.clone());
+                    want.insert(
+                        (a.network_id.clone(), t.id.clone()),
+                        EndpointRecord {
+                            ip,
+                            prefix: desc.prefix,
+                            mac: mesh_netlink::mac_for_ip(ip),
+                            vtep: r.vtep,
+                            vni: desc.vni,
+                            task_name: t.name(),
+                            service_name: t.service_name.clone(),
+                            service_id: t.service_id.clone(),
+                        },
+                    );
+                }
+            }
+            let ids: BTreeSet<String> = networks.keys().cloned().collect();
+            r.gossip.set_networks(ids).await;
+            for ((net, task), rec) in &want {
+                if r.published.get(&(net.clone(), task.clone())) != Some(rec) {
+                    let v = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
+                    if let Err(e) = r.gossip.put(net, ENDPOINTS, task, v).await {
+                        warn!("publishing endpoint {task} on {net}: {e}");
+                    }
+                }
+            }
+            for (net, task) in r.published.keys() {
+                if !want.contains_key(&(net.clone(), task.clone())) && networks.contains_key(net) {
+                    if let Err(e) = r.gossip.delete(net, ENDPOINTS, task).await {
+                        debug!("withdrawing endpoint {task} on {net}: {e}");
+                    }
+                }
+            }
+            r.published = want;
+            let keep: BTreeSet<u32> = networks.values().map(|d| d.vni).collect();
+            r.networks = networks;
+            r.overlay.gc(&keep).await.map_err(|e| e.to_string())?;
+        }
+        self.sync_remotes().await
+    }
+}
+
+impl NetworkPlane for Plane {
+    fn start(&self, me: PlaneIdentity) -> Result<(), String> {
+        if me.addr.is_unspecified() {
+            return Err("no IPv4 advertise address: the overlay needs one".into());
+        }
+        let this = self.0.clone();
+        self.0.rt.spawn(async move {
+            if let Err(e) = this.start_async(me).await {
+                warn!("network plane: {e}");
+            }
+        });
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.0.ready.send_replace(false);
+        let this = self.0.clone();
+        self.0.rt.spawn(async move {
+            if let Some(r) = this.running.lock().await.take() {
+                r.stop.send_replace(true);
+                r.gossip.leave().await;
+            }
+        });
+    }
+
+    fn attach(&self, task: &Task, pid: u32) -> Result<(), String> {
+        let mut ready = self.0.ready.subscribe();
+        let this = self.0.clone();
+        self.0.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(15), ready.wait_for(|r| *r))
+                .await
+                .map_err(|_| "the network plane is not ready".to_string())?
+                .map_err(|_| "the network plane stopped".to_string())?;
+            let overlay = this
+                .running
+                .lock()
+                .await
+                .as_ref()
+                .map(|r| r.overlay.clone())
+                .ok_or("the network plane stopped")?;
+            for (i, a) in task.networks.iter().enumerate() {
+                let (ip, network) =
+                    attachment_desc(a).ok_or_else(|| format!("bad attachment {a:?}"))?;
+                overlay
+                    .attach(
+                        pid,
+                        &Attachment {
+                            network,
+                            ip,
+                            ifname: format!("eth{i}"),
+                        },
+                    )
+                    .await
+                    .map_err(|e| format!("network {}: {e}", a.network_name))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn set_local(&self, running: Vec<Task>) {
+        let this = self.0.clone();
+        self.0.rt.spawn(async move {
+            let _seq = this.local_seq.lock().await;
+            if let Err(e) = this.set_local_async(running).await {
+                warn!("network plane: {e}");
+            }
+        });
+    }
+}
