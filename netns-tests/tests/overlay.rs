@@ -280,3 +280,96 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A host cut off from the underlay and healed: its task is replaced while it is away, and
+/// afterwards every host's ARP table holds exactly the other hosts' current endpoints, and all
+/// tasks reach each other again.
+#[test]
+fn partitioned_host_converges_back() -> Result<()> {
+    if !require_root()? {
+        return Ok(());
+    }
+    let c = Cluster::new(ClusterOpts {
+        hosts: 3,
+        start_daemons: true,
+        name_hint: "overlay-heal",
+    })?;
+    form_swarm(&c, 1)?;
+    let h1 = c.host(1);
+    h1.mesh_ok(&["network", "create", "appnet"])?;
+    let vni = vni_of(h1, "appnet")?;
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "3",
+        "--restart-delay",
+        "1s",
+        "--network",
+        "appnet",
+        "--",
+        "sleep",
+        "86413",
+    ])?;
+    let h3 = c.host(3);
+    let t_cut = std::time::Instant::now();
+    h3.cut_link()?;
+    // The task on h3 is replaced on h1 or h2.
+    let now = wait_for(
+        "web running off h3",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let t = tasks(h1, "web", "appnet")?;
+            Ok((t.len() == 3 && t.values().all(|(n, _)| n != "h3")).then_some(t))
+        },
+    )?;
+    eprintln!("replaced {:?} after the cut", t_cut.elapsed());
+    h3.heal_link()?;
+    let expect_arp = |h: &Host, current: &BTreeMap<String, (String, String)>| -> Result<bool> {
+        let mut want: Vec<String> = current
+            .values()
+            .filter(|(n, _)| n != h.name())
+            .map(|(_, ip)| ip.clone())
+            .collect();
+        want.sort();
+        let has_local = current.values().any(|(n, _)| n == h.name());
+        let mut got = arp_entries(h, vni)?;
+        got.sort();
+        Ok(if has_local {
+            got == want
+        } else {
+            got.is_empty()
+        })
+    };
+    let t0 = std::time::Instant::now();
+    wait_for(
+        "ARP tables match the current endpoints on every host",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let current = tasks(h1, "web", "appnet")?;
+            for h in c.hosts() {
+                if !expect_arp(h, &current)? {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )?;
+    eprintln!("tables converged {:?} after the heal", t0.elapsed());
+    let t_ping = std::time::Instant::now();
+    let list: Vec<(String, String, String)> =
+        now.into_iter().map(|(t, (n, ip))| (t, n, ip)).collect();
+    for a in &list {
+        for b in &list {
+            if a.0 != b.0 {
+                wait_ping(&c, a, &b.2)?;
+            }
+        }
+    }
+    eprintln!("pings took {:?}", t_ping.elapsed());
+    Ok(())
+}
