@@ -11,6 +11,7 @@
 //! line to [`BENCHES`].
 
 mod api;
+mod overlay;
 mod raft;
 mod report;
 mod scheduler;
@@ -33,6 +34,11 @@ const BENCHES: &[Bench] = &[
         name: "raft",
         about: raft::ABOUT,
         run: raft::run,
+    },
+    Bench {
+        name: "overlay",
+        about: overlay::ABOUT,
+        run: overlay::run,
     },
     Bench {
         name: "services",

@@ -178,6 +178,13 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
         wait_ping(&c, a, "10.0.1.1")?;
     }
 
+    // The way out: a default route through the host's gateway bridge, masqueraded, reaches
+    // the underlay (the client address lives in the underlay namespace).
+    let out = host(&c, &list[0].1)
+        .mesh_ok(&["exec", &list[0].0, "--", "ip", "route", "show", "default"])?;
+    ensure!(out.contains("via 172.18.0.1"), "default route: {out}");
+    wait_ping(&c, &list[0], &mesh_netns::CLIENT_ADDR.to_string())?;
+
     // Isolation: db (othernet only) cannot reach web (appnet).
     let db = tasks(h1, "db", "othernet")?;
     let (db_task, (db_node, db_ip)) = db.iter().next().context("db task")?;

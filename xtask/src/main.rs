@@ -15,7 +15,13 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 /// Debian packages the tests, the demo and the benchmarks use.
-const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ping", "iputils-ping")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("nft", "nftables"),
+    ("nsenter", "util-linux"),
+    ("iperf3", "iperf3"),
+];
 
 fn main() {
     if let Err(e) = run() {

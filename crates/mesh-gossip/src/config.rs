@@ -25,7 +25,12 @@ pub struct Config {
     /// (scaled up above 32 nodes, as memberlist does). libnetwork: 30 s.
     pub push_pull_interval: Duration,
     /// How long deletes are remembered (raised to 4 push-pull intervals if that is longer).
-    /// libnetwork: 30 min.
+    /// A tombstone must outlive every copy of the value it deletes: eager push takes
+    /// milliseconds, table gossip about a second, push-pull reaches everyone within an
+    /// interval or two; and a node that misses updates for longer than failure detection
+    /// (2 to 8 s) declares their owners down and drops their entries, so it cannot bring an
+    /// old value back later. 60 s covers that with a wide margin. libnetwork keeps them
+    /// 30 min because its only repair is a bulk sync every 30 s.
     pub tombstone_ttl: Duration,
     /// Table gossip round: queued updates go to `gossip_fanout` random members of their
     /// network this often.
@@ -104,8 +109,9 @@ impl Config {
         c.suspect_to_down_after = self.suspicion(nodes);
         c.max_packet_size = NonZeroUsize::new(MAX_UDP - HEADER_LEN).unwrap_or(NonZeroUsize::MIN);
         c.notify_down_members = true;
-        c.max_transmissions = NonZeroU8::new(c.max_transmissions.get().saturating_mul(2).max(8))
-            .unwrap_or(NonZeroU8::MIN);
+        c.max_transmissions = c
+            .max_transmissions
+            .max(NonZeroU8::new(8).unwrap_or(NonZeroU8::MIN));
         c.periodic_gossip = Some(foca::PeriodicParams {
             frequency: Duration::from_millis(200),
             num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),

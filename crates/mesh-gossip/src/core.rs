@@ -4,23 +4,28 @@
 //! Inputs are received packets, push-pull states, API calls and the passage of time (every
 //! call takes `now`, the time since the node started). Outputs ([`Output`]) are UDP packets
 //! to send, push-pull exchanges to start and events. The core owns foca (membership and
-//! failure detection, plus the `(node, network)` records as custom broadcasts), the tables
-//! and the table dissemination:
+//! failure detection), the `(node, network)` records, the tables and their dissemination:
 //!
 //! 1. **Eager push**: a local write is sent at once, batched, to every live member of its
-//!    network (one hop; up to [`EAGER_MAX`] members, a random subset above that).
+//!    network (one hop; up to [`EAGER_MAX`] members, a random subset above that). A node's
+//!    own `(node, network)` records are pushed the same way to every live node when they
+//!    change and after the join push-pull, besides riding foca's messages as custom
+//!    broadcasts.
 //! 2. **Table gossip**: every node that learns a new version queues it; every
 //!    `gossip_interval` it sends its queue to `gossip_fanout` random members of the network,
-//!    for [`Config::gossip_rounds`] rounds. This repairs lost eager packets within a round
+//!    for `ceil(log10(members + 1)) + 1` rounds. This repairs lost eager packets within a round
 //!    or two.
-//! 3. **Push-pull** (anti-entropy): full exchange of shared tables, all `(node, network)`
-//!    records and foca's membership with a random member every `push_pull_interval`, on
-//!    join, after joining a network (and again a second later) and when a member comes back.
+//! 3. **Push-pull** (anti-entropy, TCP): full exchange of shared tables, all `(node,
+//!    network)` records and foca's membership with a random member every
+//!    `push_pull_interval`, on join, after joining a network (and again a second later) and
+//!    when a member comes back.
 //!
 //! Only members that declared a network are sent its records; records of networks this node
-//! does not have are dropped. When foca declares a node down, its entries become local
-//! tombstones (the owner is gone); when it comes back with a new generation it re-announces
-//! them with newer versions.
+//! does not have are dropped. When foca declares a node down, or it leaves a network, or it
+//! restarts (a newer generation), its entries are removed here, and [`Core`] refuses late
+//! copies of them; a node that comes back re-announces its entries with newer versions. A
+//! node that declares *every* member down was most likely the one cut off: it starts foca
+//! over rather than spread those verdicts when the partition heals.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -134,6 +139,9 @@ pub struct Core {
     heal: Vec<Arc<str>>,
     follow_ups: Vec<(Duration, String)>,
     foca_size: usize,
+    /// Push this node's membership records to every live node after the next push-pull
+    /// answer (set by [`Core::join`]).
+    announce_after_sync: bool,
     rng: SmallRng,
     counters: Arc<Counters>,
     out: Vec<Output>,
@@ -180,6 +188,7 @@ impl Core {
             heal: Vec::new(),
             follow_ups: Vec::new(),
             foca_size: 1,
+            announce_after_sync: false,
             rng,
             counters,
             out: Vec::new(),
@@ -227,6 +236,7 @@ impl Core {
             }
         }
         self.shared.lock().now = now;
+        self.announce_after_sync = true;
         for s in seeds.iter().filter(|s| **s != self.me.addr) {
             if let Err(e) = self.foca.announce(NodeId::placeholder(*s), &mut self.rt) {
                 tracing::debug!(peer = %s, error = %e, "announce failed");
@@ -262,6 +272,10 @@ impl Core {
         }
         if let Err(e) = self.foca.broadcast(&mut self.rt) {
             tracing::debug!(error = %e, "broadcast failed");
+        }
+        let changed: BTreeSet<String> = current.symmetric_difference(networks).cloned().collect();
+        if !changed.is_empty() {
+            self.push_own_memberships(Some(&changed));
         }
         self.finish(now);
     }
@@ -436,6 +450,29 @@ impl Core {
                     self.finish(now);
                 }
             },
+            Ok((Kind::Membership, body)) => match wire::decode_memberships(body) {
+                Err(_) => add(&self.counters.malformed, 1),
+                Ok((from, records)) => {
+                    // The sender is alive (as any foca message would say): learn it in
+                    // one hop, without re-broadcasting.
+                    if from.addr != self.me.addr {
+                        self.shared.lock().now = now;
+                        let alive = std::iter::once(foca::Member::alive(from));
+                        if let Err(e) = self.foca.apply_many(alive, false, &mut self.rt) {
+                            tracing::trace!(error = %e, "membership sender");
+                        }
+                        self.drain_foca(now);
+                    }
+                    {
+                        let mut m = self.shared.lock();
+                        m.now = now;
+                        for r in records {
+                            m.merge(r, true);
+                        }
+                    }
+                    self.finish(now);
+                }
+            },
             Ok((Kind::Sync, _)) => add(&self.counters.malformed, 1),
         }
     }
@@ -457,6 +494,9 @@ impl Core {
     /// Merges the answer to a push-pull this node opened.
     pub fn handle_sync_response(&mut self, resp: SyncState, now: Duration) {
         self.merge_sync(resp, now);
+        if std::mem::take(&mut self.announce_after_sync) {
+            self.push_own_memberships(None);
+        }
         self.finish(now);
     }
 
@@ -656,6 +696,7 @@ impl Core {
         for (n, t, k) in self.store.restamp_own() {
             self.publish(&n, &t, &k);
         }
+        self.push_own_memberships(None);
         self.next_push_pull = now;
     }
 
@@ -724,6 +765,42 @@ impl Core {
         }
     }
 
+    /// Sends this node's `(node, network)` records (all, or those of `only`) straight to
+    /// every live node, besides foca's piggybacked dissemination: one hop, and not starved
+    /// when foca's messages are full of membership updates (a mass join).
+    fn push_own_memberships(&mut self, only: Option<&BTreeSet<String>>) {
+        let records: Vec<NetRecord> = {
+            let m = self.shared.lock();
+            let mut nets: BTreeSet<String> = m.networks_of(&self.me.name);
+            if let Some(o) = only {
+                nets.extend(o.iter().cloned());
+            }
+            nets.iter()
+                .filter(|n| only.is_none_or(|o| o.contains(*n)))
+                .filter_map(|n| m.get(&self.me.name, n).cloned())
+                .collect()
+        };
+        if records.is_empty() {
+            return;
+        }
+        let mut w = BatchWriter::memberships(self.tag, &self.me);
+        for r in &records {
+            w.push(&wire::encode(r));
+        }
+        let packets = w.finish();
+        let peers: Vec<SocketAddr> = self
+            .nodes
+            .values()
+            .filter(|n| n.alive)
+            .map(|n| n.id.addr)
+            .collect();
+        for p in &packets {
+            for to in &peers {
+                self.send_udp(*to, p.clone());
+            }
+        }
+    }
+
     /// Merges a received record (and queues it for table gossip if new and `relay`), unless
     /// it is a late copy from an owner that is down, restarted since, or left the network
     /// after writing it: those entries were removed here and must stay out.
@@ -737,9 +814,11 @@ impl Core {
                 return; // an older run of the owner, or an owner known to be down
             }
         }
-        let left = self.shared.lock().get(&u.owner, network).is_some_and(|r| {
-            !r.joined && r.gen >= u.owner_gen && r.version > u.version
-        });
+        let left = self
+            .shared
+            .lock()
+            .get(&u.owner, network)
+            .is_some_and(|r| !r.joined && r.gen >= u.owner_gen && r.version > u.version);
         if left {
             return; // written before the owner left the network
         }
@@ -793,8 +872,10 @@ impl Core {
             .map(|info| info.id.addr)
             .collect();
         addrs.sort();
-        self.peer_cache
-            .insert(network.to_string(), (m_epoch, self.nodes_epoch, addrs.clone()));
+        self.peer_cache.insert(
+            network.to_string(),
+            (m_epoch, self.nodes_epoch, addrs.clone()),
+        );
         addrs
     }
 
@@ -852,7 +933,12 @@ impl Core {
             let mut targets = self.seeds.clone();
             let mut known: Vec<SocketAddr> = self.nodes.values().map(|n| n.id.addr).collect();
             known.shuffle(&mut self.rng);
-            targets.extend(known.into_iter().filter(|a| !self.seeds.contains(a)).take(3));
+            targets.extend(
+                known
+                    .into_iter()
+                    .filter(|a| !self.seeds.contains(a))
+                    .take(3),
+            );
             for s in targets {
                 if let Err(e) = self.foca.announce(NodeId::placeholder(s), &mut self.rt) {
                     tracing::trace!(error = %e, "announce");
@@ -1072,7 +1158,9 @@ impl Core {
             .nodes
             .values()
             .filter(|n| {
-                !n.alive && n.down_at.is_some_and(|d| now.saturating_sub(d) >= FORGET_DOWN_AFTER)
+                !n.alive
+                    && n.down_at
+                        .is_some_and(|d| now.saturating_sub(d) >= FORGET_DOWN_AFTER)
             })
             .map(|n| n.id.name.clone())
             .collect();
@@ -1095,6 +1183,125 @@ mod tests {
         let mut cfg = Config::new(name, addr, "test");
         cfg.generation = Some(gen);
         Core::new(cfg, Arc::new(Counters::default()), Duration::ZERO, gen)
+    }
+
+    /// Delivers every UDP output of `from` addressed to `to`; returns the table packets.
+    fn deliver(from: &mut Core, to: &mut Core, now: Duration) -> Vec<Vec<u8>> {
+        let mut tables = Vec::new();
+        for o in from.take_outputs() {
+            if let Output::Udp { to: addr, data } = o {
+                if addr == to.id().addr {
+                    if data[3] == Kind::Table as u8 {
+                        tables.push(data.clone());
+                    }
+                    to.handle_udp(&data, now);
+                }
+            }
+        }
+        tables
+    }
+
+    fn pair() -> (Core, Core) {
+        let (mut a, mut b) = (core("a", 1, 1), core("b", 2, 2));
+        let nets = BTreeSet::from(["net".to_string()]);
+        let t = Duration::ZERO;
+        a.set_networks(&nets, t);
+        b.set_networks(&nets, t);
+        b.join(&[a.id().addr], t);
+        let resp = a.handle_sync_request(b.sync_request(), t);
+        b.handle_sync_response(resp, t);
+        deliver(&mut b, &mut a, t);
+        deliver(&mut a, &mut b, t);
+        assert_eq!(a.alive_count(), 1);
+        assert_eq!(b.alive_count(), 1);
+        (a, b)
+    }
+
+    fn down_state(of: &Core) -> SyncState {
+        let mut s = of.clone_state();
+        s.members = vec![foca::Member::down(of.id().clone())];
+        s
+    }
+
+    impl Core {
+        fn clone_state(&self) -> SyncState {
+            SyncState {
+                from: self.me.clone(),
+                networks: Vec::new(),
+                members: Vec::new(),
+                memberships: Vec::new(),
+                entries: Vec::new(),
+            }
+        }
+    }
+
+    #[test]
+    fn entries_of_a_down_owner_go_and_late_copies_stay_out() {
+        let (mut a, mut b) = pair();
+        let t = Duration::from_secs(1);
+        b.put("net", "t", "k", b"v".to_vec(), t).unwrap();
+        let packets = deliver(&mut b, &mut a, t);
+        assert_eq!(a.entries("net", "t").len(), 1);
+        let _ = a.take_outputs();
+        // Someone says b is down.
+        a.handle_sync_response(down_state(&b), t);
+        assert!(a.entries("net", "t").is_empty());
+        let evs: Vec<Output> = a.take_outputs();
+        assert!(evs
+            .iter()
+            .any(|o| matches!(o, Output::Event(Event::NodeDown { id }) if id == "b")));
+        assert!(evs
+            .iter()
+            .any(|o| matches!(o, Output::Event(Event::Delete { key, .. }) if key == "k")));
+        // A late copy of b's write is refused.
+        for p in &packets {
+            a.handle_udp(p, t);
+        }
+        assert!(a.entries("net", "t").is_empty());
+        // b restarts (newer generation) and writes again: accepted.
+        let mut b2 = core("b", 2, 3);
+        b2.set_networks(&BTreeSet::from(["net".to_string()]), t);
+        b2.join(&[a.id().addr], t);
+        let resp = a.handle_sync_request(b2.sync_request(), t);
+        b2.handle_sync_response(resp, t);
+        b2.put("net", "t", "k2", b"new".to_vec(), t).unwrap();
+        deliver(&mut b2, &mut a, t);
+        let e = a.entries("net", "t");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].value, b"new");
+        // ...and copies of the previous run's entries still are not.
+        for p in &packets {
+            a.handle_udp(p, t);
+        }
+        assert_eq!(a.entries("net", "t").len(), 1);
+    }
+
+    #[test]
+    fn entries_of_an_owner_that_left_the_network_go() {
+        let (mut a, mut b) = pair();
+        let t = Duration::from_secs(1);
+        b.put("net", "t", "k", b"v".to_vec(), t).unwrap();
+        let packets = deliver(&mut b, &mut a, t);
+        assert_eq!(a.entries("net", "t").len(), 1);
+        b.set_networks(&BTreeSet::new(), t);
+        deliver(&mut b, &mut a, t);
+        assert!(a.entries("net", "t").is_empty());
+        assert!(a
+            .members()
+            .iter()
+            .all(|m| m.networks.is_empty() || m.id == "a"));
+        for p in &packets {
+            a.handle_udp(p, t);
+        }
+        assert!(a.entries("net", "t").is_empty());
+        // Nothing of net is sent to b any more.
+        a.put("net", "t", "mine", b"x".to_vec(), t).unwrap();
+        let to_b = a
+            .take_outputs()
+            .into_iter()
+            .filter(|o| matches!(o, Output::Udp { to, data } if *to == b.id().addr && data[3] == Kind::Table as u8))
+            .count();
+        assert_eq!(to_b, 0);
     }
 
     #[test]

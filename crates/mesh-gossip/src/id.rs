@@ -55,7 +55,11 @@ impl NodeId {
 
 impl fmt::Debug for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}#{}.{}", self.name, self.addr, self.gen, self.renewal)
+        write!(
+            f,
+            "{}@{}#{}.{}",
+            self.name, self.addr, self.gen, self.renewal
+        )
     }
 }
 

@@ -2,8 +2,31 @@
 //! plus per-network tables of small records replicated only among the nodes that have the
 //! network.
 //!
-//! See [`core`] for the protocol, [`table`] for the merge rules, [`wire`] for the packet
-//! format, [`Gossip`] for the tokio runtime and [`sim`] for the in-process simulator.
+//! A node has a name (the swarm node ID), a gossip address (UDP and TCP, port 7946 by
+//! default) and declares the networks it has ([`Gossip::set_networks`]). Entries are
+//! `(network, table, key) → bytes`, written only by their owner ([`Gossip::put`],
+//! [`Gossip::delete`]), versioned with a Lamport clock and the owner's name, deleted with
+//! tombstones. They reach every member of the network by eager push, table gossip rounds
+//! and periodic push-pull over TCP, and nothing of a network is sent to, or kept by, a node
+//! without it. When failure detection declares a node down its entries are removed
+//! everywhere; when it comes back it re-announces them. Changes come out as [`Event`]s.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), mesh_gossip::GossipError> {
+//! use mesh_gossip::{Config, Gossip};
+//! let cfg = Config::new("node-1", "10.0.0.1:7946".parse().unwrap(), "cluster-id");
+//! let g = Gossip::start(cfg).await?;
+//! g.join(&["10.0.0.2:7946".parse().unwrap()]).await?;
+//! g.set_networks(["appnet".to_string()].into()).await;
+//! let mut events = g.subscribe();
+//! g.put("appnet", "endpoints", "ep-1", b"10.0.1.5".to_vec()).await?;
+//! let _first = events.recv().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`table`] has the merge rules, [`core`] the protocol (one state machine, no
+//! I/O), [`wire`] the packet format, [`sim`] the in-process simulator; [`Gossip`] runs a
+//! node on tokio.
 
 #![forbid(unsafe_code)]
 

@@ -246,7 +246,11 @@ impl BroadcastHandler<NodeId> for Handler {
             network: rec.network.clone(),
             order: rec.order(),
         };
-        Ok(self.shared.lock().merge(rec, sender.is_some()).then_some(key))
+        Ok(self
+            .shared
+            .lock()
+            .merge(rec, sender.is_some())
+            .then_some(key))
     }
 }
 

@@ -163,13 +163,7 @@ impl Gossip {
             sync_slots: Arc::new(Semaphore::new(MAX_SYNC_OUT)),
             tag,
         };
-        let listener = listen(
-            tcp,
-            cmd_tx.clone(),
-            isolated.clone(),
-            counters.clone(),
-            tag,
-        );
+        let listener = listen(tcp, cmd_tx.clone(), isolated.clone(), counters.clone(), tag);
         let tasks = vec![tokio::spawn(actor.run()), tokio::spawn(listener)];
         tracing::info!(node = %name, %addr, "gossip started");
         Ok(Gossip {

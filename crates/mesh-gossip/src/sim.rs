@@ -61,11 +61,25 @@ impl SimConfig {
 
 /// What a scheduled event does.
 enum What {
-    Udp { to: usize, data: Vec<u8> },
-    SyncReq { from: usize, to: usize, state: SyncState },
-    SyncResp { to: usize, state: SyncState },
-    SyncFail { to: usize },
-    Wake { node: usize },
+    Udp {
+        to: usize,
+        data: Vec<u8>,
+    },
+    SyncReq {
+        from: usize,
+        to: usize,
+        state: SyncState,
+    },
+    SyncResp {
+        to: usize,
+        state: SyncState,
+    },
+    SyncFail {
+        to: usize,
+    },
+    Wake {
+        node: usize,
+    },
 }
 
 struct Scheduled {
@@ -247,7 +261,12 @@ impl Sim {
 
     fn delay(&mut self) -> Duration {
         let j = self.cfg.jitter.as_secs_f64();
-        let d = self.cfg.latency.as_secs_f64() + if j > 0.0 { self.rng.random_range(-j..j) } else { 0.0 };
+        let d = self.cfg.latency.as_secs_f64()
+            + if j > 0.0 {
+                self.rng.random_range(-j..j)
+            } else {
+                0.0
+            };
         Duration::from_secs_f64(d.max(0.0))
     }
 
@@ -267,7 +286,9 @@ impl Sim {
                         self.lost += 1;
                         continue;
                     };
-                    if !self.reachable(i) || (self.cfg.loss > 0.0 && self.rng.random_bool(self.cfg.loss)) {
+                    if !self.reachable(i)
+                        || (self.cfg.loss > 0.0 && self.rng.random_bool(self.cfg.loss))
+                    {
                         self.lost += 1;
                         continue;
                     }
@@ -388,7 +409,13 @@ impl Sim {
                     let resp = self.nodes[to].core.handle_sync_request(state, now);
                     self.dispatch(to);
                     let at = self.now + self.cfg.latency * 2;
-                    self.push(at, What::SyncResp { to: from, state: resp });
+                    self.push(
+                        at,
+                        What::SyncResp {
+                            to: from,
+                            state: resp,
+                        },
+                    );
                 } else {
                     let at = self.now;
                     self.push(at, What::SyncFail { to: from });
@@ -488,7 +515,13 @@ impl Sim {
     }
 
     /// Deletes an entry on node `i`.
-    pub fn delete(&mut self, i: usize, network: &str, table: &str, key: &str) -> Result<(), GossipError> {
+    pub fn delete(
+        &mut self,
+        i: usize,
+        network: &str,
+        table: &str,
+        key: &str,
+    ) -> Result<(), GossipError> {
         let now = self.now;
         let r = self.nodes[i].core.delete(network, table, key, now);
         self.dispatch(i);
@@ -560,7 +593,12 @@ impl Sim {
 
     /// Every node declares `networks` and (from 1 on) joins node 0, `spacing` apart; then
     /// runs until every node sees every other alive and knows every node's networks. Returns the virtual time it took, or `None` after `timeout`.
-    pub fn bootstrap(&mut self, networks: &[&str], spacing: Duration, timeout: Duration) -> Option<Duration> {
+    pub fn bootstrap(
+        &mut self,
+        networks: &[&str],
+        spacing: Duration,
+        timeout: Duration,
+    ) -> Option<Duration> {
         let start = self.now;
         for i in 0..self.nodes.len() {
             self.set_networks(i, networks);
@@ -578,7 +616,12 @@ impl Sim {
         Some(self.now - start)
     }
 
-    fn watch_and_run(&mut self, want: Want, except: Option<usize>, timeout: Duration) -> Option<Duration> {
+    fn watch_and_run(
+        &mut self,
+        want: Want,
+        except: Option<usize>,
+        timeout: Duration,
+    ) -> Option<Duration> {
         let network = match &want {
             Want::Value { network, .. } => Some(network.clone()),
             Want::Down(_) => None,
@@ -586,9 +629,9 @@ impl Sim {
         let pending: BTreeSet<usize> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].alive && Some(i) != except)
             .filter(|&i| {
-                network.as_ref().is_none_or(|n| {
-                    self.nodes[i].core.networks().contains(n)
-                })
+                network
+                    .as_ref()
+                    .is_none_or(|n| self.nodes[i].core.networks().contains(n))
             })
             .collect();
         let start = self.now;
@@ -656,7 +699,11 @@ impl Sim {
     }
 
     /// Kills `victim` and runs until every other live node has reported it down.
-    pub fn measure_failure_detection(&mut self, victim: usize, timeout: Duration) -> Option<Duration> {
+    pub fn measure_failure_detection(
+        &mut self,
+        victim: usize,
+        timeout: Duration,
+    ) -> Option<Duration> {
         self.kill(victim);
         self.watch_and_run(Want::Down(sim_name(victim)), Some(victim), timeout)
     }

@@ -461,12 +461,18 @@ mod tests {
         assert!(matches!(m, Merge::Applied(Some(Event::Delete { .. }))));
         assert_eq!(value(&s, "k"), None);
         // A late put older than the delete does not resurrect it.
-        assert_eq!(s.merge("net", "t", "k", rec(Some("v"), 10, "b"), S), Merge::Stale);
+        assert_eq!(
+            s.merge("net", "t", "k", rec(Some("v"), 10, "b"), S),
+            Merge::Stale
+        );
         assert_eq!(s.live("net", "t"), vec![]);
         // On a complete tie the tombstone wins, whichever arrives first.
         let mut s2 = store("a");
         s2.merge("net", "t", "k", rec(None, 5, "b"), S);
-        assert_eq!(s2.merge("net", "t", "k", rec(Some("v"), 5, "b"), S), Merge::Stale);
+        assert_eq!(
+            s2.merge("net", "t", "k", rec(Some("v"), 5, "b"), S),
+            Merge::Stale
+        );
         let mut s3 = store("a");
         s3.merge("net", "t", "k", rec(Some("v"), 5, "b"), S);
         assert!(matches!(
@@ -474,8 +480,14 @@ mod tests {
             Merge::Applied(Some(Event::Delete { .. }))
         ));
         // A tombstone for an unknown key is stored (to block late puts) without an event.
-        assert_eq!(s3.merge("net", "t", "x", rec(None, 9, "b"), S), Merge::Applied(None));
-        assert_eq!(s3.merge("net", "t", "x", rec(Some("old"), 8, "b"), S), Merge::Stale);
+        assert_eq!(
+            s3.merge("net", "t", "x", rec(None, 9, "b"), S),
+            Merge::Applied(None)
+        );
+        assert_eq!(
+            s3.merge("net", "t", "x", rec(Some("old"), 8, "b"), S),
+            Merge::Stale
+        );
     }
 
     #[test]
@@ -490,7 +502,13 @@ mod tests {
         assert!(s.get("net", "t", "k").is_none());
         // A newer put of the same key is accepted after the reap...
         assert!(matches!(
-            s.merge("net", "t", "k", rec(Some("v2"), 12, "b"), Duration::from_secs(66)),
+            s.merge(
+                "net",
+                "t",
+                "k",
+                rec(Some("v2"), 12, "b"),
+                Duration::from_secs(66)
+            ),
             Merge::Applied(Some(Event::Upsert { .. }))
         ));
         assert_eq!(value(&s, "k").as_deref(), Some("v2"));
@@ -511,7 +529,10 @@ mod tests {
         let (r2, _) = s.put_local("net", "t", "k2", b"x".to_vec()).unwrap();
         assert!(r2.version > r.version);
         // A stale remote write of an older version loses against ours.
-        assert_eq!(s.merge("net", "t", "k", rec(Some("old"), 400, "b"), S), Merge::Stale);
+        assert_eq!(
+            s.merge("net", "t", "k", rec(Some("old"), 400, "b"), S),
+            Merge::Stale
+        );
     }
 
     #[test]
@@ -545,7 +566,9 @@ mod tests {
         let evs = s.leave_network("net");
         // Two live entries (k1, k3) are reported deleted; the tombstone silently goes.
         assert_eq!(evs.len(), 2);
-        assert!(evs.iter().all(|e| matches!(e, Event::Delete { network, .. } if network == "net")));
+        assert!(evs
+            .iter()
+            .all(|e| matches!(e, Event::Delete { network, .. } if network == "net")));
         assert!(!s.has_network("net"));
         assert_eq!(s.records("net").count(), 0);
         assert_eq!(
@@ -566,12 +589,17 @@ mod tests {
         s.merge("net", "t", "gone", rec(None, 13, "b"), S);
         let evs = s.drop_owner("b", None, |g| g <= 1);
         assert_eq!(evs.len(), 2);
-        assert!(evs.iter().all(|e| matches!(e, Event::Delete { owner, .. } if owner == "b")));
+        assert!(evs
+            .iter()
+            .all(|e| matches!(e, Event::Delete { owner, .. } if owner == "b")));
         assert_eq!(s.live("net", "t").len(), 1);
         assert_eq!(s.live("other", "t").len(), 0);
         // b's own delete (a tombstone) stays, to keep blocking its older puts.
         assert!(s.get("net", "t", "gone").is_some_and(Record::is_tombstone));
-        assert_eq!(s.merge("net", "t", "gone", rec(Some("v"), 12, "b"), S), Merge::Stale);
+        assert_eq!(
+            s.merge("net", "t", "gone", rec(Some("v"), 12, "b"), S),
+            Merge::Stale
+        );
         // The owner's re-announcement brings the entry back.
         let mut back = rec(Some("v"), 20, "b");
         back.owner_gen = 2;

@@ -5,14 +5,16 @@
 //! ```text
 //! 0..2  magic "MG"
 //! 2     format version (1)
-//! 3     kind: 1 = SWIM (foca message), 2 = table batch, 3 = push-pull frame
+//! 3     kind: 1 = SWIM (foca message), 2 = table batch, 3 = push-pull frame,
+//!       4 = membership batch
 //! 4..12 cluster tag: FNV-1a 64 of the cluster key, big endian
 //! ```
 //!
 //! A packet with a bad magic, version, kind or body is *malformed*; one with a good magic and
 //! version but another cluster's tag is *foreign*. Bodies are postcard. A UDP packet is at
 //! most [`MAX_UDP`] bytes. A table batch body is the network name followed by one or more
-//! [`WireUpdate`]s (as many as fit). A push-pull stream is a sequence of frames, each
+//! [`WireUpdate`]s (as many as fit); a membership batch body is the sender's [`NodeId`]
+//! followed by one or more [`NetRecord`]s. A push-pull stream is a sequence of frames, each
 //! `u32 length (big endian) | header | postcard frame`, at most [`MAX_FRAME`] bytes: `Hello`,
 //! then chunks of foca members, network memberships and table entries, then `End`.
 
@@ -46,6 +48,7 @@ pub enum Kind {
     Swim = 1,
     Table = 2,
     Sync = 3,
+    Membership = 4,
 }
 
 /// Why a packet was dropped.
@@ -89,6 +92,7 @@ pub fn parse(data: &[u8], tag: u64) -> Result<(Kind, &[u8]), Reject> {
         1 => Kind::Swim,
         2 => Kind::Table,
         3 => Kind::Sync,
+        4 => Kind::Membership,
         _ => return Err(Reject::Malformed("unknown kind")),
     };
     let mut t = [0u8; 8];
@@ -144,7 +148,8 @@ pub fn encode<T: Serialize + ?Sized>(v: &T) -> Vec<u8> {
     postcard::to_allocvec(v).unwrap_or_default()
 }
 
-/// Packs encoded updates of one network into as few table packets as possible.
+/// Packs encoded items into as few packets as possible (table updates of one network, or
+/// membership records).
 pub struct BatchWriter {
     prefix: Vec<u8>,
     cur: Vec<u8>,
@@ -152,10 +157,21 @@ pub struct BatchWriter {
 }
 
 impl BatchWriter {
-    /// A writer for `network` in cluster `tag`.
+    /// A writer of table updates of `network` in cluster `tag`.
     pub fn new(tag: u64, network: &str) -> BatchWriter {
         let mut prefix = header(Kind::Table, tag).to_vec();
         prefix.extend_from_slice(&encode(network));
+        BatchWriter::with_prefix(prefix)
+    }
+
+    /// A writer of membership records sent by `from` in cluster `tag`.
+    pub fn memberships(tag: u64, from: &NodeId) -> BatchWriter {
+        let mut prefix = header(Kind::Membership, tag).to_vec();
+        prefix.extend_from_slice(&encode(from));
+        BatchWriter::with_prefix(prefix)
+    }
+
+    fn with_prefix(prefix: Vec<u8>) -> BatchWriter {
         BatchWriter {
             cur: prefix.clone(),
             prefix,
@@ -204,6 +220,23 @@ pub fn decode_table(body: &[u8]) -> Result<(String, Vec<WireUpdate>), Reject> {
         return Err(Reject::Malformed("empty table batch"));
     }
     Ok((network, updates))
+}
+
+/// Decodes a membership batch body: the sender and its records.
+pub fn decode_memberships(body: &[u8]) -> Result<(NodeId, Vec<NetRecord>), Reject> {
+    let (from, mut body): (NodeId, &[u8]) =
+        postcard::take_from_bytes(body).map_err(|_| Reject::Malformed("bad membership batch"))?;
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let (r, rest): (NetRecord, &[u8]) = postcard::take_from_bytes(body)
+            .map_err(|_| Reject::Malformed("bad membership batch"))?;
+        out.push(r);
+        body = rest;
+    }
+    if out.is_empty() {
+        return Err(Reject::Malformed("empty membership batch"));
+    }
+    Ok((from, out))
 }
 
 /// One side's state in a push-pull exchange.

@@ -96,7 +96,13 @@ fn has(entries: &[Entry], key: &str, value: &[u8]) -> bool {
     entries.iter().any(|e| e.key == key && e.value == value)
 }
 
-async fn wait_entry(g: &Gossip, network: &str, key: &str, value: &[u8], timeout: Duration) -> Option<Duration> {
+async fn wait_entry(
+    g: &Gossip,
+    network: &str,
+    key: &str,
+    value: &[u8],
+    timeout: Duration,
+) -> Option<Duration> {
     wait_for(timeout, || {
         let g = g.clone();
         let (network, key, value) = (network.to_string(), key.to_string(), value.to_vec());
@@ -109,7 +115,12 @@ async fn wait_gone(g: &Gossip, network: &str, key: &str, timeout: Duration) -> O
     wait_for(timeout, || {
         let g = g.clone();
         let (network, key) = (network.to_string(), key.to_string());
-        async move { g.entries(&network, TABLE).await.iter().all(|e| e.key != key) }
+        async move {
+            g.entries(&network, TABLE)
+                .await
+                .iter()
+                .all(|e| e.key != key)
+        }
     })
     .await
 }
@@ -143,7 +154,10 @@ async fn five_nodes_replicate_only_within_the_network() {
     let mut rx: Vec<_> = nodes.iter().map(Gossip::subscribe).collect();
 
     let start = Instant::now();
-    nodes[1].put(NET, TABLE, "ep1", b"10.0.0.2".to_vec()).await.unwrap();
+    nodes[1]
+        .put(NET, TABLE, "ep1", b"10.0.0.2".to_vec())
+        .await
+        .unwrap();
     let mut worst = Duration::ZERO;
     for i in [0, 2, 3] {
         let t = wait_event(&mut rx[i], Duration::from_secs(2), |e| {
@@ -164,20 +178,32 @@ async fn five_nodes_replicate_only_within_the_network() {
     let start = Instant::now();
     nodes[1].delete(NET, TABLE, "ep1").await.unwrap();
     for i in [0, 2, 3] {
-        let t = wait_event(&mut rx[i], Duration::from_secs(2), |e| {
-            matches!(e, Event::Delete { key, .. } if key == "ep1")
-        })
+        let t = wait_event(
+            &mut rx[i],
+            Duration::from_secs(2),
+            |e| matches!(e, Event::Delete { key, .. } if key == "ep1"),
+        )
         .await;
         assert!(t.is_some(), "n{i} did not get the delete within 2 s");
     }
     println!("delete on n1 reached n0, n2, n3 in {:?}", start.elapsed());
 
     // Red: n4 and n0 only.
-    nodes[4].put("red", TABLE, "r1", b"x".to_vec()).await.unwrap();
-    assert!(wait_entry(&nodes[0], "red", "r1", b"x", Duration::from_secs(2)).await.is_some());
+    nodes[4]
+        .put("red", TABLE, "r1", b"x".to_vec())
+        .await
+        .unwrap();
+    assert!(
+        wait_entry(&nodes[0], "red", "r1", b"x", Duration::from_secs(2))
+            .await
+            .is_some()
+    );
 
     // Writes to a network the node does not have are refused.
-    let err = nodes[2].put("red", TABLE, "nope", vec![1]).await.unwrap_err();
+    let err = nodes[2]
+        .put("red", TABLE, "nope", vec![1])
+        .await
+        .unwrap_err();
     assert!(matches!(err, GossipError::Table(_)), "{err}");
     assert_eq!(err.to_string(), "no such network on this node: red");
     // Only the owner deletes.
@@ -192,7 +218,11 @@ async fn five_nodes_replicate_only_within_the_network() {
         }
     }
     for (i, n) in nodes.iter().enumerate() {
-        assert_eq!(n.stats().out_of_scope, 0, "n{i} was sent records of a network it lacks");
+        assert_eq!(
+            n.stats().out_of_scope,
+            0,
+            "n{i} was sent records of a network it lacks"
+        );
         assert_eq!(n.stats().malformed, 0);
     }
     for n in &nodes[1..4] {
@@ -202,9 +232,11 @@ async fn five_nodes_replicate_only_within_the_network() {
     // Leaving a network drops its table (with delete events).
     nodes[0].set_networks(nets(&[NET])).await;
     assert!(nodes[0].entries("red", TABLE).await.is_empty());
-    let t = wait_event(&mut rx[0], Duration::from_secs(1), |e| {
-        matches!(e, Event::Delete { network, key, .. } if network == "red" && key == "r1")
-    })
+    let t = wait_event(
+        &mut rx[0],
+        Duration::from_secs(1),
+        |e| matches!(e, Event::Delete { network, key, .. } if network == "red" && key == "r1"),
+    )
     .await;
     assert!(t.is_some());
     for n in &nodes {
@@ -218,9 +250,14 @@ async fn killed_node_is_detected_and_restarted_node_rejoins() {
     for n in &nodes {
         n.set_networks(nets(&[NET])).await;
     }
-    nodes[2].put(NET, TABLE, "ep-k2", b"old".to_vec()).await.unwrap();
+    nodes[2]
+        .put(NET, TABLE, "ep-k2", b"old".to_vec())
+        .await
+        .unwrap();
     for n in &nodes[..2] {
-        assert!(wait_entry(n, NET, "ep-k2", b"old", Duration::from_secs(3)).await.is_some());
+        assert!(wait_entry(n, NET, "ep-k2", b"old", Duration::from_secs(3))
+            .await
+            .is_some());
     }
     let mut rx: Vec<_> = nodes.iter().map(Gossip::subscribe).collect();
     let addr2 = nodes[2].local_addr();
@@ -229,15 +266,20 @@ async fn killed_node_is_detected_and_restarted_node_rejoins() {
     let start = Instant::now();
     nodes[2].abort().await;
     for (i, rx) in rx.iter_mut().enumerate().take(2) {
-        let t = wait_event(rx, Duration::from_secs(10), |e| {
-            matches!(e, Event::NodeDown { id } if id == "k2")
-        })
+        let t = wait_event(
+            rx,
+            Duration::from_secs(10),
+            |e| matches!(e, Event::NodeDown { id } if id == "k2"),
+        )
         .await;
         assert!(t.is_some(), "k{i} did not detect k2 down");
     }
     println!("k2 detected down by both in {:?}", start.elapsed());
     for n in &nodes[..2] {
-        assert!(n.entries(NET, TABLE).await.is_empty(), "k2's entries must go with it");
+        assert!(
+            n.entries(NET, TABLE).await.is_empty(),
+            "k2's entries must go with it"
+        );
         let m = n.members().await;
         assert!(m.iter().any(|m| m.id == "k2" && !m.alive));
     }
@@ -251,16 +293,27 @@ async fn killed_node_is_detected_and_restarted_node_rejoins() {
     k2.set_networks(nets(&[NET])).await;
     k2.put(NET, TABLE, "ep-k2", b"new".to_vec()).await.unwrap();
     for i in 0..2 {
-        let t = wait_event(&mut rx[i], Duration::from_secs(5), |e| {
-            matches!(e, Event::NodeUp { id, .. } if id == "k2")
-        })
+        let t = wait_event(
+            &mut rx[i],
+            Duration::from_secs(5),
+            |e| matches!(e, Event::NodeUp { id, .. } if id == "k2"),
+        )
         .await;
         assert!(t.is_some(), "k{i} did not see k2 back");
-        assert!(wait_entry(&nodes[i], NET, "ep-k2", b"new", Duration::from_secs(3)).await.is_some());
+        assert!(
+            wait_entry(&nodes[i], NET, "ep-k2", b"new", Duration::from_secs(3))
+                .await
+                .is_some()
+        );
     }
     // And the restarted node gets the others' entries.
-    nodes[0].put(NET, TABLE, "ep-k0", b"v".to_vec()).await.unwrap();
-    assert!(wait_entry(&k2, NET, "ep-k0", b"v", Duration::from_secs(3)).await.is_some());
+    nodes[0]
+        .put(NET, TABLE, "ep-k0", b"v".to_vec())
+        .await
+        .unwrap();
+    assert!(wait_entry(&k2, NET, "ep-k0", b"v", Duration::from_secs(3))
+        .await
+        .is_some());
     k2.leave().await;
     for n in &nodes[..2] {
         n.leave().await;
@@ -303,18 +356,47 @@ async fn short_partition_heals_through_push_pull() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = nodes[2].stats().syncs;
     nodes[2].set_isolated(true);
-    nodes[0].put(NET, TABLE, "during-0", b"a".to_vec()).await.unwrap();
-    nodes[2].put(NET, TABLE, "during-2", b"b".to_vec()).await.unwrap();
+    nodes[0]
+        .put(NET, TABLE, "during-0", b"a".to_vec())
+        .await
+        .unwrap();
+    nodes[2]
+        .put(NET, TABLE, "during-2", b"b".to_vec())
+        .await
+        .unwrap();
     // Longer than the table gossip rounds: the updates are dropped for good.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(nodes[2].entries(NET, TABLE).await.iter().all(|e| e.key != "during-0"));
-    assert!(nodes[1].entries(NET, TABLE).await.iter().all(|e| e.key != "during-2"));
+    assert!(nodes[2]
+        .entries(NET, TABLE)
+        .await
+        .iter()
+        .all(|e| e.key != "during-0"));
+    assert!(nodes[1]
+        .entries(NET, TABLE)
+        .await
+        .iter()
+        .all(|e| e.key != "during-2"));
     nodes[2].set_isolated(false);
     let start = Instant::now();
-    assert!(wait_entry(&nodes[2], NET, "during-0", b"a", Duration::from_secs(5)).await.is_some());
-    assert!(wait_entry(&nodes[0], NET, "during-2", b"b", Duration::from_secs(5)).await.is_some());
-    assert!(wait_entry(&nodes[1], NET, "during-2", b"b", Duration::from_secs(5)).await.is_some());
-    println!("tables converged {:?} after the partition healed", start.elapsed());
+    assert!(
+        wait_entry(&nodes[2], NET, "during-0", b"a", Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    assert!(
+        wait_entry(&nodes[0], NET, "during-2", b"b", Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    assert!(
+        wait_entry(&nodes[1], NET, "during-2", b"b", Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    println!(
+        "tables converged {:?} after the partition healed",
+        start.elapsed()
+    );
     assert!(nodes[2].stats().syncs > before);
     for n in &nodes {
         n.leave().await;
@@ -328,32 +410,58 @@ async fn long_partition_renews_identity_and_reannounces() {
         n.set_networks(nets(&[NET])).await;
     }
     for (i, n) in nodes.iter().enumerate() {
-        n.put(NET, TABLE, &format!("ep-r{i}"), vec![i as u8]).await.unwrap();
+        n.put(NET, TABLE, &format!("ep-r{i}"), vec![i as u8])
+            .await
+            .unwrap();
     }
     for n in &nodes {
         for i in 0..3 {
-            assert!(wait_entry(n, NET, &format!("ep-r{i}"), &[i as u8], Duration::from_secs(3)).await.is_some());
+            assert!(wait_entry(
+                n,
+                NET,
+                &format!("ep-r{i}"),
+                &[i as u8],
+                Duration::from_secs(3)
+            )
+            .await
+            .is_some());
         }
     }
     let mut rx0 = nodes[0].subscribe();
     nodes[2].set_isolated(true);
     // Declared down on both sides: r2's entries leave r0 and r1, and theirs leave r2.
-    let t = wait_event(&mut rx0, Duration::from_secs(10), |e| {
-        matches!(e, Event::NodeDown { id } if id == "r2")
-    })
+    let t = wait_event(
+        &mut rx0,
+        Duration::from_secs(10),
+        |e| matches!(e, Event::NodeDown { id } if id == "r2"),
+    )
     .await;
     assert!(t.is_some(), "r2 not declared down");
-    assert!(wait_gone(&nodes[0], NET, "ep-r2", Duration::from_secs(1)).await.is_some());
-    assert!(wait_gone(&nodes[2], NET, "ep-r0", Duration::from_secs(10)).await.is_some());
+    assert!(wait_gone(&nodes[0], NET, "ep-r2", Duration::from_secs(1))
+        .await
+        .is_some());
+    assert!(wait_gone(&nodes[2], NET, "ep-r0", Duration::from_secs(10))
+        .await
+        .is_some());
     nodes[2].set_isolated(false);
     let start = Instant::now();
     for (i, n) in nodes.iter().enumerate() {
         for k in 0..3 {
-            let t = wait_entry(n, NET, &format!("ep-r{k}"), &[k as u8], Duration::from_secs(15)).await;
+            let t = wait_entry(
+                n,
+                NET,
+                &format!("ep-r{k}"),
+                &[k as u8],
+                Duration::from_secs(15),
+            )
+            .await;
             assert!(t.is_some(), "r{i} lacks ep-r{k} after the heal");
         }
     }
-    println!("all entries back everywhere {:?} after the heal", start.elapsed());
+    println!(
+        "all entries back everywhere {:?} after the heal",
+        start.elapsed()
+    );
     for n in &nodes {
         let n2 = n.clone();
         let t = wait_for(Duration::from_secs(10), || {
@@ -361,7 +469,11 @@ async fn long_partition_renews_identity_and_reannounces() {
             async move { alive_count(&n).await == 2 }
         })
         .await;
-        assert!(t.is_some(), "{} does not see both others alive", n.node_id());
+        assert!(
+            t.is_some(),
+            "{} does not see both others alive",
+            n.node_id()
+        );
     }
     for n in &nodes {
         n.leave().await;
@@ -411,14 +523,25 @@ async fn garbage_on_the_sockets_is_counted_not_fatal() {
     })
     .await;
     println!("after garbage: {:?}", nodes[0].stats());
-    assert!(ok.is_some(), "not all garbage was counted: {:?}", nodes[0].stats());
+    assert!(
+        ok.is_some(),
+        "not all garbage was counted: {:?}",
+        nodes[0].stats()
+    );
     // Still works.
     for n in &nodes {
         n.set_networks(nets(&[NET])).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    nodes[1].put(NET, TABLE, "after", b"ok".to_vec()).await.unwrap();
-    assert!(wait_entry(&nodes[0], NET, "after", b"ok", Duration::from_secs(3)).await.is_some());
+    nodes[1]
+        .put(NET, TABLE, "after", b"ok".to_vec())
+        .await
+        .unwrap();
+    assert!(
+        wait_entry(&nodes[0], NET, "after", b"ok", Duration::from_secs(3))
+            .await
+            .is_some()
+    );
     for n in &nodes {
         n.leave().await;
     }

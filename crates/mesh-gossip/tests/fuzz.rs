@@ -34,7 +34,10 @@ fn core(name: &str, port: u16, key: &str) -> (Core, Arc<Counters>) {
     let mut cfg = Config::new(name, addr, key);
     cfg.generation = Some(u64::from(port));
     let counters = Arc::new(Counters::default());
-    (Core::new(cfg, counters.clone(), Duration::ZERO, u64::from(port)), counters)
+    (
+        Core::new(cfg, counters.clone(), Duration::ZERO, u64::from(port)),
+        counters,
+    )
 }
 
 /// Valid packets and push-pull streams from a small exchange between two cores.
@@ -56,7 +59,8 @@ fn corpus() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     ];
     for i in 0..20 {
         t += Duration::from_millis(100);
-        a.put("n1", "ep", &format!("k{i}"), vec![i as u8; i * 7], t).unwrap();
+        a.put("n1", "ep", &format!("k{i}"), vec![i as u8; i * 7], t)
+            .unwrap();
         if i % 3 == 0 {
             a.delete("n1", "ep", &format!("k{}", i / 2), t).unwrap();
         }
@@ -65,7 +69,11 @@ fn corpus() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         // Shuttle packets both ways, keeping a copy of each.
         for _ in 0..3 {
             for (from, to) in [(0, 1), (1, 0)] {
-                let outs = if from == 0 { a.take_outputs() } else { b.take_outputs() };
+                let outs = if from == 0 {
+                    a.take_outputs()
+                } else {
+                    b.take_outputs()
+                };
                 for o in outs {
                     if let Output::Udp { data, .. } = o {
                         packets.push(data.clone());
@@ -81,8 +89,14 @@ fn corpus() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     }
     let resp = a.handle_sync_request(b.sync_request(), t);
     streams.push(wire::encode_sync(&resp, a.tag()));
-    assert!(packets.iter().any(|p| p[3] == 1), "no SWIM packet in the corpus");
-    assert!(packets.iter().any(|p| p[3] == 2), "no table packet in the corpus");
+    assert!(
+        packets.iter().any(|p| p[3] == 1),
+        "no SWIM packet in the corpus"
+    );
+    assert!(
+        packets.iter().any(|p| p[3] == 2),
+        "no table packet in the corpus"
+    );
     (packets, streams)
 }
 
@@ -148,7 +162,11 @@ fn random_udp_packets_are_counted_as_malformed() {
     let s = counters.snapshot();
     println!("random udp: {s:?}");
     assert_eq!(s.udp_in, n as u64);
-    assert_eq!(s.malformed + s.foreign, n as u64, "every random packet is dropped");
+    assert_eq!(
+        s.malformed + s.foreign,
+        n as u64,
+        "every random packet is dropped"
+    );
     assert!(c.entries("n1", "ep").is_empty());
 }
 
@@ -170,7 +188,10 @@ fn mutated_valid_packets_never_panic() {
     let s = counters.snapshot();
     println!("mutated udp ({} seeds): {s:?}", packets.len());
     assert_eq!(s.udp_in, n as u64);
-    assert!(s.malformed > n as u64 / 4, "most mutations must be caught: {s:?}");
+    assert!(
+        s.malformed > n as u64 / 4,
+        "most mutations must be caught: {s:?}"
+    );
     // Unmutated packets of another cluster are foreign.
     let (mut other, oc) = core("other", 2003, "another-cluster");
     for p in &packets {

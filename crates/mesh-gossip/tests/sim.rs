@@ -51,10 +51,16 @@ fn entries_reach_exactly_the_network_members() {
         } else {
             assert_eq!(have, 0, "node {i} holds records of a network it lacks");
         }
-        assert_eq!(sim.stats(i).out_of_scope, 0, "node {i} was sent out-of-scope records");
+        assert_eq!(
+            sim.stats(i).out_of_scope,
+            0,
+            "node {i} was sent out-of-scope records"
+        );
     }
     // Delete converges too.
-    let t = sim.measure_delete(4, "a", "ep", "k2", 2 * S).expect("delete");
+    let t = sim
+        .measure_delete(4, "a", "ep", "k2", 2 * S)
+        .expect("delete");
     assert!(t < Duration::from_millis(100));
 }
 
@@ -71,7 +77,10 @@ fn one_percent_loss_still_converges_fast() {
         sim.run_for(Duration::from_millis(50 + 37 * (k as u64 % 7)));
     }
     times.sort();
-    println!("200 nodes, 1% loss: median {:?}, max {:?}", times[15], times[29]);
+    println!(
+        "200 nodes, 1% loss: median {:?}, max {:?}",
+        times[15], times[29]
+    );
     assert!(times[29] < S, "max {:?}", times[29]);
 }
 
@@ -80,7 +89,8 @@ fn partition_restart_and_down_nodes() {
     let n = 20;
     let mut sim = formed(n, 0.0, 3, |_| vec!["net"]);
     for i in 0..n {
-        sim.put(i, "net", "ep", &format!("ep{i}"), vec![i as u8]).unwrap();
+        sim.put(i, "net", "ep", &format!("ep{i}"), vec![i as u8])
+            .unwrap();
     }
     sim.run_for(S);
     assert!((0..n).all(|i| sim.entries(i, "net", "ep").len() == n));
@@ -91,7 +101,10 @@ fn partition_restart_and_down_nodes() {
     sim.run_for(15 * S);
     for i in (0..n).filter(|&i| i != 5) {
         let m = sim.members(i);
-        assert!(m.iter().any(|m| m.id == sim_name(5) && !m.alive), "node {i} still sees 5");
+        assert!(
+            m.iter().any(|m| m.id == sim_name(5) && !m.alive),
+            "node {i} still sees 5"
+        );
         assert!(sim.entries(i, "net", "ep").iter().all(|e| e.key != "ep5"));
     }
     assert!(sim.entries(5, "net", "ep").len() <= 1);
@@ -115,13 +128,20 @@ fn partition_restart_and_down_nodes() {
             e.iter().all(|e| e.key != "ep7") && e.iter().any(|e| e.key == "fresh7")
         })
     });
-    assert!(t.is_some(), "old generation entries linger or new ones are missing");
+    assert!(
+        t.is_some(),
+        "old generation entries linger or new ones are missing"
+    );
 
     // A killed node is detected and its entries removed.
-    let t = sim.measure_failure_detection(9, 20 * S).expect("not detected");
+    let t = sim
+        .measure_failure_detection(9, 20 * S)
+        .expect("not detected");
     println!("20 nodes: failure detected by all in {t:?}");
     sim.run_for(Duration::from_millis(100));
-    assert!((0..n).filter(|&i| i != 9).all(|i| sim.entries(i, "net", "ep").iter().all(|e| e.key != "ep9")));
+    assert!((0..n)
+        .filter(|&i| i != 9)
+        .all(|i| sim.entries(i, "net", "ep").iter().all(|e| e.key != "ep9")));
 }
 
 #[test]

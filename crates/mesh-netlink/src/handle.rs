@@ -23,7 +23,8 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoPortData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags,
+    LinkInfo as NlLinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -31,7 +32,8 @@ use netlink_packet_route::neighbour::{
 use netlink_packet_route::route::{RouteAttribute, RouteMetric};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{
-    LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+    LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
+    RouteMessageBuilder,
 };
 
 use crate::error::to_io;
@@ -383,6 +385,51 @@ impl Handle {
             .await
     }
 
+    /// Sets the isolation of bridge port `name` (`IFLA_BRPORT_ISOLATED`, as
+    /// `ip link set NAME type bridge_slave isolated on`): isolated ports of a
+    /// bridge exchange no frames with each other, only with the bridge itself
+    /// and non-isolated ports. `name` must be enslaved to a bridge.
+    /// Idempotent.
+    pub async fn set_port_isolated(&self, name: &str, isolated: bool) -> Result<(), NetlinkError> {
+        let index = self.require_index(name).await?;
+        // Port attributes need RTM_NEWLINK without NLM_F_CREATE (the kernel's
+        // RTM_SETLINK ignores IFLA_INFO_SLAVE_DATA).
+        let msg = LinkBridgePort::new(index).isolated(isolated).build();
+        self.call(
+            "set isolation of",
+            || format!("bridge port {name}"),
+            self.inner.link().set_port(msg).execute(),
+        )
+        .await
+    }
+
+    /// Whether bridge port `name` is isolated; `None` if `name` is not a
+    /// bridge port.
+    pub async fn port_isolated(&self, name: &str) -> Result<Option<bool>, NetlinkError> {
+        let req = self.inner.link().get().match_name(name).execute();
+        let msgs: Vec<LinkMessage> = match self
+            .call("look up", || format!("link {name}"), req.try_collect())
+            .await
+        {
+            Ok(msgs) => msgs,
+            Err(e) if e.is_not_found() => return Err(self.not_found(name)),
+            Err(e) => return Err(e),
+        };
+        let Some(msg) = msgs.into_iter().next() else {
+            return Err(self.not_found(name));
+        };
+        Ok(msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                NlLinkInfo::PortData(InfoPortData::BridgePort(p)) => Some(
+                    p.iter()
+                        .any(|x| matches!(x, InfoBridgePort::Isolated(true))),
+                ),
+                _ => None,
+            }),
+            _ => None,
+        }))
+    }
+
     /// Sets link `name` administratively up.
     pub async fn set_up(&self, name: &str) -> Result<(), NetlinkError> {
         self.set_link("set up", name, |b| b.up()).await
@@ -482,6 +529,22 @@ impl Handle {
         self.call(
             "set",
             || format!("default route via {gw}"),
+            self.inner.route().add(msg).replace().execute(),
+        )
+        .await
+    }
+
+    /// Sets the default route via `gw` out of link `dev` (replace
+    /// semantics: idempotent, a different gateway or device is replaced).
+    pub async fn add_default_route_dev(&self, gw: Ipv4Addr, dev: &str) -> Result<(), NetlinkError> {
+        let index = self.require_index(dev).await?;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gw)
+            .output_interface(index)
+            .build();
+        self.call(
+            "set",
+            || format!("default route via {gw} dev {dev}"),
             self.inner.route().add(msg).replace().execute(),
         )
         .await

@@ -10,6 +10,9 @@
 //! Namespaces are held by processes ([`Holders`]) rather than bind mounts, so that a restarted
 //! daemon (in a new mount namespace under `ip netns exec`) still finds them.
 //!
+//! With a [`GatewayConfig`], tasks also get an interface on the host-local gateway bridge
+//! (Docker's `docker_gwbridge`) for their default route out of the host: see [`gateway`].
+//!
 //! **Architecture Invariant**: knows links, addresses and neighbours; nothing of services,
 //! Raft or gossip (the caller turns gossip records into [`Remote`]s).
 
@@ -22,6 +25,10 @@ use mesh_netlink::{Handle, Netns};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
+
+pub mod gateway;
+
+pub use gateway::{GatewayConfig, DEFAULT_GW_SUBNET, GW_BRIDGE};
 
 /// VXLAN UDP port, as Swarm.
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -37,6 +44,10 @@ pub enum OverlayError {
     Holder { name: String, reason: String },
     #[error("invalid address {0}")]
     Addr(String),
+    #[error("gateway bridge: {0}")]
+    Gateway(String),
+    #[error("no gateway bridge configured")]
+    NoGateway,
 }
 
 /// Keeps network namespaces alive across daemon restarts (implemented by the executor's
@@ -82,6 +93,8 @@ pub struct OverlayConfig {
     pub vxlan_port: u16,
     /// Overlay MTU; `None` derives it from the underlay (its MTU - 50).
     pub mtu: Option<u32>,
+    /// The gateway bridge; `None`: tasks get overlay interfaces only.
+    pub gateway: Option<GatewayConfig>,
 }
 
 /// The reconciler of one host.
@@ -89,7 +102,12 @@ pub struct Overlay {
     cfg: OverlayConfig,
     holders: Arc<dyn Holders>,
     host: Handle,
+    /// The host namespace (for sysctls and `nft`, which act on the caller's namespace).
+    host_ns: Arc<Netns>,
     mtu: u32,
+    /// The underlay's MTU: the gateway bridge's.
+    underlay_mtu: u32,
+    gw: Option<gateway::Gateway>,
     /// Serializes changes to the kernel.
     lock: Mutex<()>,
 }
@@ -113,27 +131,47 @@ impl Overlay {
         cfg: OverlayConfig,
         holders: Arc<dyn Holders>,
     ) -> Result<Overlay, OverlayError> {
-        let host = Handle::new(&Netns::current()?).await?;
-        let mtu = match cfg.mtu {
-            Some(m) => m,
-            None => host
-                .route_mtu(cfg.vtep)
-                .await?
-                .unwrap_or(1500)
-                .saturating_sub(VXLAN_OVERHEAD),
-        };
+        Overlay::new_in(cfg, holders, Netns::current()?).await
+    }
+
+    /// Creates the reconciler with `host` as the host namespace (where VXLAN sockets, the
+    /// gateway bridge, forwarding and NAT live), whatever the calling thread's namespace.
+    pub async fn new_in(
+        cfg: OverlayConfig,
+        holders: Arc<dyn Holders>,
+        host: Netns,
+    ) -> Result<Overlay, OverlayError> {
+        let gw = cfg
+            .gateway
+            .as_ref()
+            .map(gateway::Gateway::new)
+            .transpose()?;
+        let host_ns = Arc::new(host);
+        let host = Handle::new(&host_ns).await?;
+        let underlay_mtu = host.route_mtu(cfg.vtep).await?.unwrap_or(1500);
+        let mtu = cfg
+            .mtu
+            .unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
         info!(vtep = %cfg.vtep, mtu, "overlay data plane ready");
         Ok(Overlay {
             cfg,
             holders,
             host,
+            host_ns,
             mtu,
+            underlay_mtu,
+            gw,
             lock: Mutex::new(()),
         })
     }
 
     pub fn mtu(&self) -> u32 {
         self.mtu
+    }
+
+    /// The underlay's MTU (the gateway bridge's).
+    pub fn underlay_mtu(&self) -> u32 {
+        self.underlay_mtu
     }
 
     /// A netlink handle inside the network's namespace, creating the namespace, its bridge and

@@ -125,6 +125,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let executor = std::sync::Arc::new(executor);
         let plane = plane::Plane::new(
             plane::PlaneConfig {
+                exec_root: args.exec_root.clone(),
                 gossip_port: args.gossip_port,
                 vxlan_port: args.vxlan_port,
                 mtu: args.overlay_mtu,

@@ -55,6 +55,8 @@ impl Holders for ExecutorHolders {
 /// Ports and settings from meshd's flags.
 #[derive(Clone, Debug)]
 pub struct PlaneConfig {
+    /// Where the gateway bridge keeps its address leases.
+    pub exec_root: std::path::PathBuf,
     pub gossip_port: u16,
     pub vxlan_port: u16,
     pub mtu: Option<u32>,
@@ -121,6 +123,7 @@ impl Inner {
                 vtep: me.addr,
                 vxlan_port: self.cfg.vxlan_port,
                 mtu: self.cfg.mtu,
+                gateway: Some(mesh_overlay::GatewayConfig::new(self.cfg.exec_root.clone())),
             },
             self.holders.clone(),
         )
@@ -265,6 +268,11 @@ impl Inner {
             let keep: BTreeSet<u32> = networks.values().map(|d| d.vni).collect();
             r.networks = networks;
             r.overlay.gc(&keep).await.map_err(|e| e.to_string())?;
+            let ids: BTreeSet<String> = running.iter().map(|t| t.id.clone()).collect();
+            r.overlay
+                .gc_gateway(&ids)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         self.sync_remotes().await
     }
@@ -324,6 +332,14 @@ impl NetworkPlane for Plane {
                     )
                     .await
                     .map_err(|e| format!("network {}: {e}", a.network_name))?;
+            }
+            // As Docker's docker_gwbridge: a task on an overlay also gets a default route out
+            // through its host, masqueraded.
+            if !task.networks.is_empty() {
+                overlay
+                    .attach_gateway(pid, &task.id, &format!("eth{}", task.networks.len()))
+                    .await
+                    .map_err(|e| format!("gateway bridge: {e}"))?;
             }
             Ok(())
         })
