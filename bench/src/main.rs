@@ -11,6 +11,7 @@
 //! line to [`BENCHES`].
 
 mod api;
+mod gossip;
 mod overlay;
 mod raft;
 mod report;
@@ -36,6 +37,11 @@ const BENCHES: &[Bench] = &[
         run: raft::run,
     },
     Bench {
+        name: "gossip",
+        about: gossip::ABOUT,
+        run: run_gossip,
+    },
+    Bench {
         name: "overlay",
         about: overlay::ABOUT,
         run: overlay::run,
@@ -51,6 +57,17 @@ const BENCHES: &[Bench] = &[
         run: run_scheduler,
     },
 ];
+
+/// The gossip simulation returns its report; print it and keep it in docs/benchmarks.md.
+fn run_gossip(args: &[String]) -> Result<()> {
+    let write = !args.iter().any(|a| a == "--no-write-docs");
+    let text = gossip::run(args)?;
+    println!("{text}");
+    if write && !args.iter().any(|a| a == "--help" || a == "-h") {
+        report::write_section("gossip", &text)?;
+    }
+    Ok(())
+}
 
 /// The scheduler benchmark returns its report; print it and keep it in docs/benchmarks.md
 /// (unless `--no-write-docs`).

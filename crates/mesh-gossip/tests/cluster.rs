@@ -507,12 +507,16 @@ async fn garbage_on_the_sockets_is_counted_not_fatal() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
+    // One junk stream at a time (the node answers at most 8 push-pulls at once and refuses
+    // the rest): each ends when the node closes the connection on it.
     for _ in 0..20 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(target).await.unwrap();
         let junk: Vec<u8> = (0..(next() % 300)).map(|_| next() as u8).collect();
-        use tokio::io::AsyncWriteExt;
         let _ = s.write_all(&junk).await;
         let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
     }
     let ok = wait_for(Duration::from_secs(5), || {
         let n = nodes[0].clone();
