@@ -38,7 +38,10 @@ pub fn run(keep: bool) -> Result<()> {
     show(h1, &["node", "ls"])?;
     show(c.host(4), &["node", "ls"])?;
 
-    println!("\n== a replicated service: each task is a process in its own namespaces and cgroup");
+    println!("\n== an overlay network and a replicated service on it: each task is a process in its own namespaces and cgroup");
+    show(h1, &["network", "create", "-d", "overlay", "appnet"])?;
+    show(h1, &["network", "ls"])?;
+    let cmd = "echo hello from $MESH_TASK_NAME on $MESH_NODE_NAME; exec sleep 100000";
     show(
         h1,
         &[
@@ -48,10 +51,12 @@ pub fn run(keep: bool) -> Result<()> {
             "hello",
             "--replicas",
             "4",
+            "--network",
+            "appnet",
             "--",
             "sh",
             "-c",
-            "echo hello from $MESH_TASK_NAME on $MESH_NODE_NAME; exec sleep 100000",
+            cmd,
         ],
     )?;
     show(h1, &["service", "ls"])?;
@@ -64,17 +69,26 @@ pub fn run(keep: bool) -> Result<()> {
         .and_then(|t| t["Name"].as_str())
         .unwrap_or("hello.1")
         .to_string();
-    show(
-        c.host(4),
-        &[
-            "exec",
-            &on_h4,
-            "--",
-            "sh",
-            "-c",
-            "hostname; cat /etc/resolv.conf",
-        ],
-    )?;
+    let look = "hostname; cat /etc/resolv.conf; ip -4 -o addr show; ip route";
+    show(c.host(4), &["exec", &on_h4, "--", "sh", "-c", look])?;
+    // Task to task across hosts over VXLAN: ping every other task of the service from h4's.
+    let net: serde_json::Value =
+        serde_json::from_str(&h1.mesh_ok(&["network", "inspect", "appnet"])?)?;
+    let tasks = net[0]["Tasks"].as_array().cloned().unwrap_or_default();
+    for t in tasks.iter().filter(|t| t["Node"] != "h4") {
+        let node = t["Node"].as_str().unwrap_or("");
+        let ip = t["IPv4Address"]
+            .as_str()
+            .unwrap_or("")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        println!("\n# from {on_h4} (on h4) to the task on {node} ({ip}), over the overlay:");
+        show(
+            c.host(4),
+            &["exec", &on_h4, "--", "ping", "-c", "2", "-W", "1", ip],
+        )?;
+    }
 
     let leader = leader_name(h1)?.unwrap_or_default();
     let lh = c
@@ -145,6 +159,18 @@ pub fn run(keep: bool) -> Result<()> {
     )?;
     show(h2, &["service", "ps", "hello"])?;
     show(h2, &["service", "rm", "hello"])?;
+    wait_for(
+        "appnet free",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || {
+            Ok(h2
+                .mesh(&["network", "rm", "appnet"])?
+                .success()
+                .then_some(()))
+        },
+    )?;
+    println!("\n$ mesh network rm appnet    # on h2\nappnet");
     show(h2, &["node", "update", "--label-add", "zone=west", "h4"])?;
     show(h2, &["swarm", "join-token", "worker"])?;
     if keep {
