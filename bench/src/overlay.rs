@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mesh_netns::swarm::form_swarm;
+use mesh_netns::swarm::{form_swarm, network_tasks, overlay_arp, vni_of};
 use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
 use serde_json::Value;
 
@@ -52,88 +52,22 @@ fn iperf(h: &Host, argv: &[&str], in_task: Option<&str>) -> Result<f64> {
 }
 
 fn task_on(h1: &Host, svc: &str, net: &str) -> Result<(String, String, String)> {
-    let v: Value = serde_json::from_str(&h1.mesh_ok(&["network", "inspect", net])?)?;
-    let t = v[0]["Tasks"]
-        .as_array()
-        .and_then(|a| {
-            a.iter().find(|t| {
-                t["Name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with(&format!("{svc}.")))
-            })
-        })
-        .cloned()
-        .context("task")?;
-    let ip = t["IPv4Address"]
-        .as_str()
-        .unwrap_or("")
-        .split('/')
+    let t = network_tasks(h1, net, Some(svc))?
+        .into_iter()
         .next()
-        .unwrap_or("")
-        .to_string();
-    Ok((
-        t["Name"].as_str().unwrap_or("").to_string(),
-        t["Node"].as_str().unwrap_or("").to_string(),
-        ip,
-    ))
+        .context("task")?;
+    Ok((t.name, t.node, t.ip))
 }
 
 fn ips_of(h1: &Host, svc: &str, net: &str) -> Result<Vec<(String, String)>> {
-    let v: Value = serde_json::from_str(&h1.mesh_ok(&["network", "inspect", net])?)?;
-    Ok(v[0]["Tasks"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter(|t| {
-            t["Name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with(&format!("{svc}.")))
-        })
-        .map(|t| {
-            (
-                t["Node"].as_str().unwrap_or("").to_string(),
-                t["IPv4Address"]
-                    .as_str()
-                    .unwrap_or("")
-                    .split('/')
-                    .next()
-                    .unwrap_or("")
-                    .to_string(),
-            )
-        })
+    Ok(network_tasks(h1, net, Some(svc))?
+        .into_iter()
+        .map(|t| (t.node, t.ip))
         .collect())
 }
 
 fn arp(h: &Host, vni: u32) -> Vec<String> {
-    let Ok(rec) =
-        std::fs::read_to_string(h.exec_root().join("netns").join(format!("ov-{vni}.json")))
-    else {
-        return vec![];
-    };
-    let Some(pid) = serde_json::from_str::<Value>(&rec)
-        .ok()
-        .and_then(|v| v["pid"].as_u64())
-    else {
-        return vec![];
-    };
-    let out = std::process::Command::new("nsenter")
-        .args([
-            &format!("--net=/proc/{pid}/ns/net"),
-            "ip",
-            "neigh",
-            "show",
-            "dev",
-            &format!("vx-{vni}"),
-        ])
-        .output();
-    out.map(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-            .collect()
-    })
-    .unwrap_or_default()
+    overlay_arp(h, vni).unwrap_or_default()
 }
 
 fn throughput() -> Result<(Vec<f64>, Vec<f64>)> {
@@ -223,11 +157,7 @@ fn convergence() -> Result<(Vec<Duration>, Vec<Duration>)> {
     form_swarm(&c, 1)?;
     let h1 = c.host(1);
     h1.mesh_ok(&["network", "create", "conv"])?;
-    let v: Value = serde_json::from_str(&h1.mesh_ok(&["network", "inspect", "conv"])?)?;
-    let vni: u32 = v[0]["Options"]["com.docker.network.driver.overlay.vxlanid_list"]
-        .as_str()
-        .unwrap_or("0")
-        .parse()?;
+    let vni = vni_of(h1, "conv")?;
     // A global service gives every host the network, so every host must learn every change.
     h1.mesh_ok(&[
         "service",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use mesh_api::{Request, ServiceMode, ServiceSpec};
-use mesh_netns::swarm::form_swarm;
+use mesh_netns::swarm::{form_swarm, sleep_pids};
 use mesh_netns::{require_root, Cluster, ClusterOpts};
 use serde_json::Value;
 
@@ -23,16 +23,7 @@ const ROUNDS: usize = 5;
 const BOUND: Duration = Duration::from_secs(120);
 
 fn count_procs(secs: u32) -> usize {
-    let want = format!("sleep\0{secs}\0");
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| {
-                    std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want.as_bytes())
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    sleep_pids(secs).len()
 }
 
 fn call(c: &mut Client, req: &Request) -> Result<Value> {

@@ -126,3 +126,103 @@ pub fn expect_err(h: &Host, args: &[&str], needle: &str) -> Result<String> {
     }
     Ok(out.stderr)
 }
+
+/// A task attached to a network, as `mesh network inspect` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetTask {
+    /// Full task name, `web.1.<id>`.
+    pub name: String,
+    pub node: String,
+    /// Address without the prefix length.
+    pub ip: String,
+}
+
+/// The tasks `mesh network inspect NET` lists; with `service`, only that service's.
+pub fn network_tasks(h: &Host, net: &str, service: Option<&str>) -> Result<Vec<NetTask>> {
+    let v: Value = serde_json::from_str(&h.mesh_ok(&["network", "inspect", net])?)?;
+    let prefix = service.map(|s| format!("{s}."));
+    Ok(v[0]["Tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|t| NetTask {
+            name: t["Name"].as_str().unwrap_or_default().to_string(),
+            node: t["Node"].as_str().unwrap_or_default().to_string(),
+            ip: t["IPv4Address"]
+                .as_str()
+                .unwrap_or_default()
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        })
+        .filter(|t| prefix.as_ref().is_none_or(|p| t.name.starts_with(p)))
+        .collect())
+}
+
+/// A network's VXLAN identifier, from `mesh network inspect`.
+pub fn vni_of(h: &Host, net: &str) -> Result<u32> {
+    let v: Value = serde_json::from_str(&h.mesh_ok(&["network", "inspect", net])?)?;
+    Ok(
+        v[0]["Options"]["com.docker.network.driver.overlay.vxlanid_list"]
+            .as_str()
+            .unwrap_or("0")
+            .parse()?,
+    )
+}
+
+/// The pid of the process holding a host's overlay namespace for `vni`, if it is alive.
+pub fn overlay_pid(h: &Host, vni: u32) -> Option<u32> {
+    let rec =
+        std::fs::read_to_string(h.exec_root().join("netns").join(format!("ov-{vni}.json"))).ok()?;
+    let v: Value = serde_json::from_str(&rec).ok()?;
+    let pid = v["pid"].as_u64()? as u32;
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some(pid)
+}
+
+/// The IPv4 addresses with an ARP entry on the VXLAN device of a host's overlay namespace.
+pub fn overlay_arp(h: &Host, vni: u32) -> Result<Vec<String>> {
+    let Some(pid) = overlay_pid(h, vni) else {
+        return Ok(vec![]);
+    };
+    let out = std::process::Command::new("nsenter")
+        .args([
+            &format!("--net=/proc/{pid}/ns/net"),
+            "ip",
+            "neigh",
+            "show",
+            "dev",
+            &format!("vx-{vni}"),
+        ])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect())
+}
+
+/// Pids of the processes on this machine whose command line is exactly `sleep <secs>` (tests
+/// give each service its own number, so its task processes can be counted).
+pub fn sleep_pids(secs: u32) -> Vec<u32> {
+    let want = format!("sleep\0{secs}\0");
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .parse::<u32>()
+                        .ok()
+                        .map(|p| (p, e.path()))
+                })
+                .filter(|(_, p)| {
+                    std::fs::read(p.join("cmdline")).is_ok_and(|c| c == want.as_bytes())
+                })
+                .map(|(p, _)| p)
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -7,31 +7,19 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_netns::swarm::form_swarm;
+use mesh_netns::swarm::{form_swarm, network_tasks, overlay_arp, overlay_pid, vni_of};
 use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
-use serde_json::Value;
 
-/// Running tasks of a service: name -> (node, IPv4 address on `net`).
+/// Running tasks of a service on a network: name -> (node, IPv4 address).
 fn tasks(h: &Host, svc: &str, net: &str) -> Result<BTreeMap<String, (String, String)>> {
-    let v: Value = serde_json::from_str(&h.mesh_ok(&["network", "inspect", net])?)?;
-    let mut out = BTreeMap::new();
-    for t in v[0]["Tasks"].as_array().cloned().unwrap_or_default() {
-        let name = t["Name"].as_str().unwrap_or_default();
-        if name.starts_with(&format!("{svc}.")) {
-            let ip = t["IPv4Address"]
-                .as_str()
-                .unwrap_or_default()
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            out.insert(
-                name.to_string(),
-                (t["Node"].as_str().unwrap_or_default().to_string(), ip),
-            );
-        }
-    }
-    Ok(out)
+    Ok(network_tasks(h, net, Some(svc))?
+        .into_iter()
+        .map(|t| (t.name, (t.node, t.ip)))
+        .collect())
+}
+
+fn arp_entries(h: &Host, vni: u32) -> Result<Vec<String>> {
+    overlay_arp(h, vni)
 }
 
 fn host<'a>(c: &'a Cluster, name: &str) -> &'a Host {
@@ -56,49 +44,6 @@ fn wait_ping(c: &Cluster, from: &(String, String, String), ip: &str) -> Result<(
         Duration::from_secs(15),
         Duration::from_millis(200),
         || Ok(ping_from(host(c, node), task, ip)?.then_some(())),
-    )
-}
-
-/// The holder pid of a host's overlay namespace for `vni`.
-fn overlay_pid(h: &Host, vni: u32) -> Option<u32> {
-    let rec =
-        std::fs::read_to_string(h.exec_root().join("netns").join(format!("ov-{vni}.json"))).ok()?;
-    let v: Value = serde_json::from_str(&rec).ok()?;
-    let pid = v["pid"].as_u64()? as u32;
-    std::path::Path::new(&format!("/proc/{pid}"))
-        .exists()
-        .then_some(pid)
-}
-
-/// `ip neigh` entries on the VXLAN device of a host's overlay namespace.
-fn arp_entries(h: &Host, vni: u32) -> Result<Vec<String>> {
-    let Some(pid) = overlay_pid(h, vni) else {
-        return Ok(vec![]);
-    };
-    let out = std::process::Command::new("nsenter")
-        .args([
-            &format!("--net=/proc/{pid}/ns/net"),
-            "ip",
-            "neigh",
-            "show",
-            "dev",
-            &format!("vx-{vni}"),
-        ])
-        .output()
-        .context("nsenter")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-        .collect())
-}
-
-fn vni_of(h: &Host, net: &str) -> Result<u32> {
-    let v: Value = serde_json::from_str(&h.mesh_ok(&["network", "inspect", net])?)?;
-    Ok(
-        v[0]["Options"]["com.docker.network.driver.overlay.vxlanid_list"]
-            .as_str()
-            .unwrap_or("0")
-            .parse()?,
     )
 }
 

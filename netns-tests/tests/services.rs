@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_netns::swarm::{expect_err, form_swarm, node_ls};
+use mesh_netns::swarm::{expect_err, form_swarm, node_ls, sleep_pids};
 use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
 use serde_json::Value;
 
@@ -23,45 +23,12 @@ fn cluster(hosts: usize, hint: &'static str) -> Result<Option<Cluster>> {
     })?))
 }
 
-/// Processes on this machine whose command line is exactly `sleep <secs>`.
 fn count_procs(secs: u32) -> usize {
-    let want = format!("sleep\0{secs}\0");
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .chars()
-                        .all(|c| c.is_ascii_digit())
-                })
-                .filter(|e| {
-                    std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want.as_bytes())
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    sleep_pids(secs).len()
 }
 
 fn pids_of(secs: u32) -> Vec<u32> {
-    let want = format!("sleep\0{secs}\0");
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .parse::<u32>()
-                        .ok()
-                        .map(|p| (p, e.path()))
-                })
-                .filter(|(_, p)| {
-                    std::fs::read(p.join("cmdline")).is_ok_and(|c| c == want.as_bytes())
-                })
-                .map(|(p, _)| p)
-                .collect()
-        })
-        .unwrap_or_default()
+    sleep_pids(secs)
 }
 
 fn ps(h: &Host, svc: &str) -> Result<Vec<Value>> {

@@ -56,24 +56,9 @@ pub enum ServiceCmd {
     Logs { service: String },
 }
 
+/// Restart, update and resource flags, shared by `create` and `update`.
 #[derive(Args, Debug)]
-pub struct CreateArgs {
-    #[arg(long)]
-    name: String,
-    #[arg(long, allow_negative_numbers = true)]
-    replicas: Option<i64>,
-    #[arg(long, default_value = "replicated")]
-    mode: String,
-    #[arg(long = "network")]
-    networks: Vec<String>,
-    #[arg(long = "publish", short = 'p')]
-    publish: Vec<String>,
-    #[arg(long, default_value = "vip")]
-    endpoint_mode: String,
-    #[arg(long = "constraint")]
-    constraints: Vec<String>,
-    #[arg(long = "env", short = 'e')]
-    env: Vec<String>,
+pub struct PolicyArgs {
     #[arg(long)]
     restart_condition: Option<String>,
     #[arg(long)]
@@ -92,6 +77,28 @@ pub struct CreateArgs {
     limit_cpu: Option<String>,
     #[arg(long)]
     limit_memory: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    #[arg(long)]
+    name: String,
+    #[arg(long, allow_negative_numbers = true)]
+    replicas: Option<i64>,
+    #[arg(long, default_value = "replicated")]
+    mode: String,
+    #[arg(long = "network")]
+    networks: Vec<String>,
+    #[arg(long = "publish", short = 'p')]
+    publish: Vec<String>,
+    #[arg(long, default_value = "vip")]
+    endpoint_mode: String,
+    #[arg(long = "constraint")]
+    constraints: Vec<String>,
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Return at once instead of waiting for the tasks.
     #[arg(short, long)]
     detach: bool,
@@ -112,24 +119,8 @@ pub struct UpdateArgs {
     constraint_add: Vec<String>,
     #[arg(long = "constraint-rm")]
     constraint_rm: Vec<String>,
-    #[arg(long)]
-    restart_condition: Option<String>,
-    #[arg(long)]
-    restart_delay: Option<String>,
-    #[arg(long, allow_negative_numbers = true)]
-    restart_max_attempts: Option<i64>,
-    #[arg(long, allow_negative_numbers = true)]
-    update_parallelism: Option<i64>,
-    #[arg(long)]
-    update_delay: Option<String>,
-    #[arg(long)]
-    update_failure_action: Option<String>,
-    #[arg(long)]
-    update_monitor: Option<String>,
-    #[arg(long)]
-    limit_cpu: Option<String>,
-    #[arg(long)]
-    limit_memory: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Replace the tasks even if nothing changed.
     #[arg(long)]
     force: bool,
@@ -254,36 +245,38 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         return Err(Failure("publishing ports is not supported yet".into()));
     }
     let mut restart = RestartPolicy::default();
-    if let Some(c) = &a.restart_condition {
+    if let Some(c) = &a.policy.restart_condition {
         restart.condition = c.parse::<RestartCondition>()?;
     }
-    if let Some(d) = &a.restart_delay {
+    if let Some(d) = &a.policy.restart_delay {
         restart.delay_ms = parse_duration_ms(d)?;
     }
-    if let Some(m) = a.restart_max_attempts {
+    if let Some(m) = a.policy.restart_max_attempts {
         restart.max_attempts = non_negative("restart max attempts", m)?;
     }
     let mut update = UpdateConfig::default();
-    if let Some(p) = a.update_parallelism {
+    if let Some(p) = a.policy.update_parallelism {
         update.parallelism = non_negative("update parallelism", p)?;
     }
-    if let Some(d) = &a.update_delay {
+    if let Some(d) = &a.policy.update_delay {
         update.delay_ms = parse_duration_ms(d)?;
     }
-    if let Some(f) = &a.update_failure_action {
+    if let Some(f) = &a.policy.update_failure_action {
         update.failure_action = f.parse::<FailureAction>()?;
     }
-    if let Some(m) = &a.update_monitor {
+    if let Some(m) = &a.policy.update_monitor {
         update.monitor_ms = parse_duration_ms(m)?;
     }
     let resources = Resources {
         nano_cpus: a
+            .policy
             .limit_cpu
             .as_deref()
             .map(parse_cpus)
             .transpose()?
             .unwrap_or(0),
         memory_bytes: a
+            .policy
             .limit_memory
             .as_deref()
             .map(parse_bytes)
@@ -317,37 +310,53 @@ fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
         env_rm: a.env_rm.clone(),
         constraint_add: a.constraint_add.clone(),
         constraint_rm: a.constraint_rm.clone(),
-        restart_condition: a.restart_condition.as_deref().map(str::parse).transpose()?,
+        restart_condition: a
+            .policy
+            .restart_condition
+            .as_deref()
+            .map(str::parse)
+            .transpose()?,
         restart_delay_ms: a
+            .policy
             .restart_delay
             .as_deref()
             .map(parse_duration_ms)
             .transpose()?,
         restart_max_attempts: a
+            .policy
             .restart_max_attempts
             .map(|m| non_negative("restart max attempts", m))
             .transpose()?,
         update_parallelism: a
+            .policy
             .update_parallelism
             .map(|p| non_negative("update parallelism", p))
             .transpose()?,
         update_delay_ms: a
+            .policy
             .update_delay
             .as_deref()
             .map(parse_duration_ms)
             .transpose()?,
         update_failure_action: a
+            .policy
             .update_failure_action
             .as_deref()
             .map(str::parse)
             .transpose()?,
         update_monitor_ms: a
+            .policy
             .update_monitor
             .as_deref()
             .map(parse_duration_ms)
             .transpose()?,
-        nano_cpus: a.limit_cpu.as_deref().map(parse_cpus).transpose()?,
-        memory_bytes: a.limit_memory.as_deref().map(parse_bytes).transpose()?,
+        nano_cpus: a.policy.limit_cpu.as_deref().map(parse_cpus).transpose()?,
+        memory_bytes: a
+            .policy
+            .limit_memory
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()?,
         force: a.force,
     })
 }
