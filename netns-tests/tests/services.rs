@@ -233,6 +233,12 @@ fn service_lifecycle_on_three_nodes() -> Result<()> {
         lines.last() != Some(&String::from_utf8_lossy(&host_ns.stdout).trim()),
         "task shares the host netns"
     );
+    // Its own /sys: only its own interfaces.
+    let sys = h2.mesh_ok(&["exec", &id, "--", "ls", "/sys/class/net"])?;
+    ensure!(
+        sys.split_whitespace().collect::<Vec<_>>() == ["lo"],
+        "/sys/class/net in the task: {sys}"
+    );
     let st = h2.mesh(&["exec", &id, "--", "sh", "-c", "echo oops >&2; exit 7"])?;
     ensure!(st.status == 7 && st.stderr.contains("oops"), "{st:?}");
     expect_err(h1, &["exec", &name, "--", "true"], "no such task")?;

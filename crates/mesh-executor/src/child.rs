@@ -70,10 +70,11 @@ enum Step {
     JoinMountNs = 11,
     GateReady = 12,
     GateWait = 13,
+    MountSysfs = 14,
 }
 
 impl Step {
-    const ALL: [Step; 13] = [
+    const ALL: [Step; 14] = [
         Step::ParentDeathSignal,
         Step::JoinCgroup,
         Step::Unshare,
@@ -87,6 +88,7 @@ impl Step {
         Step::JoinMountNs,
         Step::GateReady,
         Step::GateWait,
+        Step::MountSysfs,
     ];
 
     fn describe(self) -> &'static str {
@@ -104,6 +106,7 @@ impl Step {
             Step::JoinMountNs => "joining the task's mount namespace",
             Step::GateReady => "reporting the task's pid to the shim",
             Step::GateWait => "waiting for the network setup",
+            Step::MountSysfs => "mounting the task's own /sys",
         }
     }
 }
@@ -375,6 +378,21 @@ impl TaskSetup {
         };
         if rc != 0 {
             return Err(step_error(Step::BindResolvConf));
+        }
+        // A sysfs of its own, read-only, so that /sys/class/net shows the task's interfaces
+        // and not its host's (as `ip netns exec` and container runtimes do).
+        // SAFETY: static NUL-terminated strings; null data is allowed for sysfs.
+        let rc = unsafe {
+            libc::mount(
+                c"sysfs".as_ptr(),
+                c"/sys".as_ptr(),
+                c"sysfs".as_ptr(),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(step_error(Step::MountSysfs));
         }
         loopback_up()?;
         self.gate.pass()
