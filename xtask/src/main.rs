@@ -21,6 +21,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("nsenter", "util-linux"),
     ("iperf3", "iperf3"),
+    ("clang", "clang"),
+    ("llvm-strip", "llvm"),
+    ("bpftool", "bpftool"),
 ];
 
 fn main() {
@@ -77,11 +80,15 @@ fn have(cmd: &str) -> bool {
 
 /// Installs the Debian packages whose commands are missing (root only).
 fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(cmd, _)| !have(cmd))
         .map(|(_, p)| *p)
         .collect();
+    // The eBPF programs include libbpf's helper headers.
+    if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
+        missing.push("libbpf-dev");
+    }
     if missing.is_empty() {
         return Ok(());
     }
