@@ -130,12 +130,46 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
     ensure!(out.contains("via 172.18.0.1"), "default route: {out}");
     wait_ping(&c, &list[0], &mesh_netns::CLIENT_ADDR.to_string())?;
 
+    // The embedded DNS at 127.0.0.11, from inside a task, with the system resolver.
+    let resolve = |h: &Host, task: &str, name: &str| -> Result<Option<Vec<String>>> {
+        let py = "import socket,sys\ntry:\n print(' '.join(sorted(socket.gethostbyname_ex(sys.argv[1])[2])))\nexcept OSError:\n sys.exit(3)";
+        let out = h.mesh(&["exec", task, "--", "python3", "-c", py, name])?;
+        Ok(out
+            .success()
+            .then(|| out.stdout.split_whitespace().map(str::to_string).collect()))
+    };
+    let mut web_ips: Vec<String> = list.iter().map(|t| t.2.clone()).collect();
+    web_ips.sort();
+    let (t0, n0) = (&list[0].0, host(&c, &list[0].1));
+    wait_for(
+        "tasks.web resolves to every web task",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || Ok((resolve(n0, t0, "tasks.web")? == Some(web_ips.clone())).then_some(())),
+    )?;
+    ensure!(
+        resolve(n0, t0, "web")? == Some(web_ips.clone()),
+        "service name"
+    );
+    ensure!(
+        resolve(n0, t0, &list[1].0)? == Some(vec![list[1].2.clone()]),
+        "task name"
+    );
+
     // Isolation: db (othernet only) cannot reach web (appnet).
     let db = tasks(h1, "db", "othernet")?;
     let (db_task, (db_node, db_ip)) = db.iter().next().context("db task")?;
     ensure!(
         !ping_from(host(&c, db_node), db_task, &list[0].2)?,
         "othernet reached appnet"
+    );
+    ensure!(
+        resolve(host(&c, db_node), db_task, "tasks.web")?.is_none(),
+        "othernet resolved appnet's names"
+    );
+    ensure!(
+        resolve(host(&c, db_node), db_task, "tasks.db")? == Some(vec![db_ip.clone()]),
+        "db resolves itself"
     );
     // A task on both networks reaches both.
     let both_app = tasks(h1, "both", "appnet")?;

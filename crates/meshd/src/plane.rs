@@ -78,6 +78,10 @@ pub struct Plane(Arc<Inner>);
 
 struct Inner {
     cfg: PlaneConfig,
+    /// The embedded DNS engine: a socket pair at 127.0.0.11:53 in every task with a network.
+    dns: mesh_dns::Dns,
+    /// DNS registrations by task ID, with the task's pid (dropped once the process is gone).
+    dns_regs: std::sync::Mutex<BTreeMap<String, (u32, mesh_dns::Registration)>>,
     rt: tokio::runtime::Handle,
     holders: Arc<ExecutorHolders>,
     running: tokio::sync::Mutex<Option<Running>>,
@@ -105,8 +109,17 @@ impl Plane {
         exec: Arc<mesh_executor::Executor>,
     ) -> Plane {
         let (ready, _) = watch::channel(false);
+        let upstreams = match mesh_dns::ResolvConf::read_host() {
+            Ok(r) => r.nameservers,
+            Err(e) => {
+                warn!("no upstream resolvers for the embedded DNS: {e}");
+                Vec::new()
+            }
+        };
         Plane(Arc::new(Inner {
             cfg,
+            dns: mesh_dns::Dns::new(upstreams),
+            dns_regs: std::sync::Mutex::new(BTreeMap::new()),
             rt,
             holders: Arc::new(ExecutorHolders(exec)),
             running: tokio::sync::Mutex::new(None),
@@ -195,23 +208,46 @@ impl Inner {
         };
         let mut by_vni: BTreeMap<u32, NetworkDesc> = BTreeMap::new();
         let mut remotes: BTreeMap<u32, BTreeSet<Remote>> = BTreeMap::new();
+        let mut records = mesh_dns::Records::new();
         for (id, desc) in &r.networks {
             by_vni.insert(desc.vni, desc.clone());
             let set = remotes.entry(desc.vni).or_default();
+            let mut services: BTreeMap<String, Vec<mesh_dns::TaskRecord>> = BTreeMap::new();
             for e in r.gossip.entries(id, ENDPOINTS).await {
                 match serde_json::from_slice::<EndpointRecord>(&e.value) {
-                    Ok(rec) if rec.vtep != r.vtep => {
-                        set.insert(Remote {
-                            ip: rec.ip,
-                            mac: rec.mac,
-                            vtep: rec.vtep,
-                        });
+                    Ok(rec) => {
+                        if rec.vtep != r.vtep {
+                            set.insert(Remote {
+                                ip: rec.ip,
+                                mac: rec.mac,
+                                vtep: rec.vtep,
+                            });
+                        }
+                        services.entry(rec.service_name.clone()).or_default().push(
+                            mesh_dns::TaskRecord {
+                                name: rec.task_name.clone(),
+                                hostname: e.key.chars().take(12).collect(),
+                                ip: rec.ip,
+                            },
+                        );
                     }
-                    Ok(_) => {}
                     Err(err) => debug!("bad endpoint record {}: {err}", e.key),
                 }
             }
+            // Until service VIPs exist, a service name answers its task addresses (as dnsrr).
+            for (name, tasks) in services {
+                records.put_service(
+                    id,
+                    mesh_dns::ServiceRecord {
+                        name,
+                        vip: None,
+                        dnsrr: true,
+                        tasks,
+                    },
+                );
+            }
         }
+        self.dns.replace(records);
         r.overlay
             .sync_remotes(&by_vni, &remotes)
             .await
@@ -219,6 +255,12 @@ impl Inner {
     }
 
     async fn set_local_async(&self, running: Vec<Task>) -> Result<(), String> {
+        // Stop serving DNS to tasks whose process is gone (a task still in its start gate is
+        // not in `running` yet, so liveness, not membership, decides).
+        self.dns_regs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (pid, _)| std::path::Path::new(&format!("/proc/{pid}")).exists());
         {
             let mut guard = self.running.lock().await;
             let Some(r) = guard.as_mut() else {
@@ -340,6 +382,23 @@ impl NetworkPlane for Plane {
                     .attach_gateway(pid, &task.id, &format!("eth{}", task.networks.len()))
                     .await
                     .map_err(|e| format!("gateway bridge: {e}"))?;
+                // The embedded DNS answers at 127.0.0.11:53 inside the task.
+                let ns = format!("/proc/{pid}/ns/net");
+                let (udp, tcp) = mesh_dns::bind_in_netns(std::path::Path::new(&ns))
+                    .map_err(|e| format!("embedded DNS: {e}"))?;
+                let nets: Vec<(String, String)> = task
+                    .networks
+                    .iter()
+                    .map(|a| (a.network_id.clone(), a.network_name.clone()))
+                    .collect();
+                let reg = this
+                    .dns
+                    .register(&task.id, nets, udp, tcp)
+                    .map_err(|e| format!("embedded DNS: {e}"))?;
+                this.dns_regs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(task.id.clone(), (pid, reg));
             }
             Ok(())
         })
