@@ -119,8 +119,14 @@ static __always_inline enum xlate xlate_fwd(struct bpf_sock_addr *ctx, __u8 prot
 	skey.proto = proto;
 
 	svc = bpf_map_lookup_elem(&services, &skey);
-	if (!svc)
-		return XLATE_NONE;
+	if (!svc) {
+		/* A whole-VIP entry (port 0) takes every port, as Swarm's VIPs
+		 * do; its backends (port 0) keep the port asked for. */
+		skey.port = 0;
+		svc = bpf_map_lookup_elem(&services, &skey);
+		if (!svc)
+			return XLATE_NONE;
+	}
 	/* Read count once: the slots below it are always filled (lb.h). */
 	count = *(volatile __u16 *)&svc->count;
 	if (count == 0)
@@ -128,7 +134,7 @@ static __always_inline enum xlate xlate_fwd(struct bpf_sock_addr *ctx, __u8 prot
 
 	__builtin_memset(&bkey, 0, sizeof(bkey));
 	bkey.vip = vip;
-	bkey.port = vport;
+	bkey.port = skey.port;
 	bkey.proto = proto;
 	bkey.slot = (__u16)(pick % count);
 
@@ -142,7 +148,7 @@ static __always_inline enum xlate xlate_fwd(struct bpf_sock_addr *ctx, __u8 prot
 			return XLATE_REFUSE;
 	}
 	be_ip = be->ip;
-	be_port = be->port;
+	be_port = be->port ? be->port : vport;
 
 	remember(cookie, be_ip, be_port, vip, vport);
 

@@ -145,8 +145,18 @@ fn networks_are_allocated_and_guarded() -> Result<()> {
         .map(|t| t["IPv4Address"].as_str().unwrap_or("").to_string())
         .collect();
     addrs.sort();
+    // The service's VIP takes the first free address; tasks get the next ones.
+    let web: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "web"])?)?;
+    let vips = web[0]["Endpoint"]["VirtualIPs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     ensure!(
-        addrs == ["10.0.1.2/24", "10.0.1.3/24", "10.0.1.4/24"],
+        vips.len() == 2 && vips[0]["Addr"] == "10.0.1.2/24",
+        "{vips:?}"
+    );
+    ensure!(
+        addrs == ["10.0.1.3/24", "10.0.1.4/24", "10.0.1.5/24"],
         "{addrs:?}"
     );
     let other = inspect(h1, "other")?;
@@ -176,6 +186,10 @@ fn networks_are_allocated_and_guarded() -> Result<()> {
     addrs.sort();
     addrs.dedup();
     ensure!(addrs.len() == 4, "duplicate addresses: {addrs:?}");
+    ensure!(
+        !addrs.contains(&"10.0.1.2/24".to_string()),
+        "a task got the VIP: {addrs:?}"
+    );
     h1.mesh_ok(&["service", "rm", "web"])?;
     wait_for(
         "appnet removable",

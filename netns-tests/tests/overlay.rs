@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use mesh_netns::swarm::{form_swarm, network_tasks, overlay_arp, overlay_pid, vni_of};
 use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
+use serde_json::Value;
 
 /// Running tasks of a service on a network: name -> (node, IPv4 address).
 fn tasks(h: &Host, svc: &str, net: &str) -> Result<BTreeMap<String, (String, String)>> {
@@ -147,14 +148,67 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
         Duration::from_millis(200),
         || Ok((resolve(n0, t0, "tasks.web")? == Some(web_ips.clone())).then_some(())),
     )?;
+    let web_insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "web"])?)?;
+    let web_vip = web_insp[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
+        .as_str()
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
     ensure!(
-        resolve(n0, t0, "web")? == Some(web_ips.clone()),
-        "service name"
+        resolve(n0, t0, "web")? == Some(vec![web_vip.clone()]),
+        "service name -> VIP {web_vip}"
     );
     ensure!(
         resolve(n0, t0, &list[1].0)? == Some(vec![list[1].2.clone()]),
         "task name"
     );
+
+    // Service VIPs: `echo` resolves to its VIP, and new connections to VIP:port spread over
+    // every running task, across hosts (eBPF socket balancing, any port).
+    let server = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(64)\nwhile True:\n c,_=s.accept()\n c.sendall(socket.gethostname().encode())\n c.close()";
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "echo",
+        "--replicas",
+        "3",
+        "--network",
+        "appnet",
+        "--",
+        "python3",
+        "-c",
+        server,
+    ])?;
+    let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "echo"])?)?;
+    let vip = insp[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
+        .as_str()
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    ensure!(!vip.is_empty(), "no VIP: {insp}");
+    wait_for(
+        "echo resolves to its VIP",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || Ok((resolve(n0, t0, "echo")? == Some(vec![vip.clone()])).then_some(())),
+    )?;
+    let client = "import socket,sys\nseen=set()\nfor i in range(30):\n c=socket.create_connection((sys.argv[1],8080),timeout=3)\n seen.add(c.recv(100).decode())\n c.close()\nprint(' '.join(sorted(seen)))";
+    let replicas = wait_for(
+        "connections to the VIP reach all 3 replicas",
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+        || {
+            let out = n0.mesh(&["exec", t0, "--", "python3", "-c", client, "echo"])?;
+            let seen: Vec<String> = out.stdout.split_whitespace().map(str::to_string).collect();
+            Ok((out.success() && seen.len() == 3).then_some(seen))
+        },
+    )?;
+    eprintln!("VIP {vip}: 30 connections reached {replicas:?}");
 
     // Isolation: db (othernet only) cannot reach web (appnet).
     let db = tasks(h1, "db", "othernet")?;
@@ -250,7 +304,7 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
         }
     }
     // Removing everything removes the overlay namespaces.
-    for s in ["web", "db", "both"] {
+    for s in ["web", "db", "both", "echo"] {
         h1.mesh_ok(&["service", "rm", s])?;
     }
     wait_for(

@@ -40,6 +40,9 @@ pub struct NetworkAttachment {
     pub addr: String,
     pub vni: u32,
     pub gateway: String,
+    /// The service's virtual IP on this network (`A.B.C.D/N`), if it has one.
+    #[serde(default)]
+    pub vip: Option<String>,
 }
 
 /// One line of `mesh network ls`.

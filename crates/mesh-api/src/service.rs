@@ -201,6 +201,17 @@ pub struct Service {
     pub created_at: u64,
     pub updated_at: u64,
     pub update_status: Option<UpdateStatus>,
+    /// One virtual IP per attached network (none in dnsrr mode).
+    #[serde(default)]
+    pub vips: Vec<VirtualIp>,
+}
+
+/// A service's virtual IP on one network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtualIp {
+    pub network_id: String,
+    /// `A.B.C.D/N`.
+    pub addr: String,
 }
 
 /// Task states, in the only order they may move in.

@@ -898,6 +898,7 @@ impl Member {
                     return Err(services::conflict(&spec.name));
                 }
                 let now = now_secs();
+                let vips = crate::networks::allocate_vips(&state, &spec)?;
                 let svc = mesh_api::Service {
                     id: mesh_ca::new_secret(),
                     spec,
@@ -906,6 +907,7 @@ impl Member {
                     created_at: now,
                     updated_at: now,
                     update_status: None,
+                    vips,
                 };
                 let id = svc.id.clone();
                 self.write(node, Command::CreateService { service: svc })

@@ -544,6 +544,11 @@ impl Orchestrator {
 /// node that may come back).
 fn used_addrs(s: &StoreState) -> BTreeMap<String, BTreeSet<std::net::Ipv4Addr>> {
     let mut used: BTreeMap<String, BTreeSet<std::net::Ipv4Addr>> = BTreeMap::new();
+    for v in s.services.values().flat_map(|svc| &svc.vips) {
+        if let Some(ip) = crate::ipam::addr_of(&v.addr) {
+            used.entry(v.network_id.clone()).or_default().insert(ip);
+        }
+    }
     for t in s.tasks.values() {
         if t.status.state.is_terminal() && t.status.state != TaskState::Orphaned {
             continue;
@@ -577,6 +582,11 @@ fn allocate(
             addr: format!("{ip}/{}", subnet.len),
             vni: n.vni,
             gateway: n.gateway.clone(),
+            vip: s
+                .services
+                .get(&t.service_id)
+                .and_then(|svc| svc.vips.iter().find(|v| v.network_id == n.id))
+                .map(|v| v.addr.clone()),
         });
     }
     Ok(out)
@@ -664,6 +674,7 @@ mod tests {
                 created_at: 0,
                 updated_at: 0,
                 update_status: None,
+                vips: Vec::new(),
             };
             assert_eq!(
                 s.apply(&Command::CreateService { service: svc }),

@@ -297,7 +297,11 @@ pub fn inspect(state: &StoreState, svc: &Service) -> Value {
         "Spec": svc.spec,
         "PreviousSpec": svc.previous_spec,
         "UpdateStatus": svc.update_status,
-        "Endpoint": { "Spec": { "Mode": svc.spec.endpoint_mode }, "Ports": svc.spec.ports, "VirtualIPs": [] },
+        "Endpoint": {
+            "Spec": { "Mode": svc.spec.endpoint_mode },
+            "Ports": svc.spec.ports,
+            "VirtualIPs": svc.vips.iter().map(|v| json!({ "NetworkID": v.network_id, "Addr": v.addr })).collect::<Vec<_>>(),
+        },
         "ServiceStatus": { "RunningTasks": running, "DesiredTasks": desired },
     })
 }

@@ -35,6 +35,9 @@ pub struct EndpointRecord {
     pub task_name: String,
     pub service_name: String,
     pub service_id: String,
+    /// The service's virtual IP on this network (none in dnsrr mode).
+    #[serde(default)]
+    pub vip: Option<Ipv4Addr>,
 }
 
 /// The executor's holder processes behind the overlay's `Holders` seam.
@@ -80,6 +83,11 @@ struct Inner {
     cfg: PlaneConfig,
     /// The embedded DNS engine: a socket pair at 127.0.0.11:53 in every task with a network.
     dns: mesh_dns::Dns,
+    /// Socket-level VIP balancing for every task below the daemon's cgroup (`None` when the
+    /// kernel refused the eBPF programs: then VIPs do not answer, and a warning says why).
+    lb: Option<std::sync::Mutex<mesh_lb::SockLb>>,
+    /// The VIPs programmed into the balancer.
+    lb_vips: std::sync::Mutex<BTreeSet<Ipv4Addr>>,
     /// DNS registrations by task ID, with the task's pid (dropped once the process is gone).
     dns_regs: std::sync::Mutex<BTreeMap<String, (u32, mesh_dns::Registration)>>,
     rt: tokio::runtime::Handle,
@@ -119,6 +127,8 @@ impl Plane {
         Plane(Arc::new(Inner {
             cfg,
             dns: mesh_dns::Dns::new(upstreams),
+            lb: load_lb(&exec),
+            lb_vips: std::sync::Mutex::new(BTreeSet::new()),
             dns_regs: std::sync::Mutex::new(BTreeMap::new()),
             rt,
             holders: Arc::new(ExecutorHolders(exec)),
@@ -209,10 +219,12 @@ impl Inner {
         let mut by_vni: BTreeMap<u32, NetworkDesc> = BTreeMap::new();
         let mut remotes: BTreeMap<u32, BTreeSet<Remote>> = BTreeMap::new();
         let mut records = mesh_dns::Records::new();
+        let mut lb: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> = BTreeMap::new();
         for (id, desc) in &r.networks {
             by_vni.insert(desc.vni, desc.clone());
             let set = remotes.entry(desc.vni).or_default();
-            let mut services: BTreeMap<String, Vec<mesh_dns::TaskRecord>> = BTreeMap::new();
+            let mut services: BTreeMap<String, (Option<Ipv4Addr>, Vec<mesh_dns::TaskRecord>)> =
+                BTreeMap::new();
             for e in r.gossip.entries(id, ENDPOINTS).await {
                 match serde_json::from_slice::<EndpointRecord>(&e.value) {
                     Ok(rec) => {
@@ -223,31 +235,32 @@ impl Inner {
                                 vtep: rec.vtep,
                             });
                         }
-                        services.entry(rec.service_name.clone()).or_default().push(
-                            mesh_dns::TaskRecord {
-                                name: rec.task_name.clone(),
-                                hostname: e.key.chars().take(12).collect(),
-                                ip: rec.ip,
-                            },
-                        );
+                        let entry = services.entry(rec.service_name.clone()).or_default();
+                        entry.0 = entry.0.or(rec.vip);
+                        entry.1.push(mesh_dns::TaskRecord {
+                            name: rec.task_name.clone(),
+                            hostname: e.key.chars().take(12).collect(),
+                            ip: rec.ip,
+                        });
                     }
                     Err(err) => debug!("bad endpoint record {}: {err}", e.key),
                 }
             }
-            // Until service VIPs exist, a service name answers its task addresses (as dnsrr).
-            for (name, tasks) in services {
-                records.put_service(
-                    id,
-                    mesh_dns::ServiceRecord {
-                        name,
-                        vip: None,
-                        dnsrr: true,
-                        tasks,
-                    },
-                );
+            for (name, (vip, tasks)) in services {
+                if let Some(v) = vip {
+                    lb.insert(v, tasks.iter().map(|t| t.ip).collect());
+                }
+                let service = mesh_dns::ServiceRecord {
+                    name,
+                    vip,
+                    dnsrr: vip.is_none(),
+                    tasks,
+                };
+                records.put_service(id, service);
             }
         }
         self.dns.replace(records);
+        self.program_lb(&lb);
         r.overlay
             .sync_remotes(&by_vni, &remotes)
             .await
@@ -285,6 +298,10 @@ impl Inner {
                             task_name: t.name(),
                             service_name: t.service_name.clone(),
                             service_id: t.service_id.clone(),
+                            vip: a
+                                .vip
+                                .as_deref()
+                                .and_then(|v| v.split('/').next()?.parse().ok()),
                         },
                     );
                 }
@@ -412,5 +429,60 @@ impl NetworkPlane for Plane {
                 warn!("network plane: {e}");
             }
         });
+    }
+}
+
+/// Loads the socket balancer and attaches it to the daemon's v2 cgroup, which holds every task.
+fn load_lb(exec: &mesh_executor::Executor) -> Option<std::sync::Mutex<mesh_lb::SockLb>> {
+    let dir = exec
+        .layout()
+        .v2_task_path(exec.cgroup_parent(), "_")
+        .parent()?
+        .to_path_buf();
+    let mut lb = match mesh_lb::SockLb::load() {
+        Ok(lb) => lb,
+        Err(e) => {
+            warn!("service VIPs disabled: cannot load the eBPF balancer: {e}");
+            return None;
+        }
+    };
+    if let Err(e) = lb.attach(&dir) {
+        warn!(
+            "service VIPs disabled: cannot attach the eBPF balancer to {}: {e}",
+            dir.display()
+        );
+        return None;
+    }
+    info!(cgroup = %dir.display(), "eBPF socket balancer attached");
+    Some(std::sync::Mutex::new(lb))
+}
+
+impl Inner {
+    /// Makes the balancer hold exactly `want`: each VIP, on every port, TCP and UDP, goes to
+    /// one of its running tasks.
+    fn program_lb(&self, want: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) {
+        let Some(lb) = &self.lb else { return };
+        let mut lb = lb.lock().unwrap_or_else(|p| p.into_inner());
+        let mut have = self.lb_vips.lock().unwrap_or_else(|p| p.into_inner());
+        for (vip, ips) in want {
+            let backends: Vec<(Ipv4Addr, u16)> = ips.iter().map(|ip| (*ip, 0)).collect();
+            for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
+                if let Err(e) = lb.set_service(*vip, 0, proto, &backends) {
+                    warn!(%vip, "programming the balancer: {e}");
+                }
+            }
+            have.insert(*vip);
+        }
+        let stale: Vec<Ipv4Addr> = have
+            .iter()
+            .filter(|v| !want.contains_key(v))
+            .copied()
+            .collect();
+        for vip in stale {
+            for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
+                let _ = lb.remove_service(vip, 0, proto);
+            }
+            have.remove(&vip);
+        }
     }
 }
