@@ -209,6 +209,28 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
         },
     )?;
     eprintln!("VIP {vip}: 30 connections reached {replicas:?}");
+    // What this node's data plane holds, as `mesh vip ls` and `mesh dns query` show it.
+    let vips = n0.mesh_json(&["vip", "ls"])?;
+    let echo_vip = vips
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|r| r["VIP"] == vip.as_str() && r["Protocol"] == "tcp")
+        })
+        .cloned()
+        .context("echo's VIP in vip ls")?;
+    ensure!(
+        echo_vip["Service"] == "echo"
+            && echo_vip["Backends"].as_array().map(|b| b.len()) == Some(3),
+        "{echo_vip}"
+    );
+    let q = n0.mesh_ok(&["dns", "query", "tasks.web"])?;
+    ensure!(
+        q.starts_with("tasks.web A NOERROR") && web_ips.iter().all(|ip| q.contains(ip.as_str())),
+        "{q}"
+    );
+    let q = n0.mesh_ok(&["dns", "query", "--network", "appnet", "echo"])?;
+    ensure!(q.lines().nth(1) == Some(vip.as_str()), "{q}");
 
     // Isolation: db (othernet only) cannot reach web (appnet).
     let db = tasks(h1, "db", "othernet")?;

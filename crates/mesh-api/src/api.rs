@@ -92,6 +92,14 @@ pub enum Request {
     NetworkRm {
         network: String,
     },
+    /// The service VIPs this node's data plane holds, with their backends.
+    VipLs,
+    /// What the embedded DNS on this node answers for `name`.
+    DnsQuery {
+        network: Option<String>,
+        name: String,
+        qtype: String,
+    },
     /// Runs a command inside a task running on this node.
     Exec {
         task: String,
@@ -133,6 +141,8 @@ impl Request {
                 | Request::SwarmJoin { .. }
                 | Request::SwarmLeave { .. }
                 | Request::Exec { .. }
+                | Request::VipLs
+                | Request::DnsQuery { .. }
         )
     }
 }

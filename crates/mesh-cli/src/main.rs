@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod discovery;
 mod network;
 mod service;
 mod table;
@@ -54,6 +55,12 @@ enum Cmd {
     /// Manage overlay networks.
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// Service VIPs on this node.
+    #[command(subcommand)]
+    Vip(discovery::VipCmd),
+    /// The embedded DNS on this node.
+    #[command(subcommand)]
+    Dns(discovery::DnsCmd),
     /// Run a command inside a task running on this node.
     Exec {
         /// Task ID, or name such as web.1.
@@ -218,6 +225,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Node(n) => node(&c, n)?,
         Cmd::Service(s) => service::run(&c, *s)?,
         Cmd::Network(n) => network::run(&c, n)?,
+        Cmd::Vip(v) => discovery::vip(&c, v)?,
+        Cmd::Dns(d) => discovery::dns(&c, d)?,
         Cmd::Exec { task, command } => {
             let status = service::exec(&c, task, command)?;
             std::process::exit(status);

@@ -156,6 +156,24 @@ impl Daemon {
         }))
     }
 
+    /// Runs a blocking query of the network plane.
+    async fn plane_call(
+        &self,
+        f: impl FnOnce(&dyn NetworkPlane) -> Result<serde_json::Value, String> + Send + 'static,
+    ) -> Response {
+        self.member().await.ok_or_else(ApiError::not_in_swarm)?;
+        let plane = self.cfg.plane.clone().ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                "this node has no network data plane",
+            )
+        })?;
+        tokio::task::spawn_blocking(move || f(plane.as_ref()))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| ApiError::new(ErrorKind::InvalidArgument, e))
+    }
+
     /// Stops the member runtime, keeping the state for the next start.
     pub async fn shutdown(&self) {
         if let Some(m) = self.member.write().await.take() {
@@ -186,6 +204,15 @@ impl Daemon {
             } => self.join(token, remote, advertise_addr, listen_addr).await,
             Request::SwarmLeave { force } => self.leave(force).await,
             Request::Exec { task, argv } => self.exec(task, argv).await,
+            Request::VipLs => self.plane_call(|p| p.vip_ls()).await,
+            Request::DnsQuery {
+                network,
+                name,
+                qtype,
+            } => {
+                self.plane_call(move |p| p.dns_query(network.as_deref(), &name, &qtype))
+                    .await
+            }
             req => self.management(req).await,
         }
     }

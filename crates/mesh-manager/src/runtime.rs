@@ -87,4 +87,19 @@ pub trait NetworkPlane: Send + Sync + 'static {
     /// The tasks that run here now: their endpoints are published, others withdrawn, and
     /// networks without a local task lose their namespace.
     fn set_local(&self, running: Vec<mesh_api::Task>);
+    /// The VIPs this node's balancer holds, with their backends (`mesh vip ls`). Blocking.
+    fn vip_ls(&self) -> Result<serde_json::Value, String> {
+        Err("this node has no VIP data plane".into())
+    }
+    /// What the embedded DNS answers for `name` on this node's networks, or only on `network`
+    /// (`mesh dns query`). Blocking.
+    fn dns_query(
+        &self,
+        network: Option<&str>,
+        name: &str,
+        qtype: &str,
+    ) -> Result<serde_json::Value, String> {
+        let _ = (network, name, qtype);
+        Err("this node has no embedded DNS".into())
+    }
 }

@@ -86,8 +86,10 @@ struct Inner {
     /// Socket-level VIP balancing for every task below the daemon's cgroup (`None` when the
     /// kernel refused the eBPF programs: then VIPs do not answer, and a warning says why).
     lb: Option<std::sync::Mutex<mesh_lb::SockLb>>,
-    /// The VIPs programmed into the balancer.
-    lb_vips: std::sync::Mutex<BTreeSet<Ipv4Addr>>,
+    /// The VIPs programmed into the balancer, with their service names.
+    lb_vips: std::sync::Mutex<BTreeMap<Ipv4Addr, String>>,
+    /// Names of the networks with a local task, by ID (for `mesh dns query`).
+    net_names: std::sync::Mutex<BTreeMap<String, String>>,
     /// DNS registrations by task ID, with the task's pid (dropped once the process is gone).
     dns_regs: std::sync::Mutex<BTreeMap<String, (u32, mesh_dns::Registration)>>,
     rt: tokio::runtime::Handle,
@@ -128,7 +130,8 @@ impl Plane {
             cfg,
             dns: mesh_dns::Dns::new(upstreams),
             lb: load_lb(&exec),
-            lb_vips: std::sync::Mutex::new(BTreeSet::new()),
+            lb_vips: std::sync::Mutex::new(BTreeMap::new()),
+            net_names: std::sync::Mutex::new(BTreeMap::new()),
             dns_regs: std::sync::Mutex::new(BTreeMap::new()),
             rt,
             holders: Arc::new(ExecutorHolders(exec)),
@@ -219,7 +222,7 @@ impl Inner {
         let mut by_vni: BTreeMap<u32, NetworkDesc> = BTreeMap::new();
         let mut remotes: BTreeMap<u32, BTreeSet<Remote>> = BTreeMap::new();
         let mut records = mesh_dns::Records::new();
-        let mut lb: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> = BTreeMap::new();
+        let mut lb: BTreeMap<Ipv4Addr, (String, Vec<Ipv4Addr>)> = BTreeMap::new();
         for (id, desc) in &r.networks {
             by_vni.insert(desc.vni, desc.clone());
             let set = remotes.entry(desc.vni).or_default();
@@ -248,7 +251,7 @@ impl Inner {
             }
             for (name, (vip, tasks)) in services {
                 if let Some(v) = vip {
-                    lb.insert(v, tasks.iter().map(|t| t.ip).collect());
+                    lb.insert(v, (name.clone(), tasks.iter().map(|t| t.ip).collect()));
                 }
                 let service = mesh_dns::ServiceRecord {
                     name,
@@ -283,6 +286,10 @@ impl Inner {
             let mut networks = BTreeMap::new();
             for t in &running {
                 for a in &t.networks {
+                    self.net_names
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(a.network_id.clone(), a.network_name.clone());
                     let Some((ip, desc)) = attachment_desc(a) else {
                         continue;
                     };
@@ -430,6 +437,77 @@ impl NetworkPlane for Plane {
             }
         });
     }
+
+    fn vip_ls(&self) -> Result<serde_json::Value, String> {
+        let Some(lb) = &self.0.lb else {
+            return Err(
+                "service VIPs are disabled on this node (the eBPF balancer did not load)".into(),
+            );
+        };
+        let entries = lb
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dump()
+            .map_err(|e| e.to_string())?;
+        let names = self
+            .0
+            .lb_vips
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let rows: Vec<serde_json::Value> = entries
+            .into_iter()
+            .map(|e| {
+                let ports = if e.port == 0 {
+                    "*".to_string()
+                } else {
+                    e.port.to_string()
+                };
+                serde_json::json!({
+                    "Service": names.get(&e.vip).cloned().unwrap_or_default(),
+                    "VIP": e.vip.to_string(),
+                    "Port": ports,
+                    "Protocol": format!("{:?}", e.proto).to_lowercase(),
+                    "Backends": e.backends.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        Ok(serde_json::Value::Array(rows))
+    }
+
+    fn dns_query(
+        &self,
+        network: Option<&str>,
+        name: &str,
+        qtype: &str,
+    ) -> Result<serde_json::Value, String> {
+        let mut nets: Vec<(String, String)> = self
+            .0
+            .net_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, n)| (id.clone(), n.clone()))
+            .collect();
+        if let Some(want) = network {
+            nets.retain(|(id, n)| n == want || id == want);
+            if nets.is_empty() {
+                return Err(format!("no task on network {want} runs on this node"));
+            }
+        }
+        let a = self
+            .0
+            .rt
+            .block_on(self.0.dns.query(&nets, name, qtype))
+            .map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({
+            "name": a.name,
+            "type": a.qtype,
+            "rcode": a.rcode,
+            "answers": a.answers,
+            "forwarded": a.forwarded,
+        }))
+    }
 }
 
 /// Loads the socket balancer and attaches it to the daemon's v2 cgroup, which holds every task.
@@ -460,21 +538,21 @@ fn load_lb(exec: &mesh_executor::Executor) -> Option<std::sync::Mutex<mesh_lb::S
 impl Inner {
     /// Makes the balancer hold exactly `want`: each VIP, on every port, TCP and UDP, goes to
     /// one of its running tasks.
-    fn program_lb(&self, want: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) {
+    fn program_lb(&self, want: &BTreeMap<Ipv4Addr, (String, Vec<Ipv4Addr>)>) {
         let Some(lb) = &self.lb else { return };
         let mut lb = lb.lock().unwrap_or_else(|p| p.into_inner());
         let mut have = self.lb_vips.lock().unwrap_or_else(|p| p.into_inner());
-        for (vip, ips) in want {
+        for (vip, (name, ips)) in want {
             let backends: Vec<(Ipv4Addr, u16)> = ips.iter().map(|ip| (*ip, 0)).collect();
             for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
                 if let Err(e) = lb.set_service(*vip, 0, proto, &backends) {
                     warn!(%vip, "programming the balancer: {e}");
                 }
             }
-            have.insert(*vip);
+            have.insert(*vip, name.clone());
         }
         let stale: Vec<Ipv4Addr> = have
-            .iter()
+            .keys()
             .filter(|v| !want.contains_key(v))
             .copied()
             .collect();
