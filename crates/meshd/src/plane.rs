@@ -88,6 +88,8 @@ struct Inner {
     lb: Option<std::sync::Mutex<mesh_lb::SockLb>>,
     /// The VIPs programmed into the balancer, with their service names.
     lb_vips: std::sync::Mutex<BTreeMap<Ipv4Addr, String>>,
+    /// The running set given before the plane was up, applied once it is.
+    pending_local: std::sync::Mutex<Option<Vec<Task>>>,
     /// Names of the networks with a local task, by ID (for `mesh dns query`).
     net_names: std::sync::Mutex<BTreeMap<String, String>>,
     /// DNS registrations by task ID, with the task's pid (dropped once the process is gone).
@@ -132,6 +134,7 @@ impl Plane {
             lb: load_lb(&exec),
             lb_vips: std::sync::Mutex::new(BTreeMap::new()),
             net_names: std::sync::Mutex::new(BTreeMap::new()),
+            pending_local: std::sync::Mutex::new(None),
             dns_regs: std::sync::Mutex::new(BTreeMap::new()),
             rt,
             holders: Arc::new(ExecutorHolders(exec)),
@@ -185,6 +188,18 @@ impl Inner {
             stop,
         });
         self.ready.send_replace(true);
+        // The agent may have told us what runs here before we were up.
+        let pending = self
+            .pending_local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(running) = pending {
+            let _seq = self.local_seq.lock().await;
+            if let Err(e) = self.set_local_async(running).await {
+                warn!("network plane: {e}");
+            }
+        }
         tokio::spawn(self.clone().events_loop(gossip, stop_rx));
         info!(gossip = %addr, "network plane started");
         Ok(())
@@ -280,6 +295,8 @@ impl Inner {
         {
             let mut guard = self.running.lock().await;
             let Some(r) = guard.as_mut() else {
+                // Not started yet (gossip still binding): apply it once started.
+                *self.pending_local.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
                 return Ok(());
             };
             let mut want: BTreeMap<(String, String), EndpointRecord> = BTreeMap::new();
