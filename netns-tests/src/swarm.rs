@@ -226,3 +226,15 @@ pub fn sleep_pids(secs: u32) -> Vec<u32> {
         })
         .unwrap_or_default()
 }
+
+/// A service's first virtual IP (without the prefix length), from `mesh service inspect`.
+pub fn vip_of(h: &Host, service: &str) -> Result<String> {
+    let v: Value = serde_json::from_str(&h.mesh_ok(&["service", "inspect", service])?)?;
+    let addr = v[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
+        .as_str()
+        .unwrap_or_default();
+    match addr.split('/').next() {
+        Some(ip) if !ip.is_empty() => Ok(ip.to_string()),
+        _ => bail!("service {service} has no VIP: {v}"),
+    }
+}

@@ -7,9 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_netns::swarm::{form_swarm, network_tasks, overlay_arp, overlay_pid, vni_of};
+use mesh_netns::swarm::{form_swarm, network_tasks, overlay_arp, overlay_pid, vip_of, vni_of};
 use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
-use serde_json::Value;
 
 /// Running tasks of a service on a network: name -> (node, IPv4 address).
 fn tasks(h: &Host, svc: &str, net: &str) -> Result<BTreeMap<String, (String, String)>> {
@@ -148,14 +147,7 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
         Duration::from_millis(200),
         || Ok((resolve(n0, t0, "tasks.web")? == Some(web_ips.clone())).then_some(())),
     )?;
-    let web_insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "web"])?)?;
-    let web_vip = web_insp[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
-        .as_str()
-        .unwrap_or("")
-        .split('/')
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let web_vip = vip_of(h1, "web")?;
     ensure!(
         resolve(n0, t0, "web")? == Some(vec![web_vip.clone()]),
         "service name -> VIP {web_vip}"
@@ -182,15 +174,7 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
         "-c",
         server,
     ])?;
-    let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "echo"])?)?;
-    let vip = insp[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
-        .as_str()
-        .unwrap_or("")
-        .split('/')
-        .next()
-        .unwrap_or("")
-        .to_string();
-    ensure!(!vip.is_empty(), "no VIP: {insp}");
+    let vip = vip_of(h1, "echo")?;
     wait_for(
         "echo resolves to its VIP",
         Duration::from_secs(10),
