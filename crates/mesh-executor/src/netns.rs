@@ -22,9 +22,10 @@
 //! until it is killed. It is nobody's child but init's: it survives meshd.
 //! The namespace is `/proc/<pid>/ns/net`.
 
+use crate::shim::report;
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -66,34 +67,12 @@ fn with_suffix(base: &Path, ext: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Writes one report line to stdout (the pipe to meshd).
-fn report(line: &str) {
-    let one_line = line.replace('\n', " ");
-    let mut out = io::stdout().lock();
-    let _ = writeln!(out, "{one_line}");
-    let _ = out.flush();
-}
-
 /// The holder process (`base` = `<exec_root>/netns/<name>`). Returns its
 /// exit code on error; on success it never returns.
 pub(crate) fn holder_main(base: &Path) -> i32 {
-    // SAFETY: called first thing in main, before any thread exists; the
-    // parent only calls _exit.
-    match unsafe { libc::fork() } {
-        -1 => {
-            report(&format!(
-                "err cannot fork the holder: {}",
-                io::Error::last_os_error()
-            ));
-            return 1;
-        }
-        0 => {}
-        // SAFETY: _exit is always safe; nothing needs flushing.
-        _ => unsafe { libc::_exit(0) },
+    if crate::shim::detach("holder").is_err() {
+        return 1;
     }
-    // SAFETY: setsid has no preconditions; we are not a group leader.
-    unsafe { libc::setsid() };
-    let _ = std::env::set_current_dir("/");
     // Die of SIGTERM/SIGINT/SIGHUP even if meshd ignored or blocked them.
     // SAFETY: plain syscalls on valid arguments; no handler is installed.
     unsafe {

@@ -131,7 +131,7 @@ pub fn shim_main_if_requested() {
 }
 
 /// Writes one report line to stdout (the pipe to meshd).
-fn report(line: &str) {
+pub(crate) fn report(line: &str) {
     let one_line = line.replace('\n', " ");
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "{one_line}");
@@ -150,17 +150,20 @@ fn close_pipes() {
     }
 }
 
-/// The shim process. Returns its exit code.
-fn run(dir: &Path) -> i32 {
-    // SAFETY: called first thing in main, before any thread exists, so the
-    // child may run arbitrary code; the parent only calls _exit.
+/// Leaves meshd behind: forks (the parent `_exit`s at once, so meshd reaps it and never waits
+/// on us), starts a new session and moves to `/`, so that a SIGKILL of meshd or of its process
+/// group does not reach us. Called first thing in main, before any thread exists. On failure
+/// the reason has been reported on the status pipe.
+pub(crate) fn detach(what: &str) -> Result<(), ()> {
+    // SAFETY: no other thread exists, so the child may run arbitrary code; the parent only
+    // calls _exit.
     match unsafe { libc::fork() } {
         -1 => {
             report(&format!(
-                "err cannot fork the shim: {}",
+                "err cannot fork the {what}: {}",
                 io::Error::last_os_error()
             ));
-            return 1;
+            return Err(());
         }
         0 => {}
         // SAFETY: _exit is always safe; nothing needs flushing.
@@ -169,6 +172,14 @@ fn run(dir: &Path) -> i32 {
     // SAFETY: setsid has no preconditions; we are not a group leader.
     unsafe { libc::setsid() };
     let _ = std::env::set_current_dir("/");
+    Ok(())
+}
+
+/// The shim process. Returns its exit code.
+fn run(dir: &Path) -> i32 {
+    if detach("shim").is_err() {
+        return 1;
+    }
     report(&format!("shim {}", std::process::id()));
     let (mut task, launch) = match start_task(dir) {
         Ok(t) => t,

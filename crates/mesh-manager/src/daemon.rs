@@ -540,30 +540,12 @@ impl Daemon {
             };
             return Err(ApiError::invalid(msg));
         }
-        // Tell the leader (best effort: a forced leave works without quorum too).
-        let r = tokio::time::timeout(
-            Duration::from_secs(8),
-            member.on_leader(PeerRequest::Leave {
-                node_id: local.node_id.clone(),
-            }),
-        )
-        .await;
-        if !matches!(r, Ok(PeerResponse::Done)) && local.role == NodeRole::Worker {
-            // A worker asks any manager it knows.
-            for addr in &local.managers {
-                let c = member
-                    .on_leader_via(
-                        addr,
-                        PeerRequest::Leave {
-                            node_id: local.node_id.clone(),
-                        },
-                    )
-                    .await;
-                if c {
-                    break;
-                }
-            }
-        }
+        // Tell the leader (best effort: a forced leave works without quorum too); a worker
+        // goes through the managers it knows.
+        let req = PeerRequest::Leave {
+            node_id: local.node_id.clone(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(8), member.to_leader(req)).await;
         self.leave_local().await?;
         Ok(json!({ "message": "Node left the swarm." }))
     }

@@ -1288,16 +1288,6 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
 }
 
 impl Member {
-    /// Sends `req` straight to the manager at `addr`; true if it was done.
-    pub async fn on_leader_via(&self, addr: &str, req: PeerRequest) -> bool {
-        matches!(
-            self.call(addr, &req, Duration::from_secs(5)).await,
-            Ok(PeerResponse::Done)
-        )
-    }
-}
-
-impl Member {
     /// Answers a node's long poll: its assignment set, once it differs from what the node knows
     /// or after [`POLL_HOLD`].
     async fn leader_assignments(&self, node: &RaftNode, node_id: &str, known: u64) -> PeerResponse {
