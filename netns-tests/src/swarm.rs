@@ -238,3 +238,22 @@ pub fn vip_of(h: &Host, service: &str) -> Result<String> {
         _ => bail!("service {service} has no VIP: {v}"),
     }
 }
+
+/// The usual start of a multi-host test: `None` when the test must be skipped (not root, outside
+/// CI), else `hosts` simulated hosts with a swarm of `managers` managers, the rest workers.
+pub fn swarm_cluster(
+    hosts: usize,
+    managers: usize,
+    name_hint: &'static str,
+) -> Result<Option<Cluster>> {
+    if !crate::require_root()? {
+        return Ok(None);
+    }
+    let c = Cluster::new(crate::ClusterOpts {
+        hosts,
+        start_daemons: true,
+        name_hint,
+    })?;
+    form_swarm(&c, managers)?;
+    Ok(Some(c))
+}

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use mesh_netns::swarm::{expect_err, form_swarm};
-use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts};
+use mesh_netns::swarm::{expect_err, swarm_cluster};
+use mesh_netns::wait_for;
 use serde_json::Value;
 
 fn inspect(h: &mesh_netns::Host, net: &str) -> Result<Value> {
@@ -15,15 +15,9 @@ fn inspect(h: &mesh_netns::Host, net: &str) -> Result<Value> {
 
 #[test]
 fn networks_are_allocated_and_guarded() -> Result<()> {
-    if !require_root()? {
+    let Some(c) = swarm_cluster(2, 1, "net")? else {
         return Ok(());
-    }
-    let c = Cluster::new(ClusterOpts {
-        hosts: 2,
-        start_daemons: true,
-        name_hint: "net",
-    })?;
-    form_swarm(&c, 1)?;
+    };
     let h1 = c.host(1);
 
     // Every swarm has ingress.

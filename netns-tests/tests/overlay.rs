@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_netns::swarm::{form_swarm, network_tasks, overlay_arp, overlay_pid, vip_of, vni_of};
-use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
+use mesh_netns::swarm::{network_tasks, overlay_arp, overlay_pid, swarm_cluster, vip_of, vni_of};
+use mesh_netns::{wait_for, Cluster, Host};
 
 /// Running tasks of a service on a network: name -> (node, IPv4 address).
 fn tasks(h: &Host, svc: &str, net: &str) -> Result<BTreeMap<String, (String, String)>> {
@@ -49,15 +49,9 @@ fn wait_ping(c: &Cluster, from: &(String, String, String), ip: &str) -> Result<(
 
 #[test]
 fn tasks_reach_each_other_across_hosts() -> Result<()> {
-    if !require_root()? {
+    let Some(c) = swarm_cluster(3, 1, "overlay")? else {
         return Ok(());
-    }
-    let c = Cluster::new(ClusterOpts {
-        hosts: 3,
-        start_daemons: true,
-        name_hint: "overlay",
-    })?;
-    form_swarm(&c, 1)?;
+    };
     let h1 = c.host(1);
     h1.mesh_ok(&["network", "create", "appnet"])?;
     h1.mesh_ok(&["network", "create", "othernet"])?;
@@ -332,15 +326,9 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
 /// tasks reach each other again.
 #[test]
 fn partitioned_host_converges_back() -> Result<()> {
-    if !require_root()? {
+    let Some(c) = swarm_cluster(3, 1, "overlay-heal")? else {
         return Ok(());
-    }
-    let c = Cluster::new(ClusterOpts {
-        hosts: 3,
-        start_daemons: true,
-        name_hint: "overlay-heal",
-    })?;
-    form_swarm(&c, 1)?;
+    };
     let h1 = c.host(1);
     h1.mesh_ok(&["network", "create", "appnet"])?;
     let vni = vni_of(h1, "appnet")?;

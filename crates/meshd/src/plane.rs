@@ -87,7 +87,8 @@ struct Inner {
     /// kernel refused the eBPF programs: then VIPs do not answer, and a warning says why).
     lb: Option<std::sync::Mutex<mesh_lb::SockLb>>,
     /// The VIPs programmed into the balancer, with their service names.
-    lb_vips: std::sync::Mutex<BTreeMap<Ipv4Addr, String>>,
+    /// What the balancer was last given: VIP -> (service name, backend addresses, sorted).
+    lb_vips: std::sync::Mutex<BTreeMap<Ipv4Addr, (String, Vec<Ipv4Addr>)>>,
     /// The running set given before the plane was up, applied once it is.
     pending_local: std::sync::Mutex<Option<Vec<Task>>>,
     /// Names of the networks with a local task, by ID (for `mesh dns query`).
@@ -481,7 +482,7 @@ impl NetworkPlane for Plane {
                     e.port.to_string()
                 };
                 serde_json::json!({
-                    "Service": names.get(&e.vip).cloned().unwrap_or_default(),
+                    "Service": names.get(&e.vip).map(|(n, _)| n.clone()).unwrap_or_default(),
                     "VIP": e.vip.to_string(),
                     "Port": ports,
                     "Protocol": format!("{:?}", e.proto).to_lowercase(),
@@ -560,13 +561,19 @@ impl Inner {
         let mut lb = lb.lock().unwrap_or_else(|p| p.into_inner());
         let mut have = self.lb_vips.lock().unwrap_or_else(|p| p.into_inner());
         for (vip, (name, ips)) in want {
+            let mut ips = ips.clone();
+            ips.sort();
+            // Every gossip event comes here: only VIPs whose backends changed touch the maps.
+            if have.get(vip).is_some_and(|(_, old)| *old == ips) {
+                continue;
+            }
             let backends: Vec<(Ipv4Addr, u16)> = ips.iter().map(|ip| (*ip, 0)).collect();
             for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
                 if let Err(e) = lb.set_service(*vip, 0, proto, &backends) {
                     warn!(%vip, "programming the balancer: {e}");
                 }
             }
-            have.insert(*vip, name.clone());
+            have.insert(*vip, (name.clone(), ips));
         }
         let stale: Vec<Ipv4Addr> = have
             .keys()
