@@ -35,6 +35,7 @@ mod error;
 mod handle;
 mod mac;
 mod netns;
+pub mod nft;
 
 pub use error::NetlinkError;
 pub use handle::{Handle, LinkInfo, REQUEST_TIMEOUT};

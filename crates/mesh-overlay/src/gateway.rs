@@ -21,7 +21,6 @@ use std::fs;
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mesh_netlink::{Handle, Netns};
@@ -272,33 +271,6 @@ pub(crate) fn nft_ruleset(subnet: &Subnet) -> String {
     )
 }
 
-/// Runs `nft -f -` with `ruleset` on stdin (in the calling thread's namespace).
-fn nft_apply(ruleset: &str) -> Result<(), String> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => "nft not found: install nftables".to_string(),
-            _ => format!("cannot run nft: {e}"),
-        })?;
-    let wrote = child
-        .stdin
-        .take()
-        .map(|mut s| s.write_all(ruleset.as_bytes()))
-        .unwrap_or(Ok(()));
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "nft -f failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    wrote.map_err(|e| format!("cannot write to nft: {e}"))
-}
 
 /// Writes `1` to `/proc/sys/net/ipv4/ip_forward` (of the calling thread's namespace) if needed.
 fn enable_forwarding() -> Result<(), String> {
@@ -360,7 +332,7 @@ impl Overlay {
         let rules = nft_ruleset(&gw.subnet);
         self.in_host(move || {
             enable_forwarding()?;
-            nft_apply(&rules)
+            mesh_netlink::nft::apply(&rules)
         })
         .await
     }
