@@ -211,6 +211,7 @@ fn simulated_nodes() -> Vec<Node> {
                 raft_id: if i < MANAGERS { i as u64 + 1 } else { 0 },
                 labels,
                 resources: NODE_CAPACITY,
+                ingress_addr: None,
                 created_at: 1,
                 updated_at: 1,
             }

@@ -110,6 +110,10 @@ pub struct Node {
     /// What the node offers to tasks (`nano_cpus` = CPUs × 1e9, `memory_bytes`); 0: unknown.
     #[serde(default)]
     pub resources: crate::service::Resources,
+    /// The node's address on the `ingress` network (its ingress sandbox), `A.B.C.D/N`, given
+    /// by the leader's allocator.
+    #[serde(default)]
+    pub ingress_addr: Option<String>,
     /// Unix time (seconds) of creation and of the last change.
     pub created_at: u64,
     pub updated_at: u64,

@@ -143,6 +143,100 @@ pub struct PortConfig {
     pub mode: PublishMode,
 }
 
+/// The range published ports are assigned from when a spec leaves them out.
+pub const AUTO_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl fmt::Display for PortConfig {
+    /// `*:30000->80/tcp` (ingress, as `docker service ls` shows it) or `30000->80/udp (host)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.mode {
+            PublishMode::Ingress => {
+                write!(f, "*:{}->{}/{}", self.published, self.target, self.protocol)
+            }
+            PublishMode::Host => write!(
+                f,
+                "{}->{}/{} (host)",
+                self.published, self.target, self.protocol
+            ),
+        }
+    }
+}
+
+impl PortConfig {
+    /// Parses `--publish`: the short form `[mode=ingress|host,]PUBLISHED:TARGET[/tcp|/udp]`
+    /// (`PUBLISHED` may be empty: assigned from [`AUTO_PORTS`]) or Docker's long form
+    /// `published=P,target=T[,protocol=udp][,mode=host]`.
+    pub fn parse(s: &str) -> Result<PortConfig, String> {
+        let bad = |why: &str| format!("invalid publish spec {s:?}: {why}");
+        let port = |v: &str, what: &str| -> Result<u16, String> {
+            match v.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(p),
+                _ => Err(bad(&format!(
+                    "{what} port {v:?} is not a number in 1-65535"
+                ))),
+            }
+        };
+        let proto = |v: &str| match v {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(bad(&format!("unknown protocol {v:?} (tcp or udp)"))),
+        };
+        let mut out = PortConfig {
+            protocol: Protocol::Tcp,
+            target: 0,
+            published: 0,
+            mode: PublishMode::Ingress,
+        };
+        let mut short = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("mode", "ingress")) => out.mode = PublishMode::Ingress,
+                Some(("mode", "host")) => out.mode = PublishMode::Host,
+                Some(("mode", m)) => {
+                    return Err(bad(&format!("unknown mode {m:?} (ingress or host)")))
+                }
+                Some(("published", v)) => out.published = port(v, "published")?,
+                Some(("target", v)) => out.target = port(v, "target")?,
+                Some(("protocol", v)) => out.protocol = proto(v)?,
+                Some((k, _)) => return Err(bad(&format!("unknown field {k:?}"))),
+                None if short.is_none() => short = Some(part),
+                None => return Err(bad("more than one PUBLISHED:TARGET")),
+            }
+        }
+        if let Some(p) = short {
+            let (ports, pr) = match p.split_once('/') {
+                Some((ports, pr)) => (ports, Some(pr)),
+                None => (p, None),
+            };
+            if let Some(pr) = pr {
+                out.protocol = proto(pr)?;
+            }
+            let (published, target) = ports
+                .split_once(':')
+                .ok_or_else(|| bad("expected PUBLISHED:TARGET"))?;
+            out.published = if published.is_empty() {
+                0
+            } else {
+                port(published, "published")?
+            };
+            out.target = port(target, "target")?;
+        }
+        if out.target == 0 {
+            return Err(bad("no target port"));
+        }
+        Ok(out)
+    }
+}
+
 /// What a user asks for in `service create` / `service update`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
@@ -333,6 +427,44 @@ pub struct ServiceSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_specs_parse() {
+        let p = PortConfig::parse("8080:80").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol, p.mode),
+            (8080, 80, Protocol::Tcp, PublishMode::Ingress)
+        );
+        let p = PortConfig::parse("mode=host,53:5353/udp").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol, p.mode),
+            (53, 5353, Protocol::Udp, PublishMode::Host)
+        );
+        let p = PortConfig::parse(":80").unwrap();
+        assert_eq!((p.published, p.target), (0, 80));
+        let p = PortConfig::parse("published=9000,target=90,protocol=udp,mode=host").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol, p.mode),
+            (9000, 90, Protocol::Udp, PublishMode::Host)
+        );
+        assert_eq!(
+            PortConfig::parse("8080:80").unwrap().to_string(),
+            "*:8080->80/tcp"
+        );
+        for bad in [
+            "80",
+            "x:80",
+            "8080:0",
+            "8080:70000",
+            "8080:80/sctp",
+            "mode=dsr,80:80",
+            "a=b,80:80",
+            "80:80,81:81",
+            "",
+        ] {
+            assert!(PortConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn states_only_move_forward_in_declared_order() {

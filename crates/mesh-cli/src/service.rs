@@ -241,9 +241,11 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
             )))
         }
     };
-    if !a.publish.is_empty() {
-        return Err(Failure("publishing ports is not supported yet".into()));
-    }
+    let ports = a
+        .publish
+        .iter()
+        .map(|p| mesh_api::PortConfig::parse(p).map_err(Failure))
+        .collect::<Result<Vec<_>>>()?;
     let mut restart = RestartPolicy::default();
     if let Some(c) = &a.policy.restart_condition {
         restart.condition = c.parse::<RestartCondition>()?;
@@ -289,7 +291,7 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         command: a.command.clone(),
         env: a.env.clone(),
         networks: a.networks.clone(),
-        ports: vec![],
+        ports,
         endpoint_mode,
         constraints: a.constraints.clone(),
         restart,

@@ -22,6 +22,11 @@ use crate::runtime::{NetworkPlane, RunSpec, RunState, Runtime};
 
 /// How long a stopped task gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a task on a network keeps running after its endpoint was withdrawn, before it is
+/// stopped: every node's DNS and VIP balancer drop it first (gossip removes an endpoint
+/// everywhere in well under 100 ms here, p99 ~0.5 s with 1% loss), so no new connection is
+/// sent to a process that is going away. Docker waits a fixed 2 s for the same reason.
+pub const DRAIN: Duration = Duration::from_secs(1);
 /// Exited tasks that are no longer assigned keep their logs this long.
 const KEEP_EXITED_MS: u64 = 10 * 60 * 1000;
 /// How long the leader holds an assignments poll without changes.
@@ -40,6 +45,13 @@ pub fn digest(tasks: &[Task]) -> u64 {
     for t in tasks {
         (&t.id, t.desired_state, t.status.state, t.version).hash(&mut h);
     }
+    h.finish()
+}
+
+/// Folded into the assignments digest, so a new ingress address wakes the node's poll.
+pub fn ingress_digest(a: Option<&mesh_api::NetworkAttachment>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    a.map(|a| (&a.network_id, &a.addr)).hash(&mut h);
     h.finish()
 }
 
@@ -75,6 +87,8 @@ pub struct Agent {
     plane: Option<Arc<dyn NetworkPlane>>,
     /// Digest of the running set last given to the plane.
     plane_digest: Mutex<Option<u64>>,
+    /// The ingress attachment last given to the plane.
+    ingress: Mutex<Option<mesh_api::NetworkAttachment>>,
     node_name: String,
     state: Mutex<AgentState>,
     wake: Notify,
@@ -90,6 +104,7 @@ impl Agent {
             runtime,
             plane,
             plane_digest: Mutex::new(None),
+            ingress: Mutex::new(None),
             node_name,
             state: Mutex::new(AgentState::default()),
             wake: Notify::new(),
@@ -136,7 +151,18 @@ impl Agent {
                 _ = shutdown.changed() => return,
             };
             match resp {
-                PeerResponse::Assignments { digest, tasks } => {
+                PeerResponse::Assignments {
+                    digest,
+                    tasks,
+                    ingress,
+                } => {
+                    if let Some(plane) = &self.plane {
+                        let mut last = self.ingress.lock().unwrap_or_else(|p| p.into_inner());
+                        if *last != ingress {
+                            plane.set_ingress(ingress.clone());
+                            *last = ingress;
+                        }
+                    }
                     let changed = {
                         let mut st = self.lock();
                         let changed = st.assigned.as_ref().map(|(d, _)| *d) != Some(digest);
@@ -242,7 +268,7 @@ impl Agent {
                     match local_state {
                         Some(RunState::Running { .. }) => {
                             st.busy.insert(t.id.clone());
-                            to_stop.push((t.id.clone(), true));
+                            to_stop.push((t.id.clone(), true, !t.networks.is_empty()));
                         }
                         _ => {
                             let s = TaskStatus {
@@ -268,7 +294,7 @@ impl Agent {
                             "stopping a task the leader no longer assigns here"
                         );
                         st.busy.insert(id.clone());
-                        to_stop.push((id.clone(), false));
+                        to_stop.push((id.clone(), false, false));
                     }
                     RunState::Exited { finished_at_ms, .. }
                         if now.saturating_sub(*finished_at_ms) > KEEP_EXITED_MS =>
@@ -292,9 +318,13 @@ impl Agent {
                 me.start_task(t, node_name).await;
             });
         }
-        for (id, report) in to_stop {
+        // The plane withdraws the endpoints of tasks about to stop (below) before they stop.
+        for (id, report, drain) in to_stop {
             let me = self.clone();
             tokio::spawn(async move {
+                if drain && me.plane.is_some() {
+                    tokio::time::sleep(DRAIN).await;
+                }
                 let rt = me.runtime.clone();
                 let id2 = id.clone();
                 let r = tokio::task::spawn_blocking(move || rt.stop(&id2, STOP_GRACE)).await;

@@ -368,6 +368,7 @@ impl Daemon {
             raft_id,
             labels: Default::default(),
             resources: local::machine_resources(),
+            ingress_addr: None,
             created_at: now,
             updated_at: now,
         };

@@ -564,6 +564,7 @@ impl Member {
             raft_id,
             labels: BTreeMap::new(),
             resources: j.resources,
+            ingress_addr: None,
             created_at: now,
             updated_at: now,
         };
@@ -891,9 +892,10 @@ impl Member {
                     json!({ "token": JoinToken::new(&digest, secret).to_string(), "role": role, "rotated": rotate }),
                 )
             }
-            Request::ServiceCreate { spec } => {
+            Request::ServiceCreate { mut spec } => {
                 let state = self.read(node).await?;
                 services::validate_spec(&spec, &state)?;
+                services::allocate_ports(&state, &mut spec, None)?;
                 if state.services.values().any(|s| s.spec.name == spec.name) {
                     return Err(services::conflict(&spec.name));
                 }
@@ -1294,13 +1296,22 @@ impl Member {
         let mut rx = node.sm.subscribe();
         let deadline = tokio::time::Instant::now() + POLL_HOLD;
         loop {
-            let tasks = node
+            let (tasks, ingress) = node
                 .sm
-                .with_state(|s| assigned_to(s.tasks.values(), node_id))
+                .with_state(|s| {
+                    (
+                        assigned_to(s.tasks.values(), node_id),
+                        crate::networks::ingress_attachment(s, node_id),
+                    )
+                })
                 .await;
-            let d = digest(&tasks);
+            let d = digest(&tasks) ^ crate::agent::ingress_digest(ingress.as_ref());
             if d != known || tokio::time::Instant::now() >= deadline {
-                return PeerResponse::Assignments { digest: d, tasks };
+                return PeerResponse::Assignments {
+                    digest: d,
+                    tasks,
+                    ingress,
+                };
             }
             let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
         }

@@ -204,3 +204,20 @@ pub fn allocate_vips(
     }
     Ok(out)
 }
+
+/// A node's attachment to the ingress network (its ingress sandbox), once allocated.
+pub fn ingress_attachment(
+    state: &StoreState,
+    node_id: &str,
+) -> Option<mesh_api::NetworkAttachment> {
+    let net = state.networks.values().find(|n| n.spec.ingress)?;
+    let addr = state.nodes.get(node_id)?.ingress_addr.clone()?;
+    Some(mesh_api::NetworkAttachment {
+        network_id: net.id.clone(),
+        network_name: net.spec.name.clone(),
+        addr,
+        vni: net.vni,
+        gateway: net.gateway.clone(),
+        vip: None,
+    })
+}

@@ -110,6 +110,7 @@ impl Orchestrator {
             cmds.push(Command::DeleteTasks { ids: p.delete });
         }
         cmds.extend(p.other);
+        cmds.extend(ingress_addrs(s));
         let assign = self.allocate_and_schedule(s, now_ms);
         if !assign.is_empty() {
             cmds.push(Command::AssignTasks {
@@ -549,6 +550,15 @@ fn used_addrs(s: &StoreState) -> BTreeMap<String, BTreeSet<std::net::Ipv4Addr>> 
             used.entry(v.network_id.clone()).or_default().insert(ip);
         }
     }
+    if let Some(net) = s.networks.values().find(|n| n.spec.ingress) {
+        for ip in s
+            .nodes
+            .values()
+            .filter_map(|n| crate::ipam::addr_of(n.ingress_addr.as_deref()?))
+        {
+            used.entry(net.id.clone()).or_default().insert(ip);
+        }
+    }
     for t in s.tasks.values() {
         if t.status.state.is_terminal() && t.status.state != TaskState::Orphaned {
             continue;
@@ -562,6 +572,30 @@ fn used_addrs(s: &StoreState) -> BTreeMap<String, BTreeSet<std::net::Ipv4Addr>> 
     used
 }
 
+/// Every node gets an address on the ingress network for its ingress sandbox (the routing
+/// mesh answers on every node, with or without tasks), the lowest free one.
+fn ingress_addrs(s: &StoreState) -> Vec<Command> {
+    let Some(net) = s.networks.values().find(|n| n.spec.ingress) else {
+        return Vec::new();
+    };
+    let Ok(subnet) = crate::ipam::Cidr::parse(&net.subnet) else {
+        return Vec::new();
+    };
+    let mut used = used_addrs(s).remove(&net.id).unwrap_or_default();
+    let mut out = Vec::new();
+    for n in s.nodes.values().filter(|n| n.ingress_addr.is_none()) {
+        let Some(ip) = crate::ipam::next_addr(&subnet, &used) else {
+            break;
+        };
+        used.insert(ip);
+        out.push(Command::SetNodeIngress {
+            id: n.id.clone(),
+            addr: format!("{ip}/{}", subnet.len),
+        });
+    }
+    out
+}
+
 /// Gives a task one address on each of its service's networks.
 fn allocate(
     s: &StoreState,
@@ -569,7 +603,17 @@ fn allocate(
     used: &mut BTreeMap<String, BTreeSet<std::net::Ipv4Addr>>,
 ) -> Result<Vec<mesh_api::NetworkAttachment>, String> {
     let mut out = Vec::new();
-    for name in &t.spec.networks {
+    // A task publishing a port in ingress mode is reachable through the routing mesh: it gets
+    // an address on the ingress network too (after its own networks, as Docker's).
+    let ingress = t
+        .spec
+        .ports
+        .iter()
+        .any(|p| p.mode == mesh_api::PublishMode::Ingress)
+        .then(|| s.networks.values().find(|n| n.spec.ingress))
+        .flatten()
+        .map(|n| n.id.clone());
+    for name in t.spec.networks.iter().chain(ingress.as_ref()) {
         let n = s.find_network(name)?;
         let subnet = crate::ipam::Cidr::parse(&n.subnet)?;
         let taken = used.entry(n.id.clone()).or_default();
@@ -625,6 +669,7 @@ mod tests {
                     addr: String::new(),
                     raft_id: i,
                     labels: BTreeMap::new(),
+                    ingress_addr: None,
                     created_at: 0,
                     updated_at: 0,
                     resources: Default::default(),

@@ -107,6 +107,9 @@ pub enum PeerResponse {
     Assignments {
         digest: u64,
         tasks: Vec<mesh_api::Task>,
+        /// The node's ingress sandbox address on the ingress network.
+        #[serde(default)]
+        ingress: Option<mesh_api::NetworkAttachment>,
     },
     TaskLogs(Vec<TaskLog>),
     Error(ApiError),

@@ -87,6 +87,11 @@ pub trait NetworkPlane: Send + Sync + 'static {
     /// The tasks that run here now: their endpoints are published, others withdrawn, and
     /// networks without a local task lose their namespace.
     fn set_local(&self, running: Vec<mesh_api::Task>);
+    /// This node's address on the ingress network (its ingress sandbox), once the leader gave
+    /// one: the routing mesh answers on every node from then on.
+    fn set_ingress(&self, ingress: Option<mesh_api::NetworkAttachment>) {
+        let _ = ingress;
+    }
     /// The VIPs this node's balancer holds, with their backends (`mesh vip ls`). Blocking.
     fn vip_ls(&self) -> Result<serde_json::Value, String> {
         Err("this node has no VIP data plane".into())

@@ -68,10 +68,24 @@ pub fn validate_spec(spec: &ServiceSpec, state: &StoreState) -> Result<(), ApiEr
             )));
         }
     }
-    if !spec.ports.is_empty() {
-        return Err(ApiError::invalid("publishing ports is not supported yet"));
+    let mut published = std::collections::BTreeSet::new();
+    for p in &spec.ports {
+        if p.target == 0 {
+            return Err(ApiError::invalid("a published port needs a target port"));
+        }
+        if p.published != 0 && !published.insert((p.protocol, p.published)) {
+            return Err(ApiError::invalid(format!(
+                "port {}/{} is published more than once",
+                p.published, p.protocol
+            )));
+        }
     }
-    if spec.endpoint_mode == mesh_api::EndpointMode::Dnsrr && !spec.ports.is_empty() {
+    if spec.endpoint_mode == mesh_api::EndpointMode::Dnsrr
+        && spec
+            .ports
+            .iter()
+            .any(|p| p.mode == mesh_api::PublishMode::Ingress)
+    {
         return Err(ApiError::invalid(
             "port published with ingress mode can't be used with dnsrr mode",
         ));
@@ -83,6 +97,73 @@ pub fn validate_spec(spec: &ServiceSpec, state: &StoreState) -> Result<(), ApiEr
         return Err(ApiError::invalid(
             "delays and monitor periods must be at most 1h",
         ));
+    }
+    Ok(())
+}
+
+/// The service other than `own` that publishes `proto`/`port`, if any. Published ports are
+/// cluster-wide, whatever their mode: an ingress port answers on every node, and a host port
+/// taken by two services could not run both on one node.
+pub fn port_user<'a>(
+    state: &'a StoreState,
+    proto: mesh_api::Protocol,
+    port: u16,
+    own: Option<&str>,
+) -> Option<&'a Service> {
+    state.services.values().find(|s| {
+        Some(s.id.as_str()) != own
+            && s.spec
+                .ports
+                .iter()
+                .any(|p| p.protocol == proto && p.published == port)
+    })
+}
+
+/// Refuses ports another service publishes, and assigns the missing published ports the
+/// lowest free ones of [`mesh_api::AUTO_PORTS`] (written into the spec, so every node and every
+/// later update sees the port actually used).
+pub fn allocate_ports(
+    state: &StoreState,
+    spec: &mut ServiceSpec,
+    own: Option<&str>,
+) -> Result<(), ApiError> {
+    for p in spec.ports.iter().filter(|p| p.published != 0) {
+        if let Some(other) = port_user(state, p.protocol, p.published, own) {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "port {}/{} is already in use by service {} ({})",
+                    p.published, p.protocol, other.spec.name, other.id
+                ),
+            ));
+        }
+    }
+    let taken: std::collections::BTreeSet<(mesh_api::Protocol, u16)> = spec
+        .ports
+        .iter()
+        .map(|p| (p.protocol, p.published))
+        .collect();
+    let mut taken = taken;
+    for i in 0..spec.ports.len() {
+        if spec.ports[i].published != 0 {
+            continue;
+        }
+        let proto = spec.ports[i].protocol;
+        let port = mesh_api::AUTO_PORTS
+            .clone()
+            .find(|&n| !taken.contains(&(proto, n)) && port_user(state, proto, n, own).is_none())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "no free port left in {}-{} for {proto}",
+                        mesh_api::AUTO_PORTS.start(),
+                        mesh_api::AUTO_PORTS.end()
+                    ),
+                )
+            })?;
+        taken.insert((proto, port));
+        spec.ports[i].published = port;
     }
     Ok(())
 }
@@ -232,7 +313,13 @@ pub fn ls(state: &StoreState) -> Vec<ServiceSummary> {
                 },
                 running,
                 desired,
-                ports: String::new(),
+                ports: svc
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }
         })
         .collect();
@@ -299,7 +386,12 @@ pub fn inspect(state: &StoreState, svc: &Service) -> Value {
         "UpdateStatus": svc.update_status,
         "Endpoint": {
             "Spec": { "Mode": svc.spec.endpoint_mode },
-            "Ports": svc.spec.ports,
+            "Ports": svc.spec.ports.iter().map(|p| json!({
+                "Protocol": p.protocol,
+                "TargetPort": p.target,
+                "PublishedPort": p.published,
+                "PublishMode": p.mode,
+            })).collect::<Vec<_>>(),
             "VirtualIPs": svc.vips.iter().map(|v| json!({ "NetworkID": v.network_id, "Addr": v.addr })).collect::<Vec<_>>(),
         },
         "ServiceStatus": { "RunningTasks": running, "DesiredTasks": desired },
@@ -333,6 +425,47 @@ mod tests {
             resources: Default::default(),
             labels: Default::default(),
         }
+    }
+
+    #[test]
+    fn published_ports_are_assigned_and_never_shared() {
+        let port = |spec: &str| mesh_api::PortConfig::parse(spec).unwrap();
+        let mut st = StoreState::default();
+        let mut a = spec();
+        a.ports = vec![port(":80"), port("8080:81"), port(":53/udp")];
+        allocate_ports(&st, &mut a, None).unwrap();
+        let got: Vec<u16> = a.ports.iter().map(|p| p.published).collect();
+        assert_eq!(got, vec![30000, 8080, 30000]);
+        st.services.insert(
+            "s1".into(),
+            Service {
+                id: "s1".into(),
+                spec: a.clone(),
+                previous_spec: None,
+                version: 1,
+                created_at: 0,
+                updated_at: 0,
+                update_status: None,
+                vips: vec![],
+            },
+        );
+        // The service keeps its own ports on update; another one cannot take them.
+        allocate_ports(&st, &mut a.clone(), Some("s1")).unwrap();
+        let mut b = spec();
+        b.name = "b".into();
+        b.ports = vec![port("mode=host,8080:80")];
+        let e = allocate_ports(&st, &mut b, None).unwrap_err();
+        assert!(
+            e.message
+                .contains("port 8080/tcp is already in use by service web"),
+            "{e:?}"
+        );
+        b.ports = vec![port(":80"), port(":80")];
+        allocate_ports(&st, &mut b, None).unwrap();
+        let got: Vec<u16> = b.ports.iter().map(|p| p.published).collect();
+        assert_eq!(got, vec![30001, 30002]);
+        b.ports = vec![port("9000:80"), port("9000:81")];
+        assert!(validate_spec(&b, &st).is_err());
     }
 
     #[test]

@@ -42,6 +42,11 @@ pub enum Command {
     RemoveNode {
         id: String,
     },
+    /// The node's address on the ingress network, for its ingress sandbox.
+    SetNodeIngress {
+        id: String,
+        addr: String,
+    },
     RotateSecret {
         role: NodeRole,
         secret: String,
@@ -155,6 +160,19 @@ impl StoreState {
                 }
                 self.nodes.insert(node.id.clone(), node.clone());
             }
+            Command::SetNodeIngress { id, addr } => {
+                if let Some(other) = self
+                    .nodes
+                    .values()
+                    .find(|n| n.id != *id && n.ingress_addr.as_deref() == Some(addr.as_str()))
+                {
+                    return Err(format!(
+                        "ingress address {addr} is held by node {}",
+                        other.id
+                    ));
+                }
+                self.node_mut(id)?.ingress_addr = Some(addr.clone());
+            }
             Command::SetNodeState { id, state, at } => {
                 let n = self.node_mut(id)?;
                 n.state = *state;
@@ -208,12 +226,13 @@ impl StoreState {
                 if self.services.contains_key(&service.id) {
                     return Err(format!("service id {} already exists", service.id));
                 }
+                self.check_ports(service)?;
                 self.services.insert(service.id.clone(), service.clone());
             }
             Command::UpdateService { service } => {
                 let cur = self
                     .services
-                    .get_mut(&service.id)
+                    .get(&service.id)
                     .ok_or_else(|| format!("no such service: {}", service.id))?;
                 if service.version < cur.version {
                     return Err(format!(
@@ -221,6 +240,11 @@ impl StoreState {
                         cur.spec.name
                     ));
                 }
+                self.check_ports(service)?;
+                let cur = self
+                    .services
+                    .get_mut(&service.id)
+                    .ok_or_else(|| format!("no such service: {}", service.id))?;
                 *cur = service.clone();
             }
             Command::RemoveService { id } => {
@@ -403,6 +427,26 @@ impl StoreState {
 }
 
 impl StoreState {
+    /// Refuses a service whose published ports another service holds (the leader checks
+    /// first; this catches two creates racing on the same snapshot).
+    fn check_ports(&self, service: &Service) -> Result<(), String> {
+        for p in &service.spec.ports {
+            if let Some(other) = self.services.values().find(|s| {
+                s.id != service.id
+                    && s.spec
+                        .ports
+                        .iter()
+                        .any(|q| q.protocol == p.protocol && q.published == p.published)
+            }) {
+                return Err(format!(
+                    "port {}/{} is already in use by service {} ({})",
+                    p.published, p.protocol, other.spec.name, other.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Finds a network by ID, unique ID prefix or name.
     pub fn find_network(&self, key: &str) -> Result<&mesh_api::Network, String> {
         if let Some(n) = self.networks.get(key) {
@@ -439,6 +483,7 @@ mod tests {
             raft_id,
             labels: BTreeMap::new(),
             resources: Default::default(),
+            ingress_addr: None,
             created_at: 1,
             updated_at: 1,
         }

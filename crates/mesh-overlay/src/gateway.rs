@@ -271,7 +271,6 @@ pub(crate) fn nft_ruleset(subnet: &Subnet) -> String {
     )
 }
 
-
 /// Writes `1` to `/proc/sys/net/ipv4/ip_forward` (of the calling thread's namespace) if needed.
 fn enable_forwarding() -> Result<(), String> {
     const PATH: &str = "/proc/sys/net/ipv4/ip_forward";

@@ -258,6 +258,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
             resources: Default::default(),
+            ingress_addr: None,
             created_at: 1,
             updated_at: 1,
         }

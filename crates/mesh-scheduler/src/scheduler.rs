@@ -329,6 +329,7 @@ mod tests {
             raft_id: 0,
             labels: BTreeMap::new(),
             resources: Resources::default(),
+            ingress_addr: None,
             created_at: 1,
             updated_at: 1,
         }
