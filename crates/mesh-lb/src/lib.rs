@@ -36,7 +36,10 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 
 mod layout;
+pub mod nft;
 mod plan;
+
+pub use nft::NftLb;
 
 #[allow(clippy::all)]
 mod consts {
@@ -193,6 +196,9 @@ pub enum LbError {
     },
     #[error("service {service}: too many backends ({count}, at most 65535)")]
     TooManyBackends { service: String, count: usize },
+    /// The nftables backend ([`NftLb`]): `nft` failed or refused a transaction.
+    #[error("nftables load balancer in namespace {ns}: {message}")]
+    Nft { ns: String, message: String },
 }
 
 struct Attachment {
