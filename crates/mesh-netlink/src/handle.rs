@@ -492,6 +492,48 @@ impl Handle {
         }
     }
 
+    /// Removes `addr/prefix` from link `name`. Idempotent (an address that is not there is
+    /// fine).
+    pub async fn del_address(
+        &self,
+        name: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
+        let index = self.require_index(name).await?;
+        let req = self
+            .inner
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let msgs: Vec<AddressMessage> = self
+            .call("list", || format!("addresses of {name}"), req.try_collect())
+            .await?;
+        for msg in msgs {
+            let hit = msg.header.prefix_len == prefix
+                && msg.attributes.iter().any(|a| {
+                    matches!(a, AddressAttribute::Local(IpAddr::V4(ip))
+                        | AddressAttribute::Address(IpAddr::V4(ip)) if *ip == addr)
+                });
+            if hit {
+                let req = self.inner.address().del(msg).execute();
+                match self
+                    .call(
+                        "delete",
+                        || format!("address {addr}/{prefix} from {name}"),
+                        req,
+                    )
+                    .await
+                {
+                    Err(e) if e.errno() == Some(libc::EADDRNOTAVAIL) => {}
+                    other => other?,
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The IPv4 addresses of link `name`, with their prefix lengths.
     pub async fn addresses(&self, name: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
         let index = self.require_index(name).await?;

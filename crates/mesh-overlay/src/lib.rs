@@ -247,11 +247,29 @@ impl Overlay {
     ) -> Result<(), OverlayError> {
         let _g = self.lock.lock().await;
         let live: BTreeMap<String, u32> = self.holders.list().into_iter().collect();
+        // One network failing does not keep the others stale: the first error is returned
+        // once all were tried.
+        let mut first_err = None;
         for (vni, net) in networks {
             // Only networks this host has a namespace for (a local endpoint).
             if !live.contains_key(&ns_name(*vni)) {
                 continue;
             }
+            if let Err(e) = self.sync_network(*vni, net, remotes).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    async fn sync_network(
+        &self,
+        vni: u32,
+        net: &NetworkDesc,
+        remotes: &BTreeMap<u32, BTreeSet<Remote>>,
+    ) -> Result<(), OverlayError> {
+        let vni = &vni;
+        {
             let (_ns, h) = self.network_ns(net).await?;
             let vx = vx_name(*vni);
             let want: BTreeMap<Ipv4Addr, &Remote> = remotes
