@@ -278,7 +278,14 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
 
     // SIGKILL + restart of a daemon: tasks still reach each other, nothing leaks or doubles.
     let h2 = c.host(2);
-    let holders_before = std::fs::read_dir(h2.exec_root().join("netns"))?.count();
+    let holders = || -> Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(h2.exec_root().join("netns"))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let holders_before = holders()?;
     h2.kill_daemon()?;
     h2.start_daemon()?;
     std::thread::sleep(Duration::from_secs(2));
@@ -287,10 +294,10 @@ fn tasks_reach_each_other_across_hosts() -> Result<()> {
         String::from_utf8_lossy(&links.stdout).trim().is_empty(),
         "vxlan left in the host namespace: {links:?}"
     );
-    let holders_after = std::fs::read_dir(h2.exec_root().join("netns"))?.count();
+    let holders_after = holders()?;
     ensure!(
         holders_before == holders_after,
-        "overlay namespaces {holders_before} -> {holders_after}"
+        "overlay namespaces {holders_before:?} -> {holders_after:?}"
     );
     let web: Vec<(String, String, String)> = tasks(h1, "web", "appnet")?
         .into_iter()

@@ -90,6 +90,74 @@ pub fn run(keep: bool) -> Result<()> {
         )?;
     }
 
+    println!("\n== service discovery and the routing mesh: a web service with 2 replicas, published on port 8080");
+    let web = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',80))\ns.listen(64)\nwhile True:\n c,a=s.accept()\n c.recv(1000)\n c.sendall(('HTTP/1.0 200 OK\\r\\n\\r\\nhello from '+socket.gethostname()+'\\n').encode())\n c.close()";
+    show(
+        h1,
+        &[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--network",
+            "appnet",
+            "--publish",
+            "8080:80",
+            "--constraint",
+            "node.hostname!=h4",
+            "--",
+            "python3",
+            "-c",
+            web,
+        ],
+    )?;
+    show(h1, &["service", "ls"])?;
+    show(c.host(4), &["vip", "ls"])?;
+    show(c.host(4), &["dns", "query", "--network", "appnet", "web"])?;
+    show(
+        c.host(4),
+        &["dns", "query", "--network", "appnet", "tasks.web"],
+    )?;
+    let get = "import socket,sys\nfor i in range(int(sys.argv[3])):\n c=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3)\n c.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n print(c.recv(1000).decode().split('\\r\\n\\r\\n')[1].strip())\n c.close()";
+    println!("\n# from {on_h4} (on h4) to http://web/ (DNS -> VIP -> a replica, eBPF socket-LB):");
+    show(
+        c.host(4),
+        &["exec", &on_h4, "--", "python3", "-c", get, "web", "80", "4"],
+    )?;
+    let published_everywhere = |title: &str| -> Result<()> {
+        println!("\n# {title}");
+        for h in c.hosts() {
+            let addr = h.addr().to_string();
+            wait_for(
+                &format!("{addr}:8080 answers"),
+                Duration::from_secs(15),
+                Duration::from_millis(200),
+                || {
+                    let out = c.client_exec(&["python3", "-c", get, &addr, "8080", "1"])?;
+                    Ok(out.status.success().then_some(()))
+                },
+            )?;
+            let out = c.client_exec(&["python3", "-c", get, &addr, "8080", "3"])?;
+            let answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            println!(
+                "client {} -> {} ({}):8080: {}",
+                c.client_addr(),
+                addr,
+                h.name(),
+                answers.join(" | ")
+            );
+        }
+        Ok(())
+    };
+    published_everywhere(
+        "from a client on the underlay, port 8080 of every node answers (h4 runs no web task)",
+    )?;
+
     let leader = leader_name(h1)?.unwrap_or_default();
     let lh = c
         .hosts()
@@ -144,6 +212,8 @@ pub fn run(keep: bool) -> Result<()> {
         },
     )?;
     show(lh, &["node", "ls"])?;
+    published_everywhere("the published port after the leader was killed and restarted")?;
+    show(h2, &["service", "rm", "web"])?;
     println!("\n== the task on the killed node was replaced (Orphaned), the others kept running; rolling update, then rm");
     show(
         h2,

@@ -360,16 +360,20 @@ impl Agent {
     /// Tells the network plane which tasks run here, when that changed.
     fn update_plane(&self, assigned: &HashMap<String, Task>, local: &HashMap<String, RunState>) {
         let Some(plane) = &self.plane else { return };
-        let mut running: Vec<Task> = assigned
+        let mut running: Vec<(Task, u32)> = assigned
             .values()
-            .filter(|t| {
-                t.desired_state <= TaskState::Running
-                    && matches!(local.get(&t.id), Some(RunState::Running { .. }))
+            .filter(|t| t.desired_state <= TaskState::Running)
+            .filter_map(|t| match local.get(&t.id) {
+                Some(RunState::Running { pid, .. }) => Some((t.clone(), *pid)),
+                _ => None,
             })
-            .cloned()
             .collect();
-        running.sort_by(|a, b| a.id.cmp(&b.id));
-        let d = digest(&running);
+        running.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (t, pid) in &running {
+            (&t.id, t.version, pid).hash(&mut h);
+        }
+        let d = h.finish();
         let mut last = self.plane_digest.lock().unwrap_or_else(|p| p.into_inner());
         if *last != Some(d) {
             *last = Some(d);
@@ -417,7 +421,13 @@ impl Agent {
         let plane = self.plane.clone();
         let task = t.clone();
         let r = tokio::task::spawn_blocking(move || {
-            if task.networks.is_empty() {
+            // Tasks with no network and no host-mode port have `lo` only: nothing to plumb.
+            let host_ports = task
+                .spec
+                .ports
+                .iter()
+                .any(|p| p.mode == mesh_api::PublishMode::Host);
+            if task.networks.is_empty() && !host_ports {
                 return rt.start(&spec);
             }
             let Some(plane) = plane else {

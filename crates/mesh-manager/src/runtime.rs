@@ -84,9 +84,9 @@ pub trait NetworkPlane: Send + Sync + 'static {
     /// Plumbs a task's network attachments into `/proc/<pid>/ns/net` (blocking; called before
     /// its command runs).
     fn attach(&self, task: &mesh_api::Task, pid: u32) -> Result<(), String>;
-    /// The tasks that run here now: their endpoints are published, others withdrawn, and
-    /// networks without a local task lose their namespace.
-    fn set_local(&self, running: Vec<mesh_api::Task>);
+    /// The tasks that run here now, with their pids: their endpoints are published, others
+    /// withdrawn, and networks without a local task lose their namespace.
+    fn set_local(&self, running: Vec<(mesh_api::Task, u32)>);
     /// This node's address on the ingress network (its ingress sandbox), once the leader gave
     /// one: the routing mesh answers on every node from then on.
     fn set_ingress(&self, ingress: Option<mesh_api::NetworkAttachment>) {

@@ -43,6 +43,10 @@ struct Args {
     /// Overlay MTU (default: the underlay's MTU minus 50).
     #[arg(long)]
     overlay_mtu: Option<u32>,
+    /// The service-VIP balancer: eBPF socket-LB on the cgroup hooks, nftables DNAT in each
+    /// task's namespace, or auto (eBPF when the kernel takes it).
+    #[arg(long, value_enum, default_value = "auto")]
+    lb_backend: plane::LbBackend,
     /// error, warn, info, debug or trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -129,10 +133,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 gossip_port: args.gossip_port,
                 vxlan_port: args.vxlan_port,
                 mtu: args.overlay_mtu,
+                lb_backend: args.lb_backend,
             },
             tokio::runtime::Handle::current(),
             executor.clone(),
-        );
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         let cfg = DaemonConfig {
             node_name: node_name.clone(),
             data_dir: args.data_dir.clone(),

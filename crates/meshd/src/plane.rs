@@ -1,21 +1,32 @@
 //! The network plane `meshd` gives its agent: the VXLAN overlay (`mesh-overlay`) programmed
 //! from endpoint records gossiped per network (`mesh-gossip`), with the overlay namespaces held
-//! by the executor's holder processes so they survive a daemon restart.
+//! by the executor's holder processes so they survive a daemon restart; the embedded DNS
+//! (`mesh-dns`), the service-VIP balancer (`mesh-lb`: eBPF socket-LB, or nftables in each
+//! task's namespace) and the routing mesh (`mesh-ingress`), all derived from the same records.
 //!
 //! Each running local task publishes one record per network it is attached to (table
-//! `endpoints`, key = task ID): its address, MAC, VTEP and names. Gossip delivers a network's
-//! records only to the hosts that have a task on it; every change (and a periodic pass) makes
-//! the overlay's ARP/FDB entries match the records, and removes the namespaces of networks
-//! without a local task.
+//! `endpoints`, key = task ID): its address, MAC, VTEP, names, its service's VIP and, on the
+//! ingress network, the ports it publishes. Each node's ingress sandbox publishes one record
+//! on the ingress network too. Gossip delivers a network's records only to the hosts on it
+//! (every host is on the ingress network); every change (and a periodic pass) makes the
+//! overlay's ARP/FDB entries, the DNS records, the VIP backends and the published ports match
+//! the records, and removes the namespaces of networks without a local endpoint.
+//!
+//! Per task namespace the plane keeps the DNS sockets, the VIPs of the task's networks as /32
+//! addresses on `lo` (a ping to a service name answers, and a VIP without backends refuses at
+//! once) and, with the nftables backend, the task's `mesh_lb` table. A restarted daemon
+//! re-plumbs the tasks it adopts from the running set the agent gives it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use mesh_api::Task;
+use mesh_api::{NetworkAttachment, PortConfig, Protocol, PublishMode, Task};
 use mesh_gossip::{Config as GossipConfig, Event, Gossip};
 use mesh_manager::runtime::{NetworkPlane, PlaneIdentity};
+use mesh_netlink::{Handle, Netns};
 use mesh_overlay::{Attachment, Holders, NetworkDesc, Overlay, OverlayConfig, Remote};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -23,8 +34,18 @@ use tracing::{debug, info, warn};
 
 /// The gossip table of endpoint records.
 pub const ENDPOINTS: &str = "endpoints";
+/// The holder name of this host's ingress sandbox namespace.
+pub const INGRESS_SANDBOX: &str = "ingress_sbox";
+/// Where the node's ingress attachment is kept across restarts (under `--exec-root`).
+const INGRESS_STATE: &str = "ingress.json";
+/// The sandbox's interface on the ingress overlay.
+const SANDBOX_IF: &str = "eth0";
+/// How long a withdrawn endpoint's ARP/FDB entries outlive its record. DNS and the
+/// balancers drop it at once, so no new connection goes there; connections set up just
+/// before still need the path while the task drains (the agent's 1 s) and stops.
+const LINGER: Duration = Duration::from_secs(3);
 
-/// What a host publishes about a local task on one network.
+/// What a host publishes about a local task (or its ingress sandbox) on one network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
     pub ip: Ipv4Addr,
@@ -33,11 +54,15 @@ pub struct EndpointRecord {
     pub vtep: Ipv4Addr,
     pub vni: u32,
     pub task_name: String,
+    /// Empty for an ingress sandbox (not a service endpoint).
     pub service_name: String,
     pub service_id: String,
     /// The service's virtual IP on this network (none in dnsrr mode).
     #[serde(default)]
     pub vip: Option<Ipv4Addr>,
+    /// On the ingress network: the ports the service publishes in ingress mode.
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
 }
 
 /// The executor's holder processes behind the overlay's `Holders` seam.
@@ -55,25 +80,74 @@ impl Holders for ExecutorHolders {
     }
 }
 
+/// Which VIP balancer a node uses (`meshd --lb-backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbBackend {
+    /// eBPF socket-LB when the kernel takes it, else nftables.
+    Auto,
+    /// eBPF socket-LB on the cgroup hooks (fails to start without it).
+    Ebpf,
+    /// nftables DNAT in each task's namespace.
+    Nftables,
+}
+
 /// Ports and settings from meshd's flags.
 #[derive(Clone, Debug)]
 pub struct PlaneConfig {
     /// Where the gateway bridge keeps its address leases.
-    pub exec_root: std::path::PathBuf,
+    pub exec_root: PathBuf,
     pub gossip_port: u16,
     pub vxlan_port: u16,
     pub mtu: Option<u32>,
+    pub lb_backend: LbBackend,
 }
 
 struct Running {
     gossip: Gossip,
     overlay: Arc<Overlay>,
     vtep: Ipv4Addr,
-    /// Records this host published: (network ID, task ID) -> record.
+    /// Records this host published: (network ID, key) -> record.
     published: BTreeMap<(String, String), EndpointRecord>,
-    /// The networks with a local task: network ID -> description.
+    /// The networks with a local endpoint: network ID -> description.
     networks: BTreeMap<String, NetworkDesc>,
+    /// The routing mesh, once this node has an ingress address.
+    ingress: Option<mesh_ingress::Ingress>,
+    /// Remote endpoints programmed by the last pass, and withdrawn ones kept for [`LINGER`].
+    last_remotes: BTreeMap<u32, BTreeSet<Remote>>,
+    lingering: BTreeMap<(u32, Ipv4Addr), (Remote, std::time::Instant)>,
     stop: watch::Sender<bool>,
+}
+
+/// The VIP balancer in use.
+enum Balancer {
+    /// eBPF socket-LB attached to the daemon's cgroup: one set of maps for every task.
+    Ebpf(Box<Mutex<mesh_lb::SockLb>>),
+    /// A `mesh_lb` nftables table in each task's namespace (kept in [`TaskNs`]).
+    Nft,
+}
+
+/// What the plane wants of one VIP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct VipInfo {
+    network_id: String,
+    service: String,
+    /// Sorted.
+    backends: Vec<Ipv4Addr>,
+}
+
+/// The plane's plumbing inside one task's network namespace.
+struct TaskNs {
+    pid: u32,
+    /// IDs of the task's networks (the ingress network excluded: no discovery there).
+    nets: BTreeSet<String>,
+    /// VNIs of all its networks: their namespaces stay while the process lives (a task
+    /// draining after its endpoint was withdrawn must stay reachable until it stops).
+    vnis: BTreeSet<u32>,
+    _dns: Option<mesh_dns::Registration>,
+    /// With the nftables backend.
+    nft: Option<mesh_lb::NftLb>,
+    /// VIPs put on the task's `lo`.
+    lo_vips: BTreeSet<Ipv4Addr>,
 }
 
 /// The plane: a cheap handle on shared state.
@@ -83,18 +157,25 @@ struct Inner {
     cfg: PlaneConfig,
     /// The embedded DNS engine: a socket pair at 127.0.0.11:53 in every task with a network.
     dns: mesh_dns::Dns,
-    /// Socket-level VIP balancing for every task below the daemon's cgroup (`None` when the
-    /// kernel refused the eBPF programs: then VIPs do not answer, and a warning says why).
-    lb: Option<std::sync::Mutex<mesh_lb::SockLb>>,
-    /// The VIPs programmed into the balancer, with their service names.
-    /// What the balancer was last given: VIP -> (service name, backend addresses, sorted).
-    lb_vips: std::sync::Mutex<BTreeMap<Ipv4Addr, (String, Vec<Ipv4Addr>)>>,
+    lb: Balancer,
+    /// What the balancer was last given: VIP -> network, service, backends.
+    lb_vips: Mutex<BTreeMap<Ipv4Addr, VipInfo>>,
+    /// Per task ID, its namespace's plumbing (dropped once the process is gone).
+    tasks: Mutex<BTreeMap<String, TaskNs>>,
     /// The running set given before the plane was up, applied once it is.
-    pending_local: std::sync::Mutex<Option<Vec<Task>>>,
+    pending_local: Mutex<Option<Vec<(Task, u32)>>>,
+    /// The local running set last given, for host-mode ports.
+    /// `None` until the agent first said what runs here: nothing is garbage-collected before.
+    local: Mutex<Option<Vec<(Task, u32)>>>,
+    /// This node's ingress attachment, from the leader.
+    ingress_att: Mutex<Option<NetworkAttachment>>,
     /// Names of the networks with a local task, by ID (for `mesh dns query`).
-    net_names: std::sync::Mutex<BTreeMap<String, String>>,
-    /// DNS registrations by task ID, with the task's pid (dropped once the process is gone).
-    dns_regs: std::sync::Mutex<BTreeMap<String, (u32, mesh_dns::Registration)>>,
+    net_names: Mutex<BTreeMap<String, String>>,
+    /// Whether withdrawn endpoints linger (the events loop then wakes up sooner).
+    lingering: std::sync::atomic::AtomicBool,
+    /// Tasks in their start gate, not yet in the running set, with their networks' VNIs: the
+    /// garbage collection of namespaces and gateway ports must not take them away.
+    attaching: Mutex<BTreeMap<String, (std::time::Instant, BTreeSet<u32>)>>,
     rt: tokio::runtime::Handle,
     holders: Arc<ExecutorHolders>,
     running: tokio::sync::Mutex<Option<Running>>,
@@ -103,7 +184,11 @@ struct Inner {
     local_seq: tokio::sync::Mutex<()>,
 }
 
-fn attachment_desc(a: &mesh_api::NetworkAttachment) -> Option<(Ipv4Addr, NetworkDesc)> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn attachment_desc(a: &NetworkAttachment) -> Option<(Ipv4Addr, NetworkDesc)> {
     let (ip, prefix) = a.addr.split_once('/')?;
     Some((
         ip.parse().ok()?,
@@ -115,12 +200,29 @@ fn attachment_desc(a: &mesh_api::NetworkAttachment) -> Option<(Ipv4Addr, Network
     ))
 }
 
+fn proc_ns(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
+}
+
+fn ingress_proto(p: Protocol) -> mesh_ingress::Proto {
+    match p {
+        Protocol::Tcp => mesh_ingress::Proto::Tcp,
+        Protocol::Udp => mesh_ingress::Proto::Udp,
+    }
+}
+
+/// Whether a task needs the gateway bridge (a default route out, and the address host-mode
+/// ports are sent to).
+fn needs_gateway(t: &Task) -> bool {
+    !t.networks.is_empty() || t.spec.ports.iter().any(|p| p.mode == PublishMode::Host)
+}
+
 impl Plane {
     pub fn new(
         cfg: PlaneConfig,
         rt: tokio::runtime::Handle,
         exec: Arc<mesh_executor::Executor>,
-    ) -> Plane {
+    ) -> Result<Plane, String> {
         let (ready, _) = watch::channel(false);
         let upstreams = match mesh_dns::ResolvConf::read_host() {
             Ok(r) => r.nameservers,
@@ -129,21 +231,66 @@ impl Plane {
                 Vec::new()
             }
         };
-        Plane(Arc::new(Inner {
+        let lb = choose_lb(cfg.lb_backend, &exec)?;
+        // The ingress address from before a restart: the sandbox's network is kept from the
+        // first pass on, before the leader's answer arrives.
+        let ingress_att = std::fs::read(cfg.exec_root.join(INGRESS_STATE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        Ok(Plane(Arc::new(Inner {
             cfg,
             dns: mesh_dns::Dns::new(upstreams),
-            lb: load_lb(&exec),
-            lb_vips: std::sync::Mutex::new(BTreeMap::new()),
-            net_names: std::sync::Mutex::new(BTreeMap::new()),
-            pending_local: std::sync::Mutex::new(None),
-            dns_regs: std::sync::Mutex::new(BTreeMap::new()),
+            lb,
+            lb_vips: Mutex::new(BTreeMap::new()),
+            tasks: Mutex::new(BTreeMap::new()),
+            pending_local: Mutex::new(None),
+            local: Mutex::new(None),
+            ingress_att: Mutex::new(ingress_att),
+            net_names: Mutex::new(BTreeMap::new()),
+            attaching: Mutex::new(BTreeMap::new()),
+            lingering: std::sync::atomic::AtomicBool::new(false),
             rt,
             holders: Arc::new(ExecutorHolders(exec)),
             running: tokio::sync::Mutex::new(None),
             ready,
             local_seq: tokio::sync::Mutex::new(()),
-        }))
+        })))
     }
+}
+
+/// Picks the VIP balancer: eBPF socket-LB on the daemon's v2 cgroup (which holds every task)
+/// when asked for or possible, else nftables.
+fn choose_lb(want: LbBackend, exec: &mesh_executor::Executor) -> Result<Balancer, String> {
+    if want != LbBackend::Nftables {
+        match load_ebpf(exec) {
+            Ok(lb) => {
+                info!("VIP balancer: eBPF socket-LB");
+                return Ok(Balancer::Ebpf(Box::new(Mutex::new(lb))));
+            }
+            Err(e) if want == LbBackend::Ebpf => {
+                return Err(format!("--lb-backend ebpf: {e}"));
+            }
+            Err(e) => warn!("eBPF socket-LB unavailable ({e}); using nftables"),
+        }
+    }
+    mesh_netlink::nft::output(&["--version"])
+        .map_err(|e| format!("no VIP balancer: the nftables backend needs nft: {e}"))?;
+    info!("VIP balancer: nftables in each task namespace");
+    Ok(Balancer::Nft)
+}
+
+fn load_ebpf(exec: &mesh_executor::Executor) -> Result<mesh_lb::SockLb, String> {
+    let dir = exec
+        .layout()
+        .v2_task_path(exec.cgroup_parent(), "_")
+        .parent()
+        .ok_or("no cgroup v2 directory for tasks")?
+        .to_path_buf();
+    let mut lb = mesh_lb::SockLb::load().map_err(|e| format!("cannot load: {e}"))?;
+    lb.attach(&dir)
+        .map_err(|e| format!("cannot attach to {}: {e}", dir.display()))?;
+    info!(cgroup = %dir.display(), "eBPF socket balancer attached");
+    Ok(lb)
 }
 
 impl Inner {
@@ -186,15 +333,16 @@ impl Inner {
             vtep: me.addr,
             published: BTreeMap::new(),
             networks: BTreeMap::new(),
+            ingress: None,
+            last_remotes: BTreeMap::new(),
+            lingering: BTreeMap::new(),
             stop,
         });
         self.ready.send_replace(true);
         // The agent may have told us what runs here before we were up.
-        let pending = self
-            .pending_local
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        // (Nothing is collected before the agent said what runs here: a restarted daemon
+        // must not remove the namespaces of the tasks it is about to adopt.)
+        let pending = lock(&self.pending_local).take();
         if let Some(running) = pending {
             let _seq = self.local_seq.lock().await;
             if let Err(e) = self.set_local_async(running).await {
@@ -206,7 +354,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Programs the overlay after every gossip change, and every few seconds to heal.
+    /// Programs the data plane after every gossip change, and every few seconds to heal.
     async fn events_loop(self: Arc<Self>, gossip: Gossip, mut stop: watch::Receiver<bool>) {
         let mut events = gossip.subscribe();
         loop {
@@ -217,57 +365,106 @@ impl Inner {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(_) => return,
                 },
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = tokio::time::sleep(if self.lingering.load(std::sync::atomic::Ordering::Relaxed) {
+                    Duration::from_millis(500)
+                } else {
+                    Duration::from_secs(5)
+                }) => {}
                 _ = stop.changed() => return,
             }
             // Coalesce a burst of events into one pass.
             while let Ok(Ok(_)) =
                 tokio::time::timeout(Duration::from_millis(5), events.recv()).await
             {}
-            if let Err(e) = self.sync_remotes().await {
-                debug!("overlay sync: {e}");
+            // Namespaces of tasks that finished draining go once their process is gone.
+            let drained = lock(&self.tasks)
+                .values()
+                .any(|ns| !Path::new(&format!("/proc/{}", ns.pid)).exists());
+            let local = lock(&self.local).clone();
+            let res = if let (true, Some(running)) = (drained, local) {
+                let _seq = self.local_seq.lock().await;
+                self.set_local_async(running).await
+            } else {
+                self.sync_remotes().await
+            };
+            if let Err(e) = res {
+                warn!("data plane sync: {e}");
             }
         }
     }
 
+    fn ingress_net_id(&self) -> Option<String> {
+        lock(&self.ingress_att)
+            .as_ref()
+            .map(|a| a.network_id.clone())
+    }
+
     async fn sync_remotes(&self) -> Result<(), String> {
-        let guard = self.running.lock().await;
-        let Some(r) = guard.as_ref() else {
+        let mut guard = self.running.lock().await;
+        let Some(r) = guard.as_mut() else {
             return Ok(());
         };
+        let ingress_id = self.ingress_net_id();
         let mut by_vni: BTreeMap<u32, NetworkDesc> = BTreeMap::new();
         let mut remotes: BTreeMap<u32, BTreeSet<Remote>> = BTreeMap::new();
         let mut records = mesh_dns::Records::new();
-        let mut lb: BTreeMap<Ipv4Addr, (String, Vec<Ipv4Addr>)> = BTreeMap::new();
+        let mut lb: BTreeMap<Ipv4Addr, VipInfo> = BTreeMap::new();
+        let mut published: BTreeMap<(Protocol, u16), (u16, Vec<Ipv4Addr>)> = BTreeMap::new();
         for (id, desc) in &r.networks {
             by_vni.insert(desc.vni, desc.clone());
             let set = remotes.entry(desc.vni).or_default();
+            let is_ingress = ingress_id.as_deref() == Some(id.as_str());
             let mut services: BTreeMap<String, (Option<Ipv4Addr>, Vec<mesh_dns::TaskRecord>)> =
                 BTreeMap::new();
             for e in r.gossip.entries(id, ENDPOINTS).await {
-                match serde_json::from_slice::<EndpointRecord>(&e.value) {
-                    Ok(rec) => {
-                        if rec.vtep != r.vtep {
-                            set.insert(Remote {
-                                ip: rec.ip,
-                                mac: rec.mac,
-                                vtep: rec.vtep,
-                            });
-                        }
-                        let entry = services.entry(rec.service_name.clone()).or_default();
-                        entry.0 = entry.0.or(rec.vip);
-                        entry.1.push(mesh_dns::TaskRecord {
-                            name: rec.task_name.clone(),
-                            hostname: e.key.chars().take(12).collect(),
-                            ip: rec.ip,
-                        });
+                let rec = match serde_json::from_slice::<EndpointRecord>(&e.value) {
+                    Ok(rec) => rec,
+                    Err(err) => {
+                        debug!("bad endpoint record {}: {err}", e.key);
+                        continue;
                     }
-                    Err(err) => debug!("bad endpoint record {}: {err}", e.key),
+                };
+                if rec.vtep != r.vtep {
+                    set.insert(Remote {
+                        ip: rec.ip,
+                        mac: rec.mac,
+                        vtep: rec.vtep,
+                    });
                 }
+                if rec.service_id.is_empty() {
+                    continue;
+                }
+                if is_ingress {
+                    // The routing mesh: each published port goes to every task publishing it.
+                    for p in rec.ports.iter().filter(|p| p.mode == PublishMode::Ingress) {
+                        let e = published
+                            .entry((p.protocol, p.published))
+                            .or_insert((p.target, Vec::new()));
+                        e.1.push(rec.ip);
+                    }
+                    continue;
+                }
+                let entry = services.entry(rec.service_name.clone()).or_default();
+                entry.0 = entry.0.or(rec.vip);
+                entry.1.push(mesh_dns::TaskRecord {
+                    name: rec.task_name.clone(),
+                    hostname: e.key.chars().take(12).collect(),
+                    ip: rec.ip,
+                });
             }
             for (name, (vip, tasks)) in services {
                 if let Some(v) = vip {
-                    lb.insert(v, (name.clone(), tasks.iter().map(|t| t.ip).collect()));
+                    let mut backends: Vec<Ipv4Addr> = tasks.iter().map(|t| t.ip).collect();
+                    backends.sort();
+                    backends.dedup();
+                    lb.insert(
+                        v,
+                        VipInfo {
+                            network_id: id.clone(),
+                            service: name.clone(),
+                            backends,
+                        },
+                    );
                 }
                 let service = mesh_dns::ServiceRecord {
                     name,
@@ -278,88 +475,427 @@ impl Inner {
                 records.put_service(id, service);
             }
         }
-        self.dns.replace(records);
+        // Balancers first, then DNS: a name never points at a VIP the balancer does not know
+        // yet, and a removed task leaves the VIP before (or as) it leaves DNS.
         self.program_lb(&lb);
+        self.sync_task_namespaces().await;
+        self.dns.replace(records);
+        if let Some(ing) = r.ingress.as_mut() {
+            let entries: Vec<mesh_ingress::PublishedEntry> = published
+                .into_iter()
+                .map(|((proto, port), (target, mut backends))| {
+                    backends.sort();
+                    backends.dedup();
+                    mesh_ingress::PublishedEntry {
+                        proto: ingress_proto(proto),
+                        port,
+                        target,
+                        backends,
+                    }
+                })
+                .collect();
+            let host_ports = self.host_ports(&r.overlay);
+            let res = tokio::task::block_in_place(|| ing.sync(&entries, &host_ports));
+            if let Err(e) = res {
+                warn!("routing mesh: {e}");
+            }
+        }
+        let remotes = linger(r, remotes);
+        self.lingering.store(
+            !r.lingering.is_empty(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         r.overlay
             .sync_remotes(&by_vni, &remotes)
             .await
             .map_err(|e| e.to_string())
     }
 
-    async fn set_local_async(&self, running: Vec<Task>) -> Result<(), String> {
-        // Stop serving DNS to tasks whose process is gone (a task still in its start gate is
-        // not in `running` yet, so liveness, not membership, decides).
-        self.dns_regs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, (pid, _)| std::path::Path::new(&format!("/proc/{pid}")).exists());
-        {
-            let mut guard = self.running.lock().await;
-            let Some(r) = guard.as_mut() else {
-                // Not started yet (gossip still binding): apply it once started.
-                *self.pending_local.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
-                return Ok(());
+    /// Host-mode ports of the local running tasks: straight to the task's gateway-bridge
+    /// address.
+    fn host_ports(&self, overlay: &Overlay) -> Vec<mesh_ingress::HostPort> {
+        let leases = overlay.gateway_leases().unwrap_or_default();
+        let mut out = Vec::new();
+        for (t, _) in lock(&self.local).iter().flatten() {
+            let Some(dest) = leases.get(&t.id) else {
+                continue;
             };
-            let mut want: BTreeMap<(String, String), EndpointRecord> = BTreeMap::new();
-            let mut networks = BTreeMap::new();
-            for t in &running {
-                for a in &t.networks {
-                    self.net_names
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(a.network_id.clone(), a.network_name.clone());
-                    let Some((ip, desc)) = attachment_desc(a) else {
-                        continue;
-                    };
-                    networks.insert(a.network_id.clone(), desc.clone());
-                    want.insert(
-                        (a.network_id.clone(), t.id.clone()),
-                        EndpointRecord {
-                            ip,
-                            prefix: desc.prefix,
-                            mac: mesh_netlink::mac_for_ip(ip),
-                            vtep: r.vtep,
-                            vni: desc.vni,
-                            task_name: t.name(),
-                            service_name: t.service_name.clone(),
-                            service_id: t.service_id.clone(),
-                            vip: a
-                                .vip
-                                .as_deref()
-                                .and_then(|v| v.split('/').next()?.parse().ok()),
-                        },
-                    );
-                }
+            for p in t.spec.ports.iter().filter(|p| p.mode == PublishMode::Host) {
+                out.push(mesh_ingress::HostPort {
+                    proto: ingress_proto(p.protocol),
+                    port: p.published,
+                    dest: *dest,
+                    target: p.target,
+                });
             }
-            let ids: BTreeSet<String> = networks.keys().cloned().collect();
-            r.gossip.set_networks(ids).await;
-            for ((net, task), rec) in &want {
-                if r.published.get(&(net.clone(), task.clone())) != Some(rec) {
-                    let v = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
-                    if let Err(e) = r.gossip.put(net, ENDPOINTS, task, v).await {
-                        warn!("publishing endpoint {task} on {net}: {e}");
-                    }
-                }
-            }
-            for (net, task) in r.published.keys() {
-                if !want.contains_key(&(net.clone(), task.clone())) && networks.contains_key(net) {
-                    if let Err(e) = r.gossip.delete(net, ENDPOINTS, task).await {
-                        debug!("withdrawing endpoint {task} on {net}: {e}");
-                    }
-                }
-            }
-            r.published = want;
-            let keep: BTreeSet<u32> = networks.values().map(|d| d.vni).collect();
-            r.networks = networks;
-            r.overlay.gc(&keep).await.map_err(|e| e.to_string())?;
-            let ids: BTreeSet<String> = running.iter().map(|t| t.id.clone()).collect();
-            r.overlay
-                .gc_gateway(&ids)
-                .await
-                .map_err(|e| e.to_string())?;
         }
+        out.sort();
+        out.dedup_by_key(|h| (h.proto, h.port));
+        out
+    }
+
+    /// Makes the eBPF maps hold exactly `want` (each VIP, on every port, TCP and UDP, goes
+    /// to one of its running tasks), touching only the VIPs that changed; records `want` for
+    /// the per-namespace plumbing.
+    fn program_lb(&self, want: &BTreeMap<Ipv4Addr, VipInfo>) {
+        let mut have = lock(&self.lb_vips);
+        if let Balancer::Ebpf(lb) = &self.lb {
+            let mut lb = lock(lb);
+            for (vip, info) in want {
+                if have
+                    .get(vip)
+                    .is_some_and(|old| old.backends == info.backends)
+                {
+                    continue;
+                }
+                info!(%vip, service = info.service, backends = info.backends.len(), "VIP backends changed");
+                let backends: Vec<(Ipv4Addr, u16)> =
+                    info.backends.iter().map(|ip| (*ip, 0)).collect();
+                for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
+                    if let Err(e) = lb.set_service(*vip, 0, proto, &backends) {
+                        warn!(%vip, "programming the balancer: {e}");
+                    }
+                }
+            }
+            for vip in have.keys().filter(|v| !want.contains_key(v)) {
+                for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
+                    let _ = lb.remove_service(*vip, 0, proto);
+                }
+            }
+        }
+        *have = want.clone();
+    }
+
+    /// Brings every task namespace in line with the VIPs of its networks: `lo` addresses
+    /// and, with nftables, its `mesh_lb` table. Namespaces whose process is gone are dropped.
+    async fn sync_task_namespaces(&self) {
+        let vips = lock(&self.lb_vips).clone();
+        let mut jobs: Vec<(String, u32, Vec<Ipv4Addr>, Vec<Ipv4Addr>)> = Vec::new();
+        {
+            let mut tasks = lock(&self.tasks);
+            // Gone processes are dropped by the next `set_local` pass (see `events_loop`).
+            for (id, ns) in tasks
+                .iter_mut()
+                .filter(|(_, ns)| Path::new(&format!("/proc/{}", ns.pid)).exists())
+            {
+                let want: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> = vips
+                    .iter()
+                    .filter(|(_, i)| ns.nets.contains(&i.network_id))
+                    .map(|(v, i)| (*v, i.backends.clone()))
+                    .collect();
+                if let Some(nft) = ns.nft.as_mut() {
+                    if let Err(e) = tokio::task::block_in_place(|| nft.sync(&want)) {
+                        warn!(task = id, "nftables balancer: {e}");
+                    }
+                }
+                let keys: BTreeSet<Ipv4Addr> = want.keys().copied().collect();
+                let add: Vec<Ipv4Addr> = keys.difference(&ns.lo_vips).copied().collect();
+                let del: Vec<Ipv4Addr> = ns.lo_vips.difference(&keys).copied().collect();
+                if !add.is_empty() || !del.is_empty() {
+                    jobs.push((id.clone(), ns.pid, add, del));
+                }
+            }
+        }
+        for (id, pid, add, del) in jobs {
+            match set_lo_vips(pid, &add, &del).await {
+                Ok(()) => {
+                    if let Some(ns) = lock(&self.tasks).get_mut(&id) {
+                        ns.lo_vips.extend(add);
+                        for v in del {
+                            ns.lo_vips.remove(&v);
+                        }
+                    }
+                }
+                Err(e) => debug!(task = id, "VIPs on lo: {e}"),
+            }
+        }
+    }
+
+    /// Plumbs the plane's side of a task's namespace: DNS sockets at 127.0.0.11:53, and the
+    /// nftables balancer table with that backend. Called in the task's start gate, and for
+    /// a task a restarted daemon adopts.
+    fn plumb_task(&self, task: &Task, pid: u32) -> Result<(), String> {
+        let ingress_id = self.ingress_net_id();
+        let nets: Vec<(String, String)> = task
+            .networks
+            .iter()
+            .filter(|a| Some(&a.network_id) != ingress_id.as_ref())
+            .map(|a| (a.network_id.clone(), a.network_name.clone()))
+            .collect();
+        let ns = proc_ns(pid);
+        let reg = if nets.is_empty() {
+            None
+        } else {
+            let (udp, tcp) =
+                mesh_dns::bind_in_netns(&ns).map_err(|e| format!("embedded DNS: {e}"))?;
+            let _rt = self.rt.enter();
+            Some(
+                self.dns
+                    .register(&task.id, nets.clone(), udp, tcp)
+                    .map_err(|e| format!("embedded DNS: {e}"))?,
+            )
+        };
+        let nft = match self.lb {
+            Balancer::Nft if !nets.is_empty() => {
+                let netns = Netns::open(&ns).map_err(|e| e.to_string())?;
+                Some(
+                    mesh_lb::NftLb::new(Some(netns))
+                        .map_err(|e| format!("nftables balancer: {e}"))?,
+                )
+            }
+            _ => None,
+        };
+        lock(&self.tasks).insert(
+            task.id.clone(),
+            TaskNs {
+                pid,
+                nets: nets.into_iter().map(|(id, _)| id).collect(),
+                vnis: task.networks.iter().map(|a| a.vni).collect(),
+                _dns: reg,
+                nft,
+                lo_vips: BTreeSet::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Creates (or, after a restart, finds) the ingress sandbox, plugs it into the ingress
+    /// overlay with this node's ingress address, and sets up the routing mesh.
+    async fn ensure_ingress(&self, r: &mut Running) -> Result<(), String> {
+        let Some(att) = lock(&self.ingress_att).clone() else {
+            return Ok(());
+        };
+        if r.ingress.is_some() {
+            return Ok(());
+        }
+        let (ip, desc) = attachment_desc(&att).ok_or("bad ingress attachment")?;
+        let holders = self.holders.clone();
+        let pid = tokio::task::spawn_blocking(move || holders.ensure(INGRESS_SANDBOX))
+            .await
+            .map_err(|e| e.to_string())??;
+        let sandbox = Netns::open(&proc_ns(pid)).map_err(|e| e.to_string())?;
+        let h = Handle::new(&sandbox).await.map_err(|e| e.to_string())?;
+        let plumbed = match h.link(SANDBOX_IF).await.map_err(|e| e.to_string())? {
+            Some(_) => {
+                let addrs = h.addresses(SANDBOX_IF).await.map_err(|e| e.to_string())?;
+                if addrs.contains(&(ip, desc.prefix)) {
+                    true
+                } else {
+                    h.del_link(SANDBOX_IF).await.map_err(|e| e.to_string())?;
+                    false
+                }
+            }
+            None => false,
+        };
+        if !plumbed {
+            r.overlay
+                .attach(
+                    pid,
+                    &Attachment {
+                        network: desc,
+                        ip,
+                        ifname: SANDBOX_IF.into(),
+                    },
+                )
+                .await
+                .map_err(|e| format!("ingress sandbox: {e}"))?;
+        }
+        let cfg = mesh_ingress::IngressConfig {
+            ingress_if: SANDBOX_IF.into(),
+            ..Default::default()
+        };
+        let host = Netns::current().map_err(|e| e.to_string())?;
+        let ing = mesh_ingress::Ingress::setup(host, sandbox, cfg)
+            .await
+            .map_err(|e| format!("routing mesh: {e}"))?;
+        info!(%ip, "ingress sandbox ready");
+        r.ingress = Some(ing);
+        Ok(())
+    }
+
+    async fn set_local_async(&self, running: Vec<(Task, u32)>) -> Result<(), String> {
+        *lock(&self.local) = Some(running.clone());
+        let mut guard = self.running.lock().await;
+        let Some(r) = guard.as_mut() else {
+            // Not started yet (gossip still binding): apply it once started.
+            *lock(&self.pending_local) = Some(running);
+            return Ok(());
+        };
+        // Tasks a restarted daemon adopted have no DNS sockets or balancer yet.
+        let missing: Vec<(Task, u32)> = {
+            let tasks = lock(&self.tasks);
+            running
+                .iter()
+                .filter(|(t, pid)| tasks.get(&t.id).is_none_or(|ns| ns.pid != *pid))
+                .cloned()
+                .collect()
+        };
+        for (t, pid) in &missing {
+            if let Err(e) = tokio::task::block_in_place(|| self.plumb_task(t, *pid)) {
+                warn!(task = t.id, "re-plumbing an adopted task: {e}");
+            }
+        }
+        if let Err(e) = self.ensure_ingress(r).await {
+            warn!("{e}");
+        }
+        let ingress_att = lock(&self.ingress_att).clone();
+        let mut want: BTreeMap<(String, String), EndpointRecord> = BTreeMap::new();
+        let mut networks = BTreeMap::new();
+        for (t, _) in &running {
+            for a in &t.networks {
+                lock(&self.net_names).insert(a.network_id.clone(), a.network_name.clone());
+                let Some((ip, desc)) = attachment_desc(a) else {
+                    continue;
+                };
+                networks.insert(a.network_id.clone(), desc.clone());
+                let on_ingress = ingress_att
+                    .as_ref()
+                    .is_some_and(|i| i.network_id == a.network_id);
+                want.insert(
+                    (a.network_id.clone(), t.id.clone()),
+                    EndpointRecord {
+                        ip,
+                        prefix: desc.prefix,
+                        mac: mesh_netlink::mac_for_ip(ip),
+                        vtep: r.vtep,
+                        vni: desc.vni,
+                        task_name: t.name(),
+                        service_name: t.service_name.clone(),
+                        service_id: t.service_id.clone(),
+                        vip: a
+                            .vip
+                            .as_deref()
+                            .and_then(|v| v.split('/').next()?.parse().ok()),
+                        ports: if on_ingress {
+                            t.spec
+                                .ports
+                                .iter()
+                                .filter(|p| p.mode == PublishMode::Ingress)
+                                .cloned()
+                                .collect()
+                        } else {
+                            Vec::new()
+                        },
+                    },
+                );
+            }
+        }
+        // The ingress sandbox is an endpoint of the ingress network on every node.
+        if let (Some(att), Some(_)) = (&ingress_att, &r.ingress) {
+            if let Some((ip, desc)) = attachment_desc(att) {
+                networks.insert(att.network_id.clone(), desc.clone());
+                want.insert(
+                    (att.network_id.clone(), format!("ingress-sbox-{}", r.vtep)),
+                    EndpointRecord {
+                        ip,
+                        prefix: desc.prefix,
+                        mac: mesh_netlink::mac_for_ip(ip),
+                        vtep: r.vtep,
+                        vni: desc.vni,
+                        task_name: format!("ingress-sbox-{}", r.vtep),
+                        service_name: String::new(),
+                        service_id: String::new(),
+                        vip: None,
+                        ports: Vec::new(),
+                    },
+                );
+            }
+        }
+        let ids: BTreeSet<String> = networks.keys().cloned().collect();
+        r.gossip.set_networks(ids).await;
+        for ((net, key), rec) in &want {
+            if r.published.get(&(net.clone(), key.clone())) != Some(rec) {
+                let v = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
+                if let Err(e) = r.gossip.put(net, ENDPOINTS, key, v).await {
+                    warn!("publishing endpoint {key} on {net}: {e}");
+                }
+            }
+        }
+        for (net, key) in r.published.keys() {
+            if !want.contains_key(&(net.clone(), key.clone())) && networks.contains_key(net) {
+                if let Err(e) = r.gossip.delete(net, ENDPOINTS, key).await {
+                    debug!("withdrawing endpoint {key} on {net}: {e}");
+                }
+            }
+        }
+        r.published = want;
+        let mut keep: BTreeSet<u32> = networks.values().map(|d| d.vni).collect();
+        let mut ids: BTreeSet<String> = running.iter().map(|(t, _)| t.id.clone()).collect();
+        {
+            // A task still in its start gate keeps its networks and gateway port (bounded:
+            // a start that never completes is forgotten after a minute).
+            let mut attaching = lock(&self.attaching);
+            attaching.retain(|id, (since, _)| {
+                !ids.contains(id) && since.elapsed() < Duration::from_secs(60)
+            });
+            for (id, (_, vnis)) in attaching.iter() {
+                keep.extend(vnis);
+                ids.insert(id.clone());
+            }
+            // Tasks withdrawn but still draining keep their plumbing until they exit.
+            let mut tasks = lock(&self.tasks);
+            tasks.retain(|_, ns| Path::new(&format!("/proc/{}", ns.pid)).exists());
+            for (id, ns) in tasks.iter() {
+                keep.extend(&ns.vnis);
+                ids.insert(id.clone());
+            }
+        }
+        r.networks = networks;
+        r.overlay.gc(&keep).await.map_err(|e| e.to_string())?;
+        r.overlay
+            .gc_gateway(&ids)
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(guard);
         self.sync_remotes().await
     }
+}
+
+/// The remotes to program: `current`, plus endpoints withdrawn less than [`LINGER`] ago whose
+/// address no current endpoint took over.
+fn linger(
+    r: &mut Running,
+    current: BTreeMap<u32, BTreeSet<Remote>>,
+) -> BTreeMap<u32, BTreeSet<Remote>> {
+    let now = std::time::Instant::now();
+    let live: BTreeSet<(u32, Ipv4Addr)> = current
+        .iter()
+        .flat_map(|(vni, set)| set.iter().map(move |rm| (*vni, rm.ip)))
+        .collect();
+    for (vni, set) in &r.last_remotes {
+        for rm in set {
+            if !live.contains(&(*vni, rm.ip)) {
+                r.lingering
+                    .entry((*vni, rm.ip))
+                    .or_insert((rm.clone(), now));
+            }
+        }
+    }
+    r.lingering
+        .retain(|k, (_, since)| !live.contains(k) && now.duration_since(*since) < LINGER);
+    r.last_remotes = current.clone();
+    let mut out = current;
+    for ((vni, _), (rm, _)) in &r.lingering {
+        out.entry(*vni).or_default().insert(rm.clone());
+    }
+    out
+}
+
+/// Adds and removes /32 VIPs on `lo` inside `/proc/<pid>/ns/net`.
+async fn set_lo_vips(pid: u32, add: &[Ipv4Addr], del: &[Ipv4Addr]) -> Result<(), String> {
+    let ns = Netns::open(&proc_ns(pid)).map_err(|e| e.to_string())?;
+    let h = Handle::new(&ns).await.map_err(|e| e.to_string())?;
+    for v in add {
+        h.add_address("lo", *v, 32)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    for v in del {
+        h.del_address("lo", *v, 32)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 impl NetworkPlane for Plane {
@@ -380,10 +916,22 @@ impl NetworkPlane for Plane {
         self.0.ready.send_replace(false);
         let this = self.0.clone();
         self.0.rt.spawn(async move {
-            if let Some(r) = this.running.lock().await.take() {
+            if let Some(mut r) = this.running.lock().await.take() {
                 r.stop.send_replace(true);
                 r.gossip.leave().await;
+                if let Some(ing) = r.ingress.take() {
+                    if let Err(e) = ing.teardown().await {
+                        warn!("routing mesh teardown: {e}");
+                    }
+                }
+                let holders = this.holders.clone();
+                let _ = tokio::task::spawn_blocking(move || holders.remove(INGRESS_SANDBOX)).await;
+                if let Err(e) = r.overlay.gc(&BTreeSet::new()).await {
+                    warn!("overlay cleanup: {e}");
+                }
             }
+            *lock(&this.ingress_att) = None;
+            let _ = std::fs::remove_file(this.cfg.exec_root.join(INGRESS_STATE));
         });
     }
 
@@ -395,13 +943,17 @@ impl NetworkPlane for Plane {
                 .await
                 .map_err(|_| "the network plane is not ready".to_string())?
                 .map_err(|_| "the network plane stopped".to_string())?;
-            let overlay = this
-                .running
-                .lock()
-                .await
-                .as_ref()
-                .map(|r| r.overlay.clone())
-                .ok_or("the network plane stopped")?;
+            // Registered under the plane's lock, so no garbage collection pass that started
+            // without this task can run between the registration and the plumbing.
+            let overlay = {
+                let guard = this.running.lock().await;
+                let vnis = task.networks.iter().map(|a| a.vni).collect();
+                lock(&this.attaching).insert(task.id.clone(), (std::time::Instant::now(), vnis));
+                guard
+                    .as_ref()
+                    .map(|r| r.overlay.clone())
+                    .ok_or("the network plane stopped")?
+            };
             for (i, a) in task.networks.iter().enumerate() {
                 let (ip, network) =
                     attachment_desc(a).ok_or_else(|| format!("bad attachment {a:?}"))?;
@@ -417,36 +969,22 @@ impl NetworkPlane for Plane {
                     .await
                     .map_err(|e| format!("network {}: {e}", a.network_name))?;
             }
-            // As Docker's docker_gwbridge: a task on an overlay also gets a default route out
-            // through its host, masqueraded.
-            if !task.networks.is_empty() {
+            // As Docker's docker_gwbridge: a task on an overlay (or publishing a host-mode
+            // port) also gets a default route out through its host, masqueraded.
+            if needs_gateway(task) {
                 overlay
                     .attach_gateway(pid, &task.id, &format!("eth{}", task.networks.len()))
                     .await
                     .map_err(|e| format!("gateway bridge: {e}"))?;
-                // The embedded DNS answers at 127.0.0.11:53 inside the task.
-                let ns = format!("/proc/{pid}/ns/net");
-                let (udp, tcp) = mesh_dns::bind_in_netns(std::path::Path::new(&ns))
-                    .map_err(|e| format!("embedded DNS: {e}"))?;
-                let nets: Vec<(String, String)> = task
-                    .networks
-                    .iter()
-                    .map(|a| (a.network_id.clone(), a.network_name.clone()))
-                    .collect();
-                let reg = this
-                    .dns
-                    .register(&task.id, nets, udp, tcp)
-                    .map_err(|e| format!("embedded DNS: {e}"))?;
-                this.dns_regs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(task.id.clone(), (pid, reg));
             }
+            tokio::task::block_in_place(|| this.plumb_task(task, pid))?;
+            // The task's VIPs on lo, and its balancer table, before its command runs.
+            this.sync_task_namespaces().await;
             Ok(())
         })
     }
 
-    fn set_local(&self, running: Vec<Task>) {
+    fn set_local(&self, running: Vec<(Task, u32)>) {
         let this = self.0.clone();
         self.0.rt.spawn(async move {
             let _seq = this.local_seq.lock().await;
@@ -456,23 +994,63 @@ impl NetworkPlane for Plane {
         });
     }
 
-    fn vip_ls(&self) -> Result<serde_json::Value, String> {
-        let Some(lb) = &self.0.lb else {
-            return Err(
-                "service VIPs are disabled on this node (the eBPF balancer did not load)".into(),
-            );
+    fn set_ingress(&self, ingress: Option<NetworkAttachment>) {
+        let path = self.0.cfg.exec_root.join(INGRESS_STATE);
+        let saved = match &ingress {
+            Some(a) => serde_json::to_vec(a)
+                .map_err(std::io::Error::other)
+                .and_then(|b| {
+                    let tmp = path.with_extension("tmp");
+                    std::fs::write(&tmp, b)?;
+                    std::fs::rename(&tmp, &path)
+                }),
+            None => std::fs::remove_file(&path).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }),
         };
-        let entries = lb
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .dump()
-            .map_err(|e| e.to_string())?;
-        let names = self
-            .0
-            .lb_vips
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        if let Err(e) = saved {
+            warn!(
+                "cannot save the ingress attachment in {}: {e}",
+                path.display()
+            );
+        }
+        *lock(&self.0.ingress_att) = ingress;
+        let this = self.0.clone();
+        self.0.rt.spawn(async move {
+            let _seq = this.local_seq.lock().await;
+            // Applied with the next running set if the agent has not given one yet.
+            let Some(running) = lock(&this.local).clone() else {
+                return;
+            };
+            if let Err(e) = this.set_local_async(running).await {
+                warn!("network plane: {e}");
+            }
+        });
+    }
+
+    fn vip_ls(&self) -> Result<serde_json::Value, String> {
+        let names = lock(&self.0.lb_vips).clone();
+        let entries: Vec<mesh_lb::ServiceEntry> = match &self.0.lb {
+            Balancer::Ebpf(lb) => lock(lb).dump().map_err(|e| e.to_string())?,
+            Balancer::Nft => {
+                // Every task namespace holds its networks' VIPs: show each VIP once.
+                let mut seen = BTreeMap::new();
+                let tasks = lock(&self.0.tasks);
+                for ns in tasks.values() {
+                    if let Some(nft) = &ns.nft {
+                        for e in nft.dump().map_err(|e| e.to_string())? {
+                            seen.entry((e.vip, e.port, e.proto)).or_insert(e);
+                        }
+                    }
+                }
+                seen.into_values().collect()
+            }
+        };
+        let backend = match &self.0.lb {
+            Balancer::Ebpf(_) => "ebpf",
+            Balancer::Nft => "nftables",
+        };
         let rows: Vec<serde_json::Value> = entries
             .into_iter()
             .map(|e| {
@@ -482,11 +1060,12 @@ impl NetworkPlane for Plane {
                     e.port.to_string()
                 };
                 serde_json::json!({
-                    "Service": names.get(&e.vip).map(|(n, _)| n.clone()).unwrap_or_default(),
+                    "Service": names.get(&e.vip).map(|i| i.service.clone()).unwrap_or_default(),
                     "VIP": e.vip.to_string(),
                     "Port": ports,
                     "Protocol": format!("{:?}", e.proto).to_lowercase(),
                     "Backends": e.backends.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
+                    "Balancer": backend,
                 })
             })
             .collect();
@@ -499,11 +1078,7 @@ impl NetworkPlane for Plane {
         name: &str,
         qtype: &str,
     ) -> Result<serde_json::Value, String> {
-        let mut nets: Vec<(String, String)> = self
-            .0
-            .net_names
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut nets: Vec<(String, String)> = lock(&self.0.net_names)
             .iter()
             .map(|(id, n)| (id.clone(), n.clone()))
             .collect();
@@ -525,66 +1100,5 @@ impl NetworkPlane for Plane {
             "answers": a.answers,
             "forwarded": a.forwarded,
         }))
-    }
-}
-
-/// Loads the socket balancer and attaches it to the daemon's v2 cgroup, which holds every task.
-fn load_lb(exec: &mesh_executor::Executor) -> Option<std::sync::Mutex<mesh_lb::SockLb>> {
-    let dir = exec
-        .layout()
-        .v2_task_path(exec.cgroup_parent(), "_")
-        .parent()?
-        .to_path_buf();
-    let mut lb = match mesh_lb::SockLb::load() {
-        Ok(lb) => lb,
-        Err(e) => {
-            warn!("service VIPs disabled: cannot load the eBPF balancer: {e}");
-            return None;
-        }
-    };
-    if let Err(e) = lb.attach(&dir) {
-        warn!(
-            "service VIPs disabled: cannot attach the eBPF balancer to {}: {e}",
-            dir.display()
-        );
-        return None;
-    }
-    info!(cgroup = %dir.display(), "eBPF socket balancer attached");
-    Some(std::sync::Mutex::new(lb))
-}
-
-impl Inner {
-    /// Makes the balancer hold exactly `want`: each VIP, on every port, TCP and UDP, goes to
-    /// one of its running tasks.
-    fn program_lb(&self, want: &BTreeMap<Ipv4Addr, (String, Vec<Ipv4Addr>)>) {
-        let Some(lb) = &self.lb else { return };
-        let mut lb = lb.lock().unwrap_or_else(|p| p.into_inner());
-        let mut have = self.lb_vips.lock().unwrap_or_else(|p| p.into_inner());
-        for (vip, (name, ips)) in want {
-            let mut ips = ips.clone();
-            ips.sort();
-            // Every gossip event comes here: only VIPs whose backends changed touch the maps.
-            if have.get(vip).is_some_and(|(_, old)| *old == ips) {
-                continue;
-            }
-            let backends: Vec<(Ipv4Addr, u16)> = ips.iter().map(|ip| (*ip, 0)).collect();
-            for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
-                if let Err(e) = lb.set_service(*vip, 0, proto, &backends) {
-                    warn!(%vip, "programming the balancer: {e}");
-                }
-            }
-            have.insert(*vip, (name.clone(), ips));
-        }
-        let stale: Vec<Ipv4Addr> = have
-            .keys()
-            .filter(|v| !want.contains_key(v))
-            .copied()
-            .collect();
-        for vip in stale {
-            for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
-                let _ = lb.remove_service(vip, 0, proto);
-            }
-            have.remove(&vip);
-        }
     }
 }

@@ -1,0 +1,302 @@
+//! The routing mesh on the real kernel, from a client on the underlay: a published port
+//! answers on every node's address, also on a node that runs no task of the service, and
+//! spreads connections over every replica; UDP; host mode; an assigned port; a refused
+//! conflict; scale to 0 and back; a SIGKILLed daemon's node keeps answering and a restarted
+//! one duplicates nothing; `service rm` closes the port everywhere.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use mesh_netns::swarm::{expect_err, swarm_cluster};
+use mesh_netns::{wait_for, Cluster};
+
+/// A TCP server answering each connection with its hostname and the client's address.
+const TCP_SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(128)\nwhile True:\n c,a=s.accept()\n c.sendall((socket.gethostname()+' '+a[0]).encode())\n c.close()";
+/// The same over UDP: one datagram back per datagram.
+const UDP_SERVER: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5353))\nwhile True:\n d,a=s.recvfrom(100)\n s.sendto(socket.gethostname().encode(),a)";
+/// `N` connections (or datagrams) to ADDR:PORT; prints the distinct hostnames that answered
+/// and the number of failures.
+const CLIENT: &str = "import socket,sys\naddr,port,n,proto=sys.argv[1],int(sys.argv[2]),int(sys.argv[3]),sys.argv[4]\nseen=set();fail=0\nfor i in range(n):\n try:\n  if proto=='tcp':\n   c=socket.create_connection((addr,port),timeout=2);r=c.recv(200).decode();c.close()\n  else:\n   c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);c.settimeout(2);c.sendto(b'x',(addr,port));r=c.recv(200).decode();c.close()\n  seen.add(r.split()[0])\n except OSError:\n  fail+=1\nprint(' '.join(sorted(seen)));print(fail)";
+
+/// Hostnames that answered and failures, for `n` tries from the underlay client.
+fn probe(
+    c: &Cluster,
+    addr: &str,
+    port: u16,
+    n: u32,
+    proto: &str,
+) -> Result<(BTreeSet<String>, u32)> {
+    let out = c.client_exec_timeout(
+        &[
+            "python3",
+            "-c",
+            CLIENT,
+            addr,
+            &port.to_string(),
+            &n.to_string(),
+            proto,
+        ],
+        Duration::from_secs(60),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    let seen = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let fail = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .with_context(|| {
+            format!(
+                "client output: {text:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok((seen, fail))
+}
+
+/// The hostnames (short task IDs) of a service's running tasks.
+fn task_hostnames(c: &Cluster, svc: &str) -> Result<BTreeSet<String>> {
+    let rows = c.host(1).mesh_json(&["service", "ps", svc])?;
+    Ok(rows
+        .as_array()
+        .context("ps rows")?
+        .iter()
+        .filter(|r| {
+            r["CurrentState"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("Running")
+        })
+        .filter_map(|r| r["ID"].as_str().map(|id| id.chars().take(12).collect()))
+        .collect())
+}
+
+fn published_port(c: &Cluster, svc: &str) -> Result<u16> {
+    let v: serde_json::Value =
+        serde_json::from_str(&c.host(1).mesh_ok(&["service", "inspect", svc])?)?;
+    let v = if v.is_array() { v[0].clone() } else { v };
+    v["Endpoint"]["Ports"][0]["PublishedPort"]
+        .as_u64()
+        .map(|p| p as u16)
+        .with_context(|| format!("no published port in {v}"))
+}
+
+#[test]
+fn published_ports_answer_on_every_node() -> Result<()> {
+    let Some(c) = swarm_cluster(3, 1, "ingress")? else {
+        return Ok(());
+    };
+    let (h1, h3) = (c.host(1), c.host(3));
+    let addrs: Vec<String> = c.hosts().iter().map(|h| h.addr().to_string()).collect();
+    // Two replicas, never on h3: h3 answers through the mesh only.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "2",
+        "--publish",
+        "8080:8080",
+        "--constraint",
+        "node.hostname!=h3",
+        "--",
+        "python3",
+        "-c",
+        TCP_SERVER,
+    ])?;
+    let replicas = wait_for(
+        "2 web replicas running",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let t = task_hostnames(&c, "web")?;
+            Ok((t.len() == 2).then_some(t))
+        },
+    )?;
+    for addr in &addrs {
+        wait_for(
+            &format!("{addr}:8080 answers"),
+            Duration::from_secs(15),
+            Duration::from_millis(200),
+            || Ok((probe(&c, addr, 8080, 1, "tcp")?.1 == 0).then_some(())),
+        )?;
+    }
+    // Through the node without a task, connections reach both replicas, none fails.
+    let (seen, fail) = probe(&c, &addrs[2], 8080, 40, "tcp")?;
+    ensure!(
+        fail == 0 && seen == replicas,
+        "via h3: {seen:?} (want {replicas:?}), {fail} failed"
+    );
+    // The node itself, to its own address.
+    let out = h3.exec(&["python3", "-c", CLIENT, &addrs[2], "8080", "5", "tcp"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.lines().nth(1) == Some("0"), "h3 to itself: {text}");
+
+    // Port taken: refused with a clear error, nothing created.
+    expect_err(
+        h1,
+        &[
+            "service",
+            "create",
+            "--name",
+            "web2",
+            "--publish",
+            "8080:80",
+            "--",
+            "sleep",
+            "100",
+        ],
+        "port 8080/tcp is already in use by service web",
+    )?;
+    // UDP, and an assigned port.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "dns",
+        "--replicas",
+        "2",
+        "--publish",
+        ":5353/udp",
+        "--constraint",
+        "node.hostname!=h3",
+        "--",
+        "python3",
+        "-c",
+        UDP_SERVER,
+    ])?;
+    let udp_port = published_port(&c, "dns")?;
+    ensure!(
+        (30000..=32767).contains(&udp_port),
+        "assigned port {udp_port}"
+    );
+    let ls = h1.mesh_ok(&["service", "ls"])?;
+    ensure!(
+        ls.contains(&format!("*:{udp_port}->5353/udp")),
+        "service ls: {ls}"
+    );
+    let udp_replicas = wait_for(
+        "dns answers over UDP through h3 from both replicas",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let want = task_hostnames(&c, "dns")?;
+            let (seen, _) = probe(&c, &addrs[2], udp_port, 20, "udp")?;
+            Ok((want.len() == 2 && seen == want).then_some(seen))
+        },
+    )?;
+    eprintln!("udp {udp_port}: {udp_replicas:?}");
+
+    // Host mode: only the task's node listens, straight to the task.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "direct",
+        "--publish",
+        "mode=host,9090:8080",
+        "--constraint",
+        "node.hostname==h2",
+        "--",
+        "python3",
+        "-c",
+        TCP_SERVER,
+    ])?;
+    wait_for(
+        "h2:9090 answers (host mode)",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || Ok((probe(&c, &addrs[1], 9090, 1, "tcp")?.1 == 0).then_some(())),
+    )?;
+    let out = c.client_exec(&["python3", "-c", "import socket,sys\nc=socket.create_connection((sys.argv[1],9090),timeout=2)\nprint(c.recv(200).decode())", &addrs[1]])?;
+    let answer = String::from_utf8_lossy(&out.stdout).to_string();
+    // Host mode keeps the client's address: the task sees 10.99.0.1.
+    ensure!(
+        answer.contains(&c.client_addr().to_string()),
+        "host mode peer: {answer}"
+    );
+    ensure!(
+        probe(&c, &addrs[0], 9090, 1, "tcp")?.1 == 1,
+        "h1 must not answer on 9090"
+    );
+
+    // Scale to 0: the port stops answering (fast, refused); back to 2: it answers again.
+    h1.mesh_ok(&["service", "scale", "web=0"])?;
+    wait_for(
+        "web scaled to 0 stops answering",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || Ok((probe(&c, &addrs[2], 8080, 1, "tcp")?.1 == 1).then_some(())),
+    )?;
+    h1.mesh_ok(&["service", "scale", "web=2"])?;
+    wait_for(
+        "web back at 2 answers through h3 from both",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let want = task_hostnames(&c, "web")?;
+            let (seen, fail) = probe(&c, &addrs[2], 8080, 20, "tcp")?;
+            Ok((want.len() == 2 && fail == 0 && seen == want).then_some(()))
+        },
+    )?;
+
+    // A SIGKILLed daemon's node keeps answering (the kernel holds the rules); restarted, it
+    // adopts its sandbox and tables without duplicating them.
+    h3.kill_daemon()?;
+    let (_, fail) = probe(&c, &addrs[2], 8080, 10, "tcp")?;
+    ensure!(fail == 0, "h3 with meshd dead: {fail} failed");
+    h3.start_daemon()?;
+    wait_for(
+        "h3 answers after its daemon restarted",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let (seen, fail) = probe(&c, &addrs[2], 8080, 20, "tcp")?;
+            Ok((fail == 0 && seen.len() == 2).then_some(()))
+        },
+    )
+    .unwrap();
+    let tables = h3.exec(&["nft", "list", "tables"])?;
+    let tables = String::from_utf8_lossy(&tables.stdout).to_string();
+    ensure!(
+        tables.matches("mesh_ingress").count() == 1,
+        "host tables after restart: {tables}"
+    );
+    let links = String::from_utf8_lossy(&h3.exec(&["ip", "-o", "link"])?.stdout).to_string();
+    ensure!(links.matches("mesh_ingr0").count() == 1, "{links}");
+
+    // rm closes the port on every node.
+    for svc in ["web", "dns", "direct"] {
+        h1.mesh_ok(&["service", "rm", svc])?;
+    }
+    for addr in &addrs {
+        wait_for(
+            &format!("{addr}:8080 closed after rm"),
+            Duration::from_secs(20),
+            Duration::from_millis(300),
+            || Ok((probe(&c, addr, 8080, 1, "tcp")?.1 == 1).then_some(())),
+        )?;
+    }
+    for h in c.hosts() {
+        wait_for(
+            &format!("{}: no published port left in nftables", h.name()),
+            Duration::from_secs(20),
+            Duration::from_millis(300),
+            || {
+                let out = h.exec(&["nft", "list", "table", "ip", "mesh_ingress"])?;
+                let t = String::from_utf8_lossy(&out.stdout).to_string();
+                Ok((!t.contains("8080")
+                    && !t.contains("9090")
+                    && !t.contains(&udp_port.to_string()))
+                .then_some(()))
+            },
+        )?;
+    }
+    Ok(())
+}
