@@ -80,6 +80,23 @@ fn first_task(c: &Cluster, svc: &str, net: &str) -> Result<(String, String, Stri
     )
 }
 
+/// A task to run clients from: service `cli` on appnet; (task name, node).
+fn client_task(c: &Cluster) -> Result<(String, String)> {
+    c.host(1).mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "cli",
+        "--network",
+        "appnet",
+        "--",
+        "sleep",
+        "1000",
+    ])?;
+    let (cli, node, _) = first_task(c, "cli", "appnet")?;
+    Ok((cli, node))
+}
+
 fn running_ips(c: &Cluster, svc: &str, net: &str, n: usize) -> Result<Vec<String>> {
     wait_for(
         &format!("{n} running {svc} tasks"),
@@ -168,18 +185,7 @@ fn nftables_balancer_dnsrr_forwarding_and_bad_packets() -> Result<()> {
             "sleep",
             "1000",
         ])?;
-        h1.mesh_ok(&[
-            "service",
-            "create",
-            "--name",
-            "cli",
-            "--network",
-            "appnet",
-            "--",
-            "sleep",
-            "1000",
-        ])?;
-        let (cli, node, _) = first_task(&c, "cli", "appnet")?;
+        let (cli, node) = client_task(&c)?;
         let vip = vip_of(h1, "echo")?;
         running_ips(&c, "echo", "appnet", 3)?;
         // VIP balancing through nftables in the client's namespace: every replica answers.
@@ -275,18 +281,7 @@ fn scale_down_fails_no_request() -> Result<()> {
         "-c",
         SERVER,
     ])?;
-    h1.mesh_ok(&[
-        "service",
-        "create",
-        "--name",
-        "cli",
-        "--network",
-        "appnet",
-        "--",
-        "sleep",
-        "1000",
-    ])?;
-    let (cli, node, _) = first_task(&c, "cli", "appnet")?;
+    let (cli, node) = client_task(&c)?;
     running_ips(&c, "echo", "appnet", 6)?;
     let dump = || {
         for h in c.hosts() {

@@ -347,38 +347,7 @@ fn nft_apply_echo(ns: &Netns, script: &str) -> Result<String, IngressError> {
         ns: ns.name().to_string(),
         msg,
     };
-    ns.run(|| run_nft(&["-e", "-a", "-f", "-"], script))?
-        .map_err(nft_err)
-}
-
-/// `nft ARGS` with `stdin`, in the calling thread's namespace; its stdout.
-fn run_nft(args: &[&str], stdin: &str) -> Result<String, String> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run nft: {e}"))?;
-    // nft reads the whole script before it runs or prints anything.
-    let wrote = child
-        .stdin
-        .take()
-        .map(|mut pipe| pipe.write_all(stdin.as_bytes()))
-        .unwrap_or(Ok(()));
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "nft {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    wrote.map_err(|e| format!("cannot write to nft: {e}"))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    nft::apply_echo_in(ns, script).map_err(nft_err)
 }
 
 /// `nft -j list table ip mesh_ingress`, or `None` if the table does not exist.

@@ -500,42 +500,27 @@ impl Handle {
         addr: Ipv4Addr,
         prefix: u8,
     ) -> Result<(), NetlinkError> {
-        let index = self.require_index(name).await?;
-        let req = self
-            .inner
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        let msgs: Vec<AddressMessage> = self
-            .call("list", || format!("addresses of {name}"), req.try_collect())
-            .await?;
-        for msg in msgs {
-            let hit = msg.header.prefix_len == prefix
-                && msg.attributes.iter().any(|a| {
-                    matches!(a, AddressAttribute::Local(IpAddr::V4(ip))
-                        | AddressAttribute::Address(IpAddr::V4(ip)) if *ip == addr)
-                });
-            if hit {
-                let req = self.inner.address().del(msg).execute();
-                match self
-                    .call(
-                        "delete",
-                        || format!("address {addr}/{prefix} from {name}"),
-                        req,
-                    )
-                    .await
-                {
-                    Err(e) if e.errno() == Some(libc::EADDRNOTAVAIL) => {}
-                    other => other?,
-                }
+        for msg in self.address_messages(name).await? {
+            if msg.header.prefix_len != prefix || address_of(&msg) != Some(addr) {
+                continue;
+            }
+            let req = self.inner.address().del(msg).execute();
+            match self
+                .call(
+                    "delete",
+                    || format!("address {addr}/{prefix} from {name}"),
+                    req,
+                )
+                .await
+            {
+                Err(e) if e.errno() == Some(libc::EADDRNOTAVAIL) => {}
+                other => other?,
             }
         }
         Ok(())
     }
 
-    /// The IPv4 addresses of link `name`, with their prefix lengths.
-    pub async fn addresses(&self, name: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+    async fn address_messages(&self, name: &str) -> Result<Vec<AddressMessage>, NetlinkError> {
         let index = self.require_index(name).await?;
         let req = self
             .inner
@@ -543,25 +528,18 @@ impl Handle {
             .get()
             .set_link_index_filter(index)
             .execute();
-        let msgs: Vec<AddressMessage> = self
-            .call("list", || format!("addresses of {name}"), req.try_collect())
-            .await?;
-        let mut out = Vec::new();
-        for msg in msgs {
-            let prefix = msg.header.prefix_len;
-            let local = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            let address = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            if let Some(ip) = local.or(address) {
-                out.push((ip, prefix));
-            }
-        }
-        Ok(out)
+        self.call("list", || format!("addresses of {name}"), req.try_collect())
+            .await
+    }
+
+    /// The IPv4 addresses of link `name`, with their prefix lengths.
+    pub async fn addresses(&self, name: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+        Ok(self
+            .address_messages(name)
+            .await?
+            .iter()
+            .filter_map(|m| Some((address_of(m)?, m.header.prefix_len)))
+            .collect())
     }
 
     /// Sets the default route via `gw` (replace semantics: idempotent, and
@@ -863,6 +841,20 @@ fn parse_link(msg: LinkMessage) -> LinkInfo {
         }
     }
     info
+}
+
+/// The IPv4 address of an address message (its local address, else its address).
+fn address_of(msg: &AddressMessage) -> Option<Ipv4Addr> {
+    let local = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+        _ => None,
+    });
+    local.or_else(|| {
+        msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        })
+    })
 }
 
 #[cfg(test)]

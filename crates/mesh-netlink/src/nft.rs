@@ -17,6 +17,13 @@ pub fn apply_in(ns: &Netns, script: &str) -> Result<(), String> {
     ns.run(|| apply(script)).map_err(|e| e.to_string())?
 }
 
+/// As [`apply_in`] with `nft -e -a`: returns what nft echoes (the new objects, with the
+/// handles of new rules), so a caller can delete them later without listing.
+pub fn apply_echo_in(ns: &Netns, script: &str) -> Result<String, String> {
+    ns.run(|| run(&["-e", "-a", "-f", "-"], Some(script)))
+        .map_err(|e| e.to_string())?
+}
+
 /// Runs `nft ARGS` (e.g. `["list", "table", "ip", "t"]`) and returns its stdout.
 pub fn output(args: &[&str]) -> Result<String, String> {
     run(args, None)
