@@ -9,7 +9,12 @@ use mesh_netns::swarm::{join_swarm, leader_name};
 use mesh_netns::{wait_for, Cluster, ClusterOpts, Host};
 
 fn show(h: &Host, args: &[&str]) -> Result<()> {
-    println!("\n$ mesh {}    # on {}", args.join(" "), h.name());
+    // Inline scripts are shown as '<script>' to keep the transcript readable.
+    let shown: Vec<&str> = args
+        .iter()
+        .map(|a| if a.contains('\n') { "'<script>'" } else { a })
+        .collect();
+    println!("\n$ mesh {}    # on {}", shown.join(" "), h.name());
     let out = h.mesh(args)?;
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);
