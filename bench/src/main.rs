@@ -9,15 +9,24 @@
 //! Adding a benchmark: write `src/<name>.rs` with a `pub fn run(args: &[String]) ->
 //! anyhow::Result<()>` and a `pub const ABOUT: &str`, declare the module below and add a
 //! line to [`BENCHES`].
+//!
+//! Two hidden subcommands, `serve-http` and `http-load`, are the HTTP server and load
+//! generator the data-plane benchmarks (`ingress`, `vip`) run inside tasks and namespaces
+//! (see `netload`).
 
 mod api;
+mod dns;
 mod gossip;
+mod ingress;
+mod lb;
+mod netload;
 mod overlay;
 mod raft;
 mod report;
 mod scheduler;
 mod services;
 mod stats;
+mod vip;
 
 use anyhow::{bail, Result};
 
@@ -50,6 +59,26 @@ const BENCHES: &[Bench] = &[
         name: "services",
         about: services::ABOUT,
         run: services::run,
+    },
+    Bench {
+        name: "dns",
+        about: dns::ABOUT,
+        run: dns::run,
+    },
+    Bench {
+        name: "lb",
+        about: lb::ABOUT,
+        run: lb::run,
+    },
+    Bench {
+        name: "ingress",
+        about: ingress::ABOUT,
+        run: ingress::run,
+    },
+    Bench {
+        name: "vip",
+        about: vip::ABOUT,
+        run: vip::run,
     },
     Bench {
         name: "scheduler",
@@ -103,6 +132,12 @@ fn main() -> Result<()> {
     if matches!(name.as_str(), "-h" | "--help" | "help") {
         println!("{}", usage());
         return Ok(());
+    }
+    // Hidden helpers the data-plane benchmarks run inside tasks and namespaces.
+    match name.as_str() {
+        "serve-http" => return netload::serve_http(&args[1..]),
+        "http-load" => return netload::http_load(&args[1..]),
+        _ => {}
     }
     match BENCHES.iter().find(|b| b.name == name) {
         Some(b) => (b.run)(&args[1..]),

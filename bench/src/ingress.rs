@@ -1,0 +1,319 @@
+//! `ingress`: the routing mesh against a straight path, side by side in one run.
+//!
+//! A 3-host netns cluster (h1 manager, h2 and h3 workers). On h1 run two iperf3 servers and
+//! two `mesh-bench serve-http` servers as tasks: one of each published in ingress mode
+//! (`--publish 5201:5201`, `8080:8080`: every node answers), one in host mode
+//! (`--publish mode=host,5202:5201`, `8081:8080`: only h1 answers, DNAT straight to the task).
+//! From the underlay client (10.99.0.1), three paths:
+//!
+//! - **direct**: h1's host-mode port (host DNAT -> task);
+//! - **ingress, same node**: h1's ingress port (host DNAT -> ingress sandbox -> nftables
+//!   numgen DNAT + masquerade -> the task's ingress-network interface on the same host);
+//! - **ingress via other node**: h3's ingress port (h3 has no task: the same path, then the
+//!   VXLAN ingress overlay to h1).
+//!
+//! Measured in interleaved rounds (the order rotates each round): iperf3 throughput (one TCP
+//! stream) and new connections per second (one HTTP/1.0 request per connection, several
+//! client threads, `mesh-bench http-load`). Reports medians, per-round ratios to the direct
+//! path, the machine's CPU shares meanwhile, and a PNG chart (`docs/ingress-bench.png`, made
+//! with gnuplot).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netload::{
+    cluster, list, med, ratios, self_exe, service_on, start, verdict, with_cpu, CpuShare, LoadRuns,
+    Place, LOAD_ALIGN, LOAD_HEADER,
+};
+use crate::report;
+use crate::stats::millis;
+
+pub const ABOUT: &str =
+    "routing mesh vs host-mode publishing from an underlay client: iperf3 and connections/s";
+
+const ROUNDS: usize = 5;
+const IPERF_SECS: u32 = 3;
+const LOAD_SECS: f64 = 2.0;
+const LOAD_THREADS: usize = 4;
+/// Goals for ingress via a node without a task, relative to the direct path.
+const THROUGHPUT_GOAL: f64 = 0.8;
+const RATE_GOAL: f64 = 0.7;
+/// The chart, next to `docs/benchmarks.md`.
+const CHART_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/ingress-bench.png");
+const CHART_NAME: &str = "ingress-bench.png";
+
+/// One way from the client to the servers on h1.
+struct Route {
+    label: &'static str,
+    /// The label under its bars in the chart (gnuplot string, `\n` breaks the line).
+    tic: &'static str,
+    /// Index of the host whose address the client connects to.
+    host: usize,
+    iperf_port: u16,
+    http_port: u16,
+}
+
+const ROUTES: [Route; 3] = [
+    Route {
+        label: "direct (host mode, h1)",
+        tic: "direct\\n(host mode, h1)",
+        host: 1,
+        iperf_port: 5202,
+        http_port: 8081,
+    },
+    Route {
+        label: "ingress, same node (h1)",
+        tic: "ingress,\\nsame node (h1)",
+        host: 1,
+        iperf_port: 5201,
+        http_port: 8080,
+    },
+    Route {
+        label: "ingress via other node (h3)",
+        tic: "ingress via\\nother node (h3)",
+        host: 3,
+        iperf_port: 5201,
+        http_port: 8080,
+    },
+];
+
+/// Everything measured on one route.
+#[derive(Default)]
+struct Samples {
+    gbits: Vec<f64>,
+    iperf_cpu: Vec<CpuShare>,
+    conns: LoadRuns,
+}
+
+fn measure() -> Result<Vec<Samples>> {
+    let c = cluster(3, "bench-ingress", &[])?;
+    let h1 = c.host(1);
+    let exe = self_exe()?;
+    let iperf = ["iperf3", "-s", "-p", "5201"];
+    let http = [exe.as_str(), "serve-http", "8080"];
+    service_on(h1, "iperf-mesh", "h1", &["--publish", "5201:5201"], &iperf)?;
+    service_on(
+        h1,
+        "iperf-host",
+        "h1",
+        &["--publish", "mode=host,5202:5201"],
+        &iperf,
+    )?;
+    service_on(h1, "http-mesh", "h1", &["--publish", "8080:8080"], &http)?;
+    service_on(
+        h1,
+        "http-host",
+        "h1",
+        &["--publish", "mode=host,8081:8080"],
+        &http,
+    )?;
+    let client = Place::Underlay(&c);
+    client.widen_ports()?;
+    let addrs: Vec<String> = ROUTES
+        .iter()
+        .map(|r| c.host(r.host).addr().to_string())
+        .collect();
+    for (r, addr) in ROUTES.iter().zip(&addrs) {
+        client.wait_http(addr, r.http_port)?;
+        client.wait_iperf(addr, r.iperf_port)?;
+    }
+    let mut out: Vec<Samples> = ROUTES.iter().map(|_| Samples::default()).collect();
+    for round in 0..ROUNDS {
+        let order: Vec<usize> = (0..ROUTES.len())
+            .map(|i| (i + round) % ROUTES.len())
+            .collect();
+        for &i in &order {
+            let (g, cpu) = with_cpu(|| client.iperf(&addrs[i], ROUTES[i].iperf_port, IPERF_SECS))?;
+            out[i].gbits.push(g);
+            out[i].iperf_cpu.push(cpu);
+        }
+        for &i in &order {
+            out[i].conns.push(with_cpu(|| {
+                client.load(&addrs[i], ROUTES[i].http_port, LOAD_SECS, LOAD_THREADS)
+            })?);
+        }
+        for (r, s) in ROUTES.iter().zip(&out) {
+            let l = s.conns.loads[round];
+            eprintln!(
+                "round {round}: {:<28} {:6.2} Gbit/s  {:7.0} conn/s  p99 {}  errors {}",
+                r.label,
+                s.gbits[round],
+                l.rate,
+                millis(l.p99),
+                l.errors
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Draws the bar chart with gnuplot into `path`: per route, its tic label, Gbit/s, conn/s.
+fn chart(path: &Path, rows: &[(&str, f64, f64)]) -> Result<()> {
+    let mut data = String::new();
+    let mut tics = Vec::new();
+    for (i, (label, g, r)) in rows.iter().enumerate() {
+        data.push_str(&format!("{g:.3} {r:.0}\n"));
+        tics.push(format!("\"{label}\" {i}"));
+    }
+    let script = format!(
+        r##"set terminal pngcairo size 1000,440 font "sans,10"
+set output '{out}'
+$d << EOD
+{data}EOD
+set multiplot layout 1,2 title "Routing mesh vs direct (host mode): 3 netns hosts, client on the underlay ({when})"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.8
+set yrange [0:*]
+set offsets 0,0,graph 0.12,0
+set grid ytics
+set xtics noenhanced font ",9" ({tics})
+set bmargin 4
+set xrange [-0.6:2.6]
+unset key
+set title "TCP throughput (iperf3, 1 stream)"
+set ylabel "Gbit/s"
+plot $d using 1 lc rgb "#4477aa", '' using 0:1:(sprintf("%.2f", $1)) with labels offset 0,0.8
+set title "New connections per second (1 HTTP request each)"
+set ylabel "connections/s"
+plot $d using 2 lc rgb "#ee6677", '' using 0:2:(sprintf("%.0f", $2)) with labels offset 0,0.8
+unset multiplot
+"##,
+        out = path.display(),
+        when = report::utc_now(),
+        tics = tics.join(", "),
+    );
+    let mut child = Command::new("gnuplot")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running gnuplot (Debian package gnuplot-nox)")?;
+    child
+        .stdin
+        .take()
+        .context("gnuplot stdin")?
+        .write_all(script.as_bytes())?;
+    let o = child.wait_with_output()?;
+    if !o.status.success() {
+        bail!("gnuplot failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let Some(start) = start("ingress", ABOUT, args)? else {
+        return Ok(());
+    };
+    let (write, load) = (start.write_docs, start.load);
+    let s = measure()?;
+    let (direct, same, other) = (&s[0], &s[1], &s[2]);
+    let g_other = ratios(&other.gbits, &direct.gbits);
+    let g_same = ratios(&same.gbits, &direct.gbits);
+    let r_other = ratios(&other.conns.rates(), &direct.conns.rates());
+    let r_same = ratios(&same.conns.rates(), &direct.conns.rates());
+
+    let mut t = String::from("## Ingress: routing mesh vs direct\n\n");
+    t.push_str(&format!(
+        "Measured {} on {} (load average {load:.1} before the run: other work shares these CPUs, \
+hence the interleaved rounds and per-round ratios). Reproduce with `cargo xtask bench ingress` (needs iperf3 and gnuplot). \
+A 3-host netns cluster; on h1 an iperf3 server and a `mesh-bench serve-http` server (HTTP/1.0, \
+the server closes each connection) published twice: in ingress mode (every node answers) and \
+in host mode (only h1, DNAT straight to the task). From the underlay client: **direct** = h1's \
+host-mode port; **ingress, same node** = h1's ingress port (host DNAT -> ingress sandbox -> \
+numgen DNAT + masquerade -> the task); **ingress via other node** = h3's ingress port (h3 has \
+no task: the same, plus the VXLAN ingress overlay to h1). {ROUNDS} interleaved rounds of \
+iperf3 (1 TCP stream, {IPERF_SECS} s) and of new connections ({LOAD_THREADS} client threads, \
+{LOAD_SECS} s, one request per connection); medians. Machine CPU = share of all CPUs busy \
+during the measurement (client, servers and packet processing all share them); CPU per conn = \
+that CPU time divided by the connections made.\n\n",
+        report::utc_now(),
+        report::machine()
+    ));
+    t.push_str(&format!(
+        "| path | Gbit/s | machine CPU during iperf3 | {LOAD_HEADER} |\n|---|---:|---|{LOAD_ALIGN}|\n"
+    ));
+    for (r, x) in ROUTES.iter().zip(&s) {
+        t.push_str(&format!(
+            "| {} | {:.2} | {} | {} |\n",
+            r.label,
+            med(&x.gbits),
+            CpuShare::mean(&x.iperf_cpu).describe(),
+            x.conns.cells(),
+        ));
+    }
+    let (go, ro) = (med(&g_other), med(&r_other));
+    t.push_str(&format!(
+        "\nIngress via other node / direct: throughput **{go:.2}** (rounds {}; goal >= {THROUGHPUT_GOAL}: {}), \
+connections/s **{ro:.2}** (rounds {}; goal >= {RATE_GOAL}: {}).\n\
+Ingress same node / direct: throughput {:.2} (rounds {}), connections/s {:.2} (rounds {}).\n\n\
+All paths share the same 2 CPUs: the client, the kernels of the three simulated hosts and the \
+servers. The connection test keeps them busy, so connections/s is about the inverse of the \
+machine CPU one connection costs (last column); via h3, that cost adds a DNAT and a conntrack \
+entry in h3's namespace, a second DNAT + masquerade with its own conntrack entry in the ingress \
+sandbox, VXLAN encapsulation and the UDP send through h3's stack, VXLAN receive on h1, two more \
+bridges and more veth crossings, all charged to the CPUs the direct path spends on client and \
+server alone (on separate machines h3's part would run on h3). One iperf3 stream is bound by the \
+CPU that runs the sender and, in softirq, the forwarding hops its packets take; the ingress paths \
+also carry a smaller MSS (1398 instead of 1448: the ingress overlay's MTU is 1450).\n",
+        list(&g_other, 2),
+        verdict(go, THROUGHPUT_GOAL),
+        list(&r_other, 2),
+        verdict(ro, RATE_GOAL),
+        med(&g_same),
+        list(&g_same, 2),
+        med(&r_same),
+        list(&r_same, 2),
+    ));
+    let rows: Vec<(&str, f64, f64)> = ROUTES
+        .iter()
+        .zip(&s)
+        .map(|(r, x)| (r.tic, med(&x.gbits), med(&x.conns.rates())))
+        .collect();
+    let png = if write {
+        PathBuf::from(CHART_PATH)
+    } else {
+        std::env::temp_dir().join(CHART_NAME)
+    };
+    match chart(&png, &rows) {
+        Ok(()) => {
+            eprintln!("chart: {}", png.display());
+            t.push_str(&format!("\n![ingress benchmark chart]({CHART_NAME})\n"));
+        }
+        Err(e) => eprintln!("no chart: {e:#}"),
+    }
+    println!("{t}");
+    if write {
+        report::write_section("ingress", &t)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_is_a_png() -> Result<()> {
+        if Command::new("gnuplot").arg("--version").output().is_err() {
+            eprintln!("no gnuplot: skipped");
+            return Ok(());
+        }
+        let path = std::env::temp_dir().join(format!("ingress-chart-{}.png", std::process::id()));
+        let rows: Vec<(&str, f64, f64)> = ROUTES
+            .iter()
+            .zip([(10.0, 23000.0), (9.9, 17000.0), (9.0, 13000.0)])
+            .map(|(r, (g, c))| (r.tic, g, c))
+            .collect();
+        chart(&path, &rows)?;
+        let bytes = std::fs::read(&path)?;
+        if std::env::var_os("KEEP_CHART").is_none() {
+            std::fs::remove_file(&path)?;
+        }
+        assert!(bytes.starts_with(b"\x89PNG"), "not a PNG");
+        Ok(())
+    }
+}
