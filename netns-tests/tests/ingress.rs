@@ -225,6 +225,26 @@ fn published_ports_answer_on_every_node() -> Result<()> {
         probe(&c, &addrs[0], 9090, 1, "tcp")?.1 == 1,
         "h1 must not answer on 9090"
     );
+    // A second replica of a host-mode port cannot share h2: it waits, saying why.
+    h1.mesh_ok(&["service", "scale", "--detach", "direct=2"])?;
+    wait_for(
+        "the second host-mode replica pending on the port",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || {
+            let rows = h1.mesh_json(&["service", "ps", "direct"])?;
+            Ok(rows
+                .as_array()
+                .is_some_and(|r| {
+                    r.iter().any(|t| {
+                        t["Error"]
+                            .as_str()
+                            .is_some_and(|e| e.contains("host-mode port in use"))
+                    })
+                })
+                .then_some(()))
+        },
+    )?;
 
     // Scale to 0: the port stops answering (fast, refused); back to 2: it answers again.
     h1.mesh_ok(&["service", "scale", "web=0"])?;

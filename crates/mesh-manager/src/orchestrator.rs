@@ -509,7 +509,19 @@ impl Orchestrator {
             }
             let mut replicated = replicated;
             replicated.sort_by_key(|t| (t.slot, t.created_at));
-            let picks = sched.place(svc_id, &constraints, &svc.spec.resources, replicated.len());
+            // A host-mode port can be bound once per node.
+            let host_ports = svc
+                .spec
+                .ports
+                .iter()
+                .any(|p| p.mode == mesh_api::PublishMode::Host);
+            let picks = sched.place_with(
+                svc_id,
+                &constraints,
+                &svc.spec.resources,
+                replicated.len(),
+                host_ports,
+            );
             for (t, pick) in replicated.into_iter().zip(picks) {
                 match pick {
                     Ok(node) => out.push(Assignment {

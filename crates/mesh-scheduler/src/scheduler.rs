@@ -11,7 +11,10 @@
 //! 2. it satisfies every [`Constraint`] of the service;
 //! 3. it has the resources: for CPU and memory separately, when both the task's limit and the
 //!    node's capacity ([`Node::resources`]) are known (non-zero), the limits of the tasks
-//!    already on the node plus this task's limit must not exceed the capacity.
+//!    already on the node plus this task's limit must not exceed the capacity;
+//! 4. for a service publishing a port in host mode ([`Scheduler::place_with`]), it does not
+//!    run a task of that service yet: the port can be bound once per node (published ports
+//!    are unique in the cluster, so only the service's own tasks can collide).
 //!
 //! The resource check is a simple reservation model: a task reserves its *limits*
 //! ([`ServiceSpec::resources`](mesh_api::ServiceSpec)) on its node for as long as it is not in
@@ -68,6 +71,7 @@ enum Rejection {
     Unavailable,
     Constraints,
     Resources,
+    HostPort,
 }
 
 /// How many nodes each filter turned away, for the "no suitable node" message.
@@ -76,6 +80,7 @@ struct Rejections {
     unavailable: usize,
     constraints: usize,
     resources: usize,
+    host_port: usize,
 }
 
 impl Rejections {
@@ -84,6 +89,7 @@ impl Rejections {
             Rejection::Unavailable => self.unavailable += 1,
             Rejection::Constraints => self.constraints += 1,
             Rejection::Resources => self.resources += 1,
+            Rejection::HostPort => self.host_port += 1,
         }
     }
 
@@ -117,6 +123,13 @@ impl Rejections {
                 self.resources,
                 "has insufficient resources",
                 "have insufficient resources",
+            ));
+        }
+        if self.host_port > 0 {
+            parts.push(count(
+                self.host_port,
+                "has the host-mode port in use",
+                "have the host-mode port in use",
             ));
         }
         if parts.is_empty() {
@@ -222,6 +235,19 @@ impl Scheduler {
         resources: &Resources,
         count: usize,
     ) -> Vec<Result<String, String>> {
+        self.place_with(service_id, constraints, resources, count, false)
+    }
+
+    /// [`Scheduler::place`], and with `one_per_node` (a service publishing a port in host
+    /// mode) a node that runs a task of the service already is not eligible.
+    pub fn place_with(
+        &mut self,
+        service_id: &str,
+        constraints: &[Constraint],
+        resources: &Resources,
+        count: usize,
+        one_per_node: bool,
+    ) -> Vec<Result<String, String>> {
         let mut out = Vec::with_capacity(count);
         if count == 0 {
             return out;
@@ -230,11 +256,10 @@ impl Scheduler {
         let mut service = self.by_service.remove(service_id).unwrap_or_default();
         let mut eligible = Vec::with_capacity(self.nodes.len());
         for (i, slot) in self.nodes.iter().enumerate() {
+            let same = service.get(&i).copied().unwrap_or(0);
             match slot.check(constraints, resources) {
-                Ok(()) => {
-                    let same = service.get(&i).copied().unwrap_or(0);
-                    eligible.push(Reverse((same, slot.tasks, i)));
-                }
+                Ok(()) if one_per_node && same > 0 => why.add(Rejection::HostPort),
+                Ok(()) => eligible.push(Reverse((same, slot.tasks, i))),
                 Err(r) => why.add(r),
             }
         }
@@ -248,7 +273,9 @@ impl Scheduler {
             slot.reserve(resources);
             *service.entry(i).or_insert(0) += 1;
             out.push(Ok(slot.node.id.clone()));
-            if slot.fits(resources) {
+            if one_per_node {
+                why.host_port += 1;
+            } else if slot.fits(resources) {
                 heap.push(Reverse((same + 1, total + 1, i)));
             } else {
                 why.resources += 1;
@@ -404,6 +431,25 @@ mod tests {
             .iter()
             .map(|r| r.as_deref().unwrap_or_else(|e| panic!("not placed: {e}")))
             .collect()
+    }
+
+    #[test]
+    fn host_mode_ports_take_one_node_each() {
+        let nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| node(n)).collect();
+        let mut s = Scheduler::new(nodes.iter(), std::iter::empty());
+        let got = s.place_with("web", &[], &Resources::default(), 4, true);
+        let ok: Vec<&String> = got.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(ok, vec!["a", "b", "c"]);
+        assert_eq!(
+            got[3].as_ref().unwrap_err(),
+            "no suitable node (3 nodes have the host-mode port in use)"
+        );
+        // Without host ports, a fourth task simply doubles up.
+        let mut s = Scheduler::new(nodes.iter(), std::iter::empty());
+        assert!(s
+            .place("web", &[], &Resources::default(), 4)
+            .iter()
+            .all(|r| r.is_ok()));
     }
 
     #[test]
