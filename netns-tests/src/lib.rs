@@ -30,6 +30,7 @@ mod cgroups;
 mod cluster;
 mod host;
 mod process;
+pub mod serial;
 pub mod swarm;
 
 use std::time::{Duration, Instant};

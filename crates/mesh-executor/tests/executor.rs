@@ -1612,7 +1612,6 @@ fn main() {
     if !root_or_skip() {
         return;
     }
-    let filters: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
     let tests: &[(&str, TestFn)] = &[
         (
             "namespaces_env_resolv_and_output",
@@ -1650,27 +1649,5 @@ fn main() {
             netns_holder_survives_ip_netns_exec_restarts,
         ),
     ];
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let t = Instant::now();
-        let res =
-            catch_unwind(AssertUnwindSafe(test)).unwrap_or_else(|_| Err("panicked".to_string()));
-        match res {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({:?})", t.elapsed());
-            }
-            Err(e) => {
-                failed += 1;
-                println!("test {name} ... FAILED ({:?})\n    {e}", t.elapsed());
-            }
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    mesh_netns::serial::run_serial(tests);
 }

@@ -18,7 +18,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -754,8 +753,6 @@ fn main() {
     if !can_run() {
         return;
     }
-    let args: Vec<String> = std::env::args().collect();
-    let filters: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
     let tests: &[(&str, TestFn)] = &[
         (
             "tcp_spreads_over_all_backends",
@@ -780,27 +777,5 @@ fn main() {
             recovers_from_a_dead_session_and_tampering,
         ),
     ];
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let t = Instant::now();
-        let res =
-            catch_unwind(AssertUnwindSafe(test)).unwrap_or_else(|_| Err("panicked".to_string()));
-        match res {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({:?})", t.elapsed());
-            }
-            Err(e) => {
-                failed += 1;
-                println!("test {name} ... FAILED ({:?})\n    {e}", t.elapsed());
-            }
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    mesh_netns::serial::run_serial(tests);
 }

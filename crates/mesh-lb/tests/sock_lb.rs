@@ -18,7 +18,6 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -891,7 +890,6 @@ fn main() {
     if !can_run() {
         return;
     }
-    let filters: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
     let tests: &[(&str, TestFn)] = &[
         (
             "tcp_spreads_and_follows_updates",
@@ -912,27 +910,5 @@ fn main() {
         ("drop_leaves_nothing", drop_leaves_nothing),
         ("pinned_maps_survive_a_reload", pinned_maps_survive_a_reload),
     ];
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let t = Instant::now();
-        let res =
-            catch_unwind(AssertUnwindSafe(test)).unwrap_or_else(|_| Err("panicked".to_string()));
-        match res {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({:?})", t.elapsed());
-            }
-            Err(e) => {
-                failed += 1;
-                println!("test {name} ... FAILED ({:?})\n    {e}", t.elapsed());
-            }
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    mesh_netns::serial::run_serial(tests);
 }
