@@ -239,20 +239,8 @@ pub fn plan(
             None => elems_add.push(format!("{} : goto {chain}", key_elem(key))),
         }
     }
-    if !elems_del.is_empty() {
-        let _ = writeln!(
-            up,
-            "delete element ip {t} {SANDBOX_MAP} {{ {} }}",
-            elems_del.join(", ")
-        );
-    }
-    if !elems_add.is_empty() {
-        let _ = writeln!(
-            up,
-            "add element ip {t} {SANDBOX_MAP} {{ {} }}",
-            elems_add.join(", ")
-        );
-    }
+    elements(&mut up, "delete", SANDBOX_MAP, &elems_del);
+    elements(&mut up, "add", SANDBOX_MAP, &elems_add);
 
     let mut h = if base { host_base(cfg) } else { String::new() };
     let gone: Vec<String> = host
@@ -261,50 +249,26 @@ pub fn plan(
         .filter(|k| !published.contains_key(k))
         .map(key_elem)
         .collect();
-    if !gone.is_empty() {
-        let _ = writeln!(
-            h,
-            "delete element ip {t} {HOST_SET} {{ {} }}",
-            gone.join(", ")
-        );
-    }
+    elements(&mut h, "delete", HOST_SET, &gone);
     let added: Vec<String> = published
         .keys()
         .filter(|k| !host.published.contains(k))
         .map(key_elem)
         .collect();
-    if !added.is_empty() {
-        let _ = writeln!(
-            h,
-            "add element ip {t} {HOST_SET} {{ {} }}",
-            added.join(", ")
-        );
-    }
+    elements(&mut h, "add", HOST_SET, &added);
     let hp_gone: Vec<String> = host
         .host_ports
         .iter()
         .filter(|(k, v)| host_ports.get(k) != Some(v))
         .map(|(k, _)| key_elem(k))
         .collect();
-    if !hp_gone.is_empty() {
-        let _ = writeln!(
-            h,
-            "delete element ip {t} {HOST_MAP} {{ {} }}",
-            hp_gone.join(", ")
-        );
-    }
+    elements(&mut h, "delete", HOST_MAP, &hp_gone);
     let hp_added: Vec<String> = host_ports
         .iter()
         .filter(|(k, v)| host.host_ports.get(k) != Some(v))
         .map(|(k, (ip, port))| format!("{} : {ip} . {port}", key_elem(k)))
         .collect();
-    if !hp_added.is_empty() {
-        let _ = writeln!(
-            h,
-            "add element ip {t} {HOST_MAP} {{ {} }}",
-            hp_added.join(", ")
-        );
-    }
+    elements(&mut h, "add", HOST_MAP, &hp_added);
 
     let mut rm = String::new();
     let stale_elems: Vec<String> = sbox
@@ -313,13 +277,7 @@ pub fn plan(
         .filter(|k| !published.contains_key(k))
         .map(key_elem)
         .collect();
-    if !stale_elems.is_empty() {
-        let _ = writeln!(
-            rm,
-            "delete element ip {t} {SANDBOX_MAP} {{ {} }}",
-            stale_elems.join(", ")
-        );
-    }
+    elements(&mut rm, "delete", SANDBOX_MAP, &stale_elems);
     for chain in sbox.chains.keys() {
         let wanted = published
             .keys()
@@ -339,6 +297,17 @@ pub fn plan(
 /// checks first.
 pub fn delete_table() -> String {
     format!("delete table ip {TABLE}\n")
+}
+
+/// Appends `VERB element ip mesh_ingress SET { items }` to `out`, unless `items` is empty.
+fn elements(out: &mut String, verb: &str, set: &str, items: &[String]) {
+    if !items.is_empty() {
+        let _ = writeln!(
+            out,
+            "{verb} element ip {TABLE} {set} {{ {} }}",
+            items.join(", ")
+        );
+    }
 }
 
 #[cfg(test)]
