@@ -150,6 +150,12 @@ struct TaskNs {
     lo_vips: BTreeSet<Ipv4Addr>,
 }
 
+impl TaskNs {
+    fn alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
 /// The plane: a cheap handle on shared state.
 pub struct Plane(Arc<Inner>);
 
@@ -407,9 +413,7 @@ impl Inner {
                 tokio::time::timeout(Duration::from_millis(5), events.recv()).await
             {}
             // Namespaces of tasks that finished draining go once their process is gone.
-            let drained = lock(&self.tasks)
-                .values()
-                .any(|ns| !Path::new(&format!("/proc/{}", ns.pid)).exists());
+            let drained = lock(&self.tasks).values().any(|ns| !ns.alive());
             let local = lock(&self.local).clone();
             let res = if let (true, Some(running)) = (drained, local) {
                 let _seq = self.local_seq.lock().await;
@@ -544,9 +548,20 @@ impl Inner {
     /// Host-mode ports of the local running tasks: straight to the task's gateway-bridge
     /// address.
     fn host_ports(&self, overlay: &Overlay) -> Vec<mesh_ingress::HostPort> {
+        let local = lock(&self.local);
+        let publishing: Vec<&Task> = local
+            .iter()
+            .flatten()
+            .map(|(t, _)| t)
+            .filter(|t| t.spec.ports.iter().any(|p| p.mode == PublishMode::Host))
+            .collect();
+        if publishing.is_empty() {
+            // The common case on every gossip event: no lease file to read.
+            return Vec::new();
+        }
         let leases = overlay.gateway_leases().unwrap_or_default();
         let mut out = Vec::new();
-        for (t, _) in lock(&self.local).iter().flatten() {
+        for t in publishing {
             let Some(dest) = leases.get(&t.id) else {
                 continue;
             };
@@ -604,10 +619,7 @@ impl Inner {
         {
             let mut tasks = lock(&self.tasks);
             // Gone processes are dropped by the next `set_local` pass (see `events_loop`).
-            for (id, ns) in tasks
-                .iter_mut()
-                .filter(|(_, ns)| Path::new(&format!("/proc/{}", ns.pid)).exists())
-            {
+            for (id, ns) in tasks.iter_mut().filter(|(_, ns)| ns.alive()) {
                 let want: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> = vips
                     .iter()
                     .filter(|(_, i)| ns.nets.contains(&i.network_id))
@@ -864,7 +876,7 @@ impl Inner {
             }
             // Tasks withdrawn but still draining keep their plumbing until they exit.
             let mut tasks = lock(&self.tasks);
-            tasks.retain(|_, ns| Path::new(&format!("/proc/{}", ns.pid)).exists());
+            tasks.retain(|_, ns| ns.alive());
             for (id, ns) in tasks.iter() {
                 keep.extend(&ns.vnis);
                 ids.insert(id.clone());
