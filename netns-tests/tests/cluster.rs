@@ -368,8 +368,31 @@ fn tokens_are_checked_and_nodes_are_managed() -> Result<()> {
     expect_err(h1, &["node", "rm", "h3"], "is not down")?;
 
     // A worker leaves: shown Down, then removable.
+    // Before leaving it has its routing mesh (ingress sandbox, nftables, veth to the sandbox).
+    let ingress_parts = |h: &mesh_netns::Host| -> Result<(bool, bool, bool)> {
+        let tables = h.exec(&["nft", "list", "tables"])?;
+        let links = h.exec(&["ip", "-o", "link"])?;
+        Ok((
+            String::from_utf8_lossy(&tables.stdout).contains("mesh_ingress"),
+            String::from_utf8_lossy(&links.stdout).contains("mesh_ingr0"),
+            h.exec_root().join("netns/ingress_sbox.json").exists(),
+        ))
+    };
+    wait_for(
+        "h3's routing mesh set up",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || Ok((ingress_parts(h3)? == (true, true, true)).then_some(())),
+    )?;
     h3.mesh_ok(&["swarm", "leave"])?;
     ensure!(info(h3)?["swarm"] == "inactive");
+    // Leaving takes it all down: no table, no veth, no sandbox namespace.
+    wait_for(
+        "h3's routing mesh gone after leaving",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || Ok((ingress_parts(h3)? == (false, false, false)).then_some(())),
+    )?;
     wait_for(
         "h3 Down after leaving",
         Duration::from_secs(10),
