@@ -38,3 +38,33 @@ pub fn run_serial(tests: &[(&str, SerialTest)]) {
         std::process::exit(1);
     }
 }
+
+/// What a serial test returns.
+pub type TestResult = Result<(), String>;
+
+/// `ensure!(cond, "fmt", args...)` for serial tests: returns `Err("file:line: message")`.
+#[macro_export]
+macro_rules! serial_ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)+)));
+        }
+    };
+}
+
+/// `Result<T, E: Display>` -> `Result<T, String>` with context, for serial tests.
+pub trait Ctx<T> {
+    fn ctx(self, what: &str) -> Result<T, String>;
+}
+
+impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
+    fn ctx(self, what: &str) -> Result<T, String> {
+        self.map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+impl<T> Ctx<T> for Option<T> {
+    fn ctx(self, what: &str) -> Result<T, String> {
+        self.ok_or_else(|| format!("{what}: none"))
+    }
+}

@@ -28,37 +28,14 @@ use mesh_executor::{
     DEFAULT_PATH,
 };
 
-type TestResult = Result<(), String>;
+use mesh_netns::serial::{Ctx, TestResult};
+use mesh_netns::serial_ensure as ensure;
+
 type TestFn = fn() -> TestResult;
 
 /// `argv[1]` of the child mode used by the `ip netns exec` test.
 const CHILD_ARG: &str = "__executor_test_child";
 const RESOLV: &str = "nameserver 127.0.0.11\noptions ndots:0\n";
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)+)));
-        }
-    };
-}
-
-/// `Result<T, E: Display>` -> `Result<T, String>` with context.
-trait Ctx<T> {
-    fn ctx(self, what: &str) -> Result<T, String>;
-}
-
-impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
-    fn ctx(self, what: &str) -> Result<T, String> {
-        self.map_err(|e| format!("{what}: {e}"))
-    }
-}
-
-impl<T> Ctx<T> for Option<T> {
-    fn ctx(self, what: &str) -> Result<T, String> {
-        self.ok_or_else(|| format!("{what}: none"))
-    }
-}
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

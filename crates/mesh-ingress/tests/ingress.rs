@@ -51,26 +51,8 @@ const TCP_TARGET: u16 = 8080;
 const UDP_TARGET: u16 = 5353;
 const OVERLAY_MTU: u32 = 1450;
 
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)+)));
-        }
-    };
-}
-
-/// `Result<T, E: Display>` -> `Result<T, String>` with context.
-trait Ctx<T> {
-    fn ctx(self, what: &str) -> Result<T, String>;
-}
-
-impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
-    fn ctx(self, what: &str) -> Result<T, String> {
-        self.map_err(|e| format!("{what}: {e}"))
-    }
-}
-
-type TestResult = Result<(), String>;
+use mesh_netns::serial::{Ctx, TestResult};
+use mesh_netns::serial_ensure as ensure;
 
 // ---------------------------------------------------------------------------
 // The lab

@@ -36,26 +36,8 @@ const SERVERS: [(&str, Ipv4Addr); 3] = [
     ("s3", Ipv4Addr::new(10, 77, 0, 13)),
 ];
 
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)+)));
-        }
-    };
-}
-
-/// `Result<T, E: Display>` -> `Result<T, String>` with context.
-trait Ctx<T> {
-    fn ctx(self, what: &str) -> Result<T, String>;
-}
-
-impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
-    fn ctx(self, what: &str) -> Result<T, String> {
-        self.map_err(|e| format!("{what}: {e}"))
-    }
-}
-
-type TestResult = Result<(), String>;
+use mesh_netns::serial::{Ctx, TestResult};
+use mesh_netns::serial_ensure as ensure;
 
 fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(cmd).args(args).output().ctx(cmd)?;

@@ -32,26 +32,8 @@ const CHILD_ARG: &str = "__mesh_lb_test_child";
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 1);
 const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)+)));
-        }
-    };
-}
-
-/// `Result<T, E: Display>` -> `Result<T, String>` with context.
-trait Ctx<T> {
-    fn ctx(self, what: &str) -> Result<T, String>;
-}
-
-impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
-    fn ctx(self, what: &str) -> Result<T, String> {
-        self.map_err(|e| format!("{what}: {e}"))
-    }
-}
-
-type TestResult = Result<(), String>;
+use mesh_netns::serial::{Ctx, TestResult};
+use mesh_netns::serial_ensure as ensure;
 
 // ---------------------------------------------------------------------------
 // The lab: a namespace, a cgroup, servers, clients
