@@ -168,9 +168,8 @@ struct Inner {
     lb_vips: Mutex<BTreeMap<Ipv4Addr, VipInfo>>,
     /// Per task ID, its namespace's plumbing (dropped once the process is gone).
     tasks: Mutex<BTreeMap<String, TaskNs>>,
-    /// The running set given before the plane was up, applied once it is.
-    pending_local: Mutex<Option<Vec<(Task, u32)>>>,
-    /// The local running set last given, for host-mode ports.
+    /// The local running set last given (applied when the plane starts, if given before;
+    /// read for host-mode ports and the drained-task pass).
     /// `None` until the agent first said what runs here: nothing is garbage-collected before.
     local: Mutex<Option<Vec<(Task, u32)>>>,
     /// This node's ingress attachment, from the leader.
@@ -254,7 +253,6 @@ impl Plane {
             lb,
             lb_vips: Mutex::new(BTreeMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
-            pending_local: Mutex::new(None),
             local: Mutex::new(None),
             ingress_att: Mutex::new(ingress_att),
             net_names: Mutex::new(BTreeMap::new()),
@@ -378,8 +376,8 @@ impl Inner {
         // The agent may have told us what runs here before we were up.
         // (Nothing is collected before the agent said what runs here: a restarted daemon
         // must not remove the namespaces of the tasks it is about to adopt.)
-        let pending = lock(&self.pending_local).take();
-        if let Some(running) = pending {
+        let given = lock(&self.local).clone();
+        if let Some(running) = given {
             let _seq = self.local_seq.lock().await;
             if let Err(e) = self.set_local_async(running).await {
                 warn!("network plane: {e}");
@@ -759,8 +757,7 @@ impl Inner {
         *lock(&self.local) = Some(running.clone());
         let mut guard = self.running.lock().await;
         let Some(r) = guard.as_mut() else {
-            // Not started yet (gossip still binding): apply it once started.
-            *lock(&self.pending_local) = Some(running);
+            // Not started yet (gossip still binding): `start_async` applies `local`.
             return Ok(());
         };
         // Tasks a restarted daemon adopted have no DNS sockets or balancer yet.
