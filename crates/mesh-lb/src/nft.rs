@@ -68,11 +68,32 @@
 //!
 //! # Changes
 //!
-//! Every change is one nftables transaction (atomic: a packet sees the old set or the new
-//! one, never a mix or a hole). A backend replaced is `delete element` + `add element` of
-//! its slot; backends that stay keep their slots; a new backend count also replaces the
-//! `vips` element (and creates `lb_N` once). [`NftLb::sync`] and [`NftLb::apply_batch`]
-//! put all the differences in one transaction.
+//! Every change is one nftables transaction. A backend replaced is `delete element` + `add
+//! element` of its slot; backends that stay keep their slots; a new backend count also
+//! replaces the `vips` element. [`NftLb::sync`] and [`NftLb::apply_batch`] put all the
+//! differences in one transaction.
+//!
+//! A transaction is atomic for each lookup, but **not for a packet as a whole**: the
+//! packet path reads the rule generation once, when it enters the base chain, while every
+//! map lookup uses the generation current at that instant (`nft_do_chain` and the set
+//! backends' `lookup`, Linux 6.x). A packet crossing a commit can therefore take the verdict
+//! `goto lb_3` of the old generation and look up its slot `VIP . 2` in the new one, or take
+//! a new verdict `goto lb_2` and run the *old* generation's rules of `lb_2`. Deleting
+//! `VIP . 2` in the transaction that lowers the count from 3, or pointing a VIP at a chain
+//! created in the same transaction, made such a packet miss: no DNAT, the connection
+//! reached the VIP on `lo` and was refused (about one connect in a few thousand changes,
+//! found by `changes_under_load_lose_nothing`). Two rules close the window:
+//!
+//! - **a slot is never deleted by the transaction that lowers its VIP's count** (or removes
+//!   the VIP): it *lingers*, still pointing at its old backend (which drains before it
+//!   stops), and the next transaction deletes it, when no verdict of the generation before
+//!   can index it any more (or rewrites it, if the count grew back);
+//! - **`lb_N` is created in a transaction of its own**, before the one that first points a
+//!   VIP at it; the kernel gives the chain's rules to both generations at the following
+//!   commit.
+//!
+//! A slot replaced in place (delete + add of one key in one transaction) is safe: the old
+//! generation finds the old element, the new one the new element.
 //!
 //! Small transactions go through one long-lived `nft -i` process per [`NftLb`], started in
 //! the namespace on first use: spawning `nft -f -` costs ~16 ms per change, a line written
@@ -165,6 +186,9 @@ pub struct NftLb {
     use_session: bool,
     /// The kernel may differ from `held` (a command's outcome is unknown): re-read first.
     stale: bool,
+    /// Backend slots the kernel still holds at or above their VIP's count, or of a removed
+    /// VIP: the next transaction deletes them (see "Changes" in the module docs).
+    lingering: BTreeSet<(Ipv4Addr, usize)>,
 }
 
 impl fmt::Debug for NftLb {
@@ -197,6 +221,7 @@ impl NftLb {
             session: None,
             use_session: true,
             stale: true,
+            lingering: BTreeSet::new(),
         };
         lb.reload()?;
         Ok(lb)
@@ -282,6 +307,7 @@ impl NftLb {
         self.run_file(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
         self.held.clear();
         self.chains.clear();
+        self.lingering.clear();
         tracing::debug!(ns = self.ns.name(), "nft load balancer: table removed");
         Ok(())
     }
@@ -292,15 +318,9 @@ impl NftLb {
         if self.stale {
             self.reload()?;
         }
-        let (tx, next) = plan(&self.held, &self.chains, &changes)?;
-        if tx.is_empty() {
-            return Ok(());
-        }
-        match self.run_tx(&tx) {
-            Ok(()) => {
-                self.commit(tx, next);
-                Ok(())
-            }
+        match self.try_apply(&changes, false) {
+            Ok(()) => Ok(()),
+            Err(e @ LbError::TooManyBackends { .. }) => Err(e),
             Err(e) => {
                 tracing::warn!(
                     ns = self.ns.name(),
@@ -308,19 +328,49 @@ impl NftLb {
                     "nft load balancer: transaction failed; re-reading the table and retrying once"
                 );
                 self.reload()?;
-                let (tx, next) = plan(&self.held, &self.chains, &changes)?;
-                if tx.is_empty() {
-                    return Ok(());
-                }
-                self.run_file(&tx.script("\n"))?;
-                self.commit(tx, next);
-                Ok(())
+                self.try_apply(&changes, true)
             }
+        }
+    }
+
+    /// Plans and runs the change: the new `lb_N` chains first, in a transaction of their
+    /// own, then the elements (see "Changes" in the module docs). `file`: through `nft -f`.
+    fn try_apply(
+        &mut self,
+        changes: &BTreeMap<Ipv4Addr, Option<&[Ipv4Addr]>>,
+        file: bool,
+    ) -> Result<(), LbError> {
+        let (mut tx, next) = plan(&self.held, &self.lingering, &self.chains, changes)?;
+        if tx.is_empty() {
+            return Ok(());
+        }
+        let chains = std::mem::take(&mut tx.chains);
+        if !chains.is_empty() {
+            let create = Tx {
+                chains: chains.clone(),
+                ..Tx::default()
+            };
+            self.run(&create, file)?;
+            self.chains.extend(chains);
+        }
+        if !tx.is_empty() {
+            self.run(&tx, file)?;
+        }
+        self.commit(tx, next);
+        Ok(())
+    }
+
+    fn run(&mut self, tx: &Tx, file: bool) -> Result<(), LbError> {
+        if file {
+            self.run_file(&tx.script("\n"))
+        } else {
+            self.run_tx(tx)
         }
     }
 
     fn commit(&mut self, tx: Tx, next: Vec<(Ipv4Addr, Option<Vec<Ipv4Addr>>)>) {
         self.chains.extend(tx.chains);
+        self.lingering = tx.lingering;
         for (vip, slots) in next {
             match slots {
                 Some(s) => self.held.insert(vip, s),
@@ -386,6 +436,7 @@ impl NftLb {
                 self.run_file(&base_script())?;
                 self.held.clear();
                 self.chains.clear();
+                self.lingering.clear();
                 tracing::debug!(ns = self.ns.name(), "nft load balancer: table created");
             }
             Some(obs) if obs.problems.is_empty() => {
@@ -396,6 +447,7 @@ impl NftLb {
                 );
                 self.held = obs.services;
                 self.chains = obs.chains;
+                self.lingering = obs.lingering;
             }
             Some(obs) => {
                 tracing::warn!(
@@ -409,6 +461,7 @@ impl NftLb {
                 self.run_file(&script)?;
                 self.held = obs.services;
                 self.chains = chains;
+                self.lingering.clear();
             }
         }
         self.stale = false;
@@ -513,6 +566,8 @@ struct Tx {
     add_backends: Vec<(Ipv4Addr, usize, Ipv4Addr)>,
     /// VIP and its backend count (the verdict).
     add_vips: Vec<(Ipv4Addr, usize)>,
+    /// The slots left lingering once this transaction is committed (not a command).
+    lingering: BTreeSet<(Ipv4Addr, usize)>,
 }
 
 impl Tx {
@@ -621,21 +676,26 @@ fn assign(old: &[Ipv4Addr], want: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
 type Next = Vec<(Ipv4Addr, Option<Vec<Ipv4Addr>>)>;
 
 /// The transaction from `held` to `held` with `changes` applied (`None`: remove the VIP),
-/// and the VIPs' new slots.
+/// and the VIPs' new slots. Slots above a lowered count (and those of a removed VIP) are
+/// not deleted but left lingering; the ones lingering from before are deleted, or rewritten
+/// if a count grew back over them (see "Changes" in the module docs).
 fn plan(
     held: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+    lingering: &BTreeSet<(Ipv4Addr, usize)>,
     chains: &BTreeSet<usize>,
     changes: &BTreeMap<Ipv4Addr, Option<&[Ipv4Addr]>>,
 ) -> Result<(Tx, Next), LbError> {
     let mut tx = Tx::default();
     let mut next = Vec::new();
+    // Slots this transaction writes (delete + add where the kernel has the key).
+    let mut written: BTreeSet<(Ipv4Addr, usize)> = BTreeSet::new();
     for (vip, want) in changes {
         let vip = *vip;
         let old = held.get(&vip);
         let Some(want) = want else {
             if let Some(old) = old {
                 tx.del_vips.push(vip);
-                tx.del_backends.extend((0..old.len()).map(|s| (vip, s)));
+                tx.lingering.extend((0..old.len()).map(|s| (vip, s)));
                 next.push((vip, None));
             }
             continue;
@@ -660,15 +720,15 @@ fn plan(
         let slots = assign(old_slots, &want);
         for (slot, b) in slots.iter().enumerate() {
             match old_slots.get(slot) {
-                Some(o) if o == b => {}
-                Some(_) => {
-                    tx.del_backends.push((vip, slot));
-                    tx.add_backends.push((vip, slot, *b));
-                }
-                None => tx.add_backends.push((vip, slot, *b)),
+                Some(o) if o == b => continue,
+                Some(_) => tx.del_backends.push((vip, slot)),
+                None if lingering.contains(&(vip, slot)) => tx.del_backends.push((vip, slot)),
+                None => {}
             }
+            tx.add_backends.push((vip, slot, *b));
+            written.insert((vip, slot));
         }
-        tx.del_backends
+        tx.lingering
             .extend((slots.len()..old_slots.len()).map(|s| (vip, s)));
         match old {
             None => tx.add_vips.push((vip, slots.len())),
@@ -683,6 +743,11 @@ fn plan(
         }
         next.push((vip, Some(slots)));
     }
+    for key in lingering {
+        if !written.contains(key) && !tx.lingering.contains(key) {
+            tx.del_backends.push(*key);
+        }
+    }
     Ok((tx, next))
 }
 
@@ -696,6 +761,9 @@ struct Observed {
     services: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
     /// The `lb_N` chains with exactly their rule.
     chains: BTreeSet<usize>,
+    /// Backend slots at or above their VIP's count, or of no VIP: lingering after a count
+    /// was lowered (deleted by the next transaction).
+    lingering: BTreeSet<(Ipv4Addr, usize)>,
     /// What differs from the expected shape (empty: adopt as is).
     problems: Vec<String>,
 }
@@ -891,12 +959,19 @@ fn parse_table(text: &str) -> Result<Observed, String> {
             None => problems.push(format!("vips: {vip} lacks some of its {n} backend slots")),
         }
     }
+    let mut lingering = BTreeSet::new();
     for (vip, slot) in slots.keys() {
-        problems.push(format!("backends: stray element {vip} . {slot}"));
+        match usize::try_from(*slot) {
+            Ok(slot) if slot < MAX_BACKENDS => {
+                lingering.insert((*vip, slot));
+            }
+            _ => problems.push(format!("backends: stray element {vip} . {slot}")),
+        }
     }
     Ok(Observed {
         services,
         chains,
+        lingering,
         problems,
     })
 }
@@ -1155,7 +1230,13 @@ mod tests {
     ) -> (Tx, Next) {
         let held: BTreeMap<_, _> = held.iter().cloned().collect();
         let chains: BTreeSet<usize> = chains.iter().copied().collect();
-        plan(&held, &chains, &BTreeMap::from([(vip, want)])).unwrap()
+        plan(
+            &held,
+            &BTreeSet::new(),
+            &chains,
+            &BTreeMap::from([(vip, want)]),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -1230,12 +1311,54 @@ mod tests {
             "add chain ip mesh_lb lb_2\n\
              flush chain ip mesh_lb lb_2\n\
              add rule ip mesh_lb lb_2 dnat to ip daddr . numgen random mod 2 map @backends\n\
-             delete element ip mesh_lb backends { 10.255.0.1 . 1, 10.255.0.1 . 2, 10.255.0.1 . 3 }\n\
+             delete element ip mesh_lb backends { 10.255.0.1 . 1 }\n\
              delete element ip mesh_lb vips { 10.255.0.1 }\n\
              add element ip mesh_lb backends { 10.255.0.1 . 1 : 10.0.0.4 }\n\
              add element ip mesh_lb vips { 10.255.0.1 : goto lb_2 }\n"
         );
         assert_eq!(next, vec![(VIP, Some(ips(&["10.0.0.1", "10.0.0.4"])))]);
+        // Slots 2 and 3 linger: a packet of the generation before may still index them.
+        assert_eq!(tx.lingering, BTreeSet::from([(VIP, 2), (VIP, 3)]));
+    }
+
+    #[test]
+    fn lingering_slots_go_with_the_next_transaction_or_are_rewritten() {
+        let other = ip("10.255.0.2");
+        let held = BTreeMap::from([(VIP, ips(&["10.0.0.1"])), (other, ips(&["10.0.0.7"]))]);
+        let lingering = BTreeSet::from([(VIP, 1), (VIP, 2)]);
+        let chains = BTreeSet::from([1, 2]);
+        // Any next change (here to another VIP) deletes them.
+        let want = ips(&["10.0.0.8"]);
+        let (tx, _) = plan(
+            &held,
+            &lingering,
+            &chains,
+            &BTreeMap::from([(other, Some(want.as_slice()))]),
+        )
+        .unwrap();
+        assert_eq!(
+            tx.script("; "),
+            "delete element ip mesh_lb backends { 10.255.0.2 . 0, 10.255.0.1 . 1, 10.255.0.1 . 2 }; \
+             add element ip mesh_lb backends { 10.255.0.2 . 0 : 10.0.0.8 }"
+        );
+        assert!(tx.lingering.is_empty());
+        // Growing back over them rewrites slot 1 and deletes slot 2.
+        let want = ips(&["10.0.0.1", "10.0.0.5"]);
+        let (tx, _) = plan(
+            &held,
+            &lingering,
+            &chains,
+            &BTreeMap::from([(VIP, Some(want.as_slice()))]),
+        )
+        .unwrap();
+        assert_eq!(
+            tx.script("; "),
+            "delete element ip mesh_lb backends { 10.255.0.1 . 1, 10.255.0.1 . 2 }; \
+             delete element ip mesh_lb vips { 10.255.0.1 }; \
+             add element ip mesh_lb backends { 10.255.0.1 . 1 : 10.0.0.5 }; \
+             add element ip mesh_lb vips { 10.255.0.1 : goto lb_2 }"
+        );
+        assert!(tx.lingering.is_empty());
     }
 
     #[test]
@@ -1256,16 +1379,16 @@ mod tests {
     }
 
     #[test]
-    fn zero_backends_accept_and_removal_deletes_everything() {
+    fn zero_backends_accept_and_removal_leave_the_slots_lingering() {
         let old = ips(&["10.0.0.1", "10.0.0.2"]);
         let (tx, next) = plan1(&[(VIP, old.clone())], &[2], VIP, Some(&[]));
         assert_eq!(
             tx.script("; "),
-            "delete element ip mesh_lb backends { 10.255.0.1 . 0, 10.255.0.1 . 1 }; \
-             delete element ip mesh_lb vips { 10.255.0.1 }; \
+            "delete element ip mesh_lb vips { 10.255.0.1 }; \
              add element ip mesh_lb vips { 10.255.0.1 : accept }"
         );
         assert_eq!(next, vec![(VIP, Some(vec![]))]);
+        assert_eq!(tx.lingering, BTreeSet::from([(VIP, 0), (VIP, 1)]));
         let (tx, _) = plan1(&[], &[], VIP, Some(&[]));
         assert_eq!(
             tx.script("; "),
@@ -1275,10 +1398,10 @@ mod tests {
         let (tx, next) = plan1(&[(VIP, old)], &[2], VIP, None);
         assert_eq!(
             tx.script("; "),
-            "delete element ip mesh_lb backends { 10.255.0.1 . 0, 10.255.0.1 . 1 }; \
-             delete element ip mesh_lb vips { 10.255.0.1 }"
+            "delete element ip mesh_lb vips { 10.255.0.1 }"
         );
         assert_eq!(next, vec![(VIP, None)]);
+        assert_eq!(tx.lingering, BTreeSet::from([(VIP, 0), (VIP, 1)]));
     }
 
     #[test]
@@ -1287,6 +1410,7 @@ mod tests {
         let held = BTreeMap::new();
         let e = plan(
             &held,
+            &BTreeSet::new(),
             &BTreeSet::new(),
             &BTreeMap::from([(VIP, Some(many.as_slice()))]),
         )
@@ -1346,6 +1470,19 @@ mod tests {
                 (VIP, ips(&["10.0.0.2", "10.0.0.9"])),
                 (ip("10.255.0.2"), vec![]),
             ])
+        );
+        assert!(obs.lingering.is_empty());
+        // A slot above the count (left by a lowered count) lingers: no problem, no rewrite.
+        let extra = LISTING.replace(
+            r#"[{"concat": ["10.255.0.1", 1]}, "10.0.0.9"]"#,
+            r#"[{"concat": ["10.255.0.1", 1]}, "10.0.0.9"], [{"concat": ["10.255.0.1", 2]}, "10.0.0.3"], [{"concat": ["10.255.0.3", 0]}, "10.0.0.4"]"#,
+        );
+        let obs = parse_table(&extra).unwrap();
+        assert_eq!(obs.problems, Vec::<String>::new());
+        assert_eq!(obs.services[&VIP], ips(&["10.0.0.2", "10.0.0.9"]));
+        assert_eq!(
+            obs.lingering,
+            BTreeSet::from([(VIP, 2), (ip("10.255.0.3"), 0)])
         );
     }
 

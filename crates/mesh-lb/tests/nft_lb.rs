@@ -259,6 +259,20 @@ fn tcp_once(port: u16) -> Result<(String, SocketAddr), i32> {
     Ok((answer, peer))
 }
 
+/// One UDP exchange on a fresh socket (so a new flow): the answer, or the errno
+/// (`ECONNREFUSED` when the datagram reached the untranslated VIP on `lo`).
+fn udp_once(payload: &[u8]) -> Result<String, i32> {
+    let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(-1);
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(errno)?;
+    s.connect((VIP, 53)).map_err(errno)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(errno)?;
+    s.send(payload).map_err(errno)?;
+    let mut buf = [0u8; 1500];
+    let n = s.recv(&mut buf).map_err(errno)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 fn histogram<'a>(ids: impl Iterator<Item = &'a str>) -> BTreeMap<String, usize> {
     let mut h = BTreeMap::new();
     for id in ids {
@@ -501,6 +515,96 @@ fn changes_under_load_lose_nothing() -> TestResult {
     ensure!(
         dump.len() == 2 && last == want,
         "dump after the changes: {dump:?}"
+    );
+    Ok(())
+}
+
+/// The regression test of the mixed-generation race: a packet reads the rule generation
+/// once, but each map lookup uses the generation current at that instant, so a packet can
+/// take the verdict `goto lb_3` of one generation and look its slot up in the next. Every
+/// change here alters the backend count (3 -> 1 -> 2 -> 1 ...), back to back, while UDP
+/// clients open a new flow (a new conntrack entry, so a new NAT decision) per request: a
+/// slot deleted in the transaction that lowers the count, or a chain used in the
+/// transaction that creates it, shows up as a refused request (the datagram reaches the
+/// VIP on `lo`). Before the fix this failed within a few hundred changes.
+fn count_changes_under_load_lose_nothing() -> TestResult {
+    let mut lab = Lab::new()?;
+    lab.start_servers()?;
+    let mut lb = lab.lb()?;
+    let sets: [&[&str]; 6] = [
+        &["s1", "s2", "s3"],
+        &["s2"],
+        &["s1", "s3"],
+        &["s3"],
+        &["s2", "s3", "s1"],
+        &["s1", "s2"],
+    ];
+    lb.set_service(VIP, &addrs(sets[0])).ctx("set_service")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let errors = Arc::new(std::sync::Mutex::new(BTreeMap::<i32, usize>::new()));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let ns = File::open(PathBuf::from("/run/netns").join(lab.ns("c"))).ctx("open netns")?;
+        let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+        clients.push(std::thread::spawn(move || {
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return;
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match udp_once(b"x") {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        *errors.lock().expect("lock").entry(e).or_default() += 1;
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    // Let the clients get going before the changes start.
+    std::thread::sleep(Duration::from_millis(100));
+    let changes = 1500;
+    let t = Instant::now();
+    let res = (|| -> TestResult {
+        for i in 1..=changes {
+            lb.set_service(VIP, &addrs(sets[i % sets.len()]))
+                .ctx("set_service")?;
+        }
+        Ok(())
+    })();
+    let took = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.join();
+    }
+    res?;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("    {ok} new flows during {changes} count changes ({took:?}), {failed} failed");
+    ensure!(ok > 500, "too few requests ({ok}) to mean anything");
+    ensure!(
+        failed == 0,
+        "{failed} failed requests (errno: count {:?})",
+        errors.lock().expect("lock")
+    );
+    // Lowering the count leaves the slots above it lingering; the next transaction (here a
+    // sync that changes nothing else) deletes them: the kernel holds exactly the last set.
+    let slots = |lab: &Lab| -> Result<usize, String> {
+        let listing = lab.nft("c", &["list", "map", "ip", "mesh_lb", "backends"])?;
+        Ok(listing.matches(&format!("{VIP} . ")).count())
+    };
+    lb.set_service(VIP, &addrs(&["s1", "s2", "s3"]))
+        .ctx("set_service")?;
+    lb.set_service(VIP, &addrs(&["s2"])).ctx("set_service")?;
+    ensure!(slots(&lab)? == 3, "slots 1 and 2 should linger");
+    lb.sync(&BTreeMap::from([(VIP, addrs(&["s2"]))]))
+        .ctx("sync")?;
+    ensure!(slots(&lab)? == 1, "lingering slots left after a sync");
+    ensure!(
+        lb.dump().ctx("dump")?[0].backends == vec![(ip_of("s2"), 0)],
+        "dump after the sync"
     );
     Ok(())
 }
@@ -748,6 +852,10 @@ fn main() {
         (
             "changes_under_load_lose_nothing",
             changes_under_load_lose_nothing,
+        ),
+        (
+            "count_changes_under_load_lose_nothing",
+            count_changes_under_load_lose_nothing,
         ),
         (
             "zero_backends_and_removal_refuse_fast",
