@@ -10,6 +10,16 @@
 //! Namespaces are held by processes ([`Holders`]) rather than bind mounts, so that a restarted
 //! daemon (in a new mount namespace under `ip netns exec`) still finds them.
 //!
+//! **Release order.** A VXLAN device stays in the VNI table of the namespace that created it
+//! (the host's) until it is unregistered, and the kernel destroys a released network namespace
+//! asynchronously (`cleanup_net`), so `vx-<vni>` left inside `ov-<vni>` would keep its VNI and
+//! port taken for a while after the holder is gone: a task of the same network arriving then
+//! would fail with `File exists`. So a namespace is never let go with its VXLAN device inside:
+//! [`Overlay::gc`] deletes `vx-<vni>` in it (`RTM_DELLINK`, synchronous) before it releases the
+//! holder, and the reconciler keeps an open handle on each namespace it set up, so that one
+//! whose holder died on its own stays reachable until its device is deleted (by `gc`, or by
+//! the next setup of that network, which then makes a new namespace).
+//!
 //! With a [`GatewayConfig`], tasks also get an interface on the host-local gateway bridge
 //! (Docker's `docker_gwbridge`) for their default route out of the host: see [`gateway`].
 //!
@@ -21,7 +31,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mesh_netlink::{Handle, Netns};
+use mesh_netlink::{Handle, NetlinkError, Netns};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
@@ -39,7 +49,7 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
     #[error("netlink: {0}")]
-    Netlink(#[from] mesh_netlink::NetlinkError),
+    Netlink(#[from] NetlinkError),
     #[error("namespace holder for {name}: {reason}")]
     Holder { name: String, reason: String },
     #[error("invalid address {0}")]
@@ -48,10 +58,16 @@ pub enum OverlayError {
     Gateway(String),
     #[error("no gateway bridge configured")]
     NoGateway,
+    #[error(
+        "vni {vni} (udp port {port}) is taken by a VXLAN device of the host namespace living in \
+         another namespace: an earlier namespace of this network that the kernel is still \
+         destroying, or a device this overlay did not make"
+    )]
+    VniInUse { vni: u32, port: u16 },
 }
 
 /// Keeps network namespaces alive across daemon restarts (implemented by the executor's
-/// holder processes).
+/// holder processes). The overlay empties a namespace of its VXLAN device before `remove`.
 pub trait Holders: Send + Sync + 'static {
     /// Creates or finds the namespace `name`; returns the pid whose `/proc/<pid>/ns/net` it is.
     fn ensure(&self, name: &str) -> Result<u32, String>;
@@ -108,8 +124,10 @@ pub struct Overlay {
     /// The underlay's MTU: the gateway bridge's.
     underlay_mtu: u32,
     gw: Option<gateway::Gateway>,
-    /// Serializes changes to the kernel.
-    lock: Mutex<()>,
+    /// Serializes changes to the kernel, and holds an open handle on each network namespace set
+    /// up by this reconciler, by VNI: one whose holder dies stays reachable until its VXLAN
+    /// device is deleted (see the module docs).
+    lock: Mutex<BTreeMap<u32, Netns>>,
 }
 
 /// Namespace name of a network.
@@ -161,7 +179,7 @@ impl Overlay {
             mtu,
             underlay_mtu,
             gw,
-            lock: Mutex::new(()),
+            lock: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -175,8 +193,12 @@ impl Overlay {
     }
 
     /// A netlink handle inside the network's namespace, creating the namespace, its bridge and
-    /// its VXLAN device as needed.
-    async fn network_ns(&self, net: &NetworkDesc) -> Result<(Netns, Handle), OverlayError> {
+    /// its VXLAN device as needed. `held` is the map under `self.lock`.
+    async fn network_ns(
+        &self,
+        held: &mut BTreeMap<u32, Netns>,
+        net: &NetworkDesc,
+    ) -> Result<(Netns, Handle), OverlayError> {
         let name = ns_name(net.vni);
         let pid = self
             .holders
@@ -186,6 +208,21 @@ impl Overlay {
                 reason,
             })?;
         let ns = Netns::open(&proc_ns(pid))?;
+        if let Some(old) = held.get(&net.vni) {
+            if old.inode()? != ns.inode()? {
+                // The holder of the namespace set up earlier died and `ensure` made a new one:
+                // the old namespace, kept alive by our handle, must let go of the VNI first.
+                warn!(
+                    vni = net.vni,
+                    "the holder of the overlay network namespace died: replacing the namespace"
+                );
+                self.delete_vxlan_in(net.vni, old).await?;
+                held.remove(&net.vni);
+            }
+        }
+        if let std::collections::btree_map::Entry::Vacant(e) = held.entry(net.vni) {
+            e.insert(ns.try_clone()?);
+        }
         let h = Handle::new(&ns).await?;
         if h.link_index("br0").await?.is_none() {
             h.add_bridge("br0", Some(self.mtu)).await?;
@@ -205,7 +242,19 @@ impl Overlay {
                     None,
                     Some(self.mtu),
                 )
-                .await?;
+                .await
+                .map_err(|e| {
+                    // No `vx-<vni>` here (that case is accepted or named by `add_vxlan`): the
+                    // VNI is registered by a device of the host namespace living elsewhere.
+                    if e.is_exists() && !matches!(e, NetlinkError::LinkMismatch { .. }) {
+                        OverlayError::VniInUse {
+                            vni: net.vni,
+                            port: self.cfg.vxlan_port,
+                        }
+                    } else {
+                        e.into()
+                    }
+                })?;
             self.host.move_to_ns(&vx, &ns).await?;
             info!(vni = net.vni, "overlay network namespace ready");
         }
@@ -218,8 +267,8 @@ impl Overlay {
     /// (`/proc/<task_pid>/ns/net`), with the task's address and MAC, up. Called before the
     /// task's command runs.
     pub async fn attach(&self, task_pid: u32, a: &Attachment) -> Result<(), OverlayError> {
-        let _g = self.lock.lock().await;
-        let (_ns, h) = self.network_ns(&a.network).await?;
+        let mut held = self.lock.lock().await;
+        let (_ns, h) = self.network_ns(&mut held, &a.network).await?;
         let task_ns = Netns::open(&proc_ns(task_pid))?;
         let mac = mesh_netlink::mac_for_ip(a.ip);
         let tag = format!("{:08x}", u32::from(a.ip) ^ task_pid.rotate_left(16));
@@ -245,7 +294,7 @@ impl Overlay {
         networks: &BTreeMap<u32, NetworkDesc>,
         remotes: &BTreeMap<u32, BTreeSet<Remote>>,
     ) -> Result<(), OverlayError> {
-        let _g = self.lock.lock().await;
+        let mut held = self.lock.lock().await;
         let live: BTreeMap<String, u32> = self.holders.list().into_iter().collect();
         // One network failing does not keep the others stale: the first error is returned
         // once all were tried.
@@ -255,7 +304,7 @@ impl Overlay {
             if !live.contains_key(&ns_name(*vni)) {
                 continue;
             }
-            if let Err(e) = self.sync_network(*vni, net, remotes).await {
+            if let Err(e) = self.sync_network(&mut held, *vni, net, remotes).await {
                 first_err.get_or_insert(e);
             }
         }
@@ -264,13 +313,14 @@ impl Overlay {
 
     async fn sync_network(
         &self,
+        held: &mut BTreeMap<u32, Netns>,
         vni: u32,
         net: &NetworkDesc,
         remotes: &BTreeMap<u32, BTreeSet<Remote>>,
     ) -> Result<(), OverlayError> {
         let vni = &vni;
         {
-            let (_ns, h) = self.network_ns(net).await?;
+            let (_ns, h) = self.network_ns(held, net).await?;
             let vx = vx_name(*vni);
             let want: BTreeMap<Ipv4Addr, &Remote> = remotes
                 .get(vni)
@@ -306,22 +356,69 @@ impl Overlay {
         Ok(())
     }
 
-    /// Removes the namespaces of networks this host no longer has endpoints on, and VXLAN
-    /// devices left in the host namespace by a crash between create and move.
+    /// Deletes `vx-<vni>` inside `ns` (idempotent). The kernel unregisters it before it answers,
+    /// which frees its VNI and port in the host namespace at once.
+    async fn delete_vxlan_in(&self, vni: u32, ns: &Netns) -> Result<(), OverlayError> {
+        Handle::new(ns).await?.del_link(&vx_name(vni)).await?;
+        Ok(())
+    }
+
+    /// Lets go of the namespace of network `vni`: its VXLAN device first (in the namespace held
+    /// here, which may be one whose holder died, and in the live holder's `pid`), then the
+    /// holder, then the handle. On error nothing is released: the next pass tries again.
+    async fn release(
+        &self,
+        held: &mut BTreeMap<u32, Netns>,
+        vni: u32,
+        pid: Option<u32>,
+    ) -> Result<(), OverlayError> {
+        let live = pid.map(|pid| Netns::open(&proc_ns(pid))).transpose()?;
+        let mut done = None;
+        if let Some(ns) = held.get(&vni) {
+            self.delete_vxlan_in(vni, ns).await?;
+            done = Some(ns.inode()?);
+        }
+        if let Some(ns) = live {
+            if done != Some(ns.inode()?) {
+                self.delete_vxlan_in(vni, &ns).await?;
+            }
+            let name = ns_name(vni);
+            self.holders
+                .remove(&name)
+                .map_err(|reason| OverlayError::Holder { name, reason })?;
+        }
+        held.remove(&vni);
+        Ok(())
+    }
+
+    /// Removes the namespaces of networks this host no longer has endpoints on (each emptied of
+    /// its VXLAN device before its holder is released), and VXLAN devices left in the host
+    /// namespace by a crash between create and move.
     pub async fn gc(&self, keep_vnis: &BTreeSet<u32>) -> Result<(), OverlayError> {
-        let _g = self.lock.lock().await;
-        for (name, _) in self.holders.list() {
-            let Some(vni) = name.strip_prefix("ov-").and_then(|v| v.parse::<u32>().ok()) else {
-                continue;
-            };
-            if !keep_vnis.contains(&vni) {
+        let mut held = self.lock.lock().await;
+        let mut live: BTreeMap<u32, u32> = BTreeMap::new();
+        for (name, pid) in self.holders.list() {
+            if let Some(vni) = name.strip_prefix("ov-").and_then(|v| v.parse::<u32>().ok()) {
+                live.insert(vni, pid);
+            }
+        }
+        // Networks with a live holder, and namespaces held here whose holder died.
+        let gone: BTreeSet<u32> = live
+            .keys()
+            .chain(held.keys())
+            .filter(|vni| !keep_vnis.contains(vni))
+            .copied()
+            .collect();
+        for vni in gone {
+            let pid = live.get(&vni).copied();
+            if pid.is_some() {
                 info!(
                     vni,
                     "removing overlay network namespace: no local endpoint left"
                 );
-                if let Err(reason) = self.holders.remove(&name) {
-                    warn!("{name}: {reason}");
-                }
+            }
+            if let Err(e) = self.release(&mut held, vni, pid).await {
+                warn!(vni, "cannot release the overlay network namespace: {e}");
             }
         }
         for l in self.host.links().await? {
