@@ -385,3 +385,90 @@ fn scale_down_fails_no_request() -> Result<()> {
     );
     Ok(())
 }
+
+/// A task being stopped keeps resolving and reaching services until it exits, also when it is
+/// its node's last task on the network (found by the churn soak: the node left the network's
+/// gossip as soon as the task was withdrawn, so its last second of drain saw no names and no
+/// VIPs). The client on h2 calls `srv` (on h1) by name every 20 ms and logs each outcome;
+/// `service rm cli` withdraws it, drains it for a second, then stops it.
+#[test]
+fn a_draining_task_keeps_names_and_vips_until_it_stops() -> Result<()> {
+    let Some(c) = swarm_cluster(2, 1, "disc-lastdrain")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    h1.mesh_ok(&["network", "create", "appnet"])?;
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "srv",
+        "--network",
+        "appnet",
+        "--constraint",
+        "node.hostname==h1",
+        "--",
+        "python3",
+        "-c",
+        SERVER,
+    ])?;
+    let log = c.base_dir().join("lastdrain.log");
+    let client = "import socket,sys,time\nout=open(sys.argv[1],'a',buffering=1)\nwhile True:\n t=time.time()\n try:\n  s=socket.create_connection(('srv',8080),timeout=2);s.recv(100);s.close();out.write('ok %.3f\\n'%t)\n except Exception as e:\n  out.write('fail %.3f %r\\n'%(t,e))\n time.sleep(0.02)";
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "cli",
+        "--network",
+        "appnet",
+        "--constraint",
+        "node.hostname==h2",
+        "--",
+        "python3",
+        "-c",
+        client,
+        &log.to_string_lossy(),
+    ])?;
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(
+        "the client calling srv",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || Ok((read().lines().filter(|l| l.starts_with("ok")).count() > 20).then_some(())),
+    )?;
+    let removed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    h1.mesh_ok(&["service", "rm", "cli"])?;
+    // The client is gone once its log stops growing.
+    let mut last_len = 0;
+    wait_for(
+        "the client stopped",
+        Duration::from_secs(20),
+        Duration::from_millis(700),
+        || {
+            let len = read().len();
+            let done = len == last_len;
+            last_len = len;
+            Ok(done.then_some(()))
+        },
+    )?;
+    let text = read();
+    let fails: Vec<&str> = text.lines().filter(|l| l.starts_with("fail")).collect();
+    let after: usize = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ok "))
+        .filter_map(|t| t.parse::<f64>().ok())
+        .filter(|t| *t > removed)
+        .count();
+    eprintln!(
+        "{after} calls succeeded after service rm, {} failed",
+        fails.len()
+    );
+    ensure!(fails.is_empty(), "calls failed while draining: {fails:?}");
+    ensure!(
+        after >= 10,
+        "the client should keep calling during its drain (only {after} calls after rm)"
+    );
+    Ok(())
+}

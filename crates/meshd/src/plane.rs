@@ -840,6 +840,22 @@ impl Inner {
                 );
             }
         }
+        // A task withdrawn but still alive (draining before its stop) keeps its networks
+        // joined: its own DNS lookups and VIP connections must keep working until it exits,
+        // also when it was the node's last task on a network (the events loop's pass for
+        // drained tasks leaves them once the process is gone).
+        {
+            let tasks = lock(&self.tasks);
+            for ns in tasks.values().filter(|ns| ns.alive()) {
+                for id in &ns.nets {
+                    if !networks.contains_key(id) {
+                        if let Some(d) = r.networks.get(id) {
+                            networks.insert(id.clone(), d.clone());
+                        }
+                    }
+                }
+            }
+        }
         let ids: BTreeSet<String> = networks.keys().cloned().collect();
         r.gossip.set_networks(ids).await;
         for ((net, key), rec) in &want {
