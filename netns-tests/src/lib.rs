@@ -31,6 +31,7 @@ mod cluster;
 mod host;
 mod process;
 pub mod serial;
+pub mod soak;
 pub mod swarm;
 
 use std::time::{Duration, Instant};

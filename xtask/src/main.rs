@@ -5,9 +5,12 @@
 //! - `cargo xtask demo [--keep]`: a cluster of simulated hosts on this machine, end to end;
 //! - `cargo xtask bench NAME`: runs a benchmark of `bench/` in release mode (it rewrites its
 //!   section of `docs/benchmarks.md`);
+//! - `cargo xtask soak [--minutes N] [--seed S] [--lb-backend ebpf|nftables]`: the seeded churn
+//!   soak (`mesh_netns::soak`) on a 5-host cluster; exits 1 if an invariant broke;
 //! - `cargo xtask tidy`: fmt and clippy as CI runs them.
 
 mod demo;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,10 +50,14 @@ fn run() -> anyhow::Result<()> {
             demo::run(rest.iter().any(|a| a == "--keep"))
         }
         "bench" => bench(&rest),
+        "soak" => {
+            ensure_packages()?;
+            soak::run(&rest)
+        }
         "tidy" => tidy(),
         _ => {
             eprintln!(
-                "usage: cargo xtask test [CARGO TEST ARGS] | demo [--keep] | bench NAME | tidy"
+                "usage: cargo xtask test [CARGO TEST ARGS] | demo [--keep] | bench NAME | soak [--minutes N] [--seed S] [--lb-backend ebpf|nftables] | tidy"
             );
             bail!("unknown verb: {verb:?}")
         }

@@ -172,4 +172,10 @@ pub struct RaftInfo {
     pub last_log_index: Option<u64>,
     pub last_applied: Option<u64>,
     pub voters: Vec<u64>,
+    /// The state machine's applied index and a digest of its state at that index (equal on
+    /// managers that agree).
+    #[serde(default)]
+    pub state_applied: Option<u64>,
+    #[serde(default)]
+    pub state_digest: Option<String>,
 }

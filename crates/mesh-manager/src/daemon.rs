@@ -270,7 +270,14 @@ impl Daemon {
                 last_log_index: m.last_log_index,
                 last_applied: m.last_applied.map(|l| l.index),
                 voters: m.membership_config.voter_ids().collect(),
+                state_applied: None,
+                state_digest: None,
             });
+            let (applied, digest) = node.sm.applied_digest().await;
+            if let Some(r) = info.raft.as_mut() {
+                r.state_applied = applied;
+                r.state_digest = Some(digest);
+            }
             info.leader = node
                 .sm
                 .with_state(|s| {

@@ -319,6 +319,21 @@ impl StateMachineStore {
     pub async fn with_state<T>(&self, f: impl FnOnce(&StoreState) -> T) -> T {
         f(&self.data.read().await.state)
     }
+
+    /// The index of the last applied entry and a digest of the state at that index (64-bit
+    /// SipHash of its JSON, the snapshot's form): two managers at the same index with
+    /// different digests have diverged. For checks and `mesh info`, not for security.
+    pub async fn applied_digest(&self) -> (Option<u64>, String) {
+        use std::hash::{Hash, Hasher};
+        let data = self.data.read().await;
+        let json = serde_json::to_vec(&data.state).unwrap_or_default();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        json.hash(&mut h);
+        (
+            data.last_applied.map(|l| l.index),
+            format!("{:016x}", h.finish()),
+        )
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {

@@ -1,0 +1,1490 @@
+//! The churn soak (`cargo xtask soak`, and a short run in the test suite): a 5-host cluster
+//! (3 managers, 2 workers) runs a random but seeded schedule of changes while clients keep
+//! calling, and a checker compares what every node's data plane holds with the store.
+//!
+//! # What runs
+//!
+//! - Two services the clients call, on the overlay `appnet`: `web` (2-5 replicas, published
+//!   in ingress mode on 8080) and `api` (1-2 replicas, updated start-first only). Their tasks
+//!   are small Python servers answering their hostname.
+//! - A global service `cli` on `appnet`: on every node, a client that calls `web` and `api` by
+//!   name (embedded DNS, then the VIP) every 20 ms, one new connection per call, and writes
+//!   each failure (with its start and end time) and a per-second success count to a file.
+//! - On the underlay, a client that calls `NODE:8080` on every node in turn (the routing mesh).
+//! - The schedule ([`Schedule`]), drawn from the seed alone (the same seed gives the same
+//!   operations, pauses and targets): rolling updates (parallelism 1..3, both orders; stop-first
+//!   only while fewer than the replicas), scale up and down, create/rm of other services and
+//!   networks (some publishing ports), drain/activate, `meshd` SIGKILL + restart (workers,
+//!   managers, the leader), a worker's underlay link cut and healed.
+//! - A checker thread that, every poll, reads the store's running tasks (desired and current
+//!   state Running) and compares them with each reachable node's `tasks.SERVICE` answers and
+//!   its VIP backends, timing every mismatch (the lag).
+//!
+//! # Invariants, counted in the [`Report`]
+//!
+//! 1. No failed call outside a disruption window. A window is opened by a SIGKILLed daemon
+//!    (for the clients on that node only: the embedded DNS lives in `meshd`) or a cut link
+//!    (for every client: calls in flight to the cut node's tasks, and new ones until gossip
+//!    declares it dead), from the event until the node is back plus a settle time. Failures
+//!    inside windows are counted separately.
+//! 2. No task Rejected or Failed (the specs here never fail).
+//! 3. Every node's DNS and VIP view equals the running set, within a second (p50/p99/max).
+//! 4. At the end, after removing everything: nothing left of the run on any host (network
+//!    namespaces, links, nftables tables, cgroups, processes, mounts, files under the exec
+//!    root, BPF programs on the host's cgroup) compared with a snapshot taken before it, and
+//!    all managers at the same applied index with the same store digest.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::swarm::{form_swarm, leader_name};
+use crate::{wait_for, Cluster, ClusterOpts, Host};
+
+/// How a soak runs.
+#[derive(Clone, Debug)]
+pub struct SoakOpts {
+    /// How long the schedule runs (setup and teardown come on top).
+    pub duration: Duration,
+    pub seed: u64,
+    /// `meshd --lb-backend`: `ebpf` or `nftables`.
+    pub lb_backend: String,
+    pub name_hint: &'static str,
+}
+
+/// A task server: answers each connection with its hostname and closes it.
+const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(512)\nh=socket.gethostname().encode()\nwhile True:\n c,_=s.accept()\n try:\n  c.sendall(h)\n except OSError:\n  pass\n c.close()";
+
+/// A client: `python3 -c CLIENT DIR NAME TARGETS`; TARGETS are `host` or `host:port`
+/// (default port 8080), called in turn. Lines: `F <start> <end> <name> <target> <error>` per
+/// failure, `O <time> <name> <target> <successes since the last O line>` every second.
+const CLIENT: &str = r#"import socket,sys,time,os
+d,name,targets=sys.argv[1],sys.argv[2],sys.argv[3].split(',')
+out=open(os.path.join(d,name+'.log'),'a',buffering=1)
+ok={t:0 for t in targets}
+last=time.time()
+while True:
+ for t in targets:
+  h,_,p=t.partition(':')
+  t0=time.time()
+  try:
+   c=socket.create_connection((h,int(p or 8080)),timeout=2)
+   c.settimeout(2)
+   b=c.recv(200)
+   c.close()
+   if not b:
+    raise OSError('empty answer')
+   ok[t]+=1
+  except Exception as e:
+   out.write('F %.3f %.3f %s %s %s\n'%(t0,time.time(),name,t,repr(e).replace(' ','_')))
+ now=time.time()
+ if now-last>=1:
+  for t in targets:
+   out.write('O %.3f %s %s %d\n'%(now,name,t,ok[t]));ok[t]=0
+  last=now
+ time.sleep(0.02)
+"#;
+
+/// The services the clients call, and their bounds.
+const WEB: &str = "web";
+const API: &str = "api";
+const NET: &str = "appnet";
+/// After a node is back (daemon ready, link healed), its disruption window stays open this
+/// long: gossip re-converges, and calls that started in the window may end after it.
+const SETTLE_KILL: Duration = Duration::from_secs(4);
+const SETTLE_CUT: Duration = Duration::from_secs(8);
+/// A view that differs from the store for longer than this breaks invariant 3.
+const MAX_LAG: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------------------------------
+// The seeded schedule
+
+/// splitmix64: small, fast, and the same sequence for the same seed on every machine.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.next_u64() as usize % items.len()]
+    }
+}
+
+/// Which daemon a kill targets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Host(usize),
+    /// The leader at the time of the kill.
+    Leader,
+}
+
+/// One operation of the schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Update {
+        service: &'static str,
+        parallelism: u64,
+        start_first: bool,
+    },
+    Scale {
+        service: &'static str,
+        replicas: u64,
+    },
+    CreateService {
+        name: String,
+        network: String,
+        replicas: u64,
+        publish: bool,
+    },
+    RemoveService {
+        name: String,
+    },
+    CreateNetwork {
+        name: String,
+    },
+    RemoveNetwork {
+        name: String,
+    },
+    Drain {
+        host: usize,
+    },
+    Activate {
+        host: usize,
+    },
+    KillRestart {
+        target: Target,
+        down: Duration,
+    },
+    CutHeal {
+        host: usize,
+        cut: Duration,
+    },
+}
+
+impl Op {
+    /// The operation's kind, for the report's counts.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Update {
+                start_first: true, ..
+            } => "update start-first",
+            Op::Update { .. } => "update stop-first",
+            Op::Scale { .. } => "scale",
+            Op::CreateService { .. } => "service create",
+            Op::RemoveService { .. } => "service rm",
+            Op::CreateNetwork { .. } => "network create",
+            Op::RemoveNetwork { .. } => "network rm",
+            Op::Drain { .. } => "drain",
+            Op::Activate { .. } => "activate",
+            Op::KillRestart {
+                target: Target::Leader,
+                ..
+            } => "kill leader",
+            Op::KillRestart {
+                target: Target::Host(h),
+                ..
+            } if *h <= 3 => "kill manager",
+            Op::KillRestart { .. } => "kill worker",
+            Op::CutHeal { .. } => "cut worker",
+        }
+    }
+}
+
+/// The schedule's model of the cluster: what exists, as the operations left it. It depends on
+/// the seed alone, never on what happened at run time, so a seed replays the same schedule.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    rng: Rng,
+    replicas: BTreeMap<&'static str, u64>,
+    /// Other services and their network.
+    services: BTreeMap<String, String>,
+    networks: BTreeSet<String>,
+    drained: Option<usize>,
+    seq: u64,
+}
+
+impl Schedule {
+    pub fn new(seed: u64) -> Schedule {
+        Schedule {
+            rng: Rng::new(seed),
+            replicas: BTreeMap::from([(WEB, 3), (API, 1)]),
+            services: BTreeMap::new(),
+            networks: BTreeSet::new(),
+            drained: None,
+            seq: 0,
+        }
+    }
+
+    /// The pause before the next operation, and the operation.
+    pub fn next_op(&mut self) -> (Duration, Op) {
+        let pause = Duration::from_millis(self.rng.range(300, 2500));
+        loop {
+            if let Some(op) = self.try_draw() {
+                return (pause, op);
+            }
+        }
+    }
+
+    fn try_draw(&mut self) -> Option<Op> {
+        let r = &mut self.rng;
+        self.seq += 1;
+        let seq = self.seq;
+        Some(match r.range(0, 99) {
+            0..=24 => {
+                let service = *r.pick(&[WEB, API]);
+                let replicas = self.replicas[service];
+                let parallelism = r.range(1, 3);
+                // Stop-first keeps a task running only while fewer than the replicas stop.
+                let start_first = service == API || parallelism >= replicas || r.range(0, 1) == 0;
+                Op::Update {
+                    service,
+                    parallelism,
+                    start_first,
+                }
+            }
+            25..=44 => {
+                let service = *r.pick(&[WEB, API]);
+                let (lo, hi) = if service == WEB { (2, 5) } else { (1, 2) };
+                let replicas = r.range(lo, hi);
+                if replicas == self.replicas[service] {
+                    return None;
+                }
+                self.replicas.insert(service, replicas);
+                Op::Scale { service, replicas }
+            }
+            45..=52 => {
+                if self.networks.is_empty() || self.services.len() >= 3 {
+                    return None;
+                }
+                let nets: Vec<String> = self.networks.iter().cloned().collect();
+                let network = r.pick(&nets).clone();
+                let name = format!("eph{seq}");
+                let (replicas, publish) = (r.range(1, 3), r.range(0, 1) == 1);
+                self.services.insert(name.clone(), network.clone());
+                Op::CreateService {
+                    name,
+                    network,
+                    replicas,
+                    publish,
+                }
+            }
+            53..=60 => {
+                let names: Vec<String> = self.services.keys().cloned().collect();
+                if names.is_empty() {
+                    return None;
+                }
+                let name = r.pick(&names).clone();
+                self.services.remove(&name);
+                Op::RemoveService { name }
+            }
+            61..=66 => {
+                if self.networks.len() >= 2 {
+                    return None;
+                }
+                let name = format!("net{seq}");
+                self.networks.insert(name.clone());
+                Op::CreateNetwork { name }
+            }
+            67..=72 => {
+                let used: BTreeSet<&String> = self.services.values().collect();
+                let free: Vec<String> = self
+                    .networks
+                    .iter()
+                    .filter(|n| !used.contains(n))
+                    .cloned()
+                    .collect();
+                if free.is_empty() {
+                    return None;
+                }
+                let name = r.pick(&free).clone();
+                self.networks.remove(&name);
+                Op::RemoveNetwork { name }
+            }
+            73..=80 => match self.drained.take() {
+                Some(host) => Op::Activate { host },
+                None => {
+                    let host = r.range(1, 5) as usize;
+                    self.drained = Some(host);
+                    Op::Drain { host }
+                }
+            },
+            81..=92 => {
+                let target = match r.range(0, 3) {
+                    0 => Target::Leader,
+                    1 => Target::Host(r.range(1, 3) as usize),
+                    _ => Target::Host(r.range(4, 5) as usize),
+                };
+                let down = Duration::from_millis(r.range(200, 2500));
+                Op::KillRestart { target, down }
+            }
+            _ => Op::CutHeal {
+                host: r.range(4, 5) as usize,
+                cut: Duration::from_millis(r.range(1000, 5000)),
+            },
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The report
+
+/// What a soak saw.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub lb_backend: String,
+    pub ran_for: Duration,
+    /// Operations done, by kind.
+    pub ops: BTreeMap<&'static str, u64>,
+    /// Operations whose command failed (with the reason), e.g. a management call that found
+    /// no leader for too long.
+    pub op_errors: Vec<String>,
+    /// Calls by the task clients (by name through the VIP) and the underlay client (ingress).
+    pub calls_ok: u64,
+    pub ingress_ok: u64,
+    /// Invariant 1: failures outside any disruption window (each a line).
+    pub failed_clean: Vec<String>,
+    /// Failures inside a disruption window (allowed, reported).
+    pub failed_disrupted: u64,
+    /// Invariant 2: tasks Rejected or Failed.
+    pub bad_tasks: BTreeSet<String>,
+    /// Invariant 3: every mismatch between a node's view and the store, by duration.
+    pub lags: Vec<Duration>,
+    pub lag_violations: Vec<String>,
+    pub polls: u64,
+    /// Invariant 4.
+    pub leaks: Vec<String>,
+    pub store_mismatch: Option<String>,
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+impl Report {
+    /// Every invariant broken, one line each (empty: the run is clean).
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for f in &self.failed_clean {
+            v.push(format!("(1) failed call outside a disruption: {f}"));
+        }
+        for t in &self.bad_tasks {
+            v.push(format!("(2) task {t}"));
+        }
+        for l in &self.lag_violations {
+            v.push(format!("(3) {l}"));
+        }
+        for l in &self.leaks {
+            v.push(format!("(4) leak: {l}"));
+        }
+        if let Some(m) = &self.store_mismatch {
+            v.push(format!("(4) managers differ: {m}"));
+        }
+        v
+    }
+
+    /// The lag percentiles (p50, p99, max).
+    pub fn lag_percentiles(&self) -> (Duration, Duration, Duration) {
+        let mut l = self.lags.clone();
+        l.sort();
+        (
+            pct(&l, 0.5),
+            pct(&l, 0.99),
+            l.last().copied().unwrap_or_default(),
+        )
+    }
+
+    /// A human summary.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let (p50, p99, max) = self.lag_percentiles();
+        s.push_str(&format!(
+            "soak: seed {} lb-backend {} ran {:.0?}\n",
+            self.seed, self.lb_backend, self.ran_for
+        ));
+        let ops: Vec<String> = self.ops.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        s.push_str(&format!(
+            "  operations: {} ({})\n",
+            self.ops.values().sum::<u64>(),
+            ops.join(", ")
+        ));
+        s.push_str(&format!(
+            "  calls by name through the VIP: {} ok; through the routing mesh: {} ok\n",
+            self.calls_ok, self.ingress_ok
+        ));
+        s.push_str(&format!(
+            "  (1) failed calls: {} outside disruptions, {} inside (killed daemon or cut link)\n",
+            self.failed_clean.len(),
+            self.failed_disrupted
+        ));
+        s.push_str(&format!(
+            "  (2) tasks rejected or failed: {}\n",
+            self.bad_tasks.len()
+        ));
+        s.push_str(&format!(
+            "  (3) DNS/VIP view vs store: {} polls, {} mismatches, lag p50 {:.0?} p99 {:.0?} max {:.0?}, {} over {:?}\n",
+            self.polls,
+            self.lags.len(),
+            p50,
+            p99,
+            max,
+            self.lag_violations.len(),
+            MAX_LAG
+        ));
+        s.push_str(&format!(
+            "  (4) leaks: {}; managers' stores: {}\n",
+            self.leaks.len(),
+            self.store_mismatch.as_deref().unwrap_or("identical")
+        ));
+        if !self.op_errors.is_empty() {
+            s.push_str(&format!("  operation errors: {}\n", self.op_errors.len()));
+            for e in self.op_errors.iter().take(10) {
+                s.push_str(&format!("    {e}\n"));
+            }
+        }
+        // Failed calls grouped by client, target and error, with their time span.
+        let mut groups: BTreeMap<String, (u64, String, String)> = BTreeMap::new();
+        for f in &self.failed_clean {
+            let (head, err) = f.split_once(": ").unwrap_or((f, ""));
+            let mut w = head.split_whitespace();
+            let (client, target, at) = (
+                w.next().unwrap_or_default(),
+                w.nth(1).unwrap_or_default(),
+                w.nth(1).unwrap_or_default(),
+            );
+            let e = groups
+                .entry(format!("{client} -> {target}: {err}"))
+                .or_insert((0, at.to_string(), String::new()));
+            e.0 += 1;
+            e.2 = at.to_string();
+        }
+        for (what, (n, first, last)) in &groups {
+            s.push_str(&format!(
+                "  VIOLATION (1) {n} failed calls {what} (from {first} to {last})\n"
+            ));
+        }
+        for v in self
+            .violations()
+            .iter()
+            .filter(|v| !v.starts_with("(1)"))
+            .take(60)
+        {
+            s.push_str(&format!("  VIOLATION {v}\n"));
+        }
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared run state
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A disruption window: `[from, to]` (unix seconds); `host` set: only the clients on that
+/// host are affected (a killed daemon), else every client (a cut link).
+#[derive(Clone, Debug)]
+struct Window {
+    from: f64,
+    to: f64,
+    host: Option<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Hosts not to send calls to now (daemon down, link cut, or settling), with the time
+    /// until which they are excused.
+    excused: BTreeMap<usize, f64>,
+    /// Views are not compared until then: while a daemon is down or a link cut, and while
+    /// they settle, every node's view legitimately differs from the store (the store replaces
+    /// a Down node's tasks; gossip withdraws a dead member's endpoints).
+    views_excused_until: f64,
+    windows: Vec<Window>,
+    /// Calls are counted between these times.
+    measure: Option<(f64, f64)>,
+    bad_tasks: BTreeSet<String>,
+    lags: Vec<Duration>,
+    lag_violations: Vec<String>,
+    polls: u64,
+}
+
+/// Runs one soak and returns what it saw. Errors are failures of the soak itself (the
+/// cluster could not be formed, a check could not run); broken invariants are in the report.
+pub fn run(opts: &SoakOpts) -> Result<Report> {
+    let started = Instant::now();
+    let c = Cluster::new(ClusterOpts {
+        hosts: 5,
+        start_daemons: false,
+        name_hint: opts.name_hint,
+    })?;
+    for h in c.hosts() {
+        h.start_daemon_with(&["--lb-backend", &opts.lb_backend])?;
+    }
+    form_swarm(&c, 3)?;
+    let before: Vec<Snapshot> = c.hosts().iter().map(snapshot).collect::<Result<_>>()?;
+    let dir = c.base_dir().join("soak");
+    fs::create_dir_all(&dir)?;
+    let dir_s = dir.to_string_lossy().to_string();
+
+    let h1 = c.host(1);
+    h1.mesh_ok(&["network", "create", "-d", "overlay", NET])?;
+    for (name, replicas, publish) in [(WEB, 3, true), (API, 1, false)] {
+        let mut args = vec![
+            "service",
+            "create",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            NET,
+            "--update-delay",
+            "200ms",
+        ];
+        let r = replicas.to_string();
+        args.extend(["--replicas", &r]);
+        if publish {
+            args.extend(["--publish", "8080:8080"]);
+        }
+        args.extend(["--", "python3", "-c", SERVER]);
+        h1.mesh_ok(&args)?;
+    }
+    let client_args = [
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "cli",
+        "--mode",
+        "global",
+        "--network",
+        NET,
+        "--",
+        "sh",
+        "-c",
+        "exec python3 -c \"$0\" \"$1\" \"$MESH_NODE_NAME\" web,api",
+        CLIENT,
+        &dir_s,
+    ];
+    h1.mesh_ok(&client_args)?;
+    // Everything up and answering everywhere before the clock starts.
+    wait_for(
+        "web, api and the clients running",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            let ls = h1.mesh_json(&["service", "ls"])?;
+            let all = ls.as_array().is_some_and(|a| {
+                a.len() == 3
+                    && a.iter().all(|s| {
+                        let r = s["Replicas"].as_str().unwrap_or_default();
+                        matches!(r.split_once('/'), Some((n, d)) if n == d && n != "0")
+                    })
+            });
+            Ok(all.then_some(()))
+        },
+    )?;
+    let mut ingress_targets: Vec<String> = c
+        .hosts()
+        .iter()
+        .map(|h| format!("{}:8080", h.addr()))
+        .collect();
+    ingress_targets.sort();
+    let ingress = spawn_underlay_client(&c, &dir_s, &ingress_targets.join(","))?;
+    let _ingress = KillOnDrop(ingress);
+    // Warm-up: the clock starts once every client has called for 3 s without a failure (on a
+    // loaded machine the servers take a while to listen after their tasks start).
+    wait_for(
+        "3 s of calls without a failure before the schedule starts",
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        || {
+            let (clients, last_fail) = last_failure(&dir)?;
+            Ok((clients == 6 && now() - last_fail > 3.0).then_some(()))
+        },
+    )?;
+
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    lock(&shared).measure = Some((now(), f64::MAX));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut report = Report {
+        seed: opts.seed,
+        lb_backend: opts.lb_backend.clone(),
+        ..Report::default()
+    };
+    std::thread::scope(|s| -> Result<()> {
+        let checker = s.spawn(|| checker(&c, &shared, &stop));
+        let res = drive(&c, opts, &shared, &mut report);
+        stop.store(true, Ordering::Relaxed);
+        let _ = checker.join();
+        res
+    })?;
+    // Calls made after the schedule ended are still counted: the last changes settle now.
+    std::thread::sleep(Duration::from_secs(3));
+    lock(&shared).measure.as_mut().map(|m| m.1 = now());
+    report.ran_for = started.elapsed();
+
+    // Invariant 2 once more, on the final state of every service.
+    let services: Vec<String> = match h1.mesh_json(&["service", "ls"]) {
+        Ok(v) => v
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| s["Name"].as_str().map(str::to_string))
+            .collect(),
+        Err(e) => {
+            report.op_errors.push(format!("final service ls: {e:#}"));
+            Vec::new()
+        }
+    };
+    for svc in &services {
+        if let Ok(rows) = service_ps(h1, svc) {
+            let mut sh = lock(&shared);
+            for r in rows {
+                if r.bad() {
+                    sh.bad_tasks.insert(r.describe(svc));
+                }
+            }
+        }
+    }
+    drop(_ingress);
+    // Everything removed, then the hosts compared with the snapshot from before the run.
+    for svc in &services {
+        if let Err(e) = mgmt(&c, &["service", "rm", svc]) {
+            report.op_errors.push(format!("final rm {svc}: {e:#}"));
+        }
+    }
+    if let Ok(v) = h1.mesh_json(&["network", "ls"]) {
+        for n in v.as_array().cloned().unwrap_or_default() {
+            let name = n["Name"].as_str().unwrap_or_default().to_string();
+            if name != "ingress" && !name.is_empty() {
+                if let Err(e) = network_rm(&c, &name) {
+                    report
+                        .op_errors
+                        .push(format!("final network rm {name}: {e:#}"));
+                }
+            }
+        }
+    }
+    collect_calls(&dir, &shared, &mut report)?;
+    {
+        let sh = lock(&shared);
+        report.bad_tasks = sh.bad_tasks.clone();
+        report.lags = sh.lags.clone();
+        report.lag_violations = sh.lag_violations.clone();
+        report.polls = sh.polls;
+    }
+    // Tasks stop after their drain; namespaces follow once the last task of a network left.
+    let settled = wait_for(
+        "every host back to its state before the run",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || {
+            let mut leaks = Vec::new();
+            for (h, b) in c.hosts().iter().zip(&before) {
+                leaks.extend(snapshot(h)?.leaks_since(b, h.name()));
+            }
+            Ok(leaks.is_empty().then_some(()))
+        },
+    );
+    if settled.is_err() {
+        for (h, b) in c.hosts().iter().zip(&before) {
+            report.leaks.extend(snapshot(h)?.leaks_since(b, h.name()));
+        }
+    }
+    report.store_mismatch = compare_stores(&c).err().map(|e| format!("{e:#}"));
+    Ok(report)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_underlay_client(c: &Cluster, dir: &str, targets: &str) -> Result<Child> {
+    Command::new("ip")
+        .args(["netns", "exec", c.underlay_ns(), "python3", "-c", CLIENT])
+        .args([dir, "ingress", targets])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the underlay client")
+}
+
+/// A live manager to send management calls to (not excused: daemon up, link up).
+fn manager<'a>(c: &'a Cluster, shared: &Mutex<Shared>) -> &'a Host {
+    let excused: BTreeSet<usize> = lock(shared).excused.keys().copied().collect();
+    (1..=3)
+        .map(|i| c.host(i))
+        .find(|h| !excused.contains(&h.index()) && h.daemon_running())
+        .unwrap_or(c.host(1))
+}
+
+/// A management call on any live manager, retried while the swarm has no leader (a killed
+/// leader) for up to 20 s.
+fn mgmt(c: &Cluster, args: &[&str]) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let h = (1..=3)
+            .map(|i| c.host(i))
+            .find(|h| h.daemon_running())
+            .unwrap_or(c.host(1));
+        let out = h.mesh(args)?;
+        if out.success() {
+            return Ok(out.stdout);
+        }
+        let transient = out.stderr.contains("leader")
+            || out.stderr.contains("connect")
+            || out.stderr.contains("timed out")
+            || out.stderr.contains("unavailable");
+        if !transient || Instant::now() >= deadline {
+            bail!("mesh {}: {}", args.join(" "), out.stderr.trim());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `network rm`, waiting (up to 30 s) while the tasks of services removed just before are
+/// still stopping (their drain) and keep the network in use.
+fn network_rm(c: &Cluster, name: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match mgmt(c, &["network", "rm", name]) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() < deadline && format!("{e}").contains("in use") => {
+                std::thread::sleep(Duration::from_millis(300))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs the schedule until the duration is over.
+fn drive(c: &Cluster, opts: &SoakOpts, shared: &Mutex<Shared>, report: &mut Report) -> Result<()> {
+    let mut sched = Schedule::new(opts.seed);
+    let end = Instant::now() + opts.duration;
+    let mut n = 0u64;
+    let mut gen = 0u64;
+    while Instant::now() < end {
+        let (pause, op) = sched.next_op();
+        std::thread::sleep(pause.min(end.saturating_duration_since(Instant::now())));
+        if Instant::now() >= end {
+            break;
+        }
+        n += 1;
+        let at = now() - lock(shared).measure.map_or(0.0, |m| m.0);
+        eprintln!("soak: op {n} at +{at:.1}s: {op:?}");
+        *report.ops.entry(op.kind()).or_default() += 1;
+        if let Err(e) = apply(c, &op, shared, &mut gen) {
+            eprintln!("soak: op {n} failed: {e:#}");
+            report.op_errors.push(format!("op {n} {op:?}: {e:#}"));
+        }
+    }
+    Ok(())
+}
+
+fn apply(c: &Cluster, op: &Op, shared: &Mutex<Shared>, gen: &mut u64) -> Result<()> {
+    match op {
+        Op::Update {
+            service,
+            parallelism,
+            start_first,
+        } => {
+            *gen += 1;
+            let env = format!("GEN={gen}");
+            let p = parallelism.to_string();
+            let order = if *start_first {
+                "start-first"
+            } else {
+                "stop-first"
+            };
+            mgmt(
+                c,
+                &[
+                    "service",
+                    "update",
+                    "-d",
+                    "--env-add",
+                    &env,
+                    "--update-parallelism",
+                    &p,
+                    "--update-order",
+                    order,
+                    service,
+                ],
+            )?;
+        }
+        Op::Scale { service, replicas } => {
+            mgmt(
+                c,
+                &["service", "scale", "-d", &format!("{service}={replicas}")],
+            )?;
+        }
+        Op::CreateService {
+            name,
+            network,
+            replicas,
+            publish,
+        } => {
+            let r = replicas.to_string();
+            let mut args = vec![
+                "service",
+                "create",
+                "-d",
+                "--name",
+                name,
+                "--network",
+                network,
+                "--replicas",
+                &r,
+            ];
+            if *publish {
+                args.extend(["--publish", ":8080"]);
+            }
+            args.extend(["--", "python3", "-c", SERVER]);
+            mgmt(c, &args)?;
+        }
+        Op::RemoveService { name } => {
+            // Invariant 2 for a service about to go.
+            let h = manager(c, shared);
+            if let Ok(rows) = service_ps(h, name) {
+                let mut sh = lock(shared);
+                for r in rows.iter().filter(|r| r.bad()) {
+                    sh.bad_tasks.insert(r.describe(name));
+                }
+            }
+            mgmt(c, &["service", "rm", name])?;
+        }
+        Op::CreateNetwork { name } => {
+            mgmt(c, &["network", "create", "-d", "overlay", name])?;
+        }
+        Op::RemoveNetwork { name } => network_rm(c, name)?,
+        Op::Drain { host } => {
+            mgmt(
+                c,
+                &[
+                    "node",
+                    "update",
+                    "--availability",
+                    "drain",
+                    c.host(*host).name(),
+                ],
+            )?;
+        }
+        Op::Activate { host } => {
+            mgmt(
+                c,
+                &[
+                    "node",
+                    "update",
+                    "--availability",
+                    "active",
+                    c.host(*host).name(),
+                ],
+            )?;
+        }
+        Op::KillRestart { target, down } => {
+            let i = match target {
+                Target::Host(i) => *i,
+                Target::Leader => {
+                    let m = manager(c, shared);
+                    let name = leader_name(m)?.context("no leader to kill")?;
+                    c.hosts()
+                        .iter()
+                        .find(|h| h.name() == name)
+                        .map(Host::index)
+                        .context("leader is no host of ours")?
+                }
+            };
+            let h = c.host(i);
+            let from = now();
+            {
+                let mut sh = lock(shared);
+                sh.excused.insert(i, f64::MAX);
+                sh.views_excused_until = f64::MAX;
+            }
+            h.kill_daemon()?;
+            std::thread::sleep(*down);
+            let res = h.restart_daemon();
+            let to = now() + SETTLE_KILL.as_secs_f64();
+            let mut sh = lock(shared);
+            sh.excused.insert(i, to);
+            sh.views_excused_until = to;
+            sh.windows.push(Window {
+                from,
+                to,
+                host: Some(h.name().to_string()),
+            });
+            res?;
+        }
+        Op::CutHeal { host, cut } => {
+            let h = c.host(*host);
+            let from = now();
+            {
+                let mut sh = lock(shared);
+                sh.excused.insert(*host, f64::MAX);
+                sh.views_excused_until = f64::MAX;
+            }
+            h.cut_link()?;
+            std::thread::sleep(*cut);
+            let res = h.heal_link();
+            let to = now() + SETTLE_CUT.as_secs_f64();
+            let mut sh = lock(shared);
+            sh.excused.insert(*host, to);
+            sh.views_excused_until = to;
+            sh.windows.push(Window {
+                from,
+                to,
+                host: None,
+            });
+            res?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The checker
+
+#[derive(Clone, Debug)]
+struct PsRow {
+    id: String,
+    name: String,
+    node: String,
+    desired: String,
+    current: String,
+    error: String,
+}
+
+impl PsRow {
+    fn running(&self) -> bool {
+        self.desired == "Running" && self.current.starts_with("Running")
+    }
+
+    fn bad(&self) -> bool {
+        self.current.starts_with("Rejected") || self.current.starts_with("Failed")
+    }
+
+    fn describe(&self, svc: &str) -> String {
+        format!(
+            "{svc} {} ({}) on {}: {} {}",
+            self.name, self.id, self.node, self.current, self.error
+        )
+    }
+}
+
+fn service_ps(h: &Host, svc: &str) -> Result<Vec<PsRow>> {
+    let v = h.mesh_json(&["service", "ps", svc])?;
+    let s = |r: &Value, k: &str| r[k].as_str().unwrap_or_default().to_string();
+    Ok(v.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| PsRow {
+            id: s(r, "ID"),
+            name: s(r, "Name"),
+            node: s(r, "Node"),
+            desired: s(r, "DesiredState"),
+            current: s(r, "CurrentState"),
+            error: s(r, "Error"),
+        })
+        .collect())
+}
+
+/// The store's running set of `svc` on [`NET`]: addresses of tasks whose desired and current
+/// states are Running.
+fn store_view(h: &Host, svc: &str, ips: &BTreeMap<String, String>) -> Result<BTreeSet<String>> {
+    Ok(service_ps(h, svc)?
+        .iter()
+        .filter(|r| r.running())
+        .filter_map(|r| ips.get(&r.id).cloned())
+        .collect())
+}
+
+/// Task ID -> address on [`NET`], and the nodes with a task on it, from `network inspect`.
+fn task_ips(h: &Host) -> Result<(BTreeMap<String, String>, BTreeSet<String>)> {
+    let v: Value = serde_json::from_str(&h.mesh_ok(&["network", "inspect", NET])?)?;
+    let mut ips = BTreeMap::new();
+    let mut nodes = BTreeSet::new();
+    for t in v[0]["Tasks"].as_array().cloned().unwrap_or_default() {
+        let (Some(name), Some(addr)) = (t["Name"].as_str(), t["IPv4Address"].as_str()) else {
+            continue;
+        };
+        let id = name.rsplit('.').next().unwrap_or_default().to_string();
+        ips.insert(id, addr.split('/').next().unwrap_or_default().to_string());
+        if let Some(n) = t["Node"].as_str() {
+            nodes.insert(n.to_string());
+        }
+    }
+    Ok((ips, nodes))
+}
+
+/// A node's answers for `tasks.SVC` on [`NET`].
+fn dns_view(h: &Host, svc: &str) -> Result<BTreeSet<String>> {
+    let out = h.mesh_ok(&["dns", "query", "--network", NET, &format!("tasks.{svc}")])?;
+    let mut lines = out.lines();
+    let head = lines.next().unwrap_or_default();
+    if head.ends_with("NXDomain") || head.contains("NXDOMAIN") {
+        return Ok(BTreeSet::new());
+    }
+    Ok(lines
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// A node's VIP backends, by service name.
+fn vip_view(h: &Host) -> Result<BTreeMap<String, BTreeSet<String>>> {
+    let v = h.mesh_json(&["vip", "ls"])?;
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in v.as_array().cloned().unwrap_or_default() {
+        let svc = r["Service"].as_str().unwrap_or_default().to_string();
+        let set = out.entry(svc).or_default();
+        for b in r["Backends"].as_array().cloned().unwrap_or_default() {
+            if let Some(b) = b.as_str() {
+                set.insert(b.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Polls until `stop`, timing each (host, service, view) mismatch with the store.
+fn checker(c: &Cluster, shared: &Mutex<Shared>, stop: &AtomicBool) {
+    // Open mismatches: key -> (first seen, what differed).
+    let mut open: BTreeMap<(usize, &'static str, &'static str), (Instant, String)> =
+        BTreeMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let _ = check_once(c, shared, &mut open);
+        let spent = t.elapsed();
+        std::thread::sleep(Duration::from_millis(250).saturating_sub(spent));
+    }
+}
+
+fn check_once(
+    c: &Cluster,
+    shared: &Mutex<Shared>,
+    open: &mut BTreeMap<(usize, &'static str, &'static str), (Instant, String)>,
+) -> Result<()> {
+    if lock(shared).views_excused_until > now() {
+        open.clear();
+        return Ok(());
+    }
+    let m = manager(c, shared);
+    let (ips, nodes) = task_ips(m)?;
+    let mut store = BTreeMap::new();
+    for svc in [WEB, API] {
+        let rows = service_ps(m, svc)?;
+        {
+            let mut sh = lock(shared);
+            for r in rows.iter().filter(|r| r.bad()) {
+                sh.bad_tasks.insert(r.describe(svc));
+            }
+        }
+        store.insert(svc, store_view(m, svc, &ips)?);
+    }
+    let excused: BTreeMap<usize, f64> = lock(shared).excused.clone();
+    let t = now();
+    let mut seen = Vec::new();
+    for h in c.hosts() {
+        let i = h.index();
+        // A node with no task on the network has no view of it (it left the network).
+        if excused.get(&i).is_some_and(|until| *until > t)
+            || !h.daemon_running()
+            || !nodes.contains(h.name())
+        {
+            open.retain(|k, _| k.0 != i);
+            continue;
+        }
+        let Ok(vips) = vip_view(h) else { continue };
+        for svc in [WEB, API] {
+            let want = &store[svc];
+            let dns = dns_view(h, svc).ok();
+            let vip = vips.get(svc).cloned().unwrap_or_default();
+            for (kind, have) in [("dns", dns), ("vip", Some(vip))] {
+                let Some(have) = have else { continue };
+                let key = (i, svc, kind);
+                let now_i = Instant::now();
+                if &have == want {
+                    if let Some((since, what)) = open.remove(&key) {
+                        seen.push((now_i - since, format!("{} {svc} {kind}: {what}", h.name())));
+                    }
+                } else {
+                    open.entry(key)
+                        .or_insert_with(|| (now_i, format!("has {have:?}, store runs {want:?}")));
+                }
+            }
+        }
+    }
+    // A host that became excused during the poll drops its open mismatches.
+    let mut sh = lock(shared);
+    sh.polls += 1;
+    for (lag, what) in seen {
+        if lag > MAX_LAG {
+            sh.lag_violations
+                .push(format!("{what} for {lag:.1?} (over {MAX_LAG:?})"));
+        }
+        sh.lags.push(lag);
+    }
+    Ok(())
+}
+
+/// The number of client files, and the end time of the last failure they recorded.
+fn last_failure(dir: &Path) -> Result<(usize, f64)> {
+    let (mut files, mut last) = (0, 0.0f64);
+    for e in fs::read_dir(dir)? {
+        files += 1;
+        let text = fs::read_to_string(e?.path())?;
+        for l in text.lines().filter(|l| l.starts_with("F ")) {
+            if let Some(t) = l.split_whitespace().nth(2).and_then(|t| t.parse().ok()) {
+                last = last.max(t);
+            }
+        }
+    }
+    Ok((files, last))
+}
+
+/// Reads the clients' files into the report, classifying failures by window.
+fn collect_calls(dir: &Path, shared: &Mutex<Shared>, report: &mut Report) -> Result<()> {
+    let sh = lock(shared);
+    let (from, to) = sh.measure.unwrap_or((0.0, f64::MAX));
+    for e in fs::read_dir(dir)? {
+        let path = e?.path();
+        let f = fs::File::open(&path)?;
+        for line in BufReader::new(f).lines() {
+            let line = line?;
+            let w: Vec<&str> = line.split_whitespace().collect();
+            match w.as_slice() {
+                ["O", t, name, _target, n] => {
+                    let t: f64 = t.parse().unwrap_or(0.0);
+                    if t < from || t > to + 1.0 {
+                        continue;
+                    }
+                    let n: u64 = n.parse().unwrap_or(0);
+                    if *name == "ingress" {
+                        report.ingress_ok += n;
+                    } else {
+                        report.calls_ok += n;
+                    }
+                }
+                ["F", t0, t1, name, target, err] => {
+                    let (t0, t1): (f64, f64) =
+                        (t0.parse().unwrap_or(0.0), t1.parse().unwrap_or(0.0));
+                    if t1 < from || t0 > to {
+                        continue;
+                    }
+                    let excused = sh.windows.iter().any(|w| {
+                        t1 >= w.from && t0 <= w.to && w.host.as_ref().is_none_or(|h| h == name)
+                    });
+                    if excused {
+                        report.failed_disrupted += 1;
+                    } else {
+                        report.failed_clean.push(format!(
+                            "{name} -> {target} at +{:.2}s ({:.2}s): {err}",
+                            t0 - from,
+                            t1 - t0
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Leaks and stores
+
+/// What a host holds that a run could leave behind.
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    links: BTreeSet<String>,
+    holders: BTreeSet<String>,
+    nft_tables: BTreeSet<String>,
+    cgroups: BTreeSet<String>,
+    processes: usize,
+    mounts: usize,
+    files: BTreeSet<String>,
+    bpf: BTreeSet<String>,
+}
+
+fn snapshot(h: &Host) -> Result<Snapshot> {
+    let mut s = Snapshot::default();
+    let out = h.exec(&["ip", "-o", "link", "show"])?;
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(name) = l.split(": ").nth(1) {
+            s.links
+                .insert(name.split('@').next().unwrap_or(name).to_string());
+        }
+    }
+    let out = h.exec(&["nft", "list", "tables"])?;
+    s.nft_tables = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    if let Ok(rd) = fs::read_dir(h.exec_root().join("netns")) {
+        for e in rd.flatten() {
+            s.holders
+                .insert(e.file_name().to_string_lossy().to_string());
+        }
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let daemon = h.daemon_pid();
+    for hier in cgroup_hierarchies(root) {
+        let base = hier.join(h.cgroup_parent());
+        for d in walk_dirs(&base) {
+            let rel = d
+                .strip_prefix(root)
+                .unwrap_or(&d)
+                .to_string_lossy()
+                .to_string();
+            s.cgroups.insert(rel);
+            if let Ok(p) = fs::read_to_string(d.join("cgroup.procs")) {
+                s.processes += p
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok())
+                    .filter(|pid| Some(*pid) != daemon)
+                    .count();
+            }
+        }
+    }
+    // Processes are counted once per hierarchy; keep the v2 (or first) count comparable.
+    let exec_root = h.exec_root().to_string_lossy().to_string();
+    s.mounts = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&exec_root))
+        .count();
+    for f in walk_files(h.exec_root()) {
+        let rel = f
+            .strip_prefix(h.exec_root())
+            .unwrap_or(&f)
+            .to_string_lossy()
+            .to_string();
+        // The cgroup mounts a daemon under `ip netns exec` makes for itself are not files.
+        if !rel.starts_with("cgroup/") {
+            s.files.insert(rel);
+        }
+    }
+    if let Some(v2) = cgroup_hierarchies(root)
+        .into_iter()
+        .find(|p| p.join("cgroup.controllers").exists())
+    {
+        let path = v2.join(h.cgroup_parent());
+        if let Ok(out) = Command::new("bpftool")
+            .args(["cgroup", "tree", &path.to_string_lossy()])
+            .output()
+        {
+            s.bpf = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .filter(|l| !l.is_empty())
+                .collect();
+        }
+    }
+    Ok(s)
+}
+
+/// Made once per host on its first task and kept, as Docker keeps `docker_gwbridge`: the
+/// gateway bridge and its NAT table are fixtures of the host, not of a task.
+const HOST_FIXTURES: [&str; 2] = ["mesh_gwbridge", "table ip mesh_gw"];
+
+impl Snapshot {
+    fn leaks_since(&self, before: &Snapshot, host: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut new = |what: &str, now: &BTreeSet<String>, was: &BTreeSet<String>| {
+            for x in now.difference(was) {
+                if !HOST_FIXTURES.contains(&x.as_str()) {
+                    out.push(format!("{host}: {what} {x}"));
+                }
+            }
+        };
+        new("link", &self.links, &before.links);
+        new("netns holder", &self.holders, &before.holders);
+        new("nft table", &self.nft_tables, &before.nft_tables);
+        new("cgroup", &self.cgroups, &before.cgroups);
+        new("file", &self.files, &before.files);
+        new("bpf", &self.bpf, &before.bpf);
+        if self.processes > before.processes {
+            out.push(format!(
+                "{host}: {} processes in its cgroups (were {})",
+                self.processes, before.processes
+            ));
+        }
+        if self.mounts > before.mounts {
+            out.push(format!(
+                "{host}: {} mounts under its exec root (were {})",
+                self.mounts, before.mounts
+            ));
+        }
+        out
+    }
+}
+
+fn cgroup_hierarchies(root: &Path) -> Vec<PathBuf> {
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.to_path_buf()];
+    }
+    let mut out: Vec<PathBuf> = fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .filter(|p| p.join("cgroup.procs").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        out.push(d);
+        stack.extend(
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    out
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(_) => out.push(e.path()),
+                Err(_) => {}
+            }
+        }
+    }
+    out
+}
+
+/// All managers at the same applied index with the same store digest (waits up to 15 s for
+/// the last entries to reach every manager).
+fn compare_stores(c: &Cluster) -> Result<()> {
+    wait_for(
+        "every manager at the same applied index and store digest",
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+        || {
+            let mut seen = BTreeSet::new();
+            let mut detail = Vec::new();
+            for i in 1..=3 {
+                let v = c.host(i).mesh_json(&["info"])?;
+                let applied = v["raft"]["state_applied"].as_u64();
+                let digest = v["raft"]["state_digest"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string();
+                detail.push(format!("h{i} applied {applied:?} digest {digest}"));
+                seen.insert((applied, digest));
+            }
+            if seen.len() == 1 {
+                Ok(Some(()))
+            } else {
+                bail!("{}", detail.join(", "))
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_schedule() {
+        let draw = |seed| {
+            let mut s = Schedule::new(seed);
+            (0..200).map(|_| s.next_op()).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn the_schedule_keeps_a_task_running_and_draws_every_kind() {
+        let mut s = Schedule::new(1);
+        let mut kinds = BTreeSet::new();
+        for _ in 0..2000 {
+            let replicas = s.replicas.clone();
+            let (pause, op) = s.next_op();
+            assert!(pause >= Duration::from_millis(300) && pause <= Duration::from_millis(2500));
+            if let Op::Update {
+                service,
+                parallelism,
+                start_first: false,
+            } = &op
+            {
+                assert!(*parallelism < replicas[service], "{op:?} with {replicas:?}");
+            }
+            if let Op::Scale { service, replicas } = &op {
+                assert!(*replicas >= 1 && (*service != WEB || *replicas >= 2));
+            }
+            kinds.insert(op.kind());
+        }
+        assert_eq!(kinds.len(), 13, "{kinds:?}");
+    }
+
+    #[test]
+    fn percentiles() {
+        let d: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(pct(&d, 0.5), Duration::from_millis(51));
+        assert_eq!(pct(&d, 0.99), Duration::from_millis(99));
+        assert_eq!(pct(&[], 0.5), Duration::ZERO);
+    }
+}
