@@ -41,7 +41,7 @@ pub fn run(keep: bool) -> Result<()> {
     )?;
     join_swarm(&c, 3)?;
     show(h1, &["node", "ls"])?;
-    show(c.host(4), &["node", "ls"])?;
+    show(c.host(4), &["info"])?;
 
     println!("\n== an overlay network and a replicated service on it: each task is a process in its own namespaces and cgroup");
     show(h1, &["network", "create", "-d", "overlay", "appnet"])?;
