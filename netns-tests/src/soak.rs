@@ -502,10 +502,25 @@ impl Report {
         for v in self
             .violations()
             .iter()
-            .filter(|v| !v.starts_with("(1)"))
+            .filter(|v| !v.starts_with("(1)") && !v.starts_with("(4) leak"))
             .take(60)
         {
             s.push_str(&format!("  VIOLATION {v}\n"));
+        }
+        // Leaks by host and kind, with an example each.
+        let mut leaks: BTreeMap<(String, String), (u64, String)> = BTreeMap::new();
+        for l in &self.leaks {
+            let mut w = l.splitn(3, ' ');
+            let (host, kind) = (w.next().unwrap_or_default(), w.next().unwrap_or_default());
+            let e = leaks
+                .entry((host.to_string(), kind.to_string()))
+                .or_insert((0, l.clone()));
+            e.0 += 1;
+        }
+        for ((host, kind), (n, example)) in &leaks {
+            s.push_str(&format!(
+                "  VIOLATION (4) {host} {n} leaked {kind} (e.g. {example})\n"
+            ));
         }
         s
     }
@@ -640,10 +655,14 @@ pub fn run(opts: &SoakOpts) -> Result<Report> {
         Duration::from_secs(90),
         Duration::from_millis(500),
         || {
-            let (clients, last_fail) = last_failure(&dir)?;
-            Ok((clients == 6 && now() - last_fail > 3.0).then_some(()))
+            let (clients, last_fail, line) = last_failure(&dir)?;
+            if clients == 6 && now() - last_fail > 3.0 {
+                return Ok(Some(()));
+            }
+            bail!("{clients} client files, last failure {line}")
         },
-    )?;
+    )
+    .inspect_err(|_| eprintln!("{}", diagnose(&c)))?;
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     lock(&shared).measure = Some((now(), f64::MAX));
@@ -662,7 +681,9 @@ pub fn run(opts: &SoakOpts) -> Result<Report> {
     })?;
     // Calls made after the schedule ended are still counted: the last changes settle now.
     std::thread::sleep(Duration::from_secs(3));
-    lock(&shared).measure.as_mut().map(|m| m.1 = now());
+    if let Some(m) = lock(&shared).measure.as_mut() {
+        m.1 = now();
+    }
     report.ran_for = started.elapsed();
 
     // Invariant 2 once more, on the final state of every service.
@@ -1185,19 +1206,56 @@ fn check_once(
     Ok(())
 }
 
-/// The number of client files, and the end time of the last failure they recorded.
-fn last_failure(dir: &Path) -> Result<(usize, f64)> {
-    let (mut files, mut last) = (0, 0.0f64);
+/// What every node holds for `web` and `api`, and the store's tasks: printed when the soak
+/// cannot start.
+fn diagnose(c: &Cluster) -> String {
+    let mut out = String::new();
+    let h1 = c.host(1);
+    for svc in [WEB, API] {
+        out.push_str(&format!(
+            "service ps {svc}: {:?}\n",
+            service_ps(h1, svc).map(|rows| rows
+                .iter()
+                .map(|r| format!(
+                    "{} {} {} {} {}",
+                    r.name, r.node, r.desired, r.current, r.error
+                ))
+                .collect::<Vec<_>>())
+        ));
+    }
+    out.push_str(&format!("network inspect: {:?}\n", task_ips(h1)));
+    for h in c.hosts() {
+        out.push_str(&format!(
+            "{}: vip ls {:?}; tasks.web {:?}; tasks.api {:?}\n",
+            h.name(),
+            vip_view(h),
+            dns_view(h, WEB),
+            dns_view(h, API)
+        ));
+    }
+    out
+}
+
+/// The number of client files, and the end time and line of the last failure they recorded.
+fn last_failure(dir: &Path) -> Result<(usize, f64, String)> {
+    let (mut files, mut last, mut line) = (0, 0.0f64, String::new());
     for e in fs::read_dir(dir)? {
         files += 1;
         let text = fs::read_to_string(e?.path())?;
         for l in text.lines().filter(|l| l.starts_with("F ")) {
-            if let Some(t) = l.split_whitespace().nth(2).and_then(|t| t.parse().ok()) {
-                last = last.max(t);
+            if let Some(t) = l
+                .split_whitespace()
+                .nth(2)
+                .and_then(|t| t.parse::<f64>().ok())
+            {
+                if t > last {
+                    last = t;
+                    line = l.to_string();
+                }
             }
         }
     }
-    Ok((files, last))
+    Ok((files, last, line))
 }
 
 /// Reads the clients' files into the report, classifying failures by window.
