@@ -1,6 +1,15 @@
 //! [`Executor`]: starts tasks through shims, reports, stops, removes and
 //! execs into them, and adopts the tasks of a previous meshd from the state
 //! in `<exec_root>/tasks/`.
+//!
+//! An ended task keeps its state directory (logs, exit record) until
+//! [`Executor::remove`], never its cgroups: its shim removes them before it
+//! records the exit; when the shim could not (it was killed, or the cgroups
+//! stayed busy), [`Executor::status`] (and so `list`) and
+//! [`Executor::stop`] do as soon as they see the task ended, for adopted
+//! tasks too. [`Executor::list`] also removes the remains of a start that a
+//! dead meshd left unfinished (no `state.json`), which nothing else would
+//! ever ask for again.
 
 use std::collections::HashSet;
 use std::fs;
@@ -11,7 +20,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::cgroup::CgroupLayout;
+use crate::cgroup::{CgroupError, CgroupLayout};
 use crate::exec::{self, RunError};
 use crate::netns::Holders;
 use crate::spec::{self, ExecOutput, ExecutorConfig, TaskRuntime, TaskSpec, NETNS_CGROUP};
@@ -163,6 +172,17 @@ impl Executor {
 
     fn busy_set(&self) -> MutexGuard<'_, HashSet<String>> {
         self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `id` for exclusive use if no start/remove of it is running, at once.
+    fn try_claim(&self, id: &str) -> Option<Claim<'_>> {
+        if !self.busy_set().insert(id.to_string()) {
+            return None;
+        }
+        Some(Claim {
+            ex: self,
+            id: id.to_string(),
+        })
     }
 
     /// Waits (bounded) until no other start/remove of `id` is running.
@@ -328,8 +348,35 @@ impl Executor {
     /// Current runtime of a task (`None` if unknown or not started). A task
     /// that died without its shim recording it (the shim was SIGKILLed) is
     /// reported as `Exited { code: None, signal: Some(9) }`, and that is
-    /// recorded.
+    /// recorded. The cgroups of an ended task that are still there (its shim
+    /// was killed, or could not remove them) are removed: whatever is left
+    /// in them is killed, in one pass that does not wait for busy cgroups (a
+    /// later call retries).
     pub fn status(&self, id: &str) -> Option<TaskRuntime> {
+        let rt = self.observe(id)?;
+        if !rt.is_running() {
+            if let Err(e) = self.release_cgroups(id, Duration::ZERO) {
+                tracing::debug!(task = id, error = %e, "cgroups of an ended task still busy");
+            }
+        }
+        Some(rt)
+    }
+
+    /// Kills whatever is left in the cgroups of an ended task and removes
+    /// them, retrying while they are busy for at most `timeout`. Nothing to
+    /// do (and no syscall but a `stat` per hierarchy) when they are gone.
+    fn release_cgroups(&self, id: &str, timeout: Duration) -> Result<(), CgroupError> {
+        let dirs = self.layout.task_paths(&self.parent, id);
+        if !dirs.iter().any(|d| d.exists()) {
+            return Ok(());
+        }
+        self.layout.remove_task(&self.parent, id, timeout)?;
+        tracing::info!(task = id, "removed the cgroups of an ended task");
+        Ok(())
+    }
+
+    /// The task's runtime from its state files and `/proc` (see `status`).
+    fn observe(&self, id: &str) -> Option<TaskRuntime> {
         spec::validate_id(id).ok()?;
         let dir = self.task_dir(id);
         let st: TaskState = state::read_json(&dir.join(STATE_FILE)).ok()??;
@@ -383,8 +430,11 @@ impl Executor {
         Some(exited(rec))
     }
 
-    /// All tasks with a state directory, sorted by id (to adopt them after a
-    /// meshd restart).
+    /// All started tasks with a state directory, sorted by id (to adopt
+    /// them after a meshd restart), each as `status` reports it (so the
+    /// cgroups of ended ones are removed). The remains of starts that no
+    /// longer run (a meshd died while starting them: no `state.json`, nothing
+    /// left in their cgroups) are removed.
     pub fn list(&self) -> Vec<(String, TaskRuntime)> {
         let Ok(rd) = fs::read_dir(&self.tasks_dir) else {
             return Vec::new();
@@ -392,10 +442,45 @@ impl Executor {
         let mut out: Vec<(String, TaskRuntime)> = rd
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter_map(|id| self.status(&id).map(|rt| (id, rt)))
+            .filter_map(|id| match self.status(&id) {
+                Some(rt) => Some((id, rt)),
+                None => {
+                    self.remove_unfinished(&id);
+                    None
+                }
+            })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// Removes the state directory and cgroups of a start that never
+    /// finished: no `state.json` (the shim never recorded a running task:
+    /// its meshd died during the start and the shim aborted), no start or
+    /// remove of this id in progress here, and no process left in its
+    /// cgroups (a shim of the dead meshd may still be recording a task that
+    /// did get exec'd; it is seen on a later call). Without this, a task
+    /// that is not started again (the leader moved on while meshd was down)
+    /// would keep its cgroups and files for ever: `status` and `list` do not
+    /// see it.
+    fn remove_unfinished(&self, id: &str) {
+        if spec::validate_id(id).is_err() {
+            return;
+        }
+        let dir = self.task_dir(id);
+        if !dir.is_dir() || dir.join(STATE_FILE).exists() {
+            return;
+        }
+        let Some(_claim) = self.try_claim(id) else {
+            return;
+        };
+        if dir.join(STATE_FILE).exists() || !self.layout.task_pids(&self.parent, id).is_empty() {
+            return;
+        }
+        tracing::warn!(task = %self.name_of(id), "removing the remains of an unfinished start");
+        if let Err(e) = self.cleanup(id) {
+            tracing::warn!(task = id, error = %e, "removing the remains of an unfinished start");
+        }
     }
 
     /// Polls until the task is not running (true) or `timeout` passes.
@@ -413,7 +498,11 @@ impl Executor {
     }
 
     /// Sends SIGTERM to every process of the task's cgroups, SIGKILL after
-    /// `grace`; returns once the task has exited (at most `grace` + 5 s).
+    /// `grace`; returns once the task has exited (at most `grace` + 5 s)
+    /// and its cgroups are gone (what is left in them, e.g. processes
+    /// started by `exec`, is killed). Its state directory and logs stay
+    /// until `remove`. Stopping an ended task removes the cgroups it may still
+    /// have.
     pub fn stop(&self, id: &str, grace: Duration) -> Result<(), ExecError> {
         let Some(rt) = self.status(id) else {
             return Err(ExecError::NotFound {
@@ -443,14 +532,18 @@ impl Executor {
                 }
             }
         }
-        // Processes started by `exec` may outlive the task.
-        self.layout.signal_task(&self.parent, id, libc::SIGKILL);
-        Ok(())
+        // Processes started by `exec` may outlive the task; the shim has
+        // removed the cgroups already unless it was killed.
+        self.release_cgroups(id, CGROUP_REMOVE_TIMEOUT)
+            .map_err(|e| ExecError::Stop {
+                task: self.name_of(id),
+                reason: format!("the task ended but {e}"),
+            })
     }
 
     /// Stops the task if needed (SIGKILL), waits for its shim, removes its
-    /// cgroups and state directory (logs too). Removing an unknown id is
-    /// not an error.
+    /// state directory (logs too) and its cgroups if still there. Removing
+    /// an unknown id is not an error.
     pub fn remove(&self, id: &str) -> Result<(), ExecError> {
         spec::validate_id(id).map_err(|e| ExecError::Remove {
             task: id.to_string(),

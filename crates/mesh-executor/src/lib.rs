@@ -23,6 +23,14 @@
 //! | `stdout.log`, `stderr.log` | the task | its output |
 //! | `shim.log` | shim | the shim's own diagnostics |
 //!
+//! **Ended tasks** keep their state directory (logs, exit record, for
+//! `service logs` and `service ps`) until [`Executor::remove`], not their
+//! cgroups: the shim kills what is left in them and removes them before it
+//! writes `exit.json`; if it could not (it was killed, or they stayed busy),
+//! `status`, `list` and `stop` remove them as soon as they see the task
+//! ended, adopted tasks included. `list` also removes the remains of a start
+//! that a dead meshd left unfinished (a directory without `state.json`).
+//!
 //! Every file is written atomically (temp file + rename). cgroups: see
 //! [`cgroup`] (pure v2 and hybrid layouts, hierarchies mounted under
 //! `<exec_root>/cgroup/` when meshd runs under `ip netns exec`).

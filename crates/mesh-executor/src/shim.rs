@@ -28,7 +28,10 @@
 //! that forked the task exits.
 //!
 //! After `ok` the shim points stdin and stdout at `/dev/null`, waits for the
-//! task, kills what is left in the task's cgroups and writes `exit.json`.
+//! task, kills what is left in the task's cgroups, removes them (retrying for
+//! at most [`CGROUP_REMOVE_TIMEOUT`] while they are busy) and writes
+//! `exit.json`: a task recorded as exited has no cgroup left (unless the
+//! removal timed out; the executor retries then).
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -57,6 +60,10 @@ const SHIM_LOG_TAIL: usize = 2000;
 /// How long the shim waits for meshd's `go`/`abort` before it kills the
 /// task (meshd aborts after its own, shorter, setup timeout).
 pub(crate) const GATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the shim retries removing the cgroups of its ended task before
+/// it records the exit anyway (shorter than the executor's wait after
+/// SIGKILL, so a `stop` never waits on it in vain).
+pub(crate) const CGROUP_REMOVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors of the shim and of launching it.
 #[derive(Debug, thiserror::Error)]
@@ -200,12 +207,17 @@ fn run(dir: &Path) -> i32 {
             }
         }
     };
-    // Like a container whose init exits: nothing of the task survives it.
+    let finished_at_ms = state::now_ms();
+    // Like a container whose init exits: nothing of the task survives it,
+    // not even its cgroups (only its state directory, for its logs).
     cgroup::kill_dirs(&launch.cgroups);
+    if let Err(e) = cgroup::remove_trees(&launch.cgroups, CGROUP_REMOVE_TIMEOUT) {
+        eprintln!("mesh task shim: {e}");
+    }
     let rec = ExitRecord {
         code: status.and_then(|s| s.code()),
         signal: status.map_or(Some(libc::SIGKILL), |s| s.signal()),
-        finished_at_ms: state::now_ms(),
+        finished_at_ms,
     };
     if let Err(e) = state::write_json(&dir.join(state::EXIT_FILE), &rec) {
         eprintln!("mesh task shim: {e}");

@@ -825,7 +825,17 @@ fn stop_and_remove_leave_nothing() -> TestResult {
         f.ex.layout().task_pids(&f.parent, &id).is_empty(),
         "processes left"
     );
-    ensure!(!f.task_cgroups(&id).is_empty(), "stop removed the cgroups");
+    // An ended task keeps its state directory (logs) until `remove`, not its
+    // cgroups.
+    ensure!(
+        f.task_cgroups(&id).is_empty(),
+        "stop left the cgroups: {:?}",
+        f.task_cgroups(&id)
+    );
+    ensure!(
+        stdout_of(&f.ex, &id).contains("ready"),
+        "logs gone after stop"
+    );
     // stop of a stopped task is fine.
     f.ex.stop(&id, Duration::from_secs(1)).ctx("second stop")?;
     f.ex.remove(&id).ctx("remove")?;
@@ -845,6 +855,161 @@ fn stop_and_remove_leave_nothing() -> TestResult {
     ensure!(f.ex.list().is_empty(), "list {:?}", f.ex.list());
     f.ex.remove(&id2).ctx("remove twice")?;
     Ok(())
+}
+
+/// A task that exits by itself (leaving a background process in its
+/// cgroups), a stopped task and a task whose shim was SIGKILLed, all started
+/// by `starter` and watched by `ex`: once `ex` knows each has ended, its
+/// cgroups are gone (in every hierarchy) while its state directory, logs and
+/// exit record stay for `service logs` and `service ps` until `remove`.
+fn ended_tasks_scenario(f: &Fixture, starter: &Executor, ex: &Executor) -> TestResult {
+    let gone = |id: &str, when: &str| -> TestResult {
+        let left = f.task_cgroups(id);
+        ensure!(left.is_empty(), "cgroups of {id} left {when}: {left:?}");
+        Ok(())
+    };
+    let all = f.ex.layout().task_paths(&f.parent, "x").len();
+    // 1. Exits by itself (code 4) on SIGUSR1.
+    let exits = unique("exits");
+    let script = "sleep 1000 & trap 'echo bye; exit 4' USR1; echo up; \
+                  while :; do sleep 0.05; done";
+    let pid = running_pid(
+        &starter
+            .start(&spec(&exits, &["sh", "-c", script]))
+            .ctx("start")?,
+    )?;
+    wait_until("the task to be up", Duration::from_secs(5), || {
+        stdout_of(ex, &exits).contains("up\n")
+    })?;
+    ensure!(
+        f.task_cgroups(&exits).len() == all,
+        "cgroups of a running task: {:?}",
+        f.task_cgroups(&exits)
+    );
+    kill(pid, libc::SIGUSR1);
+    let rt = wait_exited(ex, &exits)?;
+    ensure!(
+        matches!(rt, TaskRuntime::Exited { code: Some(4), .. }),
+        "{rt:?}"
+    );
+    gone(&exits, "after it exited")?;
+    ensure!(stdout_of(ex, &exits).contains("bye\n"), "logs of {exits}");
+    // 2. Stopped: gone when `stop` returns.
+    let stopped = unique("stopped");
+    running_pid(
+        &starter
+            .start(&spec(&stopped, &["sleep", "1000"]))
+            .ctx("start")?,
+    )?;
+    ex.stop(&stopped, Duration::from_secs(5)).ctx("stop")?;
+    gone(&stopped, "after stop returned")?;
+    // 3. Its shim SIGKILLed (the task dies with it): gone once the executor
+    // has seen it dead.
+    let shimless = unique("shimless");
+    running_pid(
+        &starter
+            .start(&spec(&shimless, &["sleep", "1000"]))
+            .ctx("start")?,
+    )?;
+    let shim =
+        u32::try_from(f.state(&shimless)?["shim_pid"].as_u64().ctx("shim")?).ctx("shim pid")?;
+    kill(shim, libc::SIGKILL);
+    wait_until(
+        "the task of a killed shim to be seen exited, without cgroups",
+        Duration::from_secs(5),
+        || {
+            ex.status(&shimless).is_some_and(|rt| !rt.is_running())
+                && f.task_cgroups(&shimless).is_empty()
+        },
+    )
+    .map_err(|e| format!("{e}: {:?} left", f.task_cgroups(&shimless)))?;
+    // All three are still listed, with their logs, until removed.
+    let mut ids = vec![exits.clone(), stopped.clone(), shimless.clone()];
+    ids.sort();
+    let list = ex.list();
+    ensure!(
+        list.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>() == ids
+            && list.iter().all(|(_, rt)| !rt.is_running()),
+        "list {list:?}"
+    );
+    for id in &ids {
+        ensure!(ex.logs(id, 1024).is_ok(), "logs of {id}");
+        gone(id, "after list")?;
+        ex.remove(id).ctx("remove")?;
+        ensure!(!f.root().join("tasks").join(id).exists(), "state dir left");
+    }
+    Ok(())
+}
+
+fn ended_tasks_release_their_cgroups() -> TestResult {
+    let f = Fixture::new()?;
+    ended_tasks_scenario(&f, &f.ex, &f.ex)
+}
+
+/// The same for tasks a restarted meshd adopted (a new executor on the same
+/// exec root and cgroup parent).
+fn adopted_tasks_release_their_cgroups() -> TestResult {
+    let f = Fixture::new()?;
+    let adopter = f.another()?;
+    ended_tasks_scenario(&f, &f.ex, &adopter)
+}
+
+/// meshd SIGKILLed during a start (its task waiting at the network gate):
+/// the shim aborts, leaving a state directory without `state.json` and the
+/// task's cgroups. The restarted meshd removes them, whether or not the task
+/// is ever started again.
+fn a_start_cut_by_a_daemon_death_leaves_nothing() -> TestResult {
+    use std::os::unix::process::ExitStatusExt;
+    let f = Fixture::new()?;
+    let id = unique("cut");
+    let exe = std::env::current_exe().ctx("current_exe")?;
+    let out = Command::new(exe)
+        .args([CHILD_ARG, "die-in-setup"])
+        .arg(f.root())
+        .args([&f.parent, &id, "-"])
+        .output()
+        .ctx("running the child")?;
+    ensure!(
+        out.status.signal() == Some(libc::SIGKILL),
+        "the child should have SIGKILLed itself: {:?}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = f.root().join("tasks").join(&id);
+    ensure!(
+        dir.join("launch.json").exists() && !dir.join("state.json").exists(),
+        "not the remains of a start: {:?}",
+        fs::read_dir(&dir).map(|rd| rd.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+    let restarted = f.another()?;
+    wait_until(
+        "the remains of the cut start to be removed",
+        Duration::from_secs(10),
+        || {
+            let listed = restarted.list();
+            listed.is_empty() && !dir.exists() && f.task_cgroups(&id).is_empty()
+        },
+    )
+    .map_err(|e| {
+        format!(
+            "{e}: state dir exists {}, cgroups {:?}",
+            dir.exists(),
+            f.task_cgroups(&id)
+        )
+    })?;
+    Ok(())
+}
+
+/// Child mode: a meshd that is SIGKILLed in the network setup of a start,
+/// while the task waits at the gate.
+fn child_die_in_setup(root: &Path, parent: &str, id: &str) -> TestResult {
+    let ex = Executor::new(ExecutorConfig::new(root, parent)).ctx("Executor::new")?;
+    let r = ex.start_with(&spec(id, &["sleep", "300"]), &mut |_| {
+        kill(std::process::id(), libc::SIGKILL);
+        thread::sleep(Duration::from_secs(10));
+        Err("still alive after SIGKILL".into())
+    });
+    Err(format!("still alive after SIGKILL: {r:?}"))
 }
 
 fn concurrent_starts() -> TestResult {
@@ -1011,6 +1176,7 @@ fn child_main(args: &[String]) -> i32 {
         "adopt" => child_adopt(Path::new(root), parent, id, expect_mode),
         "holder-create" => child_holder_create(Path::new(root), parent, id, expect_mode),
         "holder-find" => child_holder_find(Path::new(root), parent, id, expect_mode),
+        "die-in-setup" => child_die_in_setup(Path::new(root), parent, id),
         _ => Err(format!("unknown child mode {mode}")),
     };
     match res {
@@ -1104,6 +1270,16 @@ fn child_adopt(root: &Path, parent: &str, id: &str, expect_mode: &str) -> TestRe
         .ctx("exec")?;
     ensure!(o.stdout == format!("host-{id}\n").as_bytes(), "exec {o:?}");
     ex.stop(id, Duration::from_secs(5)).ctx("stop")?;
+    // Its shim lives in the first child's mount namespace; its cgroups are
+    // gone here too once it has stopped, before `remove`.
+    for p in ex.layout().task_paths(parent, id) {
+        ensure!(!p.exists(), "{} left after stop", p.display());
+    }
+    ensure!(
+        ex.list().len() == 1 && ex.logs(id, 1024).is_ok(),
+        "the stopped task is no longer listed with its logs: {:?}",
+        ex.list()
+    );
     ex.remove(id).ctx("remove")?;
     for p in ex.layout().task_paths(parent, id) {
         ensure!(!p.exists(), "{} left", p.display());
@@ -1606,6 +1782,18 @@ fn main() {
         (
             "stop_and_remove_leave_nothing",
             stop_and_remove_leave_nothing,
+        ),
+        (
+            "ended_tasks_release_their_cgroups",
+            ended_tasks_release_their_cgroups,
+        ),
+        (
+            "adopted_tasks_release_their_cgroups",
+            adopted_tasks_release_their_cgroups,
+        ),
+        (
+            "a_start_cut_by_a_daemon_death_leaves_nothing",
+            a_start_cut_by_a_daemon_death_leaves_nothing,
         ),
         ("concurrent_starts", concurrent_starts),
         (

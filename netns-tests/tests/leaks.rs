@@ -1,0 +1,234 @@
+//! What ended tasks leave on their node: only their state directory (logs, for `service
+//! logs` and `service ps`), never their cgroups, also on a node whose `meshd` was SIGKILLed
+//! and restarted while they ran (the churn soak found the cgroups of 10 ended tasks, in every
+//! hierarchy, on such a node at the end of a run).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use mesh_netns::swarm::{sleep_pids, swarm_cluster};
+use mesh_netns::{wait_for, Host};
+use serde_json::Value;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// The cgroup of the network-namespace holders under a cgroup parent: not a task.
+const NETNS_CGROUP: &str = "netns";
+
+/// The cgroup hierarchies: the root itself in pure v2, else each mounted hierarchy.
+fn hierarchies() -> Vec<PathBuf> {
+    let root = Path::new(CGROUP_ROOT);
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.to_path_buf()];
+    }
+    let mut out: Vec<PathBuf> = fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .filter(|p| p.join("cgroup.procs").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The task cgroups under the host's cgroup parent, as `<hierarchy>/<task id>`.
+fn task_cgroups(h: &Host) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for hier in hierarchies() {
+        let Ok(rd) = fs::read_dir(hier.join(h.cgroup_parent())) else {
+            continue;
+        };
+        let name = hier
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for e in rd.flatten() {
+            let task = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().is_ok_and(|t| t.is_dir()) && task != NETNS_CGROUP {
+                out.insert(format!("{name}/{task}"));
+            }
+        }
+    }
+    out
+}
+
+/// The cgroups of the given tasks still on the host.
+fn cgroups_of(h: &Host, ids: &[String]) -> Vec<String> {
+    task_cgroups(h)
+        .into_iter()
+        .filter(|c| ids.iter().any(|id| c.ends_with(&format!("/{id}"))))
+        .collect()
+}
+
+fn wait_no_cgroups(h: &Host, ids: &[String], what: &str) -> Result<()> {
+    wait_for(
+        &format!("{}: no cgroup left of {what} {ids:?}", h.name()),
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || {
+            let left = cgroups_of(h, ids);
+            ensure!(left.is_empty(), "left: {left:?}");
+            Ok(Some(()))
+        },
+    )
+}
+
+/// `(ID, Node)` of the tasks of `svc` that should run and do.
+fn running(h: &Host, svc: &str) -> Result<Vec<(String, String)>> {
+    let v = h.mesh_json(&["service", "ps", svc])?;
+    let s = |t: &Value, k: &str| t[k].as_str().unwrap_or_default().to_string();
+    Ok(v.as_array()
+        .context("service ps is an array")?
+        .iter()
+        .filter(|t| {
+            s(t, "DesiredState") == "Running" && s(t, "CurrentState").starts_with("Running")
+        })
+        .map(|t| (s(t, "ID"), s(t, "Node")))
+        .collect())
+}
+
+/// The sorted IDs of the tasks on `node`.
+fn ids_on(tasks: &[(String, String)], node: &str) -> Vec<String> {
+    let mut ids: Vec<String> = tasks
+        .iter()
+        .filter(|(_, n)| n == node)
+        .map(|(id, _)| id.clone())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The pids in a task's cgroup (any hierarchy has them all).
+fn task_pids(h: &Host, id: &str) -> Vec<u32> {
+    hierarchies()
+        .into_iter()
+        .find_map(|hier| {
+            fs::read_to_string(hier.join(h.cgroup_parent()).join(id).join("cgroup.procs")).ok()
+        })
+        .unwrap_or_default()
+        .split_ascii_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// A service with tasks on both hosts; h2's meshd SIGKILLed and restarted (its tasks adopted);
+/// then an adopted task that dies by itself, a rolling update that stops every task and a
+/// `service rm`: each ended task loses its cgroups within seconds, on the restarted node as on
+/// the other, while its state directory (its logs) stays.
+#[test]
+fn ended_tasks_leave_no_cgroup_even_after_a_daemon_restart() -> Result<()> {
+    let Some(c) = swarm_cluster(2, 1, "leaks")? else {
+        return Ok(());
+    };
+    let (h1, h2) = (c.host(1), c.host(2));
+    let secs = (70_000 + std::process::id() % 10_000).to_string();
+    let svc = "leaky";
+    let out = h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        svc,
+        "--replicas",
+        "4",
+        "--",
+        "sleep",
+        &secs,
+    ])?;
+    ensure!(out.contains("verify: Service converged"), "{out}");
+    let first = wait_for(
+        "2 tasks running on each host",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || {
+            let r = running(h1, svc)?;
+            Ok((ids_on(&r, "h1").len() == 2 && ids_on(&r, "h2").len() == 2).then_some(r))
+        },
+    )?;
+    let on_h2 = ids_on(&first, "h2");
+    // The hierarchies meshd uses (v2, and cpu, cpuacct, memory, pids in hybrid mode).
+    let used = hierarchies()
+        .iter()
+        .filter(|h| h.join(h2.cgroup_parent()).is_dir())
+        .count();
+    for id in &on_h2 {
+        ensure!(
+            used > 0 && cgroups_of(h2, std::slice::from_ref(id)).len() == used,
+            "cgroups of the running task {id}: {:?}",
+            task_cgroups(h2)
+        );
+    }
+
+    // meshd SIGKILLed and restarted on h2: its tasks run on and are adopted.
+    h2.kill_daemon()?;
+    h2.start_daemon()?;
+    wait_for(
+        "h2's tasks adopted (running, same IDs)",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || Ok((ids_on(&running(h1, svc)?, "h2") == on_h2).then_some(())),
+    )?;
+
+    // An adopted task whose process dies (SIGKILL): its cgroups go, its logs stay.
+    let victim = on_h2[0].clone();
+    let pids = task_pids(h2, &victim);
+    ensure!(pids.len() == 1, "pids of {victim}: {pids:?}");
+    // SAFETY: plain syscall on a pid just read from the task's cgroup.
+    unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
+    wait_no_cgroups(
+        h2,
+        std::slice::from_ref(&victim),
+        "an adopted task that died",
+    )?;
+    ensure!(
+        h2.exec_root()
+            .join("tasks")
+            .join(&victim)
+            .join("exit.json")
+            .exists(),
+        "the state directory of {victim} is gone"
+    );
+
+    // A rolling update stops every task: adopted ones on h2, the others on h1.
+    let all = wait_for(
+        "4 tasks running again",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let r = running(h1, svc)?;
+            Ok((r.len() == 4).then_some(r))
+        },
+    )?;
+    let out = h1.mesh_ok(&["service", "update", "--env-add", "X=1", svc])?;
+    ensure!(out.contains("verify: Service converged"), "{out}");
+    for h in [h1, h2] {
+        let ids = ids_on(&all, h.name());
+        wait_no_cgroups(h, &ids, "tasks replaced by an update")?;
+    }
+
+    // rm: nothing but the state directories is left anywhere.
+    h1.mesh_ok(&["service", "rm", svc])?;
+    for h in [h1, h2] {
+        wait_for(
+            &format!("{}: no task cgroup left after rm", h.name()),
+            Duration::from_secs(15),
+            Duration::from_millis(200),
+            || {
+                let left = task_cgroups(h);
+                ensure!(left.is_empty(), "left: {left:?}");
+                Ok(Some(()))
+            },
+        )?;
+    }
+    let secs: u32 = secs.parse()?;
+    ensure!(
+        sleep_pids(secs).is_empty(),
+        "processes left: {:?}",
+        sleep_pids(secs)
+    );
+    Ok(())
+}
