@@ -77,6 +77,7 @@ pub fn run(args: &[String]) -> Result<()> {
             constraints: vec![],
             restart: Default::default(),
             update: Default::default(),
+            rollback: Default::default(),
             resources: Default::default(),
             labels: Default::default(),
         };

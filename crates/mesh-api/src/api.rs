@@ -9,7 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::objects::{Availability, NodeRole};
-use crate::service::{FailureAction, RestartCondition, ServiceSpec};
+use crate::service::{FailureAction, RestartCondition, ServiceSpec, UpdateOrder};
 
 /// A request to the local daemon.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +123,10 @@ pub struct ServiceUpdate {
     pub update_delay_ms: Option<u64>,
     pub update_failure_action: Option<FailureAction>,
     pub update_monitor_ms: Option<u64>,
+    #[serde(default)]
+    pub update_order: Option<UpdateOrder>,
+    #[serde(default)]
+    pub rollback_order: Option<UpdateOrder>,
     pub nano_cpus: Option<u64>,
     pub memory_bytes: Option<u64>,
     /// Replace the tasks even if the spec did not change.

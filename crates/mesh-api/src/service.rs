@@ -88,6 +88,40 @@ impl FromStr for FailureAction {
     }
 }
 
+/// In what order a rolling update (or its rollback) replaces a task, as Docker's
+/// `--update-order` / `--rollback-order`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    /// Stop the old task, then start its replacement (Docker's default).
+    #[default]
+    StopFirst,
+    /// Start the replacement beside the old task; stop the old one once the new one runs.
+    StartFirst,
+}
+
+impl FromStr for UpdateOrder {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stop-first" => Ok(Self::StopFirst),
+            "start-first" => Ok(Self::StartFirst),
+            _ => Err(format!(
+                "unrecognized update order {s} (expected start-first or stop-first)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for UpdateOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UpdateOrder::StopFirst => "stop-first",
+            UpdateOrder::StartFirst => "start-first",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateConfig {
     pub parallelism: u64,
@@ -95,6 +129,9 @@ pub struct UpdateConfig {
     pub failure_action: FailureAction,
     /// How long a new task must keep running to count as a success.
     pub monitor_ms: u64,
+    /// Absent from specs stored before it existed: stop-first.
+    #[serde(default)]
+    pub order: UpdateOrder,
 }
 
 impl Default for UpdateConfig {
@@ -104,8 +141,18 @@ impl Default for UpdateConfig {
             delay_ms: 0,
             failure_action: FailureAction::Pause,
             monitor_ms: 2000,
+            order: UpdateOrder::StopFirst,
         }
     }
+}
+
+/// How a rollback replaces tasks (Docker's `RollbackConfig`). Parallelism, delay, monitor
+/// period and failure action of a rollback are the restored spec's `update` settings; only the
+/// order has its own setting so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackConfig {
+    #[serde(default)]
+    pub order: UpdateOrder,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +305,9 @@ pub struct ServiceSpec {
     pub restart: RestartPolicy,
     #[serde(default)]
     pub update: UpdateConfig,
+    /// Used by a rollback (manual or the failure action) instead of `update`'s order.
+    #[serde(default)]
+    pub rollback: RollbackConfig,
     #[serde(default)]
     pub resources: Resources,
     #[serde(default)]
@@ -464,6 +514,34 @@ mod tests {
         ] {
             assert!(PortConfig::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn update_orders_parse_show_and_default_in_old_specs() {
+        assert_eq!(
+            "start-first".parse::<UpdateOrder>(),
+            Ok(UpdateOrder::StartFirst)
+        );
+        assert_eq!(
+            "stop-first".parse::<UpdateOrder>(),
+            Ok(UpdateOrder::StopFirst)
+        );
+        let e = "sideways".parse::<UpdateOrder>().unwrap_err();
+        assert!(e.contains("unrecognized update order sideways"), "{e}");
+        assert_eq!(UpdateOrder::StartFirst.to_string(), "start-first");
+        assert_eq!(
+            serde_json::to_value(UpdateOrder::StartFirst).unwrap(),
+            "start-first"
+        );
+        // A spec stored before the orders existed reads as stop-first for both.
+        let old = r#"{"name":"web","mode":{"replicated":{"replicas":1}},"command":["true"],
+            "update":{"parallelism":1,"delay_ms":0,"failure_action":"pause","monitor_ms":2000}}"#;
+        let spec: ServiceSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.update.order, UpdateOrder::StopFirst);
+        assert_eq!(spec.rollback.order, UpdateOrder::StopFirst);
+        let v = serde_json::to_value(&spec).unwrap();
+        assert_eq!(v["update"]["order"], "stop-first");
+        assert_eq!(v["rollback"]["order"], "stop-first");
     }
 
     #[test]

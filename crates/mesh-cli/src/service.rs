@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use mesh_api::{
-    EndpointMode, FailureAction, Request, Resources, RestartCondition, RestartPolicy, ServiceMode,
-    ServiceSpec, ServiceUpdate, UpdateConfig,
+    EndpointMode, FailureAction, Request, Resources, RestartCondition, RestartPolicy,
+    RollbackConfig, ServiceMode, ServiceSpec, ServiceUpdate, UpdateConfig, UpdateOrder,
 };
 use serde_json::{json, Value};
 
@@ -73,6 +73,12 @@ pub struct PolicyArgs {
     update_failure_action: Option<String>,
     #[arg(long)]
     update_monitor: Option<String>,
+    /// Update order ("start-first"|"stop-first").
+    #[arg(long)]
+    update_order: Option<String>,
+    /// Rollback order ("start-first"|"stop-first").
+    #[arg(long)]
+    rollback_order: Option<String>,
     #[arg(long)]
     limit_cpu: Option<String>,
     #[arg(long)]
@@ -130,6 +136,15 @@ pub struct UpdateArgs {
     /// A new command (`-- COMMAND ARGS`).
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// `--update-order` / `--rollback-order`, refused as Docker refuses a bad flag value.
+fn parse_order(flag: &str, v: Option<&str>) -> Result<Option<UpdateOrder>> {
+    v.map(|v| {
+        v.parse::<UpdateOrder>()
+            .map_err(|e| Failure(format!("invalid argument {v:?} for \"--{flag}\" flag: {e}")))
+    })
+    .transpose()
 }
 
 fn non_negative(what: &str, v: i64) -> Result<u64> {
@@ -269,6 +284,13 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
     if let Some(m) = &a.policy.update_monitor {
         update.monitor_ms = parse_duration_ms(m)?;
     }
+    if let Some(o) = parse_order("update-order", a.policy.update_order.as_deref())? {
+        update.order = o;
+    }
+    let mut rollback = RollbackConfig::default();
+    if let Some(o) = parse_order("rollback-order", a.policy.rollback_order.as_deref())? {
+        rollback.order = o;
+    }
     let resources = Resources {
         nano_cpus: a
             .policy
@@ -296,6 +318,7 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         constraints: a.constraints.clone(),
         restart,
         update,
+        rollback,
         resources,
         labels: Default::default(),
     })
@@ -352,6 +375,8 @@ fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
             .as_deref()
             .map(parse_duration_ms)
             .transpose()?,
+        update_order: parse_order("update-order", a.policy.update_order.as_deref())?,
+        rollback_order: parse_order("rollback-order", a.policy.rollback_order.as_deref())?,
         nano_cpus: a.policy.limit_cpu.as_deref().map(parse_cpus).transpose()?,
         memory_bytes: a
             .policy
@@ -633,6 +658,21 @@ mod tests {
         assert!(parse_duration_ms("s").is_err());
         assert!(parse_duration_ms("5x").is_err());
         assert!(parse_duration_ms("").is_err());
+    }
+
+    #[test]
+    fn orders_parse_or_fail_as_docker_does() {
+        assert_eq!(
+            parse_order("update-order", Some("start-first")).unwrap(),
+            Some(UpdateOrder::StartFirst)
+        );
+        assert_eq!(parse_order("update-order", None).unwrap(), None);
+        let e = parse_order("rollback-order", Some("sideways")).unwrap_err();
+        assert_eq!(
+            e.0,
+            "invalid argument \"sideways\" for \"--rollback-order\" flag: unrecognized update order \
+             sideways (expected start-first or stop-first)"
+        );
     }
 
     #[test]

@@ -1,8 +1,16 @@
 //! The orchestrator: compares services with their tasks and plans the commands that make
 //! reality match: tasks for empty slots, restarts under the restart policy, replacements for
-//! tasks on Down or drained nodes, scale down, rolling updates with their failure action,
-//! history trimming, cleanup of removed services, allocation (New -> Pending) and scheduling
-//! (Pending -> Assigned).
+//! tasks on Down or drained nodes, scale down, rolling updates with their order and failure
+//! action, history trimming, cleanup of removed services, allocation (New -> Pending) and
+//! scheduling (Pending -> Assigned).
+//!
+//! Update order: stop-first stops a batch of old tasks, then starts their replacements.
+//! Start-first starts the replacement of a slot beside its old task and stops the old one once
+//! the new one is Running and has kept running for the update's monitor period. Swarmkit stops
+//! it at Running, which for a task with a HEALTHCHECK means healthy; mesh has no health
+//! checks, and a task joins its VIP when its process starts, before it listens, so the monitor
+//! period is the new task's time to become ready (`--update-monitor 0` gives swarmkit's
+//! behaviour). A new task that fails meanwhile leaves the old one serving.
 //!
 //! [`Orchestrator::plan`] is a pure function of the store state and the time (plus a little
 //! memory of when the last update batch started), so it is unit-tested without Raft; the
@@ -12,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use mesh_api::{
     Availability, Node, NodeState, RestartCondition, Service, ServiceMode, Task, TaskState,
-    TaskStatus, UpdateState, UpdateStatus,
+    TaskStatus, UpdateOrder, UpdateState, UpdateStatus,
 };
 use mesh_scheduler::{parse_constraints, Scheduler};
 
@@ -52,6 +60,14 @@ pub struct Orchestrator {
     last_batch_ms: HashMap<String, u64>,
     /// Creates task IDs; swapped in tests for determinism.
     pub new_id: Option<Box<dyn FnMut() -> String + Send>>,
+}
+
+/// How many outdated tasks a rolling update may begin to replace now, and in what order.
+struct Budget {
+    replace: usize,
+    order: UpdateOrder,
+    /// How long a started-first task runs before the tasks it replaces are stopped.
+    monitor_ms: u64,
 }
 
 /// What one service's reconciliation decided.
@@ -159,9 +175,13 @@ impl Orchestrator {
         for t in s.service_tasks(&svc.id) {
             slots.entry(key_of(t)).or_default().push(t);
         }
+        // Oldest first. A slot's later tasks never run an older version, and the version comes
+        // first because `created_at` is in seconds: a start-first update stops the old task
+        // after its replacement was created, possibly within the same second.
         for hist in slots.values_mut() {
             hist.sort_by(|a, b| {
-                (a.created_at, a.status.timestamp_ms, &a.id).cmp(&(
+                (a.version, a.created_at, a.status.timestamp_ms, &a.id).cmp(&(
+                    b.version,
                     b.created_at,
                     b.status.timestamp_ms,
                     &b.id,
@@ -187,12 +207,19 @@ impl Orchestrator {
         let ended_by_itself =
             |t: &Task| t.desired_state <= TaskState::Running && t.status.state.is_terminal();
 
-        // Rolling update bookkeeping.
+        // Rolling update bookkeeping. A rollback replaces tasks in the restored spec's rollback
+        // order (as swarmkit: the spec after a rollback is the previous one, with its settings).
         let updating = matches!(
             svc.update_status.as_ref().map(|u| u.state),
             Some(UpdateState::Updating | UpdateState::RollbackStarted)
         );
-        let mut may_stop_outdated = 0usize;
+        let order = match svc.update_status.as_ref().map(|u| u.state) {
+            Some(UpdateState::RollbackStarted | UpdateState::RollbackPaused) => {
+                svc.spec.rollback.order
+            }
+            _ => svc.spec.update.order,
+        };
+        let mut may_replace = 0usize;
         if updating {
             let mut in_flight = 0usize;
             let mut outdated = 0usize;
@@ -264,7 +291,14 @@ impl Orchestrator {
                         }),
                     });
                 }
-                self.reconcile_slots(s, svc, &slots, &wanted, now_ms, 0, p, &node_gone, &drained);
+                let budget = Budget {
+                    replace: 0,
+                    order,
+                    monitor_ms: svc.spec.update.monitor_ms,
+                };
+                self.reconcile_slots(
+                    svc, &slots, &wanted, now_ms, budget, p, &node_gone, &drained,
+                );
                 return;
             }
             if outdated == 0 && in_flight == 0 {
@@ -294,42 +328,38 @@ impl Orchestrator {
                 };
                 let last = self.last_batch_ms.get(&svc.id).copied().unwrap_or(0);
                 if in_flight < parallelism && now_ms >= last + u.delay_ms {
-                    may_stop_outdated = parallelism - in_flight;
+                    may_replace = parallelism - in_flight;
                 }
             }
         }
-        let stopped = self.reconcile_slots(
-            s,
-            svc,
-            &slots,
-            &wanted,
-            now_ms,
-            may_stop_outdated,
-            p,
-            &node_gone,
-            &drained,
+        let budget = Budget {
+            replace: may_replace,
+            order,
+            monitor_ms: svc.spec.update.monitor_ms,
+        };
+        let replaced = self.reconcile_slots(
+            svc, &slots, &wanted, now_ms, budget, p, &node_gone, &drained,
         );
-        if stopped > 0 {
+        if replaced > 0 {
             self.last_batch_ms.insert(svc.id.clone(), now_ms);
         }
     }
 
-    /// Reconciles every slot; returns how many outdated tasks it stopped for the update.
+    /// Reconciles every slot; returns how many outdated tasks it began to replace for the
+    /// update.
     #[allow(clippy::too_many_arguments)]
     fn reconcile_slots(
         &mut self,
-        s: &StoreState,
         svc: &Service,
         slots: &BTreeMap<Key, Vec<&Task>>,
         wanted: &BTreeSet<Key>,
         now_ms: u64,
-        mut may_stop_outdated: usize,
+        mut budget: Budget,
         p: &mut Plan,
         node_gone: &dyn Fn(&Task) -> bool,
         drained: &dyn Fn(&Task) -> bool,
     ) -> usize {
-        let _ = s;
-        let mut stopped_outdated = 0;
+        let mut replaced = 0;
         let keys: BTreeSet<&Key> = slots.keys().chain(wanted.iter()).collect();
         let orphan = |t: &Task, p: &mut Plan| {
             p.shutdown.insert(t.id.clone());
@@ -344,9 +374,23 @@ impl Orchestrator {
             let empty = Vec::new();
             let hist = slots.get(key).unwrap_or(&empty);
             let latest = hist.last().copied();
-            // Older tasks still meant to run (e.g. after a partition) are stopped.
+            // A newer task meant to run that has not run for the monitor period yet (starting,
+            // just started, or failed and about to be restarted): it was started first, beside
+            // the older ones.
+            let started_first = latest.filter(|l| {
+                let settled = l.status.state == TaskState::Running
+                    && now_ms.saturating_sub(l.status.timestamp_ms) >= budget.monitor_ms;
+                l.desired_state <= TaskState::Running && !settled
+            });
+            // Older tasks still meant to run are stopped (e.g. after a partition), except those a
+            // start-first update keeps serving until their replacement has settled.
             for t in hist.iter().rev().skip(1) {
-                if t.desired_state <= TaskState::Running {
+                if t.desired_state > TaskState::Running {
+                    continue;
+                }
+                let serving = t.status.state == TaskState::Running && !node_gone(t) && !drained(t);
+                let kept = serving && started_first.is_some_and(|l| l.version > t.version);
+                if !kept {
                     p.shutdown.insert(t.id.clone());
                 }
             }
@@ -374,10 +418,19 @@ impl Orchestrator {
                     if matches!(key, Key::Slot(_)) {
                         p.create.push(self.new_task(svc, key, now_ms));
                     }
-                } else if l.version < svc.version && may_stop_outdated > 0 {
-                    p.shutdown.insert(l.id.clone());
-                    may_stop_outdated -= 1;
-                    stopped_outdated += 1;
+                } else if l.version < svc.version && budget.replace > 0 {
+                    match budget.order {
+                        // Its replacement is created once it has stopped (below).
+                        UpdateOrder::StopFirst => {
+                            p.shutdown.insert(l.id.clone());
+                        }
+                        // It keeps running until its replacement has settled (above).
+                        UpdateOrder::StartFirst => {
+                            p.create.push(self.new_task(svc, key, now_ms));
+                        }
+                    }
+                    budget.replace -= 1;
+                    replaced += 1;
                 }
             } else if l.desired_state <= TaskState::Running {
                 // Ended by itself: the restart policy decides.
@@ -425,7 +478,7 @@ impl Orchestrator {
                 ));
             }
         }
-        stopped_outdated
+        replaced
     }
 
     fn trim_history(&self, svc: &Service, hist: &[&Task], p: &mut Plan) {
@@ -653,7 +706,9 @@ fn allocate(
 mod tests {
     use std::collections::BTreeMap;
 
-    use mesh_api::{Cluster, FailureAction, NodeRole, RestartPolicy, ServiceSpec, UpdateConfig};
+    use mesh_api::{
+        Cluster, FailureAction, NodeRole, RestartPolicy, ServiceSpec, UpdateConfig, UpdateOrder,
+    };
 
     use super::*;
     use crate::state::CommandResult;
@@ -709,6 +764,7 @@ mod tests {
                 monitor_ms: 0,
                 ..Default::default()
             },
+            rollback: Default::default(),
             resources: Default::default(),
             labels: Default::default(),
         }
@@ -819,6 +875,61 @@ mod tests {
             let mut svc = self.s.services["svc"].clone();
             svc.spec.mode = ServiceMode::Replicated { replicas: r };
             self.s.apply(&Command::UpdateService { service: svc });
+        }
+
+        /// Starts a rolling update to a new command (as `service update` does).
+        fn update_to(&mut self, cmd: &str, edit: impl FnOnce(&mut ServiceSpec)) {
+            let old = &self.s.services["svc"];
+            let mut spec = old.spec.clone();
+            spec.command = vec!["sleep".into(), cmd.into()];
+            edit(&mut spec);
+            let next = crate::services::updated(old, spec, false, self.now / 1000);
+            assert_ne!(next.version, old.version, "a rollout");
+            self.s.apply(&Command::UpdateService { service: next });
+        }
+
+        fn update_state(&self) -> Option<UpdateState> {
+            self.s.services["svc"]
+                .update_status
+                .as_ref()
+                .map(|u| u.state)
+        }
+
+        /// Wanted slots (or nodes, for a global service) with no task whose process runs.
+        fn slots_without_running_task(&self) -> usize {
+            let tasks: Vec<&Task> = self.s.service_tasks("svc").collect();
+            let running = |k: &Key| {
+                tasks
+                    .iter()
+                    .any(|t| &key_of(t) == k && t.status.state == TaskState::Running)
+            };
+            let wanted: Vec<Key> = match self.s.services["svc"].spec.mode {
+                ServiceMode::Replicated { replicas } => (1..=replicas).map(Key::Slot).collect(),
+                ServiceMode::Global => self.s.nodes.keys().cloned().map(Key::Node).collect(),
+            };
+            wanted.iter().filter(|k| !running(k)).count()
+        }
+
+        /// Steps until nothing changes; per step, the fewest tasks running as desired, the
+        /// most tasks whose processes run, and the most slots without a running task.
+        fn run_update(&mut self) -> (usize, usize, usize) {
+            let (mut min_up, mut max_procs, mut max_gaps) = (usize::MAX, 0, 0);
+            for _ in 0..100 {
+                let changed = self.step();
+                min_up = min_up.min(self.running().len());
+                let procs = self
+                    .s
+                    .tasks
+                    .values()
+                    .filter(|t| t.status.state == TaskState::Running)
+                    .count();
+                max_procs = max_procs.max(procs);
+                max_gaps = max_gaps.max(self.slots_without_running_task());
+                if !changed {
+                    return (min_up, max_procs, max_gaps);
+                }
+            }
+            panic!("update did not converge: {:#?}", self.s.tasks);
         }
 
         fn fail(&mut self, id: &str, exit: i32) {
@@ -1019,6 +1130,229 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn start_first_never_runs_fewer_than_the_replicas() {
+        for (replicas, parallelism) in [(1, 1), (3, 1), (3, 2), (4, 0)] {
+            let mut w = World::new(ServiceMode::Replicated { replicas });
+            w.settle();
+            w.update_to("2000", |s| {
+                s.update.order = UpdateOrder::StartFirst;
+                s.update.parallelism = parallelism;
+            });
+            let (min_up, max_procs, gaps) = w.run_update();
+            let case = format!("replicas {replicas}, parallelism {parallelism}");
+            assert!(min_up >= replicas as usize, "{case}: {min_up} running");
+            assert_eq!(gaps, 0, "{case}: a slot had no running task");
+            // A batch of `parallelism` new tasks runs beside the old ones, no more.
+            let surge = if parallelism == 0 {
+                replicas
+            } else {
+                parallelism
+            };
+            assert_eq!(max_procs, (replicas + surge) as usize, "{case}");
+            assert_eq!(w.update_state(), Some(UpdateState::Completed), "{case}");
+            let running = w.running();
+            assert_eq!(running.len(), replicas as usize, "{case}");
+            assert!(running.iter().all(|t| t.version == 2), "{case}");
+            // Every old task was stopped, and each slot shows its new task first.
+            assert!(
+                w.s.tasks
+                    .values()
+                    .filter(|t| t.version == 1)
+                    .all(|t| t.status.state == TaskState::Shutdown),
+                "{case}"
+            );
+            let svc = &w.s.services["svc"];
+            let ps = crate::services::ps(&w.s, svc);
+            assert!(ps
+                .iter()
+                .filter(|(row, _)| !row.is_history)
+                .all(|(row, _)| running.iter().any(|t| t.id == row.id)));
+        }
+    }
+
+    #[test]
+    fn stop_first_respects_parallelism_and_never_surges() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 4 });
+        w.settle();
+        w.update_to("2000", |s| {
+            s.update.order = UpdateOrder::StopFirst;
+            s.update.parallelism = 2;
+        });
+        let (min_up, max_procs, gaps) = w.run_update();
+        assert_eq!(min_up, 2, "batches of 2 stopped at a time");
+        assert_eq!(max_procs, 4, "no task runs beside the one it replaces");
+        assert_eq!(gaps, 2);
+        assert_eq!(w.update_state(), Some(UpdateState::Completed));
+        assert!(w.running().iter().all(|t| t.version == 2));
+    }
+
+    #[test]
+    fn start_first_on_a_global_service_runs_the_new_task_beside_the_old() {
+        let mut w = World::new(ServiceMode::Global);
+        w.settle();
+        w.update_to("2000", |s| s.update.order = UpdateOrder::StartFirst);
+        let mut most_on_a_node = 0;
+        for _ in 0..100 {
+            let changed = w.step();
+            assert_eq!(w.slots_without_running_task(), 0, "{:#?}", w.s.tasks);
+            let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+            for t in w.s.tasks.values() {
+                if t.status.state == TaskState::Running {
+                    *per_node.entry(t.node_id.as_str()).or_default() += 1;
+                }
+            }
+            most_on_a_node = most_on_a_node.max(per_node.values().copied().max().unwrap_or(0));
+            if !changed {
+                break;
+            }
+        }
+        assert_eq!(most_on_a_node, 2, "the new task ran beside the old one");
+        assert_eq!(w.update_state(), Some(UpdateState::Completed));
+        assert_eq!(w.per_node().len(), 3);
+        assert!(w.running().iter().all(|t| t.version == 2));
+    }
+
+    #[test]
+    fn start_first_stops_the_old_task_once_the_new_one_ran_for_the_monitor_period() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 1 });
+        w.settle();
+        let old = w.running()[0].id.clone();
+        w.update_to("2000", |s| {
+            s.update.order = UpdateOrder::StartFirst;
+            s.update.monitor_ms = 1000;
+        });
+        let mut new_running_at = None;
+        for _ in 0..40 {
+            w.step();
+            let new =
+                w.s.tasks
+                    .values()
+                    .find(|t| t.version == 2 && t.status.state == TaskState::Running);
+            if let (None, Some(t)) = (new_running_at, new) {
+                new_running_at = Some(t.status.timestamp_ms);
+            }
+            let old_stopped = w.s.tasks[&old].desired_state > TaskState::Running;
+            match new_running_at {
+                Some(at) if w.now >= at + 1000 => {}
+                _ => assert!(!old_stopped, "old task stopped too early at {}", w.now),
+            }
+            if old_stopped {
+                break;
+            }
+        }
+        let at = new_running_at.expect("the new task ran");
+        assert_eq!(w.s.tasks[&old].desired_state, TaskState::Shutdown);
+        w.settle();
+        assert!(w.now >= at + 1000);
+        assert_eq!(w.update_state(), Some(UpdateState::Completed));
+        assert_eq!(w.running().len(), 1);
+    }
+
+    #[test]
+    fn start_first_keeps_the_old_task_when_the_new_one_fails() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 1 });
+        w.settle();
+        let old = w.running()[0].id.clone();
+        w.update_to("2000", |s| {
+            s.update.order = UpdateOrder::StartFirst;
+            s.restart.delay_ms = 60_000;
+        });
+        // The new task fails before the orchestrator has seen it run.
+        for _ in 0..10 {
+            w.step();
+            let new =
+                w.s.tasks
+                    .values()
+                    .find(|t| t.version == 2 && t.status.state == TaskState::Running);
+            if let Some(id) = new.map(|t| t.id.clone()) {
+                w.fail(&id, 1);
+                break;
+            }
+        }
+        for _ in 0..20 {
+            w.step();
+            assert_eq!(w.slots_without_running_task(), 0);
+        }
+        assert_eq!(w.update_state(), Some(UpdateState::Paused));
+        let running = w.running();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].id, old, "the old task still serves");
+    }
+
+    #[test]
+    fn rollback_uses_the_rollback_order() {
+        for (update, rollback) in [
+            (UpdateOrder::StopFirst, UpdateOrder::StartFirst),
+            (UpdateOrder::StartFirst, UpdateOrder::StopFirst),
+        ] {
+            let case = format!("update {update}, rollback {rollback}");
+            let mut w = World::new(ServiceMode::Replicated { replicas: 2 });
+            let mut svc = w.s.services["svc"].clone();
+            svc.spec.update.order = update;
+            svc.spec.rollback.order = rollback;
+            w.s.apply(&Command::UpdateService { service: svc });
+            w.settle();
+            w.update_to("2000", |_| {});
+            let (_, max_procs, gaps) = w.run_update();
+            assert_eq!(w.update_state(), Some(UpdateState::Completed), "{case}");
+            assert_eq!(
+                (gaps == 0, max_procs > 2),
+                (
+                    update == UpdateOrder::StartFirst,
+                    update == UpdateOrder::StartFirst
+                ),
+                "{case}: update"
+            );
+            // `service rollback`.
+            let back = crate::services::rolled_back(&w.s.services["svc"], w.now / 1000).unwrap();
+            w.s.apply(&Command::UpdateService { service: back });
+            let (min_up, max_procs, gaps) = w.run_update();
+            assert_eq!(
+                w.update_state(),
+                Some(UpdateState::RollbackCompleted),
+                "{case}"
+            );
+            let start_first = rollback == UpdateOrder::StartFirst;
+            assert_eq!(
+                (gaps == 0, max_procs > 2, min_up >= 2),
+                (start_first, start_first, start_first),
+                "{case}: rollback"
+            );
+            assert!(w
+                .running()
+                .iter()
+                .all(|t| t.version == 3 && t.spec.command[1] == "1000"));
+        }
+
+        // The failure action: the update is stop-first, the rollback start-first.
+        let mut w = World::new(ServiceMode::Replicated { replicas: 3 });
+        let mut svc = w.s.services["svc"].clone();
+        svc.spec.rollback.order = UpdateOrder::StartFirst;
+        w.s.apply(&Command::UpdateService { service: svc });
+        w.settle();
+        w.update_to("2000", |s| {
+            s.update.failure_action = FailureAction::Rollback;
+            s.update.order = UpdateOrder::StopFirst;
+        });
+        for _ in 0..20 {
+            w.step();
+            if let Some(t) = w.running().into_iter().find(|t| t.version == 2) {
+                let id = t.id.clone();
+                w.fail(&id, 1);
+                break;
+            }
+        }
+        w.step();
+        assert_eq!(w.update_state(), Some(UpdateState::RollbackStarted));
+        let (_, max_procs, gaps) = w.run_update();
+        assert_eq!(w.update_state(), Some(UpdateState::RollbackCompleted));
+        // Only the failed slot lacked a running task; the others were rolled back start-first.
+        assert!(gaps <= 1, "{gaps} slots without a running task");
+        assert_eq!(max_procs, 4, "a rolled-back task ran beside an old one");
+        assert!(w.running().len() == 3 && w.running().iter().all(|t| t.spec.command[1] == "1000"));
     }
 
     #[test]

@@ -220,6 +220,12 @@ pub fn apply_update(spec: &ServiceSpec, u: &ServiceUpdate) -> Result<ServiceSpec
     if let Some(m) = u.update_monitor_ms {
         s.update.monitor_ms = m;
     }
+    if let Some(o) = u.update_order {
+        s.update.order = o;
+    }
+    if let Some(o) = u.rollback_order {
+        s.rollback.order = o;
+    }
     if let Some(c) = u.nano_cpus {
         s.resources.nano_cpus = c;
     }
@@ -237,9 +243,11 @@ pub fn needs_rollout(old: &ServiceSpec, new: &ServiceSpec) -> bool {
         a.mode = ServiceMode::Replicated { replicas: 0 };
         b.mode = ServiceMode::Replicated { replicas: 0 };
     }
-    // Update and restart settings steer the orchestrator; they do not change the tasks.
+    // Update and rollback settings steer the orchestrator; they do not change the tasks.
     a.update = Default::default();
     b.update = Default::default();
+    a.rollback = Default::default();
+    b.rollback = Default::default();
     a != b
 }
 
@@ -347,8 +355,14 @@ pub fn ps(state: &StoreState, svc: &Service) -> Vec<(TaskSummary, u64)> {
     };
     let mut out = Vec::new();
     for (_, mut tasks) in by_slot {
+        // Newest first; a slot's later tasks never run an older version (a start-first
+        // update can stop the old task after its replacement was created, in the same second).
         tasks.sort_by(|a, b| {
-            (b.created_at, b.status.timestamp_ms).cmp(&(a.created_at, a.status.timestamp_ms))
+            (b.version, b.created_at, b.status.timestamp_ms).cmp(&(
+                a.version,
+                a.created_at,
+                a.status.timestamp_ms,
+            ))
         });
         for (i, t) in tasks.into_iter().enumerate() {
             let desired = if t.desired_state <= TaskState::Running && t.status.state.is_terminal() {
@@ -422,6 +436,7 @@ mod tests {
             constraints: vec![],
             restart: Default::default(),
             update: Default::default(),
+            rollback: Default::default(),
             resources: Default::default(),
             labels: Default::default(),
         }
@@ -529,6 +544,48 @@ mod tests {
         let mut c = spec();
         c.update.parallelism = 3;
         assert!(!needs_rollout(&a, &c));
+        c.update.order = mesh_api::UpdateOrder::StartFirst;
+        c.rollback.order = mesh_api::UpdateOrder::StartFirst;
+        assert!(!needs_rollout(&a, &c));
+    }
+
+    #[test]
+    fn update_sets_the_orders_and_keeps_them_otherwise() {
+        use mesh_api::UpdateOrder;
+        let u = ServiceUpdate {
+            update_order: Some(UpdateOrder::StartFirst),
+            ..Default::default()
+        };
+        let s = apply_update(&spec(), &u).unwrap();
+        assert_eq!(
+            (s.update.order, s.rollback.order),
+            (UpdateOrder::StartFirst, UpdateOrder::StopFirst)
+        );
+        let u = ServiceUpdate {
+            rollback_order: Some(UpdateOrder::StartFirst),
+            env_add: vec!["B=1".into()],
+            ..Default::default()
+        };
+        let s = apply_update(&s, &u).unwrap();
+        assert_eq!(
+            (s.update.order, s.rollback.order),
+            (UpdateOrder::StartFirst, UpdateOrder::StartFirst)
+        );
+        // Inspect shows both, in Docker's words.
+        let st = StoreState::default();
+        let svc = Service {
+            id: "s1".into(),
+            spec: s,
+            previous_spec: None,
+            version: 1,
+            created_at: 0,
+            updated_at: 0,
+            update_status: None,
+            vips: vec![],
+        };
+        let v = inspect(&st, &svc);
+        assert_eq!(v["Spec"]["update"]["order"], "start-first");
+        assert_eq!(v["Spec"]["rollback"]["order"], "start-first");
     }
 
     #[test]

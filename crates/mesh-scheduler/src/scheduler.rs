@@ -394,6 +394,7 @@ mod tests {
                 constraints: vec![],
                 restart: Default::default(),
                 update: Default::default(),
+                rollback: Default::default(),
                 resources,
                 labels: BTreeMap::new(),
             },
