@@ -578,6 +578,23 @@ pub fn run(opts: &SoakOpts) -> Result<Report> {
         h.start_daemon_with(&["--lb-backend", &opts.lb_backend])?;
     }
     form_swarm(&c, 3)?;
+    // The baseline is a swarm node at rest: its routing-mesh sandbox is set up (after the
+    // join, asynchronously) and stays until it leaves the swarm.
+    wait_for(
+        "every node's ingress sandbox",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            for h in c.hosts() {
+                let out = h.exec(&["ip", "link", "show", "mesh_ingr0"])?;
+                if !out.status.success() {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
     let before: Vec<Snapshot> = c.hosts().iter().map(snapshot).collect::<Result<_>>()?;
     let dir = c.base_dir().join("soak");
     fs::create_dir_all(&dir)?;
@@ -1233,6 +1250,24 @@ fn diagnose(c: &Cluster) -> String {
             dns_view(h, WEB),
             dns_view(h, API)
         ));
+    }
+    // Inside each client task: its cgroup, addresses, routes and balancer table.
+    if let Ok(rows) = service_ps(h1, "cli") {
+        for r in rows.iter().filter(|r| r.running()) {
+            let Some(h) = c.hosts().iter().find(|h| h.name() == r.node) else {
+                continue;
+            };
+            let script =
+                "cat /proc/self/cgroup; ip -br addr; ip route; nft list ruleset 2>&1 | head -40";
+            let shown = h
+                .mesh(&["exec", &r.id, "--", "sh", "-c", script])
+                .map(|o| format!("{}{}", o.stdout, o.stderr));
+            out.push_str(&format!(
+                "--- client task on {}:\n{}\n",
+                r.node,
+                shown.unwrap_or_else(|e| e.to_string())
+            ));
+        }
     }
     out
 }
