@@ -184,14 +184,14 @@ fn ended_tasks_leave_no_cgroup_even_after_a_daemon_restart() -> Result<()> {
         std::slice::from_ref(&victim),
         "an adopted task that died",
     )?;
-    ensure!(
-        h2.exec_root()
-            .join("tasks")
-            .join(&victim)
-            .join("exit.json")
-            .exists(),
-        "the state directory of {victim} is gone"
-    );
+    // The shim records the exit once the cgroups are gone: wait for the record.
+    let exit_json = h2.exec_root().join("tasks").join(&victim).join("exit.json");
+    wait_for(
+        &format!("the exit record of {victim} (its state directory stays)"),
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || Ok(exit_json.exists().then_some(())),
+    )?;
 
     // A rolling update stops every task: adopted ones on h2, the others on h1.
     let all = wait_for(
@@ -219,6 +219,113 @@ fn ended_tasks_leave_no_cgroup_even_after_a_daemon_restart() -> Result<()> {
             Duration::from_millis(200),
             || {
                 let left = task_cgroups(h);
+                ensure!(left.is_empty(), "left: {left:?}");
+                Ok(Some(()))
+            },
+        )?;
+    }
+    let secs: u32 = secs.parse()?;
+    ensure!(
+        sleep_pids(secs).is_empty(),
+        "processes left: {:?}",
+        sleep_pids(secs)
+    );
+    Ok(())
+}
+
+/// The task IDs with a state directory under the host's `EXEC_ROOT/tasks/`.
+fn task_dirs(h: &Host) -> BTreeSet<String> {
+    fs::read_dir(h.exec_root().join("tasks"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An ended task keeps its state directory while the store keeps it in its service's task
+/// history (`service logs` and `service ps` may still want it), and loses it as soon as the
+/// store deletes it: after a rolling update the replaced tasks' directories stay on both hosts,
+/// after `service rm` no task directory is left on any host within seconds (the churn soak
+/// found them all still there, kept 10 minutes by the agent).
+#[test]
+fn service_rm_leaves_no_task_directory() -> Result<()> {
+    let Some(c) = swarm_cluster(2, 1, "taskdirs")? else {
+        return Ok(());
+    };
+    let (h1, h2) = (c.host(1), c.host(2));
+    let secs = (80_000 + std::process::id() % 10_000).to_string();
+    let svc = format!("dirs{}", std::process::id() % 10_000);
+    let out = h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        &svc,
+        "--replicas",
+        "4",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo started $MESH_TASK_NAME; exec sleep {secs}"),
+    ])?;
+    ensure!(out.contains("verify: Service converged"), "{out}");
+    let first = wait_for(
+        "2 tasks running on each host",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || {
+            let r = running(h1, &svc)?;
+            Ok((ids_on(&r, "h1").len() == 2 && ids_on(&r, "h2").len() == 2).then_some(r))
+        },
+    )?;
+
+    // An update replaces every task: the old ones end but stay in the history, with their logs.
+    let out = h1.mesh_ok(&["service", "update", "--env-add", "X=1", &svc])?;
+    ensure!(out.contains("verify: Service converged"), "{out}");
+    let second = wait_for(
+        "4 new tasks running",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let r = running(h1, &svc)?;
+            Ok((r.len() == 4 && r.iter().all(|t| !first.contains(t))).then_some(r))
+        },
+    )?;
+    // Give the agents time to act on the ended tasks (their poll answers at once on a change).
+    std::thread::sleep(Duration::from_secs(2));
+    for h in [h1, h2] {
+        let dirs = task_dirs(h);
+        for id in ids_on(&first, h.name())
+            .iter()
+            .chain(&ids_on(&second, h.name()))
+        {
+            ensure!(
+                dirs.contains(id),
+                "{}: the state directory of {id} (in the task history) is gone; left: {dirs:?}",
+                h.name()
+            );
+        }
+    }
+    let logs = h1.mesh_ok(&["service", "logs", &svc])?;
+    for (id, _) in first.iter().chain(&second) {
+        ensure!(
+            logs.lines()
+                .any(|l| l.contains("| started ") && l.ends_with(id.as_str())),
+            "service logs lack the task {id}:\n{logs}"
+        );
+    }
+
+    // rm: the store deletes every task, and every node its directories.
+    h1.mesh_ok(&["service", "rm", &svc])?;
+    for h in [h1, h2] {
+        wait_for(
+            &format!("{}: no task directory left after rm", h.name()),
+            Duration::from_secs(10),
+            Duration::from_millis(200),
+            || {
+                let left = task_dirs(h);
                 ensure!(left.is_empty(), "left: {left:?}");
                 Ok(Some(()))
             },

@@ -6,6 +6,12 @@
 //! A task running here that the leader no longer assigns to this node (it was replaced while
 //! this node was partitioned, or its service was removed) is stopped: the cluster never runs
 //! more copies than asked for.
+//!
+//! An ended task keeps its state directory (logs, exit record) while the store keeps it in its
+//! service's task history, as Docker keeps the containers of a service's task history: the
+//! leader's answer also lists this node's ended tasks still in the store. Once the store has
+//! deleted one (its service was removed, or the history trimmed), the agent removes it at once,
+//! unless its final report is still waiting to be sent.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -27,7 +33,9 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// everywhere in well under 100 ms here, p99 ~0.5 s with 1% loss), so no new connection is
 /// sent to a process that is going away. Docker waits a fixed 2 s for the same reason.
 pub const DRAIN: Duration = Duration::from_secs(1);
-/// Exited tasks that are no longer assigned keep their logs this long.
+/// Exited tasks that are no longer assigned keep their logs this long when the leader's
+/// answer did not say which ended tasks the store still has (only a fallback: the leader
+/// normally lists them, see [`ended_on`]).
 const KEEP_EXITED_MS: u64 = 10 * 60 * 1000;
 /// How long the leader holds an assignments poll without changes.
 pub const POLL_HOLD: Duration = Duration::from_secs(5);
@@ -39,19 +47,20 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The digest of an assignment set: what a node must know to act.
-pub fn digest(tasks: &[Task]) -> u64 {
+/// The digest of a node's assignments answer: what a node must know to act. Any change of
+/// the assigned tasks, of the ended tasks the store still has, or of the ingress address
+/// changes it, and so wakes the node's poll.
+pub fn assignments_digest(
+    tasks: &[Task],
+    ended: &[String],
+    ingress: Option<&mesh_api::NetworkAttachment>,
+) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for t in tasks {
         (&t.id, t.desired_state, t.status.state, t.version).hash(&mut h);
     }
-    h.finish()
-}
-
-/// Folded into the assignments digest, so a new ingress address wakes the node's poll.
-pub fn ingress_digest(a: Option<&mesh_api::NetworkAttachment>) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    a.map(|a| (&a.network_id, &a.addr)).hash(&mut h);
+    ended.hash(&mut h);
+    ingress.map(|a| (&a.network_id, &a.addr)).hash(&mut h);
     h.finish()
 }
 
@@ -69,10 +78,24 @@ pub fn assigned_to<'a>(tasks: impl Iterator<Item = &'a Task>, node_id: &str) -> 
     out
 }
 
+/// The IDs of the ended tasks placed on `node_id` that the store still has (its services' task
+/// history), sorted: their node keeps their state directories; it removes the others.
+pub fn ended_on<'a>(tasks: impl Iterator<Item = &'a Task>, node_id: &str) -> Vec<String> {
+    let mut out: Vec<String> = tasks
+        .filter(|t| t.node_id == node_id && t.status.state.is_terminal())
+        .map(|t| t.id.clone())
+        .collect();
+    out.sort();
+    out
+}
+
 #[derive(Default)]
 struct AgentState {
     /// Latest assignment set from the leader, with its digest.
     assigned: Option<(u64, HashMap<String, Task>)>,
+    /// This node's ended tasks the store still has, from the same answer (`None`: the answer
+    /// did not say, so exited tasks are kept [`KEEP_EXITED_MS`]).
+    ended: Option<HashSet<String>>,
     /// Statuses waiting to be reported, by task.
     outbox: BTreeMap<String, TaskStatus>,
     /// Highest state reported (or queued) per task, so each is sent once.
@@ -154,6 +177,7 @@ impl Agent {
                 PeerResponse::Assignments {
                     digest,
                     tasks,
+                    ended,
                     ingress,
                 } => {
                     if let Some(plane) = &self.plane {
@@ -170,6 +194,7 @@ impl Agent {
                             digest,
                             tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
                         ));
+                        st.ended = ended.map(|e| e.into_iter().collect());
                         changed
                     };
                     if changed {
@@ -199,7 +224,7 @@ impl Agent {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = shutdown.changed() => return,
             }
-            self.clone().reconcile(&member).await;
+            self.clone().reconcile().await;
             self.flush(&member).await;
         }
     }
@@ -212,16 +237,20 @@ impl Agent {
         st.outbox.insert(id.to_string(), status);
     }
 
-    async fn reconcile(self: Arc<Self>, member: &Arc<Member>) {
+    async fn reconcile(self: Arc<Self>) {
         let rt = self.runtime.clone();
         let local: HashMap<String, RunState> =
             match tokio::task::spawn_blocking(move || rt.list()).await {
                 Ok(l) => l.into_iter().collect(),
                 Err(_) => return,
             };
-        let Some(assigned) = self.lock().assigned.as_ref().map(|(_, m)| m.clone()) else {
-            // No word from the leader since this daemon started: change nothing.
-            return;
+        let (assigned, ended) = {
+            let st = self.lock();
+            let Some(assigned) = st.assigned.as_ref().map(|(_, m)| m.clone()) else {
+                // No word from the leader since this daemon started: change nothing.
+                return;
+            };
+            (assigned, st.ended.clone())
         };
         let now = now_ms();
         let mut to_start = Vec::new();
@@ -296,13 +325,19 @@ impl Agent {
                         st.busy.insert(id.clone());
                         to_stop.push((id.clone(), false, false));
                     }
-                    RunState::Exited { finished_at_ms, .. }
-                        if now.saturating_sub(*finished_at_ms) > KEEP_EXITED_MS =>
-                    {
-                        st.busy.insert(id.clone());
-                        to_remove.push(id.clone());
+                    // Its final report is still to be sent: kept until the leader has it.
+                    RunState::Exited { .. } if st.outbox.contains_key(id) => {}
+                    RunState::Exited { finished_at_ms, .. } => {
+                        let gone = match &ended {
+                            // The store deleted it: nothing will ask for its logs any more.
+                            Some(ended) => !ended.contains(id),
+                            None => now.saturating_sub(*finished_at_ms) > KEEP_EXITED_MS,
+                        };
+                        if gone {
+                            st.busy.insert(id.clone());
+                            to_remove.push(id.clone());
+                        }
                     }
-                    RunState::Exited { .. } => {}
                 }
             }
             // Forget what is neither assigned nor queued.
@@ -350,10 +385,13 @@ impl Agent {
         for id in to_remove {
             let rt = self.runtime.clone();
             let id2 = id.clone();
-            let _ = tokio::task::spawn_blocking(move || rt.remove(&id2)).await;
+            match tokio::task::spawn_blocking(move || rt.remove(&id2)).await {
+                Ok(Err(e)) => warn!(task = id, "remove: {e}"),
+                Ok(Ok(())) => debug!(task = id, "removed an ended task the store deleted"),
+                Err(_) => {}
+            }
             self.lock().busy.remove(&id);
         }
-        let _ = member;
         self.update_plane(&assigned, &local);
     }
 
@@ -550,5 +588,167 @@ fn exited(code: Option<i32>, signal: Option<i32>, at: u64) -> TaskStatus {
         (Some(c), _) => failed(at, &format!("task: non-zero exit ({c})"), Some(c)),
         (None, Some(s)) => failed(at, &format!("task: killed by signal {s}"), Some(128 + s)),
         (None, None) => failed(at, "task: exited", None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::ExecResult;
+
+    /// A runtime that only lists the tasks it is given and records removals.
+    #[derive(Default)]
+    struct FakeRuntime {
+        tasks: Mutex<HashMap<String, RunState>>,
+        removed: Mutex<Vec<String>>,
+    }
+
+    impl Runtime for FakeRuntime {
+        fn start(&self, _: &RunSpec) -> Result<RunState, String> {
+            Err("not in this test".into())
+        }
+        fn status(&self, id: &str) -> Option<RunState> {
+            self.tasks.lock().unwrap().get(id).cloned()
+        }
+        fn list(&self) -> Vec<(String, RunState)> {
+            let t = self.tasks.lock().unwrap();
+            t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        }
+        fn stop(&self, _: &str, _: Duration) -> Result<(), String> {
+            Ok(())
+        }
+        fn remove(&self, id: &str) -> Result<(), String> {
+            self.tasks.lock().unwrap().remove(id);
+            self.removed.lock().unwrap().push(id.to_string());
+            Ok(())
+        }
+        fn logs(&self, _: &str, _: usize) -> Result<(Vec<u8>, Vec<u8>), String> {
+            Ok((vec![], vec![]))
+        }
+        fn exec(&self, _: &str, _: &[String], _: Duration) -> Result<ExecResult, String> {
+            Err("not in this test".into())
+        }
+    }
+
+    fn exited_at(finished_at_ms: u64) -> RunState {
+        RunState::Exited {
+            code: Some(0),
+            signal: None,
+            started_at_ms: finished_at_ms.saturating_sub(1),
+            finished_at_ms,
+        }
+    }
+
+    /// An agent whose runtime holds these exited tasks, with an empty assignment set.
+    fn agent_with(local: &[(&str, u64)]) -> (Arc<Agent>, Arc<FakeRuntime>) {
+        let rt = Arc::new(FakeRuntime::default());
+        for (id, at) in local {
+            rt.tasks
+                .lock()
+                .unwrap()
+                .insert(id.to_string(), exited_at(*at));
+        }
+        let agent = Agent::new(rt.clone(), None, "n1".into());
+        agent.lock().assigned = Some((0, HashMap::new()));
+        (agent, rt)
+    }
+
+    fn removed(rt: &FakeRuntime) -> Vec<String> {
+        let mut r = rt.removed.lock().unwrap().clone();
+        r.sort();
+        r
+    }
+
+    #[tokio::test]
+    async fn ended_tasks_go_as_soon_as_the_store_deleted_them() {
+        let now = now_ms();
+        let (agent, rt) = agent_with(&[("history", now), ("deleted", now), ("queued", now)]);
+        {
+            let mut st = agent.lock();
+            st.ended = Some(["history".to_string()].into_iter().collect());
+            // Its final report is not sent yet.
+            st.outbox
+                .insert("queued".into(), exited(Some(0), None, now));
+        }
+        agent.clone().reconcile().await;
+        assert_eq!(removed(&rt), ["deleted"]);
+
+        // Once the report is sent, a task the store does not have goes too.
+        agent.lock().outbox.clear();
+        agent.clone().reconcile().await;
+        assert_eq!(removed(&rt), ["deleted", "queued"]);
+
+        // A task trimmed from the history goes at the next answer.
+        agent.lock().ended = Some(HashSet::new());
+        agent.clone().reconcile().await;
+        assert_eq!(removed(&rt), ["deleted", "history", "queued"]);
+    }
+
+    #[tokio::test]
+    async fn without_word_on_ended_tasks_they_are_kept_a_while() {
+        let now = now_ms();
+        let old = now - KEEP_EXITED_MS - 1000;
+        let (agent, rt) = agent_with(&[("recent", now), ("old", old)]);
+        agent.clone().reconcile().await;
+        assert_eq!(removed(&rt), ["old"]);
+
+        // No answer from the leader since the start: nothing is touched.
+        let (agent, rt) = agent_with(&[("recent", now), ("old", old)]);
+        agent.lock().assigned = None;
+        agent.clone().reconcile().await;
+        assert!(removed(&rt).is_empty());
+    }
+
+    fn task(id: &str, node_id: &str, state: TaskState) -> Task {
+        let status = TaskStatus {
+            state,
+            timestamp_ms: 1,
+            message: String::new(),
+            err: String::new(),
+            exit_code: None,
+        };
+        serde_json::from_value(serde_json::json!({
+            "id": id,
+            "service_id": "s",
+            "service_name": "web",
+            "slot": 1,
+            "node_id": node_id,
+            "version": 1,
+            "spec": {
+                "name": "web",
+                "mode": mesh_api::ServiceMode::Replicated { replicas: 1 },
+                "command": ["true"],
+            },
+            "desired_state": TaskState::Running,
+            "status": status,
+            "created_at": 1,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_node_is_told_its_ended_tasks_still_in_the_store() {
+        let tasks = [
+            task("run", "n1", TaskState::Running),
+            task("done", "n1", TaskState::Complete),
+            task("failed", "n1", TaskState::Failed),
+            task("orphaned", "n1", TaskState::Orphaned),
+            task("elsewhere", "n2", TaskState::Shutdown),
+            task("pending", "", TaskState::Pending),
+        ];
+        assert_eq!(ended_on(tasks.iter(), "n1"), ["done", "failed", "orphaned"]);
+        let assigned: Vec<String> = assigned_to(tasks.iter(), "n1")
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(assigned, ["run"]);
+    }
+
+    #[test]
+    fn the_digest_changes_with_the_ended_tasks() {
+        let a = assignments_digest(&[], &["t1".to_string()], None);
+        let b = assignments_digest(&[], &["t1".to_string(), "t2".to_string()], None);
+        let c = assignments_digest(&[], &[], None);
+        assert!(a != b && a != c && b != c);
     }
 }

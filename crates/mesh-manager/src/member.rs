@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
 
-use crate::agent::{assigned_to, digest, now_ms, Agent, POLL_HOLD};
+use crate::agent::{assigned_to, assignments_digest, ended_on, now_ms, Agent, POLL_HOLD};
 use crate::dispatcher::{Dispatcher, Verdict, DOWN_AFTER, HEARTBEAT_PERIOD};
 use crate::local::LocalState;
 use crate::network::Network;
@@ -1290,26 +1290,28 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
 }
 
 impl Member {
-    /// Answers a node's long poll: its assignment set, once it differs from what the node knows
-    /// or after [`POLL_HOLD`].
+    /// Answers a node's long poll: its assignment set and its ended tasks still in the store,
+    /// once they differ from what the node knows or after [`POLL_HOLD`].
     async fn leader_assignments(&self, node: &RaftNode, node_id: &str, known: u64) -> PeerResponse {
         let mut rx = node.sm.subscribe();
         let deadline = tokio::time::Instant::now() + POLL_HOLD;
         loop {
-            let (tasks, ingress) = node
+            let (tasks, ended, ingress) = node
                 .sm
                 .with_state(|s| {
                     (
                         assigned_to(s.tasks.values(), node_id),
+                        ended_on(s.tasks.values(), node_id),
                         crate::networks::ingress_attachment(s, node_id),
                     )
                 })
                 .await;
-            let d = digest(&tasks) ^ crate::agent::ingress_digest(ingress.as_ref());
+            let d = assignments_digest(&tasks, &ended, ingress.as_ref());
             if d != known || tokio::time::Instant::now() >= deadline {
                 return PeerResponse::Assignments {
                     digest: d,
                     tasks,
+                    ended: Some(ended),
                     ingress,
                 };
             }

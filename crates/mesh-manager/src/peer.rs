@@ -32,8 +32,9 @@ pub enum PeerRequest {
     },
     /// A management call a follower forwards to the leader.
     Api(mesh_api::Request),
-    /// A node's long poll for the tasks assigned to it: answered at once if the set differs
-    /// from `known` (a digest), else when it changes or after a few seconds.
+    /// A node's long poll for the tasks assigned to it (and its ended tasks still in the
+    /// store): answered at once if the answer differs from `known` (a digest), else when it
+    /// changes or after a few seconds.
     Assignments {
         node_id: String,
         known: u64,
@@ -107,6 +108,11 @@ pub enum PeerResponse {
     Assignments {
         digest: u64,
         tasks: Vec<mesh_api::Task>,
+        /// The IDs of the node's ended tasks that the store still has (task history): the node
+        /// keeps their state directories and removes those of its other ended tasks. `None`
+        /// (not said): the node keeps an ended task's directory for a while.
+        #[serde(default)]
+        ended: Option<Vec<String>>,
         /// The node's ingress sandbox address on the ingress network.
         #[serde(default)]
         ingress: Option<mesh_api::NetworkAttachment>,
