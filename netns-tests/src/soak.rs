@@ -371,7 +371,7 @@ pub struct Report {
     /// Failures inside a disruption window (allowed, reported).
     pub failed_disrupted: u64,
     /// Calls refused by name while a new task of the service was starting (first seen
-    /// running by the checker within 2 s of the call): a task joins its VIP
+    /// running by the checker within 3 s of the call): a task joins its VIP
     /// and DNS when its process starts, before it listens. Without health checks (Docker's
     /// HEALTHCHECK, issue 14) neither Swarm nor mesh can know when a task is ready; counted
     /// apart, reported, and not an invariant of this soak.
@@ -1336,7 +1336,7 @@ fn collect_calls(dir: &Path, shared: &Mutex<Shared>, report: &mut Report) -> Res
                         && sh
                             .first_running
                             .values()
-                            .any(|(s, t)| *s == svc && (*t - t0).abs() <= 2.0);
+                            .any(|(s, t)| *s == svc && (*t - t0).abs() <= 3.0);
                     if excused {
                         report.failed_disrupted += 1;
                     } else if starting {
