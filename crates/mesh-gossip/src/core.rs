@@ -20,6 +20,15 @@
 //!    `push_pull_interval`, on join, after joining a network (and again a second later) and
 //!    when a member comes back.
 //!
+//! A network this node joins is **synced** once it has merged a full copy of the network's
+//! tables from a member (a push-pull that carried the network, either way), or, once this
+//! node has exchanged state with the cluster (or was given nobody to join), when the network
+//! has no other live member: until then its tables hold only what happened to arrive, and a
+//! consumer must not take them for the whole picture (a restarted node's first view of a
+//! network is its own records). A network whose exchanges keep failing counts as synced
+//! [`SYNC_GIVE_UP`] after it was joined, so stale state is bounded. Each network becomes
+//! synced once per join ([`Event::Synced`], [`Core::synced`]).
+//!
 //! Only members that declared a network are sent its records; records of networks this node
 //! does not have are dropped. When foca declares a node down, or it leaves a network, or it
 //! restarts (a newer generation), its entries are removed here, and [`Core`] refuses late
@@ -64,6 +73,11 @@ const FOLLOW_UP: Duration = Duration::from_secs(1);
 const FORGET_DOWN_AFTER: Duration = Duration::from_secs(3600);
 /// Housekeeping (reaping) period.
 const REAP_EVERY: Duration = Duration::from_secs(1);
+/// A network joined this long ago counts as synced even if no exchange covering it
+/// completed (push-pulls failing while UDP works): its tables then rest on eager push and
+/// table gossip alone. Several push-pulls are tried before (the one on joining, the
+/// follow-up a second later, the periodic ones).
+pub const SYNC_GIVE_UP: Duration = Duration::from_secs(15);
 
 type Swim = Foca<NodeId, PostcardCodec, SmallRng, Handler>;
 
@@ -142,6 +156,12 @@ pub struct Core {
     /// Push this node's membership records to every live node after the next push-pull
     /// answer (set by [`Core::join`]).
     announce_after_sync: bool,
+    /// Networks joined whose tables are not synced yet, with when they were joined.
+    unsynced: BTreeMap<String, Duration>,
+    /// Whether a push-pull answer from another node was merged: this node has seen the
+    /// cluster's `(node, network)` records, so a network without a live member really has
+    /// nobody to sync with.
+    exchanged: bool,
     rng: SmallRng,
     counters: Arc<Counters>,
     out: Vec<Output>,
@@ -189,6 +209,8 @@ impl Core {
             follow_ups: Vec::new(),
             foca_size: 1,
             announce_after_sync: false,
+            unsynced: BTreeMap::new(),
+            exchanged: false,
             rng,
             counters,
             out: Vec::new(),
@@ -257,6 +279,7 @@ impl Core {
             for ev in self.store.leave_network(n) {
                 self.out.push(Output::Event(ev));
             }
+            self.unsynced.remove(n);
             self.queues.remove(n);
             self.eager.remove(n);
             self.follow_ups.retain(|(_, f)| f != n);
@@ -264,6 +287,7 @@ impl Core {
         }
         for n in networks.difference(&current) {
             self.store.join_network(n);
+            self.unsynced.insert(n.clone(), now);
             self.announce_membership(n, true);
             if let Some(peer) = self.random_peer(n) {
                 self.start_sync(peer);
@@ -277,6 +301,7 @@ impl Core {
         if !changed.is_empty() {
             self.push_own_memberships(Some(&changed));
         }
+        self.check_synced(now);
         self.finish(now);
     }
 
@@ -346,6 +371,14 @@ impl Core {
     /// The networks this node has.
     pub fn networks(&self) -> BTreeSet<String> {
         self.store.networks()
+    }
+
+    /// The networks this node has whose tables are synced (see the module docs): what a
+    /// consumer reads of the others may be partial, and must not be taken as the whole.
+    pub fn synced(&self) -> BTreeSet<String> {
+        let mut n = self.store.networks();
+        n.retain(|n| !self.unsynced.contains_key(n));
+        n
     }
 
     /// Live entries of a table.
@@ -494,9 +527,11 @@ impl Core {
     /// Merges the answer to a push-pull this node opened.
     pub fn handle_sync_response(&mut self, resp: SyncState, now: Duration) {
         self.merge_sync(resp, now);
+        self.exchanged = true;
         if std::mem::take(&mut self.announce_after_sync) {
             self.push_own_memberships(None);
         }
+        self.check_synced(now);
         self.finish(now);
     }
 
@@ -986,6 +1021,7 @@ impl Core {
             self.next_reap = now + REAP_EVERY;
             self.reap(now);
         }
+        self.check_synced(now);
     }
 
     fn gossip_network(&mut self, network: &str) {
@@ -1147,6 +1183,39 @@ impl Core {
             for u in updates {
                 self.accept(&network, u, false, now);
             }
+            // A member's whole table of the network (even empty): synced, after the events
+            // of what it brought.
+            self.mark_synced(&network, "exchange");
+        }
+    }
+
+    /// Declares `network` synced (once per join) and reports it.
+    fn mark_synced(&mut self, network: &str, how: &'static str) {
+        if let Some(since) = self.unsynced.remove(network) {
+            tracing::debug!(network, how, joined_at = ?since, "network synced");
+            self.out.push(Output::Event(Event::Synced {
+                network: network.to_string(),
+            }));
+        }
+    }
+
+    /// Declares synced the networks that have nobody to sync with (once this node knows the
+    /// cluster, or was given nobody to join), and those whose exchanges failed for
+    /// [`SYNC_GIVE_UP`].
+    fn check_synced(&mut self, now: Duration) {
+        if self.unsynced.is_empty() {
+            return;
+        }
+        let knows_cluster = self.exchanged || self.seeds.is_empty();
+        let pending: Vec<(String, Duration)> =
+            self.unsynced.iter().map(|(n, t)| (n.clone(), *t)).collect();
+        for (n, since) in pending {
+            if knows_cluster && self.network_peers(&n).is_empty() {
+                self.mark_synced(&n, "no other member");
+            } else if now.saturating_sub(since) >= SYNC_GIVE_UP {
+                tracing::warn!(network = %n, "no table exchange for this network completed in time; taking the tables as they are");
+                self.mark_synced(&n, "gave up waiting");
+            }
         }
     }
 
@@ -1302,6 +1371,109 @@ mod tests {
             .filter(|o| matches!(o, Output::Udp { to, data } if *to == b.id().addr && data[3] == Kind::Table as u8))
             .count();
         assert_eq!(to_b, 0);
+    }
+
+    /// The push-pull requests `c` wants to open.
+    fn sync_requests(c: &mut Core) -> Vec<(SocketAddr, SyncState)> {
+        c.take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Sync { to, request } => Some((to, request)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn nets(n: &[&str]) -> BTreeSet<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_rejoined_network_is_synced_only_after_a_member_s_tables_are_merged() {
+        // a has "net" with an entry; b (say, a restarted node) joins the cluster, then the
+        // network: until the push-pull on "net" is answered, b holds none of a's entries and
+        // must not call "net" synced.
+        let t = Duration::ZERO;
+        let mut a = core("a", 1, 1);
+        a.set_networks(&nets(&["net"]), t);
+        assert_eq!(a.synced(), nets(&["net"]), "alone and given nobody to join");
+        a.put("net", "t", "ka", b"a".to_vec(), t).unwrap();
+        let _ = a.take_outputs();
+        let mut b = core("b", 2, 2);
+        b.join(&[a.id().addr], t);
+        let resp = a.handle_sync_request(b.sync_request(), t);
+        b.handle_sync_response(resp, t);
+        let _ = b.take_outputs();
+        b.set_networks(&nets(&["net", "lonely"]), t);
+        // Nobody else has "lonely": nothing to wait for. "net" waits for a.
+        assert_eq!(b.synced(), nets(&["lonely"]));
+        assert!(b.entries("net", "t").is_empty());
+        let reqs = sync_requests(&mut b);
+        let (to, req) = reqs
+            .into_iter()
+            .find(|(to, _)| *to == a.id().addr)
+            .expect("a push-pull with a, the member of net");
+        assert_eq!(to, a.id().addr);
+        let resp = a.handle_sync_request(req, t);
+        b.handle_sync_response(resp, t);
+        assert_eq!(b.synced(), nets(&["lonely", "net"]));
+        assert_eq!(b.entries("net", "t").len(), 1);
+        // The entry is reported before the network is synced, and synced only once.
+        let evs: Vec<Event> = b
+            .take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        let upsert = evs
+            .iter()
+            .position(|e| matches!(e, Event::Upsert { key, .. } if key == "ka"));
+        let synced: Vec<usize> = evs
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, Event::Synced { network } if network == "net"))
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            matches!((upsert, synced.as_slice()), (Some(u), [s]) if u < *s),
+            "{evs:?}"
+        );
+        // Left and joined again: not synced until the next exchange.
+        b.set_networks(&nets(&["lonely"]), t);
+        b.set_networks(&nets(&["lonely", "net"]), t);
+        assert_eq!(b.synced(), nets(&["lonely"]));
+    }
+
+    #[test]
+    fn a_network_whose_exchanges_fail_is_synced_after_a_bound() {
+        let t = Duration::ZERO;
+        let mut a = core("a", 1, 1);
+        a.set_networks(&nets(&["net"]), t);
+        let mut b = core("b", 2, 2);
+        b.join(&[a.id().addr], t);
+        let resp = a.handle_sync_request(b.sync_request(), t);
+        b.handle_sync_response(resp, t);
+        b.set_networks(&nets(&["net"]), t);
+        // Every push-pull is lost.
+        let _ = b.take_outputs();
+        b.poll(SYNC_GIVE_UP / 2);
+        assert!(b.synced().is_empty());
+        b.poll(SYNC_GIVE_UP + Duration::from_secs(1));
+        assert_eq!(b.synced(), nets(&["net"]));
+    }
+
+    #[test]
+    fn a_joining_node_that_never_heard_back_waits_for_its_peers_networks() {
+        // b was given a peer to join but never heard from it: it cannot tell that a network
+        // has no other member, so it waits (up to the bound).
+        let t = Duration::ZERO;
+        let mut b = core("b", 2, 2);
+        b.join(&["127.0.0.1:1".parse().unwrap()], t);
+        b.set_networks(&nets(&["net"]), t);
+        b.poll(Duration::from_secs(1));
+        assert!(b.synced().is_empty());
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub enum Event {
     NodeUp { id: String, addr: SocketAddr },
     /// A node was declared down by failure detection or left.
     NodeDown { id: String },
+    /// This node's tables of `network` are synced: a member's whole copy was merged (its
+    /// changes were reported before this), or the network has nobody else to sync with.
+    /// Once per join of the network; see the `core` module docs.
+    Synced { network: String },
 }
 
 /// A live entry of a table.

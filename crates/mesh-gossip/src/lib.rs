@@ -11,6 +11,12 @@
 //! without it. When failure detection declares a node down its entries are removed
 //! everywhere; when it comes back it re-announces them. Changes come out as [`Event`]s.
 //!
+//! A network's tables are complete only once they are **synced** ([`Gossip::synced`],
+//! [`Event::Synced`]): after joining a network (a restarted node rejoins all of its own), a
+//! node holds little more than its own records until its first push-pull with a member of
+//! the network has been merged. A consumer that removes what the tables do not list (a data
+//! plane) waits for that before removing anything.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), mesh_gossip::GossipError> {
 //! use mesh_gossip::{Config, Gossip};

@@ -58,6 +58,7 @@ enum Command {
         reply: oneshot::Sender<Vec<Entry>>,
     },
     Members(oneshot::Sender<Vec<Member>>),
+    Synced(oneshot::Sender<BTreeSet<String>>),
     SyncRequest {
         state: SyncState,
         reply: oneshot::Sender<SyncState>,
@@ -298,6 +299,14 @@ impl Gossip {
         })
         .await
         .unwrap_or_default()
+    }
+
+    /// The networks whose tables are synced: a member's whole copy was merged, or nobody
+    /// else has the network (see the `core` module docs). Until a network is, its
+    /// [`Gossip::entries`] may hold only part of the picture (a restarted node's own
+    /// records); [`Event::Synced`] reports the change, after the changes it brought.
+    pub async fn synced(&self) -> BTreeSet<String> {
+        self.call(Command::Synced).await.unwrap_or_default()
     }
 
     /// Changes as they happen (see [`Event`]).
@@ -571,6 +580,9 @@ impl Actor {
             }
             Command::Members(reply) => {
                 let _ = reply.send(self.core.members());
+            }
+            Command::Synced(reply) => {
+                let _ = reply.send(self.core.synced());
             }
             Command::SyncRequest { state, reply } => {
                 let resp = self.core.handle_sync_request(state, now);

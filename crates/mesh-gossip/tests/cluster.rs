@@ -320,6 +320,71 @@ async fn killed_node_is_detected_and_restarted_node_rejoins() {
     }
 }
 
+/// A restarted node rejoins its network with only its own records: `synced` says when the
+/// others' are in (its first push-pull with a member), and `Event::Synced` comes after the
+/// events of what that brought.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_learns_when_its_tables_are_complete() {
+    let nodes = cluster(&["s0", "s1", "s2"], "c-synced", |_| {}).await;
+    for n in &nodes {
+        n.set_networks(nets(&[NET])).await;
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        n.put(NET, TABLE, &format!("ep-s{i}"), b"v".to_vec())
+            .await
+            .unwrap();
+    }
+    for n in &nodes {
+        for i in 0..3 {
+            assert!(
+                wait_entry(n, NET, &format!("ep-s{i}"), b"v", Duration::from_secs(3))
+                    .await
+                    .is_some()
+            );
+        }
+        assert_eq!(n.synced().await, nets(&[NET]), "{}", n.node_id());
+    }
+    let addr2 = nodes[2].local_addr();
+    nodes[2].abort().await;
+    let mut c = cfg("s2", "c-synced");
+    c.bind = addr2;
+    c.advertise = addr2;
+    let s2 = Gossip::start(c).await.unwrap();
+    let mut rx = s2.subscribe();
+    s2.join(&[nodes[0].local_addr()]).await.unwrap();
+    s2.set_networks(nets(&[NET, "solo"])).await;
+    s2.put(NET, TABLE, "ep-s2", b"v".to_vec()).await.unwrap();
+    // Nobody else has "solo": synced at once. NET waits for a member's tables.
+    let (mut upserts, mut synced_at) = (BTreeSet::new(), None);
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match rx.recv().await {
+                Ok(Event::Upsert { network, key, .. }) if network == NET => {
+                    upserts.insert(key);
+                }
+                Ok(Event::Synced { network }) if network == NET => {
+                    synced_at = Some(upserts.clone());
+                    return;
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "s2 never synced {NET}");
+    let seen = synced_at.expect("synced");
+    for k in ["ep-s0", "ep-s1", "ep-s2"] {
+        assert!(seen.contains(k), "{k} not reported before Synced: {seen:?}");
+    }
+    assert_eq!(s2.synced().await, nets(&[NET, "solo"]));
+    assert_eq!(s2.entries(NET, TABLE).await.len(), 3);
+    s2.leave().await;
+    for n in &nodes[..2] {
+        n.leave().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_of_another_cluster_are_dropped_and_counted() {
     let nodes = cluster(&["f0", "f1"], "cluster-a", |_| {}).await;

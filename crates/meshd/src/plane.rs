@@ -16,6 +16,18 @@
 //! addresses on `lo` (a ping to a service name answers, and a VIP without backends refuses at
 //! once) and, with the nftables backend, the task's `mesh_lb` table. A restarted daemon
 //! re-plumbs the tasks it adopts from the running set the agent gives it.
+//!
+//! **Nothing is taken away on partial tables.** Gossip fills a network's tables only with its
+//! first push-pull with a member of the network (`Gossip::synced`); before that, a restarted
+//! daemon (or one that just joined a network) sees little more than its own records, while
+//! the kernel still holds what the previous daemon programmed from the whole picture. Until
+//! a network is synced, a pass therefore adds but does not remove: the overlay's ARP/FDB
+//! entries of that network are left alone, its VIPs keep the backends they had, the routing
+//! mesh keeps the ports (and backends) in force while the ingress network is unsynced, and
+//! an adopted task gets its DNS sockets and balancer table only once all its networks are
+//! synced (until then its queries are refused, as while the daemon was down, rather than
+//! answered from a partial record set; its `mesh_lb` table, left by the previous daemon,
+//! keeps balancing). The event that a network is synced triggers a pass, like any change.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -348,6 +360,9 @@ impl Inner {
         ))
         .await
         .map_err(|e| format!("cannot start gossip on {addr}: {e}"))?;
+        // Subscribed before anything can change: the push-pulls that fill the tables land
+        // while the first pass runs, and their events must still trigger a pass.
+        let events = gossip.subscribe();
         let peers: Vec<SocketAddr> = me
             .peers
             .iter()
@@ -383,18 +398,27 @@ impl Inner {
                 warn!("network plane: {e}");
             }
         }
-        tokio::spawn(self.clone().events_loop(gossip, stop_rx));
+        tokio::spawn(self.clone().events_loop(events, stop_rx));
         info!(gossip = %addr, "network plane started");
         Ok(())
     }
 
-    /// Programs the data plane after every gossip change, and every few seconds to heal.
-    async fn events_loop(self: Arc<Self>, gossip: Gossip, mut stop: watch::Receiver<bool>) {
-        let mut events = gossip.subscribe();
+    /// Programs the data plane after every gossip change (a network's tables becoming
+    /// synced included), and every few seconds to heal.
+    async fn events_loop(
+        self: Arc<Self>,
+        mut events: tokio::sync::broadcast::Receiver<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Ok(Event::Upsert { .. } | Event::Delete { .. } | Event::NodeDown { .. }) => {}
+                    Ok(
+                        Event::Upsert { .. }
+                        | Event::Delete { .. }
+                        | Event::NodeDown { .. }
+                        | Event::Synced { .. },
+                    ) => {}
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(_) => return,
@@ -437,14 +461,21 @@ impl Inner {
             return Ok(());
         };
         let ingress_id = self.ingress_net_id();
+        // Read before the tables: what is read after includes the whole of a network synced
+        // by now. The others may hold only this node's own records (a restarted daemon, a
+        // network just joined): what they do not list is not taken away (module docs).
+        let synced = r.gossip.synced().await;
         let mut by_vni: BTreeMap<u32, NetworkDesc> = BTreeMap::new();
         let mut remotes: BTreeMap<u32, BTreeSet<Remote>> = BTreeMap::new();
         let mut records = mesh_dns::Records::new();
         let mut lb: BTreeMap<Ipv4Addr, VipInfo> = BTreeMap::new();
         let mut published: BTreeMap<(Protocol, u16), (u16, Vec<Ipv4Addr>)> = BTreeMap::new();
         for (id, desc) in &r.networks {
-            by_vni.insert(desc.vni, desc.clone());
-            let set = remotes.entry(desc.vni).or_default();
+            if synced.contains(id) {
+                // Unsynced: the overlay's ARP/FDB entries stay as they are.
+                by_vni.insert(desc.vni, desc.clone());
+            }
+            let mut set = BTreeSet::new();
             let is_ingress = ingress_id.as_deref() == Some(id.as_str());
             let mut services: BTreeMap<String, (Option<Ipv4Addr>, Vec<mesh_dns::TaskRecord>)> =
                 BTreeMap::new();
@@ -506,27 +537,73 @@ impl Inner {
                 };
                 records.put_service(id, service);
             }
+            if synced.contains(id) {
+                remotes.insert(desc.vni, set);
+            }
+        }
+        // The VIPs of unsynced networks keep the backends they had (a task namespace adopted
+        // after a restart keeps its table until its networks are synced: `plumb_adopted`).
+        {
+            let have = lock(&self.lb_vips);
+            for (vip, old) in have.iter().filter(|(_, i)| {
+                !synced.contains(&i.network_id) && r.networks.contains_key(&i.network_id)
+            }) {
+                let info = lb.entry(*vip).or_insert_with(|| old.clone());
+                if info.network_id == old.network_id {
+                    info.backends.extend(old.backends.iter().copied());
+                    info.backends.sort();
+                    info.backends.dedup();
+                }
+            }
         }
         // Balancers first, then DNS: a name never points at a VIP the balancer does not know
         // yet, and a removed task leaves the VIP before (or as) it leaves DNS.
         self.program_lb(&lb);
         self.sync_task_namespaces().await;
         self.dns.replace(records);
+        // Tasks a restarted daemon adopted get their DNS sockets and balancer once their
+        // networks are synced: answering from a partial record set would deny names that
+        // exist, and their tables (left by the previous daemon) would lose VIPs.
+        if self.plumb_adopted(&synced) {
+            self.sync_task_namespaces().await;
+        }
         if let Some(ing) = r.ingress.as_mut() {
-            let entries: Vec<mesh_ingress::PublishedEntry> = published
-                .into_iter()
-                .map(|((proto, port), (target, mut backends))| {
-                    backends.sort();
-                    backends.dedup();
-                    mesh_ingress::PublishedEntry {
-                        proto: ingress_proto(proto),
-                        port,
-                        target,
-                        backends,
-                    }
-                })
-                .collect();
             let host_ports = self.host_ports(&r.overlay);
+            let mut entries: BTreeMap<(mesh_ingress::Proto, u16), mesh_ingress::PublishedEntry> =
+                published
+                    .into_iter()
+                    .map(|((proto, port), (target, mut backends))| {
+                        backends.sort();
+                        backends.dedup();
+                        let proto = ingress_proto(proto);
+                        (
+                            (proto, port),
+                            mesh_ingress::PublishedEntry {
+                                proto,
+                                port,
+                                target,
+                                backends,
+                            },
+                        )
+                    })
+                    .collect();
+            // Until the ingress network is synced, the ports (and backends) in force, adopted
+            // from a previous daemon, stay: the tables may not list them yet.
+            if ingress_id.as_ref().is_some_and(|id| !synced.contains(id)) {
+                for old in ing.published() {
+                    let key = (old.proto, old.port);
+                    if host_ports.iter().any(|h| (h.proto, h.port) == key) {
+                        continue;
+                    }
+                    let e = entries.entry(key).or_insert_with(|| old.clone());
+                    if e.target == old.target {
+                        e.backends.extend(old.backends.iter().copied());
+                        e.backends.sort();
+                        e.backends.dedup();
+                    }
+                }
+            }
+            let entries: Vec<mesh_ingress::PublishedEntry> = entries.into_values().collect();
             let res = tokio::task::block_in_place(|| ing.sync(&entries, &host_ports));
             if let Err(e) = res {
                 warn!("routing mesh: {e}");
@@ -699,6 +776,34 @@ impl Inner {
         Ok(())
     }
 
+    /// Plumbs the running tasks that have no plumbing yet (adopted by a restarted daemon)
+    /// and whose networks are all synced; `true` if it plumbed any.
+    fn plumb_adopted(&self, synced: &BTreeSet<String>) -> bool {
+        let ingress_id = self.ingress_net_id();
+        let missing: Vec<(Task, u32)> = {
+            let local = lock(&self.local);
+            let tasks = lock(&self.tasks);
+            local
+                .iter()
+                .flatten()
+                .filter(|(t, pid)| tasks.get(&t.id).is_none_or(|ns| ns.pid != *pid))
+                .filter(|(t, _)| {
+                    t.networks
+                        .iter()
+                        .filter(|a| Some(&a.network_id) != ingress_id.as_ref())
+                        .all(|a| synced.contains(&a.network_id))
+                })
+                .cloned()
+                .collect()
+        };
+        for (t, pid) in &missing {
+            if let Err(e) = tokio::task::block_in_place(|| self.plumb_task(t, *pid)) {
+                warn!(task = t.id, "re-plumbing an adopted task: {e}");
+            }
+        }
+        !missing.is_empty()
+    }
+
     /// Creates (or, after a restart, finds) the ingress sandbox, plugs it into the ingress
     /// overlay with this node's ingress address, and sets up the routing mesh.
     async fn ensure_ingress(&self, r: &mut Running) -> Result<(), String> {
@@ -760,20 +865,8 @@ impl Inner {
             // Not started yet (gossip still binding): `start_async` applies `local`.
             return Ok(());
         };
-        // Tasks a restarted daemon adopted have no DNS sockets or balancer yet.
-        let missing: Vec<(Task, u32)> = {
-            let tasks = lock(&self.tasks);
-            running
-                .iter()
-                .filter(|(t, pid)| tasks.get(&t.id).is_none_or(|ns| ns.pid != *pid))
-                .cloned()
-                .collect()
-        };
-        for (t, pid) in &missing {
-            if let Err(e) = tokio::task::block_in_place(|| self.plumb_task(t, *pid)) {
-                warn!(task = t.id, "re-plumbing an adopted task: {e}");
-            }
-        }
+        // (Tasks a restarted daemon adopted are re-plumbed by `sync_remotes`, once their
+        // networks are synced.)
         if let Err(e) = self.ensure_ingress(r).await {
             warn!("{e}");
         }
