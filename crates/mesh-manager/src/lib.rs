@@ -1,6 +1,7 @@
 //! The manager and the node agent's swarm membership.
 //!
 //! - [`state`]: the replicated state machine (cluster record, nodes) and its commands;
+//! - [`allocator`]: network addresses, proposed by the leader and settled at apply;
 //! - [`storage`]: openraft log and state-machine storage on redb;
 //! - [`network`], [`peer`]: the control-port protocol, Raft RPCs included, over mutual TLS;
 //! - [`member`]: a node inside a swarm: Raft while it manages, heartbeats, leader handlers;
@@ -12,6 +13,7 @@
 //! (no netlink, no nftables, no BPF); the control plane only decides and records.
 
 pub mod agent;
+pub mod allocator;
 pub mod daemon;
 pub mod dispatcher;
 pub mod ipam;

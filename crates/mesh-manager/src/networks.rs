@@ -160,49 +160,17 @@ pub fn inspect(state: &StoreState, n: &Network) -> Value {
     })
 }
 
-/// One virtual IP per network of a new service in VIP mode: the lowest address no task and no
-/// other service's VIP holds.
+/// One virtual IP per network of a new service in VIP mode, proposed from `state` (the
+/// state machine settles them when the service is created: [`crate::allocator`]).
 pub fn allocate_vips(
     state: &StoreState,
     spec: &mesh_api::ServiceSpec,
 ) -> Result<Vec<mesh_api::VirtualIp>, ApiError> {
-    if spec.endpoint_mode == mesh_api::EndpointMode::Dnsrr {
-        return Ok(Vec::new());
-    }
-    let mut out = Vec::new();
     for name in &spec.networks {
-        let n = state.find_network(name).map_err(ApiError::not_found)?;
-        let subnet = Cidr::parse(&n.subnet).map_err(ApiError::internal)?;
-        let mut used: BTreeSet<std::net::Ipv4Addr> = state
-            .services
-            .values()
-            .flat_map(|s| &s.vips)
-            .filter(|v| v.network_id == n.id)
-            .filter_map(|v| ipam::addr_of(&v.addr))
-            .collect();
-        used.extend(
-            state
-                .tasks
-                .values()
-                .filter(|t| {
-                    !t.status.state.is_terminal() || t.status.state == mesh_api::TaskState::Orphaned
-                })
-                .flat_map(|t| &t.networks)
-                .filter(|a| a.network_id == n.id)
-                .filter_map(|a| ipam::addr_of(&a.addr)),
-        );
-        let ip = ipam::next_addr(&subnet, &used).ok_or_else(|| {
-            ApiError::new(
-                ErrorKind::Unavailable,
-                format!("no IP address left in network {}", n.spec.name),
-            )
-        })?;
-        out.push(mesh_api::VirtualIp {
-            network_id: n.id.clone(),
-            addr: format!("{ip}/{}", subnet.len),
-        });
+        state.find_network(name).map_err(ApiError::not_found)?;
     }
-    Ok(out)
+    crate::allocator::propose_vips(state, spec)
+        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))
 }
 
 /// A node's attachment to the ingress network (its ingress sandbox), once allocated.

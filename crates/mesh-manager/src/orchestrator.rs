@@ -24,6 +24,7 @@ use mesh_api::{
 };
 use mesh_scheduler::{parse_constraints, Scheduler};
 
+use crate::allocator::{self, Used};
 use crate::state::{Assignment, Command, StoreState};
 
 /// Terminal tasks kept per slot, as `service ps` shows them (Docker keeps 5).
@@ -126,8 +127,15 @@ impl Orchestrator {
             cmds.push(Command::DeleteTasks { ids: p.delete });
         }
         cmds.extend(p.other);
-        cmds.extend(ingress_addrs(s));
-        let assign = self.allocate_and_schedule(s, now_ms);
+        // Ingress addresses and task addresses are proposed from one view of what is held,
+        // so the plan does not hand out an address twice (and `apply` settles them).
+        let mut used = Used::of(s);
+        cmds.extend(
+            allocator::propose_ingress_addrs(s, &mut used)
+                .into_iter()
+                .map(|(id, addr)| Command::SetNodeIngress { id, addr }),
+        );
+        let assign = self.allocate_and_schedule(s, now_ms, &mut used);
         if !assign.is_empty() {
             cmds.push(Command::AssignTasks {
                 assignments: assign,
@@ -498,17 +506,21 @@ impl Orchestrator {
 
     /// New -> Pending with the task's network addresses, then Pending -> Assigned by the
     /// scheduler.
-    fn allocate_and_schedule(&mut self, s: &StoreState, now_ms: u64) -> Vec<Assignment> {
+    fn allocate_and_schedule(
+        &mut self,
+        s: &StoreState,
+        now_ms: u64,
+        used: &mut Used,
+    ) -> Vec<Assignment> {
         let mut out = Vec::new();
         let mut sched = Scheduler::new(s.nodes.values(), s.tasks.values());
         let mut pending: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
-        let mut used = used_addrs(s);
         for t in s.tasks.values() {
             if t.desired_state > TaskState::Running || !s.services.contains_key(&t.service_id) {
                 continue;
             }
             match t.status.state {
-                TaskState::New => match allocate(s, t, &mut used) {
+                TaskState::New => match allocator::propose_task(s, t, used) {
                     Ok(networks) => out.push(Assignment {
                         task_id: t.id.clone(),
                         node_id: None,
@@ -604,101 +616,6 @@ impl Orchestrator {
             networks: None,
         }
     }
-}
-
-/// Addresses held per network: by tasks that may still run (not finished, or orphaned on a
-/// node that may come back).
-fn used_addrs(s: &StoreState) -> BTreeMap<String, BTreeSet<std::net::Ipv4Addr>> {
-    let mut used: BTreeMap<String, BTreeSet<std::net::Ipv4Addr>> = BTreeMap::new();
-    for v in s.services.values().flat_map(|svc| &svc.vips) {
-        if let Some(ip) = crate::ipam::addr_of(&v.addr) {
-            used.entry(v.network_id.clone()).or_default().insert(ip);
-        }
-    }
-    if let Some(net) = s.networks.values().find(|n| n.spec.ingress) {
-        for ip in s
-            .nodes
-            .values()
-            .filter_map(|n| crate::ipam::addr_of(n.ingress_addr.as_deref()?))
-        {
-            used.entry(net.id.clone()).or_default().insert(ip);
-        }
-    }
-    for t in s.tasks.values() {
-        if t.status.state.is_terminal() && t.status.state != TaskState::Orphaned {
-            continue;
-        }
-        for a in &t.networks {
-            if let Some(ip) = crate::ipam::addr_of(&a.addr) {
-                used.entry(a.network_id.clone()).or_default().insert(ip);
-            }
-        }
-    }
-    used
-}
-
-/// Every node gets an address on the ingress network for its ingress sandbox (the routing
-/// mesh answers on every node, with or without tasks), the lowest free one.
-fn ingress_addrs(s: &StoreState) -> Vec<Command> {
-    let Some(net) = s.networks.values().find(|n| n.spec.ingress) else {
-        return Vec::new();
-    };
-    let Ok(subnet) = crate::ipam::Cidr::parse(&net.subnet) else {
-        return Vec::new();
-    };
-    let mut used = used_addrs(s).remove(&net.id).unwrap_or_default();
-    let mut out = Vec::new();
-    for n in s.nodes.values().filter(|n| n.ingress_addr.is_none()) {
-        let Some(ip) = crate::ipam::next_addr(&subnet, &used) else {
-            break;
-        };
-        used.insert(ip);
-        out.push(Command::SetNodeIngress {
-            id: n.id.clone(),
-            addr: format!("{ip}/{}", subnet.len),
-        });
-    }
-    out
-}
-
-/// Gives a task one address on each of its service's networks.
-fn allocate(
-    s: &StoreState,
-    t: &Task,
-    used: &mut BTreeMap<String, BTreeSet<std::net::Ipv4Addr>>,
-) -> Result<Vec<mesh_api::NetworkAttachment>, String> {
-    let mut out = Vec::new();
-    // A task publishing a port in ingress mode is reachable through the routing mesh: it gets
-    // an address on the ingress network too (after its own networks, as Docker's).
-    let ingress = t
-        .spec
-        .ports
-        .iter()
-        .any(|p| p.mode == mesh_api::PublishMode::Ingress)
-        .then(|| s.networks.values().find(|n| n.spec.ingress))
-        .flatten()
-        .map(|n| n.id.clone());
-    for name in t.spec.networks.iter().chain(ingress.as_ref()) {
-        let n = s.find_network(name)?;
-        let subnet = crate::ipam::Cidr::parse(&n.subnet)?;
-        let taken = used.entry(n.id.clone()).or_default();
-        let ip = crate::ipam::next_addr(&subnet, taken)
-            .ok_or_else(|| format!("no IP address left in network {}", n.spec.name))?;
-        taken.insert(ip);
-        out.push(mesh_api::NetworkAttachment {
-            network_id: n.id.clone(),
-            network_name: n.spec.name.clone(),
-            addr: format!("{ip}/{}", subnet.len),
-            vni: n.vni,
-            gateway: n.gateway.clone(),
-            vip: s
-                .services
-                .get(&t.service_id)
-                .and_then(|svc| svc.vips.iter().find(|v| v.network_id == n.id))
-                .map(|v| v.addr.clone()),
-        });
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ use mesh_api::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::allocator::{self, Holder, Used};
+
 /// A change to the cluster state, proposed by the leader.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -161,17 +163,33 @@ impl StoreState {
                 self.nodes.insert(node.id.clone(), node.clone());
             }
             Command::SetNodeIngress { id, addr } => {
-                if let Some(other) = self
-                    .nodes
-                    .values()
-                    .find(|n| n.id != *id && n.ingress_addr.as_deref() == Some(addr.as_str()))
-                {
-                    return Err(format!(
-                        "ingress address {addr} is held by node {}",
-                        other.id
-                    ));
-                }
-                self.node_mut(id)?.ingress_addr = Some(addr.clone());
+                self.node_mut(id)?;
+                let addr = match self.networks.values().find(|n| n.spec.ingress) {
+                    // Settled like every address (see `allocator`): taken meanwhile, the
+                    // node gets the lowest free one.
+                    Some(net) => {
+                        let mut a = [mesh_api::VirtualIp {
+                            network_id: net.id.clone(),
+                            addr: addr.clone(),
+                        }];
+                        let mut used = Used::of(self);
+                        allocator::settle(self, &mut used, Holder::Node(id.clone()), &mut a)?;
+                        let [a] = a;
+                        a.addr
+                    }
+                    None => {
+                        if let Some(other) = self.nodes.values().find(|n| {
+                            n.id != *id && n.ingress_addr.as_deref() == Some(addr.as_str())
+                        }) {
+                            return Err(format!(
+                                "ingress address {addr} is held by node {}",
+                                other.id
+                            ));
+                        }
+                        addr.clone()
+                    }
+                };
+                self.node_mut(id)?.ingress_addr = Some(addr);
             }
             Command::SetNodeState { id, state, at } => {
                 let n = self.node_mut(id)?;
@@ -227,7 +245,15 @@ impl StoreState {
                     return Err(format!("service id {} already exists", service.id));
                 }
                 self.check_ports(service)?;
-                self.services.insert(service.id.clone(), service.clone());
+                let mut service = service.clone();
+                let mut used = Used::of(self);
+                allocator::settle(
+                    self,
+                    &mut used,
+                    Holder::Vip(service.id.clone()),
+                    &mut service.vips,
+                )?;
+                self.services.insert(service.id.clone(), service);
             }
             Command::UpdateService { service } => {
                 let cur = self
@@ -241,11 +267,21 @@ impl StoreState {
                     ));
                 }
                 self.check_ports(service)?;
+                let mut service = service.clone();
+                if service.vips != cur.vips {
+                    let mut used = Used::of(self);
+                    allocator::settle(
+                        self,
+                        &mut used,
+                        Holder::Vip(service.id.clone()),
+                        &mut service.vips,
+                    )?;
+                }
                 let cur = self
                     .services
                     .get_mut(&service.id)
                     .ok_or_else(|| format!("no such service: {}", service.id))?;
-                *cur = service.clone();
+                *cur = service;
             }
             Command::RemoveService { id } => {
                 self.services
@@ -273,18 +309,57 @@ impl StoreState {
                 }
             }
             Command::AssignTasks { assignments } => {
+                // What is held, once per command and kept current as addresses are settled.
+                let mut used: Option<Used> = None;
                 for a in assignments {
-                    let Some(t) = self.tasks.get_mut(&a.task_id) else {
+                    let Some(t) = self.tasks.get(&a.task_id) else {
                         continue;
                     };
                     if t.status.state > TaskState::Pending {
                         continue;
                     }
+                    // The proposed addresses are settled against this state (see
+                    // `allocator`): one taken meanwhile is replaced by a free one.
+                    let mut nets = a.networks.clone();
+                    let mut failed = None;
+                    if let Some(nets) = nets.as_mut() {
+                        let used = used.get_or_insert_with(|| Used::of(self));
+                        let holder = Holder::Task(a.task_id.clone());
+                        let mut as_vips: Vec<mesh_api::VirtualIp> = nets
+                            .iter()
+                            .map(|n| mesh_api::VirtualIp {
+                                network_id: n.network_id.clone(),
+                                addr: n.addr.clone(),
+                            })
+                            .collect();
+                        used.release(&holder);
+                        match allocator::settle(self, used, holder, &mut as_vips) {
+                            Ok(()) => {
+                                for (n, v) in nets.iter_mut().zip(as_vips) {
+                                    n.addr = v.addr;
+                                }
+                            }
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    let Some(t) = self.tasks.get_mut(&a.task_id) else {
+                        continue;
+                    };
+                    if let Some(e) = failed {
+                        // No address to give: the task stays unallocated, as when the
+                        // orchestrator finds its network full.
+                        if t.status.state == TaskState::New && t.status.err != e {
+                            t.status.message = "allocation failed".into();
+                            t.status.err = e;
+                            t.status.timestamp_ms = a.status.timestamp_ms;
+                        }
+                        continue;
+                    }
                     if let Some(n) = &a.node_id {
                         t.node_id = n.clone();
                     }
-                    if let Some(nets) = &a.networks {
-                        t.networks = nets.clone();
+                    if let Some(nets) = nets {
+                        t.networks = nets;
                     }
                     if a.status.state >= t.status.state {
                         t.status = a.status.clone();

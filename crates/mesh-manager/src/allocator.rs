@@ -1,0 +1,466 @@
+//! Network addresses in one place: which addresses of each network are held (service VIPs,
+//! node ingress addresses, the tasks that may still run), the choices the leader proposes
+//! (a new service's VIPs, a new task's addresses, a node's ingress address) and the check
+//! that settles them when the command is applied.
+//!
+//! The leader chooses from a snapshot of the store, and two proposals can be chosen from the
+//! same snapshot (a `service create` racing an orchestrator pass, a leader change mid-plan).
+//! So the choice is only a proposal: [`StoreState::apply`](crate::state::StoreState::apply)
+//! settles it against the state the command actually applies to, through [`Used`], and a
+//! proposed address another holder has meanwhile taken is replaced by the lowest free one of
+//! its network (deterministically: every manager applies the same log to the same state). No
+//! address is ever held twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use mesh_api::{NetworkAttachment, TaskState, VirtualIp};
+
+use crate::ipam::{self, Cidr};
+use crate::state::StoreState;
+
+/// What holds an address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Holder {
+    /// A service's virtual IP (service ID).
+    Vip(String),
+    /// A node's ingress sandbox (node ID).
+    Node(String),
+    /// A task that may still run (task ID).
+    Task(String),
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Vip(id) => write!(f, "the VIP of service {id}"),
+            Holder::Node(id) => write!(f, "the ingress sandbox of node {id}"),
+            Holder::Task(id) => write!(f, "task {id}"),
+        }
+    }
+}
+
+/// The addresses held, per network ID.
+#[derive(Clone, Debug, Default)]
+pub struct Used {
+    nets: BTreeMap<String, BTreeMap<Ipv4Addr, Holder>>,
+}
+
+/// Whether a task's addresses are still held: it may run (not finished), or it was orphaned
+/// on a node that may come back.
+fn holds_addresses(state: TaskState) -> bool {
+    !state.is_terminal() || state == TaskState::Orphaned
+}
+
+impl Used {
+    /// What `s` holds.
+    pub fn of(s: &StoreState) -> Used {
+        let mut u = Used::default();
+        for svc in s.services.values() {
+            for v in &svc.vips {
+                u.hold(&v.network_id, &v.addr, Holder::Vip(svc.id.clone()));
+            }
+        }
+        if let Some(net) = s.networks.values().find(|n| n.spec.ingress) {
+            for n in s.nodes.values() {
+                if let Some(a) = &n.ingress_addr {
+                    u.hold(&net.id, a, Holder::Node(n.id.clone()));
+                }
+            }
+        }
+        for t in s.tasks.values() {
+            if holds_addresses(t.status.state) {
+                for a in &t.networks {
+                    u.hold(&a.network_id, &a.addr, Holder::Task(t.id.clone()));
+                }
+            }
+        }
+        u
+    }
+
+    fn hold(&mut self, network_id: &str, addr: &str, who: Holder) {
+        if let Some(ip) = ipam::addr_of(addr) {
+            self.nets
+                .entry(network_id.to_string())
+                .or_default()
+                .entry(ip)
+                .or_insert(who);
+        }
+    }
+
+    /// Who holds `ip` on the network.
+    pub fn holder(&self, network_id: &str, ip: Ipv4Addr) -> Option<&Holder> {
+        self.nets.get(network_id)?.get(&ip)
+    }
+
+    /// The addresses held on the network.
+    pub fn addrs(&self, network_id: &str) -> BTreeSet<Ipv4Addr> {
+        self.nets
+            .get(network_id)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets what `who` holds (a task given new addresses).
+    pub fn release(&mut self, who: &Holder) {
+        for m in self.nets.values_mut() {
+            m.retain(|_, h| h != who);
+        }
+    }
+
+    /// The lowest free address of `subnet` on the network.
+    fn next(&self, network_id: &str, subnet: &Cidr) -> Option<Ipv4Addr> {
+        ipam::next_addr(subnet, &self.addrs(network_id))
+    }
+
+    /// Takes the lowest free address of network `network_id` for `who`.
+    pub fn take_next(&mut self, network_id: &str, subnet: &Cidr, who: Holder) -> Option<Ipv4Addr> {
+        let ip = self.next(network_id, subnet)?;
+        self.nets
+            .entry(network_id.to_string())
+            .or_default()
+            .insert(ip, who);
+        Some(ip)
+    }
+
+    /// Settles a proposed address for `who`: kept if it lies in `subnet` and is free (or
+    /// already `who`'s), else the lowest free one. `None` when the network is full.
+    fn settle(
+        &mut self,
+        network_id: &str,
+        subnet: &Cidr,
+        proposed: &str,
+        who: &Holder,
+    ) -> Option<Ipv4Addr> {
+        let ip = ipam::addr_of(proposed).filter(|ip| {
+            subnet.contains(*ip)
+                && u32::from(*ip) > subnet.first() + 1
+                && u32::from(*ip) < subnet.last()
+                && self.holder(network_id, *ip).is_none_or(|h| h == who)
+        });
+        match ip {
+            Some(ip) => {
+                self.nets
+                    .entry(network_id.to_string())
+                    .or_default()
+                    .insert(ip, who.clone());
+                Some(ip)
+            }
+            None => self.take_next(network_id, subnet, who.clone()),
+        }
+    }
+}
+
+/// Settles the addresses proposed for `who` (a new service's VIPs, a task's attachments
+/// given as network and address, a node's ingress address) against `s`, the state the
+/// command applies to: each keeps its address if it lies in its network and is free (or
+/// already `who`'s), else gets the lowest free one (see the module docs). An error, with
+/// nothing taken, when a network is gone or full.
+pub fn settle(
+    s: &StoreState,
+    used: &mut Used,
+    who: Holder,
+    addrs: &mut [VirtualIp],
+) -> Result<(), String> {
+    let before = used.clone();
+    let res = addrs.iter_mut().try_for_each(|v| {
+        let n = s
+            .networks
+            .get(&v.network_id)
+            .ok_or_else(|| format!("no such network: {}", v.network_id))?;
+        let subnet = Cidr::parse(&n.subnet)?;
+        let ip = used
+            .settle(&n.id, &subnet, &v.addr, &who)
+            .ok_or_else(|| format!("no IP address left in network {}", n.spec.name))?;
+        v.addr = format!("{ip}/{}", subnet.len);
+        Ok(())
+    });
+    if res.is_err() {
+        *used = before;
+    }
+    res
+}
+
+/// One virtual IP per network of a new service in VIP mode, proposed from `s`: the lowest
+/// address nothing holds.
+pub fn propose_vips(
+    s: &StoreState,
+    spec: &mesh_api::ServiceSpec,
+) -> Result<Vec<VirtualIp>, String> {
+    if spec.endpoint_mode == mesh_api::EndpointMode::Dnsrr {
+        return Ok(Vec::new());
+    }
+    let mut used = Used::of(s);
+    let mut out = Vec::new();
+    for name in &spec.networks {
+        let n = s.find_network(name)?;
+        let subnet = Cidr::parse(&n.subnet)?;
+        let ip = used
+            .take_next(&n.id, &subnet, Holder::Vip(String::new()))
+            .ok_or_else(|| format!("no IP address left in network {}", n.spec.name))?;
+        out.push(VirtualIp {
+            network_id: n.id.clone(),
+            addr: format!("{ip}/{}", subnet.len),
+        });
+    }
+    Ok(out)
+}
+
+/// Proposes a task's addresses: one on each of its service's networks, plus the ingress
+/// network when it publishes a port in ingress mode (after its own, as Docker's). `used`
+/// carries what earlier proposals of the same plan took.
+pub fn propose_task(
+    s: &StoreState,
+    t: &mesh_api::Task,
+    used: &mut Used,
+) -> Result<Vec<NetworkAttachment>, String> {
+    let ingress = t
+        .spec
+        .ports
+        .iter()
+        .any(|p| p.mode == mesh_api::PublishMode::Ingress)
+        .then(|| s.networks.values().find(|n| n.spec.ingress))
+        .flatten()
+        .map(|n| n.id.clone());
+    let mut out = Vec::new();
+    for name in t.spec.networks.iter().chain(ingress.as_ref()) {
+        let n = s.find_network(name)?;
+        let subnet = Cidr::parse(&n.subnet)?;
+        let ip = used
+            .take_next(&n.id, &subnet, Holder::Task(t.id.clone()))
+            .ok_or_else(|| format!("no IP address left in network {}", n.spec.name))?;
+        out.push(NetworkAttachment {
+            network_id: n.id.clone(),
+            network_name: n.spec.name.clone(),
+            addr: format!("{ip}/{}", subnet.len),
+            vni: n.vni,
+            gateway: n.gateway.clone(),
+            vip: s
+                .services
+                .get(&t.service_id)
+                .and_then(|svc| svc.vips.iter().find(|v| v.network_id == n.id))
+                .map(|v| v.addr.clone()),
+        });
+    }
+    Ok(out)
+}
+
+/// Every node without one gets an address on the ingress network for its ingress sandbox
+/// (the routing mesh answers on every node, with or without tasks), the lowest free one.
+/// Proposed into `used`, so the same plan's task addresses do not take them again.
+pub fn propose_ingress_addrs(s: &StoreState, used: &mut Used) -> Vec<(String, String)> {
+    let Some(net) = s.networks.values().find(|n| n.spec.ingress) else {
+        return Vec::new();
+    };
+    let Ok(subnet) = Cidr::parse(&net.subnet) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for n in s.nodes.values().filter(|n| n.ingress_addr.is_none()) {
+        let Some(ip) = used.take_next(&net.id, &subnet, Holder::Node(n.id.clone())) else {
+            break;
+        };
+        out.push((n.id.clone(), format!("{ip}/{}", subnet.len)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use mesh_api::{
+        Availability, Cluster, Node, NodeRole, NodeState, PortConfig, Protocol, PublishMode,
+        RestartPolicy, Service, ServiceMode, ServiceSpec, UpdateConfig,
+    };
+
+    use super::*;
+    use crate::orchestrator::Orchestrator;
+    use crate::state::{Command, CommandResult};
+
+    fn node(i: u64) -> Node {
+        Node {
+            id: format!("n{i}"),
+            hostname: format!("h{i}"),
+            role: NodeRole::Worker,
+            availability: Availability::Active,
+            state: NodeState::Ready,
+            addr: String::new(),
+            raft_id: i,
+            labels: BTreeMap::new(),
+            ingress_addr: None,
+            created_at: 0,
+            updated_at: 0,
+            resources: Default::default(),
+        }
+    }
+
+    fn spec(name: String, replicas: u64, published: Option<u16>) -> ServiceSpec {
+        ServiceSpec {
+            name,
+            mode: ServiceMode::Replicated { replicas },
+            command: vec!["sleep".into(), "1000".into()],
+            env: vec![],
+            networks: vec!["appnet".into()],
+            ports: published
+                .map(|p| PortConfig {
+                    protocol: Protocol::Tcp,
+                    target: 80,
+                    published: p,
+                    mode: PublishMode::Ingress,
+                })
+                .into_iter()
+                .collect(),
+            endpoint_mode: Default::default(),
+            constraints: vec![],
+            restart: RestartPolicy::default(),
+            update: UpdateConfig::default(),
+            rollback: Default::default(),
+            resources: Default::default(),
+            labels: Default::default(),
+        }
+    }
+
+    /// Every address held, with its holders: none may have two.
+    fn duplicates(s: &StoreState) -> Vec<String> {
+        let mut seen: BTreeMap<(String, Ipv4Addr), Vec<String>> = BTreeMap::new();
+        let mut add = |net: &str, addr: &str, who: String| {
+            let ip = ipam::addr_of(addr).expect("an address");
+            seen.entry((net.to_string(), ip)).or_default().push(who);
+        };
+        for svc in s.services.values() {
+            for v in &svc.vips {
+                add(&v.network_id, &v.addr, format!("vip {}", svc.spec.name));
+            }
+        }
+        let ingress = s.networks.values().find(|n| n.spec.ingress).unwrap();
+        for n in s.nodes.values() {
+            if let Some(a) = &n.ingress_addr {
+                add(&ingress.id, a, format!("node {}", n.id));
+            }
+        }
+        for t in s.tasks.values() {
+            if holds_addresses(t.status.state) {
+                for a in &t.networks {
+                    add(&a.network_id, &a.addr, format!("task {}", t.id));
+                }
+            }
+        }
+        seen.into_iter()
+            .filter(|(_, w)| w.len() > 1)
+            .map(|((_, ip), w)| format!("{ip}: {}", w.join(", ")))
+            .collect()
+    }
+
+    /// Service creates, node joins and orchestrator passes are all planned from the same
+    /// (stale) snapshot, as a `service create` racing an orchestrator tick is, and committed in
+    /// a varying order; services are removed now and then so addresses are reused. No address
+    /// may ever be held twice, across more than 1,000 allocated tasks.
+    #[test]
+    fn creates_racing_the_orchestrator_never_duplicate_an_address() {
+        let mut s = StoreState::default();
+        let cluster = Cluster {
+            id: "c".into(),
+            created_at: 0,
+            ca_cert_pem: String::new(),
+            ca_key_pem: String::new(),
+            worker_secret: String::new(),
+            manager_secret: String::new(),
+        };
+        let ok = |r| assert_eq!(r, CommandResult::Ok);
+        ok(s.apply(&Command::InitCluster {
+            cluster,
+            node: node(1),
+        }));
+        let ingress = crate::networks::ingress(0);
+        ok(s.apply(&Command::CreateNetwork { network: ingress }));
+        let appnet = crate::networks::new_network(
+            &s,
+            mesh_api::NetworkSpec {
+                name: "appnet".into(),
+                driver: "overlay".into(),
+                subnet: Some("10.0.16.0/21".into()),
+                attachable: false,
+                ingress: false,
+            },
+            0,
+        )
+        .unwrap();
+        ok(s.apply(&Command::CreateNetwork { network: appnet }));
+        let mut orch = Orchestrator::default();
+        let mut seed = 20261203u64;
+        let mut rand = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut allocated = BTreeSet::new();
+        let mut nodes = 1;
+        let mut services = 0u16;
+        let mut now = 1_000_000;
+        for round in 0..2_000 {
+            if allocated.len() > 1_000 {
+                break;
+            }
+            now += 100;
+            let stale = s.clone();
+            let mut cmds: Vec<Command> = orch.plan(&stale, now);
+            if rand(2) == 0 {
+                services += 1;
+                let published = (rand(3) == 0).then_some(20_000 + services);
+                let spec = spec(format!("s{services}"), 1 + rand(4), published);
+                cmds.push(Command::CreateService {
+                    service: Service {
+                        id: format!("svc{services}"),
+                        vips: propose_vips(&stale, &spec).unwrap(),
+                        spec,
+                        previous_spec: None,
+                        version: 1,
+                        created_at: now,
+                        updated_at: now,
+                        update_status: None,
+                    },
+                });
+            }
+            if rand(10) == 0 && nodes < 6 {
+                nodes += 1;
+                cmds.push(Command::AddNode { node: node(nodes) });
+            }
+            if rand(6) == 0 {
+                if let Some(id) = stale
+                    .services
+                    .keys()
+                    .nth(rand(stale.services.len().max(1) as u64) as usize)
+                {
+                    cmds.push(Command::RemoveService { id: id.clone() });
+                }
+            }
+            // The commands land in any order.
+            for i in (1..cmds.len()).rev() {
+                cmds.swap(i, rand(i as u64 + 1) as usize);
+            }
+            for c in &cmds {
+                let _ = s.apply(c);
+            }
+            // Agents: what is assigned runs, what is told to stop stops.
+            for t in s.tasks.values_mut() {
+                if t.status.state == TaskState::Assigned && t.desired_state == TaskState::Running {
+                    t.status.state = TaskState::Running;
+                } else if t.desired_state > TaskState::Running && !t.status.state.is_terminal() {
+                    t.status.state = TaskState::Shutdown;
+                }
+                if !t.networks.is_empty() {
+                    allocated.insert(t.id.clone());
+                }
+            }
+            let dups = duplicates(&s);
+            assert!(dups.is_empty(), "round {round}: {dups:?}");
+        }
+        assert!(
+            allocated.len() > 1_000,
+            "{} tasks allocated",
+            allocated.len()
+        );
+    }
+}
