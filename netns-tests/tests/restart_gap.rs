@@ -11,7 +11,11 @@
 //!   daemon is away) failures are only counted;
 //! - the same task asks the embedded DNS for the service's name: while the daemon is away
 //!   its socket is closed (refused, or a query lost in flight), but whatever answers must be
-//!   the VIP, never a wrong or empty answer from tables not filled yet.
+//!   the VIP, never a wrong or empty answer from tables not filled yet;
+//! - a task on another node looks up and calls a service whose tasks all run on the
+//!   restarted node: nothing may fail (the tasks keep running, their node's kernel keeps
+//!   serving, and the other nodes must not drop them from the VIP and DNS while the
+//!   restarted daemon re-announces them).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -228,6 +232,45 @@ fn restarts_without_a_gap(lb_backend: &str, name_hint: &'static str) -> Result<(
         &vip,
         "web",
     ])?;
+    // Two replicas only on h3, called through their VIP by a task on h1: a daemon away (or
+    // just back) on the backends' node changes nothing for them, their node's kernel keeps
+    // serving, and the other nodes must keep them in the VIP.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "back",
+        "--replicas",
+        "2",
+        "--network",
+        "appnet",
+        "--constraint",
+        "node.hostname==h3",
+        "--",
+        "python3",
+        "-c",
+        SERVER,
+    ])?;
+    let back_vip = vip_of(h1, "back")?;
+    let remote_out = dir.join("remote.log");
+    let remote_out_s = remote_out.to_string_lossy().to_string();
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "cli1",
+        "--network",
+        "appnet",
+        "--constraint",
+        "node.hostname==h1",
+        "--",
+        "python3",
+        "-c",
+        TASK,
+        &remote_out_s,
+        &back_vip,
+        "back",
+    ])?;
     let h3_addr = h3.addr().to_string();
     wait_for(
         "h3:8080 answers through the routing mesh",
@@ -256,6 +299,17 @@ fn restarts_without_a_gap(lb_backend: &str, name_hint: &'static str) -> Result<(
         },
     )?;
 
+    wait_for(
+        "the client task on h1 calling back (on h3) for 2 s without a failure",
+        Duration::from_secs(40),
+        Duration::from_millis(300),
+        || {
+            let t = now();
+            let lines = task_lines(&remote_out, t - 2.0, t).unwrap_or_default();
+            let ok = lines.iter().filter(|(_, _, r)| r == "ok").count();
+            Ok((ok > 20 && ok == lines.len()).then_some(()))
+        },
+    )?;
     let under_out = dir.join("underlay.log");
     let stop = dir.join("stop");
     let client = Command::new("ip")
@@ -302,6 +356,14 @@ fn restarts_without_a_gap(lb_backend: &str, name_hint: &'static str) -> Result<(
         .with_context(|| format!("underlay client did not finish: {under}"))?;
     let lines = task_lines(&task_out, from, to)?;
     let counts = tally(&lines);
+    let remote = task_lines(&remote_out, from, to)?;
+    let remote_counts = tally(&remote);
+    eprintln!("task on h1 -> back (tasks on h3): {remote_counts:?}");
+    let remote_bad: Vec<String> = remote
+        .iter()
+        .filter(|(_, _, r)| r != "ok")
+        .map(|(t, k, r)| format!("{t:.3} {k} {r}"))
+        .collect();
     eprintln!(
         "underlay -> h3:8080: {calls} calls, {failed} failed; task on h3: {counts:?}; \
          restarts at {restarted_at:?}"
@@ -342,6 +404,14 @@ fn restarts_without_a_gap(lb_backend: &str, name_hint: &'static str) -> Result<(
         "the task on h3 saw {} failed VIP calls or wrong DNS answers:\n{}",
         bad.len(),
         bad.join("\n")
+    );
+    ensure!(
+        remote.len() > 200 && remote_bad.is_empty(),
+        "the task on h1 saw {} of {} failed calls or lookups of back, whose tasks run on h3 \
+         (restarts at {restarted_at:?}):\n{}",
+        remote_bad.len(),
+        remote.len(),
+        remote_bad.join("\n")
     );
     // A query in flight when the daemon is killed is lost (one per restart at most).
     ensure!(

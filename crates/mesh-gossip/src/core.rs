@@ -30,9 +30,11 @@
 //! synced once per join ([`Event::Synced`], [`Core::synced`]).
 //!
 //! Only members that declared a network are sent its records; records of networks this node
-//! does not have are dropped. When foca declares a node down, or it leaves a network, or it
-//! restarts (a newer generation), its entries are removed here, and [`Core`] refuses late
-//! copies of them; a node that comes back re-announces its entries with newer versions. A
+//! does not have are dropped. When foca declares a node down, or it leaves a network, its
+//! entries are removed here, and [`Core`] refuses late copies of them; a node that comes
+//! back re-announces its entries with newer versions. When a node restarts (a newer
+//! generation shows up), late copies of its earlier entries are refused at once, but the
+//! entries held stay until its new run re-announces them or [`RESTART_GRACE`] has passed. A
 //! node that declares *every* member down was most likely the one cut off: it starts foca
 //! over rather than spread those verdicts when the partition heals.
 
@@ -73,6 +75,12 @@ const FOLLOW_UP: Duration = Duration::from_secs(1);
 const FORGET_DOWN_AFTER: Duration = Duration::from_secs(3600);
 /// Housekeeping (reaping) period.
 const REAP_EVERY: Duration = Duration::from_secs(1);
+/// A restarted node's entries from before the restart are kept this long after its new
+/// generation shows up (or until it re-announces them, its new copies replacing the old):
+/// its tasks most likely kept running, and dropping their records at once would empty its
+/// services' VIPs and names cluster-wide until the re-announcement arrives. What it does not
+/// re-announce by then goes. A node declared down loses its entries at once, as before.
+pub const RESTART_GRACE: Duration = Duration::from_secs(5);
 /// A network joined this long ago counts as synced even if no exchange covering it
 /// completed (push-pulls failing while UDP works): its tables then rest on eager push and
 /// table gossip alone. Several push-pulls are tried before (the one on joining, the
@@ -156,6 +164,12 @@ pub struct Core {
     /// Push this node's membership records to every live node after the next push-pull
     /// answer (set by [`Core::join`]).
     announce_after_sync: bool,
+    /// Restarted nodes whose entries of earlier generations go at the given time:
+    /// `(node, new generation, when)` (see [`RESTART_GRACE`]).
+    retiring: Vec<(Arc<str>, u64, Duration)>,
+    /// Live entries an earlier run of this node wrote, seen in peers' copies and not held
+    /// by this run: network -> (table, key) -> highest version seen.
+    earlier_runs: BTreeMap<String, BTreeMap<(String, String), u64>>,
     /// Networks joined whose tables are not synced yet, with when they were joined.
     unsynced: BTreeMap<String, Duration>,
     /// Whether a push-pull answer from another node was merged: this node has seen the
@@ -209,6 +223,8 @@ impl Core {
             follow_ups: Vec::new(),
             foca_size: 1,
             announce_after_sync: false,
+            retiring: Vec::new(),
+            earlier_runs: BTreeMap::new(),
             unsynced: BTreeMap::new(),
             exchanged: false,
             rng,
@@ -280,6 +296,7 @@ impl Core {
                 self.out.push(Output::Event(ev));
             }
             self.unsynced.remove(n);
+            self.earlier_runs.remove(n);
             self.queues.remove(n);
             self.eager.remove(n);
             self.follow_ups.retain(|(_, f)| f != n);
@@ -361,6 +378,33 @@ impl Core {
             self.finish(now);
         }
         Ok(())
+    }
+
+    /// Retracts, in `networks`, the entries an earlier run of this node wrote that this run
+    /// does not hold (seen in peers' copies since the restart): a tombstone each, so the
+    /// other nodes drop them now rather than after [`RESTART_GRACE`]. The consumer calls it
+    /// once it has re-announced everything it keeps (a key it puts later is simply written
+    /// again). Returns how many were retracted.
+    pub fn retract_earlier_runs(&mut self, networks: &BTreeSet<String>, now: Duration) -> usize {
+        let mut n = 0;
+        for net in networks {
+            let Some(keys) = self.earlier_runs.remove(net) else {
+                continue;
+            };
+            for ((table, key), seen) in keys {
+                if self
+                    .store
+                    .retract_earlier_run(net, &table, &key, seen, now)
+                    .is_some()
+                {
+                    tracing::debug!(network = %net, table, key, "retracted an earlier run's entry");
+                    self.publish(net, &table, &key);
+                    n += 1;
+                }
+            }
+        }
+        self.finish(now);
+        n
     }
 
     /// Updates waiting in the table gossip queues (all networks).
@@ -612,14 +656,14 @@ impl Core {
 
     fn on_notification(&mut self, n: OwnedNotification<NodeId>, now: Duration) {
         match n {
-            OwnedNotification::MemberUp(id) => self.member_up(id),
+            OwnedNotification::MemberUp(id) => self.member_up(id, now),
             OwnedNotification::MemberDown(id) => self.member_down(id, now),
             OwnedNotification::Rename(old, new) => {
                 if old.name != new.name {
                     self.member_down(old, now);
                 }
                 if self.foca.iter_members().any(|m| m.id() == &new) {
-                    self.member_up(new);
+                    self.member_up(new, now);
                 }
             }
             OwnedNotification::Rejoin(new) => self.rejoined(new, now),
@@ -632,7 +676,7 @@ impl Core {
         }
     }
 
-    fn member_up(&mut self, id: NodeId) {
+    fn member_up(&mut self, id: NodeId, now: Duration) {
         if id.name == self.me.name {
             return;
         }
@@ -662,11 +706,12 @@ impl Core {
         self.nodes_epoch += 1;
         let (gen, addr) = (self.nodes[&name].id.gen, self.nodes[&name].id.addr);
         if restarted {
-            // The previous run's entries and networks are gone with it; it re-announces.
+            // The previous run's networks are gone with it, and late copies of its entries
+            // are refused; it re-announces. Its entries stay until then (a restarted daemon's
+            // tasks kept running: see `RESTART_GRACE`).
             self.shared.lock().set_min_gen(&name, gen);
-            for ev in self.store.drop_owner(&name, None, |g| g < gen) {
-                self.out.push(Output::Event(ev));
-            }
+            self.retiring.retain(|(n, _, _)| *n != name);
+            self.retiring.push((name.clone(), gen, now + RESTART_GRACE));
         } else if known && !was_alive {
             // Came back without restarting (a healed partition): exchange tables soon.
             self.heal.push(name.clone());
@@ -841,7 +886,26 @@ impl Core {
     /// after writing it: those entries were removed here and must stay out.
     fn accept(&mut self, network: &str, u: WireUpdate, relay: bool, now: Duration) {
         if u.owner == self.me.name {
-            return; // this node is the authority on its own entries
+            // This node is the authority on its own entries. A live one written by an
+            // earlier run (before a restart) that this run does not hold is noted: the
+            // consumer retracts it once it has re-announced what it keeps
+            // (`retract_earlier_runs`), so the other nodes need not wait for the grace.
+            if u.owner_gen < self.me.gen && u.value.is_some() && self.store.has_network(network) {
+                let held = self
+                    .store
+                    .get(network, &u.table, &u.key)
+                    .is_some_and(|r| r.owner_gen == self.me.gen);
+                if !held {
+                    let v = self
+                        .earlier_runs
+                        .entry(network.to_string())
+                        .or_default()
+                        .entry((u.table.clone(), u.key.clone()))
+                        .or_insert(0);
+                    *v = (*v).max(u.version);
+                }
+            }
+            return;
         }
         if let Some(info) = self.nodes.get(&u.owner) {
             let g = info.id.gen;
@@ -956,6 +1020,17 @@ impl Core {
 
     /// One gossip round: table queues, seed retries, heal and periodic push-pull, reaping.
     fn tick(&mut self, now: Duration) {
+        if self.retiring.iter().any(|(_, _, at)| *at <= now) {
+            let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
+                .into_iter()
+                .partition(|(_, _, at)| *at <= now);
+            self.retiring = keep;
+            for (name, gen, _) in due {
+                for ev in self.store.drop_owner(&name, None, |g| g < gen) {
+                    self.out.push(Output::Event(ev));
+                }
+            }
+        }
         let networks: Vec<String> = self.queues.keys().cloned().collect();
         for network in networks {
             self.gossip_network(&network);
@@ -1343,6 +1418,100 @@ mod tests {
             a.handle_udp(p, t);
         }
         assert_eq!(a.entries("net", "t").len(), 1);
+    }
+
+    #[test]
+    fn a_restarted_owner_s_entries_stay_until_it_re_announces_them_or_the_grace_ends() {
+        // Seen in the churn soak: b's meshd is SIGKILLed and restarted within a second; its
+        // tasks kept running, but the other nodes dropped its records the moment its new
+        // generation showed up, so its services' VIPs and names were empty cluster-wide
+        // until the re-announcement arrived (refused calls and failed lookups).
+        let (mut a, mut b) = pair();
+        let t = Duration::from_secs(1);
+        b.put("net", "t", "kept", b"old".to_vec(), t).unwrap();
+        b.put("net", "t", "gone", b"old".to_vec(), t).unwrap();
+        deliver(&mut b, &mut a, t);
+        assert_eq!(a.entries("net", "t").len(), 2);
+        let _ = a.take_outputs();
+        let mut b2 = core("b", 2, 3);
+        b2.set_networks(&BTreeSet::from(["net".to_string()]), t);
+        b2.join(&[a.id().addr], t);
+        let resp = a.handle_sync_request(b2.sync_request(), t);
+        b2.handle_sync_response(resp, t);
+        deliver(&mut b2, &mut a, t);
+        assert!(
+            a.members().iter().any(|m| m.id == "b" && m.alive),
+            "a knows b's new run"
+        );
+        let deleted = |outs: Vec<Output>| -> Vec<String> {
+            outs.into_iter()
+                .filter_map(|o| match o {
+                    Output::Event(Event::Delete { key, .. }) => Some(key),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(deleted(a.take_outputs()).is_empty());
+        assert_eq!(a.entries("net", "t").len(), 2, "kept while b re-announces");
+        // b's new run re-announces one of them: its copy replaces the old one.
+        b2.put("net", "t", "kept", b"new".to_vec(), t).unwrap();
+        deliver(&mut b2, &mut a, t);
+        let mut e = a.entries("net", "t");
+        e.sort_by(|x, y| x.key.cmp(&y.key));
+        assert_eq!(e.len(), 2);
+        assert_eq!(
+            (e[1].key.as_str(), e[1].value.as_slice()),
+            ("kept", &b"new"[..])
+        );
+        a.poll(t + RESTART_GRACE / 2);
+        assert!(deleted(a.take_outputs()).is_empty());
+        // What it did not re-announce goes when the grace ends.
+        a.poll(t + RESTART_GRACE + Duration::from_secs(1));
+        assert_eq!(deleted(a.take_outputs()), vec!["gone".to_string()]);
+        let e = a.entries("net", "t");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].value, b"new");
+    }
+
+    #[test]
+    fn a_restarted_node_retracts_what_its_earlier_run_wrote_and_it_did_not() {
+        // Seen in the churn soak: b's task was stopped while b's daemon was away; the
+        // restarted daemon never announced it again, so the others kept calling it (a dead
+        // address) until the grace ended. The restarted node sees its earlier run's entries
+        // in the push-pull and retracts those it did not write again.
+        let (mut a, mut b) = pair();
+        let t = Duration::from_secs(1);
+        b.put("net", "t", "kept", b"old".to_vec(), t).unwrap();
+        b.put("net", "t", "stopped", b"old".to_vec(), t).unwrap();
+        deliver(&mut b, &mut a, t);
+        assert_eq!(a.entries("net", "t").len(), 2);
+        let mut b2 = core("b", 2, 3);
+        b2.set_networks(&BTreeSet::from(["net".to_string()]), t);
+        b2.join(&[a.id().addr], t);
+        let resp = a.handle_sync_request(b2.sync_request(), t);
+        b2.handle_sync_response(resp, t);
+        deliver(&mut b2, &mut a, t);
+        b2.put("net", "t", "kept", b"new".to_vec(), t).unwrap();
+        // b's own entries never show in its tables, whichever run wrote them.
+        assert_eq!(b2.entries("net", "t").len(), 1);
+        deliver(&mut b2, &mut a, t);
+        let _ = a.take_outputs();
+        assert_eq!(
+            b2.retract_earlier_runs(&BTreeSet::from(["net".to_string()]), t),
+            1
+        );
+        deliver(&mut b2, &mut a, t);
+        let e = a.entries("net", "t");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(
+            (e[0].key.as_str(), e[0].value.as_slice()),
+            ("kept", &b"new"[..])
+        );
+        // Nothing left to retract.
+        assert_eq!(
+            b2.retract_earlier_runs(&BTreeSet::from(["net".to_string()]), t),
+            0
+        );
     }
 
     #[test]

@@ -59,6 +59,10 @@ enum Command {
     },
     Members(oneshot::Sender<Vec<Member>>),
     Synced(oneshot::Sender<BTreeSet<String>>),
+    RetractEarlierRuns {
+        networks: BTreeSet<String>,
+        reply: oneshot::Sender<usize>,
+    },
     SyncRequest {
         state: SyncState,
         reply: oneshot::Sender<SyncState>,
@@ -307,6 +311,17 @@ impl Gossip {
     /// records); [`Event::Synced`] reports the change, after the changes it brought.
     pub async fn synced(&self) -> BTreeSet<String> {
         self.call(Command::Synced).await.unwrap_or_default()
+    }
+
+    /// Retracts, in `networks`, the entries an earlier run of this node (before a restart)
+    /// wrote and this run has not written again, as seen in peers' copies: the other nodes
+    /// drop them now instead of after [`crate::core::RESTART_GRACE`]. Call it once
+    /// everything this run keeps has been put (a key put later is simply written again).
+    /// Returns how many were retracted.
+    pub async fn retract_earlier_runs(&self, networks: BTreeSet<String>) -> usize {
+        self.call(|reply| Command::RetractEarlierRuns { networks, reply })
+            .await
+            .unwrap_or_default()
     }
 
     /// Changes as they happen (see [`Event`]).
@@ -583,6 +598,9 @@ impl Actor {
             }
             Command::Synced(reply) => {
                 let _ = reply.send(self.core.synced());
+            }
+            Command::RetractEarlierRuns { networks, reply } => {
+                let _ = reply.send(self.core.retract_earlier_runs(&networks, now));
             }
             Command::SyncRequest { state, reply } => {
                 let resp = self.core.handle_sync_request(state, now);

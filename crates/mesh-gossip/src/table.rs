@@ -233,6 +233,38 @@ impl Store {
         Ok(Some((record, ev)))
     }
 
+    /// Retracts an entry an earlier run of this node wrote (seen at `seen_version` in a
+    /// peer's copy) and this run does not hold: a tombstone of this run, newer than the copy.
+    /// `None` (nothing written) if this run holds a live entry under the key.
+    pub fn retract_earlier_run(
+        &mut self,
+        network: &str,
+        table: &str,
+        key: &str,
+        seen_version: u64,
+        now: Duration,
+    ) -> Option<Record> {
+        let k = (table.to_string(), key.to_string());
+        if self
+            .nets
+            .get(network)?
+            .get(&k)
+            .is_some_and(|r| !r.is_tombstone())
+        {
+            return None;
+        }
+        self.observe(seen_version);
+        let record = Record {
+            value: None,
+            version: self.tick(),
+            owner: self.me.clone(),
+            owner_gen: self.my_gen,
+            deleted_at: Some(now),
+        };
+        self.nets.get_mut(network)?.insert(k, record.clone());
+        Some(record)
+    }
+
     /// Merges a received record. Tombstones get `deleted_at = now`. A newer version with the
     /// same value and owner is stored without an event.
     pub fn merge(

@@ -323,7 +323,11 @@ impl Agent {
                             "stopping a task the leader no longer assigns here"
                         );
                         st.busy.insert(id.clone());
-                        to_stop.push((id.clone(), false, false));
+                        // Drained like any stopping task: its endpoints are not in the
+                        // plane's running set (a restarted daemon's plane retracts what its
+                        // previous run announced), and the other nodes need the moment to
+                        // stop sending it calls.
+                        to_stop.push((id.clone(), false, true));
                     }
                     // Its final report is still to be sent: kept until the leader has it.
                     RunState::Exited { .. } if st.outbox.contains_key(id) => {}

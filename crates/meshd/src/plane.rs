@@ -50,6 +50,10 @@ pub const ENDPOINTS: &str = "endpoints";
 pub const INGRESS_SANDBOX: &str = "ingress_sbox";
 /// Where the node's ingress attachment is kept across restarts (under `--exec-root`).
 const INGRESS_STATE: &str = "ingress.json";
+/// The networks (ID and VNI) this daemon announced endpoints on, kept for the next run: a
+/// restarted daemon rejoins them in gossip, even those it has no task on any more, to learn
+/// and retract what its previous run announced there (`Gossip::retract_earlier_runs`).
+const GOSSIP_NETWORKS: &str = "gossip-networks.json";
 /// The sandbox's interface on the ingress overlay.
 const SANDBOX_IF: &str = "eth0";
 /// How long a withdrawn endpoint's ARP/FDB entries outlive its record. DNS and the
@@ -127,6 +131,9 @@ struct Running {
     /// Remote endpoints programmed by the last pass, and withdrawn ones kept for [`LINGER`].
     last_remotes: BTreeMap<u32, BTreeSet<Remote>>,
     lingering: BTreeMap<(u32, Ipv4Addr), (Remote, std::time::Instant)>,
+    /// Whether this run has published its endpoints once (the running set the agent gave):
+    /// only then can what an earlier run published and this one did not be retracted.
+    local_published: bool,
     stop: watch::Sender<bool>,
 }
 
@@ -203,6 +210,13 @@ struct Inner {
     ready: watch::Sender<bool>,
     /// Serializes `set_local` passes in order.
     local_seq: tokio::sync::Mutex<()>,
+    /// Networks a previous run announced endpoints on whose earlier entries this run has not
+    /// retracted yet (ID -> VNI, from [`GOSSIP_NETWORKS`]): joined in gossip, and their
+    /// overlay namespaces kept (a task being stopped there is still reachable while the
+    /// other nodes drop it), until the network is synced and its earlier entries retracted.
+    earlier: Mutex<BTreeMap<String, u32>>,
+    /// What [`GOSSIP_NETWORKS`] holds now.
+    saved_networks: Mutex<BTreeMap<String, u32>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -259,7 +273,13 @@ impl Plane {
         let ingress_att = std::fs::read(cfg.exec_root.join(INGRESS_STATE))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
+        let earlier: BTreeMap<String, u32> = std::fs::read(cfg.exec_root.join(GOSSIP_NETWORKS))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         Ok(Plane(Arc::new(Inner {
+            earlier: Mutex::new(earlier.clone()),
+            saved_networks: Mutex::new(earlier),
             cfg,
             dns: mesh_dns::Dns::new(upstreams),
             lb,
@@ -369,11 +389,6 @@ impl Inner {
             .filter(|p| **p != me.addr)
             .map(|p| SocketAddr::from((*p, self.cfg.gossip_port)))
             .collect();
-        if !peers.is_empty() {
-            if let Err(e) = gossip.join(&peers).await {
-                warn!("gossip join: {e}");
-            }
-        }
         let (stop, stop_rx) = watch::channel(false);
         let overlay = Arc::new(overlay);
         *self.running.lock().await = Some(Running {
@@ -385,6 +400,7 @@ impl Inner {
             ingress: None,
             last_remotes: BTreeMap::new(),
             lingering: BTreeMap::new(),
+            local_published: false,
             stop,
         });
         self.ready.send_replace(true);
@@ -396,6 +412,15 @@ impl Inner {
             let _seq = self.local_seq.lock().await;
             if let Err(e) = self.set_local_async(running).await {
                 warn!("network plane: {e}");
+            }
+        }
+        // Joined once this node's networks and endpoints are set (above, when the agent
+        // already said what runs here, as after a restart): the join's push-pull then
+        // carries them, and brings back the networks' tables at once (synced), with what
+        // an earlier run announced, so that is retracted without waiting.
+        if !peers.is_empty() {
+            if let Err(e) = gossip.join(&peers).await {
+                warn!("gossip join: {e}");
             }
         }
         tokio::spawn(self.clone().events_loop(events, stop_rx));
@@ -465,6 +490,9 @@ impl Inner {
         // by now. The others may hold only this node's own records (a restarted daemon, a
         // network just joined): what they do not list is not taken away (module docs).
         let synced = r.gossip.synced().await;
+        if r.local_published {
+            self.retract_earlier_runs(r, synced.clone()).await;
+        }
         let mut by_vni: BTreeMap<u32, NetworkDesc> = BTreeMap::new();
         let mut remotes: BTreeMap<u32, BTreeSet<Remote>> = BTreeMap::new();
         let mut records = mesh_dns::Records::new();
@@ -776,6 +804,43 @@ impl Inner {
         Ok(())
     }
 
+    /// Retracts in the synced networks what a previous run of this daemon announced and this
+    /// one did not (see `Gossip::retract_earlier_runs`); a previous run's network synced so
+    /// is no longer kept for it.
+    async fn retract_earlier_runs(&self, r: &Running, synced: BTreeSet<String>) {
+        let n = r.gossip.retract_earlier_runs(synced.clone()).await;
+        if n > 0 {
+            info!(
+                endpoints = n,
+                "retracted endpoints a previous run announced and this one did not"
+            );
+        }
+        lock(&self.earlier).retain(|id, _| !synced.contains(id));
+    }
+
+    /// Records the networks this run announces endpoints on (see [`GOSSIP_NETWORKS`]).
+    fn save_networks(&self, nets: BTreeMap<String, u32>) {
+        let mut saved = lock(&self.saved_networks);
+        if *saved == nets {
+            return;
+        }
+        let path = self.cfg.exec_root.join(GOSSIP_NETWORKS);
+        let res = serde_json::to_vec(&nets)
+            .map_err(std::io::Error::other)
+            .and_then(|b| {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, b)?;
+                std::fs::rename(&tmp, &path)
+            });
+        match res {
+            Ok(()) => *saved = nets,
+            Err(e) => warn!(
+                "cannot record the networks announced in {}: {e}",
+                path.display()
+            ),
+        }
+    }
+
     /// Plumbs the running tasks that have no plumbing yet (adopted by a restarted daemon)
     /// and whose networks are all synced; `true` if it plumbed any.
     fn plumb_adopted(&self, synced: &BTreeSet<String>) -> bool {
@@ -949,8 +1014,15 @@ impl Inner {
                 }
             }
         }
-        let ids: BTreeSet<String> = networks.keys().cloned().collect();
+        // A previous run's networks stay joined until its entries there are retracted.
+        let earlier = lock(&self.earlier).clone();
+        let mut ids: BTreeSet<String> = networks.keys().cloned().collect();
+        ids.extend(earlier.keys().cloned());
         r.gossip.set_networks(ids).await;
+        let mut announced: BTreeMap<String, u32> =
+            networks.iter().map(|(id, d)| (id.clone(), d.vni)).collect();
+        announced.extend(earlier.iter().map(|(id, v)| (id.clone(), *v)));
+        self.save_networks(announced);
         for ((net, key), rec) in &want {
             if r.published.get(&(net.clone(), key.clone())) != Some(rec) {
                 let v = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
@@ -967,7 +1039,14 @@ impl Inner {
             }
         }
         r.published = want;
+        r.local_published = true;
+        // What an earlier run of this daemon announced and this one did not again is gone
+        // (a task stopped while it was away): retracted now rather than after the others'
+        // grace (`mesh_gossip::core::RESTART_GRACE`).
+        let synced = r.gossip.synced().await;
+        self.retract_earlier_runs(r, synced).await;
         let mut keep: BTreeSet<u32> = networks.values().map(|d| d.vni).collect();
+        keep.extend(earlier.values());
         let mut ids: BTreeSet<String> = running.iter().map(|(t, _)| t.id.clone()).collect();
         {
             // A task still in its start gate keeps its networks and gateway port (bounded:
@@ -1080,6 +1159,9 @@ impl NetworkPlane for Plane {
             }
             *lock(&this.ingress_att) = None;
             let _ = std::fs::remove_file(this.cfg.exec_root.join(INGRESS_STATE));
+            let _ = std::fs::remove_file(this.cfg.exec_root.join(GOSSIP_NETWORKS));
+            lock(&this.saved_networks).clear();
+            lock(&this.earlier).clear();
         });
     }
 
