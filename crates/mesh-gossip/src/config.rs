@@ -47,6 +47,12 @@ pub struct Config {
     /// This run's generation; `None` takes the wall clock (microseconds), so a restarted
     /// node always comes back newer.
     pub generation: Option<u64>,
+    /// The nodes this one is going to join ([`crate::Gossip::join`]), when it knows them at
+    /// start. Until it has exchanged state with the cluster, a network it declares does not
+    /// count as having no other member (it cannot know that yet), so networks declared
+    /// before the join (a restarted node re-announcing what runs on it) stay unsynced until
+    /// a member's tables arrive. Empty: a node given nobody to join is alone until it joins.
+    pub seeds: Vec<SocketAddr>,
 }
 
 /// The default gossip port (Docker Swarm's).
@@ -72,6 +78,7 @@ impl Config {
             probe_timeout: Duration::from_millis(200),
             suspicion_mult: 4,
             generation: None,
+            seeds: Vec::new(),
         }
     }
 

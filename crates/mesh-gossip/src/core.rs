@@ -199,6 +199,12 @@ impl Core {
         );
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x005e_ed0f_c0de);
         let first_pp = cfg.push_pull_interval.mul_f64(rng.random_range(0.5..1.0));
+        let mut seeds: Vec<SocketAddr> = Vec::new();
+        for s in cfg.seeds.iter().filter(|s| **s != me.addr) {
+            if !seeds.contains(s) {
+                seeds.push(*s);
+            }
+        }
         Core {
             tag: wire::cluster_tag(&cfg.cluster_key),
             store: Store::new(me.name.clone(), gen, gen),
@@ -218,7 +224,7 @@ impl Core {
             next_reap: now + REAP_EVERY,
             next_seed_announce: now,
             next_heal: now,
-            seeds: Vec::new(),
+            seeds,
             heal: Vec::new(),
             follow_ups: Vec::new(),
             foca_size: 1,
@@ -1631,6 +1637,32 @@ mod tests {
         assert!(b.synced().is_empty());
         b.poll(SYNC_GIVE_UP + Duration::from_secs(1));
         assert_eq!(b.synced(), nets(&["net"]));
+    }
+
+    #[test]
+    fn networks_declared_before_the_join_wait_for_a_member_s_tables() {
+        // A restarted daemon declares the networks of the tasks it adopts as soon as its
+        // gossip runs, possibly before it joins its peers: knowing it will join them, it must
+        // not take its own few records for a network nobody else has (its DNS would answer
+        // from them and its routing mesh drop the ports others publish).
+        let t = Duration::ZERO;
+        let mut a = core("a", 1, 1);
+        a.set_networks(&nets(&["net"]), t);
+        a.put("net", "t", "ka", b"a".to_vec(), t).unwrap();
+        let _ = a.take_outputs();
+        let addr: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let mut cfg = Config::new("b", addr, "test");
+        cfg.generation = Some(2);
+        cfg.seeds = vec![a.id().addr, addr];
+        let mut b = Core::new(cfg, Arc::new(Counters::default()), t, 2);
+        b.set_networks(&nets(&["net"]), t);
+        b.poll(Duration::from_millis(100));
+        assert!(b.synced().is_empty(), "synced before joining anyone");
+        b.join(&[a.id().addr], t);
+        let resp = a.handle_sync_request(b.sync_request(), t);
+        b.handle_sync_response(resp, t);
+        assert_eq!(b.synced(), nets(&["net"]));
+        assert_eq!(b.entries("net", "t").len(), 1);
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! [`Event::Synced`]): after joining a network (a restarted node rejoins all of its own), a
 //! node holds little more than its own records until its first push-pull with a member of
 //! the network has been merged. A consumer that removes what the tables do not list (a data
-//! plane) waits for that before removing anything.
+//! plane) waits for that before removing anything. A node given nobody to join counts as
+//! alone; one that declares networks before it joins its peers names them in
+//! [`Config::seeds`], or its networks would count as having no other member.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), mesh_gossip::GossipError> {

@@ -373,22 +373,23 @@ impl Inner {
         .await
         .map_err(|e| e.to_string())?;
         let addr = SocketAddr::from((me.addr, self.cfg.gossip_port));
-        let gossip = Gossip::start(GossipConfig::new(
-            me.node_id.clone(),
-            addr,
-            me.cluster_id.clone(),
-        ))
-        .await
-        .map_err(|e| format!("cannot start gossip on {addr}: {e}"))?;
-        // Subscribed before anything can change: the push-pulls that fill the tables land
-        // while the first pass runs, and their events must still trigger a pass.
-        let events = gossip.subscribe();
         let peers: Vec<SocketAddr> = me
             .peers
             .iter()
             .filter(|p| **p != me.addr)
             .map(|p| SocketAddr::from((*p, self.cfg.gossip_port)))
             .collect();
+        let mut gcfg = GossipConfig::new(me.node_id.clone(), addr, me.cluster_id.clone());
+        // The networks of the tasks a restarted daemon adopts are declared before the join
+        // below (and the agent may declare more meanwhile): told whom it will join, gossip
+        // does not take them for networks nobody else has before their tables arrived.
+        gcfg.seeds = peers.clone();
+        let gossip = Gossip::start(gcfg)
+            .await
+            .map_err(|e| format!("cannot start gossip on {addr}: {e}"))?;
+        // Subscribed before anything can change: the push-pulls that fill the tables land
+        // while the first pass runs, and their events must still trigger a pass.
+        let events = gossip.subscribe();
         let (stop, stop_rx) = watch::channel(false);
         let overlay = Arc::new(overlay);
         *self.running.lock().await = Some(Running {
