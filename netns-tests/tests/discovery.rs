@@ -472,3 +472,74 @@ fn a_draining_task_keeps_names_and_vips_until_it_stops() -> Result<()> {
     );
     Ok(())
 }
+
+/// A task started on a node that has no other task on its network (the first after a drain
+/// or a scale-up) must resolve and call the network's services from its first instruction:
+/// its node joins the network's tables in the task's start gate and waits for them, rather
+/// than after the task runs (the soak saw such a task's first lookups fail for ~100 ms).
+#[test]
+fn a_task_new_to_its_node_s_network_resolves_names_at_once() -> Result<()> {
+    let Some(c) = swarm_cluster(2, 1, "disc-firstlookup")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    let h2 = c.host(2);
+    h1.mesh_ok(&["network", "create", "appnet"])?;
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "appnet",
+        "--constraint",
+        "node.hostname==h1",
+        "--",
+        "python3",
+        "-c",
+        SERVER,
+    ])?;
+    let vip = vip_of(h1, "web")?;
+    running_ips(&c, "web", "appnet", 1)?;
+    // The first lookup and call the task makes, written to OUT; then it idles.
+    let first = "import socket,sys\ntry:\n a=socket.gethostbyname('web');c=socket.create_connection((a,8080),timeout=2);b=c.recv(100);c.close();r='ok %s %s'%(a,b.decode())\nexcept Exception as e:\n r='fail %r'%(e,)\nopen(sys.argv[1]+'.tmp','w').write(r)\nimport os;os.rename(sys.argv[1]+'.tmp',sys.argv[1])\nimport time;time.sleep(1000)";
+    for round in 0..3 {
+        // h2 has no task on appnet now: it is not in the network's tables.
+        wait_for(
+            "h2 to hold no VIP of appnet",
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || Ok((!h2.mesh_ok(&["vip", "ls"])?.contains(&vip)).then_some(())),
+        )?;
+        let out = c.base_dir().join(format!("first-{round}.txt"));
+        let out_s = out.to_string_lossy().to_string();
+        h1.mesh_ok(&[
+            "service",
+            "create",
+            "--name",
+            "first",
+            "--network",
+            "appnet",
+            "--constraint",
+            "node.hostname==h2",
+            "--",
+            "python3",
+            "-c",
+            first,
+            &out_s,
+        ])?;
+        let got = wait_for(
+            "the new task on h2 to report its first call",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || Ok(std::fs::read_to_string(&out).ok()),
+        )?;
+        eprintln!("round {round}: {got}");
+        ensure!(
+            got.starts_with(&format!("ok {vip} ")),
+            "round {round}: the first lookup and call of a task new to h2's appnet: {got}"
+        );
+        h1.mesh_ok(&["service", "rm", "first"])?;
+    }
+    Ok(())
+}

@@ -288,11 +288,14 @@ impl Overlay {
     }
 
     /// Makes the ARP and FDB entries of every network match `remotes` (by VNI): adds what is
-    /// missing, replaces what changed, deletes what is gone. Networks not given are untouched.
+    /// missing, replaces what changed, deletes what is gone, except in the networks of
+    /// `add_only` (whose list may be partial), where nothing is deleted. Networks not given
+    /// are untouched.
     pub async fn sync_remotes(
         &self,
         networks: &BTreeMap<u32, NetworkDesc>,
         remotes: &BTreeMap<u32, BTreeSet<Remote>>,
+        add_only: &BTreeSet<u32>,
     ) -> Result<(), OverlayError> {
         let mut held = self.lock.lock().await;
         let live: BTreeMap<String, u32> = self.holders.list().into_iter().collect();
@@ -304,7 +307,11 @@ impl Overlay {
             if !live.contains_key(&ns_name(*vni)) {
                 continue;
             }
-            if let Err(e) = self.sync_network(&mut held, *vni, net, remotes).await {
+            let add_only = add_only.contains(vni);
+            if let Err(e) = self
+                .sync_network(&mut held, *vni, net, remotes, add_only)
+                .await
+            {
                 first_err.get_or_insert(e);
             }
         }
@@ -317,6 +324,7 @@ impl Overlay {
         vni: u32,
         net: &NetworkDesc,
         remotes: &BTreeMap<u32, BTreeSet<Remote>>,
+        add_only: bool,
     ) -> Result<(), OverlayError> {
         let vni = &vni;
         {
@@ -341,6 +349,9 @@ impl Overlay {
                 if !have_fdb.contains(&(r.mac, r.vtep)) {
                     h.set_fdb(&vx, r.mac, r.vtep).await?;
                 }
+            }
+            if add_only {
+                return Ok(());
             }
             let want_fdb: BTreeSet<([u8; 6], Ipv4Addr)> =
                 want.values().map(|r| (r.mac, r.vtep)).collect();

@@ -22,7 +22,9 @@
 //! daemon (or one that just joined a network) sees little more than its own records, while
 //! the kernel still holds what the previous daemon programmed from the whole picture. Until
 //! a network is synced, a pass therefore adds but does not remove: the overlay's ARP/FDB
-//! entries of that network are left alone, its VIPs keep the backends they had, the routing
+//! entries of that network are added for what the tables list and none is deleted (a task
+//! just started on a network new to this node is in the others' VIPs at once, and its
+//! replies need a way back), its VIPs keep the backends they had, the routing
 //! mesh keeps the ports (and backends) in force while the ingress network is unsynced, and
 //! an adopted task gets its DNS sockets and balancer table only once all its networks are
 //! synced (until then its queries are refused, as while the daemon was down, rather than
@@ -197,9 +199,10 @@ struct Inner {
     net_names: Mutex<BTreeMap<String, String>>,
     /// Whether withdrawn endpoints linger (the events loop then wakes up sooner).
     lingering: std::sync::atomic::AtomicBool,
-    /// Tasks in their start gate, not yet in the running set, with their networks' VNIs: the
-    /// garbage collection of namespaces and gateway ports must not take them away.
-    attaching: Mutex<BTreeMap<String, (std::time::Instant, BTreeSet<u32>)>>,
+    /// Tasks in their start gate, not yet in the running set, with their networks: the
+    /// garbage collection of namespaces and gateway ports must not take them away, and the
+    /// networks stay joined in gossip.
+    attaching: Mutex<BTreeMap<String, Attaching>>,
     rt: tokio::runtime::Handle,
     /// A single-threaded runtime on a thread of its own serving the DNS sockets: a query
     /// flood stays off the Raft and gossip workers, and one thread answers more queries per
@@ -218,6 +221,17 @@ struct Inner {
     /// What [`GOSSIP_NETWORKS`] holds now.
     saved_networks: Mutex<BTreeMap<String, u32>>,
 }
+
+/// A task in its start gate (see `Inner::attaching`).
+struct Attaching {
+    since: std::time::Instant,
+    vnis: BTreeSet<u32>,
+    networks: BTreeMap<String, NetworkDesc>,
+}
+
+/// How long a task's start waits for its node's tables of a network new to the node to be
+/// synced (a push-pull with a member: milliseconds, unless the members it tries are down).
+const ATTACH_SYNC: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -499,10 +513,14 @@ impl Inner {
         let mut records = mesh_dns::Records::new();
         let mut lb: BTreeMap<Ipv4Addr, VipInfo> = BTreeMap::new();
         let mut published: BTreeMap<(Protocol, u16), (u16, Vec<Ipv4Addr>)> = BTreeMap::new();
+        // Unsynced networks get the ARP/FDB entries of what their tables list, and lose
+        // none: a task just started on a network new to this node is in the others' VIPs
+        // at once, and its replies need a way back before the first push-pull completes.
+        let mut add_only: BTreeSet<u32> = BTreeSet::new();
         for (id, desc) in &r.networks {
-            if synced.contains(id) {
-                // Unsynced: the overlay's ARP/FDB entries stay as they are.
-                by_vni.insert(desc.vni, desc.clone());
+            by_vni.insert(desc.vni, desc.clone());
+            if !synced.contains(id) {
+                add_only.insert(desc.vni);
             }
             let mut set = BTreeSet::new();
             let is_ingress = ingress_id.as_deref() == Some(id.as_str());
@@ -566,9 +584,7 @@ impl Inner {
                 };
                 records.put_service(id, service);
             }
-            if synced.contains(id) {
-                remotes.insert(desc.vni, set);
-            }
+            remotes.insert(desc.vni, set);
         }
         // The VIPs of unsynced networks keep the backends they had (a task namespace adopted
         // after a restart keeps its table until its networks are synced: `plumb_adopted`).
@@ -644,7 +660,7 @@ impl Inner {
             std::sync::atomic::Ordering::Relaxed,
         );
         r.overlay
-            .sync_remotes(&by_vni, &remotes)
+            .sync_remotes(&by_vni, &remotes, &add_only)
             .await
             .map_err(|e| e.to_string())
     }
@@ -1015,6 +1031,15 @@ impl Inner {
                 }
             }
         }
+        // A task in its start gate keeps its networks joined (see `attach`).
+        for a in lock(&self.attaching)
+            .values()
+            .filter(|a| a.since.elapsed() < Duration::from_secs(60))
+        {
+            for (id, d) in &a.networks {
+                networks.entry(id.clone()).or_insert_with(|| d.clone());
+            }
+        }
         // A previous run's networks stay joined until its entries there are retracted.
         let earlier = lock(&self.earlier).clone();
         let mut ids: BTreeSet<String> = networks.keys().cloned().collect();
@@ -1053,11 +1078,10 @@ impl Inner {
             // A task still in its start gate keeps its networks and gateway port (bounded:
             // a start that never completes is forgotten after a minute).
             let mut attaching = lock(&self.attaching);
-            attaching.retain(|id, (since, _)| {
-                !ids.contains(id) && since.elapsed() < Duration::from_secs(60)
-            });
-            for (id, (_, vnis)) in attaching.iter() {
-                keep.extend(vnis);
+            attaching
+                .retain(|id, a| !ids.contains(id) && a.since.elapsed() < Duration::from_secs(60));
+            for (id, a) in attaching.iter() {
+                keep.extend(&a.vnis);
                 ids.insert(id.clone());
             }
             // Tasks withdrawn but still draining keep their plumbing until they exit.
@@ -1176,14 +1200,32 @@ impl NetworkPlane for Plane {
                 .map_err(|_| "the network plane stopped".to_string())?;
             // Registered under the plane's lock, so no garbage collection pass that started
             // without this task can run between the registration and the plumbing.
-            let overlay = {
-                let guard = this.running.lock().await;
-                let vnis = task.networks.iter().map(|a| a.vni).collect();
-                lock(&this.attaching).insert(task.id.clone(), (std::time::Instant::now(), vnis));
-                guard
-                    .as_ref()
-                    .map(|r| r.overlay.clone())
-                    .ok_or("the network plane stopped")?
+            // The task's networks are joined in gossip now, so that its node's tables of a
+            // network new to it are complete before the task's command runs (below).
+            let (overlay, gossip, joined) = {
+                let mut guard = this.running.lock().await;
+                let r = guard.as_mut().ok_or("the network plane stopped")?;
+                let networks: BTreeMap<String, NetworkDesc> = task
+                    .networks
+                    .iter()
+                    .filter_map(|a| Some((a.network_id.clone(), attachment_desc(a)?.1)))
+                    .collect();
+                let joined = networks.keys().any(|id| !r.networks.contains_key(id));
+                for (id, d) in &networks {
+                    r.networks.entry(id.clone()).or_insert_with(|| d.clone());
+                }
+                lock(&this.attaching).insert(
+                    task.id.clone(),
+                    Attaching {
+                        since: std::time::Instant::now(),
+                        vnis: task.networks.iter().map(|a| a.vni).collect(),
+                        networks,
+                    },
+                );
+                let mut ids: BTreeSet<String> = r.networks.keys().cloned().collect();
+                ids.extend(lock(&this.earlier).keys().cloned());
+                r.gossip.set_networks(ids).await;
+                (r.overlay.clone(), r.gossip.clone(), joined)
             };
             for (i, a) in task.networks.iter().enumerate() {
                 let (ip, network) =
@@ -1207,6 +1249,32 @@ impl NetworkPlane for Plane {
                     .attach_gateway(pid, &task.id, &format!("eth{}", task.networks.len()))
                     .await
                     .map_err(|e| format!("gateway bridge: {e}"))?;
+            }
+            // A network new to this node: its tables are filled by the first push-pull with
+            // a member; until then the task's names would not resolve and its VIPs would
+            // have no backends, so its command waits for that (bounded), and for a pass
+            // that programs what the tables hold.
+            let want: BTreeSet<&String> = task.networks.iter().map(|a| &a.network_id).collect();
+            if joined {
+                let t0 = std::time::Instant::now();
+                loop {
+                    let synced = gossip.synced().await;
+                    if want.iter().all(|id| synced.contains(*id)) {
+                        break;
+                    }
+                    if t0.elapsed() >= ATTACH_SYNC {
+                        warn!(
+                            task = task.id,
+                            "the task's networks are not synced after {ATTACH_SYNC:?}; starting it anyway"
+                        );
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                debug!(task = task.id, waited = ?t0.elapsed(), "networks joined for a task");
+                if let Err(e) = this.sync_remotes().await {
+                    warn!("data plane sync: {e}");
+                }
             }
             tokio::task::block_in_place(|| this.plumb_task(task, pid))?;
             // The task's VIPs on lo, and its balancer table, before its command runs.
