@@ -65,26 +65,45 @@ const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_
 
 /// A client: `python3 -c CLIENT DIR NAME TARGETS`; TARGETS are `host` or `host:port`
 /// (default port 8080), called in turn. Lines: `F <start> <end> <name> <target> <error>` per
-/// failure, `O <time> <name> <target> <successes since the last O line>` every second.
+/// failure, `O <time> <name> <target> <successes since the last O line>` every second. A
+/// failed call's error ends in `@BACKEND` when the namespace's conntrack table tells which
+/// task address the VIP sent it to (nftables balancer).
 const CLIENT: &str = r#"import socket,sys,time,os
 d,name,targets=sys.argv[1],sys.argv[2],sys.argv[3].split(',')
 out=open(os.path.join(d,name+'.log'),'a',buffering=1)
 ok={t:0 for t in targets}
 last=time.time()
+def backend(c):
+ try:
+  lp=' sport=%d '%c.getsockname()[1]
+  for l in open('/proc/net/nf_conntrack'):
+   if lp in l and ' dport=' in l:
+    src=[w[4:] for w in l.split() if w.startswith('src=')]
+    if len(src)>1:
+     return '@'+src[1]
+ except Exception:
+  pass
+ return ''
 while True:
  for t in targets:
   h,_,p=t.partition(':')
   t0=time.time()
+  c=None
   try:
-   c=socket.create_connection((h,int(p or 8080)),timeout=2)
+   a=socket.getaddrinfo(h,int(p or 8080),socket.AF_INET,socket.SOCK_STREAM)[0][4]
+   c=socket.socket()
    c.settimeout(2)
+   c.connect(a)
    b=c.recv(200)
-   c.close()
    if not b:
     raise OSError('empty answer')
    ok[t]+=1
   except Exception as e:
-   out.write('F %.3f %.3f %s %s %s\n'%(t0,time.time(),name,t,repr(e).replace(' ','_')))
+   be=backend(c) if c else ''
+   out.write('F %.3f %.3f %s %s %s%s\n'%(t0,time.time(),name,t,repr(e).replace(' ','_'),be))
+  finally:
+   if c:
+    c.close()
  now=time.time()
  if now-last>=1:
   for t in targets:
@@ -560,6 +579,9 @@ struct Shared {
     bad_tasks: BTreeSet<String>,
     /// When the checker first saw each task of `web`/`api` running: (service, unix time).
     first_running: BTreeMap<String, (&'static str, f64)>,
+    /// Each task address seen running: (task and node, first and last time seen running),
+    /// to name the backend of a failed call.
+    addresses: BTreeMap<String, (String, f64, f64)>,
     lags: Vec<Duration>,
     lag_violations: Vec<String>,
     polls: u64,
@@ -1169,6 +1191,13 @@ fn check_once(
             let t = now();
             for r in rows.iter().filter(|r| r.running()) {
                 sh.first_running.entry(r.id.clone()).or_insert((svc, t));
+                if let Some(ip) = ips.get(&r.id) {
+                    let e = sh
+                        .addresses
+                        .entry(ip.clone())
+                        .or_insert_with(|| (format!("{} on {}", r.name, r.node), t, t));
+                    e.2 = t;
+                }
             }
         }
         store.insert(svc, store_view(m, svc, &ips)?);
@@ -1342,8 +1371,20 @@ fn collect_calls(dir: &Path, shared: &Mutex<Shared>, report: &mut Report) -> Res
                     } else if starting {
                         report.refused_starting += 1;
                     } else {
+                        // The backend the call went to, if known, and when it ran.
+                        let backend = err
+                            .rsplit_once('@')
+                            .and_then(|(_, ip)| {
+                                let (task, first, last) = sh.addresses.get(ip)?;
+                                Some(format!(
+                                    " ({ip} is {task}, seen running from +{:.2}s to +{:.2}s)",
+                                    first - from,
+                                    last - from
+                                ))
+                            })
+                            .unwrap_or_default();
                         report.failed_clean.push(format!(
-                            "{name} -> {target} at +{:.2}s ({:.2}s): {err}",
+                            "{name} -> {target} at +{:.2}s ({:.2}s): {err}{backend}",
                             t0 - from,
                             t1 - t0
                         ));
