@@ -23,7 +23,10 @@
 //! # Invariants, counted in the [`Report`]
 //!
 //! 1. No failed call outside a disruption window. A window is opened by a SIGKILLed daemon
-//!    (for the clients on that node only: the embedded DNS lives in `meshd`) or a cut link
+//!    (for the clients on that node: the embedded DNS lives in `meshd`; for calls into that
+//!    node's routing mesh, which cannot follow changes made elsewhere while its daemon is
+//!    away; and for calls the client's balancer sent to a task on that node, where the
+//!    conntrack table tells) or a cut link
 //!    (for every client: calls in flight to the cut node's tasks, and new ones until gossip
 //!    declares it dead), from the event until the node is back plus a settle time. Failures
 //!    inside windows are counted separately.
@@ -66,21 +69,22 @@ const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_
 /// A client: `python3 -c CLIENT DIR NAME TARGETS`; TARGETS are `host` or `host:port`
 /// (default port 8080), called in turn. Lines: `F <start> <end> <name> <target> <error>` per
 /// failure, `O <time> <name> <target> <successes since the last O line>` every second. A
-/// failed call's error ends in `@BACKEND` when the namespace's conntrack table tells which
-/// task address the VIP sent it to (nftables balancer).
+/// failed call's error ends in `@BACKEND,STATE` when the namespace's conntrack table tells
+/// which task address the VIP sent it to (nftables balancer), and the entry's TCP state.
 const CLIENT: &str = r#"import socket,sys,time,os
 d,name,targets=sys.argv[1],sys.argv[2],sys.argv[3].split(',')
 out=open(os.path.join(d,name+'.log'),'a',buffering=1)
 ok={t:0 for t in targets}
 last=time.time()
-def backend(c):
+def backend(c,a):
  try:
-  lp=' sport=%d '%c.getsockname()[1]
+  lp=' dst=%s sport=%d dport=%d '%(a[0],c.getsockname()[1],a[1])
   for l in open('/proc/net/nf_conntrack'):
-   if lp in l and ' dport=' in l:
-    src=[w[4:] for w in l.split() if w.startswith('src=')]
+   if lp in l:
+    w=l.split()
+    src=[x[4:] for x in w if x.startswith('src=')]
     if len(src)>1:
-     return '@'+src[1]
+     return '@'+src[1]+','+(w[5] if len(w)>5 else '?')
  except Exception:
   pass
  return ''
@@ -99,7 +103,7 @@ while True:
     raise OSError('empty answer')
    ok[t]+=1
   except Exception as e:
-   be=backend(c) if c else ''
+   be=backend(c,a) if c else ''
    out.write('F %.3f %.3f %s %s %s%s\n'%(t0,time.time(),name,t,repr(e).replace(' ','_'),be))
   finally:
    if c:
@@ -555,13 +559,18 @@ fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A disruption window: `[from, to]` (unix seconds); `host` set: only the clients on that
-/// host are affected (a killed daemon), else every client (a cut link).
+/// A disruption window: `[from, to]` (unix seconds); `host` set (a killed daemon): the
+/// clients on that host are affected, and calls into that host (through its routing mesh,
+/// whose kernel state cannot follow what changes elsewhere while its daemon is away, or to
+/// a backend task on it, when the client's balancer tells which it chose); else (a cut
+/// link) every client.
 #[derive(Clone, Debug)]
 struct Window {
     from: f64,
     to: f64,
     host: Option<String>,
+    /// The host's underlay address (with `host`).
+    addr: Option<String>,
 }
 
 #[derive(Default)]
@@ -579,9 +588,9 @@ struct Shared {
     bad_tasks: BTreeSet<String>,
     /// When the checker first saw each task of `web`/`api` running: (service, unix time).
     first_running: BTreeMap<String, (&'static str, f64)>,
-    /// Each task address seen running: (task and node, first and last time seen running),
-    /// to name the backend of a failed call.
-    addresses: BTreeMap<String, (String, f64, f64)>,
+    /// Each task address seen running: (task, node, first and last time seen running), to
+    /// name the backend of a failed call.
+    addresses: BTreeMap<String, (String, String, f64, f64)>,
     lags: Vec<Duration>,
     lag_violations: Vec<String>,
     polls: u64,
@@ -1025,6 +1034,7 @@ fn apply(c: &Cluster, op: &Op, shared: &Mutex<Shared>, gen: &mut u64) -> Result<
                 from,
                 to,
                 host: Some(h.name().to_string()),
+                addr: Some(h.addr().to_string()),
             });
             res?;
         }
@@ -1047,6 +1057,7 @@ fn apply(c: &Cluster, op: &Op, shared: &Mutex<Shared>, gen: &mut u64) -> Result<
                 from,
                 to,
                 host: None,
+                addr: None,
             });
             res?;
         }
@@ -1195,8 +1206,8 @@ fn check_once(
                     let e = sh
                         .addresses
                         .entry(ip.clone())
-                        .or_insert_with(|| (format!("{} on {}", r.name, r.node), t, t));
-                    e.2 = t;
+                        .or_insert_with(|| (r.name.clone(), r.node.clone(), t, t));
+                    e.3 = t;
                 }
             }
         }
@@ -1352,8 +1363,23 @@ fn collect_calls(dir: &Path, shared: &Mutex<Shared>, report: &mut Report) -> Res
                     if t1 < from || t0 > to {
                         continue;
                     }
+                    // The node of the backend the balancer chose, when known.
+                    let backend_node = err
+                        .rsplit_once('@')
+                        .and_then(|(_, b)| sh.addresses.get(b.split(',').next()?))
+                        .map(|a| a.1.as_str());
                     let excused = sh.windows.iter().any(|w| {
-                        t1 >= w.from && t0 <= w.to && w.host.as_ref().is_none_or(|h| h == name)
+                        t1 >= w.from
+                            && t0 <= w.to
+                            && match (&w.host, &w.addr) {
+                                (None, _) => true,
+                                (Some(h), addr) => {
+                                    h == name
+                                        || backend_node == Some(h.as_str())
+                                        || (*name == "ingress"
+                                            && addr.as_deref() == target.split(':').next())
+                                }
+                            }
                     });
                     // The underlay client calls `web` through the routing mesh.
                     let svc = if *name == "ingress" {
@@ -1374,10 +1400,11 @@ fn collect_calls(dir: &Path, shared: &Mutex<Shared>, report: &mut Report) -> Res
                         // The backend the call went to, if known, and when it ran.
                         let backend = err
                             .rsplit_once('@')
-                            .and_then(|(_, ip)| {
-                                let (task, first, last) = sh.addresses.get(ip)?;
+                            .and_then(|(_, b)| {
+                                let ip = b.split(',').next()?;
+                                let (task, node, first, last) = sh.addresses.get(ip)?;
                                 Some(format!(
-                                    " ({ip} is {task}, seen running from +{:.2}s to +{:.2}s)",
+                                    " ({ip} is {task} on {node}, seen running from +{:.2}s to +{:.2}s)",
                                     first - from,
                                     last - from
                                 ))
