@@ -70,17 +70,28 @@ const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_
 /// (default port 8080), called in turn. Lines: `F <start> <end> <name> <target> <error>` per
 /// failure, `O <time> <name> <target> <successes since the last O line>` every second. A
 /// failed call's error ends in `@BACKEND,STATE` when the namespace's conntrack table tells
-/// which task address the VIP sent it to (nftables balancer), and the entry's TCP state.
-const CLIENT: &str = r#"import socket,sys,time,os
+/// which task address the VIP sent it to (nftables balancer), and the entry's TCP state; for
+/// the routing mesh, the optional SANDBOXES (`ADDR=PATH,...`, the holder records of the
+/// nodes' ingress sandboxes) let it read the chosen backend from the sandbox's table.
+const CLIENT: &str = r#"import socket,sys,time,os,json
 d,name,targets=sys.argv[1],sys.argv[2],sys.argv[3].split(',')
+sbox=dict(x.split('=',1) for x in sys.argv[4].split(',')) if len(sys.argv)>4 else {}
 out=open(os.path.join(d,name+'.log'),'a',buffering=1)
 ok={t:0 for t in targets}
 last=time.time()
 def backend(c,a):
  try:
-  lp=' dst=%s sport=%d dport=%d '%(a[0],c.getsockname()[1],a[1])
-  for l in open('/proc/net/nf_conntrack'):
-   if lp in l:
+  me,port=c.getsockname()
+  if a[0] in sbox:
+   f='/proc/%d/net/nf_conntrack'%json.load(open(sbox[a[0]]))['pid']
+   lp=' sport=%d dport=%d '%(port,a[1])
+   ok=lambda l:lp in l and ' src=%s '%me in l
+  else:
+   f='/proc/net/nf_conntrack'
+   lp=' dst=%s sport=%d dport=%d '%(a[0],port,a[1])
+   ok=lambda l:lp in l
+  for l in open(f):
+   if ok(l):
     w=l.split()
     src=[x[4:] for x in w if x.startswith('src=')]
     if len(src)>1:
@@ -821,9 +832,20 @@ impl Drop for KillOnDrop {
 }
 
 fn spawn_underlay_client(c: &Cluster, dir: &str, targets: &str) -> Result<Child> {
+    let sandboxes: Vec<String> = c
+        .hosts()
+        .iter()
+        .map(|h| {
+            format!(
+                "{}={}",
+                h.addr(),
+                h.exec_root().join("netns/ingress_sbox.json").display()
+            )
+        })
+        .collect();
     Command::new("ip")
         .args(["netns", "exec", c.underlay_ns(), "python3", "-c", CLIENT])
-        .args([dir, "ingress", targets])
+        .args([dir, "ingress", targets, &sandboxes.join(",")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1125,7 +1147,12 @@ fn store_view(h: &Host, svc: &str, ips: &BTreeMap<String, String>) -> Result<BTr
 
 /// Task ID -> address on [`NET`], and the nodes with a task on it, from `network inspect`.
 fn task_ips(h: &Host) -> Result<(BTreeMap<String, String>, BTreeSet<String>)> {
-    let v: Value = serde_json::from_str(&h.mesh_ok(&["network", "inspect", NET])?)?;
+    task_ips_on(h, NET)
+}
+
+/// Task ID -> address on `net`, and the nodes with a task on it.
+fn task_ips_on(h: &Host, net: &str) -> Result<(BTreeMap<String, String>, BTreeSet<String>)> {
+    let v: Value = serde_json::from_str(&h.mesh_ok(&["network", "inspect", net])?)?;
     let mut ips = BTreeMap::new();
     let mut nodes = BTreeSet::new();
     for t in v[0]["Tasks"].as_array().cloned().unwrap_or_default() {
@@ -1191,6 +1218,8 @@ fn check_once(
 ) -> Result<()> {
     let m = manager(c, shared);
     let (ips, nodes) = task_ips(m)?;
+    // The tasks' ingress addresses too: the routing mesh's backends.
+    let ingress_ips = task_ips_on(m, "ingress").map(|r| r.0).unwrap_or_default();
     let mut store = BTreeMap::new();
     for svc in [WEB, API] {
         let rows = service_ps(m, svc)?;
@@ -1202,7 +1231,10 @@ fn check_once(
             let t = now();
             for r in rows.iter().filter(|r| r.running()) {
                 sh.first_running.entry(r.id.clone()).or_insert((svc, t));
-                if let Some(ip) = ips.get(&r.id) {
+                for ip in [ips.get(&r.id), ingress_ips.get(&r.id)]
+                    .into_iter()
+                    .flatten()
+                {
                     let e = sh
                         .addresses
                         .entry(ip.clone())
