@@ -132,6 +132,8 @@
 //! **Architecture Invariant**: knows ports, addresses and namespaces; nothing of services,
 //! tasks, gossip or Raft (the caller turns them into backends).
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;

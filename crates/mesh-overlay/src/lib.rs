@@ -26,6 +26,8 @@
 //! **Architecture Invariant**: knows links, addresses and neighbours; nothing of services,
 //! Raft or gossip (the caller turns gossip records into [`Remote`]s).
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

@@ -1,6 +1,8 @@
 //! `meshd`: the mesh daemon. Parses flags, sets up logging, takes the exec-root lock, serves
 //! the local API socket and wires it to the daemon core in `mesh-manager`.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod plane;
 mod runtime;
