@@ -30,6 +30,12 @@ use crate::state::{Assignment, Command, StoreState};
 /// Terminal tasks kept per slot, as `service ps` shows them (Docker keeps 5).
 pub const HISTORY_PER_SLOT: usize = 5;
 
+/// A replica on a drained node keeps running until its replacement elsewhere runs, so a
+/// drain interrupts no service (Swarm stops it at once: a single replica's service is down
+/// until the new one starts); it is stopped anyway this long after the replacement was
+/// created (a replacement no node can take, say).
+pub const DRAIN_HANDOVER_MS: u64 = 30_000;
+
 /// A slot: the slot number of a replicated service, or the node of a global one.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Key {
@@ -185,15 +191,25 @@ impl Orchestrator {
         }
         // Oldest first. A slot's later tasks never run an older version, and the version comes
         // first because `created_at` is in seconds: a start-first update stops the old task
-        // after its replacement was created, possibly within the same second.
+        // after its replacement was created, possibly within the same second. Within a version
+        // and a second, a task meant to run is the newer one (a drained replica is stopped
+        // after its replacement runs, so its status changes last).
         for hist in slots.values_mut() {
             hist.sort_by(|a, b| {
-                (a.version, a.created_at, a.status.timestamp_ms, &a.id).cmp(&(
-                    b.version,
-                    b.created_at,
-                    b.status.timestamp_ms,
-                    &b.id,
-                ))
+                (
+                    a.version,
+                    a.created_at,
+                    a.desired_state <= TaskState::Running,
+                    a.status.timestamp_ms,
+                    &a.id,
+                )
+                    .cmp(&(
+                        b.version,
+                        b.created_at,
+                        b.desired_state <= TaskState::Running,
+                        b.status.timestamp_ms,
+                        &b.id,
+                    ))
             });
         }
         let wanted: BTreeSet<Key> = match svc.spec.mode {
@@ -391,13 +407,22 @@ impl Orchestrator {
                 l.desired_state <= TaskState::Running && !settled
             });
             // Older tasks still meant to run are stopped (e.g. after a partition), except those a
-            // start-first update keeps serving until their replacement has settled.
+            // start-first update keeps serving until their replacement has settled, and those
+            // on a drained node, kept until their replacement runs (`DRAIN_HANDOVER` at most).
             for t in hist.iter().rev().skip(1) {
                 if t.desired_state > TaskState::Running {
                     continue;
                 }
-                let serving = t.status.state == TaskState::Running && !node_gone(t) && !drained(t);
-                let kept = serving && started_first.is_some_and(|l| l.version > t.version);
+                let serving = t.status.state == TaskState::Running && !node_gone(t);
+                let kept = serving
+                    && started_first.is_some_and(|l| {
+                        if drained(t) {
+                            l.status.state < TaskState::Running
+                                && now_ms.saturating_sub(l.created_at * 1000) < DRAIN_HANDOVER_MS
+                        } else {
+                            l.version > t.version
+                        }
+                    });
                 if !kept {
                     p.shutdown.insert(t.id.clone());
                 }
@@ -422,9 +447,12 @@ impl Orchestrator {
                     orphan(l, p);
                     p.create.push(self.new_task(svc, key, now_ms));
                 } else if !l.node_id.is_empty() && drained(l) {
-                    p.shutdown.insert(l.id.clone());
+                    // A replica is started elsewhere first; this one serves until that runs
+                    // (above). A global task has no elsewhere.
                     if matches!(key, Key::Slot(_)) {
                         p.create.push(self.new_task(svc, key, now_ms));
+                    } else {
+                        p.shutdown.insert(l.id.clone());
                     }
                 } else if l.version < svc.version && budget.replace > 0 {
                     match budget.order {
@@ -960,6 +988,31 @@ mod tests {
             vec!["n3".to_string()]
         );
         assert_eq!(w.running().len(), 3);
+    }
+
+    #[test]
+    fn a_drained_replica_serves_until_its_replacement_runs() {
+        let mut w = World::new(ServiceMode::Replicated { replicas: 1 });
+        w.settle();
+        let old = w.running()[0].clone();
+        w.s.nodes.get_mut(&old.node_id).unwrap().availability = Availability::Drain;
+        let mut steps = 0;
+        loop {
+            let changed = w.step();
+            steps += 1;
+            assert!(
+                !w.running().is_empty(),
+                "no task of the service running at step {steps}: {:#?}",
+                w.s.tasks
+            );
+            if !changed || steps > 50 {
+                break;
+            }
+        }
+        let now: Vec<&Task> = w.running();
+        assert_eq!(now.len(), 1);
+        assert_ne!(now[0].node_id, old.node_id, "moved off the drained node");
+        assert!(w.s.tasks[&old.id].desired_state > TaskState::Running);
     }
 
     #[test]
