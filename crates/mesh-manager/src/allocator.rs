@@ -7,9 +7,16 @@
 //! same snapshot (a `service create` racing an orchestrator pass, a leader change mid-plan).
 //! So the choice is only a proposal: [`StoreState::apply`](crate::state::StoreState::apply)
 //! settles it against the state the command actually applies to, through [`Used`], and a
-//! proposed address another holder has meanwhile taken is replaced by the lowest free one of
+//! proposed address another holder has meanwhile taken is replaced by the next free one of
 //! its network (deterministically: every manager applies the same log to the same state). No
 //! address is ever held twice.
+//!
+//! Addresses are given serially, as Swarm's allocator does for overlay networks: the next
+//! free address after the one given last on the network (`StoreState::ip_cursor`), wrapping
+//! around at the end of the subnet. An address released by a stopped task is thus not given
+//! to the next task at once: clients and nodes that still hold state for it (a conntrack
+//! entry, an ARP or bridge entry for the same MAC on its old node) would send the new task's
+//! traffic to the old place.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -44,6 +51,8 @@ impl std::fmt::Display for Holder {
 #[derive(Clone, Debug, Default)]
 pub struct Used {
     nets: BTreeMap<String, BTreeMap<Ipv4Addr, Holder>>,
+    /// The address given last, per network (see the module docs).
+    cursor: BTreeMap<String, Ipv4Addr>,
 }
 
 /// Whether a task's addresses are still held: it may run (not finished), or it was orphaned
@@ -55,7 +64,15 @@ fn holds_addresses(state: TaskState) -> bool {
 impl Used {
     /// What `s` holds.
     pub fn of(s: &StoreState) -> Used {
-        let mut u = Used::default();
+        let mut u = Used {
+            nets: BTreeMap::new(),
+            cursor: s
+                .ip_cursor
+                .iter()
+                .filter(|(id, _)| s.networks.contains_key(*id))
+                .map(|(id, ip)| (id.clone(), *ip))
+                .collect(),
+        };
         for svc in s.services.values() {
             for v in &svc.vips {
                 u.hold(&v.network_id, &v.addr, Holder::Vip(svc.id.clone()));
@@ -108,23 +125,37 @@ impl Used {
         }
     }
 
-    /// The lowest free address of `subnet` on the network.
-    fn next(&self, network_id: &str, subnet: &Cidr) -> Option<Ipv4Addr> {
-        ipam::next_addr(subnet, &self.addrs(network_id))
+    /// The addresses given last, per network (to keep in the state).
+    pub fn into_cursor(self) -> BTreeMap<String, Ipv4Addr> {
+        self.cursor
     }
 
-    /// Takes the lowest free address of network `network_id` for `who`.
+    /// The first free address of `subnet` on the network after the one given last.
+    fn next(&self, network_id: &str, subnet: &Cidr) -> Option<Ipv4Addr> {
+        ipam::next_addr_after(
+            subnet,
+            &self.addrs(network_id),
+            self.cursor.get(network_id).copied(),
+        )
+    }
+
+    /// Takes the next free address of network `network_id` for `who`.
     pub fn take_next(&mut self, network_id: &str, subnet: &Cidr, who: Holder) -> Option<Ipv4Addr> {
         let ip = self.next(network_id, subnet)?;
+        self.give(network_id, ip, who);
+        Some(ip)
+    }
+
+    fn give(&mut self, network_id: &str, ip: Ipv4Addr, who: Holder) {
         self.nets
             .entry(network_id.to_string())
             .or_default()
             .insert(ip, who);
-        Some(ip)
+        self.cursor.insert(network_id.to_string(), ip);
     }
 
     /// Settles a proposed address for `who`: kept if it lies in `subnet` and is free (or
-    /// already `who`'s), else the lowest free one. `None` when the network is full.
+    /// already `who`'s), else the next free one. `None` when the network is full.
     fn settle(
         &mut self,
         network_id: &str,
@@ -140,10 +171,7 @@ impl Used {
         });
         match ip {
             Some(ip) => {
-                self.nets
-                    .entry(network_id.to_string())
-                    .or_default()
-                    .insert(ip, who.clone());
+                self.give(network_id, ip, who.clone());
                 Some(ip)
             }
             None => self.take_next(network_id, subnet, who.clone()),
@@ -154,7 +182,7 @@ impl Used {
 /// Settles the addresses proposed for `who` (a new service's VIPs, a task's attachments
 /// given as network and address, a node's ingress address) against `s`, the state the
 /// command applies to: each keeps its address if it lies in its network and is free (or
-/// already `who`'s), else gets the lowest free one (see the module docs). An error, with
+/// already `who`'s), else gets the next free one (see the module docs). An error, with
 /// nothing taken, when a network is gone or full.
 pub fn settle(
     s: &StoreState,
@@ -181,7 +209,7 @@ pub fn settle(
     res
 }
 
-/// One virtual IP per network of a new service in VIP mode, proposed from `s`: the lowest
+/// One virtual IP per network of a new service in VIP mode, proposed from `s`: the next
 /// address nothing holds.
 pub fn propose_vips(
     s: &StoreState,
@@ -246,7 +274,7 @@ pub fn propose_task(
 }
 
 /// Every node without one gets an address on the ingress network for its ingress sandbox
-/// (the routing mesh answers on every node, with or without tasks), the lowest free one.
+/// (the routing mesh answers on every node, with or without tasks), the next free one.
 /// Proposed into `used`, so the same plan's task addresses do not take them again.
 pub fn propose_ingress_addrs(s: &StoreState, used: &mut Used) -> Vec<(String, String)> {
     let Some(net) = s.networks.values().find(|n| n.spec.ingress) else {
@@ -352,12 +380,73 @@ mod tests {
             .collect()
     }
 
+    /// A service removed and another created: the new one's addresses are not the ones just
+    /// released (given serially, see the module docs).
+    #[test]
+    fn a_released_address_is_not_given_again_at_once() {
+        let mut s = cluster_with_appnet();
+        let mut orch = Orchestrator::default();
+        let appnet = s.find_network("appnet").unwrap().id.clone();
+        let mut now = 1_000_000;
+        let mut run = |s: &mut StoreState, now: &mut u64| {
+            for _ in 0..20 {
+                *now += 100;
+                for c in orch.plan(s, *now) {
+                    let _ = s.apply(&c);
+                }
+            }
+        };
+        let held = |s: &StoreState| -> BTreeSet<Ipv4Addr> { Used::of(s).addrs(&appnet) };
+        let create = |s: &mut StoreState, name: &str| {
+            let spec = spec(name.into(), 2, None);
+            let r = s.apply(&Command::CreateService {
+                service: Service {
+                    id: name.into(),
+                    vips: propose_vips(s, &spec).unwrap(),
+                    spec,
+                    previous_spec: None,
+                    version: 1,
+                    created_at: 0,
+                    updated_at: 0,
+                    update_status: None,
+                },
+            });
+            assert_eq!(r, CommandResult::Ok);
+        };
+        create(&mut s, "one");
+        run(&mut s, &mut now);
+        let first = held(&s);
+        assert_eq!(first.len(), 3, "a VIP and two tasks: {first:?}");
+        assert_eq!(
+            s.apply(&Command::RemoveService { id: "one".into() }),
+            CommandResult::Ok
+        );
+        run(&mut s, &mut now);
+        create(&mut s, "two");
+        run(&mut s, &mut now);
+        // The new service's own addresses (the old tasks, never reported stopped here, still
+        // hold theirs; its VIP is released).
+        let mut second: BTreeSet<Ipv4Addr> = s.services["two"]
+            .vips
+            .iter()
+            .filter_map(|v| ipam::addr_of(&v.addr))
+            .collect();
+        for t in s.tasks.values().filter(|t| t.service_id == "two") {
+            second.extend(t.networks.iter().filter_map(|a| ipam::addr_of(&a.addr)));
+        }
+        assert_eq!(second.len(), 3, "{second:?}");
+        assert!(
+            first.is_disjoint(&second),
+            "released addresses given again at once: {first:?} then {second:?}"
+        );
+    }
+
     /// Service creates, node joins and orchestrator passes are all planned from the same
     /// (stale) snapshot, as a `service create` racing an orchestrator tick is, and committed in
     /// a varying order; services are removed now and then so addresses are reused. No address
     /// may ever be held twice, across more than 1,000 allocated tasks.
-    #[test]
-    fn creates_racing_the_orchestrator_never_duplicate_an_address() {
+    /// A cluster of one node with the ingress network and `appnet` (10.0.16.0/21).
+    fn cluster_with_appnet() -> StoreState {
         let mut s = StoreState::default();
         let cluster = Cluster {
             id: "c".into(),
@@ -387,6 +476,12 @@ mod tests {
         )
         .unwrap();
         ok(s.apply(&Command::CreateNetwork { network: appnet }));
+        s
+    }
+
+    #[test]
+    fn creates_racing_the_orchestrator_never_duplicate_an_address() {
+        let mut s = cluster_with_appnet();
         let mut orch = Orchestrator::default();
         let mut seed = 20261203u64;
         let mut rand = move |n: u64| {

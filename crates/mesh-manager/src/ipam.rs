@@ -109,6 +109,24 @@ pub fn next_addr(subnet: &Cidr, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
         .find(|ip| !used.contains(ip))
 }
 
+/// The first address of `subnet` after `after` (wrapping around to the lowest one after the
+/// gateway) that is not in `used`; the lowest one when `after` is `None` or outside.
+pub fn next_addr_after(
+    subnet: &Cidr,
+    used: &BTreeSet<Ipv4Addr>,
+    after: Option<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
+    let (lo, hi) = (subnet.first() + 2, subnet.last());
+    let start = after
+        .map(u32::from)
+        .filter(|a| (lo..hi).contains(a))
+        .map_or(lo, |a| a + 1);
+    (start..hi)
+        .chain(lo..start)
+        .map(Ipv4Addr::from)
+        .find(|ip| !used.contains(ip))
+}
+
 /// Splits `A.B.C.D/N` into the address.
 pub fn addr_of(cidr_addr: &str) -> Option<Ipv4Addr> {
     cidr_addr.split('/').next()?.parse().ok()
@@ -117,6 +135,22 @@ pub fn addr_of(cidr_addr: &str) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_given_serially_and_wrap_around() {
+        let n = Cidr::parse("10.0.1.0/29").unwrap(); // .2 to .6 usable
+        let ip = |d| Ipv4Addr::new(10, 0, 1, d);
+        let used: BTreeSet<Ipv4Addr> = [ip(3)].into();
+        assert_eq!(next_addr_after(&n, &used, None), Some(ip(2)));
+        // .2 was given last and released: .4 (.3 is held), not .2 again.
+        assert_eq!(next_addr_after(&n, &used, Some(ip(2))), Some(ip(4)));
+        // After the last usable one, around to the lowest free.
+        assert_eq!(next_addr_after(&n, &used, Some(ip(6))), Some(ip(2)));
+        let full: BTreeSet<Ipv4Addr> = (2..=6).map(ip).collect();
+        assert_eq!(next_addr_after(&n, &full, Some(ip(4))), None);
+        // A cursor outside the subnet counts as none.
+        assert_eq!(next_addr_after(&n, &used, Some(ip(200))), Some(ip(2)));
+    }
 
     #[test]
     fn parse_and_overlap() {

@@ -130,6 +130,10 @@ pub struct StoreState {
     pub tasks: BTreeMap<String, Task>,
     #[serde(default)]
     pub networks: BTreeMap<String, mesh_api::Network>,
+    /// Per network ID, the address given last: the next one is the first free after it
+    /// (see `allocator`), so a released address is not reused at once.
+    #[serde(default)]
+    pub ip_cursor: BTreeMap<String, std::net::Ipv4Addr>,
 }
 
 impl StoreState {
@@ -166,7 +170,7 @@ impl StoreState {
                 self.node_mut(id)?;
                 let addr = match self.networks.values().find(|n| n.spec.ingress) {
                     // Settled like every address (see `allocator`): taken meanwhile, the
-                    // node gets the lowest free one.
+                    // node gets the next free one.
                     Some(net) => {
                         let mut a = [mesh_api::VirtualIp {
                             network_id: net.id.clone(),
@@ -174,6 +178,7 @@ impl StoreState {
                         }];
                         let mut used = Used::of(self);
                         allocator::settle(self, &mut used, Holder::Node(id.clone()), &mut a)?;
+                        self.ip_cursor = used.into_cursor();
                         let [a] = a;
                         a.addr
                     }
@@ -253,6 +258,7 @@ impl StoreState {
                     Holder::Vip(service.id.clone()),
                     &mut service.vips,
                 )?;
+                self.ip_cursor = used.into_cursor();
                 self.services.insert(service.id.clone(), service);
             }
             Command::UpdateService { service } => {
@@ -276,6 +282,7 @@ impl StoreState {
                         Holder::Vip(service.id.clone()),
                         &mut service.vips,
                     )?;
+                    self.ip_cursor = used.into_cursor();
                 }
                 let cur = self
                     .services
@@ -364,6 +371,9 @@ impl StoreState {
                     if a.status.state >= t.status.state {
                         t.status = a.status.clone();
                     }
+                }
+                if let Some(u) = used {
+                    self.ip_cursor = u.into_cursor();
                 }
             }
             Command::SetDesiredState { ids, desired } => {
