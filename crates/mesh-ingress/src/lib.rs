@@ -277,6 +277,20 @@ pub(crate) struct Target {
     pub(crate) backends: Vec<Ipv4Addr>,
 }
 
+/// The backends of `before` that no entry of `after` has any more.
+fn lost_backends(before: &BTreeMap<Key, Target>, after: &BTreeMap<Key, Target>) -> Vec<Ipv4Addr> {
+    let kept: std::collections::BTreeSet<Ipv4Addr> = after
+        .values()
+        .flat_map(|t| t.backends.iter().copied())
+        .collect();
+    let lost: std::collections::BTreeSet<Ipv4Addr> = before
+        .values()
+        .flat_map(|t| t.backends.iter().copied())
+        .filter(|b| !kept.contains(b))
+        .collect();
+    lost.into_iter().collect()
+}
+
 /// A port published through the routing mesh, as programmed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PublishedEntry {
@@ -322,6 +336,9 @@ pub struct Ingress {
     /// A change failed midway: the two fields above may be wrong, so the next change reads
     /// the tables back first.
     dirty: bool,
+    /// The backends published, shared with the delayed deletion of stranded conntrack
+    /// entries.
+    holding: mesh_netlink::conntrack::Holding,
 }
 
 /// Runs blocking work (nft, /proc writes in a namespace) off the async runtime's workers.
@@ -481,6 +498,7 @@ impl Ingress {
             sbox: SandboxState::default(),
             hst: HostState::default(),
             dirty: true,
+            holding: Default::default(),
         };
         let ing = blocking(move || {
             let (hif, sif) = (&ing.cfg.host_if, &ing.cfg.sandbox_if);
@@ -625,9 +643,32 @@ impl Ingress {
             }
         }
         res?;
+        let lost = lost_backends(&self.published, &published);
         self.published = published;
         self.host_ports = host_ports;
+        self.forget_flows_to(lost);
         Ok(())
+    }
+
+    /// Asks for the deletion of the sandbox's conntrack entries that backends no longer
+    /// published would strand ([`mesh_netlink::conntrack::forget_backends_later`]): a
+    /// connect in progress toward a task that is gone keeps retransmitting to it otherwise,
+    /// until the client gives up.
+    fn forget_flows_to(&self, lost: Vec<Ipv4Addr>) {
+        *self.holding.lock().unwrap_or_else(|p| p.into_inner()) = self
+            .published
+            .values()
+            .flat_map(|t| t.backends.iter().copied())
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        match self.sandbox.try_clone() {
+            Ok(ns) => {
+                mesh_netlink::conntrack::forget_backends_later(ns, lost, self.holding.clone())
+            }
+            Err(e) => warn!(error = %e, "ingress: cannot forget flows toward removed backends"),
+        }
     }
 
     /// Publishes `proto/port` through the routing mesh to `target` on `backends` (any

@@ -110,6 +110,21 @@
 //! every 4096 commands (its line-editing history only grows), with `HOME=/dev/null` so it
 //! never writes a history file.
 //!
+//! # Lost backends
+//!
+//! conntrack keeps a connection's backend for the entry's life. A backend that leaves the
+//! table because it is gone (its node was cut off or killed) would keep the entries of
+//! connects in progress toward it: the client's retransmitted SYNs follow the entry to the
+//! dead address until `connect` gives up, and a UDP flow's next datagrams likewise (each
+//! one renews the entry). After every change that removes backends, the entries they
+//! strand are deleted over ctnetlink ([`mesh_netlink::conntrack::stranded`]: TCP without a
+//! reply yet, and UDP), so the next packet is translated afresh. They are deleted a second
+//! later ([`mesh_netlink::conntrack::STRANDED_AFTER`]), not at once: a backend withdrawn
+//! gracefully is still serving, and a reply in flight from it must find its entry (deleting
+//! at once lost UDP replies in `count_changes_under_load_lose_nothing`); by then its
+//! flows are answered, and only those of a backend really gone are still stranded.
+//! Answered TCP connections are kept: they end by themselves.
+//!
 //! # Adoption
 //!
 //! [`NftLb::new`] reads an existing table (`nft -j list table ip mesh_lb`, e.g. left by a
@@ -131,7 +146,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::process::{Child, ChildStderr, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mesh_netlink::{nft, Netns};
+use mesh_netlink::{conntrack, nft, Netns};
 use serde_json::{json, Value};
 
 use crate::{LbError, Proto, ServiceEntry};
@@ -189,6 +204,8 @@ pub struct NftLb {
     /// Backend slots the kernel still holds at or above their VIP's count, or of a removed
     /// VIP: the next transaction deletes them (see "Changes" in the module docs).
     lingering: BTreeSet<(Ipv4Addr, usize)>,
+    /// The backends held, shared with the delayed deletion of stranded conntrack entries.
+    holding: conntrack::Holding,
 }
 
 impl fmt::Debug for NftLb {
@@ -222,6 +239,7 @@ impl NftLb {
             use_session: true,
             stale: true,
             lingering: BTreeSet::new(),
+            holding: Default::default(),
         };
         lb.reload()?;
         Ok(lb)
@@ -318,9 +336,10 @@ impl NftLb {
         if self.stale {
             self.reload()?;
         }
+        let before = self.backends();
         match self.try_apply(&changes, false) {
-            Ok(()) => Ok(()),
-            Err(e @ LbError::TooManyBackends { .. }) => Err(e),
+            Ok(()) => {}
+            Err(e @ LbError::TooManyBackends { .. }) => return Err(e),
             Err(e) => {
                 tracing::warn!(
                     ns = self.ns.name(),
@@ -328,8 +347,35 @@ impl NftLb {
                     "nft load balancer: transaction failed; re-reading the table and retrying once"
                 );
                 self.reload()?;
-                self.try_apply(&changes, true)
+                self.try_apply(&changes, true)?;
             }
+        }
+        let after = self.backends();
+        let lost: Vec<Ipv4Addr> = before.difference(&after).copied().collect();
+        self.forget_flows_to(lost, after);
+        Ok(())
+    }
+
+    /// Every backend of every VIP held.
+    fn backends(&self) -> BTreeSet<Ipv4Addr> {
+        self.held.values().flatten().copied().collect()
+    }
+
+    /// Asks for the deletion of the conntrack entries that backends no longer in the table
+    /// would strand, [`mesh_netlink::conntrack::STRANDED_AFTER`] from now (see "Lost
+    /// backends" in the module docs).
+    fn forget_flows_to(&self, lost: Vec<Ipv4Addr>, now: BTreeSet<Ipv4Addr>) {
+        *self.holding.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        if lost.is_empty() {
+            return;
+        }
+        match self.ns.try_clone() {
+            Ok(ns) => conntrack::forget_backends_later(ns, lost, self.holding.clone()),
+            Err(e) => tracing::warn!(
+                ns = self.ns.name(),
+                error = %e,
+                "nft load balancer: cannot forget flows toward removed backends"
+            ),
         }
     }
 

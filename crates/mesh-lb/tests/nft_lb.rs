@@ -173,6 +173,22 @@ impl Lab {
         .map_err(|_| "netns thread panicked".to_string())?
     }
 
+    /// Like [`Lab::in_ns`], but returns at once: `f` runs on its own thread.
+    fn spawn_in_ns<T: Send + 'static>(
+        &self,
+        role: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<JoinHandle<Result<T, String>>, String> {
+        let ns = File::open(PathBuf::from("/run/netns").join(self.ns(role))).ctx("open netns")?;
+        Ok(std::thread::spawn(move || {
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("setns: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        }))
+    }
+
     /// In every server namespace: TCP on ports 80 and 8080 answering `<id>:<port> <peer ip>`
     /// and closing, UDP on 53 answering `<id> <peer ip> <payload>`.
     fn start_servers(&mut self) -> TestResult {
@@ -670,6 +686,91 @@ fn zero_backends_and_removal_refuse_fast() -> TestResult {
     Ok(())
 }
 
+/// A backend lost silently (its packets dropped, as when its node is cut off) and removed
+/// from the VIP strands nothing: a connect in progress toward it, and a UDP flow sending to
+/// it, reach the remaining backend at their next retransmission or datagram after the
+/// balancer deletes their conntrack entries (a second after the change). Without that, the SYNs follow the entry to the
+/// lost backend until `connect` gives up, and the UDP entry, renewed by every datagram,
+/// never expires.
+fn a_lost_backend_strands_no_flow() -> TestResult {
+    let mut lab = Lab::new()?;
+    lab.start_servers()?;
+    // s1 is lost: it drops everything that arrives.
+    lab.nft(
+        "s1",
+        &[
+            "add table ip lost; add chain ip lost input { type filter hook input priority 0; policy drop; }",
+        ],
+    )?;
+    let mut lb = lab.lb()?;
+    lb.set_service(VIP, &addrs(&["s1"])).ctx("set_service")?;
+
+    let tcp = lab.spawn_in_ns("c", || {
+        let t = Instant::now();
+        let r = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(6))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                Ok(answer)
+            });
+        (r.map_err(|e| e.to_string()), t.elapsed())
+    })?;
+    let udp = lab.spawn_in_ns("c", || -> Result<(String, Duration), String> {
+        let t = Instant::now();
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+        s.connect((VIP, 53)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 1500];
+        // One socket, one flow: a datagram every 200 ms for 6 s at most.
+        for i in 0..30 {
+            s.send(format!("ping{i}").as_bytes())
+                .map_err(|e| e.to_string())?;
+            if let Ok(n) = s.recv(&mut buf) {
+                return Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), t.elapsed()));
+            }
+        }
+        Err("no answer in 6 s".to_string())
+    })?;
+
+    // Both flows are toward s1 and unanswered; then s1 leaves the VIP for s2.
+    std::thread::sleep(Duration::from_millis(400));
+    let before = mesh_netlink::conntrack::list(&lab.netns("c")?).ctx("conntrack list")?;
+    let toward_s1 = before
+        .iter()
+        .filter(|f| f.dnat_to() == Some(ip_of("s1")))
+        .count();
+    ensure!(
+        toward_s1 >= 2,
+        "expected a TCP and a UDP entry toward s1, got {before:?}"
+    );
+    lb.set_service(VIP, &addrs(&["s2"])).ctx("set_service s2")?;
+    // They are deleted a second later (a backend merely leaving answers in that time).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let after = mesh_netlink::conntrack::list(&lab.netns("c")?).ctx("conntrack list")?;
+        if !after.iter().any(|f| f.dnat_to() == Some(ip_of("s1"))) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "entries toward s1 left after 3 s: {after:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (tcp, tcp_took) = tcp.join().map_err(|_| "tcp client panicked")??;
+    let tcp = tcp.map_err(|e| format!("connect in progress: {e} (after {tcp_took:?})"))?;
+    ensure!(tcp.starts_with("s2:80 "), "tcp answered by {tcp}");
+    let (udp, udp_took) = udp.join().map_err(|_| "udp client panicked")???;
+    ensure!(udp.starts_with("s2 "), "udp answered by {udp}");
+    println!(
+        "    connect in progress answered by s2 after {tcp_took:?}, udp flow after {udp_took:?}"
+    );
+    Ok(())
+}
+
 /// A second NftLb on the namespace adopts the table without writing (the listing, handles
 /// included, is unchanged) and carries on; a table with a foreign rule is repaired in one
 /// go, keeping the services; remove_table leaves no table and no nft process.
@@ -860,6 +961,10 @@ fn main() {
         (
             "zero_backends_and_removal_refuse_fast",
             zero_backends_and_removal_refuse_fast,
+        ),
+        (
+            "a_lost_backend_strands_no_flow",
+            a_lost_backend_strands_no_flow,
         ),
         ("adoption_and_remove_table", adoption_and_remove_table),
         (

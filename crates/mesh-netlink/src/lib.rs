@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod conntrack;
 mod error;
 mod handle;
 mod mac;
