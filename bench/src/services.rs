@@ -80,6 +80,7 @@ pub fn run(args: &[String]) -> Result<()> {
             rollback: Default::default(),
             resources: Default::default(),
             labels: Default::default(),
+            ..Default::default()
         };
         let t0 = Instant::now();
         call(&mut api, &Request::ServiceCreate { spec })?;

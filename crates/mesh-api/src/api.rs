@@ -105,6 +105,40 @@ pub enum Request {
         task: String,
         argv: Vec<String>,
     },
+    /// The images in this node's store.
+    ImageLs,
+    /// Pulls an image into this node's store.
+    ImagePull {
+        reference: String,
+    },
+    /// Removes an image from this node's store.
+    ImageRm {
+        reference: String,
+    },
+    /// Removes the images no task on this node uses, and their layers.
+    ImagePrune,
+    /// Loads a `docker save` or OCI archive (a path the daemon can read) into this node's
+    /// store.
+    ImageLoad {
+        path: String,
+    },
+}
+
+/// One row of `mesh image ls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSummary {
+    /// `docker.io/library/busybox` is shown `busybox`, as Docker does.
+    pub repository: String,
+    /// `<none>` when the image is known by digest only.
+    pub tag: String,
+    /// The manifest digest.
+    pub digest: String,
+    /// The config digest (Docker's image id).
+    pub id: String,
+    /// When the image was built, RFC 3339, as its config says (may be empty).
+    pub created: String,
+    /// Bytes of its layers, unpacked.
+    pub size: u64,
 }
 
 /// The changes of `service update`; `None`/empty fields stay as they are.
@@ -112,6 +146,9 @@ pub enum Request {
 pub struct ServiceUpdate {
     pub replicas: Option<u64>,
     pub command: Option<Vec<String>>,
+    /// `--image REF` (pinned by the daemon that takes the request, as at create).
+    #[serde(default)]
+    pub image: Option<String>,
     pub env_add: Vec<String>,
     pub env_rm: Vec<String>,
     pub constraint_add: Vec<String>,
@@ -147,6 +184,11 @@ impl Request {
                 | Request::Exec { .. }
                 | Request::VipLs
                 | Request::DnsQuery { .. }
+                | Request::ImageLs
+                | Request::ImagePull { .. }
+                | Request::ImageRm { .. }
+                | Request::ImagePrune
+                | Request::ImageLoad { .. }
         )
     }
 }

@@ -10,7 +10,7 @@ pub mod network;
 pub mod objects;
 pub mod service;
 
-pub use api::{ApiError, ErrorKind, Request, Response, ServiceUpdate};
+pub use api::{ApiError, ErrorKind, ImageSummary, Request, Response, ServiceUpdate};
 pub use network::*;
 pub use objects::*;
 pub use service::*;

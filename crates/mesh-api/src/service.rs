@@ -16,6 +16,13 @@ pub enum ServiceMode {
     Global,
 }
 
+impl Default for ServiceMode {
+    /// Docker's default: one replica.
+    fn default() -> Self {
+        ServiceMode::Replicated { replicas: 1 }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EndpointMode {
@@ -285,7 +292,7 @@ impl PortConfig {
 }
 
 /// What a user asks for in `service create` / `service update`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: String,
     pub mode: ServiceMode,
@@ -312,6 +319,167 @@ pub struct ServiceSpec {
     pub resources: Resources,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The image the tasks run, normalised (`docker.io/library/busybox:latest`) and pinned to
+    /// the digest its tag named at create or update when the registry answered
+    /// (`...@sha256:...`). Empty: `command` is a host process (a mesh extension).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
+    /// With an image: replaces its Entrypoint (`--entrypoint`); `command` replaces its Cmd.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// With an image: `--user` (`uid[:gid]` or `name[:group]`, from the image's files).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    /// With an image: `--workdir`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workdir: String,
+    /// `--hostname` (default: the task's short id).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
+    /// With an image: `--read-only` root filesystem.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// With an image: `--init`, a reaper as pid 1.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
+    /// With an image: `--mount`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+}
+
+/// An image reference as `docker service ls` and `service ps` show it: without its digest,
+/// and without Docker Hub's `docker.io/` and `library/` prefixes (`nginx:latest`).
+pub fn familiar_image(reference: &str) -> String {
+    let r = reference
+        .split_once('@')
+        .map_or(reference, |(name, _)| name);
+    let r = r.strip_prefix("docker.io/").unwrap_or(r);
+    let r = r
+        .strip_prefix("library/")
+        .filter(|rest| !rest.contains('/'))
+        .unwrap_or(r);
+    r.to_string()
+}
+
+/// What `--mount` attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountType {
+    /// A host path.
+    Bind,
+    /// A named volume, local to the node (created on first use, kept after the task).
+    Volume,
+    /// A fresh tmpfs.
+    Tmpfs,
+}
+
+/// One `--mount type=bind|volume|tmpfs,source=S,target=T[,readonly]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    #[serde(rename = "type")]
+    pub kind: MountType,
+    /// Host path (bind), volume name (volume; empty: an anonymous volume), nothing (tmpfs).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    pub target: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub readonly: bool,
+}
+
+impl Mount {
+    /// Parses Docker's `--mount` syntax: comma-separated `key=value` (`type`, `source`|`src`,
+    /// `target`|`destination`|`dst`, `readonly`|`ro` with an optional `=true|false|1|0`).
+    pub fn parse(s: &str) -> Result<Mount, String> {
+        let bad = |why: String| format!("invalid argument \"{s}\" for \"--mount\" flag: {why}");
+        let (mut kind, mut source, mut target, mut readonly) =
+            (MountType::Volume, None, None, false);
+        for field in s.split(',') {
+            let (k, v) = match field.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(v.trim())),
+                None => (field.trim(), None),
+            };
+            match (k.to_ascii_lowercase().as_str(), v) {
+                ("type", Some(v)) => {
+                    kind = match v {
+                        "bind" => MountType::Bind,
+                        "volume" => MountType::Volume,
+                        "tmpfs" => MountType::Tmpfs,
+                        _ => return Err(bad(format!("invalid mount type {v:?}"))),
+                    }
+                }
+                ("source" | "src", Some(v)) => source = Some(v.to_string()),
+                ("target" | "destination" | "dst", Some(v)) => target = Some(v.to_string()),
+                ("readonly" | "ro", None) => readonly = true,
+                ("readonly" | "ro", Some(v)) => {
+                    readonly = match v {
+                        "1" | "true" => true,
+                        "0" | "false" => false,
+                        _ => return Err(bad(format!("invalid value for {k}: {v}"))),
+                    }
+                }
+                ("", None) => {}
+                _ => return Err(bad(format!("unexpected key '{k}' in '{field}'"))),
+            }
+        }
+        let target = target.ok_or_else(|| bad("target is required".into()))?;
+        let source = source.unwrap_or_default();
+        let m = Mount {
+            kind,
+            source,
+            target,
+            readonly,
+        };
+        m.validate().map_err(bad)?;
+        Ok(m)
+    }
+
+    /// The checks of Docker's daemon: an absolute target, a bind's absolute source, a
+    /// volume name of `[A-Za-z0-9][A-Za-z0-9_.-]*`, no source for a tmpfs.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.target.starts_with('/') {
+            return Err(format!(
+                "invalid mount target, must be an absolute path: {}",
+                self.target
+            ));
+        }
+        match self.kind {
+            MountType::Bind => {
+                if self.source.is_empty() {
+                    return Err(
+                        "invalid mount config for type \"bind\": field Source must not be empty"
+                            .into(),
+                    );
+                }
+                if !self.source.starts_with('/') {
+                    return Err(format!("invalid mount config for type \"bind\": invalid mount path: '{}' mount path must be absolute", self.source));
+                }
+            }
+            MountType::Volume => {
+                let ok = self.source.is_empty()
+                    || (self
+                        .source
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphanumeric())
+                        && self
+                            .source
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)));
+                if !ok {
+                    return Err(format!("invalid mount config for type \"volume\": \"{}\" includes invalid characters for a local volume name, only \"[a-zA-Z0-9][a-zA-Z0-9_.-]\" are allowed", self.source));
+                }
+            }
+            MountType::Tmpfs => {
+                if !self.source.is_empty() {
+                    return Err(
+                        "invalid mount config for type \"tmpfs\": field Source must be empty"
+                            .into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where a rolling update stands.
@@ -461,6 +629,9 @@ pub struct TaskSummary {
     pub error: String,
     /// Whether an older task of the same slot (shown as `\_ name` in the table).
     pub is_history: bool,
+    /// The image the task runs, as `docker service ps` shows it (no digest).
+    #[serde(default)]
+    pub image: String,
 }
 
 /// One row of `mesh service ls`.
@@ -472,11 +643,69 @@ pub struct ServiceSummary {
     pub running: u64,
     pub desired: u64,
     pub ports: String,
+    /// The image, as `docker service ls` shows it (no digest); empty for a host process.
+    #[serde(default)]
+    pub image: String,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_are_shown_familiar() {
+        for (full, shown) in [
+            (
+                "docker.io/library/busybox:latest@sha256:abc",
+                "busybox:latest",
+            ),
+            ("docker.io/traefik/whoami:v1.10", "traefik/whoami:v1.10"),
+            ("127.0.0.1:5000/app:1@sha256:def", "127.0.0.1:5000/app:1"),
+            ("", ""),
+        ] {
+            assert_eq!(familiar_image(full), shown);
+        }
+    }
+
+    #[test]
+    fn mount_specs_parse_as_docker_s() {
+        let m = Mount::parse("type=bind,source=/srv/data,target=/data,readonly").unwrap();
+        assert_eq!(
+            m,
+            Mount {
+                kind: MountType::Bind,
+                source: "/srv/data".into(),
+                target: "/data".into(),
+                readonly: true
+            }
+        );
+        let m = Mount::parse("src=cache,dst=/cache").unwrap();
+        assert_eq!(
+            (m.kind, m.source.as_str(), m.readonly),
+            (MountType::Volume, "cache", false)
+        );
+        let m = Mount::parse("type=tmpfs,target=/tmp,ro=false").unwrap();
+        assert_eq!((m.kind, m.readonly), (MountType::Tmpfs, false));
+        for (bad, why) in [
+            ("type=bind,target=/x", "field Source must not be empty"),
+            (
+                "type=bind,source=rel,target=/x",
+                "mount path must be absolute",
+            ),
+            ("type=volume,source=a/b,target=/x", "invalid characters"),
+            ("type=tmpfs,source=x,target=/x", "Source must be empty"),
+            ("type=nfs,target=/x", "invalid mount type"),
+            ("source=/a", "target is required"),
+            ("type=bind,source=/a,target=x", "must be an absolute path"),
+            (
+                "type=bind,source=/a,target=/x,color=red",
+                "unexpected key 'color'",
+            ),
+        ] {
+            let e = Mount::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn publish_specs_parse() {

@@ -5,13 +5,14 @@
 
 mod client;
 mod discovery;
+mod image;
 mod network;
 mod service;
 mod table;
 
 use std::collections::BTreeMap;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use mesh_api::{Availability, NodeRole, NodeSummary, Request};
 use serde_json::{json, Value};
 
@@ -55,6 +56,9 @@ enum Cmd {
     /// Manage overlay networks.
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// Manage the images of this node.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
     /// Service VIPs on this node.
     #[command(subcommand)]
     Vip(discovery::VipCmd),
@@ -194,7 +198,8 @@ impl<E: std::fmt::Display> From<E> for Failure {
 pub type Result<T> = std::result::Result<T, Failure>;
 
 fn main() {
-    let cli = Cli::parse();
+    let args = service::mark_host_command(&Cli::command(), std::env::args_os().collect());
+    let cli = Cli::parse_from(args);
     if let Err(Failure(msg)) = run(cli) {
         if msg.starts_with("Error") {
             eprintln!("{msg}");
@@ -225,6 +230,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Node(n) => node(&c, n)?,
         Cmd::Service(s) => service::run(&c, *s)?,
         Cmd::Network(n) => network::run(&c, n)?,
+        Cmd::Image(i) => image::run(&c, i)?,
         Cmd::Vip(v) => discovery::vip(&c, v)?,
         Cmd::Dns(d) => discovery::dns(&c, d)?,
         Cmd::Exec { task, command } => {

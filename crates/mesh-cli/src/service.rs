@@ -108,9 +108,106 @@ pub struct CreateArgs {
     /// Return at once instead of waiting for the tasks.
     #[arg(short, long)]
     detach: bool,
-    /// The command each task runs.
-    #[arg(last = true)]
-    command: Vec<String>,
+    #[command(flatten)]
+    container: ContainerArgs,
+    /// IMAGE [COMMAND] [ARG...]: the image the tasks run, and a command replacing its Cmd;
+    /// after `--`, COMMAND [ARG...]: a host process (a mesh extension).
+    #[arg(
+        value_name = "IMAGE",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    image: Vec<String>,
+    /// Set by [`mark_host_command`] for a `--` before the first positional argument.
+    #[arg(long = "host-command", hide = true)]
+    host_command: bool,
+}
+
+/// clap drops a `--` that comes before any positional argument, so `create -- sleep 1` (a
+/// host process) and `create sleep 1` (the image `sleep`) would parse alike: this turns
+/// that `--` of `service create` into the hidden flag `--host-command`. Options that take a
+/// value (from clap's own definition of the command) have it skipped, so `-e -- ...` stays
+/// an option's value.
+pub fn mark_host_command(
+    cli: &clap::Command,
+    mut args: Vec<std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let Some(at) = args
+        .windows(2)
+        .position(|w| w[0] == "service" && (w[1] == "create"))
+    else {
+        return args;
+    };
+    let Some(create) = cli
+        .find_subcommand("service")
+        .and_then(|s| s.find_subcommand("create"))
+    else {
+        return args;
+    };
+    let takes_value = |a: &clap::Arg| a.get_action().takes_values();
+    let longs: Vec<String> = create
+        .get_arguments()
+        .filter(|a| takes_value(a))
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let shorts: Vec<char> = create
+        .get_arguments()
+        .filter(|a| takes_value(a))
+        .filter_map(|a| a.get_short())
+        .collect();
+    let mut i = at + 2;
+    while i < args.len() {
+        let Some(t) = args[i].to_str() else {
+            return args;
+        };
+        if t == "--" {
+            args[i] = "--host-command".into();
+            return args;
+        }
+        if let Some(long) = t.strip_prefix("--") {
+            if !long.contains('=') && longs.iter().any(|l| l == long) {
+                i += 1;
+            }
+        } else if let Some(short) = t.strip_prefix('-').filter(|s| !s.is_empty()) {
+            // `-e K=V` takes the next token; `-eK=V` and `-d` do not.
+            let mut chars = short.chars();
+            if let (Some(c), None) = (chars.next(), chars.next()) {
+                if shorts.contains(&c) {
+                    i += 1;
+                }
+            }
+        } else {
+            return args; // the image: what follows is its command
+        }
+        i += 1;
+    }
+    args
+}
+
+/// The options of an image's tasks, as Docker's.
+#[derive(Args, Debug)]
+pub struct ContainerArgs {
+    /// Overwrite the default ENTRYPOINT of the image.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Username or UID (format: <name|uid>[:<group|gid>]).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Working directory inside the container.
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// Container hostname.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Attach a filesystem mount to the service.
+    #[arg(long = "mount")]
+    mounts: Vec<String>,
+    /// Mount the container's root filesystem as read only.
+    #[arg(long)]
+    read_only: bool,
+    /// Use an init inside each service container to forward signals and reap processes.
+    #[arg(long)]
+    init: bool,
 }
 
 #[derive(Args, Debug)]
@@ -132,6 +229,9 @@ pub struct UpdateArgs {
     force: bool,
     #[arg(short, long)]
     detach: bool,
+    /// Service image tag.
+    #[arg(long)]
+    image: Option<String>,
     service: String,
     /// A new command (`-- COMMAND ARGS`).
     #[arg(last = true)]
@@ -242,11 +342,37 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
             )))
         }
     };
-    if a.command.is_empty() {
+    let (image, command) = match (a.image.split_first(), a.host_command) {
+        (Some((image, args)), false) => (image.clone(), args.to_vec()),
+        (Some(_), true) => (String::new(), a.image.clone()),
+        (None, _) => {
+            return Err(Failure(
+                "\"mesh service create\" requires at least 1 argument.\nUsage:  mesh service create [OPTIONS] IMAGE [COMMAND] [ARG...]\n        mesh service create [OPTIONS] -- COMMAND [ARG...]".into(),
+            ))
+        }
+    };
+    let c = &a.container;
+    if image.is_empty()
+        && (c.entrypoint.is_some()
+            || c.user.is_some()
+            || c.workdir.is_some()
+            || !c.mounts.is_empty()
+            || c.read_only
+            || c.init)
+    {
         return Err(Failure(
-            "a command is needed: mesh service create --name NAME -- COMMAND [ARG...]".into(),
+            "--entrypoint, --user, --workdir, --mount, --read-only and --init need an image".into(),
         ));
     }
+    let mounts = c
+        .mounts
+        .iter()
+        .map(|m| mesh_api::Mount::parse(m).map_err(Failure))
+        .collect::<Result<Vec<_>>>()?;
+    let entrypoint = match &c.entrypoint {
+        Some(e) => split_words(e)?,
+        None => Vec::new(),
+    };
     let endpoint_mode = match a.endpoint_mode.as_str() {
         "vip" => EndpointMode::Vip,
         "dnsrr" => EndpointMode::Dnsrr,
@@ -310,7 +436,7 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
     Ok(ServiceSpec {
         name: a.name.clone(),
         mode,
-        command: a.command.clone(),
+        command,
         env: a.env.clone(),
         networks: a.networks.clone(),
         ports,
@@ -321,7 +447,64 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         rollback,
         resources,
         labels: Default::default(),
+        image,
+        entrypoint,
+        user: c.user.clone().unwrap_or_default(),
+        workdir: c.workdir.clone().unwrap_or_default(),
+        hostname: c.hostname.clone().unwrap_or_default(),
+        read_only: c.read_only,
+        init: c.init,
+        mounts,
     })
+}
+
+/// Splits `--entrypoint`'s value into words as a shell would for a simple command line
+/// (whitespace, single and double quotes, backslash escapes), like Docker's CLI.
+fn split_words(s: &str) -> Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    let mut quote: Option<char> = None;
+    while let Some(ch) = chars.next() {
+        match (quote, ch) {
+            (Some(q), c) if c == q => quote = None,
+            (Some('"'), '\\') => match chars.next() {
+                Some(n) => cur.push(n),
+                None => cur.push('\\'),
+            },
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(ch);
+                in_word = true;
+            }
+            (None, '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err(Failure(format!(
+            "invalid entrypoint {s:?}: unterminated quote"
+        )));
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Ok(words)
 }
 
 fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
@@ -331,6 +514,7 @@ fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
             .map(|r| non_negative("replicas", r))
             .transpose()?,
         command: (!a.command.is_empty()).then(|| a.command.clone()),
+        image: a.image.clone(),
         env_add: a.env_add.clone(),
         env_rm: a.env_rm.clone(),
         constraint_add: a.constraint_add.clone(),
@@ -389,6 +573,13 @@ fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
 }
 
 /// "5 seconds ago", as Docker prints ages.
+/// The daemon's warnings (e.g. an image tag that could not be pinned), on stderr.
+fn print_warnings(v: &Value) {
+    for w in v["warnings"].as_array().into_iter().flatten() {
+        eprint!("{}", w.as_str().unwrap_or(""));
+    }
+}
+
 fn ago(ms: u64) -> String {
     let s = ms / 1000;
     match s {
@@ -469,6 +660,7 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
         ServiceCmd::Create(a) => {
             let spec = create_spec(&a)?;
             let v = c.call(Request::ServiceCreate { spec })?;
+            print_warnings(&v);
             let id = v["id"].as_str().unwrap_or("").to_string();
             println!("{id}");
             if !a.detach {
@@ -489,7 +681,7 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
             if f.format == Format::Json {
                 let out: Vec<Value> = rows
                     .iter()
-                    .map(|r| json!({"ID": s(r, "id"), "Name": s(r, "name"), "Mode": s(r, "mode"), "Replicas": replicas(r), "Ports": s(r, "ports")}))
+                    .map(|r| json!({"ID": s(r, "id"), "Name": s(r, "name"), "Mode": s(r, "mode"), "Replicas": replicas(r), "Image": s(r, "image"), "Ports": s(r, "ports")}))
                     .collect();
                 println!("{}", serde_json::to_string(&out)?);
             } else {
@@ -501,11 +693,12 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
                             s(r, "name"),
                             s(r, "mode"),
                             replicas(r),
+                            s(r, "image"),
                             s(r, "ports"),
                         ]
                     })
                     .collect();
-                table::print(&["ID", "NAME", "MODE", "REPLICAS", "PORTS"], rows);
+                table::print(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"], rows);
             }
         }
         ServiceCmd::Ps { format, service } => {
@@ -523,7 +716,7 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
                 let out: Vec<Value> = rows
                     .iter()
                     .map(|r| {
-                        json!({"ID": s(r, "id"), "Name": s(r, "name"), "Node": s(r, "node"),
+                        json!({"ID": s(r, "id"), "Name": s(r, "name"), "Image": s(r, "image"), "Node": s(r, "node"),
                                "DesiredState": s(r, "desired_state"), "CurrentState": current(r), "Error": s(r, "error")})
                     })
                     .collect();
@@ -540,6 +733,7 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
                         vec![
                             s(r, "id"),
                             name,
+                            s(r, "image"),
                             s(r, "node"),
                             s(r, "desired_state"),
                             current(r),
@@ -551,6 +745,7 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
                     &[
                         "ID",
                         "NAME",
+                        "IMAGE",
                         "NODE",
                         "DESIRED STATE",
                         "CURRENT STATE",
@@ -597,6 +792,7 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
                 service: a.service.clone(),
                 update,
             })?;
+            print_warnings(&v);
             println!("{}", a.service);
             if !a.detach {
                 converge(c, &a.service, v["rollout"].as_bool().unwrap_or(false))?;
@@ -673,6 +869,87 @@ mod tests {
             "invalid argument \"sideways\" for \"--rollback-order\" flag: unrecognized update order \
              sideways (expected start-first or stop-first)"
         );
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Create {
+        #[command(flatten)]
+        a: CreateArgs,
+    }
+
+    fn create(args: &[&str]) -> Result<ServiceSpec> {
+        use clap::{CommandFactory, Parser};
+        let raw = ["mesh", "service", "create"]
+            .iter()
+            .chain(args)
+            .map(std::ffi::OsString::from)
+            .collect();
+        let raw = mark_host_command(&crate::Cli::command(), raw);
+        let c =
+            Create::try_parse_from(raw.into_iter().skip(2)).map_err(|e| Failure(e.to_string()))?;
+        create_spec(&c.a)
+    }
+
+    #[test]
+    fn an_image_and_its_command_or_a_host_command() {
+        let s = create(&["--name", "web", "busybox", "sh", "-c", "httpd -f"]).unwrap();
+        assert_eq!(s.image, "busybox");
+        assert_eq!(s.command, ["sh", "-c", "httpd -f"]);
+        let s = create(&[
+            "--name",
+            "web",
+            "-u",
+            "1000:1000",
+            "--entrypoint",
+            "/bin/sh -c",
+            "busybox",
+        ])
+        .unwrap();
+        assert_eq!((s.image.as_str(), s.command.len()), ("busybox", 0));
+        assert_eq!(s.entrypoint, ["/bin/sh", "-c"]);
+        assert_eq!(s.user, "1000:1000");
+        let s = create(&["--name", "web", "--", "sleep", "100"]).unwrap();
+        assert_eq!(
+            (s.image.as_str(), s.command.clone()),
+            ("", vec!["sleep".to_string(), "100".into()])
+        );
+        let s = create(&[
+            "--name",
+            "v",
+            "--mount",
+            "type=volume,source=data,target=/data",
+            "alpine",
+        ])
+        .unwrap();
+        assert_eq!(s.mounts[0].source, "data");
+        // `--` after an option's value, and an image whose command has a `--`.
+        let s = create(&["--name", "web", "-e", "A=1", "--", "env"]).unwrap();
+        assert_eq!(
+            (s.image.as_str(), s.env.clone()),
+            ("", vec!["A=1".to_string()])
+        );
+        let s = create(&["--name", "web", "busybox", "sh", "--", "x"]).unwrap();
+        assert_eq!((s.image.as_str(), s.command.len()), ("busybox", 3));
+        let s = create(&["--name=web", "-d", "--", "sleep", "-e", "1"]).unwrap();
+        assert_eq!(s.command, ["sleep", "-e", "1"]);
+        let e = create(&["--name", "web"]).unwrap_err();
+        assert!(e.0.contains("requires at least 1 argument"), "{}", e.0);
+        let e = create(&["--name", "web", "--user", "1", "--", "sleep", "1"]).unwrap_err();
+        assert!(e.0.contains("need an image"), "{}", e.0);
+        let e =
+            create(&["--name", "web", "--mount", "type=bind,target=/x", "busybox"]).unwrap_err();
+        assert!(e.0.contains("Source must not be empty"), "{}", e.0);
+    }
+
+    #[test]
+    fn entrypoints_split_as_a_shell_would() {
+        assert_eq!(
+            split_words(r#"/bin/sh -c "echo 'hi there'""#).unwrap(),
+            ["/bin/sh", "-c", "echo 'hi there'"]
+        );
+        assert_eq!(split_words("a\\ b  c").unwrap(), ["a b", "c"]);
+        assert_eq!(split_words("''").unwrap(), [""]);
+        assert!(split_words("'open").is_err());
     }
 
     #[test]

@@ -24,7 +24,9 @@ use tracing::{debug, info, warn};
 
 use crate::member::Member;
 use crate::peer::{PeerRequest, PeerResponse, TaskLog};
-use crate::runtime::{NetworkPlane, RunSpec, RunState, Runtime};
+use crate::runtime::{
+    image_argv, image_env, ImageRun, Images, NetworkPlane, RunRootfs, RunSpec, RunState, Runtime,
+};
 
 /// How long a stopped task gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -108,6 +110,8 @@ struct AgentState {
 pub struct Agent {
     runtime: Arc<dyn Runtime>,
     plane: Option<Arc<dyn NetworkPlane>>,
+    /// The node's image store (`None`: image tasks are rejected).
+    images: Option<Arc<dyn Images>>,
     /// Digest of the running set last given to the plane.
     plane_digest: Mutex<Option<u64>>,
     /// The ingress attachment last given to the plane.
@@ -121,17 +125,34 @@ impl Agent {
     pub fn new(
         runtime: Arc<dyn Runtime>,
         plane: Option<Arc<dyn NetworkPlane>>,
+        images: Option<Arc<dyn Images>>,
         node_name: String,
     ) -> Arc<Agent> {
         Arc::new(Agent {
             runtime,
             plane,
+            images,
             plane_digest: Mutex::new(None),
             ingress: Mutex::new(None),
             node_name,
             state: Mutex::new(AgentState::default()),
             wake: Notify::new(),
         })
+    }
+
+    /// The images of the tasks assigned to this node (for `image prune`: kept).
+    pub fn images_in_use(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut out: Vec<String> = st
+            .assigned
+            .iter()
+            .flat_map(|(_, tasks)| tasks.values())
+            .map(|t| t.spec.image.clone())
+            .filter(|i| !i.is_empty())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     pub fn plane(&self) -> Option<&Arc<dyn NetworkPlane>> {
@@ -423,8 +444,61 @@ impl Agent {
         }
     }
 
+    /// Reports `status` for `task`, and ends its start (it is no longer busy).
+    fn start_ended(&self, task: &str, status: TaskStatus) {
+        let mut st = self.lock();
+        st.busy.remove(task);
+        self.queue(&mut st, task, status);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// An image task's image (pulled unless the store has it), while the task is Preparing.
+    async fn prepare_image(&self, t: &Task) -> Result<ImageRun, String> {
+        {
+            let mut st = self.lock();
+            let s = TaskStatus {
+                state: TaskState::Preparing,
+                timestamp_ms: now_ms(),
+                message: "preparing".into(),
+                err: String::new(),
+                exit_code: None,
+            };
+            self.queue(&mut st, &t.id, s);
+        }
+        self.wake.notify_one();
+        let images = self
+            .images
+            .clone()
+            .ok_or_else(|| "this node cannot run images".to_string())?;
+        let reference = t.spec.image.clone();
+        match tokio::task::spawn_blocking(move || images.pull(&reference)).await {
+            Ok(r) => r,
+            Err(e) => Err(format!("image pull panicked: {e}")),
+        }
+    }
+
     async fn start_task(self: Arc<Self>, t: Task, node_name: String) {
         let name = t.name();
+        let image = if t.spec.image.is_empty() {
+            None
+        } else {
+            match self.prepare_image(&t).await {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    warn!(task = name, image = t.spec.image, "pull failed: {e}");
+                    let status = TaskStatus {
+                        state: TaskState::Rejected,
+                        timestamp_ms: now_ms(),
+                        message: "preparing".into(),
+                        err: e,
+                        exit_code: None,
+                    };
+                    self.start_ended(&t.id, status);
+                    return;
+                }
+            }
+        };
         {
             let mut st = self.lock();
             let s = TaskStatus {
@@ -449,15 +523,56 @@ impl Agent {
         env.push(("MESH_TASK_NAME".into(), name.clone()));
         env.push(("MESH_TASK_SLOT".into(), t.slot.to_string()));
         env.push(("MESH_NODE_NAME".into(), node_name));
+        let hostname = if t.spec.hostname.is_empty() {
+            t.id.chars().take(12).collect()
+        } else {
+            t.spec.hostname.clone()
+        };
+        let (argv, env, rootfs) = match &image {
+            None => (t.spec.command.clone(), env, None),
+            Some(image) => {
+                let argv = image_argv(&t.spec.entrypoint, &t.spec.command, image);
+                if argv.is_empty() {
+                    let status = TaskStatus {
+                        state: TaskState::Rejected,
+                        timestamp_ms: now_ms(),
+                        message: "starting".into(),
+                        err: "no command specified".into(),
+                        exit_code: None,
+                    };
+                    self.start_ended(&t.id, status);
+                    return;
+                }
+                let rootfs = RunRootfs {
+                    layers: image.layers.clone(),
+                    readonly: t.spec.read_only,
+                    mounts: t.spec.mounts.clone(),
+                    user: if t.spec.user.is_empty() {
+                        image.user.clone()
+                    } else {
+                        t.spec.user.clone()
+                    },
+                    workdir: if t.spec.workdir.is_empty() {
+                        image.working_dir.clone()
+                    } else {
+                        t.spec.workdir.clone()
+                    },
+                    init: t.spec.init,
+                    hosts: etc_hosts(&t, &hostname),
+                };
+                (argv, image_env(&image.env, &env), Some(rootfs))
+            }
+        };
         let spec = RunSpec {
             id: t.id.clone(),
             name: name.clone(),
-            hostname: t.id.chars().take(12).collect(),
-            argv: t.spec.command.clone(),
+            hostname,
+            argv,
             env,
             nano_cpus: t.spec.resources.nano_cpus,
             memory_bytes: t.spec.resources.memory_bytes,
             resolv_conf: "nameserver 127.0.0.11\noptions ndots:0\n".into(),
+            rootfs,
         };
         let rt = self.runtime.clone();
         let plane = self.plane.clone();
@@ -507,11 +622,7 @@ impl Agent {
             }
             Err(e) => failed(now_ms(), &format!("start panicked: {e}"), None),
         };
-        let mut st = self.lock();
-        st.busy.remove(&t.id);
-        self.queue(&mut st, &t.id, status);
-        drop(st);
-        self.wake.notify_one();
+        self.start_ended(&t.id, status);
     }
 
     /// Sends queued reports to the leader; keeps them on failure.
@@ -595,6 +706,20 @@ fn exited(code: Option<i32>, signal: Option<i32>, at: u64) -> TaskStatus {
     }
 }
 
+/// A task's `/etc/hosts`, as Docker writes a container's: localhost, then the task's
+/// addresses on its networks under its hostname.
+fn etc_hosts(t: &Task, hostname: &str) -> String {
+    let mut out = String::from(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
+    );
+    for a in &t.networks {
+        if let Some((ip, _)) = a.addr.split_once('/') {
+            out.push_str(&format!("{ip}\t{hostname}\n"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,7 +777,7 @@ mod tests {
                 .unwrap()
                 .insert(id.to_string(), exited_at(*at));
         }
-        let agent = Agent::new(rt.clone(), None, "n1".into());
+        let agent = Agent::new(rt.clone(), None, None, "n1".into());
         agent.lock().assigned = Some((0, HashMap::new()));
         (agent, rt)
     }

@@ -346,6 +346,7 @@ mod tests {
             rollback: Default::default(),
             resources: Default::default(),
             labels: Default::default(),
+            ..Default::default()
         }
     }
 

@@ -17,7 +17,7 @@ use crate::agent::Agent;
 use crate::local::{self, LocalState};
 use crate::member::{now_secs, Member, MemberEvent};
 use crate::peer::{JoinRequest, PeerRequest, PeerResponse};
-use crate::runtime::{NetworkPlane, Runtime};
+use crate::runtime::{Images, NetworkPlane, Runtime};
 use crate::state::Command;
 
 /// Default control port, as Swarm's.
@@ -33,6 +33,9 @@ pub struct DaemonConfig {
     pub runtime: Arc<dyn Runtime>,
     /// Overlay plumbing and endpoint gossip (`None`: tasks get no network but `lo`).
     pub plane: Option<Arc<dyn NetworkPlane>>,
+    /// The node's image store (`None`: services of images are refused here, and image
+    /// tasks rejected).
+    pub images: Option<Arc<dyn Images>>,
 }
 
 /// The daemon core.
@@ -98,6 +101,7 @@ impl Daemon {
         Agent::new(
             self.cfg.runtime.clone(),
             self.cfg.plane.clone(),
+            self.cfg.images.clone(),
             self.cfg.node_name.clone(),
         )
     }
@@ -213,19 +217,134 @@ impl Daemon {
                 self.plane_call(move |p| p.dns_query(network.as_deref(), &name, &qtype))
                     .await
             }
+            Request::ImageLs => {
+                self.image_call(|i| {
+                    i.ls()
+                        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))
+                        .and_then(|l| serde_json::to_value(l).map_err(ApiError::internal))
+                })
+                .await
+            }
+            Request::ImagePull { reference } => {
+                self.image_call(move |i| {
+                    let r = i.pull(&reference).map_err(pull_error)?;
+                    Ok(json!({ "reference": r.reference }))
+                })
+                .await
+            }
+            Request::ImageRm { reference } => {
+                self.image_call(move |i| i.rm(&reference).map(|()| json!({ "removed": reference })))
+                    .await
+            }
+            Request::ImagePrune => {
+                let keep = match self.member().await {
+                    Some(m) => m.agent.images_in_use(),
+                    None => Vec::new(),
+                };
+                self.image_call(move |i| {
+                    i.prune(&keep)
+                        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))
+                })
+                .await
+            }
+            Request::ImageLoad { path } => {
+                self.image_call(move |i| {
+                    i.load(&path)
+                        .map(|refs| json!({ "loaded": refs }))
+                        .map_err(ApiError::invalid)
+                })
+                .await
+            }
+            Request::ServiceCreate { mut spec } if !spec.image.is_empty() => {
+                self.manager().await?;
+                let warning = self.pin_image(&mut spec.image).await?;
+                let mut v = self.management(Request::ServiceCreate { spec }).await?;
+                if let Some(w) = warning {
+                    v["warnings"] = json!([w]);
+                }
+                Ok(v)
+            }
+            Request::ServiceUpdate {
+                service,
+                mut update,
+            } if update.image.is_some() => {
+                self.manager().await?;
+                let mut image = update.image.take().unwrap_or_default();
+                let warning = self.pin_image(&mut image).await?;
+                update.image = Some(image);
+                let mut v = self
+                    .management(Request::ServiceUpdate { service, update })
+                    .await?;
+                if let Some(w) = warning {
+                    v["warnings"] = json!([w]);
+                }
+                Ok(v)
+            }
             req => self.management(req).await,
         }
     }
 
-    async fn management(&self, req: Request) -> Response {
+    /// Runs a blocking call of the image store.
+    async fn image_call(
+        &self,
+        f: impl FnOnce(&dyn Images) -> Response + Send + 'static,
+    ) -> Response {
+        let images =
+            self.cfg.images.clone().ok_or_else(|| {
+                ApiError::new(ErrorKind::Unavailable, "this node has no image store")
+            })?;
+        tokio::task::spawn_blocking(move || f(images.as_ref()))
+            .await
+            .map_err(ApiError::internal)?
+    }
+
+    /// Normalises a service's image and pins it to the digest its tag names on the registry
+    /// now, as Docker's CLI does at create and update, so every task runs the same bits.
+    /// When the registry cannot tell, the tag is kept and Docker's warning is returned.
+    async fn pin_image(&self, image: &mut String) -> Result<Option<String>, ApiError> {
+        let Some(images) = self.cfg.images.clone() else {
+            return Ok(None);
+        };
+        let given = image.clone();
+        let (pinned, warning) = tokio::task::spawn_blocking(move || {
+            let normal = images.normalise(&given).map_err(ApiError::invalid)?;
+            Ok::<_, ApiError>(match images.pin(&normal) {
+                Ok(p) => (p, None),
+                Err(e) => {
+                    tracing::warn!(image = given, error = %e, "cannot pin the image to a digest");
+                    (
+                        normal,
+                        Some(format!(
+                            "image {given} could not be accessed on a registry to record\n\
+                             its digest. Each node will access {given} independently,\n\
+                             possibly leading to different nodes running different\n\
+                             versions of the image.\n"
+                        )),
+                    )
+                }
+            })
+        })
+        .await
+        .map_err(ApiError::internal)??;
+        *image = pinned;
+        Ok(warning)
+    }
+
+    /// This node's member, if it is a manager (else the error a management call gets).
+    async fn manager(&self) -> Result<Arc<Member>, ApiError> {
         let member = self.member().await.ok_or_else(ApiError::not_in_swarm)?;
-        let local = member.local();
-        if local.role != NodeRole::Manager || member.raft().await.is_none() {
+        if member.local().role != NodeRole::Manager || member.raft().await.is_none() {
             return Err(ApiError::not_manager());
         }
+        Ok(member)
+    }
+
+    async fn management(&self, req: Request) -> Response {
+        let member = self.manager().await?;
+        let local = member.local();
         let is_ls = matches!(req, Request::NodeLs);
         let is_token = matches!(req, Request::JoinToken { .. });
-        let mut v = match member.on_leader(PeerRequest::Api(req)).await {
+        let mut v = match member.on_leader(PeerRequest::Api(Box::new(req))).await {
             PeerResponse::Api(r) => r?,
             PeerResponse::Error(e) => return Err(e),
             other => return Err(ApiError::internal(format!("unexpected answer: {other:?}"))),
@@ -578,4 +697,13 @@ async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ApiError> {
             format!("cannot listen on {addr}: {e}"),
         )
     })
+}
+
+/// A failed pull as an API error: an image the registry does not have is not found.
+fn pull_error(e: String) -> ApiError {
+    if e.contains("No such image") || e.contains("manifest unknown") || e.contains("not found") {
+        ApiError::not_found(e)
+    } else {
+        ApiError::new(ErrorKind::Unavailable, e)
+    }
 }

@@ -468,7 +468,7 @@ impl Member {
                 .leader_leave(node, &node_id)
                 .await
                 .map(|_| PeerResponse::Done),
-            PeerRequest::Api(req) => Ok(PeerResponse::Api(self.leader_api(node, req).await)),
+            PeerRequest::Api(req) => Ok(PeerResponse::Api(self.leader_api(node, *req).await)),
             PeerRequest::Assignments { node_id, known } => {
                 Ok(self.leader_assignments(node, &node_id, known).await)
             }

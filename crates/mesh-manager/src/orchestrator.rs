@@ -712,6 +712,7 @@ mod tests {
             rollback: Default::default(),
             resources: Default::default(),
             labels: Default::default(),
+            ..Default::default()
         }
     }
 

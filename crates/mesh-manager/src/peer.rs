@@ -31,7 +31,7 @@ pub enum PeerRequest {
         node_id: String,
     },
     /// A management call a follower forwards to the leader.
-    Api(mesh_api::Request),
+    Api(Box<mesh_api::Request>),
     /// A node's long poll for the tasks assigned to it (and its ended tasks still in the
     /// store): answered at once if the answer differs from `known` (a digest), else when it
     /// changes or after a few seconds.

@@ -17,6 +17,105 @@ pub struct RunSpec {
     pub nano_cpus: u64,
     pub memory_bytes: u64,
     pub resolv_conf: String,
+    /// An image task's root filesystem and settings; `None`: a host process.
+    #[serde(default)]
+    pub rootfs: Option<RunRootfs>,
+}
+
+/// What an image task runs in (see [`Images`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRootfs {
+    /// The image's unpacked layers, base first.
+    pub layers: Vec<std::path::PathBuf>,
+    pub readonly: bool,
+    /// As the service gives them; the runtime resolves volumes on its node.
+    pub mounts: Vec<mesh_api::Mount>,
+    /// `--user`, else the image's; empty: root.
+    pub user: String,
+    /// `--workdir`, else the image's; empty: `/`.
+    pub workdir: String,
+    pub init: bool,
+    /// The content of the task's `/etc/hosts`.
+    pub hosts: String,
+}
+
+/// An image as the agent needs it to start a task.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRun {
+    /// The reference pulled (pinned to its digest).
+    pub reference: String,
+    /// Unpacked layers, base first.
+    pub layers: Vec<std::path::PathBuf>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// `K=V`.
+    pub env: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+}
+
+/// The node's image store, behind a seam like [`Runtime`]. Blocking calls: from blocking
+/// threads only.
+pub trait Images: Send + Sync + 'static {
+    /// The reference in Docker's normalised form (`docker.io/library/busybox:latest`), or
+    /// Docker's "invalid reference format" error.
+    fn normalise(&self, reference: &str) -> Result<String, String>;
+    /// The normalised reference pinned to the digest its tag names on the registry now
+    /// (`...:tag@sha256:...`); an error when the registry cannot tell (the caller keeps the
+    /// tag and warns, as Docker does).
+    fn pin(&self, reference: &str) -> Result<String, String>;
+    /// The image, pulled into the store first unless it is there; the error is the
+    /// registry's reason (`No such image: ...`, `unauthorized: ...`).
+    fn pull(&self, reference: &str) -> Result<ImageRun, String>;
+    /// `mesh image ls`.
+    fn ls(&self) -> Result<Vec<mesh_api::ImageSummary>, String>;
+    /// `mesh image rm`.
+    fn rm(&self, reference: &str) -> Result<(), mesh_api::ApiError>;
+    /// `mesh image prune`: removes the images not in `keep` and their unused layers; the
+    /// answer lists what went and the space reclaimed.
+    fn prune(&self, keep: &[String]) -> Result<serde_json::Value, String>;
+    /// `mesh image load`: the references loaded.
+    fn load(&self, path: &str) -> Result<Vec<String>, String>;
+}
+
+/// How Docker composes a container's command line from the service and its image: the
+/// service's entrypoint (else the image's), then the service's command, else the image's
+/// Cmd unless the service replaced the entrypoint (which clears the image's Cmd).
+pub fn image_argv(
+    service_entrypoint: &[String],
+    service_cmd: &[String],
+    image: &ImageRun,
+) -> Vec<String> {
+    let entrypoint = if service_entrypoint.is_empty() {
+        &image.entrypoint
+    } else {
+        service_entrypoint
+    };
+    let cmd: &[String] = if !service_cmd.is_empty() {
+        service_cmd
+    } else if service_entrypoint.is_empty() {
+        &image.cmd
+    } else {
+        &[]
+    };
+    entrypoint.iter().chain(cmd).cloned().collect()
+}
+
+/// The image's environment with the service's on top (same key: the service's wins), in
+/// the image's order then the service's new keys.
+pub fn image_env(image: &[String], service: &[(String, String)]) -> Vec<(String, String)> {
+    let split = |kv: &String| match kv.split_once('=') {
+        Some((k, v)) => (k.to_string(), v.to_string()),
+        None => (kv.clone(), String::new()),
+    };
+    let mut out: Vec<(String, String)> = image.iter().map(split).collect();
+    for (k, v) in service {
+        match out.iter_mut().find(|(ok, _)| ok == k) {
+            Some(e) => e.1 = v.clone(),
+            None => out.push((k.clone(), v.clone())),
+        }
+    }
+    out
 }
 
 /// A task process as the runtime sees it.
@@ -106,5 +205,62 @@ pub trait NetworkPlane: Send + Sync + 'static {
     ) -> Result<serde_json::Value, String> {
         let _ = (network, name, qtype);
         Err("this node has no embedded DNS".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn command_lines_compose_as_docker_s() {
+        let image = ImageRun {
+            entrypoint: v(&["/entry"]),
+            cmd: v(&["serve", "--port", "80"]),
+            ..Default::default()
+        };
+        // Nothing given: the image's entrypoint and Cmd.
+        assert_eq!(
+            image_argv(&[], &[], &image),
+            v(&["/entry", "serve", "--port", "80"])
+        );
+        // A command replaces the Cmd only.
+        assert_eq!(
+            image_argv(&[], &v(&["debug"]), &image),
+            v(&["/entry", "debug"])
+        );
+        // An entrypoint replaces the entrypoint and clears the image's Cmd.
+        assert_eq!(image_argv(&v(&["/bin/sh"]), &[], &image), v(&["/bin/sh"]));
+        assert_eq!(
+            image_argv(&v(&["/bin/sh", "-c"]), &v(&["echo hi"]), &image),
+            v(&["/bin/sh", "-c", "echo hi"])
+        );
+        let bare = ImageRun::default();
+        assert!(image_argv(&[], &[], &bare).is_empty());
+    }
+
+    #[test]
+    fn the_service_environment_wins_over_the_image_s() {
+        let env = image_env(
+            &v(&["PATH=/usr/bin:/bin", "LANG=C", "EMPTY"]),
+            &[
+                ("LANG".into(), "C.UTF-8".into()),
+                ("MESH_TASK_SLOT".into(), "1".into()),
+            ],
+        );
+        let got: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(
+            got,
+            v(&[
+                "PATH=/usr/bin:/bin",
+                "LANG=C.UTF-8",
+                "EMPTY=",
+                "MESH_TASK_SLOT=1"
+            ])
+        );
     }
 }

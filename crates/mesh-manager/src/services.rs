@@ -35,11 +35,58 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
 /// Checks a spec against the cluster; the error names what is wrong.
 pub fn validate_spec(spec: &ServiceSpec, state: &StoreState) -> Result<(), ApiError> {
     validate_name(&spec.name)?;
-    if spec.command.is_empty() || spec.command[0].trim().is_empty() {
+    if spec.image.is_empty() {
+        if spec.command.is_empty() || spec.command[0].trim().is_empty() {
+            return Err(ApiError::invalid(format!(
+                "service {}: the command is empty",
+                spec.name
+            )));
+        }
+        if !spec.entrypoint.is_empty()
+            || !spec.user.is_empty()
+            || !spec.workdir.is_empty()
+            || !spec.mounts.is_empty()
+            || spec.read_only
+            || spec.init
+        {
+            return Err(ApiError::invalid(format!(
+                "service {}: entrypoint, user, workdir, mounts, read-only and init need an image",
+                spec.name
+            )));
+        }
+    } else if spec.image.trim() != spec.image || spec.image.contains(char::is_whitespace) {
         return Err(ApiError::invalid(format!(
-            "service {}: the command is empty",
-            spec.name
+            "invalid reference format: {:?}",
+            spec.image
         )));
+    }
+    if !spec.workdir.is_empty() && !spec.workdir.starts_with('/') {
+        return Err(ApiError::invalid(format!(
+            "the working directory '{}' is invalid, it needs to be an absolute path",
+            spec.workdir
+        )));
+    }
+    if !spec.hostname.is_empty()
+        && (spec.hostname.len() > 64
+            || !spec
+                .hostname
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+    {
+        return Err(ApiError::invalid(format!(
+            "invalid hostname: {:?}",
+            spec.hostname
+        )));
+    }
+    let mut targets = std::collections::BTreeSet::new();
+    for m in &spec.mounts {
+        m.validate().map_err(ApiError::invalid)?;
+        if !targets.insert(m.target.as_str()) {
+            return Err(ApiError::invalid(format!(
+                "Duplicate mount point: {}",
+                m.target
+            )));
+        }
     }
     for e in &spec.env {
         match e.split_once('=') {
@@ -185,6 +232,15 @@ pub fn apply_update(spec: &ServiceSpec, u: &ServiceUpdate) -> Result<ServiceSpec
     if let Some(c) = &u.command {
         s.command = c.clone();
     }
+    if let Some(i) = &u.image {
+        if s.image.is_empty() {
+            return Err(ApiError::invalid(format!(
+                "service {}: runs a host command, not an image",
+                spec.name
+            )));
+        }
+        s.image = i.clone();
+    }
     let key = |e: &str| {
         e.split_once('=')
             .map(|(k, _)| k.to_string())
@@ -328,6 +384,7 @@ pub fn ls(state: &StoreState) -> Vec<ServiceSummary> {
                     .map(|p| p.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
+                image: mesh_api::familiar_image(&svc.spec.image),
             }
         })
         .collect();
@@ -379,6 +436,7 @@ pub fn ps(state: &StoreState, svc: &Service) -> Vec<(TaskSummary, u64)> {
                     current_state: t.status.state.to_string(),
                     error: t.status.err.clone(),
                     is_history: i > 0,
+                    image: mesh_api::familiar_image(&t.spec.image),
                 },
                 t.status.timestamp_ms,
             ));
@@ -439,6 +497,7 @@ mod tests {
             rollback: Default::default(),
             resources: Default::default(),
             labels: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -481,6 +540,45 @@ mod tests {
         assert_eq!(got, vec![30001, 30002]);
         b.ports = vec![port("9000:80"), port("9000:81")];
         assert!(validate_spec(&b, &st).is_err());
+    }
+
+    #[test]
+    fn image_specs_are_checked() {
+        let st = StoreState::default();
+        let mut s = spec();
+        s.image = "docker.io/library/busybox:latest".into();
+        s.command = vec![];
+        validate_spec(&s, &st).unwrap();
+        s.mounts = vec![mesh_api::Mount::parse("type=tmpfs,target=/run").unwrap()];
+        s.workdir = "/srv".into();
+        validate_spec(&s, &st).unwrap();
+        let mut dup = s.clone();
+        dup.mounts
+            .push(mesh_api::Mount::parse("type=volume,source=v,target=/run").unwrap());
+        let e = validate_spec(&dup, &st).unwrap_err();
+        assert_eq!(e.message, "Duplicate mount point: /run");
+        let mut rel = s.clone();
+        rel.workdir = "srv".into();
+        assert!(validate_spec(&rel, &st)
+            .unwrap_err()
+            .message
+            .contains("absolute path"));
+        let mut host = spec();
+        host.user = "nobody".into();
+        assert!(validate_spec(&host, &st)
+            .unwrap_err()
+            .message
+            .contains("need an image"));
+        // An image can replace an image; a host command cannot become one by update.
+        let u = ServiceUpdate {
+            image: Some("docker.io/library/busybox:1.36".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            apply_update(&s, &u).unwrap().image,
+            "docker.io/library/busybox:1.36"
+        );
+        assert!(apply_update(&spec(), &u).is_err());
     }
 
     #[test]

@@ -397,6 +397,7 @@ mod tests {
                 rollback: Default::default(),
                 resources,
                 labels: BTreeMap::new(),
+                ..Default::default()
             },
             desired_state: TaskState::Running,
             status: TaskStatus {

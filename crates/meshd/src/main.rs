@@ -147,6 +147,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             exec_root: args.exec_root.clone(),
             runtime: std::sync::Arc::new(runtime::ExecRuntime(executor)),
             plane: Some(std::sync::Arc::new(plane)),
+            images: None,
         };
         let daemon = Daemon::start(cfg)
             .await
