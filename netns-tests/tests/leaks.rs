@@ -339,3 +339,64 @@ fn service_rm_leaves_no_task_directory() -> Result<()> {
     );
     Ok(())
 }
+
+/// A task whose start fails after its network was plumbed (its command does not exist: the
+/// exec fails behind the start gate) holds nothing: once the service is removed, its node
+/// releases the network's namespace at once. The churn soak saw such a namespace (and its
+/// holder) outlive everything for a minute: the start gate's record of the task was kept
+/// until it aged out, whether its process lived or not.
+#[test]
+fn a_failed_start_holds_no_network_namespace() -> Result<()> {
+    let Some(c) = swarm_cluster(2, 1, "failstart")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    h1.mesh_ok(&["network", "create", "-d", "overlay", "failnet"])?;
+    let vni = mesh_netns::swarm::vni_of(h1, "failnet")?;
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "nocmd",
+        "--network",
+        "failnet",
+        "--constraint",
+        "node.hostname==h2",
+        "--restart-delay",
+        "1s",
+        "-d",
+        "--",
+        "/no/such/command",
+    ])?;
+    let h2 = c.host(2);
+    wait_for(
+        "h2's start of nocmd failed",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            let ps = h1.mesh_json(&["service", "ps", "nocmd"])?;
+            let failed = ps.as_array().into_iter().flatten().any(|t| {
+                t["CurrentState"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("Rejected"))
+            });
+            Ok(failed.then_some(()))
+        },
+    )?;
+    ensure!(
+        mesh_netns::swarm::overlay_pid(h2, vni).is_some(),
+        "the start did not plumb the network (nothing to test)"
+    );
+    h1.mesh_ok(&["service", "rm", "nocmd"])?;
+    wait_for(
+        "h2 released the network's namespace",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            Ok(mesh_netns::swarm::overlay_pid(h2, vni)
+                .is_none()
+                .then_some(()))
+        },
+    )?;
+    Ok(())
+}

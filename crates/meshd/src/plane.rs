@@ -225,8 +225,20 @@ struct Inner {
 /// A task in its start gate (see `Inner::attaching`).
 struct Attaching {
     since: std::time::Instant,
+    /// The task's process: once it is gone (its start failed, it was killed), the entry
+    /// holds nothing any more.
+    pid: u32,
     vnis: BTreeSet<u32>,
     networks: BTreeMap<String, NetworkDesc>,
+}
+
+impl Attaching {
+    /// Whether the task may still come to run: its process is there, and its start began
+    /// less than a minute ago (a start that never completes is forgotten).
+    fn pending(&self) -> bool {
+        self.since.elapsed() < Duration::from_secs(60)
+            && Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
 }
 
 /// How long a task's start waits for its node's tables of a network new to the node to be
@@ -1032,10 +1044,7 @@ impl Inner {
             }
         }
         // A task in its start gate keeps its networks joined (see `attach`).
-        for a in lock(&self.attaching)
-            .values()
-            .filter(|a| a.since.elapsed() < Duration::from_secs(60))
-        {
+        for a in lock(&self.attaching).values().filter(|a| a.pending()) {
             for (id, d) in &a.networks {
                 networks.entry(id.clone()).or_insert_with(|| d.clone());
             }
@@ -1076,10 +1085,9 @@ impl Inner {
         let mut ids: BTreeSet<String> = running.iter().map(|(t, _)| t.id.clone()).collect();
         {
             // A task still in its start gate keeps its networks and gateway port (bounded:
-            // a start that never completes is forgotten after a minute).
+            // a start whose process is gone, or that never completes, is forgotten).
             let mut attaching = lock(&self.attaching);
-            attaching
-                .retain(|id, a| !ids.contains(id) && a.since.elapsed() < Duration::from_secs(60));
+            attaching.retain(|id, a| !ids.contains(id) && a.pending());
             for (id, a) in attaching.iter() {
                 keep.extend(&a.vnis);
                 ids.insert(id.clone());
@@ -1218,6 +1226,7 @@ impl NetworkPlane for Plane {
                     task.id.clone(),
                     Attaching {
                         since: std::time::Instant::now(),
+                        pid,
                         vnis: task.networks.iter().map(|a| a.vni).collect(),
                         networks,
                     },
