@@ -1,5 +1,7 @@
 //! Setup of a forked child before `exec`: a task (new network, UTS and
-//! mount namespaces, hostname, private `/etc/resolv.conf`, `lo` up, cgroups)
+//! mount namespaces, hostname, private `/etc/resolv.conf`, `lo` up, cgroups;
+//! an image task also gets an IPC namespace, is pid 1 of a new pid
+//! namespace and runs in its image's root filesystem, see [`crate::rootfs`])
 //! or an `exec` process (joining a running task's namespaces and cgroups).
 //!
 //! Everything (paths, strings, file descriptors) is prepared before the
@@ -20,6 +22,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+use crate::rootfs::{self, Creds, RootfsSetup};
+use crate::user::ExecUser;
 
 /// Where the task's resolv.conf is bind-mounted.
 const RESOLV_TARGET: &std::ffi::CStr = c"/etc/resolv.conf";
@@ -52,11 +57,17 @@ pub enum ChildError {
     /// A path contains a NUL byte.
     #[error("path {} contains a NUL byte", path.display())]
     NulInPath { path: PathBuf },
+    /// The task's user cannot be resolved in its image (Docker's words).
+    #[error("{0}")]
+    User(String),
+    /// A bind mount's source is missing.
+    #[error("invalid mount config for type \"bind\": bind source path does not exist: {}: {source}", path.display())]
+    BindSource { path: PathBuf, source: io::Error },
 }
 
 /// The setup steps, numbered for the error pipe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Step {
+pub(crate) enum Step {
     ParentDeathSignal = 1,
     JoinCgroup = 2,
     Unshare = 3,
@@ -71,10 +82,36 @@ enum Step {
     GateReady = 12,
     GateWait = 13,
     MountSysfs = 14,
+    HostPid = 15,
+    ChdirTaskDir = 16,
+    MountRootfs = 17,
+    PivotRoot = 18,
+    DetachOldRoot = 19,
+    MountProc = 20,
+    MountDev = 21,
+    MakeDevice = 22,
+    MountDevpts = 23,
+    MountShm = 24,
+    MountEtcFile = 25,
+    MakeMountTarget = 26,
+    MountBind = 27,
+    MountTmpfs = 28,
+    RemountReadonly = 29,
+    MakeWorkdir = 30,
+    Capabilities = 31,
+    NoNewPrivs = 32,
+    SetGroups = 33,
+    SetGid = 34,
+    SetUid = 35,
+    ChdirWorkdir = 36,
+    ForkInit = 37,
+    ForkExec = 38,
+    JoinPidNs = 39,
+    JoinIpcNs = 40,
 }
 
 impl Step {
-    const ALL: [Step; 14] = [
+    const ALL: [Step; 40] = [
         Step::ParentDeathSignal,
         Step::JoinCgroup,
         Step::Unshare,
@@ -89,6 +126,32 @@ impl Step {
         Step::GateReady,
         Step::GateWait,
         Step::MountSysfs,
+        Step::HostPid,
+        Step::ChdirTaskDir,
+        Step::MountRootfs,
+        Step::PivotRoot,
+        Step::DetachOldRoot,
+        Step::MountProc,
+        Step::MountDev,
+        Step::MakeDevice,
+        Step::MountDevpts,
+        Step::MountShm,
+        Step::MountEtcFile,
+        Step::MakeMountTarget,
+        Step::MountBind,
+        Step::MountTmpfs,
+        Step::RemountReadonly,
+        Step::MakeWorkdir,
+        Step::Capabilities,
+        Step::NoNewPrivs,
+        Step::SetGroups,
+        Step::SetGid,
+        Step::SetUid,
+        Step::ChdirWorkdir,
+        Step::ForkInit,
+        Step::ForkExec,
+        Step::JoinPidNs,
+        Step::JoinIpcNs,
     ];
 
     fn describe(self) -> &'static str {
@@ -107,23 +170,49 @@ impl Step {
             Step::GateReady => "reporting the task's pid to the shim",
             Step::GateWait => "waiting for the network setup",
             Step::MountSysfs => "mounting the task's own /sys",
+            Step::HostPid => "reading the task's pid in /proc",
+            Step::ChdirTaskDir => "entering the task's state directory",
+            Step::MountRootfs => "mounting the root filesystem",
+            Step::PivotRoot => "pivoting into the root filesystem",
+            Step::DetachOldRoot => "detaching the host's root filesystem",
+            Step::MountProc => "mounting /proc",
+            Step::MountDev => "mounting /dev",
+            Step::MakeDevice => "creating the /dev nodes and links",
+            Step::MountDevpts => "mounting /dev/pts",
+            Step::MountShm => "mounting /dev/shm or /dev/mqueue",
+            Step::MountEtcFile => "mounting /etc/hosts, /etc/hostname or /etc/resolv.conf",
+            Step::MakeMountTarget => "creating a mount target",
+            Step::MountBind => "bind-mounting a mount's source",
+            Step::MountTmpfs => "mounting a tmpfs",
+            Step::RemountReadonly => "making a mount read-only",
+            Step::MakeWorkdir => "creating the working directory",
+            Step::Capabilities => "dropping capabilities",
+            Step::NoNewPrivs => "setting no_new_privs",
+            Step::SetGroups => "setting the supplementary groups",
+            Step::SetGid => "setting the group id",
+            Step::SetUid => "setting the user id",
+            Step::ChdirWorkdir => "changing to the working directory",
+            Step::ForkInit => "starting the init process",
+            Step::ForkExec => "forking into the task's pid namespace",
+            Step::JoinPidNs => "joining the task's pid namespace",
+            Step::JoinIpcNs => "joining the task's ipc namespace",
         }
     }
 }
 
 /// The current thread's errno (async-signal-safe).
-fn errno() -> i32 {
+pub(crate) fn errno() -> i32 {
     // SAFETY: __errno_location always returns a valid pointer to the
     // calling thread's errno.
     unsafe { *libc::__errno_location() }
 }
 
 /// The error for a failed step, with the current errno. No allocation.
-fn step_error(step: Step) -> io::Error {
+pub(crate) fn step_error(step: Step) -> io::Error {
     step_error_with(step, errno())
 }
 
-fn step_error_with(step: Step, errno: i32) -> io::Error {
+pub(crate) fn step_error_with(step: Step, errno: i32) -> io::Error {
     io::Error::from_raw_os_error(((step as i32) << STEP_SHIFT) | (errno & 0xffff))
 }
 
@@ -210,12 +299,17 @@ fn join_cgroups(fds: &[OwnedFd]) -> io::Result<()> {
 }
 
 /// Arms SIGKILL on the death of `parent` (the forking process) and checks
-/// it did not die before that.
-fn die_with_parent(parent: libc::pid_t) -> io::Result<()> {
+/// it did not die before that. `None`: the child is pid 1 of a new pid
+/// namespace, where `getppid()` is 0; a parent that died before is seen at
+/// the gate instead (its end of the gate pipe is closed).
+fn die_with_parent(parent: Option<libc::pid_t>) -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(step_error(Step::ParentDeathSignal));
     }
+    let Some(parent) = parent else {
+        return Ok(());
+    };
     // SAFETY: getppid has no preconditions.
     if unsafe { libc::getppid() } != parent {
         return Err(step_error_with(Step::ParentDeathSignal, libc::ESRCH));
@@ -257,7 +351,8 @@ fn loopback_up() -> io::Result<()> {
 /// The gate at the end of a task child's setup, after its namespaces exist
 /// and before `exec`: the child closes its copy of `close_in_child` (the
 /// shim's write end of the gate pipe, so that only the shim can open or
-/// close the gate), writes its pid (4 bytes, native endian) to `ready`, and
+/// close the gate), writes its pid (4 bytes, native endian, as the shim's
+/// pid namespace numbers it) to `ready`, and
 /// blocks until it reads one byte from `wait`. EOF on `wait` (the gate
 /// closed without the byte) fails the setup with `ECANCELED`.
 #[derive(Debug)]
@@ -272,12 +367,11 @@ pub struct Gate {
 
 impl Gate {
     /// Runs in the forked child: async-signal-safe calls only.
-    fn pass(&self) -> io::Result<()> {
+    fn pass(&self, pid: libc::pid_t) -> io::Result<()> {
         // SAFETY: closes the child's copy of an fd number the shim owns; the
         // shim's own copy is unaffected.
         unsafe { libc::close(self.close_in_child) };
-        // SAFETY: getpid has no preconditions.
-        let pid = unsafe { libc::getpid() }.to_ne_bytes();
+        let pid = pid.to_ne_bytes();
         loop {
             // SAFETY: writes 4 bytes from a stack buffer to an open fd.
             let n = unsafe { libc::write(self.ready.as_raw_fd(), pid.as_ptr().cast(), pid.len()) };
@@ -334,19 +428,33 @@ struct TaskSetup {
     hostname: Vec<u8>,
     resolv_src: CString,
     gate: Gate,
+    /// An image task (forked into a new pid namespace by the shim).
+    rootfs: Option<RootfsSetup>,
 }
 
 impl TaskSetup {
     /// Runs in the forked child: async-signal-safe calls only.
     fn run(&self) -> io::Result<()> {
-        die_with_parent(self.parent)?;
+        let Some(rootfs) = &self.rootfs else {
+            return self.run_host();
+        };
+        die_with_parent(None)?;
+        let pid = rootfs::host_pid()?;
         join_cgroups(&self.cgroup_procs)?;
+        let flags =
+            libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
         // SAFETY: unshare with constant flags.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWNS) }
-            != 0
-        {
+        if unsafe { libc::unshare(flags) } != 0 {
             return Err(step_error(Step::Unshare));
         }
+        self.hostname_and_private_mounts()?;
+        rootfs.enter()?;
+        loopback_up()?;
+        self.gate.pass(pid)?;
+        rootfs.finish()
+    }
+
+    fn hostname_and_private_mounts(&self) -> io::Result<()> {
         // SAFETY: pointer and length describe the owned hostname buffer.
         if unsafe { libc::sethostname(self.hostname.as_ptr().cast(), self.hostname.len()) } != 0 {
             return Err(step_error(Step::SetHostname));
@@ -365,6 +473,20 @@ impl TaskSetup {
         if rc != 0 {
             return Err(step_error(Step::MakePrivate));
         }
+        Ok(())
+    }
+
+    /// A host-process task.
+    fn run_host(&self) -> io::Result<()> {
+        die_with_parent(Some(self.parent))?;
+        join_cgroups(&self.cgroup_procs)?;
+        // SAFETY: unshare with constant flags.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWNS) }
+            != 0
+        {
+            return Err(step_error(Step::Unshare));
+        }
+        self.hostname_and_private_mounts()?;
         // SAFETY: both paths are NUL-terminated strings that outlive the
         // call; type and data may be null for MS_BIND.
         let rc = unsafe {
@@ -395,7 +517,8 @@ impl TaskSetup {
             return Err(step_error(Step::MountSysfs));
         }
         loopback_up()?;
-        self.gate.pass()
+        // SAFETY: getpid has no preconditions.
+        self.gate.pass(unsafe { libc::getpid() })
     }
 }
 
@@ -405,6 +528,11 @@ impl TaskSetup {
 /// `resolv_conf` bind-mounted on `/etc/resolv.conf` and `lo` up, dies
 /// with the calling thread (PR_SET_PDEATHSIG: spawn it from a thread that
 /// lives as long as the task), then waits at `gate` before `exec`.
+///
+/// With `rootfs` (an image task; the caller forks it into a new pid
+/// namespace) it also gets a new IPC namespace and, instead of the
+/// resolv.conf bind and `/sys`, the image's root filesystem and process
+/// settings (see the `rootfs` module).
 #[allow(clippy::too_many_arguments)]
 pub fn task_command(
     argv: &[String],
@@ -415,6 +543,7 @@ pub fn task_command(
     stdout: File,
     stderr: File,
     gate: Gate,
+    rootfs: Option<RootfsSetup>,
 ) -> Result<Command, ChildError> {
     let setup = TaskSetup {
         // SAFETY: getpid has no preconditions.
@@ -423,6 +552,7 @@ pub fn task_command(
         hostname: hostname.as_bytes().to_vec(),
         resolv_src: cstring(resolv_conf)?,
         gate,
+        rootfs,
     };
     let mut cmd = base_command(argv, env);
     cmd.stdout(stdout).stderr(stderr);
@@ -449,22 +579,43 @@ struct JoinSetup {
     net: OwnedFd,
     uts: OwnedFd,
     mnt: OwnedFd,
+    image: Option<ImageJoin>,
+}
+
+/// What an exec child of an image task needs besides.
+struct ImageJoin {
+    ipc: OwnedFd,
+    pid: OwnedFd,
+    creds: Creds,
+    workdir: CString,
 }
 
 impl JoinSetup {
     /// Runs in the forked child: async-signal-safe calls only.
     fn run(&self) -> io::Result<()> {
-        die_with_parent(self.parent)?;
+        die_with_parent(Some(self.parent))?;
         join_cgroups(&self.cgroup_procs)?;
-        for (fd, flag, step) in [
-            (&self.net, libc::CLONE_NEWNET, Step::JoinNetNs),
-            (&self.uts, libc::CLONE_NEWUTS, Step::JoinUtsNs),
-            (&self.mnt, libc::CLONE_NEWNS, Step::JoinMountNs),
-        ] {
+        let setns = |fd: &OwnedFd, flag, step| {
             // SAFETY: fd is an open namespace file of the given type.
             if unsafe { libc::setns(fd.as_raw_fd(), flag) } != 0 {
                 return Err(step_error(step));
             }
+            Ok(())
+        };
+        setns(&self.net, libc::CLONE_NEWNET, Step::JoinNetNs)?;
+        setns(&self.uts, libc::CLONE_NEWUTS, Step::JoinUtsNs)?;
+        let Some(image) = &self.image else {
+            return setns(&self.mnt, libc::CLONE_NEWNS, Step::JoinMountNs);
+        };
+        setns(&image.ipc, libc::CLONE_NEWIPC, Step::JoinIpcNs)?;
+        setns(&image.pid, libc::CLONE_NEWPID, Step::JoinPidNs)?;
+        // Root and working directory become the task's root.
+        setns(&self.mnt, libc::CLONE_NEWNS, Step::JoinMountNs)?;
+        rootfs::relay_fork()?;
+        rootfs::apply_creds(&image.creds)?;
+        // SAFETY: NUL-terminated path valid for the call.
+        if unsafe { libc::chdir(image.workdir.as_ptr()) } != 0 {
+            return Err(step_error(Step::ChdirWorkdir));
         }
         Ok(())
     }
@@ -481,12 +632,27 @@ fn open_ns(pid: u32, kind: &str) -> Result<OwnedFd, ChildError> {
 /// A command that runs `argv` with exactly `env` inside the network, UTS
 /// and mount namespaces of process `pid` and in the given cgroups; stdin
 /// from /dev/null, stdout/stderr piped; it dies with the calling process.
+///
+/// With `image` (an image task: its user and working directory), also in
+/// its IPC and pid namespaces (through a relaying intermediate process, see
+/// `rootfs::relay_fork`), as that user, with the task's capabilities and
+/// no_new_privs, in that directory.
 pub fn join_command(
     pid: u32,
     argv: &[String],
     env: &[(String, String)],
     cgroups: &[PathBuf],
+    image: Option<(&ExecUser, &Path)>,
 ) -> Result<Command, ChildError> {
+    let image = match image {
+        None => None,
+        Some((user, workdir)) => Some(ImageJoin {
+            ipc: open_ns(pid, "ipc")?,
+            pid: open_ns(pid, "pid")?,
+            creds: Creds::from(user),
+            workdir: cstring(workdir)?,
+        }),
+    };
     let setup = JoinSetup {
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
@@ -494,6 +660,7 @@ pub fn join_command(
         net: open_ns(pid, "net")?,
         uts: open_ns(pid, "uts")?,
         mnt: open_ns(pid, "mnt")?,
+        image,
     };
     let mut cmd = base_command(argv, env);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -519,6 +686,25 @@ mod tests {
             .starts_with("bind-mounting /etc/resolv.conf failed: No such file"));
         let e = decode_spawn_error(io::Error::from_raw_os_error(libc::ENOEXEC), "foo");
         assert!(e.to_string().starts_with("cannot execute foo: "));
+    }
+
+    #[test]
+    fn every_step_decodes_to_its_description() {
+        for (i, step) in Step::ALL.iter().enumerate() {
+            assert_eq!(*step as usize, i + 1, "{step:?} out of order");
+            let e = decode_spawn_error(step_error_with(*step, libc::EPERM), "x").to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "{} failed: Operation not permitted",
+                    step.describe()
+                )),
+                "{e}"
+            );
+        }
+        let e = decode_spawn_error(step_error_with(Step::MountRootfs, libc::EINVAL), "x");
+        assert!(e
+            .to_string()
+            .starts_with("mounting the root filesystem failed: Invalid argument"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::state::{
     self, ExitRecord, TaskState, EXIT_FILE, HOSTNAME_FILE, LAUNCH_FILE, RESOLV_FILE, SPEC_FILE,
     STATE_FILE, STDERR_LOG, STDOUT_LOG,
 };
-use crate::{child, procfs, shim};
+use crate::{child, procfs, rootfs, shim};
 
 /// How long `start` waits for each of the shim's reports.
 const SHIM_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -313,7 +313,17 @@ impl Executor {
         let s = |e: state::StateError| e.to_string();
         state::write_json(&dir.join(SPEC_FILE), spec).map_err(s)?;
         state::write_atomic(&dir.join(RESOLV_FILE), spec.resolv_conf.as_bytes()).map_err(s)?;
-        state::write_atomic(&dir.join(HOSTNAME_FILE), spec.hostname.as_bytes()).map_err(s)?;
+        match &spec.rootfs {
+            None => state::write_atomic(&dir.join(HOSTNAME_FILE), spec.hostname.as_bytes()),
+            Some(_) => state::write_atomic(
+                &dir.join(HOSTNAME_FILE),
+                format!("{}\n", spec.hostname).as_bytes(),
+            ),
+        }
+        .map_err(s)?;
+        if let Some(r) = &spec.rootfs {
+            rootfs::prepare_dir(dir, r)?;
+        }
         let launch = self
             .layout
             .create_task(&self.parent, &spec.id, spec.nano_cpus, spec.memory_bytes)
@@ -542,8 +552,9 @@ impl Executor {
     }
 
     /// Stops the task if needed (SIGKILL), waits for its shim, removes its
-    /// state directory (logs too) and its cgroups if still there. Removing
-    /// an unknown id is not an error.
+    /// state directory (logs too; an image task's overlay upper and work
+    /// directories with it: its mounts went with its mount namespace) and
+    /// its cgroups if still there. Removing an unknown id is not an error.
     pub fn remove(&self, id: &str) -> Result<(), ExecError> {
         spec::validate_id(id).map_err(|e| ExecError::Remove {
             task: id.to_string(),
@@ -595,7 +606,9 @@ impl Executor {
     }
 
     /// Runs `argv` inside the task's network, UTS and mount namespaces and
-    /// its cgroups, with the task's environment; captures stdout and stderr
+    /// its cgroups, with the task's environment (an image task's: also in
+    /// its IPC and pid namespaces, as its user, with its capabilities, in
+    /// its working directory, `argv[0]` found in its image); captures stdout and stderr
     /// (at most 16 MiB each) and the exit status (128 + signal if killed).
     /// Killed after `timeout`, which is an error.
     pub fn exec(
@@ -627,11 +640,28 @@ impl Executor {
         let Some(st) = st.filter(|_| self.status(id).is_some_and(|rt| rt.is_running())) else {
             return Err(ExecError::NotRunning { task: spec.name });
         };
+        let mut env = spec.effective_env();
+        let user = match &spec.rootfs {
+            Some(r) => {
+                let user = rootfs::exec_user(r).map_err(|e| fail(e.to_string()))?;
+                shim::add_home(&mut env, &user);
+                Some((
+                    user,
+                    PathBuf::from(if r.workdir.is_empty() {
+                        "/"
+                    } else {
+                        &r.workdir
+                    }),
+                ))
+            }
+            None => None,
+        };
         let cmd = child::join_command(
             st.pid,
             argv,
-            &spec.effective_env(),
+            &env,
             &self.layout.task_paths(&self.parent, id),
+            user.as_ref().map(|(u, w)| (u, w.as_path())),
         )
         .map_err(|e| fail(e.to_string()))?;
         // The namespace files are open now; make sure they were the task's.

@@ -18,6 +18,7 @@
 //! | `spec.json` | `start` | the [`TaskSpec`] |
 //! | `launch.json` | `start` | cgroup directories the task joins |
 //! | `resolv.conf`, `hostname` | `start` | the task's files |
+//! | `hosts`, `l/<i>`, `upper/`, `work/`, `rootfs/` | `start` | an image task's `/etc/hosts`, links to its layers, overlay directories and mount point |
 //! | `state.json` | shim | shim pid, task pid, their `/proc` start times, start time in ms |
 //! | `exit.json` | shim (or `status` if the shim was killed) | code, signal, finish time |
 //! | `stdout.log`, `stderr.log` | the task | its output |
@@ -30,6 +31,16 @@
 //! `status`, `list` and `stop` remove them as soon as they see the task
 //! ended, adopted tasks included. `list` also removes the remains of a start
 //! that a dead meshd left unfinished (a directory without `state.json`).
+//!
+//! **Image tasks** ([`TaskSpec::rootfs`]): the task's command is pid 1 of
+//! its own pid namespace (or the child of a small reaper with `--init`),
+//! with an IPC namespace too, in an overlayfs root of its image's layers
+//! (mounted and pivoted into inside its own mount namespace, so meshd's
+//! sees none of its mounts), with fresh `/proc`, `/dev` and `/sys`, its
+//! `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf`, its mounts, user,
+//! working directory, Docker's default capabilities and no_new_privs; see
+//! the `rootfs` module. [`Executor::remove`] deletes its upper directory
+//! with the rest of its state directory.
 //!
 //! Every file is written atomically (temp file + rename). cgroups: see
 //! [`cgroup`] (pure v2 and hybrid layouts, hierarchies mounted under
@@ -71,18 +82,22 @@ mod exec;
 mod executor;
 mod netns;
 mod procfs;
+mod rootfs;
 mod shim;
 mod spec;
 mod state;
+mod user;
 
 pub use cgroup::{CgroupError, CgroupLayout, CgroupMode, V1Hierarchy};
 pub use child::ChildError;
 pub use exec::{RunError, MAX_OUTPUT};
 pub use executor::{ExecError, Executor, NETWORK_SETUP_TIMEOUT};
+pub use rootfs::DEFAULT_CAPS;
 pub use shim::{shim_main_if_requested, ShimError};
 pub use spec::{
     validate_cgroup_parent, validate_id, validate_netns_name, ExecOutput, ExecutorConfig,
-    SpecError, TaskRuntime, TaskSpec, DEFAULT_PATH, MAX_HOSTNAME_LEN, MAX_ID_LEN,
-    MAX_NETNS_NAME_LEN, NETNS_CGROUP, NETNS_HOLDER_ARG, SHIM_ARG,
+    MountSource, MountSpec, RootfsSpec, SpecError, TaskRuntime, TaskSpec, DEFAULT_PATH,
+    MAX_HOSTNAME_LEN, MAX_ID_LEN, MAX_LAYERS, MAX_NETNS_NAME_LEN, NETNS_CGROUP, NETNS_HOLDER_ARG,
+    SHIM_ARG,
 };
 pub use state::StateError;

@@ -27,6 +27,13 @@
 //! from the main thread because PR_SET_PDEATHSIG fires when the *thread*
 //! that forked the task exits.
 //!
+//! An image task is forked into a new pid namespace (the main thread's
+//! namespace for children is switched for that one fork and switched back),
+//! so the command (or its `--init` reaper) is pid 1 there; the pid it
+//! reports at the gate, and the shim records, is its pid in the shim's
+//! namespace. Its root filesystem is prepared here, before the fork (see
+//! the `rootfs` module).
+//!
 //! After `ok` the shim points stdin and stdout at `/dev/null`, waits for the
 //! task, kills what is left in the task's cgroups, removes them (retrying for
 //! at most [`CGROUP_REMOVE_TIMEOUT`] while they are busy) and writes
@@ -51,7 +58,8 @@ use crate::state::{
     self, ExitRecord, Launch, StateError, TaskState, LAUNCH_FILE, RESOLV_FILE, SHIM_LOG, SPEC_FILE,
     STATE_FILE, STDERR_LOG, STDOUT_LOG,
 };
-use crate::{cgroup, netns, procfs};
+use crate::user::ExecUser;
+use crate::{cgroup, netns, procfs, rootfs};
 
 /// How long meshd waits for the intermediate shim process to exit.
 const INTERMEDIATE_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,6 +115,48 @@ pub enum ShimError {
     /// The network setup did not finish in time (the task was killed).
     #[error("network setup failed: it did not finish within {0:?} (the task was killed)")]
     SetupTimeout(Duration),
+    /// The pid namespace of an image task could not be created.
+    #[error("cannot create the task's pid namespace: {0}")]
+    PidNs(io::Error),
+}
+
+/// A new pid namespace for the children the calling thread creates next;
+/// dropping it puts the thread's own back (threads can be created again).
+struct PidNsForChildren {
+    own: OwnedFd,
+}
+
+impl PidNsForChildren {
+    fn new() -> io::Result<PidNsForChildren> {
+        let own = OwnedFd::from(File::open("/proc/thread-self/ns/pid")?);
+        // SAFETY: unshare with a constant flag; it changes only where this
+        // thread's next children go.
+        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(PidNsForChildren { own })
+    }
+}
+
+impl Drop for PidNsForChildren {
+    fn drop(&mut self) {
+        // SAFETY: an open pid namespace fd: our own active namespace, which
+        // a thread may always go back to.
+        if unsafe { libc::setns(self.own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+            eprintln!(
+                "mesh task shim: cannot restore the pid namespace for children: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Adds `HOME` (the user's home in the image) to an image task's
+/// environment if it has none, as Docker does.
+pub(crate) fn add_home(env: &mut Vec<(String, String)>, user: &ExecUser) {
+    if !env.iter().any(|(k, _)| k == "HOME") {
+        env.push(("HOME".to_string(), user.home.clone()));
+    }
 }
 
 /// If this process was started as a task shim (`argv[1]` is
@@ -329,6 +379,15 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
         dir: dir.to_path_buf(),
     })?;
     spec.validate()?;
+    let mut env = spec.effective_env();
+    let rootfs = match &spec.rootfs {
+        Some(r) => {
+            let (setup, user) = rootfs::prepare(dir, r)?;
+            add_home(&mut env, &user);
+            Some(setup)
+        }
+        None => None,
+    };
     let (ready_r, ready_w) = child::pipe().map_err(ShimError::GatePipe)?;
     let (gate_r, gate_w) = child::pipe().map_err(ShimError::GatePipe)?;
     let gate = Gate {
@@ -336,20 +395,31 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
         wait: gate_r,
         close_in_child: gate_w.as_raw_fd(),
     };
+    let image = rootfs.is_some();
     let mut cmd = child::task_command(
         &spec.argv,
-        &spec.effective_env(),
+        &env,
         &spec.hostname,
         &dir.join(RESOLV_FILE),
         &launch.cgroups,
         child::open_log(&dir.join(STDOUT_LOG))?,
         child::open_log(&dir.join(STDERR_LOG))?,
         gate,
+        rootfs,
     )?;
     let keeper = thread::spawn(move || keep_gate(ready_r, gate_w, GATE_TIMEOUT));
+    // An image task is pid 1 of a new pid namespace: this thread's next
+    // child goes there (set after the keeper exists: a thread cannot be
+    // created while the namespace for children differs).
+    let pid_ns = if image {
+        Some(PidNsForChildren::new().map_err(ShimError::PidNs)?)
+    } else {
+        None
+    };
     // On this (the main) thread: the task dies with the thread that forked
     // it. Blocks until the command was exec'd or failed.
     let spawned = cmd.spawn();
+    drop(pid_ns);
     // Drop the pre-opened fds, log files and our ends of the gate's pipes
     // (the keeper sees EOF if the task never reached the gate).
     drop(cmd);

@@ -1,7 +1,7 @@
 //! The executor's public data types: configuration, task specification,
 //! task runtime and `exec` output, with the validation of names and specs.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -65,7 +65,8 @@ pub struct TaskSpec {
     pub name: String,
     /// The task's hostname (its own UTS namespace).
     pub hostname: String,
-    /// Command line; `argv[0]` is looked up in the task's `PATH`.
+    /// Command line; `argv[0]` is looked up in the task's `PATH` (inside
+    /// the image for an image task).
     pub argv: Vec<String>,
     /// The task's complete environment (`PATH` is added if missing).
     pub env: Vec<(String, String)>,
@@ -75,7 +76,72 @@ pub struct TaskSpec {
     pub memory_bytes: u64,
     /// Full content of the task's `/etc/resolv.conf`.
     pub resolv_conf: String,
+    /// The image root filesystem the task runs in; `None`: a host process
+    /// (the host's filesystem, as before). Absent in specs persisted before
+    /// image tasks existed.
+    #[serde(default)]
+    pub rootfs: Option<RootfsSpec>,
 }
+
+/// An image task's root filesystem and process settings (see the
+/// `rootfs` module for how they are applied).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsSpec {
+    /// The image's unpacked layers, BASE LAYER FIRST (overlayfs lower
+    /// directories; whiteouts are character devices 0/0, opaque directories
+    /// carry `trusted.overlay.opaque=y`). Absolute paths; at most
+    /// [`MAX_LAYERS`].
+    pub layers: Vec<PathBuf>,
+    /// `--read-only`: the root mount is read-only (mounts on it stay as
+    /// asked).
+    #[serde(default)]
+    pub readonly: bool,
+    /// Bind and tmpfs mounts, in order (named volumes arrive resolved to
+    /// bind sources).
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+    /// `""` (root), `uid`, `uid:gid`, `name` or `name:group`, resolved
+    /// against the image's `/etc/passwd` and `/etc/group` as Docker does
+    /// (supplementary groups from `/etc/group`).
+    #[serde(default)]
+    pub user: String,
+    /// The working directory (absolute); `""` is `/`. Created if missing.
+    #[serde(default)]
+    pub workdir: String,
+    /// `--init`: a small reaper is pid 1 and the command its child.
+    #[serde(default)]
+    pub init: bool,
+    /// The full content of the task's `/etc/hosts`.
+    #[serde(default)]
+    pub hosts: String,
+}
+
+/// One mount of an image task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// Where it appears in the task (absolute; created if missing).
+    pub target: PathBuf,
+    /// What is mounted.
+    pub source: MountSource,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// What a [`MountSpec`] mounts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountSource {
+    /// A host file or directory (absolute path; it must exist), mounted
+    /// recursively.
+    Bind(PathBuf),
+    /// A fresh tmpfs (mode 1777); `size_bytes` 0 = the kernel's default
+    /// (half of the RAM).
+    Tmpfs { size_bytes: u64 },
+}
+
+/// The most layers a root filesystem may have (overlayfs' own limit).
+pub const MAX_LAYERS: usize = 500;
 
 /// Errors of spec and name validation.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +176,9 @@ pub enum SpecError {
     /// The name cannot be used for a network namespace.
     #[error("invalid network namespace name {name:?}: {reason}")]
     NetnsName { name: String, reason: &'static str },
+    /// The root filesystem spec is unusable.
+    #[error("invalid root filesystem: {0}")]
+    Rootfs(String),
 }
 
 fn name_char_ok(c: char) -> bool {
@@ -243,6 +312,9 @@ impl TaskSpec {
         if self.resolv_conf.contains('\0') {
             return Err(SpecError::NulInResolvConf);
         }
+        if let Some(r) = &self.rootfs {
+            r.validate().map_err(SpecError::Rootfs)?;
+        }
         Ok(())
     }
 
@@ -260,6 +332,66 @@ impl TaskSpec {
             out.push(("PATH".to_string(), DEFAULT_PATH.to_string()));
         }
         out
+    }
+}
+
+/// True if `p` is absolute, without NUL, `.` or `..` components.
+fn clean_absolute(p: &Path) -> bool {
+    p.is_absolute()
+        && !p.as_os_str().as_encoded_bytes().contains(&0)
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+impl RootfsSpec {
+    /// Checks what would make the start fail before the child runs.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.layers.is_empty() {
+            return Err("no layers".into());
+        }
+        if self.layers.len() > MAX_LAYERS {
+            return Err(format!(
+                "{} layers (at most {MAX_LAYERS})",
+                self.layers.len()
+            ));
+        }
+        for l in &self.layers {
+            if !clean_absolute(l) {
+                return Err(format!(
+                    "layer {} is not a clean absolute path",
+                    l.display()
+                ));
+            }
+        }
+        for m in &self.mounts {
+            if !clean_absolute(&m.target) || m.target == Path::new("/") {
+                return Err(format!(
+                    "mount target {} is not a clean absolute path below /",
+                    m.target.display()
+                ));
+            }
+            if let MountSource::Bind(src) = &m.source {
+                if !clean_absolute(src) {
+                    return Err(format!(
+                        "bind source {} is not a clean absolute path",
+                        src.display()
+                    ));
+                }
+            }
+        }
+        if !self.workdir.is_empty() && !clean_absolute(Path::new(&self.workdir)) {
+            return Err(format!(
+                "the working directory {:?} is not a clean absolute path",
+                self.workdir
+            ));
+        }
+        if self.user.contains('\0') || self.user.matches(':').count() > 1 {
+            return Err(format!("invalid user {:?}", self.user));
+        }
+        if self.hosts.contains('\0') {
+            return Err("the hosts content contains a NUL byte".into());
+        }
+        Ok(())
     }
 }
 
@@ -310,6 +442,7 @@ mod tests {
             nano_cpus: 0,
             memory_bytes: 0,
             resolv_conf: "nameserver 127.0.0.11\n".into(),
+            rootfs: None,
         }
     }
 
@@ -393,5 +526,68 @@ mod tests {
                 ("A".to_string(), "2".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn older_specs_have_no_rootfs() {
+        let old = r#"{"id":"a","name":"n","hostname":"h","argv":["true"],"env":[],
+            "nano_cpus":0,"memory_bytes":0,"resolv_conf":""}"#;
+        let s: TaskSpec = serde_json::from_str(old).expect("old spec");
+        assert_eq!(s.rootfs, None);
+        let mut s = spec();
+        s.rootfs = Some(RootfsSpec {
+            layers: vec!["/l/0".into(), "/l/1".into()],
+            mounts: vec![
+                MountSpec {
+                    target: "/data".into(),
+                    source: MountSource::Bind("/srv/data".into()),
+                    readonly: true,
+                },
+                MountSpec {
+                    target: "/tmp".into(),
+                    source: MountSource::Tmpfs {
+                        size_bytes: 1 << 20,
+                    },
+                    readonly: false,
+                },
+            ],
+            ..RootfsSpec::default()
+        });
+        let text = serde_json::to_string(&s).expect("encode");
+        assert_eq!(serde_json::from_str::<TaskSpec>(&text).expect("decode"), s);
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn rootfs_validation() {
+        let ok = RootfsSpec {
+            layers: vec!["/l/0".into()],
+            workdir: "/app".into(),
+            user: "app:staff".into(),
+            ..RootfsSpec::default()
+        };
+        assert!(ok.validate().is_ok());
+        let bad = |f: fn(&mut RootfsSpec)| {
+            let mut r = ok.clone();
+            f(&mut r);
+            r.validate().err()
+        };
+        assert_eq!(bad(|r| r.layers.clear()).as_deref(), Some("no layers"));
+        assert!(bad(|r| r.layers.push("rel".into())).is_some());
+        assert!(bad(|r| r.layers.push("/a/../b".into())).is_some());
+        assert!(bad(|r| r.workdir = "app".into()).is_some());
+        assert!(bad(|r| r.user = "a:b:c".into()).is_some());
+        assert!(bad(|r| r.mounts.push(MountSpec {
+            target: "/".into(),
+            source: MountSource::Tmpfs { size_bytes: 0 },
+            readonly: false,
+        }))
+        .is_some());
+        assert!(bad(|r| r.mounts.push(MountSpec {
+            target: "/x".into(),
+            source: MountSource::Bind("x".into()),
+            readonly: false,
+        }))
+        .is_some());
     }
 }

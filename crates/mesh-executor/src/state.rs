@@ -22,8 +22,10 @@ pub const STATE_FILE: &str = "state.json";
 pub const EXIT_FILE: &str = "exit.json";
 /// The task's `/etc/resolv.conf`.
 pub const RESOLV_FILE: &str = "resolv.conf";
-/// The task's hostname.
+/// The task's hostname (an image task's `/etc/hostname`).
 pub const HOSTNAME_FILE: &str = "hostname";
+/// An image task's `/etc/hosts`.
+pub const HOSTS_FILE: &str = "hosts";
 /// The task's standard output.
 pub const STDOUT_LOG: &str = "stdout.log";
 /// The task's standard error.

@@ -31,6 +31,9 @@ use mesh_executor::{
 use mesh_netns::serial::{Ctx, TestResult};
 use mesh_netns::serial_ensure as ensure;
 
+#[path = "executor/images.rs"]
+mod images;
+
 type TestFn = fn() -> TestResult;
 
 /// `argv[1]` of the child mode used by the `ip netns exec` test.
@@ -137,6 +140,7 @@ fn spec(id: &str, argv: &[&str]) -> TaskSpec {
         nano_cpus: 0,
         memory_bytes: 0,
         resolv_conf: RESOLV.to_string(),
+        rootfs: None,
     }
 }
 
@@ -1812,6 +1816,27 @@ fn main() {
         (
             "netns_holder_survives_ip_netns_exec_restarts",
             netns_holder_survives_ip_netns_exec_restarts,
+        ),
+        (
+            "image_task_runs_in_its_root_filesystem",
+            images::image_task_runs_in_its_root_filesystem,
+        ),
+        (
+            "image_task_user_workdir_mounts_and_readonly_root",
+            images::image_task_user_workdir_mounts_and_readonly_root,
+        ),
+        (
+            "image_task_with_init_reaps_and_passes_the_status",
+            images::image_task_with_init_reaps_and_passes_the_status,
+        ),
+        (
+            "image_task_gate_limits_and_adoption",
+            images::image_task_gate_limits_and_adoption,
+        ),
+        ("image_task_start_errors", images::image_task_start_errors),
+        (
+            "image_task_with_many_layers",
+            images::image_task_with_many_layers,
         ),
     ];
     mesh_netns::serial::run_serial(tests);
