@@ -30,6 +30,7 @@ mod cgroups;
 mod cluster;
 mod host;
 mod process;
+pub mod registry;
 pub mod serial;
 pub mod soak;
 pub mod swarm;

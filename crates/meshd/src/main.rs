@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod images;
 mod plane;
 mod runtime;
 
@@ -49,6 +50,12 @@ struct Args {
     /// task's namespace, or auto (eBPF when the kernel takes it).
     #[arg(long, value_enum, default_value = "auto")]
     lb_backend: plane::LbBackend,
+    /// A registry reached over plain HTTP (HOST:PORT); repeatable. Others need HTTPS.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// A pull-through mirror of Docker Hub (URL); repeatable.
+    #[arg(long = "registry-mirror", value_name = "URL")]
+    registry_mirrors: Vec<String>,
     /// error, warn, info, debug or trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -141,13 +148,25 @@ fn run(args: Args) -> anyhow::Result<()> {
             executor.clone(),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = mesh_image::Store::open(mesh_image::StoreConfig {
+            root: args.data_dir.join("images"),
+            insecure_registries: args.insecure_registries.clone(),
+            mirrors: args.registry_mirrors.clone(),
+        })
+        .map_err(|e| anyhow::anyhow!("cannot open the image store: {e}"))?;
         let cfg = DaemonConfig {
             node_name: node_name.clone(),
             data_dir: args.data_dir.clone(),
             exec_root: args.exec_root.clone(),
-            runtime: std::sync::Arc::new(runtime::ExecRuntime(executor)),
+            runtime: std::sync::Arc::new(runtime::ExecRuntime {
+                executor,
+                volumes: args.data_dir.join("volumes"),
+            }),
             plane: Some(std::sync::Arc::new(plane)),
-            images: None,
+            images: Some(std::sync::Arc::new(images::StoreImages::new(
+                store,
+                tokio::runtime::Handle::current(),
+            ))),
         };
         let daemon = Daemon::start(cfg)
             .await

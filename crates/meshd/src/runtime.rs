@@ -1,12 +1,18 @@
 //! The task runtime `meshd` gives its agent: `mesh-executor` (namespaces, cgroups, a shim per
 //! task so tasks survive a daemon restart) behind the manager's `Runtime` seam.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use mesh_executor::{Executor, TaskRuntime, TaskSpec};
+use mesh_api::{Mount, MountType};
+use mesh_executor::{Executor, MountSource, MountSpec, RootfsSpec, TaskRuntime, TaskSpec};
 use mesh_manager::runtime::{ExecResult, RunSpec, RunState, Runtime};
 
-pub struct ExecRuntime(pub std::sync::Arc<Executor>);
+pub struct ExecRuntime {
+    pub executor: std::sync::Arc<Executor>,
+    /// Where named volumes live: `<data-dir>/volumes/<name>/_data`, as Docker's local driver.
+    pub volumes: PathBuf,
+}
 
 fn state(r: TaskRuntime) -> RunState {
     match r {
@@ -25,23 +31,78 @@ fn state(r: TaskRuntime) -> RunState {
     }
 }
 
-fn task_spec(spec: &RunSpec) -> TaskSpec {
-    TaskSpec {
-        id: spec.id.clone(),
-        name: spec.name.clone(),
-        hostname: spec.hostname.clone(),
-        argv: spec.argv.clone(),
-        env: spec.env.clone(),
-        nano_cpus: spec.nano_cpus,
-        memory_bytes: spec.memory_bytes,
-        resolv_conf: spec.resolv_conf.clone(),
+impl ExecRuntime {
+    fn task_spec(&self, spec: &RunSpec) -> Result<TaskSpec, String> {
+        let rootfs = match &spec.rootfs {
+            None => None,
+            Some(r) => Some(RootfsSpec {
+                layers: r.layers.clone(),
+                readonly: r.readonly,
+                mounts: r
+                    .mounts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| self.mount(&spec.id, i, m))
+                    .collect::<Result<_, _>>()?,
+                user: r.user.clone(),
+                workdir: r.workdir.clone(),
+                init: r.init,
+                hosts: r.hosts.clone(),
+            }),
+        };
+        Ok(TaskSpec {
+            id: spec.id.clone(),
+            name: spec.name.clone(),
+            hostname: spec.hostname.clone(),
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            nano_cpus: spec.nano_cpus,
+            memory_bytes: spec.memory_bytes,
+            resolv_conf: spec.resolv_conf.clone(),
+            rootfs,
+        })
+    }
+
+    /// A service's `--mount` on this node: a named volume is a directory of the node's
+    /// volume store, created on first use and kept after the task (an anonymous one is the
+    /// task's own); a bind source must exist, as Docker's swarm mode requires.
+    fn mount(&self, task: &str, i: usize, m: &Mount) -> Result<MountSpec, String> {
+        let source = match m.kind {
+            MountType::Bind => {
+                let p = PathBuf::from(&m.source);
+                if !p.exists() {
+                    return Err(format!(
+                        "invalid mount config for type \"bind\": bind source path does not exist: {}",
+                        m.source
+                    ));
+                }
+                MountSource::Bind(p)
+            }
+            MountType::Volume => {
+                let name = if m.source.is_empty() {
+                    format!("anon-{task}-{i}")
+                } else {
+                    m.source.clone()
+                };
+                let dir = self.volumes.join(name).join("_data");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("cannot create volume {}: {e}", dir.display()))?;
+                MountSource::Bind(dir)
+            }
+            MountType::Tmpfs => MountSource::Tmpfs { size_bytes: 0 },
+        };
+        Ok(MountSpec {
+            target: PathBuf::from(&m.target),
+            source,
+            readonly: m.readonly,
+        })
     }
 }
 
 impl Runtime for ExecRuntime {
     fn start(&self, spec: &RunSpec) -> Result<RunState, String> {
-        self.0
-            .start(&task_spec(spec))
+        self.executor
+            .start(&self.task_spec(spec)?)
             .map(state)
             .map_err(|e| e.to_string())
     }
@@ -51,18 +112,18 @@ impl Runtime for ExecRuntime {
         spec: &RunSpec,
         setup: &mut dyn FnMut(u32) -> Result<(), String>,
     ) -> Result<RunState, String> {
-        self.0
-            .start_with(&task_spec(spec), setup)
+        self.executor
+            .start_with(&self.task_spec(spec)?, setup)
             .map(state)
             .map_err(|e| e.to_string())
     }
 
     fn status(&self, id: &str) -> Option<RunState> {
-        self.0.status(id).map(state)
+        self.executor.status(id).map(state)
     }
 
     fn list(&self) -> Vec<(String, RunState)> {
-        self.0
+        self.executor
             .list()
             .into_iter()
             .map(|(id, r)| (id, state(r)))
@@ -70,19 +131,19 @@ impl Runtime for ExecRuntime {
     }
 
     fn stop(&self, id: &str, grace: Duration) -> Result<(), String> {
-        self.0.stop(id, grace).map_err(|e| e.to_string())
+        self.executor.stop(id, grace).map_err(|e| e.to_string())
     }
 
     fn remove(&self, id: &str) -> Result<(), String> {
-        self.0.remove(id).map_err(|e| e.to_string())
+        self.executor.remove(id).map_err(|e| e.to_string())
     }
 
     fn logs(&self, id: &str, max_bytes: usize) -> Result<(Vec<u8>, Vec<u8>), String> {
-        self.0.logs(id, max_bytes).map_err(|e| e.to_string())
+        self.executor.logs(id, max_bytes).map_err(|e| e.to_string())
     }
 
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecResult, String> {
-        self.0
+        self.executor
             .exec(id, argv, timeout)
             .map(|o| ExecResult {
                 status: o.status,

@@ -1,0 +1,110 @@
+//! The image store `meshd` gives its agent and its local API: `mesh-image` (pulls, a
+//! content-addressed store under `--data-dir`, layers unpacked for overlayfs) behind the
+//! manager's `Images` seam. The seam is blocking; the store is async, so each call runs on the
+//! daemon's runtime from the blocking thread it is made on.
+
+use std::path::Path;
+
+use mesh_api::{ApiError, ErrorKind, ImageSummary};
+use mesh_image::{Image, Reference, Store};
+use mesh_manager::runtime::{ImageRun, Images};
+use tokio::runtime::Handle;
+
+pub struct StoreImages {
+    store: Store,
+    rt: Handle,
+}
+
+impl StoreImages {
+    pub fn new(store: Store, rt: Handle) -> StoreImages {
+        StoreImages { store, rt }
+    }
+}
+
+fn parse(reference: &str) -> Result<Reference, String> {
+    Reference::parse(reference).map_err(|e| e.to_string())
+}
+
+fn run_of(image: Image) -> ImageRun {
+    ImageRun {
+        reference: image.reference.to_string(),
+        layers: image.layers,
+        entrypoint: image.config.entrypoint,
+        cmd: image.config.cmd,
+        env: image.config.env,
+        working_dir: image.config.working_dir,
+        user: image.config.user,
+    }
+}
+
+impl Images for StoreImages {
+    fn normalise(&self, reference: &str) -> Result<String, String> {
+        parse(reference).map(|r| r.to_string())
+    }
+
+    fn pin(&self, reference: &str) -> Result<String, String> {
+        let r = parse(reference)?;
+        let digest = self
+            .rt
+            .block_on(self.store.resolve(&r, None))
+            .map_err(|e| e.to_string())?;
+        Ok(r.with_digest(&digest).to_string())
+    }
+
+    fn pull(&self, reference: &str) -> Result<ImageRun, String> {
+        let r = parse(reference)?;
+        self.rt
+            .block_on(self.store.pull(&r, None))
+            .map(run_of)
+            .map_err(|e| e.to_string())
+    }
+
+    fn ls(&self) -> Result<Vec<ImageSummary>, String> {
+        Ok(self
+            .store
+            .list()
+            .into_iter()
+            .map(|i| ImageSummary {
+                repository: i.repository,
+                tag: i.tag,
+                digest: i.digest.unwrap_or_else(|| "<none>".into()),
+                id: i.id,
+                created: i.created.unwrap_or_default(),
+                size: i.size,
+            })
+            .collect())
+    }
+
+    fn rm(&self, reference: &str) -> Result<(), ApiError> {
+        let r = parse(reference).map_err(ApiError::invalid)?;
+        self.store.remove(&r).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("No such image") {
+                ApiError::not_found(msg)
+            } else {
+                ApiError::new(ErrorKind::Unavailable, msg)
+            }
+        })
+    }
+
+    fn prune(&self, keep: &[String]) -> Result<serde_json::Value, String> {
+        let keep = keep
+            .iter()
+            .filter_map(|k| Reference::parse(k).ok())
+            .collect::<Vec<_>>();
+        let report = self.store.prune(&keep).map_err(|e| e.to_string())?;
+        let mut deleted = report.untagged;
+        deleted.extend(report.deleted);
+        Ok(serde_json::json!({
+            "deleted": deleted,
+            "reclaimed": report.space_reclaimed,
+        }))
+    }
+
+    fn load(&self, path: &str) -> Result<Vec<String>, String> {
+        self.store
+            .load(Path::new(path))
+            .map(|refs| refs.iter().map(|r| r.familiar()).collect())
+            .map_err(|e| e.to_string())
+    }
+}

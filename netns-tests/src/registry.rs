@@ -1,0 +1,165 @@
+//! A real OCI registry for image tests: Debian's `docker-registry` (the CNCF distribution
+//! registry) serving plain HTTP on `<host address>:5000` inside one simulated host's
+//! namespace, with its storage under the cluster's directory, and a pusher of small test
+//! images built from the host's static busybox (`testimage.py`: two layers, a whiteout and an
+//! opaque directory, Docker schema 2 or OCI manifests).
+//!
+//! The registry is stopped (SIGKILL) when the [`Registry`] is dropped; its files go with the
+//! cluster's directory.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::process::kill_and_reap;
+use crate::Host;
+
+/// The test image builder and pusher.
+const TESTIMAGE_PY: &str = include_str!("testimage.py");
+
+/// The registry's port.
+pub const REGISTRY_PORT: u16 = 5000;
+
+/// A running registry.
+pub struct Registry {
+    ns: String,
+    addr: Ipv4Addr,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Registry {
+    /// Starts a registry in `host`'s namespace, storing under `dir`, and waits (10 s at most)
+    /// until `/v2/` answers.
+    pub fn start(host: &Host, dir: PathBuf) -> Result<Registry> {
+        if Command::new("docker-registry")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            bail!("docker-registry is not installed (apt-get install docker-registry)");
+        }
+        fs::create_dir_all(dir.join("data"))?;
+        let mut reg = Registry {
+            ns: host.ns().to_string(),
+            addr: host.addr(),
+            dir,
+            child: None,
+        };
+        fs::write(
+            reg.dir.join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {}:{REGISTRY_PORT}\n",
+                reg.dir.join("data").display(),
+                reg.addr
+            ),
+        )?;
+        fs::write(reg.dir.join("testimage.py"), TESTIMAGE_PY)?;
+        reg.spawn()?;
+        Ok(reg)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("registry.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "docker-registry", "serve"])
+            .arg(self.dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning docker-registry")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = crate::host::ns_exec(
+                &self.ns,
+                &[
+                    "curl",
+                    "-sf",
+                    "-o",
+                    "/dev/null",
+                    &format!("http://{}/v2/", self.host_port()),
+                ],
+                Duration::from_secs(2),
+            )?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "registry not answering on {} after 10 s: {}",
+                    self.host_port(),
+                    fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `ADDR:PORT`, as image references and `--insecure-registry` name it.
+    pub fn host_port(&self) -> String {
+        format!("{}:{REGISTRY_PORT}", self.addr)
+    }
+
+    /// Stops the registry (SIGKILL): pulls fail as with a registry that went away.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            kill_and_reap(&mut c)?;
+        }
+        Ok(())
+    }
+
+    /// Starts it again, with the same storage.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    /// Builds the test image (see the module docs) with `version` in `/etc/release` and
+    /// `/srv/index.html`, pushes it as `repo:tag` (`oci`: an OCI manifest, else Docker's
+    /// schema 2) and returns its manifest digest.
+    pub fn push_test_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        version: &str,
+        oci: bool,
+    ) -> Result<String> {
+        let script = self.dir.join("testimage.py");
+        let mut argv = vec![
+            "python3".to_string(),
+            script.to_string_lossy().into_owned(),
+            self.host_port(),
+            repo.to_string(),
+            tag.to_string(),
+            version.to_string(),
+        ];
+        if oci {
+            argv.push("--oci".into());
+        }
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = crate::host::ns_exec(&self.ns, &argv, Duration::from_secs(60))?;
+        if !out.status.success() {
+            bail!(
+                "pushing {repo}:{tag}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

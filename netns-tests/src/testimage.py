@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Builds a small test image from the host's static busybox and pushes it to a registry
+over the distribution API (plain HTTP), as `docker push` would: blobs by monolithic upload,
+then the manifest under a tag. Used by mesh's netns tests (netns-tests/src/registry.rs).
+
+usage: testimage.py REGISTRY(host:port) REPOSITORY TAG VERSION [--oci]
+
+The image has two gzip layers:
+  1. busybox at /bin/busybox with applet symlinks, /etc/passwd and /etc/group (root,
+     nobody, app:1000), /etc/release ("base"), /doomed and /keep/a, /keep/b;
+  2. a whiteout of /doomed, an opaque /keep holding only /keep/c, /etc/release = VERSION,
+     and /srv/index.html = "hello from VERSION".
+Its config: Env PATH and IMAGE_VAR=from-image, Cmd ["sh"], WorkingDir /srv, ExposedPorts 80.
+Prints the manifest digest on stdout.
+"""
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+
+APPLETS = ["sh", "cat", "echo", "ls", "sleep", "id", "env", "hostname", "httpd", "nc",
+           "ps", "touch", "mkdir", "rm", "grep", "wc", "head", "true", "false", "test",
+           "stat", "mount", "readlink", "kill", "ip", "ping"]
+
+
+def add_file(tar, name, data, mode=0o644, uid=0, gid=0):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    info.uid, info.gid = uid, gid
+    info.mtime = 1700000000
+    tar.addfile(info, io.BytesIO(data))
+
+
+def add_dir(tar, name, mode=0o755):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = mode
+    info.mtime = 1700000000
+    tar.addfile(info)
+
+
+def add_link(tar, name, target):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    info.mtime = 1700000000
+    tar.addfile(info)
+
+
+def layer(build):
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        build(tar)
+    raw = raw.getvalue()
+    gz = gzip.compress(raw, mtime=0)
+    return raw, gz
+
+
+def base(tar):
+    for d in ["bin", "etc", "keep", "srv", "tmp", "proc", "sys", "dev", "root"]:
+        add_dir(tar, d, 0o1777 if d == "tmp" else 0o755)
+    with open("/bin/busybox", "rb") as f:
+        add_file(tar, "bin/busybox", f.read(), 0o755)
+    for a in APPLETS:
+        add_link(tar, "bin/" + a, "busybox")
+    add_file(tar, "etc/passwd",
+             b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+             b"app:x:1000:1000:app:/srv:/bin/sh\n")
+    add_file(tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\napp:x:1000:\nextra:x:2000:app\n")
+    add_file(tar, "etc/release", b"base\n")
+    add_file(tar, "doomed", b"deleted by the second layer\n")
+    add_file(tar, "keep/a", b"a\n")
+    add_file(tar, "keep/b", b"b\n")
+
+
+def top(version):
+    def build(tar):
+        add_file(tar, ".wh.doomed", b"")
+        add_dir(tar, "keep")
+        add_file(tar, "keep/.wh..wh..opq", b"")
+        add_file(tar, "keep/c", b"c\n")
+        add_dir(tar, "etc")
+        add_file(tar, "etc/release", (version + "\n").encode())
+        add_dir(tar, "srv")
+        add_file(tar, "srv/index.html", ("hello from " + version + "\n").encode())
+    return build
+
+
+def sha(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def request(method, url, data=None, headers=None):
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    for attempt in range(50):
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            raise SystemExit(f"{method} {url}: {e.code} {e.read()[:300]!r}")
+        except OSError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
+
+
+def push_blob(registry, repo, data):
+    digest = sha(data)
+    _, headers, _ = request("POST", f"http://{registry}/v2/{repo}/blobs/uploads/")
+    loc = headers["Location"]
+    if loc.startswith("/"):
+        loc = f"http://{registry}{loc}"
+    sep = "&" if "?" in loc else "?"
+    request("PUT", f"{loc}{sep}digest={digest}", data,
+            {"Content-Type": "application/octet-stream"})
+    return digest
+
+
+def main():
+    registry, repo, tag, version = sys.argv[1:5]
+    oci = "--oci" in sys.argv[5:]
+    layers = [layer(base), layer(top(version))]
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "2026-12-04T00:00:00Z",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "IMAGE_VAR=from-image"],
+            "Cmd": ["sh"],
+            "WorkingDir": "/srv",
+            "ExposedPorts": {"80/tcp": {}},
+            "Labels": {"version": version},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [sha(raw) for raw, _ in layers]},
+        "history": [{"created_by": "testimage.py base"}, {"created_by": "testimage.py " + version}],
+    }
+    config_blob = json.dumps(config, sort_keys=True).encode()
+    if oci:
+        media = "application/vnd.oci.image.manifest.v1+json"
+        config_media = "application/vnd.oci.image.config.v1+json"
+        layer_media = "application/vnd.oci.image.layer.v1.tar+gzip"
+    else:
+        media = "application/vnd.docker.distribution.manifest.v2+json"
+        config_media = "application/vnd.docker.container.image.v1+json"
+        layer_media = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": media,
+        "config": {"mediaType": config_media, "size": len(config_blob),
+                   "digest": push_blob(registry, repo, config_blob)},
+        "layers": [{"mediaType": layer_media, "size": len(gz),
+                    "digest": push_blob(registry, repo, gz)} for _, gz in layers],
+    }
+    body = json.dumps(manifest).encode()
+    request("PUT", f"http://{registry}/v2/{repo}/manifests/{tag}", body, {"Content-Type": media})
+    print(sha(body))
+
+
+if __name__ == "__main__":
+    main()
