@@ -95,7 +95,7 @@ pub fn run(c: &Client, cmd: ImageCmd) -> Result<()> {
                             r.repository.clone(),
                             r.tag.clone(),
                             short_id(&r.id),
-                            r.created.clone(),
+                            created_ago(&r.created, now_secs()),
                             human_size(r.size),
                         ]
                     })
@@ -170,6 +170,72 @@ pub fn run(c: &Client, cmd: ImageCmd) -> Result<()> {
     Ok(())
 }
 
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time (`2026-12-04T00:00:00Z`, fractions and
+/// offsets allowed).
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d, h, mi, se) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut t = days * 86_400 + h * 3600 + mi * 60 + se;
+    // A numeric offset: local time minus the offset is UTC.
+    let tail = s[19..].trim_start_matches(|c: char| c == '.' || c.is_ascii_digit());
+    if let Some(sign) = tail.chars().next().filter(|c| *c == '+' || *c == '-') {
+        let oh = tail.get(1..3)?.parse::<i64>().ok()?;
+        let om = tail.get(4..6)?.parse::<i64>().ok()?;
+        let off = oh * 3600 + om * 60;
+        t += if sign == '+' { -off } else { off };
+    }
+    Some(t)
+}
+
+/// `2 weeks ago`, as `docker image ls` shows an image's age (go-units' HumanDuration);
+/// empty when the image does not say when it was built.
+fn created_ago(created: &str, now: i64) -> String {
+    let Some(t) = parse_rfc3339(created) else {
+        return String::new();
+    };
+    let secs = (now - t).max(0);
+    let hours = secs / 3600;
+    let d = match secs {
+        0 => "Less than a second".to_string(),
+        1 => "1 second".to_string(),
+        2..=59 => format!("{secs} seconds"),
+        60..=119 => "About a minute".to_string(),
+        120..=2999 => format!("{} minutes", secs / 60),
+        3000..=5399 => "About an hour".to_string(),
+        _ if hours < 48 => format!("{hours} hours"),
+        _ if hours < 24 * 7 * 2 => format!("{} days", hours / 24),
+        _ if hours < 24 * 30 * 2 => format!("{} weeks", hours / 24 / 7),
+        _ if hours < 24 * 365 * 2 => format!("{} months", hours / 24 / 30),
+        _ => format!("{} years", hours / 24 / 365),
+    };
+    format!("{d} ago")
+}
+
 fn short_id(id: &str) -> String {
     id.trim_start_matches("sha256:").chars().take(12).collect()
 }
@@ -192,6 +258,27 @@ fn confirm() -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ages_as_docker_prints_them() {
+        let t = parse_rfc3339("2026-12-04T00:00:00Z").unwrap();
+        assert_eq!(t, 1_796_342_400);
+        assert_eq!(parse_rfc3339("2026-12-04T01:00:00.123+01:00"), Some(t));
+        assert_eq!(
+            created_ago("2026-12-04T00:00:00Z", t + 90),
+            "About a minute ago"
+        );
+        assert_eq!(
+            created_ago("2026-12-04T00:00:00Z", t + 3 * 86_400),
+            "3 days ago"
+        );
+        assert_eq!(
+            created_ago("2026-12-04T00:00:00Z", t + 20 * 86_400),
+            "2 weeks ago"
+        );
+        assert_eq!(created_ago("", t), "");
+        assert_eq!(created_ago("yesterday", t), "");
+    }
 
     #[test]
     fn sizes_as_docker_prints_them() {
