@@ -250,6 +250,23 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
         },
     )?;
 
+    // An image a task of the node uses is not removed from its store.
+    let out = h1.mesh(&["image", "rm", &image])?;
+    ensure!(
+        !out.success()
+            && out
+                .stderr
+                .contains("conflict: unable to remove repository reference"),
+        "{out:?}"
+    );
+    let listed = h1.mesh_json(&["image", "ls"])?;
+    ensure!(
+        listed
+            .as_array()
+            .is_some_and(|a| a.iter().any(|i| i["Repository"] == repo.as_str())),
+        "{listed}"
+    );
+
     // service rm leaves no task directory (with its upper directory) on any node.
     h1.mesh_ok(&["service", "rm", "web", "client"])?;
     wait_for(

@@ -233,8 +233,27 @@ impl Daemon {
                 .await
             }
             Request::ImageRm { reference } => {
-                self.image_call(move |i| i.rm(&reference).map(|()| json!({ "removed": reference })))
-                    .await
+                let in_use = match self.member().await {
+                    Some(m) => m.agent.images_in_use(),
+                    None => Vec::new(),
+                };
+                self.image_call(move |i| {
+                    let normal = i.normalise(&reference).map_err(ApiError::invalid)?;
+                    // As Docker: an image a task of this node uses is not removed.
+                    if let Some(user) = in_use
+                        .iter()
+                        .find(|u| **u == normal || u.split('@').next() == Some(normal.as_str()))
+                    {
+                        return Err(ApiError::new(
+                            ErrorKind::AlreadyExists,
+                            format!(
+                                "conflict: unable to remove repository reference \"{reference}\" (must force) - a task of this node is using its referenced image {user}"
+                            ),
+                        ));
+                    }
+                    i.rm(&reference).map(|()| json!({ "removed": reference }))
+                })
+                .await
             }
             Request::ImagePrune => {
                 let keep = match self.member().await {
