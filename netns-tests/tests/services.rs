@@ -98,7 +98,7 @@ fn service_lifecycle_on_three_nodes() -> Result<()> {
     expect_err(
         h1,
         &["service", "create", "--name", "bad"],
-        "a command is needed",
+        "requires at least 1 argument",
     )?;
     expect_err(
         h1,
@@ -583,5 +583,68 @@ fn rolling_updates_pause_and_roll_back() -> Result<()> {
     }
     wait_procs(86404, 0, Duration::from_secs(15))?;
     wait_procs(86405, 0, Duration::from_secs(15))?;
+    Ok(())
+}
+
+/// `--stop-signal` and `--stop-grace-period`: a task that ignores SIGTERM stops at once on
+/// the signal it is given, or after the grace period it is given (without them, it would
+/// take the agent's default grace, 5 s, before SIGKILL).
+#[test]
+fn stop_signal_and_grace_period() -> Result<()> {
+    let Some(c) = cluster(1, "stopsig")? else {
+        return Ok(());
+    };
+    form_swarm(&c, 1)?;
+    let h1 = c.host(1);
+    let base = 86_420 + std::process::id() % 1000 * 3;
+    let (usr1, grace) = (base, base + 1);
+    let ignore_term = |secs: u32| format!("trap '' TERM; exec sleep {secs}");
+    create(
+        h1,
+        &[
+            "--name",
+            "usr1",
+            "--stop-signal",
+            "SIGUSR1",
+            "--",
+            "sh",
+            "-c",
+            &ignore_term(usr1),
+        ],
+    )?;
+    create(
+        h1,
+        &[
+            "--name",
+            "grace",
+            "--stop-grace-period",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            &ignore_term(grace),
+        ],
+    )?;
+    wait_procs(usr1, 1, Duration::from_secs(10))?;
+    wait_procs(grace, 1, Duration::from_secs(10))?;
+    expect_err(
+        h1,
+        &[
+            "service",
+            "create",
+            "--name",
+            "bad",
+            "--stop-signal",
+            "SIGNOPE",
+            "--",
+            "true",
+        ],
+        "invalid signal: SIGNOPE",
+    )?;
+    let t = std::time::Instant::now();
+    h1.mesh_ok(&["service", "rm", "usr1", "grace"])?;
+    wait_procs(usr1, 0, Duration::from_secs(3))?;
+    wait_procs(grace, 0, Duration::from_secs(4))?;
+    println!("both stopped in {:?}", t.elapsed());
     Ok(())
 }

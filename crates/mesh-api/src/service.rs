@@ -345,6 +345,47 @@ pub struct ServiceSpec {
     /// With an image: `--mount`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<Mount>,
+    /// `--stop-signal` (a name such as `SIGINT` or a number); empty: SIGTERM.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stop_signal: String,
+    /// `--stop-grace-period`: how long a task has after its stop signal before SIGKILL;
+    /// `None`: the agent's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_period_ms: Option<u64>,
+}
+
+/// The number of a signal named as Docker's `--stop-signal` takes it (`SIGTERM`, `TERM`,
+/// `15`, `SIGRTMIN+3`), on Linux.
+pub fn signal_number(name: &str) -> Option<i32> {
+    const NAMES: [&str; 31] = [
+        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+        "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+        "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+    ];
+    if let Ok(n) = name.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if let Some(i) = NAMES.iter().position(|n| *n == bare) {
+        return Some(i as i32 + 1);
+    }
+    let rt = |base: i32, rest: &str, sign: i32| -> Option<i32> {
+        let off = if rest.is_empty() {
+            0
+        } else {
+            rest.parse::<i32>().ok()?
+        };
+        let n = base + sign * off;
+        (34..=64).contains(&n).then_some(n)
+    };
+    if let Some(rest) = bare.strip_prefix("RTMIN") {
+        return rt(34, rest.trim_start_matches('+'), 1);
+    }
+    if let Some(rest) = bare.strip_prefix("RTMAX") {
+        return rt(64, rest.trim_start_matches('-'), -1);
+    }
+    None
 }
 
 /// An image reference as `docker service ls` and `service ps` show it: without its digest,
@@ -651,6 +692,19 @@ pub struct ServiceSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(signal_number("SIGTERM"), Some(15));
+        assert_eq!(signal_number("int"), Some(2));
+        assert_eq!(signal_number("9"), Some(9));
+        assert_eq!(signal_number("SIGUSR1"), Some(10));
+        assert_eq!(signal_number("SIGRTMIN+3"), Some(37));
+        assert_eq!(signal_number("SIGRTMAX"), Some(64));
+        assert_eq!(signal_number("SIGNOPE"), None);
+        assert_eq!(signal_number("0"), None);
+        assert_eq!(signal_number("65"), None);
+    }
 
     #[test]
     fn images_are_shown_familiar() {

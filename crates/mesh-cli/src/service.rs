@@ -208,6 +208,12 @@ pub struct ContainerArgs {
     /// Use an init inside each service container to forward signals and reap processes.
     #[arg(long)]
     init: bool,
+    /// Signal to stop the container.
+    #[arg(long)]
+    stop_signal: Option<String>,
+    /// Time to wait before force killing a container (ns|us|ms|s|m|h).
+    #[arg(long)]
+    stop_grace_period: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -455,6 +461,18 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         read_only: c.read_only,
         init: c.init,
         mounts,
+        stop_signal: match &c.stop_signal {
+            Some(sig) if mesh_api::signal_number(sig).is_none() => {
+                return Err(Failure(format!("invalid signal: {sig}")))
+            }
+            Some(sig) => sig.clone(),
+            None => String::new(),
+        },
+        stop_grace_period_ms: c
+            .stop_grace_period
+            .as_deref()
+            .map(parse_duration_ms)
+            .transpose()?,
     })
 }
 

@@ -514,6 +514,12 @@ impl Executor {
     /// until `remove`. Stopping an ended task removes the cgroups it may still
     /// have.
     pub fn stop(&self, id: &str, grace: Duration) -> Result<(), ExecError> {
+        self.stop_with(id, libc::SIGTERM, grace)
+    }
+
+    /// Like [`Executor::stop`], with `signal` (a service's `--stop-signal`) in place of
+    /// SIGTERM.
+    pub fn stop_with(&self, id: &str, signal: i32, grace: Duration) -> Result<(), ExecError> {
         let Some(rt) = self.status(id) else {
             return Err(ExecError::NotFound {
                 task: id.to_string(),
@@ -524,9 +530,9 @@ impl Executor {
                 .ok()
                 .flatten();
             if !grace.is_zero() {
-                self.layout.signal_task(&self.parent, id, libc::SIGTERM);
+                self.layout.signal_task(&self.parent, id, signal);
                 if let Some(st) = &st {
-                    procfs::signal_checked(st.pid, st.pid_start_time, libc::SIGTERM);
+                    procfs::signal_checked(st.pid, st.pid_start_time, signal);
                 }
             }
             if grace.is_zero() || !self.wait_stopped(id, grace) {

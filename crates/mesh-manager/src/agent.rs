@@ -318,7 +318,15 @@ impl Agent {
                     match local_state {
                         Some(RunState::Running { .. }) => {
                             st.busy.insert(t.id.clone());
-                            to_stop.push((t.id.clone(), true, !t.networks.is_empty()));
+                            to_stop.push((
+                                t.id.clone(),
+                                true,
+                                !t.networks.is_empty(),
+                                stop_signal(&t.spec),
+                                t.spec
+                                    .stop_grace_period_ms
+                                    .map_or(STOP_GRACE, Duration::from_millis),
+                            ));
                         }
                         _ => {
                             let s = TaskStatus {
@@ -348,7 +356,7 @@ impl Agent {
                         // plane's running set (a restarted daemon's plane retracts what its
                         // previous run announced), and the other nodes need the moment to
                         // stop sending it calls.
-                        to_stop.push((id.clone(), false, true));
+                        to_stop.push((id.clone(), false, true, SIGTERM, STOP_GRACE));
                     }
                     // Its final report is still to be sent: kept until the leader has it.
                     RunState::Exited { .. } if st.outbox.contains_key(id) => {}
@@ -379,7 +387,7 @@ impl Agent {
             });
         }
         // The plane withdraws the endpoints of tasks about to stop (below) before they stop.
-        for (id, report, drain) in to_stop {
+        for (id, report, drain, signal, grace) in to_stop {
             let me = self.clone();
             tokio::spawn(async move {
                 if drain && me.plane.is_some() {
@@ -387,7 +395,7 @@ impl Agent {
                 }
                 let rt = me.runtime.clone();
                 let id2 = id.clone();
-                let r = tokio::task::spawn_blocking(move || rt.stop(&id2, STOP_GRACE)).await;
+                let r = tokio::task::spawn_blocking(move || rt.stop(&id2, signal, grace)).await;
                 if let Ok(Err(e)) = &r {
                     warn!(task = id, "stop: {e}");
                 }
@@ -706,6 +714,14 @@ fn exited(code: Option<i32>, signal: Option<i32>, at: u64) -> TaskStatus {
     }
 }
 
+/// `SIGTERM`'s number on Linux.
+const SIGTERM: i32 = 15;
+
+/// The signal that stops a task of `spec` (`--stop-signal`, validated at create).
+fn stop_signal(spec: &mesh_api::ServiceSpec) -> i32 {
+    mesh_api::signal_number(&spec.stop_signal).unwrap_or(SIGTERM)
+}
+
 /// A task's `/etc/hosts`, as Docker writes a container's: localhost, then the task's
 /// addresses on its networks under its hostname.
 fn etc_hosts(t: &Task, hostname: &str) -> String {
@@ -743,7 +759,7 @@ mod tests {
             let t = self.tasks.lock().unwrap();
             t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         }
-        fn stop(&self, _: &str, _: Duration) -> Result<(), String> {
+        fn stop(&self, _: &str, _: i32, _: Duration) -> Result<(), String> {
             Ok(())
         }
         fn remove(&self, id: &str) -> Result<(), String> {

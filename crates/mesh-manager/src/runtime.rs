@@ -156,7 +156,8 @@ pub trait Runtime: Send + Sync + 'static {
     }
     fn status(&self, id: &str) -> Option<RunState>;
     fn list(&self) -> Vec<(String, RunState)>;
-    fn stop(&self, id: &str, grace: Duration) -> Result<(), String>;
+    /// Sends `signal` to the task, then SIGKILL if it still runs after `grace`.
+    fn stop(&self, id: &str, signal: i32, grace: Duration) -> Result<(), String>;
     fn remove(&self, id: &str) -> Result<(), String>;
     fn logs(&self, id: &str, max_bytes: usize) -> Result<(Vec<u8>, Vec<u8>), String>;
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecResult, String>;

@@ -78,6 +78,12 @@ pub fn validate_spec(spec: &ServiceSpec, state: &StoreState) -> Result<(), ApiEr
             spec.hostname
         )));
     }
+    if !spec.stop_signal.is_empty() && mesh_api::signal_number(&spec.stop_signal).is_none() {
+        return Err(ApiError::invalid(format!(
+            "invalid signal: {}",
+            spec.stop_signal
+        )));
+    }
     let mut targets = std::collections::BTreeSet::new();
     for m in &spec.mounts {
         m.validate().map_err(ApiError::invalid)?;

@@ -130,8 +130,10 @@ impl Runtime for ExecRuntime {
             .collect()
     }
 
-    fn stop(&self, id: &str, grace: Duration) -> Result<(), String> {
-        self.executor.stop(id, grace).map_err(|e| e.to_string())
+    fn stop(&self, id: &str, signal: i32, grace: Duration) -> Result<(), String> {
+        self.executor
+            .stop_with(id, signal, grace)
+            .map_err(|e| e.to_string())
     }
 
     fn remove(&self, id: &str) -> Result<(), String> {
