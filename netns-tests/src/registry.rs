@@ -163,3 +163,31 @@ impl Drop for Registry {
         let _ = self.stop();
     }
 }
+
+/// Builds the test image (as [`Registry::push_test_image`] does, with `version`) and writes it
+/// to `out` as a `docker save` archive (`manifest.json` naming `name:tag`, the config, each
+/// layer as an uncompressed `layer.tar`), for `mesh image load`; no registry is involved.
+/// `dir` receives the builder script. Returns the image ID (the config's digest).
+pub fn save_test_image(
+    dir: &std::path::Path,
+    name: &str,
+    tag: &str,
+    version: &str,
+    out: &std::path::Path,
+) -> Result<String> {
+    fs::create_dir_all(dir)?;
+    let script = dir.join("testimage.py");
+    fs::write(&script, TESTIMAGE_PY)?;
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script)
+        .args(["-", name, tag, version, "--save"])
+        .arg(out);
+    let res = crate::process::output_with_timeout(&mut cmd, Duration::from_secs(60))?;
+    if !res.status.success() {
+        bail!(
+            "saving {name}:{tag}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&res.stdout).trim().to_string())
+}

@@ -4,6 +4,12 @@ over the distribution API (plain HTTP), as `docker push` would: blobs by monolit
 then the manifest under a tag. Used by mesh's netns tests (netns-tests/src/registry.rs).
 
 usage: testimage.py REGISTRY(host:port) REPOSITORY TAG VERSION [--oci]
+       testimage.py REGISTRY REPOSITORY TAG VERSION --save FILE
+
+With --save FILE nothing is pushed: the image is written to FILE as `docker save` writes it
+(`manifest.json` naming REPOSITORY:TAG, or REGISTRY/REPOSITORY:TAG unless REGISTRY is "-",
+`repositories`, the config as `<hex>.json`, each layer uncompressed as `<hex>/layer.tar` with
+its `VERSION` and `json`), and the config digest (the image ID) is printed instead.
 
 The image has two gzip layers:
   1. busybox at /bin/busybox with applet symlinks, /etc/passwd and /etc/group (root,
@@ -123,9 +129,44 @@ def push_blob(registry, repo, data):
     return digest
 
 
+def save(path, name, tag, layers, config_blob):
+    """Writes a `docker save` archive of the image to `path`."""
+    entries = []
+    layer_paths = []
+    parent = ""
+    for raw, _ in layers:
+        hexid = hashlib.sha256((parent + sha(raw)).encode()).hexdigest()
+        layer_paths.append(hexid + "/layer.tar")
+        entries.append((hexid + "/", None))
+        entries.append((hexid + "/VERSION", b"1.0"))
+        v1 = {"id": hexid, "created": "2026-12-04T00:00:00Z", "config": {}}
+        if parent:
+            v1["parent"] = parent
+        entries.append((hexid + "/json", json.dumps(v1).encode()))
+        entries.append((hexid + "/layer.tar", raw))
+        parent = hexid
+    config_name = hashlib.sha256(config_blob).hexdigest() + ".json"
+    entries.append((config_name, config_blob))
+    manifest = [{"Config": config_name, "RepoTags": [name + ":" + tag], "Layers": layer_paths}]
+    entries.append(("manifest.json", json.dumps(manifest).encode()))
+    entries.append(("repositories", json.dumps({name: {tag: parent}}).encode()))
+    with tarfile.open(path, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for n, data in entries:
+            if data is None:
+                add_dir(tar, n.rstrip("/"))
+            else:
+                add_file(tar, n, data)
+
+
 def main():
     registry, repo, tag, version = sys.argv[1:5]
     oci = "--oci" in sys.argv[5:]
+    save_to = None
+    if "--save" in sys.argv[5:]:
+        i = sys.argv.index("--save", 5)
+        if i + 1 >= len(sys.argv):
+            raise SystemExit("--save needs a FILE")
+        save_to = sys.argv[i + 1]
     layers = [layer(base), layer(top(version))]
     config = {
         "architecture": "amd64",
@@ -143,6 +184,11 @@ def main():
         "history": [{"created_by": "testimage.py base"}, {"created_by": "testimage.py " + version}],
     }
     config_blob = json.dumps(config, sort_keys=True).encode()
+    if save_to is not None:
+        save(save_to, repo if registry == "-" else registry + "/" + repo, tag, layers,
+             config_blob)
+        print(sha(config_blob))
+        return
     if oci:
         media = "application/vnd.oci.image.manifest.v1+json"
         config_media = "application/vnd.oci.image.config.v1+json"

@@ -51,12 +51,21 @@ impl Images for StoreImages {
         Ok(r.with_digest(&digest).to_string())
     }
 
+    /// As Docker's executor: a tag is pulled every time (mutable tags stay current), but a
+    /// failed pull of a tag the store already has (loaded, or pulled before) only warns and
+    /// the stored image runs, so a registry that is down or unknown does not stop it.
     fn pull(&self, reference: &str) -> Result<ImageRun, String> {
         let r = parse(reference)?;
-        self.rt
-            .block_on(self.store.pull(&r, None))
-            .map(run_of)
-            .map_err(|e| e.to_string())
+        match self.rt.block_on(self.store.pull(&r, None)) {
+            Ok(image) => Ok(run_of(image)),
+            Err(e) => match self.store.get(&r) {
+                Some(image) => {
+                    tracing::warn!(image = %r, "pulling image failed, using the local image: {e}");
+                    Ok(run_of(image))
+                }
+                None => Err(e.to_string()),
+            },
+        }
     }
 
     fn ls(&self) -> Result<Vec<ImageSummary>, String> {

@@ -1,0 +1,598 @@
+//! The lifecycle of image tasks on a real cluster, with a real registry (Debian's
+//! `docker-registry` in host 1's namespace, `meshd --insecure-registry`) and the test image of
+//! `netns-tests/src/testimage.py`:
+//!
+//! - restart safety: a SIGKILLed meshd leaves its image tasks running and their published
+//!   port answering; the next meshd adopts them (same task IDs, same processes, no
+//!   duplicate); `service rm` then leaves no task directory and no mount of the exec root in
+//!   any mount namespace;
+//! - a named volume survives a task restart on the same node (the restart policy replaces a
+//!   killed task, the new one sees what the old one wrote);
+//! - `mesh image load` of a `docker save` tarball: listed, runnable by a service with no
+//!   registry at all, kept by `image prune -f` while a task uses it (an unused pulled image
+//!   is removed);
+//! - `--read-only` with `--user`: the task runs as the image's user, its root is read-only
+//!   and a tmpfs mount is writable.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use mesh_netns::registry::{save_test_image, Registry};
+use mesh_netns::swarm::form_swarm;
+use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
+use serde_json::Value;
+
+fn ps(h: &Host, svc: &str) -> Result<Vec<Value>> {
+    h.mesh_json(&["service", "ps", svc])?
+        .as_array()
+        .cloned()
+        .context("ps is an array")
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or_default()
+}
+
+/// The rows of `svc`'s tasks that should run and do.
+fn running(h: &Host, svc: &str) -> Result<Vec<Value>> {
+    Ok(ps(h, svc)?
+        .into_iter()
+        .filter(|t| {
+            s(t, "DesiredState") == "Running" && s(t, "CurrentState").starts_with("Running")
+        })
+        .collect())
+}
+
+/// Waits until exactly `n` tasks of `svc` run; their rows.
+fn wait_running(h: &Host, svc: &str, n: usize, within: Duration) -> Result<Vec<Value>> {
+    wait_for(
+        &format!("{svc}: {n} tasks running"),
+        within,
+        Duration::from_millis(250),
+        || {
+            let r = running(h, svc)?;
+            Ok((r.len() == n).then_some(r))
+        },
+    )
+    .with_context(|| format!("service ps {svc}: {:?}", ps(h, svc).unwrap_or_default()))
+}
+
+/// `mesh exec TASK -- argv` on `h`; stdout (fails on a non-zero exit).
+fn exec_in(h: &Host, task: &str, argv: &[&str]) -> Result<String> {
+    let mut a = vec!["exec", task, "--"];
+    a.extend_from_slice(argv);
+    h.mesh_ok(&a)
+}
+
+/// A cluster of `hosts` with a registry on host 1 and every meshd trusting it over HTTP;
+/// host 1 initialises the swarm with `managers` managers (the others are workers).
+fn setup(hosts: usize, managers: usize, hint: &'static str) -> Result<Option<(Cluster, Registry)>> {
+    if !require_root()? {
+        return Ok(None);
+    }
+    let c = Cluster::new(ClusterOpts {
+        hosts,
+        start_daemons: false,
+        name_hint: hint,
+    })?;
+    let reg = Registry::start(c.host(1), c.base_dir().join("registry"))?;
+    let insecure = reg.host_port();
+    for h in c.hosts() {
+        h.start_daemon_with(&["--insecure-registry", &insecure])?;
+    }
+    form_swarm(&c, managers)?;
+    Ok(Some((c, reg)))
+}
+
+/// An HTTP GET of `/` from the underlay client; the body.
+fn http_via(c: &Cluster, addr: &str, port: u16) -> Result<String> {
+    let out = c.client_exec_timeout(
+        &["curl", "-s", "-m", "3", &format!("http://{addr}:{port}/")],
+        Duration::from_secs(10),
+    )?;
+    ensure!(out.status.success(), "curl {addr}:{port}: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The task's process as the executor recorded it in `<exec_root>/tasks/<id>/state.json`:
+/// its pid and `/proc` start time.
+fn task_process(h: &Host, id: &str) -> Result<(u32, u64)> {
+    let path = h.exec_root().join("tasks").join(id).join("state.json");
+    let v: Value = serde_json::from_slice(
+        &fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    let pid = v["pid"].as_u64().context("state.json: pid")?;
+    let start = v["pid_start_time"]
+        .as_u64()
+        .context("state.json: pid_start_time")?;
+    Ok((u32::try_from(pid)?, start))
+}
+
+/// True if `pid` is alive and still the process that started at `start` (field 22 of
+/// `/proc/<pid>/stat`), and not a zombie.
+fn alive(pid: u32, start: u64) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state), fields[19] field 22 (start time).
+    fields.first().is_some_and(|st| *st != "Z")
+        && fields.get(19).and_then(|f| f.parse::<u64>().ok()) == Some(start)
+}
+
+/// Lines of every mount namespace's mountinfo (each namespace once, this process's
+/// included) that mention `needle`.
+fn mount_lines_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    let mut pids = vec!["self".to_string()];
+    pids.extend(
+        fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit())),
+    );
+    for pid in pids {
+        let Ok(ns) = fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+            continue;
+        };
+        if !seen.insert(ns) {
+            continue;
+        }
+        let Ok(info) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        out.extend(
+            info.lines()
+                .filter(|l| l.contains(&needle))
+                .map(|l| format!("[{pid}] {l}")),
+        );
+    }
+    out
+}
+
+/// Lines of `/proc/<pid>/mountinfo` mentioning `needle`.
+fn mountinfo_mentioning(pid: &str, needle: &Path) -> Result<usize> {
+    let needle = needle.to_string_lossy().into_owned();
+    let info = fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    Ok(info.lines().filter(|l| l.contains(&needle)).count())
+}
+
+/// The task directories under the host's `<exec_root>/tasks`.
+fn task_dirs(h: &Host) -> Vec<String> {
+    fs::read_dir(h.exec_root().join("tasks"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn ids(rows: &[Value]) -> BTreeSet<String> {
+    rows.iter().map(|t| s(t, "ID").to_string()).collect()
+}
+
+#[test]
+fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() -> Result<()> {
+    let Some((c, reg)) = setup(2, 1, "imgadopt")? else {
+        return Ok(());
+    };
+    let (h1, h2) = (c.host(1), c.host(2));
+    reg.push_test_image("app", "v1", "v1", false)?;
+    let image = format!("{}/app:v1", reg.host_port());
+    let svc = "lc-adopt-web";
+    let tasks_root = h2.exec_root().join("tasks");
+    // Nothing mentions h2's task directories before the service.
+    let before = mount_lines_mentioning(&tasks_root);
+    ensure!(before.is_empty(), "mounts before the service: {before:#?}");
+    let self_before = mountinfo_mentioning("self", h2.exec_root())?;
+
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        svc,
+        "--replicas",
+        "2",
+        "--constraint",
+        "node.hostname==h2",
+        "--publish",
+        "8081:80",
+        "-d",
+        &image,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/srv",
+    ])?;
+    let rows = wait_running(h1, svc, 2, Duration::from_secs(60))?;
+    ensure!(rows.iter().all(|t| s(t, "Node") == "h2"), "{rows:?}");
+    let adopted = ids(&rows);
+    let procs = adopted
+        .iter()
+        .map(|id| task_process(h2, id))
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        procs.iter().all(|&(p, st)| alive(p, st)),
+        "task processes: {procs:?}"
+    );
+    let via_h2 = h2.addr().to_string();
+    ensure!(http_via(&c, &via_h2, 8081)? == "hello from v1\n");
+    // The probe sees the tasks' own mounts (in their mount namespaces) while they run.
+    let during = mount_lines_mentioning(&tasks_root);
+    ensure!(
+        !during.is_empty(),
+        "no mount mentions {} while tasks run",
+        tasks_root.display()
+    );
+
+    // meshd SIGKILLed: the tasks run on and the routing mesh still answers through h2.
+    h2.kill_daemon()?;
+    for &(p, st) in &procs {
+        ensure!(alive(p, st), "task process {p} died with meshd: {procs:?}");
+    }
+    for _ in 0..5 {
+        let body = http_via(&c, &via_h2, 8081)?;
+        ensure!(body == "hello from v1\n", "while meshd is down: {body:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The next meshd adopts them: same IDs, same processes, no duplicate.
+    h2.restart_daemon()?;
+    wait_for(
+        "h2's tasks adopted (same IDs running, nothing else)",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || {
+            let all = ps(h1, svc)?;
+            let r = running(h1, svc)?;
+            let desired = all
+                .iter()
+                .filter(|t| s(t, "DesiredState") == "Running")
+                .count();
+            Ok((ids(&r) == adopted && desired == 2).then_some(()))
+        },
+    )
+    .with_context(|| format!("service ps: {:?}", ps(h1, svc).unwrap_or_default()))?;
+    for (id, &(p, st)) in adopted.iter().zip(&procs) {
+        ensure!(
+            task_process(h2, id)? == (p, st) && alive(p, st),
+            "task {id} was restarted, not adopted"
+        );
+    }
+    // A few seconds later still the same: no replacement was scheduled.
+    std::thread::sleep(Duration::from_secs(3));
+    let all = ps(h1, svc)?;
+    ensure!(
+        all.len() == 2 && ids(&running(h1, svc)?) == adopted,
+        "after adoption: {all:?}"
+    );
+    for _ in 0..3 {
+        ensure!(http_via(&c, &via_h2, 8081)? == "hello from v1\n");
+    }
+    let meshd = h2.daemon_pid().context("meshd is running")?.to_string();
+    let meshd_before = mountinfo_mentioning(&meshd, h2.exec_root())?;
+
+    // rm: no task directory, no mount of the exec root left anywhere.
+    h1.mesh_ok(&["service", "rm", svc])?;
+    wait_for(
+        "no task directory left on h2",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || Ok(task_dirs(h2).is_empty().then_some(())),
+    )
+    .with_context(|| format!("left: {:?}", task_dirs(h2)))?;
+    wait_for(
+        "no mount of h2's task directories left",
+        Duration::from_secs(15),
+        Duration::from_millis(250),
+        || {
+            let left = mount_lines_mentioning(&tasks_root);
+            ensure!(left.is_empty(), "left: {left:#?}");
+            Ok(Some(()))
+        },
+    )?;
+    for &(p, st) in &procs {
+        ensure!(!alive(p, st), "task process {p} outlived service rm");
+    }
+    ensure!(
+        mountinfo_mentioning("self", h2.exec_root())? == self_before,
+        "the test's mount namespace gained mounts of {}",
+        h2.exec_root().display()
+    );
+    ensure!(
+        mountinfo_mentioning(&meshd, h2.exec_root())? == meshd_before,
+        "meshd's mount namespace: {meshd_before} lines before rm, now {}",
+        mountinfo_mentioning(&meshd, h2.exec_root())?
+    );
+    Ok(())
+}
+
+#[test]
+fn a_named_volume_survives_a_task_restart_on_the_same_node() -> Result<()> {
+    let Some((c, reg)) = setup(2, 1, "imgvol")? else {
+        return Ok(());
+    };
+    let (h1, h2) = (c.host(1), c.host(2));
+    reg.push_test_image("app", "v1", "v1", false)?;
+    let image = format!("{}/app:v1", reg.host_port());
+    let svc = "lc-vol-app";
+    let volume = "lc-vol-data";
+    let mount = format!("type=volume,source={volume},target=/data");
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        svc,
+        "--constraint",
+        "node.hostname==h2",
+        "--mount",
+        &mount,
+        "--restart-delay",
+        "1s",
+        "-d",
+        &image,
+        "sh",
+        "-c",
+        "echo start >> /data/log; exec sleep 100000",
+    ])?;
+    let first = wait_running(h1, svc, 1, Duration::from_secs(60))?;
+    let first_id = s(&first[0], "ID").to_string();
+    ensure!(s(&first[0], "Node") == "h2", "{first:?}");
+    let host_log = h2
+        .data_dir()
+        .join("volumes")
+        .join(volume)
+        .join("_data")
+        .join("log");
+    wait_for(
+        "the first start's line",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || Ok((exec_in(h2, &first_id, &["cat", "/data/log"])? == "start\n").then_some(())),
+    )?;
+
+    // The task's process dies; the restart policy starts a new task on h2.
+    let (pid, start) = task_process(h2, &first_id)?;
+    ensure!(alive(pid, start));
+    // SAFETY: plain syscall on the task's pid, just checked against its start time.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let second = wait_for(
+        "a replacement task running",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let r = running(h1, svc)?;
+            Ok((r.len() == 1 && s(&r[0], "ID") != first_id).then_some(r))
+        },
+    )
+    .with_context(|| format!("service ps: {:?}", ps(h1, svc).unwrap_or_default()))?;
+    let second_id = s(&second[0], "ID").to_string();
+    ensure!(s(&second[0], "Node") == "h2", "{second:?}");
+
+    let log = wait_for(
+        "the second start's line",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let log = exec_in(h2, &second_id, &["cat", "/data/log"])?;
+            Ok((log.lines().count() >= 2).then_some(log))
+        },
+    )?;
+    ensure!(
+        log == "start\nstart\n",
+        "/data/log in the new task: {log:?}"
+    );
+    let on_host =
+        fs::read_to_string(&host_log).with_context(|| format!("reading {}", host_log.display()))?;
+    ensure!(
+        on_host == "start\nstart\n",
+        "{}: {on_host:?}",
+        host_log.display()
+    );
+
+    // The named volume outlives the service (Docker's local driver keeps it).
+    h1.mesh_ok(&["service", "rm", svc])?;
+    wait_for(
+        "no task directory left on h2",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || Ok(task_dirs(h2).is_empty().then_some(())),
+    )?;
+    ensure!(
+        fs::read_to_string(&host_log)? == "start\nstart\n",
+        "the volume went with the service"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_loaded_image_runs_without_a_registry_and_prune_keeps_it_while_used() -> Result<()> {
+    let Some((c, mut reg)) = setup(1, 1, "imgload")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    let tar = c.base_dir().join("loaded.tar");
+    let id = save_test_image(
+        &c.base_dir().join("save"),
+        "loaded/app",
+        "v1",
+        "loaded",
+        &tar,
+    )?;
+    let short = id.trim_start_matches("sha256:")[..12].to_string();
+
+    let out = h1.mesh_ok(&["image", "load", "-i", &tar.to_string_lossy()])?;
+    ensure!(
+        out.lines().any(|l| l == "Loaded image: loaded/app:v1"),
+        "image load printed {out:?}"
+    );
+    let listed = |h: &Host| -> Result<Vec<(String, String, String)>> {
+        Ok(h.mesh_json(&["image", "ls"])?
+            .as_array()
+            .context("image ls is an array")?
+            .iter()
+            .map(|i| {
+                (
+                    s(i, "Repository").to_string(),
+                    s(i, "Tag").to_string(),
+                    s(i, "ID").to_string(),
+                )
+            })
+            .collect())
+    };
+    let ls = listed(h1)?;
+    ensure!(
+        ls.contains(&("loaded/app".into(), "v1".into(), short.clone())),
+        "image ls: {ls:?}"
+    );
+
+    // A second image, pulled from the registry: unused, for prune.
+    reg.push_test_image("app", "v2", "v2", false)?;
+    let other_repo = format!("{}/app", reg.host_port());
+    let other = format!("{other_repo}:v2");
+    h1.mesh_ok(&["image", "pull", &other])?;
+    ensure!(
+        listed(h1)?
+            .iter()
+            .any(|(r, t, _)| *r == other_repo && t == "v2"),
+        "image ls after pull: {:?}",
+        listed(h1)?
+    );
+
+    // No registry at all from here on: the service runs the loaded image.
+    reg.stop()?;
+    let svc = "lc-loaded-web";
+    let out = h1.mesh(&[
+        "service",
+        "create",
+        "--name",
+        svc,
+        "--constraint",
+        "node.hostname==h1",
+        "--publish",
+        "8082:80",
+        "-d",
+        "loaded/app:v1",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/srv",
+    ])?;
+    ensure!(out.success(), "{out:?}");
+    ensure!(
+        out.stderr.contains("could not be accessed on a registry"),
+        "no warning that the tag is not pinned: {out:?}"
+    );
+    wait_running(h1, svc, 1, Duration::from_secs(60))?;
+    let body = http_via(&c, &h1.addr().to_string(), 8082)?;
+    ensure!(body == "hello from loaded\n", "{body:?}");
+
+    // prune keeps what the running task uses, removes the unused pulled image.
+    let out = h1.mesh_ok(&["image", "prune", "-f"])?;
+    let ls = listed(h1)?;
+    ensure!(
+        ls.iter().any(|(r, t, _)| r == "loaded/app" && t == "v1"),
+        "prune removed the image in use: {out}\nimage ls: {ls:?}"
+    );
+    ensure!(
+        !ls.iter().any(|(r, _, _)| *r == other_repo),
+        "prune kept the unused image: {out}\nimage ls: {ls:?}"
+    );
+    ensure!(out.contains("Total reclaimed space"), "{out}");
+    // The task is unaffected.
+    ensure!(http_via(&c, &h1.addr().to_string(), 8082)? == "hello from loaded\n");
+    h1.mesh_ok(&["service", "rm", svc])?;
+    Ok(())
+}
+
+#[test]
+fn a_read_only_root_with_a_user_and_a_writable_tmpfs() -> Result<()> {
+    let Some((c, reg)) = setup(1, 1, "imgro")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    reg.push_test_image("app", "v1", "v1", true)?;
+    let image = format!("{}/app:v1", reg.host_port());
+    let svc = "lc-ro-app";
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        svc,
+        "--read-only",
+        "--user",
+        "app",
+        "--mount",
+        "type=tmpfs,target=/tmp",
+        "-d",
+        &image,
+        "sleep",
+        "100000",
+    ])?;
+    let rows = wait_running(h1, svc, 1, Duration::from_secs(60))?;
+    let task = s(&rows[0], "Name").to_string();
+
+    let uid = exec_in(h1, &task, &["id", "-u"])?;
+    ensure!(uid.trim() == "1000", "id -u: {uid:?}");
+    let ids = exec_in(h1, &task, &["id"])?;
+    ensure!(ids.contains("gid=1000"), "id: {ids:?}");
+    // The command itself runs as the user too.
+    let status = exec_in(h1, &task, &["cat", "/proc/1/status"])?;
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("1000")),
+        "pid 1: {status}"
+    );
+
+    // The root is read-only (also where the user could write otherwise: its home /srv).
+    for path in ["/x", "/srv/x"] {
+        let out = h1.mesh(&["exec", &task, "--", "touch", path])?;
+        ensure!(!out.success(), "touch {path} succeeded on a read-only root");
+        ensure!(
+            out.stderr.contains("Read-only file system"),
+            "touch {path}: {out:?}"
+        );
+    }
+    let mounts = exec_in(h1, &task, &["cat", "/proc/mounts"])?;
+    let tmp = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("/tmp"))
+        .with_context(|| format!("no /tmp mount: {mounts}"))?;
+    ensure!(tmp.starts_with("tmpfs "), "/tmp: {tmp}");
+
+    // The tmpfs is writable, by the user.
+    let out = exec_in(
+        h1,
+        &task,
+        &[
+            "sh",
+            "-c",
+            "echo hi > /tmp/x && cat /tmp/x && stat -c %u /tmp/x",
+        ],
+    )?;
+    ensure!(out == "hi\n1000\n", "writing /tmp: {out:?}");
+
+    h1.mesh_ok(&["service", "rm", svc])?;
+    wait_for(
+        "no task directory left",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || Ok(task_dirs(h1).is_empty().then_some(())),
+    )?;
+    Ok(())
+}
