@@ -17,6 +17,7 @@
 mod api;
 mod dns;
 mod gossip;
+mod images;
 mod ingress;
 mod lb;
 mod netload;
@@ -59,6 +60,11 @@ const BENCHES: &[Bench] = &[
         name: "services",
         about: services::ABOUT,
         run: services::run,
+    },
+    Bench {
+        name: "images",
+        about: images::ABOUT,
+        run: images::run,
     },
     Bench {
         name: "dns",
