@@ -353,7 +353,7 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         (Some(_), true) => (String::new(), a.image.clone()),
         (None, _) => {
             return Err(Failure(
-                "\"mesh service create\" requires at least 1 argument.\nUsage:  mesh service create [OPTIONS] IMAGE [COMMAND] [ARG...]\n        mesh service create [OPTIONS] -- COMMAND [ARG...]".into(),
+                "\"mesh service create\" requires at least 1 argument: mesh service create [OPTIONS] IMAGE [COMMAND] [ARG...], or -- COMMAND [ARG...] for a host process".into(),
             ))
         }
     };
