@@ -2,7 +2,7 @@
 //! cluster (one manager, two workers, every `meshd --insecure-registry`), with Debian's
 //! `docker-registry` serving plain HTTP in h1's namespace:
 //!
-//! 1. **Pull**: a multi-layer image (`bigimage.py`: busybox, three layers of 10 x 1 MiB of
+//! 1. **Pull**: a multi-layer image (`testimage.py --big`: busybox, three layers of 10 x 1 MiB of
 //!    random data, one of 2000 files of 4 KiB; ~40 MB) pulled by `mesh_image::Store::pull`
 //!    into an empty store vs `skopeo copy docker://... dir:...` of the same image, both from
 //!    the underlay namespace, interleaved rounds. mesh also verifies and unpacks every layer;
@@ -40,7 +40,6 @@ pub const ABOUT: &str =
     "image pull vs skopeo copy, and create -> 30/30 running of an image vs a host process";
 
 /// The pusher of the multi-layer image.
-const BIGIMAGE_PY: &str = include_str!("bigimage.py");
 const REPLICAS: u64 = 30;
 const PULL_ROUNDS: usize = 5;
 const CREATE_ROUNDS: usize = 5;
@@ -122,25 +121,7 @@ struct PullResults {
 }
 
 fn pull_bench(c: &Cluster, reg: &Registry, with_skopeo: bool) -> Result<PullResults> {
-    let script = c.base_dir().join("bigimage.py");
-    fs::write(&script, BIGIMAGE_PY)?;
-    let out = c.client_exec_timeout(
-        &[
-            "python3",
-            &script.to_string_lossy(),
-            &reg.host_port(),
-            "big",
-            "v1",
-        ],
-        Duration::from_secs(300),
-    )?;
-    ensure!(
-        out.status.success(),
-        "pushing the multi-layer image: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("pusher output {:?}", String::from_utf8_lossy(&out.stdout)))?;
+    let v = reg.push_big_image("big", "v1")?;
     let image = BigImage {
         reference: format!("{}/big:v1", reg.host_port()),
         layers: v["layers"].as_u64().unwrap_or(0) as usize,

@@ -134,20 +134,32 @@ impl Registry {
         version: &str,
         oci: bool,
     ) -> Result<String> {
+        let flags: &[&str] = if oci { &["--oci"] } else { &[] };
+        self.run_pusher(repo, tag, version, flags, Duration::from_secs(60))
+    }
+
+    /// Builds and pushes the benchmarks' bigger image as `repo:tag` (`testimage.py --big`:
+    /// five layers, about 40 MB of random data); returns the pusher's JSON line
+    /// (`digest`, `layers`, `compressed`, `unpacked`).
+    pub fn push_big_image(&self, repo: &str, tag: &str) -> Result<serde_json::Value> {
+        let out = self.run_pusher(repo, tag, "big", &["--big"], Duration::from_secs(300))?;
+        serde_json::from_str(&out).with_context(|| format!("pusher output {out:?}"))
+    }
+
+    fn run_pusher(
+        &self,
+        repo: &str,
+        tag: &str,
+        version: &str,
+        flags: &[&str],
+        timeout: Duration,
+    ) -> Result<String> {
         let script = self.dir.join("testimage.py");
-        let mut argv = vec![
-            "python3".to_string(),
-            script.to_string_lossy().into_owned(),
-            self.host_port(),
-            repo.to_string(),
-            tag.to_string(),
-            version.to_string(),
-        ];
-        if oci {
-            argv.push("--oci".into());
-        }
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = crate::host::ns_exec(&self.ns, &argv, Duration::from_secs(60))?;
+        let script = script.to_string_lossy();
+        let host_port = self.host_port();
+        let mut argv = vec!["python3", &script, &host_port, repo, tag, version];
+        argv.extend_from_slice(flags);
+        let out = crate::host::ns_exec(&self.ns, &argv, timeout)?;
         if !out.status.success() {
             bail!(
                 "pushing {repo}:{tag}: {}",

@@ -18,6 +18,11 @@ The image has two gzip layers:
      and /srv/index.html = "hello from VERSION".
 Its config: Env PATH and IMAGE_VAR=from-image, Cmd ["sh"], WorkingDir /srv, ExposedPorts 80.
 Prints the manifest digest on stdout.
+
+With --big (for `mesh-bench images`), the image instead has five gzip layers (level 1: random
+data does not compress): the base above, three of 10 files of 1 MiB of random data
+(/data/<n>/fNN), and one of 2000 files of 4 KiB (/small/dNN/fNNNN), as real images have many
+small files; one JSON line is printed: {"digest", "layers", "compressed", "unpacked"}.
 """
 import gzip
 import hashlib
@@ -60,13 +65,30 @@ def add_link(tar, name, target):
     tar.addfile(info)
 
 
-def layer(build):
+def layer(build, level=9):
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         build(tar)
     raw = raw.getvalue()
-    gz = gzip.compress(raw, mtime=0)
+    gz = gzip.compress(raw, compresslevel=level, mtime=0)
     return raw, gz
+
+
+def random_files(n):
+    def build(tar):
+        add_dir(tar, "data")
+        add_dir(tar, f"data/{n}")
+        for i in range(10):
+            add_file(tar, f"data/{n}/f{i:02}", os.urandom(1 << 20))
+    return build
+
+
+def small_files(tar):
+    add_dir(tar, "small")
+    for d in range(20):
+        add_dir(tar, f"small/d{d:02}")
+        for i in range(100):
+            add_file(tar, f"small/d{d:02}/f{i:04}", os.urandom(4096))
 
 
 def base(tar):
@@ -107,7 +129,7 @@ def request(method, url, data=None, headers=None):
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     for attempt in range(50):
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=30) as r:
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as e:
             raise SystemExit(f"{method} {url}: {e.code} {e.read()[:300]!r}")
@@ -167,7 +189,12 @@ def main():
         if i + 1 >= len(sys.argv):
             raise SystemExit("--save needs a FILE")
         save_to = sys.argv[i + 1]
-    layers = [layer(base), layer(top(version))]
+    big = "--big" in sys.argv[5:]
+    if big:
+        layers = [layer(base, 1)] + [layer(random_files(n), 1) for n in (1, 2, 3)]
+        layers.append(layer(small_files, 1))
+    else:
+        layers = [layer(base), layer(top(version))]
     config = {
         "architecture": "amd64",
         "os": "linux",
@@ -181,7 +208,7 @@ def main():
             "Labels": {"version": version},
         },
         "rootfs": {"type": "layers", "diff_ids": [sha(raw) for raw, _ in layers]},
-        "history": [{"created_by": "testimage.py base"}, {"created_by": "testimage.py " + version}],
+        "history": [{"created_by": f"testimage.py layer {i + 1}"} for i in range(len(layers))],
     }
     config_blob = json.dumps(config, sort_keys=True).encode()
     if save_to is not None:
@@ -207,7 +234,15 @@ def main():
     }
     body = json.dumps(manifest).encode()
     request("PUT", f"http://{registry}/v2/{repo}/manifests/{tag}", body, {"Content-Type": media})
-    print(sha(body))
+    if big:
+        print(json.dumps({
+            "digest": sha(body),
+            "layers": len(layers),
+            "compressed": sum(len(gz) for _, gz in layers),
+            "unpacked": sum(len(raw) for raw, _ in layers),
+        }))
+    else:
+        print(sha(body))
 
 
 if __name__ == "__main__":
