@@ -203,3 +203,28 @@ pub fn save_test_image(
     }
     Ok(String::from_utf8_lossy(&res.stdout).trim().to_string())
 }
+
+/// The start of an image test: `None` when it must be skipped (not root, outside CI), else a
+/// cluster of `hosts` with a registry on host 1, every meshd trusting it over plain HTTP
+/// (`--insecure-registry`), and a swarm of `managers` managers (the rest workers).
+pub fn registry_cluster(
+    hosts: usize,
+    managers: usize,
+    hint: &'static str,
+) -> Result<Option<(crate::Cluster, Registry)>> {
+    if !crate::require_root()? {
+        return Ok(None);
+    }
+    let c = crate::Cluster::new(crate::ClusterOpts {
+        hosts,
+        start_daemons: false,
+        name_hint: hint,
+    })?;
+    let reg = Registry::start(c.host(1), c.base_dir().join("registry"))?;
+    let insecure = reg.host_port();
+    for h in c.hosts() {
+        h.start_daemon_with(&["--insecure-registry", &insecure])?;
+    }
+    crate::swarm::form_swarm(&c, managers)?;
+    Ok(Some((c, reg)))
+}

@@ -257,3 +257,62 @@ pub fn swarm_cluster(
     form_swarm(&c, managers)?;
     Ok(Some(c))
 }
+
+/// The rows of `mesh service ps SVC --format json`.
+pub fn service_ps(h: &Host, svc: &str) -> Result<Vec<Value>> {
+    h.mesh_json(&["service", "ps", svc])?
+        .as_array()
+        .cloned()
+        .context("service ps is an array")
+}
+
+/// A string field of a JSON row (`""` if absent).
+pub fn field<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or_default()
+}
+
+/// The rows of `svc`'s tasks that should run and do.
+pub fn running_tasks(h: &Host, svc: &str) -> Result<Vec<Value>> {
+    Ok(service_ps(h, svc)?
+        .into_iter()
+        .filter(|t| {
+            field(t, "DesiredState") == "Running" && field(t, "CurrentState").starts_with("Running")
+        })
+        .collect())
+}
+
+/// Waits until exactly `n` tasks of `svc` run; their rows. The error shows `service ps`.
+pub fn wait_tasks_running(h: &Host, svc: &str, n: usize, within: Duration) -> Result<Vec<Value>> {
+    wait_for(
+        &format!("{svc}: {n} tasks running"),
+        within,
+        Duration::from_millis(250),
+        || {
+            let r = running_tasks(h, svc)?;
+            Ok((r.len() == n).then_some(r))
+        },
+    )
+    .with_context(|| {
+        format!(
+            "service ps {svc}: {:?}",
+            service_ps(h, svc).unwrap_or_default()
+        )
+    })
+}
+
+/// `mesh exec TASK -- argv` on `h`: its stdout (an error on a non-zero exit).
+pub fn task_exec(h: &Host, task: &str, argv: &[&str]) -> Result<String> {
+    let mut a = vec!["exec", task, "--"];
+    a.extend_from_slice(argv);
+    h.mesh_ok(&a)
+}
+
+/// An HTTP GET of `http://ADDR:PORT/` from the underlay client (3 s at most): the body.
+pub fn http_get(c: &Cluster, addr: &str, port: u16) -> Result<String> {
+    let out = c.client_exec_timeout(
+        &["curl", "-s", "-m", "3", &format!("http://{addr}:{port}/")],
+        Duration::from_secs(10),
+    )?;
+    anyhow::ensure!(out.status.success(), "curl {addr}:{port}: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

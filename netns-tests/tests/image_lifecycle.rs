@@ -20,82 +20,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_netns::registry::{save_test_image, Registry};
-use mesh_netns::swarm::form_swarm;
-use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
+use mesh_netns::registry::{registry_cluster, save_test_image};
+use mesh_netns::swarm::{
+    field, http_get, running_tasks, service_ps, task_exec, wait_tasks_running,
+};
+use mesh_netns::{wait_for, Host};
 use serde_json::Value;
-
-fn ps(h: &Host, svc: &str) -> Result<Vec<Value>> {
-    h.mesh_json(&["service", "ps", svc])?
-        .as_array()
-        .cloned()
-        .context("ps is an array")
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or_default()
-}
-
-/// The rows of `svc`'s tasks that should run and do.
-fn running(h: &Host, svc: &str) -> Result<Vec<Value>> {
-    Ok(ps(h, svc)?
-        .into_iter()
-        .filter(|t| {
-            s(t, "DesiredState") == "Running" && s(t, "CurrentState").starts_with("Running")
-        })
-        .collect())
-}
-
-/// Waits until exactly `n` tasks of `svc` run; their rows.
-fn wait_running(h: &Host, svc: &str, n: usize, within: Duration) -> Result<Vec<Value>> {
-    wait_for(
-        &format!("{svc}: {n} tasks running"),
-        within,
-        Duration::from_millis(250),
-        || {
-            let r = running(h, svc)?;
-            Ok((r.len() == n).then_some(r))
-        },
-    )
-    .with_context(|| format!("service ps {svc}: {:?}", ps(h, svc).unwrap_or_default()))
-}
-
-/// `mesh exec TASK -- argv` on `h`; stdout (fails on a non-zero exit).
-fn exec_in(h: &Host, task: &str, argv: &[&str]) -> Result<String> {
-    let mut a = vec!["exec", task, "--"];
-    a.extend_from_slice(argv);
-    h.mesh_ok(&a)
-}
-
-/// A cluster of `hosts` with a registry on host 1 and every meshd trusting it over HTTP;
-/// host 1 initialises the swarm with `managers` managers (the others are workers).
-fn setup(hosts: usize, managers: usize, hint: &'static str) -> Result<Option<(Cluster, Registry)>> {
-    if !require_root()? {
-        return Ok(None);
-    }
-    let c = Cluster::new(ClusterOpts {
-        hosts,
-        start_daemons: false,
-        name_hint: hint,
-    })?;
-    let reg = Registry::start(c.host(1), c.base_dir().join("registry"))?;
-    let insecure = reg.host_port();
-    for h in c.hosts() {
-        h.start_daemon_with(&["--insecure-registry", &insecure])?;
-    }
-    form_swarm(&c, managers)?;
-    Ok(Some((c, reg)))
-}
-
-/// An HTTP GET of `/` from the underlay client; the body.
-fn http_via(c: &Cluster, addr: &str, port: u16) -> Result<String> {
-    let out = c.client_exec_timeout(
-        &["curl", "-s", "-m", "3", &format!("http://{addr}:{port}/")],
-        Duration::from_secs(10),
-    )?;
-    ensure!(out.status.success(), "curl {addr}:{port}: {out:?}");
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The task's process as the executor recorded it in `<exec_root>/tasks/<id>/state.json`:
 /// its pid and `/proc` start time.
@@ -178,12 +108,12 @@ fn task_dirs(h: &Host) -> Vec<String> {
 }
 
 fn ids(rows: &[Value]) -> BTreeSet<String> {
-    rows.iter().map(|t| s(t, "ID").to_string()).collect()
+    rows.iter().map(|t| field(t, "ID").to_string()).collect()
 }
 
 #[test]
 fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() -> Result<()> {
-    let Some((c, reg)) = setup(2, 1, "imgadopt")? else {
+    let Some((c, reg)) = registry_cluster(2, 1, "imgadopt")? else {
         return Ok(());
     };
     let (h1, h2) = (c.host(1), c.host(2));
@@ -216,8 +146,8 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
         "-h",
         "/srv",
     ])?;
-    let rows = wait_running(h1, svc, 2, Duration::from_secs(60))?;
-    ensure!(rows.iter().all(|t| s(t, "Node") == "h2"), "{rows:?}");
+    let rows = wait_tasks_running(h1, svc, 2, Duration::from_secs(60))?;
+    ensure!(rows.iter().all(|t| field(t, "Node") == "h2"), "{rows:?}");
     let adopted = ids(&rows);
     let procs = adopted
         .iter()
@@ -228,7 +158,7 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
         "task processes: {procs:?}"
     );
     let via_h2 = h2.addr().to_string();
-    ensure!(http_via(&c, &via_h2, 8081)? == "hello from v1\n");
+    ensure!(http_get(&c, &via_h2, 8081)? == "hello from v1\n");
     // The probe sees the tasks' own mounts (in their mount namespaces) while they run.
     let during = mount_lines_mentioning(&tasks_root);
     ensure!(
@@ -243,7 +173,7 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
         ensure!(alive(p, st), "task process {p} died with meshd: {procs:?}");
     }
     for _ in 0..5 {
-        let body = http_via(&c, &via_h2, 8081)?;
+        let body = http_get(&c, &via_h2, 8081)?;
         ensure!(body == "hello from v1\n", "while meshd is down: {body:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -255,16 +185,16 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
         Duration::from_secs(30),
         Duration::from_millis(250),
         || {
-            let all = ps(h1, svc)?;
-            let r = running(h1, svc)?;
+            let all = service_ps(h1, svc)?;
+            let r = running_tasks(h1, svc)?;
             let desired = all
                 .iter()
-                .filter(|t| s(t, "DesiredState") == "Running")
+                .filter(|t| field(t, "DesiredState") == "Running")
                 .count();
             Ok((ids(&r) == adopted && desired == 2).then_some(()))
         },
     )
-    .with_context(|| format!("service ps: {:?}", ps(h1, svc).unwrap_or_default()))?;
+    .with_context(|| format!("service ps: {:?}", service_ps(h1, svc).unwrap_or_default()))?;
     for (id, &(p, st)) in adopted.iter().zip(&procs) {
         ensure!(
             task_process(h2, id)? == (p, st) && alive(p, st),
@@ -273,13 +203,13 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
     }
     // A few seconds later still the same: no replacement was scheduled.
     std::thread::sleep(Duration::from_secs(3));
-    let all = ps(h1, svc)?;
+    let all = service_ps(h1, svc)?;
     ensure!(
-        all.len() == 2 && ids(&running(h1, svc)?) == adopted,
+        all.len() == 2 && ids(&running_tasks(h1, svc)?) == adopted,
         "after adoption: {all:?}"
     );
     for _ in 0..3 {
-        ensure!(http_via(&c, &via_h2, 8081)? == "hello from v1\n");
+        ensure!(http_get(&c, &via_h2, 8081)? == "hello from v1\n");
     }
     let meshd = h2.daemon_pid().context("meshd is running")?.to_string();
     let meshd_before = mountinfo_mentioning(&meshd, h2.exec_root())?;
@@ -321,7 +251,7 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
 
 #[test]
 fn a_named_volume_survives_a_task_restart_on_the_same_node() -> Result<()> {
-    let Some((c, reg)) = setup(2, 1, "imgvol")? else {
+    let Some((c, reg)) = registry_cluster(2, 1, "imgvol")? else {
         return Ok(());
     };
     let (h1, h2) = (c.host(1), c.host(2));
@@ -347,9 +277,9 @@ fn a_named_volume_survives_a_task_restart_on_the_same_node() -> Result<()> {
         "-c",
         "echo start >> /data/log; exec sleep 100000",
     ])?;
-    let first = wait_running(h1, svc, 1, Duration::from_secs(60))?;
-    let first_id = s(&first[0], "ID").to_string();
-    ensure!(s(&first[0], "Node") == "h2", "{first:?}");
+    let first = wait_tasks_running(h1, svc, 1, Duration::from_secs(60))?;
+    let first_id = field(&first[0], "ID").to_string();
+    ensure!(field(&first[0], "Node") == "h2", "{first:?}");
     let host_log = h2
         .data_dir()
         .join("volumes")
@@ -360,7 +290,7 @@ fn a_named_volume_survives_a_task_restart_on_the_same_node() -> Result<()> {
         "the first start's line",
         Duration::from_secs(10),
         Duration::from_millis(100),
-        || Ok((exec_in(h2, &first_id, &["cat", "/data/log"])? == "start\n").then_some(())),
+        || Ok((task_exec(h2, &first_id, &["cat", "/data/log"])? == "start\n").then_some(())),
     )?;
 
     // The task's process dies; the restart policy starts a new task on h2.
@@ -373,20 +303,20 @@ fn a_named_volume_survives_a_task_restart_on_the_same_node() -> Result<()> {
         Duration::from_secs(60),
         Duration::from_millis(250),
         || {
-            let r = running(h1, svc)?;
-            Ok((r.len() == 1 && s(&r[0], "ID") != first_id).then_some(r))
+            let r = running_tasks(h1, svc)?;
+            Ok((r.len() == 1 && field(&r[0], "ID") != first_id).then_some(r))
         },
     )
-    .with_context(|| format!("service ps: {:?}", ps(h1, svc).unwrap_or_default()))?;
-    let second_id = s(&second[0], "ID").to_string();
-    ensure!(s(&second[0], "Node") == "h2", "{second:?}");
+    .with_context(|| format!("service ps: {:?}", service_ps(h1, svc).unwrap_or_default()))?;
+    let second_id = field(&second[0], "ID").to_string();
+    ensure!(field(&second[0], "Node") == "h2", "{second:?}");
 
     let log = wait_for(
         "the second start's line",
         Duration::from_secs(10),
         Duration::from_millis(100),
         || {
-            let log = exec_in(h2, &second_id, &["cat", "/data/log"])?;
+            let log = task_exec(h2, &second_id, &["cat", "/data/log"])?;
             Ok((log.lines().count() >= 2).then_some(log))
         },
     )?;
@@ -419,7 +349,7 @@ fn a_named_volume_survives_a_task_restart_on_the_same_node() -> Result<()> {
 
 #[test]
 fn a_loaded_image_runs_without_a_registry_and_prune_keeps_it_while_used() -> Result<()> {
-    let Some((c, mut reg)) = setup(1, 1, "imgload")? else {
+    let Some((c, mut reg)) = registry_cluster(1, 1, "imgload")? else {
         return Ok(());
     };
     let h1 = c.host(1);
@@ -445,9 +375,9 @@ fn a_loaded_image_runs_without_a_registry_and_prune_keeps_it_while_used() -> Res
             .iter()
             .map(|i| {
                 (
-                    s(i, "Repository").to_string(),
-                    s(i, "Tag").to_string(),
-                    s(i, "ID").to_string(),
+                    field(i, "Repository").to_string(),
+                    field(i, "Tag").to_string(),
+                    field(i, "ID").to_string(),
                 )
             })
             .collect())
@@ -497,8 +427,8 @@ fn a_loaded_image_runs_without_a_registry_and_prune_keeps_it_while_used() -> Res
         out.stderr.contains("could not be accessed on a registry"),
         "no warning that the tag is not pinned: {out:?}"
     );
-    wait_running(h1, svc, 1, Duration::from_secs(60))?;
-    let body = http_via(&c, &h1.addr().to_string(), 8082)?;
+    wait_tasks_running(h1, svc, 1, Duration::from_secs(60))?;
+    let body = http_get(&c, &h1.addr().to_string(), 8082)?;
     ensure!(body == "hello from loaded\n", "{body:?}");
 
     // prune keeps what the running task uses, removes the unused pulled image.
@@ -514,14 +444,14 @@ fn a_loaded_image_runs_without_a_registry_and_prune_keeps_it_while_used() -> Res
     );
     ensure!(out.contains("Total reclaimed space"), "{out}");
     // The task is unaffected.
-    ensure!(http_via(&c, &h1.addr().to_string(), 8082)? == "hello from loaded\n");
+    ensure!(http_get(&c, &h1.addr().to_string(), 8082)? == "hello from loaded\n");
     h1.mesh_ok(&["service", "rm", svc])?;
     Ok(())
 }
 
 #[test]
 fn a_read_only_root_with_a_user_and_a_writable_tmpfs() -> Result<()> {
-    let Some((c, reg)) = setup(1, 1, "imgro")? else {
+    let Some((c, reg)) = registry_cluster(1, 1, "imgro")? else {
         return Ok(());
     };
     let h1 = c.host(1);
@@ -543,15 +473,15 @@ fn a_read_only_root_with_a_user_and_a_writable_tmpfs() -> Result<()> {
         "sleep",
         "100000",
     ])?;
-    let rows = wait_running(h1, svc, 1, Duration::from_secs(60))?;
-    let task = s(&rows[0], "Name").to_string();
+    let rows = wait_tasks_running(h1, svc, 1, Duration::from_secs(60))?;
+    let task = field(&rows[0], "Name").to_string();
 
-    let uid = exec_in(h1, &task, &["id", "-u"])?;
+    let uid = task_exec(h1, &task, &["id", "-u"])?;
     ensure!(uid.trim() == "1000", "id -u: {uid:?}");
-    let ids = exec_in(h1, &task, &["id"])?;
+    let ids = task_exec(h1, &task, &["id"])?;
     ensure!(ids.contains("gid=1000"), "id: {ids:?}");
     // The command itself runs as the user too.
-    let status = exec_in(h1, &task, &["cat", "/proc/1/status"])?;
+    let status = task_exec(h1, &task, &["cat", "/proc/1/status"])?;
     ensure!(
         status
             .lines()
@@ -568,7 +498,7 @@ fn a_read_only_root_with_a_user_and_a_writable_tmpfs() -> Result<()> {
             "touch {path}: {out:?}"
         );
     }
-    let mounts = exec_in(h1, &task, &["cat", "/proc/mounts"])?;
+    let mounts = task_exec(h1, &task, &["cat", "/proc/mounts"])?;
     let tmp = mounts
         .lines()
         .find(|l| l.split_whitespace().nth(1) == Some("/tmp"))
@@ -576,7 +506,7 @@ fn a_read_only_root_with_a_user_and_a_writable_tmpfs() -> Result<()> {
     ensure!(tmp.starts_with("tmpfs "), "/tmp: {tmp}");
 
     // The tmpfs is writable, by the user.
-    let out = exec_in(
+    let out = task_exec(
         h1,
         &task,
         &[

@@ -14,97 +14,32 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_netns::registry::Registry;
-use mesh_netns::swarm::form_swarm;
-use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
+use mesh_netns::registry::registry_cluster;
+use mesh_netns::swarm::{field, http_get, service_ps, task_exec, wait_tasks_running};
+use mesh_netns::{wait_for, Cluster};
 use serde_json::Value;
-
-fn ps(h: &Host, svc: &str) -> Result<Vec<Value>> {
-    h.mesh_json(&["service", "ps", svc])?
-        .as_array()
-        .cloned()
-        .context("ps is an array")
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or_default()
-}
-
-fn running(h: &Host, svc: &str) -> Result<usize> {
-    Ok(ps(h, svc)?
-        .iter()
-        .filter(|t| {
-            s(t, "DesiredState") == "Running" && s(t, "CurrentState").starts_with("Running")
-        })
-        .count())
-}
-
-fn wait_running(h: &Host, svc: &str, n: usize, within: Duration) -> Result<()> {
-    wait_for(
-        &format!("{svc}: {n} tasks running"),
-        within,
-        Duration::from_millis(250),
-        || Ok((running(h, svc)? == n).then_some(())),
-    )
-    .with_context(|| format!("service ps {svc}: {:?}", ps(h, svc).unwrap_or_default()))
-}
-
-/// `mesh exec` into the first running task of `svc` on `h`; stdout.
-fn exec_in(h: &Host, task: &str, argv: &[&str]) -> Result<String> {
-    let mut a = vec!["exec", task, "--"];
-    a.extend_from_slice(argv);
-    h.mesh_ok(&a)
-}
 
 /// A running task of `svc` on host `h`'s node, by name (`svc.N`).
 fn local_task(c: &Cluster, svc: &str) -> Result<(usize, String)> {
-    for t in ps(c.host(1), svc)? {
-        if s(&t, "CurrentState").starts_with("Running") && s(&t, "DesiredState") == "Running" {
-            let node = s(&t, "Node");
+    for t in service_ps(c.host(1), svc)? {
+        if field(&t, "CurrentState").starts_with("Running")
+            && field(&t, "DesiredState") == "Running"
+        {
+            let node = field(&t, "Node");
             let i = c
                 .hosts()
                 .iter()
                 .position(|h| h.name() == node)
                 .context("task on an unknown node")?;
-            return Ok((i + 1, s(&t, "Name").to_string()));
+            return Ok((i + 1, field(&t, "Name").to_string()));
         }
     }
     anyhow::bail!("no running task of {svc}")
 }
 
-/// A cluster of `hosts` with a registry on host 1 and every meshd trusting it over HTTP;
-/// host 1 initialises the swarm, the others join as managers up to 3.
-fn setup(hosts: usize, hint: &'static str) -> Result<Option<(Cluster, Registry)>> {
-    if !require_root()? {
-        return Ok(None);
-    }
-    let c = Cluster::new(ClusterOpts {
-        hosts,
-        start_daemons: false,
-        name_hint: hint,
-    })?;
-    let reg = Registry::start(c.host(1), c.base_dir().join("registry"))?;
-    let insecure = reg.host_port();
-    for h in c.hosts() {
-        h.start_daemon_with(&["--insecure-registry", &insecure])?;
-    }
-    form_swarm(&c, hosts.min(3))?;
-    Ok(Some((c, reg)))
-}
-
-/// An HTTP GET of `/` through the routing mesh, from the underlay client; the body.
-fn http_via(c: &Cluster, addr: &str, port: u16) -> Result<String> {
-    let out = c.client_exec_timeout(
-        &["curl", "-s", "-m", "3", &format!("http://{addr}:{port}/")],
-        Duration::from_secs(10),
-    )?;
-    ensure!(out.status.success(), "curl {addr}:{port}: {out:?}");
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 #[test]
 fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
-    let Some((c, reg)) = setup(3, "img")? else {
+    let Some((c, reg)) = registry_cluster(3, 3, "img")? else {
         return Ok(());
     };
     let h1 = c.host(1);
@@ -134,7 +69,7 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
         "-h",
         "/srv",
     ])?;
-    wait_running(h1, "web", 3, Duration::from_secs(60))?;
+    wait_tasks_running(h1, "web", 3, Duration::from_secs(60))?;
 
     // Pinned to the digest the registry gave; ps and ls show the tag.
     let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "web"])?)?;
@@ -147,42 +82,44 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
         "pinned {pinned:?}, pushed {digest}"
     );
     ensure!(
-        ps(h1, "web")?.iter().all(|t| s(t, "Image") == image),
+        service_ps(h1, "web")?
+            .iter()
+            .all(|t| field(t, "Image") == image),
         "{:?}",
-        ps(h1, "web")?
+        service_ps(h1, "web")?
     );
     let ls = h1.mesh_ok(&["service", "ls"])?;
     ensure!(ls.contains("IMAGE") && ls.contains(&image), "{ls}");
 
     // The routing mesh answers on every node with the image's file.
     for h in c.hosts() {
-        let body = http_via(&c, &h.addr().to_string(), 8080)?;
+        let body = http_get(&c, &h.addr().to_string(), 8080)?;
         ensure!(body == "hello from v1\n", "via {}: {body:?}", h.name());
     }
 
     // Inside a task: the image's root, not the host's.
     let (i, task) = local_task(&c, "web")?;
     let h = c.host(i);
-    ensure!(exec_in(h, &task, &["cat", "/etc/release"])? == "v1\n");
-    let ls_root = exec_in(h, &task, &["ls", "/"])?;
+    ensure!(task_exec(h, &task, &["cat", "/etc/release"])? == "v1\n");
+    let ls_root = task_exec(h, &task, &["ls", "/"])?;
     ensure!(
         !ls_root.contains("doomed"),
         "the whiteout did not hide /doomed: {ls_root}"
     );
     ensure!(
-        exec_in(h, &task, &["ls", "/keep"])?
+        task_exec(h, &task, &["ls", "/keep"])?
             .split_whitespace()
             .collect::<Vec<_>>()
             == ["c"]
     );
-    let host_only = exec_in(h, &task, &["test", "-e", "/etc/debian_version"]);
+    let host_only = task_exec(h, &task, &["test", "-e", "/etc/debian_version"]);
     ensure!(
         host_only.is_err(),
         "the host's /etc/debian_version is visible: {host_only:?}"
     );
-    let init = exec_in(h, &task, &["cat", "/proc/1/cmdline"])?;
+    let init = task_exec(h, &task, &["cat", "/proc/1/cmdline"])?;
     ensure!(init.starts_with("httpd"), "pid 1 is {init:?}");
-    let env = exec_in(h, &task, &["env"])?;
+    let env = task_exec(h, &task, &["env"])?;
     ensure!(env.contains("IMAGE_VAR=from-image"), "{env}");
     ensure!(env.contains("MESH_SERVICE_NAME=web"), "{env}");
 
@@ -199,10 +136,10 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
         "sleep",
         "100000",
     ])?;
-    wait_running(h1, "client", 1, Duration::from_secs(60))?;
+    wait_tasks_running(h1, "client", 1, Duration::from_secs(60))?;
     let (ci, ctask) = local_task(&c, "client")?;
     let ch = c.host(ci);
-    let got = exec_in(
+    let got = task_exec(
         ch,
         &ctask,
         &[
@@ -212,7 +149,7 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
         ],
     )?;
     ensure!(got.contains("hello from v1"), "through the VIP: {got:?}");
-    let got = exec_in(
+    let got = task_exec(
         ch,
         &ctask,
         &[
@@ -226,9 +163,9 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
     // The tag moves; the service's tasks keep the pinned digest, old and new.
     reg.push_test_image("app", "v1", "v2", false)?;
     h1.mesh_ok(&["service", "scale", "-d", "web=5"])?;
-    wait_running(h1, "web", 5, Duration::from_secs(60))?;
+    wait_tasks_running(h1, "web", 5, Duration::from_secs(60))?;
     for _ in 0..10 {
-        let body = http_via(&c, &c.host(2).addr().to_string(), 8080)?;
+        let body = http_get(&c, &c.host(2).addr().to_string(), 8080)?;
         ensure!(
             body == "hello from v1\n",
             "a task runs the moved tag: {body:?}"
@@ -244,7 +181,7 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
             let all = c
                 .hosts()
                 .iter()
-                .map(|h| http_via(&c, &h.addr().to_string(), 8080))
+                .map(|h| http_get(&c, &h.addr().to_string(), 8080))
                 .collect::<Result<Vec<_>>>()?;
             Ok(all.iter().all(|b| b == "hello from v2\n").then_some(()))
         },
@@ -291,7 +228,7 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
 
 #[test]
 fn unknown_images_and_a_stopped_registry_are_rejected_clearly_then_recover() -> Result<()> {
-    let Some((c, mut reg)) = setup(2, "imgerr")? else {
+    let Some((c, mut reg)) = registry_cluster(2, 2, "imgerr")? else {
         return Ok(());
     };
     let h1 = c.host(1);
@@ -320,10 +257,10 @@ fn unknown_images_and_a_stopped_registry_are_rejected_clearly_then_recover() -> 
         Duration::from_secs(30),
         Duration::from_millis(250),
         || {
-            Ok(ps(h1, "ghost")?
+            Ok(service_ps(h1, "ghost")?
                 .iter()
-                .find(|t| s(t, "CurrentState").starts_with("Rejected"))
-                .map(|t| s(t, "Error").to_string()))
+                .find(|t| field(t, "CurrentState").starts_with("Rejected"))
+                .map(|t| field(t, "Error").to_string()))
         },
     )
     .and_then(|err| {
@@ -361,13 +298,13 @@ fn unknown_images_and_a_stopped_registry_are_rejected_clearly_then_recover() -> 
         Duration::from_secs(30),
         Duration::from_millis(250),
         || {
-            Ok(ps(h1, "later")?
+            Ok(service_ps(h1, "later")?
                 .iter()
-                .any(|t| s(t, "CurrentState").starts_with("Rejected"))
+                .any(|t| field(t, "CurrentState").starts_with("Rejected"))
                 .then_some(()))
         },
     )?;
     reg.restart()?;
-    wait_running(h1, "later", 2, Duration::from_secs(60))?;
+    wait_tasks_running(h1, "later", 2, Duration::from_secs(60))?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_netns::swarm::{expect_err, form_swarm, node_ls, sleep_pids};
+use mesh_netns::swarm::{expect_err, field, form_swarm, node_ls, service_ps, sleep_pids};
 use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
 use serde_json::Value;
 
@@ -31,23 +31,14 @@ fn pids_of(secs: u32) -> Vec<u32> {
     sleep_pids(secs)
 }
 
-fn ps(h: &Host, svc: &str) -> Result<Vec<Value>> {
-    h.mesh_json(&["service", "ps", svc])?
-        .as_array()
-        .cloned()
-        .context("ps is an array")
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or_default()
-}
-
 /// Running tasks of a service per node name.
 fn running_per_node(h: &Host, svc: &str) -> Result<BTreeMap<String, usize>> {
     let mut m = BTreeMap::new();
-    for t in ps(h, svc)? {
-        if s(&t, "DesiredState") == "Running" && s(&t, "CurrentState").starts_with("Running") {
-            *m.entry(s(&t, "Node").to_string()).or_default() += 1;
+    for t in service_ps(h, svc)? {
+        if field(&t, "DesiredState") == "Running"
+            && field(&t, "CurrentState").starts_with("Running")
+        {
+            *m.entry(field(&t, "Node").to_string()).or_default() += 1;
         }
     }
     Ok(m)
@@ -218,11 +209,14 @@ fn service_lifecycle_on_three_nodes() -> Result<()> {
     );
 
     // exec on the node that runs web's task: its own namespaces, hostname, resolv.conf, env.
-    let on_h2 = ps(h1, "web")?
+    let on_h2 = service_ps(h1, "web")?
         .into_iter()
-        .find(|t| s(t, "Node") == "h2")
+        .find(|t| field(t, "Node") == "h2")
         .context("task on h2")?;
-    let (id, name) = (s(&on_h2, "ID").to_string(), s(&on_h2, "Name").to_string());
+    let (id, name) = (
+        field(&on_h2, "ID").to_string(),
+        field(&on_h2, "Name").to_string(),
+    );
     let out = h2.mesh_ok(&["exec", &name, "--", "sh", "-c", "hostname; cat /etc/resolv.conf; echo $MESH_SERVICE_NAME $MESH_TASK_SLOT $MESH_NODE_NAME; readlink /proc/self/ns/net"])?;
     let lines: Vec<&str> = out.lines().collect();
     ensure!(lines[0] == &id[..12], "hostname {out}");
@@ -258,10 +252,11 @@ fn service_lifecycle_on_three_nodes() -> Result<()> {
         Duration::from_secs(15),
         Duration::from_millis(200),
         || {
-            Ok(ps(h1, "web")?
+            Ok(service_ps(h1, "web")?
                 .iter()
                 .any(|t| {
-                    s(t, "CurrentState").starts_with("Failed") && s(t, "Error").contains("signal 9")
+                    field(t, "CurrentState").starts_with("Failed")
+                        && field(t, "Error").contains("signal 9")
                 })
                 .then_some(()))
         },
@@ -291,19 +286,19 @@ fn service_lifecycle_on_three_nodes() -> Result<()> {
     // meshd SIGKILLed and restarted on a worker: its tasks survive and are adopted, no copies.
     h1.mesh_ok(&["service", "scale", "web=3"])?;
     wait_procs(86401, 3, Duration::from_secs(15))?;
-    let before: Vec<String> = ps(h1, "web")?
+    let before: Vec<String> = service_ps(h1, "web")?
         .iter()
-        .filter(|t| s(t, "Node") == "h2" && s(t, "DesiredState") == "Running")
-        .map(|t| s(t, "ID").to_string())
+        .filter(|t| field(t, "Node") == "h2" && field(t, "DesiredState") == "Running")
+        .map(|t| field(t, "ID").to_string())
         .collect();
     let pids_before = pids_of(86401);
     h2.kill_daemon()?;
     h2.start_daemon()?;
     std::thread::sleep(Duration::from_secs(3));
-    let after: Vec<String> = ps(h1, "web")?
+    let after: Vec<String> = service_ps(h1, "web")?
         .iter()
-        .filter(|t| s(t, "Node") == "h2" && s(t, "DesiredState") == "Running")
-        .map(|t| s(t, "ID").to_string())
+        .filter(|t| field(t, "Node") == "h2" && field(t, "DesiredState") == "Running")
+        .map(|t| field(t, "ID").to_string())
         .collect();
     ensure!(
         before == after,
@@ -503,21 +498,21 @@ fn rolling_updates_pause_and_roll_back() -> Result<()> {
     wait_procs(86404, 2, Duration::from_secs(10))?;
 
     // A good update replaces every task.
-    let before: Vec<String> = ps(h1, "up")?
+    let before: Vec<String> = service_ps(h1, "up")?
         .iter()
-        .map(|t| s(t, "ID").to_string())
+        .map(|t| field(t, "ID").to_string())
         .collect();
     let out = h1.mesh_ok(&["service", "update", "--env-add", "V=2", "up"])?;
     ensure!(out.contains("verify: Service converged"), "{out}");
-    let running: Vec<Value> = ps(h1, "up")?
+    let running: Vec<Value> = service_ps(h1, "up")?
         .into_iter()
-        .filter(|t| s(t, "DesiredState") == "Running")
+        .filter(|t| field(t, "DesiredState") == "Running")
         .collect();
     ensure!(
         running.len() == 2
             && running
                 .iter()
-                .all(|t| !before.contains(&s(t, "ID").to_string())),
+                .all(|t| !before.contains(&field(t, "ID").to_string())),
         "{running:?}"
     );
     let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "up"])?)?;
