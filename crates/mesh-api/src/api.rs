@@ -75,6 +75,18 @@ pub enum Request {
     ServiceRollback {
         service: String,
     },
+    /// Replaces a service's whole spec, as the Engine API's `POST /services/{id}/update`
+    /// does: refused with "update out of sequence" unless the service is still at `version`.
+    /// `rollback` goes back to the previous spec instead (`spec` is then ignored); a changed
+    /// `force_update` counter replaces the tasks even if nothing else changed.
+    ServiceReplace {
+        service: String,
+        version: u64,
+        spec: ServiceSpec,
+        rollback: bool,
+    },
+    /// Every object of the cluster as stored, for the Engine API's views and filters.
+    Objects,
     ServiceRm {
         service: String,
     },

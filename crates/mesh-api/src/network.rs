@@ -15,6 +15,9 @@ pub struct NetworkSpec {
     /// The routing-mesh network made at `swarm init`.
     #[serde(default)]
     pub ingress: bool,
+    /// User metadata (`--label`; stacks put `com.docker.stack.namespace` here).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A network as stored: its spec and what the allocator gave it.

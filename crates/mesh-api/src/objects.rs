@@ -179,3 +179,35 @@ pub struct RaftInfo {
     #[serde(default)]
     pub state_digest: Option<String>,
 }
+
+/// A node with what only the leader knows of it, in [`ClusterObjects`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub node: Node,
+    /// `Leader`, `Reachable`, `Unreachable`, or empty for workers.
+    pub manager_status: String,
+}
+
+/// The cluster record without its secrets, in [`ClusterObjects`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub id: String,
+    pub created_at: u64,
+    /// The join tokens as `swarm join-token` prints them.
+    pub worker_token: String,
+    pub manager_token: String,
+    /// The root CA certificate (PEM).
+    pub ca_cert_pem: String,
+}
+
+/// Every object of the cluster as the leader's store holds it (`Request::Objects`): what the
+/// Engine API shows and filters, from the same state the mesh CLI reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterObjects {
+    pub cluster: ClusterView,
+    pub nodes: Vec<NodeView>,
+    pub services: Vec<crate::service::Service>,
+    pub tasks: Vec<crate::service::Task>,
+    pub networks: Vec<crate::network::Network>,
+}

@@ -352,6 +352,21 @@ pub struct ServiceSpec {
     /// `None`: the agent's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_grace_period_ms: Option<u64>,
+    /// Docker's `TaskTemplate.ForceUpdate` counter: a change replaces the tasks even when
+    /// nothing else changed (`docker service update --force` bumps it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub force_update: u64,
+    /// Docker's `ContainerSpec.Labels`: kept and shown, as stacks set them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub container_labels: BTreeMap<String, String>,
+    /// Docker's `Placement.Platforms` as `os/arch` (`linux/amd64`), which the `docker` CLI
+    /// adds once it resolved the image's digest; mesh nodes are all Linux.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The number of a signal named as Docker's `--stop-signal` takes it (`SIGTERM`, `TERM`,

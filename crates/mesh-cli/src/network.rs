@@ -56,6 +56,7 @@ pub fn run(c: &Client, cmd: NetworkCmd) -> Result<()> {
                 subnet,
                 attachable,
                 ingress: false,
+                labels: Default::default(),
             };
             let v = c.call(Request::NetworkCreate { spec })?;
             println!("{}", v["id"].as_str().unwrap_or(""));

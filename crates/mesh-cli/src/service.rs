@@ -473,6 +473,9 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
             .as_deref()
             .map(parse_duration_ms)
             .transpose()?,
+        force_update: 0,
+        container_labels: Default::default(),
+        platforms: Vec::new(),
     })
 }
 

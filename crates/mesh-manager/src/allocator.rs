@@ -472,6 +472,7 @@ mod tests {
                 subnet: Some("10.0.16.0/21".into()),
                 attachable: false,
                 ingress: false,
+                labels: Default::default(),
             },
             0,
         )

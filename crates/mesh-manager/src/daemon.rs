@@ -299,6 +299,31 @@ impl Daemon {
                 }
                 Ok(v)
             }
+            Request::ServiceReplace {
+                service,
+                version,
+                mut spec,
+                rollback,
+            } => {
+                self.manager().await?;
+                let warning = if rollback || spec.image.is_empty() || spec.image.contains('@') {
+                    None
+                } else {
+                    self.pin_image(&mut spec.image).await?
+                };
+                let mut v = self
+                    .management(Request::ServiceReplace {
+                        service,
+                        version,
+                        spec,
+                        rollback,
+                    })
+                    .await?;
+                if let Some(w) = warning {
+                    v["warnings"] = json!([w]);
+                }
+                Ok(v)
+            }
             req => self.management(req).await,
         }
     }

@@ -731,6 +731,41 @@ impl Member {
         }
     }
 
+    /// Every stored object, with the join tokens and each node's manager status.
+    fn objects(
+        &self,
+        state: &crate::state::StoreState,
+        leader: Option<u64>,
+    ) -> Result<mesh_api::ClusterObjects, ApiError> {
+        let c = state
+            .cluster
+            .as_ref()
+            .ok_or_else(|| ApiError::internal("cluster not initialized"))?;
+        let digest = RootCa::from_pem(&c.ca_cert_pem, &c.ca_key_pem)
+            .map_err(ApiError::internal)?
+            .digest();
+        Ok(mesh_api::ClusterObjects {
+            cluster: mesh_api::ClusterView {
+                id: c.id.clone(),
+                created_at: c.created_at,
+                worker_token: JoinToken::new(&digest, &c.worker_secret).to_string(),
+                manager_token: JoinToken::new(&digest, &c.manager_secret).to_string(),
+                ca_cert_pem: c.ca_cert_pem.clone(),
+            },
+            nodes: state
+                .nodes
+                .values()
+                .map(|n| mesh_api::NodeView {
+                    node: n.clone(),
+                    manager_status: self.manager_status(n, leader),
+                })
+                .collect(),
+            services: state.services.values().cloned().collect(),
+            tasks: state.tasks.values().cloned().collect(),
+            networks: state.networks.values().cloned().collect(),
+        })
+    }
+
     async fn leader_api(&self, node: &RaftNode, req: Request) -> Response {
         let leader = Some(node.raft_id);
         match req {
@@ -995,6 +1030,63 @@ impl Member {
                 self.write(node, Command::UpdateService { service: next })
                     .await?;
                 Ok(json!({ "id": svc.id }))
+            }
+            Request::ServiceReplace {
+                service,
+                version,
+                spec,
+                rollback,
+            } => {
+                let state = self.read(node).await?;
+                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                if svc.version != version {
+                    return Err(ApiError::invalid(format!(
+                        "update out of sequence: service {} is at version {}, not {version}",
+                        svc.spec.name, svc.version
+                    )));
+                }
+                let next = if rollback {
+                    services::rolled_back(svc, now_secs())?
+                } else {
+                    let mut spec = spec;
+                    if spec.name != svc.spec.name {
+                        return Err(ApiError::invalid(format!(
+                            "renaming services is not supported ({} to {})",
+                            svc.spec.name, spec.name
+                        )));
+                    }
+                    services::validate_spec(&spec, &state)?;
+                    let ids = |names: &[String]| -> Vec<String> {
+                        names
+                            .iter()
+                            .map(|n| {
+                                state
+                                    .find_network(n)
+                                    .map(|n| n.id.clone())
+                                    .unwrap_or_default()
+                            })
+                            .collect()
+                    };
+                    if ids(&spec.networks) != ids(&svc.spec.networks)
+                        || spec.endpoint_mode != svc.spec.endpoint_mode
+                    {
+                        return Err(ApiError::invalid(format!(
+                            "service {}: changing the networks or the endpoint mode of a service is not supported yet (remove the service and create it again)",
+                            svc.spec.name
+                        )));
+                    }
+                    services::allocate_ports(&state, &mut spec, Some(&svc.id))?;
+                    let force = spec.force_update != svc.spec.force_update;
+                    services::updated(svc, spec, force, now_secs())
+                };
+                let rollout = next.version != svc.version;
+                self.write(node, Command::UpdateService { service: next })
+                    .await?;
+                Ok(json!({ "id": svc.id, "rollout": rollout }))
+            }
+            Request::Objects => {
+                let state = self.read(node).await?;
+                Ok(json!(self.objects(&state, leader)?))
             }
             Request::ServiceRm { service } => {
                 let state = self.read(node).await?;

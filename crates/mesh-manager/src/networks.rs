@@ -22,6 +22,7 @@ pub fn ingress(now: u64) -> Network {
             subnet: Some(subnet.to_string()),
             attachable: false,
             ingress: true,
+            labels: Default::default(),
         },
         subnet: subnet.to_string(),
         gateway: subnet.gateway().to_string(),
