@@ -1,0 +1,890 @@
+//! One handler per Engine API endpoint. Reads come from one `Request::Objects` snapshot of
+//! the leader's store (filtered and shaped here); writes are the local API's requests, so
+//! the `docker` CLI and the `mesh` CLI change the same objects through the same checks.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use mesh_api::{
+    Availability, ClusterObjects, LocalInfo, NetworkSpec, NodeRole, Request, Service, Task,
+    TaskState,
+};
+use serde_json::{json, Value};
+
+use crate::convert::{self, rfc3339};
+use crate::server::{Call, EngineError, Reply};
+use crate::Backend;
+
+type Result<T> = std::result::Result<T, EngineError>;
+
+async fn call(b: &dyn Backend, req: Request) -> Result<Value> {
+    b.call(req).await.map_err(EngineError::from)
+}
+
+async fn objects(b: &dyn Backend) -> Result<ClusterObjects> {
+    let v = call(b, Request::Objects).await?;
+    serde_json::from_value(v).map_err(|e| {
+        EngineError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the cluster's objects: {e}"),
+        )
+    })
+}
+
+async fn local_info(b: &dyn Backend) -> Result<LocalInfo> {
+    let v = call(b, Request::Info).await?;
+    serde_json::from_value(v)
+        .map_err(|e| EngineError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("bad info: {e}")))
+}
+
+/// Dispatches a call to its handler; unknown endpoints are 404 "page not found", as dockerd.
+pub async fn route(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let segs: Vec<&str> = c.segments.iter().map(String::as_str).collect();
+    let get = c.method == Method::GET || c.method == Method::HEAD;
+    let post = c.method == Method::POST;
+    let delete = c.method == Method::DELETE;
+    match segs.as_slice() {
+        ["_ping"] if get => ping(b).await,
+        ["version"] if get => version().await,
+        ["info"] if get => info(b).await,
+        ["swarm"] if get => swarm_inspect(b).await,
+        ["swarm", "init"] if post => swarm_init(b, c).await,
+        ["swarm", "join"] if post => swarm_join(b, c).await,
+        ["swarm", "leave"] if post => {
+            call(
+                b,
+                Request::SwarmLeave {
+                    force: c.query.flag("force"),
+                },
+            )
+            .await?;
+            Ok(Reply::Empty(StatusCode::OK))
+        }
+        ["swarm", "update"] if post => swarm_update(b, c).await,
+        ["swarm", "unlockkey"] if get => {
+            objects(b).await?;
+            Err(EngineError::not_found("no unlock key is set"))
+        }
+        ["swarm", "unlock"] if post => Err(EngineError::bad(
+            "swarm is not locked (mesh does not support autolock yet)",
+        )),
+        ["nodes"] if get => node_ls(b, c).await,
+        ["nodes", id] if get => {
+            let o = objects(b).await?;
+            let n = find_node(&o, id)?;
+            Ok(Reply::ok(convert::node(n, false)))
+        }
+        ["nodes", id] if delete => {
+            call(
+                b,
+                Request::NodeRm {
+                    node: id.to_string(),
+                    force: c.query.flag("force"),
+                },
+            )
+            .await?;
+            Ok(Reply::Empty(StatusCode::OK))
+        }
+        ["nodes", id, "update"] if post => node_update(b, c, id).await,
+        ["services"] if get => service_ls(b, c).await,
+        ["services", "create"] if post => service_create(b, c).await,
+        ["services", id] if get => {
+            let o = objects(b).await?;
+            let s = find_service(&o, id)?;
+            Ok(Reply::ok(convert::service_json(s, &o, false)))
+        }
+        ["services", id] if delete => {
+            let o = objects(b).await?;
+            let s = find_service(&o, id)?;
+            call(
+                b,
+                Request::ServiceRm {
+                    service: s.id.clone(),
+                },
+            )
+            .await?;
+            Ok(Reply::Empty(StatusCode::OK))
+        }
+        ["services", id, "update"] if post => service_update(b, c, id).await,
+        ["services", id, "logs"] if get => service_logs(b, c, id).await,
+        ["tasks"] if get => task_ls(b, c).await,
+        ["tasks", id] if get => {
+            let o = objects(b).await?;
+            let t = o
+                .tasks
+                .iter()
+                .find(|t| t.id == *id)
+                .or_else(|| unique(o.tasks.iter().filter(|t| t.id.starts_with(id))))
+                .ok_or_else(|| EngineError::not_found(format!("task {id} not found")))?;
+            Ok(Reply::ok(convert::task(t, &o)))
+        }
+        ["networks"] if get => network_ls(b, c).await,
+        ["networks", "create"] if post => network_create(b, c).await,
+        ["networks", id] if get => {
+            let o = objects(b).await?;
+            let n = find_network(&o, id)?;
+            Ok(Reply::ok(convert::network_json(n)))
+        }
+        ["networks", id] if delete => {
+            let o = objects(b).await?;
+            let n = find_network(&o, id)?;
+            call(
+                b,
+                Request::NetworkRm {
+                    network: n.id.clone(),
+                },
+            )
+            .await?;
+            Ok(Reply::Empty(StatusCode::NO_CONTENT))
+        }
+        // mesh has no secrets or configs yet: listing them truthfully finds none (`stack rm`
+        // lists them), anything else says so.
+        ["secrets"] | ["configs"] if get => {
+            objects(b).await?;
+            Ok(Reply::ok(json!([])))
+        }
+        [kind @ ("secrets" | "configs"), ..] => Err(EngineError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("{kind} are not supported by mesh yet"),
+        )),
+        _ => Err(EngineError::not_found("page not found")),
+    }
+}
+
+fn unique<'a, T>(mut it: impl Iterator<Item = &'a T>) -> Option<&'a T> {
+    let first = it.next()?;
+    it.next().is_none().then_some(first)
+}
+
+fn find_node<'a>(o: &'a ClusterObjects, key: &str) -> Result<&'a mesh_api::NodeView> {
+    o.nodes
+        .iter()
+        .find(|n| n.node.id == key)
+        .or_else(|| unique(o.nodes.iter().filter(|n| n.node.hostname == key)))
+        .or_else(|| unique(o.nodes.iter().filter(|n| n.node.id.starts_with(key))))
+        .ok_or_else(|| EngineError::not_found(format!("node {key} not found")))
+}
+
+fn find_service<'a>(o: &'a ClusterObjects, key: &str) -> Result<&'a Service> {
+    o.services
+        .iter()
+        .find(|s| s.id == key)
+        .or_else(|| o.services.iter().find(|s| s.spec.name == key))
+        .or_else(|| unique(o.services.iter().filter(|s| s.id.starts_with(key))))
+        .ok_or_else(|| EngineError::not_found(format!("service {key} not found")))
+}
+
+fn find_network<'a>(o: &'a ClusterObjects, key: &str) -> Result<&'a mesh_api::Network> {
+    o.networks
+        .iter()
+        .find(|n| n.id == key)
+        .or_else(|| o.networks.iter().find(|n| n.spec.name == key))
+        .or_else(|| unique(o.networks.iter().filter(|n| n.id.starts_with(key))))
+        .ok_or_else(|| EngineError::not_found(format!("network {key} not found")))
+}
+
+fn swarm_state(i: &LocalInfo) -> &'static str {
+    match (i.swarm.as_str(), i.role) {
+        ("active", Some(NodeRole::Manager)) => "active/manager",
+        ("active", _) => "active/worker",
+        ("locked", _) => "locked",
+        ("pending", _) => "pending",
+        ("error", _) => "error",
+        _ => "inactive",
+    }
+}
+
+async fn ping(b: &dyn Backend) -> Result<Reply> {
+    let i = local_info(b).await?;
+    Ok(Reply::Ping(swarm_state(&i)))
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn version() -> Result<Reply> {
+    let details = HashMap::from([
+        ("ApiVersion".to_string(), crate::API_VERSION.to_string()),
+        (
+            "MinAPIVersion".to_string(),
+            crate::MIN_API_VERSION.to_string(),
+        ),
+        ("Os".to_string(), "linux".to_string()),
+        ("Arch".to_string(), convert::docker_arch().to_string()),
+        ("KernelVersion".to_string(), kernel()),
+    ]);
+    Ok(Reply::ok(bollard_stubs::models::SystemVersion {
+        platform: Some(bollard_stubs::models::SystemVersionPlatform {
+            name: "mesh".into(),
+        }),
+        components: Some(vec![bollard_stubs::models::SystemVersionComponents {
+            name: "Engine".into(),
+            version: convert::ENGINE_VERSION.into(),
+            details: Some(details),
+        }]),
+        version: Some(convert::ENGINE_VERSION.into()),
+        api_version: Some(crate::API_VERSION.into()),
+        min_api_version: Some(crate::MIN_API_VERSION.into()),
+        git_commit: Some(String::new()),
+        go_version: Some("none (Rust)".into()),
+        os: Some("linux".into()),
+        arch: Some(convert::docker_arch().into()),
+        kernel_version: Some(kernel()),
+        experimental: Some(false),
+        build_time: Some(String::new()),
+    }))
+}
+
+/// The cluster settings mesh runs with, in `SwarmSpec`'s shape (read only but for the join
+/// tokens: `swarm update` refuses changes to them).
+fn swarm_spec() -> Value {
+    json!({
+        "Name": "default",
+        "Labels": {},
+        "Orchestration": {"TaskHistoryRetentionLimit": 5},
+        "Raft": {"SnapshotInterval": 10000, "KeepOldSnapshots": 0, "LogEntriesForSlowFollowers": 500, "ElectionTick": 10, "HeartbeatTick": 1},
+        "Dispatcher": {"HeartbeatPeriod": 5_000_000_000u64},
+        "CAConfig": {"NodeCertExpiry": 7_776_000_000_000_000u64},
+        "TaskDefaults": {},
+        "EncryptionConfig": {"AutoLockManagers": false},
+    })
+}
+
+fn cluster_json(o: &ClusterObjects) -> Value {
+    json!({
+        "ID": o.cluster.id,
+        "Version": {"Index": o.cluster.created_at.max(1)},
+        "CreatedAt": rfc3339(o.cluster.created_at),
+        "UpdatedAt": rfc3339(o.cluster.created_at),
+        "Spec": swarm_spec(),
+        "TLSInfo": {"TrustRoot": o.cluster.ca_cert_pem},
+        "RootRotationInProgress": false,
+        "DataPathPort": 4789,
+        "DefaultAddrPool": ["10.0.0.0/8"],
+        "SubnetSize": 24,
+    })
+}
+
+async fn swarm_inspect(b: &dyn Backend) -> Result<Reply> {
+    let o = objects(b).await?;
+    let mut v = cluster_json(&o);
+    v["JoinTokens"] = json!({"Worker": o.cluster.worker_token, "Manager": o.cluster.manager_token});
+    Ok(Reply::ok(v))
+}
+
+async fn info(b: &dyn Backend) -> Result<Reply> {
+    let i = local_info(b).await?;
+    let manager = i.swarm == "active" && i.role == Some(NodeRole::Manager);
+    // A manager answers from the cluster's objects; a worker (or a manager without a
+    // leader) from what it knows locally.
+    let o = if manager { objects(b).await.ok() } else { None };
+    let local_tasks: Vec<&Task> = o
+        .as_ref()
+        .map(|o| {
+            o.tasks
+                .iter()
+                .filter(|t| Some(&t.node_id) == i.node_id.as_ref())
+                .collect()
+        })
+        .unwrap_or_default();
+    let running = local_tasks
+        .iter()
+        .filter(|t| t.status.state == TaskState::Running)
+        .count();
+    let remote: Vec<Value> = match &o {
+        Some(o) => o
+            .nodes
+            .iter()
+            .filter(|n| n.node.role == NodeRole::Manager)
+            .map(|n| json!({"NodeID": n.node.id, "Addr": n.node.addr}))
+            .collect(),
+        None => i
+            .managers
+            .iter()
+            .map(|a| json!({"NodeID": "", "Addr": a}))
+            .collect(),
+    };
+    let local_state = match i.swarm.as_str() {
+        "active" | "locked" | "pending" | "error" => i.swarm.clone(),
+        _ => "inactive".into(),
+    };
+    let mut swarm = json!({
+        "NodeID": i.node_id.clone().unwrap_or_default(),
+        "NodeAddr": i.node_addr.as_deref().map(|a| a.split(':').next().unwrap_or("")).unwrap_or(""),
+        "LocalNodeState": local_state,
+        "ControlAvailable": manager,
+        "Error": "",
+        "RemoteManagers": if i.swarm == "active" { json!(remote) } else { Value::Null },
+    });
+    if let Some(o) = &o {
+        swarm["Nodes"] = json!(o.nodes.len());
+        swarm["Managers"] = json!(o
+            .nodes
+            .iter()
+            .filter(|n| n.node.role == NodeRole::Manager)
+            .count());
+        swarm["Cluster"] = cluster_json(o);
+    }
+    let res = mesh_api_resources();
+    Ok(Reply::ok(json!({
+        "ID": i.node_id.clone().unwrap_or_else(|| i.node_name.clone()),
+        "Containers": local_tasks.len(),
+        "ContainersRunning": running,
+        "ContainersPaused": 0,
+        "ContainersStopped": local_tasks.len() - running,
+        "Images": 0,
+        "Driver": "overlay",
+        "DriverStatus": [],
+        "Plugins": {"Volume": ["local"], "Network": ["overlay"], "Authorization": null, "Log": []},
+        "MemoryLimit": true,
+        "SwapLimit": true,
+        "CpuCfsPeriod": true,
+        "CpuCfsQuota": true,
+        "CPUShares": true,
+        "CPUSet": true,
+        "PidsLimit": true,
+        "OomKillDisable": true,
+        "IPv4Forwarding": true,
+        "BridgeNfIptables": true,
+        "BridgeNfIp6tables": true,
+        "Debug": false,
+        "NFd": 0,
+        "NGoroutines": 0,
+        "SystemTime": rfc3339(now_secs()),
+        "LoggingDriver": "mesh",
+        "CgroupDriver": "cgroupfs",
+        "CgroupVersion": "2",
+        "NEventsListener": 0,
+        "KernelVersion": kernel(),
+        "OperatingSystem": "mesh",
+        "OSVersion": "",
+        "OSType": "linux",
+        "Architecture": std::env::consts::ARCH,
+        "NCPU": res.0,
+        "MemTotal": res.1,
+        "IndexServerAddress": "https://index.docker.io/v1/",
+        "RegistryConfig": {"IndexConfigs": {}, "InsecureRegistryCIDRs": [], "Mirrors": []},
+        "Name": i.node_name,
+        "Labels": [],
+        "ExperimentalBuild": false,
+        "ServerVersion": convert::ENGINE_VERSION,
+        "Runtimes": {"mesh": {"path": "meshd"}},
+        "DefaultRuntime": "mesh",
+        "Swarm": swarm,
+        "LiveRestoreEnabled": true,
+        "Isolation": "",
+        "InitBinary": "",
+        "SecurityOptions": [],
+        "Warnings": null,
+    })))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// CPUs and memory of this machine.
+fn mesh_api_resources() -> (usize, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024;
+    (cpus, mem)
+}
+
+fn str_field(v: &Value, k: &str) -> Option<String> {
+    v.get(k)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+async fn swarm_init(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let v = c.json()?;
+    if v.get("ForceNewCluster").and_then(Value::as_bool) == Some(true) {
+        return Err(EngineError::bad(
+            "--force-new-cluster is not supported by mesh yet",
+        ));
+    }
+    if v.pointer("/Spec/EncryptionConfig/AutoLockManagers")
+        .and_then(Value::as_bool)
+        == Some(true)
+        || v.get("AutoLockManagers").and_then(Value::as_bool) == Some(true)
+    {
+        return Err(EngineError::bad("--autolock is not supported by mesh yet"));
+    }
+    let r = call(
+        b,
+        Request::SwarmInit {
+            advertise_addr: str_field(&v, "AdvertiseAddr"),
+            listen_addr: str_field(&v, "ListenAddr"),
+        },
+    )
+    .await?;
+    Ok(Reply::ok(r["node_id"].clone()))
+}
+
+async fn swarm_join(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let v = c.json()?;
+    let remote = v
+        .get("RemoteAddrs")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+        .ok_or_else(|| EngineError::bad("at least 1 RemoteAddr is required to join"))?
+        .to_string();
+    let token =
+        str_field(&v, "JoinToken").ok_or_else(|| EngineError::bad("invalid join token: empty"))?;
+    call(
+        b,
+        Request::SwarmJoin {
+            token,
+            remote,
+            advertise_addr: str_field(&v, "AdvertiseAddr"),
+            listen_addr: str_field(&v, "ListenAddr"),
+        },
+    )
+    .await?;
+    Ok(Reply::Empty(StatusCode::OK))
+}
+
+async fn swarm_update(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let v = c.json()?;
+    let o = objects(b).await?;
+    // Settings are not changeable yet: a spec that asks for other values is refused.
+    if let Some(path) = crate::spec::unkept_path(&v, &swarm_spec()) {
+        return Err(EngineError::bad(format!(
+            "invalid swarm spec: changing {path} is not supported by mesh (yet)"
+        )));
+    }
+    if c.query.flag("rotateManagerUnlockKey") {
+        return Err(EngineError::bad("mesh does not support autolock yet"));
+    }
+    drop(o);
+    for (flag, role) in [
+        ("rotateWorkerToken", NodeRole::Worker),
+        ("rotateManagerToken", NodeRole::Manager),
+    ] {
+        if c.query.flag(flag) {
+            call(b, Request::JoinToken { role, rotate: true }).await?;
+        }
+    }
+    Ok(Reply::Empty(StatusCode::OK))
+}
+
+async fn node_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let f = c.query.filters().map_err(EngineError::bad)?;
+    f.only(&["id", "label", "node.label", "membership", "name", "role"])
+        .map_err(EngineError::bad)?;
+    let o = objects(b).await?;
+    let out: Vec<_> = o
+        .nodes
+        .iter()
+        .filter(|n| {
+            f.any("id", |v| n.node.id.starts_with(v))
+                && f.any("name", |v| n.node.hostname.starts_with(v))
+                && f.any("role", |v| v == n.node.role.to_string())
+                && f.any("membership", |v| v == "accepted")
+                && f.labels("label", &n.node.labels)
+                && f.labels("node.label", &n.node.labels)
+        })
+        .map(|n| convert::node(n, false))
+        .collect();
+    Ok(Reply::ok(out))
+}
+
+async fn node_update(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
+    let v = c.json()?;
+    let spec: bollard_stubs::models::NodeSpec =
+        serde_json::from_value(v).map_err(|e| EngineError::bad(format!("invalid JSON: {e}")))?;
+    let o = objects(b).await?;
+    let n = find_node(&o, key)?.node.clone();
+    if let Some(name) = spec.name.as_deref().filter(|s| !s.is_empty()) {
+        if name != n.hostname {
+            return Err(EngineError::bad(
+                "invalid node spec: Name is not supported by mesh (nodes are named by --node-name)",
+            ));
+        }
+    }
+    let want_role = match spec.role {
+        Some(bollard_stubs::models::NodeSpecRoleEnum::MANAGER) => Some(NodeRole::Manager),
+        Some(bollard_stubs::models::NodeSpecRoleEnum::WORKER) => Some(NodeRole::Worker),
+        _ => None,
+    };
+    let availability = match spec.availability {
+        Some(bollard_stubs::models::NodeSpecAvailabilityEnum::ACTIVE) => Some(Availability::Active),
+        Some(bollard_stubs::models::NodeSpecAvailabilityEnum::PAUSE) => Some(Availability::Pause),
+        Some(bollard_stubs::models::NodeSpecAvailabilityEnum::DRAIN) => Some(Availability::Drain),
+        _ => None,
+    }
+    .filter(|a| *a != n.availability);
+    let labels: BTreeMap<String, String> = spec.labels.unwrap_or_default().into_iter().collect();
+    let label_add: BTreeMap<String, String> = labels
+        .iter()
+        .filter(|(k, v)| n.labels.get(*k) != Some(v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let label_rm: Vec<String> = n
+        .labels
+        .keys()
+        .filter(|k| !labels.contains_key(*k))
+        .cloned()
+        .collect();
+    if availability.is_some() || !label_add.is_empty() || !label_rm.is_empty() {
+        call(
+            b,
+            Request::NodeUpdate {
+                node: n.id.clone(),
+                availability,
+                label_add,
+                label_rm,
+            },
+        )
+        .await?;
+    }
+    match want_role {
+        Some(NodeRole::Manager) if n.role == NodeRole::Worker => {
+            call(b, Request::NodePromote { node: n.id.clone() }).await?;
+        }
+        Some(NodeRole::Worker) if n.role == NodeRole::Manager => {
+            call(b, Request::NodeDemote { node: n.id.clone() }).await?;
+        }
+        _ => {}
+    }
+    Ok(Reply::Empty(StatusCode::OK))
+}
+
+fn mode_name(s: &Service) -> &'static str {
+    match s.spec.mode {
+        mesh_api::ServiceMode::Replicated { .. } => "replicated",
+        mesh_api::ServiceMode::Global => "global",
+    }
+}
+
+async fn service_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let f = c.query.filters().map_err(EngineError::bad)?;
+    f.only(&["id", "label", "mode", "name"])
+        .map_err(EngineError::bad)?;
+    let status = c.query.flag("status");
+    let o = objects(b).await?;
+    let out: Vec<Value> = o
+        .services
+        .iter()
+        .filter(|s| {
+            f.any("id", |v| s.id.starts_with(v))
+                && f.any("name", |v| s.spec.name.starts_with(v))
+                && f.any("mode", |v| v == mode_name(s))
+                && f.labels("label", &s.spec.labels)
+        })
+        .map(|s| convert::service_json(s, &o, status))
+        .collect();
+    Ok(Reply::ok(out))
+}
+
+fn warnings(v: &Value) -> Value {
+    match v.get("warnings") {
+        Some(Value::Array(w)) if !w.is_empty() => Value::Array(
+            w.iter()
+                .map(|s| json!(s.as_str().unwrap_or("").trim_end()))
+                .collect(),
+        ),
+        _ => Value::Null,
+    }
+}
+
+async fn service_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let v = c.json()?;
+    let o = objects(b).await?;
+    let spec = crate::spec::from_engine(&v, &o)?;
+    let r = call(b, Request::ServiceCreate { spec }).await?;
+    Ok(Reply::created(
+        json!({"ID": r["id"], "Warnings": warnings(&r)}),
+    ))
+}
+
+async fn service_update(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
+    let version = c
+        .query
+        .u64("version")
+        .map_err(EngineError::bad)?
+        .ok_or_else(|| EngineError::bad("invalid service version '': a version is required"))?;
+    let rollback = match c.query.get("rollback") {
+        None | Some("") => false,
+        Some("previous") => true,
+        Some(other) => {
+            return Err(EngineError::bad(format!(
+                "unrecognized rollback option {other}"
+            )))
+        }
+    };
+    let v = c.json()?;
+    let o = objects(b).await?;
+    let svc = find_service(&o, key)?;
+    let spec = if rollback {
+        svc.spec.clone()
+    } else {
+        crate::spec::from_engine(&v, &o)?
+    };
+    let r = call(
+        b,
+        Request::ServiceReplace {
+            service: svc.id.clone(),
+            version,
+            spec,
+            rollback,
+        },
+    )
+    .await?;
+    Ok(Reply::ok(json!({"Warnings": warnings(&r)})))
+}
+
+async fn service_logs(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
+    if c.query.flag("follow") {
+        return Err(EngineError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "following logs (--follow) is not supported by mesh yet",
+        ));
+    }
+    let o = objects(b).await?;
+    let svc = find_service(&o, key)?;
+    let r = call(
+        b,
+        Request::ServiceLogs {
+            service: svc.id.clone(),
+            max_bytes: 1 << 20,
+        },
+    )
+    .await?;
+    let lines: Vec<String> = r["lines"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tail = match c.query.get("tail") {
+        None | Some("") | Some("all") => None,
+        Some(n) => Some(
+            n.parse::<usize>()
+                .map_err(|_| EngineError::bad(format!("invalid tail value {n:?}")))?,
+        ),
+    };
+    let details = c.query.flag("details");
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut frames = Vec::new();
+    // Lines are `<task name>@<host>    | <text>`, per task in order.
+    let mut per_task: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut order = Vec::new();
+    for l in lines {
+        let Some((prefix, text)) = l.split_once("    | ") else {
+            continue;
+        };
+        let name = prefix.split('@').next().unwrap_or("");
+        let id = name.rsplit('.').next().unwrap_or("").to_string();
+        if !per_task.contains_key(&id) {
+            order.push(id.clone());
+        }
+        per_task.entry(id).or_default().push(text.to_string());
+    }
+    for id in order {
+        let Some(t) = o.tasks.iter().find(|t| t.id == id) else {
+            continue;
+        };
+        let texts = &per_task[&id];
+        let skip = tail.map_or(0, |n| texts.len().saturating_sub(n));
+        for text in &texts[skip..] {
+            let mut payload = String::new();
+            if details {
+                payload.push_str(&format!(
+                    "com.docker.swarm.node.id={},com.docker.swarm.service.id={},com.docker.swarm.task.id={} ",
+                    t.node_id, t.service_id, t.id
+                ));
+            }
+            payload.push_str(text);
+            payload.push('\n');
+            let mut frame = Vec::with_capacity(8 + payload.len());
+            frame.extend_from_slice(&[1, 0, 0, 0]);
+            frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            frame.extend_from_slice(payload.as_bytes());
+            frames.push(Bytes::from(frame));
+        }
+    }
+    tokio::spawn(async move {
+        for f in frames {
+            if tx.send(f).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Reply::Stream(
+        "application/vnd.docker.multiplexed-stream",
+        rx,
+    ))
+}
+
+async fn task_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let f = c.query.filters().map_err(EngineError::bad)?;
+    f.only(&[
+        "id",
+        "name",
+        "service",
+        "node",
+        "label",
+        "desired-state",
+        "_up-to-date",
+    ])
+    .map_err(EngineError::bad)?;
+    let o = objects(b).await?;
+    let svc_of = |t: &Task| o.services.iter().find(|s| s.id == t.service_id);
+    let out: Vec<Value> = o
+        .tasks
+        .iter()
+        .filter(|t| {
+            let svc = svc_of(t);
+            f.any("id", |v| t.id.starts_with(v))
+                && f.any("name", |v| {
+                    t.short_name().starts_with(v) || t.name().starts_with(v)
+                })
+                && f.any("service", |v| {
+                    t.service_id == v || t.service_name == v || t.service_id.starts_with(v)
+                })
+                && f.any("node", |v| {
+                    t.node_id == v
+                        || o.nodes
+                            .iter()
+                            .any(|n| n.node.id == t.node_id && n.node.hostname == v)
+                })
+                && f.labels(
+                    "label",
+                    &svc.map(|s| s.spec.labels.clone()).unwrap_or_default(),
+                )
+                && f.any("desired-state", |v| match v {
+                    "running" => t.desired_state <= TaskState::Running,
+                    "shutdown" => t.desired_state > TaskState::Running,
+                    "accepted" => t.desired_state == TaskState::Accepted,
+                    _ => false,
+                })
+                && f.any("_up-to-date", |_| {
+                    svc.is_some_and(|s| s.version == t.version)
+                })
+        })
+        .map(|t| convert::task(t, &o))
+        .collect();
+    Ok(Reply::ok(out))
+}
+
+async fn network_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let f = c.query.filters().map_err(EngineError::bad)?;
+    f.only(&["driver", "id", "label", "name", "scope", "type", "dangling"])
+        .map_err(EngineError::bad)?;
+    let o = objects(b).await?;
+    let out: Vec<_> = o
+        .networks
+        .iter()
+        .filter(|n| {
+            f.any("id", |v| n.id.starts_with(v))
+                && f.any("name", |v| n.spec.name.contains(v))
+                && f.any("driver", |v| v == n.spec.driver)
+                && f.any("scope", |v| v == "swarm")
+                && f.any("type", |v| v == "custom")
+                && f.labels("label", &n.spec.labels)
+        })
+        .map(convert::network)
+        .collect();
+    Ok(Reply::ok(out))
+}
+
+async fn network_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let v = c.json()?;
+    let name = str_field(&v, "Name").ok_or_else(|| EngineError::bad("network name is required"))?;
+    let driver = str_field(&v, "Driver").unwrap_or_else(|| "bridge".into());
+    if driver != "overlay" {
+        return Err(EngineError::bad(format!(
+            "mesh creates overlay networks only (driver {driver:?} is not supported)"
+        )));
+    }
+    for (k, what) in [
+        ("Internal", "internal networks"),
+        ("EnableIPv6", "IPv6"),
+        ("Ingress", "another ingress network"),
+        ("ConfigOnly", "config-only networks"),
+    ] {
+        if v.get(k).and_then(Value::as_bool) == Some(true) {
+            return Err(EngineError::bad(format!(
+                "invalid network spec: {k}: {what} are not supported by mesh (yet)"
+            )));
+        }
+    }
+    if let Some((k, _)) = v
+        .get("Options")
+        .and_then(Value::as_object)
+        .and_then(|o| o.iter().next())
+    {
+        return Err(EngineError::bad(format!(
+            "invalid network spec: option {k} is not supported by mesh (yet)"
+        )));
+    }
+    let configs = v
+        .pointer("/IPAM/Config")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if configs.len() > 1 {
+        return Err(EngineError::bad(
+            "invalid network spec: mesh networks have one subnet",
+        ));
+    }
+    let subnet = configs.first().and_then(|c| str_field(c, "Subnet"));
+    if let Some(k) = configs
+        .first()
+        .and_then(Value::as_object)
+        .and_then(|c| {
+            c.iter()
+                .find(|(k, v)| *k != "Subnet" && !crate::spec::empty(v))
+        })
+        .map(|(k, _)| k.clone())
+    {
+        return Err(EngineError::bad(format!(
+            "invalid network spec: IPAM.Config[0].{k} is not supported by mesh (yet)"
+        )));
+    }
+    let labels: BTreeMap<String, String> = match v.get("Labels") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(l) => serde_json::from_value(l.clone())
+            .map_err(|e| EngineError::bad(format!("invalid JSON: Labels: {e}")))?,
+    };
+    let attachable = v
+        .get("Attachable")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let r = call(
+        b,
+        Request::NetworkCreate {
+            spec: NetworkSpec {
+                name,
+                driver,
+                subnet,
+                attachable,
+                ingress: false,
+                labels,
+            },
+        },
+    )
+    .await?;
+    Ok(Reply::created(json!({"Id": r["id"], "Warning": ""})))
+}
