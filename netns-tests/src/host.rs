@@ -395,6 +395,51 @@ impl Host {
         Ok(out.stdout)
     }
 
+    /// This host's Docker Engine API socket (`EXEC_ROOT/docker.sock`).
+    pub fn docker_socket(&self) -> PathBuf {
+        self.exec_root().join("docker.sock")
+    }
+
+    /// Runs the real `docker` CLI against this host's Engine API socket (from the root
+    /// namespace, with a config directory of its own and no `DOCKER_*` from the caller),
+    /// killed after [`MESH_CLI_TIMEOUT`].
+    pub fn docker(&self, args: &[&str]) -> Result<MeshOutput> {
+        let config = self.data_dir().with_extension("docker-config");
+        std::fs::create_dir_all(&config)?;
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.docker_socket().display()))
+            .args(args)
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKER_CONTEXT")
+            .env_remove("DOCKER_API_VERSION")
+            .env("DOCKER_CONFIG", &config)
+            .env("DOCKER_CLI_HINTS", "false");
+        let out = output_with_timeout(&mut cmd, MESH_CLI_TIMEOUT)
+            .with_context(|| format!("{}: docker {}", self.name, args.join(" ")))?;
+        Ok(MeshOutput {
+            status: status_code(out.status),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Like [`Host::docker`], but fails unless the exit status is 0; returns stdout.
+    pub fn docker_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.docker(args)?;
+        if !out.success() {
+            bail!(
+                "{}: `docker {}` exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                self.name,
+                args.join(" "),
+                out.status,
+                out.stdout,
+                out.stderr
+            );
+        }
+        Ok(out.stdout)
+    }
+
     /// [`Host::mesh_ok`] with `--format json` appended, parsed as JSON.
     pub fn mesh_json(&self, args: &[&str]) -> Result<serde_json::Value> {
         let mut all = args.to_vec();

@@ -70,3 +70,12 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) {
         }
     }
 }
+
+/// The daemon as the Docker Engine API's backend: the same requests the local socket takes.
+pub struct Engine(pub Arc<Daemon>);
+
+impl mesh_engine::Backend for Engine {
+    fn call(&self, req: Request) -> mesh_engine::BoxFuture<'_, Response> {
+        Box::pin(self.0.handle(req))
+    }
+}

@@ -56,6 +56,10 @@ struct Args {
     /// A pull-through mirror of Docker Hub (URL); repeatable.
     #[arg(long = "registry-mirror", value_name = "URL")]
     registry_mirrors: Vec<String>,
+    /// Where the Docker Engine API is served (default: EXEC_ROOT/docker.sock); point it at
+    /// /var/run/docker.sock on a host without Docker to drive mesh with `docker` unchanged.
+    #[arg(long, value_name = "PATH")]
+    docker_socket: Option<PathBuf>,
     /// error, warn, info, debug or trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -173,10 +177,17 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let sock = args.exec_root.join("meshd.sock");
         let server = api::serve(&sock, daemon.clone())?;
-        info!(node_name, socket = %sock.display(), "meshd ready");
+        let docker_sock = args
+            .docker_socket
+            .clone()
+            .unwrap_or_else(|| args.exec_root.join("docker.sock"));
+        let engine = mesh_engine::serve(&docker_sock, std::sync::Arc::new(api::Engine(daemon.clone())))
+            .map_err(|e| anyhow::anyhow!("docker API socket {}: {e}", docker_sock.display()))?;
+        info!(node_name, socket = %sock.display(), docker_socket = %docker_sock.display(), "meshd ready");
         wait_for_signal().await?;
         info!("shutting down");
         server.abort();
+        engine.shutdown();
         daemon.shutdown().await;
         let _ = std::fs::remove_file(&sock);
         drop(lock);

@@ -1,0 +1,481 @@
+//! The unmodified `docker` CLI (28.x, on the PATH) drives mesh through the Engine API each
+//! `meshd` serves on `EXEC_ROOT/docker.sock`: a swarm formed with `docker swarm init/join`,
+//! nodes listed, drained and promoted, an overlay network and an image service created,
+//! scaled, updated, rolled back and removed with Docker's own output, a worker answering
+//! with Docker's not-a-manager error, and malformed requests refused with nothing changed.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use mesh_netns::registry::Registry;
+use mesh_netns::swarm::{http_get, wait_tasks_running};
+use mesh_netns::{wait_for, Cluster, ClusterOpts, Host};
+use serde_json::Value;
+
+/// A cluster whose daemons run (no swarm yet) with a registry holding the test image as
+/// `web:v1` and `web:v2`; `None` when the test must be skipped.
+fn cluster(hosts: usize, hint: &'static str) -> Result<Option<(Cluster, Registry, String)>> {
+    if !mesh_netns::require_root()? {
+        return Ok(None);
+    }
+    if std::process::Command::new("docker")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if std::env::var_os("CI").is_some() {
+            bail!("the docker CLI is not on the PATH");
+        }
+        eprintln!("skipping: no docker CLI");
+        return Ok(None);
+    }
+    let c = Cluster::new(ClusterOpts {
+        hosts,
+        start_daemons: false,
+        name_hint: hint,
+    })?;
+    let reg = Registry::start(c.host(1), c.base_dir().join("registry"))?;
+    let insecure = reg.host_port();
+    for h in c.hosts() {
+        h.start_daemon_with(&["--insecure-registry", &insecure])?;
+    }
+    reg.push_test_image("web", "v1", "v1", false)?;
+    reg.push_test_image("web", "v2", "v2", false)?;
+    let repo = format!("{insecure}/web");
+    Ok(Some((c, reg, repo)))
+}
+
+fn lines(s: &str) -> Vec<&str> {
+    s.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// `docker swarm init` on host 1, `docker swarm join` with the worker token on the others.
+fn form_with_docker(c: &Cluster) -> Result<()> {
+    let h1 = c.host(1);
+    let out = h1.docker_ok(&["swarm", "init", "--advertise-addr", &h1.addr().to_string()])?;
+    ensure!(
+        out.contains("Swarm initialized: current node (") && out.contains(") is now a manager."),
+        "swarm init printed: {out}"
+    );
+    ensure!(
+        out.contains("docker swarm join --token SWMTKN-"),
+        "swarm init printed no join command: {out}"
+    );
+    let token = h1.docker_ok(&["swarm", "join-token", "-q", "worker"])?;
+    let token = token.trim();
+    ensure!(token.starts_with("SWMTKN-1-"), "join-token -q: {token}");
+    let remote = format!("{}:2377", h1.addr());
+    for h in &c.hosts()[1..] {
+        let out = h.docker_ok(&["swarm", "join", "--token", token, &remote])?;
+        ensure!(
+            out.contains("This node joined a swarm as a worker."),
+            "{}: join printed {out}",
+            h.name()
+        );
+    }
+    Ok(())
+}
+
+fn inspect(h: &Host, what: &str, name: &str) -> Result<Value> {
+    let out = h.docker_ok(&[what, "inspect", name])?;
+    let v: Value = serde_json::from_str(&out).with_context(|| format!("{what} inspect: {out}"))?;
+    Ok(v[0].clone())
+}
+
+#[test]
+fn docker_cli_drives_a_swarm() -> Result<()> {
+    let Some((c, _reg, repo)) = cluster(3, "dockercli")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    let out = h1.docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"])?;
+    ensure!(out.trim() == "inactive", "info before init: {out}");
+    let v = h1.docker_ok(&["version", "--format", "{{.Server.APIVersion}}"])?;
+    ensure!(v.trim() == "1.41", "negotiated API version: {v}");
+
+    form_with_docker(&c)?;
+
+    // node ls: every host, the local one starred, the leader named.
+    let out = wait_for(
+        "three ready nodes in docker node ls",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let out = h1.docker_ok(&["node", "ls"])?;
+            Ok((lines(&out).iter().filter(|l| l.contains(" Ready ")).count() == 3).then_some(out))
+        },
+    )?;
+    let rows = lines(&out);
+    ensure!(
+        rows[0].starts_with("ID")
+            && rows[0].contains("HOSTNAME")
+            && rows[0].contains("MANAGER STATUS"),
+        "{out}"
+    );
+    ensure!(
+        rows.iter()
+            .any(|l| l.contains(" * ") && l.contains(h1.name()) && l.contains("Leader")),
+        "the local leader is not starred: {out}"
+    );
+    let h3 = c.host(3).name().to_string();
+    h1.docker_ok(&["node", "update", "--availability", "drain", &h3])?;
+    let n = inspect(h1, "node", &h3)?;
+    ensure!(n["Spec"]["Availability"] == "drain", "{n}");
+    h1.docker_ok(&[
+        "node",
+        "update",
+        "--availability",
+        "active",
+        "--label-add",
+        "zone=edge",
+        &h3,
+    ])?;
+    let n = inspect(h1, "node", &h3)?;
+    ensure!(
+        n["Spec"]["Availability"] == "active" && n["Spec"]["Labels"]["zone"] == "edge",
+        "{n}"
+    );
+    let self_id = h1.docker_ok(&["node", "inspect", "self", "--format", "{{.ID}}"])?;
+    ensure!(self_id.trim().len() == 25, "node inspect self: {self_id}");
+
+    // A worker refuses management calls with Docker's words.
+    let w = c.host(2).docker(&["service", "ls"])?;
+    ensure!(
+        !w.success() && w.stderr.contains("This node is not a swarm manager. Worker nodes can't be used to view or modify cluster state."),
+        "a worker's service ls: {w:?}"
+    );
+
+    // Networks.
+    let id = h1.docker_ok(&[
+        "network", "create", "-d", "overlay", "--label", "team=a", "appnet",
+    ])?;
+    ensure!(id.trim().len() == 25, "network create printed {id}");
+    let out = h1.docker_ok(&["network", "ls", "--filter", "label=team=a"])?;
+    ensure!(
+        out.contains("appnet") && out.contains("overlay") && out.contains("swarm"),
+        "{out}"
+    );
+    let n = inspect(h1, "network", "appnet")?;
+    ensure!(n["Id"] == id.trim() && n["Driver"] == "overlay", "{n}");
+    let bad = h1.docker(&["network", "create", "brnet"])?;
+    ensure!(
+        !bad.success() && bad.stderr.contains("overlay"),
+        "bridge network: {bad:?}"
+    );
+
+    // A service from an image, attached (progress bars until converged).
+    let v1 = format!("{repo}:v1");
+    let out = h1.docker_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "2",
+        "--network",
+        "appnet",
+        "--publish",
+        "8080:80",
+        &v1,
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/srv",
+    ])?;
+    ensure!(
+        out.contains("verify: Service") && out.contains("converged"),
+        "service create: {out}"
+    );
+    wait_tasks_running(h1, "web", 2, Duration::from_secs(60))?;
+    let body = http_get(&c, &c.host(3).addr().to_string(), 8080)?;
+    ensure!(
+        body.contains("hello from v1"),
+        "through the routing mesh: {body}"
+    );
+    let out = h1.docker_ok(&["service", "ls"])?;
+    ensure!(
+        out.contains("web")
+            && out.contains("replicated")
+            && out.contains("2/2")
+            && out.contains("*:8080->80/tcp"),
+        "service ls: {out}"
+    );
+    let out = h1.docker_ok(&["service", "ps", "web"])?;
+    let running = lines(&out).iter().filter(|l| l.contains("Running")).count();
+    ensure!(
+        running == 2 && out.contains("web.1") && out.contains("web.2"),
+        "service ps: {out}"
+    );
+    let s = inspect(h1, "service", "web")?;
+    ensure!(
+        s["Spec"]["TaskTemplate"]["ContainerSpec"]["Args"][0] == "busybox"
+            && s["Endpoint"]["VirtualIPs"][0]["Addr"]
+                .as_str()
+                .is_some_and(|a| a.contains('/')),
+        "service inspect: {s}"
+    );
+    let pretty = h1.docker_ok(&["service", "inspect", "--pretty", "web"])?;
+    ensure!(
+        pretty.contains("Replicated") && pretty.contains("appnet"),
+        "{pretty}"
+    );
+    let fmt = h1.docker_ok(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{.Spec.Mode.Replicated.Replicas}}",
+        "web",
+    ])?;
+    ensure!(fmt.trim() == "2", "{fmt}");
+
+    // Scale, update, rollback: the CLI's read-modify-write round trips.
+    let out = h1.docker_ok(&["service", "scale", "web=3"])?;
+    ensure!(out.contains("web scaled to 3"), "{out}");
+    wait_tasks_running(h1, "web", 3, Duration::from_secs(60))?;
+    let v2 = format!("{repo}:v2");
+    h1.docker_ok(&[
+        "service",
+        "update",
+        "--image",
+        &v2,
+        "--env-add",
+        "A=b",
+        "web",
+    ])?;
+    let s = inspect(h1, "service", "web")?;
+    ensure!(
+        s["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+            .as_str()
+            .is_some_and(|i| i.contains("web:v2"))
+            && s["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"][0] == "A=b"
+            && s["Spec"]["Mode"]["Replicated"]["Replicas"] == 3
+            && s["UpdateStatus"]["State"] == "completed",
+        "after update: {s}"
+    );
+    let body = http_get(&c, &c.host(2).addr().to_string(), 8080)?;
+    ensure!(body.contains("hello from v2"), "after the update: {body}");
+    h1.docker_ok(&["service", "rollback", "web"])?;
+    let s = inspect(h1, "service", "web")?;
+    ensure!(
+        s["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+            .as_str()
+            .is_some_and(|i| i.contains("web:v1")),
+        "after rollback: {s}"
+    );
+    let body = http_get(&c, &c.host(2).addr().to_string(), 8080)?;
+    ensure!(body.contains("hello from v1"), "after the rollback: {body}");
+
+    // Unsupported settings are refused, naming them; nothing changes.
+    let bad = h1.docker(&["service", "update", "--health-cmd", "true", "-d", "web"])?;
+    ensure!(
+        !bad.success()
+            && bad.stderr.contains("Healthcheck")
+            && bad.stderr.contains("not supported"),
+        "health check: {bad:?}"
+    );
+    let dup = h1.docker(&["service", "create", "-d", "--name", "web", &v1])?;
+    ensure!(
+        !dup.success() && dup.stderr.contains("already exists"),
+        "duplicate: {dup:?}"
+    );
+    let missing = h1.docker(&["service", "rm", "nope"])?;
+    ensure!(
+        !missing.success() && missing.stderr.contains("service nope not found"),
+        "rm of an unknown service: {missing:?}"
+    );
+
+    let out = h1.docker_ok(&["service", "rm", "web"])?;
+    ensure!(out.trim() == "web", "service rm: {out}");
+    wait_for(
+        "web gone",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            Ok(h1
+                .docker_ok(&["service", "ls", "-q"])?
+                .trim()
+                .is_empty()
+                .then_some(()))
+        },
+    )?;
+    wait_for(
+        "appnet removable",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || {
+            Ok(h1
+                .docker(&["network", "rm", "appnet"])?
+                .success()
+                .then_some(()))
+        },
+    )?;
+    // Promote, demote, and a node leaving.
+    let h2 = c.host(2).name().to_string();
+    let out = h1.docker_ok(&["node", "promote", &h2])?;
+    ensure!(
+        out.contains(&format!("Node {h2} promoted to a manager in the swarm.")),
+        "{out}"
+    );
+    let out = h1.docker_ok(&["node", "demote", &h2])?;
+    ensure!(
+        out.contains(&format!("Manager {h2} demoted in the swarm.")),
+        "{out}"
+    );
+    let out = c.host(3).docker_ok(&["swarm", "leave"])?;
+    ensure!(out.contains("Node left the swarm."), "{out}");
+    Ok(())
+}
+
+/// Sends raw bytes to the Engine API socket and returns the status code of the answer (0 if
+/// the connection was closed without one) and the answer.
+fn raw(h: &Host, request: &[u8]) -> Result<(u16, String)> {
+    let mut s = UnixStream::connect(h.docker_socket())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    // A server may refuse before reading everything: a failed write is an answer too.
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, text))
+}
+
+fn post(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST {path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+#[test]
+fn malformed_requests_change_nothing() -> Result<()> {
+    let Some((c, _reg, repo)) = cluster(1, "dockerbad")? else {
+        return Ok(());
+    };
+    let h = c.host(1);
+    form_with_docker(&c)?;
+    h.docker_ok(&["network", "create", "-d", "overlay", "appnet"])?;
+    h.docker_ok(&[
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "appnet",
+        &format!("{repo}:v1"),
+    ])?;
+    let before = h.docker_ok(&["service", "inspect", "web"])?;
+    let nets = h.docker_ok(&["network", "ls", "-q"])?;
+    let version = inspect(h, "service", "web")?["Version"]["Index"]
+        .as_u64()
+        .unwrap_or(0);
+    let update = format!("/v1.41/services/web/update?version={version}");
+
+    let mut bad: Vec<(Vec<u8>, &[u16])> = vec![
+        (post("/v1.41/services/create", b"{"), &[400]),
+        (post("/v1.41/services/create", b"[]"), &[400]),
+        (post("/v1.41/services/create", b"\"web\""), &[400]),
+        (post("/v1.41/services/create", br#"{"Name":"x","Mode":{"Replicated":{"Replicas":"two"}}}"#), &[400]),
+        (post("/v1.41/services/create", br#"{"Name":"x","Mode":{"Replicated":{"Replicas":-1}}}"#), &[400]),
+        (post("/v1.41/services/create", br#"{"Name":"x","TaskTemplate":{"ContainerSpec":{"Image":"a b"}}}"#), &[400]),
+        (post("/v1.41/services/create", br#"{"Name":"web","TaskTemplate":{"ContainerSpec":{"Image":"busybox"}}}"#), &[409]),
+        (post("/v1.41/services/create", br#"{"Name":"y","TaskTemplate":{"ContainerSpec":{"Image":"busybox"},"Networks":[{"Target":"nope"}]}}"#), &[404]),
+        (post("/v1.41/services/create", br#"{"Name":"y","TaskTemplate":{"ContainerSpec":{"Image":"busybox","Healthcheck":{"Test":["CMD","true"]}}}}"#), &[400]),
+        (post("/v1.41/services/create", br#"{"Name":"y","TaskTemplate":{"ContainerSpec":{"Image":"busybox"}},"EndpointSpec":{"Ports":[{"TargetPort":70000}]}}"#), &[400]),
+        (post(&update, b"{}"), &[400]),
+        (post("/v1.41/services/web/update?version=1x", b"{}"), &[400]),
+        (post("/v1.41/services/web/update", b"{}"), &[400]),
+        (post(&format!("/v1.41/services/web/update?version={}", version + 7), before.as_bytes()), &[400]),
+        (post("/v1.41/networks/create", b"{}"), &[400]),
+        (post("/v1.41/networks/create", br#"{"Name":"n2","Driver":"overlay","Options":{"encrypted":""}}"#), &[400]),
+        (post("/v1.41/networks/create", br#"{"Name":"n2","Driver":"overlay","Labels":[1]}"#), &[400]),
+        (post("/v1.41/networks/create", br#"{"Name":"appnet","Driver":"overlay"}"#), &[409, 400]),
+        (post("/v1.41/nodes/nope/update?version=1", b"{}"), &[404]),
+        (post("/v1.41/swarm/join", b"{}"), &[400, 503]),
+        (post("/v1.41/swarm/init", b"{}"), &[503]),
+        (post("/v1.41/swarm/update?version=1", br#"{"Orchestration":{"TaskHistoryRetentionLimit":50}}"#), &[400]),
+        (b"GET /v1.41/services?filters=%7Bnot HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n".to_vec(), &[400]),
+        (b"GET /v1.41/services?filters=%7B%22colour%22%3A%7B%22x%22%3Atrue%7D%7D HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n".to_vec(), &[400]),
+        (b"GET /v1.41/nowhere HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n".to_vec(), &[404]),
+        (b"DELETE /v1.41/services/nope HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n".to_vec(), &[404]),
+        (b"GET /v1.41/services/nope/logs HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n".to_vec(), &[404]),
+        (b"GET /v1.12/info HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n".to_vec(), &[400]),
+        (b"NONSENSE\r\n\r\n".to_vec(), &[0, 400]),
+        (format!("POST /v1.41/services/create HTTP/1.1\r\nHost: d\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", 64 << 20).into_bytes(), &[413]),
+    ];
+    // A huge body, really sent.
+    let mut huge = br#"{"Name":""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 5 << 20));
+    huge.extend_from_slice(br#""}"#);
+    bad.push((post("/v1.41/services/create", &huge), &[413, 0]));
+    // Random garbage bodies fill the hundred.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    while bad.len() < 100 {
+        let n = (seed % 300) as usize + 1;
+        let body: Vec<u8> = (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed & 0xff) as u8
+            })
+            .collect();
+        let path = if bad.len().is_multiple_of(2) {
+            "/v1.41/services/create"
+        } else {
+            "/v1.41/networks/create"
+        };
+        bad.push((post(path, &body), &[400]));
+    }
+    for (i, (req, want)) in bad.iter().enumerate() {
+        let (code, text) = raw(h, req)?;
+        ensure!(
+            want.contains(&code),
+            "request {i} ({:?}...) answered {code}, expected {want:?}: {text}",
+            String::from_utf8_lossy(&req[..req.len().min(120)])
+        );
+        // Bytes that are not HTTP get hyper's bare 400; everything else Docker's error JSON.
+        if code >= 400 && !req.starts_with(b"NONSENSE") {
+            ensure!(
+                text.contains("Content-Type: application/json")
+                    || text
+                        .to_ascii_lowercase()
+                        .contains("content-type: application/json"),
+                "request {i}: error without a JSON content type: {text}"
+            );
+            ensure!(
+                text.contains("\"message\""),
+                "request {i}: error without a message: {text}"
+            );
+        }
+    }
+    // The daemon still answers, and nothing changed.
+    ensure!(
+        h.docker_ok(&["service", "inspect", "web"])? == before,
+        "the service changed"
+    );
+    ensure!(
+        h.docker_ok(&["network", "ls", "-q"])? == nets,
+        "the networks changed"
+    );
+    let out = h.docker_ok(&["service", "ls", "--format", "{{.Name}}"])?;
+    ensure!(
+        out.trim() == "web",
+        "services after the bad requests: {out}"
+    );
+    Ok(())
+}
