@@ -363,6 +363,10 @@ pub struct ServiceSpec {
     /// adds once it resolved the image's digest; mesh nodes are all Linux.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<String>,
+    /// Extra DNS names of the service per network name (Docker's network `Aliases`; stacks
+    /// add the service's short name): each answers as the service's own name does.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub aliases: BTreeMap<String, Vec<String>>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -415,6 +419,24 @@ pub fn familiar_image(reference: &str) -> String {
         .filter(|rest| !rest.contains('/'))
         .unwrap_or(r);
     r.to_string()
+}
+
+/// Checks a name the embedded DNS will answer (a network alias): dot-separated labels of
+/// 1-63 letters, digits, '-' or '_', 255 characters at most.
+pub fn validate_dns_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err("a DNS name is dot-separated labels of 1-63 letters, digits, '-' or '_'".into())
+    }
 }
 
 /// What `--mount` attaches.

@@ -476,6 +476,7 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         force_update: 0,
         container_labels: Default::default(),
         platforms: Vec::new(),
+        aliases: Default::default(),
     })
 }
 

@@ -81,6 +81,9 @@ pub struct EndpointRecord {
     /// On the ingress network: the ports the service publishes in ingress mode.
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// The service's other names on this network (network aliases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 /// The executor's holder processes behind the overlay's `Holders` seam.
@@ -538,6 +541,7 @@ impl Inner {
             let is_ingress = ingress_id.as_deref() == Some(id.as_str());
             let mut services: BTreeMap<String, (Option<Ipv4Addr>, Vec<mesh_dns::TaskRecord>)> =
                 BTreeMap::new();
+            let mut aliases: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             for e in r.gossip.entries(id, ENDPOINTS).await {
                 let rec = match serde_json::from_slice::<EndpointRecord>(&e.value) {
                     Ok(rec) => rec,
@@ -566,6 +570,12 @@ impl Inner {
                     }
                     continue;
                 }
+                if !rec.aliases.is_empty() {
+                    aliases
+                        .entry(rec.service_name.clone())
+                        .or_default()
+                        .extend(rec.aliases.iter().cloned());
+                }
                 let entry = services.entry(rec.service_name.clone()).or_default();
                 entry.0 = entry.0.or(rec.vip);
                 entry.1.push(mesh_dns::TaskRecord {
@@ -587,6 +597,20 @@ impl Inner {
                             backends,
                         },
                     );
+                }
+                // An alias answers as the service's name does (its VIP, `tasks.ALIAS`).
+                for alias in aliases.get(&name).into_iter().flatten() {
+                    if alias != &name {
+                        records.put_service(
+                            id,
+                            mesh_dns::ServiceRecord {
+                                name: alias.clone(),
+                                vip,
+                                dnsrr: vip.is_none(),
+                                tasks: tasks.clone(),
+                            },
+                        );
+                    }
                 }
                 let service = mesh_dns::ServiceRecord {
                     name,
@@ -1002,6 +1026,12 @@ impl Inner {
                         } else {
                             Vec::new()
                         },
+                        aliases: t
+                            .spec
+                            .aliases
+                            .get(&a.network_name)
+                            .cloned()
+                            .unwrap_or_default(),
                     },
                 );
             }
@@ -1023,6 +1053,7 @@ impl Inner {
                         service_id: String::new(),
                         vip: None,
                         ports: Vec::new(),
+                        aliases: Vec::new(),
                     },
                 );
             }
