@@ -98,6 +98,10 @@ pub(crate) struct Member {
     orchestrator: tokio::sync::Mutex<Orchestrator>,
 }
 
+/// How long `network rm` waits for the tasks of removed services to end (their drain and
+/// stop grace), under the forwarding timeout.
+const NETWORK_RM_WAIT: Duration = Duration::from_secs(8);
+
 impl Member {
     /// Starts the member runtime on an already-bound control listener. With `init`, this node
     /// is the first manager: its Raft group is initialized with itself as the only voter.
@@ -965,10 +969,28 @@ impl Member {
                 Ok(crate::networks::inspect(&state, n))
             }
             Request::NetworkRm { network } => {
-                let state = self.read(node).await?;
-                let n = state.find_network(&network).map_err(ApiError::not_found)?;
-                crate::networks::check_unused(&state, n)?;
-                let id = n.id.clone();
+                // Tasks of services removed just before are still stopping (`stack rm`
+                // removes the networks right after the services): while no service uses
+                // the network, their end is waited for, a bounded time.
+                let deadline = tokio::time::Instant::now() + NETWORK_RM_WAIT;
+                let (state, id) = loop {
+                    let state = self.read(node).await?;
+                    let n = state.find_network(&network).map_err(ApiError::not_found)?;
+                    match crate::networks::check_unused(&state, n) {
+                        Ok(()) => {
+                            let id = n.id.clone();
+                            break (state, id);
+                        }
+                        Err(_)
+                            if !crate::networks::used_by_service(&state, n)
+                                && tokio::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                drop(state);
                 self.write(node, Command::RemoveNetwork { id: id.clone() })
                     .await?;
                 Ok(json!({ "id": id }))

@@ -90,6 +90,16 @@ pub fn new_network(state: &StoreState, spec: NetworkSpec, now: u64) -> Result<Ne
 }
 
 /// Refuses removal while a service or an unfinished task uses the network.
+/// Whether a service lists the network (tasks still stopping aside).
+pub fn used_by_service(state: &StoreState, n: &Network) -> bool {
+    state.services.values().any(|s| {
+        s.spec
+            .networks
+            .iter()
+            .any(|x| *x == n.spec.name || *x == n.id)
+    })
+}
+
 pub fn check_unused(state: &StoreState, n: &Network) -> Result<(), ApiError> {
     if let Some(svc) = state.services.values().find(|s| {
         s.spec
