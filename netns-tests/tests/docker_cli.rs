@@ -167,7 +167,7 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
 
     // A service from an image, attached (progress bars until converged).
     let v1 = format!("{repo}:v1");
-    let out = h1.docker_ok(&[
+    let created = h1.docker(&[
         "service",
         "create",
         "--name",
@@ -187,6 +187,13 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
         "-h",
         "/srv",
     ])?;
+    ensure!(created.success(), "service create: {created:?}");
+    // The CLI resolved the tag's digest through mesh (no "could not be accessed" warning).
+    ensure!(
+        !created.stderr.contains("could not be accessed"),
+        "{created:?}"
+    );
+    let out = created.stdout;
     ensure!(
         out.contains("verify: Service") && out.contains("converged"),
         "service create: {out}"
@@ -214,6 +221,9 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
     let s = inspect(h1, "service", "web")?;
     ensure!(
         s["Spec"]["TaskTemplate"]["ContainerSpec"]["Args"][0] == "busybox"
+            && s["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+                .as_str()
+                .is_some_and(|i| i.contains("web:v1@sha256:"))
             && s["Endpoint"]["VirtualIPs"][0]["Addr"]
                 .as_str()
                 .is_some_and(|a| a.contains('/')),
@@ -476,6 +486,145 @@ fn malformed_requests_change_nothing() -> Result<()> {
     ensure!(
         out.trim() == "web",
         "services after the bad requests: {out}"
+    );
+    Ok(())
+}
+
+/// A compose file as written for Docker: a published web service with two replicas and a
+/// rolling-update policy, a client, one overlay network.
+const COMPOSE: &str = r#"version: "3.8"
+services:
+  web:
+    image: IMAGE
+    command: ["busybox", "httpd", "-f", "-p", "80", "-h", "/srv"]
+    ports:
+      - "8081:80"
+    networks: [front]
+    environment:
+      - GREETING=hi
+    deploy:
+      replicas: 2
+      update_config:
+        parallelism: 1
+        order: start-first
+      restart_policy:
+        condition: on-failure
+      labels:
+        tier: web
+  probe:
+    image: IMAGE
+    command: ["sleep", "3600"]
+    networks:
+      front:
+        aliases: [client]
+networks:
+  front:
+    driver: overlay
+"#;
+
+#[test]
+fn docker_stack_deploy_runs_a_compose_file() -> Result<()> {
+    let Some((c, _reg, repo)) = cluster(2, "dockerstack")? else {
+        return Ok(());
+    };
+    form_with_docker(&c)?;
+    let h1 = c.host(1);
+    let file = c.base_dir().join("stack.yml");
+    std::fs::write(&file, COMPOSE.replace("IMAGE", &format!("{repo}:v1")))?;
+    let file = file.to_string_lossy().to_string();
+    let out = h1.docker_ok(&["stack", "deploy", "-c", &file, "demo"])?;
+    for want in [
+        "Creating network demo_front",
+        "Creating service demo_web",
+        "Creating service demo_probe",
+    ] {
+        ensure!(
+            out.contains(want),
+            "stack deploy printed no {want:?}: {out}"
+        );
+    }
+    wait_tasks_running(h1, "demo_web", 2, Duration::from_secs(60))?;
+    wait_tasks_running(h1, "demo_probe", 1, Duration::from_secs(60))?;
+    let out = h1.docker_ok(&["stack", "ls"])?;
+    ensure!(
+        lines(&out)
+            .iter()
+            .any(|l| l.starts_with("demo") && l.split_whitespace().nth(1) == Some("2")),
+        "stack ls: {out}"
+    );
+    let out = h1.docker_ok(&["stack", "services", "demo"])?;
+    ensure!(
+        out.contains("demo_web") && out.contains("2/2") && out.contains("demo_probe"),
+        "stack services: {out}"
+    );
+    let out = h1.docker_ok(&["stack", "ps", "demo"])?;
+    ensure!(
+        lines(&out).iter().filter(|l| l.contains("Running")).count() == 3,
+        "stack ps: {out}"
+    );
+    let s = inspect(h1, "service", "demo_web")?;
+    ensure!(
+        s["Spec"]["Labels"]["com.docker.stack.namespace"] == "demo"
+            && s["Spec"]["Labels"]["tier"] == "web"
+            && s["Spec"]["UpdateConfig"]["Order"] == "start-first"
+            && s["Spec"]["TaskTemplate"]["RestartPolicy"]["Condition"] == "on-failure"
+            && s["Spec"]["TaskTemplate"]["Networks"][0]["Aliases"][0] == "web",
+        "demo_web: {s}"
+    );
+    // The routing mesh publishes the stack's port; the short name (an alias) answers inside.
+    let body = http_get(&c, &c.host(2).addr().to_string(), 8081)?;
+    ensure!(body.contains("hello from v1"), "{body}");
+    let probe = mesh_netns::swarm::running_tasks(h1, "demo_probe")?;
+    let probe_task = mesh_netns::swarm::field(&probe[0], "ID").to_string();
+    let probe_node = mesh_netns::swarm::field(&probe[0], "Node").to_string();
+    let ph = c
+        .hosts()
+        .iter()
+        .find(|h| h.name() == probe_node)
+        .context("the probe's host")?;
+    let got = wait_for(
+        "web answers by its short name inside the stack",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let out = ph.mesh(&[
+                "exec",
+                &probe_task,
+                "--",
+                "sh",
+                "-c",
+                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc web 80",
+            ])?;
+            Ok(out.stdout.contains("hello from v1").then_some(out.stdout))
+        },
+    )?;
+    ensure!(got.contains("200 OK"), "{got}");
+
+    // A redeploy of the same file changes nothing: no task is replaced.
+    let before = h1.docker_ok(&["stack", "ps", "-q", "demo"])?;
+    let out = h1.docker_ok(&["stack", "deploy", "-c", &file, "demo"])?;
+    ensure!(out.contains("Updating service demo_web"), "redeploy: {out}");
+    std::thread::sleep(Duration::from_secs(2));
+    let after = h1.docker_ok(&["stack", "ps", "-q", "demo"])?;
+    ensure!(
+        before == after,
+        "a redeploy replaced tasks:\n{before}\n{after}"
+    );
+
+    let out = h1.docker_ok(&["stack", "rm", "demo"])?;
+    for want in [
+        "Removing service demo_web",
+        "Removing service demo_probe",
+        "Removing network demo_front",
+    ] {
+        ensure!(out.contains(want), "stack rm printed no {want:?}: {out}");
+    }
+    let out = h1.docker_ok(&["stack", "ls"])?;
+    ensure!(lines(&out).len() == 1, "stack ls after rm: {out}");
+    let out = h1.docker_ok(&["network", "ls", "--format", "{{.Name}}"])?;
+    ensure!(
+        !out.contains("demo_front"),
+        "networks after stack rm: {out}"
     );
     Ok(())
 }

@@ -123,6 +123,11 @@ pub enum Request {
     ImagePull {
         reference: String,
     },
+    /// The digest a reference names on its registry now (`docker`'s
+    /// `/distribution/{name}/json`): `{"reference": "name@sha256:...", "digest": ...}`.
+    ImageResolve {
+        reference: String,
+    },
     /// Removes an image from this node's store.
     ImageRm {
         reference: String,
@@ -198,6 +203,7 @@ impl Request {
                 | Request::DnsQuery { .. }
                 | Request::ImageLs
                 | Request::ImagePull { .. }
+                | Request::ImageResolve { .. }
                 | Request::ImageRm { .. }
                 | Request::ImagePrune
                 | Request::ImageLoad { .. }

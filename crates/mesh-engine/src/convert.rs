@@ -223,7 +223,7 @@ pub fn service_spec(s: &ServiceSpec, objects: &ClusterObjects) -> m::ServiceSpec
                     .iter()
                     .map(|n| m::NetworkAttachmentConfig {
                         target: Some(network_id(objects, n)),
-                        aliases: None,
+                        aliases: s.aliases.get(n).filter(|a| !a.is_empty()).cloned(),
                         driver_opts: None,
                     })
                     .collect()

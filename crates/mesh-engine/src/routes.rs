@@ -138,6 +138,9 @@ pub async fn route(b: &dyn Backend, c: &Call) -> Result<Reply> {
             .await?;
             Ok(Reply::Empty(StatusCode::NO_CONTENT))
         }
+        ["distribution", name @ .., "json"] if get && !name.is_empty() => {
+            distribution(b, &name.join("/")).await
+        }
         // mesh has no secrets or configs yet: listing them truthfully finds none (`stack rm`
         // lists them), anything else says so.
         ["secrets"] | ["configs"] if get => {
@@ -150,6 +153,35 @@ pub async fn route(b: &dyn Backend, c: &Call) -> Result<Reply> {
         )),
         _ => Err(EngineError::not_found("page not found")),
     }
+}
+
+/// The digest a tag names on its registry, so the CLI pins services as it does with dockerd.
+async fn distribution(b: &dyn Backend, reference: &str) -> Result<Reply> {
+    let r = call(
+        b,
+        Request::ImageResolve {
+            reference: reference.to_string(),
+        },
+    )
+    .await
+    .map_err(|e| match e.status {
+        StatusCode::SERVICE_UNAVAILABLE => {
+            EngineError::new(StatusCode::INTERNAL_SERVER_ERROR, e.message)
+        }
+        _ => e,
+    })?;
+    let digest = r["digest"]
+        .as_str()
+        .ok_or_else(|| EngineError::not_found(format!("{reference}: no digest")))?;
+    Ok(Reply::ok(json!({
+        "Descriptor": {
+            "MediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "Digest": digest,
+            "Size": 0,
+        },
+        // The image's platforms are not checked by mesh's scheduler: none are claimed.
+        "Platforms": [],
+    })))
 }
 
 fn unique<'a, T>(mut it: impl Iterator<Item = &'a T>) -> Option<&'a T> {

@@ -200,6 +200,7 @@ fn convert(t: &m::ServiceSpec, objects: &ClusterObjects) -> Result<ServiceSpec, 
     };
     let placement = tt.placement.clone().unwrap_or_default();
     let mut networks = Vec::new();
+    let mut aliases = BTreeMap::new();
     for n in tt
         .networks
         .iter()
@@ -224,6 +225,14 @@ fn convert(t: &m::ServiceSpec, objects: &ClusterObjects) -> Result<ServiceSpec, 
             return Err(EngineError::bad(
                 "service cannot be explicitly attached to the ingress network \"ingress\"",
             ));
+        }
+        if let Some(a) = n.aliases.as_ref().filter(|a| !a.is_empty()) {
+            for alias in a {
+                mesh_api::validate_dns_name(alias).map_err(|e| {
+                    EngineError::bad(format!("invalid network alias {alias:?}: {e}"))
+                })?;
+            }
+            aliases.insert(net.spec.name.clone(), a.clone());
         }
         networks.push(net.spec.name.clone());
     }
@@ -356,6 +365,7 @@ fn convert(t: &m::ServiceSpec, objects: &ClusterObjects) -> Result<ServiceSpec, 
                 )
             })
             .collect(),
+        aliases,
     })
 }
 

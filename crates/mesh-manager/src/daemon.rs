@@ -232,6 +232,17 @@ impl Daemon {
                 })
                 .await
             }
+            Request::ImageResolve { reference } => {
+                self.image_call(move |i| {
+                    let normal = i.normalise(&reference).map_err(ApiError::invalid)?;
+                    let pinned = i
+                        .pin(&normal)
+                        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))?;
+                    let digest = pinned.split_once('@').map(|(_, d)| d.to_string());
+                    Ok(json!({ "reference": pinned, "digest": digest }))
+                })
+                .await
+            }
             Request::ImageRm { reference } => {
                 let in_use = match self.member().await {
                     Some(m) => m.agent.images_in_use(),
