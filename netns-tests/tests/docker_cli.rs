@@ -243,6 +243,33 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
     ])?;
     ensure!(fmt.trim() == "2", "{fmt}");
 
+    let out = h1.docker_ok(&["node", "inspect", "--pretty", "self"])?;
+    ensure!(
+        out.lines()
+            .any(|l| l.starts_with("Hostname:") && l.ends_with(h1.name()))
+            && out.contains("Manager Status:"),
+        "node inspect --pretty: {out}"
+    );
+    // One node per call: the CLI's filter for several accumulates their IDs (dockerd lists
+    // tasks again for each, too).
+    let mut placed = 0;
+    for (i, node) in [h1.name(), c.host(2).name(), &h3].into_iter().enumerate() {
+        let out = if i == 0 {
+            h1.docker_ok(&["node", "ps"])?
+        } else {
+            h1.docker_ok(&["node", "ps", node])?
+        };
+        ensure!(
+            lines(&out)[0].starts_with("ID") && lines(&out)[0].contains("DESIRED STATE"),
+            "{out}"
+        );
+        placed += lines(&out)
+            .iter()
+            .filter(|l| l.contains(" web.") && l.contains("Running") && l.contains(node))
+            .count();
+    }
+    ensure!(placed == 2, "node ps found {placed} running web tasks");
+
     // Scale, update, rollback: the CLI's read-modify-write round trips.
     let out = h1.docker_ok(&["service", "scale", "web=3"])?;
     ensure!(out.contains("web scaled to 3"), "{out}");
@@ -513,7 +540,7 @@ services:
         tier: web
   probe:
     image: IMAGE
-    command: ["sleep", "3600"]
+    command: ["sh", "-c", "echo probe-started; exec sleep 3600"]
     networks:
       front:
         aliases: [client]
@@ -599,6 +626,23 @@ fn docker_stack_deploy_runs_a_compose_file() -> Result<()> {
         },
     )?;
     ensure!(got.contains("200 OK"), "{got}");
+
+    // Logs through the multiplexed stream, named by the CLI from the details labels.
+    let logs = wait_for(
+        "the probe's log line",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let out = h1.docker_ok(&["service", "logs", "demo_probe"])?;
+            Ok(out.contains("probe-started").then_some(out))
+        },
+    )?;
+    ensure!(
+        logs.lines().any(|l| l.starts_with("demo_probe.1.")
+            && l.contains(&format!("@{probe_node}"))
+            && l.ends_with("| probe-started")),
+        "service logs: {logs}"
+    );
 
     // A redeploy of the same file changes nothing: no task is replaced.
     let before = h1.docker_ok(&["stack", "ps", "-q", "demo"])?;
