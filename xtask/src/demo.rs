@@ -21,6 +21,20 @@ fn show(h: &Host, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The same cluster through the unmodified `docker` CLI, on the node's Engine API socket.
+fn show_docker(h: &Host, args: &[&str]) -> Result<()> {
+    println!(
+        "\n$ docker -H unix://{} {}    # on {}",
+        h.docker_socket().display(),
+        args.join(" "),
+        h.name()
+    );
+    let out = h.docker(args)?;
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    Ok(())
+}
+
 pub fn run(keep: bool) -> Result<()> {
     if !mesh_netns::require_root()? {
         anyhow::bail!("the demo creates network namespaces: run it as root");
@@ -119,6 +133,17 @@ pub fn run(keep: bool) -> Result<()> {
         ],
     )?;
     show(h1, &["service", "ls"])?;
+    if std::process::Command::new("docker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        println!(
+            "\n# the same cluster through the unmodified docker CLI (meshd serves the Engine API):"
+        );
+        show_docker(h1, &["node", "ls"])?;
+        show_docker(h1, &["service", "ls"])?;
+    }
     show(c.host(4), &["vip", "ls"])?;
     show(c.host(4), &["dns", "query", "--network", "appnet", "web"])?;
     show(
