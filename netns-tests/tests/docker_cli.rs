@@ -540,7 +540,7 @@ services:
         tier: web
   probe:
     image: IMAGE
-    command: ["sh", "-c", "echo probe-started; exec sleep 3600"]
+    command: ["sh", "-c", "echo probe-started; i=0; while true; do i=$$((i+1)); echo tick $$i; sleep 0.3; done"]
     networks:
       front:
         aliases: [client]
@@ -642,6 +642,27 @@ fn docker_stack_deploy_runs_a_compose_file() -> Result<()> {
             && l.contains(&format!("@{probe_node}"))
             && l.ends_with("| probe-started")),
         "service logs: {logs}"
+    );
+
+    // --follow keeps streaming what the task prints next.
+    let ticks = |out: &str| -> Vec<u64> {
+        out.lines()
+            .filter_map(|l| l.rsplit("| tick ").next()?.trim().parse().ok())
+            .collect()
+    };
+    let seen = ticks(&h1.docker_ok(&["service", "logs", "demo_probe"])?);
+    let last = seen.iter().copied().max().context("no tick logged yet")?;
+    let followed = std::process::Command::new("timeout")
+        .args(["4", "docker", "-H"])
+        .arg(format!("unix://{}", h1.docker_socket().display()))
+        .args(["service", "logs", "--follow", "--tail", "1", "demo_probe"])
+        .env_remove("DOCKER_HOST")
+        .output()?;
+    let got = ticks(&String::from_utf8_lossy(&followed.stdout));
+    ensure!(
+        got.iter().filter(|t| **t > last + 2).count() >= 3,
+        "following the logs after tick {last} got ticks {got:?}: {}",
+        String::from_utf8_lossy(&followed.stderr)
     );
 
     // A redeploy of the same file changes nothing: no task is replaced.

@@ -3,6 +3,7 @@
 //! the `docker` CLI and the `mesh` CLI change the same objects through the same checks.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -39,7 +40,8 @@ async fn local_info(b: &dyn Backend) -> Result<LocalInfo> {
 }
 
 /// Dispatches a call to its handler; unknown endpoints are 404 "page not found", as dockerd.
-pub async fn route(b: &dyn Backend, c: &Call) -> Result<Reply> {
+pub async fn route(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
+    let b = backend.as_ref();
     let segs: Vec<&str> = c.segments.iter().map(String::as_str).collect();
     let get = c.method == Method::GET || c.method == Method::HEAD;
     let post = c.method == Method::POST;
@@ -107,7 +109,7 @@ pub async fn route(b: &dyn Backend, c: &Call) -> Result<Reply> {
             Ok(Reply::Empty(StatusCode::OK))
         }
         ["services", id, "update"] if post => service_update(b, c, id).await,
-        ["services", id, "logs"] if get => service_logs(b, c, id).await,
+        ["services", id, "logs"] if get => service_logs(backend, c, id).await,
         ["tasks"] if get => task_ls(b, c).await,
         ["tasks", id] if get => {
             let o = objects(b).await?;
@@ -684,31 +686,61 @@ async fn service_update(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
     Ok(Reply::ok(json!({"Warnings": warnings(&r)})))
 }
 
-async fn service_logs(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
-    if c.query.flag("follow") {
-        return Err(EngineError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "following logs (--follow) is not supported by mesh yet",
-        ));
-    }
-    let o = objects(b).await?;
-    let svc = find_service(&o, key)?;
+/// A service's log lines per task, in the order the daemon gathered them.
+async fn task_logs(b: &dyn Backend, service_id: &str) -> Result<Vec<(String, Vec<String>)>> {
     let r = call(
         b,
         Request::ServiceLogs {
-            service: svc.id.clone(),
-            max_bytes: 1 << 20,
+            service: service_id.to_string(),
+            max_bytes: LOG_WINDOW,
         },
     )
     .await?;
-    let lines: Vec<String> = r["lines"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|l| l.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    // Lines are `<task name>@<host>    | <text>`, per task in order.
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for l in r["lines"].as_array().into_iter().flatten() {
+        let Some((prefix, text)) = l.as_str().and_then(|l| l.split_once("    | ")) else {
+            continue;
+        };
+        let name = prefix.split('@').next().unwrap_or("");
+        let id = name.rsplit('.').next().unwrap_or("").to_string();
+        match out.iter_mut().find(|(t, _)| *t == id) {
+            Some((_, lines)) => lines.push(text.to_string()),
+            None => out.push((id, vec![text.to_string()])),
+        }
+    }
+    Ok(out)
+}
+
+/// How much of each task's log a read covers (the daemon keeps the newest bytes).
+const LOG_WINDOW: usize = 1 << 20;
+/// How often `--follow` reads the logs again.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// One line in the multiplexed stream format (stdout), with Docker's details labels.
+fn log_frame(t: &Task, text: &str, details: bool) -> Bytes {
+    let mut payload = String::new();
+    if details {
+        payload.push_str(&format!(
+            "com.docker.swarm.node.id={},com.docker.swarm.service.id={},com.docker.swarm.task.id={} ",
+            t.node_id, t.service_id, t.id
+        ));
+    }
+    payload.push_str(text);
+    payload.push('\n');
+    let mut frame = Vec::with_capacity(8 + payload.len());
+    frame.extend_from_slice(&[1, 0, 0, 0]);
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload.as_bytes());
+    Bytes::from(frame)
+}
+
+/// `docker service logs [--follow] [--tail N]`: the tasks' lines, then (following) the lines
+/// they add, read again every [`FOLLOW_EVERY`], new tasks included, until the client goes
+/// away or the service is removed.
+async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply> {
+    let o = objects(b.as_ref()).await?;
+    let svc = find_service(&o, key)?.clone();
     let tail = match c.query.get("tail") {
         None | Some("") | Some("all") => None,
         Some(n) => Some(
@@ -717,49 +749,52 @@ async fn service_logs(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
         ),
     };
     let details = c.query.flag("details");
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut frames = Vec::new();
-    // Lines are `<task name>@<host>    | <text>`, per task in order.
-    let mut per_task: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut order = Vec::new();
-    for l in lines {
-        let Some((prefix, text)) = l.split_once("    | ") else {
-            continue;
-        };
-        let name = prefix.split('@').next().unwrap_or("");
-        let id = name.rsplit('.').next().unwrap_or("").to_string();
-        if !per_task.contains_key(&id) {
-            order.push(id.clone());
-        }
-        per_task.entry(id).or_default().push(text.to_string());
-    }
-    for id in order {
-        let Some(t) = o.tasks.iter().find(|t| t.id == id) else {
-            continue;
-        };
-        let texts = &per_task[&id];
-        let skip = tail.map_or(0, |n| texts.len().saturating_sub(n));
-        for text in &texts[skip..] {
-            let mut payload = String::new();
-            if details {
-                payload.push_str(&format!(
-                    "com.docker.swarm.node.id={},com.docker.swarm.service.id={},com.docker.swarm.task.id={} ",
-                    t.node_id, t.service_id, t.id
-                ));
-            }
-            payload.push_str(text);
-            payload.push('\n');
-            let mut frame = Vec::with_capacity(8 + payload.len());
-            frame.extend_from_slice(&[1, 0, 0, 0]);
-            frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-            frame.extend_from_slice(payload.as_bytes());
-            frames.push(Bytes::from(frame));
-        }
-    }
+    let follow = c.query.flag("follow");
+    let first = task_logs(b.as_ref(), &svc.id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let b = b.clone();
     tokio::spawn(async move {
-        for f in frames {
-            if tx.send(f).await.is_err() {
+        let mut tasks: Vec<Task> = o.tasks;
+        let mut sent: HashMap<String, usize> = HashMap::new();
+        let mut logs = first;
+        let mut initial = true;
+        loop {
+            for (id, lines) in &logs {
+                let Some(t) = tasks.iter().find(|t| t.id == *id) else {
+                    continue;
+                };
+                let done = sent.entry(id.clone()).or_insert(0);
+                // A log that shrank was rotated away under the read window: start over from
+                // what it holds now, without repeating it.
+                if lines.len() < *done {
+                    *done = lines.len();
+                }
+                let mut from = *done;
+                if initial {
+                    from = tail.map_or(0, |n| lines.len().saturating_sub(n));
+                }
+                for text in &lines[from..] {
+                    if tx.send(log_frame(t, text, details)).await.is_err() {
+                        return;
+                    }
+                }
+                *done = lines.len();
+            }
+            initial = false;
+            if !follow {
                 return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+                _ = tx.closed() => return,
+            }
+            match task_logs(b.as_ref(), &svc.id).await {
+                Ok(l) => logs = l,
+                Err(e) if e.status == StatusCode::NOT_FOUND => return,
+                Err(_) => continue,
+            }
+            if let Ok(o) = objects(b.as_ref()).await {
+                tasks = o.tasks;
             }
         }
     });

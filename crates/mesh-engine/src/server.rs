@@ -281,7 +281,7 @@ async fn handle(backend: Arc<dyn Backend>, req: Request<Incoming>) -> Response<B
     };
     debug!(method = %parts.method, path = parts.uri.path(), "docker API call");
     let head = parts.method == Method::HEAD;
-    let mut resp = match crate::routes::route(backend.as_ref(), &call).await {
+    let mut resp = match crate::routes::route(&backend, &call).await {
         Ok(Reply::Json(status, v)) => {
             let mut body = serde_json::to_vec(&v).unwrap_or_default();
             body.push(b'\n');
