@@ -270,6 +270,36 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
     }
     ensure!(placed == 2, "node ps found {placed} running web tasks");
 
+    // Each node shows its own tasks as containers, with Swarm's labels.
+    let mut containers = 0;
+    for h in c.hosts() {
+        let out = h.docker_ok(&[
+            "ps",
+            "--filter",
+            "label=com.docker.swarm.service.name=web",
+            "--format",
+            "{{.Names}} {{.Label \"com.docker.swarm.task.id\"}} {{.State}}",
+        ])?;
+        for l in lines(&out) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            ensure!(
+                f.len() == 3
+                    && f[0].starts_with("web.")
+                    && f[0].ends_with(f[1])
+                    && f[2] == "running",
+                "{}: docker ps: {out}",
+                h.name()
+            );
+            let c = inspect(h, "container", f[0])?;
+            ensure!(
+                c["State"]["Running"] == true && c["State"]["Pid"].as_u64() > Some(0),
+                "{c}"
+            );
+            containers += 1;
+        }
+    }
+    ensure!(containers == 2, "{containers} containers across the nodes");
+
     // Scale, update, rollback: the CLI's read-modify-write round trips.
     let out = h1.docker_ok(&["service", "scale", "web=3"])?;
     ensure!(out.contains("web scaled to 3"), "{out}");

@@ -117,6 +117,8 @@ pub enum Request {
         task: String,
         argv: Vec<String>,
     },
+    /// The tasks assigned to this node, with their processes ([`crate::LocalTask`]).
+    LocalTasks,
     /// The images in this node's store.
     ImageLs,
     /// Pulls an image into this node's store.
@@ -202,6 +204,7 @@ impl Request {
                 | Request::VipLs
                 | Request::DnsQuery { .. }
                 | Request::ImageLs
+                | Request::LocalTasks
                 | Request::ImagePull { .. }
                 | Request::ImageResolve { .. }
                 | Request::ImageRm { .. }

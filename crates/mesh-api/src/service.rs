@@ -696,6 +696,22 @@ impl Task {
     }
 }
 
+/// A task assigned to this node, with its process as the node's runtime knows it (the
+/// Engine API's `/containers`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalTask {
+    pub task: Task,
+    /// The node's hostname.
+    pub node_name: String,
+    /// Whether its process runs.
+    pub running: bool,
+    pub pid: Option<u32>,
+    /// Unix milliseconds; 0 when it never started.
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub exit_code: Option<i32>,
+}
+
 /// One row of `mesh service ps`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSummary {

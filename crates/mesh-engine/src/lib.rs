@@ -11,7 +11,8 @@
 //! - [`server`]: the HTTP side: connections, `/vX.Y` prefixes, `/_ping`, errors as Docker
 //!   writes them (`{"message": ...}`, `Content-Type: application/json`).
 //! - [`routes`]: one handler per endpoint.
-//! - [`convert`]: mesh objects to Engine API objects.
+//! - [`convert`]: mesh objects to Engine API objects; [`containers`]: this node's tasks as
+//!   containers.
 //! - [`spec`]: Engine API service specs to mesh's, refusing (400, naming the field) whatever
 //!   mesh would not keep.
 //! - [`query`]: query strings and Docker's filters.
@@ -21,6 +22,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod containers;
 pub mod convert;
 pub mod query;
 pub mod routes;

@@ -140,6 +140,12 @@ pub async fn route(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
             .await?;
             Ok(Reply::Empty(StatusCode::NO_CONTENT))
         }
+        ["containers", "json"] if get => container_ls(b, c).await,
+        ["containers", id, "json"] if get => {
+            let tasks = local_tasks(b).await?;
+            let t = find_container(&tasks, id)?;
+            Ok(Reply::ok(crate::containers::container_inspect(t)))
+        }
         ["distribution", name @ .., "json"] if get && !name.is_empty() => {
             distribution(b, &name.join("/")).await
         }
@@ -184,6 +190,58 @@ async fn distribution(b: &dyn Backend, reference: &str) -> Result<Reply> {
         // The image's platforms are not checked by mesh's scheduler: none are claimed.
         "Platforms": [],
     })))
+}
+
+async fn local_tasks(b: &dyn Backend) -> Result<Vec<mesh_api::LocalTask>> {
+    let v = call(b, Request::LocalTasks).await?;
+    serde_json::from_value(v).map_err(|e| {
+        EngineError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("bad task list: {e}"),
+        )
+    })
+}
+
+fn find_container<'a>(
+    tasks: &'a [mesh_api::LocalTask],
+    key: &str,
+) -> Result<&'a mesh_api::LocalTask> {
+    let key = key.strip_prefix('/').unwrap_or(key);
+    tasks
+        .iter()
+        .find(|t| t.task.id == key || t.task.name() == key)
+        .or_else(|| {
+            unique(
+                tasks
+                    .iter()
+                    .filter(|t| !key.is_empty() && t.task.id.starts_with(key)),
+            )
+        })
+        .ok_or_else(|| EngineError::not_found(format!("No such container: {key}")))
+}
+
+/// `docker ps [-a] [--filter]`: this node's tasks as containers, with Swarm's labels.
+async fn container_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
+    let f = c.query.filters().map_err(EngineError::bad)?;
+    f.only(&["id", "name", "label", "status"])
+        .map_err(EngineError::bad)?;
+    let all = c.query.flag("all");
+    let tasks = local_tasks(b).await?;
+    let out: Vec<Value> = tasks
+        .iter()
+        .filter(|t| all || t.running)
+        .filter(|t| {
+            let labels = crate::containers::container_labels(t);
+            f.any("id", |v| t.task.id.starts_with(v))
+                && f.any("name", |v| t.task.name().contains(v))
+                && f.any("status", |v| {
+                    v == if t.running { "running" } else { "exited" }
+                })
+                && f.labels("label", &labels)
+        })
+        .map(crate::containers::container_summary)
+        .collect();
+    Ok(Reply::ok(out))
 }
 
 fn unique<'a, T>(mut it: impl Iterator<Item = &'a T>) -> Option<&'a T> {

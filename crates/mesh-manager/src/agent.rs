@@ -155,6 +155,56 @@ impl Agent {
         out
     }
 
+    /// The tasks assigned to this node with their processes' state (`Request::LocalTasks`).
+    pub async fn local_tasks(&self, node_name: &str) -> Vec<mesh_api::LocalTask> {
+        let assigned: Vec<Task> = {
+            let st = self.lock();
+            st.assigned
+                .iter()
+                .flat_map(|(_, tasks)| tasks.values().cloned())
+                .collect()
+        };
+        let rt = self.runtime.clone();
+        let local: HashMap<String, RunState> = tokio::task::spawn_blocking(move || rt.list())
+            .await
+            .map(|l| l.into_iter().collect())
+            .unwrap_or_default();
+        let mut out: Vec<mesh_api::LocalTask> = assigned
+            .into_iter()
+            .filter_map(|task| {
+                let rs = local.get(&task.id)?;
+                let (running, pid, started_at_ms, finished_at_ms, exit_code) = match rs {
+                    RunState::Running { pid, started_at_ms } => {
+                        (true, Some(*pid), *started_at_ms, 0, None)
+                    }
+                    RunState::Exited {
+                        code,
+                        signal,
+                        started_at_ms,
+                        finished_at_ms,
+                    } => (
+                        false,
+                        None,
+                        *started_at_ms,
+                        *finished_at_ms,
+                        code.or(signal.map(|s| 128 + s)),
+                    ),
+                };
+                Some(mesh_api::LocalTask {
+                    task,
+                    node_name: node_name.to_string(),
+                    running,
+                    pid,
+                    started_at_ms,
+                    finished_at_ms,
+                    exit_code,
+                })
+            })
+            .collect();
+        out.sort_by_key(|t| std::cmp::Reverse(t.started_at_ms));
+        out
+    }
+
     pub fn plane(&self) -> Option<&Arc<dyn NetworkPlane>> {
         self.plane.as_ref()
     }

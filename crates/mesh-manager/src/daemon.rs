@@ -232,6 +232,10 @@ impl Daemon {
                 })
                 .await
             }
+            Request::LocalTasks => match self.member().await {
+                Some(m) => Ok(json!(m.agent.local_tasks(&self.cfg.node_name).await)),
+                None => Ok(json!([])),
+            },
             Request::ImageResolve { reference } => {
                 self.image_call(move |i| {
                     let normal = i.normalise(&reference).map_err(ApiError::invalid)?;
