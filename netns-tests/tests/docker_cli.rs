@@ -356,7 +356,34 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
         "rm of an unknown service: {missing:?}"
     );
 
-    let out = h1.docker_ok(&["service", "rm", "web"])?;
+    // docker events streams the cluster's changes from now on.
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 6;
+    let events = std::thread::scope(|s| -> Result<(String, String)> {
+        let watcher = s.spawn(|| {
+            h1.docker_ok(&[
+                "events",
+                "--filter",
+                "type=service",
+                "--until",
+                &until.to_string(),
+                "--format",
+                "{{.Type}} {{.Action}} {{.Actor.Attributes.name}}",
+            ])
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let out = h1.docker_ok(&["service", "rm", "web"])?;
+        let seen = watcher.join().expect("events thread")?;
+        Ok((out, seen))
+    })?;
+    ensure!(
+        events.1.contains("service remove web"),
+        "docker events: {}",
+        events.1
+    );
+    let out = events.0;
     ensure!(out.trim() == "web", "service rm: {out}");
     wait_for(
         "web gone",

@@ -15,6 +15,7 @@
 //!   containers.
 //! - [`spec`]: Engine API service specs to mesh's, refusing (400, naming the field) whatever
 //!   mesh would not keep.
+//! - [`events`]: the cluster's changes as Docker's event stream.
 //! - [`query`]: query strings and Docker's filters.
 
 #![recursion_limit = "256"]
@@ -24,6 +25,7 @@ use std::pin::Pin;
 
 pub mod containers;
 pub mod convert;
+pub mod events;
 pub mod query;
 pub mod routes;
 pub mod server;

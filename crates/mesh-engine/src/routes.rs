@@ -140,6 +140,7 @@ pub async fn route(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
             .await?;
             Ok(Reply::Empty(StatusCode::NO_CONTENT))
         }
+        ["events"] if get => events(backend, c).await,
         ["containers", "json"] if get => container_ls(b, c).await,
         ["containers", id, "json"] if get => {
             let tasks = local_tasks(b).await?;
@@ -190,6 +191,34 @@ async fn distribution(b: &dyn Backend, reference: &str) -> Result<Reply> {
         // The image's platforms are not checked by mesh's scheduler: none are claimed.
         "Platforms": [],
     })))
+}
+
+/// `docker events`: the cluster's changes from now on (see [`crate::events`]).
+async fn events(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
+    let f = c.query.filters().map_err(EngineError::bad)?;
+    f.only(&["type", "event", "scope", "service", "node", "network"])
+        .map_err(EngineError::bad)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let time = |k: &str| -> Result<Option<u128>> {
+        c.query
+            .get(k)
+            .filter(|v| !v.is_empty())
+            .map(|v| crate::events::parse_time(v).map_err(EngineError::bad))
+            .transpose()
+    };
+    if time("since")?.is_some_and(|s| s + 1_000_000_000 < now) {
+        return Err(EngineError::bad(
+            "mesh keeps no event history: events stream from now on (leave out --since)",
+        ));
+    }
+    let until = time("until")?;
+    let first = objects(backend.as_ref()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    crate::events::stream(backend.clone(), first, f, until, tx);
+    Ok(Reply::Stream("application/json", rx))
 }
 
 async fn local_tasks(b: &dyn Backend) -> Result<Vec<mesh_api::LocalTask>> {
