@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use bollard_stubs::models as m;
 use mesh_api::{
-    ClusterObjects, EndpointMode, MountType, Network, NodeRole, NodeState, NodeView, Service,
-    ServiceMode, ServiceSpec, Task, TaskState,
+    ClusterObjects, EndpointMode, MountType, Network, NodeRole, NodeState, NodeView, PublishMode,
+    Service, ServiceMode, ServiceSpec, Task, TaskState,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -117,7 +117,9 @@ pub fn node(n: &NodeView, leader_raft: bool) -> m::Node {
                     name: Some("overlay".into()),
                 }]),
             }),
-            tls_info: None,
+            // dockerd always sends it (the node's certificate issuer); the cluster's CA is
+            // not at hand here: Docker's zero value, `{}`.
+            tls_info: Some(m::TlsInfo::default()),
         }),
         status: Some(m::NodeStatus {
             state: Some(match node.state {
@@ -177,21 +179,28 @@ pub fn service_spec(s: &ServiceSpec, objects: &ClusterObjects) -> m::ServiceSpec
         }),
         stop_signal: (!s.stop_signal.is_empty()).then(|| s.stop_signal.clone()),
         stop_grace_period: s.stop_grace_period_ms.map(ns),
-        init: s.init.then_some(true),
+        // dockerd sends what the CLI stored: `Init`, `Isolation` and an empty `DNSConfig`
+        // always (mesh has no DNS options and only the default isolation).
+        init: Some(s.init),
+        isolation: Some(m::TaskSpecContainerSpecIsolationEnum::DEFAULT),
+        dns_config: Some(m::TaskSpecContainerSpecDnsConfig::default()),
         ..Default::default()
     };
-    let limits = (s.resources.nano_cpus != 0 || s.resources.memory_bytes != 0).then(|| m::Limit {
+    // `Resources{Limits, Reservations}` always, as dockerd stores the CLI's specs (mesh has
+    // no reservations: `{}`).
+    let limits = m::Limit {
         nano_cpus: (s.resources.nano_cpus != 0).then_some(s.resources.nano_cpus as i64),
         memory_bytes: (s.resources.memory_bytes != 0).then_some(s.resources.memory_bytes as i64),
         pids: None,
-    });
+    };
     m::ServiceSpec {
         name: Some(s.name.clone()),
         labels: Some(map(&s.labels)),
         task_template: Some(m::TaskSpec {
             container_spec: Some(container),
-            resources: limits.map(|l| m::TaskSpecResources {
-                limits: Some(l),
+            resources: Some(m::TaskSpecResources {
+                limits: Some(limits),
+                reservations: Some(m::ResourceObject::default()),
                 ..Default::default()
             }),
             restart_policy: Some(m::TaskSpecRestartPolicy {
@@ -374,12 +383,13 @@ pub fn task(t: &Task, objects: &ClusterObjects) -> Value {
             state: enum_of(&wire(&t.status.state)),
             message: Some(t.status.message.clone()),
             err: (!t.status.err.is_empty()).then(|| t.status.err.clone()),
+            // dockerd always sends `PID` and `ExitCode` (0 when unknown or still running).
             container_status: Some(m::ContainerStatus {
                 container_id: Some(t.id.clone()),
-                pid: None,
-                exit_code: t.status.exit_code.map(i64::from),
+                pid: Some(0),
+                exit_code: Some(t.status.exit_code.map_or(0, i64::from)),
             }),
-            port_status: None,
+            port_status: Some(port_status(t)),
         }),
         desired_state: enum_of(&wire(&t.desired_state)),
         job_iteration: None,
@@ -402,6 +412,30 @@ pub fn task(t: &Task, objects: &ClusterObjects) -> Value {
         v["NetworksAttachments"] = json!(attachments);
     }
     v
+}
+
+/// `PortStatus`: the host-mode ports a running task publishes on its node (`service ps`
+/// shows them under PORTS); `{}` otherwise, as dockerd sends it.
+fn port_status(t: &Task) -> m::PortStatus {
+    let ports: Vec<m::EndpointPortConfig> = if t.status.state == TaskState::Running {
+        t.spec
+            .ports
+            .iter()
+            .filter(|p| p.mode == PublishMode::Host && p.published != 0)
+            .map(|p| m::EndpointPortConfig {
+                name: None,
+                protocol: enum_of(&wire(&p.protocol)),
+                target_port: Some(i64::from(p.target)),
+                published_port: Some(i64::from(p.published)),
+                publish_mode: enum_of(&wire(&p.mode)),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    m::PortStatus {
+        ports: (!ports.is_empty()).then_some(ports),
+    }
 }
 
 /// A network as tasks' `NetworksAttachments` show it (swarm's network object).
@@ -462,7 +496,16 @@ pub fn network(n: &Network) -> m::Network {
 /// `GET /networks/{id}`: the list shape plus `Containers` (this node's tasks on it are not
 /// tracked per node here: empty, as dockerd shows for a network without local endpoints).
 pub fn network_json(n: &Network) -> Value {
-    let mut v = serde_json::to_value(network(n)).unwrap_or(Value::Null);
+    let mut v = network_list_json(n);
     v["Containers"] = json!({});
+    v
+}
+
+/// A network as dockerd lists it (`GET /networks`): the model plus what the stubs cannot
+/// express, `IPAM.Options` and (swarm networks) `Containers` as `null`.
+pub fn network_list_json(n: &Network) -> Value {
+    let mut v = serde_json::to_value(network(n)).unwrap_or(Value::Null);
+    v["IPAM"]["Options"] = Value::Null;
+    v["Containers"] = Value::Null;
     v
 }
