@@ -337,6 +337,10 @@ async fn version() -> Result<Reply> {
         ("Os".to_string(), "linux".to_string()),
         ("Arch".to_string(), convert::docker_arch().to_string()),
         ("KernelVersion".to_string(), kernel()),
+        ("GitCommit".to_string(), String::new()),
+        ("GoVersion".to_string(), "none (Rust)".to_string()),
+        ("BuildTime".to_string(), String::new()),
+        ("Experimental".to_string(), "false".to_string()),
     ]);
     Ok(Reply::ok(bollard_stubs::models::SystemVersion {
         platform: Some(bollard_stubs::models::SystemVersionPlatform {
@@ -488,7 +492,17 @@ async fn info(b: &dyn Backend) -> Result<Reply> {
         "NCPU": res.0,
         "MemTotal": res.1,
         "IndexServerAddress": "https://index.docker.io/v1/",
-        "RegistryConfig": {"IndexConfigs": {}, "InsecureRegistryCIDRs": [], "Mirrors": []},
+        "RegistryConfig": {"AllowNondistributableArtifactsCIDRs": [], "AllowNondistributableArtifactsHostnames": [], "IndexConfigs": {}, "InsecureRegistryCIDRs": [], "Mirrors": []},
+        "GenericResources": null,
+        "DockerRootDir": "",
+        "HttpProxy": "",
+        "HttpsProxy": "",
+        "NoProxy": "",
+        "KernelMemory": false,
+        "KernelMemoryTCP": false,
+        "ContainerdCommit": {"ID": "", "Expected": ""},
+        "RuncCommit": {"ID": "", "Expected": ""},
+        "InitCommit": {"ID": "", "Expected": ""},
         "Name": i.node_name,
         "Labels": [],
         "ExperimentalBuild": false,
@@ -958,7 +972,7 @@ async fn network_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
                 && f.any("type", |v| v == "custom")
                 && f.labels("label", &n.spec.labels)
         })
-        .map(convert::network)
+        .map(convert::network_list_json)
         .collect();
     Ok(Reply::ok(out))
 }
