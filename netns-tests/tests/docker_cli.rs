@@ -422,6 +422,18 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
     );
     let out = c.host(3).docker_ok(&["swarm", "leave"])?;
     ensure!(out.contains("Node left the swarm."), "{out}");
+    let out = wait_for(
+        "the node that left removable",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || {
+            let r = h1.docker(&["node", "rm", &h3])?;
+            Ok(r.success().then_some(r.stdout))
+        },
+    )?;
+    ensure!(out.trim() == h3, "node rm printed {out}");
+    let out = h1.docker_ok(&["node", "ls", "--format", "{{.Hostname}}"])?;
+    ensure!(!out.contains(&h3), "node ls after rm: {out}");
     Ok(())
 }
 
