@@ -17,6 +17,14 @@
 //! once) and, with the nftables backend, the task's `mesh_lb` table. A restarted daemon
 //! re-plumbs the tasks it adopts from the running set the agent gives it.
 //!
+//! **A VIP outlives its name.** When a service's last endpoint is withdrawn (a stop-first
+//! update, a scale to zero, a removal), DNS stops answering the name at once, but the VIP stays
+//! in the balancer and on the tasks' `lo`, empty, for the TTL of a VIP answer
+//! ([`emptied_vip_linger`]): a client that resolved the name just before, or keeps the answer
+//! for its TTL, is refused at once. Dropped with the name, the VIP was neither translated nor
+//! local any more, so such a connect went out to the overlay, where nothing answers, and hung
+//! until its timeout (`update_order.rs`).
+//!
 //! **Nothing is taken away on partial tables.** Gossip fills a network's tables only with its
 //! first push-pull with a member of the network (`Gossip::synced`); before that, a restarted
 //! daemon (or one that just joined a network) sees little more than its own records, while
@@ -58,6 +66,12 @@ const INGRESS_STATE: &str = "ingress.json";
 const GOSSIP_NETWORKS: &str = "gossip-networks.json";
 /// The sandbox's interface on the ingress overlay.
 const SANDBOX_IF: &str = "eth0";
+/// How long a VIP whose service has no endpoint left stays in the balancer, empty (refusing),
+/// after DNS stopped answering it: the TTL of a VIP answer, so a client that keeps the answer
+/// that long is refused rather than sent nowhere (module docs).
+fn emptied_vip_linger() -> Duration {
+    Duration::from_secs(u64::from(mesh_dns::Ttls::default().vip))
+}
 /// How long a withdrawn endpoint's ARP/FDB entries outlive its record. DNS and the
 /// balancers drop it at once, so no new connection goes there; connections set up just
 /// before still need the path while the task drains (the agent's 1 s) and stops.
@@ -190,6 +204,9 @@ struct Inner {
     lb: Balancer,
     /// What the balancer was last given: VIP -> network, service, backends.
     lb_vips: Mutex<BTreeMap<Ipv4Addr, VipInfo>>,
+    /// VIPs whose service lost its last endpoint, kept empty (see [`emptied_vip_linger`]):
+    /// VIP -> what it was, since when.
+    emptied: Mutex<BTreeMap<Ipv4Addr, (VipInfo, std::time::Instant)>>,
     /// Per task ID, its namespace's plumbing (dropped once the process is gone).
     tasks: Mutex<BTreeMap<String, TaskNs>>,
     /// The local running set last given (applied when the plane starts, if given before;
@@ -313,6 +330,7 @@ impl Plane {
             dns: mesh_dns::Dns::new(upstreams),
             lb,
             lb_vips: Mutex::new(BTreeMap::new()),
+            emptied: Mutex::new(BTreeMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
             local: Mutex::new(None),
             ingress_att: Mutex::new(ingress_att),
@@ -637,8 +655,11 @@ impl Inner {
                 }
             }
         }
+        // A VIP whose service has no endpoint left stays, empty, after its name is gone.
+        self.keep_emptied_vips(&mut lb, &r.networks);
         // Balancers first, then DNS: a name never points at a VIP the balancer does not know
-        // yet, and a removed task leaves the VIP before (or as) it leaves DNS.
+        // yet, a removed task leaves the VIP before (or as) it leaves DNS, and a VIP leaves
+        // the balancer only well after it left DNS (above).
         self.program_lb(&lb);
         self.sync_task_namespaces().await;
         self.dns.replace(records);
@@ -733,6 +754,21 @@ impl Inner {
         out.sort();
         out.dedup_by_key(|h| (h.proto, h.port));
         out
+    }
+
+    /// Adds to `lb` the VIPs the balancer has whose service has no endpoint left, empty, for
+    /// a while (see [`keep_emptied`]).
+    fn keep_emptied_vips(
+        &self,
+        lb: &mut BTreeMap<Ipv4Addr, VipInfo>,
+        networks: &BTreeMap<String, NetworkDesc>,
+    ) {
+        let have = lock(&self.lb_vips);
+        let mut emptied = lock(&self.emptied);
+        let now = std::time::Instant::now();
+        for (vip, info) in keep_emptied(&have, &mut emptied, lb, networks, now) {
+            info!(%vip, service = info.service, "VIP left without backends: refusing for {:?}", emptied_vip_linger());
+        }
     }
 
     /// Makes the eBPF maps hold exactly `want` (each VIP, on every port, TCP and UDP, goes
@@ -1142,6 +1178,42 @@ impl Inner {
     }
 }
 
+/// Adds to `lb` (the VIPs the tables list now) those of `have` (what the balancer holds) it
+/// lacks, with no backend, for [`emptied_vip_linger`] from when they lost their last one
+/// (`emptied` remembers when): DNS no longer answers them, but a client that resolved one just
+/// before is refused at once rather than sent nowhere. Only while this node is on the VIP's
+/// network (its tasks there are the only callers), and until a backend comes back. Returns
+/// the VIPs emptied by this pass.
+fn keep_emptied(
+    have: &BTreeMap<Ipv4Addr, VipInfo>,
+    emptied: &mut BTreeMap<Ipv4Addr, (VipInfo, std::time::Instant)>,
+    lb: &mut BTreeMap<Ipv4Addr, VipInfo>,
+    networks: &BTreeMap<String, NetworkDesc>,
+    now: std::time::Instant,
+) -> Vec<(Ipv4Addr, VipInfo)> {
+    let mut new = Vec::new();
+    for (vip, old) in have.iter().filter(|(vip, _)| !lb.contains_key(vip)) {
+        emptied.entry(*vip).or_insert_with(|| {
+            let info = VipInfo {
+                backends: Vec::new(),
+                ..old.clone()
+            };
+            new.push((*vip, info.clone()));
+            (info, now)
+        });
+    }
+    emptied.retain(|vip, (info, since)| {
+        !lb.contains_key(vip)
+            && networks.contains_key(&info.network_id)
+            && now.duration_since(*since) < emptied_vip_linger()
+    });
+    for (vip, (info, _)) in emptied.iter() {
+        lb.insert(*vip, info.clone());
+    }
+    new.retain(|(vip, _)| emptied.contains_key(vip));
+    new
+}
+
 /// The remotes to program: `current`, plus endpoints withdrawn less than [`LINGER`] ago whose
 /// address no current endpoint took over.
 fn linger(
@@ -1439,5 +1511,105 @@ impl NetworkPlane for Plane {
             "answers": a.answers,
             "forwarded": a.forwarded,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn vip(net: &str, service: &str, backends: &[[u8; 4]]) -> VipInfo {
+        VipInfo {
+            network_id: net.into(),
+            service: service.into(),
+            backends: backends.iter().map(|b| Ipv4Addr::from(*b)).collect(),
+        }
+    }
+
+    fn nets(ids: &[&str]) -> BTreeMap<String, NetworkDesc> {
+        ids.iter()
+            .map(|id| {
+                let desc = NetworkDesc {
+                    vni: 4096,
+                    gateway: Ipv4Addr::new(10, 0, 1, 1),
+                    prefix: 24,
+                };
+                (id.to_string(), desc)
+            })
+            .collect()
+    }
+
+    /// One pass: what the balancer is given after `have`, when the tables list `now_listed`.
+    fn pass(
+        have: &BTreeMap<Ipv4Addr, VipInfo>,
+        emptied: &mut BTreeMap<Ipv4Addr, (VipInfo, Instant)>,
+        now_listed: &[(Ipv4Addr, VipInfo)],
+        networks: &BTreeMap<String, NetworkDesc>,
+        at: Instant,
+    ) -> BTreeMap<Ipv4Addr, VipInfo> {
+        let mut lb: BTreeMap<Ipv4Addr, VipInfo> = now_listed.iter().cloned().collect();
+        keep_emptied(have, emptied, &mut lb, networks, at);
+        lb
+    }
+
+    #[test]
+    fn a_vip_left_without_backends_refuses_for_its_dns_ttl_then_goes() {
+        let v = Ipv4Addr::new(10, 0, 1, 2);
+        let on = nets(&["n1"]);
+        let t0 = Instant::now();
+        let mut emptied = BTreeMap::new();
+        let mut have = BTreeMap::from([(v, vip("n1", "web", &[[10, 0, 1, 5]]))]);
+        // The last endpoint withdrawn: the VIP stays, with no backend (refusing).
+        have = pass(&have, &mut emptied, &[], &on, t0);
+        assert_eq!(have.get(&v), Some(&vip("n1", "web", &[])));
+        // Still there a moment before the TTL of its DNS answer has passed...
+        let almost = t0 + emptied_vip_linger() - Duration::from_millis(1);
+        have = pass(&have, &mut emptied, &[], &on, almost);
+        assert_eq!(have.get(&v), Some(&vip("n1", "web", &[])));
+        // ...and gone after it.
+        have = pass(&have, &mut emptied, &[], &on, t0 + emptied_vip_linger());
+        assert!(
+            have.is_empty() && emptied.is_empty(),
+            "{have:?} {emptied:?}"
+        );
+        assert!(pass(&have, &mut emptied, &[], &on, t0 + emptied_vip_linger()).is_empty());
+    }
+
+    #[test]
+    fn an_emptied_vip_takes_its_new_backends_and_a_later_emptying_starts_afresh() {
+        let v = Ipv4Addr::new(10, 0, 1, 2);
+        let on = nets(&["n1"]);
+        let t0 = Instant::now();
+        let mut emptied = BTreeMap::new();
+        let mut have = BTreeMap::from([(v, vip("n1", "web", &[[10, 0, 1, 5]]))]);
+        have = pass(&have, &mut emptied, &[], &on, t0);
+        // The next task of a stop-first update joins.
+        let back = vip("n1", "web", &[[10, 0, 1, 6]]);
+        let t1 = t0 + Duration::from_secs(2);
+        have = pass(&have, &mut emptied, &[(v, back.clone())], &on, t1);
+        assert_eq!(have.get(&v), Some(&back));
+        assert!(emptied.is_empty());
+        // Emptied again much later: a full linger from then.
+        let t2 = t0 + emptied_vip_linger() * 3;
+        have = pass(&have, &mut emptied, &[], &on, t2);
+        have = pass(&have, &mut emptied, &[], &on, t2 + Duration::from_secs(1));
+        assert_eq!(have.get(&v), Some(&vip("n1", "web", &[])));
+    }
+
+    #[test]
+    fn an_emptied_vip_goes_at_once_when_the_node_leaves_its_network() {
+        let v = Ipv4Addr::new(10, 0, 1, 2);
+        let w = Ipv4Addr::new(10, 0, 2, 2);
+        let t0 = Instant::now();
+        let mut emptied = BTreeMap::new();
+        let have = BTreeMap::from([
+            (v, vip("n1", "web", &[[10, 0, 1, 5]])),
+            (w, vip("n2", "api", &[[10, 0, 2, 5]])),
+        ]);
+        // This node's last task on n2 is gone too: nothing here can call api's VIP.
+        let lb = pass(&have, &mut emptied, &[], &nets(&["n1"]), t0);
+        assert_eq!(lb.keys().copied().collect::<Vec<_>>(), vec![v], "{lb:?}");
     }
 }
