@@ -362,9 +362,12 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
         !dup.success() && dup.stderr.contains("already exists"),
         "duplicate: {dup:?}"
     );
+    // 28.x prints the daemon's message; 20.10 words any 404 itself ("No such service").
     let missing = h1.docker(&["service", "rm", "nope"])?;
     ensure!(
-        !missing.success() && missing.stderr.contains("service nope not found"),
+        !missing.success()
+            && (missing.stderr.contains("service nope not found")
+                || missing.stderr.contains("No such service: nope")),
         "rm of an unknown service: {missing:?}"
     );
 
