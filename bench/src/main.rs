@@ -16,6 +16,7 @@
 
 mod api;
 mod dns;
+mod engine;
 mod gossip;
 mod images;
 mod ingress;
@@ -65,6 +66,11 @@ const BENCHES: &[Bench] = &[
         name: "images",
         about: images::ABOUT,
         run: images::run,
+    },
+    Bench {
+        name: "engine",
+        about: engine::ABOUT,
+        run: engine::run,
     },
     Bench {
         name: "dns",
