@@ -85,8 +85,13 @@ pub enum Request {
         spec: ServiceSpec,
         rollback: bool,
     },
-    /// Every object of the cluster as stored, for the Engine API's views and filters.
-    Objects,
+    /// Every object of the cluster as stored, for the Engine API's views and filters. With
+    /// `service` (an ID, name or unique ID prefix), only that service and its tasks (none if
+    /// there is no such service) beside all nodes and networks.
+    Objects {
+        #[serde(default)]
+        service: Option<String>,
+    },
     ServiceRm {
         service: String,
     },

@@ -180,7 +180,10 @@ pub fn stream(
                 _ = tokio::time::sleep(wait) => {}
                 _ = tx.closed() => return,
             }
-            let Ok(v) = backend.call(mesh_api::Request::Objects).await else {
+            let Ok(v) = backend
+                .call(mesh_api::Request::Objects { service: None })
+                .await
+            else {
                 continue;
             };
             let Ok(o) = serde_json::from_value::<ClusterObjects>(v) else {

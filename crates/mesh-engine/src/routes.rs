@@ -1,5 +1,6 @@
 //! One handler per Engine API endpoint. Reads come from one `Request::Objects` snapshot of
-//! the leader's store (filtered and shaped here); writes are the local API's requests, so
+//! the leader's store (scoped to one service when the question is about one; filtered and
+//! shaped here); writes are the local API's requests, so
 //! the `docker` CLI and the `mesh` CLI change the same objects through the same checks.
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,7 +25,19 @@ async fn call(b: &dyn Backend, req: Request) -> Result<Value> {
 }
 
 async fn objects(b: &dyn Backend) -> Result<ClusterObjects> {
-    let v = call(b, Request::Objects).await?;
+    objects_of(b, None).await
+}
+
+/// The objects, or (with `service`) one service's and its tasks only: what a question about
+/// one service needs, at a cost that does not grow with the other services.
+async fn objects_of(b: &dyn Backend, service: Option<&str>) -> Result<ClusterObjects> {
+    let v = call(
+        b,
+        Request::Objects {
+            service: service.map(str::to_string),
+        },
+    )
+    .await?;
     serde_json::from_value(v).map_err(|e| {
         EngineError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,12 +105,12 @@ pub async fn route(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
         ["services"] if get => service_ls(b, c).await,
         ["services", "create"] if post => service_create(b, c).await,
         ["services", id] if get => {
-            let o = objects(b).await?;
+            let o = objects_of(b, Some(id)).await?;
             let s = find_service(&o, id)?;
             Ok(Reply::ok(convert::service_json(s, &o, false)))
         }
         ["services", id] if delete => {
-            let o = objects(b).await?;
+            let o = objects_of(b, Some(id)).await?;
             let s = find_service(&o, id)?;
             call(
                 b,
@@ -767,7 +780,7 @@ async fn service_update(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
         }
     };
     let v = c.json()?;
-    let o = objects(b).await?;
+    let o = objects_of(b, Some(key)).await?;
     let svc = find_service(&o, key)?;
     let spec = if rollback {
         svc.spec.clone()
@@ -840,7 +853,7 @@ fn log_frame(t: &Task, text: &str, details: bool) -> Bytes {
 /// they add, read again every [`FOLLOW_EVERY`], new tasks included, until the client goes
 /// away or the service is removed.
 async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply> {
-    let o = objects(b.as_ref()).await?;
+    let o = objects_of(b.as_ref(), Some(key)).await?;
     let svc = find_service(&o, key)?.clone();
     let tail = match c.query.get("tail") {
         None | Some("") | Some("all") => None,
@@ -894,7 +907,7 @@ async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply
                 Err(e) if e.status == StatusCode::NOT_FOUND => return,
                 Err(_) => continue,
             }
-            if let Ok(o) = objects(b.as_ref()).await {
+            if let Ok(o) = objects_of(b.as_ref(), Some(&svc.id)).await {
                 tasks = o.tasks;
             }
         }
@@ -917,7 +930,12 @@ async fn task_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
         "_up-to-date",
     ])
     .map_err(EngineError::bad)?;
-    let o = objects(b).await?;
+    // One service asked for (the CLI's `service ps` and progress poll): only its objects.
+    let one = f
+        .values("service")
+        .filter(|v| v.len() == 1)
+        .and_then(|v| v.iter().next());
+    let o = objects_of(b, one.map(String::as_str)).await?;
     let svc_of = |t: &Task| o.services.iter().find(|s| s.id == t.service_id);
     let out: Vec<Value> = o
         .tasks

@@ -735,12 +735,17 @@ impl Member {
         }
     }
 
-    /// Every stored object, with the join tokens and each node's manager status.
+    /// Every stored object (or one service's, see `Request::Objects`), with the join tokens
+    /// and each node's manager status.
     fn objects(
         &self,
         state: &crate::state::StoreState,
         leader: Option<u64>,
+        service: Option<&str>,
     ) -> Result<mesh_api::ClusterObjects, ApiError> {
+        // Scoped to one service: that service and its tasks only.
+        let only = service.map(|key| state.find_service(key).ok().map(|s| s.id.clone()));
+        let wanted = |id: &str| only.as_ref().is_none_or(|o| o.as_deref() == Some(id));
         let c = state
             .cluster
             .as_ref()
@@ -764,8 +769,18 @@ impl Member {
                     manager_status: self.manager_status(n, leader),
                 })
                 .collect(),
-            services: state.services.values().cloned().collect(),
-            tasks: state.tasks.values().cloned().collect(),
+            services: state
+                .services
+                .values()
+                .filter(|s| wanted(&s.id))
+                .cloned()
+                .collect(),
+            tasks: state
+                .tasks
+                .values()
+                .filter(|t| wanted(&t.service_id))
+                .cloned()
+                .collect(),
             networks: state.networks.values().cloned().collect(),
         })
     }
@@ -1106,9 +1121,9 @@ impl Member {
                     .await?;
                 Ok(json!({ "id": svc.id, "rollout": rollout }))
             }
-            Request::Objects => {
+            Request::Objects { service } => {
                 let state = self.read(node).await?;
-                Ok(json!(self.objects(&state, leader)?))
+                Ok(json!(self.objects(&state, leader, service.as_deref())?))
             }
             Request::ServiceRm { service } => {
                 let state = self.read(node).await?;
