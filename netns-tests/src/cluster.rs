@@ -98,13 +98,8 @@ pub(crate) fn next_prefix() -> String {
 /// processes) and for which no namespace exists (leftovers of a killed
 /// process whose pid was reused are skipped, not touched).
 fn allocate_prefix(tmp: &Path) -> Result<(String, PathBuf)> {
-    let existing: Vec<String> = fs::read_dir(NETNS_RUN_DIR)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    reclaim_dead_leftovers(tmp);
+    let existing = netns_names();
     for _ in 0..1000 {
         let prefix = next_prefix();
         let dash = format!("{prefix}-");
@@ -119,6 +114,57 @@ fn allocate_prefix(tmp: &Path) -> Result<(String, PathBuf)> {
         }
     }
     bail!("could not find a free cluster name prefix")
+}
+
+fn netns_names() -> Vec<String> {
+    fs::read_dir(NETNS_RUN_DIR)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pid in a cluster namespace's name (`m<pid>x<n>-<host>`).
+pub(crate) fn owner_pid(ns: &str) -> Option<libc::pid_t> {
+    let (prefix, _) = ns.split_once('-')?;
+    let (pid, n) = prefix.strip_prefix('m')?.split_once('x')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+/// Removes what test processes that ended without their cleanup left (a test binary killed
+/// by a signal runs no `Drop`): the namespaces of clusters whose owner pid no longer exists,
+/// the processes in them, their hosts' cgroup subtrees and temp dirs (kept with
+/// `MESH_KEEP_LOGS`). A live pid's namespaces are never touched: its clusters may be in use
+/// (or the pid was reused; they go once that process ends).
+pub(crate) fn reclaim_dead_leftovers(tmp: &Path) {
+    let mut dirs = std::collections::BTreeSet::new();
+    for ns in netns_names() {
+        let Some(pid) = owner_pid(&ns) else { continue };
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+        if alive {
+            continue;
+        }
+        eprintln!("mesh-netns: removing namespace {ns}, left by test process {pid} (gone)");
+        best_effort(|| {
+            kill_ns_processes(&ns);
+            let _ = ip(&["netns", "del", &ns]);
+            let _ =
+                sweep_cgroup_subtree(Path::new(CGROUP_ROOT), &format!("mesh-{ns}"), SWEEP_TIMEOUT);
+        });
+        if let Some((prefix, _)) = ns.split_once('-') {
+            dirs.insert(tmp.join(format!("mesh-test-{prefix}")));
+        }
+    }
+    if std::env::var_os("MESH_KEEP_LOGS").is_none() {
+        for d in dirs {
+            let _ = fs::remove_dir_all(d);
+        }
+    }
 }
 
 /// Runs `f`, swallowing any panic (for cleanup code).

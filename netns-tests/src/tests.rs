@@ -13,7 +13,7 @@ use std::sync::{Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::cluster::next_prefix;
+use crate::cluster::{next_prefix, owner_pid, reclaim_dead_leftovers};
 use crate::*;
 
 /// Environment variable carrying the fake daemon's command line.
@@ -304,4 +304,45 @@ fn failed_creation_cleans_up() {
         .filter(|ns| ns.starts_with(&format!("{prefix}-")))
         .collect();
     assert!(leaked.is_empty(), "leaked {leaked:?}");
+}
+
+#[test]
+fn owner_pids_from_namespace_names() {
+    assert_eq!(owner_pid("m20074x0-h1"), Some(20074));
+    assert_eq!(owner_pid("m20074x12-ul"), Some(20074));
+    assert_eq!(owner_pid("mesh-overlay"), None);
+    assert_eq!(owner_pid("m1x-h1"), None);
+    assert_eq!(owner_pid("other"), None);
+}
+
+/// A test binary killed by a signal leaves its cluster behind; the next cluster made on the
+/// machine removes it (and never touches a live process's clusters).
+#[test]
+fn leftovers_of_a_killed_test_process_are_reclaimed() {
+    if !require_root().unwrap() {
+        return;
+    }
+    // A pid that is gone: a child that already ended (its pid is not reused this soon).
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    let dead = child.id();
+    let tmp = std::env::temp_dir();
+    let leftover = format!("m{dead}x0-h1");
+    let dir = tmp.join(format!("mesh-test-m{dead}x0"));
+    crate::cluster::ip(&["netns", "add", &leftover]).unwrap();
+    fs::create_dir_all(dir.join("h1")).unwrap();
+    // Ours (a live pid) stays.
+    let c = Cluster::new(opts(1, "reclaim")).unwrap();
+    let ours = c.namespaces().to_vec();
+    reclaim_dead_leftovers(&tmp);
+    let now = netns_list();
+    assert!(!now.contains(&leftover), "{leftover} was not reclaimed");
+    assert!(
+        keep_logs() || !dir.exists(),
+        "{} was not removed",
+        dir.display()
+    );
+    for ns in &ours {
+        assert!(now.contains(ns), "a live cluster's {ns} was removed");
+    }
 }
