@@ -369,30 +369,13 @@ impl Host {
             .arg(format!("unix://{}", self.socket().display()))
             .args(args)
             .env_remove("MESH_HOST");
-        let out = output_with_timeout(&mut cmd, MESH_CLI_TIMEOUT)
-            .with_context(|| format!("{}: mesh {}", self.name, args.join(" ")))?;
-        Ok(MeshOutput {
-            status: status_code(out.status),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        self.run_cli(cmd, "mesh", args)
     }
 
     /// Like [`Host::mesh`] but fails (with stdout and stderr in the message)
     /// unless the exit status is 0; returns stdout.
     pub fn mesh_ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.mesh(args)?;
-        if !out.success() {
-            bail!(
-                "{}: `mesh {}` exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                self.name,
-                args.join(" "),
-                out.status,
-                out.stdout,
-                out.stderr
-            );
-        }
-        Ok(out.stdout)
+        self.ok(self.mesh(args)?, "mesh", args)
     }
 
     /// This host's Docker Engine API socket (`EXEC_ROOT/docker.sock`).
@@ -415,8 +398,17 @@ impl Host {
             .env_remove("DOCKER_API_VERSION")
             .env("DOCKER_CONFIG", &config)
             .env("DOCKER_CLI_HINTS", "false");
+        self.run_cli(cmd, "docker", args)
+    }
+
+    /// Like [`Host::docker`], but fails unless the exit status is 0; returns stdout.
+    pub fn docker_ok(&self, args: &[&str]) -> Result<String> {
+        self.ok(self.docker(args)?, "docker", args)
+    }
+
+    fn run_cli(&self, mut cmd: Command, cli: &str, args: &[&str]) -> Result<MeshOutput> {
         let out = output_with_timeout(&mut cmd, MESH_CLI_TIMEOUT)
-            .with_context(|| format!("{}: docker {}", self.name, args.join(" ")))?;
+            .with_context(|| format!("{}: {cli} {}", self.name, args.join(" ")))?;
         Ok(MeshOutput {
             status: status_code(out.status),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -424,12 +416,11 @@ impl Host {
         })
     }
 
-    /// Like [`Host::docker`], but fails unless the exit status is 0; returns stdout.
-    pub fn docker_ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.docker(args)?;
+    /// `out`'s stdout if it succeeded, else an error with both streams.
+    fn ok(&self, out: MeshOutput, cli: &str, args: &[&str]) -> Result<String> {
         if !out.success() {
             bail!(
-                "{}: `docker {}` exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                "{}: `{cli} {}` exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
                 self.name,
                 args.join(" "),
                 out.status,
