@@ -6,11 +6,13 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod human;
 pub mod network;
 pub mod objects;
 pub mod service;
 
 pub use api::{ApiError, ErrorKind, ImageSummary, Request, Response, ServiceUpdate};
+pub use human::human_duration;
 pub use network::*;
 pub use objects::*;
 pub use service::*;

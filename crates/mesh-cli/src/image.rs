@@ -218,21 +218,8 @@ fn created_ago(created: &str, now: i64) -> String {
     let Some(t) = parse_rfc3339(created) else {
         return String::new();
     };
-    let secs = (now - t).max(0);
-    let hours = secs / 3600;
-    let d = match secs {
-        0 => "Less than a second".to_string(),
-        1 => "1 second".to_string(),
-        2..=59 => format!("{secs} seconds"),
-        60..=119 => "About a minute".to_string(),
-        120..=2999 => format!("{} minutes", secs / 60),
-        3000..=5399 => "About an hour".to_string(),
-        _ if hours < 48 => format!("{hours} hours"),
-        _ if hours < 24 * 7 * 2 => format!("{} days", hours / 24),
-        _ if hours < 24 * 30 * 2 => format!("{} weeks", hours / 24 / 7),
-        _ if hours < 24 * 365 * 2 => format!("{} months", hours / 24 / 30),
-        _ => format!("{} years", hours / 24 / 365),
-    };
+    let secs = u64::try_from(now - t).unwrap_or(0);
+    let d = mesh_api::human_duration(secs);
     format!("{d} ago")
 }
 

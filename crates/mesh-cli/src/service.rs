@@ -594,7 +594,6 @@ fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
     })
 }
 
-/// "5 seconds ago", as Docker prints ages.
 /// The daemon's warnings (e.g. an image tag that could not be pinned), on stderr.
 fn print_warnings(v: &Value) {
     for w in v["warnings"].as_array().into_iter().flatten() {
@@ -602,17 +601,9 @@ fn print_warnings(v: &Value) {
     }
 }
 
+/// "5 seconds ago", as Docker prints ages.
 fn ago(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0 => "Less than a second ago".into(),
-        1 => "1 second ago".into(),
-        2..=59 => format!("{s} seconds ago"),
-        60..=119 => "About a minute ago".into(),
-        120..=3599 => format!("{} minutes ago", s / 60),
-        3600..=7199 => "About an hour ago".into(),
-        _ => format!("{} hours ago", s / 3600),
-    }
+    format!("{} ago", mesh_api::human_duration(ms / 1000))
 }
 
 /// Waits until the service runs its desired tasks (and a rolling update is done), printing

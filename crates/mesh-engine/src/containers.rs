@@ -24,22 +24,6 @@ pub fn container_labels(t: &mesh_api::LocalTask) -> BTreeMap<String, String> {
     l
 }
 
-/// Docker's "Up 5 minutes" / "Exited (0) 3 seconds ago" (its `HumanDuration`).
-pub fn human_duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0 => "Less than a second".into(),
-        1 => "1 second".into(),
-        2..=59 => format!("{s} seconds"),
-        60..=119 => "About a minute".into(),
-        120..=3599 => format!("{} minutes", s / 60),
-        3600..=7199 => "About an hour".into(),
-        7200..=172_799 => format!("{} hours", s / 3600),
-        172_800..=1_209_599 => format!("{} days", s / 86_400),
-        _ => format!("{} weeks", s / 604_800),
-    }
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -89,12 +73,15 @@ fn container_argv(t: &mesh_api::LocalTask) -> (Vec<String>, Vec<String>) {
 fn container_status(t: &mesh_api::LocalTask) -> String {
     let now = now_ms();
     if t.running {
-        format!("Up {}", human_duration(now.saturating_sub(t.started_at_ms)))
+        format!(
+            "Up {}",
+            mesh_api::human_duration(now.saturating_sub(t.started_at_ms) / 1000)
+        )
     } else {
         format!(
             "Exited ({}) {} ago",
             t.exit_code.unwrap_or(0),
-            human_duration(now.saturating_sub(t.finished_at_ms))
+            mesh_api::human_duration(now.saturating_sub(t.finished_at_ms) / 1000)
         )
     }
 }
