@@ -160,6 +160,9 @@ pub struct LocalInfo {
     /// Node ID of the Raft leader, when known.
     pub leader: Option<String>,
     pub raft: Option<RaftInfo>,
+    /// What this machine offers (CPUs × 1e9, memory bytes).
+    #[serde(default)]
+    pub resources: crate::service::Resources,
 }
 
 /// Raft status of a manager, from its own metrics.

@@ -467,7 +467,6 @@ async fn info(b: &dyn Backend) -> Result<Reply> {
             .count());
         swarm["Cluster"] = cluster_json(o);
     }
-    let res = mesh_api_resources();
     Ok(Reply::ok(json!({
         "ID": i.node_id.clone().unwrap_or_else(|| i.node_name.clone()),
         "Containers": local_tasks.len(),
@@ -502,8 +501,8 @@ async fn info(b: &dyn Backend) -> Result<Reply> {
         "OSVersion": "",
         "OSType": "linux",
         "Architecture": std::env::consts::ARCH,
-        "NCPU": res.0,
-        "MemTotal": res.1,
+        "NCPU": i.resources.nano_cpus / 1_000_000_000,
+        "MemTotal": i.resources.memory_bytes,
         "IndexServerAddress": "https://index.docker.io/v1/",
         "RegistryConfig": {"AllowNondistributableArtifactsCIDRs": [], "AllowNondistributableArtifactsHostnames": [], "IndexConfigs": {}, "InsecureRegistryCIDRs": [], "Mirrors": []},
         "GenericResources": null,
@@ -536,22 +535,6 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// CPUs and memory of this machine.
-fn mesh_api_resources() -> (usize, u64) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|k| k.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024;
-    (cpus, mem)
 }
 
 fn str_field(v: &Value, k: &str) -> Option<String> {

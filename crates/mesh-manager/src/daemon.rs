@@ -425,6 +425,7 @@ impl Daemon {
         let mut info = LocalInfo {
             node_name: self.cfg.node_name.clone(),
             swarm: "inactive".into(),
+            resources: crate::local::machine_resources(),
             ..Default::default()
         };
         let Some(member) = self.member().await else {
