@@ -6,12 +6,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod blob;
 pub mod human;
 pub mod network;
 pub mod objects;
 pub mod service;
 
 pub use api::{ApiError, ErrorKind, ImageSummary, Request, Response, ServiceUpdate};
+pub use blob::{Blob, BlobKind, BlobReference, BlobSpec, BlobSummary};
 pub use human::human_duration;
 pub use network::*;
 pub use objects::*;

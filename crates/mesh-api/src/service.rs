@@ -367,6 +367,34 @@ pub struct ServiceSpec {
     /// add the service's short name): each answers as the service's own name does.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub aliases: BTreeMap<String, Vec<String>>,
+    /// `--secret`: files under `/run/secrets/` on a tmpfs in every task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::blob::BlobReference>,
+    /// `--config`: files (default `/NAME`) in every task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<crate::blob::BlobReference>,
+    /// `--health-*` / `--no-healthcheck`; `None`: the image's HEALTHCHECK, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthConfig>,
+}
+
+/// Docker's `HealthConfig`: how a task's health is probed. Zero durations and retries take
+/// the image's values, then Docker's defaults (30 s interval, 30 s timeout, 0 s start
+/// period, 3 retries).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthConfig {
+    /// `["CMD", argv...]`, `["CMD-SHELL", "command"]`, `["NONE"]` (no check, also none of
+    /// the image's); empty: the image's test.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interval_ms: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_period_ms: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -477,6 +477,9 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         container_labels: Default::default(),
         platforms: Vec::new(),
         aliases: Default::default(),
+        secrets: Vec::new(),
+        configs: Vec::new(),
+        healthcheck: None,
     })
 }
 

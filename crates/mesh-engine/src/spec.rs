@@ -366,6 +366,11 @@ fn convert(t: &m::ServiceSpec, objects: &ClusterObjects) -> Result<ServiceSpec, 
             })
             .collect(),
         aliases,
+        // Filled in by the Engine API's secrets, configs and health-check work (issue 14);
+        // until then the `unkept` comparison refuses these fields with a 400.
+        secrets: Vec::new(),
+        configs: Vec::new(),
+        healthcheck: None,
     })
 }
 
