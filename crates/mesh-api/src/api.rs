@@ -102,6 +102,25 @@ pub enum Request {
     NetworkCreate {
         spec: crate::network::NetworkSpec,
     },
+    /// `secret create` / `config create`: answers the new object's ID.
+    BlobCreate {
+        kind: crate::blob::BlobKind,
+        spec: crate::blob::BlobSpec,
+    },
+    /// `secret ls` / `config ls`: [`crate::blob::Blob`]s (no secret data).
+    BlobLs {
+        kind: crate::blob::BlobKind,
+    },
+    /// `secret inspect` / `config inspect` of an ID, name or unique ID prefix.
+    BlobInspect {
+        kind: crate::blob::BlobKind,
+        name: String,
+    },
+    /// `secret rm` / `config rm`; refused while a service uses it.
+    BlobRm {
+        kind: crate::blob::BlobKind,
+        name: String,
+    },
     NetworkLs,
     NetworkInspect {
         network: String,
