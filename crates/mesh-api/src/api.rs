@@ -211,6 +211,16 @@ pub struct ServiceUpdate {
     pub memory_bytes: Option<u64>,
     /// Replace the tasks even if the spec did not change.
     pub force: bool,
+    /// `--secret-add` (replacing one at the same target) / `--secret-rm NAME`.
+    #[serde(default)]
+    pub secret_add: Vec<crate::blob::BlobReference>,
+    #[serde(default)]
+    pub secret_rm: Vec<String>,
+    /// `--config-add` / `--config-rm NAME`.
+    #[serde(default)]
+    pub config_add: Vec<crate::blob::BlobReference>,
+    #[serde(default)]
+    pub config_rm: Vec<String>,
 }
 
 impl Request {

@@ -3,6 +3,7 @@
 //! Errors are one line on stderr and a non-zero exit status.
 #![forbid(unsafe_code)]
 
+mod blob;
 mod client;
 mod discovery;
 mod image;
@@ -56,6 +57,12 @@ enum Cmd {
     /// Manage overlay networks.
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// Manage secrets.
+    #[command(subcommand)]
+    Secret(blob::BlobCmd),
+    /// Manage configs.
+    #[command(subcommand)]
+    Config(blob::BlobCmd),
     /// Manage the images of this node.
     #[command(subcommand)]
     Image(image::ImageCmd),
@@ -230,6 +237,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Node(n) => node(&c, n)?,
         Cmd::Service(s) => service::run(&c, *s)?,
         Cmd::Network(n) => network::run(&c, n)?,
+        Cmd::Secret(b) => blob::run(&c, mesh_api::BlobKind::Secret, b)?,
+        Cmd::Config(b) => blob::run(&c, mesh_api::BlobKind::Config, b)?,
         Cmd::Image(i) => image::run(&c, i)?,
         Cmd::Vip(v) => discovery::vip(&c, v)?,
         Cmd::Dns(d) => discovery::dns(&c, d)?,

@@ -214,6 +214,12 @@ pub struct ContainerArgs {
     /// Time to wait before force killing a container (ns|us|ms|s|m|h).
     #[arg(long)]
     stop_grace_period: Option<String>,
+    /// Specify secrets to expose to the service.
+    #[arg(long = "secret")]
+    secrets: Vec<String>,
+    /// Specify configurations to expose to the service.
+    #[arg(long = "config")]
+    configs: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -238,6 +244,18 @@ pub struct UpdateArgs {
     /// Service image tag.
     #[arg(long)]
     image: Option<String>,
+    /// Add or update a secret on a service.
+    #[arg(long = "secret-add")]
+    secret_add: Vec<String>,
+    /// Remove a secret.
+    #[arg(long = "secret-rm")]
+    secret_rm: Vec<String>,
+    /// Add or update a config file on a service.
+    #[arg(long = "config-add")]
+    config_add: Vec<String>,
+    /// Remove a configuration file.
+    #[arg(long = "config-rm")]
+    config_rm: Vec<String>,
     service: String,
     /// A new command (`-- COMMAND ARGS`).
     #[arg(last = true)]
@@ -364,12 +382,21 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
             || c.workdir.is_some()
             || !c.mounts.is_empty()
             || c.read_only
-            || c.init)
+            || c.init
+            || !c.secrets.is_empty()
+            || !c.configs.is_empty())
     {
         return Err(Failure(
-            "--entrypoint, --user, --workdir, --mount, --read-only and --init need an image".into(),
+            "--entrypoint, --user, --workdir, --mount, --read-only, --init, --secret and --config need an image".into(),
         ));
     }
+    let refs = |kind, list: &[String]| {
+        list.iter()
+            .map(|r| mesh_api::BlobReference::parse(kind, r).map_err(Failure))
+            .collect::<Result<Vec<_>>>()
+    };
+    let secrets = refs(mesh_api::BlobKind::Secret, &c.secrets)?;
+    let configs = refs(mesh_api::BlobKind::Config, &c.configs)?;
     let mounts = c
         .mounts
         .iter()
@@ -477,8 +504,8 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         container_labels: Default::default(),
         platforms: Vec::new(),
         aliases: Default::default(),
-        secrets: Vec::new(),
-        configs: Vec::new(),
+        secrets,
+        configs,
         healthcheck: None,
     })
 }
@@ -540,6 +567,18 @@ fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
             .transpose()?,
         command: (!a.command.is_empty()).then(|| a.command.clone()),
         image: a.image.clone(),
+        secret_add: a
+            .secret_add
+            .iter()
+            .map(|r| mesh_api::BlobReference::parse(mesh_api::BlobKind::Secret, r).map_err(Failure))
+            .collect::<Result<_>>()?,
+        secret_rm: a.secret_rm.clone(),
+        config_add: a
+            .config_add
+            .iter()
+            .map(|r| mesh_api::BlobReference::parse(mesh_api::BlobKind::Config, r).map_err(Failure))
+            .collect::<Result<_>>()?,
+        config_rm: a.config_rm.clone(),
         env_add: a.env_add.clone(),
         env_rm: a.env_rm.clone(),
         constraint_add: a.constraint_add.clone(),

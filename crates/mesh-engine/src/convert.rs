@@ -28,33 +28,7 @@ pub fn wire<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
-/// RFC 3339 with nanoseconds, UTC, from Unix milliseconds.
-pub fn rfc3339_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        (ms % 1000) * 1_000_000
-    )
-}
-
-pub fn rfc3339(secs: u64) -> String {
-    rfc3339_ms(secs.saturating_mul(1000))
-}
+pub use mesh_api::human::{rfc3339, rfc3339_ms};
 
 fn ns(ms: u64) -> i64 {
     (ms as i64).saturating_mul(1_000_000)

@@ -332,6 +332,7 @@ impl Executor {
         shim::launch(
             &self.shim_exe,
             dir,
+            &shim::file_payload(spec),
             SHIM_REPORT_TIMEOUT,
             setup,
             NETWORK_SETUP_TIMEOUT,

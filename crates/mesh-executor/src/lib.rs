@@ -95,7 +95,7 @@ pub use executor::{ExecError, Executor, NETWORK_SETUP_TIMEOUT};
 pub use rootfs::DEFAULT_CAPS;
 pub use shim::{shim_main_if_requested, ShimError};
 pub use spec::{
-    validate_cgroup_parent, validate_id, validate_netns_name, ExecOutput, ExecutorConfig,
+    validate_cgroup_parent, validate_id, validate_netns_name, ExecOutput, ExecutorConfig, FileSpec,
     MountSource, MountSpec, RootfsSpec, SpecError, TaskRuntime, TaskSpec, DEFAULT_PATH,
     MAX_HOSTNAME_LEN, MAX_ID_LEN, MAX_LAYERS, MAX_NETNS_NAME_LEN, NETNS_CGROUP, NETNS_HOLDER_ARG,
     SHIM_ARG,

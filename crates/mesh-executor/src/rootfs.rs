@@ -51,7 +51,7 @@ use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::child::{errno, step_error, step_error_with, ChildError, Step};
-use crate::spec::{MountSource, RootfsSpec};
+use crate::spec::{FileSpec, MountSource, RootfsSpec};
 use crate::state::{self, HOSTNAME_FILE, HOSTS_FILE, RESOLV_FILE};
 use crate::user::{self, ExecUser};
 
@@ -278,6 +278,159 @@ fn clone_tree(path: &Path, recursive: bool) -> Result<OwnedFd, ChildError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+fn setup_error(step: &'static str) -> ChildError {
+    ChildError::Setup {
+        step,
+        source: io::Error::last_os_error(),
+    }
+}
+
+/// The new fd a file-descriptor-returning syscall gave, or `step`'s error.
+fn owned_fd(rc: libc::c_long, step: &'static str) -> Result<OwnedFd, ChildError> {
+    if rc < 0 {
+        return Err(setup_error(step));
+    }
+    let fd = libc::c_int::try_from(rc).map_err(|_| ChildError::Setup {
+        step,
+        source: io::Error::from_raw_os_error(libc::EBADF),
+    })?;
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Secrets and configs (see [`RootfsSpec::files`]): one tmpfs per task, created detached
+/// (`fsopen`/`fsmount`: it is in no mount namespace, so nothing of it is reachable from
+/// the host), holding each file with its owner and mode; each file is then cloned as a
+/// detached bind (`open_tree`) that the child moves onto its target, read-only. The data
+/// lives in memory only and goes with the task's mount namespace.
+fn file_mounts(files: &[FileSpec]) -> Result<Vec<PreparedMount>, ChildError> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+    const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+    const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+    // SAFETY: a static NUL-terminated name; the result is a new fd or -1.
+    let fs = owned_fd(
+        unsafe {
+            libc::syscall(
+                libc::SYS_fsopen,
+                c"tmpfs".as_ptr(),
+                1, /* FSOPEN_CLOEXEC */
+            )
+        },
+        "fsopen(tmpfs)",
+    )?;
+    // SAFETY: fs is a valid fs-context fd; key and value are NUL-terminated.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_SET_STRING,
+            c"mode".as_ptr(),
+            c"0755".as_ptr(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(setup_error("fsconfig(mode)"));
+    }
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_SET_STRING,
+            c"source".as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(setup_error("fsconfig(source)"));
+    }
+    // SAFETY: as above; CMD_CREATE takes no key or value.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(setup_error("fsconfig(create)"));
+    }
+    // SAFETY: fs is a created fs context; the result is a new fd or -1.
+    let mnt = owned_fd(
+        unsafe {
+            libc::syscall(
+                libc::SYS_fsmount,
+                fs.as_raw_fd(),
+                1, /* FSMOUNT_CLOEXEC */
+                MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            )
+        },
+        "fsmount(tmpfs)",
+    )?;
+    let mut out = Vec::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        let name = CString::new(i.to_string()).map_err(|_| ChildError::NulInPath {
+            path: f.target.clone(),
+        })?;
+        // SAFETY: mnt is a valid directory fd, name NUL-terminated; a new fd or -1.
+        let file = owned_fd(
+            unsafe {
+                libc::openat(
+                    mnt.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o600,
+                )
+            }
+            .into(),
+            "create a secret or config file",
+        )?;
+        let mut w = fs::File::from(file);
+        io::Write::write_all(&mut w, &f.data).map_err(|source| ChildError::Setup {
+            step: "write a secret or config file",
+            source,
+        })?;
+        // SAFETY: a valid fd we own.
+        if unsafe { libc::fchown(w.as_raw_fd(), f.uid, f.gid) } != 0 {
+            return Err(setup_error("chown a secret or config file"));
+        }
+        // SAFETY: a valid fd we own.
+        if unsafe { libc::fchmod(w.as_raw_fd(), f.mode & 0o7777) } != 0 {
+            return Err(setup_error("chmod a secret or config file"));
+        }
+        drop(w);
+        // SAFETY: mnt is a valid directory fd, name NUL-terminated; a new fd or -1.
+        let bind = owned_fd(
+            unsafe {
+                libc::syscall(
+                    libc::SYS_open_tree,
+                    mnt.as_raw_fd(),
+                    name.as_ptr(),
+                    OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+                )
+            },
+            "clone a secret or config file",
+        )?;
+        out.push(PreparedMount {
+            prefixes: prefixes(&f.target)?,
+            file: true,
+            what: Prepared::Bind(bind),
+            readonly: true,
+        });
+    }
+    Ok(out)
+}
+
 /// What a mount of the spec becomes in the child.
 #[derive(Debug)]
 enum Prepared {
@@ -373,6 +526,7 @@ pub(crate) fn prepare(
             readonly: m.readonly,
         });
     }
+    mounts.extend(file_mounts(&spec.files)?);
     let workdir = if spec.workdir.is_empty() {
         PathBuf::from("/")
     } else {

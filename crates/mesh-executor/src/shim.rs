@@ -85,6 +85,9 @@ pub enum ShimError {
     /// The recorded spec is invalid.
     #[error(transparent)]
     Spec(#[from] SpecError),
+    /// The secret and config files did not arrive from meshd.
+    #[error("cannot read the task's secret and config files from meshd: {0}")]
+    Files(io::Error),
     /// The task process could not be created.
     #[error(transparent)]
     Child(#[from] ChildError),
@@ -380,6 +383,20 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
     })?;
     spec.validate()?;
     let mut env = spec.effective_env();
+    let mut spec = spec;
+    if let Some(r) = spec.rootfs.as_mut() {
+        // The files' data follows on stdin (see `file_payload`).
+        for f in &mut r.files {
+            let mut len = [0u8; 8];
+            read_stdin_exact(&mut len).map_err(ShimError::Files)?;
+            let len = usize::try_from(u64::from_le_bytes(len))
+                .ok()
+                .filter(|n| *n <= MAX_FILE_BYTES)
+                .ok_or_else(|| ShimError::Files(io::Error::other("file too large")))?;
+            f.data = vec![0; len];
+            read_stdin_exact(&mut f.data).map_err(ShimError::Files)?;
+        }
+    }
     let rootfs = match &spec.rootfs {
         Some(r) => {
             let (setup, user) = rootfs::prepare(dir, r)?;
@@ -464,6 +481,43 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
         return Err(e.into());
     }
     Ok((task, launch))
+}
+
+/// The largest secret or config file the shim takes (Docker's limit is 500 KiB).
+const MAX_FILE_BYTES: usize = 1 << 20;
+
+/// What meshd writes on the shim's stdin before anything else when the task has secret or
+/// config files: each file's length (8 bytes, little endian) and data, in the spec's order.
+/// Through the pipe, their data never touches the disk.
+pub(crate) fn file_payload(spec: &crate::spec::TaskSpec) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in spec.rootfs.iter().flat_map(|r| &r.files) {
+        out.extend_from_slice(&(f.data.len() as u64).to_le_bytes());
+        out.extend_from_slice(&f.data);
+    }
+    out
+}
+
+/// Reads exactly `buf.len()` bytes from fd 0, unbuffered (the control words that follow
+/// are read raw too).
+fn read_stdin_exact(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: reads into the valid, writable rest of `buf`.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, rest.as_mut_ptr().cast(), rest.len()) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += usize::try_from(n).unwrap_or(0),
+        }
+    }
+    Ok(())
 }
 
 /// The tail of the shim's log as an error-message suffix ("" if empty).
@@ -651,6 +705,7 @@ fn no_result(report: &Report, how: &Wait, timeout: Duration, dir: &Path) -> Shim
 pub(crate) fn launch(
     exe: &Path,
     dir: &Path,
+    payload: &[u8],
     timeout: Duration,
     setup: &mut dyn FnMut(u32) -> Result<(), String>,
     setup_timeout: Duration,
@@ -668,7 +723,14 @@ pub(crate) fn launch(
         exe: exe.to_path_buf(),
         source,
     })?;
-    let stdin = child.stdin.take();
+    let mut stdin = child.stdin.take();
+    if !payload.is_empty() {
+        // Read by the shim before it prepares the task (a failed write: the shim is gone,
+        // and says why below).
+        if let Some(s) = stdin.as_mut() {
+            let _ = s.write_all(payload);
+        }
+    }
     let res = match child.stdout.take() {
         Some(pipe) => {
             let mut reader = ReportReader {
@@ -782,6 +844,7 @@ mod tests {
         let err = launch(
             Path::new("/bin/true"),
             dir.path(),
+            &[],
             Duration::from_secs(5),
             &mut no_setup,
             Duration::from_secs(5),
@@ -795,6 +858,7 @@ mod tests {
         let err = launch(
             Path::new("/nonexistent/shim"),
             dir.path(),
+            &[],
             Duration::from_secs(5),
             &mut no_setup,
             Duration::from_secs(5),
@@ -838,7 +902,7 @@ if [ "$verdict" = go ]; then echo ok; else echo "err aborted"; fi
         setup_timeout: Duration,
     ) -> Result<(), ShimError> {
         for _ in 0..50 {
-            match launch(exe, dir, Duration::from_secs(5), setup, setup_timeout) {
+            match launch(exe, dir, &[], Duration::from_secs(5), setup, setup_timeout) {
                 Err(ShimError::Spawn { source, .. })
                     if source.raw_os_error() == Some(libc::ETXTBSY) =>
                 {

@@ -114,6 +114,38 @@ pub struct RootfsSpec {
     /// The full content of the task's `/etc/hosts`.
     #[serde(default)]
     pub hosts: String,
+    /// Secrets and configs: files of an in-memory tmpfs, bind-mounted read-only at their
+    /// targets. Their data is never written to disk: the state directory's copy of the
+    /// spec has none; it reaches the shim on its stdin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileSpec>,
+}
+
+/// One secret or config file of an image task (see [`RootfsSpec::files`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpec {
+    /// Where it appears (absolute; created if missing).
+    pub target: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits.
+    pub mode: u32,
+    /// The content: never serialized.
+    #[serde(skip)]
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for FileSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No data in logs and error messages.
+        f.debug_struct("FileSpec")
+            .field("target", &self.target)
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("mode", &format_args!("{:o}", self.mode))
+            .field("bytes", &self.data.len())
+            .finish()
+    }
 }
 
 /// One mount of an image task.
@@ -377,6 +409,17 @@ impl RootfsSpec {
                         src.display()
                     ));
                 }
+            }
+        }
+        for f in &self.files {
+            if !clean_absolute(&f.target) || f.target == Path::new("/") {
+                return Err(format!(
+                    "file target {} is not a clean absolute path below /",
+                    f.target.display()
+                ));
+            }
+            if f.mode > 0o7777 {
+                return Err(format!("file mode {:o} is not a permission mode", f.mode));
             }
         }
         if !self.workdir.is_empty() && !clean_absolute(Path::new(&self.workdir)) {

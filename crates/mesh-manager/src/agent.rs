@@ -25,7 +25,8 @@ use tracing::{debug, info, warn};
 use crate::member::Member;
 use crate::peer::{PeerRequest, PeerResponse, TaskLog};
 use crate::runtime::{
-    image_argv, image_env, ImageRun, Images, NetworkPlane, RunRootfs, RunSpec, RunState, Runtime,
+    image_argv, image_env, ImageRun, Images, NetworkPlane, RunFile, RunRootfs, RunSpec, RunState,
+    Runtime,
 };
 
 /// How long a stopped task gets between SIGTERM and SIGKILL.
@@ -104,6 +105,9 @@ struct AgentState {
     reported: HashMap<String, TaskState>,
     /// Tasks with a start or stop in progress.
     busy: HashSet<String>,
+    /// The data of the secrets and configs of the assigned tasks, by ID, from the same
+    /// answer: in memory only, never written to this node's disk.
+    blobs: BTreeMap<String, Vec<u8>>,
 }
 
 /// The agent of one node.
@@ -250,6 +254,7 @@ impl Agent {
                     tasks,
                     ended,
                     ingress,
+                    blobs,
                 } => {
                     if let Some(plane) = &self.plane {
                         let mut last = self.ingress.lock().unwrap_or_else(|p| p.into_inner());
@@ -266,6 +271,7 @@ impl Agent {
                             tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
                         ));
                         st.ended = ended.map(|e| e.into_iter().collect());
+                        st.blobs = blobs;
                         changed
                     };
                     if changed {
@@ -617,6 +623,20 @@ impl Agent {
                     },
                     init: t.spec.init,
                     hosts: etc_hosts(&t, &hostname),
+                    files: match self.task_files(&t) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            let status = TaskStatus {
+                                state: TaskState::Rejected,
+                                timestamp_ms: now_ms(),
+                                message: "starting".into(),
+                                err: e,
+                                exit_code: None,
+                            };
+                            self.start_ended(&t.id, status);
+                            return;
+                        }
+                    },
                 };
                 (argv, image_env(&image.env, &env), Some(rootfs))
             }
@@ -681,6 +701,36 @@ impl Agent {
             Err(e) => failed(now_ms(), &format!("start panicked: {e}"), None),
         };
         self.start_ended(&t.id, status);
+    }
+
+    /// The task's secret and config files, with the data the leader sent for them.
+    fn task_files(&self, t: &Task) -> Result<Vec<RunFile>, String> {
+        let st = self.lock();
+        let kinds = [
+            (mesh_api::BlobKind::Secret, &t.spec.secrets),
+            (mesh_api::BlobKind::Config, &t.spec.configs),
+        ];
+        let mut out = Vec::new();
+        for (kind, refs) in kinds {
+            for r in refs {
+                let data = st
+                    .blobs
+                    .get(&r.id)
+                    .ok_or_else(|| format!("{kind} {} was not sent to this node", r.source))?;
+                let id = |what: &str, v: &str| {
+                    v.parse::<u32>()
+                        .map_err(|_| format!("{kind} {}: invalid {what} {v:?}", r.source))
+                };
+                out.push(RunFile {
+                    target: r.path(kind),
+                    uid: id("uid", &r.uid)?,
+                    gid: id("gid", &r.gid)?,
+                    mode: r.mode,
+                    data: data.clone(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Sends queued reports to the leader; keeps them on failure.

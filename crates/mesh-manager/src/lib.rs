@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod allocator;
+pub mod blobs;
 pub mod daemon;
 pub mod dispatcher;
 pub mod ipam;

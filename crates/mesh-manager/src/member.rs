@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mesh_api::{
-    ApiError, Availability, ErrorKind, Node, NodeRole, NodeState, NodeSummary, Request, Response,
+    ApiError, Availability, BlobKind, ErrorKind, Node, NodeRole, NodeState, NodeSummary, Request,
+    Response,
 };
 use mesh_ca::{JoinToken, NodeTls, RootCa};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
@@ -20,6 +21,7 @@ use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
 
 use crate::agent::{assigned_to, assignments_digest, ended_on, now_ms, Agent, POLL_HOLD};
+use crate::blobs::SecretsKey;
 use crate::dispatcher::{Dispatcher, Verdict, DOWN_AFTER, HEARTBEAT_PERIOD};
 use crate::local::LocalState;
 use crate::network::Network;
@@ -96,6 +98,8 @@ pub(crate) struct Member {
     tasks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
     pub agent: Arc<Agent>,
     orchestrator: tokio::sync::Mutex<Orchestrator>,
+    /// One fetch or creation of the secrets key at a time.
+    secrets_key_lock: tokio::sync::Mutex<()>,
 }
 
 /// How long `network rm` waits for the tasks of removed services to end (their drain and
@@ -128,6 +132,7 @@ impl Member {
             client_tls,
             raft: RwLock::new(None),
             dispatcher: Dispatcher::default(),
+            secrets_key_lock: tokio::sync::Mutex::new(()),
             shutdown,
             clients: StdMutex::new(HashMap::new()),
             next_client: std::sync::atomic::AtomicUsize::new(0),
@@ -136,6 +141,9 @@ impl Member {
             agent: agent.clone(),
             orchestrator: tokio::sync::Mutex::new(Orchestrator::default()),
         });
+        if init {
+            SecretsKey::generate()?.save(&member.data_dir)?;
+        }
         if is_manager {
             member.start_raft(init).await?;
         }
@@ -172,9 +180,10 @@ impl Member {
                 .poll_loop(member.clone(), member.shutdown.subscribe()),
         );
         let rec = tokio::spawn(agent.reconcile_loop(member.clone(), member.shutdown.subscribe()));
+        let key = tokio::spawn(member.clone().secrets_key_loop());
         member
             .tasks_lock()
-            .extend([serve, hb, mon, orch, poll, rec]);
+            .extend([serve, hb, mon, orch, poll, rec, key]);
         Ok(member)
     }
 
@@ -239,6 +248,73 @@ impl Member {
             }
             info!("raft stopped");
         }
+    }
+
+    /// This manager's secrets key (see `blobs`): from its data directory, else from another
+    /// manager (a manager that joined or was promoted since the key was made), else, when
+    /// every other manager answered that it has none, a new one.
+    pub(crate) async fn secrets_key(&self) -> Result<SecretsKey, ApiError> {
+        self.get_secrets_key(true).await
+    }
+
+    /// A manager gets the secrets key as soon as it is one (joined as a manager, promoted),
+    /// so that it can lead with the secrets usable once the others are gone.
+    async fn secrets_key_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+            let missing = !self.data_dir.join(crate::blobs::KEY_FILE).exists();
+            if missing && self.raft().await.is_some() {
+                if let Err(e) = self.get_secrets_key(false).await {
+                    debug!("secrets key: {e}");
+                }
+            }
+        }
+    }
+
+    async fn get_secrets_key(&self, may_create: bool) -> Result<SecretsKey, ApiError> {
+        let _one_at_a_time = self.secrets_key_lock.lock().await;
+        if let Some(k) = SecretsKey::load(&self.data_dir)? {
+            return Ok(k);
+        }
+        let local = self.local();
+        let mut unreachable = Vec::new();
+        for addr in local
+            .managers
+            .iter()
+            .filter(|a| **a != local.advertise_addr)
+        {
+            match self
+                .call(addr, &PeerRequest::SecretsKey, Duration::from_secs(2))
+                .await
+            {
+                Ok(PeerResponse::SecretsKey(Some(b))) => {
+                    let k = SecretsKey::from_bytes(&b)
+                        .ok_or_else(|| ApiError::internal("a damaged secrets key was sent"))?;
+                    k.save(&self.data_dir)?;
+                    info!("secrets key received from the manager at {addr}");
+                    return Ok(k);
+                }
+                Ok(PeerResponse::SecretsKey(None)) => {}
+                other => unreachable.push(format!("{addr}: {other:?}")),
+            }
+        }
+        if !unreachable.is_empty() || !may_create {
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "this manager does not have the secrets key and cannot ask every other manager for it ({})",
+                    unreachable.join("; ")
+                ),
+            ));
+        }
+        let k = SecretsKey::generate()?;
+        k.save(&self.data_dir)?;
+        info!("secrets key created");
+        Ok(k)
     }
 
     async fn is_manager_node(&self, node_id: &str) -> bool {
@@ -482,6 +558,9 @@ impl Member {
                 .map(|_| PeerResponse::Done),
             PeerRequest::TaskLogs { .. } => Err(ApiError::internal(
                 "task logs are asked of nodes, not the leader",
+            )),
+            PeerRequest::SecretsKey => Err(ApiError::internal(
+                "the secrets key is asked of a manager directly",
             )),
             PeerRequest::Raft(_) | PeerRequest::Forwarded(_) => {
                 Err(ApiError::internal("request cannot run on the leader"))
@@ -946,9 +1025,63 @@ impl Member {
                     json!({ "token": JoinToken::new(&digest, secret).to_string(), "role": role, "rotated": rotate }),
                 )
             }
+            Request::BlobCreate { kind, mut spec } => {
+                spec.validate(kind).map_err(ApiError::invalid)?;
+                let state = self.read(node).await?;
+                if state
+                    .blobs
+                    .values()
+                    .any(|b| b.kind == kind && b.spec.name == spec.name)
+                {
+                    return Err(ApiError::new(
+                        ErrorKind::AlreadyExists,
+                        format!("{kind} {} already exists", spec.name),
+                    ));
+                }
+                if kind == BlobKind::Secret {
+                    spec.data = self.secrets_key().await?.seal(&spec.data)?;
+                }
+                let now = now_secs();
+                let blob = mesh_api::Blob {
+                    id: mesh_ca::new_secret(),
+                    kind,
+                    spec,
+                    version: 1,
+                    created_at: now,
+                    updated_at: now,
+                };
+                let id = blob.id.clone();
+                self.write(node, Command::CreateBlob { blob }).await?;
+                Ok(json!({ "id": id }))
+            }
+            Request::BlobLs { kind } => {
+                let state = self.read(node).await?;
+                let list: Vec<mesh_api::Blob> = state
+                    .blobs
+                    .values()
+                    .filter(|b| b.kind == kind)
+                    .map(crate::blobs::public)
+                    .collect();
+                Ok(json!(list))
+            }
+            Request::BlobInspect { kind, name } => {
+                let state = self.read(node).await?;
+                let b = state.find_blob(kind, &name).map_err(ApiError::not_found)?;
+                Ok(json!(crate::blobs::public(b)))
+            }
+            Request::BlobRm { kind, name } => {
+                let state = self.read(node).await?;
+                let b = state.find_blob(kind, &name).map_err(ApiError::not_found)?;
+                crate::blobs::check_unused(&state, b).map_err(ApiError::invalid)?;
+                let id = b.id.clone();
+                self.write(node, Command::RemoveBlob { id: id.clone() })
+                    .await?;
+                Ok(json!({ "id": id }))
+            }
             Request::ServiceCreate { mut spec } => {
                 let state = self.read(node).await?;
                 services::validate_spec(&spec, &state)?;
+                crate::blobs::resolve_references(&state, &mut spec)?;
                 services::allocate_ports(&state, &mut spec, None)?;
                 if state.services.values().any(|s| s.spec.name == spec.name) {
                     return Err(services::conflict(&spec.name));
@@ -1052,8 +1185,9 @@ impl Member {
             Request::ServiceUpdate { service, update } => {
                 let state = self.read(node).await?;
                 let svc = state.find_service(&service).map_err(ApiError::not_found)?;
-                let spec = services::apply_update(&svc.spec, &update)?;
+                let mut spec = services::apply_update(&svc.spec, &update)?;
                 services::validate_spec(&spec, &state)?;
+                crate::blobs::resolve_references(&state, &mut spec)?;
                 let next = services::updated(svc, spec, update.force, now_secs());
                 let rollout = next.version != svc.version;
                 self.write(node, Command::UpdateService { service: next })
@@ -1093,6 +1227,7 @@ impl Member {
                         )));
                     }
                     services::validate_spec(&spec, &state)?;
+                    crate::blobs::resolve_references(&state, &mut spec)?;
                     let ids = |names: &[String]| -> Vec<String> {
                         names
                             .iter()
@@ -1222,6 +1357,7 @@ impl Member {
                 info!("demoted: stopping raft");
                 self.stop_raft().await;
                 let _ = std::fs::remove_file(self.raft_path());
+                let _ = std::fs::remove_file(self.data_dir.join(crate::blobs::KEY_FILE));
             }
             _ => {}
         }
@@ -1388,6 +1524,18 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
                 }
                 PeerResponse::TaskLogs(m.agent.logs(task_ids, max_bytes).await)
             }
+            PeerRequest::SecretsKey => {
+                if !m.is_manager_node(&peer.node_id).await {
+                    return PeerResponse::Error(ApiError::new(
+                        ErrorKind::PermissionDenied,
+                        "only managers hold the secrets key",
+                    ));
+                }
+                match SecretsKey::load(&m.data_dir) {
+                    Ok(k) => PeerResponse::SecretsKey(k.map(|k| k.bytes().to_vec())),
+                    Err(e) => PeerResponse::Error(e),
+                }
+            }
             PeerRequest::Heartbeat { ref node_id }
             | PeerRequest::Leave { ref node_id }
             | PeerRequest::AddVoter { ref node_id }
@@ -1437,11 +1585,32 @@ impl Member {
                 .await;
             let d = assignments_digest(&tasks, &ended, ingress.as_ref());
             if d != known || tokio::time::Instant::now() >= deadline {
+                let needed = crate::blobs::needed_by(tasks.iter());
+                let blobs = if needed.is_empty() {
+                    Default::default()
+                } else {
+                    let key = match self.secrets_key().await {
+                        Ok(k) => Some(k),
+                        Err(e) => {
+                            warn!("secrets for node {node_id}: {e}");
+                            None
+                        }
+                    };
+                    let payload = node
+                        .sm
+                        .with_state(|s| crate::blobs::payload(s, &needed, key.as_ref()))
+                        .await;
+                    match payload {
+                        Ok(p) => p,
+                        Err(e) => return PeerResponse::Error(ApiError::internal(e)),
+                    }
+                };
                 return PeerResponse::Assignments {
                     digest: d,
                     tasks,
                     ended: Some(ended),
                     ingress,
+                    blobs,
                 };
             }
             let _ = tokio::time::timeout_at(deadline, rx.changed()).await;

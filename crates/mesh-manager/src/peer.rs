@@ -49,6 +49,9 @@ pub enum PeerRequest {
         task_ids: Vec<String>,
         max_bytes: usize,
     },
+    /// A manager without the secrets key asks another manager for it (answered to
+    /// managers only).
+    SecretsKey,
     /// A request a manager forwards to the leader; never forwarded again.
     Forwarded(Box<PeerRequest>),
 }
@@ -116,8 +119,14 @@ pub enum PeerResponse {
         /// The node's ingress sandbox address on the ingress network.
         #[serde(default)]
         ingress: Option<mesh_api::NetworkAttachment>,
+        /// The data of the secrets and configs its tasks to run use, by ID (secrets
+        /// unsealed: this answer travels over mutual TLS to that node only).
+        #[serde(default)]
+        blobs: std::collections::BTreeMap<String, Vec<u8>>,
     },
     TaskLogs(Vec<TaskLog>),
+    /// The answering manager's secrets key, if it has one.
+    SecretsKey(Option<Vec<u8>>),
     Error(ApiError),
 }
 

@@ -37,6 +37,27 @@ pub struct RunRootfs {
     pub init: bool,
     /// The content of the task's `/etc/hosts`.
     pub hosts: String,
+    /// The task's secrets and configs, with their data (kept in memory only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<RunFile>,
+}
+
+/// A secret or config file of a task: where, whose, which mode, what.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFile {
+    /// Absolute path in the task.
+    pub target: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for RunFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No data in logs.
+        write!(f, "RunFile({}, {} bytes)", self.target, self.data.len())
+    }
 }
 
 /// An image as the agent needs it to start a task.

@@ -238,6 +238,18 @@ pub fn apply_update(spec: &ServiceSpec, u: &ServiceUpdate) -> Result<ServiceSpec
     if let Some(c) = &u.command {
         s.command = c.clone();
     }
+    // As Docker's CLI: removals by name, then additions replace a reference to the same
+    // object or at the same target.
+    for (list, rm, add) in [
+        (&mut s.secrets, &u.secret_rm, &u.secret_add),
+        (&mut s.configs, &u.config_rm, &u.config_add),
+    ] {
+        list.retain(|r| !rm.contains(&r.source) && !rm.contains(&r.id));
+        for a in add {
+            list.retain(|r| r.source != a.source && r.target != a.target);
+            list.push(a.clone());
+        }
+    }
     if let Some(i) = &u.image {
         if s.image.is_empty() {
             return Err(ApiError::invalid(format!(

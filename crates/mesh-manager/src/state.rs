@@ -94,6 +94,14 @@ pub enum Command {
     RemoveNetwork {
         id: String,
     },
+    /// A new secret or config (its name must be unused among its kind).
+    CreateBlob {
+        blob: mesh_api::Blob,
+    },
+    /// Deletes a secret or config; refused while a service uses it.
+    RemoveBlob {
+        id: String,
+    },
     /// Several commands in one log entry, applied in order (the orchestrator's plan).
     Batch {
         commands: Vec<Command>,
@@ -134,6 +142,9 @@ pub struct StoreState {
     /// (see `allocator`), so a released address is not reused at once.
     #[serde(default)]
     pub ip_cursor: BTreeMap<String, std::net::Ipv4Addr>,
+    /// Secrets and configs by ID (a secret's data sealed, see `blobs`).
+    #[serde(default)]
+    pub blobs: BTreeMap<String, mesh_api::Blob>,
 }
 
 impl StoreState {
@@ -237,8 +248,31 @@ impl StoreState {
                     NodeRole::Manager => c.manager_secret = secret.clone(),
                 }
             }
+            Command::CreateBlob { blob } => {
+                self.cluster()?;
+                if let Some(b) = self
+                    .blobs
+                    .values()
+                    .find(|b| b.kind == blob.kind && b.spec.name == blob.spec.name)
+                {
+                    return Err(format!("{} {} already exists", b.kind, b.spec.name));
+                }
+                if self.blobs.contains_key(&blob.id) {
+                    return Err(format!("{} id {} already exists", blob.kind, blob.id));
+                }
+                self.blobs.insert(blob.id.clone(), blob.clone());
+            }
+            Command::RemoveBlob { id } => {
+                let b = self
+                    .blobs
+                    .get(id)
+                    .ok_or_else(|| format!("no such secret or config: {id}"))?;
+                crate::blobs::check_unused(self, b)?;
+                self.blobs.remove(id);
+            }
             Command::CreateService { service } => {
                 self.cluster()?;
+                crate::blobs::check_references(self, &service.spec)?;
                 if self
                     .services
                     .values()
@@ -273,6 +307,7 @@ impl StoreState {
                     ));
                 }
                 self.check_ports(service)?;
+                crate::blobs::check_references(self, &service.spec)?;
                 let mut service = service.clone();
                 if service.vips != cur.vips {
                     let mut used = Used::of(self);

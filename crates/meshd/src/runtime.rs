@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_api::{Mount, MountType};
-use mesh_executor::{Executor, MountSource, MountSpec, RootfsSpec, TaskRuntime, TaskSpec};
+use mesh_executor::{
+    Executor, FileSpec, MountSource, MountSpec, RootfsSpec, TaskRuntime, TaskSpec,
+};
 use mesh_manager::runtime::{ExecResult, RunSpec, RunState, Runtime};
 
 pub struct ExecRuntime {
@@ -48,6 +50,17 @@ impl ExecRuntime {
                 workdir: r.workdir.clone(),
                 init: r.init,
                 hosts: r.hosts.clone(),
+                files: r
+                    .files
+                    .iter()
+                    .map(|f| FileSpec {
+                        target: PathBuf::from(&f.target),
+                        uid: f.uid,
+                        gid: f.gid,
+                        mode: f.mode,
+                        data: f.data.clone(),
+                    })
+                    .collect(),
             }),
         };
         Ok(TaskSpec {
