@@ -628,9 +628,20 @@ services:
     networks:
       front:
         aliases: [client]
+    secrets:
+      - token
+    configs:
+      - source: probe_conf
+        target: /etc/probe.conf
 networks:
   front:
     driver: overlay
+secrets:
+  token:
+    file: ./token.txt
+configs:
+  probe_conf:
+    file: ./probe.conf
 "#;
 
 #[test]
@@ -642,10 +653,14 @@ fn docker_stack_deploy_runs_a_compose_file() -> Result<()> {
     let h1 = c.host(1);
     let file = c.base_dir().join("stack.yml");
     std::fs::write(&file, COMPOSE.replace("IMAGE", &format!("{repo}:v1")))?;
+    std::fs::write(c.base_dir().join("token.txt"), "t0ken-of-the-stack")?;
+    std::fs::write(c.base_dir().join("probe.conf"), "interval 1\n")?;
     let file = file.to_string_lossy().to_string();
     let out = h1.docker_ok(&["stack", "deploy", "-c", &file, "demo"])?;
     for want in [
         "Creating network demo_front",
+        "Creating secret demo_token",
+        "Creating config demo_probe_conf",
         "Creating service demo_web",
         "Creating service demo_probe",
     ] {
@@ -710,6 +725,19 @@ fn docker_stack_deploy_runs_a_compose_file() -> Result<()> {
         },
     )?;
     ensure!(got.contains("200 OK"), "{got}");
+    // The stack's secret and config, in the task.
+    let secret = ph.mesh_ok(&["exec", &probe_task, "--", "cat", "/run/secrets/token"])?;
+    ensure!(secret == "t0ken-of-the-stack", "{secret:?}");
+    let conf = ph.mesh_ok(&["exec", &probe_task, "--", "cat", "/etc/probe.conf"])?;
+    ensure!(conf == "interval 1\n", "{conf:?}");
+    let ls = h1.docker_ok(&["secret", "ls", "--format", "{{.Name}}"])?;
+    ensure!(ls.trim() == "demo_token", "secret ls: {ls}");
+    let si = inspect(h1, "secret", "demo_token")?;
+    ensure!(
+        si["Spec"]["Labels"]["com.docker.stack.namespace"] == "demo"
+            && si["Spec"].get("Data").is_none(),
+        "{si}"
+    );
 
     // Logs through the multiplexed stream, named by the CLI from the details labels.
     let logs = wait_for(
@@ -764,6 +792,8 @@ fn docker_stack_deploy_runs_a_compose_file() -> Result<()> {
     for want in [
         "Removing service demo_web",
         "Removing service demo_probe",
+        "Removing secret demo_token",
+        "Removing config demo_probe_conf",
         "Removing network demo_front",
     ] {
         ensure!(out.contains(want), "stack rm printed no {want:?}: {out}");

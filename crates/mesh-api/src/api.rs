@@ -116,6 +116,13 @@ pub enum Request {
         kind: crate::blob::BlobKind,
         name: String,
     },
+    /// The Engine API's secret and config update: only the labels may change (data, when
+    /// given, must be what is stored), as swarmkit allows.
+    BlobUpdate {
+        kind: crate::blob::BlobKind,
+        name: String,
+        spec: crate::blob::BlobSpec,
+    },
     /// `secret rm` / `config rm`; refused while a service uses it.
     BlobRm {
         kind: crate::blob::BlobKind,

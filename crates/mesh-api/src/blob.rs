@@ -97,7 +97,7 @@ pub struct BlobReference {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub id: String,
     /// A secret: a file name under `/run/secrets/` or an absolute path (default: the name).
-    /// A config: an absolute path (default: `/NAME`).
+    /// A config: a path, relative ones under `/` (default: `/NAME`).
     pub target: String,
     #[serde(default = "zero")]
     pub uid: String,
@@ -170,7 +170,7 @@ impl BlobReference {
             };
         }
         let bad = self.target.split('/').any(|c| c == "..");
-        if bad || (kind == BlobKind::Config && !self.target.starts_with('/')) {
+        if bad || self.target == "/" {
             return Err(format!("invalid {kind} target {:?}", self.target));
         }
         for (what, v) in [("uid", &self.uid), ("gid", &self.gid)] {
@@ -181,13 +181,13 @@ impl BlobReference {
         Ok(())
     }
 
-    /// Where the file appears in the task.
+    /// Where the file appears in the task: a relative secret target under `/run/secrets/`,
+    /// a relative config target under `/`, as Docker places them.
     pub fn path(&self, kind: BlobKind) -> String {
         match kind {
-            BlobKind::Secret if !self.target.starts_with('/') => {
-                format!("/run/secrets/{}", self.target)
-            }
-            _ => self.target.clone(),
+            _ if self.target.starts_with('/') => self.target.clone(),
+            BlobKind::Secret => format!("/run/secrets/{}", self.target),
+            BlobKind::Config => format!("/{}", self.target),
         }
     }
 }
@@ -241,7 +241,9 @@ mod tests {
         assert_eq!(r.path(BlobKind::Secret), "/run/secrets/pw.txt");
         let c = BlobReference::parse(BlobKind::Config, "site").unwrap();
         assert_eq!(c.path(BlobKind::Config), "/site");
-        assert!(BlobReference::parse(BlobKind::Config, "source=a,target=rel").is_err());
+        let rel = BlobReference::parse(BlobKind::Config, "source=a,target=etc/a.conf").unwrap();
+        assert_eq!(rel.path(BlobKind::Config), "/etc/a.conf");
+        assert!(BlobReference::parse(BlobKind::Config, "source=a,target=/").is_err());
         assert!(BlobReference::parse(BlobKind::Secret, "source=a,target=../x").is_err());
         assert!(BlobReference::parse(BlobKind::Secret, "target=x").is_err());
         assert!(BlobReference::parse(BlobKind::Secret, "source=a,mode=9").is_err());

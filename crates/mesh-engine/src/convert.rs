@@ -153,6 +153,37 @@ pub fn service_spec(s: &ServiceSpec, objects: &ClusterObjects) -> m::ServiceSpec
         }),
         stop_signal: (!s.stop_signal.is_empty()).then(|| s.stop_signal.clone()),
         stop_grace_period: s.stop_grace_period_ms.map(ns),
+        secrets: (!s.secrets.is_empty()).then(|| {
+            s.secrets
+                .iter()
+                .map(|r| m::TaskSpecContainerSpecSecrets {
+                    file: Some(m::TaskSpecContainerSpecFile {
+                        name: Some(r.target.clone()),
+                        uid: Some(r.uid.clone()),
+                        gid: Some(r.gid.clone()),
+                        mode: Some(r.mode),
+                    }),
+                    secret_id: Some(r.id.clone()),
+                    secret_name: Some(r.source.clone()),
+                })
+                .collect()
+        }),
+        configs: (!s.configs.is_empty()).then(|| {
+            s.configs
+                .iter()
+                .map(|r| m::TaskSpecContainerSpecConfigs {
+                    file: Some(m::TaskSpecContainerSpecFile1 {
+                        name: Some(r.target.clone()),
+                        uid: Some(r.uid.clone()),
+                        gid: Some(r.gid.clone()),
+                        mode: Some(r.mode),
+                    }),
+                    runtime: None,
+                    config_id: Some(r.id.clone()),
+                    config_name: Some(r.source.clone()),
+                })
+                .collect()
+        }),
         // dockerd sends what the CLI stored: `Init`, `Isolation` and an empty `DNSConfig`
         // always (mesh has no DNS options and only the default isolation).
         init: Some(s.init),

@@ -23,6 +23,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod blobs;
 pub mod containers;
 pub mod convert;
 pub mod events;

@@ -163,16 +163,8 @@ pub async fn route(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
         ["distribution", name @ .., "json"] if get && !name.is_empty() => {
             distribution(b, &name.join("/")).await
         }
-        // mesh has no secrets or configs yet: listing them truthfully finds none (`stack rm`
-        // lists them), anything else says so.
-        ["secrets"] | ["configs"] if get => {
-            objects(b).await?;
-            Ok(Reply::ok(json!([])))
-        }
-        [kind @ ("secrets" | "configs"), ..] => Err(EngineError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            format!("{kind} are not supported by mesh yet"),
-        )),
+        ["secrets", rest @ ..] => crate::blobs::route(b, c, mesh_api::BlobKind::Secret, rest).await,
+        ["configs", rest @ ..] => crate::blobs::route(b, c, mesh_api::BlobKind::Config, rest).await,
         _ => Err(EngineError::not_found("page not found")),
     }
 }

@@ -366,10 +366,40 @@ fn convert(t: &m::ServiceSpec, objects: &ClusterObjects) -> Result<ServiceSpec, 
             })
             .collect(),
         aliases,
-        // Filled in by the Engine API's secrets, configs and health-check work (issue 14);
-        // until then the `unkept` comparison refuses these fields with a 400.
-        secrets: Vec::new(),
-        configs: Vec::new(),
+        secrets: c
+            .secrets
+            .iter()
+            .flatten()
+            .map(|r| {
+                let f = r.file.clone().unwrap_or_default();
+                blob_ref(
+                    r.secret_name.clone(),
+                    r.secret_id.clone(),
+                    f.name,
+                    f.uid,
+                    f.gid,
+                    f.mode,
+                )
+            })
+            .collect(),
+        configs: c
+            .configs
+            .iter()
+            .flatten()
+            .map(|r| {
+                let f = r.file.clone().unwrap_or_default();
+                blob_ref(
+                    r.config_name.clone(),
+                    r.config_id.clone(),
+                    f.name,
+                    f.uid,
+                    f.gid,
+                    f.mode,
+                )
+            })
+            .collect(),
+        // Filled in by the health-check work (issue 14); until then the `unkept`
+        // comparison refuses it with a 400.
         healthcheck: None,
     })
 }
@@ -471,5 +501,24 @@ mod tests {
         assert_eq!(e.status, http::StatusCode::NOT_FOUND);
         assert_eq!(e.message, "network nope not found");
         assert!(from_engine(&json!([1]), &o).is_err());
+    }
+}
+
+/// A `Secrets[]` / `Configs[]` entry as mesh keeps it (the manager resolves and checks it).
+fn blob_ref(
+    name: Option<String>,
+    id: Option<String>,
+    target: Option<String>,
+    uid: Option<String>,
+    gid: Option<String>,
+    mode: Option<u32>,
+) -> mesh_api::BlobReference {
+    mesh_api::BlobReference {
+        source: name.unwrap_or_default(),
+        id: id.unwrap_or_default(),
+        target: target.unwrap_or_default(),
+        uid: uid.unwrap_or_else(|| "0".into()),
+        gid: gid.unwrap_or_else(|| "0".into()),
+        mode: mode.unwrap_or(0o444),
     }
 }

@@ -1069,6 +1069,29 @@ impl Member {
                 let b = state.find_blob(kind, &name).map_err(ApiError::not_found)?;
                 Ok(json!(crate::blobs::public(b)))
             }
+            Request::BlobUpdate { kind, name, spec } => {
+                let state = self.read(node).await?;
+                let b = state.find_blob(kind, &name).map_err(ApiError::not_found)?;
+                let same_data = spec.data.is_empty()
+                    || match kind {
+                        BlobKind::Config => spec.data == b.spec.data,
+                        BlobKind::Secret => {
+                            self.secrets_key().await?.unseal(&b.spec.data).ok() == Some(spec.data)
+                        }
+                    };
+                if spec.name != b.spec.name || !same_data {
+                    return Err(ApiError::invalid("only updates to Labels are allowed"));
+                }
+                if spec.labels != b.spec.labels {
+                    let cmd = Command::SetBlobLabels {
+                        id: b.id.clone(),
+                        labels: spec.labels,
+                        at: now_secs(),
+                    };
+                    self.write(node, cmd).await?;
+                }
+                Ok(json!({ "id": b.id }))
+            }
             Request::BlobRm { kind, name } => {
                 let state = self.read(node).await?;
                 let b = state.find_blob(kind, &name).map_err(ApiError::not_found)?;

@@ -98,6 +98,12 @@ pub enum Command {
     CreateBlob {
         blob: mesh_api::Blob,
     },
+    /// New labels for a secret or config (nothing else of one changes).
+    SetBlobLabels {
+        id: String,
+        labels: BTreeMap<String, String>,
+        at: u64,
+    },
     /// Deletes a secret or config; refused while a service uses it.
     RemoveBlob {
         id: String,
@@ -261,6 +267,15 @@ impl StoreState {
                     return Err(format!("{} id {} already exists", blob.kind, blob.id));
                 }
                 self.blobs.insert(blob.id.clone(), blob.clone());
+            }
+            Command::SetBlobLabels { id, labels, at } => {
+                let b = self
+                    .blobs
+                    .get_mut(id)
+                    .ok_or_else(|| format!("no such secret or config: {id}"))?;
+                b.spec.labels = labels.clone();
+                b.version += 1;
+                b.updated_at = *at;
             }
             Command::RemoveBlob { id } => {
                 let b = self
