@@ -404,6 +404,25 @@ fn convert(t: &m::ServiceSpec, objects: &ClusterObjects) -> Result<ServiceSpec, 
     })
 }
 
+/// A `Secrets[]` / `Configs[]` entry as mesh keeps it (the manager resolves and checks it).
+fn blob_ref(
+    name: Option<String>,
+    id: Option<String>,
+    target: Option<String>,
+    uid: Option<String>,
+    gid: Option<String>,
+    mode: Option<u32>,
+) -> mesh_api::BlobReference {
+    mesh_api::BlobReference {
+        source: name.unwrap_or_default(),
+        id: id.unwrap_or_default(),
+        target: target.unwrap_or_default(),
+        uid: uid.unwrap_or_else(|| "0".into()),
+        gid: gid.unwrap_or_else(|| "0".into()),
+        mode: mode.unwrap_or(0o444),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,24 +520,5 @@ mod tests {
         assert_eq!(e.status, http::StatusCode::NOT_FOUND);
         assert_eq!(e.message, "network nope not found");
         assert!(from_engine(&json!([1]), &o).is_err());
-    }
-}
-
-/// A `Secrets[]` / `Configs[]` entry as mesh keeps it (the manager resolves and checks it).
-fn blob_ref(
-    name: Option<String>,
-    id: Option<String>,
-    target: Option<String>,
-    uid: Option<String>,
-    gid: Option<String>,
-    mode: Option<u32>,
-) -> mesh_api::BlobReference {
-    mesh_api::BlobReference {
-        source: name.unwrap_or_default(),
-        id: id.unwrap_or_default(),
-        target: target.unwrap_or_default(),
-        uid: uid.unwrap_or_else(|| "0".into()),
-        gid: gid.unwrap_or_else(|| "0".into()),
-        mode: mode.unwrap_or(0o444),
     }
 }
