@@ -229,3 +229,68 @@ fn secrets_reach_only_their_tasks_and_never_a_disk() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every manager gets the secrets key: after the leader that sealed a secret is gone, the
+/// new leader still opens it for new tasks.
+#[test]
+fn a_new_leader_opens_the_secrets_of_the_old_one() -> Result<()> {
+    let Some((c, reg)) = registry_cluster(3, 3, "seckey")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    reg.push_test_image("app", "v1", "v1", false)?;
+    let image = format!("{}/app:v1", reg.host_port());
+    let file = c.base_dir().join("token");
+    std::fs::write(&file, "sealed-by-the-first-leader")?;
+    h1.mesh_ok(&["secret", "create", "token", &file.display().to_string()])?;
+    // The other managers fetch the key within a few seconds of the first secret's key
+    // existing (it is made at `swarm init`).
+    for h in &c.hosts()[1..] {
+        let key = h.data_dir().join("secrets.key");
+        wait_for(
+            "the secrets key on every manager",
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || Ok(key.exists().then_some(())),
+        )?;
+    }
+    h1.kill_daemon()?;
+    let h2 = c.host(2);
+    wait_for(
+        "a new leader takes the service",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || {
+            let out = h2.mesh(&[
+                "service",
+                "create",
+                "--name",
+                "app",
+                "--secret",
+                "token",
+                "--replicas",
+                "2",
+                "-d",
+                &image,
+                "sleep",
+                "100000",
+            ])?;
+            Ok(out.success().then_some(()))
+        },
+    )?;
+    wait_tasks_running(h2, "app", 2, Duration::from_secs(60))?;
+    for t in service_ps(h2, "app")? {
+        if field(&t, "DesiredState") != "Running" {
+            continue;
+        }
+        let node = field(&t, "Node");
+        let h = c
+            .hosts()
+            .iter()
+            .find(|h| h.name() == node)
+            .context("task on an unknown node")?;
+        let got = task_exec(h, field(&t, "Name"), &["cat", "/run/secrets/token"])?;
+        ensure!(got == "sealed-by-the-first-leader", "{got:?} on {node}");
+    }
+    Ok(())
+}
