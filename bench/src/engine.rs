@@ -123,6 +123,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut call = |req: &Request| api.call_ok(&serde_json::to_value(req)?);
     call(&Request::ServiceCreate {
         spec: spec("busy", REPLICAS),
+        registry_auth: None,
     })?;
     let t0 = Instant::now();
     loop {
@@ -143,6 +144,7 @@ pub fn run(args: &[String]) -> Result<()> {
         while made < size {
             call(&Request::ServiceCreate {
                 spec: spec(&format!("idle{made}"), 0),
+                registry_auth: None,
             })?;
             made += 1;
         }

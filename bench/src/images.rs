@@ -367,7 +367,13 @@ fn create_round(api: &mut Client, name: &str, image: &str, marker: u32) -> Resul
         ..Default::default()
     };
     let t0 = Instant::now();
-    call(api, &Request::ServiceCreate { spec })?;
+    call(
+        api,
+        &Request::ServiceCreate {
+            spec,
+            registry_auth: None,
+        },
+    )?;
     wait(&format!("{name}: {REPLICAS}/{REPLICAS} running"), || {
         Ok(running(api, name)? == REPLICAS)
     })?;

@@ -83,7 +83,13 @@ pub fn run(args: &[String]) -> Result<()> {
             ..Default::default()
         };
         let t0 = Instant::now();
-        call(&mut api, &Request::ServiceCreate { spec })?;
+        call(
+            &mut api,
+            &Request::ServiceCreate {
+                spec,
+                registry_auth: None,
+            },
+        )?;
         let mut all_procs = None;
         wait("30 running", || {
             if all_procs.is_none() && count_procs(secs_marker) == REPLICAS as usize {

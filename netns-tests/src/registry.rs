@@ -80,18 +80,22 @@ impl Registry {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            // 200, or 401 once it asks for a login.
             let out = crate::host::ns_exec(
                 &self.ns,
                 &[
                     "curl",
-                    "-sf",
+                    "-s",
                     "-o",
                     "/dev/null",
+                    "-w",
+                    "%{http_code}",
                     &format!("http://{}/v2/", self.host_port()),
                 ],
                 Duration::from_secs(2),
             )?;
-            if out.status.success() {
+            let code = String::from_utf8_lossy(&out.stdout).to_string();
+            if out.status.success() && (code == "200" || code == "401") {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -103,6 +107,37 @@ impl Registry {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Restarts the registry asking for HTTP basic authentication with one user (an
+    /// htpasswd file of a bcrypt hash, the only kind `docker-registry` takes). Push the test
+    /// images first: the pusher does not log in.
+    pub fn require_login(&mut self, user: &str, password: &str) -> Result<()> {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                password,
+            ])
+            .output()
+            .context("python3 for a bcrypt hash")?;
+        let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || !hash.starts_with("$2") {
+            bail!(
+                "no bcrypt hash from python3's crypt: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        fs::write(self.dir.join("htpasswd"), format!("{user}:{hash}\n"))?;
+        let config = fs::read_to_string(self.dir.join("config.yml"))?;
+        fs::write(
+            self.dir.join("config.yml"),
+            format!(
+                "{config}auth:\n  htpasswd:\n    realm: mesh-test\n    path: {}\n",
+                self.dir.join("htpasswd").display()
+            ),
+        )?;
+        self.restart()
     }
 
     /// `ADDR:PORT`, as image references and `--insecure-registry` name it.

@@ -56,6 +56,10 @@ pub enum Request {
     },
     ServiceCreate {
         spec: ServiceSpec,
+        /// Credentials for the image's registry, kept (sealed) with the service and sent to
+        /// the nodes that pull it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        registry_auth: Option<RegistryAuth>,
     },
     ServiceLs,
     ServicePs {
@@ -84,6 +88,9 @@ pub enum Request {
         version: u64,
         spec: ServiceSpec,
         rollback: bool,
+        /// New registry credentials for the service (kept otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        registry_auth: Option<RegistryAuth>,
     },
     /// Every object of the cluster as stored, for the Engine API's views and filters. With
     /// `service` (an ID, name or unique ID prefix), only that service and its tasks (none if
@@ -172,6 +179,42 @@ pub enum Request {
     ImageLoad {
         path: String,
     },
+    /// `mesh login`: checks the credentials with the registry, then saves them for this
+    /// node's pulls. Answers `{"status": "Login Succeeded"}`.
+    Login {
+        /// `HOST[:PORT]`; empty: Docker Hub.
+        server: String,
+        credentials: RegistryCredentials,
+    },
+    /// `mesh logout`: forgets this node's login for a registry.
+    Logout {
+        server: String,
+    },
+}
+
+/// A registry user and password (or token).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never a password in a log.
+        write!(f, "RegistryCredentials({}, ..)", self.username)
+    }
+}
+
+/// Registry credentials given with a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistryAuth {
+    /// `--with-registry-auth`: the login the daemon taking the request has for the image's
+    /// registry (`mesh login` on that node), as Docker's CLI sends its own.
+    NodeLogin,
+    /// Given as they are (the Engine API's `X-Registry-Auth`).
+    Credentials(RegistryCredentials),
 }
 
 /// One row of `mesh image ls`.
@@ -218,6 +261,9 @@ pub struct ServiceUpdate {
     pub memory_bytes: Option<u64>,
     /// Replace the tasks even if the spec did not change.
     pub force: bool,
+    /// `--with-registry-auth`: new registry credentials for the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
     /// `--secret-add` (replacing one at the same target) / `--secret-rm NAME`.
     #[serde(default)]
     pub secret_add: Vec<crate::blob::BlobReference>,
@@ -251,6 +297,8 @@ impl Request {
                 | Request::ImageRm { .. }
                 | Request::ImagePrune
                 | Request::ImageLoad { .. }
+                | Request::Login { .. }
+                | Request::Logout { .. }
         )
     }
 }

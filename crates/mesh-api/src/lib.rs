@@ -12,7 +12,10 @@ pub mod network;
 pub mod objects;
 pub mod service;
 
-pub use api::{ApiError, ErrorKind, ImageSummary, Request, Response, ServiceUpdate};
+pub use api::{
+    ApiError, ErrorKind, ImageSummary, RegistryAuth, RegistryCredentials, Request, Response,
+    ServiceUpdate,
+};
 pub use blob::{Blob, BlobKind, BlobReference, BlobSpec, BlobSummary};
 pub use human::human_duration;
 pub use network::*;

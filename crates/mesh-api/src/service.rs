@@ -622,6 +622,14 @@ pub struct Service {
     /// One virtual IP per attached network (none in dnsrr mode).
     #[serde(default)]
     pub vips: Vec<VirtualIp>,
+    /// Registry credentials for its image, sealed with the managers' secrets key (only the
+    /// leader opens them, for the nodes that pull the image); empty: none.
+    #[serde(
+        default,
+        with = "crate::blob::b64",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub registry_auth: Vec<u8>,
 }
 
 /// A service's virtual IP on one network.

@@ -7,6 +7,7 @@ mod blob;
 mod client;
 mod discovery;
 mod image;
+mod login;
 mod network;
 mod service;
 mod table;
@@ -66,6 +67,13 @@ enum Cmd {
     /// Manage the images of this node.
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Log this node in to a registry (its pulls use the login).
+    Login(login::LoginArgs),
+    /// Log this node out of a registry.
+    Logout {
+        /// The registry; Docker Hub when left out.
+        server: Option<String>,
+    },
     /// Service VIPs on this node.
     #[command(subcommand)]
     Vip(discovery::VipCmd),
@@ -240,6 +248,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Secret(b) => blob::run(&c, mesh_api::BlobKind::Secret, b)?,
         Cmd::Config(b) => blob::run(&c, mesh_api::BlobKind::Config, b)?,
         Cmd::Image(i) => image::run(&c, i)?,
+        Cmd::Login(a) => login::login(&c, a)?,
+        Cmd::Logout { server } => login::logout(&c, server)?,
         Cmd::Vip(v) => discovery::vip(&c, v)?,
         Cmd::Dns(d) => discovery::dns(&c, d)?,
         Cmd::Exec { task, command } => {

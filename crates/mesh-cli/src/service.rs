@@ -89,6 +89,9 @@ pub struct PolicyArgs {
 pub struct CreateArgs {
     #[arg(long)]
     name: String,
+    /// Send this node's registry login (`mesh login`) to the nodes that pull the image.
+    #[arg(long)]
+    with_registry_auth: bool,
     #[arg(long, allow_negative_numbers = true)]
     replicas: Option<i64>,
     #[arg(long, default_value = "replicated")]
@@ -244,6 +247,9 @@ pub struct UpdateArgs {
     /// Service image tag.
     #[arg(long)]
     image: Option<String>,
+    /// Send this node's registry login (`mesh login`) to the nodes that pull the image.
+    #[arg(long)]
+    with_registry_auth: bool,
     /// Add or update a secret on a service.
     #[arg(long = "secret-add")]
     secret_add: Vec<String>,
@@ -579,6 +585,9 @@ fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
             .map(|r| mesh_api::BlobReference::parse(mesh_api::BlobKind::Config, r).map_err(Failure))
             .collect::<Result<_>>()?,
         config_rm: a.config_rm.clone(),
+        registry_auth: a
+            .with_registry_auth
+            .then_some(mesh_api::RegistryAuth::NodeLogin),
         env_add: a.env_add.clone(),
         env_rm: a.env_rm.clone(),
         constraint_add: a.constraint_add.clone(),
@@ -714,7 +723,12 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
     match cmd {
         ServiceCmd::Create(a) => {
             let spec = create_spec(&a)?;
-            let v = c.call(Request::ServiceCreate { spec })?;
+            let v = c.call(Request::ServiceCreate {
+                spec,
+                registry_auth: a
+                    .with_registry_auth
+                    .then_some(mesh_api::RegistryAuth::NodeLogin),
+            })?;
             print_warnings(&v);
             let id = v["id"].as_str().unwrap_or("").to_string();
             println!("{id}");

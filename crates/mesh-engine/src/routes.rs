@@ -733,7 +733,15 @@ async fn service_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
     let v = c.json()?;
     let o = objects(b).await?;
     let spec = crate::spec::from_engine(&v, &o)?;
-    let r = call(b, Request::ServiceCreate { spec }).await?;
+    let registry_auth = registry_auth(c)?;
+    let r = call(
+        b,
+        Request::ServiceCreate {
+            spec,
+            registry_auth,
+        },
+    )
+    .await?;
     Ok(Reply::created(
         json!({"ID": r["id"], "Warnings": warnings(&r)}),
     ))
@@ -769,10 +777,59 @@ async fn service_update(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
             version,
             spec,
             rollback,
+            registry_auth: registry_auth(c)?,
         },
     )
     .await?;
     Ok(Reply::ok(json!({"Warnings": warnings(&r)})))
+}
+
+/// The `X-Registry-Auth` header (base64url of Docker's `AuthConfig` JSON) as credentials:
+/// `username` and `password`, or `auth` (`base64(user:password)`); none when it names no
+/// user (the CLI sends `{}` without `--with-registry-auth`).
+fn registry_auth(c: &Call) -> Result<Option<mesh_api::RegistryAuth>> {
+    match c.registry_auth.as_deref().filter(|h| !h.is_empty()) {
+        Some(h) => parse_registry_auth(h),
+        None => Ok(None),
+    }
+}
+
+fn parse_registry_auth(h: &str) -> Result<Option<mesh_api::RegistryAuth>> {
+    use base64::Engine as _;
+    let bad = |why: &str| EngineError::bad(format!("invalid X-Registry-Auth header: {why}"));
+    let engines = [
+        base64::engine::general_purpose::URL_SAFE,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        base64::engine::general_purpose::STANDARD,
+    ];
+    let raw = engines
+        .iter()
+        .find_map(|e| e.decode(h.trim()).ok())
+        .ok_or_else(|| bad("not base64"))?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad("not JSON"))?;
+    let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default();
+    let (mut username, mut password) =
+        (field("username").to_string(), field("password").to_string());
+    if username.is_empty() && !field("auth").is_empty() {
+        let pair = base64::engine::general_purpose::STANDARD
+            .decode(field("auth"))
+            .map_err(|_| bad("auth is not base64"))?;
+        let pair = String::from_utf8(pair).map_err(|_| bad("auth is not text"))?;
+        let (u, p) = pair
+            .split_once(':')
+            .ok_or_else(|| bad("auth is not user:password"))?;
+        (username, password) = (u.to_string(), p.to_string());
+    }
+    if !field("identitytoken").is_empty() || !field("registrytoken").is_empty() {
+        return Err(bad(
+            "identity and registry tokens are not supported by mesh",
+        ));
+    }
+    if username.is_empty() {
+        return Ok(None);
+    }
+    let creds = mesh_api::RegistryCredentials { username, password };
+    Ok(Some(mesh_api::RegistryAuth::Credentials(creds)))
 }
 
 /// A service's log lines per task, in the order the daemon gathered them.
@@ -1048,4 +1105,35 @@ async fn network_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
     )
     .await?;
     Ok(Reply::created(json!({"Id": r["id"], "Warning": ""})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    fn header(json: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE.encode(json)
+    }
+
+    #[test]
+    fn x_registry_auth_as_the_docker_cli_sends_it() {
+        let creds = |u: &str, p: &str| {
+            Some(mesh_api::RegistryAuth::Credentials(
+                mesh_api::RegistryCredentials {
+                    username: u.into(),
+                    password: p.into(),
+                },
+            ))
+        };
+        let h = header(r#"{"username":"alice","password":"pw","serveraddress":"reg:5000"}"#);
+        assert_eq!(parse_registry_auth(&h).unwrap(), creds("alice", "pw"));
+        // `auth` is base64("user:password"), as config.json keeps it.
+        let h = header(r#"{"auth":"Ym9iOnNlY3JldA=="}"#);
+        assert_eq!(parse_registry_auth(&h).unwrap(), creds("bob", "secret"));
+        // `{}`: no credentials.
+        assert_eq!(parse_registry_auth(&header("{}")).unwrap(), None);
+        assert!(parse_registry_auth("%%%").is_err());
+        assert!(parse_registry_auth(&header(r#"{"identitytoken":"x"}"#)).is_err());
+    }
 }

@@ -67,6 +67,11 @@ impl Registries {
         })
     }
 
+    /// Whether `host` is reached over plain HTTP.
+    pub(crate) fn is_insecure(&self, host: &str) -> bool {
+        self.insecure.iter().any(|h| h == host)
+    }
+
     fn client(&self, auth: Option<&Credentials>) -> Result<oci_client::Client, ImageError> {
         let key = auth.map(|c| (c.username.clone(), c.password.clone()));
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());

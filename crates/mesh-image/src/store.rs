@@ -209,6 +209,11 @@ impl Store {
         &self.inner.root
     }
 
+    /// Whether `host` is one of the registries reached over plain HTTP.
+    pub(crate) fn is_insecure(&self, host: &str) -> bool {
+        self.inner.registries.is_insecure(host)
+    }
+
     /// How many blobs (configs and layers) this store has downloaded.
     pub fn blob_fetches(&self) -> u64 {
         self.inner.registries.blob_fetches.load(Ordering::Relaxed)

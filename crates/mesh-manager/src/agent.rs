@@ -108,6 +108,8 @@ struct AgentState {
     /// The data of the secrets and configs of the assigned tasks, by ID, from the same
     /// answer: in memory only, never written to this node's disk.
     blobs: BTreeMap<String, Vec<u8>>,
+    /// Registry credentials by service ID, from the same answer (in memory only).
+    registry_auths: BTreeMap<String, mesh_api::RegistryCredentials>,
 }
 
 /// The agent of one node.
@@ -255,6 +257,7 @@ impl Agent {
                     ended,
                     ingress,
                     blobs,
+                    registry_auths,
                 } => {
                     if let Some(plane) = &self.plane {
                         let mut last = self.ingress.lock().unwrap_or_else(|p| p.into_inner());
@@ -272,6 +275,7 @@ impl Agent {
                         ));
                         st.ended = ended.map(|e| e.into_iter().collect());
                         st.blobs = blobs;
+                        st.registry_auths = registry_auths;
                         changed
                     };
                     if changed {
@@ -519,7 +523,7 @@ impl Agent {
 
     /// An image task's image (pulled unless the store has it), while the task is Preparing.
     async fn prepare_image(&self, t: &Task) -> Result<ImageRun, String> {
-        {
+        let auth = {
             let mut st = self.lock();
             let s = TaskStatus {
                 state: TaskState::Preparing,
@@ -529,14 +533,15 @@ impl Agent {
                 exit_code: None,
             };
             self.queue(&mut st, &t.id, s);
-        }
+            st.registry_auths.get(&t.service_id).cloned()
+        };
         self.wake.notify_one();
         let images = self
             .images
             .clone()
             .ok_or_else(|| "this node cannot run images".to_string())?;
         let reference = t.spec.image.clone();
-        match tokio::task::spawn_blocking(move || images.pull(&reference)).await {
+        match tokio::task::spawn_blocking(move || images.pull(&reference, auth.as_ref())).await {
             Ok(r) => r,
             Err(e) => Err(format!("image pull panicked: {e}")),
         }

@@ -404,6 +404,7 @@ mod tests {
                 service: Service {
                     id: name.into(),
                     vips: propose_vips(s, &spec).unwrap(),
+                    registry_auth: Vec::new(),
                     spec,
                     previous_spec: None,
                     version: 1,
@@ -510,6 +511,7 @@ mod tests {
                 cmds.push(Command::CreateService {
                     service: Service {
                         id: format!("svc{services}"),
+                        registry_auth: Vec::new(),
                         vips: propose_vips(&stale, &spec).unwrap(),
                         spec,
                         previous_spec: None,

@@ -349,6 +349,7 @@ mod tests {
                 updated_at: 0,
                 update_status: None,
                 vips: vec![],
+                registry_auth: Vec::new(),
             },
         );
         let e = check_unused(&st, &st.blobs["s1"]).unwrap_err();

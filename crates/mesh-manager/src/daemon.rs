@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_api::{ApiError, ErrorKind, LocalInfo, NodeRole, NodeState, RaftInfo, Request, Response};
+use mesh_api::{
+    ApiError, ErrorKind, LocalInfo, NodeRole, NodeState, RaftInfo, RegistryAuth, Request, Response,
+};
 use mesh_ca::{JoinToken, NodeKey, RootCa};
 use serde_json::json;
 use tokio::sync::{mpsc, Mutex, RwLock};
@@ -225,9 +227,29 @@ impl Daemon {
                 })
                 .await
             }
+            Request::Login {
+                server,
+                credentials,
+            } => {
+                self.image_call(move |i| {
+                    let saved = i.login(&server, &credentials)?;
+                    tracing::info!(registry = saved, user = credentials.username, "login saved");
+                    Ok(json!({ "status": "Login Succeeded", "server": saved }))
+                })
+                .await
+            }
+            Request::Logout { server } => {
+                self.image_call(move |i| {
+                    let had = i
+                        .logout(&server)
+                        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))?;
+                    Ok(json!({ "removed": had }))
+                })
+                .await
+            }
             Request::ImagePull { reference } => {
                 self.image_call(move |i| {
-                    let r = i.pull(&reference).map_err(pull_error)?;
+                    let r = i.pull(&reference, None).map_err(pull_error)?;
                     Ok(json!({ "reference": r.reference }))
                 })
                 .await
@@ -240,7 +262,7 @@ impl Daemon {
                 self.image_call(move |i| {
                     let normal = i.normalise(&reference).map_err(ApiError::invalid)?;
                     let pinned = i
-                        .pin(&normal)
+                        .pin(&normal, None)
                         .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))?;
                     let digest = pinned.split_once('@').map(|(_, d)| d.to_string());
                     Ok(json!({ "reference": pinned, "digest": digest }))
@@ -289,10 +311,19 @@ impl Daemon {
                 })
                 .await
             }
-            Request::ServiceCreate { mut spec } if !spec.image.is_empty() => {
+            Request::ServiceCreate {
+                mut spec,
+                registry_auth,
+            } if !spec.image.is_empty() => {
                 self.manager().await?;
-                let warning = self.pin_image(&mut spec.image).await?;
-                let mut v = self.management(Request::ServiceCreate { spec }).await?;
+                let registry_auth = self.resolve_auth(registry_auth, &spec.image).await?;
+                let warning = self.pin_image(&mut spec.image, &registry_auth).await?;
+                let mut v = self
+                    .management(Request::ServiceCreate {
+                        spec,
+                        registry_auth,
+                    })
+                    .await?;
                 if let Some(w) = warning {
                     v["warnings"] = json!([w]);
                 }
@@ -301,11 +332,28 @@ impl Daemon {
             Request::ServiceUpdate {
                 service,
                 mut update,
-            } if update.image.is_some() => {
+            } if update.image.is_some() || update.registry_auth.is_some() => {
                 self.manager().await?;
-                let mut image = update.image.take().unwrap_or_default();
-                let warning = self.pin_image(&mut image).await?;
-                update.image = Some(image);
+                let image = match update.image.clone() {
+                    Some(i) => i,
+                    None => {
+                        let v = self
+                            .management(Request::ServiceInspect {
+                                service: service.clone(),
+                            })
+                            .await?;
+                        v["Spec"]["image"].as_str().unwrap_or_default().to_string()
+                    }
+                };
+                update.registry_auth = self.resolve_auth(update.registry_auth, &image).await?;
+                let warning = match update.image.take() {
+                    Some(mut image) => {
+                        let w = self.pin_image(&mut image, &update.registry_auth).await?;
+                        update.image = Some(image);
+                        w
+                    }
+                    None => None,
+                };
                 let mut v = self
                     .management(Request::ServiceUpdate { service, update })
                     .await?;
@@ -319,12 +367,14 @@ impl Daemon {
                 version,
                 mut spec,
                 rollback,
+                registry_auth,
             } => {
                 self.manager().await?;
+                let registry_auth = self.resolve_auth(registry_auth, &spec.image).await?;
                 let warning = if rollback || spec.image.is_empty() || spec.image.contains('@') {
                     None
                 } else {
-                    self.pin_image(&mut spec.image).await?
+                    self.pin_image(&mut spec.image, &registry_auth).await?
                 };
                 let mut v = self
                     .management(Request::ServiceReplace {
@@ -332,6 +382,7 @@ impl Daemon {
                         version,
                         spec,
                         rollback,
+                        registry_auth,
                     })
                     .await?;
                 if let Some(w) = warning {
@@ -360,14 +411,22 @@ impl Daemon {
     /// Normalises a service's image and pins it to the digest its tag names on the registry
     /// now, as Docker's CLI does at create and update, so every task runs the same bits.
     /// When the registry cannot tell, the tag is kept and Docker's warning is returned.
-    async fn pin_image(&self, image: &mut String) -> Result<Option<String>, ApiError> {
+    async fn pin_image(
+        &self,
+        image: &mut String,
+        auth: &Option<RegistryAuth>,
+    ) -> Result<Option<String>, ApiError> {
         let Some(images) = self.cfg.images.clone() else {
             return Ok(None);
         };
         let given = image.clone();
+        let auth = match auth {
+            Some(RegistryAuth::Credentials(c)) => Some(c.clone()),
+            _ => None,
+        };
         let (pinned, warning) = tokio::task::spawn_blocking(move || {
             let normal = images.normalise(&given).map_err(ApiError::invalid)?;
-            Ok::<_, ApiError>(match images.pin(&normal) {
+            Ok::<_, ApiError>(match images.pin(&normal, auth.as_ref()) {
                 Ok(p) => (p, None),
                 Err(e) => {
                     tracing::warn!(image = given, error = %e, "cannot pin the image to a digest");
@@ -387,6 +446,28 @@ impl Daemon {
         .map_err(ApiError::internal)??;
         *image = pinned;
         Ok(warning)
+    }
+
+    /// `--with-registry-auth` becomes this node's login for the image's registry (none if it
+    /// has none, as Docker's CLI then sends empty credentials).
+    async fn resolve_auth(
+        &self,
+        auth: Option<RegistryAuth>,
+        image: &str,
+    ) -> Result<Option<RegistryAuth>, ApiError> {
+        match auth {
+            Some(RegistryAuth::NodeLogin) => {
+                let Some(images) = self.cfg.images.clone() else {
+                    return Ok(None);
+                };
+                let image = image.to_string();
+                let creds = tokio::task::spawn_blocking(move || images.node_login(&image))
+                    .await
+                    .map_err(ApiError::internal)?;
+                Ok(creds.map(RegistryAuth::Credentials))
+            }
+            other => Ok(other),
+        }
     }
 
     /// This node's member, if it is a manager (else the error a management call gets).

@@ -257,6 +257,19 @@ impl Member {
         self.get_secrets_key(true).await
     }
 
+    /// Registry credentials given with a service, sealed as secrets are (`None`: none given;
+    /// `--with-registry-auth` was resolved by the daemon that took the request).
+    async fn seal_registry_auth(
+        &self,
+        auth: Option<mesh_api::RegistryAuth>,
+    ) -> Result<Option<Vec<u8>>, ApiError> {
+        let Some(mesh_api::RegistryAuth::Credentials(c)) = auth else {
+            return Ok(None);
+        };
+        let plain = serde_json::to_vec(&c).map_err(ApiError::internal)?;
+        Ok(Some(self.secrets_key().await?.seal(&plain)?))
+    }
+
     /// A manager gets the secrets key as soon as it is one (joined as a manager, promoted),
     /// so that it can lead with the secrets usable once the others are gone.
     async fn secrets_key_loop(self: Arc<Self>) {
@@ -1101,7 +1114,11 @@ impl Member {
                     .await?;
                 Ok(json!({ "id": id }))
             }
-            Request::ServiceCreate { mut spec } => {
+            Request::ServiceCreate {
+                mut spec,
+                registry_auth,
+            } => {
+                let registry_auth = self.seal_registry_auth(registry_auth).await?;
                 let state = self.read(node).await?;
                 services::validate_spec(&spec, &state)?;
                 crate::blobs::resolve_references(&state, &mut spec)?;
@@ -1120,6 +1137,7 @@ impl Member {
                     updated_at: now,
                     update_status: None,
                     vips,
+                    registry_auth: registry_auth.unwrap_or_default(),
                 };
                 let id = svc.id.clone();
                 self.write(node, Command::CreateService { service: svc })
@@ -1211,7 +1229,10 @@ impl Member {
                 let mut spec = services::apply_update(&svc.spec, &update)?;
                 services::validate_spec(&spec, &state)?;
                 crate::blobs::resolve_references(&state, &mut spec)?;
-                let next = services::updated(svc, spec, update.force, now_secs());
+                let mut next = services::updated(svc, spec, update.force, now_secs());
+                if let Some(sealed) = self.seal_registry_auth(update.registry_auth).await? {
+                    next.registry_auth = sealed;
+                }
                 let rollout = next.version != svc.version;
                 self.write(node, Command::UpdateService { service: next })
                     .await?;
@@ -1230,7 +1251,9 @@ impl Member {
                 version,
                 spec,
                 rollback,
+                registry_auth,
             } => {
+                let registry_auth = self.seal_registry_auth(registry_auth).await?;
                 let state = self.read(node).await?;
                 let svc = state.find_service(&service).map_err(ApiError::not_found)?;
                 if svc.version != version {
@@ -1274,6 +1297,10 @@ impl Member {
                     let force = spec.force_update != svc.spec.force_update;
                     services::updated(svc, spec, force, now_secs())
                 };
+                let mut next = next;
+                if let Some(sealed) = registry_auth {
+                    next.registry_auth = sealed;
+                }
                 let rollout = next.version != svc.version;
                 self.write(node, Command::UpdateService { service: next })
                     .await?;
@@ -1609,6 +1636,44 @@ impl Member {
             let d = assignments_digest(&tasks, &ended, ingress.as_ref());
             if d != known || tokio::time::Instant::now() >= deadline {
                 let needed = crate::blobs::needed_by(tasks.iter());
+                let auth_of: BTreeSet<String> = tasks
+                    .iter()
+                    .filter(|t| t.desired_state <= mesh_api::TaskState::Running)
+                    .map(|t| t.service_id.clone())
+                    .collect();
+                let sealed_auths: Vec<(String, Vec<u8>)> = node
+                    .sm
+                    .with_state(|s| {
+                        auth_of
+                            .iter()
+                            .filter_map(|id| s.services.get(id))
+                            .filter(|svc| !svc.registry_auth.is_empty())
+                            .map(|svc| (svc.id.clone(), svc.registry_auth.clone()))
+                            .collect()
+                    })
+                    .await;
+                let mut registry_auths = BTreeMap::new();
+                if !sealed_auths.is_empty() {
+                    match self.secrets_key().await {
+                        Ok(k) => {
+                            for (id, sealed) in sealed_auths {
+                                let creds = k
+                                    .unseal(&sealed)
+                                    .ok()
+                                    .and_then(|p| serde_json::from_slice(&p).ok());
+                                match creds {
+                                    Some(c) => {
+                                        registry_auths.insert(id, c);
+                                    }
+                                    None => warn!(
+                                        "registry credentials of service {id} cannot be opened"
+                                    ),
+                                }
+                            }
+                        }
+                        Err(e) => warn!("registry credentials for node {node_id}: {e}"),
+                    }
+                }
                 let blobs = if needed.is_empty() {
                     Default::default()
                 } else {
@@ -1634,6 +1699,7 @@ impl Member {
                     ended: Some(ended),
                     ingress,
                     blobs,
+                    registry_auths,
                 };
             }
             let _ = tokio::time::timeout_at(deadline, rx.changed()).await;

@@ -734,6 +734,7 @@ mod tests {
                 updated_at: 0,
                 update_status: None,
                 vips: Vec::new(),
+                registry_auth: Vec::new(),
             };
             assert_eq!(
                 s.apply(&Command::CreateService { service: svc }),

@@ -123,6 +123,10 @@ pub enum PeerResponse {
         /// unsealed: this answer travels over mutual TLS to that node only).
         #[serde(default)]
         blobs: std::collections::BTreeMap<String, Vec<u8>>,
+        /// Registry credentials by service ID, for the images of its tasks to run
+        /// (`--with-registry-auth`).
+        #[serde(default)]
+        registry_auths: std::collections::BTreeMap<String, mesh_api::RegistryCredentials>,
     },
     TaskLogs(Vec<TaskLog>),
     /// The answering manager's secrets key, if it has one.

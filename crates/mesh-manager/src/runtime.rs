@@ -84,10 +84,30 @@ pub trait Images: Send + Sync + 'static {
     /// The normalised reference pinned to the digest its tag names on the registry now
     /// (`...:tag@sha256:...`); an error when the registry cannot tell (the caller keeps the
     /// tag and warns, as Docker does).
-    fn pin(&self, reference: &str) -> Result<String, String>;
+    /// `auth`: credentials for its registry; `None`: the node's own login, if any.
+    fn pin(
+        &self,
+        reference: &str,
+        auth: Option<&mesh_api::RegistryCredentials>,
+    ) -> Result<String, String>;
     /// The image, pulled into the store first unless it is there; the error is the
-    /// registry's reason (`No such image: ...`, `unauthorized: ...`).
-    fn pull(&self, reference: &str) -> Result<ImageRun, String>;
+    /// registry's reason (`No such image: ...`, `unauthorized: ...`). `auth` as for `pin`.
+    fn pull(
+        &self,
+        reference: &str,
+        auth: Option<&mesh_api::RegistryCredentials>,
+    ) -> Result<ImageRun, String>;
+    /// `mesh login`: the credentials checked with the registry, then saved for this node's
+    /// pulls; answers the registry as saved (`docker.io`, `HOST:PORT`).
+    fn login(
+        &self,
+        server: &str,
+        credentials: &mesh_api::RegistryCredentials,
+    ) -> Result<String, mesh_api::ApiError>;
+    /// `mesh logout`: whether there was a login to forget.
+    fn logout(&self, server: &str) -> Result<bool, String>;
+    /// This node's login for the registry of `reference`.
+    fn node_login(&self, reference: &str) -> Option<mesh_api::RegistryCredentials>;
     /// `mesh image ls`.
     fn ls(&self) -> Result<Vec<mesh_api::ImageSummary>, String>;
     /// `mesh image rm`.

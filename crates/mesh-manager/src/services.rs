@@ -539,6 +539,7 @@ mod tests {
                 updated_at: 0,
                 update_status: None,
                 vips: vec![],
+                registry_auth: Vec::new(),
             },
         );
         // The service keeps its own ports on update; another one cannot take them.
@@ -697,6 +698,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             update_status: None,
+            registry_auth: Vec::new(),
             vips: vec![],
         };
         let v = inspect(&st, &svc);

@@ -1,23 +1,41 @@
 //! The image store `meshd` gives its agent and its local API: `mesh-image` (pulls, a
 //! content-addressed store under `--data-dir`, layers unpacked for overlayfs) behind the
-//! manager's `Images` seam. The seam is blocking; the store is async, so each call runs on the
+//! manager's `Images` seam, with the node's registry logins (`mesh login`) used for pulls
+//! that bring no credentials of their own. The seam is blocking; the store is async, so each call runs on the
 //! daemon's runtime from the blocking thread it is made on.
 
 use std::path::Path;
 
-use mesh_api::{ApiError, ErrorKind, ImageSummary};
-use mesh_image::{Image, Reference, Store};
+use mesh_api::{ApiError, ErrorKind, ImageSummary, RegistryCredentials};
+use mesh_image::login::{normalise_server, Logins};
+use mesh_image::{Credentials, Image, ImageError, Reference, Store};
 use mesh_manager::runtime::{ImageRun, Images};
 use tokio::runtime::Handle;
 
 pub struct StoreImages {
     store: Store,
+    logins: Logins,
     rt: Handle,
 }
 
 impl StoreImages {
-    pub fn new(store: Store, rt: Handle) -> StoreImages {
-        StoreImages { store, rt }
+    pub fn new(store: Store, logins: Logins, rt: Handle) -> StoreImages {
+        StoreImages { store, logins, rt }
+    }
+
+    /// The given credentials, else this node's login for the reference's registry.
+    fn credentials(
+        &self,
+        r: &Reference,
+        auth: Option<&RegistryCredentials>,
+    ) -> Option<Credentials> {
+        match auth {
+            Some(c) => Some(Credentials {
+                username: c.username.clone(),
+                password: c.password.clone(),
+            }),
+            None => self.logins.get(r.registry()),
+        }
     }
 }
 
@@ -42,11 +60,12 @@ impl Images for StoreImages {
         parse(reference).map(|r| r.to_string())
     }
 
-    fn pin(&self, reference: &str) -> Result<String, String> {
+    fn pin(&self, reference: &str, auth: Option<&RegistryCredentials>) -> Result<String, String> {
         let r = parse(reference)?;
+        let creds = self.credentials(&r, auth);
         let digest = self
             .rt
-            .block_on(self.store.resolve(&r, None))
+            .block_on(self.store.resolve(&r, creds.as_ref()))
             .map_err(|e| e.to_string())?;
         Ok(r.with_digest(&digest).to_string())
     }
@@ -54,9 +73,14 @@ impl Images for StoreImages {
     /// As Docker's executor: a tag is pulled every time (mutable tags stay current), but a
     /// failed pull of a tag the store already has (loaded, or pulled before) only warns and
     /// the stored image runs, so a registry that is down or unknown does not stop it.
-    fn pull(&self, reference: &str) -> Result<ImageRun, String> {
+    fn pull(
+        &self,
+        reference: &str,
+        auth: Option<&RegistryCredentials>,
+    ) -> Result<ImageRun, String> {
         let r = parse(reference)?;
-        match self.rt.block_on(self.store.pull(&r, None)) {
+        let creds = self.credentials(&r, auth);
+        match self.rt.block_on(self.store.pull(&r, creds.as_ref())) {
             Ok(image) => Ok(run_of(image)),
             Err(e) => match self.store.get(&r) {
                 Some(image) => {
@@ -66,6 +90,35 @@ impl Images for StoreImages {
                 None => Err(e.to_string()),
             },
         }
+    }
+
+    fn login(&self, server: &str, credentials: &RegistryCredentials) -> Result<String, ApiError> {
+        let creds = Credentials {
+            username: credentials.username.clone(),
+            password: credentials.password.clone(),
+        };
+        self.rt
+            .block_on(self.store.check_login(server, &creds))
+            .map_err(|e| match e {
+                ImageError::Unauthorized(m) => ApiError::new(ErrorKind::PermissionDenied, m),
+                other => ApiError::new(ErrorKind::Unavailable, other),
+            })?;
+        self.logins
+            .set(server, creds)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(normalise_server(server))
+    }
+
+    fn logout(&self, server: &str) -> Result<bool, String> {
+        self.logins.remove(server).map_err(|e| e.to_string())
+    }
+
+    fn node_login(&self, reference: &str) -> Option<RegistryCredentials> {
+        let r = parse(reference).ok()?;
+        self.logins.get(r.registry()).map(|c| RegistryCredentials {
+            username: c.username,
+            password: c.password,
+        })
     }
 
     fn ls(&self) -> Result<Vec<ImageSummary>, String> {

@@ -158,6 +158,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             mirrors: args.registry_mirrors.clone(),
         })
         .map_err(|e| anyhow::anyhow!("cannot open the image store: {e}"))?;
+        let logins = mesh_image::login::Logins::open(&args.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot read the registry logins: {e}"))?;
         let cfg = DaemonConfig {
             node_name: node_name.clone(),
             data_dir: args.data_dir.clone(),
@@ -169,6 +171,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             plane: Some(std::sync::Arc::new(plane)),
             images: Some(std::sync::Arc::new(images::StoreImages::new(
                 store,
+                logins,
                 tokio::runtime::Handle::current(),
             ))),
         };

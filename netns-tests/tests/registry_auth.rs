@@ -1,0 +1,116 @@
+//! Private registries (a real `docker-registry` asking for HTTP basic auth): `mesh login`
+//! checks the credentials with the registry and keeps them for the node's pulls, wrong ones
+//! are refused in Docker's words, a node without a login is refused the image, and `service
+//! create --with-registry-auth` sends the manager's login to the workers that pull it, kept
+//! sealed in the store and never shown.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use mesh_netns::registry::registry_cluster;
+use mesh_netns::swarm::{field, service_ps, wait_tasks_running};
+use mesh_netns::wait_for;
+
+#[test]
+fn a_login_reaches_the_nodes_that_pull() -> Result<()> {
+    let Some((c, mut reg)) = registry_cluster(3, 1, "regauth")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    reg.push_test_image("private", "v1", "v1", false)?;
+    let password = "s3cret-for-the-registry";
+    reg.require_login("alice", password)?;
+    let server = reg.host_port();
+    let image = format!("{server}/private:v1");
+
+    // No login: the workers are refused the image, with the registry's reason.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "anon",
+        "--constraint",
+        "node.role==worker",
+        "-d",
+        &image,
+        "sleep",
+        "100000",
+    ])?;
+    wait_for(
+        "the anonymous pull refused",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || {
+            Ok(service_ps(h1, "anon")?
+                .iter()
+                .any(|t| field(t, "Error").contains("unauthorized"))
+                .then_some(()))
+        },
+    )?;
+    h1.mesh_ok(&["service", "rm", "anon"])?;
+
+    // A wrong password is refused by the registry; a right one is kept, privately.
+    let wrong = h1.mesh(&["login", "-u", "alice", "-p", "nope", &server])?;
+    ensure!(
+        !wrong.success()
+            && wrong
+                .stderr
+                .contains("unauthorized: incorrect username or password"),
+        "{wrong:?}"
+    );
+    let ok = h1.mesh(&["login", "-u", "alice", "-p", password, &server])?;
+    ensure!(
+        ok.success() && ok.stdout.trim() == "Login Succeeded",
+        "{ok:?}"
+    );
+    ensure!(ok.stderr.contains("Use --password-stdin"), "{ok:?}");
+    let saved = h1.data_dir().join("registry-auth.json");
+    ensure!(std::fs::metadata(&saved)?.permissions().mode() & 0o777 == 0o600);
+
+    // The workers have no login: the manager's goes with the service.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "app",
+        "--with-registry-auth",
+        "--replicas",
+        "2",
+        "--constraint",
+        "node.role==worker",
+        "-d",
+        &image,
+        "sleep",
+        "100000",
+    ])?;
+    wait_tasks_running(h1, "app", 2, Duration::from_secs(60))?;
+    let nodes: std::collections::BTreeSet<String> = service_ps(h1, "app")?
+        .iter()
+        .filter(|t| field(t, "DesiredState") == "Running")
+        .map(|t| field(t, "Node").to_string())
+        .collect();
+    ensure!(nodes.len() == 2, "tasks on {nodes:?}");
+    let inspect = h1.mesh_ok(&["service", "inspect", "app"])?;
+    ensure!(!inspect.contains(password), "{inspect}");
+    // Sealed in the store; on no worker's disk.
+    let raft = std::fs::read(h1.data_dir().join("raft.redb"))?;
+    ensure!(
+        !raft
+            .windows(password.len())
+            .any(|w| w == password.as_bytes()),
+        "the password is in the Raft store in the clear"
+    );
+    for h in &c.hosts()[1..] {
+        ensure!(!h.data_dir().join("registry-auth.json").exists());
+    }
+
+    let out = h1.mesh_ok(&["logout", &server])?;
+    ensure!(
+        out.trim() == format!("Removing login credentials for {server}"),
+        "{out}"
+    );
+    let out = h1.mesh_ok(&["logout", &server])?;
+    ensure!(out.trim() == format!("Not logged in to {server}"), "{out}");
+    Ok(())
+}
