@@ -211,6 +211,9 @@ pub struct ServiceUpdate {
     pub memory_bytes: Option<u64>,
     /// Replace the tasks even if the spec did not change.
     pub force: bool,
+    /// `--health-*` / `--no-healthcheck`.
+    #[serde(default, skip_serializing_if = "crate::HealthFlags::is_empty")]
+    pub health: crate::HealthFlags,
 }
 
 impl Request {
