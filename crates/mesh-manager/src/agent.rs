@@ -12,6 +12,15 @@
 //! leader's answer also lists this node's ended tasks still in the store. Once the store has
 //! deleted one (its service was removed, or the history trimmed), the agent removes it at once,
 //! unless its final report is still waiting to be sent.
+//!
+//! Health checks (the pure part in [`crate::health`]): a task whose service or image has a
+//! check is reported Starting until a probe passes, then Running, and is given to the network
+//! plane as a backend only while healthy. One prober per task process runs the check in the
+//! task every interval (bounded by its timeout); when the task turns unhealthy it is withdrawn
+//! from the plane at once, stopped after [`DRAIN`], and reported Failed with Docker's error,
+//! so the orchestrator replaces it per its restart policy. A restarted daemon resolves the
+//! checks of the tasks it adopts and probes them again (one the store knew healthy stays a
+//! backend unless its probes fail).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -22,6 +31,7 @@ use mesh_api::{Task, TaskState, TaskStatus};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use crate::health::{self, Health, Monitor};
 use crate::member::Member;
 use crate::peer::{PeerRequest, PeerResponse, TaskLog};
 use crate::runtime::{
@@ -104,6 +114,32 @@ struct AgentState {
     reported: HashMap<String, TaskState>,
     /// Tasks with a start or stop in progress.
     busy: HashSet<String>,
+    /// The health of the local task processes whose check is resolved, by task.
+    health: HashMap<String, HealthEntry>,
+    /// Adopted tasks whose check is being resolved.
+    resolving: HashSet<String>,
+}
+
+/// The health of one task process.
+struct HealthEntry {
+    pid: u32,
+    /// `None`: the task has no check.
+    monitor: Option<Monitor>,
+}
+
+impl AgentState {
+    /// Whether a running task (process `pid`) is a backend of its VIPs, names and ports: it
+    /// has no check or is healthy. A process whose check is not resolved yet (adopted) is
+    /// one if the store knew it Running.
+    fn serving(&self, t: &Task, pid: u32) -> bool {
+        match self.health.get(&t.id) {
+            Some(e) if e.pid == pid => e
+                .monitor
+                .as_ref()
+                .is_none_or(|m| m.status == Health::Healthy),
+            _ => t.status.state == TaskState::Running,
+        }
+    }
 }
 
 /// The agent of one node.
@@ -114,6 +150,8 @@ pub struct Agent {
     images: Option<Arc<dyn Images>>,
     /// Digest of the running set last given to the plane.
     plane_digest: Mutex<Option<u64>>,
+    /// The runtime's tasks as the last reconcile pass listed them.
+    last_local: Mutex<HashMap<String, RunState>>,
     /// The ingress attachment last given to the plane.
     ingress: Mutex<Option<mesh_api::NetworkAttachment>>,
     node_name: String,
@@ -133,6 +171,7 @@ impl Agent {
             plane,
             images,
             plane_digest: Mutex::new(None),
+            last_local: Mutex::new(HashMap::new()),
             ingress: Mutex::new(None),
             node_name,
             state: Mutex::new(AgentState::default()),
@@ -327,6 +366,7 @@ impl Agent {
         let mut to_start = Vec::new();
         let mut to_stop = Vec::new();
         let mut to_remove = Vec::new();
+        let mut to_resolve = Vec::new();
         {
             let mut st = self.lock();
             for t in assigned.values() {
@@ -344,15 +384,27 @@ impl Agent {
                             let s = failed(now, "task not found on its node", None);
                             self.queue(&mut st, &t.id, s);
                         }
-                        Some(RunState::Running { started_at_ms, .. }) => {
-                            let s = TaskStatus {
-                                state: TaskState::Running,
-                                timestamp_ms: *started_at_ms,
-                                message: "started".into(),
-                                err: String::new(),
-                                exit_code: None,
+                        Some(RunState::Running { pid, started_at_ms }) => {
+                            // Running once healthy, if it has a check.
+                            let since = match st.health.get(&t.id) {
+                                Some(e) if e.pid == *pid => match &e.monitor {
+                                    None => Some(*started_at_ms),
+                                    Some(m) if m.status == Health::Healthy => {
+                                        Some(m.healthy_since_ms)
+                                    }
+                                    Some(_) => None,
+                                },
+                                // Adopted: its check is resolved first.
+                                _ => {
+                                    if st.resolving.insert(t.id.clone()) {
+                                        to_resolve.push((t.clone(), *pid, *started_at_ms));
+                                    }
+                                    None
+                                }
                             };
-                            self.queue(&mut st, &t.id, s);
+                            if let Some(at) = since {
+                                self.queue(&mut st, &t.id, running(at));
+                            }
                         }
                         Some(RunState::Exited {
                             code,
@@ -427,6 +479,19 @@ impl Agent {
             let outbox: HashSet<String> = st.outbox.keys().cloned().collect();
             st.reported
                 .retain(|id, _| assigned.contains_key(id) || outbox.contains(id));
+            // The health of processes that are gone (a task just started is assigned, and
+            // may be missing from a listing made before its start).
+            st.health.retain(|id, e| match local.get(id) {
+                Some(RunState::Running { pid, .. }) => *pid == e.pid,
+                Some(RunState::Exited { .. }) => false,
+                None => assigned.contains_key(id),
+            });
+        }
+        for (t, pid, started_at_ms) in to_resolve {
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.resolve_adopted(t, pid, started_at_ms).await;
+            });
         }
         let node_name = self.node_name.clone();
         for t in to_start {
@@ -475,20 +540,40 @@ impl Agent {
             }
             self.lock().busy.remove(&id);
         }
+        *self.last_local.lock().unwrap_or_else(|p| p.into_inner()) = local.clone();
         self.update_plane(&assigned, &local);
     }
 
-    /// Tells the network plane which tasks run here, when that changed.
+    /// [`Self::update_plane`] with the last assignments and runtime listing (a health change).
+    fn refresh_plane(&self) {
+        let Some(assigned) = self.lock().assigned.as_ref().map(|(_, m)| m.clone()) else {
+            return;
+        };
+        let local = self
+            .last_local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.update_plane(&assigned, &local);
+    }
+
+    /// Tells the network plane which tasks run here and serve (no check, or healthy), when
+    /// that changed.
     fn update_plane(&self, assigned: &HashMap<String, Task>, local: &HashMap<String, RunState>) {
         let Some(plane) = &self.plane else { return };
-        let mut running: Vec<(Task, u32)> = assigned
-            .values()
-            .filter(|t| t.desired_state <= TaskState::Running)
-            .filter_map(|t| match local.get(&t.id) {
-                Some(RunState::Running { pid, .. }) => Some((t.clone(), *pid)),
-                _ => None,
-            })
-            .collect();
+        let mut running: Vec<(Task, u32)> = {
+            let st = self.lock();
+            assigned
+                .values()
+                .filter(|t| t.desired_state <= TaskState::Running)
+                .filter_map(|t| match local.get(&t.id) {
+                    Some(RunState::Running { pid, .. }) if st.serving(t, *pid) => {
+                        Some((t.clone(), *pid))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
         running.sort_by(|a, b| a.0.id.cmp(&b.0.id));
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for (t, pid) in &running {
@@ -500,6 +585,159 @@ impl Agent {
             *last = Some(d);
             plane.set_local(running);
         }
+    }
+
+    /// Resolves the check of a task a restarted daemon adopted (its image's part from the
+    /// image store), and probes it again.
+    async fn resolve_adopted(self: Arc<Self>, t: Task, pid: u32, started_at_ms: u64) {
+        let image_check = match (&self.images, t.spec.image.is_empty()) {
+            (Some(images), false) => {
+                let images = images.clone();
+                let reference = t.spec.image.clone();
+                match tokio::task::spawn_blocking(move || images.pull(&reference)).await {
+                    Ok(Ok(i)) => i.healthcheck,
+                    Ok(Err(e)) => {
+                        warn!(task = t.id, "reading the image's health check: {e}");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        let probe = health::resolve(t.spec.healthcheck.as_ref(), image_check.as_ref());
+        let checked = probe.is_some();
+        {
+            let mut st = self.lock();
+            st.resolving.remove(&t.id);
+            if st.health.get(&t.id).is_some_and(|e| e.pid == pid) {
+                return;
+            }
+            let monitor = probe.map(|p| {
+                if t.status.state == TaskState::Running {
+                    Monitor::adopted_healthy(p, started_at_ms, now_ms())
+                } else {
+                    Monitor::new(p, started_at_ms)
+                }
+            });
+            st.health.insert(t.id.clone(), HealthEntry { pid, monitor });
+        }
+        debug!(task = t.id, checked, "adopted task's health check resolved");
+        if checked {
+            let me = self.clone();
+            tokio::spawn(async move { me.probe_loop(t.id, pid).await });
+        }
+        self.wake.notify_one();
+    }
+
+    /// Probes task `id` (process `pid`) every interval while it runs here and is meant to,
+    /// and acts on its health changes.
+    async fn probe_loop(self: Arc<Self>, id: String, pid: u32) {
+        loop {
+            let probe = {
+                let st = self.lock();
+                match st.health.get(&id) {
+                    Some(HealthEntry {
+                        pid: p,
+                        monitor: Some(m),
+                    }) if *p == pid => m.probe.clone(),
+                    _ => return,
+                }
+            };
+            tokio::time::sleep(Duration::from_millis(probe.interval_ms)).await;
+            {
+                let st = self.lock();
+                let wanted = st
+                    .assigned
+                    .as_ref()
+                    .and_then(|(_, m)| m.get(&id))
+                    .is_some_and(|t| t.desired_state <= TaskState::Running);
+                let current = st.health.get(&id).is_some_and(|e| e.pid == pid);
+                if !wanted || !current || st.busy.contains(&id) {
+                    return;
+                }
+            }
+            let at = now_ms();
+            let rt = self.runtime.clone();
+            let (id2, argv) = (id.clone(), probe.argv.clone());
+            let timeout = Duration::from_millis(probe.timeout_ms);
+            let passed =
+                match tokio::task::spawn_blocking(move || rt.exec(&id2, &argv, timeout)).await {
+                    Ok(Ok(r)) if r.status == 0 => true,
+                    Ok(Ok(r)) => {
+                        debug!(task = id, status = r.status, "health check failed");
+                        false
+                    }
+                    Ok(Err(e)) => {
+                        debug!(task = id, "health check failed: {e}");
+                        false
+                    }
+                    Err(_) => false,
+                };
+            let change = {
+                let mut st = self.lock();
+                match st.health.get_mut(&id) {
+                    Some(HealthEntry {
+                        pid: p,
+                        monitor: Some(m),
+                    }) if *p == pid => m.record(at, passed),
+                    _ => return,
+                }
+            };
+            match change {
+                Some(Health::Healthy) => {
+                    info!(task = id, "healthy");
+                    {
+                        let mut st = self.lock();
+                        self.queue(&mut st, &id, running(now_ms()));
+                    }
+                    self.refresh_plane();
+                    self.wake.notify_one();
+                }
+                Some(Health::Unhealthy) => {
+                    warn!(task = id, "unhealthy: withdrawn and stopped");
+                    self.stop_unhealthy(id).await;
+                    return;
+                }
+                Some(Health::Starting) | None => {}
+            }
+        }
+    }
+
+    /// Withdraws an unhealthy task from the plane at once, stops it after [`DRAIN`], and
+    /// reports it Failed with Docker's error.
+    async fn stop_unhealthy(self: Arc<Self>, id: String) {
+        let task = {
+            let mut st = self.lock();
+            if !st.busy.insert(id.clone()) {
+                return; // being stopped already
+            }
+            st.assigned.as_ref().and_then(|(_, m)| m.get(&id).cloned())
+        };
+        self.refresh_plane();
+        if self.plane.is_some() {
+            tokio::time::sleep(DRAIN).await;
+        }
+        let (signal, grace) = task.as_ref().map_or((SIGTERM, STOP_GRACE), |t| {
+            (
+                stop_signal(&t.spec),
+                t.spec
+                    .stop_grace_period_ms
+                    .map_or(STOP_GRACE, Duration::from_millis),
+            )
+        });
+        let rt = self.runtime.clone();
+        let id2 = id.clone();
+        let r = tokio::task::spawn_blocking(move || rt.stop(&id2, signal, grace)).await;
+        if let Ok(Err(e)) = &r {
+            warn!(task = id, "stop: {e}");
+        }
+        let status = failed(
+            now_ms(),
+            health::UNHEALTHY_ERR,
+            Some(health::UNHEALTHY_EXIT),
+        );
+        self.start_ended(&id, status);
     }
 
     /// Reports `status` for `task`, and ends its start (it is no longer busy).
@@ -652,15 +890,32 @@ impl Agent {
         })
         .await;
         let status = match r {
-            Ok(Ok(RunState::Running { started_at_ms, .. })) => {
+            Ok(Ok(RunState::Running { pid, started_at_ms })) => {
                 info!(task = name, "started");
-                TaskStatus {
-                    state: TaskState::Running,
-                    timestamp_ms: started_at_ms,
-                    message: "started".into(),
-                    err: String::new(),
-                    exit_code: None,
+                let probe = health::resolve(
+                    t.spec.healthcheck.as_ref(),
+                    image.as_ref().and_then(|i| i.healthcheck.as_ref()),
+                );
+                let checked = probe.is_some();
+                self.lock().health.insert(
+                    t.id.clone(),
+                    HealthEntry {
+                        pid,
+                        monitor: probe.map(|p| Monitor::new(p, started_at_ms)),
+                    },
+                );
+                if checked {
+                    // Starting until its first passing probe.
+                    let me = self.clone();
+                    let id = t.id.clone();
+                    tokio::spawn(async move { me.probe_loop(id, pid).await });
+                    let mut st = self.lock();
+                    st.busy.remove(&t.id);
+                    drop(st);
+                    self.wake.notify_one();
+                    return;
                 }
+                running(started_at_ms)
             }
             Ok(Ok(RunState::Exited {
                 code,
@@ -736,6 +991,16 @@ impl Agent {
         })
         .await
         .unwrap_or_default()
+    }
+}
+
+fn running(since_ms: u64) -> TaskStatus {
+    TaskStatus {
+        state: TaskState::Running,
+        timestamp_ms: since_ms,
+        message: "started".into(),
+        err: String::new(),
+        exit_code: None,
     }
 }
 

@@ -16,6 +16,7 @@ pub mod agent;
 pub mod allocator;
 pub mod daemon;
 pub mod dispatcher;
+pub mod health;
 pub mod ipam;
 pub mod local;
 pub mod member;

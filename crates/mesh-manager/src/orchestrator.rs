@@ -7,10 +7,11 @@
 //! Update order: stop-first stops a batch of old tasks, then starts their replacements.
 //! Start-first starts the replacement of a slot beside its old task and stops the old one once
 //! the new one is Running and has kept running for the update's monitor period. Swarmkit stops
-//! it at Running, which for a task with a HEALTHCHECK means healthy; mesh has no health
-//! checks, and a task joins its VIP when its process starts, before it listens, so the monitor
-//! period is the new task's time to become ready (`--update-monitor 0` gives swarmkit's
-//! behaviour). A new task that fails meanwhile leaves the old one serving.
+//! it at Running. A task with a health check is Running only once healthy (the agent reports
+//! it Starting until then, and it is no backend before), so an update waits for health before
+//! its next batch; a task without a check joins its VIP when its process starts, before it
+//! listens, so the monitor period is its time to become ready (`--update-monitor 0` gives
+//! swarmkit's behaviour). A new task that fails meanwhile leaves the old one serving.
 //!
 //! [`Orchestrator::plan`] is a pure function of the store state and the time (plus a little
 //! memory of when the last update batch started), so it is unit-tested without Raft; the
