@@ -1,0 +1,270 @@
+//! Health checks on the real kernel (2 hosts, host-process tasks): a task whose check has not
+//! passed yet is Starting in `service ps`, is no backend of its VIP and is not in its DNS
+//! names, then Running and served once its check passes; a healthy task whose check starts
+//! failing is withdrawn within about one interval (a client counting which task answered sees
+//! none from it afterwards), stopped, reported Failed with Docker's error and replaced.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{ensure, Context, Result};
+use mesh_netns::swarm::{field, network_tasks, service_ps, swarm_cluster, vip_of};
+use mesh_netns::{wait_for, Cluster, Host};
+
+/// Answers each connection on 8080 with its hostname and closes it.
+const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(128)\nh=socket.gethostname().encode()\nwhile True:\n c,_=s.accept()\n c.sendall(h)\n c.close()";
+/// Connects to argv[1]:8080 (a name, resolved each time, or an address) every 10 ms for
+/// argv[2] seconds; prints one line `UNIXTIME HOSTNAME` per answer, then `failures N`.
+const LOOP: &str = "import socket,sys,time\nend=time.time()+float(sys.argv[2]);fail=0\nwhile time.time()<end:\n try:\n  c=socket.create_connection((sys.argv[1],8080),timeout=1);d=c.recv(100).decode();c.close()\n  if not d: raise OSError('empty')\n  print('%.3f %s'%(time.time(),d))\n except OSError:\n  fail+=1\n time.sleep(0.01)\nprint('failures',fail)";
+/// Resolves NAME with the system resolver (so through 127.0.0.11); exit 3 if it fails.
+const RESOLVE: &str = "import socket,sys\ntry:\n print(' '.join(sorted(socket.gethostbyname_ex(sys.argv[1])[2])))\nexcept OSError:\n sys.exit(3)";
+
+fn host<'a>(c: &'a Cluster, name: &str) -> &'a Host {
+    c.hosts()
+        .iter()
+        .find(|h| h.name() == name)
+        .expect("known host")
+}
+
+/// Runs python `code` with `args` in `task` (on `node`); its stdout if it succeeded.
+fn py(c: &Cluster, node: &str, task: &str, code: &str, args: &[&str]) -> Result<Option<String>> {
+    let mut argv = vec!["exec", task, "--", "python3", "-c", code];
+    argv.extend_from_slice(args);
+    let out = host(c, node).mesh(&argv)?;
+    Ok(out.success().then_some(out.stdout))
+}
+
+/// What the loop client saw: (unix time, hostname) per answer, and the failures.
+fn run_loop(
+    c: &Cluster,
+    node: &str,
+    task: &str,
+    to: &str,
+    secs: u32,
+) -> Result<(Vec<(f64, String)>, u64)> {
+    let out = py(c, node, task, LOOP, &[to, &secs.to_string()])?.context("loop client")?;
+    let mut answers = Vec::new();
+    let mut failures = None;
+    for line in out.lines() {
+        let (a, b) = line.split_once(' ').context("loop client line")?;
+        if a == "failures" {
+            failures = Some(b.trim().parse()?);
+        } else {
+            answers.push((a.parse()?, b.trim().to_string()));
+        }
+    }
+    Ok((answers, failures.context("loop client output")?))
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn touch(p: &Path) -> Result<()> {
+    std::fs::write(p, b"").with_context(|| format!("writing {}", p.display()))
+}
+
+#[test]
+fn health_gates_backends_and_replaces_unhealthy_tasks() -> Result<()> {
+    let Some(c) = swarm_cluster(2, 1, "health")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    let dir = c.base_dir().join("health");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display().to_string();
+    h1.mesh_ok(&["network", "create", "appnet"])?;
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "cli",
+        "--network",
+        "appnet",
+        "--",
+        "sleep",
+        "1000",
+    ])?;
+    let cli = wait_for(
+        "the client task",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || Ok(network_tasks(h1, "appnet", Some("cli"))?.into_iter().next()),
+    )?;
+
+    // (a), (c): a task whose check has not passed stays Starting and is no backend.
+    let ok = format!("{d}/sick-ok");
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "sick",
+        "--network",
+        "appnet",
+        "--health-cmd",
+        &format!("test -f {ok}"),
+        "--health-interval",
+        "300ms",
+        "--health-start-period",
+        "60s",
+        "--",
+        "python3",
+        "-c",
+        SERVER,
+    ])?;
+    let row = wait_for(
+        "sick.1 starting",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            Ok(service_ps(h1, "sick")?
+                .into_iter()
+                .find(|t| field(t, "CurrentState").starts_with("Starting")))
+        },
+    )?;
+    ensure!(field(&row, "DesiredState") == "Running", "{row}");
+    let vip = vip_of(h1, "sick")?;
+    // Its process runs and listens (its check runs in it), for several probes.
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..3 {
+        let (answers, failures) = run_loop(&c, &cli.node, &cli.name, &vip, 1)?;
+        ensure!(
+            answers.is_empty() && failures > 10,
+            "a starting task answered through its VIP: {answers:?}"
+        );
+        for name in ["tasks.sick", "sick"] {
+            let got = py(&c, &cli.node, &cli.name, RESOLVE, &[name])?;
+            ensure!(got.is_none(), "{name} resolved to {got:?} while starting");
+        }
+        let rows = service_ps(h1, "sick")?;
+        ensure!(
+            rows.len() == 1 && field(&rows[0], "CurrentState").starts_with("Starting"),
+            "service ps sick: {rows:?}"
+        );
+    }
+    // Its check passes: Running, in DNS and behind its VIP.
+    touch(Path::new(&ok))?;
+    wait_for(
+        "sick.1 running",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let rows = service_ps(h1, "sick")?;
+            Ok(
+                (rows.len() == 1 && field(&rows[0], "CurrentState").starts_with("Running"))
+                    .then_some(()),
+            )
+        },
+    )?;
+    let ip = wait_for(
+        "tasks.sick resolves",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || py(&c, &cli.node, &cli.name, RESOLVE, &["tasks.sick"]),
+    )?;
+    ensure!(ip.split_whitespace().count() == 1, "tasks.sick: {ip}");
+    let (answers, _) = run_loop(&c, &cli.node, &cli.name, "sick", 1)?;
+    ensure!(!answers.is_empty(), "a healthy task did not answer");
+
+    // (b): one of two healthy tasks turns unhealthy.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "2",
+        "--network",
+        "appnet",
+        "--health-cmd",
+        &format!("test ! -f {d}/down-$(cat /proc/sys/kernel/hostname)"),
+        "--health-interval",
+        "500ms",
+        "--health-retries",
+        "1",
+        "--",
+        "python3",
+        "-c",
+        SERVER,
+    ])?;
+    let hostnames = wait_for(
+        "both web tasks answering",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let (answers, _) = run_loop(&c, &cli.node, &cli.name, "web", 1)?;
+            let seen: BTreeSet<String> = answers.into_iter().map(|(_, h)| h).collect();
+            Ok((seen.len() == 2).then_some(seen))
+        },
+    )?;
+    let victim = hostnames.iter().next().cloned().context("a web task")?;
+    let (answers, marked) = std::thread::scope(|s| -> Result<_> {
+        let client = s.spawn(|| run_loop(&c, &cli.node, &cli.name, "web", 6));
+        std::thread::sleep(Duration::from_millis(1500));
+        let marked = now_secs();
+        touch(&dir.join(format!("down-{victim}")))?;
+        let (answers, _) = client.join().expect("client thread")?;
+        Ok((answers, marked))
+    })?;
+    let last_victim = answers
+        .iter()
+        .filter(|(_, h)| *h == victim)
+        .map(|(t, _)| *t)
+        .fold(0.0, f64::max);
+    ensure!(
+        last_victim > 0.0 && last_victim < marked + 1.5,
+        "the unhealthy task answered {:.3} s after its check started failing (interval 0.5 s)",
+        last_victim - marked
+    );
+    let after: BTreeSet<&String> = answers
+        .iter()
+        .filter(|(t, _)| *t > marked + 1.5)
+        .map(|(_, h)| h)
+        .collect();
+    ensure!(
+        !after.is_empty() && !after.contains(&victim),
+        "answers after the withdrawal: {after:?}"
+    );
+    // Stopped, Failed with Docker's error, and replaced.
+    let rows = wait_for(
+        "the unhealthy task replaced",
+        Duration::from_secs(40),
+        Duration::from_millis(300),
+        || {
+            let rows = service_ps(h1, "web")?;
+            let failed = rows.iter().any(|t| {
+                field(t, "CurrentState").starts_with("Failed")
+                    && field(t, "Error")
+                        == "task: non-zero exit (137): dockerexec: unhealthy container"
+                    && t["ID"]
+                        .as_str()
+                        .is_some_and(|id| victim.starts_with(id) || id.starts_with(victim.as_str()))
+            });
+            let running = rows
+                .iter()
+                .filter(|t| {
+                    field(t, "DesiredState") == "Running"
+                        && field(t, "CurrentState").starts_with("Running")
+                })
+                .count();
+            Ok((failed && running == 2).then_some(rows))
+        },
+    )
+    .with_context(|| format!("service ps web: {:?}", service_ps(h1, "web")))?;
+    let tasks = py(&c, &cli.node, &cli.name, RESOLVE, &["tasks.web"])?.unwrap_or_default();
+    ensure!(
+        tasks.split_whitespace().count() == 2,
+        "tasks.web: {tasks} ({rows:?})"
+    );
+    let (answers, _) = run_loop(&c, &cli.node, &cli.name, "web", 1)?;
+    ensure!(
+        answers.iter().all(|(_, h)| *h != victim) && !answers.is_empty(),
+        "after the replacement: {answers:?}"
+    );
+    Ok(())
+}
