@@ -133,9 +133,10 @@ fn health_gates_backends_and_replaces_unhealthy_tasks() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     for _ in 0..3 {
         let (answers, failures) = run_loop(&c, &cli.node, &cli.name, &vip, 1)?;
+        // (No backend ever: the VIP is not even programmed, so a connect times out.)
         ensure!(
-            answers.is_empty() && failures > 10,
-            "a starting task answered through its VIP: {answers:?}"
+            answers.is_empty() && failures > 0,
+            "a starting task answered through its VIP: {answers:?} ({failures} failures)"
         );
         for name in ["tasks.sick", "sick"] {
             let got = py(&c, &cli.node, &cli.name, RESOLVE, &[name])?;

@@ -1204,6 +1204,172 @@ mod tests {
         assert_eq!(assigned, ["run"]);
     }
 
+    /// A runtime whose tasks run until stopped and whose `exec` exits with `probe`.
+    #[derive(Default)]
+    struct ProbedRuntime {
+        tasks: Mutex<HashMap<String, RunState>>,
+        probe: std::sync::atomic::AtomicI32,
+        probes: std::sync::atomic::AtomicU32,
+    }
+
+    impl Runtime for ProbedRuntime {
+        fn start(&self, spec: &RunSpec) -> Result<RunState, String> {
+            let rs = RunState::Running {
+                pid: 4242,
+                started_at_ms: now_ms(),
+            };
+            self.tasks
+                .lock()
+                .unwrap()
+                .insert(spec.id.clone(), rs.clone());
+            Ok(rs)
+        }
+        fn status(&self, id: &str) -> Option<RunState> {
+            self.tasks.lock().unwrap().get(id).cloned()
+        }
+        fn list(&self) -> Vec<(String, RunState)> {
+            let t = self.tasks.lock().unwrap();
+            t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        }
+        fn stop(&self, id: &str, _: i32, _: Duration) -> Result<(), String> {
+            self.tasks
+                .lock()
+                .unwrap()
+                .insert(id.to_string(), exited_at(now_ms()));
+            Ok(())
+        }
+        fn remove(&self, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+        fn logs(&self, _: &str, _: usize) -> Result<(Vec<u8>, Vec<u8>), String> {
+            Ok((vec![], vec![]))
+        }
+        fn exec(&self, _: &str, argv: &[String], _: Duration) -> Result<ExecResult, String> {
+            assert_eq!(argv, ["/bin/sh", "-c", "check"]);
+            self.probes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(ExecResult {
+                status: self.probe.load(std::sync::atomic::Ordering::SeqCst),
+                stdout: vec![],
+                stderr: vec![],
+            })
+        }
+    }
+
+    /// A plane that keeps the running set it was last given.
+    #[derive(Default)]
+    struct FakePlane {
+        local: Mutex<Vec<String>>,
+    }
+
+    impl NetworkPlane for FakePlane {
+        fn start(&self, _: crate::runtime::PlaneIdentity) -> Result<(), String> {
+            Ok(())
+        }
+        fn stop(&self) {}
+        fn attach(&self, _: &Task, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+        fn set_local(&self, running: Vec<(Task, u32)>) {
+            *self.local.lock().unwrap() = running.into_iter().map(|(t, _)| t.id).collect();
+        }
+    }
+
+    /// Two reconcile passes 100 ms apart.
+    async fn two_passes(agent: &Arc<Agent>) {
+        agent.clone().reconcile().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        agent.clone().reconcile().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_gates_backends_and_fails_an_unhealthy_task() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let rt = Arc::new(ProbedRuntime::default());
+        rt.probe.store(1, SeqCst);
+        let plane = Arc::new(FakePlane::default());
+        let agent = Agent::new(rt.clone(), Some(plane.clone()), None, "n1".into());
+        let mut t = task("t1", "n1", TaskState::Assigned);
+        t.spec.healthcheck = Some(mesh_api::HealthConfig {
+            test: vec!["CMD-SHELL".into(), "check".into()],
+            interval_ms: 30,
+            retries: 2,
+            start_period_ms: 60_000,
+            ..Default::default()
+        });
+        agent.lock().assigned = Some((1, [(t.id.clone(), t.clone())].into_iter().collect()));
+        let state = |a: &Agent| a.lock().reported.get("t1").copied();
+
+        // Started, failing its probes in its start period: Starting, no backend.
+        two_passes(&agent).await;
+        assert!(rt.probes.load(SeqCst) >= 2);
+        assert_eq!(state(&agent), Some(TaskState::Starting));
+        assert!(plane.local.lock().unwrap().is_empty());
+
+        // A passing probe: Running since then, and a backend.
+        let passing_from = now_ms();
+        rt.probe.store(0, SeqCst);
+        two_passes(&agent).await;
+        assert_eq!(state(&agent), Some(TaskState::Running));
+        assert_eq!(*plane.local.lock().unwrap(), ["t1"]);
+        let running = agent.lock().outbox["t1"].clone();
+        assert!(running.timestamp_ms >= passing_from);
+
+        // Two failures in a row: withdrawn at once (before the drain), then Failed.
+        rt.probe.store(1, SeqCst);
+        two_passes(&agent).await;
+        assert!(plane.local.lock().unwrap().is_empty());
+        assert!(matches!(rt.status("t1"), Some(RunState::Running { .. })));
+        tokio::time::sleep(DRAIN + Duration::from_millis(300)).await;
+        agent.clone().reconcile().await;
+        let failed = agent.lock().outbox["t1"].clone();
+        assert_eq!(failed.state, TaskState::Failed);
+        assert_eq!(failed.err, health::UNHEALTHY_ERR);
+        assert_eq!(failed.exit_code, Some(137));
+        assert!(matches!(rt.status("t1"), Some(RunState::Exited { .. })));
+        // No more probes of a stopped task.
+        let probes = rt.probes.load(SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(rt.probes.load(SeqCst), probes);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_adopted_running_task_stays_a_backend_and_is_probed_again() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let rt = Arc::new(ProbedRuntime::default());
+        rt.start(&RunSpec {
+            id: "t1".into(),
+            name: String::new(),
+            hostname: String::new(),
+            argv: vec![],
+            env: vec![],
+            nano_cpus: 0,
+            memory_bytes: 0,
+            resolv_conf: String::new(),
+            rootfs: None,
+        })
+        .unwrap();
+        let plane = Arc::new(FakePlane::default());
+        let agent = Agent::new(rt.clone(), Some(plane.clone()), None, "n1".into());
+        let mut t = task("t1", "n1", TaskState::Running);
+        t.spec.healthcheck = Some(mesh_api::HealthConfig {
+            test: vec!["CMD-SHELL".into(), "check".into()],
+            interval_ms: 30,
+            retries: 1,
+            ..Default::default()
+        });
+        agent.lock().assigned = Some((1, [(t.id.clone(), t)].into_iter().collect()));
+        agent.clone().reconcile().await;
+        assert_eq!(*plane.local.lock().unwrap(), ["t1"]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(rt.probes.load(SeqCst) >= 1);
+        agent.clone().reconcile().await;
+        assert_eq!(*plane.local.lock().unwrap(), ["t1"]);
+        rt.probe.store(1, SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(plane.local.lock().unwrap().is_empty());
+    }
+
     #[test]
     fn the_digest_changes_with_the_ended_tasks() {
         let a = assignments_digest(&[], &["t1".to_string()], None);
