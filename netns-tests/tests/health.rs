@@ -267,5 +267,202 @@ fn health_gates_backends_and_replaces_unhealthy_tasks() -> Result<()> {
         answers.iter().all(|(_, h)| *h != victim) && !answers.is_empty(),
         "after the replacement: {answers:?}"
     );
+
+    // A daemon SIGKILLed and restarted adopts its task: still served, and probed again (a
+    // failing check still withdraws and replaces it).
+    let h2 = c.host(2);
+    let id = service_ps(h1, "web")?
+        .into_iter()
+        .find(|t| {
+            field(t, "Node") == h2.name()
+                && field(t, "DesiredState") == "Running"
+                && field(t, "CurrentState").starts_with("Running")
+        })
+        .map(|t| field(&t, "ID").to_string())
+        .context("a running web task on host 2")?;
+    h2.kill_daemon()?;
+    h2.start_daemon()?;
+    let adopted = wait_for(
+        "the adopted task answering",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let (answers, _) = run_loop(&c, &cli.node, &cli.name, "web", 1)?;
+            Ok(answers
+                .into_iter()
+                .map(|(_, h)| h)
+                .find(|h| h.starts_with(&id) || id.starts_with(h.as_str())))
+        },
+    )?;
+    touch(&dir.join(format!("down-{adopted}")))?;
+    wait_for(
+        "the adopted task failed unhealthy",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            Ok(service_ps(h1, "web")?
+                .iter()
+                .any(|t| {
+                    field(t, "ID") == id
+                        && field(t, "CurrentState").starts_with("Failed")
+                        && field(t, "Error").ends_with("dockerexec: unhealthy container")
+                })
+                .then_some(()))
+        },
+    )
+    .with_context(|| format!("service ps web: {:?}", service_ps(h1, "web")))?;
+    Ok(())
+}
+
+/// The current state of `svc`'s tasks meant to run, from `service ps`.
+fn states(h: &Host, svc: &str) -> Result<Vec<String>> {
+    Ok(service_ps(h, svc)?
+        .iter()
+        .filter(|t| field(t, "DesiredState") == "Running")
+        .map(|t| field(t, "CurrentState").to_string())
+        .collect())
+}
+
+fn wait_state(h: &Host, svc: &str, prefix: &str, within: Duration) -> Result<()> {
+    wait_for(
+        &format!("{svc}: a task {prefix}"),
+        within,
+        Duration::from_millis(200),
+        || {
+            Ok(states(h, svc)?
+                .iter()
+                .any(|s| s.starts_with(prefix))
+                .then_some(()))
+        },
+    )
+    .with_context(|| format!("service ps {svc}: {:?}", service_ps(h, svc)))
+}
+
+#[test]
+fn the_image_s_healthcheck_merges_with_the_service_s_and_the_docker_cli_sets_one() -> Result<()> {
+    let Some((c, reg)) = mesh_netns::registry::registry_cluster(1, 1, "health-img")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    // As `HEALTHCHECK --interval=300ms --start-period=60s CMD test -f /tmp/ready` writes it.
+    reg.push_test_image_with_healthcheck(
+        "hc",
+        "v1",
+        "v1",
+        r#"{"Test":["CMD-SHELL","test -f /tmp/ready"],"Interval":300000000,"StartPeriod":60000000000}"#,
+    )?;
+    let image = format!("{}/hc:v1", reg.host_port());
+
+    // The image's check alone: Starting (its start period), then Running once it passes.
+    h1.mesh_ok(&[
+        "service", "create", "-d", "--name", "img", &image, "sleep", "1000",
+    ])?;
+    wait_state(h1, "img", "Starting", Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let s = states(h1, "img")?;
+    ensure!(
+        s.len() == 1 && s[0].starts_with("Starting"),
+        "img after 2 s: {s:?}"
+    );
+    h1.mesh_ok(&["exec", "img.1", "--", "touch", "/tmp/ready"])?;
+    wait_state(h1, "img", "Running", Duration::from_secs(10))?;
+
+    // --no-healthcheck turns the image's off: Running at once.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "off",
+        "--no-healthcheck",
+        &image,
+        "sleep",
+        "1000",
+    ])?;
+    wait_state(h1, "off", "Running", Duration::from_secs(20))?;
+
+    // The service's start period and retries over the image's test and interval: the test
+    // fails (no /tmp/ready in a new task), so the task turns unhealthy at its first probe.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "fast",
+        "--health-start-period",
+        "1ms",
+        "--health-retries",
+        "1",
+        &image,
+        "sleep",
+        "1000",
+    ])?;
+    wait_for(
+        "fast: a task failed unhealthy",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            Ok(service_ps(h1, "fast")?
+                .iter()
+                .any(|t| {
+                    field(t, "CurrentState").starts_with("Failed")
+                        && field(t, "Error")
+                            == "task: non-zero exit (137): dockerexec: unhealthy container"
+                })
+                .then_some(()))
+        },
+    )?;
+
+    // The docker CLI: its --health-* flags, shown back as dockerd shows them, kept through
+    // its read-modify-write update.
+    h1.docker_ok(&[
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "dk",
+        "--health-cmd",
+        "test -f /tmp/ready",
+        "--health-interval",
+        "300ms",
+        "--health-start-period",
+        "60s",
+        "--health-retries",
+        "2",
+        &image,
+        "sleep",
+        "1000",
+    ])?;
+    let shown = |h: &Host| -> Result<serde_json::Value> {
+        let out = h.docker_ok(&[
+            "service",
+            "inspect",
+            "dk",
+            "--format",
+            "{{json .Spec.TaskTemplate.ContainerSpec.Healthcheck}}",
+        ])?;
+        Ok(serde_json::from_str(out.trim())?)
+    };
+    let hc = shown(h1)?;
+    ensure!(
+        hc == serde_json::json!({"Test": ["CMD-SHELL", "test -f /tmp/ready"],
+            "Interval": 300_000_000u64, "StartPeriod": 60_000_000_000u64, "Retries": 2}),
+        "docker service inspect: {hc}"
+    );
+    wait_state(h1, "dk", "Starting", Duration::from_secs(30))?;
+    h1.docker_ok(&["service", "update", "-d", "--health-timeout", "2s", "dk"])?;
+    let hc = shown(h1)?;
+    ensure!(
+        hc["Timeout"] == 2_000_000_000u64
+            && hc["Retries"] == 2
+            && hc["Test"][1] == "test -f /tmp/ready",
+        "after update: {hc}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "dk"])?)?;
+    let spec = &v[0]["Spec"]["healthcheck"];
+    ensure!(
+        spec["interval_ms"] == 300 && spec["timeout_ms"] == 2000 && spec["retries"] == 2,
+        "mesh service inspect: {spec}"
+    );
     Ok(())
 }
