@@ -17,6 +17,28 @@ const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_
 /// Connects to argv[1]:8080 (a name, resolved each time, or an address) every 10 ms for
 /// argv[2] seconds; prints one line `UNIXTIME HOSTNAME` per answer, then `failures N`.
 const LOOP: &str = "import socket,sys,time\nend=time.time()+float(sys.argv[2]);fail=0\nwhile time.time()<end:\n try:\n  c=socket.create_connection((sys.argv[1],8080),timeout=1);d=c.recv(100).decode();c.close()\n  if not d: raise OSError('empty')\n  print('%.3f %s'%(time.time(),d))\n except OSError:\n  fail+=1\n time.sleep(0.01)\nprint('failures',fail)";
+/// From the underlay client: connects to argv[1]:argv[2] and prints the answer (exit 3 if
+/// the connection fails or nothing answers).
+const CONNECT: &str = "import socket,sys\ntry:\n c=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=1);d=c.recv(100).decode();c.close()\n if not d: sys.exit(3)\n print(d)\nexcept OSError:\n sys.exit(3)";
+
+/// What a connection from the underlay client to `host`'s published `port` answers.
+fn through_ingress(c: &Cluster, host: &Host, port: u16) -> Result<Option<String>> {
+    let out = c.client_exec_timeout(
+        &[
+            "python3",
+            "-c",
+            CONNECT,
+            &host.addr().to_string(),
+            &port.to_string(),
+        ],
+        Duration::from_secs(10),
+    )?;
+    Ok(out
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()))
+}
+
 /// Resolves NAME with the system resolver (so through 127.0.0.11); exit 3 if it fails.
 const RESOLVE: &str = "import socket,sys\ntry:\n print(' '.join(sorted(socket.gethostbyname_ex(sys.argv[1])[2])))\nexcept OSError:\n sys.exit(3)";
 
@@ -106,6 +128,8 @@ fn health_gates_backends_and_replaces_unhealthy_tasks() -> Result<()> {
         "sick",
         "--network",
         "appnet",
+        "--publish",
+        "18080:8080",
         "--health-cmd",
         &format!("test -f {ok}"),
         "--health-interval",
@@ -142,6 +166,14 @@ fn health_gates_backends_and_replaces_unhealthy_tasks() -> Result<()> {
             let got = py(&c, &cli.node, &cli.name, RESOLVE, &[name])?;
             ensure!(got.is_none(), "{name} resolved to {got:?} while starting");
         }
+        for h in c.hosts() {
+            let got = through_ingress(&c, h, 18080)?;
+            ensure!(
+                got.is_none(),
+                "the routing mesh on {} answered {got:?}",
+                h.name()
+            );
+        }
         let rows = service_ps(h1, "sick")?;
         ensure!(
             rows.len() == 1 && field(&rows[0], "CurrentState").starts_with("Starting"),
@@ -171,6 +203,14 @@ fn health_gates_backends_and_replaces_unhealthy_tasks() -> Result<()> {
     ensure!(ip.split_whitespace().count() == 1, "tasks.sick: {ip}");
     let (answers, _) = run_loop(&c, &cli.node, &cli.name, "sick", 1)?;
     ensure!(!answers.is_empty(), "a healthy task did not answer");
+    for h in c.hosts() {
+        wait_for(
+            &format!("the routing mesh on {}", h.name()),
+            Duration::from_secs(10),
+            Duration::from_millis(200),
+            || through_ingress(&c, h, 18080),
+        )?;
+    }
 
     // (b): one of two healthy tasks turns unhealthy.
     h1.mesh_ok(&[
@@ -366,6 +406,28 @@ fn the_image_s_healthcheck_merges_with_the_service_s_and_the_docker_cli_sets_one
     );
     h1.mesh_ok(&["exec", "img.1", "--", "touch", "/tmp/ready"])?;
     wait_state(h1, "img", "Running", Duration::from_secs(10))?;
+    // `service update` changes one field and keeps the image's test.
+    h1.mesh_ok(&["service", "update", "-d", "--health-interval", "1s", "img"])?;
+    let v: serde_json::Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "img"])?)?;
+    ensure!(
+        v[0]["Spec"]["healthcheck"] == serde_json::json!({"interval_ms": 1000}),
+        "mesh service inspect img: {}",
+        v[0]["Spec"]
+    );
+    let e = h1.mesh(&[
+        "service",
+        "update",
+        "--no-healthcheck",
+        "--health-retries",
+        "2",
+        "img",
+    ])?;
+    ensure!(
+        !e.success()
+            && e.stderr
+                .contains("--no-healthcheck conflicts with --health-* options"),
+        "{e:?}"
+    );
 
     // --no-healthcheck turns the image's off: Running at once.
     h1.mesh_ok(&[
