@@ -173,6 +173,24 @@ impl Registry {
         self.run_pusher(repo, tag, version, flags, Duration::from_secs(60))
     }
 
+    /// Like [`Registry::push_test_image`] (Docker's schema 2), with `healthcheck` (Docker's
+    /// `HealthConfig` as JSON) as the image's HEALTHCHECK.
+    pub fn push_test_image_with_healthcheck(
+        &self,
+        repo: &str,
+        tag: &str,
+        version: &str,
+        healthcheck: &str,
+    ) -> Result<String> {
+        self.run_pusher(
+            repo,
+            tag,
+            version,
+            &["--healthcheck", healthcheck],
+            Duration::from_secs(60),
+        )
+    }
+
     /// Builds and pushes the benchmarks' bigger image as `repo:tag` (`testimage.py --big`:
     /// five layers, about 40 MB of random data); returns the pusher's JSON line
     /// (`digest`, `layers`, `compressed`, `unpacked`).

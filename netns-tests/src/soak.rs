@@ -411,9 +411,9 @@ pub struct Report {
     pub failed_disrupted: u64,
     /// Calls refused by name while a new task of the service was starting (first seen
     /// running by the checker within 3 s of the call): a task joins its VIP
-    /// and DNS when its process starts, before it listens. Without health checks (Docker's
-    /// HEALTHCHECK, issue 14) neither Swarm nor mesh can know when a task is ready; counted
-    /// apart, reported, and not an invariant of this soak.
+    /// and DNS when its process starts, before it listens. The soak's services have no health
+    /// check, so neither Swarm nor mesh can know when a task is ready; counted apart,
+    /// reported, and not an invariant of this soak.
     pub refused_starting: u64,
     /// Calls sent (by the conntrack entry of their 4-tuple, SYN_SENT) to a task that had
     /// stopped running while its node was cut or its daemon killed, after the window: a

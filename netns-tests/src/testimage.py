@@ -19,6 +19,9 @@ The image has two gzip layers:
 Its config: Env PATH and IMAGE_VAR=from-image, Cmd ["sh"], WorkingDir /srv, ExposedPorts 80.
 Prints the manifest digest on stdout.
 
+With --healthcheck JSON, the config has that `Healthcheck` (Docker's HealthConfig, durations in
+nanoseconds), as a Dockerfile's HEALTHCHECK writes it.
+
 With --big (for `mesh-bench images`), the image instead has five gzip layers (level 1: random
 data does not compress): the base above, three of 10 files of 1 MiB of random data
 (/data/<n>/fNN), and one of 2000 files of 4 KiB (/small/dNN/fNNNN), as real images have many
@@ -190,6 +193,12 @@ def main():
             raise SystemExit("--save needs a FILE")
         save_to = sys.argv[i + 1]
     big = "--big" in sys.argv[5:]
+    healthcheck = None
+    if "--healthcheck" in sys.argv[5:]:
+        i = sys.argv.index("--healthcheck", 5)
+        if i + 1 >= len(sys.argv):
+            raise SystemExit("--healthcheck needs a JSON HealthConfig")
+        healthcheck = json.loads(sys.argv[i + 1])
     if big:
         layers = [layer(base, 1)] + [layer(random_files(n), 1) for n in (1, 2, 3)]
         layers.append(layer(small_files, 1))
@@ -210,6 +219,8 @@ def main():
         "rootfs": {"type": "layers", "diff_ids": [sha(raw) for raw, _ in layers]},
         "history": [{"created_by": f"testimage.py layer {i + 1}"} for i in range(len(layers))],
     }
+    if healthcheck is not None:
+        config["config"]["Healthcheck"] = healthcheck
     config_blob = json.dumps(config, sort_keys=True).encode()
     if save_to is not None:
         save(save_to, repo if registry == "-" else registry + "/" + repo, tag, layers,

@@ -350,12 +350,19 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
     ensure!(body.contains("hello from v1"), "after the rollback: {body}");
 
     // Unsupported settings are refused, naming them; nothing changes.
-    let bad = h1.docker(&["service", "update", "--health-cmd", "true", "-d", "web"])?;
+    let bad = h1.docker(&[
+        "service",
+        "update",
+        "--placement-pref-add",
+        "spread=node.labels.zone",
+        "-d",
+        "web",
+    ])?;
     ensure!(
         !bad.success()
-            && bad.stderr.contains("Healthcheck")
+            && bad.stderr.contains("Preferences")
             && bad.stderr.contains("not supported"),
-        "health check: {bad:?}"
+        "placement preference: {bad:?}"
     );
     let dup = h1.docker(&["service", "create", "-d", "--name", "web", &v1])?;
     ensure!(
@@ -515,7 +522,7 @@ fn malformed_requests_change_nothing() -> Result<()> {
         (post("/v1.41/services/create", br#"{"Name":"x","TaskTemplate":{"ContainerSpec":{"Image":"a b"}}}"#), &[400]),
         (post("/v1.41/services/create", br#"{"Name":"web","TaskTemplate":{"ContainerSpec":{"Image":"busybox"}}}"#), &[409]),
         (post("/v1.41/services/create", br#"{"Name":"y","TaskTemplate":{"ContainerSpec":{"Image":"busybox"},"Networks":[{"Target":"nope"}]}}"#), &[404]),
-        (post("/v1.41/services/create", br#"{"Name":"y","TaskTemplate":{"ContainerSpec":{"Image":"busybox","Healthcheck":{"Test":["CMD","true"]}}}}"#), &[400]),
+        (post("/v1.41/services/create", br#"{"Name":"y","TaskTemplate":{"ContainerSpec":{"Image":"busybox","Healthcheck":{"Test":["CMD","true"],"Interval":500}}}}"#), &[400]),
         (post("/v1.41/services/create", br#"{"Name":"y","TaskTemplate":{"ContainerSpec":{"Image":"busybox"}},"EndpointSpec":{"Ports":[{"TargetPort":70000}]}}"#), &[400]),
         (post(&update, b"{}"), &[400]),
         (post("/v1.41/services/web/update?version=1x", b"{}"), &[400]),

@@ -20,8 +20,8 @@ const SERVER: &str = "import os,socket\ns=socket.socket()\ns.setsockopt(socket.S
 /// VIP; or an address) on port 8080 every 10 ms for argv[1] seconds and reads the answer. A
 /// refused connection (one that reached no server) is retried up to 5 times, 10 ms apart, as
 /// proxies retry connect failures: a task joins the VIP when its process starts, a few
-/// milliseconds before it listens (Docker has the same race for tasks without a HEALTHCHECK;
-/// mesh has no health checks yet), so the first connections to a brand-new task may be refused
+/// milliseconds before it listens (Docker has the same race for tasks without a HEALTHCHECK,
+/// and this service has none), so the first connections to a brand-new task may be refused
 /// whatever the update order. Prints `requests failures refused-first-tries timeouts`, the
 /// versions seen in order (repeats folded), the first errors and when each version run began
 /// (Unix time, to match daemon logs). A timeout (2 s without a connection or an answer) is a

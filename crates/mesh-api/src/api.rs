@@ -274,6 +274,9 @@ pub struct ServiceUpdate {
     pub config_add: Vec<crate::blob::BlobReference>,
     #[serde(default)]
     pub config_rm: Vec<String>,
+    /// `--health-*` / `--no-healthcheck`.
+    #[serde(default, skip_serializing_if = "crate::HealthFlags::is_empty")]
+    pub health: crate::HealthFlags,
 }
 
 impl Request {

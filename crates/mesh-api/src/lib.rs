@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod blob;
+pub mod health;
 pub mod human;
 pub mod network;
 pub mod objects;
@@ -17,6 +18,7 @@ pub use api::{
     ServiceUpdate,
 };
 pub use blob::{Blob, BlobKind, BlobReference, BlobSpec, BlobSummary};
+pub use health::HealthFlags;
 pub use human::human_duration;
 pub use network::*;
 pub use objects::*;

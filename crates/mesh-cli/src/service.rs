@@ -187,6 +187,70 @@ pub fn mark_host_command(
     args
 }
 
+/// `--health-*` and `--no-healthcheck`, shared by `create` and `update`, as Docker's.
+#[derive(Args, Debug, Default)]
+pub struct HealthArgs {
+    /// Command to run to check health.
+    #[arg(long)]
+    health_cmd: Option<String>,
+    /// Time between running the check (ms|s|m|h).
+    #[arg(long, allow_hyphen_values = true)]
+    health_interval: Option<String>,
+    /// Maximum time to allow one check to run (ms|s|m|h).
+    #[arg(long, allow_hyphen_values = true)]
+    health_timeout: Option<String>,
+    /// Consecutive failures needed to report unhealthy.
+    #[arg(long, allow_negative_numbers = true)]
+    health_retries: Option<i64>,
+    /// Start period for the container to initialize before counting retries towards
+    /// unstable (ms|s|m|h).
+    #[arg(long, allow_hyphen_values = true)]
+    health_start_period: Option<String>,
+    /// Disable any container-specified HEALTHCHECK.
+    #[arg(long)]
+    no_healthcheck: bool,
+}
+
+impl HealthArgs {
+    /// The flags, checked as Docker's CLI checks them.
+    fn flags(&self) -> Result<mesh_api::HealthFlags> {
+        let duration = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
+            v.as_deref()
+                .map(|d| {
+                    if d.starts_with('-') {
+                        return Err(Failure(format!(
+                            "invalid argument {d:?} for \"--{flag}\" flag: duration cannot be negative"
+                        )));
+                    }
+                    parse_duration_ms(d).map_err(|e| {
+                        Failure(format!("invalid argument {d:?} for \"--{flag}\" flag: {}", e.0))
+                    })
+                })
+                .transpose()
+        };
+        let retries = self
+            .health_retries
+            .map(|r| {
+                u64::try_from(r).map_err(|_| {
+                    Failure("ContainerSpec: Retries in HealthConfig cannot be negative".into())
+                })
+            })
+            .transpose()?;
+        let f = mesh_api::HealthFlags {
+            cmd: self.health_cmd.clone(),
+            interval_ms: duration("health-interval", &self.health_interval)?,
+            timeout_ms: duration("health-timeout", &self.health_timeout)?,
+            start_period_ms: duration("health-start-period", &self.health_start_period)?,
+            retries,
+            none: self.no_healthcheck,
+        };
+        if f.none && f.any_option() {
+            return Err(Failure(mesh_api::health::HEALTH_CONFLICT.into()));
+        }
+        Ok(f)
+    }
+}
+
 /// The options of an image's tasks, as Docker's.
 #[derive(Args, Debug)]
 pub struct ContainerArgs {
@@ -223,6 +287,8 @@ pub struct ContainerArgs {
     /// Specify configurations to expose to the service.
     #[arg(long = "config")]
     configs: Vec<String>,
+    #[command(flatten)]
+    health: HealthArgs,
 }
 
 #[derive(Args, Debug)]
@@ -262,6 +328,8 @@ pub struct UpdateArgs {
     /// Remove a configuration file.
     #[arg(long = "config-rm")]
     config_rm: Vec<String>,
+    #[command(flatten)]
+    health: HealthArgs,
     service: String,
     /// A new command (`-- COMMAND ARGS`).
     #[arg(last = true)]
@@ -512,7 +580,7 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         aliases: Default::default(),
         secrets,
         configs,
-        healthcheck: None,
+        healthcheck: c.health.flags()?.to_config().map_err(Failure)?,
     })
 }
 
@@ -642,6 +710,7 @@ fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
             .map(parse_bytes)
             .transpose()?,
         force: a.force,
+        health: a.health.flags()?,
     })
 }
 
@@ -1008,6 +1077,81 @@ mod tests {
         let e =
             create(&["--name", "web", "--mount", "type=bind,target=/x", "busybox"]).unwrap_err();
         assert!(e.0.contains("Source must not be empty"), "{}", e.0);
+    }
+
+    #[test]
+    fn health_flags_as_docker_s() {
+        let s = create(&[
+            "--name",
+            "web",
+            "--health-cmd",
+            "test -f /ok",
+            "--health-interval",
+            "500ms",
+            "--health-timeout=2s",
+            "--health-retries",
+            "2",
+            "--health-start-period",
+            "1m",
+            "--",
+            "sleep",
+            "100",
+        ])
+        .unwrap();
+        let h = s.healthcheck.unwrap();
+        assert_eq!(h.test, ["CMD-SHELL", "test -f /ok"]);
+        assert_eq!(
+            (h.interval_ms, h.timeout_ms, h.retries, h.start_period_ms),
+            (500, 2000, 2, 60_000)
+        );
+        let s = create(&["--name", "web", "busybox"]).unwrap();
+        assert_eq!(s.healthcheck, None);
+        let s = create(&["--name", "web", "--no-healthcheck", "busybox"]).unwrap();
+        assert_eq!(s.healthcheck.unwrap().test, ["NONE"]);
+        let e = create(&[
+            "--name",
+            "web",
+            "--no-healthcheck",
+            "--health-retries",
+            "1",
+            "busybox",
+        ])
+        .unwrap_err();
+        assert_eq!(e.0, "--no-healthcheck conflicts with --health-* options");
+        let e = create(&["--name", "web", "--health-interval", "-1s", "busybox"]).unwrap_err();
+        assert_eq!(
+            e.0,
+            "invalid argument \"-1s\" for \"--health-interval\" flag: duration cannot be negative"
+        );
+        let e = create(&["--name", "web", "--health-timeout", "soon", "busybox"]).unwrap_err();
+        assert!(e
+            .0
+            .starts_with("invalid argument \"soon\" for \"--health-timeout\" flag"));
+        let e = create(&["--name", "web", "--health-retries", "-1", "busybox"]).unwrap_err();
+        assert!(e.0.contains("cannot be negative"), "{}", e.0);
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Update {
+        #[command(flatten)]
+        a: UpdateArgs,
+    }
+
+    #[test]
+    fn health_flags_of_update() {
+        use clap::Parser;
+        let u = |args: &[&str]| {
+            let raw = ["update"].iter().chain(args).copied();
+            update_of(&Update::try_parse_from(raw).unwrap().a)
+        };
+        let got = u(&["--health-interval", "1s", "web"]).unwrap();
+        assert_eq!(got.health.interval_ms, Some(1000));
+        assert_eq!(got.health.cmd, None);
+        let got = u(&["--no-healthcheck", "web"]).unwrap();
+        assert!(got.health.none);
+        let e = u(&["--no-healthcheck", "--health-cmd", "true", "web"]).unwrap_err();
+        assert_eq!(e.0, "--no-healthcheck conflicts with --health-* options");
+        assert!(u(&["web"]).unwrap().health.is_empty());
     }
 
     #[test]

@@ -184,6 +184,14 @@ pub fn service_spec(s: &ServiceSpec, objects: &ClusterObjects) -> m::ServiceSpec
                 })
                 .collect()
         }),
+        health_check: s.healthcheck.as_ref().map(|h| m::HealthConfig {
+            test: (!h.test.is_empty()).then(|| h.test.clone()),
+            interval: (h.interval_ms != 0).then(|| ns(h.interval_ms)),
+            timeout: (h.timeout_ms != 0).then(|| ns(h.timeout_ms)),
+            retries: (h.retries != 0).then_some(h.retries as i64),
+            start_period: (h.start_period_ms != 0).then(|| ns(h.start_period_ms)),
+            start_interval: None,
+        }),
         // dockerd sends what the CLI stored: `Init`, `Isolation` and an empty `DNSConfig`
         // always (mesh has no DNS options and only the default isolation).
         init: Some(s.init),
@@ -355,9 +363,29 @@ pub fn service(svc: &Service, objects: &ClusterObjects, status: bool) -> m::Serv
 pub fn service_json(svc: &Service, objects: &ClusterObjects, status: bool) -> Value {
     let mut v = serde_json::to_value(service(svc, objects, status)).unwrap_or(Value::Null);
     if let Some(prev) = &svc.previous_spec {
-        v["PreviousSpec"] = serde_json::to_value(service_spec(prev, objects)).unwrap_or_default();
+        v["PreviousSpec"] = service_spec_json(prev, objects);
+    }
+    if let Some(spec) = v.get_mut("Spec") {
+        healthcheck_key(spec);
     }
     v
+}
+
+/// [`service_spec`] as JSON, as dockerd writes it.
+pub fn service_spec_json(s: &ServiceSpec, objects: &ClusterObjects) -> Value {
+    let mut v = serde_json::to_value(service_spec(s, objects)).unwrap_or_default();
+    healthcheck_key(&mut v);
+    v
+}
+
+/// dockerd (Go's `swarm.ContainerSpec`) names a task's health check `Healthcheck`; the Engine
+/// API's schema, and so the stubs, say `HealthCheck`: renamed in a service spec's JSON.
+pub fn healthcheck_key(spec: &mut Value) {
+    if let Some(Value::Object(c)) = spec.pointer_mut("/TaskTemplate/ContainerSpec") {
+        if let Some(h) = c.remove("HealthCheck") {
+            c.insert("Healthcheck".into(), h);
+        }
+    }
 }
 
 pub fn task(t: &Task, objects: &ClusterObjects) -> Value {
@@ -400,6 +428,11 @@ pub fn task(t: &Task, objects: &ClusterObjects) -> Value {
         job_iteration: None,
     };
     let mut v = serde_json::to_value(model).unwrap_or(Value::Null);
+    if let Some(Value::Object(c)) = v.pointer_mut("/Spec/ContainerSpec") {
+        if let Some(h) = c.remove("HealthCheck") {
+            c.insert("Healthcheck".into(), h);
+        }
+    }
     // Tools read the service's labels on tasks (stack ps filters by them).
     v["ServiceLabels"] = json!(labels);
     let attachments: Vec<Value> = t

@@ -1,8 +1,8 @@
 //! Engine API service specs to mesh's. A spec is first read into the Engine API's model (a
 //! wrong type is a 400 naming it), then into a [`mesh_api::ServiceSpec`]; that spec is
 //! written back in the Engine API's shape and compared with what was sent: any field sent
-//! with a value mesh would not keep and show again (a health check, placement preferences, a
-//! log driver, a sub-millisecond delay) is refused with a 400 naming the field, never dropped.
+//! with a value mesh would not keep and show again (placement preferences, a log driver, a
+//! sub-millisecond delay, a health check's `StartInterval`) is refused with a 400 naming the field, never dropped.
 //! So what `docker service inspect` shows is exactly what was asked, and the `docker` CLI's
 //! read-modify-write round trips (`scale`, `update`, `rollback`) lose nothing.
 
@@ -16,7 +16,7 @@ use mesh_api::{
 };
 use serde_json::Value;
 
-use crate::convert::{network_id, service_spec};
+use crate::convert::{healthcheck_key, network_id, service_spec_json};
 use crate::server::EngineError;
 
 /// Reads a service spec sent to `POST /services/create` or `/services/{id}/update`.
@@ -26,14 +26,21 @@ pub fn from_engine(sent: &Value, objects: &ClusterObjects) -> Result<ServiceSpec
             "invalid JSON: the service spec must be an object",
         ));
     }
+    // dockerd's `Healthcheck` is the schema's (and the stubs') `HealthCheck`.
+    let mut sent = sent.clone();
+    if let Some(Value::Object(c)) = sent.pointer_mut("/TaskTemplate/ContainerSpec") {
+        if let Some(h) = c.remove("Healthcheck") {
+            c.insert("HealthCheck".into(), h);
+        }
+    }
     let typed: m::ServiceSpec = serde_json::from_value(sent.clone())
         .map_err(|e| EngineError::bad(format!("invalid JSON: {e}")))?;
     let spec = convert(&typed, objects)?;
     // What was sent, with network targets as IDs and the deprecated top-level `Networks` in
     // the task template, against what mesh keeps.
-    let mut sent = sent.clone();
+    healthcheck_key(&mut sent);
     normalise_networks(&mut sent, objects);
-    let back = serde_json::to_value(service_spec(&spec, objects)).unwrap_or(Value::Null);
+    let back = service_spec_json(&spec, objects);
     if let Some(path) = unkept("", &sent, &back) {
         return Err(EngineError::bad(format!(
             "invalid service spec: {path} is not supported by mesh (yet)"
@@ -398,9 +405,7 @@ fn convert(t: &m::ServiceSpec, objects: &ClusterObjects) -> Result<ServiceSpec, 
                 )
             })
             .collect(),
-        // Filled in by the health-check work (issue 14); until then the `unkept`
-        // comparison refuses it with a 400.
-        healthcheck: None,
+        healthcheck: health_config(c.health_check.as_ref())?,
     })
 }
 
@@ -421,6 +426,36 @@ fn blob_ref(
         gid: gid.unwrap_or_else(|| "0".into()),
         mode: mode.unwrap_or(0o444),
     }
+}
+
+/// `ContainerSpec.Healthcheck`, checked as swarmkit checks it (durations of 1 ms at least,
+/// retries not negative); an empty one is none.
+fn health_config(
+    h: Option<&m::HealthConfig>,
+) -> Result<Option<mesh_api::HealthConfig>, EngineError> {
+    let Some(h) = h else { return Ok(None) };
+    let dur = |what: &str, v: Option<i64>| -> Result<u64, EngineError> {
+        match v.unwrap_or(0) {
+            n if n < 0 || (n > 0 && n < 1_000_000) => Err(EngineError::bad(format!(
+                "ContainerSpec: {what} in HealthConfig cannot be less than 1ms"
+            ))),
+            n => Ok(n as u64 / 1_000_000),
+        }
+    };
+    let retries = h.retries.unwrap_or(0);
+    if retries < 0 {
+        return Err(EngineError::bad(
+            "ContainerSpec: Retries in HealthConfig cannot be negative",
+        ));
+    }
+    let hc = mesh_api::HealthConfig {
+        test: h.test.clone().unwrap_or_default(),
+        interval_ms: dur("Interval", h.interval)?,
+        timeout_ms: dur("Timeout", h.timeout)?,
+        start_period_ms: dur("StartPeriod", h.start_period)?,
+        retries: retries as u64,
+    };
+    Ok((hc != mesh_api::HealthConfig::default()).then_some(hc))
 }
 
 #[cfg(test)]
@@ -476,7 +511,7 @@ mod tests {
         assert_eq!(s.networks, vec!["appnet"]);
         assert_eq!(s.ports[0].published, 8080);
         // And what mesh shows goes back unchanged (the CLI's read-modify-write).
-        let shown = serde_json::to_value(service_spec(&s, &o)).unwrap();
+        let shown = service_spec_json(&s, &o);
         assert_eq!(from_engine(&shown, &o).unwrap(), s);
     }
 
@@ -484,11 +519,13 @@ mod tests {
     fn unkept_fields_are_refused_by_name() {
         let o = objects();
         let mut v = cli_create();
-        v["TaskTemplate"]["ContainerSpec"]["Healthcheck"] = json!({"Test": ["CMD", "true"]});
+        v["TaskTemplate"]["ContainerSpec"]["Healthcheck"] =
+            json!({"Test": ["CMD", "true"], "StartInterval": 1_000_000_000});
         let e = from_engine(&v, &o).unwrap_err();
         assert_eq!(e.status, http::StatusCode::BAD_REQUEST);
         assert!(
-            e.message.contains("TaskTemplate.ContainerSpec.Healthcheck"),
+            e.message
+                .contains("TaskTemplate.ContainerSpec.Healthcheck.StartInterval"),
             "{}",
             e.message
         );
@@ -505,6 +542,39 @@ mod tests {
         v["UpdateConfig"] = json!({"Delay": 1_500_000});
         let e = from_engine(&v, &o).unwrap_err();
         assert!(e.message.contains("UpdateConfig.Delay"), "{}", e.message);
+    }
+
+    #[test]
+    fn health_checks_round_trip() {
+        let o = objects();
+        let mut v = cli_create();
+        // What `docker service create --health-cmd 'test -f /ok' --health-interval 500ms
+        // --health-retries 2` sends.
+        v["TaskTemplate"]["ContainerSpec"]["Healthcheck"] =
+            json!({"Test": ["CMD-SHELL", "test -f /ok"], "Interval": 500_000_000, "Retries": 2});
+        let s = from_engine(&v, &o).unwrap();
+        let h = s.healthcheck.clone().unwrap();
+        assert_eq!(h.test, ["CMD-SHELL", "test -f /ok"]);
+        assert_eq!((h.interval_ms, h.timeout_ms, h.retries), (500, 0, 2));
+        let shown = service_spec_json(&s, &o);
+        assert_eq!(
+            shown["TaskTemplate"]["ContainerSpec"]["Healthcheck"],
+            v["TaskTemplate"]["ContainerSpec"]["Healthcheck"]
+        );
+        assert_eq!(from_engine(&shown, &o).unwrap(), s);
+        // --no-healthcheck.
+        v["TaskTemplate"]["ContainerSpec"]["Healthcheck"] = json!({"Test": ["NONE"]});
+        let s = from_engine(&v, &o).unwrap();
+        assert_eq!(s.healthcheck.unwrap().test, ["NONE"]);
+        // swarmkit's limits.
+        v["TaskTemplate"]["ContainerSpec"]["Healthcheck"] = json!({"Interval": 500_000});
+        let e = from_engine(&v, &o).unwrap_err();
+        assert_eq!(
+            e.message,
+            "ContainerSpec: Interval in HealthConfig cannot be less than 1ms"
+        );
+        v["TaskTemplate"]["ContainerSpec"]["Healthcheck"] = json!({"Retries": -1});
+        assert!(from_engine(&v, &o).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod store;
 pub mod unpack;
 
 pub use error::ImageError;
-pub use manifest::ImageConfig;
+pub use manifest::{Healthcheck, ImageConfig};
 pub use reference::{Reference, DOCKER_HUB};
 pub use store::{Credentials, Image, ImageSummary, PruneReport, Store, StoreConfig};
 

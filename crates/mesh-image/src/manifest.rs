@@ -136,6 +136,26 @@ pub struct ImageConfig {
     pub user: String,
     pub stop_signal: Option<String>,
     pub exposed_ports: Vec<String>,
+    /// The image's HEALTHCHECK.
+    #[serde(default)]
+    pub healthcheck: Option<Healthcheck>,
+}
+
+/// An image's HEALTHCHECK as its config holds it (Docker's `HealthConfig`: durations in
+/// nanoseconds, zero for "inherit the default").
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Healthcheck {
+    #[serde(default)]
+    pub test: Vec<String>,
+    #[serde(default)]
+    pub interval: u64,
+    #[serde(default)]
+    pub timeout: u64,
+    #[serde(default)]
+    pub start_period: u64,
+    #[serde(default)]
+    pub retries: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +188,8 @@ struct RawRunConfig {
     stop_signal: Option<String>,
     #[serde(default)]
     exposed_ports: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    healthcheck: Option<Healthcheck>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,6 +245,7 @@ pub fn parse_config(body: &[u8]) -> Result<ParsedConfig, ImageError> {
             user: rc.user.unwrap_or_default(),
             stop_signal: rc.stop_signal.filter(|s| !s.is_empty()),
             exposed_ports: ports,
+            healthcheck: rc.healthcheck,
         },
         created: raw.created,
         diff_ids: raw.rootfs.diff_ids,
@@ -273,5 +296,23 @@ mod tests {
         assert_eq!(p.config.exposed_ports, ["53/udp", "80/tcp"]);
         assert_eq!(p.config.stop_signal.as_deref(), Some("SIGQUIT"));
         assert_eq!(p.diff_ids, [d]);
+        assert_eq!(p.config.healthcheck, None);
+    }
+
+    #[test]
+    fn reads_the_image_s_healthcheck() {
+        let d = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4";
+        let cfg = format!(
+            r#"{{"architecture":"amd64","os":"linux",
+            "config":{{"Healthcheck":{{"Test":["CMD-SHELL","wget -q localhost"],"Interval":5000000000,"Retries":2}}}},
+            "rootfs":{{"type":"layers","diff_ids":["{d}"]}}}}"#
+        );
+        let h = parse_config(cfg.as_bytes())
+            .unwrap()
+            .config
+            .healthcheck
+            .unwrap();
+        assert_eq!(h.test, ["CMD-SHELL", "wget -q localhost"]);
+        assert_eq!((h.interval, h.timeout, h.retries), (5_000_000_000, 0, 2));
     }
 }

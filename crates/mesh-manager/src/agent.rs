@@ -12,6 +12,15 @@
 //! leader's answer also lists this node's ended tasks still in the store. Once the store has
 //! deleted one (its service was removed, or the history trimmed), the agent removes it at once,
 //! unless its final report is still waiting to be sent.
+//!
+//! Health checks (the pure part in [`crate::health`]): a task whose service or image has a
+//! check is reported Starting until a probe passes, then Running, and is given to the network
+//! plane as a backend only while healthy. One prober per task process runs the check in the
+//! task every interval (bounded by its timeout); when the task turns unhealthy it is withdrawn
+//! from the plane at once, stopped after [`DRAIN`], and reported Failed with Docker's error,
+//! so the orchestrator replaces it per its restart policy. A restarted daemon resolves the
+//! checks of the tasks it adopts and probes them again (one the store knew healthy stays a
+//! backend unless its probes fail).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -22,6 +31,7 @@ use mesh_api::{Task, TaskState, TaskStatus};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use crate::health::{self, Health, Monitor};
 use crate::member::Member;
 use crate::peer::{PeerRequest, PeerResponse, TaskLog};
 use crate::runtime::{
@@ -110,6 +120,32 @@ struct AgentState {
     blobs: BTreeMap<String, Vec<u8>>,
     /// Registry credentials by service ID, from the same answer (in memory only).
     registry_auths: BTreeMap<String, mesh_api::RegistryCredentials>,
+    /// The health of the local task processes whose check is resolved, by task.
+    health: HashMap<String, HealthEntry>,
+    /// Adopted tasks whose check is being resolved.
+    resolving: HashSet<String>,
+}
+
+/// The health of one task process.
+struct HealthEntry {
+    pid: u32,
+    /// `None`: the task has no check.
+    monitor: Option<Monitor>,
+}
+
+impl AgentState {
+    /// Whether a running task (process `pid`) is a backend of its VIPs, names and ports: it
+    /// has no check or is healthy. A process whose check is not resolved yet (adopted) is
+    /// one if the store knew it Running.
+    fn serving(&self, t: &Task, pid: u32) -> bool {
+        match self.health.get(&t.id) {
+            Some(e) if e.pid == pid => e
+                .monitor
+                .as_ref()
+                .is_none_or(|m| m.status == Health::Healthy),
+            _ => t.status.state == TaskState::Running,
+        }
+    }
 }
 
 /// The agent of one node.
@@ -120,6 +156,8 @@ pub struct Agent {
     images: Option<Arc<dyn Images>>,
     /// Digest of the running set last given to the plane.
     plane_digest: Mutex<Option<u64>>,
+    /// The runtime's tasks as the last reconcile pass listed them.
+    last_local: Mutex<HashMap<String, RunState>>,
     /// The ingress attachment last given to the plane.
     ingress: Mutex<Option<mesh_api::NetworkAttachment>>,
     node_name: String,
@@ -139,6 +177,7 @@ impl Agent {
             plane,
             images,
             plane_digest: Mutex::new(None),
+            last_local: Mutex::new(HashMap::new()),
             ingress: Mutex::new(None),
             node_name,
             state: Mutex::new(AgentState::default()),
@@ -337,6 +376,7 @@ impl Agent {
         let mut to_start = Vec::new();
         let mut to_stop = Vec::new();
         let mut to_remove = Vec::new();
+        let mut to_resolve = Vec::new();
         {
             let mut st = self.lock();
             for t in assigned.values() {
@@ -354,15 +394,27 @@ impl Agent {
                             let s = failed(now, "task not found on its node", None);
                             self.queue(&mut st, &t.id, s);
                         }
-                        Some(RunState::Running { started_at_ms, .. }) => {
-                            let s = TaskStatus {
-                                state: TaskState::Running,
-                                timestamp_ms: *started_at_ms,
-                                message: "started".into(),
-                                err: String::new(),
-                                exit_code: None,
+                        Some(RunState::Running { pid, started_at_ms }) => {
+                            // Running once healthy, if it has a check.
+                            let since = match st.health.get(&t.id) {
+                                Some(e) if e.pid == *pid => match &e.monitor {
+                                    None => Some(*started_at_ms),
+                                    Some(m) if m.status == Health::Healthy => {
+                                        Some(m.healthy_since_ms)
+                                    }
+                                    Some(_) => None,
+                                },
+                                // Adopted: its check is resolved first.
+                                _ => {
+                                    if st.resolving.insert(t.id.clone()) {
+                                        to_resolve.push((t.clone(), *pid, *started_at_ms));
+                                    }
+                                    None
+                                }
                             };
-                            self.queue(&mut st, &t.id, s);
+                            if let Some(at) = since {
+                                self.queue(&mut st, &t.id, running(at));
+                            }
                         }
                         Some(RunState::Exited {
                             code,
@@ -437,6 +489,19 @@ impl Agent {
             let outbox: HashSet<String> = st.outbox.keys().cloned().collect();
             st.reported
                 .retain(|id, _| assigned.contains_key(id) || outbox.contains(id));
+            // The health of processes that are gone (a task just started is assigned, and
+            // may be missing from a listing made before its start).
+            st.health.retain(|id, e| match local.get(id) {
+                Some(RunState::Running { pid, .. }) => *pid == e.pid,
+                Some(RunState::Exited { .. }) => false,
+                None => assigned.contains_key(id),
+            });
+        }
+        for (t, pid, started_at_ms) in to_resolve {
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.resolve_adopted(t, pid, started_at_ms).await;
+            });
         }
         let node_name = self.node_name.clone();
         for t in to_start {
@@ -485,20 +550,40 @@ impl Agent {
             }
             self.lock().busy.remove(&id);
         }
+        *self.last_local.lock().unwrap_or_else(|p| p.into_inner()) = local.clone();
         self.update_plane(&assigned, &local);
     }
 
-    /// Tells the network plane which tasks run here, when that changed.
+    /// [`Self::update_plane`] with the last assignments and runtime listing (a health change).
+    fn refresh_plane(&self) {
+        let Some(assigned) = self.lock().assigned.as_ref().map(|(_, m)| m.clone()) else {
+            return;
+        };
+        let local = self
+            .last_local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.update_plane(&assigned, &local);
+    }
+
+    /// Tells the network plane which tasks run here and serve (no check, or healthy), when
+    /// that changed.
     fn update_plane(&self, assigned: &HashMap<String, Task>, local: &HashMap<String, RunState>) {
         let Some(plane) = &self.plane else { return };
-        let mut running: Vec<(Task, u32)> = assigned
-            .values()
-            .filter(|t| t.desired_state <= TaskState::Running)
-            .filter_map(|t| match local.get(&t.id) {
-                Some(RunState::Running { pid, .. }) => Some((t.clone(), *pid)),
-                _ => None,
-            })
-            .collect();
+        let mut running: Vec<(Task, u32)> = {
+            let st = self.lock();
+            assigned
+                .values()
+                .filter(|t| t.desired_state <= TaskState::Running)
+                .filter_map(|t| match local.get(&t.id) {
+                    Some(RunState::Running { pid, .. }) if st.serving(t, *pid) => {
+                        Some((t.clone(), *pid))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
         running.sort_by(|a, b| a.0.id.cmp(&b.0.id));
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for (t, pid) in &running {
@@ -510,6 +595,162 @@ impl Agent {
             *last = Some(d);
             plane.set_local(running);
         }
+    }
+
+    /// Resolves the check of a task a restarted daemon adopted (its image's part from the
+    /// image store), and probes it again.
+    async fn resolve_adopted(self: Arc<Self>, t: Task, pid: u32, started_at_ms: u64) {
+        let image_check = match (&self.images, t.spec.image.is_empty()) {
+            (Some(images), false) => {
+                let images = images.clone();
+                let reference = t.spec.image.clone();
+                let auth = self.lock().registry_auths.get(&t.service_id).cloned();
+                match tokio::task::spawn_blocking(move || images.pull(&reference, auth.as_ref()))
+                    .await
+                {
+                    Ok(Ok(i)) => i.healthcheck,
+                    Ok(Err(e)) => {
+                        warn!(task = t.id, "reading the image's health check: {e}");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        let probe = health::resolve(t.spec.healthcheck.as_ref(), image_check.as_ref());
+        let checked = probe.is_some();
+        {
+            let mut st = self.lock();
+            st.resolving.remove(&t.id);
+            if st.health.get(&t.id).is_some_and(|e| e.pid == pid) {
+                return;
+            }
+            let monitor = probe.map(|p| {
+                if t.status.state == TaskState::Running {
+                    Monitor::adopted_healthy(p, started_at_ms, now_ms())
+                } else {
+                    Monitor::new(p, started_at_ms)
+                }
+            });
+            st.health.insert(t.id.clone(), HealthEntry { pid, monitor });
+        }
+        debug!(task = t.id, checked, "adopted task's health check resolved");
+        if checked {
+            let me = self.clone();
+            tokio::spawn(async move { me.probe_loop(t.id, pid).await });
+        }
+        self.wake.notify_one();
+    }
+
+    /// Probes task `id` (process `pid`) every interval while it runs here and is meant to,
+    /// and acts on its health changes.
+    async fn probe_loop(self: Arc<Self>, id: String, pid: u32) {
+        loop {
+            let probe = {
+                let st = self.lock();
+                match st.health.get(&id) {
+                    Some(HealthEntry {
+                        pid: p,
+                        monitor: Some(m),
+                    }) if *p == pid => m.probe.clone(),
+                    _ => return,
+                }
+            };
+            tokio::time::sleep(Duration::from_millis(probe.interval_ms)).await;
+            {
+                let st = self.lock();
+                let wanted = st
+                    .assigned
+                    .as_ref()
+                    .and_then(|(_, m)| m.get(&id))
+                    .is_some_and(|t| t.desired_state <= TaskState::Running);
+                let current = st.health.get(&id).is_some_and(|e| e.pid == pid);
+                if !wanted || !current || st.busy.contains(&id) {
+                    return;
+                }
+            }
+            let at = now_ms();
+            let rt = self.runtime.clone();
+            let (id2, argv) = (id.clone(), probe.argv.clone());
+            let timeout = Duration::from_millis(probe.timeout_ms);
+            let passed =
+                match tokio::task::spawn_blocking(move || rt.exec(&id2, &argv, timeout)).await {
+                    Ok(Ok(r)) if r.status == 0 => true,
+                    Ok(Ok(r)) => {
+                        debug!(task = id, status = r.status, "health check failed");
+                        false
+                    }
+                    Ok(Err(e)) => {
+                        debug!(task = id, "health check failed: {e}");
+                        false
+                    }
+                    Err(_) => false,
+                };
+            let change = {
+                let mut st = self.lock();
+                match st.health.get_mut(&id) {
+                    Some(HealthEntry {
+                        pid: p,
+                        monitor: Some(m),
+                    }) if *p == pid => m.record(at, passed),
+                    _ => return,
+                }
+            };
+            match change {
+                Some(Health::Healthy) => {
+                    info!(task = id, "healthy");
+                    {
+                        let mut st = self.lock();
+                        self.queue(&mut st, &id, running(now_ms()));
+                    }
+                    self.refresh_plane();
+                    self.wake.notify_one();
+                }
+                Some(Health::Unhealthy) => {
+                    warn!(task = id, "unhealthy: withdrawn and stopped");
+                    self.stop_unhealthy(id).await;
+                    return;
+                }
+                Some(Health::Starting) | None => {}
+            }
+        }
+    }
+
+    /// Withdraws an unhealthy task from the plane at once, stops it after [`DRAIN`], and
+    /// reports it Failed with Docker's error.
+    async fn stop_unhealthy(self: Arc<Self>, id: String) {
+        let task = {
+            let mut st = self.lock();
+            if !st.busy.insert(id.clone()) {
+                return; // being stopped already
+            }
+            st.assigned.as_ref().and_then(|(_, m)| m.get(&id).cloned())
+        };
+        self.refresh_plane();
+        if self.plane.is_some() {
+            tokio::time::sleep(DRAIN).await;
+        }
+        let (signal, grace) = task.as_ref().map_or((SIGTERM, STOP_GRACE), |t| {
+            (
+                stop_signal(&t.spec),
+                t.spec
+                    .stop_grace_period_ms
+                    .map_or(STOP_GRACE, Duration::from_millis),
+            )
+        });
+        let rt = self.runtime.clone();
+        let id2 = id.clone();
+        let r = tokio::task::spawn_blocking(move || rt.stop(&id2, signal, grace)).await;
+        if let Ok(Err(e)) = &r {
+            warn!(task = id, "stop: {e}");
+        }
+        let status = failed(
+            now_ms(),
+            health::UNHEALTHY_ERR,
+            Some(health::UNHEALTHY_EXIT),
+        );
+        self.start_ended(&id, status);
     }
 
     /// Reports `status` for `task`, and ends its start (it is no longer busy).
@@ -677,15 +918,32 @@ impl Agent {
         })
         .await;
         let status = match r {
-            Ok(Ok(RunState::Running { started_at_ms, .. })) => {
+            Ok(Ok(RunState::Running { pid, started_at_ms })) => {
                 info!(task = name, "started");
-                TaskStatus {
-                    state: TaskState::Running,
-                    timestamp_ms: started_at_ms,
-                    message: "started".into(),
-                    err: String::new(),
-                    exit_code: None,
+                let probe = health::resolve(
+                    t.spec.healthcheck.as_ref(),
+                    image.as_ref().and_then(|i| i.healthcheck.as_ref()),
+                );
+                let checked = probe.is_some();
+                self.lock().health.insert(
+                    t.id.clone(),
+                    HealthEntry {
+                        pid,
+                        monitor: probe.map(|p| Monitor::new(p, started_at_ms)),
+                    },
+                );
+                if checked {
+                    // Starting until its first passing probe.
+                    let me = self.clone();
+                    let id = t.id.clone();
+                    tokio::spawn(async move { me.probe_loop(id, pid).await });
+                    let mut st = self.lock();
+                    st.busy.remove(&t.id);
+                    drop(st);
+                    self.wake.notify_one();
+                    return;
                 }
+                running(started_at_ms)
             }
             Ok(Ok(RunState::Exited {
                 code,
@@ -791,6 +1049,16 @@ impl Agent {
         })
         .await
         .unwrap_or_default()
+    }
+}
+
+fn running(since_ms: u64) -> TaskStatus {
+    TaskStatus {
+        state: TaskState::Running,
+        timestamp_ms: since_ms,
+        message: "started".into(),
+        err: String::new(),
+        exit_code: None,
     }
 }
 
@@ -992,6 +1260,172 @@ mod tests {
             .map(|t| t.id)
             .collect();
         assert_eq!(assigned, ["run"]);
+    }
+
+    /// A runtime whose tasks run until stopped and whose `exec` exits with `probe`.
+    #[derive(Default)]
+    struct ProbedRuntime {
+        tasks: Mutex<HashMap<String, RunState>>,
+        probe: std::sync::atomic::AtomicI32,
+        probes: std::sync::atomic::AtomicU32,
+    }
+
+    impl Runtime for ProbedRuntime {
+        fn start(&self, spec: &RunSpec) -> Result<RunState, String> {
+            let rs = RunState::Running {
+                pid: 4242,
+                started_at_ms: now_ms(),
+            };
+            self.tasks
+                .lock()
+                .unwrap()
+                .insert(spec.id.clone(), rs.clone());
+            Ok(rs)
+        }
+        fn status(&self, id: &str) -> Option<RunState> {
+            self.tasks.lock().unwrap().get(id).cloned()
+        }
+        fn list(&self) -> Vec<(String, RunState)> {
+            let t = self.tasks.lock().unwrap();
+            t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        }
+        fn stop(&self, id: &str, _: i32, _: Duration) -> Result<(), String> {
+            self.tasks
+                .lock()
+                .unwrap()
+                .insert(id.to_string(), exited_at(now_ms()));
+            Ok(())
+        }
+        fn remove(&self, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+        fn logs(&self, _: &str, _: usize) -> Result<(Vec<u8>, Vec<u8>), String> {
+            Ok((vec![], vec![]))
+        }
+        fn exec(&self, _: &str, argv: &[String], _: Duration) -> Result<ExecResult, String> {
+            assert_eq!(argv, ["/bin/sh", "-c", "check"]);
+            self.probes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(ExecResult {
+                status: self.probe.load(std::sync::atomic::Ordering::SeqCst),
+                stdout: vec![],
+                stderr: vec![],
+            })
+        }
+    }
+
+    /// A plane that keeps the running set it was last given.
+    #[derive(Default)]
+    struct FakePlane {
+        local: Mutex<Vec<String>>,
+    }
+
+    impl NetworkPlane for FakePlane {
+        fn start(&self, _: crate::runtime::PlaneIdentity) -> Result<(), String> {
+            Ok(())
+        }
+        fn stop(&self) {}
+        fn attach(&self, _: &Task, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+        fn set_local(&self, running: Vec<(Task, u32)>) {
+            *self.local.lock().unwrap() = running.into_iter().map(|(t, _)| t.id).collect();
+        }
+    }
+
+    /// Two reconcile passes 100 ms apart.
+    async fn two_passes(agent: &Arc<Agent>) {
+        agent.clone().reconcile().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        agent.clone().reconcile().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_gates_backends_and_fails_an_unhealthy_task() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let rt = Arc::new(ProbedRuntime::default());
+        rt.probe.store(1, SeqCst);
+        let plane = Arc::new(FakePlane::default());
+        let agent = Agent::new(rt.clone(), Some(plane.clone()), None, "n1".into());
+        let mut t = task("t1", "n1", TaskState::Assigned);
+        t.spec.healthcheck = Some(mesh_api::HealthConfig {
+            test: vec!["CMD-SHELL".into(), "check".into()],
+            interval_ms: 30,
+            retries: 2,
+            start_period_ms: 60_000,
+            ..Default::default()
+        });
+        agent.lock().assigned = Some((1, [(t.id.clone(), t.clone())].into_iter().collect()));
+        let state = |a: &Agent| a.lock().reported.get("t1").copied();
+
+        // Started, failing its probes in its start period: Starting, no backend.
+        two_passes(&agent).await;
+        assert!(rt.probes.load(SeqCst) >= 2);
+        assert_eq!(state(&agent), Some(TaskState::Starting));
+        assert!(plane.local.lock().unwrap().is_empty());
+
+        // A passing probe: Running since then, and a backend.
+        let passing_from = now_ms();
+        rt.probe.store(0, SeqCst);
+        two_passes(&agent).await;
+        assert_eq!(state(&agent), Some(TaskState::Running));
+        assert_eq!(*plane.local.lock().unwrap(), ["t1"]);
+        let running = agent.lock().outbox["t1"].clone();
+        assert!(running.timestamp_ms >= passing_from);
+
+        // Two failures in a row: withdrawn at once (before the drain), then Failed.
+        rt.probe.store(1, SeqCst);
+        two_passes(&agent).await;
+        assert!(plane.local.lock().unwrap().is_empty());
+        assert!(matches!(rt.status("t1"), Some(RunState::Running { .. })));
+        tokio::time::sleep(DRAIN + Duration::from_millis(300)).await;
+        agent.clone().reconcile().await;
+        let failed = agent.lock().outbox["t1"].clone();
+        assert_eq!(failed.state, TaskState::Failed);
+        assert_eq!(failed.err, health::UNHEALTHY_ERR);
+        assert_eq!(failed.exit_code, Some(137));
+        assert!(matches!(rt.status("t1"), Some(RunState::Exited { .. })));
+        // No more probes of a stopped task.
+        let probes = rt.probes.load(SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(rt.probes.load(SeqCst), probes);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_adopted_running_task_stays_a_backend_and_is_probed_again() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let rt = Arc::new(ProbedRuntime::default());
+        rt.start(&RunSpec {
+            id: "t1".into(),
+            name: String::new(),
+            hostname: String::new(),
+            argv: vec![],
+            env: vec![],
+            nano_cpus: 0,
+            memory_bytes: 0,
+            resolv_conf: String::new(),
+            rootfs: None,
+        })
+        .unwrap();
+        let plane = Arc::new(FakePlane::default());
+        let agent = Agent::new(rt.clone(), Some(plane.clone()), None, "n1".into());
+        let mut t = task("t1", "n1", TaskState::Running);
+        t.spec.healthcheck = Some(mesh_api::HealthConfig {
+            test: vec!["CMD-SHELL".into(), "check".into()],
+            interval_ms: 30,
+            retries: 1,
+            ..Default::default()
+        });
+        agent.lock().assigned = Some((1, [(t.id.clone(), t)].into_iter().collect()));
+        agent.clone().reconcile().await;
+        assert_eq!(*plane.local.lock().unwrap(), ["t1"]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(rt.probes.load(SeqCst) >= 1);
+        agent.clone().reconcile().await;
+        assert_eq!(*plane.local.lock().unwrap(), ["t1"]);
+        rt.probe.store(1, SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(plane.local.lock().unwrap().is_empty());
     }
 
     #[test]

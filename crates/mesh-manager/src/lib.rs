@@ -17,6 +17,7 @@ pub mod allocator;
 pub mod blobs;
 pub mod daemon;
 pub mod dispatcher;
+pub mod health;
 pub mod ipam;
 pub mod local;
 pub mod member;

@@ -7,10 +7,11 @@
 //! Update order: stop-first stops a batch of old tasks, then starts their replacements.
 //! Start-first starts the replacement of a slot beside its old task and stops the old one once
 //! the new one is Running and has kept running for the update's monitor period. Swarmkit stops
-//! it at Running, which for a task with a HEALTHCHECK means healthy; mesh has no health
-//! checks, and a task joins its VIP when its process starts, before it listens, so the monitor
-//! period is the new task's time to become ready (`--update-monitor 0` gives swarmkit's
-//! behaviour). A new task that fails meanwhile leaves the old one serving.
+//! it at Running. A task with a health check is Running only once healthy (the agent reports
+//! it Starting until then, and it is no backend before), so an update waits for health before
+//! its next batch; a task without a check joins its VIP when its process starts, before it
+//! listens, so the monitor period is its time to become ready (`--update-monitor 0` gives
+//! swarmkit's behaviour). A new task that fails meanwhile leaves the old one serving.
 //!
 //! [`Orchestrator::plan`] is a pure function of the store state and the time (plus a little
 //! memory of when the last update batch started), so it is unit-tested without Raft; the
@@ -720,6 +721,8 @@ mod tests {
         s: StoreState,
         o: Orchestrator,
         now: u64,
+        /// Tasks of this service version stay Starting (a health check that has not passed).
+        starting_version: Option<u64>,
     }
 
     impl World {
@@ -752,6 +755,7 @@ mod tests {
                 s,
                 o,
                 now: 1_000_000,
+                starting_version: None,
             }
         }
 
@@ -779,6 +783,8 @@ mod tests {
                 }
                 let next = if t.desired_state > TaskState::Running {
                     TaskState::Shutdown
+                } else if self.starting_version == Some(t.version) {
+                    TaskState::Starting
                 } else {
                     TaskState::Running
                 };
@@ -1052,6 +1058,45 @@ mod tests {
             w.s.services["svc"].update_status.as_ref().unwrap().state,
             UpdateState::Completed
         );
+    }
+
+    #[test]
+    fn a_rolling_update_waits_for_the_new_task_to_be_healthy() {
+        for order in [UpdateOrder::StopFirst, UpdateOrder::StartFirst] {
+            let mut w = World::new(ServiceMode::Replicated { replicas: 3 });
+            w.settle();
+            // The new version's tasks stay Starting: their check does not pass.
+            w.starting_version = Some(2);
+            w.update_to("2000", |s| {
+                s.update.parallelism = 1;
+                s.update.order = order;
+            });
+            for _ in 0..40 {
+                w.step();
+            }
+            let new: Vec<&Task> =
+                w.s.service_tasks("svc")
+                    .filter(|t| t.version == 2)
+                    .collect();
+            assert_eq!(new.len(), 1, "{order:?}: one batch only: {new:#?}");
+            assert_eq!(new[0].status.state, TaskState::Starting);
+            let old = w.running().iter().filter(|t| t.version == 1).count();
+            assert_eq!(
+                old,
+                if order == UpdateOrder::StartFirst {
+                    3
+                } else {
+                    2
+                }
+            );
+            assert_eq!(w.update_state(), Some(UpdateState::Updating));
+            // Healthy: the update goes on and completes.
+            w.starting_version = None;
+            w.run_update();
+            assert!(w.running().iter().all(|t| t.version == 2));
+            assert_eq!(w.running().len(), 3);
+            assert_eq!(w.update_state(), Some(UpdateState::Completed));
+        }
     }
 
     #[test]

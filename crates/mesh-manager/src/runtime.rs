@@ -73,6 +73,9 @@ pub struct ImageRun {
     pub env: Vec<String>,
     pub working_dir: String,
     pub user: String,
+    /// The image's HEALTHCHECK (Docker's `Healthcheck` in its config), if any.
+    #[serde(default)]
+    pub healthcheck: Option<mesh_api::HealthConfig>,
 }
 
 /// The node's image store, behind a seam like [`Runtime`]. Blocking calls: from blocking

@@ -35,6 +35,9 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
 /// Checks a spec against the cluster; the error names what is wrong.
 pub fn validate_spec(spec: &ServiceSpec, state: &StoreState) -> Result<(), ApiError> {
     validate_name(&spec.name)?;
+    if let Some(h) = &spec.healthcheck {
+        crate::health::validate(h).map_err(ApiError::invalid)?;
+    }
     if spec.image.is_empty() {
         if spec.command.is_empty() || spec.command[0].trim().is_empty() {
             return Err(ApiError::invalid(format!(
@@ -306,6 +309,9 @@ pub fn apply_update(spec: &ServiceSpec, u: &ServiceUpdate) -> Result<ServiceSpec
     if let Some(m) = u.memory_bytes {
         s.resources.memory_bytes = m;
     }
+    u.health
+        .apply(&mut s.healthcheck)
+        .map_err(ApiError::invalid)?;
     Ok(s)
 }
 

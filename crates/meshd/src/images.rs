@@ -52,6 +52,13 @@ fn run_of(image: Image) -> ImageRun {
         env: image.config.env,
         working_dir: image.config.working_dir,
         user: image.config.user,
+        healthcheck: image.config.healthcheck.map(|h| mesh_api::HealthConfig {
+            test: h.test,
+            interval_ms: h.interval.div_ceil(1_000_000),
+            timeout_ms: h.timeout.div_ceil(1_000_000),
+            start_period_ms: h.start_period.div_ceil(1_000_000),
+            retries: h.retries,
+        }),
     }
 }
 
