@@ -8,6 +8,7 @@ mod discovery;
 mod image;
 mod network;
 mod service;
+mod stack;
 mod table;
 
 use std::collections::BTreeMap;
@@ -22,7 +23,7 @@ use client::Client;
 #[command(
     name = "mesh",
     version,
-    about = "Drive a mesh cluster: swarm, nodes, networks, services"
+    about = "Drive a mesh cluster: swarm, nodes, networks, services, stacks"
 )]
 struct Cli {
     /// Daemon socket to connect to.
@@ -56,6 +57,9 @@ enum Cmd {
     /// Manage overlay networks.
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// Manage stacks: applications deployed from compose files.
+    #[command(subcommand)]
+    Stack(stack::StackCmd),
     /// Manage the images of this node.
     #[command(subcommand)]
     Image(image::ImageCmd),
@@ -230,6 +234,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Node(n) => node(&c, n)?,
         Cmd::Service(s) => service::run(&c, *s)?,
         Cmd::Network(n) => network::run(&c, n)?,
+        Cmd::Stack(s) => stack::run(&c, s)?,
         Cmd::Image(i) => image::run(&c, i)?,
         Cmd::Vip(v) => discovery::vip(&c, v)?,
         Cmd::Dns(d) => discovery::dns(&c, d)?,
