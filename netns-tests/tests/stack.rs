@@ -103,7 +103,11 @@ fn write(c: &Cluster, name: &str, text: &str) -> Result<String> {
 fn refused(h: &Host, file: &str, want: &str) -> Result<()> {
     let out = h.mesh(&["stack", "deploy", "-c", file, "bad"])?;
     ensure!(!out.success(), "a bad file was deployed: {}", out.stdout);
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     ensure!(
         lines.len() == 1 && lines[0].contains(want),
         "stderr for {file}: {:?} (wanted one line with {want:?})",
@@ -113,7 +117,10 @@ fn refused(h: &Host, file: &str, want: &str) -> Result<()> {
     let ls = h.mesh_ok(&["stack", "ls"])?;
     ensure!(!ls.contains("bad"), "stack ls after a refused deploy: {ls}");
     let nets = h.mesh_ok(&["network", "ls"])?;
-    ensure!(!nets.contains("bad_"), "networks after a refused deploy: {nets}");
+    ensure!(
+        !nets.contains("bad_"),
+        "networks after a refused deploy: {nets}"
+    );
     Ok(())
 }
 
@@ -218,7 +225,12 @@ fn a_compose_stack_deploys_answers_updates_one_service_and_goes() -> Result<()> 
     );
     let nothing = h1.mesh(&["stack", "services", "nope"])?;
     ensure!(
-        !nothing.success() && nothing.stderr.contains("Nothing found in stack: nope"),
+        nothing.success() && nothing.stderr.contains("Nothing found in stack: nope"),
+        "{nothing:?}"
+    );
+    let nothing = h1.mesh(&["stack", "ps", "nope"])?;
+    ensure!(
+        !nothing.success() && nothing.stderr.contains("nothing found in stack: nope"),
         "{nothing:?}"
     );
 
@@ -295,7 +307,10 @@ fn a_compose_stack_deploys_answers_updates_one_service_and_goes() -> Result<()> 
         out.trim() == "Removing service shop_agent",
         "deploy --prune: {out}"
     );
-    ensure!(ids("shop_front")? == front, "the front was replaced by --prune");
+    ensure!(
+        ids("shop_front")? == front,
+        "the front was replaced by --prune"
+    );
 
     // `stack rm`: Docker's lines, then no service and no network of the stack.
     let out = h1.mesh_ok(&["stack", "rm", "shop"])?;
@@ -401,7 +416,10 @@ configs:
     ] {
         ensure!(out.contains(want), "stack rm printed no {want:?}:\n{out}");
     }
-    ensure!(!out.contains("shared_key"), "an external secret was removed");
+    ensure!(
+        !out.contains("shared_key"),
+        "an external secret was removed"
+    );
     let secrets = h1.mesh_ok(&["secret", "ls"])?;
     ensure!(
         secrets.contains("shared_key") && !secrets.contains("sec_pw"),

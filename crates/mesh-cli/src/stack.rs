@@ -100,7 +100,9 @@ pub fn run(c: &Client, cmd: StackCmd) -> Result<()> {
                 .map(|s| s.spec.name.clone())
                 .collect();
             if names.is_empty() {
-                return Err(nothing_found(&name));
+                // Docker says so on stderr and exits 0.
+                eprintln!("Nothing found in stack: {name}");
+                return Ok(());
             }
             let v = c.call(Request::ServiceLs)?;
             let rows: Vec<Value> = v
@@ -121,7 +123,7 @@ pub fn run(c: &Client, cmd: StackCmd) -> Result<()> {
             let mut rows = Vec::new();
             let mut services: Vec<&Service> = in_stack(&o.services, &name).collect();
             if services.is_empty() {
-                return Err(nothing_found(&name));
+                return Err(Failure(format!("nothing found in stack: {name}")));
             }
             services.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
             for s in services {
@@ -145,10 +147,6 @@ pub fn run(c: &Client, cmd: StackCmd) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn nothing_found(name: &str) -> Failure {
-    Failure(format!("Nothing found in stack: {name}"))
 }
 
 fn objects(c: &Client) -> Result<ClusterObjects> {
@@ -467,5 +465,77 @@ mod tests {
         );
         assert_eq!(familiar("127.0.0.1:5000/web:v1"), "127.0.0.1:5000/web:v1");
         assert_eq!(familiar("127.0.0.1:5000/web"), "127.0.0.1:5000/web:latest");
+    }
+
+    fn stored(spec: &ServiceSpec) -> Service {
+        let mut spec = spec.clone();
+        spec.image = "docker.io/library/nginx:1.25@sha256:abc".into();
+        spec.ports[0].published = 30001;
+        spec.secrets[0].id = "secretid".into();
+        Service {
+            id: "svcid".into(),
+            spec,
+            previous_spec: None,
+            version: 3,
+            created_at: 0,
+            updated_at: 0,
+            update_status: None,
+            vips: Vec::new(),
+        }
+    }
+
+    fn from_file(env: &str) -> ServiceSpec {
+        let text = format!(
+            "services:\n  web:\n    image: nginx:1.25\n    ports: [\"80\"]\n    environment: [{env}]\n    secrets: [pw]\nsecrets:\n  pw:\n    external: true\n"
+        );
+        let s = mesh_compose::load(
+            &[mesh_compose::Source {
+                name: "c.yml".into(),
+                text,
+            }],
+            &mesh_compose::Options {
+                namespace: "st".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.services[0].clone()
+    }
+
+    #[test]
+    fn an_unchanged_service_compares_equal_to_what_the_daemon_stored() {
+        // No daemon: `always` cannot resolve, and keeps the digest the service runs.
+        let c = Client::new("unix:///nonexistent/meshd.sock").unwrap();
+        let old = stored(&from_file("A=1"));
+        for resolve in [
+            ResolveImage::Always,
+            ResolveImage::Changed,
+            ResolveImage::Never,
+        ] {
+            let mut spec = from_file("A=1");
+            carry_over(&c, &mut spec, &old, resolve, &mut BTreeMap::new());
+            assert!(same(&spec, &old.spec), "{resolve:?}: {spec:?}");
+        }
+        let mut spec = from_file("A=2");
+        carry_over(
+            &c,
+            &mut spec,
+            &old,
+            ResolveImage::Never,
+            &mut BTreeMap::new(),
+        );
+        assert!(!same(&spec, &old.spec));
+        // A new tag is sent as written, for the daemon to pin.
+        let mut spec = from_file("A=1");
+        spec.image = "nginx:1.26".into();
+        carry_over(
+            &c,
+            &mut spec,
+            &old,
+            ResolveImage::Never,
+            &mut BTreeMap::new(),
+        );
+        assert_eq!(spec.image, "nginx:1.26");
+        assert!(!same(&spec, &old.spec));
     }
 }

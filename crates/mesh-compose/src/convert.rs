@@ -1176,12 +1176,14 @@ fn mounts(ctx: &Ctx, n: &Node, path: &str, used: &mut BTreeSet<String>) -> R<Vec
                         "bind" => MountType::Bind,
                         "volume" => MountType::Volume,
                         "tmpfs" => MountType::Tmpfs,
-                        o => return Err(t.err(
-                            &join(&ip, "type"),
-                            format!(
+                        o => {
+                            return Err(t.err(
+                                &join(&ip, "type"),
+                                format!(
                                 "mount type {o:?} is not supported by mesh (bind, volume or tmpfs)"
                             ),
-                        )),
+                            ))
+                        }
                     },
                 };
                 let source = it
