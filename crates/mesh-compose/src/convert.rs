@@ -1070,12 +1070,15 @@ fn ports(n: &Node, path: &str) -> R<Vec<PortConfig>> {
                         }
                     },
                 };
-                out.push(PortConfig {
+                let pc = PortConfig {
                     protocol,
                     target,
                     published,
                     mode,
-                });
+                };
+                if !out.contains(&pc) {
+                    out.push(pc);
+                }
             }
             Value::Str { text, .. } => {
                 let (spec, proto) = match text.rsplit_once('/') {
@@ -1111,12 +1114,16 @@ fn ports(n: &Node, path: &str) -> R<Vec<PortConfig>> {
                     ));
                 }
                 for (p, t) in published.into_iter().zip(targets) {
-                    out.push(PortConfig {
+                    let pc = PortConfig {
                         protocol,
                         target: t,
                         published: p,
                         mode: PublishMode::Ingress,
-                    });
+                    };
+                    // An override file repeating a port does not publish it twice.
+                    if !out.contains(&pc) {
+                        out.push(pc);
+                    }
                 }
             }
             _ => return Err(type_err(it, &ip, "a string or a mapping")),

@@ -465,7 +465,7 @@ fn interpolation_from_the_environment_with_errors_at_their_line() {
 #[test]
 fn later_files_override_earlier_ones() {
     let base = "version: '3.8'\nservices:\n  web:\n    image: nginx:1\n    environment: [A=1, B=2]\n    ports: [\"80:80\"]\n    deploy:\n      replicas: 1\n      labels: [x=1]\n  db:\n    image: postgres\n";
-    let over = "services:\n  web:\n    image: nginx:2\n    environment:\n      B: \"3\"\n      C: \"4\"\n    ports: [\"443:443\"]\n    deploy:\n      replicas: 4\n      labels:\n        y: \"2\"\n";
+    let over = "services:\n  web:\n    image: nginx:2\n    environment:\n      B: \"3\"\n      C: \"4\"\n    ports: [\"443:443\", \"80:80\"]\n    deploy:\n      replicas: 4\n      labels:\n        y: \"2\"\n";
     let s = load(
         &[
             Source {
