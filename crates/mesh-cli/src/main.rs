@@ -10,6 +10,7 @@ mod image;
 mod login;
 mod network;
 mod service;
+mod stack;
 mod table;
 
 use std::collections::BTreeMap;
@@ -24,7 +25,7 @@ use client::Client;
 #[command(
     name = "mesh",
     version,
-    about = "Drive a mesh cluster: swarm, nodes, networks, services"
+    about = "Drive a mesh cluster: swarm, nodes, networks, services, stacks"
 )]
 struct Cli {
     /// Daemon socket to connect to.
@@ -64,6 +65,9 @@ enum Cmd {
     /// Manage configs.
     #[command(subcommand)]
     Config(blob::BlobCmd),
+    /// Manage stacks: applications deployed from compose files.
+    #[command(subcommand)]
+    Stack(stack::StackCmd),
     /// Manage the images of this node.
     #[command(subcommand)]
     Image(image::ImageCmd),
@@ -247,6 +251,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Network(n) => network::run(&c, n)?,
         Cmd::Secret(b) => blob::run(&c, mesh_api::BlobKind::Secret, b)?,
         Cmd::Config(b) => blob::run(&c, mesh_api::BlobKind::Config, b)?,
+        Cmd::Stack(s) => stack::run(&c, s)?,
         Cmd::Image(i) => image::run(&c, i)?,
         Cmd::Login(a) => login::login(&c, a)?,
         Cmd::Logout { server } => login::logout(&c, server)?,

@@ -807,91 +807,11 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
         }
         ServiceCmd::Ls(f) => {
             let v = c.call(Request::ServiceLs)?;
-            let rows = v.as_array().cloned().unwrap_or_default();
-            let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
-            let replicas = |r: &Value| {
-                format!(
-                    "{}/{}",
-                    r["running"].as_u64().unwrap_or(0),
-                    r["desired"].as_u64().unwrap_or(0)
-                )
-            };
-            if f.format == Format::Json {
-                let out: Vec<Value> = rows
-                    .iter()
-                    .map(|r| json!({"ID": s(r, "id"), "Name": s(r, "name"), "Mode": s(r, "mode"), "Replicas": replicas(r), "Image": s(r, "image"), "Ports": s(r, "ports")}))
-                    .collect();
-                println!("{}", serde_json::to_string(&out)?);
-            } else {
-                let rows = rows
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            s(r, "id"),
-                            s(r, "name"),
-                            s(r, "mode"),
-                            replicas(r),
-                            s(r, "image"),
-                            s(r, "ports"),
-                        ]
-                    })
-                    .collect();
-                table::print(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"], rows);
-            }
+            print_services(&v.as_array().cloned().unwrap_or_default(), f.format, false)?;
         }
         ServiceCmd::Ps { format, service } => {
             let v = c.call(Request::ServicePs { service })?;
-            let rows = v.as_array().cloned().unwrap_or_default();
-            let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
-            let current = |r: &Value| {
-                format!(
-                    "{} {}",
-                    s(r, "current_state"),
-                    ago(r["age_ms"].as_u64().unwrap_or(0))
-                )
-            };
-            if format == Format::Json {
-                let out: Vec<Value> = rows
-                    .iter()
-                    .map(|r| {
-                        json!({"ID": s(r, "id"), "Name": s(r, "name"), "Image": s(r, "image"), "Node": s(r, "node"),
-                               "DesiredState": s(r, "desired_state"), "CurrentState": current(r), "Error": s(r, "error")})
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string(&out)?);
-            } else {
-                let rows = rows
-                    .iter()
-                    .map(|r| {
-                        let name = if r["is_history"].as_bool().unwrap_or(false) {
-                            format!(" \\_ {}", s(r, "name"))
-                        } else {
-                            s(r, "name")
-                        };
-                        vec![
-                            s(r, "id"),
-                            name,
-                            s(r, "image"),
-                            s(r, "node"),
-                            s(r, "desired_state"),
-                            current(r),
-                            s(r, "error"),
-                        ]
-                    })
-                    .collect();
-                table::print(
-                    &[
-                        "ID",
-                        "NAME",
-                        "IMAGE",
-                        "NODE",
-                        "DESIRED STATE",
-                        "CURRENT STATE",
-                        "ERROR",
-                    ],
-                    rows,
-                );
-            }
+            print_tasks(&v.as_array().cloned().unwrap_or_default(), format, false)?;
         }
         ServiceCmd::Inspect { services } => {
             let mut out = Vec::new();
@@ -960,6 +880,104 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
                 println!("{}", l.as_str().unwrap_or(""));
             }
         }
+    }
+    Ok(())
+}
+
+/// The rows of `service ls` (the daemon's `ServiceSummary`s) as a table, JSON or IDs.
+pub fn print_services(rows: &[Value], format: Format, quiet: bool) -> Result<()> {
+    let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
+    let replicas = |r: &Value| {
+        format!(
+            "{}/{}",
+            r["running"].as_u64().unwrap_or(0),
+            r["desired"].as_u64().unwrap_or(0)
+        )
+    };
+    if quiet {
+        for r in rows {
+            println!("{}", s(r, "id"));
+        }
+    } else if format == Format::Json {
+        let out: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({"ID": s(r, "id"), "Name": s(r, "name"), "Mode": s(r, "mode"), "Replicas": replicas(r), "Image": s(r, "image"), "Ports": s(r, "ports")}))
+            .collect();
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        let rows = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    s(r, "id"),
+                    s(r, "name"),
+                    s(r, "mode"),
+                    replicas(r),
+                    s(r, "image"),
+                    s(r, "ports"),
+                ]
+            })
+            .collect();
+        table::print(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"], rows);
+    }
+    Ok(())
+}
+
+/// The rows of `service ps` (the daemon's task summaries) as a table, JSON or IDs.
+pub fn print_tasks(rows: &[Value], format: Format, quiet: bool) -> Result<()> {
+    let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
+    let current = |r: &Value| {
+        format!(
+            "{} {}",
+            s(r, "current_state"),
+            ago(r["age_ms"].as_u64().unwrap_or(0))
+        )
+    };
+    if quiet {
+        for r in rows {
+            println!("{}", s(r, "id"));
+        }
+    } else if format == Format::Json {
+        let out: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"ID": s(r, "id"), "Name": s(r, "name"), "Image": s(r, "image"), "Node": s(r, "node"),
+                       "DesiredState": s(r, "desired_state"), "CurrentState": current(r), "Error": s(r, "error")})
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        let rows = rows
+            .iter()
+            .map(|r| {
+                let name = if r["is_history"].as_bool().unwrap_or(false) {
+                    format!(" \\_ {}", s(r, "name"))
+                } else {
+                    s(r, "name")
+                };
+                vec![
+                    s(r, "id"),
+                    name,
+                    s(r, "image"),
+                    s(r, "node"),
+                    s(r, "desired_state"),
+                    current(r),
+                    s(r, "error"),
+                ]
+            })
+            .collect();
+        table::print(
+            &[
+                "ID",
+                "NAME",
+                "IMAGE",
+                "NODE",
+                "DESIRED STATE",
+                "CURRENT STATE",
+                "ERROR",
+            ],
+            rows,
+        );
     }
     Ok(())
 }
