@@ -2,18 +2,18 @@
 //! registry, from a compose file written exactly as for Docker (the registry's address comes
 //! from the `.env` file next to it):
 //!
-//! - `front`, an HTTP server published in ingress mode, whose CGI calls `back` by name on an
-//!   internal network; `back` writes to a named volume; `agent`, a global service placed on
-//!   workers only;
+//! - `front`, an HTTP server published in ingress mode with a secret and a config, whose CGI
+//!   calls `back` by name on an internal network; `back`, two replicas with a health check,
+//!   writes to a named volume; `agent`, a global service placed on workers only;
+//! - a back end made unhealthy gets no request from one interval on, and is replaced;
 //! - the front answers from the underlay through the routing mesh on every node, with the back
 //!   end's words;
 //! - a redeploy of the same file changes nothing; one with `back` changed rolls `back` only
 //!   (the other services' task IDs stay); `--prune` removes a service gone from the file;
 //! - bad files (unknown key, wrong type, missing `${VAR?}`) give one line naming the file, the
 //!   line and the key, and create nothing;
-//! - `stack rm` leaves no service or network behind.
-//!
-//! Secrets and configs of a stack have their own test, to enable once the daemon side lands.
+//! - `stack rm` leaves no service, network, secret or config behind (external ones stay: the
+//!   second test).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -44,6 +44,11 @@ services:
     networks:
       - frontnet
       - backnet
+    secrets:
+      - api_key
+    configs:
+      - source: site
+        target: /etc/site.conf
     deploy:
       replicas: 2
       update_config:
@@ -54,9 +59,16 @@ services:
 
   back:
     <<: *image
-    command: ["sh", "-c", "echo \"back says ${GREETING:-hi}\" > /srv/index.html; echo kept > /data/marker; exec httpd -f -p 80 -h /srv"]
+    command: ["sh", "-c", "echo \"back says ${GREETING:-hi} from $$(hostname)\" > /srv/index.html; echo kept > /data/marker; exec httpd -f -p 80 -h /srv"]
     environment:
       - MODE=one
+    healthcheck:
+      test: ["CMD-SHELL", "test ! -e /tmp/sick"]
+      interval: 1s
+      timeout: 1s
+      retries: 1
+    deploy:
+      replicas: 2
     volumes:
       - backdata:/data
     networks:
@@ -81,6 +93,14 @@ networks:
 
 volumes:
   backdata:
+
+secrets:
+  api_key:
+    file: ./api_key.txt
+
+configs:
+  site:
+    file: ./site.txt
 "#;
 
 /// The running tasks' IDs of `svc`.
@@ -89,6 +109,14 @@ fn task_ids(h: &Host, svc: &str) -> Result<BTreeSet<String>> {
         .iter()
         .map(|t| field(t, "ID").to_string())
         .collect())
+}
+
+/// The host a task runs on, by node name.
+fn host_of<'a>(c: &'a Cluster, node: &str) -> Result<&'a Host> {
+    c.hosts()
+        .iter()
+        .find(|h| h.name() == node)
+        .with_context(|| format!("no host {node}"))
 }
 
 /// Writes `text` as `name` (with the `.env` naming the registry) in the cluster's dir.
@@ -136,9 +164,13 @@ fn a_compose_stack_deploys_answers_updates_one_service_and_goes() -> Result<()> 
         format!("REGISTRY={}\n", reg.host_port()),
     )?;
     let file = write(&c, "shop.yml", COMPOSE)?;
+    write(&c, "api_key.txt", "key-of-the-shop")?;
+    write(&c, "site.txt", "site=shop\n")?;
 
     let out = h1.mesh_ok(&["stack", "deploy", "-c", &file, "shop"])?;
     for want in [
+        "Creating secret shop_api_key",
+        "Creating config shop_site",
         "Creating network shop_backnet",
         "Creating network shop_frontnet",
         "Creating service shop_agent",
@@ -149,7 +181,7 @@ fn a_compose_stack_deploys_answers_updates_one_service_and_goes() -> Result<()> 
     }
     let within = Duration::from_secs(90);
     wait_tasks_running(h1, "shop_front", 2, within)?;
-    wait_tasks_running(h1, "shop_back", 1, within)?;
+    wait_tasks_running(h1, "shop_back", 2, within)?;
     let agents = wait_tasks_running(h1, "shop_agent", 2, within)?;
     let workers: BTreeSet<&str> = [c.host(2).name(), c.host(3).name()].into();
     let agent_nodes: BTreeSet<&str> = agents.iter().map(|t| field(t, "Node")).collect();
@@ -185,14 +217,70 @@ fn a_compose_stack_deploys_answers_updates_one_service_and_goes() -> Result<()> 
         ensure!(index.contains("hello from v1"), "{index}");
     }
 
+    // The front's secret and config.
+    let front_task = running_tasks(h1, "shop_front")?;
+    let fh = host_of(&c, field(&front_task[0], "Node"))?;
+    let ft = field(&front_task[0], "Name").to_string();
+    let key = fh.mesh_ok(&["exec", &ft, "--", "cat", "/run/secrets/api_key"])?;
+    ensure!(key == "key-of-the-shop", "{key:?}");
+    let site = fh.mesh_ok(&["exec", &ft, "--", "cat", "/etc/site.conf"])?;
+    ensure!(site == "site=shop\n", "{site:?}");
+
+    // One back end turns unhealthy: within one interval no request reaches it, then it is
+    // replaced.
+    let backs = running_tasks(h1, "shop_back")?;
+    let sick = &backs[0];
+    let sick_id = field(sick, "ID").to_string();
+    let sick_host = sick_id.chars().take(12).collect::<String>();
+    let sh = host_of(&c, field(sick, "Node"))?;
+    let answered_by = |body: &str| body.contains(&format!("from {sick_host}"));
+    let call = || -> Result<String> {
+        let out = c.client_exec_timeout(
+            &[
+                "curl",
+                "-s",
+                "-m",
+                "3",
+                &format!("http://{}:8090/cgi-bin/call", c.host(1).addr()),
+            ],
+            Duration::from_secs(10),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    wait_for(
+        "both back ends answer",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || Ok(answered_by(&call()?).then_some(())),
+    )?;
+    sh.mesh_ok(&["exec", field(sick, "Name"), "--", "touch", "/tmp/sick"])?;
+    // interval 1 s, retries 1: unhealthy after at most about 2 s.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut served = 0;
+    for _ in 0..30 {
+        let body = call()?;
+        ensure!(
+            !answered_by(&body),
+            "the unhealthy back end answered: {body}"
+        );
+        served += usize::from(body.contains("back says"));
+    }
+    ensure!(served >= 25, "only {served} of 30 calls reached a back end");
+    wait_for(
+        "the unhealthy back end replaced",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            let now = task_ids(h1, "shop_back")?;
+            Ok((now.len() == 2 && !now.contains(&sick_id)).then_some(()))
+        },
+    )?;
+    let ps = h1.mesh_ok(&["service", "ps", "shop_back"])?;
+    ensure!(ps.contains("unhealthy container"), "service ps:\n{ps}");
+
     // The named volume is the node's `shop_backdata`.
     let back = running_tasks(h1, "shop_back")?;
-    let back_node = field(&back[0], "Node").to_string();
-    let bh = c
-        .hosts()
-        .iter()
-        .find(|h| h.name() == back_node)
-        .context("the back end's host")?;
+    let bh = host_of(&c, field(&back[0], "Node"))?;
     let marker = bh.data_dir().join("volumes/shop_backdata/_data/marker");
     ensure!(
         std::fs::read_to_string(&marker).is_ok_and(|s| s == "kept\n"),
@@ -258,7 +346,7 @@ fn a_compose_stack_deploys_answers_updates_one_service_and_goes() -> Result<()> 
         Duration::from_millis(300),
         || {
             let now = ids("shop_back")?;
-            Ok((now.len() == 1 && now.is_disjoint(&back)).then_some(()))
+            Ok((now.len() == 2 && now.is_disjoint(&back)).then_some(()))
         },
     )?;
     let spec = h1.mesh_ok(&["service", "inspect", "shop_back"])?;
@@ -317,6 +405,8 @@ fn a_compose_stack_deploys_answers_updates_one_service_and_goes() -> Result<()> 
     for want in [
         "Removing service shop_back",
         "Removing service shop_front",
+        "Removing secret shop_api_key",
+        "Removing config shop_site",
         "Removing network shop_backnet",
         "Removing network shop_frontnet",
     ] {
