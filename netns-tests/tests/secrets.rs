@@ -6,6 +6,7 @@
 //!   config's data and never a secret's;
 //! - the secret's bytes are found nowhere on the disks: not in the manager's data
 //!   directory (the Raft log holds it sealed) nor in any node's data directory or exec root;
+//!   a service's environment is in no data directory either (the Raft store is sealed);
 //! - a secret in use cannot be removed (Docker's words); `service update --secret-rm`
 //!   takes it away from the tasks, after which it can be;
 //! - unknown names and duplicates are refused clearly.
@@ -140,6 +141,8 @@ fn secrets_reach_only_their_tasks_and_never_a_disk() -> Result<()> {
         "app",
         "--constraint",
         &format!("node.hostname=={h2_name}"),
+        "--env",
+        &format!("APP_MARK=env-{nanos}-q9"),
         "--secret",
         "db_pw",
         "--secret",
@@ -172,7 +175,8 @@ fn secrets_reach_only_their_tasks_and_never_a_disk() -> Result<()> {
         "{mounts}"
     );
 
-    // Never on a disk: not the manager's (sealed in Raft), not the workers'.
+    // Never on a disk: not the manager's (sealed in Raft), not the workers'. The Raft store
+    // is sealed as a whole: not even the service's environment is in a data directory.
     for h in c.hosts() {
         for dir in [h.data_dir(), h.exec_root()] {
             let found = files_containing(dir, secret.as_bytes());
@@ -182,6 +186,13 @@ fn secrets_reach_only_their_tasks_and_never_a_disk() -> Result<()> {
                 h.name()
             );
         }
+        let env = format!("APP_MARK=env-{nanos}-q9");
+        let found = files_containing(h.data_dir(), env.as_bytes());
+        ensure!(
+            found.is_empty(),
+            "the environment is in {}'s data: {found:?}",
+            h.name()
+        );
     }
 
     // In use: not removable, in Docker's words.
@@ -230,7 +241,7 @@ fn secrets_reach_only_their_tasks_and_never_a_disk() -> Result<()> {
     Ok(())
 }
 
-/// Every manager gets the secrets key: after the leader that sealed a secret is gone, the
+/// Every manager gets the data key: after the leader that sealed a secret is gone, the
 /// new leader still opens it for new tasks.
 #[test]
 fn a_new_leader_opens_the_secrets_of_the_old_one() -> Result<()> {
@@ -246,9 +257,9 @@ fn a_new_leader_opens_the_secrets_of_the_old_one() -> Result<()> {
     // The other managers fetch the key within a few seconds of the first secret's key
     // existing (it is made at `swarm init`).
     for h in &c.hosts()[1..] {
-        let key = h.data_dir().join("secrets.key");
+        let key = h.data_dir().join("data.key");
         wait_for(
-            "the secrets key on every manager",
+            "the data key on every manager",
             Duration::from_secs(20),
             Duration::from_millis(200),
             || Ok(key.exists().then_some(())),

@@ -622,7 +622,7 @@ pub struct Service {
     /// One virtual IP per attached network (none in dnsrr mode).
     #[serde(default)]
     pub vips: Vec<VirtualIp>,
-    /// Registry credentials for its image, sealed with the managers' secrets key (only the
+    /// Registry credentials for its image, sealed with the managers' data key (only the
     /// leader opens them, for the nodes that pull the image); empty: none.
     #[serde(
         default,

@@ -2,25 +2,17 @@
 //! secrets consistent (a service names only existing ones; one in use is not removed), what
 //! a node is sent for its tasks, and the sealing of secret data.
 //!
-//! A secret's data is stored sealed (AES-256-GCM) under the managers' secrets key, a file
-//! in each manager's data directory that never enters the Raft log: the log, its snapshots
-//! and every copy of the store hold ciphertext only. Only the leader unseals, to send a
-//! node the secrets of the tasks assigned to it (over mutual TLS); workers keep them in
-//! memory and in the tasks' tmpfs only. Configs are stored as given.
+//! A secret's data is sealed again, on its own, under the managers' data key (see
+//! `datakey`; the Raft store as a whole is sealed under it too), so that it stays sealed in
+//! every snapshot and answer that carries the store's objects. Only the leader unseals, to
+//! send a node the secrets of the tasks assigned to it (over mutual TLS); workers keep them
+//! in memory and in the tasks' tmpfs only. Configs are stored as given.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
-use mesh_api::{ApiError, Blob, BlobKind, BlobReference, ServiceSpec, Task, TaskState};
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use ring::rand::{SecureRandom, SystemRandom};
-
+use crate::datakey::DataKey;
 use crate::state::StoreState;
-
-/// The secrets key's file in a manager's data directory.
-pub const KEY_FILE: &str = "secrets.key";
-/// What sealed data starts with (a format version).
-const SEALED_MAGIC: &[u8; 4] = b"MSB1";
+use mesh_api::{ApiError, Blob, BlobKind, BlobReference, ServiceSpec, Task, TaskState};
 
 impl StoreState {
     /// A secret or config by ID, name or unique ID prefix.
@@ -145,107 +137,11 @@ pub fn public(b: &Blob) -> Blob {
     b
 }
 
-/// The managers' key for secret data.
-#[derive(Clone)]
-pub struct SecretsKey([u8; 32]);
-
-impl std::fmt::Debug for SecretsKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SecretsKey(..)")
-    }
-}
-
-impl SecretsKey {
-    pub fn generate() -> Result<SecretsKey, ApiError> {
-        let mut k = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut k)
-            .map_err(|_| ApiError::internal("no randomness for the secrets key"))?;
-        Ok(SecretsKey(k))
-    }
-
-    pub fn from_bytes(b: &[u8]) -> Option<SecretsKey> {
-        b.try_into().ok().map(SecretsKey)
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The key in `dir`, if it is there.
-    pub fn load(dir: &Path) -> Result<Option<SecretsKey>, ApiError> {
-        match std::fs::read(dir.join(KEY_FILE)) {
-            Ok(b) => SecretsKey::from_bytes(&b)
-                .map(Some)
-                .ok_or_else(|| ApiError::internal(format!("{KEY_FILE} is damaged"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(ApiError::internal(format!("cannot read {KEY_FILE}: {e}"))),
-        }
-    }
-
-    /// Writes the key in `dir` (mode 0600, atomically).
-    pub fn save(&self, dir: &Path) -> Result<(), ApiError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = dir.join(format!("{KEY_FILE}.tmp"));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&self.0)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, dir.join(KEY_FILE))
-        };
-        write().map_err(|e| ApiError::internal(format!("cannot write {KEY_FILE}: {e}")))
-    }
-
-    fn aead(&self) -> LessSafeKey {
-        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0).expect("a 32-byte key"))
-    }
-
-    /// `MSB1 || nonce || ciphertext || tag`.
-    pub fn seal(&self, data: &[u8]) -> Result<Vec<u8>, ApiError> {
-        let mut nonce = [0u8; aead::NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| ApiError::internal("no randomness to seal a secret"))?;
-        let mut buf = data.to_vec();
-        self.aead()
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
-            .map_err(|_| ApiError::internal("cannot seal a secret"))?;
-        let mut out = Vec::with_capacity(4 + nonce.len() + buf.len());
-        out.extend_from_slice(SEALED_MAGIC);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&buf);
-        Ok(out)
-    }
-
-    pub fn unseal(&self, sealed: &[u8]) -> Result<Vec<u8>, String> {
-        let rest = sealed
-            .strip_prefix(SEALED_MAGIC.as_slice())
-            .ok_or("not sealed data")?;
-        if rest.len() < aead::NONCE_LEN {
-            return Err("sealed data too short".into());
-        }
-        let (nonce, ct) = rest.split_at(aead::NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| "bad nonce")?;
-        let mut buf = ct.to_vec();
-        let plain = self
-            .aead()
-            .open_in_place(nonce, Aad::empty(), &mut buf)
-            .map_err(|_| "the secret cannot be opened with this manager's secrets key")?;
-        Ok(plain.to_vec())
-    }
-}
-
 /// The data of the given secrets and configs, secrets unsealed: what a node is sent.
 pub fn payload(
     state: &StoreState,
     ids: &BTreeSet<String>,
-    key: Option<&SecretsKey>,
+    key: Option<&DataKey>,
 ) -> Result<BTreeMap<String, Vec<u8>>, String> {
     let mut out = BTreeMap::new();
     for id in ids {
@@ -255,7 +151,7 @@ pub fn payload(
         let data = match b.kind {
             BlobKind::Config => b.spec.data.clone(),
             BlobKind::Secret => key
-                .ok_or("this manager does not have the secrets key")?
+                .ok_or("this manager does not have the data key")?
                 .unseal(&b.spec.data)?,
         };
         out.insert(id.clone(), data);
@@ -281,24 +177,6 @@ mod tests {
             created_at: 0,
             updated_at: 0,
         }
-    }
-
-    #[test]
-    fn sealing_round_trips_and_hides_the_data() {
-        let k = SecretsKey::generate().unwrap();
-        let sealed = k.seal(b"hunter2").unwrap();
-        assert!(!sealed.windows(7).any(|w| w == b"hunter2"));
-        assert_eq!(k.unseal(&sealed).unwrap(), b"hunter2");
-        let other = SecretsKey::generate().unwrap();
-        assert!(other.unseal(&sealed).is_err());
-        let mut bad = sealed.clone();
-        *bad.last_mut().unwrap() ^= 1;
-        assert!(k.unseal(&bad).is_err());
-        assert_ne!(
-            k.seal(b"hunter2").unwrap(),
-            sealed,
-            "a fresh nonce each time"
-        );
     }
 
     #[test]

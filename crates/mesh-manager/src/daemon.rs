@@ -607,7 +607,7 @@ impl Daemon {
         };
         // A half-done earlier init may have left a raft store: start clean.
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-        let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::blobs::KEY_FILE));
+        let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
         let member = Member::start(
             self.cfg.data_dir.clone(),
             local.clone(),
@@ -677,7 +677,7 @@ impl Daemon {
         {
             member.stop().await;
             let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-            let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::blobs::KEY_FILE));
+            let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
             return Err(e);
         }
         *self.member.write().await = Some(member);
@@ -762,7 +762,7 @@ impl Daemon {
         };
         local.save(&self.cfg.data_dir).map_err(ApiError::internal)?;
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-        let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::blobs::KEY_FILE));
+        let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
         let member = Member::start(
             self.cfg.data_dir.clone(),
             local,
@@ -829,7 +829,7 @@ impl Daemon {
         }
         LocalState::remove(&self.cfg.data_dir).map_err(ApiError::internal)?;
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-        let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::blobs::KEY_FILE));
+        let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
         info!("left the swarm");
         Ok(())
     }

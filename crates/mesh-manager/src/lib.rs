@@ -16,6 +16,7 @@ pub mod agent;
 pub mod allocator;
 pub mod blobs;
 pub mod daemon;
+pub mod datakey;
 pub mod dispatcher;
 pub mod health;
 pub mod ipam;

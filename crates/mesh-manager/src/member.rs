@@ -21,7 +21,7 @@ use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
 
 use crate::agent::{assigned_to, assignments_digest, ended_on, now_ms, Agent, POLL_HOLD};
-use crate::blobs::SecretsKey;
+use crate::datakey::DataKey;
 use crate::dispatcher::{Dispatcher, Verdict, DOWN_AFTER, HEARTBEAT_PERIOD};
 use crate::local::LocalState;
 use crate::network::Network;
@@ -98,9 +98,13 @@ pub(crate) struct Member {
     tasks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
     pub agent: Arc<Agent>,
     orchestrator: tokio::sync::Mutex<Orchestrator>,
-    /// One fetch or creation of the secrets key at a time.
-    secrets_key_lock: tokio::sync::Mutex<()>,
+    /// One fetch or creation of the data key at a time.
+    data_key_lock: tokio::sync::Mutex<()>,
 }
+
+/// How long a manager without the data key asks the others for it before its Raft
+/// instance gives up starting.
+const DATA_KEY_WAIT: Duration = Duration::from_secs(10);
 
 /// How long `network rm` waits for the tasks of removed services to end (their drain and
 /// stop grace), under the forwarding timeout.
@@ -132,7 +136,7 @@ impl Member {
             client_tls,
             raft: RwLock::new(None),
             dispatcher: Dispatcher::default(),
-            secrets_key_lock: tokio::sync::Mutex::new(()),
+            data_key_lock: tokio::sync::Mutex::new(()),
             shutdown,
             clients: StdMutex::new(HashMap::new()),
             next_client: std::sync::atomic::AtomicUsize::new(0),
@@ -142,7 +146,7 @@ impl Member {
             orchestrator: tokio::sync::Mutex::new(Orchestrator::default()),
         });
         if init {
-            SecretsKey::generate()?.save(&member.data_dir)?;
+            DataKey::generate()?.save(&member.data_dir)?;
         }
         if is_manager {
             member.start_raft(init).await?;
@@ -180,10 +184,9 @@ impl Member {
                 .poll_loop(member.clone(), member.shutdown.subscribe()),
         );
         let rec = tokio::spawn(agent.reconcile_loop(member.clone(), member.shutdown.subscribe()));
-        let key = tokio::spawn(member.clone().secrets_key_loop());
         member
             .tasks_lock()
-            .extend([serve, hb, mon, orch, poll, rec, key]);
+            .extend([serve, hb, mon, orch, poll, rec]);
         Ok(member)
     }
 
@@ -211,12 +214,18 @@ impl Member {
     }
 
     async fn start_raft(&self, init: bool) -> Result<RaftNode, ApiError> {
+        if let Some(r) = self.raft().await {
+            return Ok(r);
+        }
+        // The store is sealed with the data key: a manager that joined or was promoted gets
+        // it from the others first (they know it as a manager by now).
+        let key = self.data_key_for_raft().await?;
         let mut slot = self.raft.write().await;
         if let Some(r) = slot.as_ref() {
             return Ok(r.clone());
         }
         let local = self.local();
-        let (log, sm) = storage::open(&self.raft_path()).map_err(ApiError::internal)?;
+        let (log, sm) = storage::open(&self.raft_path(), Some(key)).map_err(ApiError::internal)?;
         let network = Network {
             tls: self.client_tls.clone(),
         };
@@ -250,11 +259,11 @@ impl Member {
         }
     }
 
-    /// This manager's secrets key (see `blobs`): from its data directory, else from another
+    /// This manager's data key (see `blobs`): from its data directory, else from another
     /// manager (a manager that joined or was promoted since the key was made), else, when
     /// every other manager answered that it has none, a new one.
-    pub(crate) async fn secrets_key(&self) -> Result<SecretsKey, ApiError> {
-        self.get_secrets_key(true).await
+    pub(crate) async fn data_key(&self) -> Result<DataKey, ApiError> {
+        self.get_data_key(true).await
     }
 
     /// Registry credentials given with a service, sealed as secrets are (`None`: none given;
@@ -267,30 +276,30 @@ impl Member {
             return Ok(None);
         };
         let plain = serde_json::to_vec(&c).map_err(ApiError::internal)?;
-        Ok(Some(self.secrets_key().await?.seal(&plain)?))
+        Ok(Some(self.data_key().await?.seal(&plain)?))
     }
 
-    /// A manager gets the secrets key as soon as it is one (joined as a manager, promoted),
-    /// so that it can lead with the secrets usable once the others are gone.
-    async fn secrets_key_loop(self: Arc<Self>) {
-        let mut shutdown = self.shutdown.subscribe();
+    /// The data key, asked of the other managers for up to [`DATA_KEY_WAIT`] while they
+    /// cannot be reached (a manager that just joined, one restarting with the others).
+    async fn data_key_for_raft(&self) -> Result<DataKey, ApiError> {
+        let deadline = tokio::time::Instant::now() + DATA_KEY_WAIT;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return,
-            }
-            let missing = !self.data_dir.join(crate::blobs::KEY_FILE).exists();
-            if missing && self.raft().await.is_some() {
-                if let Err(e) = self.get_secrets_key(false).await {
-                    debug!("secrets key: {e}");
+            match self.get_data_key(true).await {
+                Err(e)
+                    if e.kind == ErrorKind::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    debug!("data key: {e}");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
                 }
+                other => return other,
             }
         }
     }
 
-    async fn get_secrets_key(&self, may_create: bool) -> Result<SecretsKey, ApiError> {
-        let _one_at_a_time = self.secrets_key_lock.lock().await;
-        if let Some(k) = SecretsKey::load(&self.data_dir)? {
+    async fn get_data_key(&self, may_create: bool) -> Result<DataKey, ApiError> {
+        let _one_at_a_time = self.data_key_lock.lock().await;
+        if let Some(k) = DataKey::load(&self.data_dir)? {
             return Ok(k);
         }
         let local = self.local();
@@ -301,17 +310,17 @@ impl Member {
             .filter(|a| **a != local.advertise_addr)
         {
             match self
-                .call(addr, &PeerRequest::SecretsKey, Duration::from_secs(2))
+                .call(addr, &PeerRequest::DataKey, Duration::from_secs(2))
                 .await
             {
-                Ok(PeerResponse::SecretsKey(Some(b))) => {
-                    let k = SecretsKey::from_bytes(&b)
-                        .ok_or_else(|| ApiError::internal("a damaged secrets key was sent"))?;
+                Ok(PeerResponse::DataKey(Some(b))) => {
+                    let k = DataKey::from_bytes(&b)
+                        .ok_or_else(|| ApiError::internal("a damaged data key was sent"))?;
                     k.save(&self.data_dir)?;
-                    info!("secrets key received from the manager at {addr}");
+                    info!("data key received from the manager at {addr}");
                     return Ok(k);
                 }
-                Ok(PeerResponse::SecretsKey(None)) => {}
+                Ok(PeerResponse::DataKey(None)) => {}
                 other => unreachable.push(format!("{addr}: {other:?}")),
             }
         }
@@ -319,14 +328,14 @@ impl Member {
             return Err(ApiError::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "this manager does not have the secrets key and cannot ask every other manager for it ({})",
+                    "this manager does not have the data key and cannot ask every other manager for it ({})",
                     unreachable.join("; ")
                 ),
             ));
         }
-        let k = SecretsKey::generate()?;
+        let k = DataKey::generate()?;
         k.save(&self.data_dir)?;
-        info!("secrets key created");
+        info!("data key created");
         Ok(k)
     }
 
@@ -572,8 +581,8 @@ impl Member {
             PeerRequest::TaskLogs { .. } => Err(ApiError::internal(
                 "task logs are asked of nodes, not the leader",
             )),
-            PeerRequest::SecretsKey => Err(ApiError::internal(
-                "the secrets key is asked of a manager directly",
+            PeerRequest::DataKey => Err(ApiError::internal(
+                "the data key is asked of a manager directly",
             )),
             PeerRequest::Raft(_) | PeerRequest::Forwarded(_) => {
                 Err(ApiError::internal("request cannot run on the leader"))
@@ -1052,7 +1061,7 @@ impl Member {
                     ));
                 }
                 if kind == BlobKind::Secret {
-                    spec.data = self.secrets_key().await?.seal(&spec.data)?;
+                    spec.data = self.data_key().await?.seal(&spec.data)?;
                 }
                 let now = now_secs();
                 let blob = mesh_api::Blob {
@@ -1089,7 +1098,7 @@ impl Member {
                     || match kind {
                         BlobKind::Config => spec.data == b.spec.data,
                         BlobKind::Secret => {
-                            self.secrets_key().await?.unseal(&b.spec.data).ok() == Some(spec.data)
+                            self.data_key().await?.unseal(&b.spec.data).ok() == Some(spec.data)
                         }
                     };
                 if spec.name != b.spec.name || !same_data {
@@ -1407,7 +1416,7 @@ impl Member {
                 info!("demoted: stopping raft");
                 self.stop_raft().await;
                 let _ = std::fs::remove_file(self.raft_path());
-                let _ = std::fs::remove_file(self.data_dir.join(crate::blobs::KEY_FILE));
+                let _ = std::fs::remove_file(self.data_dir.join(crate::datakey::KEY_FILE));
             }
             _ => {}
         }
@@ -1574,15 +1583,15 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
                 }
                 PeerResponse::TaskLogs(m.agent.logs(task_ids, max_bytes).await)
             }
-            PeerRequest::SecretsKey => {
+            PeerRequest::DataKey => {
                 if !m.is_manager_node(&peer.node_id).await {
                     return PeerResponse::Error(ApiError::new(
                         ErrorKind::PermissionDenied,
-                        "only managers hold the secrets key",
+                        "only managers hold the data key",
                     ));
                 }
-                match SecretsKey::load(&m.data_dir) {
-                    Ok(k) => PeerResponse::SecretsKey(k.map(|k| k.bytes().to_vec())),
+                match DataKey::load(&m.data_dir) {
+                    Ok(k) => PeerResponse::DataKey(k.map(|k| k.bytes().to_vec())),
                     Err(e) => PeerResponse::Error(e),
                 }
             }
@@ -1654,7 +1663,7 @@ impl Member {
                     .await;
                 let mut registry_auths = BTreeMap::new();
                 if !sealed_auths.is_empty() {
-                    match self.secrets_key().await {
+                    match self.data_key().await {
                         Ok(k) => {
                             for (id, sealed) in sealed_auths {
                                 let creds = k
@@ -1677,7 +1686,7 @@ impl Member {
                 let blobs = if needed.is_empty() {
                     Default::default()
                 } else {
-                    let key = match self.secrets_key().await {
+                    let key = match self.data_key().await {
                         Ok(k) => Some(k),
                         Err(e) => {
                             warn!("secrets for node {node_id}: {e}");

@@ -49,9 +49,9 @@ pub enum PeerRequest {
         task_ids: Vec<String>,
         max_bytes: usize,
     },
-    /// A manager without the secrets key asks another manager for it (answered to
+    /// A manager without the data key asks another manager for it (answered to
     /// managers only).
-    SecretsKey,
+    DataKey,
     /// A request a manager forwards to the leader; never forwarded again.
     Forwarded(Box<PeerRequest>),
 }
@@ -129,8 +129,8 @@ pub enum PeerResponse {
         registry_auths: std::collections::BTreeMap<String, mesh_api::RegistryCredentials>,
     },
     TaskLogs(Vec<TaskLog>),
-    /// The answering manager's secrets key, if it has one.
-    SecretsKey(Option<Vec<u8>>),
+    /// The answering manager's data key, if it has one.
+    DataKey(Option<Vec<u8>>),
     Error(ApiError),
 }
 

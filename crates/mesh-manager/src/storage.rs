@@ -4,10 +4,17 @@
 //!
 //! The state machine lives in memory ([`StoreState`]) and is rebuilt at start from the last
 //! snapshot plus the committed log after it (openraft re-applies up to the saved commit index).
+//!
+//! Opened with the managers' data key (see `datakey`), every log entry and the snapshot's
+//! data are sealed on disk (AES-256-GCM): a copy of `raft.redb` shows no service, spec or
+//! environment. What is read is opened by its own form: plain entries written before the
+//! store was sealed still read. The vote, commit index and snapshot metadata (log IDs and
+//! membership) stay plain.
 
 // openraft's trait signatures fix `StorageError` (224 bytes) as the error type.
 #![allow(clippy::result_large_err)]
 
+use std::borrow::Cow;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -22,6 +29,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::{watch, RwLock};
 
+use crate::datakey::{self, DataKey};
 use crate::raft_types::*;
 use crate::state::{CommandResult, StoreState};
 
@@ -61,11 +69,38 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-/// The redb database shared by the log store and the state machine.
+/// The redb database shared by the log store and the state machine, and the key that seals
+/// what they write.
 #[derive(Clone)]
-struct Db(Arc<Database>);
+struct Db(Arc<Database>, Option<DataKey>);
 
 impl Db {
+    fn seal(&self, plain: Vec<u8>) -> Result<Vec<u8>, StorageError> {
+        match &self.1 {
+            Some(k) => k.seal(&plain).map_err(|e| io_err(ErrorVerb::Write, e)),
+            None => Ok(plain),
+        }
+    }
+
+    fn open<'a>(&self, stored: &'a [u8]) -> Result<Cow<'a, [u8]>, StorageError> {
+        if !datakey::is_sealed(stored) {
+            return Ok(Cow::Borrowed(stored));
+        }
+        let k = self.1.as_ref().ok_or_else(|| {
+            io_err(
+                ErrorVerb::Read,
+                "the raft store is sealed and this manager has no data key",
+            )
+        })?;
+        k.unseal(stored)
+            .map(Cow::Owned)
+            .map_err(|e| io_err(ErrorVerb::Read, e))
+    }
+
+    fn entry(&self, stored: &[u8]) -> Result<Entry, StorageError> {
+        serde_json::from_slice(&self.open(stored)?).map_err(|e| io_err(ErrorVerb::Read, e))
+    }
+
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
         let txn = self
             .0
@@ -100,8 +135,9 @@ impl Db {
     }
 }
 
-/// Opens (or creates) the store at `path` and returns its two halves.
-pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
+/// Opens (or creates) the store at `path` and returns its two halves; with `key`, what they
+/// write is sealed.
+pub fn open(path: &Path, key: Option<DataKey>) -> Result<(LogStore, StateMachineStore), OpenError> {
     let db = Database::create(path).map_err(|e| OpenError::Open {
         path: path.display().to_string(),
         source: e.into(),
@@ -118,15 +154,16 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
         path: path.display().to_string(),
         source: e,
     })?;
-    let db = Db(Arc::new(db));
-    let snapshot: Option<StoredSnapshot> =
-        db.get_meta(KEY_SNAPSHOT).map_err(|e| OpenError::Corrupt {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+    let db = Db(Arc::new(db), key);
+    let corrupt = |e: StorageError| OpenError::Corrupt {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let snapshot: Option<StoredSnapshot> = db.get_meta(KEY_SNAPSHOT).map_err(corrupt)?;
     let mut sm = SmData::default();
     if let Some(s) = &snapshot {
-        sm.state = serde_json::from_slice(&s.data).map_err(|e| OpenError::Corrupt {
+        let data = db.open(&s.data).map_err(corrupt)?;
+        sm.state = serde_json::from_slice(&data).map_err(|e| OpenError::Corrupt {
             path: path.display().to_string(),
             message: format!("snapshot: {e}"),
         })?;
@@ -164,7 +201,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for item in table.range(range).map_err(|e| io_err(ErrorVerb::Read, e))? {
             let (_, v) = item.map_err(|e| io_err(ErrorVerb::Read, e))?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| io_err(ErrorVerb::Read, e))?);
+            out.push(self.db.entry(v.value())?);
         }
         Ok(out)
     }
@@ -185,8 +222,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_err(ErrorVerb::Read, e))?;
         let last = match table.last().map_err(|e| io_err(ErrorVerb::Read, e))? {
             Some((_, v)) => {
-                let e: Entry =
-                    serde_json::from_slice(v.value()).map_err(|e| io_err(ErrorVerb::Read, e))?;
+                let e = self.db.entry(v.value())?;
                 Some(e.log_id)
             }
             None => last_purged,
@@ -236,7 +272,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .open_table(LOGS)
                 .map_err(|e| io_err(ErrorVerb::Write, e))?;
             for entry in entries {
-                let bytes = serde_json::to_vec(&entry).map_err(|e| io_err(ErrorVerb::Write, e))?;
+                let bytes = self
+                    .db
+                    .seal(serde_json::to_vec(&entry).map_err(|e| io_err(ErrorVerb::Write, e))?)?;
                 table
                     .insert(entry.log_id.index, bytes.as_slice())
                     .map_err(|e| io_err(ErrorVerb::Write, e))?;
@@ -356,7 +394,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             KEY_SNAPSHOT,
             &StoredSnapshot {
                 meta: meta.clone(),
-                data: data.clone(),
+                data: self.db.seal(data.clone())?,
             },
         )?;
         Ok(Snapshot {
@@ -423,7 +461,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             KEY_SNAPSHOT,
             &StoredSnapshot {
                 meta: meta.clone(),
-                data,
+                data: self.db.seal(data)?,
             },
         )?;
         let mut sm = self.data.write().await;
@@ -436,9 +474,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         let stored: Option<StoredSnapshot> = self.db.get_meta(KEY_SNAPSHOT)?;
-        Ok(stored.map(|s| Snapshot {
+        let Some(s) = stored else {
+            return Ok(None);
+        };
+        let data = self.db.open(&s.data)?.into_owned();
+        Ok(Some(Snapshot {
             meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+            snapshot: Box::new(Cursor::new(data)),
         }))
     }
 }
@@ -449,15 +491,16 @@ mod tests {
 
     use super::*;
 
-    struct Builder;
+    /// Stores opened plain, or sealed with a key.
+    struct Builder(Option<DataKey>);
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
         async fn build(
             &self,
         ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
             let dir = tempfile::tempdir().map_err(|e| io_err(ErrorVerb::Write, e))?;
-            let (log, sm) =
-                open(&dir.path().join("raft.redb")).map_err(|e| io_err(ErrorVerb::Read, e))?;
+            let (log, sm) = open(&dir.path().join("raft.redb"), self.0.clone())
+                .map_err(|e| io_err(ErrorVerb::Read, e))?;
             Ok((dir, log, sm))
         }
     }
@@ -465,7 +508,8 @@ mod tests {
     /// openraft's conformance suite for log and state-machine storage.
     #[test]
     fn openraft_storage_suite() -> Result<(), StorageError> {
-        Suite::test_all(Builder)
+        Suite::test_all(Builder(None))?;
+        Suite::test_all(Builder(Some(DataKey::generate().expect("a key"))))
     }
 
     /// A store reopened after a (simulated) crash has its vote, log and snapshot.
@@ -477,26 +521,38 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raft.redb");
+        let key = DataKey::generate().unwrap();
         let lid = |i| LogId::new(CommittedLeaderId::new(1, 7), i);
+        let secret = |i: u64| {
+            if i < 3 {
+                format!("written-plain-{i}")
+            } else {
+                format!("written-sealed-{i}")
+            }
+        };
         {
-            let (mut log, mut sm) = open(&path).unwrap();
+            let (mut log, mut sm) = open(&path, Some(key.clone())).unwrap();
             log.save_vote(&Vote::new(3, 7)).await.unwrap();
             let entries: Vec<Entry> = (1..=3)
                 .map(|i| Entry {
                     log_id: lid(i),
                     payload: EntryPayload::Normal(Command::RotateSecret {
                         role: mesh_api::NodeRole::Worker,
-                        secret: format!("s{i}"),
+                        secret: secret(i),
                     }),
                 })
                 .collect();
-            // Applying before init fails inside the state machine, but is still applied.
+            // Entries 1 and 2 as a store written before it was sealed, 3 sealed. Applying
+            // before init fails inside the state machine, but is still applied.
             let txn = log.db.0.begin_write().unwrap();
             {
                 let mut t = txn.open_table(LOGS).unwrap();
                 for e in &entries {
-                    t.insert(e.log_id.index, serde_json::to_vec(e).unwrap().as_slice())
-                        .unwrap();
+                    let mut bytes = serde_json::to_vec(e).unwrap();
+                    if e.log_id.index == 3 {
+                        bytes = log.db.seal(bytes).unwrap();
+                    }
+                    t.insert(e.log_id.index, bytes.as_slice()).unwrap();
                 }
             }
             txn.commit().unwrap();
@@ -504,13 +560,31 @@ mod tests {
             sm.build_snapshot().await.unwrap();
             log.save_committed(Some(lid(3))).await.unwrap();
         }
-        let (mut log, mut sm) = open(&path).unwrap();
+        let raw = std::fs::read(&path).unwrap();
+        let has = |s: &str| raw.windows(s.len()).any(|w| w == s.as_bytes());
+        assert!(has(&secret(1)), "the plain entry is where it was written");
+        assert!(!has(&secret(3)), "a sealed entry is readable in the file");
+        let (mut log, mut sm) = open(&path, Some(key)).unwrap();
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 7)));
         assert_eq!(log.read_committed().await.unwrap(), Some(lid(3)));
         assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(lid(3)));
-        assert_eq!(log.try_get_log_entries(1..4).await.unwrap().len(), 3);
+        let entries = log.try_get_log_entries(1..4).await.unwrap();
+        assert_eq!(entries.len(), 3);
+        assert!(matches!(
+            &entries[2].payload,
+            EntryPayload::Normal(Command::RotateSecret { secret: s, .. }) if *s == secret(3)
+        ));
         let (applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(applied, Some(lid(3)));
         assert!(sm.get_current_snapshot().await.unwrap().is_some());
+        drop((log, sm));
+        // Without the key, the sealed parts say why they cannot be read.
+        match open(&path, None) {
+            Err(e) => assert!(e.to_string().contains("no data key"), "{e}"),
+            Ok((mut log, _)) => {
+                let e = log.try_get_log_entries(3..4).await.unwrap_err();
+                assert!(e.to_string().contains("no data key"), "{e}");
+            }
+        }
     }
 }
