@@ -796,7 +796,14 @@ impl Member {
             return Ok(());
         };
         let at = now_secs();
-        if n.role == NodeRole::Manager {
+        let manager = n.role == NodeRole::Manager;
+        // As in `node demote`: another manager leaves the voters while it can still
+        // acknowledge the change, before its role (which stops its Raft) is written.
+        let other = n.raft_id != node.raft_id;
+        if manager && other {
+            self.remove_voter(node, n.raft_id).await?;
+        }
+        if manager {
             self.write(
                 node,
                 Command::SetNodeRole {
@@ -817,7 +824,7 @@ impl Member {
         )
         .await?;
         self.dispatcher.forget(node_id);
-        if n.role == NodeRole::Manager {
+        if manager && !other {
             self.remove_voter(node, n.raft_id).await?;
         }
         Ok(())
@@ -987,6 +994,14 @@ impl Member {
                     )));
                 }
                 let (id, raft_id, name) = (n.id.clone(), n.raft_id, n.hostname.clone());
+                // Another manager leaves the voters first, while it still runs Raft and can
+                // acknowledge the change: once it learns its new role it stops Raft, and a
+                // membership change that still needed it (two managers) would never commit.
+                // The leader itself changes its role first: leaving the voters ends its lead.
+                let other = raft_id != node.raft_id;
+                if other {
+                    self.remove_voter(node, raft_id).await?;
+                }
                 self.write(
                     node,
                     Command::SetNodeRole {
@@ -996,7 +1011,9 @@ impl Member {
                     },
                 )
                 .await?;
-                self.remove_voter(node, raft_id).await?;
+                if !other {
+                    self.remove_voter(node, raft_id).await?;
+                }
                 Ok(json!({ "message": format!("Manager {name} demoted in the swarm.") }))
             }
             Request::NodeRm { node: key, force } => {
