@@ -271,6 +271,28 @@ pub fn field<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str().unwrap_or_default()
 }
 
+/// A running task of `svc` (the first `service ps` lists): its host's index (1-based) and
+/// its name.
+pub fn running_task(c: &Cluster, svc: &str) -> Result<(usize, String)> {
+    for t in service_ps(c.host(1), svc)? {
+        if field(&t, "CurrentState").starts_with("Running")
+            && field(&t, "DesiredState") == "Running"
+        {
+            let h = host_of(c, field(&t, "Node"))?;
+            return Ok((h.index(), field(&t, "Name").to_string()));
+        }
+    }
+    anyhow::bail!("no running task of {svc}")
+}
+
+/// The host a node name names.
+pub fn host_of<'a>(c: &'a Cluster, node: &str) -> Result<&'a Host> {
+    c.hosts()
+        .iter()
+        .find(|h| h.name() == node)
+        .with_context(|| format!("no host {node}"))
+}
+
 /// The rows of `svc`'s tasks that should run and do.
 pub fn running_tasks(h: &Host, svc: &str) -> Result<Vec<Value>> {
     Ok(service_ps(h, svc)?

@@ -13,29 +13,11 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use mesh_netns::registry::registry_cluster;
-use mesh_netns::swarm::{field, http_get, service_ps, task_exec, wait_tasks_running};
-use mesh_netns::{wait_for, Cluster};
+use mesh_netns::swarm::{field, http_get, running_task, service_ps, task_exec, wait_tasks_running};
+use mesh_netns::wait_for;
 use serde_json::Value;
-
-/// A running task of `svc` on host `h`'s node, by name (`svc.N`).
-fn local_task(c: &Cluster, svc: &str) -> Result<(usize, String)> {
-    for t in service_ps(c.host(1), svc)? {
-        if field(&t, "CurrentState").starts_with("Running")
-            && field(&t, "DesiredState") == "Running"
-        {
-            let node = field(&t, "Node");
-            let i = c
-                .hosts()
-                .iter()
-                .position(|h| h.name() == node)
-                .context("task on an unknown node")?;
-            return Ok((i + 1, field(&t, "Name").to_string()));
-        }
-    }
-    anyhow::bail!("no running task of {svc}")
-}
 
 #[test]
 fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
@@ -98,7 +80,7 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
     }
 
     // Inside a task: the image's root, not the host's.
-    let (i, task) = local_task(&c, "web")?;
+    let (i, task) = running_task(&c, "web")?;
     let h = c.host(i);
     ensure!(task_exec(h, &task, &["cat", "/etc/release"])? == "v1\n");
     let ls_root = task_exec(h, &task, &["ls", "/"])?;
@@ -137,7 +119,7 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
         "100000",
     ])?;
     wait_tasks_running(h1, "client", 1, Duration::from_secs(60))?;
-    let (ci, ctask) = local_task(&c, "client")?;
+    let (ci, ctask) = running_task(&c, "client")?;
     let ch = c.host(ci);
     let got = task_exec(
         ch,

@@ -14,29 +14,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use mesh_netns::registry::registry_cluster;
-use mesh_netns::swarm::{field, service_ps, task_exec, wait_tasks_running};
-use mesh_netns::{wait_for, Cluster};
+use mesh_netns::swarm::{field, host_of, running_task, service_ps, task_exec, wait_tasks_running};
+use mesh_netns::wait_for;
 use serde_json::Value;
-
-/// The running task of `svc` and the index of its host.
-fn running_task(c: &Cluster, svc: &str) -> Result<(usize, String)> {
-    for t in service_ps(c.host(1), svc)? {
-        if field(&t, "CurrentState").starts_with("Running")
-            && field(&t, "DesiredState") == "Running"
-        {
-            let node = field(&t, "Node");
-            let i = c
-                .hosts()
-                .iter()
-                .position(|h| h.name() == node)
-                .context("task on an unknown node")?;
-            return Ok((i + 1, field(&t, "Name").to_string()));
-        }
-    }
-    anyhow::bail!("no running task of {svc}")
-}
 
 /// Every regular file under `dir` whose content contains `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
@@ -295,11 +277,7 @@ fn a_new_leader_opens_the_secrets_of_the_old_one() -> Result<()> {
             continue;
         }
         let node = field(&t, "Node");
-        let h = c
-            .hosts()
-            .iter()
-            .find(|h| h.name() == node)
-            .context("task on an unknown node")?;
+        let h = host_of(&c, node)?;
         let got = task_exec(h, field(&t, "Name"), &["cat", "/run/secrets/token"])?;
         ensure!(got == "sealed-by-the-first-leader", "{got:?} on {node}");
     }

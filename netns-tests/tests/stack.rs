@@ -18,9 +18,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use mesh_netns::registry::registry_cluster;
-use mesh_netns::swarm::{field, http_get, running_tasks, wait_tasks_running};
+use mesh_netns::swarm::{field, host_of, http_get, running_tasks, wait_tasks_running};
 use mesh_netns::{wait_for, Cluster, Host};
 
 const COMPOSE: &str = r#"version: "3.8"
@@ -109,14 +109,6 @@ fn task_ids(h: &Host, svc: &str) -> Result<BTreeSet<String>> {
         .iter()
         .map(|t| field(t, "ID").to_string())
         .collect())
-}
-
-/// The host a task runs on, by node name.
-fn host_of<'a>(c: &'a Cluster, node: &str) -> Result<&'a Host> {
-    c.hosts()
-        .iter()
-        .find(|h| h.name() == node)
-        .with_context(|| format!("no host {node}"))
 }
 
 /// Writes `text` as `name` (with the `.env` naming the registry) in the cluster's dir.

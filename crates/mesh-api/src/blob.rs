@@ -88,6 +88,27 @@ pub struct Blob {
     pub updated_at: u64,
 }
 
+impl Blob {
+    /// As dockerd shows it (`docker secret inspect`, `GET /secrets/{id}`): a config with its
+    /// data, a secret never.
+    pub fn docker_json(&self) -> serde_json::Value {
+        use crate::human::rfc3339;
+        let mut spec = serde_json::json!({ "Name": self.spec.name, "Labels": self.spec.labels });
+        if self.kind == BlobKind::Config {
+            spec["Data"] = serde_json::json!(
+                base64::engine::general_purpose::STANDARD.encode(&self.spec.data)
+            );
+        }
+        serde_json::json!({
+            "ID": self.id,
+            "Version": { "Index": self.version },
+            "CreatedAt": rfc3339(self.created_at),
+            "UpdatedAt": rfc3339(self.updated_at),
+            "Spec": spec,
+        })
+    }
+}
+
 /// A service's use of a secret or config: `--secret source=NAME,target=T,uid=,gid=,mode=`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobReference {

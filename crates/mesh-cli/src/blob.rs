@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 use clap::Subcommand;
-use mesh_api::{human::rfc3339, human_duration, Blob, BlobKind, BlobSpec, Request};
-use serde_json::{json, Value};
+use mesh_api::{human_duration, Blob, BlobKind, BlobSpec, Request};
+use serde_json::Value;
 
 use crate::client::Client;
 use crate::{table, Failure, Format, Result};
@@ -77,7 +77,7 @@ pub fn run(c: &Client, kind: BlobKind, cmd: BlobCmd) -> Result<()> {
                     println!("{}", b.id);
                 }
             } else if format.format == Format::Json {
-                let out: Vec<Value> = list.iter().map(|b| docker_json(b, kind)).collect();
+                let out: Vec<Value> = list.iter().map(|b| b.docker_json()).collect();
                 println!("{}", serde_json::to_string(&out)?);
             } else {
                 let now = now_secs();
@@ -107,7 +107,7 @@ pub fn run(c: &Client, kind: BlobKind, cmd: BlobCmd) -> Result<()> {
             let mut failed = None;
             for name in names {
                 match c.call(Request::BlobInspect { kind, name }) {
-                    Ok(v) => out.push(docker_json(&serde_json::from_value(v)?, kind)),
+                    Ok(v) => out.push(serde_json::from_value::<Blob>(v)?.docker_json()),
                     Err(e) => failed = Some(e),
                 }
             }
@@ -145,32 +145,6 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
             _ => Err(Failure(format!("invalid label {l:?}"))),
         })
         .collect()
-}
-
-/// The object as `docker secret inspect` / `docker config inspect` print it.
-fn docker_json(b: &Blob, kind: BlobKind) -> Value {
-    let mut spec = json!({ "Name": b.spec.name, "Labels": b.spec.labels });
-    if kind == BlobKind::Config {
-        spec["Data"] = json!(base64_of(&b.spec.data));
-    }
-    json!({
-        "ID": b.id,
-        "Version": { "Index": b.version },
-        "CreatedAt": rfc3339(b.created_at),
-        "UpdatedAt": rfc3339(b.updated_at),
-        "Spec": spec,
-    })
-}
-
-fn base64_of(data: &[u8]) -> String {
-    // The same encoding as the API's (`mesh_api::blob::b64`).
-    serde_json::to_value(BlobSpec {
-        data: data.to_vec(),
-        ..Default::default()
-    })
-    .ok()
-    .and_then(|v| v["data"].as_str().map(str::to_string))
-    .unwrap_or_default()
 }
 
 fn now_secs() -> u64 {

@@ -8,7 +8,6 @@ use http::StatusCode;
 use mesh_api::{Blob, BlobKind, BlobSpec, Request};
 use serde_json::{json, Value};
 
-use crate::convert::rfc3339;
 use crate::server::{Call, EngineError, Reply};
 use crate::Backend;
 
@@ -24,7 +23,7 @@ pub async fn route(b: &dyn Backend, c: &Call, kind: BlobKind, rest: &[&str]) -> 
         ["create"] if post => create(b, c, kind).await,
         [id] if get => {
             let blob = inspect(b, kind, id).await?;
-            Ok(Reply::ok(docker_json(&blob)))
+            Ok(Reply::ok(blob.docker_json()))
         }
         [id] if delete => {
             call(
@@ -73,7 +72,7 @@ async fn ls(b: &dyn Backend, c: &Call, kind: BlobKind) -> Result<Reply> {
                 && f.any("names", |v| o.spec.name == v)
                 && f.labels("label", &o.spec.labels)
         })
-        .map(docker_json)
+        .map(Blob::docker_json)
         .collect();
     Ok(Reply::ok(out))
 }
@@ -143,19 +142,4 @@ async fn update(b: &dyn Backend, c: &Call, kind: BlobKind, id: &str) -> Result<R
     )
     .await?;
     Ok(Reply::Empty(StatusCode::OK))
-}
-
-/// The object as dockerd shows it.
-pub fn docker_json(b: &Blob) -> Value {
-    let mut spec = json!({ "Name": b.spec.name, "Labels": b.spec.labels });
-    if b.kind == BlobKind::Config {
-        spec["Data"] = json!(base64::engine::general_purpose::STANDARD.encode(&b.spec.data));
-    }
-    json!({
-        "ID": b.id,
-        "Version": { "Index": b.version },
-        "CreatedAt": rfc3339(b.created_at),
-        "UpdatedAt": rfc3339(b.updated_at),
-        "Spec": spec,
-    })
 }
