@@ -372,6 +372,24 @@ impl Host {
         self.run_cli(cmd, "mesh", args)
     }
 
+    /// [`Host::mesh`] with `input` on the CLI's stdin.
+    pub fn mesh_input(&self, args: &[&str], input: &str) -> Result<MeshOutput> {
+        let bins = binaries()?;
+        let mut cmd = Command::new(&bins.mesh);
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(args)
+            .env_remove("MESH_HOST");
+        let out =
+            crate::process::output_with_input(&mut cmd, MESH_CLI_TIMEOUT, Some(input.as_bytes()))
+                .with_context(|| format!("{}: mesh {}", self.name, args.join(" ")))?;
+        Ok(MeshOutput {
+            status: status_code(out.status),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
     /// Like [`Host::mesh`] but fails (with stdout and stderr in the message)
     /// unless the exit status is 0; returns stdout.
     pub fn mesh_ok(&self, args: &[&str]) -> Result<String> {

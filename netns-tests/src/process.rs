@@ -122,11 +122,31 @@ impl Collector {
 /// If it has not exited after `timeout`, it is SIGKILLed and an error
 /// (including the output so far) is returned.
 pub(crate) fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    output_with_input(cmd, timeout, None)
+}
+
+/// [`output_with_timeout`] with `input` written to the command's stdin (then closed).
+pub(crate) fn output_with_input(
+    cmd: &mut Command,
+    timeout: Duration,
+    input: Option<&[u8]>,
+) -> Result<Output> {
     let desc = describe(cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("spawning `{desc}`"))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write;
+        // Small inputs: the pipe's buffer takes them whole, so this cannot block.
+        stdin
+            .write_all(input)
+            .with_context(|| format!("writing to the stdin of `{desc}`"))?;
+    }
     let stdout = Collector::start(child.stdout.take());
     let stderr = Collector::start(child.stderr.take());
     let status = match wait_timeout(&mut child, timeout) {

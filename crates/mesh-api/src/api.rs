@@ -20,6 +20,29 @@ pub enum Request {
     SwarmInit {
         advertise_addr: Option<String>,
         listen_addr: Option<String>,
+        /// `--autolock`: the managers' keys are wrapped with an unlock key that is never
+        /// written to disk; a restarted manager stays locked until `swarm unlock`.
+        #[serde(default)]
+        autolock: bool,
+    },
+    /// `swarm unlock`: the unlock key (`SWMKEY-1-...`) of a locked manager.
+    SwarmUnlock {
+        key: String,
+    },
+    /// `swarm unlock-key [--rotate]`.
+    UnlockKey {
+        rotate: bool,
+    },
+    /// `swarm update`: each `Some` changes that cluster setting.
+    SwarmUpdate {
+        #[serde(default)]
+        autolock: Option<bool>,
+        #[serde(default)]
+        task_history_limit: Option<u32>,
+        #[serde(default)]
+        cert_expiry_secs: Option<u64>,
+        #[serde(default)]
+        dispatcher_heartbeat_ms: Option<u64>,
     },
     SwarmJoin {
         token: String,
@@ -290,6 +313,7 @@ impl Request {
                 | Request::SwarmInit { .. }
                 | Request::SwarmJoin { .. }
                 | Request::SwarmLeave { .. }
+                | Request::SwarmUnlock { .. }
                 | Request::Exec { .. }
                 | Request::VipLs
                 | Request::DnsQuery { .. }
@@ -322,6 +346,8 @@ pub enum ErrorKind {
     NoLeader,
     PermissionDenied,
     Unavailable,
+    /// A manager restarted with autolock on, before `swarm unlock`.
+    Locked,
     Internal,
 }
 
@@ -341,6 +367,9 @@ pub const NOT_MANAGER_MESSAGE: &str = "This node is not a swarm manager. Worker 
 
 /// Docker Swarm's words for a call that needs a swarm on a node outside one.
 pub const NOT_IN_SWARM_MESSAGE: &str = "This node is not a swarm manager. Use \"mesh swarm init\" or \"mesh swarm join\" to connect this node to swarm and try again.";
+
+/// Docker Swarm's words for a management call on a locked manager.
+pub const LOCKED_MESSAGE: &str = "Swarm is encrypted and needs to be unlocked before it can be used. Please use \"mesh swarm unlock\" to unlock it.";
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl fmt::Display) -> Self {
@@ -366,6 +395,9 @@ impl ApiError {
     }
     pub fn not_in_swarm() -> Self {
         Self::new(ErrorKind::NotInSwarm, NOT_IN_SWARM_MESSAGE)
+    }
+    pub fn locked() -> Self {
+        Self::new(ErrorKind::Locked, LOCKED_MESSAGE)
     }
 }
 

@@ -130,6 +130,54 @@ pub struct Cluster {
     /// Join-token secrets per role; rotating one invalidates the old token.
     pub worker_secret: String,
     pub manager_secret: String,
+    /// With autolock on, the unlock key (32 bytes, base64) that wraps each manager's data key
+    /// on its disk. It is only in the Raft store, itself sealed with the data key.
+    #[serde(default)]
+    pub unlock_key: Option<String>,
+    /// `swarm update` settings.
+    #[serde(default)]
+    pub settings: ClusterSettings,
+}
+
+/// The cluster settings `swarm update` changes (Docker's `SwarmSpec` parts mesh honours).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterSettings {
+    /// Ended tasks kept per slot (`--task-history-limit`).
+    pub task_history_limit: u32,
+    /// Validity of node certificates (`--cert-expiry`), seconds.
+    pub cert_expiry_secs: u64,
+    /// How often nodes report to the leader (`--dispatcher-heartbeat`), milliseconds.
+    pub dispatcher_heartbeat_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            task_history_limit: 5,
+            cert_expiry_secs: 90 * 24 * 3600,
+            dispatcher_heartbeat_ms: 500,
+        }
+    }
+}
+
+/// The unlock key as Docker prints it: `SWMKEY-1-` and the key in base64 without padding.
+pub fn human_unlock_key(key_b64: &str) -> String {
+    format!("SWMKEY-1-{}", key_b64.trim_end_matches('='))
+}
+
+/// The key bytes of a `SWMKEY-1-...` string.
+pub fn parse_unlock_key(s: &str) -> Option<Vec<u8>> {
+    unlock_key_bytes(s.trim().strip_prefix("SWMKEY-1-")?)
+}
+
+/// The key bytes of an unlock key in base64 (padded or not), if it is 32 bytes.
+pub fn unlock_key_bytes(b64: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(b64.trim_end_matches('='))
+        .ok()?;
+    (b.len() == 32).then_some(b)
 }
 
 /// One line of `mesh node ls`.
@@ -202,6 +250,10 @@ pub struct ClusterView {
     pub manager_token: String,
     /// The root CA certificate (PEM).
     pub ca_cert_pem: String,
+    #[serde(default)]
+    pub autolock: bool,
+    #[serde(default)]
+    pub settings: ClusterSettings,
 }
 
 /// Every object of the cluster as the leader's store holds it (`Request::Objects`): what the

@@ -174,6 +174,18 @@ impl RootCa {
         role: Role,
         cluster_id: &str,
     ) -> Result<String, CaError> {
+        self.sign_node_csr_valid_for(csr_pem, node_id, role, cluster_id, NODE_VALIDITY)
+    }
+
+    /// [`Self::sign_node_csr`] with the validity the cluster asks for (`--cert-expiry`).
+    pub fn sign_node_csr_valid_for(
+        &self,
+        csr_pem: &str,
+        node_id: &str,
+        role: Role,
+        cluster_id: &str,
+        validity: Duration,
+    ) -> Result<String, CaError> {
         if node_id.is_empty()
             || node_id.len() > 63
             || !node_id
@@ -212,7 +224,7 @@ impl RootCa {
         params.is_ca = IsCa::ExplicitNoCa;
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        set_validity(&mut params, NODE_VALIDITY)?;
+        set_validity(&mut params, validity)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer, &self.key)
             .map_err(CaError::Sign)?;

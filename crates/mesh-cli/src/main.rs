@@ -11,6 +11,7 @@ mod login;
 mod network;
 mod service;
 mod stack;
+mod swarm;
 mod table;
 
 use std::collections::BTreeMap;
@@ -131,9 +132,35 @@ enum SwarmCmd {
         /// Listen address (IP:PORT), default 0.0.0.0:2377.
         #[arg(long)]
         listen_addr: Option<String>,
-        /// Require an unlock key after a restart (not supported yet).
+        /// Enable manager autolocking (requiring an unlock key to start a stopped manager).
         #[arg(long)]
         autolock: bool,
+    },
+    /// Unlock a locked manager (the key is read from a prompt or stdin).
+    Unlock,
+    /// Manage the unlock key.
+    UnlockKey {
+        /// Only display the key.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Rotate the unlock key.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Update the swarm's settings.
+    Update {
+        /// Change manager autolocking setting (true|false).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        autolock: Option<bool>,
+        /// Validity period for node certificates (ns|us|ms|s|m|h), e.g. 2160h.
+        #[arg(long, value_name = "DURATION")]
+        cert_expiry: Option<String>,
+        /// Dispatcher heartbeat period (ns|us|ms|s|m|h).
+        #[arg(long, value_name = "DURATION")]
+        dispatcher_heartbeat: Option<String>,
+        /// Task history retention limit.
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        task_history_limit: Option<i64>,
     },
     /// Join a swarm as a worker or a manager, as the token says.
     Join {
@@ -269,7 +296,7 @@ fn print_info(v: &Value) {
     let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
     println!("Node name: {}", s("node_name"));
     println!("Swarm: {}", s("swarm"));
-    if s("swarm") == "active" {
+    if s("swarm") == "active" || s("swarm") == "locked" {
         println!(" NodeID: {}", s("node_id"));
         println!(" ClusterID: {}", s("cluster_id"));
         println!(" Role: {}", s("role"));
@@ -292,12 +319,10 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
             listen_addr,
             autolock,
         } => {
-            if autolock {
-                return Err(Failure("--autolock is not supported yet".into()));
-            }
             let v = c.call(Request::SwarmInit {
                 advertise_addr,
                 listen_addr,
+                autolock,
             })?;
             let id = v["node_id"].as_str().unwrap_or("");
             println!("Swarm initialized: current node ({id}) is now a manager.\n");
@@ -308,7 +333,25 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
                 v["addr"].as_str().unwrap_or("")
             );
             println!("To add a manager to this swarm, run 'mesh swarm join-token manager' and follow the instructions.");
+            if let Some(key) = v["unlock_key"].as_str() {
+                println!();
+                swarm::print_unlock_command(key);
+            }
         }
+        SwarmCmd::Unlock => swarm::unlock(c)?,
+        SwarmCmd::UnlockKey { quiet, rotate } => swarm::unlock_key(c, quiet, rotate)?,
+        SwarmCmd::Update {
+            autolock,
+            cert_expiry,
+            dispatcher_heartbeat,
+            task_history_limit,
+        } => swarm::update(
+            c,
+            autolock,
+            task_history_limit,
+            cert_expiry,
+            dispatcher_heartbeat,
+        )?,
         SwarmCmd::Join {
             token,
             advertise_addr,

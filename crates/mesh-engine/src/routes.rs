@@ -78,12 +78,17 @@ pub async fn route(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
         }
         ["swarm", "update"] if post => swarm_update(b, c).await,
         ["swarm", "unlockkey"] if get => {
-            objects(b).await?;
-            Err(EngineError::not_found("no unlock key is set"))
+            let v = call(b, Request::UnlockKey { rotate: false }).await?;
+            Ok(Reply::ok(
+                json!({"UnlockKey": v["key"].as_str().unwrap_or_default()}),
+            ))
         }
-        ["swarm", "unlock"] if post => Err(EngineError::bad(
-            "swarm is not locked (mesh does not support autolock yet)",
-        )),
+        ["swarm", "unlock"] if post => {
+            let v = c.json()?;
+            let key = str_field(&v, "UnlockKey").unwrap_or_default();
+            call(b, Request::SwarmUnlock { key }).await?;
+            Ok(Reply::Empty(StatusCode::OK))
+        }
         ["nodes"] if get => node_ls(b, c).await,
         ["nodes", id] if get => {
             let o = objects(b).await?;
@@ -369,18 +374,19 @@ async fn version() -> Result<Reply> {
     }))
 }
 
-/// The cluster settings mesh runs with, in `SwarmSpec`'s shape (read only but for the join
-/// tokens: `swarm update` refuses changes to them).
-fn swarm_spec() -> Value {
+/// The cluster settings mesh runs with, in `SwarmSpec`'s shape. `swarm update` changes the
+/// task history limit, the certificate expiry, the dispatcher heartbeat and autolock, and
+/// refuses changes to the others.
+fn swarm_spec(c: &mesh_api::ClusterView) -> Value {
     json!({
         "Name": "default",
         "Labels": {},
-        "Orchestration": {"TaskHistoryRetentionLimit": 5},
+        "Orchestration": {"TaskHistoryRetentionLimit": c.settings.task_history_limit},
         "Raft": {"SnapshotInterval": 10000, "KeepOldSnapshots": 0, "LogEntriesForSlowFollowers": 500, "ElectionTick": 10, "HeartbeatTick": 1},
-        "Dispatcher": {"HeartbeatPeriod": 5_000_000_000u64},
-        "CAConfig": {"NodeCertExpiry": 7_776_000_000_000_000u64},
+        "Dispatcher": {"HeartbeatPeriod": c.settings.dispatcher_heartbeat_ms * 1_000_000},
+        "CAConfig": {"NodeCertExpiry": c.settings.cert_expiry_secs * 1_000_000_000},
         "TaskDefaults": {},
-        "EncryptionConfig": {"AutoLockManagers": false},
+        "EncryptionConfig": {"AutoLockManagers": c.autolock},
     })
 }
 
@@ -390,7 +396,7 @@ fn cluster_json(o: &ClusterObjects) -> Value {
         "Version": {"Index": o.cluster.created_at.max(1)},
         "CreatedAt": rfc3339(o.cluster.created_at),
         "UpdatedAt": rfc3339(o.cluster.created_at),
-        "Spec": swarm_spec(),
+        "Spec": swarm_spec(&o.cluster),
         "TLSInfo": {"TrustRoot": o.cluster.ca_cert_pem},
         "RootRotationInProgress": false,
         "DataPathPort": 4789,
@@ -543,18 +549,17 @@ async fn swarm_init(b: &dyn Backend, c: &Call) -> Result<Reply> {
             "--force-new-cluster is not supported by mesh yet",
         ));
     }
-    if v.pointer("/Spec/EncryptionConfig/AutoLockManagers")
+    let autolock = v
+        .pointer("/Spec/EncryptionConfig/AutoLockManagers")
         .and_then(Value::as_bool)
         == Some(true)
-        || v.get("AutoLockManagers").and_then(Value::as_bool) == Some(true)
-    {
-        return Err(EngineError::bad("--autolock is not supported by mesh yet"));
-    }
+        || v.get("AutoLockManagers").and_then(Value::as_bool) == Some(true);
     let r = call(
         b,
         Request::SwarmInit {
             advertise_addr: str_field(&v, "AdvertiseAddr"),
             listen_addr: str_field(&v, "ListenAddr"),
+            autolock,
         },
     )
     .await?;
@@ -587,17 +592,52 @@ async fn swarm_join(b: &dyn Backend, c: &Call) -> Result<Reply> {
 
 async fn swarm_update(b: &dyn Backend, c: &Call) -> Result<Reply> {
     let v = c.json()?;
-    // Settings are not changeable yet: a spec that asks for other values is refused.
-    if let Some(path) = crate::spec::unkept_path(&v, &swarm_spec()) {
+    // A management call even when nothing changes: a worker answers "not a manager".
+    let o = objects(b).await?;
+    // The settings mesh keeps are taken from the spec; a change to any other is refused.
+    let u64_at = |p: &str| v.pointer(p).and_then(Value::as_u64);
+    let autolock = v
+        .pointer("/EncryptionConfig/AutoLockManagers")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let history = u64_at("/Orchestration/TaskHistoryRetentionLimit");
+    let expiry_ns = u64_at("/CAConfig/NodeCertExpiry").filter(|n| *n > 0);
+    let heartbeat_ns = u64_at("/Dispatcher/HeartbeatPeriod").filter(|n| *n > 0);
+    let mut kept = swarm_spec(&o.cluster);
+    kept["EncryptionConfig"]["AutoLockManagers"] = json!(autolock);
+    for (p, val) in [
+        ("/Orchestration/TaskHistoryRetentionLimit", history),
+        ("/CAConfig/NodeCertExpiry", expiry_ns),
+        ("/Dispatcher/HeartbeatPeriod", heartbeat_ns),
+    ] {
+        if let (Some(slot), Some(val)) = (kept.pointer_mut(p), val) {
+            *slot = json!(val);
+        }
+    }
+    if let Some(path) = crate::spec::unkept_path(&v, &kept) {
         return Err(EngineError::bad(format!(
             "invalid swarm spec: changing {path} is not supported by mesh (yet)"
         )));
     }
+    let s = &o.cluster.settings;
+    let changed = |new: Option<u64>, old: u64| new.filter(|n| *n != old);
+    call(
+        b,
+        Request::SwarmUpdate {
+            autolock: (autolock != o.cluster.autolock).then_some(autolock),
+            task_history_limit: changed(history, s.task_history_limit.into())
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            cert_expiry_secs: changed(expiry_ns.map(|n| n / 1_000_000_000), s.cert_expiry_secs),
+            dispatcher_heartbeat_ms: changed(
+                heartbeat_ns.map(|n| (n / 1_000_000).max(1)),
+                s.dispatcher_heartbeat_ms,
+            ),
+        },
+    )
+    .await?;
     if c.query.flag("rotateManagerUnlockKey") {
-        return Err(EngineError::bad("mesh does not support autolock yet"));
+        call(b, Request::UnlockKey { rotate: true }).await?;
     }
-    // A management call even when nothing is rotated: a worker answers "not a manager".
-    objects(b).await?;
     for (flag, role) in [
         ("rotateWorkerToken", NodeRole::Worker),
         ("rotateManagerToken", NodeRole::Manager),

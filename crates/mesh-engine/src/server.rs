@@ -86,6 +86,7 @@ impl From<ApiError> for EngineError {
             | ErrorKind::AlreadyInSwarm
             | ErrorKind::NotManager
             | ErrorKind::NoLeader
+            | ErrorKind::Locked
             | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         };
         // The local API's words name the mesh CLI; the Engine API's clients run docker.

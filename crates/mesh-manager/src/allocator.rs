@@ -457,6 +457,8 @@ mod tests {
             ca_key_pem: String::new(),
             worker_secret: String::new(),
             manager_secret: String::new(),
+            unlock_key: None,
+            settings: Default::default(),
         };
         let ok = |r| assert_eq!(r, CommandResult::Ok);
         ok(s.apply(&Command::InitCluster {

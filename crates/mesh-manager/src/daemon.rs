@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, Mutex, RwLock};
 use tracing::{info, warn};
 
 use crate::agent::Agent;
+use crate::datakey::DataKey;
 use crate::local::{self, LocalState};
-use crate::member::{now_secs, Member, MemberEvent};
+use crate::member::{now_secs, Keys, Member, MemberEvent};
 use crate::peer::{JoinRequest, PeerRequest, PeerResponse};
 use crate::runtime::{Images, NetworkPlane, Runtime};
 use crate::state::Command;
@@ -44,7 +45,10 @@ pub struct DaemonConfig {
 pub struct Daemon {
     cfg: DaemonConfig,
     member: RwLock<Option<Arc<Member>>>,
-    /// Serializes init, join and leave.
+    /// A manager that restarted with autolock on and waits for `swarm unlock`: its state,
+    /// which it cannot use until then (its data key is wrapped with the unlock key).
+    locked: RwLock<Option<LocalState>>,
+    /// Serializes init, join, unlock and leave.
     lifecycle: Mutex<()>,
     events: mpsc::UnboundedSender<MemberEvent>,
 }
@@ -66,22 +70,41 @@ impl Daemon {
         let daemon = Arc::new(Daemon {
             cfg,
             member: RwLock::new(None),
+            locked: RwLock::new(None),
             lifecycle: Mutex::new(()),
             events: tx,
         });
         if let Some(local) = LocalState::load(&daemon.cfg.data_dir).map_err(ApiError::internal)? {
-            info!(node_id = local.node_id, role = %local.role, "resuming swarm membership");
-            let listener = bind(&local.listen_addr).await?;
-            let member = Member::start(
-                daemon.cfg.data_dir.clone(),
-                local,
-                listener,
-                false,
-                daemon.events.clone(),
-                daemon.new_agent(),
-            )
-            .await?;
-            *daemon.member.write().await = Some(member);
+            if local.role == NodeRole::Manager && DataKey::is_locked(&daemon.cfg.data_dir) {
+                warn!(
+                    node_id = local.node_id,
+                    "swarm is locked: this manager waits for \"mesh swarm unlock\""
+                );
+                *daemon.locked.write().await = Some(local);
+            } else {
+                info!(node_id = local.node_id, role = %local.role, "resuming swarm membership");
+                let keys = DataKey::load(&daemon.cfg.data_dir)?.map(|dek| Keys {
+                    dek,
+                    wrapped_with: None,
+                });
+                let mut local = local;
+                if let Some(k) = &keys {
+                    if !local.key_is_sealed() {
+                        // Files of an earlier version: the key is wrapped now (the TLS key
+                        // is sealed by the member once it runs).
+                        k.dek.save(&daemon.cfg.data_dir, None)?;
+                    }
+                }
+                if local.key_is_sealed() {
+                    let k = keys.as_ref().ok_or_else(|| {
+                        ApiError::internal(
+                            "the node's TLS key is sealed and this node has no data key",
+                        )
+                    })?;
+                    local.open_key(&k.dek)?;
+                }
+                daemon.resume(local, keys).await?;
+            }
         }
         let weak = Arc::downgrade(&daemon);
         tokio::spawn(async move {
@@ -99,6 +122,51 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Starts the member of a node that was in a swarm when the daemon stopped.
+    async fn resume(&self, local: LocalState, keys: Option<Keys>) -> Result<(), ApiError> {
+        let listener = bind(&local.listen_addr).await?;
+        let member = Member::start(
+            self.cfg.data_dir.clone(),
+            local,
+            listener,
+            false,
+            self.events.clone(),
+            self.new_agent(),
+            keys,
+        )
+        .await?;
+        *self.member.write().await = Some(member);
+        Ok(())
+    }
+
+    /// `swarm unlock`: opens the data key with the unlock key and starts the member.
+    async fn unlock(&self, key: String) -> Response {
+        let _g = self.lifecycle.lock().await;
+        let Some(mut local) = self.locked.read().await.clone() else {
+            return Err(if self.member().await.is_some() {
+                ApiError::invalid("swarm is not locked")
+            } else {
+                ApiError::new(ErrorKind::NotInSwarm, "This node is not part of a swarm")
+            });
+        };
+        let dek = DataKey::unlock(&self.cfg.data_dir, &key)?;
+        let wrapped_with = mesh_api::parse_unlock_key(&key);
+        local.open_key(&dek)?;
+        self.resume(local, Some(Keys { dek, wrapped_with })).await?;
+        *self.locked.write().await = None;
+        info!("swarm unlocked");
+        Ok(json!({ "unlocked": true }))
+    }
+
+    /// The error a call needing the swarm gets on a node without a running member.
+    async fn no_member(&self) -> ApiError {
+        if self.locked.read().await.is_some() {
+            ApiError::locked()
+        } else {
+            ApiError::not_in_swarm()
+        }
+    }
+
     fn new_agent(&self) -> Arc<Agent> {
         Agent::new(
             self.cfg.runtime.clone(),
@@ -114,7 +182,9 @@ impl Daemon {
         if argv.is_empty() {
             return Err(ApiError::invalid("exec needs a command"));
         }
-        let member = self.member().await.ok_or_else(ApiError::not_in_swarm)?;
+        let Some(member) = self.member().await else {
+            return Err(self.no_member().await);
+        };
         let assigned = member.agent.assigned_tasks();
         let rt = self.cfg.runtime.clone();
         let local: Vec<String> = tokio::task::spawn_blocking(move || {
@@ -201,7 +271,9 @@ impl Daemon {
             Request::SwarmInit {
                 advertise_addr,
                 listen_addr,
-            } => self.init(advertise_addr, listen_addr).await,
+                autolock,
+            } => self.init(advertise_addr, listen_addr, autolock).await,
+            Request::SwarmUnlock { key } => self.unlock(key).await,
             Request::SwarmJoin {
                 token,
                 remote,
@@ -472,7 +544,9 @@ impl Daemon {
 
     /// This node's member, if it is a manager (else the error a management call gets).
     async fn manager(&self) -> Result<Arc<Member>, ApiError> {
-        let member = self.member().await.ok_or_else(ApiError::not_in_swarm)?;
+        let Some(member) = self.member().await else {
+            return Err(self.no_member().await);
+        };
         if member.local().role != NodeRole::Manager || member.raft().await.is_none() {
             return Err(ApiError::not_manager());
         }
@@ -510,6 +584,14 @@ impl Daemon {
             ..Default::default()
         };
         let Some(member) = self.member().await else {
+            if let Some(local) = self.locked.read().await.as_ref() {
+                info.swarm = "locked".into();
+                info.node_id = Some(local.node_id.clone());
+                info.cluster_id = Some(local.cluster_id.clone());
+                info.role = Some(local.role);
+                info.node_addr = Some(local.advertise_addr.clone());
+                info.managers = local.managers.clone();
+            }
             return info;
         };
         let local = member.local();
@@ -577,9 +659,14 @@ impl Daemon {
         Ok((advertise, listen))
     }
 
-    async fn init(&self, advertise_addr: Option<String>, listen_addr: Option<String>) -> Response {
+    async fn init(
+        &self,
+        advertise_addr: Option<String>,
+        listen_addr: Option<String>,
+        autolock: bool,
+    ) -> Response {
         let _g = self.lifecycle.lock().await;
-        if self.member().await.is_some() {
+        if self.member().await.is_some() || self.locked.read().await.is_some() {
             return Err(already_in_swarm());
         }
         let (advertise, listen) = self.addrs(advertise_addr, listen_addr)?;
@@ -601,13 +688,21 @@ impl Daemon {
             ca_cert_pem: ca.cert_pem().to_string(),
             cert_pem,
             key_pem: key.key_pem().to_string(),
+            key_sealed: None,
             advertise_addr: advertise.to_string(),
             listen_addr: listen.to_string(),
             managers: vec![advertise.to_string()],
         };
         // A half-done earlier init may have left a raft store: start clean.
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-        let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
+        let unlock_key = if autolock {
+            Some(crate::member::new_unlock_key()?)
+        } else {
+            None
+        };
+        let wrapped_with = unlock_key.as_deref().and_then(mesh_api::unlock_key_bytes);
+        let dek = DataKey::generate()?;
+        dek.save(&self.cfg.data_dir, wrapped_with.as_deref())?;
         let member = Member::start(
             self.cfg.data_dir.clone(),
             local.clone(),
@@ -615,6 +710,7 @@ impl Daemon {
             true,
             self.events.clone(),
             self.new_agent(),
+            Some(Keys { dek, wrapped_with }),
         )
         .await?;
         let now = now_secs();
@@ -625,6 +721,8 @@ impl Daemon {
             ca_key_pem: ca.key_pem().to_string(),
             worker_secret: mesh_ca::new_secret(),
             manager_secret: mesh_ca::new_secret(),
+            unlock_key: unlock_key.clone(),
+            settings: Default::default(),
         };
         let node = mesh_api::Node {
             id: node_id.clone(),
@@ -673,8 +771,7 @@ impl Daemon {
             }
         }
         .await;
-        if let Err(e) = res.and_then(|_| local.save(&self.cfg.data_dir).map_err(ApiError::internal))
-        {
+        if let Err(e) = res.and_then(|_| member.persist_local()) {
             member.stop().await;
             let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
             let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
@@ -682,9 +779,12 @@ impl Daemon {
         }
         *self.member.write().await = Some(member);
         info!(node_id, "swarm initialized");
-        Ok(
-            json!({ "node_id": node_id, "worker_token": worker_token, "addr": advertise.to_string() }),
-        )
+        Ok(json!({
+            "node_id": node_id,
+            "worker_token": worker_token,
+            "addr": advertise.to_string(),
+            "unlock_key": unlock_key.map(|k| mesh_api::human_unlock_key(&k)),
+        }))
     }
 
     async fn join(
@@ -695,7 +795,7 @@ impl Daemon {
         listen_addr: Option<String>,
     ) -> Response {
         let _g = self.lifecycle.lock().await;
-        if self.member().await.is_some() {
+        if self.member().await.is_some() || self.locked.read().await.is_some() {
             return Err(already_in_swarm());
         }
         let parsed = JoinToken::parse(&token).map_err(ApiError::invalid)?;
@@ -756,6 +856,7 @@ impl Daemon {
             ca_cert_pem: accept.ca_cert_pem,
             cert_pem: accept.cert_pem,
             key_pem: key.key_pem().to_string(),
+            key_sealed: None,
             advertise_addr: advertise.to_string(),
             listen_addr: listen.to_string(),
             managers,
@@ -770,6 +871,7 @@ impl Daemon {
             false,
             self.events.clone(),
             self.new_agent(),
+            None,
         )
         .await?;
         if accept.role == NodeRole::Manager {
@@ -784,6 +886,16 @@ impl Daemon {
     }
 
     async fn leave(&self, force: bool) -> Response {
+        if self.locked.read().await.is_some() {
+            // As Docker: a locked manager can only be forced out (its state is wiped).
+            if !force {
+                return Err(ApiError::invalid(
+                    "You are attempting to leave the swarm on a node that is participating as a manager. The swarm is locked on this node, so its state cannot be read. Use `--force` to ignore this message.",
+                ));
+            }
+            self.leave_local().await?;
+            return Ok(json!({ "message": "Node left the swarm." }));
+        }
         let member = self.member().await.ok_or_else(|| {
             ApiError::new(ErrorKind::NotInSwarm, "This node is not part of a swarm")
         })?;
@@ -827,6 +939,7 @@ impl Daemon {
         if let Some(m) = self.member.write().await.take() {
             m.stop().await;
         }
+        *self.locked.write().await = None;
         LocalState::remove(&self.cfg.data_dir).map_err(ApiError::internal)?;
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
         let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));

@@ -1,16 +1,26 @@
-//! The managers' data key: 32 random bytes in `DATA_DIR/data.key` (0600), never in the Raft
-//! log. It seals (AES-256-GCM, a fresh random nonce each time) the Raft store's log entries
-//! and snapshots on disk (see `storage`), the data of secrets and the registry credentials
-//! kept with services. Made at `swarm init`; every other manager fetches it over mutual TLS
-//! from one that has it (answered to nodes the store says are managers) before it starts its
-//! Raft instance; removed on leave and demotion. Until autolock wraps it (issue 15) it sits
-//! beside the store: it protects copies of the store alone, as swarmkit's unwrapped DEK does.
+//! The managers' data key (DEK): 32 random bytes that never enter the Raft log. It seals
+//! (AES-256-GCM, a fresh random nonce each time) the Raft store's log entries and snapshots on
+//! disk (see `storage`), the data of secrets and the registry credentials kept with services.
+//! Made at `swarm init`; every other manager fetches it over mutual TLS from one that has it
+//! (answered to nodes the store says are managers) before it starts its Raft instance;
+//! removed on leave and demotion.
+//!
+//! On disk (`DATA_DIR/data.key`, 0600) the DEK is **wrapped** by a key-encryption key (KEK),
+//! as swarmkit does. Without autolock the KEK is written beside it, which protects copies of
+//! the Raft store alone. With autolock the KEK is the cluster's unlock key (`SWMKEY-1-...`),
+//! which is never written to a disk: a restarted manager cannot open its store, its secrets or
+//! its TLS key until `swarm unlock` gives it the key. Each manager re-wraps its DEK when the
+//! cluster's unlock key changes (autolock turned on or off, `unlock-key --rotate`); one that was
+//! down meanwhile still opens with the key it was wrapped with, and re-wraps once it has caught
+//! up, so the old key keeps working until every manager has the new one.
 
 use std::path::Path;
 
-use mesh_api::ApiError;
+use base64::Engine as _;
+use mesh_api::{ApiError, ErrorKind};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
 
 /// The key's file in a manager's data directory.
 pub const KEY_FILE: &str = "data.key";
@@ -44,21 +54,70 @@ impl DataKey {
         &self.0
     }
 
-    /// The key in `dir`, if it is there.
+    /// The key in `dir`, if it is there and wrapped with a key kept beside it. A key wrapped
+    /// with the unlock key gives [`ErrorKind::Locked`].
     pub fn load(dir: &Path) -> Result<Option<DataKey>, ApiError> {
-        match std::fs::read(dir.join(KEY_FILE)) {
-            Ok(b) => DataKey::from_bytes(&b)
-                .map(Some)
-                .ok_or_else(|| ApiError::internal(format!("{KEY_FILE} is damaged"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(ApiError::internal(format!("cannot read {KEY_FILE}: {e}"))),
+        match read_file(dir)? {
+            None => Ok(None),
+            Some(Stored::Legacy(k)) => Ok(Some(k)),
+            Some(Stored::Wrapped(f)) => match &f.kek {
+                None => Err(ApiError::locked()),
+                Some(kek) => {
+                    let kek = DataKey::from_bytes(&b64(kek)?).ok_or_else(damaged)?;
+                    f.open(&kek).map(Some).ok_or_else(damaged)
+                }
+            },
         }
     }
 
-    /// Writes the key in `dir` (mode 0600, atomically).
-    pub fn save(&self, dir: &Path) -> Result<(), ApiError> {
+    /// Whether `dir` holds a key wrapped with the unlock key (the manager starts locked).
+    pub fn is_locked(dir: &Path) -> bool {
+        matches!(
+            read_file(dir),
+            Ok(Some(Stored::Wrapped(KeyFile { kek: None, .. })))
+        )
+    }
+
+    /// The key in `dir`, unwrapped with the unlock key `key` (`SWMKEY-1-...`). A wrong key,
+    /// or a key not wrapped with any, is refused with Docker's words.
+    pub fn unlock(dir: &Path, key: &str) -> Result<DataKey, ApiError> {
+        let invalid = || {
+            ApiError::new(
+                ErrorKind::InvalidArgument,
+                "swarm could not be unlocked: invalid key provided",
+            )
+        };
+        let kek = mesh_api::parse_unlock_key(key)
+            .and_then(|b| DataKey::from_bytes(&b))
+            .ok_or_else(invalid)?;
+        match read_file(dir)? {
+            Some(Stored::Wrapped(f)) if f.kek.is_none() => f.open(&kek).ok_or_else(invalid),
+            _ => Err(ApiError::invalid("swarm is not locked")),
+        }
+    }
+
+    /// Writes the key in `dir` (mode 0600, atomically), wrapped with the unlock key when one
+    /// is given (raw 32 bytes), else with a fresh key-encryption key written beside it.
+    pub fn save(&self, dir: &Path, unlock_key: Option<&[u8]>) -> Result<(), ApiError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
+        let (kek, beside) = match unlock_key {
+            Some(k) => (
+                DataKey::from_bytes(k).ok_or_else(|| ApiError::internal("a bad unlock key"))?,
+                None,
+            ),
+            None => {
+                let k = DataKey::generate()?;
+                let b = B64.encode(k.bytes());
+                (k, Some(b))
+            }
+        };
+        let file = KeyFile {
+            version: 2,
+            kek: beside,
+            dek: B64.encode(kek.seal(&self.0)?),
+        };
+        let bytes = serde_json::to_vec(&file).map_err(ApiError::internal)?;
         let tmp = dir.join(format!("{KEY_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new()
@@ -67,9 +126,10 @@ impl DataKey {
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            f.write_all(&self.0)?;
+            f.write_all(&bytes)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, dir.join(KEY_FILE))
+            std::fs::rename(&tmp, dir.join(KEY_FILE))?;
+            std::fs::File::open(dir)?.sync_all()
         };
         write().map_err(|e| ApiError::internal(format!("cannot write {KEY_FILE}: {e}")))
     }
@@ -113,6 +173,55 @@ impl DataKey {
     }
 }
 
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// `data.key` as written since autolock: the DEK sealed with the KEK, and the KEK itself
+/// when autolock is off.
+#[derive(Serialize, Deserialize)]
+struct KeyFile {
+    version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kek: Option<String>,
+    dek: String,
+}
+
+impl KeyFile {
+    fn open(&self, kek: &DataKey) -> Option<DataKey> {
+        let sealed = B64.decode(&self.dek).ok()?;
+        DataKey::from_bytes(&kek.unseal(&sealed).ok()?)
+    }
+}
+
+enum Stored {
+    /// 32 raw bytes, as written before the key was wrapped.
+    Legacy(DataKey),
+    Wrapped(KeyFile),
+}
+
+fn damaged() -> ApiError {
+    ApiError::internal(format!("{KEY_FILE} is damaged"))
+}
+
+fn b64(s: &str) -> Result<Vec<u8>, ApiError> {
+    B64.decode(s).map_err(|_| damaged())
+}
+
+fn read_file(dir: &Path) -> Result<Option<Stored>, ApiError> {
+    let b = match std::fs::read(dir.join(KEY_FILE)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ApiError::internal(format!("cannot read {KEY_FILE}: {e}"))),
+    };
+    if b.len() == 32 {
+        return Ok(Some(Stored::Legacy(
+            DataKey::from_bytes(&b).ok_or_else(damaged)?,
+        )));
+    }
+    serde_json::from_slice(&b)
+        .map(|f| Some(Stored::Wrapped(f)))
+        .map_err(|_| damaged())
+}
+
 /// Whether `data` is sealed by [`DataKey::seal`] (else it is plain, as written before the
 /// store was sealed).
 pub fn is_sealed(data: &[u8]) -> bool {
@@ -122,6 +231,57 @@ pub fn is_sealed(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_file_is_wrapped_beside_or_with_the_unlock_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let dek = DataKey::generate().unwrap();
+        dek.save(dir.path(), None).unwrap();
+        let raw = std::fs::read(dir.path().join(KEY_FILE)).unwrap();
+        assert!(!raw.windows(32).any(|w| w == dek.bytes()), "never plain");
+        assert!(!DataKey::is_locked(dir.path()));
+        assert_eq!(
+            DataKey::load(dir.path()).unwrap().unwrap().bytes(),
+            dek.bytes()
+        );
+
+        let unlock = DataKey::generate().unwrap();
+        let human = mesh_api::human_unlock_key(&B64.encode(unlock.bytes()));
+        dek.save(dir.path(), Some(unlock.bytes())).unwrap();
+        let raw = std::fs::read_to_string(dir.path().join(KEY_FILE)).unwrap();
+        assert!(
+            !raw.contains(&B64.encode(unlock.bytes())),
+            "the unlock key is not written"
+        );
+        assert!(DataKey::is_locked(dir.path()));
+        assert_eq!(
+            DataKey::load(dir.path()).unwrap_err().kind,
+            ErrorKind::Locked
+        );
+        assert_eq!(
+            DataKey::unlock(dir.path(), &human).unwrap().bytes(),
+            dek.bytes()
+        );
+        let other = mesh_api::human_unlock_key(&B64.encode(DataKey::generate().unwrap().bytes()));
+        for wrong in [other.as_str(), "wrong-secret-key", "SWMKEY-1-abc", ""] {
+            let e = DataKey::unlock(dir.path(), wrong).unwrap_err();
+            assert_eq!(
+                e.message,
+                "swarm could not be unlocked: invalid key provided"
+            );
+        }
+    }
+
+    #[test]
+    fn a_legacy_key_file_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let dek = DataKey::generate().unwrap();
+        std::fs::write(dir.path().join(KEY_FILE), dek.bytes()).unwrap();
+        assert_eq!(
+            DataKey::load(dir.path()).unwrap().unwrap().bytes(),
+            dek.bytes()
+        );
+    }
 
     #[test]
     fn sealing_round_trips_and_hides_the_data() {

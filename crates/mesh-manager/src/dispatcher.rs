@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How often nodes send a heartbeat.
+/// How often nodes send a heartbeat, until the cluster's `--dispatcher-heartbeat` says.
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(500);
-/// A node not heard from for this long is marked Down.
+/// A node not heard from for this many heartbeat periods is marked Down.
+pub const DOWN_AFTER_PERIODS: u32 = 4;
+/// A node not heard from for this long is marked Down (with the default period).
 pub const DOWN_AFTER: Duration = Duration::from_millis(2000);
 
 /// Last heartbeat per node ID, and when this manager last became leader.
@@ -21,6 +23,14 @@ pub struct Dispatcher {
 struct Inner {
     seen: HashMap<String, Instant>,
     leader_since: Option<Instant>,
+    /// The heartbeat period the cluster asks for (`None`: [`HEARTBEAT_PERIOD`]).
+    period: Option<Duration>,
+}
+
+impl Inner {
+    fn down_after(&self) -> Duration {
+        self.period.map_or(DOWN_AFTER, |p| p * DOWN_AFTER_PERIODS)
+    }
 }
 
 /// What the monitor should write for a node.
@@ -33,6 +43,16 @@ pub enum Verdict {
 }
 
 impl Dispatcher {
+    /// Sets the heartbeat period nodes are told to keep (the cluster's setting).
+    pub fn set_period(&self, period: Duration) {
+        self.lock().period = Some(period);
+    }
+
+    /// How long silence lasts before a node is Down: [`DOWN_AFTER_PERIODS`] periods.
+    pub fn down_after(&self) -> Duration {
+        self.lock().down_after()
+    }
+
     pub fn beat(&self, node_id: &str) {
         self.lock().seen.insert(node_id.to_string(), Instant::now());
     }
@@ -49,22 +69,21 @@ impl Dispatcher {
         g.seen.clear();
     }
 
-    /// Whether the node was heard from within [`DOWN_AFTER`].
+    /// Whether the node was heard from within [`Self::down_after`].
     pub fn fresh(&self, node_id: &str) -> bool {
-        self.lock()
-            .seen
+        let g = self.lock();
+        g.seen
             .get(node_id)
-            .is_some_and(|t| t.elapsed() < DOWN_AFTER)
+            .is_some_and(|t| t.elapsed() < g.down_after())
     }
 
     /// Like [`Self::fresh`], but a node not heard from yet counts as fresh during the grace
     /// period that follows an election.
     pub fn fresh_or_grace(&self, node_id: &str) -> bool {
-        self.fresh(node_id)
-            || self
-                .lock()
-                .leader_since
-                .is_some_and(|t| t.elapsed() < DOWN_AFTER)
+        self.fresh(node_id) || {
+            let g = self.lock();
+            g.leader_since.is_some_and(|t| t.elapsed() < g.down_after())
+        }
     }
 
     /// Decides a node's status from its last heartbeat, given its replicated readiness.
@@ -73,7 +92,7 @@ impl Dispatcher {
         let seen = g.seen.get(node_id).copied();
         let since = g.leader_since.unwrap_or(now);
         let last = seen.unwrap_or(since);
-        let fresh = now.saturating_duration_since(last) < DOWN_AFTER;
+        let fresh = now.saturating_duration_since(last) < g.down_after();
         match (ready, fresh, seen.is_some()) {
             (true, true, _) => Verdict::StillReady,
             (true, false, _) => Verdict::NowDown,

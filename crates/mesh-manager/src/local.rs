@@ -1,5 +1,6 @@
 //! What a node keeps about itself in `--data-dir`: identity, certificates, role and the managers
-//! it knows. Written atomically (temporary file, fsync, rename, fsync of the directory), so a
+//! it knows. A manager's TLS key is written sealed with its data key (see `datakey`), so a
+//! locked manager's disk holds no usable identity either. Written atomically (temporary file, fsync, rename, fsync of the directory), so a
 //! daemon killed mid-write finds either the old or the new file, never a torn one.
 
 use std::fs;
@@ -39,7 +40,11 @@ pub struct LocalState {
     pub raft_id: u64,
     pub ca_cert_pem: String,
     pub cert_pem: String,
+    /// The node's TLS key (PEM). Empty on a manager's disk, where `key_sealed` holds it.
     pub key_pem: String,
+    /// The TLS key sealed with the data key (base64), on a manager's disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sealed: Option<String>,
     /// Control address this node advertises (`IP:PORT`).
     pub advertise_addr: String,
     /// Address the control port listens on.
@@ -67,9 +72,50 @@ impl LocalState {
         }
     }
 
+    /// Writes the state with the TLS key in the clear (a worker's).
     pub fn save(&self, data_dir: &Path) -> Result<(), LocalError> {
-        let bytes = serde_json::to_vec_pretty(self).expect("local state serializes");
+        let mut plain = self.clone();
+        plain.key_sealed = None;
+        let bytes = serde_json::to_vec_pretty(&plain).expect("local state serializes");
         write_atomic(&Self::path(data_dir), &bytes)
+    }
+
+    /// Writes the state with the TLS key sealed with the data key (a manager's).
+    pub fn save_sealed(
+        &self,
+        data_dir: &Path,
+        dek: &crate::datakey::DataKey,
+    ) -> Result<(), mesh_api::ApiError> {
+        use base64::Engine as _;
+        let mut sealed = self.clone();
+        sealed.key_sealed = Some(
+            base64::engine::general_purpose::STANDARD.encode(dek.seal(self.key_pem.as_bytes())?),
+        );
+        sealed.key_pem = String::new();
+        let bytes = serde_json::to_vec_pretty(&sealed).expect("local state serializes");
+        write_atomic(&Self::path(data_dir), &bytes).map_err(mesh_api::ApiError::internal)
+    }
+
+    /// Whether the TLS key was read sealed and waits for [`Self::open_key`].
+    pub fn key_is_sealed(&self) -> bool {
+        self.key_sealed.is_some()
+    }
+
+    /// Opens a sealed TLS key with the data key.
+    pub fn open_key(&mut self, dek: &crate::datakey::DataKey) -> Result<(), mesh_api::ApiError> {
+        use base64::Engine as _;
+        let Some(sealed) = self.key_sealed.take() else {
+            return Ok(());
+        };
+        let bad = || {
+            mesh_api::ApiError::internal("the node's TLS key cannot be opened with the data key")
+        };
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .map_err(|_| bad())?;
+        let plain = dek.unseal(&b).map_err(|_| bad())?;
+        self.key_pem = String::from_utf8(plain).map_err(|_| bad())?;
+        Ok(())
     }
 
     pub fn remove(data_dir: &Path) -> Result<(), LocalError> {

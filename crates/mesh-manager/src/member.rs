@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::{assigned_to, assignments_digest, ended_on, now_ms, Agent, POLL_HOLD};
 use crate::datakey::DataKey;
-use crate::dispatcher::{Dispatcher, Verdict, DOWN_AFTER, HEARTBEAT_PERIOD};
+use crate::dispatcher::{Dispatcher, Verdict, HEARTBEAT_PERIOD};
 use crate::local::LocalState;
 use crate::network::Network;
 use crate::orchestrator::Orchestrator;
@@ -98,8 +98,29 @@ pub(crate) struct Member {
     tasks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
     pub agent: Arc<Agent>,
     orchestrator: tokio::sync::Mutex<Orchestrator>,
-    /// One fetch or creation of the data key at a time.
+    /// One fetch, creation, re-wrap or removal of the data key at a time.
     data_key_lock: tokio::sync::Mutex<()>,
+    /// The data key once opened, and the unlock key its file is wrapped with (`None`: a key
+    /// kept beside it). With autolock the key file cannot be opened without the unlock key,
+    /// so the open key lives here for the daemon's life.
+    keys: StdMutex<Option<Keys>>,
+    /// Whether `node.json` was written with the TLS key sealed since this member started.
+    tls_key_sealed: std::sync::atomic::AtomicBool,
+}
+
+/// A manager's open data key and how its file is wrapped.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    pub dek: DataKey,
+    pub wrapped_with: Option<Vec<u8>>,
+}
+
+/// A new unlock key (32 random bytes, base64), as `swarm init --autolock`, `swarm update
+/// --autolock=true` and `unlock-key --rotate` make.
+pub(crate) fn new_unlock_key() -> Result<String, ApiError> {
+    use base64::Engine as _;
+    let k = DataKey::generate()?;
+    Ok(base64::engine::general_purpose::STANDARD_NO_PAD.encode(k.bytes()))
 }
 
 /// How long a manager without the data key asks the others for it before its Raft
@@ -120,6 +141,7 @@ impl Member {
         init: bool,
         events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
         agent: Arc<Agent>,
+        keys: Option<Keys>,
     ) -> Result<Arc<Member>, ApiError> {
         let tls = NodeTls {
             ca_cert_pem: local.ca_cert_pem.clone(),
@@ -137,6 +159,8 @@ impl Member {
             raft: RwLock::new(None),
             dispatcher: Dispatcher::default(),
             data_key_lock: tokio::sync::Mutex::new(()),
+            keys: StdMutex::new(keys),
+            tls_key_sealed: std::sync::atomic::AtomicBool::new(false),
             shutdown,
             clients: StdMutex::new(HashMap::new()),
             next_client: std::sync::atomic::AtomicUsize::new(0),
@@ -145,9 +169,6 @@ impl Member {
             agent: agent.clone(),
             orchestrator: tokio::sync::Mutex::new(Orchestrator::default()),
         });
-        if init {
-            DataKey::generate()?.save(&member.data_dir)?;
-        }
         if is_manager {
             member.start_raft(init).await?;
         }
@@ -157,6 +178,7 @@ impl Member {
         let serve = tokio::spawn(mesh_rpc::serve(listener, server_tls, handler, shutdown_rx));
         let hb = tokio::spawn(member.clone().heartbeat_loop());
         let mon = tokio::spawn(member.clone().monitor_loop());
+        let keyl = tokio::spawn(member.clone().key_loop());
         if let Some(plane) = agent.plane() {
             let l = member.local();
             let ip = |a: &str| {
@@ -186,7 +208,7 @@ impl Member {
         let rec = tokio::spawn(agent.reconcile_loop(member.clone(), member.shutdown.subscribe()));
         member
             .tasks_lock()
-            .extend([serve, hb, mon, orch, poll, rec]);
+            .extend([serve, hb, mon, keyl, orch, poll, rec]);
         Ok(member)
     }
 
@@ -203,7 +225,7 @@ impl Member {
         let before = serde_json::to_string(&*g).ok();
         f(&mut g);
         if serde_json::to_string(&*g).ok() != before {
-            if let Err(e) = g.save(&self.data_dir) {
+            if let Err(e) = self.save_local(&g) {
                 warn!("saving node state: {e}");
             }
         }
@@ -297,9 +319,55 @@ impl Member {
         }
     }
 
+    /// Writes the node's state as it is now (swarm init, once Raft has the cluster).
+    pub(crate) fn persist_local(&self) -> Result<(), ApiError> {
+        let g = self.local.write().unwrap_or_else(|p| p.into_inner());
+        self.save_local(&g)
+    }
+
+    /// Writes the node's state: its TLS key sealed while it is a manager with the data key.
+    fn save_local(&self, l: &LocalState) -> Result<(), ApiError> {
+        match self.keys() {
+            Some(k) if l.role == NodeRole::Manager => l.save_sealed(&self.data_dir, &k.dek),
+            _ => l.save(&self.data_dir).map_err(ApiError::internal),
+        }
+    }
+
+    fn keys(&self) -> Option<Keys> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_keys(&self, keys: Option<Keys>) {
+        *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
+    /// Forgets the data key and removes its file (leave, demotion).
+    pub(crate) async fn forget_data_key(&self) {
+        let _one_at_a_time = self.data_key_lock.lock().await;
+        self.set_keys(None);
+        self.tls_key_sealed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        // The TLS key in the clear first: without the data key it could not be read again.
+        {
+            let g = self.local.write().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = g.save(&self.data_dir) {
+                warn!("saving node state: {e}");
+                return;
+            }
+        }
+        let _ = std::fs::remove_file(self.data_dir.join(crate::datakey::KEY_FILE));
+    }
+
     async fn get_data_key(&self, may_create: bool) -> Result<DataKey, ApiError> {
         let _one_at_a_time = self.data_key_lock.lock().await;
+        if let Some(k) = self.keys() {
+            return Ok(k.dek);
+        }
         if let Some(k) = DataKey::load(&self.data_dir)? {
+            self.set_keys(Some(Keys {
+                dek: k.clone(),
+                wrapped_with: None,
+            }));
             return Ok(k);
         }
         let local = self.local();
@@ -313,14 +381,21 @@ impl Member {
                 .call(addr, &PeerRequest::DataKey, Duration::from_secs(2))
                 .await
             {
-                Ok(PeerResponse::DataKey(Some(b))) => {
+                Ok(PeerResponse::DataKey {
+                    key: Some(b),
+                    unlock_key,
+                }) => {
                     let k = DataKey::from_bytes(&b)
                         .ok_or_else(|| ApiError::internal("a damaged data key was sent"))?;
-                    k.save(&self.data_dir)?;
+                    k.save(&self.data_dir, unlock_key.as_deref())?;
+                    self.set_keys(Some(Keys {
+                        dek: k.clone(),
+                        wrapped_with: unlock_key,
+                    }));
                     info!("data key received from the manager at {addr}");
                     return Ok(k);
                 }
-                Ok(PeerResponse::DataKey(None)) => {}
+                Ok(PeerResponse::DataKey { key: None, .. }) => {}
                 other => unreachable.push(format!("{addr}: {other:?}")),
             }
         }
@@ -334,9 +409,77 @@ impl Member {
             ));
         }
         let k = DataKey::generate()?;
-        k.save(&self.data_dir)?;
+        k.save(&self.data_dir, None)?;
+        self.set_keys(Some(Keys {
+            dek: k.clone(),
+            wrapped_with: None,
+        }));
         info!("data key created");
         Ok(k)
+    }
+
+    /// Keeps the data key's file wrapped as the cluster says: with the unlock key while
+    /// autolock is on, else with a key beside it. Runs on every node; acts while it manages.
+    async fn key_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            self.sync_key_files().await;
+        }
+    }
+
+    /// One pass of [`Self::key_loop`]: the TLS key sealed in `node.json`, the data key's file
+    /// wrapped with the cluster's unlock key (or a key beside it).
+    async fn sync_key_files(&self) {
+        let Some(node) = self.raft().await else {
+            return;
+        };
+        let Some(want) = node
+            .sm
+            .with_state(|s| s.cluster.as_ref().map(|c| c.unlock_key.clone()))
+            .await
+        else {
+            return;
+        };
+        let want = want.and_then(|k| mesh_api::unlock_key_bytes(&k));
+        let _one_at_a_time = self.data_key_lock.lock().await;
+        let Some(keys) = self.keys() else {
+            return;
+        };
+        if !self
+            .tls_key_sealed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Under the state's lock, as every write of `node.json`; not before the daemon
+            // wrote it first (a swarm init that fails leaves none).
+            let g = self.local.write().unwrap_or_else(|p| p.into_inner());
+            if g.role == NodeRole::Manager && LocalState::path(&self.data_dir).exists() {
+                match g.save_sealed(&self.data_dir, &keys.dek) {
+                    Ok(()) => self
+                        .tls_key_sealed
+                        .store(true, std::sync::atomic::Ordering::Relaxed),
+                    Err(e) => warn!("sealing the node's TLS key: {e}"),
+                }
+            }
+        }
+        if keys.wrapped_with == want || self.raft().await.is_none() {
+            return;
+        }
+        match keys.dek.save(&self.data_dir, want.as_deref()) {
+            Ok(()) => {
+                info!(autolock = want.is_some(), "data key wrapped anew");
+                self.set_keys(Some(Keys {
+                    dek: keys.dek,
+                    wrapped_with: want,
+                }));
+            }
+            Err(e) => warn!("wrapping the data key: {e}"),
+        }
     }
 
     async fn is_manager_node(&self, node_id: &str) -> bool {
@@ -655,7 +798,13 @@ impl Member {
             NodeRole::Worker => mesh_ca::Role::Worker,
         };
         let cert_pem = ca
-            .sign_node_csr(&j.csr_pem, &node_id, ca_role, &cluster.id)
+            .sign_node_csr_valid_for(
+                &j.csr_pem,
+                &node_id,
+                ca_role,
+                &cluster.id,
+                Duration::from_secs(cluster.settings.cert_expiry_secs),
+            )
             .map_err(|e| ApiError::invalid(format!("cannot sign the node certificate: {e}")))?;
         let now = now_secs();
         let raft_id = rand::random::<u64>().max(1);
@@ -694,7 +843,14 @@ impl Member {
     ) -> Result<HeartbeatAck, ApiError> {
         let lookup = |s: &StoreState| {
             let n = s.nodes.get(node_id)?;
-            (n.state != NodeState::Left).then(|| (n.role, Self::managers_of(s, Some(node.raft_id))))
+            let period = s
+                .cluster
+                .as_ref()
+                .map_or(HEARTBEAT_PERIOD.as_millis() as u64, |c| {
+                    c.settings.dispatcher_heartbeat_ms
+                });
+            (n.state != NodeState::Left)
+                .then(|| (n.role, Self::managers_of(s, Some(node.raft_id)), period))
         };
         let found = match node.sm.with_state(lookup).await {
             Some(found) => Some(found),
@@ -710,13 +866,15 @@ impl Member {
                 lookup(&state)
             }
         };
-        let (role, managers) =
+        let (role, managers, period_ms) =
             found.ok_or_else(|| ApiError::not_found(format!("no such node: {node_id}")))?;
+        self.dispatcher
+            .set_period(Duration::from_millis(period_ms.max(1)));
         self.dispatcher.beat(node_id);
         Ok(HeartbeatAck {
             role,
             managers,
-            period_ms: HEARTBEAT_PERIOD.as_millis() as u64,
+            period_ms,
         })
     }
 
@@ -868,6 +1026,8 @@ impl Member {
                 worker_token: JoinToken::new(&digest, &c.worker_secret).to_string(),
                 manager_token: JoinToken::new(&digest, &c.manager_secret).to_string(),
                 ca_cert_pem: c.ca_cert_pem.clone(),
+                autolock: c.unlock_key.is_some(),
+                settings: c.settings.clone(),
             },
             nodes: state
                 .nodes
@@ -891,6 +1051,95 @@ impl Member {
                 .collect(),
             networks: state.networks.values().cloned().collect(),
         })
+    }
+
+    /// `unlock-key [--rotate]` and `swarm update`, on the leader.
+    async fn leader_swarm_settings(&self, node: &RaftNode, req: Request) -> Response {
+        match req {
+            Request::UnlockKey { rotate } => {
+                let state = self.read(node).await?;
+                let c = state
+                    .cluster
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("cluster not initialized"))?;
+                let mut key = c.unlock_key.clone();
+                if rotate {
+                    if key.is_none() {
+                        return Err(ApiError::invalid(
+                            "cannot rotate because autolock is not turned on",
+                        ));
+                    }
+                    key = Some(new_unlock_key()?);
+                    self.write(
+                        node,
+                        Command::UpdateCluster {
+                            unlock_key: key.clone(),
+                            settings: c.settings.clone(),
+                        },
+                    )
+                    .await?;
+                    // The leader's own files at once; the other managers' within a tick.
+                    self.sync_key_files().await;
+                }
+                Ok(json!({ "key": key.map(|k| mesh_api::human_unlock_key(&k)), "rotated": rotate }))
+            }
+            Request::SwarmUpdate {
+                autolock,
+                task_history_limit,
+                cert_expiry_secs,
+                dispatcher_heartbeat_ms,
+            } => {
+                let state = self.read(node).await?;
+                let c = state
+                    .cluster
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("cluster not initialized"))?;
+                let mut settings = c.settings.clone();
+                if let Some(n) = task_history_limit {
+                    settings.task_history_limit = n;
+                }
+                if let Some(secs) = cert_expiry_secs {
+                    if secs < 3600 {
+                        return Err(ApiError::invalid(
+                            "minimum certificate expiry time is: 1h0m0s",
+                        ));
+                    }
+                    settings.cert_expiry_secs = secs;
+                }
+                if let Some(ms) = dispatcher_heartbeat_ms {
+                    if ms == 0 {
+                        return Err(ApiError::invalid(
+                            "invalid dispatcher heartbeat period: it must be positive",
+                        ));
+                    }
+                    settings.dispatcher_heartbeat_ms = ms;
+                }
+                let unlock_key = match (autolock, &c.unlock_key) {
+                    (Some(true), None) => Some(new_unlock_key()?),
+                    (Some(false), _) => None,
+                    (_, k) => k.clone(),
+                };
+                let turned_on = c.unlock_key.is_none() && unlock_key.is_some();
+                if unlock_key != c.unlock_key || settings != c.settings {
+                    self.write(
+                        node,
+                        Command::UpdateCluster {
+                            unlock_key: unlock_key.clone(),
+                            settings,
+                        },
+                    )
+                    .await?;
+                    self.sync_key_files().await;
+                }
+                Ok(json!({
+                    "autolock": unlock_key.is_some(),
+                    "unlock_key": unlock_key.filter(|_| turned_on).map(|k| mesh_api::human_unlock_key(&k)),
+                }))
+            }
+            other => Err(ApiError::internal(format!(
+                "not a settings request: {other:?}"
+            ))),
+        }
     }
 
     async fn leader_api(&self, node: &RaftNode, req: Request) -> Response {
@@ -1063,6 +1312,11 @@ impl Member {
                 Ok(
                     json!({ "token": JoinToken::new(&digest, secret).to_string(), "role": role, "rotated": rotate }),
                 )
+            }
+            req @ (Request::UnlockKey { .. } | Request::SwarmUpdate { .. }) => {
+                // Boxed: the arms of this match make one future, and it must stay small
+                // enough for a worker thread's stack.
+                Box::pin(self.leader_swarm_settings(node, req)).await
             }
             Request::BlobCreate { kind, mut spec } => {
                 spec.validate(kind).map_err(ApiError::invalid)?;
@@ -1363,7 +1617,8 @@ impl Member {
     /// answer carries the node's role (so promote/demote reach it) and the managers' addresses.
     async fn heartbeat_loop(self: Arc<Self>) {
         let mut shutdown = self.shutdown.subscribe();
-        let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
+        let mut period = HEARTBEAT_PERIOD;
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut not_found = 0;
         loop {
@@ -1383,6 +1638,14 @@ impl Member {
             match resp {
                 PeerResponse::Heartbeat(ack) => {
                     not_found = 0;
+                    // The cluster's `--dispatcher-heartbeat`, from the leader.
+                    let asked = Duration::from_millis(ack.period_ms.max(1));
+                    if asked != period {
+                        period = asked;
+                        tick =
+                            tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
                     self.apply_ack(ack).await
                 }
                 PeerResponse::Error(e) if e.kind == ErrorKind::NotFound && not_found < 2 => {
@@ -1433,7 +1696,7 @@ impl Member {
                 info!("demoted: stopping raft");
                 self.stop_raft().await;
                 let _ = std::fs::remove_file(self.raft_path());
-                let _ = std::fs::remove_file(self.data_dir.join(crate::datakey::KEY_FILE));
+                self.forget_data_key().await;
             }
             _ => {}
         }
@@ -1513,7 +1776,8 @@ impl Member {
                 info!(
                     node = id,
                     ?state,
-                    "node status changed (no heartbeat for {DOWN_AFTER:?} means down)"
+                    "node status changed (no heartbeat for {:?} means down)",
+                    self.dispatcher.down_after()
                 );
                 if let Err(e) = self
                     .write(
@@ -1607,9 +1871,24 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
                         "only managers hold the data key",
                     ));
                 }
-                match DataKey::load(&m.data_dir) {
-                    Ok(k) => PeerResponse::DataKey(k.map(|k| k.bytes().to_vec())),
-                    Err(e) => PeerResponse::Error(e),
+                let unlock_key = match m.raft().await {
+                    Some(node) => node
+                        .sm
+                        .with_state(|s| s.cluster.as_ref().and_then(|c| c.unlock_key.clone()))
+                        .await
+                        .and_then(|k| mesh_api::unlock_key_bytes(&k)),
+                    None => None,
+                };
+                let key = match m.keys() {
+                    Some(k) => Some(k.dek),
+                    None => match DataKey::load(&m.data_dir) {
+                        Ok(k) => k,
+                        Err(e) => return PeerResponse::Error(e),
+                    },
+                };
+                PeerResponse::DataKey {
+                    key: key.map(|k| k.bytes().to_vec()),
+                    unlock_key,
                 }
             }
             PeerRequest::Heartbeat { ref node_id }

@@ -28,7 +28,8 @@ use mesh_scheduler::{parse_constraints, Scheduler};
 use crate::allocator::{self, Used};
 use crate::state::{Assignment, Command, StoreState};
 
-/// Terminal tasks kept per slot, as `service ps` shows them (Docker keeps 5).
+/// Terminal tasks kept per slot, as `service ps` shows them, until `swarm update
+/// --task-history-limit` says otherwise (Docker keeps 5).
 pub const HISTORY_PER_SLOT: usize = 5;
 
 /// A replica on a drained node keeps running until its replacement elsewhere runs, so a
@@ -68,6 +69,8 @@ pub struct Orchestrator {
     last_batch_ms: HashMap<String, u64>,
     /// Creates task IDs; swapped in tests for determinism.
     pub new_id: Option<Box<dyn FnMut() -> String + Send>>,
+    /// Ended tasks kept per slot: the cluster's `--task-history-limit`, read at each pass.
+    history_limit: usize,
 }
 
 /// How many outdated tasks a rolling update may begin to replace now, and in what order.
@@ -98,6 +101,10 @@ impl Orchestrator {
 
     /// The commands that move the store toward the desired state (empty when converged).
     pub fn plan(&mut self, s: &StoreState, now_ms: u64) -> Vec<Command> {
+        self.history_limit = s
+            .cluster
+            .as_ref()
+            .map_or(HISTORY_PER_SLOT, |c| c.settings.task_history_limit as usize);
         let mut p = Plan::default();
         let node_ok = |id: &str| s.nodes.get(id).is_some_and(|n| n.state == NodeState::Ready);
 
@@ -519,7 +526,9 @@ impl Orchestrator {
     }
 
     fn trim_history(&self, svc: &Service, hist: &[&Task], p: &mut Plan) {
-        let keep = HISTORY_PER_SLOT.max(svc.spec.restart.max_attempts as usize + 1);
+        let keep = self
+            .history_limit
+            .max(svc.spec.restart.max_attempts as usize + 1);
         if hist.len() <= keep {
             return;
         }
@@ -668,6 +677,8 @@ mod tests {
             ca_key_pem: String::new(),
             worker_secret: String::new(),
             manager_secret: String::new(),
+            unlock_key: None,
+            settings: Default::default(),
         });
         for i in 1..=3 {
             let id = format!("n{i}");

@@ -129,8 +129,13 @@ pub enum PeerResponse {
         registry_auths: std::collections::BTreeMap<String, mesh_api::RegistryCredentials>,
     },
     TaskLogs(Vec<TaskLog>),
-    /// The answering manager's data key, if it has one.
-    DataKey(Option<Vec<u8>>),
+    /// The answering manager's data key, if it has one, and the cluster's unlock key when
+    /// autolock is on (the asking manager wraps the data key with it at once).
+    DataKey {
+        key: Option<Vec<u8>>,
+        #[serde(default)]
+        unlock_key: Option<Vec<u8>>,
+    },
     Error(ApiError),
 }
 

@@ -649,6 +649,8 @@ mod tests {
             ca_key_pem: String::new(),
             worker_secret: String::new(),
             manager_secret: String::new(),
+            unlock_key: None,
+            settings: Default::default(),
         });
         assert_eq!(
             validate_spec(&s, &st2).unwrap_err().message,

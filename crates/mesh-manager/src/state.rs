@@ -53,6 +53,12 @@ pub enum Command {
         role: NodeRole,
         secret: String,
     },
+    /// `swarm update` / `unlock-key --rotate`: the unlock key (base64; `None`: autolock off)
+    /// and the settings, as a whole.
+    UpdateCluster {
+        unlock_key: Option<String>,
+        settings: mesh_api::ClusterSettings,
+    },
     /// A new service (its name must be unused).
     CreateService {
         service: Service,
@@ -253,6 +259,14 @@ impl StoreState {
                     NodeRole::Worker => c.worker_secret = secret.clone(),
                     NodeRole::Manager => c.manager_secret = secret.clone(),
                 }
+            }
+            Command::UpdateCluster {
+                unlock_key,
+                settings,
+            } => {
+                let c = self.cluster.as_mut().ok_or("cluster not initialized")?;
+                c.unlock_key = unlock_key.clone();
+                c.settings = settings.clone();
             }
             Command::CreateBlob { blob } => {
                 self.cluster()?;
@@ -632,6 +646,8 @@ mod tests {
             ca_key_pem: "key".into(),
             worker_secret: "w".into(),
             manager_secret: "m".into(),
+            unlock_key: None,
+            settings: Default::default(),
         }
     }
 

@@ -130,6 +130,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // A management call is polled through the API connection, the daemon, the member's
+        // forwarding, the leader's handler and openraft's read path: in a debug build those
+        // poll frames outgrow tokio's default 2 MiB worker stack.
+        .thread_stack_size(8 << 20)
         .enable_all()
         .build()?;
     rt.block_on(async move {

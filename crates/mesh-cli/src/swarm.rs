@@ -1,0 +1,131 @@
+//! `mesh swarm unlock`, `mesh swarm unlock-key [-q] [--rotate]` and `mesh swarm update`, with
+//! Docker's words; the unlock key is read from a prompt (echo off) or from stdin.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use mesh_api::Request;
+use serde_json::Value;
+
+use crate::client::Client;
+use crate::{Failure, Result};
+
+/// Docker's instructions around an unlock key.
+pub fn print_unlock_command(key: &str) {
+    if key.is_empty() {
+        return;
+    }
+    print!(
+        "To unlock a swarm manager after it restarts, run the `mesh swarm unlock`\n\
+         command and provide the following key:\n\n    {key}\n\n\
+         Remember to store this key in a password manager, since without it you\n\
+         will not be able to restart the manager.\n"
+    );
+}
+
+/// `swarm unlock`: refused before asking for the key unless this node is a locked manager.
+pub fn unlock(c: &Client) -> Result<()> {
+    let info = c.call(Request::Info)?;
+    match info["swarm"].as_str().unwrap_or("") {
+        "inactive" => return Err(Failure("This node is not part of a swarm".into())),
+        "locked" => {}
+        _ => return Err(Failure("swarm is not locked".into())),
+    }
+    let key = read_key("Enter unlock key: ")?;
+    c.call(Request::SwarmUnlock { key })?;
+    Ok(())
+}
+
+fn read_key(prompt: &str) -> Result<String> {
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    if stdin.is_terminal() {
+        print!("{prompt}");
+        let _ = std::io::stdout().flush();
+        let echo = EchoOff::new();
+        let r = stdin.lock().read_line(&mut line);
+        drop(echo);
+        println!();
+        r
+    } else {
+        stdin.lock().read_line(&mut line)
+    }
+    .map_err(|e| Failure(format!("reading the unlock key: {e}")))?;
+    Ok(line.trim().to_string())
+}
+
+/// Terminal echo turned off on stdin while it lives (`stty`, as this crate has no unsafe
+/// code for termios).
+struct EchoOff(bool);
+
+impl EchoOff {
+    fn new() -> EchoOff {
+        EchoOff(stty("-echo"))
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        if self.0 {
+            stty("echo");
+        }
+    }
+}
+
+fn stty(arg: &str) -> bool {
+    std::process::Command::new("stty")
+        .arg(arg)
+        .stdin(std::process::Stdio::inherit())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `swarm unlock-key [-q] [--rotate]`.
+pub fn unlock_key(c: &Client, quiet: bool, rotate: bool) -> Result<()> {
+    let v = c.call(Request::UnlockKey { rotate })?;
+    if rotate && !quiet {
+        println!("Successfully rotated manager unlock key.\n");
+    }
+    let key = v["key"].as_str().unwrap_or("");
+    if key.is_empty() {
+        return Err(Failure("no unlock key is set".into()));
+    }
+    if quiet {
+        println!("{key}");
+    } else {
+        print_unlock_command(key);
+    }
+    Ok(())
+}
+
+/// `swarm update`.
+pub fn update(
+    c: &Client,
+    autolock: Option<bool>,
+    task_history_limit: Option<i64>,
+    cert_expiry: Option<String>,
+    dispatcher_heartbeat: Option<String>,
+) -> Result<()> {
+    let task_history_limit = task_history_limit
+        .map(|n| {
+            u32::try_from(n).map_err(|_| {
+                Failure(format!(
+                    "invalid task history limit: {n} (must be 0 or more)"
+                ))
+            })
+        })
+        .transpose()?;
+    let ms = |s: Option<String>| s.map(|s| crate::service::parse_duration_ms(&s)).transpose();
+    let cert_expiry_secs = ms(cert_expiry)?.map(|m| m / 1000);
+    let dispatcher_heartbeat_ms = ms(dispatcher_heartbeat)?;
+    let v: Value = c.call(Request::SwarmUpdate {
+        autolock,
+        task_history_limit,
+        cert_expiry_secs,
+        dispatcher_heartbeat_ms,
+    })?;
+    println!("Swarm updated.");
+    if let Some(key) = v["unlock_key"].as_str() {
+        print_unlock_command(key);
+    }
+    Ok(())
+}
