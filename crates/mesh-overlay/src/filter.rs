@@ -91,3 +91,29 @@ impl MemberFilter {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_names_the_ports_and_only_the_members() {
+        let f = MemberFilter::new(Arc::new(Netns::current().unwrap()), 4789, 7946);
+        let members: BTreeSet<Ipv4Addr> = ["10.99.0.12", "10.99.0.11"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let s = f.script(&members);
+        assert!(s.contains("add element ip mesh_underlay members { 10.99.0.11, 10.99.0.12 }"));
+        assert!(s.contains("udp dport 4789 ip saddr != @members"));
+        assert!(s.contains("th dport 7946 ip saddr != @members"));
+        // Flushed and filled in one transaction: the chain before the rules, the set
+        // before its elements.
+        assert!(s.find("flush chain").unwrap() < s.find("add rule").unwrap());
+        assert!(s.find("flush set").unwrap() < s.find("add element").unwrap());
+        assert!(
+            f.apply(&BTreeSet::new()).is_err(),
+            "an empty set closes the node"
+        );
+    }
+}
