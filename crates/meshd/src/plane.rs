@@ -266,6 +266,8 @@ struct FilterState {
     active: bool,
     /// What the table holds (`None`: not set by this run).
     members: Option<BTreeSet<Ipv4Addr>>,
+    /// The member list last given (applied again by the periodic pass until it took).
+    wanted: Option<BTreeSet<Ipv4Addr>>,
 }
 
 /// A task in its start gate (see `Inner::attaching`).
@@ -573,6 +575,34 @@ impl Inner {
             if let Err(e) = res {
                 warn!("data plane sync: {e}");
             }
+            // A member list the filter could not take is tried again.
+            let retry = {
+                let st = lock(&self.filter_state);
+                st.active && st.wanted.is_some() && st.wanted != st.members
+            };
+            if retry {
+                let this = self.clone();
+                let _ = tokio::task::spawn_blocking(move || this.apply_filter()).await;
+            }
+        }
+    }
+
+    /// Makes the underlay filter hold the member list last given, if it does not yet
+    /// (blocking). Under the lock: a `stop` meanwhile removes the table after this.
+    fn apply_filter(&self) {
+        let mut st = lock(&self.filter_state);
+        let Some(want) = st.wanted.clone() else {
+            return;
+        };
+        if !st.active || st.members.as_ref() == Some(&want) {
+            return;
+        }
+        match self.filter.apply(&want) {
+            Ok(()) => {
+                info!(members = want.len(), "underlay filter updated");
+                st.members = Some(want);
+            }
+            Err(e) => warn!("underlay filter: {e}"),
         }
     }
 
@@ -1341,11 +1371,12 @@ impl NetworkPlane for Plane {
                 let this = this.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut st = lock(&this.filter_state);
-                    st.members = None;
                     if st.active {
                         // Joined a swarm again meanwhile.
                         return Ok(());
                     }
+                    st.members = None;
+                    st.wanted = None;
                     this.filter.remove()
                 })
             };
@@ -1395,21 +1426,18 @@ impl NetworkPlane for Plane {
 
     fn set_members(&self, addrs: Vec<Ipv4Addr>) {
         let this = self.0.clone();
-        self.0.rt.spawn_blocking(move || {
-            let want: BTreeSet<Ipv4Addr> = addrs.into_iter().collect();
-            // Under the lock: a stop meanwhile removes the table after this, not before.
-            let mut st = lock(&this.filter_state);
-            if !st.active || st.members.as_ref() == Some(&want) || want.is_empty() {
+        let want: BTreeSet<Ipv4Addr> = addrs.into_iter().collect();
+        if want.is_empty() {
+            return;
+        }
+        {
+            let mut st = lock(&self.0.filter_state);
+            if !st.active {
                 return;
             }
-            match this.filter.apply(&want) {
-                Ok(()) => {
-                    info!(members = want.len(), "underlay filter updated");
-                    st.members = Some(want);
-                }
-                Err(e) => warn!("underlay filter: {e}"),
-            }
-        });
+            st.wanted = Some(want);
+        }
+        self.0.rt.spawn_blocking(move || this.apply_filter());
     }
 
     fn clean_leftovers(&self) {
