@@ -211,6 +211,36 @@ pub struct LocalInfo {
     /// What this machine offers (CPUs × 1e9, memory bytes).
     #[serde(default)]
     pub resources: crate::service::Resources,
+    /// This node's gossip: keys, counters and the member filter (swarm members with a
+    /// network plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip: Option<GossipInfo>,
+}
+
+/// A node's gossip as `mesh info` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipInfo {
+    /// Whether packets are sealed.
+    pub encrypted: bool,
+    /// The IDs of the keys held, oldest first; the last one seals.
+    pub key_ids: Vec<u32>,
+    pub udp_in: u64,
+    pub udp_out: u64,
+    pub malformed: u64,
+    pub foreign: u64,
+    /// Sealed packets whose tag did not verify (dropped).
+    pub bad_tag: u64,
+    /// Sealed under a key this node does not hold (dropped).
+    pub unknown_key: u64,
+    /// Plain packets refused while keys are required.
+    pub unsealed: u64,
+    /// Packets not sent for want of a key.
+    pub no_key: u64,
+    pub syncs: u64,
+    pub sync_failures: u64,
+    /// The underlay addresses allowed to reach the VXLAN and gossip ports (empty: no
+    /// filter yet).
+    pub members: Vec<String>,
 }
 
 /// Raft status of a manager, from its own metrics.

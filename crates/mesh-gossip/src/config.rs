@@ -53,6 +53,11 @@ pub struct Config {
     /// before the join (a restarted node re-announcing what runs on it) stay unsynced until
     /// a member's tables arrive. Empty: a node given nobody to join is alone until it joins.
     pub seeds: Vec<SocketAddr>,
+    /// Seal every packet and push-pull frame with the cluster keys ([`crate::seal`]) and
+    /// accept only sealed ones. The keys come later ([`crate::Gossip::set_keys`]): until
+    /// then the node sends and accepts nothing (a join fails). Off by default (tests, the
+    /// simulator).
+    pub encrypt: bool,
 }
 
 /// The default gossip port (Docker Swarm's).
@@ -79,6 +84,7 @@ impl Config {
             suspicion_mult: 4,
             generation: None,
             seeds: Vec::new(),
+            encrypt: false,
         }
     }
 

@@ -32,9 +32,13 @@
 //! # Ok(()) }
 //! ```
 //!
+//! With [`Config::encrypt`], every packet and push-pull frame is sealed (AES-256-GCM) with
+//! cluster keys given by [`Gossip::set_keys`] (see [`seal`]); nothing is sent or accepted
+//! before the first keys arrive, and what does not open is dropped and counted.
+//!
 //! Modules: [`table`] has the merge rules, [`core`] the protocol (one state machine, no
-//! I/O), [`wire`] the packet format, [`sim`] the in-process simulator; [`Gossip`] runs a
-//! node on tokio.
+//! I/O), [`wire`] the packet format, [`seal`] the sealed envelope, [`sim`] the in-process
+//! simulator; [`Gossip`] runs a node on tokio.
 
 #![forbid(unsafe_code)]
 
@@ -45,6 +49,7 @@ pub mod event;
 pub mod id;
 pub mod membership;
 mod runtime;
+pub mod seal;
 pub mod sim;
 pub mod stats;
 pub mod table;
@@ -55,4 +60,5 @@ pub use error::GossipError;
 pub use event::{Entry, Event, Member};
 pub use id::NodeId;
 pub use runtime::Gossip;
+pub use seal::{Key, Keyring};
 pub use stats::Stats;

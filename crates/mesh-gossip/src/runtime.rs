@@ -4,11 +4,16 @@
 //! listener task accepts push-pull connections on the same port (TCP). Push-pull exchanges
 //! run in tasks owned by those two, so aborting them stops everything and closes the
 //! sockets.
+//!
+//! With [`Config::encrypt`], sealing happens here, at the edge: the core sees plain packets
+//! only, and every UDP packet and push-pull frame goes through [`Sealing`] on its way out
+//! and in.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +25,7 @@ use crate::config::Config;
 use crate::core::{Core, Output};
 use crate::error::GossipError;
 use crate::event::{Entry, Event, Member};
+use crate::seal::{Key, Keyring, OpenError};
 use crate::stats::{add, Counters, Stats};
 use crate::wire::{self, Reject, SyncState};
 
@@ -72,10 +78,80 @@ enum Command {
     Leave(oneshot::Sender<()>),
 }
 
+/// Sealing of what goes out and in (see [`crate::seal`]); a no-op unless
+/// [`Config::encrypt`].
+struct Sealing {
+    on: bool,
+    ring: RwLock<Keyring>,
+}
+
+impl Sealing {
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, Keyring> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What to send for a plain packet or frame; `None` (counted) without a key.
+    fn outgoing<'a>(&self, plain: &'a [u8], counters: &Counters) -> Option<Cow<'a, [u8]>> {
+        if !self.on {
+            return Some(Cow::Borrowed(plain));
+        }
+        let sealed = self.ring().seal(plain);
+        if sealed.is_none() {
+            add(&counters.no_key, 1);
+        }
+        sealed.map(Cow::Owned)
+    }
+
+    /// The plain packet or frame inside what arrived; `None` (counted) if it does not open.
+    fn incoming<'a>(&self, data: &'a [u8], counters: &Counters) -> Option<Cow<'a, [u8]>> {
+        if !self.on {
+            return Some(Cow::Borrowed(data));
+        }
+        match self.ring().open(data) {
+            Ok(plain) => Some(Cow::Owned(plain)),
+            Err(e) => {
+                count_open_error(e, counters);
+                None
+            }
+        }
+    }
+
+    /// A whole push-pull stream (length-prefixed plain frames) with each frame sealed.
+    fn seal_stream(&self, plain: Vec<u8>, counters: &Counters) -> Result<Vec<u8>, SyncError> {
+        if !self.on {
+            return Ok(plain);
+        }
+        let mut out = Vec::with_capacity(plain.len() + 64 * crate::seal::OVERHEAD);
+        let mut rest = &plain[..];
+        while rest.len() >= 4 {
+            let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let frame = rest
+                .get(4..4 + n)
+                .ok_or(SyncError::Malformed("bad own frame"))?;
+            let sealed = self.outgoing(frame, counters).ok_or(SyncError::NoKey)?;
+            let len = u32::try_from(sealed.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&sealed);
+            rest = &rest[4 + n..];
+        }
+        Ok(out)
+    }
+}
+
+fn count_open_error(e: OpenError, counters: &Counters) {
+    let c = match e {
+        OpenError::NotSealed => &counters.unsealed,
+        OpenError::UnknownKey => &counters.unknown_key,
+        OpenError::BadTag => &counters.bad_tag,
+    };
+    add(c, 1);
+}
+
 struct Inner {
     cmd: mpsc::Sender<Command>,
     events: broadcast::Sender<Event>,
     counters: Arc<Counters>,
+    sealing: Arc<Sealing>,
     isolated: Arc<AtomicBool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     addr: SocketAddr,
@@ -147,6 +223,10 @@ impl Gossip {
             cfg.advertise.set_ip(local.ip());
         }
         let counters = Arc::new(Counters::default());
+        let sealing = Arc::new(Sealing {
+            on: cfg.encrypt,
+            ring: RwLock::new(Keyring::default()),
+        });
         let seed = crate::id::wall_micros() ^ wire::cluster_tag(&cfg.node_id);
         let addr = cfg.advertise;
         let name = cfg.node_id.clone();
@@ -163,12 +243,20 @@ impl Gossip {
             events: events.clone(),
             isolated: isolated.clone(),
             counters: counters.clone(),
+            sealing: sealing.clone(),
             start: Instant::now(),
             syncs: JoinSet::new(),
             sync_slots: Arc::new(Semaphore::new(MAX_SYNC_OUT)),
             tag,
         };
-        let listener = listen(tcp, cmd_tx.clone(), isolated.clone(), counters.clone(), tag);
+        let listener = listen(
+            tcp,
+            cmd_tx.clone(),
+            isolated.clone(),
+            counters.clone(),
+            sealing.clone(),
+            tag,
+        );
         let tasks = vec![tokio::spawn(actor.run()), tokio::spawn(listener)];
         tracing::info!(node = %name, %addr, "gossip started");
         Ok(Gossip {
@@ -176,6 +264,7 @@ impl Gossip {
                 cmd: cmd_tx,
                 events,
                 counters,
+                sealing,
                 isolated,
                 tasks: Mutex::new(tasks),
                 addr,
@@ -234,7 +323,9 @@ impl Gossip {
                 break;
             }
             add(&self.inner.counters.tcp_out, 1);
-            match push_pull(*p, &request, self.inner.tag, &self.inner.counters).await {
+            let (tag, counters, sealing) =
+                (self.inner.tag, &self.inner.counters, &self.inner.sealing);
+            match push_pull(*p, &request, tag, counters, sealing).await {
                 Ok(resp) => {
                     self.inner
                         .cmd
@@ -339,6 +430,34 @@ impl Gossip {
         self.inner.counters.snapshot()
     }
 
+    /// Replaces the cluster keys (with [`Config::encrypt`]; ignored otherwise): the newest
+    /// [`crate::seal::MAX_KEYS`] are kept, the newest seals, all of them open. Takes effect
+    /// for the next packet either way.
+    pub fn set_keys(&self, keys: &[Key]) {
+        if !self.inner.sealing.on {
+            return;
+        }
+        let ring = Keyring::new(keys);
+        tracing::debug!(ids = ?ring.ids(), "gossip keys set");
+        *self
+            .inner
+            .sealing
+            .ring
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = ring;
+    }
+
+    /// The IDs of the keys held, oldest first (the last one seals); empty without keys or
+    /// without encryption.
+    pub fn key_ids(&self) -> Vec<u32> {
+        self.inner.sealing.ring().ids()
+    }
+
+    /// Whether packets are sealed ([`Config::encrypt`]).
+    pub fn encrypted(&self) -> bool {
+        self.inner.sealing.on
+    }
+
     /// Fault injection for tests: while on, every packet in or out is dropped and push-pull
     /// connections are refused, as if the node were cut off the network.
     pub fn set_isolated(&self, on: bool) {
@@ -374,14 +493,15 @@ async fn push_pull(
     request: &SyncState,
     tag: u64,
     counters: &Counters,
+    sealing: &Sealing,
 ) -> Result<SyncState, SyncError> {
-    let bytes = wire::encode_sync(request, tag);
+    let bytes = sealing.seal_stream(wire::encode_sync(request, tag), counters)?;
     let run = async {
         let mut s = TcpStream::connect(to).await?;
         s.set_nodelay(true)?;
         s.write_all(&bytes).await?;
         s.flush().await?;
-        read_sync(&mut s, tag).await
+        read_sync(&mut s, tag, sealing).await
     };
     let r = match tokio::time::timeout(SYNC_TIMEOUT, run).await {
         Ok(r) => r,
@@ -404,18 +524,23 @@ enum SyncError {
     Foreign,
     #[error("push-pull timed out")]
     Timeout,
+    #[error("push-pull frame refused: {0}")]
+    Sealed(OpenError),
+    #[error("no gossip key yet")]
+    NoKey,
 }
 
 fn count_reject(e: &SyncError, counters: &Counters) {
     match e {
         SyncError::Malformed(_) => add(&counters.malformed, 1),
         SyncError::Foreign => add(&counters.foreign, 1),
+        SyncError::Sealed(e) => count_open_error(*e, counters),
         _ => {}
     }
 }
 
 /// Reads a push-pull stream up to its `End` frame. A stream cut short is malformed.
-async fn read_sync(s: &mut TcpStream, tag: u64) -> Result<SyncState, SyncError> {
+async fn read_sync(s: &mut TcpStream, tag: u64, sealing: &Sealing) -> Result<SyncState, SyncError> {
     let mut reader = wire::SyncReader::new(tag);
     let truncated = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => SyncError::Malformed("truncated push-pull stream"),
@@ -427,6 +552,11 @@ async fn read_sync(s: &mut TcpStream, tag: u64) -> Result<SyncState, SyncError> 
         let n = wire::frame_len(len).map_err(reject)?;
         let mut frame = vec![0u8; n];
         s.read_exact(&mut frame).await.map_err(truncated)?;
+        let frame = if sealing.on {
+            Cow::Owned(sealing.ring().open(&frame).map_err(SyncError::Sealed)?)
+        } else {
+            Cow::Borrowed(&frame[..])
+        };
         if let Some(state) = reader.frame(&frame).map_err(reject)? {
             return Ok(state);
         }
@@ -446,6 +576,7 @@ async fn listen(
     cmd: mpsc::Sender<Command>,
     isolated: Arc<AtomicBool>,
     counters: Arc<Counters>,
+    sealing: Arc<Sealing>,
     tag: u64,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_SYNC_IN));
@@ -471,11 +602,11 @@ async fn listen(
             tracing::debug!(%peer, "too many push-pulls, refusing one");
             continue;
         };
-        let (cmd, counters) = (cmd.clone(), counters.clone());
+        let (cmd, counters, sealing) = (cmd.clone(), counters.clone(), sealing.clone());
         conns.spawn(async move {
             let _permit = permit;
             let serve = async {
-                let req = read_sync(&mut s, tag).await?;
+                let req = read_sync(&mut s, tag, &sealing).await?;
                 let (tx, rx) = oneshot::channel();
                 if cmd
                     .send(Command::SyncRequest {
@@ -488,7 +619,8 @@ async fn listen(
                     return Ok(());
                 }
                 let Ok(resp) = rx.await else { return Ok(()) };
-                s.write_all(&wire::encode_sync(&resp, tag)).await?;
+                let bytes = sealing.seal_stream(wire::encode_sync(&resp, tag), &counters)?;
+                s.write_all(&bytes).await?;
                 s.flush().await?;
                 Ok::<(), SyncError>(())
             };
@@ -512,6 +644,7 @@ struct Actor {
     events: broadcast::Sender<Event>,
     isolated: Arc<AtomicBool>,
     counters: Arc<Counters>,
+    sealing: Arc<Sealing>,
     start: Instant,
     syncs: JoinSet<()>,
     sync_slots: Arc<Semaphore>,
@@ -536,8 +669,7 @@ impl Actor {
                 r = self.udp.recv_from(&mut buf) => match r {
                     Ok((n, _from)) => {
                         if !self.isolated.load(Ordering::Relaxed) {
-                            let now = self.now();
-                            self.core.handle_udp(&buf[..n], now);
+                            self.receive(n, &buf);
                         }
                     }
                     Err(e) => {
@@ -553,6 +685,19 @@ impl Actor {
             self.dispatch().await;
             if stop {
                 break;
+            }
+        }
+    }
+
+    /// Hands a received packet (opened first when sealing) to the core; one that does not
+    /// open is counted as received and dropped.
+    fn receive(&mut self, n: usize, buf: &[u8]) {
+        let now = self.now();
+        match self.sealing.incoming(&buf[..n], &self.counters) {
+            Some(plain) => self.core.handle_udp(&plain, now),
+            None => {
+                add(&self.counters.udp_in, 1);
+                add(&self.counters.bytes_in, n as u64);
             }
         }
     }
@@ -625,6 +770,9 @@ impl Actor {
                     if isolated {
                         continue;
                     }
+                    let Some(data) = self.sealing.outgoing(&data, &self.counters) else {
+                        continue;
+                    };
                     if let Err(e) = self.udp.send_to(&data, to).await {
                         tracing::trace!(%to, error = %e, "gossip send");
                     }
@@ -638,11 +786,15 @@ impl Actor {
                         }
                     };
                     add(&self.counters.tcp_out, 1);
-                    let (cmd, tag, counters) =
-                        (self.cmd_tx.clone(), self.tag, self.counters.clone());
+                    let (cmd, tag, counters, sealing) = (
+                        self.cmd_tx.clone(),
+                        self.tag,
+                        self.counters.clone(),
+                        self.sealing.clone(),
+                    );
                     self.syncs.spawn(async move {
                         let _permit = permit;
-                        let msg = match push_pull(to, &request, tag, &counters).await {
+                        let msg = match push_pull(to, &request, tag, &counters, &sealing).await {
                             Ok(resp) => Command::SyncResponse(resp),
                             Err(e) => {
                                 tracing::debug!(%to, error = %e, "push-pull");

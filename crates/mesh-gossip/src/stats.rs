@@ -27,6 +27,16 @@ pub struct Stats {
     pub sync_failures: u64,
     /// Records received for a network this node does not have (dropped).
     pub out_of_scope: u64,
+    /// Sealed packets or push-pull frames whose authentication tag did not verify (a
+    /// flipped bit, a truncated packet, another key under a known ID): dropped.
+    pub bad_tag: u64,
+    /// Sealed packets or frames under a key ID this node does not hold (too old, not
+    /// received yet, made up): dropped.
+    pub unknown_key: u64,
+    /// Plain packets or streams received while keys are required: dropped.
+    pub unsealed: u64,
+    /// Packets or push-pulls not sent because keys are required and none was given yet.
+    pub no_key: u64,
 }
 
 /// The live counters, shared between the core and the I/O tasks.
@@ -43,6 +53,10 @@ pub struct Counters {
     pub syncs: AtomicU64,
     pub sync_failures: AtomicU64,
     pub out_of_scope: AtomicU64,
+    pub bad_tag: AtomicU64,
+    pub unknown_key: AtomicU64,
+    pub unsealed: AtomicU64,
+    pub no_key: AtomicU64,
 }
 
 /// Adds `n` to a counter.
@@ -66,6 +80,10 @@ impl Counters {
             syncs: g(&self.syncs),
             sync_failures: g(&self.sync_failures),
             out_of_scope: g(&self.out_of_scope),
+            bad_tag: g(&self.bad_tag),
+            unknown_key: g(&self.unknown_key),
+            unsealed: g(&self.unsealed),
+            no_key: g(&self.no_key),
         }
     }
 }

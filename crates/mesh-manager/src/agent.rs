@@ -160,6 +160,11 @@ pub struct Agent {
     last_local: Mutex<HashMap<String, RunState>>,
     /// The ingress attachment last given to the plane.
     ingress: Mutex<Option<mesh_api::NetworkAttachment>>,
+    /// The gossip keys and member addresses last given to the plane.
+    gossip: Mutex<(
+        Vec<crate::runtime::GossipKey>,
+        Option<Vec<std::net::Ipv4Addr>>,
+    )>,
     node_name: String,
     state: Mutex<AgentState>,
     wake: Notify,
@@ -179,6 +184,7 @@ impl Agent {
             plane_digest: Mutex::new(None),
             last_local: Mutex::new(HashMap::new()),
             ingress: Mutex::new(None),
+            gossip: Mutex::new((Vec::new(), None)),
             node_name,
             state: Mutex::new(AgentState::default()),
             wake: Notify::new(),
@@ -297,7 +303,21 @@ impl Agent {
                     ingress,
                     blobs,
                     registry_auths,
+                    gossip_keys,
+                    members,
                 } => {
+                    if let Some(plane) = &self.plane {
+                        let mut last = self.gossip.lock().unwrap_or_else(|p| p.into_inner());
+                        // None given (a leader without the data key): the keys held stay.
+                        if !gossip_keys.is_empty() && last.0 != gossip_keys {
+                            plane.set_gossip_keys(gossip_keys.clone());
+                            last.0 = gossip_keys;
+                        }
+                        if let Some(m) = members.filter(|m| last.1.as_ref() != Some(m)) {
+                            plane.set_members(m.clone());
+                            last.1 = Some(m);
+                        }
+                    }
                     if let Some(plane) = &self.plane {
                         let mut last = self.ingress.lock().unwrap_or_else(|p| p.into_inner());
                         if *last != ingress {

@@ -105,6 +105,10 @@ impl Daemon {
                 }
                 daemon.resume(local, keys).await?;
             }
+        } else if let Some(plane) = daemon.cfg.plane.clone() {
+            // Not in a swarm: nothing of one may stay in the kernel (a swarm left while the
+            // daemon was down).
+            let _ = tokio::task::spawn_blocking(move || plane.clean_leftovers()).await;
         }
         let weak = Arc::downgrade(&daemon);
         tokio::spawn(async move {
@@ -601,6 +605,7 @@ impl Daemon {
         info.role = Some(local.role);
         info.node_addr = Some(local.advertise_addr.clone());
         info.managers = local.managers.clone();
+        info.gossip = self.cfg.plane.as_ref().and_then(|p| p.gossip_info());
         if let Some(node) = member.raft().await {
             let m = node.raft.metrics().borrow().clone();
             let leader = m.current_leader;

@@ -6,6 +6,7 @@
 //! - [`network`], [`peer`]: the control-port protocol, Raft RPCs included, over mutual TLS;
 //! - [`member`]: a node inside a swarm: Raft while it manages, heartbeats, leader handlers;
 //! - [`dispatcher`]: heartbeat bookkeeping that decides Ready/Down;
+//! - [`gossipkeys`]: the gossip keys: made, rotated and handed to nodes by the leader;
 //! - [`daemon`]: init/join/leave and the local API;
 //! - [`local`]: what a node persists about itself.
 //!
@@ -18,6 +19,7 @@ pub mod blobs;
 pub mod daemon;
 pub mod datakey;
 pub mod dispatcher;
+pub mod gossipkeys;
 pub mod health;
 pub mod ipam;
 pub mod local;

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::agent::{assigned_to, assignments_digest, ended_on, now_ms, Agent, POLL_HOLD};
 use crate::datakey::DataKey;
 use crate::dispatcher::{Dispatcher, Verdict, HEARTBEAT_PERIOD};
+use crate::gossipkeys;
 use crate::local::LocalState;
 use crate::network::Network;
 use crate::orchestrator::Orchestrator;
@@ -1928,17 +1929,29 @@ impl Member {
         let mut rx = node.sm.subscribe();
         let deadline = tokio::time::Instant::now() + POLL_HOLD;
         loop {
-            let (tasks, ended, ingress) = node
+            let (tasks, ended, ingress, key_ids, members) = node
                 .sm
                 .with_state(|s| {
                     (
                         assigned_to(s.tasks.values(), node_id),
                         ended_on(s.tasks.values(), node_id),
                         crate::networks::ingress_attachment(s, node_id),
+                        if gossipkeys::entitled(s, node_id) {
+                            gossipkeys::ids(s)
+                        } else {
+                            Vec::new()
+                        },
+                        gossipkeys::member_addrs(s),
                     )
                 })
                 .await;
-            let d = assignments_digest(&tasks, &ended, ingress.as_ref());
+            let d = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                assignments_digest(&tasks, &ended, ingress.as_ref()).hash(&mut h);
+                (&key_ids, &members).hash(&mut h);
+                h.finish()
+            };
             if d != known || tokio::time::Instant::now() >= deadline {
                 let needed = crate::blobs::needed_by(tasks.iter());
                 let auth_of: BTreeSet<String> = tasks
@@ -1998,6 +2011,17 @@ impl Member {
                         Err(e) => return PeerResponse::Error(ApiError::internal(e)),
                     }
                 };
+                let gossip_keys = if key_ids.is_empty() {
+                    Vec::new()
+                } else {
+                    let key = self.data_key().await;
+                    if let Err(e) = &key {
+                        warn!("gossip keys for node {node_id}: {e}");
+                    }
+                    node.sm
+                        .with_state(|s| gossipkeys::for_node(s, node_id, key.as_ref().ok()))
+                        .await
+                };
                 return PeerResponse::Assignments {
                     digest: d,
                     tasks,
@@ -2005,9 +2029,40 @@ impl Member {
                     ingress,
                     blobs,
                     registry_auths,
+                    gossip_keys,
+                    members: Some(members),
                 };
             }
             let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+        }
+    }
+
+    /// Adds a gossip key (see `gossipkeys`); whether it was written.
+    async fn rotate_gossip_key(&self, node: &RaftNode, retire: bool) -> bool {
+        let key = match self.data_key().await {
+            Ok(k) => k,
+            Err(e) => {
+                debug!("gossip key: {e}");
+                return false;
+            }
+        };
+        let cmd = match gossipkeys::new_key(&key, now_ms(), retire) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("gossip key: {e}");
+                return false;
+            }
+        };
+        match self.write(node, cmd).await {
+            Ok(()) => {
+                info!(retire, "new gossip key");
+                true
+            }
+            Err(e) => {
+                debug!("gossip key write: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                false
+            }
         }
     }
 
@@ -2056,6 +2111,13 @@ impl Member {
             };
             if leading {
                 let state = node.sm.state().await;
+                if let Some(retire) =
+                    gossipkeys::due(&state, now_ms(), gossipkeys::rotation_period())
+                {
+                    if self.rotate_gossip_key(&node, retire).await {
+                        continue;
+                    }
+                }
                 let cmds = self.orchestrator.lock().await.plan(&state, now_ms());
                 if !cmds.is_empty() {
                     if let Err(e) = self.write(&node, Command::Batch { commands: cmds }).await {

@@ -127,6 +127,13 @@ pub enum PeerResponse {
         /// (`--with-registry-auth`).
         #[serde(default)]
         registry_auths: std::collections::BTreeMap<String, mesh_api::RegistryCredentials>,
+        /// The gossip keys, oldest first (unsealed: mutual TLS, and only to a node the store
+        /// has; see `gossipkeys`).
+        #[serde(default)]
+        gossip_keys: Vec<crate::runtime::GossipKey>,
+        /// The underlay addresses of the swarm's members (`None`: not said).
+        #[serde(default)]
+        members: Option<Vec<std::net::Ipv4Addr>>,
     },
     TaskLogs(Vec<TaskLog>),
     /// The answering manager's data key, if it has one, and the cluster's unlock key when

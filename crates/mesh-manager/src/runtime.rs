@@ -218,6 +218,21 @@ pub struct PlaneIdentity {
     pub peers: Vec<std::net::Ipv4Addr>,
 }
 
+/// A gossip key as the leader hands it to a node (see `gossipkeys`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipKey {
+    pub id: u32,
+    /// 32 bytes.
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for GossipKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No key material in logs.
+        write!(f, "GossipKey({})", self.id)
+    }
+}
+
 /// The data plane the agent drives: overlay plumbing and endpoint gossip. `meshd` plugs in the
 /// real one; without it, tasks run with `lo` only.
 pub trait NetworkPlane: Send + Sync + 'static {
@@ -235,6 +250,23 @@ pub trait NetworkPlane: Send + Sync + 'static {
     /// one: the routing mesh answers on every node from then on.
     fn set_ingress(&self, ingress: Option<mesh_api::NetworkAttachment>) {
         let _ = ingress;
+    }
+    /// The gossip keys from the leader (oldest first; the newest seals): gossip starts
+    /// once the first arrive.
+    fn set_gossip_keys(&self, keys: Vec<GossipKey>) {
+        let _ = keys;
+    }
+    /// The underlay addresses of the swarm's members, from the leader: only they may reach
+    /// this node's VXLAN and gossip ports.
+    fn set_members(&self, addrs: Vec<std::net::Ipv4Addr>) {
+        let _ = addrs;
+    }
+    /// Removes what a swarm left in the kernel when the daemon starts outside any (a swarm
+    /// left while the daemon was down). Blocking.
+    fn clean_leftovers(&self) {}
+    /// Gossip's keys and counters and the member filter, for `mesh info`.
+    fn gossip_info(&self) -> Option<mesh_api::GossipInfo> {
+        None
     }
     /// The VIPs this node's balancer holds, with their backends (`mesh vip ls`). Blocking.
     fn vip_ls(&self) -> Result<serde_json::Value, String> {

@@ -114,6 +114,14 @@ pub enum Command {
     RemoveBlob {
         id: String,
     },
+    /// A new gossip key (see `gossipkeys`): its secret sealed with the data key. It gets the
+    /// next ID; the newest [`crate::gossipkeys::KEPT`] are kept, or this one alone with
+    /// `retire` (a node was removed: the keys it knew go at once).
+    AddGossipKey {
+        sealed: Vec<u8>,
+        at: u64,
+        retire: bool,
+    },
     /// Several commands in one log entry, applied in order (the orchestrator's plan).
     Batch {
         commands: Vec<Command>,
@@ -157,6 +165,23 @@ pub struct StoreState {
     /// Secrets and configs by ID (a secret's data sealed, see `blobs`).
     #[serde(default)]
     pub blobs: BTreeMap<String, mesh_api::Blob>,
+    /// The gossip keys, oldest first (see `gossipkeys`).
+    #[serde(default)]
+    pub gossip_keys: Vec<GossipKey>,
+    /// How many nodes were ever removed: a key made before the last removal is retired.
+    #[serde(default)]
+    pub node_removals: u64,
+}
+
+/// A gossip key in the store: its secret sealed with the data key, as a secret's data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipKey {
+    pub id: u32,
+    pub sealed: Vec<u8>,
+    /// When the leader made it (ms since the epoch, its clock).
+    pub created_at: u64,
+    /// [`StoreState::node_removals`] when it was made.
+    pub removals: u64,
 }
 
 impl StoreState {
@@ -252,6 +277,25 @@ impl StoreState {
                 self.nodes
                     .remove(id)
                     .ok_or_else(|| format!("no such node: {id}"))?;
+                self.node_removals += 1;
+            }
+            Command::AddGossipKey { sealed, at, retire } => {
+                self.cluster()?;
+                let id = self.gossip_keys.last().map_or(1, |k| k.id.wrapping_add(1));
+                if *retire {
+                    self.gossip_keys.clear();
+                }
+                self.gossip_keys.push(GossipKey {
+                    id,
+                    sealed: sealed.clone(),
+                    created_at: *at,
+                    removals: self.node_removals,
+                });
+                let extra = self
+                    .gossip_keys
+                    .len()
+                    .saturating_sub(crate::gossipkeys::KEPT);
+                self.gossip_keys.drain(..extra);
             }
             Command::RotateSecret { role, secret } => {
                 let c = self.cluster.as_mut().ok_or("cluster not initialized")?;

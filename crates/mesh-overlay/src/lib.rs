@@ -20,6 +20,9 @@
 //! whose holder died on its own stays reachable until its device is deleted (by `gc`, or by
 //! the next setup of that network, which then makes a new namespace).
 //!
+//! [`filter::MemberFilter`] closes the VXLAN and gossip ports to every underlay address but
+//! the ones it is given (the swarm's members).
+//!
 //! With a [`GatewayConfig`], tasks also get an interface on the host-local gateway bridge
 //! (Docker's `docker_gwbridge`) for their default route out of the host: see [`gateway`].
 //!
@@ -38,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
+pub mod filter;
 pub mod gateway;
 
 pub use gateway::{GatewayConfig, DEFAULT_GW_SUBNET, GW_BRIDGE};

@@ -65,6 +65,10 @@ struct Args {
     log_level: String,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Tests only: seconds between gossip key rotations while this daemon leads (default
+    /// 12 hours, as Docker's).
+    #[arg(long, hide = true, value_name = "SECS")]
+    gossip_key_rotation: Option<u64>,
 }
 
 fn hostname() -> String {
@@ -107,6 +111,9 @@ fn main() {
 
 fn run(args: Args) -> anyhow::Result<()> {
     init_logging(&args)?;
+    if let Some(secs) = args.gossip_key_rotation {
+        mesh_manager::gossipkeys::set_rotation_period(std::time::Duration::from_secs(secs.max(1)));
+    }
     let node_name = args.node_name.clone().unwrap_or_else(hostname);
     if node_name.is_empty() || node_name.len() > 63 {
         bail!("invalid --node-name: {node_name:?} (1 to 63 characters)");

@@ -38,6 +38,15 @@
 //! synced (until then its queries are refused, as while the daemon was down, rather than
 //! answered from a partial record set; its `mesh_lb` table, left by the previous daemon,
 //! keeps balancing). The event that a network is synced triggers a pass, like any change.
+//!
+//! **Gossip is sealed, and the underlay closed to strangers.** Gossip seals every packet with
+//! the cluster keys the leader hands out with the node's assignments (`gossipkeys` in
+//! `mesh-manager`): it starts sending, and joins its peers, once the first keys arrive (a
+//! restarted daemon gets them again with its first answer; they are never written here).
+//! The member addresses from the same answer feed the host's underlay filter
+//! (`mesh_overlay::filter`): VXLAN and gossip packets from any other address are dropped.
+//! The filter goes with the swarm (`stop`), and a daemon that starts outside a swarm removes
+//! one left behind; a restarted daemon keeps the previous run's until its first answer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -47,7 +56,7 @@ use std::time::Duration;
 
 use mesh_api::{NetworkAttachment, PortConfig, Protocol, PublishMode, Task};
 use mesh_gossip::{Config as GossipConfig, Event, Gossip};
-use mesh_manager::runtime::{NetworkPlane, PlaneIdentity};
+use mesh_manager::runtime::{GossipKey, NetworkPlane, PlaneIdentity};
 use mesh_netlink::{Handle, Netns};
 use mesh_overlay::{Attachment, Holders, NetworkDesc, Overlay, OverlayConfig, Remote};
 use serde::{Deserialize, Serialize};
@@ -240,6 +249,25 @@ struct Inner {
     earlier: Mutex<BTreeMap<String, u32>>,
     /// What [`GOSSIP_NETWORKS`] holds now.
     saved_networks: Mutex<BTreeMap<String, u32>>,
+    /// The gossip keys from the leader (empty until the first answer).
+    keys: watch::Sender<Vec<mesh_gossip::Key>>,
+    /// The running gossip node, for `mesh info` (a clone of `Running::gossip`).
+    gossip: Mutex<Option<Gossip>>,
+    /// The underlay member filter and what it was last given (`None`: not in force, and
+    /// not to be set: the plane is stopped).
+    filter: mesh_overlay::filter::MemberFilter,
+    filter_state: Mutex<FilterState>,
+}
+
+/// The underlay filter's state.
+#[derive(Default)]
+struct FilterState {
+    /// In a swarm: member lists are applied (set by `start`, cleared by `stop`).
+    active: bool,
+    /// What the table holds (`None`: not set by this run).
+    members: Option<BTreeSet<Ipv4Addr>>,
+    /// The member list last given (applied again by the periodic pass until it took).
+    wanted: Option<BTreeSet<Ipv4Addr>>,
 }
 
 /// A task in its start gate (see `Inner::attaching`).
@@ -323,7 +351,18 @@ impl Plane {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        let host_ns = mesh_netlink::Netns::current()
+            .map_err(|e| format!("cannot open the host namespace: {e}"))?;
+        let filter = mesh_overlay::filter::MemberFilter::new(
+            Arc::new(host_ns),
+            cfg.vxlan_port,
+            cfg.gossip_port,
+        );
         Ok(Plane(Arc::new(Inner {
+            keys: watch::channel(Vec::new()).0,
+            gossip: Mutex::new(None),
+            filter,
+            filter_state: Mutex::new(FilterState::default()),
             earlier: Mutex::new(earlier.clone()),
             saved_networks: Mutex::new(earlier),
             cfg,
@@ -427,6 +466,7 @@ impl Inner {
             .map(|p| SocketAddr::from((*p, self.cfg.gossip_port)))
             .collect();
         let mut gcfg = GossipConfig::new(me.node_id.clone(), addr, me.cluster_id.clone());
+        gcfg.encrypt = true;
         // The networks of the tasks a restarted daemon adopts are declared before the join
         // below (and the agent may declare more meanwhile): told whom it will join, gossip
         // does not take them for networks nobody else has before their tables arrived.
@@ -434,6 +474,11 @@ impl Inner {
         let gossip = Gossip::start(gcfg)
             .await
             .map_err(|e| format!("cannot start gossip on {addr}: {e}"))?;
+        // Published first, then the keys read: a `set_gossip_keys` meanwhile (which stores
+        // its keys first, then reads this) is seen by one side or the other.
+        *lock(&self.gossip) = Some(gossip.clone());
+        let keys = self.keys.borrow().clone();
+        gossip.set_keys(&keys);
         // Subscribed before anything can change: the push-pulls that fill the tables land
         // while the first pass runs, and their events must still trigger a pass.
         let events = gossip.subscribe();
@@ -465,7 +510,18 @@ impl Inner {
         // Joined once this node's networks and endpoints are set (above, when the agent
         // already said what runs here, as after a restart): the join's push-pull then
         // carries them, and brings back the networks' tables at once (synced), with what
-        // an earlier run announced, so that is retracted without waiting.
+        // an earlier run announced, so that is retracted without waiting. And once the
+        // leader's first answer brought the keys: nothing can be sealed before.
+        let mut keys = self.keys.subscribe();
+        let mut stopped = stop_rx.clone();
+        tokio::select! {
+            r = keys.wait_for(|k| !k.is_empty()) => {
+                if r.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = stopped.wait_for(|s| *s) => return Ok(()),
+        }
         if !peers.is_empty() {
             if let Err(e) = gossip.join(&peers).await {
                 warn!("gossip join: {e}");
@@ -519,6 +575,34 @@ impl Inner {
             if let Err(e) = res {
                 warn!("data plane sync: {e}");
             }
+            // A member list the filter could not take is tried again.
+            let retry = {
+                let st = lock(&self.filter_state);
+                st.active && st.wanted.is_some() && st.wanted != st.members
+            };
+            if retry {
+                let this = self.clone();
+                let _ = tokio::task::spawn_blocking(move || this.apply_filter()).await;
+            }
+        }
+    }
+
+    /// Makes the underlay filter hold the member list last given, if it does not yet
+    /// (blocking). Under the lock: a `stop` meanwhile removes the table after this.
+    fn apply_filter(&self) {
+        let mut st = lock(&self.filter_state);
+        let Some(want) = st.wanted.clone() else {
+            return;
+        };
+        if !st.active || st.members.as_ref() == Some(&want) {
+            return;
+        }
+        match self.filter.apply(&want) {
+            Ok(()) => {
+                info!(members = want.len(), "underlay filter updated");
+                st.members = Some(want);
+            }
+            Err(e) => warn!("underlay filter: {e}"),
         }
     }
 
@@ -1266,6 +1350,7 @@ impl NetworkPlane for Plane {
         if me.addr.is_unspecified() {
             return Err("no IPv4 advertise address: the overlay needs one".into());
         }
+        lock(&self.0.filter_state).active = true;
         let this = self.0.clone();
         self.0.rt.spawn(async move {
             if let Err(e) = this.start_async(me).await {
@@ -1276,9 +1361,30 @@ impl NetworkPlane for Plane {
     }
 
     fn stop(&self) {
+        lock(&self.0.filter_state).active = false;
         self.0.ready.send_replace(false);
+        self.0.keys.send_replace(Vec::new());
+        *lock(&self.0.gossip) = None;
         let this = self.0.clone();
         self.0.rt.spawn(async move {
+            let filter_gone = {
+                let this = this.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut st = lock(&this.filter_state);
+                    if st.active {
+                        // Joined a swarm again meanwhile.
+                        return Ok(());
+                    }
+                    st.members = None;
+                    st.wanted = None;
+                    this.filter.remove()
+                })
+            };
+            match filter_gone.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("underlay filter removal: {e}"),
+                Err(e) => warn!("underlay filter removal: {e}"),
+            }
             if let Some(mut r) = this.running.lock().await.take() {
                 r.stop.send_replace(true);
                 r.gossip.leave().await;
@@ -1299,6 +1405,70 @@ impl NetworkPlane for Plane {
             lock(&this.saved_networks).clear();
             lock(&this.earlier).clear();
         });
+    }
+
+    fn set_gossip_keys(&self, keys: Vec<GossipKey>) {
+        let keys: Vec<mesh_gossip::Key> = keys
+            .into_iter()
+            .filter_map(|k| {
+                Some(mesh_gossip::Key {
+                    id: k.id,
+                    secret: k.secret.as_slice().try_into().ok()?,
+                })
+            })
+            .collect();
+        info!(ids = ?keys.iter().map(|k| k.id).collect::<Vec<_>>(), "gossip keys");
+        self.0.keys.send_replace(keys.clone());
+        if let Some(g) = lock(&self.0.gossip).as_ref() {
+            g.set_keys(&keys);
+        }
+    }
+
+    fn set_members(&self, addrs: Vec<Ipv4Addr>) {
+        let this = self.0.clone();
+        let want: BTreeSet<Ipv4Addr> = addrs.into_iter().collect();
+        if want.is_empty() {
+            return;
+        }
+        {
+            let mut st = lock(&self.0.filter_state);
+            if !st.active {
+                return;
+            }
+            st.wanted = Some(want);
+        }
+        self.0.rt.spawn_blocking(move || this.apply_filter());
+    }
+
+    fn clean_leftovers(&self) {
+        if let Err(e) = self.0.filter.remove() {
+            warn!("removing a leftover underlay filter: {e}");
+        }
+    }
+
+    fn gossip_info(&self) -> Option<mesh_api::GossipInfo> {
+        let g = lock(&self.0.gossip).clone()?;
+        let s = g.stats();
+        Some(mesh_api::GossipInfo {
+            encrypted: g.encrypted(),
+            key_ids: g.key_ids(),
+            udp_in: s.udp_in,
+            udp_out: s.udp_out,
+            malformed: s.malformed,
+            foreign: s.foreign,
+            bad_tag: s.bad_tag,
+            unknown_key: s.unknown_key,
+            unsealed: s.unsealed,
+            no_key: s.no_key,
+            syncs: s.syncs,
+            sync_failures: s.sync_failures,
+            members: lock(&self.0.filter_state)
+                .members
+                .iter()
+                .flatten()
+                .map(|a| a.to_string())
+                .collect(),
+        })
     }
 
     fn attach(&self, task: &Task, pid: u32) -> Result<(), String> {
