@@ -305,6 +305,22 @@ fn listings_filter_and_format_as_docker_s() -> Result<()> {
         "Name",
     )?;
     ensure!(by_name == set(&["clif-web.1"]), "{by_name:?}");
+    let two = names(
+        h1,
+        &[
+            "service",
+            "ps",
+            "-f",
+            "desired-state=running",
+            "clif-web",
+            "clif-web-admin",
+        ],
+        "Name",
+    )?;
+    ensure!(
+        two == set(&["clif-web.1", "clif-web-admin.1"]),
+        "several services: {two:?}"
+    );
 
     // node ps: this node by default, others by name, with the task filters.
     let mine = names(h1, &["node", "ps", "-f", "desired-state=running"], "Node")?;

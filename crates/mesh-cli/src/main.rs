@@ -299,8 +299,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     if let Cmd::Completion { shell } = cli.cmd {
-        let mut cmd = Cli::command();
-        clap_complete::generate(shell, &mut cmd, "mesh", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut script);
+        // A closed pipe (`| head`) ends the output quietly.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
         return Ok(());
     }
     let c = Client::new(&cli.host)?;
@@ -652,12 +654,12 @@ mod tests {
         let service::ServiceCmd::Ps {
             list,
             no_trunc,
-            service,
+            services,
         } = *s
         else {
             panic!("not service ps")
         };
-        assert!(list.quiet && no_trunc && service == "web");
+        assert!(list.quiet && no_trunc && services == ["web"]);
         assert_eq!(
             list.format,
             Format::TableTemplate("{{.ID}}\t{{.Name}}".into())

@@ -27,8 +27,9 @@ pub enum ServiceCmd {
         /// Do not truncate output.
         #[arg(long)]
         no_trunc: bool,
-        /// The service (ID or name).
-        service: String,
+        /// Services (ID or name).
+        #[arg(required = true)]
+        services: Vec<String>,
     },
     /// Show a service in detail (JSON).
     Inspect {
@@ -862,13 +863,17 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
         ServiceCmd::Ps {
             list,
             no_trunc,
-            service,
+            services,
         } => {
-            let v = c.call(Request::ServicePs {
-                service,
-                filters: list.filters()?,
-            })?;
-            let rows = v.as_array().cloned().unwrap_or_default();
+            let filters = list.filters()?;
+            let mut rows = Vec::new();
+            for service in services {
+                let v = c.call(Request::ServicePs {
+                    service,
+                    filters: filters.clone(),
+                })?;
+                rows.extend(v.as_array().cloned().unwrap_or_default());
+            }
             print_tasks(&rows, &list.format, list.quiet, no_trunc)?;
         }
         ServiceCmd::Inspect { pretty, services } => {
@@ -1031,17 +1036,12 @@ pub fn print_tasks(rows: &[Value], format: &Format, quiet: bool, no_trunc: bool)
         })
         .collect();
     crate::format::print(format, quiet, crate::format::TASK, &list, &[], || {
-        // Docker marks a slot's older tasks `\_` when they follow its newest one.
-        let mut previous_slot: Option<(String, String)> = None;
+        // A slot's older tasks under its newest (the daemon groups them after filtering).
         let rows = rows
             .iter()
             .zip(&list)
             .map(|(r, l)| {
-                let slot = (s(r, "name"), s(r, "node"));
-                let history = r["is_history"].as_bool().unwrap_or(false)
-                    && previous_slot.as_ref().is_some_and(|p| p.0 == slot.0);
-                previous_slot = Some(slot);
-                let name = if history {
+                let name = if r["is_history"].as_bool().unwrap_or(false) {
                     format!(" \\_ {}", s(r, "name"))
                 } else {
                     s(r, "name")
