@@ -213,7 +213,8 @@ const DESIRED_STATES: &[&str] = &[
 ];
 
 /// `node ls`: `id` (prefix), `name` (hostname prefix), `role`, `membership` (every stored
-/// node is accepted), `label` and `node.label` (the node's labels).
+/// node is accepted), `node.label` (the node's labels) and `label`: Docker's means the
+/// engine's labels, which a mesh node does not have, so it matches the node's labels too.
 pub fn node(f: &Filters, n: &Node) -> bool {
     f.any("id", |v| n.id.starts_with(v))
         && f.any("name", |v| n.hostname.starts_with(v))

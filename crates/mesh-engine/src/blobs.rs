@@ -1,6 +1,6 @@
 //! `/secrets` and `/configs`: list (the `id`, `label`, `name`, `names` filters applied by
-//! the leader), create, inspect, delete, as dockerd answers them. A secret's data is never returned.
-//! Updates change nothing a mesh secret or config holds, so they are refused with
+//! the leader), create, inspect, delete, as dockerd answers them. A secret's data is never
+//! returned. Updates change nothing a mesh secret or config holds, so they are refused with
 //! swarmkit's words unless they change nothing.
 
 use base64::Engine as _;
