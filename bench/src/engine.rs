@@ -127,7 +127,9 @@ pub fn run(args: &[String]) -> Result<()> {
     })?;
     let t0 = Instant::now();
     loop {
-        let v = call(&Request::ServiceLs)?;
+        let v = call(&Request::ServiceLs {
+            filters: Default::default(),
+        })?;
         let running = v
             .as_array()
             .and_then(|a| a.iter().find(|s| s["name"] == "busy"))
@@ -153,7 +155,12 @@ pub fn run(args: &[String]) -> Result<()> {
         let mut samples: [[Vec<Duration>; 2]; 3] = Default::default();
         for round in 0..ROUNDS {
             // Interleaved: local, then Engine, per question, per round.
-            samples[0][0].push(time(|| call(&Request::ServiceLs).map(drop))?);
+            samples[0][0].push(time(|| {
+                call(&Request::ServiceLs {
+                    filters: Default::default(),
+                })
+                .map(drop)
+            })?);
             samples[0][1].push(time(|| http.get("/v1.41/services?status=true").map(drop))?);
             samples[1][0].push(time(|| {
                 call(&Request::ServiceInspect {
@@ -165,6 +172,7 @@ pub fn run(args: &[String]) -> Result<()> {
             samples[2][0].push(time(|| {
                 call(&Request::ServicePs {
                     service: "busy".into(),
+                    filters: Default::default(),
                 })
                 .map(drop)
             })?);

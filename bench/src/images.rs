@@ -331,7 +331,12 @@ fn call(c: &mut Client, req: &Request) -> Result<Value> {
 }
 
 fn running(c: &mut Client, name: &str) -> Result<u64> {
-    let v = call(c, &Request::ServiceLs)?;
+    let v = call(
+        c,
+        &Request::ServiceLs {
+            filters: Default::default(),
+        },
+    )?;
     Ok(v.as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == name))
         .and_then(|s| s["running"].as_u64())

@@ -267,7 +267,7 @@ fn a_compose_stack_deploys_answers_updates_one_service_and_goes() -> Result<()> 
             Ok((now.len() == 2 && !now.contains(&sick_id)).then_some(()))
         },
     )?;
-    let ps = h1.mesh_ok(&["service", "ps", "shop_back"])?;
+    let ps = h1.mesh_ok(&["service", "ps", "--no-trunc", "shop_back"])?;
     ensure!(ps.contains("unhealthy container"), "service ps:\n{ps}");
 
     // The named volume is the node's `shop_backdata`.

@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::filter::Filters;
 use crate::objects::{Availability, NodeRole};
 use crate::service::{FailureAction, RestartCondition, ServiceSpec, UpdateOrder};
 
@@ -57,7 +58,11 @@ pub enum Request {
         role: NodeRole,
         rotate: bool,
     },
-    NodeLs,
+    NodeLs {
+        /// `--filter`s, applied by the leader (see [`crate::filter`]).
+        #[serde(default, skip_serializing_if = "Filters::is_empty")]
+        filters: Filters,
+    },
     NodeInspect {
         node: String,
     },
@@ -84,9 +89,23 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         registry_auth: Option<RegistryAuth>,
     },
-    ServiceLs,
+    ServiceLs {
+        /// `--filter`s, applied by the leader (see [`crate::filter`]).
+        #[serde(default, skip_serializing_if = "Filters::is_empty")]
+        filters: Filters,
+    },
     ServicePs {
         service: String,
+        /// `--filter`s, applied by the leader (see [`crate::filter`]).
+        #[serde(default, skip_serializing_if = "Filters::is_empty")]
+        filters: Filters,
+    },
+    /// The tasks of every service matching the filters (the Engine API's `/tasks`, `mesh node
+    /// ps`, `mesh stack ps`), as `ServicePs` rows, grouped by service name and slot.
+    TaskLs {
+        /// `--filter`s, applied by the leader (see [`crate::filter`]).
+        #[serde(default, skip_serializing_if = "Filters::is_empty")]
+        filters: Filters,
     },
     ServiceInspect {
         service: String,
@@ -140,6 +159,9 @@ pub enum Request {
     /// `secret ls` / `config ls`: [`crate::blob::Blob`]s (no secret data).
     BlobLs {
         kind: crate::blob::BlobKind,
+        /// `--filter`s, applied by the leader (see [`crate::filter`]).
+        #[serde(default, skip_serializing_if = "Filters::is_empty")]
+        filters: Filters,
     },
     /// `secret inspect` / `config inspect` of an ID, name or unique ID prefix.
     BlobInspect {
@@ -158,7 +180,11 @@ pub enum Request {
         kind: crate::blob::BlobKind,
         name: String,
     },
-    NetworkLs,
+    NetworkLs {
+        /// `--filter`s, applied by the leader (see [`crate::filter`]).
+        #[serde(default, skip_serializing_if = "Filters::is_empty")]
+        filters: Filters,
+    },
     NetworkInspect {
         network: String,
     },

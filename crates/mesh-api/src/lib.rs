@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod blob;
+pub mod filter;
 pub mod health;
 pub mod human;
 pub mod network;
@@ -18,6 +19,7 @@ pub use api::{
     ServiceUpdate,
 };
 pub use blob::{Blob, BlobKind, BlobReference, BlobSpec, BlobSummary};
+pub use filter::Filters;
 pub use health::HealthFlags;
 pub use human::human_duration;
 pub use network::*;

@@ -20,27 +20,24 @@ pub enum BlobCmd {
         /// Labels (`KEY=VALUE`).
         #[arg(short = 'l', long = "label")]
         labels: Vec<String>,
+        /// The name.
         name: String,
         /// A file, or `-` for standard input.
         file: String,
     },
     /// List them.
     #[command(alias = "list")]
-    Ls {
-        /// Only the IDs.
-        #[arg(short, long)]
-        quiet: bool,
-        #[command(flatten)]
-        format: crate::FormatArg,
-    },
+    Ls(crate::ListArgs),
     /// Show them in detail (JSON; a secret's data is never shown).
     Inspect {
+        /// Names or IDs.
         #[arg(required = true)]
         names: Vec<String>,
     },
     /// Remove them (refused while a service uses one).
     #[command(alias = "remove")]
     Rm {
+        /// Names or IDs.
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -68,20 +65,39 @@ pub fn run(c: &Client, kind: BlobKind, cmd: BlobCmd) -> Result<()> {
             let v = c.call(Request::BlobCreate { kind, spec })?;
             println!("{}", v["id"].as_str().unwrap_or(""));
         }
-        BlobCmd::Ls { quiet, format } => {
-            let v = c.call(Request::BlobLs { kind })?;
+        BlobCmd::Ls(l) => {
+            let v = c.call(Request::BlobLs {
+                kind,
+                filters: l.filters()?,
+            })?;
             let mut list: Vec<Blob> = serde_json::from_value(v)?;
             list.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-            if quiet {
-                for b in &list {
-                    println!("{}", b.id);
-                }
-            } else if format.format == Format::Json {
+            let now = now_secs();
+            let ago = |t: u64| format!("{} ago", human_duration(now.saturating_sub(t)));
+            if !l.quiet && l.format == Format::Json {
+                // As `inspect` shows them: mesh's JSON output of these listings.
                 let out: Vec<Value> = list.iter().map(|b| b.docker_json()).collect();
                 println!("{}", serde_json::to_string(&out)?);
-            } else {
-                let now = now_secs();
-                let ago = |t: u64| format!("{} ago", human_duration(now.saturating_sub(t)));
+                return Ok(());
+            }
+            let rows: Vec<crate::format::Row> = list
+                .iter()
+                .map(|b| {
+                    let mut r = crate::row(serde_json::json!({
+                        "ID": b.id, "Name": b.spec.name, "CreatedAt": ago(b.created_at),
+                        "UpdatedAt": ago(b.updated_at), "Labels": labels_text(&b.spec.labels),
+                    }));
+                    if kind == BlobKind::Secret {
+                        r.insert("Driver".into(), Value::String(String::new()));
+                    }
+                    r
+                })
+                .collect();
+            let context = match kind {
+                BlobKind::Secret => crate::format::SECRET,
+                BlobKind::Config => crate::format::CONFIG,
+            };
+            crate::format::print(&l.format, l.quiet, context, &rows, &[], || {
                 let rows = list
                     .iter()
                     .map(|b| {
@@ -100,7 +116,7 @@ pub fn run(c: &Client, kind: BlobKind, cmd: BlobCmd) -> Result<()> {
                     }
                     BlobKind::Config => table::print(&["ID", "NAME", "CREATED", "UPDATED"], rows),
                 }
-            }
+            })?;
         }
         BlobCmd::Inspect { names } => {
             let mut out = Vec::new();
@@ -136,7 +152,16 @@ pub fn run(c: &Client, kind: BlobKind, cmd: BlobCmd) -> Result<()> {
     Ok(())
 }
 
-fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+/// Labels as Docker's templates print `.Labels`: `k=v` joined by commas.
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub(crate) fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
     labels
         .iter()
         .map(|l| match l.split_once('=') {

@@ -5,7 +5,7 @@ use mesh_api::Request;
 use serde_json::Value;
 
 use crate::client::Client;
-use crate::{table, Format, Result};
+use crate::{table, Result};
 
 #[derive(Subcommand, Debug)]
 pub enum VipCmd {
@@ -24,6 +24,7 @@ pub enum DnsCmd {
         /// Record type.
         #[arg(long = "type", default_value = "A")]
         qtype: String,
+        /// The name to look up.
         name: String,
     },
 }
@@ -31,7 +32,7 @@ pub enum DnsCmd {
 pub fn vip(c: &Client, cmd: VipCmd) -> Result<()> {
     let VipCmd::Ls(f) = cmd;
     let v = c.call(Request::VipLs)?;
-    if f.format == Format::Json {
+    if f.is_json()? {
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
     }

@@ -8,7 +8,7 @@ use mesh_api::{ImageSummary, Request};
 use serde_json::json;
 
 use crate::client::Client;
-use crate::{table, Failure, Format, Result};
+use crate::{table, Failure, Result};
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
@@ -23,6 +23,7 @@ pub enum ImageCmd {
     /// Remove one or more images from this node's store.
     #[command(alias = "remove")]
     Rm {
+        /// Images (NAME[:TAG|@DIGEST] or ID).
         #[arg(required = true)]
         references: Vec<String>,
     },
@@ -78,7 +79,7 @@ pub fn run(c: &Client, cmd: ImageCmd) -> Result<()> {
         ImageCmd::Ls(f) => {
             let v = c.call(Request::ImageLs)?;
             let rows: Vec<ImageSummary> = serde_json::from_value(v)?;
-            if f.format == Format::Json {
+            if f.is_json()? {
                 let out: Vec<_> = rows
                     .iter()
                     .map(|r| {

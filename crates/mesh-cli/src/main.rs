@@ -6,9 +6,11 @@
 mod blob;
 mod client;
 mod discovery;
+mod format;
 mod image;
 mod login;
 mod network;
+mod pretty;
 mod service;
 mod stack;
 mod swarm;
@@ -17,10 +19,11 @@ mod table;
 use std::collections::BTreeMap;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use mesh_api::{Availability, NodeRole, NodeSummary, Request};
+use mesh_api::{Availability, Filters, NodeRole, NodeSummary, Request};
 use serde_json::{json, Value};
 
 use client::Client;
+pub use format::Format;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -89,27 +92,66 @@ enum Cmd {
     Exec {
         /// Task ID, or name such as web.1.
         task: String,
+        /// The command and its arguments, after `--`.
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Print the shell completion script for bash, zsh or fish.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
+
+/// Docker's words for `--format` on listings.
+const FORMAT_HELP: &str = "Format output using a custom template: 'table' (default), 'table TEMPLATE', 'json' or 'TEMPLATE' (Go template syntax, e.g. '{{.ID}}')";
 
 #[derive(Args, Debug)]
 pub struct FormatArg {
-    /// Output format: `table` or `json`.
-    #[arg(long, default_value = "table")]
+    #[arg(long, default_value = "table", help = FORMAT_HELP)]
     pub format: Format,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Format {
-    Table,
-    Json,
+impl FormatArg {
+    /// Whether JSON was asked for, for outputs that have no template fields (a template is
+    /// refused rather than ignored).
+    pub fn is_json(&self) -> Result<bool> {
+        match self.format {
+            Format::Table => Ok(false),
+            Format::Json => Ok(true),
+            _ => Err(Failure(
+                "this command's --format takes table or json, not a template".into(),
+            )),
+        }
+    }
+}
+
+/// `--filter`, `--format` and `-q` of a listing, as Docker's.
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Filter output based on conditions provided (KEY=VALUE, repeatable).
+    #[arg(short = 'f', long = "filter", value_name = "FILTER")]
+    pub filter: Vec<String>,
+    /// Format output using a custom template.
+    #[arg(long, default_value = "table", help = FORMAT_HELP)]
+    pub format: Format,
+    /// Only display IDs.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl ListArgs {
+    /// The `--filter`s, parsed (Docker's error for a malformed one).
+    pub fn filters(&self) -> Result<Filters> {
+        Filters::parse_args(&self.filter).map_err(Failure)
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum RoleArg {
+    /// A worker's token.
     Worker,
+    /// A manager's token.
     Manager,
 }
 
@@ -164,10 +206,13 @@ enum SwarmCmd {
     },
     /// Join a swarm as a worker or a manager, as the token says.
     Join {
+        /// Token for entry into the swarm.
         #[arg(long)]
         token: String,
+        /// Advertised address (IP[:PORT]).
         #[arg(long)]
         advertise_addr: Option<String>,
+        /// Listen address (IP:PORT), default 0.0.0.0:2377.
         #[arg(long)]
         listen_addr: Option<String>,
         /// A manager's address, IP[:PORT].
@@ -181,6 +226,7 @@ enum SwarmCmd {
         /// Rotate the token: the old one stops working.
         #[arg(long)]
         rotate: bool,
+        /// Whose token: worker or manager.
         role: RoleArg,
     },
     /// Leave the swarm.
@@ -195,37 +241,59 @@ enum SwarmCmd {
 enum NodeCmd {
     /// List the nodes.
     #[command(alias = "list")]
-    Ls(FormatArg),
+    Ls(ListArgs),
+    /// List the tasks running on one or more nodes, defaults to this node.
+    Ps {
+        #[command(flatten)]
+        list: ListArgs,
+        /// Do not truncate output.
+        #[arg(long)]
+        no_trunc: bool,
+        /// Nodes (ID, name, or `self`); this node when none is given.
+        nodes: Vec<String>,
+    },
     /// Show nodes in detail (JSON).
     Inspect {
+        /// Print the information in a human friendly format.
+        #[arg(long)]
+        pretty: bool,
+        /// Nodes (ID, name, or `self`).
         #[arg(required = true)]
         nodes: Vec<String>,
     },
     /// Change a node's availability or labels.
     Update {
+        /// Availability of the node ("active", "pause", "drain").
         #[arg(long)]
         availability: Option<String>,
+        /// Add or update a node label (KEY=VALUE).
         #[arg(long = "label-add")]
         label_add: Vec<String>,
+        /// Remove a node label if exists.
         #[arg(long = "label-rm")]
         label_rm: Vec<String>,
+        /// The node (ID or name).
         node: String,
     },
     /// Make workers managers.
     Promote {
+        /// Nodes (ID or name).
         #[arg(required = true)]
         nodes: Vec<String>,
     },
     /// Make managers workers.
     Demote {
+        /// Nodes (ID or name).
         #[arg(required = true)]
         nodes: Vec<String>,
     },
     /// Remove nodes from the swarm.
     #[command(alias = "remove")]
     Rm {
+        /// Force remove a node from the swarm.
         #[arg(short, long)]
         force: bool,
+        /// Nodes (ID or name).
         #[arg(required = true)]
         nodes: Vec<String>,
     },
@@ -257,6 +325,13 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Completion { shell } = cli.cmd {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut script);
+        // A closed pipe (`| head`) ends the output quietly.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+        return Ok(());
+    }
     let c = Client::new(&cli.host)?;
     match cli.cmd {
         Cmd::Version => {
@@ -266,10 +341,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Info(f) => {
             let v = c.call(Request::Info)?;
-            if f.format == Format::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_info(&v);
+            match f.format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Format::Table => print_info(&v),
+                _ => return Err(Failure("mesh info: --format takes table or json".into())),
             }
         }
         Cmd::Swarm(s) => swarm(&c, s)?,
@@ -288,8 +363,33 @@ fn run(cli: Cli) -> Result<()> {
             let status = service::exec(&c, task, command)?;
             std::process::exit(status);
         }
+        Cmd::Completion { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
+}
+
+/// A JSON object as a listing row.
+pub fn row(v: Value) -> format::Row {
+    match v {
+        Value::Object(m) => m,
+        _ => format::Row::new(),
+    }
+}
+
+/// A node's full ID: `self` is this node (as Docker's CLI), anything else is resolved by the
+/// leader (ID, unique ID prefix or name).
+fn node_id(c: &Client, key: &str) -> Result<String> {
+    if key == "self" {
+        let v = c.call(Request::Info)?;
+        return v["node_id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| Failure(mesh_api::api::NOT_IN_SWARM_MESSAGE.into()));
+    }
+    let v = c.call(Request::NodeInspect {
+        node: key.to_string(),
+    })?;
+    Ok(v["id"].as_str().unwrap_or(key).to_string())
 }
 
 fn print_info(v: &Value) {
@@ -400,21 +500,21 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
 
 fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
     match cmd {
-        NodeCmd::Ls(f) => {
-            let v = c.call(Request::NodeLs)?;
+        NodeCmd::Ls(l) => {
+            let v = c.call(Request::NodeLs {
+                filters: l.filters()?,
+            })?;
             let nodes: Vec<NodeSummary> = serde_json::from_value(v)?;
-            if f.format == Format::Json {
-                let out: Vec<Value> = nodes
-                    .iter()
-                    .map(|n| {
-                        json!({
-                            "ID": n.id, "Hostname": n.hostname, "Status": n.status,
-                            "Availability": n.availability, "ManagerStatus": n.manager_status, "Self": n.is_self,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string(&out)?);
-            } else {
+            let rows: Vec<format::Row> = nodes
+                .iter()
+                .map(|n| {
+                    row(json!({
+                        "ID": n.id, "Hostname": n.hostname, "Status": n.status,
+                        "Availability": n.availability, "ManagerStatus": n.manager_status, "Self": n.is_self,
+                    }))
+                })
+                .collect();
+            format::print(&l.format, l.quiet, format::NODE, &rows, &[], || {
                 let rows = nodes
                     .iter()
                     .map(|n| {
@@ -435,14 +535,44 @@ fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
                     &["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"],
                     rows,
                 );
-            }
+            })?;
         }
-        NodeCmd::Inspect { nodes } => {
+        NodeCmd::Ps {
+            list,
+            no_trunc,
+            nodes,
+        } => {
+            let nodes = if nodes.is_empty() {
+                vec!["self".to_string()]
+            } else {
+                nodes
+            };
+            let mut rows = Vec::new();
+            for n in nodes {
+                let id = node_id(c, &n)?;
+                let mut filters = list.filters()?;
+                filters.add("node", id);
+                let v = c.call(Request::TaskLs { filters })?;
+                rows.extend(v.as_array().cloned().unwrap_or_default());
+            }
+            service::print_tasks(&rows, &list.format, list.quiet, no_trunc)?;
+        }
+        NodeCmd::Inspect { pretty, nodes } => {
             let mut out = Vec::new();
             for n in nodes {
-                out.push(c.call(Request::NodeInspect { node: n })?);
+                let node = if n == "self" { node_id(c, &n)? } else { n };
+                out.push(c.call(Request::NodeInspect { node })?);
             }
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            if pretty {
+                for (i, v) in out.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    print!("{}", pretty::node(v)?);
+                }
+            } else {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
         }
         NodeCmd::Update {
             availability,
@@ -499,4 +629,87 @@ fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tidy check: every subcommand and argument says what it is for in `--help`, as
+    /// Docker's help does.
+    #[test]
+    fn every_command_and_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path} <{}>", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "mesh", &mut missing);
+        assert!(missing.is_empty(), "no help text for: {missing:#?}");
+    }
+
+    #[test]
+    fn completions_for_three_shells() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.contains("mesh") && text.contains("service"), "{shell}");
+        }
+    }
+
+    #[test]
+    fn listing_flags_parse_as_docker_s() {
+        let cli = Cli::try_parse_from([
+            "mesh",
+            "service",
+            "ps",
+            "-f",
+            "desired-state=running",
+            "--filter",
+            "node=h1",
+            "--format",
+            "table {{.ID}}\t{{.Name}}",
+            "-q",
+            "--no-trunc",
+            "web",
+        ])
+        .unwrap();
+        let Cmd::Service(s) = cli.cmd else {
+            panic!("not a service command")
+        };
+        let service::ServiceCmd::Ps {
+            list,
+            no_trunc,
+            services,
+        } = *s
+        else {
+            panic!("not service ps")
+        };
+        assert!(list.quiet && no_trunc && services == ["web"]);
+        assert_eq!(
+            list.format,
+            Format::TableTemplate("{{.ID}}\t{{.Name}}".into())
+        );
+        let f = list.filters().unwrap();
+        assert!(f.any("node", |v| v == "h1") && f.any("desired-state", |v| v == "running"));
+        assert!(Cli::try_parse_from(["mesh", "node", "ps"]).is_ok());
+        assert!(Cli::try_parse_from(["mesh", "node", "inspect", "--pretty", "self"]).is_ok());
+    }
 }

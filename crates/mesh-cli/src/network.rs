@@ -5,7 +5,7 @@ use mesh_api::{NetworkSpec, Request};
 use serde_json::{json, Value};
 
 use crate::client::Client;
-use crate::{table, Failure, Format, Result};
+use crate::{table, Failure, Result};
 
 #[derive(Subcommand, Debug)]
 pub enum NetworkCmd {
@@ -17,21 +17,34 @@ pub enum NetworkCmd {
         /// Subnet in CIDR form (default: the next free /24 of 10.0.0.0/8).
         #[arg(long)]
         subnet: Option<String>,
+        /// Enable manual container attachment.
         #[arg(long)]
         attachable: bool,
+        /// Set metadata on a network (KEY[=VALUE]).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// The network's name.
         name: String,
     },
     /// List networks.
     #[command(alias = "list")]
-    Ls(crate::FormatArg),
+    Ls {
+        #[command(flatten)]
+        list: crate::ListArgs,
+        /// Do not truncate the output.
+        #[arg(long)]
+        no_trunc: bool,
+    },
     /// Show networks in detail (JSON).
     Inspect {
+        /// Networks (ID or name).
         #[arg(required = true)]
         networks: Vec<String>,
     },
     /// Remove networks.
     #[command(alias = "remove")]
     Rm {
+        /// Networks (ID or name).
         #[arg(required = true)]
         networks: Vec<String>,
     },
@@ -43,6 +56,7 @@ pub fn run(c: &Client, cmd: NetworkCmd) -> Result<()> {
             driver,
             subnet,
             attachable,
+            labels,
             name,
         } => {
             if driver != "overlay" {
@@ -56,28 +70,44 @@ pub fn run(c: &Client, cmd: NetworkCmd) -> Result<()> {
                 subnet,
                 attachable,
                 ingress: false,
-                labels: Default::default(),
+                labels: crate::blob::parse_labels(&labels)?,
             };
             let v = c.call(Request::NetworkCreate { spec })?;
             println!("{}", v["id"].as_str().unwrap_or(""));
         }
-        NetworkCmd::Ls(f) => {
-            let v = c.call(Request::NetworkLs)?;
+        NetworkCmd::Ls { list, no_trunc } => {
+            let v = c.call(Request::NetworkLs {
+                filters: list.filters()?,
+            })?;
             let rows = v.as_array().cloned().unwrap_or_default();
             let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
-            if f.format == Format::Json {
-                let out: Vec<Value> = rows
-                    .iter()
-                    .map(|r| json!({"ID": s(r, "id"), "Name": s(r, "name"), "Driver": s(r, "driver"), "Scope": s(r, "scope")}))
-                    .collect();
-                println!("{}", serde_json::to_string(&out)?);
-            } else {
-                let rows = rows
-                    .iter()
-                    .map(|r| vec![s(r, "id"), s(r, "name"), s(r, "driver"), s(r, "scope")])
-                    .collect();
-                table::print(&["NETWORK ID", "NAME", "DRIVER", "SCOPE"], rows);
-            }
+            // Docker shows 12 characters of an ID unless `--no-trunc` (JSON in full).
+            let id = |r: &Value| {
+                let id = s(r, "id");
+                if no_trunc || list.format == crate::Format::Json {
+                    id
+                } else {
+                    id.chars().take(12).collect()
+                }
+            };
+            let out: Vec<crate::format::Row> = rows
+                .iter()
+                .map(|r| crate::row(json!({"ID": id(r), "Name": s(r, "name"), "Driver": s(r, "driver"), "Scope": s(r, "scope")})))
+                .collect();
+            crate::format::print(
+                &list.format,
+                list.quiet,
+                crate::format::NETWORK,
+                &out,
+                &[("ID", "NETWORK ID")],
+                || {
+                    let rows = rows
+                        .iter()
+                        .map(|r| vec![id(r), s(r, "name"), s(r, "driver"), s(r, "scope")])
+                        .collect();
+                    table::print(&["NETWORK ID", "NAME", "DRIVER", "SCOPE"], rows);
+                },
+            )?;
         }
         NetworkCmd::Inspect { networks } => {
             let mut out = Vec::new();

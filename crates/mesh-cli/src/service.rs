@@ -19,22 +19,33 @@ pub enum ServiceCmd {
     Create(CreateArgs),
     /// List services.
     #[command(alias = "list")]
-    Ls(crate::FormatArg),
+    Ls(crate::ListArgs),
     /// List the tasks of a service, with their history.
     Ps {
-        #[arg(long, default_value = "table")]
-        format: Format,
-        service: String,
+        #[command(flatten)]
+        list: crate::ListArgs,
+        /// Do not truncate output.
+        #[arg(long)]
+        no_trunc: bool,
+        /// Services (ID or name).
+        #[arg(required = true)]
+        services: Vec<String>,
     },
     /// Show a service in detail (JSON).
     Inspect {
+        /// Print the information in a human friendly format.
+        #[arg(long)]
+        pretty: bool,
+        /// Services (ID or name).
         #[arg(required = true)]
         services: Vec<String>,
     },
     /// Scale replicated services: `mesh service scale web=5 api=2`.
     Scale {
+        /// Exit immediately instead of waiting for the service to converge.
         #[arg(short, long)]
         detach: bool,
+        /// SERVICE=REPLICAS pairs.
         #[arg(required = true)]
         pairs: Vec<String>,
     },
@@ -42,35 +53,48 @@ pub enum ServiceCmd {
     Update(UpdateArgs),
     /// Go back to the previous spec.
     Rollback {
+        /// Exit immediately instead of waiting for the service to converge.
         #[arg(short, long)]
         detach: bool,
+        /// The service (ID or name).
         service: String,
     },
     /// Remove services.
     #[command(alias = "remove")]
     Rm {
+        /// Services (ID or name).
         #[arg(required = true)]
         services: Vec<String>,
     },
     /// Show the output of a service's tasks.
-    Logs { service: String },
+    Logs {
+        /// The service (ID or name).
+        service: String,
+    },
 }
 
 /// Restart, update and resource flags, shared by `create` and `update`.
 #[derive(Args, Debug)]
 pub struct PolicyArgs {
+    /// Restart when condition is met ("none", "on-failure", "any").
     #[arg(long)]
     restart_condition: Option<String>,
+    /// Delay between restart attempts (ns|us|ms|s|m|h).
     #[arg(long)]
     restart_delay: Option<String>,
+    /// Maximum number of restarts before giving up.
     #[arg(long, allow_negative_numbers = true)]
     restart_max_attempts: Option<i64>,
+    /// Maximum number of tasks updated simultaneously (0 to update all at once).
     #[arg(long, allow_negative_numbers = true)]
     update_parallelism: Option<i64>,
+    /// Delay between updates (ns|us|ms|s|m|h).
     #[arg(long)]
     update_delay: Option<String>,
+    /// Action on update failure ("pause", "continue", "rollback").
     #[arg(long)]
     update_failure_action: Option<String>,
+    /// Duration after each task update to monitor for failure (ns|us|ms|s|m|h).
     #[arg(long)]
     update_monitor: Option<String>,
     /// Update order ("start-first"|"stop-first").
@@ -79,33 +103,46 @@ pub struct PolicyArgs {
     /// Rollback order ("start-first"|"stop-first").
     #[arg(long)]
     rollback_order: Option<String>,
+    /// Limit CPUs.
     #[arg(long)]
     limit_cpu: Option<String>,
+    /// Limit Memory.
     #[arg(long)]
     limit_memory: Option<String>,
 }
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// Service name.
     #[arg(long)]
     name: String,
     /// Send this node's registry login (`mesh login`) to the nodes that pull the image.
     #[arg(long)]
     with_registry_auth: bool,
+    /// Number of tasks.
     #[arg(long, allow_negative_numbers = true)]
     replicas: Option<i64>,
+    /// Service mode ("replicated" or "global").
     #[arg(long, default_value = "replicated")]
     mode: String,
+    /// Network attachments.
     #[arg(long = "network")]
     networks: Vec<String>,
+    /// Publish a port as a node port ([mode=ingress|host,]PUBLISHED:TARGET[/PROTOCOL]).
     #[arg(long = "publish", short = 'p')]
     publish: Vec<String>,
+    /// Endpoint mode ("vip" or "dnsrr").
     #[arg(long, default_value = "vip")]
     endpoint_mode: String,
+    /// Placement constraints.
     #[arg(long = "constraint")]
     constraints: Vec<String>,
+    /// Set environment variables.
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
+    /// Service labels (KEY[=VALUE]).
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
     #[command(flatten)]
     policy: PolicyArgs,
     /// Return at once instead of waiting for the tasks.
@@ -293,14 +330,19 @@ pub struct ContainerArgs {
 
 #[derive(Args, Debug)]
 pub struct UpdateArgs {
+    /// Number of tasks.
     #[arg(long, allow_negative_numbers = true)]
     replicas: Option<i64>,
+    /// Add or update an environment variable.
     #[arg(long = "env-add")]
     env_add: Vec<String>,
+    /// Remove an environment variable.
     #[arg(long = "env-rm")]
     env_rm: Vec<String>,
+    /// Add or update a placement constraint.
     #[arg(long = "constraint-add")]
     constraint_add: Vec<String>,
+    /// Remove a constraint.
     #[arg(long = "constraint-rm")]
     constraint_rm: Vec<String>,
     #[command(flatten)]
@@ -308,6 +350,7 @@ pub struct UpdateArgs {
     /// Replace the tasks even if nothing changed.
     #[arg(long)]
     force: bool,
+    /// Exit immediately instead of waiting for the service to converge.
     #[arg(short, long)]
     detach: bool,
     /// Service image tag.
@@ -330,6 +373,7 @@ pub struct UpdateArgs {
     config_rm: Vec<String>,
     #[command(flatten)]
     health: HealthArgs,
+    /// The service (ID or name).
     service: String,
     /// A new command (`-- COMMAND ARGS`).
     #[arg(last = true)]
@@ -553,7 +597,7 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         update,
         rollback,
         resources,
-        labels: Default::default(),
+        labels: crate::blob::parse_labels(&a.labels)?,
         image,
         entrypoint,
         user: c.user.clone().unwrap_or_default(),
@@ -765,6 +809,7 @@ fn converge(c: &Client, service: &str, rollout: bool) -> Result<()> {
         if Instant::now() > deadline {
             let ps = c.call(Request::ServicePs {
                 service: service.to_string(),
+                filters: Default::default(),
             })?;
             let errs: Vec<String> = ps
                 .as_array()
@@ -805,20 +850,47 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
                 converge(c, &id, false)?;
             }
         }
-        ServiceCmd::Ls(f) => {
-            let v = c.call(Request::ServiceLs)?;
-            print_services(&v.as_array().cloned().unwrap_or_default(), f.format, false)?;
+        ServiceCmd::Ls(l) => {
+            let v = c.call(Request::ServiceLs {
+                filters: l.filters()?,
+            })?;
+            print_services(
+                &v.as_array().cloned().unwrap_or_default(),
+                &l.format,
+                l.quiet,
+            )?;
         }
-        ServiceCmd::Ps { format, service } => {
-            let v = c.call(Request::ServicePs { service })?;
-            print_tasks(&v.as_array().cloned().unwrap_or_default(), format, false)?;
+        ServiceCmd::Ps {
+            list,
+            no_trunc,
+            services,
+        } => {
+            let filters = list.filters()?;
+            let mut rows = Vec::new();
+            for service in services {
+                let v = c.call(Request::ServicePs {
+                    service,
+                    filters: filters.clone(),
+                })?;
+                rows.extend(v.as_array().cloned().unwrap_or_default());
+            }
+            print_tasks(&rows, &list.format, list.quiet, no_trunc)?;
         }
-        ServiceCmd::Inspect { services } => {
+        ServiceCmd::Inspect { pretty, services } => {
             let mut out = Vec::new();
             for s in services {
                 out.push(c.call(Request::ServiceInspect { service: s })?);
             }
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            if pretty {
+                for (i, v) in out.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    print!("{}", crate::pretty::service(v)?);
+                }
+            } else {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
         }
         ServiceCmd::Scale { detach, pairs } => {
             let mut parsed = Vec::new();
@@ -884,8 +956,8 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
     Ok(())
 }
 
-/// The rows of `service ls` (the daemon's `ServiceSummary`s) as a table, JSON or IDs.
-pub fn print_services(rows: &[Value], format: Format, quiet: bool) -> Result<()> {
+/// The rows of `service ls` (the daemon's `ServiceSummary`s) in `format`, or their IDs.
+pub fn print_services(rows: &[Value], format: &Format, quiet: bool) -> Result<()> {
     let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
     let replicas = |r: &Value| {
         format!(
@@ -894,22 +966,25 @@ pub fn print_services(rows: &[Value], format: Format, quiet: bool) -> Result<()>
             r["desired"].as_u64().unwrap_or(0)
         )
     };
-    if quiet {
-        for r in rows {
-            println!("{}", s(r, "id"));
+    // Docker shows 12 characters of a service's ID (`-q` too); JSON has it whole.
+    let id = |r: &Value| {
+        let id = s(r, "id");
+        if *format == Format::Json {
+            id
+        } else {
+            id.chars().take(12).collect()
         }
-    } else if format == Format::Json {
-        let out: Vec<Value> = rows
-            .iter()
-            .map(|r| json!({"ID": s(r, "id"), "Name": s(r, "name"), "Mode": s(r, "mode"), "Replicas": replicas(r), "Image": s(r, "image"), "Ports": s(r, "ports")}))
-            .collect();
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
+    };
+    let list: Vec<crate::format::Row> = rows
+        .iter()
+        .map(|r| crate::row(json!({"ID": id(r), "Name": s(r, "name"), "Mode": s(r, "mode"), "Replicas": replicas(r), "Image": s(r, "image"), "Ports": s(r, "ports")})))
+        .collect();
+    crate::format::print(format, quiet, crate::format::SERVICE, &list, &[], || {
         let rows = rows
             .iter()
             .map(|r| {
                 vec![
-                    s(r, "id"),
+                    id(r),
                     s(r, "name"),
                     s(r, "mode"),
                     replicas(r),
@@ -919,12 +994,30 @@ pub fn print_services(rows: &[Value], format: Format, quiet: bool) -> Result<()>
             })
             .collect();
         table::print(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"], rows);
-    }
-    Ok(())
+    })
 }
 
-/// The rows of `service ps` (the daemon's task summaries) as a table, JSON or IDs.
-pub fn print_tasks(rows: &[Value], format: Format, quiet: bool) -> Result<()> {
+/// Docker's `service ps` truncations, undone by `--no-trunc`: IDs to 12 characters, errors
+/// to 30 (ending in `…`).
+fn truncate(id: &str, error: &str, no_trunc: bool) -> (String, String) {
+    if no_trunc {
+        return (id.to_string(), error.to_string());
+    }
+    let id: String = id.chars().take(12).collect();
+    let error = if error.chars().count() > 30 {
+        let mut e: String = error.chars().take(29).collect();
+        e.push('…');
+        e
+    } else {
+        error.to_string()
+    };
+    (id, error)
+}
+
+/// The rows of `service ps`, `node ps` and `stack ps` (the daemon's task summaries) in
+/// `format`, or their IDs. Tables, templates and `-q` truncate as Docker's unless
+/// `no_trunc`; JSON (mesh's machine output) never does.
+pub fn print_tasks(rows: &[Value], format: &Format, quiet: bool, no_trunc: bool) -> Result<()> {
     let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
     let current = |r: &Value| {
         format!(
@@ -933,36 +1026,36 @@ pub fn print_tasks(rows: &[Value], format: Format, quiet: bool) -> Result<()> {
             ago(r["age_ms"].as_u64().unwrap_or(0))
         )
     };
-    if quiet {
-        for r in rows {
-            println!("{}", s(r, "id"));
-        }
-    } else if format == Format::Json {
-        let out: Vec<Value> = rows
-            .iter()
-            .map(|r| {
-                json!({"ID": s(r, "id"), "Name": s(r, "name"), "Image": s(r, "image"), "Node": s(r, "node"),
-                       "DesiredState": s(r, "desired_state"), "CurrentState": current(r), "Error": s(r, "error")})
-            })
-            .collect();
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
+    let full = no_trunc || *format == Format::Json;
+    let list: Vec<crate::format::Row> = rows
+        .iter()
+        .map(|r| {
+            let (id, error) = truncate(&s(r, "id"), &s(r, "error"), full);
+            crate::row(json!({"ID": id, "Name": s(r, "name"), "Image": s(r, "image"), "Node": s(r, "node"),
+                   "DesiredState": s(r, "desired_state"), "CurrentState": current(r), "Error": error, "Ports": ""}))
+        })
+        .collect();
+    crate::format::print(format, quiet, crate::format::TASK, &list, &[], || {
+        // A slot's older tasks under its newest (the daemon groups them after filtering).
         let rows = rows
             .iter()
-            .map(|r| {
+            .zip(&list)
+            .map(|(r, l)| {
                 let name = if r["is_history"].as_bool().unwrap_or(false) {
                     format!(" \\_ {}", s(r, "name"))
                 } else {
                     s(r, "name")
                 };
+                let f = |k: &str| l[k].as_str().unwrap_or("").to_string();
                 vec![
-                    s(r, "id"),
+                    f("ID"),
                     name,
                     s(r, "image"),
                     s(r, "node"),
                     s(r, "desired_state"),
                     current(r),
-                    s(r, "error"),
+                    f("Error"),
+                    String::new(),
                 ]
             })
             .collect();
@@ -975,11 +1068,11 @@ pub fn print_tasks(rows: &[Value], format: Format, quiet: bool) -> Result<()> {
                 "DESIRED STATE",
                 "CURRENT STATE",
                 "ERROR",
+                "PORTS",
             ],
             rows,
         );
-    }
-    Ok(())
+    })
 }
 
 /// `mesh exec TASK -- CMD...`: prints the command's output and exits with its status.

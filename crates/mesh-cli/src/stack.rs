@@ -35,6 +35,7 @@ pub enum StackCmd {
         /// Send this node's registry login (`mesh login`) to the nodes that pull the images.
         #[arg(long)]
         with_registry_auth: bool,
+        /// The stack's name.
         name: String,
     },
     /// List stacks.
@@ -42,20 +43,19 @@ pub enum StackCmd {
     Ls(crate::FormatArg),
     /// List the services in the stack.
     Services {
-        #[arg(long, default_value = "table")]
-        format: Format,
-        /// Only display IDs.
-        #[arg(short, long)]
-        quiet: bool,
+        #[command(flatten)]
+        list: crate::ListArgs,
+        /// The stack.
         name: String,
     },
     /// List the tasks in the stack.
     Ps {
-        #[arg(long, default_value = "table")]
-        format: Format,
-        /// Only display task IDs.
-        #[arg(short, long)]
-        quiet: bool,
+        #[command(flatten)]
+        list: crate::ListArgs,
+        /// Do not truncate output.
+        #[arg(long)]
+        no_trunc: bool,
+        /// The stack.
         name: String,
     },
     /// Remove one or more stacks.
@@ -64,6 +64,7 @@ pub enum StackCmd {
         /// Do not wait for the stack's tasks to be gone.
         #[arg(short, long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
         detach: bool,
+        /// Stacks.
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -94,50 +95,42 @@ pub fn run(c: &Client, cmd: StackCmd) -> Result<()> {
             let auth = with_registry_auth.then_some(mesh_api::RegistryAuth::NodeLogin);
             deploy(c, &stack, prune, resolve_image, auth)
         }
-        StackCmd::Ls(f) => ls(c, f.format),
-        StackCmd::Services {
-            format,
-            quiet,
-            name,
-        } => {
-            let o = objects(c)?;
-            let names: BTreeSet<String> = in_stack(&o.services, &name)
-                .map(|s| s.spec.name.clone())
-                .collect();
-            if names.is_empty() {
+        StackCmd::Ls(f) => ls(c, &f.format),
+        StackCmd::Services { list, name } => {
+            // The stack's services are those with its namespace label, as Docker's CLI
+            // asks for them.
+            let mut filters = list.filters()?;
+            filters.check_services().map_err(Failure)?;
+            let any = c.call(Request::ServiceLs {
+                filters: namespace_filter(&name),
+            })?;
+            if any.as_array().is_none_or(|a| a.is_empty()) {
                 // Docker says so on stderr and exits 0.
                 eprintln!("Nothing found in stack: {name}");
                 return Ok(());
             }
-            let v = c.call(Request::ServiceLs)?;
-            let rows: Vec<Value> = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|r| r["name"].as_str().is_some_and(|n| names.contains(n)))
-                .cloned()
-                .collect();
-            print_services(&rows, format, quiet)
+            filters.add("label", format!("{NAMESPACE_LABEL}={name}"));
+            let v = c.call(Request::ServiceLs { filters })?;
+            let rows = v.as_array().cloned().unwrap_or_default();
+            print_services(&rows, &list.format, list.quiet)
         }
         StackCmd::Ps {
-            format,
-            quiet,
+            list,
+            no_trunc,
             name,
         } => {
-            let o = objects(c)?;
-            let mut rows = Vec::new();
-            let mut services: Vec<&Service> = in_stack(&o.services, &name).collect();
-            if services.is_empty() {
+            let mut filters = list.filters()?;
+            filters.check_tasks().map_err(Failure)?;
+            let any = c.call(Request::ServiceLs {
+                filters: namespace_filter(&name),
+            })?;
+            if any.as_array().is_none_or(|a| a.is_empty()) {
                 return Err(Failure(format!("nothing found in stack: {name}")));
             }
-            services.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-            for s in services {
-                let v = c.call(Request::ServicePs {
-                    service: s.id.clone(),
-                })?;
-                rows.extend(v.as_array().cloned().unwrap_or_default());
-            }
-            print_tasks(&rows, format, quiet)
+            filters.add("label", format!("{NAMESPACE_LABEL}={name}"));
+            let v = c.call(Request::TaskLs { filters })?;
+            let rows = v.as_array().cloned().unwrap_or_default();
+            print_tasks(&rows, &list.format, list.quiet, no_trunc)
         }
         StackCmd::Rm { detach, names } => {
             let mut failed = false;
@@ -152,6 +145,13 @@ pub fn run(c: &Client, cmd: StackCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The filter picking a stack's objects: its namespace label.
+fn namespace_filter(stack: &str) -> mesh_api::Filters {
+    let mut f = mesh_api::Filters::default();
+    f.add("label", format!("{NAMESPACE_LABEL}={stack}"));
+    f
 }
 
 fn objects(c: &Client) -> Result<ClusterObjects> {
@@ -172,7 +172,12 @@ fn in_stack<'a>(services: &'a [Service], stack: &'a str) -> impl Iterator<Item =
 /// The secrets or configs the daemon holds; `None` when it cannot list them (a daemon
 /// without secrets and configs yet), which only matters if the stack has some.
 fn blobs(c: &Client, kind: BlobKind) -> Option<Vec<Blob>> {
-    let v = c.call(Request::BlobLs { kind }).ok()?;
+    let v = c
+        .call(Request::BlobLs {
+            kind,
+            filters: Default::default(),
+        })
+        .ok()?;
     serde_json::from_value(v).ok()
 }
 
@@ -208,7 +213,10 @@ fn deploy(
             Some(h) => h,
             None => {
                 // Let the daemon say why it cannot list them.
-                c.call(Request::BlobLs { kind })?;
+                c.call(Request::BlobLs {
+                    kind,
+                    filters: Default::default(),
+                })?;
                 Vec::new()
             }
         };
@@ -370,7 +378,7 @@ fn same(new: &ServiceSpec, old: &ServiceSpec) -> bool {
     new == old
 }
 
-fn ls(c: &Client, format: Format) -> Result<()> {
+fn ls(c: &Client, format: &Format) -> Result<()> {
     let o = objects(c)?;
     let mut stacks: BTreeMap<String, usize> = BTreeMap::new();
     for s in &o.services {
@@ -378,20 +386,17 @@ fn ls(c: &Client, format: Format) -> Result<()> {
             *stacks.entry(ns.clone()).or_default() += 1;
         }
     }
-    if format == Format::Json {
-        let out: Vec<Value> = stacks
-            .iter()
-            .map(|(n, k)| json!({"Name": n, "Services": k.to_string()}))
-            .collect();
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
+    let rows: Vec<crate::format::Row> = stacks
+        .iter()
+        .map(|(n, k)| crate::row(json!({"Name": n, "Services": k.to_string()})))
+        .collect();
+    crate::format::print(format, false, crate::format::STACK, &rows, &[], || {
         let rows = stacks
             .iter()
             .map(|(n, k)| vec![n.clone(), k.to_string()])
             .collect();
         table::print(&["NAME", "SERVICES"], rows);
-    }
-    Ok(())
+    })
 }
 
 /// Removes a stack's services, then its secrets and configs (never external ones: they do

@@ -1,6 +1,6 @@
-//! `/secrets` and `/configs`: list (with the `id`, `label`, `name`, `names` filters),
-//! create, inspect, delete, as dockerd answers them. A secret's data is never returned.
-//! Updates change nothing a mesh secret or config holds, so they are refused with
+//! `/secrets` and `/configs`: list (the `id`, `label`, `name`, `names` filters applied by
+//! the leader), create, inspect, delete, as dockerd answers them. A secret's data is never
+//! returned. Updates change nothing a mesh secret or config holds, so they are refused with
 //! swarmkit's words unless they change nothing.
 
 use base64::Engine as _;
@@ -59,21 +59,11 @@ async fn inspect(b: &dyn Backend, kind: BlobKind, id: &str) -> Result<Blob> {
 
 async fn ls(b: &dyn Backend, c: &Call, kind: BlobKind) -> Result<Reply> {
     let f = c.query.filters().map_err(EngineError::bad)?;
-    f.only(&["id", "label", "name", "names"])
-        .map_err(EngineError::bad)?;
-    let v = call(b, Request::BlobLs { kind }).await?;
+    f.check_blobs().map_err(EngineError::bad)?;
+    let v = call(b, Request::BlobLs { kind, filters: f }).await?;
     let list: Vec<Blob> = serde_json::from_value(v)
         .map_err(|e| EngineError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    let out: Vec<Value> = list
-        .iter()
-        .filter(|o| {
-            f.any("id", |v| o.id.starts_with(v))
-                && f.any("name", |v| o.spec.name.starts_with(v))
-                && f.any("names", |v| o.spec.name == v)
-                && f.labels("label", &o.spec.labels)
-        })
-        .map(Blob::docker_json)
-        .collect();
+    let out: Vec<Value> = list.iter().map(Blob::docker_json).collect();
     Ok(Reply::ok(out))
 }
 

@@ -251,7 +251,8 @@ mod tests {
                 ("remove".into(), "y".into())
             ]
         );
-        let f = Filters::parse(r#"{"type":{"network":true},"event":{"create":true}}"#).unwrap();
+        let f =
+            Filters::parse_json(r#"{"type":{"network":true},"event":{"create":true}}"#).unwrap();
         assert!(matches(&f, &evs[1]) && !matches(&f, &evs[0]));
         assert_eq!(parse_time("12.5").unwrap(), 12_500_000_000);
         assert!(parse_time("x").is_err());

@@ -651,20 +651,12 @@ async fn swarm_update(b: &dyn Backend, c: &Call) -> Result<Reply> {
 
 async fn node_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
     let f = c.query.filters().map_err(EngineError::bad)?;
-    f.only(&["id", "label", "node.label", "membership", "name", "role"])
-        .map_err(EngineError::bad)?;
+    f.check_nodes().map_err(EngineError::bad)?;
     let o = objects(b).await?;
     let out: Vec<_> = o
         .nodes
         .iter()
-        .filter(|n| {
-            f.any("id", |v| n.node.id.starts_with(v))
-                && f.any("name", |v| n.node.hostname.starts_with(v))
-                && f.any("role", |v| v == n.node.role.to_string())
-                && f.any("membership", |v| v == "accepted")
-                && f.labels("label", &n.node.labels)
-                && f.labels("node.label", &n.node.labels)
-        })
+        .filter(|n| mesh_api::filter::node(&f, &n.node))
         .map(|n| convert::node(n, false))
         .collect();
     Ok(Reply::ok(out))
@@ -731,28 +723,15 @@ async fn node_update(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
     Ok(Reply::Empty(StatusCode::OK))
 }
 
-fn mode_name(s: &Service) -> &'static str {
-    match s.spec.mode {
-        mesh_api::ServiceMode::Replicated { .. } => "replicated",
-        mesh_api::ServiceMode::Global => "global",
-    }
-}
-
 async fn service_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
     let f = c.query.filters().map_err(EngineError::bad)?;
-    f.only(&["id", "label", "mode", "name"])
-        .map_err(EngineError::bad)?;
+    f.check_services().map_err(EngineError::bad)?;
     let status = c.query.flag("status");
     let o = objects(b).await?;
     let out: Vec<Value> = o
         .services
         .iter()
-        .filter(|s| {
-            f.any("id", |v| s.id.starts_with(v))
-                && f.any("name", |v| s.spec.name.starts_with(v))
-                && f.any("mode", |v| v == mode_name(s))
-                && f.labels("label", &s.spec.labels)
-        })
+        .filter(|s| mesh_api::filter::service(&f, s))
         .map(|s| convert::service_json(s, &o, status))
         .collect();
     Ok(Reply::ok(out))
@@ -992,16 +971,7 @@ async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply
 
 async fn task_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
     let f = c.query.filters().map_err(EngineError::bad)?;
-    f.only(&[
-        "id",
-        "name",
-        "service",
-        "node",
-        "label",
-        "desired-state",
-        "_up-to-date",
-    ])
-    .map_err(EngineError::bad)?;
+    f.check_tasks().map_err(EngineError::bad)?;
     // One service asked for (the CLI's `service ps` and progress poll): only its objects.
     let one = f
         .values("service")
@@ -1013,33 +983,12 @@ async fn task_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
         .tasks
         .iter()
         .filter(|t| {
-            let svc = svc_of(t);
-            f.any("id", |v| t.id.starts_with(v))
-                && f.any("name", |v| {
-                    t.short_name().starts_with(v) || t.name().starts_with(v)
-                })
-                && f.any("service", |v| {
-                    t.service_id == v || t.service_name == v || t.service_id.starts_with(v)
-                })
-                && f.any("node", |v| {
-                    t.node_id == v
-                        || o.nodes
-                            .iter()
-                            .any(|n| n.node.id == t.node_id && n.node.hostname == v)
-                })
-                && f.labels(
-                    "label",
-                    &svc.map(|s| s.spec.labels.clone()).unwrap_or_default(),
-                )
-                && f.any("desired-state", |v| match v {
-                    "running" => t.desired_state <= TaskState::Running,
-                    "shutdown" => t.desired_state > TaskState::Running,
-                    "accepted" => t.desired_state == TaskState::Accepted,
-                    _ => false,
-                })
-                && f.any("_up-to-date", |_| {
-                    svc.is_some_and(|s| s.version == t.version)
-                })
+            let host = o
+                .nodes
+                .iter()
+                .find(|n| n.node.id == t.node_id)
+                .map(|n| n.node.hostname.as_str());
+            mesh_api::filter::task(&f, t, host, svc_of(t))
         })
         .map(|t| convert::task(t, &o))
         .collect();
@@ -1048,20 +997,12 @@ async fn task_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
 
 async fn network_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
     let f = c.query.filters().map_err(EngineError::bad)?;
-    f.only(&["driver", "id", "label", "name", "scope", "type", "dangling"])
-        .map_err(EngineError::bad)?;
+    f.check_networks().map_err(EngineError::bad)?;
     let o = objects(b).await?;
     let out: Vec<_> = o
         .networks
         .iter()
-        .filter(|n| {
-            f.any("id", |v| n.id.starts_with(v))
-                && f.any("name", |v| n.spec.name.contains(v))
-                && f.any("driver", |v| v == n.spec.driver)
-                && f.any("scope", |v| v == "swarm")
-                && f.any("type", |v| v == "custom")
-                && f.labels("label", &n.spec.labels)
-        })
+        .filter(|n| mesh_api::filter::network(&f, n))
         .map(convert::network_list_json)
         .collect();
     Ok(Reply::ok(out))

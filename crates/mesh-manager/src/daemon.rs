@@ -560,7 +560,7 @@ impl Daemon {
     async fn management(&self, req: Request) -> Response {
         let member = self.manager().await?;
         let local = member.local();
-        let is_ls = matches!(req, Request::NodeLs);
+        let is_ls = matches!(req, Request::NodeLs { .. });
         let is_token = matches!(req, Request::JoinToken { .. });
         let mut v = match member.on_leader(PeerRequest::Api(Box::new(req))).await {
             PeerResponse::Api(r) => r?,

@@ -1146,11 +1146,13 @@ impl Member {
     async fn leader_api(&self, node: &RaftNode, req: Request) -> Response {
         let leader = Some(node.raft_id);
         match req {
-            Request::NodeLs => {
+            Request::NodeLs { filters } => {
+                filters.check_nodes().map_err(ApiError::invalid)?;
                 let state = self.read(node).await?;
                 let mut out: Vec<NodeSummary> = state
                     .nodes
                     .values()
+                    .filter(|n| mesh_api::filter::node(&filters, n))
                     .map(|n| NodeSummary {
                         id: n.id.clone(),
                         hostname: n.hostname.clone(),
@@ -1348,13 +1350,15 @@ impl Member {
                 self.write(node, Command::CreateBlob { blob }).await?;
                 Ok(json!({ "id": id }))
             }
-            Request::BlobLs { kind } => {
+            Request::BlobLs { kind, filters } => {
+                filters.check_blobs().map_err(ApiError::invalid)?;
                 let state = self.read(node).await?;
                 let list: Vec<mesh_api::Blob> = state
                     .blobs
                     .values()
                     .filter(|b| b.kind == kind)
                     .map(crate::blobs::public)
+                    .filter(|b| mesh_api::filter::blob(&filters, b))
                     .collect();
                 Ok(json!(list))
             }
@@ -1432,7 +1436,13 @@ impl Member {
                 self.write(node, Command::CreateNetwork { network }).await?;
                 Ok(json!({ "id": id }))
             }
-            Request::NetworkLs => Ok(json!(crate::networks::ls(&self.read(node).await?))),
+            Request::NetworkLs { filters } => {
+                filters.check_networks().map_err(ApiError::invalid)?;
+                Ok(json!(crate::networks::ls(
+                    &self.read(node).await?,
+                    &filters
+                )))
+            }
             Request::NetworkInspect { network } => {
                 let state = self.read(node).await?;
                 let n = state.find_network(&network).map_err(ApiError::not_found)?;
@@ -1465,20 +1475,20 @@ impl Member {
                     .await?;
                 Ok(json!({ "id": id }))
             }
-            Request::ServiceLs => Ok(json!(services::ls(&self.read(node).await?))),
-            Request::ServicePs { service } => {
+            Request::ServiceLs { filters } => {
+                filters.check_services().map_err(ApiError::invalid)?;
+                Ok(json!(services::ls(&self.read(node).await?, &filters)))
+            }
+            Request::ServicePs { service, filters } => {
+                filters.check_tasks().map_err(ApiError::invalid)?;
                 let state = self.read(node).await?;
                 let svc = state.find_service(&service).map_err(ApiError::not_found)?;
-                let now = now_ms();
-                let rows: Vec<serde_json::Value> = services::ps(&state, svc)
-                    .into_iter()
-                    .map(|(row, ts)| {
-                        let mut v = json!(row);
-                        v["age_ms"] = json!(now.saturating_sub(ts));
-                        v
-                    })
-                    .collect();
-                Ok(json!(rows))
+                Ok(task_rows(services::ps(&state, svc, &filters)))
+            }
+            Request::TaskLs { filters } => {
+                filters.check_tasks().map_err(ApiError::invalid)?;
+                let state = self.read(node).await?;
+                Ok(task_rows(services::task_ls(&state, &filters)))
             }
             Request::ServiceInspect { service } => {
                 let state = self.read(node).await?;
@@ -2199,4 +2209,19 @@ impl Member {
         }
         lines
     }
+}
+
+/// Task listing rows as the CLI reads them: each [`mesh_api::TaskSummary`] with `age_ms`,
+/// the time since its last state change.
+fn task_rows(rows: Vec<(mesh_api::TaskSummary, u64)>) -> serde_json::Value {
+    let now = now_ms();
+    let rows: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|(row, ts)| {
+            let mut v = json!(row);
+            v["age_ms"] = json!(now.saturating_sub(ts));
+            v
+        })
+        .collect();
+    json!(rows)
 }

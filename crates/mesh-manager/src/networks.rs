@@ -126,10 +126,11 @@ pub fn check_unused(state: &StoreState, n: &Network) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn ls(state: &StoreState) -> Vec<NetworkSummary> {
+pub fn ls(state: &StoreState, filters: &mesh_api::Filters) -> Vec<NetworkSummary> {
     let mut out: Vec<NetworkSummary> = state
         .networks
         .values()
+        .filter(|n| mesh_api::filter::network(filters, n))
         .map(|n| NetworkSummary {
             id: n.id.clone(),
             name: n.spec.name.clone(),

@@ -1193,7 +1193,7 @@ mod tests {
                 "{case}"
             );
             let svc = &w.s.services["svc"];
-            let ps = crate::services::ps(&w.s, svc);
+            let ps = crate::services::ps(&w.s, svc, &Default::default());
             assert!(ps
                 .iter()
                 .filter(|(row, _)| !row.is_history)

@@ -386,10 +386,11 @@ pub fn replica_counts(state: &StoreState, svc: &Service) -> (u64, u64) {
     (running, desired)
 }
 
-pub fn ls(state: &StoreState) -> Vec<ServiceSummary> {
+pub fn ls(state: &StoreState, filters: &mesh_api::Filters) -> Vec<ServiceSummary> {
     let mut out: Vec<ServiceSummary> = state
         .services
         .values()
+        .filter(|svc| mesh_api::filter::service(filters, svc))
         .map(|svc| {
             let (running, desired) = replica_counts(state, svc);
             ServiceSummary {
@@ -416,14 +417,60 @@ pub fn ls(state: &StoreState) -> Vec<ServiceSummary> {
     out
 }
 
-/// `service ps`: per slot the newest task first, then its history, as Docker lists them.
-pub fn ps(state: &StoreState, svc: &Service) -> Vec<(TaskSummary, u64)> {
-    let mut by_slot: BTreeMap<(u64, String), Vec<&mesh_api::Task>> = BTreeMap::new();
-    for t in state.service_tasks(&svc.id) {
+/// `service ps`: per slot the newest task first, then its history, as Docker lists them;
+/// only the tasks `filters` match (see [`mesh_api::filter::task`]).
+pub fn ps(
+    state: &StoreState,
+    svc: &Service,
+    filters: &mesh_api::Filters,
+) -> Vec<(TaskSummary, u64)> {
+    let tasks = state
+        .service_tasks(&svc.id)
+        .filter(|t| task_matches(state, t, filters));
+    group_tasks(state, tasks)
+}
+
+/// The task listings' rows (`node ps`, `stack ps`, `/tasks`): the tasks of every service
+/// that `filters` match, grouped by service name, then as [`ps`] does.
+pub fn task_ls(state: &StoreState, filters: &mesh_api::Filters) -> Vec<(TaskSummary, u64)> {
+    let tasks = state
+        .tasks
+        .values()
+        .filter(|t| task_matches(state, t, filters));
+    group_tasks(state, tasks)
+}
+
+fn task_matches(state: &StoreState, t: &mesh_api::Task, filters: &mesh_api::Filters) -> bool {
+    filters.is_empty()
+        || mesh_api::filter::task(
+            filters,
+            t,
+            state.nodes.get(&t.node_id).map(|n| n.hostname.as_str()),
+            state.services.get(&t.service_id),
+        )
+}
+
+fn group_tasks<'a>(
+    state: &StoreState,
+    tasks: impl Iterator<Item = &'a mesh_api::Task>,
+) -> Vec<(TaskSummary, u64)> {
+    let mut by_slot: BTreeMap<(String, String, u64, String), Vec<&mesh_api::Task>> =
+        BTreeMap::new();
+    for t in tasks {
         let key = if t.slot > 0 {
-            (t.slot, String::new())
+            (
+                t.service_name.clone(),
+                t.service_id.clone(),
+                t.slot,
+                String::new(),
+            )
         } else {
-            (0, t.node_id.clone())
+            (
+                t.service_name.clone(),
+                t.service_id.clone(),
+                0,
+                t.node_id.clone(),
+            )
         };
         by_slot.entry(key).or_default().push(t);
     }
