@@ -113,6 +113,22 @@ fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum() -> Result<()> {
     expect_err(h1, &["service", "scale", "web=3"], NO_LEADER)?;
 
     eprintln!("no quorum");
+    expect_err(
+        h1,
+        &["swarm", "init", "--force-new-cluster", "--autolock"],
+        "--autolock cannot be changed by --force-new-cluster",
+    )?;
+    expect_err(
+        h1,
+        &[
+            "swarm",
+            "init",
+            "--force-new-cluster",
+            "--advertise-addr",
+            "10.99.0.99",
+        ],
+        "keeps this node's advertise address",
+    )?;
     let out = h1.mesh_ok(&["swarm", "init", "--force-new-cluster"])?;
     ensure!(
         out.starts_with(&format!(

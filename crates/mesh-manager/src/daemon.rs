@@ -279,6 +279,12 @@ impl Daemon {
                 force_new_cluster,
             } => {
                 if force_new_cluster && self.member().await.is_some() {
+                    if autolock {
+                        // The rebuilt swarm keeps its settings; autolock is changed apart.
+                        return Err(ApiError::invalid(
+                            "--autolock cannot be changed by --force-new-cluster: use \"mesh swarm update --autolock\" once the swarm has a leader",
+                        ));
+                    }
                     self.force_new_cluster(advertise_addr).await
                 } else if force_new_cluster && self.locked.read().await.is_some() {
                     // The store is sealed with a key only the unlock key opens.
@@ -807,7 +813,8 @@ impl Daemon {
     /// swarm rebuilt from its committed state (see `storage::rebuild_single_voter`); the
     /// cluster, its IDs, CA, tokens and objects stay, the other managers stay in the store as
     /// nodes outside Raft (no manager status, removable), and the nodes that knew this
-    /// manager's address report to it again. The node keeps its addresses.
+    /// manager's address report to it again. The node keeps its addresses (a listen address
+    /// in the request is not used: Docker's CLI always sends one).
     async fn force_new_cluster(&self, advertise_addr: Option<String>) -> Response {
         let _g = self.lifecycle.lock().await;
         let Some(member) = self.member().await else {
