@@ -279,13 +279,7 @@ impl Daemon {
                 force_new_cluster,
             } => {
                 if force_new_cluster && self.member().await.is_some() {
-                    if autolock {
-                        // The rebuilt swarm keeps its settings; autolock is changed apart.
-                        return Err(ApiError::invalid(
-                            "--autolock cannot be changed by --force-new-cluster: use \"mesh swarm update --autolock\" once the swarm has a leader",
-                        ));
-                    }
-                    self.force_new_cluster(advertise_addr).await
+                    self.force_new_cluster(advertise_addr, autolock).await
                 } else if force_new_cluster && self.locked.read().await.is_some() {
                     // The store is sealed with a key only the unlock key opens.
                     Err(ApiError::locked())
@@ -815,7 +809,7 @@ impl Daemon {
     /// nodes outside Raft (no manager status, removable), and the nodes that knew this
     /// manager's address report to it again. The node keeps its addresses (a listen address
     /// in the request is not used: Docker's CLI always sends one).
-    async fn force_new_cluster(&self, advertise_addr: Option<String>) -> Response {
+    async fn force_new_cluster(&self, advertise_addr: Option<String>, autolock: bool) -> Response {
         let _g = self.lifecycle.lock().await;
         let Some(member) = self.member().await else {
             return Err(ApiError::not_in_swarm());
@@ -823,6 +817,12 @@ impl Daemon {
         let local = member.local();
         if local.role != NodeRole::Manager {
             return Err(ApiError::not_manager());
+        }
+        if autolock {
+            // The rebuilt swarm keeps its settings; autolock is changed apart.
+            return Err(ApiError::invalid(
+                "--autolock cannot be changed by --force-new-cluster: use \"mesh swarm update --autolock\" once the swarm has a leader",
+            ));
         }
         if let Some(a) = advertise_addr {
             let port = local::parse_addr(&local.advertise_addr, None, DEFAULT_CONTROL_PORT)
