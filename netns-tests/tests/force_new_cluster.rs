@@ -17,7 +17,7 @@
 //! - a locked manager is refused with Docker's locked error until unlocked.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mesh_netns::swarm::{
@@ -61,6 +61,7 @@ fn voters(h: &Host) -> Result<usize> {
 
 #[test]
 fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum() -> Result<()> {
+    let start = Instant::now();
     let Some(c) = swarm_cluster(4, 3, "fnc")? else {
         return Ok(());
     };
@@ -112,7 +113,7 @@ fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum() -> Result<()> {
     expect_err(h1, &["node", "ls"], NO_LEADER)?;
     expect_err(h1, &["service", "scale", "web=3"], NO_LEADER)?;
 
-    eprintln!("no quorum");
+    eprintln!("no quorum ({:?} since start)", start.elapsed());
     expect_err(
         h1,
         &["swarm", "init", "--force-new-cluster", "--autolock"],
@@ -129,7 +130,9 @@ fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum() -> Result<()> {
         ],
         "keeps this node's advertise address",
     )?;
+    let t0 = Instant::now();
     let out = h1.mesh_ok(&["swarm", "init", "--force-new-cluster"])?;
+    eprintln!("--force-new-cluster answered in {:?}", t0.elapsed());
     ensure!(
         out.starts_with(&format!(
             "Swarm initialized: current node ({h1_id}) is now a manager."
@@ -164,6 +167,19 @@ fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum() -> Result<()> {
     )?;
     ensure!(rows.iter().any(|r| r.is_self && r.id == h1_id), "{rows:?}");
     ensure!(voters(h1)? == 1, "one voter: {}", info(h1)?);
+    // The docker CLI shows the same: the lost managers without a manager status.
+    let out = h1.docker_ok(&[
+        "node",
+        "ls",
+        "--format",
+        "{{.Hostname}}:{{.Status}}:{{.ManagerStatus}}",
+    ])?;
+    let mut lines: Vec<&str> = out.lines().map(str::trim).collect();
+    lines.sort();
+    ensure!(
+        lines == ["h1:Ready:Leader", "h2:Down:", "h3:Down:", "h4:Ready:"],
+        "docker node ls: {out}"
+    );
     let after = info(h1)?;
     ensure!(after["cluster_id"] == before["cluster_id"], "{after}");
     ensure!(after["node_id"] == before["node_id"], "{after}");
@@ -190,7 +206,10 @@ fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum() -> Result<()> {
         "tasks on h4: {ps:?}"
     );
 
-    eprintln!("new cluster formed, objects and tasks kept");
+    eprintln!(
+        "new cluster formed, objects and tasks kept ({:?})",
+        start.elapsed()
+    );
     // It manages: the service scales and its new task runs.
     h1.mesh_ok(&["service", "scale", "web=3"])?;
     let now = running_ids(h1, "web", 3)?;
@@ -202,7 +221,7 @@ fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum() -> Result<()> {
     let names: Vec<String> = node_ls(h1)?.into_iter().map(|r| r.hostname).collect();
     ensure!(names == ["h1", "h4"], "{names:?}");
 
-    eprintln!("scaled, lost managers removed");
+    eprintln!("scaled, lost managers removed ({:?})", start.elapsed());
     // SIGKILLed and restarted, it is a working single manager.
     h1.kill_daemon()?;
     h1.start_daemon()?;
@@ -242,7 +261,7 @@ fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum() -> Result<()> {
         "service ID after docker's"
     );
 
-    eprintln!("restarted as a single manager");
+    eprintln!("restarted as a single manager ({:?})", start.elapsed());
     // A host whose data is wiped joins again as a manager: two voters. (Its exec root
     // stays: a daemon that starts outside any swarm clears what the kernel kept of one.)
     std::fs::remove_dir_all(h3.data_dir())?;
@@ -295,7 +314,7 @@ fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum() -> Result<()> {
         .cloned()
         .unwrap_or_default();
     ensure!(rows.iter().any(|r| field(r, "ID") == web), "{rows:?}");
-    eprintln!("a new manager joined: two voters");
+    eprintln!("a new manager joined: two voters ({:?})", start.elapsed());
 
     // A locked manager is told to unlock first (its store is sealed with a key the unlock
     // key opens).

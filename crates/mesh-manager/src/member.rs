@@ -299,20 +299,20 @@ impl Member {
     pub(crate) async fn force_new_cluster(&self) -> Result<storage::Rebuilt, ApiError> {
         let key = self.data_key_for_raft().await?;
         let mut slot = self.raft.write().await;
-        if let Some(node) = slot.take() {
+        let old = slot.take();
+        if let Some(node) = &old {
             if let Err(e) = node.raft.shutdown().await {
                 warn!("raft shutdown: {e}");
             }
         }
         let local = self.local();
-        let rebuilt = storage::rebuild_single_voter(
-            &self.raft_path(),
-            Some(key.clone()),
-            local.raft_id,
-            &local.advertise_addr,
-        )
-        .await
+        let (path, id, addr) = (self.raft_path(), local.raft_id, &local.advertise_addr);
+        let rebuilt = match &old {
+            Some(node) => storage::rebuild_single_voter_of(&node.sm, &path, id, addr).await,
+            None => storage::rebuild_single_voter(&path, Some(key.clone()), id, addr).await,
+        }
         .map_err(ApiError::internal);
+        drop(old);
         let started = self.open_raft(&mut slot, key, false).await;
         let rebuilt = rebuilt?;
         started?;

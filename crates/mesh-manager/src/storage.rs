@@ -154,7 +154,11 @@ pub fn open(path: &Path, key: Option<DataKey>) -> Result<(LogStore, StateMachine
         path: path.display().to_string(),
         source: e,
     })?;
-    let db = Db(Arc::new(db), key);
+    load(Db(Arc::new(db), key), path)
+}
+
+/// The two halves over an open database: the state machine read from its snapshot.
+fn load(db: Db, path: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     let corrupt = |e: StorageError| OpenError::Corrupt {
         path: path.display().to_string(),
         message: e.to_string(),
@@ -512,32 +516,46 @@ fn rebuild_path(path: &Path) -> std::path::PathBuf {
 /// Crash-safe: the new store is written to `raft.redb.rebuild` (redb commits are durable)
 /// and renamed over `path`, then the directory is synced, so a daemon killed at any point
 /// finds either the old store or the new one (a stale `.rebuild` file is replaced by the
-/// next attempt). The store must not be open elsewhere in this process for writing.
+/// next attempt). Nothing may write to the store meanwhile (its Raft instance is shut down).
 pub async fn rebuild_single_voter(
     path: &Path,
     key: Option<DataKey>,
     raft_id: RaftId,
     addr: &str,
 ) -> Result<Rebuilt, OpenError> {
+    if !path.exists() {
+        return Err(OpenError::Corrupt {
+            path: path.display().to_string(),
+            message: "no raft store to rebuild".into(),
+        });
+    }
+    let (log, _) = open(path, key)?;
+    rebuild(log.db, path, raft_id, addr).await
+}
+
+/// [`rebuild_single_voter`] through the database a Raft instance, shut down, had open:
+/// whatever still holds a handle of it (a call that was waiting on it) keeps the file
+/// locked, so it is not opened a second time; the rebuilt file replaces it on disk.
+pub async fn rebuild_single_voter_of(
+    sm: &StateMachineStore,
+    path: &Path,
+    raft_id: RaftId,
+    addr: &str,
+) -> Result<Rebuilt, OpenError> {
+    rebuild(sm.db.clone(), path, raft_id, addr).await
+}
+
+async fn rebuild(db: Db, path: &Path, raft_id: RaftId, addr: &str) -> Result<Rebuilt, OpenError> {
     use openraft::{LogIdOptionExt, Membership};
 
     let corrupt = |message: String| OpenError::Corrupt {
         path: path.display().to_string(),
         message,
     };
-    if !path.exists() {
-        return Err(corrupt("no raft store to rebuild".into()));
-    }
-    // Raft was just shut down: its workers may still hold the file a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let (mut log, mut sm) = loop {
-        match open(path, key.clone()) {
-            Err(OpenError::Open { .. }) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            other => break other?,
-        }
-    };
+    let key = db.1.clone();
+    // A state machine of its own, read from the snapshot: the one the Raft instance had
+    // is left as it was.
+    let (mut log, mut sm) = load(db, path)?;
     let se = |e: StorageError| corrupt(e.to_string());
     let committed = log.read_committed().await.map_err(se)?;
     let last_log = log.get_log_state().await.map_err(se)?.last_log_id;
