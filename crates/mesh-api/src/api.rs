@@ -25,6 +25,11 @@ pub enum Request {
         /// written to disk; a restarted manager stays locked until `swarm unlock`.
         #[serde(default)]
         autolock: bool,
+        /// `--force-new-cluster`: on a manager of a swarm that lost its quorum, start a
+        /// one-manager swarm from this node's state (services, networks, secrets, CA, IDs
+        /// and tokens kept). On a node outside any swarm, a plain init (as Docker's).
+        #[serde(default)]
+        force_new_cluster: bool,
     },
     /// `swarm unlock`: the unlock key (`SWMKEY-1-...`) of a locked manager.
     SwarmUnlock {

@@ -177,6 +177,10 @@ enum SwarmCmd {
         /// Enable manager autolocking (requiring an unlock key to start a stopped manager).
         #[arg(long)]
         autolock: bool,
+        /// Force create a new cluster from current state (a manager whose swarm lost its
+        /// quorum for good becomes the one manager of a swarm keeping its state).
+        #[arg(long)]
+        force_new_cluster: bool,
     },
     /// Unlock a locked manager (the key is read from a prompt or stdin).
     Unlock,
@@ -418,11 +422,13 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
             advertise_addr,
             listen_addr,
             autolock,
+            force_new_cluster,
         } => {
             let v = c.call(Request::SwarmInit {
                 advertise_addr,
                 listen_addr,
                 autolock,
+                force_new_cluster,
             })?;
             let id = v["node_id"].as_str().unwrap_or("");
             println!("Swarm initialized: current node ({id}) is now a manager.\n");

@@ -103,15 +103,19 @@ pub fn node(n: &NodeView, leader_raft: bool) -> m::Node {
             message: None,
             addr: Some(host),
         }),
-        manager_status: (node.role == NodeRole::Manager).then(|| m::ManagerStatus {
-            leader: Some(leader_raft || n.manager_status == "Leader"),
-            reachability: Some(if n.manager_status == "Unreachable" {
-                m::Reachability::UNREACHABLE
-            } else {
-                m::Reachability::REACHABLE
-            }),
-            addr: Some(node.addr.clone()),
-        }),
+        // A manager outside the Raft membership (left behind by `--force-new-cluster`) has
+        // no manager status, as swarmkit's.
+        manager_status: (node.role == NodeRole::Manager && !n.manager_status.is_empty()).then(
+            || m::ManagerStatus {
+                leader: Some(leader_raft || n.manager_status == "Leader"),
+                reachability: Some(if n.manager_status == "Unreachable" {
+                    m::Reachability::UNREACHABLE
+                } else {
+                    m::Reachability::REACHABLE
+                }),
+                addr: Some(node.addr.clone()),
+            },
+        ),
     }
 }
 

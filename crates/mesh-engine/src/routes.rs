@@ -544,11 +544,6 @@ fn str_field(v: &Value, k: &str) -> Option<String> {
 
 async fn swarm_init(b: &dyn Backend, c: &Call) -> Result<Reply> {
     let v = c.json()?;
-    if v.get("ForceNewCluster").and_then(Value::as_bool) == Some(true) {
-        return Err(EngineError::bad(
-            "--force-new-cluster is not supported by mesh yet",
-        ));
-    }
     let autolock = v
         .pointer("/Spec/EncryptionConfig/AutoLockManagers")
         .and_then(Value::as_bool)
@@ -560,6 +555,7 @@ async fn swarm_init(b: &dyn Backend, c: &Call) -> Result<Reply> {
             advertise_addr: str_field(&v, "AdvertiseAddr"),
             listen_addr: str_field(&v, "ListenAddr"),
             autolock,
+            force_new_cluster: v.get("ForceNewCluster").and_then(Value::as_bool) == Some(true),
         },
     )
     .await?;

@@ -276,7 +276,18 @@ impl Daemon {
                 advertise_addr,
                 listen_addr,
                 autolock,
-            } => self.init(advertise_addr, listen_addr, autolock).await,
+                force_new_cluster,
+            } => {
+                if force_new_cluster && self.member().await.is_some() {
+                    self.force_new_cluster(advertise_addr, autolock).await
+                } else if force_new_cluster && self.locked.read().await.is_some() {
+                    // The store is sealed with a key only the unlock key opens.
+                    Err(ApiError::locked())
+                } else {
+                    // Outside a swarm `--force-new-cluster` is a plain init, as Docker's.
+                    self.init(advertise_addr, listen_addr, autolock).await
+                }
+            }
             Request::SwarmUnlock { key } => self.unlock(key).await,
             Request::SwarmJoin {
                 token,
@@ -789,6 +800,76 @@ impl Daemon {
             "worker_token": worker_token,
             "addr": advertise.to_string(),
             "unlock_key": unlock_key.map(|k| mesh_api::human_unlock_key(&k)),
+        }))
+    }
+
+    /// `swarm init --force-new-cluster` on a member: a manager becomes the one manager of a
+    /// swarm rebuilt from its committed state (see `storage::rebuild_single_voter`); the
+    /// cluster, its IDs, CA, tokens and objects stay, the other managers stay in the store as
+    /// nodes outside Raft (no manager status, removable), and the nodes that knew this
+    /// manager's address report to it again. The node keeps its addresses (a listen address
+    /// in the request is not used: Docker's CLI always sends one).
+    async fn force_new_cluster(&self, advertise_addr: Option<String>, autolock: bool) -> Response {
+        let _g = self.lifecycle.lock().await;
+        let Some(member) = self.member().await else {
+            return Err(ApiError::not_in_swarm());
+        };
+        let local = member.local();
+        if local.role != NodeRole::Manager {
+            return Err(ApiError::not_manager());
+        }
+        if autolock {
+            // The rebuilt swarm keeps its settings; autolock is changed apart.
+            return Err(ApiError::invalid(
+                "--autolock cannot be changed by --force-new-cluster: use \"mesh swarm update --autolock\" once the swarm has a leader",
+            ));
+        }
+        if let Some(a) = advertise_addr {
+            let port = local::parse_addr(&local.advertise_addr, None, DEFAULT_CONTROL_PORT)
+                .map(|a| a.port())
+                .unwrap_or(DEFAULT_CONTROL_PORT);
+            let want = local::parse_addr(&a, None, port).map_err(ApiError::invalid)?;
+            if want.to_string() != local.advertise_addr {
+                return Err(ApiError::invalid(format!(
+                    "--force-new-cluster keeps this node's advertise address {}: {a} cannot be taken",
+                    local.advertise_addr
+                )));
+            }
+        }
+        let rebuilt = member.force_new_cluster().await?;
+        info!(
+            index = rebuilt.index,
+            dropped = rebuilt.dropped,
+            removed = ?rebuilt.removed,
+            "raft store rebuilt with this manager as the only voter"
+        );
+        let raft = member
+            .raft()
+            .await
+            .ok_or_else(|| ApiError::internal("raft did not start"))?;
+        raft.raft
+            .wait(Some(Duration::from_secs(10)))
+            .current_leader(local.raft_id, "self-election")
+            .await
+            .map_err(|e| ApiError::internal(format!("raft did not elect this node: {e}")))?;
+        let worker_token = raft
+            .sm
+            .with_state(|s| {
+                let c = s.cluster.as_ref()?;
+                let ca = RootCa::from_pem(&c.ca_cert_pem, &c.ca_key_pem).ok()?;
+                Some(JoinToken::new(&ca.digest(), &c.worker_secret).to_string())
+            })
+            .await
+            .ok_or_else(|| ApiError::internal("cluster not initialized"))?;
+        info!(
+            node_id = local.node_id,
+            "new cluster forced from the local state"
+        );
+        Ok(json!({
+            "node_id": local.node_id,
+            "worker_token": worker_token,
+            "addr": local.advertise_addr,
+            "unlock_key": null,
         }))
     }
 

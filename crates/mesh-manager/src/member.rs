@@ -247,6 +247,16 @@ impl Member {
         if let Some(r) = slot.as_ref() {
             return Ok(r.clone());
         }
+        self.open_raft(&mut slot, key, init).await
+    }
+
+    /// Opens the store and starts Raft on it, into the (held, empty) slot.
+    async fn open_raft(
+        &self,
+        slot: &mut Option<RaftNode>,
+        key: DataKey,
+        init: bool,
+    ) -> Result<RaftNode, ApiError> {
         let local = self.local();
         let (log, sm) = storage::open(&self.raft_path(), Some(key)).map_err(ApiError::internal)?;
         let network = Network {
@@ -279,6 +289,51 @@ impl Member {
                 warn!("raft shutdown: {e}");
             }
             info!("raft stopped");
+        }
+    }
+
+    /// `swarm init --force-new-cluster`: stops this manager's Raft instance, rebuilds its
+    /// store as a one-voter group from what it committed (`storage::rebuild_single_voter`)
+    /// and starts Raft again on whatever the store then holds. The Raft slot stays locked throughout, so nothing starts Raft on the old store
+    /// meanwhile.
+    pub(crate) async fn force_new_cluster(&self) -> Result<storage::Rebuilt, ApiError> {
+        let key = self.data_key_for_raft().await?;
+        let mut slot = self.raft.write().await;
+        let old = slot.take();
+        if let Some(node) = &old {
+            if let Err(e) = node.raft.shutdown().await {
+                warn!("raft shutdown: {e}");
+            }
+        }
+        let local = self.local();
+        let (path, id, addr) = (self.raft_path(), local.raft_id, &local.advertise_addr);
+        let rebuilt = match &old {
+            Some(node) => storage::rebuild_single_voter_of(&node.sm, &path, id, addr).await,
+            None => storage::rebuild_single_voter(&path, Some(key.clone()), id, addr).await,
+        }
+        .map_err(ApiError::internal);
+        drop(old);
+        let started = self.open_raft(&mut slot, key, false).await;
+        let rebuilt = rebuilt?;
+        started?;
+        Ok(rebuilt)
+    }
+
+    /// Whether `raft_id` is in this manager's Raft membership (voter or learner); true when
+    /// that cannot be told at once. As swarmkit's, a manager has a manager status, and cannot
+    /// be removed, only while it is a member: the managers a `--force-new-cluster` left
+    /// behind keep their role but are neither.
+    fn is_raft_member(&self, raft_id: u64) -> bool {
+        match self.raft.try_read() {
+            Ok(slot) => slot.as_ref().is_none_or(|n| {
+                n.raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .nodes()
+                    .any(|(id, _)| *id == raft_id)
+            }),
+            Err(_) => true,
         }
     }
 
@@ -990,7 +1045,7 @@ impl Member {
     }
 
     fn manager_status(&self, n: &Node, leader: Option<u64>) -> String {
-        if n.role != NodeRole::Manager {
+        if n.role != NodeRole::Manager || !self.is_raft_member(n.raft_id) {
             return String::new();
         }
         if Some(n.raft_id) == leader {
@@ -1271,7 +1326,10 @@ impl Member {
             Request::NodeRm { node: key, force } => {
                 let state = self.read(node).await?;
                 let n = state.find_node(&key).map_err(ApiError::not_found)?;
-                if n.role == NodeRole::Manager && n.state != NodeState::Left {
+                if n.role == NodeRole::Manager
+                    && n.state != NodeState::Left
+                    && self.is_raft_member(n.raft_id)
+                {
                     return Err(ApiError::invalid(format!(
                         "node {} is a cluster manager and is a member of the raft cluster. It must be demoted to worker before removal",
                         n.hostname

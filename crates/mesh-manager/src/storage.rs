@@ -154,7 +154,11 @@ pub fn open(path: &Path, key: Option<DataKey>) -> Result<(LogStore, StateMachine
         path: path.display().to_string(),
         source: e,
     })?;
-    let db = Db(Arc::new(db), key);
+    load(Db(Arc::new(db), key), path)
+}
+
+/// The two halves over an open database: the state machine read from its snapshot.
+fn load(db: Db, path: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     let corrupt = |e: StorageError| OpenError::Corrupt {
         path: path.display().to_string(),
         message: e.to_string(),
@@ -485,6 +489,159 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
+/// What [`rebuild_single_voter`] made of a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// The index of the last committed entry, where the new store starts.
+    pub index: u64,
+    /// Entries after it that had not been committed, dropped (as etcd's and swarmkit's
+    /// `--force-new-cluster` drop them).
+    pub dropped: u64,
+    /// The Raft IDs of the members left out.
+    pub removed: Vec<RaftId>,
+}
+
+/// The file a rebuilt store is written to before it is renamed over the store.
+fn rebuild_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".rebuild");
+    path.with_file_name(name)
+}
+
+/// `swarm init --force-new-cluster`: replaces the store at `path` with one that holds the
+/// state machine as of its last committed entry, as a snapshot whose membership is
+/// `raft_id` (at `addr`) alone, with no log after it. Started on it, Raft elects this node
+/// by itself (a new term) and goes on from that index; the other members are forgotten.
+///
+/// Crash-safe: the new store is written to `raft.redb.rebuild` (redb commits are durable)
+/// and renamed over `path`, then the directory is synced, so a daemon killed at any point
+/// finds either the old store or the new one (a stale `.rebuild` file is replaced by the
+/// next attempt). Nothing may write to the store meanwhile (its Raft instance is shut down).
+pub async fn rebuild_single_voter(
+    path: &Path,
+    key: Option<DataKey>,
+    raft_id: RaftId,
+    addr: &str,
+) -> Result<Rebuilt, OpenError> {
+    if !path.exists() {
+        return Err(OpenError::Corrupt {
+            path: path.display().to_string(),
+            message: "no raft store to rebuild".into(),
+        });
+    }
+    let (log, _) = open(path, key)?;
+    rebuild(log.db, path, raft_id, addr).await
+}
+
+/// [`rebuild_single_voter`] through the database a Raft instance, shut down, had open:
+/// whatever still holds a handle of it (a call that was waiting on it) keeps the file
+/// locked, so it is not opened a second time; the rebuilt file replaces it on disk.
+pub async fn rebuild_single_voter_of(
+    sm: &StateMachineStore,
+    path: &Path,
+    raft_id: RaftId,
+    addr: &str,
+) -> Result<Rebuilt, OpenError> {
+    rebuild(sm.db.clone(), path, raft_id, addr).await
+}
+
+async fn rebuild(db: Db, path: &Path, raft_id: RaftId, addr: &str) -> Result<Rebuilt, OpenError> {
+    use openraft::{LogIdOptionExt, Membership};
+
+    let corrupt = |message: String| OpenError::Corrupt {
+        path: path.display().to_string(),
+        message,
+    };
+    let key = db.1.clone();
+    // A state machine of its own, read from the snapshot: the one the Raft instance had
+    // is left as it was.
+    let (mut log, mut sm) = load(db, path)?;
+    let se = |e: StorageError| corrupt(e.to_string());
+    let committed = log.read_committed().await.map_err(se)?;
+    let last_log = log.get_log_state().await.map_err(se)?.last_log_id;
+    let (applied, _) = sm.applied_state().await.map_err(se)?;
+    // The state as of the commit index: the snapshot plus the committed entries after it.
+    if committed > applied {
+        let (from, to) = (applied.next_index(), committed.next_index());
+        let entries = log.try_get_log_entries(from..to).await.map_err(se)?;
+        if entries.len() as u64 != to - from {
+            return Err(corrupt(format!(
+                "committed entries {from}..{to} are missing from the log"
+            )));
+        }
+        sm.apply(entries).await.map_err(se)?;
+    }
+    let (last, old_membership) = sm.applied_state().await.map_err(se)?;
+    let Some(last) = last else {
+        return Err(corrupt("the store holds no committed state".into()));
+    };
+    let removed: Vec<RaftId> = old_membership
+        .nodes()
+        .map(|(id, _)| *id)
+        .filter(|id| *id != raft_id)
+        .collect();
+    let data = {
+        let d = sm.data.read().await;
+        serde_json::to_vec(&d.state).map_err(|e| corrupt(e.to_string()))?
+    };
+    let vote = log.read_vote().await.map_err(se)?;
+    let term = vote
+        .map(|v| v.leader_id.term)
+        .unwrap_or_default()
+        .max(last.leader_id.term);
+    drop((log, sm));
+
+    let membership = Membership::new(
+        vec![[raft_id].into()],
+        std::collections::BTreeMap::from([(raft_id, openraft::BasicNode::new(addr))]),
+    );
+    let meta = SnapshotMeta {
+        last_log_id: Some(last),
+        last_membership: StoredMembership::new(Some(last), membership),
+        snapshot_id: format!(
+            "{}-{}-{}-new-cluster",
+            last.leader_id.term, raft_id, last.index
+        ),
+    };
+    let tmp = rebuild_path(path);
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let (new_log, _) = open(&tmp, key)?;
+        let db = &new_log.db;
+        let write = || -> Result<(), StorageError> {
+            db.put_meta(
+                KEY_SNAPSHOT,
+                &StoredSnapshot {
+                    meta: meta.clone(),
+                    data: db.seal(data)?,
+                },
+            )?;
+            db.put_meta(KEY_PURGED, &last)?;
+            db.put_meta(KEY_COMMITTED, &Some(last))?;
+            // A vote for itself, not committed: Raft starts as a follower and elects itself
+            // in a term above every term it saw.
+            db.put_meta(KEY_VOTE, &Vote::new(term, raft_id))
+        };
+        write().map_err(se)?;
+    }
+    let io = |e: std::io::Error| OpenError::Open {
+        path: path.display().to_string(),
+        source: redb::Error::Io(e),
+    };
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    let dropped = last_log.next_index().saturating_sub(last.index + 1);
+    Ok(Rebuilt {
+        index: last.index,
+        dropped,
+        removed,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use openraft::testing::{StoreBuilder, Suite};
@@ -586,5 +743,121 @@ mod tests {
                 assert!(e.to_string().contains("no data key"), "{e}");
             }
         }
+    }
+
+    /// `--force-new-cluster`: a store of a three-voter group, with entries after its commit
+    /// index, becomes one whose only voter is this node, holding the committed state only;
+    /// openraft reads it back as such, and a leftover temporary file does not matter.
+    #[tokio::test]
+    async fn rebuild_keeps_the_committed_state_with_one_voter() {
+        use openraft::storage::StorageHelper;
+        use openraft::{CommittedLeaderId, EntryPayload, Membership};
+
+        use crate::state::Command;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        let key = DataKey::generate().unwrap();
+        let lid = |i| LogId::new(CommittedLeaderId::new(4, 2), i);
+        let three = Membership::new(
+            vec![[1, 2, 3].into()],
+            std::collections::BTreeMap::from([
+                (1, openraft::BasicNode::new("10.0.0.1:2377")),
+                (2, openraft::BasicNode::new("10.0.0.2:2377")),
+                (3, openraft::BasicNode::new("10.0.0.3:2377")),
+            ]),
+        );
+        let rotate = |i: u64| {
+            EntryPayload::Normal(Command::RotateSecret {
+                role: mesh_api::NodeRole::Worker,
+                secret: format!("secret-{i}"),
+            })
+        };
+        {
+            let (mut log, mut sm) = open(&path, Some(key.clone())).unwrap();
+            log.save_vote(&Vote::new(4, 2)).await.unwrap();
+            let mut entries = vec![Entry {
+                log_id: lid(1),
+                payload: EntryPayload::Membership(three),
+            }];
+            let init = Command::InitCluster {
+                cluster: mesh_api::Cluster {
+                    id: "c1".into(),
+                    created_at: 1,
+                    ca_cert_pem: "cert".into(),
+                    ca_key_pem: "key".into(),
+                    worker_secret: "w".into(),
+                    manager_secret: "m".into(),
+                    unlock_key: None,
+                    settings: Default::default(),
+                },
+                node: mesh_api::Node {
+                    id: "n1".into(),
+                    hostname: "h1".into(),
+                    role: mesh_api::NodeRole::Manager,
+                    availability: mesh_api::Availability::Active,
+                    state: mesh_api::NodeState::Ready,
+                    addr: "10.0.0.1:2377".into(),
+                    raft_id: 1,
+                    labels: Default::default(),
+                    resources: Default::default(),
+                    ingress_addr: None,
+                    created_at: 1,
+                    updated_at: 1,
+                },
+            };
+            entries.push(Entry {
+                log_id: lid(2),
+                payload: EntryPayload::Normal(init),
+            });
+            entries.extend((3..=6).map(|i| Entry {
+                log_id: lid(i),
+                payload: rotate(i),
+            }));
+            let txn = log.db.0.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(LOGS).unwrap();
+                for e in &entries {
+                    let bytes = log.db.seal(serde_json::to_vec(e).unwrap()).unwrap();
+                    t.insert(e.log_id.index, bytes.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+            // A snapshot at 2, committed up to 4: 5 and 6 were never committed.
+            sm.apply(entries[..2].to_vec()).await.unwrap();
+            sm.build_snapshot().await.unwrap();
+            log.save_committed(Some(lid(4))).await.unwrap();
+        }
+        std::fs::write(rebuild_path(&path), b"half-written").unwrap();
+        let r = rebuild_single_voter(&path, Some(key.clone()), 1, "10.0.0.1:2377")
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            Rebuilt {
+                index: 4,
+                dropped: 2,
+                removed: vec![2, 3],
+            }
+        );
+        assert!(!rebuild_path(&path).exists());
+
+        let (mut log, mut sm) = open(&path, Some(key)).unwrap();
+        let st = StorageHelper::new(&mut log, &mut sm)
+            .get_initial_state()
+            .await
+            .unwrap();
+        let voters: Vec<u64> = st.membership_state.effective().voter_ids().collect();
+        assert_eq!(voters, vec![1]);
+        assert_eq!(st.committed, Some(lid(4)));
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(lid(4)));
+        assert_eq!(st.vote_ref().leader_id().voted_for(), Some(1));
+        assert!(!st.vote_ref().is_committed());
+        assert!(log.try_get_log_entries(0..10).await.unwrap().is_empty());
+        // The state is the one at 4: the secret written by entry 4, not by 6.
+        let state = sm.state().await;
+        let c = state.cluster.as_ref().expect("the cluster record");
+        assert_eq!(c.id, "c1");
+        assert_eq!(c.worker_secret, "secret-4");
     }
 }
