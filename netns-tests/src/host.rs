@@ -363,31 +363,26 @@ impl Host {
     /// args...` (from the root namespace; `MESH_HOST` is removed from the
     /// environment). The CLI is killed after [`MESH_CLI_TIMEOUT`].
     pub fn mesh(&self, args: &[&str]) -> Result<MeshOutput> {
-        let bins = binaries()?;
-        let mut cmd = Command::new(&bins.mesh);
+        self.run_cli(self.mesh_command(args)?, "mesh", args)
+    }
+
+    fn mesh_command(&self, args: &[&str]) -> Result<Command> {
+        let mut cmd = Command::new(&binaries()?.mesh);
         cmd.arg("-H")
             .arg(format!("unix://{}", self.socket().display()))
             .args(args)
             .env_remove("MESH_HOST");
-        self.run_cli(cmd, "mesh", args)
+        Ok(cmd)
     }
 
     /// [`Host::mesh`] with `input` on the CLI's stdin.
     pub fn mesh_input(&self, args: &[&str], input: &str) -> Result<MeshOutput> {
-        let bins = binaries()?;
-        let mut cmd = Command::new(&bins.mesh);
-        cmd.arg("-H")
-            .arg(format!("unix://{}", self.socket().display()))
-            .args(args)
-            .env_remove("MESH_HOST");
-        let out =
-            crate::process::output_with_input(&mut cmd, MESH_CLI_TIMEOUT, Some(input.as_bytes()))
-                .with_context(|| format!("{}: mesh {}", self.name, args.join(" ")))?;
-        Ok(MeshOutput {
-            status: status_code(out.status),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        self.run_cli_input(
+            self.mesh_command(args)?,
+            "mesh",
+            args,
+            Some(input.as_bytes()),
+        )
     }
 
     /// Like [`Host::mesh`] but fails (with stdout and stderr in the message)
@@ -424,8 +419,18 @@ impl Host {
         self.ok(self.docker(args)?, "docker", args)
     }
 
-    fn run_cli(&self, mut cmd: Command, cli: &str, args: &[&str]) -> Result<MeshOutput> {
-        let out = output_with_timeout(&mut cmd, MESH_CLI_TIMEOUT)
+    fn run_cli(&self, cmd: Command, cli: &str, args: &[&str]) -> Result<MeshOutput> {
+        self.run_cli_input(cmd, cli, args, None)
+    }
+
+    fn run_cli_input(
+        &self,
+        mut cmd: Command,
+        cli: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+    ) -> Result<MeshOutput> {
+        let out = crate::process::output_with_input(&mut cmd, MESH_CLI_TIMEOUT, input)
             .with_context(|| format!("{}: {cli} {}", self.name, args.join(" ")))?;
         Ok(MeshOutput {
             status: status_code(out.status),

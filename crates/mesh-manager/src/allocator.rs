@@ -298,8 +298,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use mesh_api::{
-        Availability, Cluster, Node, NodeRole, NodeState, PortConfig, Protocol, PublishMode,
-        RestartPolicy, Service, ServiceMode, ServiceSpec, UpdateConfig,
+        Availability, Node, NodeRole, NodeState, PortConfig, Protocol, PublishMode, RestartPolicy,
+        Service, ServiceMode, ServiceSpec, UpdateConfig,
     };
 
     use super::*;
@@ -450,16 +450,7 @@ mod tests {
     /// A cluster of one node with the ingress network and `appnet` (10.0.16.0/21).
     fn cluster_with_appnet() -> StoreState {
         let mut s = StoreState::default();
-        let cluster = Cluster {
-            id: "c".into(),
-            created_at: 0,
-            ca_cert_pem: String::new(),
-            ca_key_pem: String::new(),
-            worker_secret: String::new(),
-            manager_secret: String::new(),
-            unlock_key: None,
-            settings: Default::default(),
-        };
+        let cluster = crate::state::test_cluster();
         let ok = |r| assert_eq!(r, CommandResult::Ok);
         ok(s.apply(&Command::InitCluster {
             cluster,

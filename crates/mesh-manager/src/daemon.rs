@@ -88,13 +88,6 @@ impl Daemon {
                     wrapped_with: None,
                 });
                 let mut local = local;
-                if let Some(k) = &keys {
-                    if !local.key_is_sealed() {
-                        // Files of an earlier version: the key is wrapped now (the TLS key
-                        // is sealed by the member once it runs).
-                        k.dek.save(&daemon.cfg.data_dir, None)?;
-                    }
-                }
                 if local.key_is_sealed() {
                     let k = keys.as_ref().ok_or_else(|| {
                         ApiError::internal(
@@ -129,18 +122,29 @@ impl Daemon {
     /// Starts the member of a node that was in a swarm when the daemon stopped.
     async fn resume(&self, local: LocalState, keys: Option<Keys>) -> Result<(), ApiError> {
         let listener = bind(&local.listen_addr).await?;
-        let member = Member::start(
+        let member = self.start_member(local, listener, false, keys).await?;
+        *self.member.write().await = Some(member);
+        Ok(())
+    }
+
+    /// A member of this daemon's swarm membership (`init`: the first manager of a new one).
+    async fn start_member(
+        &self,
+        local: LocalState,
+        listener: tokio::net::TcpListener,
+        init: bool,
+        keys: Option<Keys>,
+    ) -> Result<Arc<Member>, ApiError> {
+        Member::start(
             self.cfg.data_dir.clone(),
             local,
             listener,
-            false,
+            init,
             self.events.clone(),
             self.new_agent(),
             keys,
         )
-        .await?;
-        *self.member.write().await = Some(member);
-        Ok(())
+        .await
     }
 
     /// `swarm unlock`: opens the data key with the unlock key and starts the member.
@@ -153,10 +157,13 @@ impl Daemon {
                 ApiError::new(ErrorKind::NotInSwarm, "This node is not part of a swarm")
             });
         };
-        let dek = DataKey::unlock(&self.cfg.data_dir, &key)?;
-        let wrapped_with = mesh_api::parse_unlock_key(&key);
+        let (dek, unlock_key) = DataKey::unlock(&self.cfg.data_dir, &key)?;
         local.open_key(&dek)?;
-        self.resume(local, Some(Keys { dek, wrapped_with })).await?;
+        let keys = Keys {
+            dek,
+            wrapped_with: Some(unlock_key),
+        };
+        self.resume(local, Some(keys)).await?;
         *self.locked.write().await = None;
         info!("swarm unlocked");
         Ok(json!({ "unlocked": true }))
@@ -719,16 +726,14 @@ impl Daemon {
         let wrapped_with = unlock_key.as_deref().and_then(mesh_api::unlock_key_bytes);
         let dek = DataKey::generate()?;
         dek.save(&self.cfg.data_dir, wrapped_with.as_deref())?;
-        let member = Member::start(
-            self.cfg.data_dir.clone(),
-            local.clone(),
-            listener,
-            true,
-            self.events.clone(),
-            self.new_agent(),
-            Some(Keys { dek, wrapped_with }),
-        )
-        .await?;
+        let member = self
+            .start_member(
+                local.clone(),
+                listener,
+                true,
+                Some(Keys { dek, wrapped_with }),
+            )
+            .await?;
         let now = now_secs();
         let cluster = mesh_api::Cluster {
             id: cluster_id,
@@ -950,16 +955,7 @@ impl Daemon {
         local.save(&self.cfg.data_dir).map_err(ApiError::internal)?;
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
         let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
-        let member = Member::start(
-            self.cfg.data_dir.clone(),
-            local,
-            listener,
-            false,
-            self.events.clone(),
-            self.new_agent(),
-            None,
-        )
-        .await?;
+        let member = self.start_member(local, listener, false, None).await?;
         if accept.role == NodeRole::Manager {
             if let Err(e) = member.become_manager().await {
                 // The node is in the swarm; the heartbeat loop retries joining Raft.

@@ -55,11 +55,15 @@ impl DataKey {
     }
 
     /// The key in `dir`, if it is there and wrapped with a key kept beside it. A key wrapped
-    /// with the unlock key gives [`ErrorKind::Locked`].
+    /// with the unlock key gives [`ErrorKind::Locked`]. A file of an earlier version (the key
+    /// unwrapped) is wrapped as it is read.
     pub fn load(dir: &Path) -> Result<Option<DataKey>, ApiError> {
         match read_file(dir)? {
             None => Ok(None),
-            Some(Stored::Legacy(k)) => Ok(Some(k)),
+            Some(Stored::Legacy(k)) => {
+                k.save(dir, None)?;
+                Ok(Some(k))
+            }
             Some(Stored::Wrapped(f)) => match &f.kek {
                 None => Err(ApiError::locked()),
                 Some(kek) => {
@@ -78,9 +82,9 @@ impl DataKey {
         )
     }
 
-    /// The key in `dir`, unwrapped with the unlock key `key` (`SWMKEY-1-...`). A wrong key,
-    /// or a key not wrapped with any, is refused with Docker's words.
-    pub fn unlock(dir: &Path, key: &str) -> Result<DataKey, ApiError> {
+    /// The key in `dir`, unwrapped with the unlock key `key` (`SWMKEY-1-...`), and the unlock
+    /// key's bytes. A wrong key, or a key not wrapped with any, is refused with Docker's words.
+    pub fn unlock(dir: &Path, key: &str) -> Result<(DataKey, Vec<u8>), ApiError> {
         let invalid = || {
             ApiError::new(
                 ErrorKind::InvalidArgument,
@@ -91,7 +95,10 @@ impl DataKey {
             .and_then(|b| DataKey::from_bytes(&b))
             .ok_or_else(invalid)?;
         match read_file(dir)? {
-            Some(Stored::Wrapped(f)) if f.kek.is_none() => f.open(&kek).ok_or_else(invalid),
+            Some(Stored::Wrapped(f)) if f.kek.is_none() => f
+                .open(&kek)
+                .map(|dek| (dek, kek.bytes().to_vec()))
+                .ok_or_else(invalid),
             _ => Err(ApiError::invalid("swarm is not locked")),
         }
     }
@@ -258,10 +265,9 @@ mod tests {
             DataKey::load(dir.path()).unwrap_err().kind,
             ErrorKind::Locked
         );
-        assert_eq!(
-            DataKey::unlock(dir.path(), &human).unwrap().bytes(),
-            dek.bytes()
-        );
+        let (opened, kek) = DataKey::unlock(dir.path(), &human).unwrap();
+        assert_eq!(opened.bytes(), dek.bytes());
+        assert_eq!(kek, unlock.bytes());
         let other = mesh_api::human_unlock_key(&B64.encode(DataKey::generate().unwrap().bytes()));
         for wrong in [other.as_str(), "wrong-secret-key", "SWMKEY-1-abc", ""] {
             let e = DataKey::unlock(dir.path(), wrong).unwrap_err();
@@ -273,7 +279,7 @@ mod tests {
     }
 
     #[test]
-    fn a_legacy_key_file_still_loads() {
+    fn a_legacy_key_file_still_loads_and_is_wrapped() {
         let dir = tempfile::tempdir().unwrap();
         let dek = DataKey::generate().unwrap();
         std::fs::write(dir.path().join(KEY_FILE), dek.bytes()).unwrap();

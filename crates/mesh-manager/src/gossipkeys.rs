@@ -131,7 +131,7 @@ pub fn member_addrs(state: &StoreState) -> Vec<Ipv4Addr> {
 mod tests {
     use super::*;
     use crate::state::CommandResult;
-    use mesh_api::{Availability, Cluster, Node, NodeRole};
+    use mesh_api::{Availability, Node, NodeRole};
 
     fn node(id: &str, addr: &str) -> Node {
         Node {
@@ -155,16 +155,7 @@ mod tests {
         let mut m = node("m1", "10.0.0.1:2377");
         m.role = NodeRole::Manager;
         m.raft_id = 1;
-        let cluster = Cluster {
-            id: "c".into(),
-            created_at: 0,
-            ca_cert_pem: String::new(),
-            ca_key_pem: String::new(),
-            worker_secret: String::new(),
-            manager_secret: String::new(),
-            unlock_key: None,
-            settings: Default::default(),
-        };
+        let cluster = crate::state::test_cluster();
         assert_eq!(
             s.apply(&Command::InitCluster { cluster, node: m }),
             CommandResult::Ok

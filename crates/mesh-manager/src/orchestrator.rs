@@ -662,7 +662,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use mesh_api::{
-        Cluster, FailureAction, NodeRole, RestartPolicy, ServiceSpec, UpdateConfig, UpdateOrder,
+        FailureAction, NodeRole, RestartPolicy, ServiceSpec, UpdateConfig, UpdateOrder,
     };
 
     use super::*;
@@ -670,16 +670,7 @@ mod tests {
 
     fn cluster() -> StoreState {
         let mut s = StoreState::default();
-        s.cluster = Some(Cluster {
-            id: "c".into(),
-            created_at: 0,
-            ca_cert_pem: String::new(),
-            ca_key_pem: String::new(),
-            worker_secret: String::new(),
-            manager_secret: String::new(),
-            unlock_key: None,
-            settings: Default::default(),
-        });
+        s.cluster = Some(crate::state::test_cluster());
         for i in 1..=3 {
             let id = format!("n{i}");
             s.nodes.insert(

@@ -689,16 +689,7 @@ mod tests {
         let mut s = spec();
         s.networks = vec!["appnet".into()];
         let mut st2 = StoreState::default();
-        st2.cluster = Some(mesh_api::Cluster {
-            id: "c".into(),
-            created_at: 0,
-            ca_cert_pem: String::new(),
-            ca_key_pem: String::new(),
-            worker_secret: String::new(),
-            manager_secret: String::new(),
-            unlock_key: None,
-            settings: Default::default(),
-        });
+        st2.cluster = Some(crate::state::test_cluster());
         assert_eq!(
             validate_spec(&s, &st2).unwrap_err().message,
             "no such network: appnet"

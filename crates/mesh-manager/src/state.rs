@@ -661,6 +661,21 @@ impl StoreState {
     }
 }
 
+/// A cluster record with no CA or secrets, for the unit tests of the crate.
+#[cfg(test)]
+pub(crate) fn test_cluster() -> Cluster {
+    Cluster {
+        id: "c".into(),
+        created_at: 0,
+        ca_cert_pem: String::new(),
+        ca_key_pem: String::new(),
+        worker_secret: String::new(),
+        manager_secret: String::new(),
+        unlock_key: None,
+        settings: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
