@@ -435,15 +435,16 @@ impl Orchestrator {
                     p.shutdown.insert(t.id.clone());
                 }
             }
-            self.trim_history(svc, hist, p);
             if !wanted.contains(key) {
                 for t in hist {
                     if t.desired_state <= TaskState::Running {
                         p.shutdown.insert(t.id.clone());
                     }
                 }
+                self.trim_history(svc, hist, 0, p);
                 continue;
             }
+            let created_before = p.create.len();
             let Some(l) = latest else {
                 p.create.push(self.new_task(svc, key, now_ms));
                 continue;
@@ -521,18 +522,22 @@ impl Orchestrator {
                     status(TaskState::Shutdown, now_ms, "shut down before placement"),
                 ));
             }
+            // After the slot's new task, if any: the history counts it.
+            self.trim_history(svc, hist, p.create.len() - created_before, p);
         }
         replaced
     }
 
-    fn trim_history(&self, svc: &Service, hist: &[&Task], p: &mut Plan) {
+    /// Deletes a slot's oldest ended tasks beyond the history limit, counting the `created`
+    /// tasks this pass adds to it, so the slot never holds more than the limit.
+    fn trim_history(&self, svc: &Service, hist: &[&Task], created: usize, p: &mut Plan) {
         let keep = self
             .history_limit
             .max(svc.spec.restart.max_attempts as usize + 1);
-        if hist.len() <= keep {
+        if hist.len() + created <= keep {
             return;
         }
-        let excess = hist.len() - keep;
+        let excess = hist.len() + created - keep;
         for t in hist
             .iter()
             .filter(|t| t.status.state.is_terminal() && t.desired_state >= TaskState::Shutdown)
