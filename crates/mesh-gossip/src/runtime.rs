@@ -301,6 +301,29 @@ impl Gossip {
     /// announces this node to each of them and runs a full push-pull with the first that
     /// answers. Fails if none answers; the node keeps re-announcing to them in the
     /// background while it knows no live member.
+    /// [`Self::join`], tried again every `period` until a peer takes it: a peer may not
+    /// take this node yet (its keys or its member filter lag behind this node's, a moment
+    /// after this node joined the cluster). Ends only with success or a stopped runtime.
+    pub async fn join_retrying(
+        &self,
+        peers: &[SocketAddr],
+        period: Duration,
+    ) -> Result<(), GossipError> {
+        let mut failures = 0u32;
+        loop {
+            match self.join(peers).await {
+                Err(GossipError::JoinFailed(e)) => {
+                    failures += 1;
+                    if failures.is_multiple_of(30) {
+                        tracing::warn!(failures, "gossip join still refused: {e}");
+                    }
+                    tokio::time::sleep(period).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub async fn join(&self, peers: &[SocketAddr]) -> Result<(), GossipError> {
         let peers: Vec<SocketAddr> = peers
             .iter()

@@ -135,3 +135,29 @@ async fn only_key_holders_gossip_and_tampering_is_counted() {
         g.abort().await;
     }
 }
+
+/// A node that joins while its peer cannot take it yet (the peer's keys, or its member
+/// filter, lag behind this node's) joins once the peer can: one refused attempt does not
+/// leave it alone for good (the restart-gap test saw a node's routing mesh never learn the
+/// others' tasks after its only join attempt fell in that window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_refused_at_first_is_tried_again() {
+    let k1 = key(1, 0x21);
+    let a = node("a", &[]).await;
+    let b = node("b", std::slice::from_ref(&k1)).await;
+    let (b2, peer) = (b.clone(), a.local_addr());
+    let joining =
+        tokio::spawn(async move { b2.join_retrying(&[peer], Duration::from_millis(200)).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!joining.is_finished(), "joined a peer that has no key");
+    a.set_keys(std::slice::from_ref(&k1));
+    tokio::time::timeout(Duration::from_secs(5), joining)
+        .await
+        .expect("the join was not tried again")
+        .unwrap()
+        .unwrap();
+    eventually("a knows b", Duration::from_secs(5), async || {
+        a.members().await.iter().any(|m| m.id == b.node_id())
+    })
+    .await;
+}

@@ -86,6 +86,9 @@ fn emptied_vip_linger() -> Duration {
 /// before still need the path while the task drains (the agent's 1 s) and stops.
 const LINGER: Duration = Duration::from_secs(3);
 
+/// How often a gossip join no peer took is tried again.
+const JOIN_RETRY: Duration = Duration::from_millis(500);
+
 /// What a host publishes about a local task (or its ingress sandbox) on one network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
@@ -524,7 +527,21 @@ impl Inner {
         }
         if !peers.is_empty() {
             if let Err(e) = gossip.join(&peers).await {
-                warn!("gossip join: {e}");
+                // Tried again until a peer takes it: the peers' keys and member filters may
+                // lag behind this node's for a moment after it joined the cluster.
+                warn!("gossip join: {e}; trying again every {JOIN_RETRY:?}");
+                let mut stopped = stop_rx.clone();
+                let joining = gossip.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        r = joining.join_retrying(&peers, JOIN_RETRY) => {
+                            if let Err(e) = r {
+                                warn!("gossip join: {e}");
+                            }
+                        }
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
+                });
             }
         }
         tokio::spawn(self.clone().events_loop(events, stop_rx));
