@@ -285,7 +285,26 @@ fn restarts_without_a_gap(lb_backend: &str, name_hint: &'static str) -> Result<(
             ])?;
             Ok((out.status.success() && !out.stdout.is_empty()).then_some(()))
         },
-    )?;
+    )
+    .map_err(|e| {
+        // What the next look at this needs: h3's view of gossip and the task hosts' filters.
+        let filters: Vec<String> = c
+            .hosts()
+            .iter()
+            .map(|h| {
+                let nft = h.exec(&["nft", "list", "table", "ip", "mesh_underlay"]);
+                let text = nft.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+                format!("--- {} nft ---\n{}", h.name(), text.unwrap_or_default())
+            })
+            .collect();
+        let info = h3.mesh(&["info", "--format", "json"]).map(|o| o.stdout);
+        e.context(format!(
+            "{}\n--- h3 info ---\n{}\n--- h3 log ---\n{}",
+            filters.join("\n"),
+            info.unwrap_or_default(),
+            h3.log_tail()
+        ))
+    })?;
     // Warm-up: the task's DNS and VIP calls all succeed for 2 s.
     wait_for(
         "the client task on h3 calling web for 2 s without a failure",
