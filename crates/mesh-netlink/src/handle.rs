@@ -570,6 +570,114 @@ impl Handle {
         .await
     }
 
+    /// Sets the default route of routing table `table` via `gw` out of link `dev` (replace
+    /// semantics: idempotent).
+    pub async fn set_table_default_route(
+        &self,
+        table: u32,
+        gw: Ipv4Addr,
+        dev: &str,
+    ) -> Result<(), NetlinkError> {
+        let index = self.require_index(dev).await?;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(table)
+            .gateway(gw)
+            .output_interface(index)
+            .build();
+        self.call(
+            "set",
+            || format!("default route via {gw} dev {dev} in table {table}"),
+            self.inner.route().add(msg).replace().execute(),
+        )
+        .await
+    }
+
+    /// Sets the default route of routing table `table` straight out of link `dev`, no
+    /// gateway (`default dev DEV scope link`; replace semantics: idempotent).
+    pub async fn set_table_link_default(&self, table: u32, dev: &str) -> Result<(), NetlinkError> {
+        let index = self.require_index(dev).await?;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(table)
+            .output_interface(index)
+            .scope(netlink_packet_route::route::RouteScope::Link)
+            .build();
+        self.call(
+            "set",
+            || format!("default route dev {dev} in table {table}"),
+            self.inner.route().add(msg).replace().execute(),
+        )
+        .await
+    }
+
+    /// Adds the IPv4 policy rule `ipproto udp sport PORT lookup TABLE` at `priority`; a rule
+    /// already there with the same selector is left as it is (idempotent).
+    pub async fn add_udp_sport_rule(
+        &self,
+        port: u16,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), NetlinkError> {
+        use netlink_packet_route::rule::{RuleAttribute, RulePortRange};
+        let mut req = self
+            .inner
+            .rule()
+            .add()
+            .v4()
+            .table_id(table)
+            .priority(priority)
+            .action(netlink_packet_route::rule::RuleAction::ToTable);
+        let attrs = &mut req.message_mut().attributes;
+        attrs.push(RuleAttribute::IpProtocol(
+            netlink_packet_route::IpProtocol::Udp,
+        ));
+        attrs.push(RuleAttribute::SourcePortRange(RulePortRange {
+            start: port,
+            end: port,
+        }));
+        match self
+            .call(
+                "add",
+                || format!("rule ipproto udp sport {port} lookup {table}"),
+                req.execute(),
+            )
+            .await
+        {
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Adds the IPv4 policy rule `fwmark MARK lookup TABLE` at `priority`; a rule already
+    /// there with the same selector is left as it is (idempotent).
+    pub async fn add_fwmark_rule(
+        &self,
+        mark: u32,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), NetlinkError> {
+        let req = self
+            .inner
+            .rule()
+            .add()
+            .v4()
+            .fw_mark(mark)
+            .table_id(table)
+            .priority(priority)
+            .action(netlink_packet_route::rule::RuleAction::ToTable)
+            .execute();
+        match self
+            .call(
+                "add",
+                || format!("rule fwmark {mark:#x} lookup {table}"),
+                req,
+            )
+            .await
+        {
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
     /// The MTU of the link that routes to `dst` (or the route's own MTU
     /// metric if lower). Without a route, or via loopback, the MTU of the
     /// first non-loopback link that is up; `None` if there is none.
