@@ -35,16 +35,17 @@
 //!  | nat prerouting: iifname mi0, tcp . 30080 vmap @ports -> goto p_tcp_30080        |
 //!  |   p_tcp_30080: dnat to numgen random mod 3 map { 0:.5, 1:.6, 2:.7 } : 80        |
 //!  |               (no backend: reject with tcp reset / icmp port-unreachable)       |
-//!  | nat postrouting: oifname eth0 ct status dnat masquerade  -> src 10.0.0.2        |
+//!  |   (no SNAT: the client's address is kept, but from the gateway bridge subnet)   |
 //!  |   eth0 10.0.0.2/24 (the sandbox's address on the ingress overlay)               |
 //!  +------|--------------------------------------------------------------------------+
 //!         | ingress overlay (br0 in ov-4096, VXLAN to the other hosts)
 //!         v
-//!  task 10.0.0.6:80 sees 10.0.0.2:Y -> 10.0.0.6:80, on this host or another one
+//!  task 10.0.0.6:80 sees 192.168.77.100:C -> 10.0.0.6:80, on this host or another one
 //! ```
 //!
-//! Replies retrace the path through the two conntrack entries: the task answers 10.0.0.2,
-//! the sandbox un-NATs to `169.254.77.2:30080 -> client` and routes it to the host, the host
+//! Replies retrace the path through the two conntrack entries: the task's return path
+//! routes its answer to the client via 10.0.0.2 (the sandbox that sent the connection), the
+//! sandbox un-NATs to `169.254.77.2:30080 -> client` and routes it to the host, the host
 //! un-NATs to `192.168.77.10:30080 -> client`.
 //!
 //! **Host-mode ports** (`mode=host`) skip the sandbox: the host DNATs `proto . port` straight
@@ -56,17 +57,21 @@
 //!  client ---> host:8080  nat prerouting: tcp . 8080 : 172.18.0.5 . 80 ---> task 172.18.0.5:80
 //! ```
 //!
-//! # Why the sandbox SNATs (masquerade)
+//! # Why the client's address is kept
 //!
-//! A task answers the source address of the packets it gets. With the client's address kept,
-//! a task on another host would send its reply through its own default route (its gateway
-//! bridge, out of its own host), not back over the overlay to the sandbox that holds the DNAT
-//! state: the client would get a reply from the wrong address, or nothing. Masquerading to
-//! the sandbox's ingress address makes every reply come back to the same sandbox. This is
-//! Docker's model, with its known cost: backends never see the client's address (moby
-//! #25526). Keeping it needs a return path through the same sandbox (policy routing by
-//! connmark in the tasks, or DSR), a later step. `ct status dnat` limits the masquerade to
-//! connections the sandbox balanced.
+//! The sandbox DNATs without SNAT: the task sees the client's own address (moby #25526, one
+//! of Swarm's most requested issues: Docker's routing mesh masquerades, so backends only
+//! ever see the sandbox). A task answers the source address of the packets it gets, and its
+//! default route (its gateway bridge, out of its own host) would take the reply past the
+//! sandbox that holds the DNAT state. So each task publishing ports in ingress mode gets a
+//! return path (the [`return_path`] module): connections arriving from the ingress overlay
+//! are marked with the sandbox they came from (read from the source MAC, which carries the
+//! sandbox's address), and what the task sends on them is routed back to that sandbox by
+//! policy routing on the mark. The sandbox un-NATs the reply and hands it to the host as
+//! before. Only one masquerade is left: clients from the host's gateway bridge subnet
+//! ([`IngressConfig::masquerade_from`]) are local tasks, and a task balanced to itself would
+//! drop a packet from its own address. `ct status dnat` limits it to connections the sandbox
+//! balanced.
 //!
 //! # The host's own connections
 //!
@@ -145,6 +150,7 @@ use tracing::{debug, info, warn};
 
 mod error;
 mod readback;
+pub mod return_path;
 mod script;
 
 use readback::{HostState, PortChain, SandboxState};
@@ -202,9 +208,13 @@ pub struct IngressConfig {
     pub sandbox_addr: Ipv4Addr,
     /// Prefix length of the veth link (`30`).
     pub prefix: u8,
-    /// The sandbox's interface on the ingress overlay (`eth0`), set up by the caller: the
-    /// sandbox masquerades what it balances out of it.
+    /// The sandbox's interface on the ingress overlay (`eth0`), set up by the caller.
     pub ingress_if: String,
+    /// Client addresses the sandbox masquerades (to its ingress address) rather than keep:
+    /// the host's gateway bridge subnet, whose addresses are local tasks' own (a task
+    /// balanced to itself would drop a packet from its own address as a martian). Others
+    /// reach the task as they are (see "Why the client's address is kept").
+    pub masquerade_from: Vec<(Ipv4Addr, u8)>,
 }
 
 impl Default for IngressConfig {
@@ -216,11 +226,12 @@ impl Default for IngressConfig {
             sandbox_addr: Ipv4Addr::new(169, 254, 77, 2),
             prefix: 30,
             ingress_if: "eth0".to_string(),
+            masquerade_from: vec![(Ipv4Addr::new(172, 18, 0, 0), 16)],
         }
     }
 }
 
-fn valid_ifname(name: &str) -> bool {
+pub(crate) fn valid_ifname(name: &str) -> bool {
     (1..16).contains(&name.len())
         && name
             .bytes()
@@ -245,6 +256,15 @@ impl IngressConfig {
             return Err(IngressError::Invalid(format!(
                 "sandbox_if and ingress_if are both {:?}",
                 self.sandbox_if
+            )));
+        }
+        if let Some((a, l)) = self
+            .masquerade_from
+            .iter()
+            .find(|(a, l)| *l > 32 || (*l < 32 && u32::from(*a) & (u32::MAX >> l) != 0))
+        {
+            return Err(IngressError::Invalid(format!(
+                "masquerade_from {a}/{l}: not a network address and prefix length"
             )));
         }
         if !(1..=30).contains(&self.prefix) {
@@ -424,7 +444,7 @@ fn read_host(ns: &Netns) -> Result<HostState, IngressError> {
 }
 
 /// Sets `/proc/sys/<key>` to `value` inside `ns` (only if it differs).
-fn sysctls(ns: &Netns, settings: &[(String, &'static str)]) -> Result<(), IngressError> {
+pub(crate) fn sysctls(ns: &Netns, settings: &[(String, &'static str)]) -> Result<(), IngressError> {
     let ns_name = ns.name().to_string();
     ns.run(move || {
         for (key, value) in settings {

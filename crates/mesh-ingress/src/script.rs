@@ -58,8 +58,8 @@
 //!                         map { 0 : 10.0.0.5, 1 : 10.0.0.6, 2 : 10.0.0.7 } : 80 comment "target 80"
 //!                       meta l4proto tcp dnat to numgen random mod 2 ... # shadow, never reached }
 //!   chain p_udp_30053 { meta l4proto udp reject comment "target 53" }   # no backend
-//!   chain postrouting { type nat hook postrouting priority srcnat;
-//!                       oifname "eth0" ct status dnat masquerade }
+//!   chain postrouting { type nat hook postrouting priority srcnat;      # masquerade_from
+//!                       oifname "eth0" ct status dnat ip saddr 172.18.0.0/16 masquerade }
 //!   chain forward     { type filter hook forward priority mangle;
 //!                       oifname "eth0" tcp flags syn / syn,rst tcp option maxseg size set rt mtu }
 //! }
@@ -128,7 +128,7 @@ fn key_elem((proto, port): &Key) -> String {
 /// The sandbox's table, map and base chains, with their rules rewritten.
 fn sandbox_base(cfg: &IngressConfig) -> String {
     let t = TABLE;
-    format!(
+    let mut s = format!(
         "add table ip {t}\n\
          add map ip {t} {SANDBOX_MAP} {{ type inet_proto . inet_service : verdict; }}\n\
          add chain ip {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
@@ -137,12 +137,22 @@ fn sandbox_base(cfg: &IngressConfig) -> String {
          flush chain ip {t} prerouting\n\
          flush chain ip {t} postrouting\n\
          flush chain ip {t} forward\n\
-         add rule ip {t} prerouting iifname \"{sif}\" meta l4proto . th dport vmap @{SANDBOX_MAP}\n\
-         add rule ip {t} postrouting oifname \"{iif}\" ct status dnat masquerade\n\
-         add rule ip {t} forward oifname \"{iif}\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu\n",
+         add rule ip {t} prerouting iifname \"{sif}\" meta l4proto . th dport vmap @{SANDBOX_MAP}\n",
         sif = cfg.sandbox_if,
+    );
+    for (net, len) in &cfg.masquerade_from {
+        let _ = writeln!(
+            s,
+            "add rule ip {t} postrouting oifname \"{iif}\" ct status dnat ip saddr {net}/{len} masquerade",
+            iif = cfg.ingress_if,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "add rule ip {t} forward oifname \"{iif}\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu",
         iif = cfg.ingress_if,
-    )
+    );
+    s
 }
 
 /// The host's table, set, map and base chains, with their rules rewritten.
@@ -382,7 +392,7 @@ mod tests {
              flush chain ip mesh_ingress postrouting\n\
              flush chain ip mesh_ingress forward\n\
              add rule ip mesh_ingress prerouting iifname \"mi0\" meta l4proto . th dport vmap @ports\n\
-             add rule ip mesh_ingress postrouting oifname \"eth0\" ct status dnat masquerade\n\
+             add rule ip mesh_ingress postrouting oifname \"eth0\" ct status dnat ip saddr 172.18.0.0/16 masquerade\n\
              add rule ip mesh_ingress forward oifname \"eth0\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu\n\
              add chain ip mesh_ingress p_tcp_30080\n\
              add rule ip mesh_ingress p_tcp_30080 meta l4proto tcp dnat to numgen random mod 2 map { 0 : 10.0.0.5, 1 : 10.0.0.6 } : 80 comment \"target 80\"\n\

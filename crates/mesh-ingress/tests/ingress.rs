@@ -49,6 +49,9 @@ const GW_HOST_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 77, 1);
 const GW_TASK_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 77, 5);
 const TCP_TARGET: u16 = 8080;
 const UDP_TARGET: u16 = 5353;
+/// t0's UDP server for host-mode ports: a UDP port served through the routing mesh answers
+/// from the task's ingress address (`return_path::add_udp_ports`), so host mode has its own.
+const HOST_UDP_TARGET: u16 = 5354;
 const OVERLAY_MTU: u32 = 1450;
 
 use mesh_netns::serial::{Ctx, TestResult};
@@ -146,6 +149,9 @@ impl Lab {
                     .await?;
                 o.set_master(port, "br0").await?;
                 o.set_up(port).await?;
+                // Overlay MACs are 02:42 + the address, as the overlay makes them: the
+                // tasks' return path reads the sandbox's address from its MAC.
+                hd.set_mac("eth0", mesh_netlink::mac_for_ip(*ip)).await?;
                 hd.add_address("eth0", *ip, 24).await?;
                 hd.set_up("eth0").await?;
                 hd.set_up("lo").await?;
@@ -158,9 +164,24 @@ impl Lab {
             t0.add_address("eth1", GW_TASK_IP, 24).await?;
             t0.set_up("eth1").await?;
             t0.add_default_route_dev(GW_HOST_IP, "eth1").await?;
+            // t1 and t2 route everything else to an address nobody has: only their return
+            // path brings replies to clients back to the sandbox.
+            for (hd, _, _) in &ov[2..] {
+                hd.add_default_route_dev(Ipv4Addr::new(10, 0, 0, 254), "eth0")
+                    .await?;
+            }
             Ok::<_, mesh_netlink::NetlinkError>(())
         })
         .ctx("plumbing")?;
+        // Every task's way back to the sandbox for the connections it balanced.
+        for t in &tasks {
+            mesh_ingress::return_path::setup_table(t, "eth0").ctx("return path")?;
+            rt.block_on(async {
+                mesh_ingress::return_path::add_sandboxes(t, "eth0", &[SBOX_OV_IP]).await?;
+                mesh_ingress::return_path::add_udp_ports(t, "eth0", &[UDP_TARGET]).await
+            })
+            .ctx("return routes")?;
+        }
         // Clients reuse ports in TIME_WAIT (long load runs would run out of ports otherwise),
         // which also exercises conntrack's reopening of TIME_WAIT entries on the way.
         for ns in [&client, &host] {
@@ -181,6 +202,9 @@ impl Lab {
         for i in 0..3 {
             lab.tcp_server(i, TCP_TARGET)?;
             lab.udp_server(i, UDP_TARGET)?;
+            if i == 0 {
+                lab.udp_server(i, HOST_UDP_TARGET)?;
+            }
         }
         Ok(lab)
     }
@@ -426,8 +450,8 @@ fn expect_refused(
 // ---------------------------------------------------------------------------
 // Tests
 
-/// 60 connections from the client to host:30080 reach all 3 tasks, which see the sandbox's
-/// ingress address; the host reaches its own published port (its underlay address and
+/// 60 connections from the client to host:30080 reach all 3 tasks, which see the client's
+/// address; the host reaches its own published port (its underlay address and
 /// 127.0.0.1); a port that is not published is refused by the host itself.
 fn tcp_reaches_all_tasks() -> TestResult {
     let lab = Lab::new()?;
@@ -446,16 +470,25 @@ fn tcp_reaches_all_tasks() -> TestResult {
     ensure!(h.len() == 3, "not all tasks reached: {h:?}");
     for a in &answers {
         ensure!(
-            split(a).1 == SBOX_OV_IP.to_string(),
-            "a task saw {a:?}, not the sandbox's ingress address"
+            split(a).1 == CLIENT_IP.to_string(),
+            "a task saw {a:?}, not the client's address {CLIENT_IP}"
         );
     }
 
-    for ip in [HOST_IP, Ipv4Addr::LOCALHOST] {
+    // The host to itself: from its own address (kept), and from 127.0.0.1 (which the host
+    // masquerades to its end of the sandbox link).
+    for (ip, seen) in [
+        (HOST_IP, HOST_IP),
+        (Ipv4Addr::LOCALHOST, Ipv4Addr::new(169, 254, 77, 1)),
+    ] {
         let answers = tcp_many(&lab.host, ip, 30080, 12)?;
         println!(
             "    12 connections host -> {ip}:30080: {:?}",
             histogram(&answers)
+        );
+        ensure!(
+            answers.iter().all(|a| split(a).1 == seen.to_string()),
+            "host -> {ip}: {answers:?}, want the tasks to see {seen}"
         );
     }
 
@@ -516,7 +549,7 @@ fn udp_published_port() -> TestResult {
     println!("    30 UDP flows client -> {HOST_IP}:30053: {h:?}");
     ensure!(h.len() >= 2, "UDP flows not spread: {h:?}");
     for a in &answers {
-        ensure!(split(a).1 == SBOX_OV_IP.to_string(), "UDP answer {a:?}");
+        ensure!(split(a).1 == CLIENT_IP.to_string(), "UDP answer {a:?}");
     }
     let a = lab
         .host
@@ -718,7 +751,7 @@ fn host_mode_port() -> TestResult {
         .ctx("set_published")?;
     ing.set_host_port(Proto::Tcp, 30081, GW_TASK_IP, TCP_TARGET)
         .ctx("set_host_port")?;
-    ing.set_host_port(Proto::Udp, 30054, GW_TASK_IP, UDP_TARGET)
+    ing.set_host_port(Proto::Udp, 30054, GW_TASK_IP, HOST_UDP_TARGET)
         .ctx("set_host_port")?;
     let answers = tcp_many(&lab.client, HOST_IP, 30081, 10)?;
     for a in &answers {
@@ -743,9 +776,19 @@ fn host_mode_port() -> TestResult {
     // The ingress port still goes through the sandbox.
     let a = tcp_many(&lab.client, HOST_IP, 30080, 3)?;
     ensure!(
-        a.iter().all(|a| split(a).1 == SBOX_OV_IP.to_string()),
+        a.iter().all(|a| split(a).1 == CLIENT_IP.to_string()),
         "ingress next to host mode: {a:?}"
     );
+    // A task calling the published port through its host's gateway address, balanced to
+    // every task (itself included): masqueraded (the task would drop its own address as a
+    // martian), so every call is answered.
+    let a = tcp_many(&lab.tasks[0], GW_HOST_IP, 30080, 30)?;
+    let h = histogram(&a);
+    ensure!(
+        h.contains_key("t0") && a.iter().all(|a| split(a).1 == SBOX_OV_IP.to_string()),
+        "t0 -> its host's published port: {h:?} {a:?}"
+    );
+    println!("    t0 -> {GW_HOST_IP}:30080 (its own port too): {h:?}, masqueraded");
 
     match ing.set_host_port(Proto::Tcp, 30080, GW_TASK_IP, TCP_TARGET) {
         Err(IngressError::Conflict { .. }) => {}
@@ -918,7 +961,7 @@ fn restart_adopts_and_teardown_cleans() -> TestResult {
             proto: Proto::Udp,
             port: 30055,
             dest: GW_TASK_IP,
-            target: UDP_TARGET,
+            target: HOST_UDP_TARGET,
         }],
     )
     .ctx("sync")?;
@@ -1014,7 +1057,7 @@ fn heals_drift() -> TestResult {
         .ctx("enter")?
         .ctx("udp after healing")?;
     ensure!(
-        a.ends_with(&SBOX_OV_IP.to_string()),
+        a.ends_with(&CLIENT_IP.to_string()),
         "udp after healing: {a}"
     );
     lab.teardown(ing)
