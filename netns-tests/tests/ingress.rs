@@ -13,11 +13,12 @@ use mesh_netns::{wait_for, Cluster};
 
 /// A TCP server answering each connection with its hostname and the client's address.
 const TCP_SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(128)\nwhile True:\n c,a=s.accept()\n c.sendall((socket.gethostname()+' '+a[0]).encode())\n c.close()";
-/// The same over UDP: one datagram back per datagram.
-const UDP_SERVER: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5353))\nwhile True:\n d,a=s.recvfrom(100)\n s.sendto(socket.gethostname().encode(),a)";
-/// `N` connections (or datagrams) to ADDR:PORT; prints the distinct hostnames that answered
-/// and the number of failures.
-const CLIENT: &str = "import socket,sys\naddr,port,n,proto=sys.argv[1],int(sys.argv[2]),int(sys.argv[3]),sys.argv[4]\nseen=set();fail=0\nfor i in range(n):\n try:\n  if proto=='tcp':\n   c=socket.create_connection((addr,port),timeout=2);r=c.recv(200).decode();c.close()\n  else:\n   c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);c.settimeout(2);c.sendto(b'x',(addr,port));r=c.recv(200).decode();c.close()\n  seen.add(r.split()[0])\n except OSError:\n  fail+=1\nprint(' '.join(sorted(seen)));print(fail)";
+/// The same over UDP: one datagram back per datagram, with the hostname and the client's
+/// address.
+const UDP_SERVER: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5353))\nwhile True:\n d,a=s.recvfrom(100)\n s.sendto((socket.gethostname()+' '+a[0]).encode(),a)";
+/// `N` connections (or datagrams) to ADDR:PORT; prints the distinct hostnames that answered,
+/// the number of failures, and the distinct client addresses the servers saw.
+const CLIENT: &str = "import socket,sys\naddr,port,n,proto=sys.argv[1],int(sys.argv[2]),int(sys.argv[3]),sys.argv[4]\nseen=set();peers=set();fail=0\nfor i in range(n):\n try:\n  if proto=='tcp':\n   c=socket.create_connection((addr,port),timeout=2);r=c.recv(200).decode();c.close()\n  else:\n   c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);c.settimeout(2);c.sendto(b'x',(addr,port));r=c.recv(200).decode();c.close()\n  w=r.split();seen.add(w[0]);peers.update(w[1:2])\n except OSError:\n  fail+=1\nprint(' '.join(sorted(seen)));print(fail);print(' '.join(sorted(peers)))";
 
 /// Hostnames that answered and failures, for `n` tries from the underlay client.
 fn probe(
@@ -27,6 +28,41 @@ fn probe(
     n: u32,
     proto: &str,
 ) -> Result<(BTreeSet<String>, u32)> {
+    let (seen, fail, _) = probe_peers(c, addr, port, n, proto)?;
+    Ok((seen, fail))
+}
+
+/// Parses [`CLIENT`]'s output: hostnames, failures, client addresses seen by the servers.
+fn parse_client(stdout: &[u8], stderr: &[u8]) -> Result<(BTreeSet<String>, u32, BTreeSet<String>)> {
+    let text = String::from_utf8_lossy(stdout).to_string();
+    let mut lines = text.lines();
+    let words = |l: Option<&str>| -> BTreeSet<String> {
+        l.unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let seen = words(lines.next());
+    let fail = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .with_context(|| {
+            format!(
+                "client output: {text:?} {}",
+                String::from_utf8_lossy(stderr)
+            )
+        })?;
+    Ok((seen, fail, words(lines.next())))
+}
+
+/// [`probe`], with the client addresses the servers saw.
+fn probe_peers(
+    c: &Cluster,
+    addr: &str,
+    port: u16,
+    n: u32,
+    proto: &str,
+) -> Result<(BTreeSet<String>, u32, BTreeSet<String>)> {
     let out = c.client_exec_timeout(
         &[
             "python3",
@@ -39,24 +75,7 @@ fn probe(
         ],
         Duration::from_secs(60),
     )?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut lines = text.lines();
-    let seen = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    let fail = lines
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .with_context(|| {
-            format!(
-                "client output: {text:?} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    Ok((seen, fail))
+    parse_client(&out.stdout, &out.stderr)
 }
 
 /// The hostnames (short task IDs) of a service's running tasks.
@@ -127,16 +146,29 @@ fn published_ports_answer_on_every_node() -> Result<()> {
             || Ok((probe(&c, addr, 8080, 1, "tcp")?.1 == 0).then_some(())),
         )?;
     }
-    // Through the node without a task, connections reach both replicas, none fails.
-    let (seen, fail) = probe(&c, &addrs[2], 8080, 40, "tcp")?;
+    // Through the node without a task, connections reach both replicas, none fails, and
+    // the tasks see the client's own address (the routing mesh keeps it); through the
+    // replicas' own nodes too.
+    let client = BTreeSet::from([c.client_addr().to_string()]);
+    let (seen, fail, peers) = probe_peers(&c, &addrs[2], 8080, 40, "tcp")?;
     ensure!(
-        fail == 0 && seen == replicas,
-        "via h3: {seen:?} (want {replicas:?}), {fail} failed"
+        fail == 0 && seen == replicas && peers == client,
+        "via h3: {seen:?} (want {replicas:?}), {fail} failed, the tasks saw {peers:?} (want {client:?})"
     );
-    // The node itself, to its own address.
+    for addr in &addrs[..2] {
+        let (_, fail, peers) = probe_peers(&c, addr, 8080, 10, "tcp")?;
+        ensure!(
+            fail == 0 && peers == client,
+            "via {addr}: {fail} failed, the tasks saw {peers:?}"
+        );
+    }
+    // The node itself, to its own address: the tasks see that address.
     let out = h3.exec(&["python3", "-c", CLIENT, &addrs[2], "8080", "5", "tcp"])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(text.lines().nth(1) == Some("0"), "h3 to itself: {text}");
+    let (_, fail, peers) = parse_client(&out.stdout, &out.stderr)?;
+    ensure!(
+        fail == 0 && peers == BTreeSet::from([addrs[2].clone()]),
+        "h3 to itself: {fail} failed, the tasks saw {peers:?}"
+    );
 
     // Port taken: refused with a clear error, nothing created.
     expect_err(
@@ -192,6 +224,40 @@ fn published_ports_answer_on_every_node() -> Result<()> {
         },
     )?;
     eprintln!("udp {udp_port}: {udp_replicas:?}");
+    let (_, fail, peers) = probe_peers(&c, &addrs[2], udp_port, 20, "udp")?;
+    ensure!(
+        fail == 0 && peers == client,
+        "udp via h3: {fail} failed, the tasks saw {peers:?}"
+    );
+    // A task calling another service's published port on a node's address: answered (its
+    // node masquerades it out of its gateway bridge, so the task sees that node's address).
+    let dns_task = h1.mesh_json(&["service", "ps", "dns"])?;
+    let (dns_id, dns_node) = dns_task
+        .as_array()
+        .and_then(|rows| {
+            rows.iter().find_map(|r| {
+                Some((
+                    r["ID"].as_str()?.to_string(),
+                    r["Node"].as_str()?.to_string(),
+                ))
+            })
+        })
+        .context("a dns task")?;
+    let node = c
+        .hosts()
+        .iter()
+        .find(|h| h.name() == dns_node)
+        .context("the dns task's node")?;
+    let out = node.mesh(&[
+        "exec", &dns_id, "--", "python3", "-c", CLIENT, &addrs[2], "8080", "10", "tcp",
+    ])?;
+    ensure!(out.success(), "exec in {dns_id}: {}", out.stderr);
+    let (seen, fail, peers) = parse_client(out.stdout.as_bytes(), out.stderr.as_bytes())?;
+    ensure!(
+        fail == 0 && !seen.is_empty() && peers == BTreeSet::from([node.addr().to_string()]),
+        "task {dns_id} -> {}:8080: {seen:?}, {fail} failed, the web tasks saw {peers:?}",
+        addrs[2]
+    );
 
     // Host mode: only the task's node listens, straight to the task.
     h1.mesh_ok(&[

@@ -198,6 +198,20 @@ struct TaskNs {
     nft: Option<mesh_lb::NftLb>,
     /// VIPs put on the task's `lo`.
     lo_vips: BTreeSet<Ipv4Addr>,
+    /// The routing mesh's way back, for a task that publishes ports in ingress mode
+    /// (`mesh_ingress::return_path`).
+    ingress_return: Option<IngressReturn>,
+}
+
+/// A task's return path to the ingress sandboxes, as programmed.
+struct IngressReturn {
+    /// The task's interface on the ingress network.
+    ifname: String,
+    /// Sandboxes with a rule and route in the task (only ever added: module docs of
+    /// `mesh_ingress::return_path`).
+    sandboxes: BTreeSet<Ipv4Addr>,
+    /// UDP target ports whose rules are still to be added (then empty).
+    udp_pending: Vec<u16>,
 }
 
 impl TaskNs {
@@ -256,6 +270,9 @@ struct Inner {
     keys: watch::Sender<Vec<mesh_gossip::Key>>,
     /// The running gossip node, for `mesh info` (a clone of `Running::gossip`).
     gossip: Mutex<Option<Gossip>>,
+    /// The ingress sandboxes of the cluster (their addresses on the ingress network), from
+    /// the ingress network's records: the tasks' return paths lead to them.
+    sandboxes: Mutex<BTreeSet<Ipv4Addr>>,
     /// The underlay member filter and what it was last given (`None`: not in force, and
     /// not to be set: the plane is stopped).
     filter: mesh_overlay::filter::MemberFilter,
@@ -375,6 +392,7 @@ impl Plane {
             emptied: Mutex::new(BTreeMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
             local: Mutex::new(None),
+            sandboxes: Mutex::new(BTreeSet::new()),
             ingress_att: Mutex::new(ingress_att),
             net_names: Mutex::new(BTreeMap::new()),
             attaching: Mutex::new(BTreeMap::new()),
@@ -651,6 +669,7 @@ impl Inner {
         // none: a task just started on a network new to this node is in the others' VIPs
         // at once, and its replies need a way back before the first push-pull completes.
         let mut add_only: BTreeSet<u32> = BTreeSet::new();
+        let mut sandboxes: BTreeSet<Ipv4Addr> = BTreeSet::new();
         for (id, desc) in &r.networks {
             by_vni.insert(desc.vni, desc.clone());
             if !synced.contains(id) {
@@ -677,6 +696,9 @@ impl Inner {
                     });
                 }
                 if rec.service_id.is_empty() {
+                    if is_ingress {
+                        sandboxes.insert(rec.ip);
+                    }
                     continue;
                 }
                 if is_ingress {
@@ -758,6 +780,12 @@ impl Inner {
         }
         // A VIP whose service has no endpoint left stays, empty, after its name is gone.
         self.keep_emptied_vips(&mut lb, &r.networks);
+        // The tasks' return paths lead to every sandbox seen (and this node's own, also
+        // before its record is in the table).
+        if let Some((ip, _)) = lock(&self.ingress_att).as_ref().and_then(attachment_desc) {
+            sandboxes.insert(ip);
+        }
+        lock(&self.sandboxes).extend(sandboxes);
         // Balancers first, then DNS: a name never points at a VIP the balancer does not know
         // yet, a removed task leaves the VIP before (or as) it leaves DNS, and a VIP leaves
         // the balancer only well after it left DNS (above).
@@ -908,11 +936,28 @@ impl Inner {
     /// and, with nftables, its `mesh_lb` table. Namespaces whose process is gone are dropped.
     async fn sync_task_namespaces(&self) {
         let vips = lock(&self.lb_vips).clone();
+        let sandboxes = lock(&self.sandboxes).clone();
         let mut jobs: Vec<(String, u32, Vec<Ipv4Addr>, Vec<Ipv4Addr>)> = Vec::new();
+        // (task, pid, ingress interface, sandboxes to add, UDP ports to add)
+        type ReturnJob = (String, u32, String, Vec<Ipv4Addr>, Vec<u16>);
+        let mut returns: Vec<ReturnJob> = Vec::new();
         {
             let mut tasks = lock(&self.tasks);
             // Gone processes are dropped by the next `set_local` pass (see `events_loop`).
             for (id, ns) in tasks.iter_mut().filter(|(_, ns)| ns.alive()) {
+                if let Some(ret) = &ns.ingress_return {
+                    let add: Vec<Ipv4Addr> =
+                        sandboxes.difference(&ret.sandboxes).copied().collect();
+                    if !add.is_empty() || !ret.udp_pending.is_empty() {
+                        returns.push((
+                            id.clone(),
+                            ns.pid,
+                            ret.ifname.clone(),
+                            add,
+                            ret.udp_pending.clone(),
+                        ));
+                    }
+                }
                 let want: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> = vips
                     .iter()
                     .filter(|(_, i)| ns.nets.contains(&i.network_id))
@@ -942,6 +987,30 @@ impl Inner {
                     }
                 }
                 Err(e) => debug!(task = id, "VIPs on lo: {e}"),
+            }
+        }
+        for (id, pid, ifname, add, udp) in returns {
+            let res = async {
+                let ns = Netns::open(&proc_ns(pid)).map_err(|e| e.to_string())?;
+                mesh_ingress::return_path::add_sandboxes(&ns, &ifname, &add)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                mesh_ingress::return_path::add_udp_ports(&ns, &ifname, &udp)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match res {
+                Ok(()) => {
+                    if let Some(ret) = lock(&self.tasks)
+                        .get_mut(&id)
+                        .and_then(|ns| ns.ingress_return.as_mut())
+                    {
+                        ret.sandboxes.extend(add);
+                        ret.udp_pending.clear();
+                    }
+                }
+                Err(e) => debug!(task = id, "routing mesh return path: {e}"),
             }
         }
     }
@@ -980,6 +1049,19 @@ impl Inner {
             }
             _ => None,
         };
+        let ingress_return = match ingress_return_of(task, ingress_id.as_deref()) {
+            Some((ifname, udp_pending)) => {
+                let netns = Netns::open(&ns).map_err(|e| e.to_string())?;
+                mesh_ingress::return_path::setup_table(&netns, &ifname)
+                    .map_err(|e| format!("routing mesh return path: {e}"))?;
+                Some(IngressReturn {
+                    ifname,
+                    sandboxes: BTreeSet::new(),
+                    udp_pending,
+                })
+            }
+            None => None,
+        };
         lock(&self.tasks).insert(
             task.id.clone(),
             TaskNs {
@@ -989,6 +1071,7 @@ impl Inner {
                 _dns: reg,
                 nft,
                 lo_vips: BTreeSet::new(),
+                ingress_return,
             },
         );
         Ok(())
@@ -1100,8 +1183,15 @@ impl Inner {
                 .await
                 .map_err(|e| format!("ingress sandbox: {e}"))?;
         }
+        // Clients from the gateway bridge are this node's own tasks: masqueraded (a task
+        // balanced to itself would drop its own address).
+        let gw = mesh_overlay::DEFAULT_GW_SUBNET
+            .split_once('/')
+            .and_then(|(a, l)| Some((a.parse().ok()?, l.parse().ok()?)))
+            .ok_or("bad gateway subnet")?;
         let cfg = mesh_ingress::IngressConfig {
             ingress_if: SANDBOX_IF.into(),
+            masquerade_from: vec![gw],
             ..Default::default()
         };
         let host = Netns::current().map_err(|e| e.to_string())?;
@@ -1343,6 +1433,41 @@ fn linger(
         out.entry(*vni).or_default().insert(rm.clone());
     }
     out
+}
+
+/// For a task on the ingress network that publishes ports in ingress mode: its interface on
+/// that network (`ethN`, N its place among the task's attachments, as `attach` names them)
+/// and the UDP target ports whose replies must leave from its ingress address. A UDP target
+/// port the task also publishes in host mode is left out: its host-mode clients are answered
+/// through the gateway bridge, and its replies to routing-mesh clients then are not (a
+/// known limit: `mesh_ingress::return_path::add_udp_ports`).
+fn ingress_return_of(task: &Task, ingress_id: Option<&str>) -> Option<(String, Vec<u16>)> {
+    let i = task
+        .networks
+        .iter()
+        .position(|a| Some(a.network_id.as_str()) == ingress_id)?;
+    let ingress: Vec<&PortConfig> = task
+        .spec
+        .ports
+        .iter()
+        .filter(|p| p.mode == PublishMode::Ingress)
+        .collect();
+    if ingress.is_empty() {
+        return None;
+    }
+    let host_udp: BTreeSet<u16> = task
+        .spec
+        .ports
+        .iter()
+        .filter(|p| p.mode == PublishMode::Host && p.protocol == Protocol::Udp)
+        .map(|p| p.target)
+        .collect();
+    let udp: BTreeSet<u16> = ingress
+        .iter()
+        .filter(|p| p.protocol == Protocol::Udp && !host_udp.contains(&p.target))
+        .map(|p| p.target)
+        .collect();
+    Some((format!("eth{i}"), udp.into_iter().collect()))
 }
 
 /// Adds and removes /32 VIPs on `lo` inside `/proc/<pid>/ns/net`.
