@@ -8,7 +8,7 @@
 //!
 //! - **direct**: h1's host-mode port (host DNAT -> task);
 //! - **ingress, same node**: h1's ingress port (host DNAT -> ingress sandbox -> nftables
-//!   numgen DNAT + masquerade -> the task's ingress-network interface on the same host);
+//!   numgen DNAT, no SNAT -> the task's ingress-network interface on the same host);
 //! - **ingress via other node**: h3's ingress port (h3 has no task: the same path, then the
 //!   VXLAN ingress overlay to h1).
 //!
@@ -224,7 +224,7 @@ A 3-host netns cluster; on h1 an iperf3 server and a `mesh-bench serve-http` ser
 the server closes each connection) published twice: in ingress mode (every node answers) and \
 in host mode (only h1, DNAT straight to the task). From the underlay client: **direct** = h1's \
 host-mode port; **ingress, same node** = h1's ingress port (host DNAT -> ingress sandbox -> \
-numgen DNAT + masquerade -> the task); **ingress via other node** = h3's ingress port (h3 has \
+numgen DNAT, no SNAT: the task sees the client -> the task, whose reply is policy-routed back to the sandbox); **ingress via other node** = h3's ingress port (h3 has \
 no task: the same, plus the VXLAN ingress overlay to h1). {ROUNDS} interleaved rounds of \
 iperf3 (1 TCP stream, {IPERF_SECS} s) and of new connections ({LOAD_THREADS} client threads, \
 {LOAD_SECS} s, one request per connection); medians. Machine CPU = share of all CPUs busy \
@@ -253,7 +253,7 @@ Ingress same node / direct: throughput {:.2} (rounds {}), connections/s {:.2} (r
 All paths share the same 2 CPUs: the client, the kernels of the three simulated hosts and the \
 servers. The connection test keeps them busy, so connections/s is about the inverse of the \
 machine CPU one connection costs (last column); via h3, that cost adds a DNAT and a conntrack \
-entry in h3's namespace, a second DNAT + masquerade with its own conntrack entry in the ingress \
+entry in h3's namespace, a second DNAT with its own conntrack entry in the ingress \
 sandbox, VXLAN encapsulation and the UDP send through h3's stack, VXLAN receive on h1, two more \
 bridges and more veth crossings, all charged to the CPUs the direct path spends on client and \
 server alone (on separate machines h3's part would run on h3). One iperf3 stream is bound by the \

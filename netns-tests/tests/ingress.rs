@@ -20,6 +20,54 @@ const UDP_SERVER: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.S
 /// the number of failures, and the distinct client addresses the servers saw.
 const CLIENT: &str = "import socket,sys\naddr,port,n,proto=sys.argv[1],int(sys.argv[2]),int(sys.argv[3]),sys.argv[4]\nseen=set();peers=set();fail=0\nfor i in range(n):\n try:\n  if proto=='tcp':\n   c=socket.create_connection((addr,port),timeout=2);r=c.recv(200).decode();c.close()\n  else:\n   c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);c.settimeout(2);c.sendto(b'x',(addr,port));r=c.recv(200).decode();c.close()\n  w=r.split();seen.add(w[0]);peers.update(w[1:2])\n except OSError:\n  fail+=1\nprint(' '.join(sorted(seen)));print(fail);print(' '.join(sorted(peers)))";
 
+/// `N` rounds of a connection from source port 40123 to A:PORT, then one to B:PORT, each
+/// read to its end (the server closes first, so the client keeps no TIME_WAIT and can reuse
+/// the port at once); prints the slowest connection in seconds and the failures.
+const SAME_PORT: &str = "import socket,sys,time\na,b,port,n=sys.argv[1],sys.argv[2],int(sys.argv[3]),int(sys.argv[4])\nworst=0.0;fail=0\nfor i in range(n):\n for addr in (a,b):\n  s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('',40123));s.settimeout(5)\n  t=time.time()\n  try:\n   s.connect((addr,port))\n   while s.recv(200):\n    pass\n  except OSError:\n   fail+=1\n  worst=max(worst,time.time()-t);s.close()\nprint(worst);print(fail)";
+
+/// A running task of `svc`: its ID and its node.
+fn running_task<'a>(c: &'a Cluster, svc: &str) -> Result<(String, &'a mesh_netns::Host)> {
+    let rows = c.host(1).mesh_json(&["service", "ps", svc])?;
+    let (id, node) = rows
+        .as_array()
+        .and_then(|rows| {
+            rows.iter().find_map(|r| {
+                r["CurrentState"]
+                    .as_str()?
+                    .starts_with("Running")
+                    .then_some(())?;
+                Some((
+                    r["ID"].as_str()?.to_string(),
+                    r["Node"].as_str()?.to_string(),
+                ))
+            })
+        })
+        .with_context(|| format!("a running {svc} task in {rows}"))?;
+    let host = c
+        .hosts()
+        .iter()
+        .find(|h| h.name() == node)
+        .with_context(|| format!("node {node}"))?;
+    Ok((id, host))
+}
+
+/// Counter `name` of the `TcpExt:` lines of a `/proc/net/netstat` text.
+fn tcp_ext(netstat: &str, name: &str) -> Result<u64> {
+    let rows: Vec<&str> = netstat
+        .lines()
+        .filter(|l| l.starts_with("TcpExt:"))
+        .collect();
+    let [names, values] = rows[..] else {
+        anyhow::bail!("no TcpExt lines in {netstat:?}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no TcpExt {name} in {netstat:?}"))
+}
+
 /// Hostnames that answered and failures, for `n` tries from the underlay client.
 fn probe(
     c: &Cluster,
@@ -229,25 +277,69 @@ fn published_ports_answer_on_every_node() -> Result<()> {
         fail == 0 && peers == client,
         "udp via h3: {fail} failed, the tasks saw {peers:?}"
     );
+    // One client port reused at once through two nodes, to the same task, after the task
+    // closed each connection first: the two routes carry different TCP timestamp offsets
+    // (one per client and node address), so a TIME_WAIT left in the task would make PAWS
+    // drop about every other SYN, each costing the client a second (the return path keeps
+    // no TIME_WAIT in the task).
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "one",
+        "--publish",
+        "8090:8080",
+        "--",
+        "python3",
+        "-c",
+        TCP_SERVER,
+    ])?;
+    for addr in &addrs {
+        wait_for(
+            &format!("{addr}:8090 answers"),
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || Ok((probe(&c, addr, 8090, 1, "tcp")?.1 == 0).then_some(())),
+        )?;
+    }
+    let out = c.client_exec_timeout(
+        &[
+            "python3", "-c", SAME_PORT, &addrs[0], &addrs[2], "8090", "10",
+        ],
+        Duration::from_secs(60),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    let worst: f64 = lines.next().and_then(|l| l.parse().ok()).with_context(|| {
+        format!(
+            "same-port client: {text:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let fail: u32 = lines
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(u32::MAX);
+    // What the task's kernel counted: SYNs dropped by PAWS in TIME_WAIT (each costs the
+    // client a reset and a new SYN).
+    let (one_id, one_node) = running_task(&c, "one")?;
+    let netstat = one_node.mesh(&["exec", &one_id, "--", "cat", "/proc/net/netstat"])?;
+    ensure!(netstat.success(), "exec in {one_id}: {}", netstat.stderr);
+    let paws = tcp_ext(&netstat.stdout, "PAWSTimewait")?;
+    eprintln!(
+        "same client port through two nodes: slowest {worst:.3} s, {fail} failed, {paws} SYNs dropped by PAWS"
+    );
+    ensure!(
+        fail == 0 && worst < 0.5 && paws == 0,
+        "20 connections from one client port alternating {} and {}: {fail} failed, slowest {worst:.3} s, \
+         {paws} SYNs dropped by PAWS in the task",
+        addrs[0],
+        addrs[2]
+    );
+    h1.mesh_ok(&["service", "rm", "one"])?;
     // A task calling another service's published port on a node's address: answered (its
     // node masquerades it out of its gateway bridge, so the task sees that node's address).
-    let dns_task = h1.mesh_json(&["service", "ps", "dns"])?;
-    let (dns_id, dns_node) = dns_task
-        .as_array()
-        .and_then(|rows| {
-            rows.iter().find_map(|r| {
-                Some((
-                    r["ID"].as_str()?.to_string(),
-                    r["Node"].as_str()?.to_string(),
-                ))
-            })
-        })
-        .context("a dns task")?;
-    let node = c
-        .hosts()
-        .iter()
-        .find(|h| h.name() == dns_node)
-        .context("the dns task's node")?;
+    let (dns_id, node) = running_task(&c, "dns")?;
     let out = node.mesh(&[
         "exec", &dns_id, "--", "python3", "-c", CLIENT, &addrs[2], "8080", "10", "tcp",
     ])?;

@@ -40,6 +40,21 @@
 //!
 //! UDP replies need one more rule per served port (see [`add_udp_ports`]).
 //!
+//! **No TIME_WAIT in the task** (`tcp_max_tw_buckets` 0 in its namespace). With the client's
+//! address kept, one client reaching a task through two nodes' addresses uses two TCP
+//! timestamp offsets (Linux picks one per source and destination address pair), and the
+//! task sees both on the same 4-tuple space. A server that closes first keeps the 4-tuple in
+//! TIME_WAIT for 60 s; a SYN reusing the client's port through the other node then carries
+//! an older timestamp and is dropped by PAWS (`TcpExtPAWSTimewait`): the task answers with
+//! an ACK of the old connection, the client resets and sends its SYN again, about 15 ms
+//! lost per connection here. `cargo xtask bench ingress` (4 clients reusing ports, the
+//! server closing each connection) made a tenth of the direct path's connections/s that way.
+//! The sandbox's masquerade hid this (each route had its own source address). A server socket
+//! that closes first now goes straight to CLOSED: a delayed duplicate of an old connection
+//! could then reach a new one with the same 4-tuple (it must also fall in its window), and
+//! the task's own outgoing connections lose TIME_WAIT too; that is the price of the client's
+//! address through every node.
+//!
 //! Rules and routes of a sandbox are only ever added while the task lives (a sandbox gone is
 //! a node gone; its rule matches nothing any more, and an address given again to another
 //! node's sandbox leads to that sandbox, which is right). The task's namespace goes with the
@@ -97,6 +112,7 @@ pub fn setup_table(ns: &Netns, ingress_if: &str) -> Result<(), IngressError> {
         &[
             (format!("net/ipv4/conf/{ingress_if}/src_valid_mark"), "1"),
             ("net/ipv4/tcp_fwmark_accept".to_string(), "1"),
+            ("net/ipv4/tcp_max_tw_buckets".to_string(), "0"),
         ],
     )?;
     nft::apply_in(ns, &script(ingress_if)).map_err(|msg| IngressError::Nft {
