@@ -38,6 +38,13 @@ pub const HISTORY_PER_SLOT: usize = 5;
 /// created (a replacement no node can take, say).
 pub const DRAIN_HANDOVER_MS: u64 = 30_000;
 
+/// A scale-down keeps the running replicas of the slots it removes serving while slots it
+/// keeps have no running task yet (their task still starting, or waiting for its restart), one
+/// for each such slot, so a scale-down never leaves a service with fewer tasks serving than it
+/// keeps (Swarm stops them at once: a scale-down during a stop-first update, or while a kept
+/// task restarts, can leave none); at most this long after the service last changed.
+pub const SCALE_DOWN_HANDOVER_MS: u64 = 30_000;
+
 /// A slot: the slot number of a replicated service, or the node of a global one.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Key {
@@ -402,6 +409,17 @@ impl Orchestrator {
                 ));
             }
         };
+        // Tasks of removed slots that keep serving for kept slots without a running task
+        // (`SCALE_DOWN_HANDOVER_MS`), counted when the first removed slot comes: kept slots
+        // come first (lower numbers), so what this pass stops there counts.
+        let serving = |t: &Task, p: &Plan| {
+            t.desired_state <= TaskState::Running
+                && t.status.state == TaskState::Running
+                && !node_gone(t)
+                && !p.shutdown.contains(&t.id)
+        };
+        let handover = now_ms < svc.updated_at * 1000 + SCALE_DOWN_HANDOVER_MS;
+        let mut stand_ins: Option<usize> = None;
         for key in keys {
             let empty = Vec::new();
             let hist = slots.get(key).unwrap_or(&empty);
@@ -436,8 +454,29 @@ impl Orchestrator {
                 }
             }
             if !wanted.contains(key) {
+                let mut stand_in = None;
+                if handover && matches!(key, Key::Slot(_)) {
+                    let left = stand_ins.get_or_insert_with(|| {
+                        wanted
+                            .iter()
+                            .filter(|k| {
+                                !slots
+                                    .get(*k)
+                                    .is_some_and(|h| h.iter().any(|t| serving(t, p)))
+                            })
+                            .count()
+                    });
+                    if *left > 0 {
+                        stand_in = hist.iter().rev().find(|t| serving(t, p) && !drained(t));
+                        if stand_in.is_some() {
+                            *left -= 1;
+                        }
+                    }
+                }
                 for t in hist {
-                    if t.desired_state <= TaskState::Running {
+                    if t.desired_state <= TaskState::Running
+                        && stand_in.is_none_or(|s| s.id != t.id)
+                    {
                         p.shutdown.insert(t.id.clone());
                     }
                 }
@@ -831,10 +870,14 @@ mod tests {
             m
         }
 
+        /// `service scale` (a replicas-only change: no rollout).
         fn set_replicas(&mut self, r: u64) {
-            let mut svc = self.s.services["svc"].clone();
-            svc.spec.mode = ServiceMode::Replicated { replicas: r };
-            self.s.apply(&Command::UpdateService { service: svc });
+            let old = &self.s.services["svc"];
+            let mut spec = old.spec.clone();
+            spec.mode = ServiceMode::Replicated { replicas: r };
+            let next = crate::services::updated(old, spec, false, self.now / 1000);
+            assert_eq!(next.version, old.version, "a scale");
+            self.s.apply(&Command::UpdateService { service: next });
         }
 
         /// Starts a rolling update to a new command (as `service update` does).
@@ -931,6 +974,114 @@ mod tests {
         assert_eq!(slots, vec![1, 2]);
         // Converged: nothing more to do.
         assert!(w.o.plan(&w.s, w.now + 100).is_empty());
+    }
+
+    #[test]
+    fn a_scale_down_keeps_a_removed_replica_serving_until_a_kept_one_runs() {
+        // Two replicas wait for their restart delay; the third serves. A scale to one keeps
+        // slot 1, whose task has not restarted yet: slot 3's serves until it runs.
+        let mut w = World::new(ServiceMode::Replicated { replicas: 3 });
+        let mut svc = w.s.services["svc"].clone();
+        svc.spec.restart.delay_ms = 5_000;
+        w.s.apply(&Command::UpdateService { service: svc });
+        w.settle();
+        let in_slot = |w: &World, slot: u64| {
+            w.running()
+                .into_iter()
+                .find(|t| t.slot == slot)
+                .map(|t| t.id.clone())
+        };
+        let (one, two) = (in_slot(&w, 1).unwrap(), in_slot(&w, 2).unwrap());
+        let three = in_slot(&w, 3).unwrap();
+        w.fail(&one, 1);
+        w.fail(&two, 1);
+        w.set_replicas(1);
+        let mut handed_over = false;
+        for step in 0..100 {
+            w.step();
+            let running: Vec<String> = w.running().iter().map(|t| t.id.clone()).collect();
+            // Never none; two for the pass between slot 1's running and slot 3's stop.
+            assert!(
+                (1..=2).contains(&running.len()),
+                "step {step}: {:#?}",
+                w.s.tasks
+            );
+            if !running.contains(&three) {
+                handed_over = true;
+                assert!(in_slot(&w, 1).is_some(), "step {step}");
+            }
+        }
+        assert!(handed_over, "slot 1 restarted and slot 3 stopped");
+        assert_eq!(w.s.tasks[&three].desired_state, TaskState::Shutdown);
+        assert!(w.o.plan(&w.s, w.now + 100).is_empty(), "converged");
+
+        // The soak's case: a stop-first update (parallelism 3 of 4) keeps slot 4's old task
+        // serving while the new tasks of slots 1-3 start; a scale to 2 removes slot 4, whose
+        // task serves on until slot 1's or 2's runs.
+        let mut w = World::new(ServiceMode::Replicated { replicas: 4 });
+        w.settle();
+        w.starting_version = Some(2);
+        w.update_to("2000", |s| {
+            s.update.order = UpdateOrder::StopFirst;
+            s.update.parallelism = 3;
+        });
+        for _ in 0..20 {
+            w.step();
+        }
+        let current = |w: &World| -> BTreeMap<u64, (u64, TaskState)> {
+            w.s.tasks
+                .values()
+                .filter(|t| t.desired_state <= TaskState::Running)
+                .map(|t| (t.slot, (t.version, t.status.state)))
+                .collect()
+        };
+        assert_eq!(
+            current(&w),
+            BTreeMap::from([
+                (1, (2, TaskState::Starting)),
+                (2, (2, TaskState::Starting)),
+                (3, (2, TaskState::Starting)),
+                (4, (1, TaskState::Running)),
+            ])
+        );
+        w.set_replicas(2);
+        for _ in 0..20 {
+            w.step();
+        }
+        assert_eq!(
+            current(&w),
+            BTreeMap::from([
+                (1, (2, TaskState::Starting)),
+                (2, (2, TaskState::Starting)),
+                (4, (1, TaskState::Running)),
+            ])
+        );
+        w.starting_version = None;
+        for step in 0..20 {
+            w.step();
+            assert!(!w.running().is_empty(), "step {step}: {:#?}", w.s.tasks);
+        }
+        w.settle();
+        assert_eq!(
+            current(&w),
+            BTreeMap::from([(1, (2, TaskState::Running)), (2, (2, TaskState::Running))])
+        );
+        assert_eq!(w.update_state(), Some(UpdateState::Completed));
+
+        // The handover is bounded: kept slots that never run do not keep a removed task.
+        let mut w = World::new(ServiceMode::Replicated { replicas: 2 });
+        w.settle();
+        w.starting_version = Some(2);
+        w.update_to("2000", |s| s.update.order = UpdateOrder::StopFirst);
+        for _ in 0..20 {
+            w.step();
+        }
+        w.set_replicas(1);
+        w.step();
+        let old = in_slot(&w, 2).expect("slot 2 serves for slot 1");
+        w.now += SCALE_DOWN_HANDOVER_MS;
+        w.step();
+        assert_eq!(w.s.tasks[&old].desired_state, TaskState::Shutdown);
     }
 
     #[test]
