@@ -546,12 +546,8 @@ impl Handle {
     /// a different gateway is replaced).
     pub async fn add_default_route(&self, gw: Ipv4Addr) -> Result<(), NetlinkError> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).build();
-        self.call(
-            "set",
-            || format!("default route via {gw}"),
-            self.inner.route().add(msg).replace().execute(),
-        )
-        .await
+        self.replace_route(msg, || format!("default route via {gw}"))
+            .await
     }
 
     /// Sets the default route via `gw` out of link `dev` (replace
@@ -562,51 +558,41 @@ impl Handle {
             .gateway(gw)
             .output_interface(index)
             .build();
-        self.call(
-            "set",
-            || format!("default route via {gw} dev {dev}"),
-            self.inner.route().add(msg).replace().execute(),
-        )
-        .await
+        self.replace_route(msg, || format!("default route via {gw} dev {dev}"))
+            .await
     }
 
-    /// Sets the default route of routing table `table` via `gw` out of link `dev` (replace
-    /// semantics: idempotent).
+    /// Sets the default route of routing table `table` out of link `dev`, via `gw`, or
+    /// with no gateway (`scope link`) if `gw` is `None` (replace semantics: idempotent).
     pub async fn set_table_default_route(
         &self,
         table: u32,
-        gw: Ipv4Addr,
+        gw: Option<Ipv4Addr>,
         dev: &str,
     ) -> Result<(), NetlinkError> {
         let index = self.require_index(dev).await?;
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .table_id(table)
-            .gateway(gw)
-            .output_interface(index)
-            .build();
-        self.call(
-            "set",
-            || format!("default route via {gw} dev {dev} in table {table}"),
-            self.inner.route().add(msg).replace().execute(),
-        )
+            .output_interface(index);
+        msg = match gw {
+            Some(gw) => msg.gateway(gw),
+            None => msg.scope(netlink_packet_route::route::RouteScope::Link),
+        };
+        self.replace_route(msg.build(), || match gw {
+            Some(gw) => format!("default route via {gw} dev {dev} in table {table}"),
+            None => format!("default route dev {dev} in table {table}"),
+        })
         .await
     }
 
-    /// Sets the default route of routing table `table` straight out of link `dev`, no
-    /// gateway (`default dev DEV scope link`; replace semantics: idempotent).
-    pub async fn set_table_link_default(&self, table: u32, dev: &str) -> Result<(), NetlinkError> {
-        let index = self.require_index(dev).await?;
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .table_id(table)
-            .output_interface(index)
-            .scope(netlink_packet_route::route::RouteScope::Link)
-            .build();
-        self.call(
-            "set",
-            || format!("default route dev {dev} in table {table}"),
-            self.inner.route().add(msg).replace().execute(),
-        )
-        .await
+    /// Adds or replaces route `msg`.
+    async fn replace_route(
+        &self,
+        msg: netlink_packet_route::route::RouteMessage,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), NetlinkError> {
+        self.call("set", what, self.inner.route().add(msg).replace().execute())
+            .await
     }
 
     /// Adds the IPv4 policy rule `ipproto udp sport PORT lookup TABLE` at `priority`; a rule
@@ -618,14 +604,7 @@ impl Handle {
         priority: u32,
     ) -> Result<(), NetlinkError> {
         use netlink_packet_route::rule::{RuleAttribute, RulePortRange};
-        let mut req = self
-            .inner
-            .rule()
-            .add()
-            .v4()
-            .table_id(table)
-            .priority(priority)
-            .action(netlink_packet_route::rule::RuleAction::ToTable);
+        let mut req = self.rule_to_table(table, priority);
         let attrs = &mut req.message_mut().attributes;
         attrs.push(RuleAttribute::IpProtocol(
             netlink_packet_route::IpProtocol::Udp,
@@ -634,17 +613,10 @@ impl Handle {
             start: port,
             end: port,
         }));
-        match self
-            .call(
-                "add",
-                || format!("rule ipproto udp sport {port} lookup {table}"),
-                req.execute(),
-            )
-            .await
-        {
-            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
-            other => other,
-        }
+        self.add_rule(req, || {
+            format!("rule ipproto udp sport {port} lookup {table}")
+        })
+        .await
     }
 
     /// Adds the IPv4 policy rule `fwmark MARK lookup TABLE` at `priority`; a rule already
@@ -655,24 +627,29 @@ impl Handle {
         table: u32,
         priority: u32,
     ) -> Result<(), NetlinkError> {
-        let req = self
-            .inner
+        let req = self.rule_to_table(table, priority).fw_mark(mark);
+        self.add_rule(req, || format!("rule fwmark {mark:#x} lookup {table}"))
+            .await
+    }
+
+    /// An IPv4 rule `lookup TABLE` at `priority`, selectors to be added.
+    fn rule_to_table(&self, table: u32, priority: u32) -> rtnetlink::RuleAddRequest<Ipv4Addr> {
+        self.inner
             .rule()
             .add()
             .v4()
-            .fw_mark(mark)
             .table_id(table)
             .priority(priority)
             .action(netlink_packet_route::rule::RuleAction::ToTable)
-            .execute();
-        match self
-            .call(
-                "add",
-                || format!("rule fwmark {mark:#x} lookup {table}"),
-                req,
-            )
-            .await
-        {
+    }
+
+    /// Adds rule `req`; one already there with the same selector is no error.
+    async fn add_rule(
+        &self,
+        req: rtnetlink::RuleAddRequest<Ipv4Addr>,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), NetlinkError> {
+        match self.call("add", what, req.execute()).await {
             Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
             other => other,
         }
