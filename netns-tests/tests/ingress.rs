@@ -25,6 +25,19 @@ const CLIENT: &str = "import socket,sys\naddr,port,n,proto=sys.argv[1],int(sys.a
 /// the port at once); prints the slowest connection in seconds and the failures.
 const SAME_PORT: &str = "import socket,sys,time\na,b,port,n=sys.argv[1],sys.argv[2],int(sys.argv[3]),int(sys.argv[4])\nworst=0.0;fail=0\nfor i in range(n):\n for addr in (a,b):\n  s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('',40123));s.settimeout(5)\n  t=time.time()\n  try:\n   s.connect((addr,port))\n   while s.recv(200):\n    pass\n  except OSError:\n   fail+=1\n  worst=max(worst,time.time()-t);s.close()\nprint(worst);print(fail)";
 
+/// Waits until TCP `port` answers on every address of `addrs` (bounded).
+fn wait_answering(c: &Cluster, addrs: &[String], port: u16) -> Result<()> {
+    for addr in addrs {
+        wait_for(
+            &format!("{addr}:{port} answers"),
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || Ok((probe(c, addr, port, 1, "tcp")?.1 == 0).then_some(())),
+        )?;
+    }
+    Ok(())
+}
+
 /// A running task of `svc`: its ID and its node.
 fn running_task<'a>(c: &'a Cluster, svc: &str) -> Result<(String, &'a mesh_netns::Host)> {
     let rows = c.host(1).mesh_json(&["service", "ps", svc])?;
@@ -186,14 +199,7 @@ fn published_ports_answer_on_every_node() -> Result<()> {
             Ok((t.len() == 2).then_some(t))
         },
     )?;
-    for addr in &addrs {
-        wait_for(
-            &format!("{addr}:8080 answers"),
-            Duration::from_secs(15),
-            Duration::from_millis(200),
-            || Ok((probe(&c, addr, 8080, 1, "tcp")?.1 == 0).then_some(())),
-        )?;
-    }
+    wait_answering(&c, &addrs, 8080)?;
     // Through the node without a task, connections reach both replicas, none fails, and
     // the tasks see the client's own address (the routing mesh keeps it); through the
     // replicas' own nodes too.
@@ -294,14 +300,7 @@ fn published_ports_answer_on_every_node() -> Result<()> {
         "-c",
         TCP_SERVER,
     ])?;
-    for addr in &addrs {
-        wait_for(
-            &format!("{addr}:8090 answers"),
-            Duration::from_secs(20),
-            Duration::from_millis(200),
-            || Ok((probe(&c, addr, 8090, 1, "tcp")?.1 == 0).then_some(())),
-        )?;
-    }
+    wait_answering(&c, &addrs, 8090)?;
     let out = c.client_exec_timeout(
         &[
             "python3", "-c", SAME_PORT, &addrs[0], &addrs[2], "8090", "10",

@@ -38,7 +38,7 @@
 //! address up with the mark, finds the sandbox's table and its interface, and lets the packet
 //! in (without the mark it would find the gateway bridge, or no route at all, and drop it).
 //!
-//! UDP replies need one more rule per served port (see [`add_udp_ports`]).
+//! UDP replies need one more rule per served port (see [`add_routes`]).
 //!
 //! **No TIME_WAIT in the task** (`tcp_max_tw_buckets` 0 in its namespace). With the client's
 //! address kept, one client reaching a task through two nodes' addresses uses two TCP
@@ -71,7 +71,7 @@ pub const RETURN_TABLE: &str = "mesh_ingress_return";
 /// Priority of the per-sandbox rules (before the main table's 32766); UDP port rules come
 /// right after.
 pub const RULE_PRIORITY: u32 = 100;
-/// The table UDP replies of published ports are first looked up in (see [`add_udp_ports`]):
+/// The table UDP replies of published ports are first looked up in (see [`add_routes`]):
 /// below 253, and never a sandbox's mark (a host address is never `a.0.0.0`).
 pub const UDP_TABLE: u32 = 250;
 
@@ -99,7 +99,7 @@ pub fn sandbox_mark(addr: Ipv4Addr) -> u32 {
 }
 
 /// Sets up the table and `src_valid_mark` in a task's namespace `ns` whose interface on the
-/// ingress overlay is `ingress_if` (then [`add_sandboxes`] adds the routes). Idempotent.
+/// ingress overlay is `ingress_if` (then [`add_routes`] adds the routes). Idempotent.
 /// Blocking (one `nft` run and a sysctl, each on a thread in `ns`).
 pub fn setup_table(ns: &Netns, ingress_if: &str) -> Result<(), IngressError> {
     if !crate::valid_ifname(ingress_if) {
@@ -121,50 +121,42 @@ pub fn setup_table(ns: &Netns, ingress_if: &str) -> Result<(), IngressError> {
     })
 }
 
-/// Adds the rule and route of each sandbox of `sandboxes` in the task's namespace (after
-/// [`setup_table`]). Idempotent.
-pub async fn add_sandboxes(
+/// Adds, in the task's namespace (after [`setup_table`]), the rule and route of each sandbox
+/// of `sandboxes`, and the rule of each UDP port of `udp_ports` the task serves published
+/// ports on (one netlink connection for both). Idempotent.
+///
+/// The UDP rules: a UDP server on `0.0.0.0` answers from the address its route to the client
+/// chooses; the task's default route (the gateway bridge) would choose the gateway address,
+/// which is not the one the sandbox's conntrack entry expects, so the reply would not be
+/// un-NATed (nor marked: it would be a new flow). The rule `ipproto udp sport PORT lookup
+/// 250` sends the first lookup of such a reply to a table whose default route is the ingress
+/// interface, so the reply gets the task's ingress address, matches the sandbox's flow, takes
+/// its mark and is routed to the right sandbox. A datagram the task itself sends from that
+/// port to an address that never called it leaves through the ingress interface too (and
+/// goes nowhere): a server's own port is not a client's.
+pub async fn add_routes(
     ns: &Netns,
     ingress_if: &str,
     sandboxes: &[Ipv4Addr],
+    udp_ports: &[u16],
 ) -> Result<(), IngressError> {
-    if sandboxes.is_empty() {
+    if sandboxes.is_empty() && udp_ports.is_empty() {
         return Ok(());
     }
     let h = Handle::new(ns).await?;
     for s in sandboxes {
         let mark = sandbox_mark(*s);
-        h.set_table_default_route(mark, *s, ingress_if).await?;
+        h.set_table_default_route(mark, Some(*s), ingress_if)
+            .await?;
         h.add_fwmark_rule(mark, mark, RULE_PRIORITY).await?;
     }
-    Ok(())
-}
-
-/// Adds, for each UDP port of `ports` the task serves published ports on, the rule that
-/// makes its replies leave from its ingress address (after [`setup_table`]). Idempotent.
-///
-/// A UDP server on `0.0.0.0` answers from the address its route to the client chooses; the
-/// task's default route (the gateway bridge) would choose the gateway address, which is not
-/// the one the sandbox's conntrack entry expects, so the reply would not be un-NATed (nor
-/// marked: it would be a new flow). The rule `ipproto udp sport PORT lookup 250` sends the
-/// first lookup of such a reply to a table whose default route is the ingress interface, so
-/// the reply gets the task's ingress address, matches the sandbox's flow, takes its mark and
-/// is routed to the right sandbox. A datagram the task itself sends from that port to an
-/// address that never called it leaves through the ingress interface too (and goes nowhere):
-/// a server's own port is not a client's.
-pub async fn add_udp_ports(
-    ns: &Netns,
-    ingress_if: &str,
-    ports: &[u16],
-) -> Result<(), IngressError> {
-    if ports.is_empty() {
-        return Ok(());
-    }
-    let h = Handle::new(ns).await?;
-    h.set_table_link_default(UDP_TABLE, ingress_if).await?;
-    for p in ports {
-        h.add_udp_sport_rule(*p, UDP_TABLE, RULE_PRIORITY + 1)
+    if !udp_ports.is_empty() {
+        h.set_table_default_route(UDP_TABLE, None, ingress_if)
             .await?;
+        for p in udp_ports {
+            h.add_udp_sport_rule(*p, UDP_TABLE, RULE_PRIORITY + 1)
+                .await?;
+        }
     }
     Ok(())
 }

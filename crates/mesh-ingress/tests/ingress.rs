@@ -50,7 +50,7 @@ const GW_TASK_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 77, 5);
 const TCP_TARGET: u16 = 8080;
 const UDP_TARGET: u16 = 5353;
 /// t0's UDP server for host-mode ports: a UDP port served through the routing mesh answers
-/// from the task's ingress address (`return_path::add_udp_ports`), so host mode has its own.
+/// from the task's ingress address (`return_path::add_routes`), so host mode has its own.
 const HOST_UDP_TARGET: u16 = 5354;
 const OVERLAY_MTU: u32 = 1450;
 
@@ -176,10 +176,12 @@ impl Lab {
         // Every task's way back to the sandbox for the connections it balanced.
         for t in &tasks {
             mesh_ingress::return_path::setup_table(t, "eth0").ctx("return path")?;
-            rt.block_on(async {
-                mesh_ingress::return_path::add_sandboxes(t, "eth0", &[SBOX_OV_IP]).await?;
-                mesh_ingress::return_path::add_udp_ports(t, "eth0", &[UDP_TARGET]).await
-            })
+            rt.block_on(mesh_ingress::return_path::add_routes(
+                t,
+                "eth0",
+                &[SBOX_OV_IP],
+                &[UDP_TARGET],
+            ))
             .ctx("return routes")?;
         }
         // Clients reuse ports in TIME_WAIT (long load runs would run out of ports otherwise),

@@ -992,10 +992,7 @@ impl Inner {
         for (id, pid, ifname, add, udp) in returns {
             let res = async {
                 let ns = Netns::open(&proc_ns(pid)).map_err(|e| e.to_string())?;
-                mesh_ingress::return_path::add_sandboxes(&ns, &ifname, &add)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                mesh_ingress::return_path::add_udp_ports(&ns, &ifname, &udp)
+                mesh_ingress::return_path::add_routes(&ns, &ifname, &add, &udp)
                     .await
                     .map_err(|e| e.to_string())
             }
@@ -1440,7 +1437,7 @@ fn linger(
 /// and the UDP target ports whose replies must leave from its ingress address. A UDP target
 /// port the task also publishes in host mode is left out: its host-mode clients are answered
 /// through the gateway bridge, and its replies to routing-mesh clients then are not (a
-/// known limit: `mesh_ingress::return_path::add_udp_ports`).
+/// known limit: `mesh_ingress::return_path::add_routes`).
 fn ingress_return_of(task: &Task, ingress_id: Option<&str>) -> Option<(String, Vec<u16>)> {
     let i = task
         .networks
