@@ -277,6 +277,29 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// Gives the plane the gossip keys and member addresses, when they changed. No keys (a
+    /// leader without the data key) leave the keys held; no members, the members held.
+    /// From the leader's answers, and, on a manager, from its own store at start
+    /// (`Member::start`): it gossips at once, without waiting for an election.
+    pub(crate) fn give_gossip(
+        &self,
+        keys: Vec<crate::runtime::GossipKey>,
+        members: Option<Vec<std::net::Ipv4Addr>>,
+    ) {
+        let Some(plane) = &self.plane else {
+            return;
+        };
+        let mut last = self.gossip.lock().unwrap_or_else(|p| p.into_inner());
+        if !keys.is_empty() && last.0 != keys {
+            plane.set_gossip_keys(keys.clone());
+            last.0 = keys;
+        }
+        if let Some(m) = members.filter(|m| last.1.as_ref() != Some(m)) {
+            plane.set_members(m.clone());
+            last.1 = Some(m);
+        }
+    }
+
     /// Long-polls the leader for assignments until shutdown.
     pub(crate) async fn poll_loop(
         self: Arc<Self>,
@@ -306,18 +329,7 @@ impl Agent {
                     gossip_keys,
                     members,
                 } => {
-                    if let Some(plane) = &self.plane {
-                        let mut last = self.gossip.lock().unwrap_or_else(|p| p.into_inner());
-                        // None given (a leader without the data key): the keys held stay.
-                        if !gossip_keys.is_empty() && last.0 != gossip_keys {
-                            plane.set_gossip_keys(gossip_keys.clone());
-                            last.0 = gossip_keys;
-                        }
-                        if let Some(m) = members.filter(|m| last.1.as_ref() != Some(m)) {
-                            plane.set_members(m.clone());
-                            last.1 = Some(m);
-                        }
-                    }
+                    self.give_gossip(gossip_keys, members);
                     if let Some(plane) = &self.plane {
                         let mut last = self.ingress.lock().unwrap_or_else(|p| p.into_inner());
                         if *last != ingress {
@@ -591,6 +603,50 @@ impl Agent {
     /// that changed.
     fn update_plane(&self, assigned: &HashMap<String, Task>, local: &HashMap<String, RunState>) {
         let Some(plane) = &self.plane else { return };
+        let (running, d) = self.serving(assigned, local);
+        let mut last = self.plane_digest.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != Some(d) {
+            *last = Some(d);
+            plane.set_local(running);
+        }
+    }
+
+    /// On a restarted manager, until the leader's first answer: tells the plane which tasks
+    /// run here and serve, by what the manager's own store assigns here (`Member::start`).
+    /// Its gossip then re-announces them at once, rather than after an election (seconds,
+    /// or never without quorum) while the other nodes' grace for a restarted node runs out
+    /// and they drop its tasks, which kept running, from their VIPs and DNS. Only the plane
+    /// is told: nothing is started or stopped on a store that may lag the leader's.
+    pub(crate) async fn seed_plane(self: Arc<Self>, from_store: Vec<Task>) {
+        let Some(plane) = &self.plane else { return };
+        let rt = self.runtime.clone();
+        let Ok(list) = tokio::task::spawn_blocking(move || rt.list()).await else {
+            return;
+        };
+        let local: HashMap<String, RunState> = list.into_iter().collect();
+        let assigned: HashMap<String, Task> =
+            from_store.into_iter().map(|t| (t.id.clone(), t)).collect();
+        // Lock order: the plane digest, then the state (`update_plane` holds one at a time).
+        let mut last = self.plane_digest.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some() || self.lock().assigned.is_some() {
+            return; // the leader answered first
+        }
+        let (running, d) = self.serving(&assigned, &local);
+        info!(
+            tasks = running.len(),
+            "network plane: this node's tasks as its own store has them, until the leader answers"
+        );
+        *last = Some(d);
+        plane.set_local(running);
+    }
+
+    /// The assigned tasks that run here and serve (no check, or healthy), sorted, with a
+    /// digest of the set.
+    fn serving(
+        &self,
+        assigned: &HashMap<String, Task>,
+        local: &HashMap<String, RunState>,
+    ) -> (Vec<(Task, u32)>, u64) {
         let mut running: Vec<(Task, u32)> = {
             let st = self.lock();
             assigned
@@ -609,12 +665,7 @@ impl Agent {
         for (t, pid) in &running {
             (&t.id, t.version, pid).hash(&mut h);
         }
-        let d = h.finish();
-        let mut last = self.plane_digest.lock().unwrap_or_else(|p| p.into_inner());
-        if *last != Some(d) {
-            *last = Some(d);
-            plane.set_local(running);
-        }
+        (running, h.finish())
     }
 
     /// Resolves the check of a task a restarted daemon adopted (its image's part from the
@@ -1409,6 +1460,48 @@ mod tests {
         let probes = rt.probes.load(SeqCst);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(rt.probes.load(SeqCst), probes);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_manager_publishes_what_its_store_runs_here_until_the_leader_answers() {
+        let rt = Arc::new(FakeRuntime::default());
+        let running = RunState::Running {
+            pid: 7,
+            started_at_ms: 1,
+        };
+        for id in ["serving", "not-in-store"] {
+            rt.tasks.lock().unwrap().insert(id.into(), running.clone());
+        }
+        let plane = Arc::new(FakePlane::default());
+        let agent = Agent::new(rt.clone(), Some(plane.clone()), None, "n1".into());
+        // The store: one task running here, one not reported running yet (its check may
+        // not have passed), one gone from the runtime.
+        let from_store = vec![
+            task("serving", "n1", TaskState::Running),
+            task("gone", "n1", TaskState::Running),
+        ];
+        let starting = task("starting", "n1", TaskState::Starting);
+        rt.tasks
+            .lock()
+            .unwrap()
+            .insert("starting".into(), running.clone());
+        agent
+            .clone()
+            .seed_plane([from_store, vec![starting]].concat())
+            .await;
+        assert_eq!(*plane.local.lock().unwrap(), ["serving"]);
+        // Nothing started or stopped on the store's word.
+        assert!(rt.removed.lock().unwrap().is_empty());
+        assert!(agent.lock().assigned.is_none());
+
+        // Once the leader answered, the store's word is not taken again.
+        *plane.local.lock().unwrap() = vec![];
+        agent.lock().assigned = Some((1, HashMap::new()));
+        agent
+            .clone()
+            .seed_plane(vec![task("serving", "n1", TaskState::Running)])
+            .await;
+        assert!(plane.local.lock().unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

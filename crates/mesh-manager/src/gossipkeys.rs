@@ -17,7 +17,8 @@
 //!   addresses of every member ([`member_addrs`], for the node's filter of the VXLAN and
 //!   gossip ports); both are in the answer's digest, so a rotation or a membership change
 //!   wakes every node's poll at once. Nodes keep the keys in memory only: a restarted node
-//!   gets them again with its first answer (and gossips from then on), so they are never on
+//!   gets them again with its first answer (and gossips from then on; a restarted manager
+//!   takes them from its own store at once, `Member::gossip_from_store`), so they are never on
 //!   a worker's disk.
 
 use std::net::Ipv4Addr;

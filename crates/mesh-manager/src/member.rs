@@ -170,9 +170,12 @@ impl Member {
             agent: agent.clone(),
             orchestrator: tokio::sync::Mutex::new(Orchestrator::default()),
         });
-        if is_manager {
+        let from_store = if is_manager {
             member.start_raft(init).await?;
-        }
+            member.gossip_from_store().await
+        } else {
+            None
+        };
         let handler = Arc::new(PeerHandler {
             member: member.clone(),
         });
@@ -190,14 +193,32 @@ impl Member {
                         _ => None,
                     })
             };
+            let addr = ip(&l.advertise_addr).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+            // Joined through the managers first, then any member the store knows: a
+            // manager restarted while the other managers are away still finds the workers.
+            let mut peers: Vec<std::net::Ipv4Addr> =
+                l.managers.iter().filter_map(|m| ip(m)).collect();
+            for m in from_store.iter().flat_map(|(_, members, _)| members) {
+                if *m != addr && !peers.contains(m) {
+                    peers.push(*m);
+                }
+            }
             let me = crate::runtime::PlaneIdentity {
                 node_id: l.node_id.clone(),
                 cluster_id: l.cluster_id.clone(),
-                addr: ip(&l.advertise_addr).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
-                peers: l.managers.iter().filter_map(|m| ip(m)).collect(),
+                addr,
+                peers,
             };
             if let Err(e) = plane.start(me) {
                 warn!("network plane: {e}");
+            }
+            // The keys only: the underlay filter keeps what the previous run set from the
+            // leader's answers (newer than this store may be) until the next answer.
+            if let Some((keys, _, tasks)) = from_store {
+                agent.give_gossip(keys, None);
+                member
+                    .tasks_lock()
+                    .push(tokio::spawn(agent.clone().seed_plane(tasks)));
             }
         }
         let orch = tokio::spawn(member.clone().orchestrator_loop());
@@ -211,6 +232,41 @@ impl Member {
             .tasks_lock()
             .extend([serve, hb, mon, keyl, orch, poll, rec]);
         Ok(member)
+    }
+
+    /// The gossip keys, member addresses and this node's tasks that this manager's own
+    /// store holds (`None` without Raft or the data key). A restarted manager gossips with
+    /// them at once (`Agent::seed_plane`): waiting for them from a leader would keep it out
+    /// of gossip for an election (seconds, or for good without quorum), long enough for the
+    /// other nodes to drop its tasks, which keep running, from their VIPs and DNS. The
+    /// leader's answers replace them.
+    async fn gossip_from_store(
+        &self,
+    ) -> Option<(
+        Vec<crate::runtime::GossipKey>,
+        Vec<std::net::Ipv4Addr>,
+        Vec<mesh_api::Task>,
+    )> {
+        let node = self.raft().await?;
+        let key = match self.data_key().await {
+            Ok(k) => k,
+            Err(e) => {
+                debug!("gossip keys from the store: {e}");
+                return None;
+            }
+        };
+        let id = self.local().node_id;
+        let from_store = node
+            .sm
+            .with_state(|s| {
+                (
+                    gossipkeys::for_node(s, &id, Some(&key)),
+                    gossipkeys::member_addrs(s),
+                    assigned_to(s.tasks.values(), &id),
+                )
+            })
+            .await;
+        Some(from_store)
     }
 
     fn tasks_lock(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::JoinHandle<()>>> {

@@ -42,7 +42,8 @@
 //! **Gossip is sealed, and the underlay closed to strangers.** Gossip seals every packet with
 //! the cluster keys the leader hands out with the node's assignments (`gossipkeys` in
 //! `mesh-manager`): it starts sending, and joins its peers, once the first keys arrive (a
-//! restarted daemon gets them again with its first answer; they are never written here).
+//! restarted daemon gets them again with its first answer, a restarted manager from its own
+//! store at once; they are never written here).
 //! The member addresses from the same answer feed the host's underlay filter
 //! (`mesh_overlay::filter`): VXLAN and gossip packets from any other address are dropped.
 //! The filter goes with the swarm (`stop`), and a daemon that starts outside a swarm removes
