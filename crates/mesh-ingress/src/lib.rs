@@ -120,10 +120,14 @@
 //! 120 s once a flow has seen replies). Docker's IPVS cut connections idle for 900 s (moby
 //! #31208, #37822); here an idle connection lives as long as the endpoints keep it.
 //!
-//! The flip side: a flow keeps its backend for as long as its conntrack entry lives, also
-//! after that backend is removed. For TCP the backend's death ends the connection; a UDP
-//! client that keeps sending from the same port to a removed backend is not moved to another
-//! one until it pauses for the UDP timeout (kube-proxy deletes such entries; not done here).
+//! The flip side: a flow keeps its backend for as long as its conntrack entry lives. So when
+//! backends leave a port, the sandbox's entries they would strand (every UDP flow toward
+//! them, TCP ones never answered) are deleted a second later
+//! ([`mesh_netlink::conntrack::forget_backends_later`], as kube-proxy does; a backend that
+//! comes back meanwhile keeps its flows): a UDP client that keeps sending from one port moves
+//! to another backend at once instead of after a pause of the UDP timeout
+//! (`udp_flow_leaves_a_removed_backend`). Established TCP connections are left alone: the
+//! backend's death ends them.
 //!
 //! # Sync and async
 //!

@@ -562,6 +562,74 @@ fn udp_published_port() -> TestResult {
     lab.teardown(ing)
 }
 
+/// A UDP client that keeps sending from one socket follows its backend's removal from the
+/// port: the removed task still answers (as one draining would), so only the deletion of
+/// the flow's conntrack entry in the sandbox moves it; without it the flow stayed on the
+/// removed task for as long as the client kept sending (kube-proxy deletes such entries).
+fn udp_flow_leaves_a_removed_backend() -> TestResult {
+    let lab = Lab::new()?;
+    let mut ing = lab.setup()?;
+    ing.set_published(Proto::Udp, 30053, UDP_TARGET, &TASK_IPS)
+        .ctx("set_published")?;
+    let sock = lab
+        .client
+        .run(|| -> io::Result<UdpSocket> {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            s.connect((HOST_IP, 30053))?;
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            Ok(s)
+        })
+        .ctx("enter")?
+        .ctx("client socket")?;
+    // One datagram; the task that answered (or none).
+    let ask = |s: &UdpSocket| -> Option<String> {
+        s.send(b"hello").ok()?;
+        let mut buf = [0u8; 1500];
+        let n = s.recv(&mut buf).ok()?;
+        Some(split(&String::from_utf8_lossy(&buf[..n])).0)
+    };
+    let first = (0..10)
+        .find_map(|_| ask(&sock))
+        .ok_or("no answer to the flow")?;
+    for _ in 0..5 {
+        let again = ask(&sock).ok_or("the flow lost its answer")?;
+        ensure!(again == first, "one flow, two backends: {first}, {again}");
+    }
+    let i: usize = first.trim_start_matches('t').parse().ctx("task name")?;
+    let rest: Vec<Ipv4Addr> = TASK_IPS
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, ip)| *ip)
+        .collect();
+    ing.set_published(Proto::Udp, 30053, UDP_TARGET, &rest)
+        .ctx("remove the flow's backend")?;
+    let removed = Instant::now();
+    // The flow keeps sending every 100 ms (refreshing its entry) and must reach another
+    // task within 3 s (the entries go a second after the backend leaves).
+    let moved = loop {
+        match ask(&sock) {
+            Some(t) if t != first => break t,
+            _ => {}
+        }
+        ensure!(
+            removed.elapsed() < Duration::from_secs(3),
+            "the flow still reaches the removed {first} after 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "    a UDP flow on {first} moved to {moved} {} after its backend left",
+        ms(removed.elapsed())
+    );
+    for _ in 0..5 {
+        let t = ask(&sock).ok_or("the moved flow lost its answer")?;
+        ensure!(t == moved, "the moved flow went back to {t}");
+    }
+    drop(sock);
+    lab.teardown(ing)
+}
+
 /// Backends change every few milliseconds while two clients connect in loops: no
 /// connection fails; connections opened before the changes (to backends later removed)
 /// still work after them. Prints the time per change.
@@ -1101,6 +1169,10 @@ fn main() {
     let tests: &[(&str, TestFn)] = &[
         ("tcp_reaches_all_tasks", tcp_reaches_all_tasks),
         ("udp_published_port", udp_published_port),
+        (
+            "udp_flow_leaves_a_removed_backend",
+            udp_flow_leaves_a_removed_backend,
+        ),
         ("backend_changes_under_load", backend_changes_under_load),
         (
             "no_backends_and_removal_refuse",
