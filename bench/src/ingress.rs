@@ -88,7 +88,26 @@ struct Samples {
     conns: LoadRuns,
 }
 
-fn measure() -> Result<Vec<Samples>> {
+/// `mesh bench ingress` on the same cluster, from the same client: the operator's view
+/// (its table). Its server runs on whichever node the scheduler picks.
+const OPERATOR_ARGS: [&str; 6] = ["--duration", "2s", "--rounds", "3", "--port-base", "30900"];
+
+fn operator_view(c: &mesh_netns::Cluster) -> Result<String> {
+    let mesh = mesh_netns::binaries()?.mesh.to_string_lossy().to_string();
+    let host = format!("unix://{}", c.host(1).socket().display());
+    let mut argv = vec![mesh.as_str(), "-H", host.as_str(), "bench", "ingress"];
+    argv.extend_from_slice(&OPERATOR_ARGS);
+    let out = c.client_exec_timeout(&argv, std::time::Duration::from_secs(600))?;
+    if !out.status.success() {
+        bail!(
+            "mesh bench ingress: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn measure() -> Result<(Vec<Samples>, String)> {
     let c = cluster(3, "bench-ingress", &[])?;
     let h1 = c.host(1);
     let exe = self_exe()?;
@@ -147,7 +166,10 @@ fn measure() -> Result<Vec<Samples>> {
             );
         }
     }
-    Ok(out)
+    eprintln!("mesh bench ingress {}", OPERATOR_ARGS.join(" "));
+    let operator = operator_view(&c)?;
+    eprint!("{operator}");
+    Ok((out, operator))
 }
 
 /// Draws the bar chart with gnuplot into `path`: per route, its tic label, Gbit/s, conn/s.
@@ -209,7 +231,7 @@ pub fn run(args: &[String]) -> Result<()> {
         return Ok(());
     };
     let (write, load) = (start.write_docs, start.load);
-    let s = measure()?;
+    let (s, operator) = measure()?;
     let (direct, same, other) = (&s[0], &s[1], &s[2]);
     let g_other = ratios(&other.gbits, &direct.gbits);
     let g_same = ratios(&same.gbits, &direct.gbits);
@@ -267,6 +289,14 @@ also carry a smaller MSS (1398 instead of 1448: the ingress overlay's MTU is 145
         list(&g_same, 2),
         med(&r_same),
         list(&r_same, 2),
+    ));
+    t.push_str(&format!(
+        "\nThe operator's view of the same cluster from the same client, `mesh bench ingress {}` \
+(its own server, on the node the scheduler chose; direct = that node's host-mode port; \
+its own load generator: throughput on 1 and 4 streams, connections/s with 4 clients; \
+medians of the rounds; latency = connect to the server's first byte):\n\n```\n{}```\n",
+        OPERATOR_ARGS.join(" "),
+        operator
     ));
     let rows: Vec<(&str, f64, f64)> = ROUTES
         .iter()

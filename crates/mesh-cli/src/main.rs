@@ -3,6 +3,7 @@
 //! Errors are one line on stderr and a non-zero exit status.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod blob;
 mod client;
 mod discovery;
@@ -88,6 +89,9 @@ enum Cmd {
     /// The embedded DNS on this node.
     #[command(subcommand)]
     Dns(discovery::DnsCmd),
+    /// Benchmark the cluster from this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
     /// Run a command inside a task running on this node.
     Exec {
         /// Task ID, or name such as web.1.
@@ -363,6 +367,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logout { server } => login::logout(&c, server)?,
         Cmd::Vip(v) => discovery::vip(&c, v)?,
         Cmd::Dns(d) => discovery::dns(&c, d)?,
+        Cmd::Bench(b) => bench::run(&c, b)?,
         Cmd::Exec { task, command } => {
             let status = service::exec(&c, task, command)?;
             std::process::exit(status);

@@ -465,6 +465,19 @@ pub fn parse_cpus(s: &str) -> Result<u64> {
     Ok((n * 1e9) as u64)
 }
 
+/// The spec `mesh service create ARGS` sends (ARGS after `create`, with `--host-command`
+/// for a host process' `--`), for commands that deploy services of their own.
+pub fn spec_of(args: &[String]) -> Result<ServiceSpec> {
+    #[derive(clap::Parser)]
+    struct Create {
+        #[command(flatten)]
+        a: CreateArgs,
+    }
+    let argv = std::iter::once("create".to_string()).chain(args.iter().cloned());
+    let c = <Create as clap::Parser>::try_parse_from(argv).map_err(|e| Failure(e.to_string()))?;
+    create_spec(&c.a)
+}
+
 fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
     let mode = match a.mode.as_str() {
         "replicated" => ServiceMode::Replicated {
