@@ -21,6 +21,7 @@ mod gossip;
 mod images;
 mod ingress;
 mod lb;
+mod metrics;
 mod netload;
 mod overlay;
 mod raft;
@@ -97,6 +98,11 @@ const BENCHES: &[Bench] = &[
         about: scheduler::ABOUT,
         run: run_scheduler,
     },
+    Bench {
+        name: "metrics",
+        about: metrics::ABOUT,
+        run: run_metrics,
+    },
 ];
 
 /// The gossip simulation returns its report; print it and keep it in docs/benchmarks.md.
@@ -123,6 +129,23 @@ fn run_scheduler(args: &[String]) -> Result<()> {
     println!("{text}");
     if write && !args.iter().any(|a| a == "--help" || a == "-h") {
         report::write_section("scheduler", &text)?;
+    }
+    Ok(())
+}
+
+/// The metrics benchmark returns its report; print it and keep it in docs/benchmarks.md
+/// (unless `--no-write-docs`).
+fn run_metrics(args: &[String]) -> Result<()> {
+    let write = !args.iter().any(|a| a == "--no-write-docs");
+    let args: Vec<String> = args
+        .iter()
+        .filter(|a| *a != "--no-write-docs")
+        .cloned()
+        .collect();
+    let text = metrics::run(&args)?;
+    println!("{text}");
+    if write && !text.is_empty() {
+        report::write_section("metrics", &text)?;
     }
     Ok(())
 }

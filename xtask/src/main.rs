@@ -99,6 +99,10 @@ fn ensure_packages() -> anyhow::Result<()> {
     if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
         missing.push("libbpf-dev");
     }
+    // The metrics test parses scrapes with the system python's OpenMetrics parser.
+    if !Path::new("/usr/lib/python3/dist-packages/prometheus_client").exists() {
+        missing.push("python3-prometheus-client");
+    }
     if missing.is_empty() {
         return Ok(());
     }

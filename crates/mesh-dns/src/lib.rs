@@ -35,11 +35,13 @@
 //! ```
 //!
 //! Modules: [`records`] (the data), [`resolve`] (what a name means, TTLs), [`forward`]
-//! (upstreams), [`server`] (the engine and its sockets), [`netns`] (binding inside a
-//! namespace), [`resolv_conf`] (reading the host's resolvers).
+//! (upstreams), [`server`] (the engine and its sockets), [`metrics`] (its Prometheus
+//! metrics), [`netns`] (binding inside a namespace), [`resolv_conf`] (reading the host's
+//! resolvers).
 
 pub mod error;
 pub mod forward;
+pub mod metrics;
 pub mod netns;
 pub mod records;
 pub mod resolv_conf;

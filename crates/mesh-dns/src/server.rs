@@ -29,7 +29,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_proto::op::{
     Edns, Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
@@ -201,6 +201,7 @@ struct Inner {
     max_tcp_connections: usize,
     max_inflight_forwards: usize,
     counters: Counters,
+    metrics: crate::metrics::Metrics,
     regs: Mutex<HashMap<String, RegEntry>>,
     next_generation: AtomicU64,
 }
@@ -319,6 +320,7 @@ impl Dns {
                 max_tcp_connections: max_tcp_connections.max(1),
                 max_inflight_forwards: max_inflight_forwards.max(1),
                 counters: Counters::default(),
+                metrics: crate::metrics::Metrics::default(),
                 regs: Mutex::new(HashMap::new()),
                 next_generation: AtomicU64::new(1),
             }),
@@ -509,6 +511,24 @@ impl Dns {
             records,
             forwarded,
         })
+    }
+
+    /// Registers the engine's metrics (see [`crate::metrics`]; names relative to the
+    /// registry's `mesh` prefix).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let m = &self.inner.metrics;
+        registry.register(
+            "dns_queries",
+            "Queries from tasks answered, by question type and answer code",
+            m.queries.clone(),
+        );
+        registry.register_with_unit(
+            "dns_query_duration",
+            "Time from receiving a task's query to its answer being ready (forwarding included)",
+            prometheus_client::registry::Unit::Seconds,
+            m.duration.clone(),
+        );
+        registry.register_collector(Box::new(crate::metrics::StatsCollector(self.clone())));
     }
 
     /// Counters since start.
@@ -904,12 +924,14 @@ async fn serve_udp(inner: Arc<Inner>, ctx: Arc<TaskCtx>, sock: Arc<UdpSocket>) {
                 continue;
             }
         };
+        let started = Instant::now();
         while forwards.try_join_next().is_some() {}
         bump(&inner.counters.udp_queries);
         let pkt = buf.get(..n).unwrap_or_default();
         match inner.process(pkt, Transport::Udp, &ctx.networks()) {
             Action::Drop => {}
             Action::Reply(reply) => {
+                inner.metrics.observe(pkt, &reply, started);
                 if let Err(e) = sock.send_to(&reply, src).await {
                     tracing::debug!(task = %ctx.task_id, error = %e, "DNS UDP send error");
                 }
@@ -921,7 +943,9 @@ async fn serve_udp(inner: Arc<Inner>, ctx: Arc<TaskCtx>, sock: Arc<UdpSocket>) {
                 };
                 let (inner, sock) = (inner.clone(), sock.clone());
                 forwards.spawn(async move {
+                    let qtype = crate::metrics::qtype_label(&job.raw);
                     let reply = inner.forward(job).await;
+                    inner.metrics.observe_forwarded(qtype, &reply, started);
                     drop(permit);
                     let _ = sock.send_to(&reply, src).await;
                 });
@@ -969,6 +993,7 @@ async fn serve_tcp_connection(inner: &Inner, ctx: &TaskCtx, mut stream: TcpStrea
             Ok(Ok(_)) => {}
             _ => return,
         }
+        let started = Instant::now();
         bump(&inner.counters.tcp_queries);
         let reply = match inner.process(&msg, Transport::Tcp, &ctx.networks()) {
             Action::Reply(reply) => reply,
@@ -981,6 +1006,7 @@ async fn serve_tcp_connection(inner: &Inner, ctx: &TaskCtx, mut stream: TcpStrea
                 inner.forward(job).await
             }
         };
+        inner.metrics.observe(&msg, &reply, started);
         let Ok(rlen) = u16::try_from(reply.len()) else {
             return;
         };

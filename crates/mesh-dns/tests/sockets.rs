@@ -488,3 +488,46 @@ fn register_outside_a_runtime_is_an_error() {
         Err(mesh_dns::DnsError::NoRuntime)
     ));
 }
+
+#[tokio::test]
+async fn queries_are_counted_by_type_and_rcode() {
+    // No upstream: a name that is not ours is SERVFAIL.
+    let dns = engine(vec![]);
+    let reg = serve(&dns, "t1", "127.0.0.71");
+    let srv = reg.udp_addr();
+    for (name, rtype, rcode) in [
+        ("web", RecordType::A, ResponseCode::NoError),
+        ("web", RecordType::AAAA, ResponseCode::NoError),
+        ("tasks.web", RecordType::A, ResponseCode::NoError),
+        ("outside.example", RecordType::A, ResponseCode::ServFail),
+    ] {
+        let m = udp_ask(srv, &query(name, rtype, false)).await;
+        assert_eq!(m.metadata.response_code, rcode, "{name} {rtype}");
+    }
+    let m = tcp_ask(reg.tcp_addr(), &query("web", RecordType::A, false)).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    // The API's queries (`mesh dns query`) are not the tasks': not counted.
+    dns.query(&nets(&[("n-front", "front")]), "web", "A")
+        .await
+        .unwrap();
+
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mesh");
+    dns.register_metrics(&mut registry);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+    for line in [
+        "# TYPE mesh_dns_queries counter",
+        "mesh_dns_queries_total{type=\"A\",rcode=\"NOERROR\"} 3",
+        "mesh_dns_queries_total{type=\"AAAA\",rcode=\"NOERROR\"} 1",
+        "mesh_dns_queries_total{type=\"A\",rcode=\"SERVFAIL\"} 1",
+        "# TYPE mesh_dns_query_duration_seconds histogram",
+        "# UNIT mesh_dns_query_duration_seconds seconds",
+        "mesh_dns_query_duration_seconds_count 5",
+        "mesh_dns_forwarded_total 0",
+        "mesh_dns_forward_failures_total 1",
+        "mesh_dns_tasks 1",
+    ] {
+        assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+    }
+    drop(reg);
+}

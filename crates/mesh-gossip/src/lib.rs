@@ -38,7 +38,8 @@
 //!
 //! Modules: [`table`] has the merge rules, [`core`] the protocol (one state machine, no
 //! I/O), [`wire`] the packet format, [`seal`] the sealed envelope, [`sim`] the in-process
-//! simulator; [`Gossip`] runs a node on tokio.
+//! simulator, [`metrics`] the Prometheus encoding of [`Stats`]; [`Gossip`] runs a node on
+//! tokio.
 
 #![forbid(unsafe_code)]
 
@@ -48,6 +49,7 @@ pub mod error;
 pub mod event;
 pub mod id;
 pub mod membership;
+pub mod metrics;
 mod runtime;
 pub mod seal;
 pub mod sim;

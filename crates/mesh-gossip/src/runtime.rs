@@ -828,6 +828,10 @@ impl Actor {
                     });
                 }
                 Output::Event(e) => {
+                    if matches!(e, Event::NodeUp { .. } | Event::NodeDown { .. }) {
+                        let alive = self.core.alive_count() as u64;
+                        self.counters.alive_peers.store(alive, Ordering::Relaxed);
+                    }
                     let _ = self.events.send(e);
                 }
             }

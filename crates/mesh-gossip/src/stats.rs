@@ -37,6 +37,9 @@ pub struct Stats {
     pub unsealed: u64,
     /// Packets or push-pulls not sent because keys are required and none was given yet.
     pub no_key: u64,
+    /// Other nodes alive (or suspect) in this node's view, as of the last membership
+    /// change (kept by the runtime; the simulator leaves it 0).
+    pub alive_peers: u64,
 }
 
 /// The live counters, shared between the core and the I/O tasks.
@@ -57,6 +60,7 @@ pub struct Counters {
     pub unknown_key: AtomicU64,
     pub unsealed: AtomicU64,
     pub no_key: AtomicU64,
+    pub alive_peers: AtomicU64,
 }
 
 /// Adds `n` to a counter.
@@ -84,6 +88,7 @@ impl Counters {
             unknown_key: g(&self.unknown_key),
             unsealed: g(&self.unsealed),
             no_key: g(&self.no_key),
+            alive_peers: g(&self.alive_peers),
         }
     }
 }

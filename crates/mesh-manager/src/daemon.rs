@@ -51,6 +51,7 @@ pub struct Daemon {
     /// Serializes init, join, unlock and leave.
     lifecycle: Mutex<()>,
     events: mpsc::UnboundedSender<MemberEvent>,
+    metrics: crate::metrics::Metrics,
 }
 
 fn already_in_swarm() -> ApiError {
@@ -73,6 +74,7 @@ impl Daemon {
             locked: RwLock::new(None),
             lifecycle: Mutex::new(()),
             events: tx,
+            metrics: crate::metrics::Metrics::default(),
         });
         if let Some(local) = LocalState::load(&daemon.cfg.data_dir).map_err(ApiError::internal)? {
             if local.role == NodeRole::Manager && DataKey::is_locked(&daemon.cfg.data_dir) {
@@ -140,7 +142,10 @@ impl Daemon {
             local,
             listener,
             init,
-            self.events.clone(),
+            crate::member::Hooks {
+                events: self.events.clone(),
+                metrics: self.metrics.clone(),
+            },
             self.new_agent(),
             keys,
         )
@@ -266,6 +271,31 @@ impl Daemon {
         if let Some(m) = self.member.write().await.take() {
             m.stop().await;
         }
+    }
+
+    /// The control plane's live instruments, to register once (`mesh_raft_propose_seconds`,
+    /// `mesh_raft_leader_changes_total`).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The control plane's figures now, for a scrape: the Raft figures on a manager, the
+    /// cluster's figures from the store on the leader (counted under the store's read lock,
+    /// without copying it).
+    pub async fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let mut snap = crate::metrics::Snapshot::default();
+        let Some(member) = self.member().await else {
+            return snap;
+        };
+        let Some(node) = member.raft().await else {
+            return snap;
+        };
+        let raft = crate::metrics::RaftFigures::of(&node.raft.metrics().borrow());
+        if raft.is_leader {
+            snap.cluster = Some(node.sm.with_state(crate::metrics::ClusterSummary::of).await);
+        }
+        snap.raft = Some(raft);
+        snap
     }
 
     async fn member(&self) -> Option<Arc<Member>> {

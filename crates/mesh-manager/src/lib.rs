@@ -8,6 +8,7 @@
 //! - [`dispatcher`]: heartbeat bookkeeping that decides Ready/Down;
 //! - [`gossipkeys`]: the gossip keys: made, rotated and handed to nodes by the leader;
 //! - [`daemon`]: init/join/leave and the local API;
+//! - [`metrics`]: the control plane's Prometheus metrics (Raft, and the leader's store);
 //! - [`local`]: what a node persists about itself.
 //!
 //! **Architecture Invariant**: nothing here touches the kernel's network configuration
@@ -24,6 +25,7 @@ pub mod health;
 pub mod ipam;
 pub mod local;
 pub mod member;
+pub mod metrics;
 pub mod network;
 pub mod networks;
 pub mod orchestrator;

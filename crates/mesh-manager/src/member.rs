@@ -80,6 +80,14 @@ pub(crate) enum MemberEvent {
     Removed,
 }
 
+/// What a member reports to the daemon that runs it.
+#[derive(Clone)]
+pub(crate) struct Hooks {
+    pub events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
+    /// The daemon's control-plane instruments (they outlive members).
+    pub metrics: crate::metrics::Metrics,
+}
+
 /// Where the leader is, from this manager's view.
 enum Leader {
     Me(RaftNode),
@@ -96,6 +104,7 @@ pub(crate) struct Member {
     clients: StdMutex<HashMap<String, mesh_rpc::Client>>,
     next_client: std::sync::atomic::AtomicUsize,
     events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
+    metrics: crate::metrics::Metrics,
     tasks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
     pub agent: Arc<Agent>,
     orchestrator: tokio::sync::Mutex<Orchestrator>,
@@ -140,7 +149,7 @@ impl Member {
         local: LocalState,
         listener: tokio::net::TcpListener,
         init: bool,
-        events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
+        hooks: Hooks,
         agent: Arc<Agent>,
         keys: Option<Keys>,
     ) -> Result<Arc<Member>, ApiError> {
@@ -165,7 +174,8 @@ impl Member {
             shutdown,
             clients: StdMutex::new(HashMap::new()),
             next_client: std::sync::atomic::AtomicUsize::new(0),
-            events,
+            events: hooks.events,
+            metrics: hooks.metrics,
             tasks: StdMutex::new(Vec::new()),
             agent: agent.clone(),
             orchestrator: tokio::sync::Mutex::new(Orchestrator::default()),
@@ -333,6 +343,11 @@ impl Member {
             sm,
             raft_id: local.raft_id,
         };
+        // Ends when this instance stops (its metrics channel closes).
+        tokio::spawn(crate::metrics::watch_leader_changes(
+            node.raft.metrics(),
+            self.metrics.leader_changes.clone(),
+        ));
         *slot = Some(node.clone());
         info!(raft_id = local.raft_id, init, "raft started");
         Ok(node)
@@ -848,16 +863,23 @@ impl Member {
 
     /// Proposes a command and waits for it to be applied.
     async fn write(&self, node: &RaftNode, cmd: Command) -> Result<(), ApiError> {
+        let proposed = Instant::now();
         match tokio::time::timeout(COMMIT_TIMEOUT, node.raft.client_write(cmd)).await {
             Err(_) => Err(ApiError::no_leader()),
             Ok(Err(e)) => {
                 debug!("raft write: {e}");
                 Err(ApiError::no_leader())
             }
-            Ok(Ok(resp)) => match resp.data {
-                CommandResult::Ok => Ok(()),
-                CommandResult::Err(m) => Err(ApiError::invalid(m)),
-            },
+            Ok(Ok(resp)) => {
+                // Applied (a command the state refuses is applied too, changing nothing).
+                self.metrics
+                    .propose
+                    .observe(proposed.elapsed().as_secs_f64());
+                match resp.data {
+                    CommandResult::Ok => Ok(()),
+                    CommandResult::Err(m) => Err(ApiError::invalid(m)),
+                }
+            }
         }
     }
 

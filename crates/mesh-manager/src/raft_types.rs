@@ -26,3 +26,4 @@ pub type SnapshotMeta = openraft::SnapshotMeta<RaftId, openraft::BasicNode>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type Vote = openraft::Vote<RaftId>;
+pub type RaftMetrics = openraft::RaftMetrics<RaftId, openraft::BasicNode>;

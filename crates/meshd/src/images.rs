@@ -16,11 +16,22 @@ pub struct StoreImages {
     store: Store,
     logins: Logins,
     rt: Handle,
+    metrics: crate::metrics::PullMetrics,
 }
 
 impl StoreImages {
-    pub fn new(store: Store, logins: Logins, rt: Handle) -> StoreImages {
-        StoreImages { store, logins, rt }
+    pub fn new(
+        store: Store,
+        logins: Logins,
+        rt: Handle,
+        metrics: crate::metrics::PullMetrics,
+    ) -> StoreImages {
+        StoreImages {
+            store,
+            logins,
+            rt,
+            metrics,
+        }
     }
 
     /// The given credentials, else this node's login for the reference's registry.
@@ -87,14 +98,24 @@ impl Images for StoreImages {
     ) -> Result<ImageRun, String> {
         let r = parse(reference)?;
         let creds = self.credentials(&r, auth);
-        match self.rt.block_on(self.store.pull(&r, creds.as_ref())) {
-            Ok(image) => Ok(run_of(image)),
+        let started = std::time::Instant::now();
+        let pulled = self.rt.block_on(self.store.pull(&r, creds.as_ref()));
+        let secs = started.elapsed().as_secs_f64();
+        match pulled {
+            Ok(image) => {
+                self.metrics.count("success", secs);
+                Ok(run_of(image))
+            }
             Err(e) => match self.store.get(&r) {
                 Some(image) => {
+                    self.metrics.count("local", secs);
                     tracing::warn!(image = %r, "pulling image failed, using the local image: {e}");
                     Ok(run_of(image))
                 }
-                None => Err(e.to_string()),
+                None => {
+                    self.metrics.count("failure", secs);
+                    Err(e.to_string())
+                }
             },
         }
     }

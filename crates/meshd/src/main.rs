@@ -5,6 +5,7 @@
 
 mod api;
 mod images;
+mod metrics;
 mod plane;
 mod runtime;
 
@@ -60,6 +61,9 @@ struct Args {
     /// /var/run/docker.sock on a host without Docker to drive mesh with `docker` unchanged.
     #[arg(long, value_name = "PATH")]
     docker_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://IP:PORT/metrics (off by default).
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// error, warn, info, debug or trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -163,6 +167,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             executor.clone(),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut registry = prometheus_client::registry::Registry::with_prefix("mesh");
+        plane.register_metrics(&mut registry);
+        let pulls = metrics::PullMetrics::default();
+        pulls.register(&mut registry);
         let store = mesh_image::Store::open(mesh_image::StoreConfig {
             root: args.data_dir.join("images"),
             insecure_registries: args.insecure_registries.clone(),
@@ -184,6 +192,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 store,
                 logins,
                 tokio::runtime::Handle::current(),
+                pulls,
             ))),
         };
         let daemon = Daemon::start(cfg)
@@ -197,10 +206,22 @@ fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| args.exec_root.join("docker.sock"));
         let engine = mesh_engine::serve(&docker_sock, std::sync::Arc::new(api::Engine(daemon.clone())))
             .map_err(|e| anyhow::anyhow!("docker API socket {}: {e}", docker_sock.display()))?;
+        let metrics_server = match args.metrics_addr {
+            Some(addr) => {
+                let scraper = metrics::Scraper::new(registry, daemon.clone());
+                let task = metrics::serve(addr, std::sync::Arc::new(scraper))?;
+                info!(%addr, "metrics served on /metrics");
+                Some(task)
+            }
+            None => None,
+        };
         info!(node_name, socket = %sock.display(), docker_socket = %docker_sock.display(), "meshd ready");
         wait_for_signal().await?;
         info!("shutting down");
         server.abort();
+        if let Some(task) = metrics_server {
+            task.abort();
+        }
         engine.shutdown();
         daemon.shutdown().await;
         let _ = std::fs::remove_file(&sock);

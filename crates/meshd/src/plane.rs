@@ -197,6 +197,8 @@ struct TaskNs {
     _dns: Option<mesh_dns::Registration>,
     /// With the nftables backend.
     nft: Option<mesh_lb::NftLb>,
+    /// What `nft` was last synced to (for the metrics: a pass syncs every table).
+    nft_synced: Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>,
     /// VIPs put on the task's `lo`.
     lo_vips: BTreeSet<Ipv4Addr>,
     /// The routing mesh's way back, for a task that publishes ports in ingress mode
@@ -278,6 +280,7 @@ struct Inner {
     /// not to be set: the plane is stopped).
     filter: mesh_overlay::filter::MemberFilter,
     filter_state: Mutex<FilterState>,
+    metrics: crate::metrics::PlaneMetrics,
 }
 
 /// The underlay filter's state.
@@ -404,7 +407,62 @@ impl Plane {
             running: tokio::sync::Mutex::new(None),
             ready,
             local_seq: tokio::sync::Mutex::new(()),
+            metrics: crate::metrics::PlaneMetrics::default(),
         })))
+    }
+
+    /// Registers the data plane's metrics: the embedded DNS's, the plane's own, and a
+    /// collector reading the balancer's VIPs and the gossip node's counters at scrape time.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.0.dns.register_metrics(registry);
+        self.0.metrics.register(registry);
+        registry.register_collector(Box::new(PlaneCollector(self.0.clone())));
+    }
+}
+
+/// What a scrape reads from the plane's state.
+struct PlaneCollector(Arc<Inner>);
+
+impl std::fmt::Debug for PlaneCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PlaneCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for PlaneCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        let (vips, backends) = {
+            let v = lock(&self.0.lb_vips);
+            (v.len(), v.values().map(|i| i.backends.len()).sum::<usize>())
+        };
+        let tasks = lock(&self.0.tasks).len();
+        for (name, help, n) in [
+            ("vips", "Service VIPs the balancer holds on this node", vips),
+            (
+                "vip_backends",
+                "Backends of the service VIPs the balancer holds on this node",
+                backends,
+            ),
+            (
+                "plane_tasks",
+                "Local tasks whose network namespace the data plane serves",
+                tasks,
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(n as i64).encode(m)?;
+        }
+        let gossip = lock(&self.0.gossip).clone();
+        if let Some(g) = gossip {
+            mesh_gossip::metrics::encode(&g.stats(), &mut encoder)?;
+        }
+        Ok(())
     }
 }
 
@@ -648,11 +706,26 @@ impl Inner {
             .map(|a| a.network_id.clone())
     }
 
+    /// One reconcile pass (if the plane runs), counted and timed in the metrics.
     async fn sync_remotes(&self) -> Result<(), String> {
         let mut guard = self.running.lock().await;
         let Some(r) = guard.as_mut() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
+        let res = self.reconcile(r).await;
+        let m = &self.metrics;
+        m.reconcile.inc();
+        m.reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        if res.is_err() {
+            m.reconcile_errors.inc();
+        }
+        res
+    }
+
+    /// Makes the overlay, DNS, balancer and routing mesh match the gossip tables.
+    async fn reconcile(&self, r: &mut Running) -> Result<(), String> {
         let ingress_id = self.ingress_net_id();
         // Read before the tables: what is read after includes the whole of a network synced
         // by now. The others may hold only this node's own records (a restarted daemon, a
@@ -840,6 +913,10 @@ impl Inner {
             if let Err(e) = res {
                 warn!("routing mesh: {e}");
             }
+            let ports = entries.len() + host_ports.len();
+            let backends: usize = entries.iter().map(|e| e.backends.len()).sum();
+            self.metrics.ingress_ports.set(ports as i64);
+            self.metrics.ingress_backends.set(backends as i64);
         }
         let remotes = linger(r, remotes);
         self.lingering.store(
@@ -906,6 +983,15 @@ impl Inner {
     /// the per-namespace plumbing.
     fn program_lb(&self, want: &BTreeMap<Ipv4Addr, VipInfo>) {
         let mut have = lock(&self.lb_vips);
+        let changed = want
+            .iter()
+            .filter(|(vip, info)| {
+                have.get(vip)
+                    .is_none_or(|old| old.backends != info.backends)
+            })
+            .count()
+            + have.keys().filter(|v| !want.contains_key(v)).count();
+        self.metrics.lb_updates.inc_by(changed as u64);
         if let Balancer::Ebpf(lb) = &self.lb {
             let mut lb = lock(lb);
             for (vip, info) in want {
@@ -918,11 +1004,16 @@ impl Inner {
                 info!(%vip, service = info.service, backends = info.backends.len(), "VIP backends changed");
                 let backends: Vec<(Ipv4Addr, u16)> =
                     info.backends.iter().map(|ip| (*ip, 0)).collect();
+                let started = std::time::Instant::now();
                 for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
                     if let Err(e) = lb.set_service(*vip, 0, proto, &backends) {
+                        self.metrics.lb_update_errors.inc();
                         warn!(%vip, "programming the balancer: {e}");
                     }
                 }
+                self.metrics
+                    .lb_update_duration
+                    .observe(started.elapsed().as_secs_f64());
             }
             for vip in have.keys().filter(|v| !want.contains_key(v)) {
                 for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
@@ -965,8 +1056,21 @@ impl Inner {
                     .map(|(v, i)| (*v, i.backends.clone()))
                     .collect();
                 if let Some(nft) = ns.nft.as_mut() {
-                    if let Err(e) = tokio::task::block_in_place(|| nft.sync(&want)) {
-                        warn!(task = id, "nftables balancer: {e}");
+                    let started = std::time::Instant::now();
+                    let res = tokio::task::block_in_place(|| nft.sync(&want));
+                    // Timed when it had something to write (the pass syncs every table).
+                    if ns.nft_synced.as_ref() != Some(&want) {
+                        self.metrics
+                            .lb_update_duration
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    match res {
+                        Ok(()) => ns.nft_synced = Some(want.clone()),
+                        Err(e) => {
+                            self.metrics.lb_update_errors.inc();
+                            ns.nft_synced = None;
+                            warn!(task = id, "nftables balancer: {e}");
+                        }
                     }
                 }
                 let keys: BTreeSet<Ipv4Addr> = want.keys().copied().collect();
@@ -1068,6 +1172,7 @@ impl Inner {
                 vnis: task.networks.iter().map(|a| a.vni).collect(),
                 _dns: reg,
                 nft,
+                nft_synced: None,
                 lo_vips: BTreeSet::new(),
                 ingress_return,
             },
