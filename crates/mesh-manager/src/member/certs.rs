@@ -12,8 +12,8 @@
 //! restart; its pooled connections are dropped so that they reconnect with it. A node whose
 //! certificate names another role than the store (promote, demote: the heartbeat answer
 //! carries the role) renews at once, as does one whose certificate outlives the cluster's
-//! `--cert-expiry` (also in the heartbeat answer), so that a shortened setting reaches the
-//! certificates already issued.
+//! `--cert-expiry` (also in the heartbeat answer) by more than half of it, so that a shortened
+//! setting reaches the certificates already issued.
 //!
 //! A manager refuses the control-port requests of a node its store has as Left, or, while it
 //! leads, does not have at all (removed); a follower passes the requests that the leader
@@ -43,6 +43,9 @@ static MIN_EXPIRY_SECS: AtomicU64 = AtomicU64::new(0);
 const CHECK: Duration = Duration::from_secs(1);
 /// The longest wait between two attempts after failed renewals.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The clock difference between a node and the leader that [`outlives_expiry`] tolerates
+/// (node certificates are backdated by as much).
+const SKEW: Duration = Duration::from_secs(3600);
 /// Where in a certificate's validity it is renewed: a random point in this window.
 const RENEW_WINDOW: (f64, f64) = (0.5, 0.8);
 
@@ -89,10 +92,12 @@ fn renewal_time(v: &mesh_ca::CertValidity, at: f64) -> SystemTime {
 }
 
 /// Whether a certificate valid until `expires_at` outlives the cluster's `--cert-expiry`
-/// (`expiry_secs`, 0: not known) counted from `now`: the setting was shortened since it was
-/// issued, and it is renewed at once.
+/// (`expiry_secs`, 0: not known) counted from `now`, by more than half of it and at least
+/// [`SKEW`]: the setting was shortened since it was issued, and it is renewed at once. The
+/// margin keeps a node whose clock is behind the leader's from renewing again and again.
 fn outlives_expiry(expires_at: SystemTime, expiry_secs: u64, now: SystemTime) -> bool {
-    expiry_secs > 0 && expires_at > now + Duration::from_secs(expiry_secs)
+    let expiry = Duration::from_secs(expiry_secs);
+    expiry_secs > 0 && expires_at > now + expiry + (expiry / 2).max(SKEW)
 }
 
 /// Whether `cert_pem` names another role than `role` (or cannot be read).
@@ -348,6 +353,12 @@ mod tests {
         assert!(!outlives_expiry(in_90_days, 0, now));
         assert!(!outlives_expiry(now + Duration::from_secs(39), 40, now));
         assert!(!outlives_expiry(in_90_days, 90 * 86400, now));
+        // Issued by a leader whose clock is ahead: not renewed again.
+        let ahead = now + Duration::from_secs(600);
+        assert!(!outlives_expiry(ahead + Duration::from_secs(40), 40, now));
+        // 90 days shortened to 30: the 90-day certificates go at once, not to 80.
+        assert!(outlives_expiry(in_90_days, 30 * 86400, now));
+        assert!(!outlives_expiry(in_90_days, 80 * 86400, now));
     }
 
     #[test]
