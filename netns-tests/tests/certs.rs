@@ -302,7 +302,7 @@ fn certificates_renew_and_follow_roles_without_restarts() -> Result<()> {
     )?;
     let id3 = save_identity(h3, &tmp.0)?;
     let heartbeat = serde_json::json!({ "Heartbeat": { "node_id": id3 } });
-    let api = serde_json::json!({ "Api": { "method": "node_ls" } });
+    let api = serde_json::json!({ "Api": { "method": "node_ls", "params": {} } });
     // Its certificate works for itself, but a worker's makes no management call.
     let out = control_call(h3, h1, &tmp.0, &heartbeat)?;
     ensure!(out.contains("\"Heartbeat\""), "h3's heartbeat: {out:?}");
