@@ -330,6 +330,37 @@ fn first_attr<'a, 'b: 'a>(
         .ok_or(CaError::MissingField(what))
 }
 
+/// When a node certificate was issued and when it expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CertValidity {
+    /// The signing time: the certificate's notBefore plus the one hour it is backdated by.
+    pub issued_at: SystemTime,
+    /// notAfter.
+    pub expires_at: SystemTime,
+}
+
+impl CertValidity {
+    /// The validity the CA was asked for (`--cert-expiry`): from issuance to expiry.
+    pub fn lifetime(&self) -> Duration {
+        self.expires_at
+            .duration_since(self.issued_at)
+            .unwrap_or_default()
+    }
+}
+
+/// Reads a node certificate's (PEM) issuance and expiry times. Does not verify it.
+pub fn cert_validity(cert_pem: &str) -> Result<CertValidity, CaError> {
+    let der = cert_der_from_pem(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| CaError::InvalidCert(e.to_string()))?;
+    let at = |t: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+    let v = cert.validity();
+    Ok(CertValidity {
+        issued_at: at(v.not_before.timestamp()) + BACKDATE,
+        expires_at: at(v.not_after.timestamp()),
+    })
+}
+
 /// DER of the first certificate in a PEM string.
 pub fn cert_der_from_pem(cert_pem: &str) -> Result<Vec<u8>, CaError> {
     CertificateDer::from_pem_slice(cert_pem.as_bytes())
@@ -374,6 +405,26 @@ mod tests {
         check::<NodeKey>();
         check::<crate::NodeTls>();
         check::<CaError>();
+    }
+
+    #[test]
+    fn validity_of_a_node_cert() {
+        let ca = RootCa::generate().unwrap();
+        let key = NodeKey::generate().unwrap();
+        let before = SystemTime::now() - Duration::from_secs(1);
+        let pem = ca
+            .sign_node_csr_valid_for(
+                &key.csr_pem().unwrap(),
+                "n1",
+                Role::Worker,
+                "c",
+                Duration::from_secs(40),
+            )
+            .unwrap();
+        let v = cert_validity(&pem).unwrap();
+        assert_eq!(v.lifetime(), Duration::from_secs(40));
+        assert!(v.issued_at >= before && v.issued_at <= SystemTime::now());
+        assert!(cert_validity("nope").is_err());
     }
 
     #[test]

@@ -3,13 +3,17 @@
 //! Mirrors Docker Swarm: `swarm init` creates a root CA ([`RootCa`]); join
 //! tokens ([`JoinToken`]) carry the digest of that CA so a joining node can pin
 //! it ([`bootstrap_client_config`]); nodes then talk mutual TLS ([`NodeTls`])
-//! with certificates signed by the CA ([`RootCa::sign_node_csr`]).
+//! with certificates signed by the CA ([`RootCa::sign_node_csr`]), which a node
+//! replaces while it runs ([`LiveTls`]) when it renews them.
 #![forbid(unsafe_code)]
 
 mod ca;
 mod tls;
 mod token;
 
-pub use ca::{cert_der_from_pem, peer_identity, CaError, NodeKey, PeerIdentity, Role, RootCa};
-pub use tls::{bootstrap_client_config, find_pinned_ca, NodeTls, SERVER_NAME};
+pub use ca::{
+    cert_der_from_pem, cert_validity, peer_identity, CaError, CertValidity, NodeKey, PeerIdentity,
+    Role, RootCa,
+};
+pub use tls::{bootstrap_client_config, find_pinned_ca, LiveTls, NodeTls, SERVER_NAME};
 pub use token::{ca_digest, new_secret, secrets_match, JoinToken, TokenError, TOKEN_PREFIX};

@@ -5,14 +5,17 @@
 //! node can pin the CA by the digest in its join token.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{ResolvesClientCert, Resumption, WebPkiServerVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
+};
+use rustls::sign::CertifiedKey;
 use rustls::{
     ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig, SignatureScheme,
 };
@@ -38,29 +41,15 @@ impl NodeTls {
     /// Server side: presents `[node cert, CA cert]`; client certificates are
     /// verified against the CA when presented but optional (a joining node has
     /// none yet, the RPC layer restricts what unauthenticated peers may do).
+    /// The certificate is fixed; see [`LiveTls`] for one that can be replaced.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, CaError> {
-        let provider = provider();
-        let (roots, ca) = self.roots()?;
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .allow_unauthenticated()
-                .build()?;
-        let config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(vec![self.leaf()?, ca], self.key()?)?;
-        Ok(Arc::new(config))
+        Ok(LiveTls::new(self)?.server_config())
     }
 
     /// Client side: presents the node cert and trusts only the cluster CA.
     /// Connect with server name [`SERVER_NAME`].
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, CaError> {
-        let (roots, _) = self.roots()?;
-        let config = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(vec![self.leaf()?], self.key()?)?;
-        Ok(Arc::new(config))
+        Ok(LiveTls::new(self)?.client_config())
     }
 
     fn roots(&self) -> Result<(RootCertStore, CertificateDer<'static>), CaError> {
@@ -77,6 +66,126 @@ impl NodeTls {
     fn key(&self) -> Result<PrivateKeyDer<'static>, CaError> {
         PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
             .map_err(|e| CaError::InvalidKey(e.to_string()))
+    }
+
+    /// What the server presents (`[leaf, CA]`) and what the client presents (`[leaf]`).
+    fn certified(&self, provider: &CryptoProvider) -> Result<Certified, CaError> {
+        let (_, ca) = self.roots()?;
+        let leaf = self.leaf()?;
+        let server = CertifiedKey::from_der(vec![leaf.clone(), ca], self.key()?, provider)?;
+        let client = CertifiedKey::from_der(vec![leaf], self.key()?, provider)?;
+        Ok(Certified {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+}
+
+/// The node certificate as both sides present it.
+#[derive(Clone, Debug)]
+struct Certified {
+    server: Arc<CertifiedKey>,
+    client: Arc<CertifiedKey>,
+}
+
+/// Mutual TLS configurations whose node certificate and key can be replaced while they are
+/// in use (renewal, a new role): every handshake from then on, as server and as client,
+/// presents the new certificate; connections already open keep theirs. The trusted CA is
+/// fixed.
+///
+/// Session resumption is off on both sides: a resumed session would carry the identity of
+/// the certificate it was first made with, so a node's old certificate (or old role) would
+/// outlive its replacement.
+pub struct LiveTls {
+    current: Arc<CurrentCert>,
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+/// The certificate resolvers of a [`LiveTls`]: both read the same slot.
+#[derive(Debug)]
+struct CurrentCert {
+    slot: RwLock<Certified>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl CurrentCert {
+    fn get(&self) -> Certified {
+        self.slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get().server)
+    }
+}
+
+impl ResolvesClientCert for CurrentCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.get().client)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl LiveTls {
+    /// Configurations presenting `tls`'s certificate, trusting `tls`'s CA.
+    pub fn new(tls: &NodeTls) -> Result<LiveTls, CaError> {
+        let provider = provider();
+        let current = Arc::new(CurrentCert {
+            slot: RwLock::new(tls.certified(&provider)?),
+            provider: provider.clone(),
+        });
+        let (roots, _) = tls.roots()?;
+        let roots = Arc::new(roots);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .allow_unauthenticated()
+            .build()?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(current.clone());
+        server.session_storage = Arc::new(NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(current.clone());
+        client.resumption = Resumption::disabled();
+        Ok(LiveTls {
+            current,
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+
+    /// The server side (see [`NodeTls::server_config`]), following replacements.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+
+    /// The client side (see [`NodeTls::client_config`]), following replacements.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.client.clone()
+    }
+
+    /// Presents `tls`'s certificate and key from the next handshake on. Its CA must be the
+    /// one these configurations trust (it is not read). Fails, changing nothing, when the key
+    /// does not match the certificate.
+    pub fn replace(&self, tls: &NodeTls) -> Result<(), CaError> {
+        let certified = tls.certified(&self.current.provider)?;
+        certified.client.keys_match()?;
+        *self.current.slot.write().unwrap_or_else(|p| p.into_inner()) = certified;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for LiveTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveTls").finish_non_exhaustive()
     }
 }
 
@@ -275,6 +384,35 @@ mod tests {
         assert_eq!(chain.len(), 2);
         assert_eq!(peer_identity(&chain[0]).unwrap().role, Role::Manager);
         assert_eq!(chain[1].as_ref(), ca.cert_der());
+    }
+
+    #[test]
+    fn live_tls_presents_the_replaced_certificate() {
+        let ca = RootCa::generate().unwrap();
+        let server = LiveTls::new(&node_tls(&ca, "node-a", Role::Manager)).unwrap();
+        let client = LiveTls::new(&node_tls(&ca, "node-b", Role::Worker)).unwrap();
+        let (seen, chain) = exchange(server.server_config(), client.client_config());
+        assert_eq!(seen.unwrap().unwrap().role, Role::Worker);
+        let first_leaf = chain.unwrap()[0].clone();
+
+        // Same configurations, new certificates on both sides.
+        client
+            .replace(&node_tls(&ca, "node-b", Role::Manager))
+            .unwrap();
+        let renewed = node_tls(&ca, "node-a", Role::Manager);
+        server.replace(&renewed).unwrap();
+        let (seen, chain) = exchange(server.server_config(), client.client_config());
+        assert_eq!(seen.unwrap().unwrap().role, Role::Manager);
+        let leaf = chain.unwrap()[0].clone();
+        assert_ne!(leaf, first_leaf);
+        assert_eq!(leaf, parse_cert(&renewed.cert_pem).unwrap());
+
+        // A key that does not match its certificate changes nothing.
+        let mut wrong = node_tls(&ca, "node-b", Role::Worker);
+        wrong.key_pem = NodeKey::generate().unwrap().key_pem().to_owned();
+        assert!(client.replace(&wrong).is_err());
+        let (seen, _) = exchange(server.server_config(), client.client_config());
+        assert_eq!(seen.unwrap().unwrap().role, Role::Manager);
     }
 
     #[test]

@@ -33,6 +33,9 @@ use crate::services;
 use crate::state::{Command, CommandResult, StoreState};
 use crate::storage::{self, StateMachineStore};
 
+mod certs;
+pub use certs::set_min_cert_expiry;
+
 /// How long a management call waits for a leader or a commit before saying there is none.
 const LEADER_WAIT: Duration = Duration::from_secs(4);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(4);
@@ -98,6 +101,8 @@ pub(crate) struct Member {
     pub data_dir: PathBuf,
     local: StdRwLock<LocalState>,
     client_tls: Arc<rustls::ClientConfig>,
+    /// The node certificate both TLS sides present, replaced on renewal (`certs`).
+    live_tls: mesh_ca::LiveTls,
     raft: RwLock<Option<RaftNode>>,
     dispatcher: Dispatcher,
     shutdown: watch::Sender<bool>,
@@ -116,6 +121,8 @@ pub(crate) struct Member {
     keys: StdMutex<Option<Keys>>,
     /// Whether `node.json` was written with the TLS key sealed since this member started.
     tls_key_sealed: std::sync::atomic::AtomicBool,
+    /// The cluster's `--cert-expiry` (seconds) from the last heartbeat answer; 0: not known.
+    cert_expiry: std::sync::atomic::AtomicU64,
 }
 
 /// A manager's open data key and how its file is wrapped.
@@ -158,19 +165,22 @@ impl Member {
             cert_pem: local.cert_pem.clone(),
             key_pem: local.key_pem.clone(),
         };
-        let server_tls = tls.server_config().map_err(ApiError::internal)?;
-        let client_tls = tls.client_config().map_err(ApiError::internal)?;
+        let live_tls = mesh_ca::LiveTls::new(&tls).map_err(ApiError::internal)?;
+        let server_tls = live_tls.server_config();
+        let client_tls = live_tls.client_config();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let is_manager = local.role == NodeRole::Manager;
         let member = Arc::new(Member {
             data_dir,
             local: StdRwLock::new(local),
             client_tls,
+            live_tls,
             raft: RwLock::new(None),
             dispatcher: Dispatcher::default(),
             data_key_lock: tokio::sync::Mutex::new(()),
             keys: StdMutex::new(keys),
             tls_key_sealed: std::sync::atomic::AtomicBool::new(false),
+            cert_expiry: std::sync::atomic::AtomicU64::new(0),
             shutdown,
             clients: StdMutex::new(HashMap::new()),
             next_client: std::sync::atomic::AtomicUsize::new(0),
@@ -193,6 +203,7 @@ impl Member {
         let hb = tokio::spawn(member.clone().heartbeat_loop());
         let mon = tokio::spawn(member.clone().monitor_loop());
         let keyl = tokio::spawn(member.clone().key_loop());
+        let certl = tokio::spawn(member.clone().cert_loop());
         if let Some(plane) = agent.plane() {
             let l = member.local();
             let ip = |a: &str| {
@@ -240,7 +251,7 @@ impl Member {
         let rec = tokio::spawn(agent.reconcile_loop(member.clone(), member.shutdown.subscribe()));
         member
             .tasks_lock()
-            .extend([serve, hb, mon, keyl, orch, poll, rec]);
+            .extend([serve, hb, mon, keyl, certl, orch, poll, rec]);
         Ok(member)
     }
 
@@ -854,6 +865,10 @@ impl Member {
             PeerRequest::DataKey => Err(ApiError::internal(
                 "the data key is asked of a manager directly",
             )),
+            PeerRequest::RenewCert { node_id, csr_pem } => self
+                .leader_renew_cert(node, &node_id, &csr_pem)
+                .await
+                .map(|cert_pem| PeerResponse::Cert { cert_pem }),
             PeerRequest::Raft(_) | PeerRequest::Forwarded(_) => {
                 Err(ApiError::internal("request cannot run on the leader"))
             }
@@ -983,8 +998,18 @@ impl Member {
                 .map_or(HEARTBEAT_PERIOD.as_millis() as u64, |c| {
                     c.settings.dispatcher_heartbeat_ms
                 });
-            (n.state != NodeState::Left)
-                .then(|| (n.role, Self::managers_of(s, Some(node.raft_id)), period))
+            let expiry = s
+                .cluster
+                .as_ref()
+                .map_or(0, |c| c.settings.cert_expiry_secs);
+            (n.state != NodeState::Left).then(|| {
+                (
+                    n.role,
+                    Self::managers_of(s, Some(node.raft_id)),
+                    period,
+                    expiry,
+                )
+            })
         };
         let found = match node.sm.with_state(lookup).await {
             Some(found) => Some(found),
@@ -1000,7 +1025,7 @@ impl Member {
                 lookup(&state)
             }
         };
-        let (role, managers, period_ms) =
+        let (role, managers, period_ms, cert_expiry_secs) =
             found.ok_or_else(|| ApiError::not_found(format!("no such node: {node_id}")))?;
         self.dispatcher
             .set_period(Duration::from_millis(period_ms.max(1)));
@@ -1009,6 +1034,7 @@ impl Member {
             role,
             managers,
             period_ms,
+            cert_expiry_secs,
         })
     }
 
@@ -1233,11 +1259,7 @@ impl Member {
                     settings.task_history_limit = n;
                 }
                 if let Some(secs) = cert_expiry_secs {
-                    if secs < 3600 {
-                        return Err(ApiError::invalid(
-                            "minimum certificate expiry time is: 1h0m0s",
-                        ));
-                    }
+                    certs::check_cert_expiry(secs)?;
                     settings.cert_expiry_secs = secs;
                 }
                 if let Some(ms) = dispatcher_heartbeat_ms {
@@ -1785,6 +1807,7 @@ impl Member {
             match resp {
                 PeerResponse::Heartbeat(ack) => {
                     not_found = 0;
+                    self.note_cert_expiry(ack.cert_expiry_secs);
                     // The cluster's `--dispatcher-heartbeat`, from the leader.
                     let asked = Duration::from_millis(ack.period_ms.max(1));
                     if asked != period {
@@ -1953,6 +1976,7 @@ fn speaks_for_itself(req: &PeerRequest, peer: &str) -> bool {
         | PeerRequest::AddVoter { node_id }
         | PeerRequest::Assignments { node_id, .. }
         | PeerRequest::TaskStatus { node_id, .. }
+        | PeerRequest::RenewCert { node_id, .. }
             if node_id == peer)
 }
 
@@ -1980,6 +2004,9 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
                 ErrorKind::PermissionDenied,
                 "certificate of another swarm",
             ));
+        }
+        if let Some(refused) = m.refuse_peer(&peer, &req).await {
+            return PeerResponse::Error(refused);
         }
         match req {
             PeerRequest::Raft(r) => {
@@ -2043,6 +2070,7 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
             | PeerRequest::AddVoter { ref node_id }
             | PeerRequest::Assignments { ref node_id, .. }
             | PeerRequest::TaskStatus { ref node_id, .. }
+            | PeerRequest::RenewCert { ref node_id, .. }
                 if *node_id != peer.node_id =>
             {
                 PeerResponse::Error(ApiError::new(

@@ -52,6 +52,13 @@ pub enum PeerRequest {
     /// A manager without the data key asks another manager for it (answered to
     /// managers only).
     DataKey,
+    /// A node asks the leader for a new certificate for the key of `csr_pem` (renewal, or
+    /// a role change): signed only for the node the presenting certificate names, with its
+    /// role in the store.
+    RenewCert {
+        node_id: String,
+        csr_pem: String,
+    },
     /// A request a manager forwards to the leader; never forwarded again.
     Forwarded(Box<PeerRequest>),
 }
@@ -94,6 +101,10 @@ pub struct HeartbeatAck {
     pub managers: Vec<String>,
     /// Milliseconds until the next heartbeat is due.
     pub period_ms: u64,
+    /// The cluster's `--cert-expiry` in seconds (0: not said): a node whose certificate
+    /// outlives it renews at once.
+    #[serde(default)]
+    pub cert_expiry_secs: u64,
 }
 
 /// The answer to a [`PeerRequest`].
@@ -136,6 +147,10 @@ pub enum PeerResponse {
         members: Option<Vec<std::net::Ipv4Addr>>,
     },
     TaskLogs(Vec<TaskLog>),
+    /// A node certificate (PEM), in answer to [`PeerRequest::RenewCert`].
+    Cert {
+        cert_pem: String,
+    },
     /// The answering manager's data key, if it has one, and the cluster's unlock key when
     /// autolock is on (the asking manager wraps the data key with it at once).
     DataKey {

@@ -73,6 +73,10 @@ struct Args {
     /// 12 hours, as Docker's).
     #[arg(long, hide = true, value_name = "SECS")]
     gossip_key_rotation: Option<u64>,
+    /// Tests only: the shortest `swarm update --cert-expiry` this daemon accepts while it
+    /// leads (default 1 hour, as Docker's), so that certificates renew within a test.
+    #[arg(long, hide = true, value_name = "SECS")]
+    min_cert_expiry: Option<u64>,
 }
 
 fn hostname() -> String {
@@ -117,6 +121,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     init_logging(&args)?;
     if let Some(secs) = args.gossip_key_rotation {
         mesh_manager::gossipkeys::set_rotation_period(std::time::Duration::from_secs(secs.max(1)));
+    }
+    if let Some(secs) = args.min_cert_expiry {
+        mesh_manager::member::set_min_cert_expiry(std::time::Duration::from_secs(secs));
     }
     let node_name = args.node_name.clone().unwrap_or_else(hostname);
     if node_name.is_empty() || node_name.len() > 63 {
