@@ -580,11 +580,15 @@ impl Inner {
         // The agent may have told us what runs here before we were up.
         // (Nothing is collected before the agent said what runs here: a restarted daemon
         // must not remove the namespaces of the tasks it is about to adopt.)
-        let given = lock(&self.local).clone();
-        if let Some(running) = given {
+        // Read under `local_seq`, as every pass reads it: a set read before the lock could be
+        // older than one a pass applied meanwhile, and would undo it.
+        {
             let _seq = self.local_seq.lock().await;
-            if let Err(e) = self.set_local_async(running).await {
-                warn!("network plane: {e}");
+            let given = lock(&self.local).clone();
+            if let Some(running) = given {
+                if let Err(e) = self.set_local_async(running).await {
+                    warn!("network plane: {e}");
+                }
             }
         }
         // Joined once this node's networks and endpoints are set (above, when the agent
@@ -659,10 +663,13 @@ impl Inner {
             {}
             // Namespaces of tasks that finished draining go once their process is gone.
             let drained = lock(&self.tasks).values().any(|ns| !ns.alive());
-            let local = lock(&self.local).clone();
-            let res = if let (true, Some(running)) = (drained, local) {
+            let res = if drained {
                 let _seq = self.local_seq.lock().await;
-                self.set_local_async(running).await
+                let local = lock(&self.local).clone();
+                match local {
+                    Some(running) => self.set_local_async(running).await,
+                    None => self.sync_remotes().await,
+                }
             } else {
                 self.sync_remotes().await
             };
@@ -1306,8 +1313,9 @@ impl Inner {
         Ok(())
     }
 
+    /// Applies `running`, the newest running set (`local`, read under `local_seq` by the
+    /// caller, which holds it).
     async fn set_local_async(&self, running: Vec<(Task, u32)>) -> Result<(), String> {
-        *lock(&self.local) = Some(running.clone());
         let mut guard = self.running.lock().await;
         let Some(r) = guard.as_mut() else {
             // Not started yet (gossip still binding): `start_async` applies `local`.
@@ -1811,9 +1819,19 @@ impl NetworkPlane for Plane {
     }
 
     fn set_local(&self, running: Vec<(Task, u32)>) {
+        // Stored here, in the order the agent gives them; each pass then applies the newest
+        // set under `local_seq`, whatever order the spawned passes run in. (A pass that
+        // applied the set it was spawned with could run after a later one and bring back an
+        // endpoint the later one withdrew: the churn soak saw a restarted manager's store
+        // seed, `Agent::seed_plane`, applied after the leader's answer, and a stopped task
+        // stay in every node's VIP for 20 s.)
+        *lock(&self.0.local) = Some(running);
         let this = self.0.clone();
         self.0.rt.spawn(async move {
             let _seq = this.local_seq.lock().await;
+            let Some(running) = lock(&this.local).clone() else {
+                return;
+            };
             if let Err(e) = this.set_local_async(running).await {
                 warn!("network plane: {e}");
             }
