@@ -116,38 +116,33 @@ fn run_gossip(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The scheduler benchmark returns its report; print it and keep it in docs/benchmarks.md
-/// (unless `--no-write-docs`).
-fn run_scheduler(args: &[String]) -> Result<()> {
+/// A benchmark that returns its report: prints it and keeps it in docs/benchmarks.md under
+/// `section` (unless `--no-write-docs`, `--help`, or an empty report).
+fn run_reported(
+    section: &str,
+    args: &[String],
+    run: fn(&[String]) -> Result<String>,
+) -> Result<()> {
     let write = !args.iter().any(|a| a == "--no-write-docs");
     let args: Vec<String> = args
         .iter()
         .filter(|a| *a != "--no-write-docs")
         .cloned()
         .collect();
-    let text = scheduler::run(&args)?;
+    let text = run(&args)?;
     println!("{text}");
-    if write && !args.iter().any(|a| a == "--help" || a == "-h") {
-        report::write_section("scheduler", &text)?;
+    if write && !text.is_empty() && !args.iter().any(|a| a == "--help" || a == "-h") {
+        report::write_section(section, &text)?;
     }
     Ok(())
 }
 
-/// The metrics benchmark returns its report; print it and keep it in docs/benchmarks.md
-/// (unless `--no-write-docs`).
+fn run_scheduler(args: &[String]) -> Result<()> {
+    run_reported("scheduler", args, scheduler::run)
+}
+
 fn run_metrics(args: &[String]) -> Result<()> {
-    let write = !args.iter().any(|a| a == "--no-write-docs");
-    let args: Vec<String> = args
-        .iter()
-        .filter(|a| *a != "--no-write-docs")
-        .cloned()
-        .collect();
-    let text = metrics::run(&args)?;
-    println!("{text}");
-    if write && !text.is_empty() {
-        report::write_section("metrics", &text)?;
-    }
-    Ok(())
+    run_reported("metrics", args, metrics::run)
 }
 
 fn usage() -> String {

@@ -46,6 +46,10 @@ pub use host::{
     START_MARKER,
 };
 
+/// A task server (`python3 -c HOSTNAME_SERVER`) on TCP 8080: answers each connection with the
+/// task's hostname and closes it.
+pub const HOSTNAME_SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(512)\nh=socket.gethostname().encode()\nwhile True:\n c,_=s.accept()\n try:\n  c.sendall(h)\n except OSError:\n  pass\n c.close()";
+
 /// Polls `f` every `every` until it returns `Ok(Some(v))`, or fails once
 /// `timeout` has passed. Errors from `f` do not abort the wait; the timeout
 /// error includes the last error (or says the last result was `None`).

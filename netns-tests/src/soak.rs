@@ -55,7 +55,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::swarm::{form_swarm, leader_name};
-use crate::{wait_for, Cluster, ClusterOpts, Host};
+use crate::{wait_for, Cluster, ClusterOpts, Host, HOSTNAME_SERVER as SERVER};
 
 /// How a soak runs.
 #[derive(Clone, Debug)]
@@ -67,9 +67,6 @@ pub struct SoakOpts {
     pub lb_backend: String,
     pub name_hint: &'static str,
 }
-
-/// A task server: answers each connection with its hostname and closes it.
-const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(512)\nh=socket.gethostname().encode()\nwhile True:\n c,_=s.accept()\n try:\n  c.sendall(h)\n except OSError:\n  pass\n c.close()";
 
 /// A client: `python3 -c CLIENT DIR NAME TARGETS`; TARGETS are `host` or `host:port`
 /// (default port 8080), called in turn. Lines: `F <start> <end> <name> <target> <error>` per

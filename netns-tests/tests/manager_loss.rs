@@ -10,10 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mesh_netns::swarm::{running_task, swarm_cluster, task_exec, vip_of, wait_tasks_running};
-use mesh_netns::wait_for;
-
-/// A task server: answers each connection with its hostname.
-const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(64)\nh=socket.gethostname().encode()\nwhile True:\n c,_=s.accept()\n try:\n  c.sendall(h)\n except OSError:\n  pass\n c.close()";
+use mesh_netns::{wait_for, HOSTNAME_SERVER as SERVER};
 
 /// `python3 -c CALL ADDR`: one connection to ADDR:8080; prints what it answered.
 const CALL: &str = "import socket,sys\nc=socket.create_connection((sys.argv[1],8080),timeout=2)\nc.settimeout(2)\nprint(c.recv(200).decode())";
