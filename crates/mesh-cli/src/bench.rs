@@ -83,24 +83,13 @@ pub struct IngressArgs {
     chart: Option<std::path::PathBuf>,
 }
 
-/// `3s`, `500ms`, `1m`, or plain seconds.
+/// A Go-style duration as the other flags take (`3s`, `500ms`, `1m`), 50 ms to 1 h.
 fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (e.g. 3s, 500ms, 1m)");
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(bad()),
-    };
-    if !(0.05..=3600.0).contains(&secs) {
+    let ms = crate::service::parse_duration_ms(s).map_err(|Failure(e)| e)?;
+    if !(50..=3_600_000).contains(&ms) {
         return Err(format!("duration {s:?} out of range (50ms to 1h)"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(Duration::from_millis(ms))
 }
 
 pub fn run(c: &Client, cmd: BenchCmd) -> Result<()> {
@@ -726,7 +715,11 @@ mod tests {
         assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(
+            parse_duration("2").is_err(),
+            "a unit is needed, as Docker's"
+        );
         assert!(parse_duration("3h").is_err());
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("1ms").is_err(), "too short");
