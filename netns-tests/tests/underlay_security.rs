@@ -4,7 +4,8 @@
 //! itself is good); gossip on the wire is sealed, and a captured packet with one bit
 //! flipped, sent from a member's address, is dropped and counted; a SIGKILLed daemon keeps
 //! its filter while down and gossips again once restarted; after `node rm --force` of a
-//! worker its address leaves the other nodes' filters and the keys it knew are retired.
+//! worker its address leaves the other nodes' filters and the keys it knew are retired; a
+//! joining node is let through the leader's filter before its join returns.
 
 use std::process::Command;
 use std::time::Duration;
@@ -495,6 +496,62 @@ fn the_underlay_answers_members_only_and_gossip_is_sealed() -> Result<()> {
     ensure!(
         !logs()?.contains("from-the-removed-node") && !logs()?.contains("from-the-stranger"),
         "filtered frames reached the sink"
+    );
+    Ok(())
+}
+
+/// A node that joins is let through the leader's filter before its join returns: it gossips
+/// at once with the managers (the leader first), so a filter applied a moment after the
+/// answer dropped its first gossip packets, and a dropped TCP SYN held its plane's start
+/// (every pass, the routing mesh included) for the 1 s, 3 s, ... of TCP's SYN backoff.
+#[test]
+fn a_joining_node_is_let_through_before_its_join_returns() -> Result<()> {
+    if !require_root()? {
+        return Ok(());
+    }
+    let c = Cluster::new(ClusterOpts {
+        hosts: 5,
+        start_daemons: true,
+        name_hint: "admit",
+    })?;
+    let h1 = c.host(1);
+    h1.mesh_ok(&["swarm", "init", "--advertise-addr", &addr(h1)])?;
+    let worker = h1.mesh_ok(&["swarm", "join-token", "-q", "worker"])?;
+    let manager = h1.mesh_ok(&["swarm", "join-token", "-q", "manager"])?;
+    let remote = format!("{}:2377", h1.addr());
+    for h in &c.hosts()[1..] {
+        let token = if h.index() == 2 { &manager } else { &worker };
+        h.mesh_ok(&[
+            "swarm",
+            "join",
+            "--advertise-addr",
+            &addr(h),
+            "--token",
+            token.trim(),
+            &remote,
+        ])?;
+        let members = nft_members(h1)?.unwrap_or_default();
+        ensure!(
+            members.contains(&addr(h)),
+            "{} joined, and the leader's filter holds {members:?}",
+            h.name()
+        );
+    }
+    // Every node's gossip started (each has its keys and has pushed and pulled): nothing a
+    // member sent was dropped by the leader.
+    for h in c.hosts() {
+        wait_for(
+            &format!("{}: gossip keys", h.name()),
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || Ok((!key_ids(h)?.is_empty()).then_some(())),
+        )?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let dropped = nft_counter(h1, "gossip_dropped")?;
+    ensure!(
+        dropped == 0,
+        "the leader dropped {dropped} gossip packets of members"
     );
     Ok(())
 }

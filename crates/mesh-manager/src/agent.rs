@@ -300,6 +300,33 @@ impl Agent {
         }
     }
 
+    /// Gives the underlay filter `members` (the store's, just after a node joined) and
+    /// returns once it lets them through: a leader admits a joining node before answering
+    /// it. The node gossips with the managers (the leader first) as soon as it has its keys,
+    /// and the leader's own list (from its next answer to itself) could come a moment
+    /// later: the packets dropped meanwhile, a push-pull's TCP SYN above all, held the
+    /// node's gossip join, and every pass of its plane, for the 1 s, 3 s, ... of TCP's SYN
+    /// backoff.
+    pub(crate) async fn admit_members(&self, members: Vec<std::net::Ipv4Addr>) {
+        let Some(plane) = self.plane.clone() else {
+            return;
+        };
+        if members.is_empty() {
+            return;
+        }
+        {
+            let mut last = self.gossip.lock().unwrap_or_else(|p| p.into_inner());
+            // Given under the lock, in order with `give_gossip`: a newer list wins. The
+            // leader's answer to itself may have given the list already, its filter
+            // change still on the way: waited for all the same.
+            if last.1.as_ref() != Some(&members) {
+                plane.set_members(members.clone());
+                last.1 = Some(members);
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || plane.sync_members()).await;
+    }
+
     /// Long-polls the leader for assignments until shutdown.
     pub(crate) async fn poll_loop(
         self: Arc<Self>,

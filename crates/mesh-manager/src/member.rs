@@ -973,6 +973,10 @@ impl Member {
         };
         self.write(node, Command::AddNode { node: new }).await?;
         self.dispatcher.beat(&node_id);
+        // Through this leader's underlay filter before the answer: the node gossips with
+        // it first as soon as it has its keys.
+        let members = node.sm.with_state(gossipkeys::member_addrs).await;
+        self.agent.admit_members(members).await;
         info!(node_id, ?role, "node joined");
         Ok(JoinAccept {
             node_id,

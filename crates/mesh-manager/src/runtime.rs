@@ -261,6 +261,8 @@ pub trait NetworkPlane: Send + Sync + 'static {
     fn set_members(&self, addrs: Vec<std::net::Ipv4Addr>) {
         let _ = addrs;
     }
+    /// Returns once the underlay filter lets through the members last given (blocking).
+    fn sync_members(&self) {}
     /// Removes what a swarm left in the kernel when the daemon starts outside any (a swarm
     /// left while the daemon was down). Blocking.
     fn clean_leftovers(&self) {}

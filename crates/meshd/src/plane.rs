@@ -1693,6 +1693,10 @@ impl NetworkPlane for Plane {
         self.0.rt.spawn_blocking(move || this.apply_filter());
     }
 
+    fn sync_members(&self) {
+        self.0.apply_filter();
+    }
+
     fn clean_leftovers(&self) {
         if let Err(e) = self.0.filter.remove() {
             warn!("removing a leftover underlay filter: {e}");
