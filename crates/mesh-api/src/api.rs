@@ -149,9 +149,21 @@ pub enum Request {
     ServiceRm {
         service: String,
     },
+    /// `service logs`: the lines of a service's tasks, or of one task, answered as
+    /// [`crate::ServiceLogs`].
     ServiceLogs {
+        /// A service (ID, name or unique ID prefix), or a task (ID or unique ID prefix).
         service: String,
-        max_bytes: usize,
+        /// Only lines read after this time (Unix ns, exclusive).
+        #[serde(default)]
+        since_ns: Option<u64>,
+        /// Only the last `tail` lines of each task.
+        #[serde(default)]
+        tail: Option<usize>,
+        /// Per task ID: only lines after this time (a follower's cursor; wins over
+        /// `since_ns` and `tail` for the tasks it names).
+        #[serde(default)]
+        after: BTreeMap<String, u64>,
     },
     NetworkCreate {
         spec: crate::network::NetworkSpec,

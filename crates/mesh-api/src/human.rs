@@ -23,7 +23,13 @@ pub fn human_duration(secs: u64) -> String {
 
 /// RFC 3339 with nanoseconds, UTC, from Unix milliseconds.
 pub fn rfc3339_ms(ms: u64) -> String {
-    let secs = ms / 1000;
+    rfc3339_ns(ms.saturating_mul(1_000_000))
+}
+
+/// RFC 3339 with nanoseconds (always 9 digits, as Docker's log timestamps), UTC, from Unix
+/// nanoseconds.
+pub fn rfc3339_ns(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -41,7 +47,7 @@ pub fn rfc3339_ms(ms: u64) -> String {
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
-        (ms % 1000) * 1_000_000
+        ns % 1_000_000_000
     )
 }
 

@@ -10,6 +10,7 @@ mod discovery;
 mod format;
 mod image;
 mod login;
+mod logs;
 mod network;
 mod pretty;
 mod service;

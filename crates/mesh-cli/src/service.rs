@@ -66,11 +66,41 @@ pub enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
-    /// Show the output of a service's tasks.
-    Logs {
-        /// The service (ID or name).
-        service: String,
-    },
+    /// Fetch the logs of a service or task.
+    Logs(LogsArgs),
+}
+
+/// `mesh service logs` (Docker's flags).
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Follow log output.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Do not map IDs to Names in output.
+    #[arg(long)]
+    pub no_resolve: bool,
+    /// Do not include task IDs in output.
+    #[arg(long)]
+    pub no_task_ids: bool,
+    /// Do not truncate output.
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// Do not neatly format logs.
+    #[arg(long)]
+    pub raw: bool,
+    /// Show logs since timestamp (e.g. "2013-01-02T13:23:37Z") or relative (e.g. "42m" for
+    /// 42 minutes).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Number of lines to show from the end of the logs.
+    #[arg(short = 'n', long, default_value = "all", allow_hyphen_values = true)]
+    pub tail: String,
+    /// Show timestamps.
+    #[arg(short, long)]
+    pub timestamps: bool,
+    /// The service (ID or name) or task (ID).
+    #[arg(value_name = "SERVICE|TASK")]
+    pub service: String,
 }
 
 /// Restart, update and resource flags, shared by `create` and `update`.
@@ -956,15 +986,7 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
                 println!("{s}");
             }
         }
-        ServiceCmd::Logs { service } => {
-            let v = c.call(Request::ServiceLogs {
-                service,
-                max_bytes: 1 << 20,
-            })?;
-            for l in v["lines"].as_array().cloned().unwrap_or_default() {
-                println!("{}", l.as_str().unwrap_or(""));
-            }
-        }
+        ServiceCmd::Logs(a) => crate::logs::service_logs(c, &a)?,
     }
     Ok(())
 }

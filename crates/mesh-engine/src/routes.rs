@@ -847,101 +847,126 @@ fn parse_registry_auth(h: &str) -> Result<Option<mesh_api::RegistryAuth>> {
     Ok(Some(mesh_api::RegistryAuth::Credentials(creds)))
 }
 
-/// A service's log lines per task, in the order the daemon gathered them.
-async fn task_logs(b: &dyn Backend, service_id: &str) -> Result<Vec<(String, Vec<String>)>> {
+/// The log lines of a service's tasks (see [`Request::ServiceLogs`]).
+async fn fetch_logs(
+    b: &dyn Backend,
+    service_id: &str,
+    since_ns: Option<u64>,
+    after: &BTreeMap<String, u64>,
+) -> Result<mesh_api::ServiceLogs> {
     let r = call(
         b,
         Request::ServiceLogs {
             service: service_id.to_string(),
-            max_bytes: LOG_WINDOW,
+            since_ns,
+            tail: None,
+            after: after.clone(),
         },
     )
     .await?;
-    // Lines are `<task name>@<host>    | <text>`, per task in order.
-    let mut out: Vec<(String, Vec<String>)> = Vec::new();
-    for l in r["lines"].as_array().into_iter().flatten() {
-        let Some((prefix, text)) = l.as_str().and_then(|l| l.split_once("    | ")) else {
-            continue;
-        };
-        let name = prefix.split('@').next().unwrap_or("");
-        let id = name.rsplit('.').next().unwrap_or("").to_string();
-        match out.iter_mut().find(|(t, _)| *t == id) {
-            Some((_, lines)) => lines.push(text.to_string()),
-            None => out.push((id, vec![text.to_string()])),
-        }
-    }
-    Ok(out)
+    serde_json::from_value(r).map_err(|e| {
+        EngineError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("service logs: {e}"),
+        )
+    })
 }
 
-/// How much of each task's log a read covers (the daemon keeps the newest bytes).
-const LOG_WINDOW: usize = 1 << 20;
 /// How often `--follow` reads the logs again.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// One line in the multiplexed stream format (stdout), with Docker's details labels.
-fn log_frame(t: &Task, text: &str, details: bool) -> Bytes {
+/// One line in the multiplexed stream format (stream 1 stdout, 2 stderr): `[TIME ][DETAILS ]TEXT`,
+/// TIME as Docker's fixed-width RFC 3339 with nanoseconds.
+fn log_frame(l: &mesh_api::ServiceLogLine, timestamps: bool, details: bool) -> Bytes {
     let mut payload = String::new();
+    if timestamps {
+        payload.push_str(&mesh_api::human::rfc3339_ns(l.line.time_ns));
+        payload.push(' ');
+    }
     if details {
         payload.push_str(&format!(
             "com.docker.swarm.node.id={},com.docker.swarm.service.id={},com.docker.swarm.task.id={} ",
-            t.node_id, t.service_id, t.id
+            l.node_id, l.service_id, l.task_id
         ));
     }
-    payload.push_str(text);
+    payload.push_str(&l.line.text);
     payload.push('\n');
+    let stream = match l.line.stream {
+        mesh_api::LogStream::Stdout => 1,
+        mesh_api::LogStream::Stderr => 2,
+    };
     let mut frame = Vec::with_capacity(8 + payload.len());
-    frame.extend_from_slice(&[1, 0, 0, 0]);
+    frame.extend_from_slice(&[stream, 0, 0, 0]);
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(payload.as_bytes());
     Bytes::from(frame)
 }
 
-/// `docker service logs [--follow] [--tail N]`: the tasks' lines, then (following) the lines
-/// they add, read again every [`FOLLOW_EVERY`], new tasks included, until the client goes
-/// away or the service is removed.
+/// The last `tail` lines of each task, in time order.
+fn tail_per_task(
+    lines: Vec<mesh_api::ServiceLogLine>,
+    tail: Option<usize>,
+) -> Vec<mesh_api::ServiceLogLine> {
+    let Some(n) = tail else { return lines };
+    let mut left: HashMap<String, usize> = HashMap::new();
+    for l in &lines {
+        *left.entry(l.task_id.clone()).or_default() += 1;
+    }
+    lines
+        .into_iter()
+        .filter(|l| {
+            let c = left.get_mut(&l.task_id).expect("counted");
+            *c -= 1;
+            *c < n
+        })
+        .collect()
+}
+
+/// `docker service logs [--follow] [--tail N] [--since T] [--timestamps] [--details]`: the
+/// tasks' lines, by time, then (following) the lines they add, read again every
+/// [`FOLLOW_EVERY`] from a cursor per task, new tasks included, until the client goes away
+/// or the service is removed.
 async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply> {
     let o = objects_of(b.as_ref(), Some(key)).await?;
     let svc = find_service(&o, key)?.clone();
     let tail = match c.query.get("tail") {
         None | Some("") | Some("all") => None,
-        Some(n) => Some(
-            n.parse::<usize>()
-                .map_err(|_| EngineError::bad(format!("invalid tail value {n:?}")))?,
-        ),
+        // Docker: a negative number or a non-integer means all.
+        Some(n) => n.parse::<usize>().ok(),
     };
+    let since_ns = match c.query.get("since") {
+        None | Some("") | Some("0") => None,
+        Some(v) => Some(mesh_api::logs::parse_since(v, now_ns()).map_err(EngineError::bad)?),
+    };
+    let (mut want_out, mut want_err) = (c.query.flag("stdout"), c.query.flag("stderr"));
+    if !want_out && !want_err {
+        (want_out, want_err) = (true, true);
+    }
     let details = c.query.flag("details");
+    let timestamps = c.query.flag("timestamps");
     let follow = c.query.flag("follow");
-    let first = task_logs(b.as_ref(), &svc.id).await?;
+    let first = fetch_logs(b.as_ref(), &svc.id, since_ns, &BTreeMap::new()).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let b = b.clone();
     tokio::spawn(async move {
-        let mut tasks: Vec<Task> = o.tasks;
-        let mut sent: HashMap<String, usize> = HashMap::new();
-        let mut logs = first;
-        let mut initial = true;
+        // Every task seen so far is read from its last line on (with `--tail`, the lines
+        // not shown are not shown later either).
+        let mut after: BTreeMap<String, u64> = BTreeMap::new();
+        for l in &first.lines {
+            after.insert(l.task_id.clone(), l.line.time_ns);
+        }
+        let mut batch = tail_per_task(first.lines, tail);
         loop {
-            for (id, lines) in &logs {
-                let Some(t) = tasks.iter().find(|t| t.id == *id) else {
-                    continue;
+            for l in batch.drain(..) {
+                after.insert(l.task_id.clone(), l.line.time_ns);
+                let wanted = match l.line.stream {
+                    mesh_api::LogStream::Stdout => want_out,
+                    mesh_api::LogStream::Stderr => want_err,
                 };
-                let done = sent.entry(id.clone()).or_insert(0);
-                // A log that shrank was rotated away under the read window: start over from
-                // what it holds now, without repeating it.
-                if lines.len() < *done {
-                    *done = lines.len();
+                if wanted && tx.send(log_frame(&l, timestamps, details)).await.is_err() {
+                    return;
                 }
-                let mut from = *done;
-                if initial {
-                    from = tail.map_or(0, |n| lines.len().saturating_sub(n));
-                }
-                for text in &lines[from..] {
-                    if tx.send(log_frame(t, text, details)).await.is_err() {
-                        return;
-                    }
-                }
-                *done = lines.len();
             }
-            initial = false;
             if !follow {
                 return;
             }
@@ -949,13 +974,10 @@ async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply
                 _ = tokio::time::sleep(FOLLOW_EVERY) => {}
                 _ = tx.closed() => return,
             }
-            match task_logs(b.as_ref(), &svc.id).await {
-                Ok(l) => logs = l,
+            match fetch_logs(b.as_ref(), &svc.id, since_ns, &after).await {
+                Ok(l) => batch = l.lines,
                 Err(e) if e.status == StatusCode::NOT_FOUND => return,
                 Err(_) => continue,
-            }
-            if let Ok(o) = objects_of(b.as_ref(), Some(&svc.id)).await {
-                tasks = o.tasks;
             }
         }
     });
@@ -963,6 +985,13 @@ async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply
         "application/vnd.docker.multiplexed-stream",
         rx,
     ))
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 async fn task_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {

@@ -26,7 +26,7 @@ use crate::netns::Holders;
 use crate::spec::{self, ExecOutput, ExecutorConfig, TaskRuntime, TaskSpec, NETNS_CGROUP};
 use crate::state::{
     self, ExitRecord, TaskState, EXIT_FILE, HOSTNAME_FILE, LAUNCH_FILE, RESOLV_FILE, SPEC_FILE,
-    STATE_FILE, STDERR_LOG, STDOUT_LOG,
+    STATE_FILE,
 };
 use crate::{child, procfs, rootfs, shim};
 
@@ -595,21 +595,24 @@ impl Executor {
         Ok(())
     }
 
-    /// The task's stdout and stderr so far, the last `max_bytes` of each.
-    pub fn logs(&self, id: &str, max_bytes: usize) -> Result<(Vec<u8>, Vec<u8>), ExecError> {
+    /// The task's output lines (oldest first): those after `after_ns` (exclusive), if given,
+    /// then the last `tail`, if given.
+    pub fn logs(
+        &self,
+        id: &str,
+        after_ns: Option<u64>,
+        tail: Option<usize>,
+    ) -> Result<Vec<crate::logs::Record>, ExecError> {
         let dir = self.task_dir(id);
         if spec::validate_id(id).is_err() || !dir.is_dir() {
             return Err(ExecError::NotFound {
                 task: id.to_string(),
             });
         }
-        let fail = |e: state::StateError| ExecError::Logs {
+        crate::logs::read(&dir, after_ns, tail).map_err(|e| ExecError::Logs {
             task: self.name_of(id),
             reason: e.to_string(),
-        };
-        let out = state::read_tail(&dir.join(STDOUT_LOG), max_bytes).map_err(fail)?;
-        let err = state::read_tail(&dir.join(STDERR_LOG), max_bytes).map_err(fail)?;
-        Ok((out, err))
+        })
     }
 
     /// Runs `argv` inside the task's network, UTS and mount namespaces and

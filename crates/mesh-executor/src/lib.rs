@@ -3,8 +3,9 @@
 //! A *task* is a command run in its own network, UTS and mount namespaces
 //! and cgroups, with CPU and memory limits, its own hostname and
 //! environment, and a private `/etc/resolv.conf` (the embedded DNS at
-//! 127.0.0.11). Its stdout and stderr go to files for `service logs`; its
-//! exit is recorded.
+//! 127.0.0.11). Its stdout and stderr are kept as Docker's `json-file`
+//! driver keeps them, bounded and rotated (see [`logs`]), for `service
+//! logs`; its exit is recorded.
 //!
 //! Tasks survive a SIGKILL of meshd and are adopted by the next meshd:
 //! meshd is never their parent. Per task it starts a *shim* (itself,
@@ -21,7 +22,7 @@
 //! | `hosts`, `l/<i>`, `upper/`, `work/`, `rootfs/` | `start` | an image task's `/etc/hosts`, links to its layers, overlay directories and mount point |
 //! | `state.json` | shim | shim pid, task pid, their `/proc` start times, start time in ms |
 //! | `exit.json` | shim (or `status` if the shim was killed) | code, signal, finish time |
-//! | `stdout.log`, `stderr.log` | the task | its output |
+//! | `log.json`, `log.json.1`, ... | shim | the task's output, a JSON record per line ([`logs`]) |
 //! | `shim.log` | shim | the shim's own diagnostics |
 //!
 //! **Ended tasks** keep their state directory (logs, exit record, for
@@ -80,6 +81,7 @@ pub mod cgroup;
 mod child;
 mod exec;
 mod executor;
+pub mod logs;
 mod netns;
 mod procfs;
 mod rootfs;
@@ -92,6 +94,7 @@ pub use cgroup::{CgroupError, CgroupLayout, CgroupMode, V1Hierarchy};
 pub use child::ChildError;
 pub use exec::{RunError, MAX_OUTPUT};
 pub use executor::{ExecError, Executor, NETWORK_SETUP_TIMEOUT};
+pub use logs::{LogOptions, Record as LogRecord, Stream as LogStream};
 pub use rootfs::DEFAULT_CAPS;
 pub use shim::{shim_main_if_requested, ShimError};
 pub use spec::{

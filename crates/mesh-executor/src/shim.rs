@@ -34,11 +34,15 @@
 //! namespace. Its root filesystem is prepared here, before the fork (see
 //! the `rootfs` module).
 //!
+//! The task's stdout and stderr are pipes the shim reads, a thread each,
+//! into the task's log (see the `logs` module).
+//!
 //! After `ok` the shim points stdin and stdout at `/dev/null`, waits for the
 //! task, kills what is left in the task's cgroups, removes them (retrying for
-//! at most [`CGROUP_REMOVE_TIMEOUT`] while they are busy) and writes
-//! `exit.json`: a task recorded as exited has no cgroup left (unless the
-//! removal timed out; the executor retries then).
+//! at most [`CGROUP_REMOVE_TIMEOUT`] while they are busy), waits for its
+//! output pipes to close (the last lines logged) and writes `exit.json`: a
+//! task recorded as exited has no cgroup left (unless the removal timed out;
+//! the executor retries then).
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -49,14 +53,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::child::{self, ChildError, Gate};
+use crate::logs::{self, LogOptions, Stream as LogStream};
 use crate::spec::{SpecError, TaskSpec, NETNS_HOLDER_ARG, SHIM_ARG};
 use crate::state::{
     self, ExitRecord, Launch, StateError, TaskState, LAUNCH_FILE, RESOLV_FILE, SHIM_LOG, SPEC_FILE,
-    STATE_FILE, STDERR_LOG, STDOUT_LOG,
+    STATE_FILE,
 };
 use crate::user::ExecUser;
 use crate::{cgroup, netns, procfs, rootfs};
@@ -109,6 +115,12 @@ pub enum ShimError {
     /// The gate pipes could not be created.
     #[error("cannot create the gate pipes: {0}")]
     GatePipe(io::Error),
+    /// The pipes of the task's output could not be created.
+    #[error("cannot create the task's output pipes: {0}")]
+    OutputPipe(io::Error),
+    /// The task's log could not be opened.
+    #[error("cannot open the task's log: {0}")]
+    Log(io::Error),
     /// meshd did not open the gate: the task was killed.
     #[error("the task was killed before it ran: {0}")]
     Aborted(String),
@@ -241,7 +253,7 @@ fn run(dir: &Path) -> i32 {
         return 1;
     }
     report(&format!("shim {}", std::process::id()));
-    let (mut task, launch) = match start_task(dir) {
+    let (mut task, launch, copiers) = match start_task(dir) {
         Ok(t) => t,
         Err(e) => {
             report(&format!("err {e}"));
@@ -266,6 +278,16 @@ fn run(dir: &Path) -> i32 {
     cgroup::kill_dirs(&launch.cgroups);
     if let Err(e) = cgroup::remove_trees(&launch.cgroups, CGROUP_REMOVE_TIMEOUT) {
         eprintln!("mesh task shim: {e}");
+    }
+    // Its last lines are in the log before it is recorded exited. Nothing of the task holds
+    // the pipes any more; something that escaped its cgroups might: not waited for long.
+    let deadline = Instant::now() + COPIERS_TIMEOUT;
+    for _ in 0..copiers.count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if copiers.done.recv_timeout(left).is_err() {
+            eprintln!("mesh task shim: the task's output still open after {COPIERS_TIMEOUT:?}");
+            break;
+        }
     }
     let rec = ExitRecord {
         code: status.and_then(|s| s.code()),
@@ -371,8 +393,41 @@ fn keep_gate(ready: OwnedFd, gate: OwnedFd, timeout: Duration) -> GateOutcome {
     }
 }
 
+/// How long the shim waits, once the task exited, for its output pipes to close.
+const COPIERS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The threads that copy the task's stdout and stderr into its log: each says when its
+/// pipe closed.
+struct Copiers {
+    count: usize,
+    done: mpsc::Receiver<()>,
+}
+
+impl Copiers {
+    /// Starts a thread per pipe (not while the pid namespace for children is switched).
+    fn start(
+        dir: &Path,
+        opts: LogOptions,
+        out: OwnedFd,
+        err: OwnedFd,
+    ) -> Result<Copiers, ShimError> {
+        let writer = Arc::new(Mutex::new(
+            logs::Writer::open(dir, opts).map_err(ShimError::Log)?,
+        ));
+        let (tx, done) = mpsc::channel();
+        for (fd, stream) in [(out, LogStream::Stdout), (err, LogStream::Stderr)] {
+            let (w, tx) = (writer.clone(), tx.clone());
+            thread::spawn(move || {
+                logs::copy(File::from(fd), stream, &w);
+                let _ = tx.send(());
+            });
+        }
+        Ok(Copiers { count: 2, done })
+    }
+}
+
 /// Spawns the task (through the gate) and records `state.json`.
-fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
+fn start_task(dir: &Path) -> Result<(Child, Launch, Copiers), ShimError> {
     let spec: TaskSpec = state::read_json(&dir.join(SPEC_FILE))?.ok_or(ShimError::Missing {
         file: SPEC_FILE,
         dir: dir.to_path_buf(),
@@ -413,14 +468,16 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
         close_in_child: gate_w.as_raw_fd(),
     };
     let image = rootfs.is_some();
+    let (out_r, out_w) = child::pipe().map_err(ShimError::OutputPipe)?;
+    let (err_r, err_w) = child::pipe().map_err(ShimError::OutputPipe)?;
     let mut cmd = child::task_command(
         &spec.argv,
         &env,
         &spec.hostname,
         &dir.join(RESOLV_FILE),
         &launch.cgroups,
-        child::open_log(&dir.join(STDOUT_LOG))?,
-        child::open_log(&dir.join(STDERR_LOG))?,
+        File::from(out_w),
+        File::from(err_w),
         gate,
         rootfs,
     )?;
@@ -437,9 +494,11 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
     // it. Blocks until the command was exec'd or failed.
     let spawned = cmd.spawn();
     drop(pid_ns);
-    // Drop the pre-opened fds, log files and our ends of the gate's pipes
-    // (the keeper sees EOF if the task never reached the gate).
+    // Drop the pre-opened fds, the pipes' write ends and our ends of the
+    // gate's pipes (the keeper sees EOF if the task never reached the gate).
     drop(cmd);
+    // Read at once: the task blocks on a full pipe.
+    let copiers = Copiers::start(dir, spec.log, out_r, err_r);
     let outcome = keeper
         .join()
         .unwrap_or_else(|_| GateOutcome::Aborted("the gate keeper panicked".into()));
@@ -465,6 +524,13 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
         }
     }
     let mut task = spawned.map_err(|e| child::decode_spawn_error(e, &spec.argv[0]))?;
+    let copiers = match copiers {
+        Ok(c) => c,
+        Err(e) => {
+            kill_and_reap(&mut task);
+            return Err(e);
+        }
+    };
     let started_at_ms = state::now_ms();
     let me = std::process::id();
     // The task is our unreaped child: its /proc entry exists even if it
@@ -480,7 +546,7 @@ fn start_task(dir: &Path) -> Result<(Child, Launch), ShimError> {
         kill_and_reap(&mut task);
         return Err(e.into());
     }
-    Ok((task, launch))
+    Ok((task, launch, copiers))
 }
 
 /// The largest secret or config file the shim takes (Docker's limit is 500 KiB).

@@ -81,6 +81,9 @@ pub struct TaskSpec {
     /// image tasks existed.
     #[serde(default)]
     pub rootfs: Option<RootfsSpec>,
+    /// How its output is kept (size and number of log files).
+    #[serde(default)]
+    pub log: crate::logs::LogOptions,
 }
 
 /// An image task's root filesystem and process settings (see the
@@ -486,6 +489,7 @@ mod tests {
             memory_bytes: 0,
             resolv_conf: "nameserver 127.0.0.11\n".into(),
             rootfs: None,
+            log: Default::default(),
         }
     }
 

@@ -26,10 +26,6 @@ pub const RESOLV_FILE: &str = "resolv.conf";
 pub const HOSTNAME_FILE: &str = "hostname";
 /// An image task's `/etc/hosts`.
 pub const HOSTS_FILE: &str = "hosts";
-/// The task's standard output.
-pub const STDOUT_LOG: &str = "stdout.log";
-/// The task's standard error.
-pub const STDERR_LOG: &str = "stderr.log";
 /// The shim's own standard error (diagnostics).
 pub const SHIM_LOG: &str = "shim.log";
 

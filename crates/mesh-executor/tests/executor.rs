@@ -24,8 +24,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mesh_executor::{
-    shim_main_if_requested, CgroupMode, ExecError, Executor, ExecutorConfig, TaskRuntime, TaskSpec,
-    DEFAULT_PATH,
+    shim_main_if_requested, CgroupMode, ExecError, Executor, ExecutorConfig, LogStream,
+    TaskRuntime, TaskSpec, DEFAULT_PATH,
 };
 
 use mesh_netns::serial::{Ctx, TestResult};
@@ -141,6 +141,7 @@ fn spec(id: &str, argv: &[&str]) -> TaskSpec {
         memory_bytes: 0,
         resolv_conf: RESOLV.to_string(),
         rootfs: None,
+        log: Default::default(),
     }
 }
 
@@ -204,10 +205,22 @@ fn running_pid(rt: &TaskRuntime) -> Result<u32, String> {
     }
 }
 
-fn stdout_of(ex: &Executor, id: &str) -> String {
-    ex.logs(id, 1 << 20)
-        .map(|(o, _)| String::from_utf8_lossy(&o).into_owned())
+/// The task's lines on `stream`, each with its newline.
+fn stream_of(ex: &Executor, id: &str, stream: LogStream) -> String {
+    ex.logs(id, None, None)
         .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.stream == stream)
+        .map(|r| r.text + "\n")
+        .collect()
+}
+
+fn stdout_of(ex: &Executor, id: &str) -> String {
+    stream_of(ex, id, LogStream::Stdout)
+}
+
+fn stderr_of(ex: &Executor, id: &str) -> String {
+    stream_of(ex, id, LogStream::Stderr)
 }
 
 fn readlink(p: &str) -> Result<String, String> {
@@ -242,8 +255,7 @@ fn namespaces_env_resolv_and_output() -> TestResult {
     wait_until("the task's output", Duration::from_secs(5), || {
         stdout_of(&f.ex, &id).contains("done\n")
     })?;
-    let (out, err) = f.ex.logs(&id, 1 << 20).ctx("logs")?;
-    let out = String::from_utf8_lossy(&out);
+    let (out, err) = (stdout_of(&f.ex, &id), stderr_of(&f.ex, &id));
     ensure!(out.starts_with("started\n"), "stdout: {out}");
     ensure!(out.contains(RESOLV), "resolv.conf inside: {out}");
     ensure!(out.contains(&format!("\nhost-{id}\n")), "hostname: {out}");
@@ -252,17 +264,19 @@ fn namespaces_env_resolv_and_output() -> TestResult {
         out.contains(&format!("PATH={DEFAULT_PATH}\n")),
         "PATH: {out}"
     );
+    ensure!(err == "to-stderr\n", "stderr: {err:?}");
+    // Stamped in order; the last one, and those after a time.
+    let all = f.ex.logs(&id, None, None).ctx("logs")?;
     ensure!(
-        err == b"to-stderr\n",
-        "stderr: {:?}",
-        String::from_utf8_lossy(&err)
+        all.windows(2).all(|p| p[0].time_ns < p[1].time_ns),
+        "times: {all:?}"
     );
-    let (tail, _) = f.ex.logs(&id, 5).ctx("logs tail")?;
-    ensure!(
-        tail == b"done\n",
-        "tail: {:?}",
-        String::from_utf8_lossy(&tail)
-    );
+    let tail = f.ex.logs(&id, None, Some(1)).ctx("logs tail")?;
+    ensure!(tail.len() == 1 && tail[0].text == "done", "tail: {tail:?}");
+    let after =
+        f.ex.logs(&id, Some(all[0].time_ns), None)
+            .ctx("logs after")?;
+    ensure!(after[..] == all[1..], "after the first: {after:?}");
     // The host is untouched.
     ensure!(
         fs::read("/etc/resolv.conf").ctx("host resolv.conf")? == host_resolv,
@@ -390,8 +404,7 @@ fn namespaces_env_resolv_and_output() -> TestResult {
         "state.json",
         "resolv.conf",
         "hostname",
-        "stdout.log",
-        "stderr.log",
+        "log.json",
     ] {
         ensure!(dir.join(file).exists(), "{file} missing");
     }
@@ -422,11 +435,19 @@ fn exit_code_is_reported() -> TestResult {
     let rt =
         f.ex.start(&spec(
             &id,
-            &["sh", "-c", "sleep 1000 & echo $!; sleep 0.2; exit 3"],
+            &[
+                "sh",
+                "-c",
+                "sleep 1000 & echo $!; sleep 0.2; echo bye >&2; exit 3",
+            ],
         ))
         .ctx("start")?;
     running_pid(&rt)?;
     let rt = wait_exited(&f.ex, &id)?;
+    // Its last line is in its log once it is recorded exited (the background process held
+    // the pipe until the shim killed it).
+    let err = stderr_of(&f.ex, &id);
+    ensure!(err == "bye\n", "stderr once exited: {err:?}");
     let TaskRuntime::Exited {
         code,
         signal,
@@ -568,7 +589,10 @@ fn start_errors_are_clear() -> TestResult {
         "stop of an unknown id"
     );
     ensure!(
-        matches!(f.ex.logs("nope", 10), Err(ExecError::NotFound { .. })),
+        matches!(
+            f.ex.logs("nope", None, None),
+            Err(ExecError::NotFound { .. })
+        ),
         "logs of an unknown id"
     );
     ensure!(
@@ -937,7 +961,7 @@ fn ended_tasks_scenario(f: &Fixture, starter: &Executor, ex: &Executor) -> TestR
         "list {list:?}"
     );
     for id in &ids {
-        ensure!(ex.logs(id, 1024).is_ok(), "logs of {id}");
+        ensure!(ex.logs(id, None, None).is_ok(), "logs of {id}");
         gone(id, "after list")?;
         ex.remove(id).ctx("remove")?;
         ensure!(!f.root().join("tasks").join(id).exists(), "state dir left");
@@ -1280,7 +1304,7 @@ fn child_adopt(root: &Path, parent: &str, id: &str, expect_mode: &str) -> TestRe
         ensure!(!p.exists(), "{} left after stop", p.display());
     }
     ensure!(
-        ex.list().len() == 1 && ex.logs(id, 1024).is_ok(),
+        ex.list().len() == 1 && ex.logs(id, None, None).is_ok(),
         "the stopped task is no longer listed with its logs: {:?}",
         ex.list()
     );

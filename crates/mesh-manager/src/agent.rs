@@ -46,6 +46,10 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// everywhere in well under 100 ms here, p99 ~0.5 s with 1% loss), so no new connection is
 /// sent to a process that is going away. Docker waits a fixed 2 s for the same reason.
 pub const DRAIN: Duration = Duration::from_secs(1);
+
+/// The most text of one task's log a `service logs` answer carries (the newest lines): a
+/// task's log files hold 30 MB by default.
+pub const LOG_BYTES: usize = 8 << 20;
 /// Exited tasks that are no longer assigned keep their logs this long when the leader's
 /// answer did not say which ended tasks the store still has (only a fallback: the leader
 /// normally lists them, see [`ended_on`]).
@@ -1123,25 +1127,49 @@ impl Agent {
         }
     }
 
-    /// Logs of local tasks, for `service logs`.
-    pub async fn logs(&self, task_ids: Vec<String>, max_bytes: usize) -> Vec<TaskLog> {
+    /// Logs of local tasks, for `service logs`: per task, the lines after `after[task]`
+    /// if given, else those after `since_ns` and then the last `tail`; the newest
+    /// [`LOG_BYTES`] of text at most.
+    pub async fn logs(
+        &self,
+        task_ids: Vec<String>,
+        since_ns: Option<u64>,
+        tail: Option<usize>,
+        after: BTreeMap<String, u64>,
+    ) -> Vec<TaskLog> {
         let rt = self.runtime.clone();
         tokio::task::spawn_blocking(move || {
             task_ids
                 .into_iter()
-                .map(|id| match rt.logs(&id, max_bytes) {
-                    Ok((stdout, stderr)) => TaskLog {
-                        task_id: id,
-                        stdout,
-                        stderr,
-                        error: None,
-                    },
-                    Err(e) => TaskLog {
-                        task_id: id,
-                        stdout: vec![],
-                        stderr: vec![],
-                        error: Some(e),
-                    },
+                .map(|id| {
+                    let r = match after.get(&id) {
+                        Some(t) => rt.logs(&id, Some(*t), None),
+                        None => rt.logs(&id, since_ns, tail),
+                    };
+                    match r {
+                        Ok(mut lines) => {
+                            let mut bytes = 0;
+                            let keep = lines
+                                .iter()
+                                .rev()
+                                .take_while(|l| {
+                                    bytes += l.text.len() + 32;
+                                    bytes <= LOG_BYTES
+                                })
+                                .count();
+                            lines.drain(..lines.len() - keep);
+                            TaskLog {
+                                task_id: id,
+                                lines,
+                                error: None,
+                            }
+                        }
+                        Err(e) => TaskLog {
+                            task_id: id,
+                            lines: vec![],
+                            error: Some(e),
+                        },
+                    }
                 })
                 .collect()
         })
@@ -1238,8 +1266,13 @@ mod tests {
             self.removed.lock().unwrap().push(id.to_string());
             Ok(())
         }
-        fn logs(&self, _: &str, _: usize) -> Result<(Vec<u8>, Vec<u8>), String> {
-            Ok((vec![], vec![]))
+        fn logs(
+            &self,
+            _: &str,
+            _: Option<u64>,
+            _: Option<usize>,
+        ) -> Result<Vec<mesh_api::LogLine>, String> {
+            Ok(vec![])
         }
         fn exec(&self, _: &str, _: &[String], _: Duration) -> Result<ExecResult, String> {
             Err("not in this test".into())
@@ -1397,8 +1430,13 @@ mod tests {
         fn remove(&self, _: &str) -> Result<(), String> {
             Ok(())
         }
-        fn logs(&self, _: &str, _: usize) -> Result<(Vec<u8>, Vec<u8>), String> {
-            Ok((vec![], vec![]))
+        fn logs(
+            &self,
+            _: &str,
+            _: Option<u64>,
+            _: Option<usize>,
+        ) -> Result<Vec<mesh_api::LogLine>, String> {
+            Ok(vec![])
         }
         fn exec(&self, _: &str, argv: &[String], _: Duration) -> Result<ExecResult, String> {
             assert_eq!(argv, ["/bin/sh", "-c", "check"]);

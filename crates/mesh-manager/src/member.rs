@@ -1774,11 +1774,16 @@ impl Member {
                     .await?;
                 Ok(json!({ "id": id }))
             }
-            Request::ServiceLogs { service, max_bytes } => {
+            Request::ServiceLogs {
+                service,
+                since_ns,
+                tail,
+                after,
+            } => {
                 let state = self.read(node).await?;
-                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
-                let lines = self.gather_logs(&state, &svc.id, max_bytes).await;
-                Ok(json!({ "lines": lines }))
+                let tasks = log_targets(&state, &service)?;
+                let logs = self.gather_logs(&state, tasks, since_ns, tail, after).await;
+                Ok(json!(logs))
             }
             other => Err(ApiError::internal(format!(
                 "not a management request: {other:?}"
@@ -2032,7 +2037,9 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
             }
             PeerRequest::TaskLogs {
                 task_ids,
-                max_bytes,
+                since_ns,
+                tail,
+                after,
             } => {
                 if !m.is_manager_node(&peer.node_id).await && peer.role != mesh_ca::Role::Manager {
                     return PeerResponse::Error(ApiError::new(
@@ -2040,7 +2047,7 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
                         "only managers ask for logs",
                     ));
                 }
-                PeerResponse::TaskLogs(m.agent.logs(task_ids, max_bytes).await)
+                PeerResponse::TaskLogs(m.agent.logs(task_ids, since_ns, tail, after).await)
             }
             PeerRequest::DataKey => {
                 if !m.is_manager_node(&peer.node_id).await {
@@ -2315,67 +2322,105 @@ impl Member {
 }
 
 impl Member {
-    /// Collects the logs of a service's tasks from the nodes that ran them, as
-    /// `name@node | line` lines (stdout, then stderr, per task).
+    /// Collects the log lines of `tasks` from the nodes that ran them (each node asked once,
+    /// for its tasks), merged by time; a node that cannot answer is named in `errors`.
     async fn gather_logs(
         &self,
         state: &StoreState,
-        service_id: &str,
-        max_bytes: usize,
-    ) -> Vec<String> {
+        tasks: Vec<&mesh_api::Task>,
+        since_ns: Option<u64>,
+        tail: Option<usize>,
+        after: BTreeMap<String, u64>,
+    ) -> mesh_api::ServiceLogs {
         let mut by_node: BTreeMap<String, Vec<&mesh_api::Task>> = BTreeMap::new();
-        for t in state
-            .service_tasks(service_id)
-            .filter(|t| !t.node_id.is_empty())
-        {
+        for t in tasks.into_iter().filter(|t| !t.node_id.is_empty()) {
             by_node.entry(t.node_id.clone()).or_default().push(t);
         }
         let me = self.local().node_id;
-        let mut lines = Vec::new();
+        let mut out = mesh_api::ServiceLogs::default();
         for (node_id, mut tasks) in by_node {
             tasks.sort_by_key(|t| (t.slot, t.created_at));
             let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+            let after: BTreeMap<String, u64> = ids
+                .iter()
+                .filter_map(|id| after.get(id).map(|t| (id.clone(), *t)))
+                .collect();
             let host = state
                 .nodes
                 .get(&node_id)
                 .map(|n| n.hostname.clone())
                 .unwrap_or_else(|| node_id.clone());
             let logs = if node_id == me {
-                self.agent.logs(ids, max_bytes).await
+                self.agent.logs(ids, since_ns, tail, after).await
             } else {
                 let Some(addr) = state.nodes.get(&node_id).map(|n| n.addr.clone()) else {
                     continue;
                 };
                 let req = PeerRequest::TaskLogs {
                     task_ids: ids,
-                    max_bytes,
+                    since_ns,
+                    tail,
+                    after,
                 };
                 match self.call(&addr, &req, Duration::from_secs(10)).await {
                     Ok(PeerResponse::TaskLogs(l)) => l,
                     Ok(other) => {
-                        lines.push(format!("error from {host}: cannot get logs: {other:?}"));
+                        out.errors
+                            .push(format!("error from {host}: cannot get logs: {other:?}"));
                         continue;
                     }
                     Err(e) => {
-                        lines.push(format!("error from {host}: cannot get logs: {e}"));
+                        out.errors
+                            .push(format!("error from {host}: cannot get logs: {e}"));
                         continue;
                     }
                 }
             };
             for (t, log) in tasks.iter().zip(logs) {
-                let prefix = format!("{}@{}", t.name(), host);
                 if let Some(e) = log.error {
+                    // A task whose directory its node removed (or never made).
                     debug!("logs of {}: {e}", t.id);
                     continue;
                 }
-                let out = String::from_utf8_lossy(&log.stdout).into_owned();
-                let err = String::from_utf8_lossy(&log.stderr).into_owned();
-                for l in out.lines().chain(err.lines()) {
-                    lines.push(format!("{prefix}    | {l}"));
-                }
+                out.lines
+                    .extend(log.lines.into_iter().map(|line| mesh_api::ServiceLogLine {
+                        task_id: t.id.clone(),
+                        task_name: t.short_name(),
+                        service_id: t.service_id.clone(),
+                        node_id: node_id.clone(),
+                        node: host.clone(),
+                        line,
+                    }));
             }
         }
-        lines
+        // Merged by time (each task's lines are in order already).
+        out.lines.sort_by_key(|l| l.line.time_ns);
+        out
+    }
+}
+
+/// The tasks `service logs KEY` reads: a service's (ID, name or unique ID prefix), or else
+/// one task (ID or unique ID prefix); Docker's error when neither is found.
+fn log_targets<'a>(state: &'a StoreState, key: &str) -> Result<Vec<&'a mesh_api::Task>, ApiError> {
+    if let Ok(svc) = state.find_service(key) {
+        return Ok(state.service_tasks(&svc.id).collect());
+    }
+    if let Some(t) = state.tasks.get(key) {
+        return Ok(vec![t]);
+    }
+    let by_prefix: Vec<&mesh_api::Task> = state
+        .tasks
+        .values()
+        .filter(|t| !key.is_empty() && t.id.starts_with(key))
+        .collect();
+    match by_prefix.len() {
+        1 => Ok(by_prefix),
+        0 => Err(ApiError::not_found(format!(
+            "no such task or service: {key}"
+        ))),
+        n => Err(ApiError::invalid(format!(
+            "task {key} is ambiguous ({n} matches)"
+        ))),
     }
 }
 

@@ -47,7 +47,12 @@ pub enum PeerRequest {
     /// A manager asks a node for the logs of some of its tasks.
     TaskLogs {
         task_ids: Vec<String>,
-        max_bytes: usize,
+        /// Lines after this time (Unix ns, exclusive), for tasks not in `after`.
+        since_ns: Option<u64>,
+        /// The last `tail` lines, for tasks not in `after`.
+        tail: Option<usize>,
+        /// Per task: lines after this time.
+        after: std::collections::BTreeMap<String, u64>,
     },
     /// A manager without the data key asks another manager for it (answered to
     /// managers only).
@@ -165,7 +170,7 @@ pub enum PeerResponse {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskLog {
     pub task_id: String,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
+    /// Oldest first; the newest [`crate::agent::LOG_BYTES`] of text at most.
+    pub lines: Vec<mesh_api::LogLine>,
     pub error: Option<String>,
 }

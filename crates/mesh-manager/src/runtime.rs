@@ -203,7 +203,14 @@ pub trait Runtime: Send + Sync + 'static {
     /// Sends `signal` to the task, then SIGKILL if it still runs after `grace`.
     fn stop(&self, id: &str, signal: i32, grace: Duration) -> Result<(), String>;
     fn remove(&self, id: &str) -> Result<(), String>;
-    fn logs(&self, id: &str, max_bytes: usize) -> Result<(Vec<u8>, Vec<u8>), String>;
+    /// The task's output lines (oldest first): after `after_ns` (exclusive) if given, then
+    /// the last `tail` if given.
+    fn logs(
+        &self,
+        id: &str,
+        after_ns: Option<u64>,
+        tail: Option<usize>,
+    ) -> Result<Vec<mesh_api::LogLine>, String>;
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecResult, String>;
 }
 

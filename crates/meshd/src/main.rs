@@ -61,6 +61,10 @@ struct Args {
     /// /var/run/docker.sock on a host without Docker to drive mesh with `docker` unchanged.
     #[arg(long, value_name = "PATH")]
     docker_socket: Option<PathBuf>,
+    /// A task log option, KEY=VALUE; repeatable: max-size (default 10m) and max-file
+    /// (default 3) bound each task's log, as Docker's json-file driver.
+    #[arg(long = "log-opt", value_name = "KEY=VALUE", value_parser = parse_log_opt)]
+    log_opts: Vec<String>,
     /// Serve Prometheus metrics on http://IP:PORT/metrics (off by default).
     #[arg(long, value_name = "IP:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -193,6 +197,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             runtime: std::sync::Arc::new(runtime::ExecRuntime {
                 executor,
                 volumes: args.data_dir.join("volumes"),
+                log: log_options(&args.log_opts)?,
             }),
             plane: Some(std::sync::Arc::new(plane)),
             images: Some(std::sync::Arc::new(images::StoreImages::new(
@@ -246,4 +251,19 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// Checks one `--log-opt` as it is parsed (the error names the flag).
+fn parse_log_opt(v: &str) -> Result<String, String> {
+    mesh_executor::LogOptions::default().set(v)?;
+    Ok(v.to_string())
+}
+
+/// The task log options of the `--log-opt` flags (the last of a key wins).
+fn log_options(opts: &[String]) -> anyhow::Result<mesh_executor::LogOptions> {
+    let mut o = mesh_executor::LogOptions::default();
+    for v in opts {
+        o.set(v).map_err(anyhow::Error::msg)?;
+    }
+    Ok(o)
 }

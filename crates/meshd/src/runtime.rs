@@ -14,6 +14,8 @@ pub struct ExecRuntime {
     pub executor: std::sync::Arc<Executor>,
     /// Where named volumes live: `<data-dir>/volumes/<name>/_data`, as Docker's local driver.
     pub volumes: PathBuf,
+    /// How each task's output is kept (`--log-opt`).
+    pub log: mesh_executor::LogOptions,
 }
 
 fn state(r: TaskRuntime) -> RunState {
@@ -73,6 +75,7 @@ impl ExecRuntime {
             memory_bytes: spec.memory_bytes,
             resolv_conf: spec.resolv_conf.clone(),
             rootfs,
+            log: self.log,
         })
     }
 
@@ -153,8 +156,27 @@ impl Runtime for ExecRuntime {
         self.executor.remove(id).map_err(|e| e.to_string())
     }
 
-    fn logs(&self, id: &str, max_bytes: usize) -> Result<(Vec<u8>, Vec<u8>), String> {
-        self.executor.logs(id, max_bytes).map_err(|e| e.to_string())
+    fn logs(
+        &self,
+        id: &str,
+        after_ns: Option<u64>,
+        tail: Option<usize>,
+    ) -> Result<Vec<mesh_api::LogLine>, String> {
+        let records = self
+            .executor
+            .logs(id, after_ns, tail)
+            .map_err(|e| e.to_string())?;
+        Ok(records
+            .into_iter()
+            .map(|r| mesh_api::LogLine {
+                time_ns: r.time_ns,
+                stream: match r.stream {
+                    mesh_executor::LogStream::Stdout => mesh_api::LogStream::Stdout,
+                    mesh_executor::LogStream::Stderr => mesh_api::LogStream::Stderr,
+                },
+                text: r.text,
+            })
+            .collect())
     }
 
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecResult, String> {

@@ -149,11 +149,10 @@ fn output_when_done(f: &Fixture, id: &str) -> Result<String, String> {
             || f.ex.status(id).is_some_and(|rt| !rt.is_running())
     })?;
     let out = stdout_of(&f.ex, id);
-    let (_, err) = f.ex.logs(id, 4096).ctx("logs")?;
+    let err = super::stderr_of(&f.ex, id);
     ensure!(
         out.contains("done\n"),
-        "no 'done' in stdout: {out}\nstderr: {}",
-        String::from_utf8_lossy(&err)
+        "no 'done' in stdout: {out}\nstderr: {err}"
     );
     Ok(out)
 }
