@@ -767,12 +767,13 @@ fn docker_stack_deploy_runs_a_compose_file() -> Result<()> {
     // --timestamps and --since: the CLI's own rendering of the stamps the node put.
     let out = h1.docker_ok(&["service", "logs", "-t", "--since", "10m", "demo_probe"])?;
     ensure!(
-        out.lines().any(|l| l.split_once(' ').is_some_and(|(ts, rest)| {
-            ts.len() == 30
-                && ts.ends_with('Z')
-                && rest.starts_with("demo_probe.1.")
-                && rest.ends_with("| probe-started")
-        })),
+        out.lines()
+            .any(|l| l.split_once(' ').is_some_and(|(ts, rest)| {
+                ts.len() == 30
+                    && ts.ends_with('Z')
+                    && rest.starts_with("demo_probe.1.")
+                    && rest.ends_with("| probe-started")
+            })),
         "service logs -t: {out}"
     );
     let out = h1.docker_ok(&[
@@ -782,7 +783,10 @@ fn docker_stack_deploy_runs_a_compose_file() -> Result<()> {
         "2099-01-01T00:00:00Z",
         "demo_probe",
     ])?;
-    ensure!(out.trim().is_empty(), "service logs --since the future: {out}");
+    ensure!(
+        out.trim().is_empty(),
+        "service logs --since the future: {out}"
+    );
 
     // --follow keeps streaming what the task prints next.
     let ticks = |out: &str| -> Vec<u64> {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod config;
 mod images;
 mod metrics;
 mod plane;
@@ -12,7 +13,7 @@ mod runtime;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use mesh_manager::{Daemon, DaemonConfig};
 use tracing::info;
 
@@ -26,6 +27,10 @@ enum LogFormat {
 #[derive(Parser, Debug)]
 #[command(name = "meshd", version, about)]
 struct Args {
+    /// The configuration file: meshd's flags as JSON keys (Docker's daemon.json); a flag on
+    /// the command line wins.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_CONFIG_FILE)]
+    config_file: PathBuf,
     /// Node name (default: the host name).
     #[arg(long)]
     node_name: Option<String>,
@@ -114,7 +119,14 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
 fn main() {
     // A task shim is meshd re-executed: it must not parse meshd's flags.
     mesh_executor::shim_main_if_requested();
-    let args = Args::parse();
+    let argv = match config::merge(Args::command(), std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("meshd: {e}");
+            std::process::exit(1);
+        }
+    };
+    let args = Args::parse_from(argv);
     if let Err(e) = run(args) {
         eprintln!("meshd: {e:#}");
         std::process::exit(1);
