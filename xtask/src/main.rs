@@ -7,8 +7,11 @@
 //!   section of `docs/benchmarks.md`);
 //! - `cargo xtask soak [--minutes N] [--seed S] [--lb-backend ebpf|nftables]`: the seeded churn
 //!   soak (`mesh_netns::soak`) on a 5-host cluster; exits 1 if an invariant broke;
+//! - `cargo xtask deb`: the Debian package (release binaries and the systemd unit) in
+//!   `target/deb/`;
 //! - `cargo xtask tidy`: fmt and clippy as CI runs them.
 
+mod deb;
 mod demo;
 mod soak;
 
@@ -30,6 +33,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("clang", "clang"),
     ("llvm-strip", "llvm"),
     ("bpftool", "bpftool"),
+    ("systemd-analyze", "systemd"),
 ];
 
 fn main() {
@@ -55,9 +59,10 @@ fn run() -> anyhow::Result<()> {
             soak::run(&rest)
         }
         "tidy" => tidy(),
+        "deb" => deb::run(&root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask test [CARGO TEST ARGS] | demo [--keep] | bench NAME | soak [--minutes N] [--seed S] [--lb-backend ebpf|nftables] | tidy"
+                "usage: cargo xtask test [CARGO TEST ARGS] | demo [--keep] | bench NAME | soak [--minutes N] [--seed S] [--lb-backend ebpf|nftables] | deb | tidy"
             );
             bail!("unknown verb: {verb:?}")
         }
