@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod blob;
+pub mod events;
 pub mod filter;
 pub mod health;
 pub mod human;

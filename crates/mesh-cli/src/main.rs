@@ -7,6 +7,7 @@ mod bench;
 mod blob;
 mod client;
 mod discovery;
+mod events;
 mod format;
 mod image;
 mod login;
@@ -101,6 +102,8 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Get real time events from the cluster (services, nodes, networks).
+    Events(events::EventsArgs),
     /// Print the shell completion script for bash, zsh or fish.
     Completion {
         /// The shell.
@@ -373,6 +376,7 @@ fn run(cli: Cli) -> Result<()> {
             let status = service::exec(&c, task, command)?;
             std::process::exit(status);
         }
+        Cmd::Events(a) => events::run(&c, &a)?,
         Cmd::Completion { .. } => unreachable!("handled before connecting"),
     }
     Ok(())

@@ -206,7 +206,7 @@ async fn distribution(b: &dyn Backend, reference: &str) -> Result<Reply> {
 /// `docker events`: the cluster's changes from now on (see [`crate::events`]).
 async fn events(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
     let f = c.query.filters().map_err(EngineError::bad)?;
-    f.only(&["type", "event", "scope", "service", "node", "network"])
+    f.only(mesh_api::events::FILTER_KEYS)
         .map_err(EngineError::bad)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
