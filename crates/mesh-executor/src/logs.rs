@@ -267,8 +267,9 @@ pub fn read(dir: &Path, after_ns: Option<u64>, tail: Option<usize>) -> io::Resul
         };
         files.push((idx, e.path()));
     }
-    // Oldest (highest index) first.
-    files.sort_by_key(|f| std::cmp::Reverse(f.0));
+    // Newest (index 0) first: older files are read only while they can hold lines wanted
+    // (after `after_ns`, or to fill `tail`), so a follower's poll reads one file.
+    files.sort_by_key(|f| f.0);
     let mut out = Vec::new();
     for (_, path) in files {
         let f = match File::open(&path) {
@@ -279,6 +280,7 @@ pub fn read(dir: &Path, after_ns: Option<u64>, tail: Option<usize>) -> io::Resul
         };
         let mut r = BufReader::new(f);
         let mut line = Vec::new();
+        let mut first: Option<u64> = None;
         loop {
             line.clear();
             if r.read_until(b'\n', &mut line)? == 0 || line.last() != Some(&b'\n') {
@@ -290,6 +292,7 @@ pub fn read(dir: &Path, after_ns: Option<u64>, tail: Option<usize>) -> io::Resul
             let Some(time_ns) = parse_rfc3339_ns(&e.time) else {
                 continue;
             };
+            first.get_or_insert(time_ns);
             if after_ns.is_some_and(|a| time_ns <= a) {
                 continue;
             }
@@ -303,7 +306,16 @@ pub fn read(dir: &Path, after_ns: Option<u64>, tail: Option<usize>) -> io::Resul
                 text,
             });
         }
+        let older_not_wanted = after_ns.is_some_and(|a| first.is_some_and(|t| t <= a))
+            || tail.is_some_and(|n| out.len() >= n);
+        if older_not_wanted {
+            break;
+        }
     }
+    // In time order, each line once (a rotation between the listing and the reads can show
+    // one file under two names).
+    out.sort_by_key(|r| r.time_ns);
+    out.dedup_by_key(|r| r.time_ns);
     if let Some(n) = tail {
         let drop = out.len().saturating_sub(n);
         out.drain(..drop);
@@ -452,6 +464,14 @@ mod tests {
         assert_eq!(r.last().unwrap().text, "line 99");
         assert!(r.len() < 20, "{} records kept", r.len());
         assert!(r.windows(2).all(|p| p[0].time_ns < p[1].time_ns));
+        // Across files: the same lines whatever the cursor or tail, read newest file first.
+        for k in 0..r.len() {
+            assert_eq!(
+                read(dir.path(), Some(r[k].time_ns), None).unwrap(),
+                r[k + 1..]
+            );
+            assert_eq!(read(dir.path(), None, Some(k)).unwrap(), r[r.len() - k..]);
+        }
         // A long line is cut in records of MAX_LINE.
         let long = vec![b'x'; MAX_LINE * 2 + 10];
         let dir2 = tempfile::tempdir().unwrap();
