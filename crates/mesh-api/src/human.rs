@@ -51,6 +51,49 @@ pub fn rfc3339_ns(ns: u64) -> String {
     )
 }
 
+/// A Go duration (`300ms`, `5s`, `1m30s`, `1.5h`; `0` alone) in nanoseconds, rounded; `None`
+/// if it is not one. The one parser behind the CLI's flags, compose files and `--since`.
+pub fn go_duration_ns(s: &str) -> Option<u64> {
+    if s == "0" {
+        return Some(0);
+    }
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        if num_len == 0 {
+            return None;
+        }
+        let n: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let mult = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total += n * mult;
+        rest = &rest[unit_len..];
+    }
+    Some(total.round() as u64)
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// RFC 3339, UTC, from Unix seconds (as Docker's `CreatedAt`).
 pub fn rfc3339(secs: u64) -> String {
     rfc3339_ms(secs.saturating_mul(1000))
@@ -59,6 +102,17 @@ pub fn rfc3339(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(go_duration_ns("0"), Some(0));
+        assert_eq!(go_duration_ns("1m30s"), Some(90_000_000_000));
+        assert_eq!(go_duration_ns("1.5h"), Some(5_400_000_000_000));
+        assert_eq!(go_duration_ns("300ms"), Some(300_000_000));
+        for bad in ["", "5", "s", "1x", "1m30"] {
+            assert_eq!(go_duration_ns(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn as_docker_words_them() {

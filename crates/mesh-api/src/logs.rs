@@ -72,44 +72,11 @@ pub fn parse_since(value: &str, now_ns: u64) -> Result<u64, String> {
     if let Some(t) = parse_rfc3339(v) {
         return Ok(t);
     }
-    if let Some(ns) = go_duration_ns(v) {
+    // A bare "0" was taken as Unix seconds above.
+    if let Some(ns) = crate::human::go_duration_ns(v) {
         return Ok(now_ns.saturating_sub(ns));
     }
     Err(bad())
-}
-
-/// A Go duration (`1h30m`, `42m`, `10s`, `500ms`, `1.5h`) in nanoseconds.
-fn go_duration_ns(v: &str) -> Option<u64> {
-    let mut rest = v;
-    let mut total = 0f64;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_len == 0 {
-            return None;
-        }
-        let n: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += n * mult;
-    }
-    Some(total as u64)
 }
 
 /// RFC 3339 time or date: `YYYY-MM-DD[THH:MM[:SS[.frac]]][Z|±HH:MM]` (no zone: UTC).

@@ -425,40 +425,9 @@ fn non_negative(what: &str, v: i64) -> Result<u64> {
 
 /// Go-style durations: `300ms`, `5s`, `1m30s`, `2h`; `0` alone is allowed.
 pub fn parse_duration_ms(s: &str) -> Result<u64> {
-    let bad = || Failure(format!("invalid duration: {s:?} (e.g. 500ms, 5s, 1m)"));
-    if s == "0" {
-        return Ok(0);
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        if num_len == 0 {
-            return Err(bad());
-        }
-        let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..unit_len] {
-            "ns" => 1e-6,
-            "us" | "µs" => 1e-3,
-            "ms" => 1.0,
-            "s" => 1e3,
-            "m" => 60e3,
-            "h" => 3600e3,
-            _ => return Err(bad()),
-        };
-        total += n * mult;
-        rest = &rest[unit_len..];
-    }
-    Ok(total.round() as u64)
+    mesh_api::human::go_duration_ns(s)
+        .map(|ns| (ns as f64 / 1e6).round() as u64)
+        .ok_or_else(|| Failure(format!("invalid duration: {s:?} (e.g. 500ms, 5s, 1m)")))
 }
 
 /// Bytes with an optional unit: `512m`, `1g`, `64k`, `1048576`.

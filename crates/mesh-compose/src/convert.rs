@@ -265,36 +265,7 @@ pub(crate) fn duration_ms(n: &Node, path: &str) -> R<u64> {
             format!("invalid duration {s:?} (e.g. 500ms, 10s, 1m30s)"),
         )
     };
-    if s == "0" {
-        return Ok(0);
-    }
-    let mut total_ns = 0f64;
-    let mut rest = s.as_str();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let v: f64 = rest[..num_len].parse().map_err(|_| bad())?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        total_ns += v * mult;
-        rest = &rest[unit_len..];
-    }
-    let ns = total_ns.round() as u64;
+    let ns = mesh_api::human::go_duration_ns(&s).ok_or_else(bad)?;
     if !ns.is_multiple_of(1_000_000) {
         return Err(n.err(
             path,
