@@ -26,6 +26,20 @@ pub struct Event {
     pub time_ns: u64,
 }
 
+impl Event {
+    /// Docker's event message (`GET /events`, `docker events --format json`).
+    pub fn docker_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "Type": self.kind,
+            "Action": self.action,
+            "Actor": {"ID": self.id, "Attributes": self.attributes},
+            "scope": "swarm",
+            "time": self.time_ns / 1_000_000_000,
+            "timeNano": self.time_ns,
+        })
+    }
+}
+
 /// One object's identity and what a change of it is compared on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Seen {

@@ -45,6 +45,23 @@ pub struct ServiceLogs {
     pub errors: Vec<String>,
 }
 
+/// The last `tail` lines of each task (all if `None`), in the order given.
+pub fn tail_per_task(lines: Vec<ServiceLogLine>, tail: Option<usize>) -> Vec<ServiceLogLine> {
+    let Some(n) = tail else { return lines };
+    let mut left: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for l in &lines {
+        *left.entry(l.task_id.clone()).or_default() += 1;
+    }
+    lines
+        .into_iter()
+        .filter(|l| {
+            let c = left.get_mut(&l.task_id).expect("counted");
+            *c -= 1;
+            *c < n
+        })
+        .collect()
+}
+
 /// `--since VALUE` as Unix nanoseconds, `now_ns` being the present: an RFC 3339 time
 /// (`2026-12-04T10:00:00Z`, `...+01:00`, fractions allowed) or date (`2026-12-04`), Unix
 /// seconds (`1733305200`, `1733305200.5`), or a Go duration back from now (`42m`, `1h30m`).

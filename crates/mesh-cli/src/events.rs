@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 use mesh_api::events::{matches, Event, Snapshot, FILTER_KEYS};
+use mesh_api::human::now_ns;
 use mesh_api::{ClusterObjects, Filters, Request};
-use serde_json::json;
 
 use crate::client::Client;
 use crate::{Failure, Result};
@@ -82,7 +82,11 @@ pub fn run(c: &Client, a: &EventsArgs) -> Result<()> {
             if !matches(&f, &ev) {
                 continue;
             }
-            let line = if json { as_json(&ev) } else { as_text(&ev) };
+            let line = if json {
+                ev.docker_json().to_string()
+            } else {
+                as_text(&ev)
+            };
             if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
                 // A closed pipe (`| head`): stop quietly.
                 return Ok(());
@@ -109,25 +113,6 @@ pub fn as_text(ev: &Event) -> String {
     )
 }
 
-/// Docker's JSON message.
-fn as_json(ev: &Event) -> String {
-    json!({
-        "Type": ev.kind,
-        "Action": ev.action,
-        "Actor": {"ID": ev.id, "Attributes": ev.attributes},
-        "scope": "swarm",
-        "time": ev.time_ns / 1_000_000_000,
-        "timeNano": ev.time_ns,
-    })
-    .to_string()
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,7 +137,7 @@ mod tests {
             as_text(&ev),
             "2001-09-09T01:46:40.000000001Z service update abc (name=web, replicas.new=3, replicas.old=2)"
         );
-        let v: serde_json::Value = serde_json::from_str(&as_json(&ev)).unwrap();
+        let v = ev.docker_json();
         assert_eq!(v["Actor"]["Attributes"]["replicas.new"], "3");
     }
 }

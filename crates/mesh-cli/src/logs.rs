@@ -4,10 +4,12 @@
 //! [`FOLLOW_EVERY`] from a cursor per task (the time of its last line, as its node stamped
 //! it, so nodes' clocks need not agree), until the service is removed or the user stops it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
+use mesh_api::human::now_ns;
+use mesh_api::logs::tail_per_task;
 use mesh_api::{LogStream, Request, ServiceLogLine, ServiceLogs};
 
 use crate::client::Client;
@@ -77,23 +79,6 @@ fn report_errors(errors: &[String]) {
     }
 }
 
-/// The last `tail` lines of each task, in time order.
-pub fn tail_per_task(lines: Vec<ServiceLogLine>, tail: Option<usize>) -> Vec<ServiceLogLine> {
-    let Some(n) = tail else { return lines };
-    let mut left: HashMap<String, usize> = HashMap::new();
-    for l in &lines {
-        *left.entry(l.task_id.clone()).or_default() += 1;
-    }
-    lines
-        .into_iter()
-        .filter(|l| {
-            let c = left.get_mut(&l.task_id).expect("counted");
-            *c -= 1;
-            *c < n
-        })
-        .collect()
-}
-
 /// Prints `lines` (stdout lines on stdout, stderr lines on stderr) and moves the cursors.
 fn print(a: &LogsArgs, lines: &[ServiceLogLine], after: &mut BTreeMap<String, u64>) -> Result<()> {
     let mut out = std::io::stdout().lock();
@@ -144,12 +129,6 @@ pub fn format_line(a: &LogsArgs, l: &ServiceLogLine) -> String {
     }
     s.push_str(&l.line.text);
     s
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -7,26 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mesh_api::events::{matches, Event, Snapshot};
+use mesh_api::events::{matches, Snapshot};
 use mesh_api::ClusterObjects;
-use serde_json::{json, Value};
 
 use crate::query::Filters;
 
 /// How often the objects are compared.
 pub const EVERY: Duration = Duration::from_millis(500);
-
-/// An event in Docker's message shape.
-fn message(ev: &Event) -> Value {
-    json!({
-        "Type": ev.kind,
-        "Action": ev.action,
-        "Actor": {"ID": ev.id, "Attributes": ev.attributes},
-        "scope": "swarm",
-        "time": ev.time_ns / 1_000_000_000,
-        "timeNano": ev.time_ns,
-    })
-}
 
 fn now_ns() -> u128 {
     std::time::SystemTime::now()
@@ -90,7 +77,7 @@ pub fn stream(
                 if !matches(&filters, &ev) {
                     continue;
                 }
-                let mut line = serde_json::to_vec(&message(&ev)).unwrap_or_default();
+                let mut line = serde_json::to_vec(&ev.docker_json()).unwrap_or_default();
                 line.push(b'\n');
                 if tx.send(Bytes::from(line)).await.is_err() {
                     return;
@@ -104,6 +91,7 @@ pub fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_api::events::Event;
 
     #[test]
     fn messages_as_docker_s() {
@@ -121,7 +109,7 @@ mod tests {
             .collect(),
             time_ns: 12_500_000_000,
         };
-        let m = message(&ev);
+        let m = ev.docker_json();
         assert_eq!(m["Type"], "node");
         assert_eq!(m["Actor"]["Attributes"]["state.new"], "down");
         assert_eq!(m["time"], 12);

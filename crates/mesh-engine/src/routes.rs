@@ -902,26 +902,6 @@ fn log_frame(l: &mesh_api::ServiceLogLine, timestamps: bool, details: bool) -> B
     Bytes::from(frame)
 }
 
-/// The last `tail` lines of each task, in time order.
-fn tail_per_task(
-    lines: Vec<mesh_api::ServiceLogLine>,
-    tail: Option<usize>,
-) -> Vec<mesh_api::ServiceLogLine> {
-    let Some(n) = tail else { return lines };
-    let mut left: HashMap<String, usize> = HashMap::new();
-    for l in &lines {
-        *left.entry(l.task_id.clone()).or_default() += 1;
-    }
-    lines
-        .into_iter()
-        .filter(|l| {
-            let c = left.get_mut(&l.task_id).expect("counted");
-            *c -= 1;
-            *c < n
-        })
-        .collect()
-}
-
 /// `docker service logs [--follow] [--tail N] [--since T] [--timestamps] [--details]`: the
 /// tasks' lines, by time, then (following) the lines they add, read again every
 /// [`FOLLOW_EVERY`] from a cursor per task, new tasks included, until the client goes away
@@ -936,7 +916,9 @@ async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply
     };
     let since_ns = match c.query.get("since") {
         None | Some("") | Some("0") => None,
-        Some(v) => Some(mesh_api::logs::parse_since(v, now_ns()).map_err(EngineError::bad)?),
+        Some(v) => Some(
+            mesh_api::logs::parse_since(v, mesh_api::human::now_ns()).map_err(EngineError::bad)?,
+        ),
     };
     let (mut want_out, mut want_err) = (c.query.flag("stdout"), c.query.flag("stderr"));
     if !want_out && !want_err {
@@ -955,7 +937,7 @@ async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply
         for l in &first.lines {
             after.insert(l.task_id.clone(), l.line.time_ns);
         }
-        let mut batch = tail_per_task(first.lines, tail);
+        let mut batch = mesh_api::logs::tail_per_task(first.lines, tail);
         loop {
             for l in batch.drain(..) {
                 after.insert(l.task_id.clone(), l.line.time_ns);
@@ -985,13 +967,6 @@ async fn service_logs(b: &Arc<dyn Backend>, c: &Call, key: &str) -> Result<Reply
         "application/vnd.docker.multiplexed-stream",
         rx,
     ))
-}
-
-/// Now, in nanoseconds since the Unix epoch.
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 async fn task_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
