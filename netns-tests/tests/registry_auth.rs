@@ -2,7 +2,8 @@
 //! checks the credentials with the registry and keeps them for the node's pulls, wrong ones
 //! are refused in Docker's words, a node without a login is refused the image, and `service
 //! create --with-registry-auth` sends the manager's login to the workers that pull it, kept
-//! sealed in the store and never shown.
+//! sealed in the store and never shown. On a terminal, `mesh login` asks for what its flags
+//! leave out, the password without echo.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use mesh_netns::registry::registry_cluster;
 use mesh_netns::swarm::{field, service_ps, wait_tasks_running};
-use mesh_netns::wait_for;
+use mesh_netns::{wait_for, Host};
 
 #[test]
 fn a_login_reaches_the_nodes_that_pull() -> Result<()> {
@@ -112,5 +113,88 @@ fn a_login_reaches_the_nodes_that_pull() -> Result<()> {
     );
     let out = h1.mesh_ok(&["logout", &server])?;
     ensure!(out.trim() == format!("Not logged in to {server}"), "{out}");
+
+    // Without a password and no terminal to ask on: Docker's refusal, nothing sent.
+    let out = h1.mesh(&["login", "-u", "alice", &server])?;
+    ensure!(
+        !out.success()
+            && out
+                .stderr
+                .contains("Cannot perform an interactive login from a non TTY device"),
+        "{out:?}"
+    );
+    // On a terminal, what the flags leave out is asked for, the password without echo.
+    let transcript = interactive_login(h1, &server, "alice", password)?;
+    ensure!(
+        transcript.contains("Username: ")
+            && transcript.contains("Password: ")
+            && transcript.contains("Login Succeeded"),
+        "{transcript}"
+    );
+    ensure!(
+        !transcript.contains(password),
+        "the password was echoed: {transcript}"
+    );
+    ensure!(h1.data_dir().join("registry-auth.json").exists());
+    h1.mesh_ok(&["logout", &server])?;
     Ok(())
+}
+
+/// Runs `mesh login SERVER` on a pseudo-terminal (python's `pty`), answers its username
+/// prompt and, once the terminal's echo is off, its password prompt; returns what the
+/// terminal showed.
+fn interactive_login(h: &Host, server: &str, user: &str, password: &str) -> Result<String> {
+    const DRIVER: &str = r#"
+import os, subprocess, sys, termios, time
+mesh, sock, server, user, password = sys.argv[1:6]
+master, slave = os.openpty()
+p = subprocess.Popen([mesh, "-H", "unix://" + sock, "login", server],
+                     stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+os.close(slave)
+seen = b""
+def until(pred, what):
+    global seen
+    deadline = time.monotonic() + 20
+    while not pred():
+        if time.monotonic() > deadline:
+            sys.exit("timed out waiting for " + what + ": " + repr(seen))
+        import select
+        r, _, _ = select.select([master], [], [], 0.05)
+        if r:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                sys.exit("terminal closed waiting for " + what + ": " + repr(seen))
+until(lambda: b"Username: " in seen, "the username prompt")
+os.write(master, (user + "\n").encode())
+until(lambda: b"Password: " in seen, "the password prompt")
+until(lambda: not termios.tcgetattr(master)[3] & termios.ECHO, "echo off")
+os.write(master, (password + "\n").encode())
+# Everything the login writes, up to the terminal's close (EIO once the CLI has exited).
+while True:
+    try:
+        b = os.read(master, 4096)
+    except OSError:
+        break
+    if not b:
+        break
+    seen += b
+sys.stdout.write(seen.decode(errors="replace"))
+sys.exit(p.wait(timeout=20))
+"#;
+    let mesh = mesh_netns::binaries()?.mesh.display().to_string();
+    let sock = h.socket().display().to_string();
+    let out = h.exec_timeout(
+        &[
+            "python3", "-c", DRIVER, &mesh, &sock, server, user, password,
+        ],
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.status.success(),
+        "interactive login failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -14,6 +14,7 @@ mod login;
 mod logs;
 mod network;
 mod pretty;
+mod prompt;
 mod service;
 mod stack;
 mod swarm;

@@ -1,8 +1,6 @@
 //! `mesh swarm unlock`, `mesh swarm unlock-key [-q] [--rotate]` and `mesh swarm update`, with
 //! Docker's words; the unlock key is read from a prompt (echo off) or from stdin.
 
-use std::io::{BufRead, IsTerminal, Write};
-
 use mesh_api::Request;
 use serde_json::Value;
 
@@ -36,47 +34,9 @@ pub fn unlock(c: &Client) -> Result<()> {
 }
 
 fn read_key(prompt: &str) -> Result<String> {
-    let stdin = std::io::stdin();
-    let mut line = String::new();
-    if stdin.is_terminal() {
-        print!("{prompt}");
-        let _ = std::io::stdout().flush();
-        let echo = EchoOff::new();
-        let r = stdin.lock().read_line(&mut line);
-        drop(echo);
-        println!();
-        r
-    } else {
-        stdin.lock().read_line(&mut line)
-    }
-    .map_err(|e| Failure(format!("reading the unlock key: {e}")))?;
-    Ok(line.trim().to_string())
-}
-
-/// Terminal echo turned off on stdin while it lives (`stty`, as this crate has no unsafe
-/// code for termios).
-struct EchoOff(bool);
-
-impl EchoOff {
-    fn new() -> EchoOff {
-        EchoOff(stty("-echo"))
-    }
-}
-
-impl Drop for EchoOff {
-    fn drop(&mut self) {
-        if self.0 {
-            stty("echo");
-        }
-    }
-}
-
-fn stty(arg: &str) -> bool {
-    std::process::Command::new("stty")
-        .arg(arg)
-        .stdin(std::process::Stdio::inherit())
-        .status()
-        .is_ok_and(|s| s.success())
+    let line = crate::prompt::read_line(prompt, true)
+        .map_err(|e| Failure(format!("reading the unlock key: {e}")))?;
+    Ok(line.unwrap_or_default().trim().to_string())
 }
 
 /// `swarm unlock-key [-q] [--rotate]`.
