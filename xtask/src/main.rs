@@ -9,11 +9,15 @@
 //!   soak (`mesh_netns::soak`) on a 5-host cluster; exits 1 if an invariant broke;
 //! - `cargo xtask deb`: the Debian package (release binaries and the systemd unit) in
 //!   `target/deb/`;
-//! - `cargo xtask tidy`: fmt and clippy as CI runs them.
+//! - `cargo xtask tidy`: the structural checks of `tidy.rs` (layering, `forbid(unsafe_code)`,
+//!   module docs), then fmt and clippy as CI runs them.
+
+#![forbid(unsafe_code)]
 
 mod deb;
 mod demo;
 mod soak;
+mod tidy;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -77,7 +81,6 @@ fn root() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
@@ -200,6 +203,7 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn tidy() -> anyhow::Result<()> {
+    tidy::run()?;
     sh(cargo().args(["fmt", "--all", "--check"]))?;
     sh(cargo().args([
         "clippy",

@@ -18,6 +18,7 @@
 //! - [`events`]: the cluster's changes as Docker's event stream.
 //! - [`query`]: query strings and Docker's filters.
 
+#![forbid(unsafe_code)]
 #![recursion_limit = "256"]
 
 use std::future::Future;
