@@ -30,6 +30,7 @@ pub(crate) struct Registries {
 }
 
 /// One registry (or mirror) to talk to about one repository.
+#[derive(Clone)]
 pub(crate) struct Remote {
     client: oci_client::Client,
     auth: RegistryAuth,
@@ -190,8 +191,9 @@ impl Remote {
             .pull_blob(&self.oref(digest), digest, &mut file)
             .await
             .map_err(|e| map_error(e, r))?;
+        // Not synced: the file is read back at once, checked and unpacked (the unpacked layer
+        // is what is synced), then removed.
         file.flush().await.ctx("writing", path)?;
-        file.sync_all().await.ctx("fsync", path)?;
         Ok(())
     }
 

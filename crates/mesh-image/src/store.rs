@@ -459,6 +459,18 @@ impl Drop for Pins {
     }
 }
 
+/// Layers of one pull downloaded at once (dockerd's `max-concurrent-downloads` default).
+const MAX_CONCURRENT_DOWNLOADS: usize = 3;
+
+/// A file under `tmp/` removed when dropped (a finished, failed or aborted layer download).
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 /// What a pull fetched before it is recorded.
 struct Fetched {
     digest: String,
@@ -630,32 +642,41 @@ impl Inner {
         keys.extend(f.blobs.iter().map(|(d, _)| d.clone()));
         let _pins = self.pin(keys);
 
+        // Layers download side by side, at most MAX_CONCURRENT_DOWNLOADS at once (Docker's
+        // default), each unpacked as soon as it is in; the first error ends the pull (the
+        // others are aborted with the set, their temp files removed by their guards).
+        let downloads = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_DOWNLOADS));
+        let remote = Arc::new(remote.clone());
         let mut tasks = tokio::task::JoinSet::new();
         for (desc, diff_id) in f.layers.iter().zip(&parsed.diff_ids) {
             let dir = layer_dir(&self.root, diff_id)?;
             if dir.is_dir() {
                 continue;
             }
-            let blob = self.root.join("tmp").join(unique("blob"));
+            let blob = TempFile(self.root.join("tmp").join(unique("blob")));
             let inner = Arc::clone(&self);
-            let (desc, diff_id, r2) = (desc.clone(), diff_id.clone(), r.clone());
-            remote
-                .blob_to_file(r, &desc.digest, &blob, &self)
-                .await
-                .inspect_err(|_| {
-                    let _ = fs::remove_file(&blob);
-                })?;
-            tasks.spawn_blocking(move || {
-                let res = inner.install_layer_file(&blob, Some(&desc.digest), &diff_id);
-                let _ = fs::remove_file(&blob);
-                res.map_err(|e| {
-                    tracing::warn!(error = %e, "layer {} of {}", desc.digest, r2.familiar());
-                    e
+            let (remote, downloads) = (Arc::clone(&remote), Arc::clone(&downloads));
+            let (desc, diff_id, r) = (desc.clone(), diff_id.clone(), r.clone());
+            tasks.spawn(async move {
+                {
+                    let _permit = downloads.acquire().await.expect("never closed");
+                    remote
+                        .blob_to_file(&r, &desc.digest, &blob.0, &inner)
+                        .await?;
+                }
+                tokio::task::spawn_blocking(move || {
+                    inner
+                        .install_layer_file(&blob.0, Some(&desc.digest), &diff_id)
+                        .inspect_err(|e| {
+                            tracing::warn!(error = %e, "layer {} of {}", desc.digest, r.familiar())
+                        })
                 })
+                .await
+                .map_err(|e| ImageError::Io(format!("unpacking a layer: {e}")))?
             });
         }
         while let Some(res) = tasks.join_next().await {
-            res.map_err(|e| ImageError::Io(format!("unpacking a layer: {e}")))??;
+            res.map_err(|e| ImageError::Io(format!("pulling a layer: {e}")))??;
         }
         let size = parsed
             .diff_ids
