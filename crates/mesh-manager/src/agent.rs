@@ -864,8 +864,17 @@ impl Agent {
         self.wake.notify_one();
     }
 
-    /// An image task's image (pulled unless the store has it), while the task is Preparing.
+    /// An image task's image: from the store at once when it holds the pinned digest, else
+    /// pulled while the task is Preparing (reported only then, as a report costs the leader a
+    /// Raft write and delays the task's next one).
     async fn prepare_image(&self, t: &Task) -> Result<ImageRun, String> {
+        let images = self
+            .images
+            .clone()
+            .ok_or_else(|| "this node cannot run images".to_string())?;
+        if let Some(image) = images.local(&t.spec.image) {
+            return Ok(image);
+        }
         let auth = {
             let mut st = self.lock();
             let s = TaskStatus {
@@ -879,10 +888,6 @@ impl Agent {
             st.registry_auths.get(&t.service_id).cloned()
         };
         self.wake.notify_one();
-        let images = self
-            .images
-            .clone()
-            .ok_or_else(|| "this node cannot run images".to_string())?;
         let reference = t.spec.image.clone();
         match tokio::task::spawn_blocking(move || images.pull(&reference, auth.as_ref())).await {
             Ok(r) => r,

@@ -93,6 +93,9 @@ pub trait Images: Send + Sync + 'static {
         reference: &str,
         auth: Option<&mesh_api::RegistryCredentials>,
     ) -> Result<String, String>;
+    /// The image of a digest-pinned `reference` if the store has it, without asking a
+    /// registry; `None` for a tag (a tag is pulled every time) or an image not here.
+    fn local(&self, reference: &str) -> Option<ImageRun>;
     /// The image, pulled into the store first unless it is there; the error is the
     /// registry's reason (`No such image: ...`, `unauthorized: ...`). `auth` as for `pin`.
     fn pull(

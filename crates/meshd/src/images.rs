@@ -88,6 +88,12 @@ impl Images for StoreImages {
         Ok(r.with_digest(&digest).to_string())
     }
 
+    fn local(&self, reference: &str) -> Option<ImageRun> {
+        let r = parse(reference).ok()?;
+        r.digest()?;
+        self.store.get(&r).map(run_of)
+    }
+
     /// As Docker's executor: a tag is pulled every time (mutable tags stay current), but a
     /// failed pull of a tag the store already has (loaded, or pulled before) only warns and
     /// the stored image runs, so a registry that is down or unknown does not stop it.
