@@ -123,7 +123,8 @@ pub fn run(c: &Client, cmd: ImageCmd) -> Result<()> {
                 }) {
                     Ok(_) => println!("Untagged: {r}"),
                     Err(Failure(e)) => {
-                        eprintln!("Error response from daemon: {e}");
+                        // The client's error already reads "Error response from daemon: ...".
+                        eprintln!("{e}");
                         failed = Some(e);
                     }
                 }
