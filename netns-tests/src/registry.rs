@@ -191,6 +191,31 @@ impl Registry {
         )
     }
 
+    /// Like [`Registry::push_test_image`] (Docker's schema 2), with the image config's
+    /// `Entrypoint`, `Cmd` and `User` set as `config` says (what it leaves `None` is as in
+    /// the plain test image: no entrypoint, `Cmd ["sh"]`, no user).
+    pub fn push_test_image_with(
+        &self,
+        repo: &str,
+        tag: &str,
+        version: &str,
+        config: &TestImageConfig,
+    ) -> Result<String> {
+        let json = |v: &Option<Vec<String>>| v.as_ref().map(serde_json::to_string).transpose();
+        let (entrypoint, cmd) = (json(&config.entrypoint)?, json(&config.cmd)?);
+        let mut flags: Vec<&str> = Vec::new();
+        for (flag, value) in [
+            ("--entrypoint", entrypoint.as_deref()),
+            ("--cmd", cmd.as_deref()),
+            ("--user", config.user.as_deref()),
+        ] {
+            if let Some(v) = value {
+                flags.extend([flag, v]);
+            }
+        }
+        self.run_pusher(repo, tag, version, &flags, Duration::from_secs(60))
+    }
+
     /// Builds and pushes the benchmarks' bigger image as `repo:tag` (`testimage.py --big`:
     /// five layers, about 40 MB of random data); returns the pusher's JSON line
     /// (`digest`, `layers`, `compressed`, `unpacked`).
@@ -221,6 +246,18 @@ impl Registry {
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
+}
+
+/// What [`Registry::push_test_image_with`] changes in the test image's config, as a
+/// Dockerfile's `ENTRYPOINT`, `CMD` and `USER` would.
+#[derive(Clone, Debug, Default)]
+pub struct TestImageConfig {
+    /// The image's `Entrypoint` (none by default).
+    pub entrypoint: Option<Vec<String>>,
+    /// The image's `Cmd` (`["sh"]` by default).
+    pub cmd: Option<Vec<String>>,
+    /// The image's `User` (none, i.e. root, by default).
+    pub user: Option<String>,
 }
 
 impl Drop for Registry {

@@ -3,7 +3,8 @@
 over the distribution API (plain HTTP), as `docker push` would: blobs by monolithic upload,
 then the manifest under a tag. Used by mesh's netns tests (netns-tests/src/registry.rs).
 
-usage: testimage.py REGISTRY(host:port) REPOSITORY TAG VERSION [--oci]
+usage: testimage.py REGISTRY(host:port) REPOSITORY TAG VERSION [--oci] [--healthcheck JSON]
+                    [--entrypoint JSON] [--cmd JSON] [--user NAME]
        testimage.py REGISTRY REPOSITORY TAG VERSION --save FILE
 
 With --save FILE nothing is pushed: the image is written to FILE as `docker save` writes it
@@ -21,6 +22,10 @@ Prints the manifest digest on stdout.
 
 With --healthcheck JSON, the config has that `Healthcheck` (Docker's HealthConfig, durations in
 nanoseconds), as a Dockerfile's HEALTHCHECK writes it.
+
+With --entrypoint JSON, --cmd JSON (each a JSON array of strings) or --user NAME, the config has
+that `Entrypoint`, that `Cmd` instead of ["sh"], or that `User`, as a Dockerfile's ENTRYPOINT,
+CMD and USER write them; without them the config is as above.
 
 With --big (for `mesh-bench images`), the image instead has five gzip layers (level 1: random
 data does not compress): the base above, three of 10 files of 1 MiB of random data
@@ -193,12 +198,28 @@ def main():
             raise SystemExit("--save needs a FILE")
         save_to = sys.argv[i + 1]
     big = "--big" in sys.argv[5:]
-    healthcheck = None
-    if "--healthcheck" in sys.argv[5:]:
-        i = sys.argv.index("--healthcheck", 5)
+    def option(flag, what):
+        if flag not in sys.argv[5:]:
+            return None
+        i = sys.argv.index(flag, 5)
         if i + 1 >= len(sys.argv):
-            raise SystemExit("--healthcheck needs a JSON HealthConfig")
-        healthcheck = json.loads(sys.argv[i + 1])
+            raise SystemExit(f"{flag} needs {what}")
+        return sys.argv[i + 1]
+
+    def json_list(flag):
+        v = option(flag, "a JSON array of strings")
+        if v is None:
+            return None
+        v = json.loads(v)
+        if not isinstance(v, list) or not all(isinstance(w, str) for w in v):
+            raise SystemExit(f"{flag} needs a JSON array of strings")
+        return v
+
+    healthcheck = option("--healthcheck", "a JSON HealthConfig")
+    healthcheck = None if healthcheck is None else json.loads(healthcheck)
+    entrypoint = json_list("--entrypoint")
+    cmd = json_list("--cmd")
+    user = option("--user", "a user NAME")
     if big:
         layers = [layer(base, 1)] + [layer(random_files(n), 1) for n in (1, 2, 3)]
         layers.append(layer(small_files, 1))
@@ -221,6 +242,12 @@ def main():
     }
     if healthcheck is not None:
         config["config"]["Healthcheck"] = healthcheck
+    if entrypoint is not None:
+        config["config"]["Entrypoint"] = entrypoint
+    if cmd is not None:
+        config["config"]["Cmd"] = cmd
+    if user is not None:
+        config["config"]["User"] = user
     config_blob = json.dumps(config, sort_keys=True).encode()
     if save_to is not None:
         save(save_to, repo if registry == "-" else registry + "/" + repo, tag, layers,

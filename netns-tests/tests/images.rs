@@ -9,11 +9,12 @@
 //! - the tag is pinned to its digest at create: a tag moved afterwards changes no task;
 //! - an unknown image and a stopped registry reject tasks with the registry's reason, and a
 //!   registry back up lets the service converge;
-//! - `service rm` leaves no task state, upper directory or mount behind.
+//! - `service rm` leaves no task state, upper directory or mount behind; `image rm` then
+//!   untags the image no task uses, and `image ls` no longer lists it.
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use mesh_netns::registry::registry_cluster;
 use mesh_netns::swarm::{field, http_get, running_task, service_ps, task_exec, wait_tasks_running};
 use mesh_netns::wait_for;
@@ -104,6 +105,11 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
     let env = task_exec(h, &task, &["env"])?;
     ensure!(env.contains("IMAGE_VAR=from-image"), "{env}");
     ensure!(env.contains("MESH_SERVICE_NAME=web"), "{env}");
+    // The image's WorkingDir (/srv): the task's process runs there, and so does an exec.
+    let cwd = task_exec(h, &task, &["readlink", "/proc/1/cwd"])?;
+    ensure!(cwd == "/srv\n", "the task's process runs in {cwd:?}");
+    let pwd = task_exec(h, &task, &["sh", "-c", "pwd"])?;
+    ensure!(pwd == "/srv\n", "an exec runs in {pwd:?}");
 
     // From another image task: the service's name (VIP) and tasks.web through the DNS.
     h1.mesh_ok(&[
@@ -205,6 +211,31 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
             Ok((left == 0).then_some(()))
         },
     )?;
+
+    // Unused now: `image rm` untags it as Docker does, and `image ls` no longer lists it.
+    let out = h1.mesh(&["image", "rm", &image])?;
+    ensure!(out.success(), "image rm of an unused image: {out:?}");
+    ensure!(
+        out.stdout.lines().next() == Some(format!("Untagged: {image}").as_str()),
+        "image rm printed {out:?}"
+    );
+    // KNOWN GAP (not asserted): Docker goes on with `Untagged: REPO@sha256:...` and a
+    // `Deleted: sha256:...` line for the image ID and each layer it removes; `mesh image rm`
+    // prints the `Untagged: REF` line only (crates/mesh-cli/src/image.rs).
+    let listed = h1.mesh_json(&["image", "ls"])?;
+    let rows = listed.as_array().context("image ls is an array")?;
+    ensure!(
+        !rows
+            .iter()
+            .any(|i| field(i, "Repository") == repo && field(i, "Tag") == "v1"),
+        "image ls still lists {image}: {listed}"
+    );
+    let out = h1.mesh(&["image", "rm", &image])?;
+    ensure!(
+        !out.success()
+            && out.stderr.trim() == format!("Error response from daemon: No such image: {image}"),
+        "a second image rm: {out:?}"
+    );
     Ok(())
 }
 
@@ -275,17 +306,24 @@ fn unknown_images_and_a_stopped_registry_are_rejected_clearly_then_recover() -> 
         out.success() && out.stderr.contains("could not be accessed"),
         "{out:?}"
     );
-    wait_for(
+    let err = wait_for(
         "later rejected",
         Duration::from_secs(30),
         Duration::from_millis(250),
         || {
             Ok(service_ps(h1, "later")?
                 .iter()
-                .any(|t| field(t, "CurrentState").starts_with("Rejected"))
-                .then_some(()))
+                .find(|t| field(t, "CurrentState").starts_with("Rejected"))
+                .map(|t| field(t, "Error").to_string()))
         },
     )?;
+    // The reason names the registry and the failure, as Docker's `Get "URL": dial tcp ...:
+    // connect: connection refused` does.
+    ensure!(
+        err.contains(&format!("Get \"http://{}/v2/", reg.host_port()))
+            && err.to_ascii_lowercase().contains("connection refused"),
+        "rejected for {err:?}"
+    );
     reg.restart()?;
     wait_tasks_running(h1, "later", 2, Duration::from_secs(60))?;
     Ok(())
