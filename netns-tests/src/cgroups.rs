@@ -24,7 +24,7 @@ pub(crate) const SWEEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The hierarchies mounted under `root`: `root` itself if it is a cgroup2
 /// root (pure v2), else each subdirectory that is a cgroup (symlinks such as
 /// `cpu -> cpu,cpuacct` are skipped).
-pub(crate) fn hierarchies(root: &Path) -> Vec<PathBuf> {
+pub fn hierarchies(root: &Path) -> Vec<PathBuf> {
     if root.join("cgroup.controllers").exists() {
         return vec![root.to_path_buf()];
     }

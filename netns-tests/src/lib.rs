@@ -30,6 +30,7 @@ mod cgroups;
 mod cluster;
 mod host;
 mod process;
+pub mod procs;
 pub mod registry;
 pub mod serial;
 pub mod soak;
@@ -40,6 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 pub use binaries::{binaries, Binaries};
+pub use cgroups::hierarchies as cgroup_hierarchies;
 pub use cluster::{Cluster, ClusterOpts, CLIENT_ADDR, MAX_HOSTS, UNDERLAY_PREFIX_LEN};
 pub use host::{
     Host, MeshOutput, DAEMON_READY_TIMEOUT, DAEMON_STOP_TIMEOUT, EXEC_TIMEOUT, MESH_CLI_TIMEOUT,

@@ -1566,7 +1566,7 @@ fn snapshot(h: &Host) -> Result<Snapshot> {
     }
     let root = Path::new("/sys/fs/cgroup");
     let daemon = h.daemon_pid();
-    for hier in cgroup_hierarchies(root) {
+    for hier in crate::cgroups::hierarchies(root) {
         let base = hier.join(h.cgroup_parent());
         for d in walk_dirs(&base) {
             let rel = d
@@ -1602,7 +1602,7 @@ fn snapshot(h: &Host) -> Result<Snapshot> {
             s.files.insert(rel);
         }
     }
-    if let Some(v2) = cgroup_hierarchies(root)
+    if let Some(v2) = crate::cgroups::hierarchies(root)
         .into_iter()
         .find(|p| p.join("cgroup.controllers").exists())
     {
@@ -1663,23 +1663,6 @@ impl Snapshot {
         }
         out
     }
-}
-
-fn cgroup_hierarchies(root: &Path) -> Vec<PathBuf> {
-    if root.join("cgroup.controllers").exists() {
-        return vec![root.to_path_buf()];
-    }
-    let mut out: Vec<PathBuf> = fs::read_dir(root)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .filter(|p| p.join("cgroup.procs").exists())
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    out
 }
 
 fn walk_dirs(dir: &Path) -> Vec<PathBuf> {

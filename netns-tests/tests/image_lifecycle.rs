@@ -20,41 +20,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use mesh_netns::procs::alive;
 use mesh_netns::registry::{registry_cluster, save_test_image};
 use mesh_netns::swarm::{
     field, http_get, running_tasks, service_ps, task_exec, wait_tasks_running,
 };
 use mesh_netns::{wait_for, Host};
 use serde_json::Value;
-
-/// The task's process as the executor recorded it in `<exec_root>/tasks/<id>/state.json`:
-/// its pid and `/proc` start time.
-fn task_process(h: &Host, id: &str) -> Result<(u32, u64)> {
-    let path = h.exec_root().join("tasks").join(id).join("state.json");
-    let v: Value = serde_json::from_slice(
-        &fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-    )?;
-    let pid = v["pid"].as_u64().context("state.json: pid")?;
-    let start = v["pid_start_time"]
-        .as_u64()
-        .context("state.json: pid_start_time")?;
-    Ok((u32::try_from(pid)?, start))
-}
-
-/// True if `pid` is alive and still the process that started at `start` (field 22 of
-/// `/proc/<pid>/stat`), and not a zombie.
-fn alive(pid: u32, start: u64) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return false;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is field 3 (state), fields[19] field 22 (start time).
-    fields.first().is_some_and(|st| *st != "Z")
-        && fields.get(19).and_then(|f| f.parse::<u64>().ok()) == Some(start)
-}
 
 /// Lines of every mount namespace's mountinfo (each namespace once, this process's
 /// included) that mention `needle`.
@@ -151,7 +123,7 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
     let adopted = ids(&rows);
     let procs = adopted
         .iter()
-        .map(|id| task_process(h2, id))
+        .map(|id| h2.task_process(id))
         .collect::<Result<Vec<_>>>()?;
     ensure!(
         procs.iter().all(|&(p, st)| alive(p, st)),
@@ -197,7 +169,7 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
     .with_context(|| format!("service ps: {:?}", service_ps(h1, svc).unwrap_or_default()))?;
     for (id, &(p, st)) in adopted.iter().zip(&procs) {
         ensure!(
-            task_process(h2, id)? == (p, st) && alive(p, st),
+            h2.task_process(id)? == (p, st) && alive(p, st),
             "task {id} was restarted, not adopted"
         );
     }
@@ -294,7 +266,7 @@ fn a_named_volume_survives_a_task_restart_on_the_same_node() -> Result<()> {
     )?;
 
     // The task's process dies; the restart policy starts a new task on h2.
-    let (pid, start) = task_process(h2, &first_id)?;
+    let (pid, start) = h2.task_process(&first_id)?;
     ensure!(alive(pid, start));
     // SAFETY: plain syscall on the task's pid, just checked against its start time.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };

@@ -20,62 +20,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use mesh_netns::procs::{alive, stat_of};
 use mesh_netns::registry::{registry_cluster, TestImageConfig, REGISTRY_PORT};
 use mesh_netns::swarm::{field, running_task, service_ps, task_exec, wait_tasks_running};
-use mesh_netns::{wait_for, Host};
+use mesh_netns::{cgroup_hierarchies, wait_for, Host};
 use serde_json::Value;
-
-/// The task's process as the executor recorded it in `<exec_root>/tasks/<id>/state.json`:
-/// its pid (in the host's pid namespace) and `/proc` start time.
-fn task_process(h: &Host, id: &str) -> Result<(u32, u64)> {
-    let path = h.exec_root().join("tasks").join(id).join("state.json");
-    let v: Value = serde_json::from_slice(
-        &fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-    )?;
-    let pid = v["pid"].as_u64().context("state.json: pid")?;
-    let start = v["pid_start_time"]
-        .as_u64()
-        .context("state.json: pid_start_time")?;
-    Ok((u32::try_from(pid)?, start))
-}
-
-/// The state (field 3 of `/proc/<pid>/stat`) and start time (field 22) of a process.
-fn stat_of(pid: u32) -> Option<(String, u64)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is field 3, fields[19] field 22.
-    Some((fields.first()?.to_string(), fields.get(19)?.parse().ok()?))
-}
 
 /// The start time of a live process.
 fn start_time(pid: u32) -> Option<u64> {
     stat_of(pid).map(|(_, start)| start)
-}
-
-/// True if `pid` is alive and still the process that started at `start`, and not a zombie.
-fn alive(pid: u32, start: u64) -> bool {
-    stat_of(pid).is_some_and(|(state, st)| state != "Z" && st == start)
-}
-
-/// The cgroup hierarchies: `/sys/fs/cgroup` itself in pure v2, else each mounted hierarchy
-/// under it (the v1 controllers and the v2 `unified` one).
-fn hierarchies() -> Vec<std::path::PathBuf> {
-    let root = Path::new("/sys/fs/cgroup");
-    if root.join("cgroup.controllers").exists() {
-        return vec![root.to_path_buf()];
-    }
-    let mut out: Vec<_> = fs::read_dir(root)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .filter(|p| p.join("cgroup.procs").exists())
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    out
 }
 
 /// The task's CPU limit as `"<quota> <period>"` (microseconds) and its memory limit in bytes,
@@ -90,7 +43,7 @@ fn task_limits(h: &Host, id: &str, pid: u32) -> Result<(String, String)> {
             .to_string())
     };
     let (mut cpu, mut memory) = (None, None);
-    for hier in hierarchies() {
+    for hier in cgroup_hierarchies(Path::new("/sys/fs/cgroup")) {
         let dir = hier.join(h.cgroup_parent()).join(id);
         let found_cpu = if dir.join("cpu.max").exists() {
             Some(read(&dir.join("cpu.max"))?)
@@ -281,7 +234,7 @@ fn limits_hostname_workdir_init_and_stop_options_apply_to_an_image_task() -> Res
     ])?;
     let main = running_row(h1, "opt-main")?;
     let (main_id, main_task) = (field(&main, "ID").to_string(), field(&main, "Name"));
-    let (reaper, reaper_start) = task_process(h1, &main_id)?;
+    let (reaper, reaper_start) = h1.task_process(&main_id)?;
 
     // The limits, in the task's cgroups, with its process in them.
     let (cpu, memory) = task_limits(h1, &main_id, reaper)?;
@@ -372,8 +325,8 @@ fn limits_hostname_workdir_init_and_stop_options_apply_to_an_image_task() -> Res
     let usr1 = running_row(h1, "opt-usr1")?;
     let grace = running_row(h1, "opt-grace")?;
     let watched = [
-        ("opt-usr1", task_process(h1, field(&usr1, "ID"))?),
-        ("opt-grace", task_process(h1, field(&grace, "ID"))?),
+        ("opt-usr1", h1.task_process(field(&usr1, "ID"))?),
+        ("opt-grace", h1.task_process(field(&grace, "ID"))?),
     ];
     for (svc, (p, st)) in &watched {
         ensure!(alive(*p, *st), "{svc}: process {p} is not running");

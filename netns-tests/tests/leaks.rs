@@ -5,41 +5,22 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use mesh_netns::swarm::{sleep_pids, swarm_cluster};
-use mesh_netns::{wait_for, Host};
+use mesh_netns::{cgroup_hierarchies, wait_for, Host};
 use serde_json::Value;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The cgroup of the network-namespace holders under a cgroup parent: not a task.
 const NETNS_CGROUP: &str = "netns";
 
-/// The cgroup hierarchies: the root itself in pure v2, else each mounted hierarchy.
-fn hierarchies() -> Vec<PathBuf> {
-    let root = Path::new(CGROUP_ROOT);
-    if root.join("cgroup.controllers").exists() {
-        return vec![root.to_path_buf()];
-    }
-    let mut out: Vec<PathBuf> = fs::read_dir(root)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .filter(|p| p.join("cgroup.procs").exists())
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    out
-}
-
 /// The task cgroups under the host's cgroup parent, as `<hierarchy>/<task id>`.
 fn task_cgroups(h: &Host) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for hier in hierarchies() {
+    for hier in cgroup_hierarchies(Path::new(CGROUP_ROOT)) {
         let Ok(rd) = fs::read_dir(hier.join(h.cgroup_parent())) else {
             continue;
         };
@@ -105,7 +86,7 @@ fn ids_on(tasks: &[(String, String)], node: &str) -> Vec<String> {
 
 /// The pids in a task's cgroup (any hierarchy has them all).
 fn task_pids(h: &Host, id: &str) -> Vec<u32> {
-    hierarchies()
+    cgroup_hierarchies(Path::new(CGROUP_ROOT))
         .into_iter()
         .find_map(|hier| {
             fs::read_to_string(hier.join(h.cgroup_parent()).join(id).join("cgroup.procs")).ok()
@@ -151,7 +132,7 @@ fn ended_tasks_leave_no_cgroup_even_after_a_daemon_restart() -> Result<()> {
     )?;
     let on_h2 = ids_on(&first, "h2");
     // The hierarchies meshd uses (v2, and cpu, cpuacct, memory, pids in hybrid mode).
-    let used = hierarchies()
+    let used = cgroup_hierarchies(Path::new(CGROUP_ROOT))
         .iter()
         .filter(|h| h.join(h2.cgroup_parent()).is_dir())
         .count();

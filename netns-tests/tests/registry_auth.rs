@@ -145,7 +145,7 @@ fn a_login_reaches_the_nodes_that_pull() -> Result<()> {
 /// terminal showed.
 fn interactive_login(h: &Host, server: &str, user: &str, password: &str) -> Result<String> {
     const DRIVER: &str = r#"
-import os, subprocess, sys, termios, time
+import os, select, subprocess, sys, termios, time
 mesh, sock, server, user, password = sys.argv[1:6]
 master, slave = os.openpty()
 p = subprocess.Popen([mesh, "-H", "unix://" + sock, "login", server],
@@ -158,7 +158,6 @@ def until(pred, what):
     while not pred():
         if time.monotonic() > deadline:
             sys.exit("timed out waiting for " + what + ": " + repr(seen))
-        import select
         r, _, _ = select.select([master], [], [], 0.05)
         if r:
             try:
