@@ -140,6 +140,7 @@ pub(crate) fn owner_pid(ns: &str) -> Option<libc::pid_t> {
 /// `MESH_KEEP_LOGS`). A live pid's namespaces are never touched: its clusters may be in use
 /// (or the pid was reused; they go once that process ends).
 pub(crate) fn reclaim_dead_leftovers(tmp: &Path) {
+    let _one_at_a_time = RECLAIM.lock().unwrap_or_else(|e| e.into_inner());
     let mut dirs = std::collections::BTreeSet::new();
     for ns in netns_names() {
         let Some(pid) = owner_pid(&ns) else { continue };
@@ -166,6 +167,10 @@ pub(crate) fn reclaim_dead_leftovers(tmp: &Path) {
         }
     }
 }
+
+/// Held while leftovers are reclaimed, so a test that plants a leftover (`ip netns add` is a
+/// create-then-bind-mount, not atomic) is not raced by another thread's sweep.
+pub(crate) static RECLAIM: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Runs `f`, swallowing any panic (for cleanup code).
 fn best_effort(f: impl FnOnce()) {

@@ -329,8 +329,14 @@ fn leftovers_of_a_killed_test_process_are_reclaimed() {
     let tmp = std::env::temp_dir();
     let leftover = format!("m{dead}x0-h1");
     let dir = tmp.join(format!("mesh-test-m{dead}x0"));
-    crate::cluster::ip(&["netns", "add", &leftover]).unwrap();
-    fs::create_dir_all(dir.join("h1")).unwrap();
+    {
+        // Other threads' clusters sweep leftovers too: plant it whole before any of them looks.
+        let _planting = crate::cluster::RECLAIM
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        crate::cluster::ip(&["netns", "add", &leftover]).unwrap();
+        fs::create_dir_all(dir.join("h1")).unwrap();
+    }
     // Ours (a live pid) stays.
     let c = Cluster::new(opts(1, "reclaim")).unwrap();
     let ours = c.namespaces().to_vec();
