@@ -354,13 +354,9 @@ fn limits_hostname_workdir_init_and_stop_options_apply_to_an_image_task() -> Res
     eprintln!(
         "stopped after service rm: usr1 {usr1_gone:?}, grace {grace_gone:?} (SIGTERM noted at {term_at:?})"
     );
-    // KNOWN BUG (tolerated below, see the report): a stop signals every process of the
-    // task's cgroups, then pid 1 once more (mesh-executor `Executor::stop_with`:
-    // `signal_task` and `signal_checked`), where Docker signals the container's pid 1 only;
-    // so a trap may run twice. Each note must name the right signal; once fixed, assert
-    // exactly one note.
-    let only =
-        |notes: &str, word: &str| notes.lines().count() >= 1 && notes.lines().all(|l| l == word);
+    // The stop signal goes to the task's pid 1 alone, once, as Docker sends it: each trap
+    // ran exactly once, for the right signal.
+    let only = |notes: &str, word: &str| notes.lines().eq([word]);
     // SIGUSR1 was sent, not SIGTERM, and ended the task well before its 20 s grace period.
     let notes = fs::read_to_string(c.base_dir().join("usr1").join("signals"))?;
     ensure!(only(&notes, "usr1"), "the USR1 task noted {notes:?}");

@@ -508,7 +508,8 @@ impl Executor {
         }
     }
 
-    /// Sends SIGTERM to every process of the task's cgroups, SIGKILL after
+    /// Sends SIGTERM to the task (an image task's pid 1 alone, as `docker stop`; every
+    /// process of a host-process task's cgroups), SIGKILL to all of it after
     /// `grace`; returns once the task has exited (at most `grace` + 5 s)
     /// and its cgroups are gone (what is left in them, e.g. processes
     /// started by `exec`, is killed). Its state directory and logs stay
@@ -531,9 +532,17 @@ impl Executor {
                 .ok()
                 .flatten();
             if !grace.is_zero() {
-                self.layout.signal_task(&self.parent, id, signal);
-                if let Some(st) = &st {
-                    procfs::signal_checked(st.pid, st.pid_start_time, signal);
+                match &st {
+                    // An image task's process is pid 1 of its own pid namespace: the stop
+                    // signal is for it alone, as `docker stop` sends it (its children are
+                    // its business; `--init` forwards the signal to its child).
+                    Some(st) if procfs::in_other_pid_namespace(st.pid) => {
+                        procfs::signal_checked(st.pid, st.pid_start_time, signal);
+                    }
+                    // A host-process task shares the host's pid namespace, where nothing
+                    // reaps its children when it goes: every process of its cgroups gets
+                    // the signal once (systemd's `KillMode=control-group`), itself included.
+                    _ => self.layout.signal_task(&self.parent, id, signal),
                 }
             }
             if grace.is_zero() || !self.wait_stopped(id, grace) {

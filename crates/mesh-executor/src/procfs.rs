@@ -47,6 +47,16 @@ pub fn signal_checked(pid: u32, start_time: u64, sig: libc::c_int) {
     }
 }
 
+/// Whether `pid` lives in a pid namespace other than the caller's (an image task's process,
+/// pid 1 of its own namespace). `false` when either cannot be read.
+pub fn in_other_pid_namespace(pid: u32) -> bool {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    match (ns(&pid.to_string()), ns("self")) {
+        (Some(theirs), Some(ours)) => theirs != ours,
+        _ => false,
+    }
+}
+
 /// Sends `sig` to `pid` (never to pid 0, 1 or a process group).
 pub fn signal(pid: u32, sig: libc::c_int) {
     let Ok(p) = libc::pid_t::try_from(pid) else {
@@ -62,6 +72,13 @@ pub fn signal(pid: u32, sig: libc::c_int) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_shares_its_own_pid_namespace() {
+        assert!(!in_other_pid_namespace(std::process::id()));
+        // Unreadable (no such process): not taken for another namespace.
+        assert!(!in_other_pid_namespace(u32::MAX));
+    }
 
     #[test]
     fn parses_stat_with_odd_comm() {
