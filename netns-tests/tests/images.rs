@@ -212,16 +212,36 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
         },
     )?;
 
-    // Unused now: `image rm` untags it as Docker does, and `image ls` no longer lists it.
+    // Unused now: `image rm` untags it and deletes the image and its layers, as Docker
+    // reports it, and `image ls` no longer lists it (its ID column is the short form).
+    let before = h1.mesh_json(&["image", "ls"])?;
+    let id = before
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| field(i, "Repository") == repo && field(i, "Tag") == "v1")
+        .map(|i| field(i, "ID").to_string())
+        .with_context(|| format!("image ls before rm: {before}"))?;
     let out = h1.mesh(&["image", "rm", &image])?;
     ensure!(out.success(), "image rm of an unused image: {out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let untagged = lines
+        .iter()
+        .take_while(|l| l.starts_with("Untagged: "))
+        .count();
     ensure!(
-        out.stdout.lines().next() == Some(format!("Untagged: {image}").as_str()),
-        "image rm printed {out:?}"
+        lines.first() == Some(&format!("Untagged: {image}").as_str())
+            && lines[1..untagged]
+                .iter()
+                .all(|l| l.starts_with(&format!("Untagged: {repo}@sha256:")))
+            && lines
+                .get(untagged)
+                .is_some_and(|l| l.starts_with(&format!("Deleted: sha256:{id}")))
+            && lines[untagged..]
+                .iter()
+                .all(|l| l.starts_with("Deleted: sha256:")),
+        "image rm printed {out:?} (image ID {id})"
     );
-    // KNOWN GAP (not asserted): Docker goes on with `Untagged: REPO@sha256:...` and a
-    // `Deleted: sha256:...` line for the image ID and each layer it removes; `mesh image rm`
-    // prints the `Untagged: REF` line only (crates/mesh-cli/src/image.rs).
     let listed = h1.mesh_json(&["image", "ls"])?;
     let rows = listed.as_array().context("image ls is an array")?;
     ensure!(

@@ -121,7 +121,15 @@ pub fn run(c: &Client, cmd: ImageCmd) -> Result<()> {
                 match c.call(Request::ImageRm {
                     reference: r.clone(),
                 }) {
-                    Ok(_) => println!("Untagged: {r}"),
+                    Ok(v) => {
+                        for item in v.as_array().into_iter().flatten() {
+                            for key in ["Untagged", "Deleted"] {
+                                if let Some(x) = item[key].as_str() {
+                                    println!("{key}: {x}");
+                                }
+                            }
+                        }
+                    }
                     Err(Failure(e)) => {
                         // The client's error already reads "Error response from daemon: ...".
                         eprintln!("{e}");

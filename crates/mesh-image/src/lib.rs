@@ -24,7 +24,7 @@ pub mod unpack;
 pub use error::ImageError;
 pub use manifest::{Healthcheck, ImageConfig};
 pub use reference::{Reference, DOCKER_HUB};
-pub use store::{Credentials, Image, ImageSummary, PruneReport, Store, StoreConfig};
+pub use store::{Credentials, Image, ImageSummary, PruneReport, RemoveReport, Store, StoreConfig};
 
 #[cfg(test)]
 mod tests {

@@ -94,6 +94,14 @@ pub struct PruneReport {
     pub space_reclaimed: u64,
 }
 
+/// What [`Store::remove`] did, as `docker image rm` reports it: the names removed (familiar
+/// form), then the IDs of the image and of the layers deleted with it (`sha256:...`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RemoveReport {
+    pub untagged: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
 /// The store; cheap to clone (shared state), `Send + Sync`.
 #[derive(Clone)]
 pub struct Store {
@@ -330,13 +338,14 @@ impl Store {
     /// Removes the name `r` (a tag, with its `repo@digest` name if no other tag of the
     /// repository has the image; or a digest, with every name of the repository for it),
     /// then the image and its layers if nothing else uses them.
-    pub fn remove(&self, r: &Reference) -> Result<(), ImageError> {
+    pub fn remove(&self, r: &Reference) -> Result<RemoveReport, ImageError> {
         let mut st = self.inner.lock();
         let Some(digest) = lookup(&st, r) else {
             return Err(ImageError::no_such_image(r.familiar()));
         };
         let name = r.name();
         let pinned = format!("{name}@{digest}");
+        let before: Vec<String> = st.refs.keys().cloned().collect();
         if r.digest().is_some() {
             st.refs
                 .retain(|k, d| !(d == &digest && ref_name(k).as_deref() == Some(name.as_str())));
@@ -349,10 +358,19 @@ impl Store {
                 st.refs.remove(&pinned);
             }
         }
+        let mut report = RemoveReport::default();
+        for k in before.into_iter().filter(|k| !st.refs.contains_key(k)) {
+            report
+                .untagged
+                .push(Reference::parse(&k).map(|r| r.familiar()).unwrap_or(k));
+        }
+        // Tags before `repo@digest` names, as Docker lists them.
+        report.untagged.sort_by_key(|n| n.contains('@'));
         self.inner.save_refs(&st)?;
-        self.inner.drop_unnamed(&mut st)?;
-        self.inner.gc(&mut st)?;
-        Ok(())
+        report.deleted = self.inner.drop_unnamed(&mut st)?;
+        let (layers, _) = self.inner.gc(&mut st)?;
+        report.deleted.extend(layers);
+        Ok(report)
     }
 
     /// Removes every image no name in `keep` resolves to (with all their names), then the
@@ -385,7 +403,7 @@ impl Store {
             report.deleted.push(d);
         }
         let (layers, bytes) = self.inner.gc(&mut st)?;
-        report.layers_deleted = layers;
+        report.layers_deleted = layers.len();
         report.space_reclaimed = bytes;
         Ok(report)
     }
@@ -790,18 +808,21 @@ impl Inner {
     }
 
     /// Deletes the records no name points to.
-    fn drop_unnamed(&self, st: &mut State) -> Result<(), ImageError> {
+    /// Deletes the records of images no name points at; returns their image IDs.
+    fn drop_unnamed(&self, st: &mut State) -> Result<Vec<String>, ImageError> {
         let named: BTreeSet<String> = st.refs.values().cloned().collect();
-        let doomed: Vec<String> = st
+        let doomed: Vec<(String, String)> = st
             .images
-            .keys()
-            .filter(|d| !named.contains(*d))
-            .cloned()
+            .iter()
+            .filter(|(d, _)| !named.contains(*d))
+            .map(|(d, rec)| (d.clone(), rec.id.clone()))
             .collect();
-        for d in doomed {
+        let mut ids = Vec::new();
+        for (d, id) in doomed {
             self.delete_record(st, &d)?;
+            ids.push(id);
         }
-        Ok(())
+        Ok(ids)
     }
 
     fn delete_record(&self, st: &mut State, digest: &str) -> Result<(), ImageError> {
@@ -818,14 +839,14 @@ impl Inner {
     }
 
     /// Removes layers and blobs that no record uses and no pull has pinned; returns the
-    /// layers removed and their size.
-    fn gc(&self, st: &mut State) -> Result<(usize, u64), ImageError> {
+    /// layers removed (their diff IDs) and their size.
+    fn gc(&self, st: &mut State) -> Result<(Vec<String>, u64), ImageError> {
         let mut used: BTreeSet<String> = st.pins.keys().cloned().collect();
         for rec in st.images.values() {
             used.extend(rec.diff_ids.iter().map(|d| format!("layer:{d}")));
             used.extend(rec.blobs.iter().cloned());
         }
-        let (mut count, mut bytes) = (0, 0);
+        let (mut removed, mut bytes) = (Vec::new(), 0);
         let layers = self.root.join("layers");
         for e in fs::read_dir(&layers).ctx("reading", &layers)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -840,10 +861,10 @@ impl Inner {
             let doomed = self.root.join("tmp").join(unique("gc"));
             fs::rename(e.path(), &doomed).ctx("renaming", &e.path())?;
             fs::remove_dir_all(&doomed).ctx("removing", &doomed)?;
-            count += 1;
+            removed.push(format!("sha256:{name}"));
             bytes += size;
         }
-        if count > 0 {
+        if !removed.is_empty() {
             sync_dir(&layers)?;
         }
         let blobs = self.root.join("blobs/sha256");
@@ -853,7 +874,7 @@ impl Inner {
                 let _ = fs::remove_file(e.path());
             }
         }
-        Ok((count, bytes))
+        Ok((removed, bytes))
     }
 
     /// Records a loaded image (its layers already installed) under `names`.

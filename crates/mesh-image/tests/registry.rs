@@ -647,7 +647,21 @@ async fn scenario(dir: &Path, reg: &Mutex<Registry>) {
     drop(store);
     let store = open_store(&store_dir);
     assert_eq!(store.get(&app2).unwrap(), two);
-    store.remove(&app2).unwrap();
+    let report = store.remove(&app2).unwrap();
+    assert_eq!(report.untagged[0], "127.0.0.1:5000/app:2", "{report:?}");
+    assert!(
+        report.untagged[1..]
+            .iter()
+            .all(|n| n == &format!("127.0.0.1:5000/app@{}", b.digest())),
+        "{report:?}"
+    );
+    // The image ID, then both of its layers.
+    assert_eq!(report.deleted.len(), 3, "{report:?}");
+    assert_eq!(report.deleted[0], sha256(&b.config), "{report:?}");
+    assert!(
+        report.deleted.iter().all(|d| d.starts_with("sha256:")),
+        "{report:?}"
+    );
     assert!(store.get(&app2).is_none());
     assert!(store.list().is_empty());
     assert_eq!(layer_count(&store_dir), 0);

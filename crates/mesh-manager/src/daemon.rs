@@ -412,7 +412,7 @@ impl Daemon {
                             ),
                         ));
                     }
-                    i.rm(&reference).map(|()| json!({ "removed": reference }))
+                    i.rm(&reference)
                 })
                 .await
             }

@@ -116,8 +116,9 @@ pub trait Images: Send + Sync + 'static {
     fn node_login(&self, reference: &str) -> Option<mesh_api::RegistryCredentials>;
     /// `mesh image ls`.
     fn ls(&self) -> Result<Vec<mesh_api::ImageSummary>, String>;
-    /// `mesh image rm`.
-    fn rm(&self, reference: &str) -> Result<(), mesh_api::ApiError>;
+    /// `mesh image rm`: what went, as the Engine API's image delete answers it (an array of
+    /// `{"Untagged": NAME}` then `{"Deleted": ID}`: the image, then its layers).
+    fn rm(&self, reference: &str) -> Result<serde_json::Value, mesh_api::ApiError>;
     /// `mesh image prune`: removes the images not in `keep` and their unused layers; the
     /// answer lists what went and the space reclaimed.
     fn prune(&self, keep: &[String]) -> Result<serde_json::Value, String>;

@@ -171,16 +171,27 @@ impl Images for StoreImages {
             .collect())
     }
 
-    fn rm(&self, reference: &str) -> Result<(), ApiError> {
+    fn rm(&self, reference: &str) -> Result<serde_json::Value, ApiError> {
         let r = parse(reference).map_err(ApiError::invalid)?;
-        self.store.remove(&r).map_err(|e| {
+        let report = self.store.remove(&r).map_err(|e| {
             let msg = e.to_string();
             if msg.contains("No such image") {
                 ApiError::not_found(msg)
             } else {
                 ApiError::new(ErrorKind::Unavailable, msg)
             }
-        })
+        })?;
+        let items = report
+            .untagged
+            .into_iter()
+            .map(|n| serde_json::json!({ "Untagged": n }))
+            .chain(
+                report
+                    .deleted
+                    .into_iter()
+                    .map(|d| serde_json::json!({ "Deleted": d })),
+            );
+        Ok(serde_json::Value::Array(items.collect()))
     }
 
     fn prune(&self, keep: &[String]) -> Result<serde_json::Value, String> {
