@@ -72,7 +72,10 @@ pub struct SoakOpts {
 /// (default port 8080), called in turn. Lines: `F <start> <end> <name> <target> <error>` per
 /// failure, `O <time> <name> <target> <successes since the last O line>` every second. A
 /// failed call's error ends in `@BACKEND,STATE` when the namespace's conntrack table tells
-/// which task address the VIP sent it to (nftables balancer), and the entry's TCP state; for
+/// which task address the VIP sent it to (nftables balancer), and the entry's TCP state, or
+/// else the socket's own entry in `/proc/net/tcp` does (the eBPF balancer rewrites the
+/// connect, so the socket is connected to the backend; `getpeername` is made to show the
+/// VIP, the kernel's socket table is not); for
 /// the routing mesh, the optional SANDBOXES (`ADDR=PATH,...`, the holder records of the
 /// nodes' ingress sandboxes) let it read the chosen backend from the sandbox's table.
 const CLIENT: &str = r#"import socket,sys,time,os,json
@@ -81,6 +84,7 @@ sbox=dict(x.split('=',1) for x in sys.argv[4].split(',')) if len(sys.argv)>4 els
 out=open(os.path.join(d,name+'.log'),'a',buffering=1)
 ok={t:0 for t in targets}
 last=time.time()
+TCP={'01':'ESTABLISHED','02':'SYN_SENT','03':'SYN_RECV'}
 def backend(c,a):
  try:
   me,port=c.getsockname()
@@ -92,12 +96,21 @@ def backend(c,a):
    f='/proc/net/nf_conntrack'
    lp=' dst=%s sport=%d dport=%d '%(a[0],port,a[1])
    ok=lambda l:lp in l
-  for l in open(f):
-   if ok(l):
+  try:
+   for l in open(f):
+    if ok(l):
+     w=l.split()
+     src=[x[4:] for x in w if x.startswith('src=')]
+     if len(src)>1:
+      return '@'+src[1]+','+(w[5] if len(w)>5 else '?')
+  except OSError:
+   pass
+  if a[0] not in sbox:
+   for l in open('/proc/net/tcp'):
     w=l.split()
-    src=[x[4:] for x in w if x.startswith('src=')]
-    if len(src)>1:
-     return '@'+src[1]+','+(w[5] if len(w)>5 else '?')
+    if len(w)>3 and w[1].endswith(':%04X'%port) and w[2]!='00000000:0000':
+     x=w[2].split(':')[0]
+     return '@'+'.'.join(str(int(x[i:i+2],16)) for i in (6,4,2,0))+','+TCP.get(w[3],w[3])
  except Exception:
   pass
  return ''
