@@ -807,7 +807,6 @@ impl Inner {
         write_atomic(&self.root.join("refs.json"), &json)
     }
 
-    /// Deletes the records no name points to.
     /// Deletes the records of images no name points at; returns their image IDs.
     fn drop_unnamed(&self, st: &mut State) -> Result<Vec<String>, ImageError> {
         let named: BTreeSet<String> = st.refs.values().cloned().collect();
