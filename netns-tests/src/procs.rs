@@ -1,5 +1,7 @@
 //! Processes of tasks as the host sees them: the pid and start time a task's executor
 //! recorded, and whether that very process is still alive (not a zombie, not a reused pid).
+//! Read here from `/proc` directly, not through `mesh-executor`'s helpers: the harness checks
+//! the executor from outside and shares none of its code.
 
 use std::fs;
 
@@ -33,7 +35,9 @@ pub fn stat_of(pid: u32) -> Option<(String, u64)> {
     Some((fields.first()?.to_string(), fields.get(19)?.parse().ok()?))
 }
 
-/// True if `pid` is alive and still the process that started at `start`, and not a zombie.
+/// True if `pid` is alive and still the process that started at `start`: not a zombie, not
+/// dead (`X`).
 pub fn alive(pid: u32, start: u64) -> bool {
-    stat_of(pid).is_some_and(|(state, st)| state != "Z" && st == start)
+    stat_of(pid)
+        .is_some_and(|(state, st)| !matches!(state.as_str(), "Z" | "X" | "x") && st == start)
 }
