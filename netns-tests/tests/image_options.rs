@@ -198,7 +198,8 @@ fn limits_hostname_workdir_init_and_stop_options_apply_to_an_image_task() -> Res
         "-c",
         "(sleep 1 &); exec sleep 100102",
     ])?;
-    // Stopped by SIGUSR1 (SIGTERM is noted and ignored), which it leaves a note of.
+    // Stopped by SIGUSR1 (SIGTERM is noted and ignored), which it leaves a note of; its
+    // child would note any signal it got (the stop signal is for pid 1 alone).
     h1.mesh_ok(&[
         "service",
         "create",
@@ -214,7 +215,7 @@ fn limits_hostname_workdir_init_and_stop_options_apply_to_an_image_task() -> Res
         &image,
         "sh",
         "-c",
-        "trap 'echo usr1 >> /out/signals; exit 0' USR1; trap 'echo term >> /out/signals' TERM; while :; do sleep 1 & wait $!; done",
+        "(trap 'echo child >> /out/signals' USR1 TERM; while :; do sleep 1 & wait $!; done) & trap 'echo usr1 >> /out/signals; exit 0' USR1; trap 'echo term >> /out/signals' TERM; while :; do sleep 1 & wait $!; done",
     ])?;
     // Notes SIGTERM and goes on: SIGKILLed after its 2 s grace period.
     h1.mesh_ok(&[
@@ -355,7 +356,7 @@ fn limits_hostname_workdir_init_and_stop_options_apply_to_an_image_task() -> Res
         "stopped after service rm: usr1 {usr1_gone:?}, grace {grace_gone:?} (SIGTERM noted at {term_at:?})"
     );
     // The stop signal goes to the task's pid 1 alone, once, as Docker sends it: each trap
-    // ran exactly once, for the right signal.
+    // ran exactly once, for the right signal, and the USR1 task's child noted nothing.
     let only = |notes: &str, word: &str| notes.lines().eq([word]);
     // SIGUSR1 was sent, not SIGTERM, and ended the task well before its 20 s grace period.
     let notes = fs::read_to_string(c.base_dir().join("usr1").join("signals"))?;
