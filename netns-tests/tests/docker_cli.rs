@@ -96,6 +96,7 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
     ensure!(v.trim() == "1.41", "negotiated API version: {v}");
 
     form_with_docker(&c)?;
+    let formed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
 
     // node ls: every host, the local one starred, the leader named.
     let out = wait_for(
@@ -407,6 +408,25 @@ fn docker_cli_drives_a_swarm() -> Result<()> {
     );
     let out = events.0;
     ensure!(out.trim() == "web", "service rm: {out}");
+    // And the kept ones, since a time: web's life from its creation on, in order.
+    let past = h1.docker_ok(&[
+        "events",
+        "--filter",
+        "type=service",
+        "--filter",
+        "service=web",
+        "--since",
+        &formed.as_secs().to_string(),
+        "--until",
+        &(until + 1).to_string(),
+        "--format",
+        "{{.Action}} {{.Actor.Attributes.name}}",
+    ])?;
+    let past: Vec<&str> = lines(&past);
+    ensure!(
+        past.first() == Some(&"create web") && past.last() == Some(&"remove web"),
+        "docker events --since: {past:?}"
+    );
     wait_for(
         "web gone",
         Duration::from_secs(30),

@@ -149,6 +149,15 @@ pub enum Request {
     ServiceRm {
         service: String,
     },
+    /// `mesh events`, `GET /events`: the kept changes after `after` (a seq of an earlier
+    /// answer), or without it those made at or after `since_ns`; with neither, none, only the
+    /// cursor to start from. Answered as [`crate::events::EventBatch`].
+    Events {
+        #[serde(default)]
+        after: Option<u64>,
+        #[serde(default)]
+        since_ns: Option<u64>,
+    },
     /// `service logs`: the lines of a service's tasks, or of one task, answered as
     /// [`crate::ServiceLogs`].
     ServiceLogs {

@@ -1,30 +1,40 @@
 //! The cluster's changes as Docker's events name them, for `mesh events` and the Engine
-//! API's `GET /events` alike: services, nodes and networks created, updated and removed,
-//! found by comparing two snapshots of the leader's objects. A node's update names what
-//! changed as Docker does (`state.old=ready`, `state.new=down`, and likewise `availability`
-//! and `role`); a service's its replicas and image when they changed.
+//! API's `GET /events` alike: services, nodes, networks, secrets and configs created,
+//! updated and removed. A node's update names what changed as Docker does (`state.old=ready`,
+//! `state.new=down`, and likewise `availability` and `role`); a service's its `replicas`,
+//! `image` and `updatestate` when they changed.
 //!
-//! A comparison sees what differs between two moments: an object created and removed
-//! between them is not seen, nor a node down and up again.
+//! Every manager derives them from the store as it applies the Raft log (mesh-manager's
+//! `history`): the objects a committed command touches are compared before and after it, with
+//! [`Seen`] and [`change`]. So nothing is missed (a node down and up again within a moment
+//! shows twice), and an event's [`Event::seq`] is the same on every manager.
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use crate::filter::Filters;
-use crate::objects::ClusterObjects;
 
 /// One change.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// `service`, `node` or `network`.
-    pub kind: &'static str,
+    /// Its place in the cluster's history: the Raft log index of the command that made it,
+    /// times [`PER_ENTRY`], plus its rank among that command's events. Increasing, and the
+    /// same on every manager, so a reader can go on from any of them.
+    pub seq: u64,
+    /// `service`, `node`, `network`, `secret` or `config`.
+    pub kind: String,
     /// `create`, `update` or `remove`.
-    pub action: &'static str,
+    pub action: String,
     pub id: String,
     /// `name`, and for updates what changed (`state.old`, `state.new`, ...).
     pub attributes: BTreeMap<String, String>,
-    /// When it was seen, in nanoseconds since the Unix epoch.
+    /// When the manager that answered applied it, in nanoseconds since the Unix epoch.
     pub time_ns: u64,
 }
+
+/// How many events one log entry may give (its seq numbers: `index * PER_ENTRY + rank`).
+pub const PER_ENTRY: u64 = 1 << 20;
 
 impl Event {
     /// Docker's event message (`GET /events`, `docker events --format json`).
@@ -40,144 +50,121 @@ impl Event {
     }
 }
 
-/// One object's identity and what a change of it is compared on.
+/// `Request::Events`' answer: the kept events after the cursor asked for (or since a time),
+/// and where to go on from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub events: Vec<Event>,
+    /// The seq of the newest event the manager has seen (0: none yet): ask for what comes
+    /// after it next.
+    pub cursor: u64,
+}
+
+/// What one object's events are derived from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Seen {
+pub struct Seen {
+    kind: &'static str,
     name: String,
-    /// A fingerprint of what an update changes (the stored object, serialized).
+    /// A fingerprint of what an update changes (the stored object's parts, serialized).
     state: String,
     /// The fields an update names when they change, Docker's names.
     fields: BTreeMap<&'static str, String>,
 }
 
-/// The objects of one moment, by kind and ID.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot(BTreeMap<&'static str, BTreeMap<String, Seen>>);
-
-impl Snapshot {
-    pub fn of(o: &ClusterObjects) -> Snapshot {
-        let mut s = BTreeMap::new();
-        s.insert(
-            "service",
-            o.services
-                .iter()
-                .map(|x| {
-                    let replicas = match &x.spec.mode {
-                        crate::service::ServiceMode::Replicated { replicas } => {
-                            replicas.to_string()
-                        }
-                        _ => String::new(),
-                    };
-                    let mut fields = BTreeMap::new();
-                    if !replicas.is_empty() {
-                        fields.insert("replicas", replicas);
-                    }
-                    if !x.spec.image.is_empty() {
-                        fields.insert("image", x.spec.image.clone());
-                    }
-                    (
-                        x.id.clone(),
-                        Seen {
-                            name: x.spec.name.clone(),
-                            state: fp(&(&x.spec, &x.update_status)),
-                            fields,
-                        },
-                    )
-                })
-                .collect(),
-        );
-        s.insert(
-            "node",
-            o.nodes
-                .iter()
-                .map(|n| {
-                    let fields = BTreeMap::from([
-                        ("state", word(&n.node.state)),
-                        ("availability", word(&n.node.availability)),
-                        ("role", word(&n.node.role)),
-                    ]);
-                    (
-                        n.node.id.clone(),
-                        Seen {
-                            name: n.node.hostname.clone(),
-                            state: fp(&(
-                                &n.node.role,
-                                &n.node.availability,
-                                &n.node.state,
-                                &n.node.labels,
-                                &n.manager_status,
-                            )),
-                            fields,
-                        },
-                    )
-                })
-                .collect(),
-        );
-        s.insert(
-            "network",
-            o.networks
-                .iter()
-                .map(|n| {
-                    (
-                        n.id.clone(),
-                        Seen {
-                            name: n.spec.name.clone(),
-                            state: fp(&n.spec),
-                            fields: BTreeMap::new(),
-                        },
-                    )
-                })
-                .collect(),
-        );
-        Snapshot(s)
+impl Seen {
+    pub fn service(x: &crate::Service) -> Seen {
+        let mut fields = BTreeMap::new();
+        if let crate::service::ServiceMode::Replicated { replicas } = &x.spec.mode {
+            fields.insert("replicas", replicas.to_string());
+        }
+        if !x.spec.image.is_empty() {
+            fields.insert("image", x.spec.image.clone());
+        }
+        if let Some(u) = &x.update_status {
+            fields.insert("updatestate", word(&u.state));
+        }
+        Seen {
+            kind: "service",
+            name: x.spec.name.clone(),
+            state: fp(&(&x.spec, &x.update_status)),
+            fields,
+        }
     }
 
-    /// The events from `self` to `new`, seen at `now_ns`: per kind (network, node,
-    /// service), creations and updates, then removals.
-    pub fn changes(&self, new: &Snapshot, now_ns: u64) -> Vec<Event> {
-        let mut out = Vec::new();
-        for (kind, objs) in &new.0 {
-            let before = self.0.get(kind);
-            for (id, seen) in objs {
-                let mut attributes = BTreeMap::from([("name".to_string(), seen.name.clone())]);
-                let action = match before.and_then(|b| b.get(id)) {
-                    None => "create",
-                    Some(prev) if prev.state != seen.state => {
-                        for (field, now) in &seen.fields {
-                            match prev.fields.get(field) {
-                                Some(old) if old != now => {
-                                    attributes.insert(format!("{field}.old"), old.clone());
-                                    attributes.insert(format!("{field}.new"), now.clone());
-                                }
-                                _ => {}
-                            }
-                        }
-                        "update"
+    pub fn node(n: &crate::Node) -> Seen {
+        Seen {
+            kind: "node",
+            name: n.hostname.clone(),
+            state: fp(&(&n.role, &n.availability, &n.state, &n.labels, &n.addr)),
+            fields: BTreeMap::from([
+                ("state", word(&n.state)),
+                ("availability", word(&n.availability)),
+                ("role", word(&n.role)),
+            ]),
+        }
+    }
+
+    pub fn network(n: &crate::Network) -> Seen {
+        Seen {
+            kind: "network",
+            name: n.spec.name.clone(),
+            state: fp(&n.spec),
+            fields: BTreeMap::new(),
+        }
+    }
+
+    pub fn blob(b: &crate::Blob) -> Seen {
+        Seen {
+            kind: b.kind.word(),
+            name: b.spec.name.clone(),
+            state: fp(&(&b.spec.labels, b.version)),
+            fields: BTreeMap::new(),
+        }
+    }
+}
+
+/// The event of object `id` going from `before` to `after` (`None`: absent), if any: a
+/// creation, a removal, or an update naming the fields that changed (Docker names
+/// `updatestate.new` alone when a service had no update status before).
+pub fn change(
+    id: &str,
+    before: Option<&Seen>,
+    after: Option<&Seen>,
+    seq: u64,
+    time_ns: u64,
+) -> Option<Event> {
+    let (action, seen, attributes) = match (before, after) {
+        (None, None) => return None,
+        (None, Some(now)) => ("create", now, BTreeMap::new()),
+        (Some(old), None) => ("remove", old, BTreeMap::new()),
+        (Some(old), Some(now)) if old.state == now.state => return None,
+        (Some(old), Some(now)) => {
+            let mut attributes = BTreeMap::new();
+            for (field, new) in &now.fields {
+                match old.fields.get(field) {
+                    Some(was) if was != new => {
+                        attributes.insert(format!("{field}.old"), was.clone());
+                        attributes.insert(format!("{field}.new"), new.clone());
                     }
-                    Some(_) => continue,
-                };
-                out.push(Event {
-                    kind,
-                    action,
-                    id: id.clone(),
-                    attributes,
-                    time_ns: now_ns,
-                });
-            }
-            for (id, seen) in before.into_iter().flatten() {
-                if !objs.contains_key(id) {
-                    out.push(Event {
-                        kind,
-                        action: "remove",
-                        id: id.clone(),
-                        attributes: BTreeMap::from([("name".to_string(), seen.name.clone())]),
-                        time_ns: now_ns,
-                    });
+                    None if *field == "updatestate" => {
+                        attributes.insert(format!("{field}.new"), new.clone());
+                    }
+                    _ => {}
                 }
             }
+            ("update", now, attributes)
         }
-        out
-    }
+    };
+    let mut attributes = attributes;
+    attributes.insert("name".into(), seen.name.clone());
+    Some(Event {
+        seq,
+        kind: seen.kind.into(),
+        action: action.into(),
+        id: id.into(),
+        attributes,
+        time_ns,
+    })
 }
 
 /// What an object's update is compared on: it, serialized.
@@ -193,26 +180,30 @@ fn word<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
+/// The kinds events are about, which are also filter keys (`service=web`).
+const KINDS: &[&str] = &["service", "node", "network", "secret", "config"];
+
 /// The filter keys events take (Docker's, for the kinds mesh has).
-pub const FILTER_KEYS: &[&str] = &["type", "event", "scope", "service", "node", "network"];
+pub const FILTER_KEYS: &[&str] = &[
+    "type", "event", "scope", "service", "node", "network", "secret", "config",
+];
 
 /// Whether `ev` passes `f`: `type`, `event`, `scope` (swarm), and `service=`, `node=`,
-/// `network=` by ID or name.
+/// `network=`, `secret=`, `config=` by name or ID prefix (Docker's fuzzy match).
 pub fn matches(f: &Filters, ev: &Event) -> bool {
     let name = ev.attributes.get("name").map_or("", String::as_str);
     f.any("type", |v| v == ev.kind)
         && f.any("event", |v| v == ev.action)
         && f.any("scope", |v| v == "swarm")
-        && f.any(ev.kind, |v| v == ev.id || v == name)
-        && ["service", "node", "network"]
-            .iter()
-            .all(|k| *k == ev.kind || f.values(k).is_none())
+        && f.any(&ev.kind, |v| ev.id.starts_with(v) || v == name)
+        && KINDS.iter().all(|k| *k == ev.kind || f.values(k).is_none())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::{Availability, NodeState, NodeView};
+    use crate::objects::{Availability, NodeRole, NodeState};
+    use crate::service::{ServiceMode, UpdateState, UpdateStatus};
 
     fn net(name: &str, attachable: bool) -> crate::Network {
         crate::Network {
@@ -232,60 +223,146 @@ mod tests {
         }
     }
 
-    #[test]
-    fn snapshots_give_create_update_remove() {
-        let a = ClusterObjects {
-            networks: vec![net("x", false), net("y", false)],
-            ..Default::default()
-        };
-        let mut b = a.clone();
-        b.networks = vec![net("x", true), net("z", false)];
-        let evs = Snapshot::of(&a).changes(&Snapshot::of(&b), 5);
-        let got: Vec<(&str, &str)> = evs
+    fn node(state: NodeState, availability: Availability) -> crate::Node {
+        crate::Node {
+            id: "n1".into(),
+            hostname: "h1".into(),
+            role: NodeRole::Worker,
+            availability,
+            state,
+            addr: "10.0.0.1:2377".into(),
+            raft_id: 0,
+            labels: Default::default(),
+            resources: Default::default(),
+            ingress_addr: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn service(replicas: u64, update: Option<UpdateState>) -> crate::Service {
+        let mut s: crate::Service = serde_json::from_value(serde_json::json!({
+            "id": "s1", "version": 1, "created_at": 0, "updated_at": 0,
+            "spec": crate::ServiceSpec { name: "web".into(), ..Default::default() },
+        }))
+        .unwrap();
+        s.spec.mode = ServiceMode::Replicated { replicas };
+        s.update_status = update.map(|state| UpdateStatus {
+            state,
+            started_at: 0,
+            message: String::new(),
+        });
+        s
+    }
+
+    fn attrs(ev: &Event) -> Vec<(&str, &str)> {
+        ev.attributes
             .iter()
-            .map(|e| (e.action, e.attributes["name"].as_str()))
-            .collect();
-        assert_eq!(got, [("update", "x"), ("create", "z"), ("remove", "y")]);
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn create_update_remove_and_nothing_for_no_change() {
+        let (x, y) = (
+            Seen::network(&net("x", false)),
+            Seen::network(&net("x", true)),
+        );
+        let ev = change("id-x", None, Some(&x), 7, 5).unwrap();
+        assert_eq!(
+            (ev.kind.as_str(), ev.action.as_str()),
+            ("network", "create")
+        );
+        assert_eq!((ev.seq, ev.time_ns), (7, 5));
+        assert_eq!(attrs(&ev), [("name", "x")]);
+        assert_eq!(
+            change("id-x", Some(&x), Some(&y), 8, 5).unwrap().action,
+            "update"
+        );
+        assert_eq!(
+            change("id-x", Some(&y), None, 9, 5).unwrap().action,
+            "remove"
+        );
+        assert_eq!(change("id-x", Some(&x), Some(&x), 9, 5), None);
+        assert_eq!(change("id-x", None, None, 9, 5), None);
+
         let f = Filters::parse_args(&["type=network", "event=create"]).unwrap();
-        assert!(matches(&f, &evs[1]) && !matches(&f, &evs[0]));
-        let f = Filters::parse_args(&["network=z"]).unwrap();
-        assert!(matches(&f, &evs[1]) && !matches(&f, &evs[2]));
-        let f = Filters::parse_args(&["service=z"]).unwrap();
-        assert!(!matches(&f, &evs[1]));
+        let created = change("id-x", None, Some(&x), 7, 5).unwrap();
+        let removed = change("id-x", Some(&y), None, 9, 5).unwrap();
+        assert!(matches(&f, &created) && !matches(&f, &removed));
+        for yes in ["network=x", "network=id-", "network=id-x"] {
+            let f = Filters::parse_args(&[yes]).unwrap();
+            assert!(matches(&f, &created), "{yes}");
+        }
+        for no in ["network=y", "network=d-x", "service=x", "secret=x"] {
+            let f = Filters::parse_args(&[no]).unwrap();
+            assert!(!matches(&f, &created), "{no}");
+        }
     }
 
     #[test]
     fn a_node_update_names_what_changed() {
-        let node = |state: NodeState, availability: Availability| NodeView {
-            node: crate::objects::Node {
-                id: "n1".into(),
-                hostname: "h1".into(),
-                role: crate::objects::NodeRole::Worker,
-                availability,
-                state,
-                addr: "10.0.0.1:2377".into(),
-                raft_id: 0,
-                labels: Default::default(),
-                resources: Default::default(),
-                ingress_addr: None,
-                created_at: 0,
-                updated_at: 0,
-            },
-            manager_status: String::new(),
-        };
-        let a = ClusterObjects {
-            nodes: vec![node(NodeState::Ready, Availability::Active)],
-            ..Default::default()
-        };
-        let mut b = a.clone();
-        b.nodes = vec![node(NodeState::Down, Availability::Active)];
-        let evs = Snapshot::of(&a).changes(&Snapshot::of(&b), 5);
-        assert_eq!(evs.len(), 1);
-        let at = &evs[0].attributes;
+        let a = Seen::node(&node(NodeState::Ready, Availability::Active));
+        let b = Seen::node(&node(NodeState::Down, Availability::Active));
+        let ev = change("n1", Some(&a), Some(&b), 1, 5).unwrap();
         assert_eq!(
-            (at["state.old"].as_str(), at["state.new"].as_str()),
-            ("ready", "down")
+            attrs(&ev),
+            [
+                ("name", "h1"),
+                ("state.new", "down"),
+                ("state.old", "ready")
+            ]
         );
-        assert!(!at.contains_key("availability.old"));
+        let c = Seen::node(&node(NodeState::Down, Availability::Drain));
+        let ev = change("n1", Some(&b), Some(&c), 2, 5).unwrap();
+        assert_eq!(
+            attrs(&ev),
+            [
+                ("availability.new", "drain"),
+                ("availability.old", "active"),
+                ("name", "h1")
+            ]
+        );
+        // A change of the stamps alone is no event.
+        let mut later = node(NodeState::Down, Availability::Drain);
+        later.updated_at = 99;
+        assert_eq!(
+            change("n1", Some(&c), Some(&Seen::node(&later)), 3, 5),
+            None
+        );
+    }
+
+    #[test]
+    fn a_service_update_names_replicas_and_update_state_as_docker() {
+        let one = Seen::service(&service(1, None));
+        let two = Seen::service(&service(2, None));
+        let ev = change("s1", Some(&one), Some(&two), 1, 5).unwrap();
+        assert_eq!(
+            attrs(&ev),
+            [
+                ("name", "web"),
+                ("replicas.new", "2"),
+                ("replicas.old", "1")
+            ]
+        );
+        let updating = Seen::service(&service(2, Some(UpdateState::Updating)));
+        let ev = change("s1", Some(&two), Some(&updating), 2, 5).unwrap();
+        assert_eq!(
+            attrs(&ev),
+            [("name", "web"), ("updatestate.new", "updating")]
+        );
+        let rolled = Seen::service(&service(2, Some(UpdateState::RollbackCompleted)));
+        let ev = change("s1", Some(&updating), Some(&rolled), 3, 5).unwrap();
+        assert_eq!(
+            attrs(&ev),
+            [
+                ("name", "web"),
+                ("updatestate.new", "rollback_completed"),
+                ("updatestate.old", "updating")
+            ]
+        );
+        let m = ev.docker_json();
+        assert_eq!(m["Type"], "service");
+        assert_eq!(m["scope"], "swarm");
     }
 }

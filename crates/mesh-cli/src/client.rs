@@ -30,6 +30,13 @@ impl Client {
 
     /// Sends one request and returns its payload, or the daemon's error as a [`Failure`].
     pub fn call(&self, req: Request) -> Result<Value, Failure> {
+        self.answer(req)?
+            .map_err(|e| Failure(format!("Error response from daemon: {}", e.message)))
+    }
+
+    /// Sends one request and returns the daemon's answer, its error kept as it came; a
+    /// [`Failure`] only when there was no answer.
+    pub fn answer(&self, req: Request) -> Result<Response, Failure> {
         let unreachable = |e: std::io::Error| {
             Failure(format!(
                 "cannot connect to the mesh daemon at {}: {e}. Is meshd running?",
@@ -50,8 +57,7 @@ impl Client {
                 "the daemon closed the connection without an answer".into(),
             ));
         }
-        let resp: Response = serde_json::from_str(&buf)
-            .map_err(|e| Failure(format!("malformed answer from the daemon: {e}")))?;
-        resp.map_err(|e| Failure(format!("Error response from daemon: {}", e.message)))
+        serde_json::from_str(&buf)
+            .map_err(|e| Failure(format!("malformed answer from the daemon: {e}")))
     }
 }

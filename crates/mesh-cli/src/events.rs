@@ -1,31 +1,33 @@
 //! `mesh events`: the cluster's changes as Docker's `docker events` prints them
-//! (`TIME TYPE ACTION ID (name=..., state.new=..., ...)`), from now on: the leader's objects
-//! compared every [`EVERY`] (`mesh_api::events`, as the Engine API's `GET /events`). mesh
-//! keeps no event history, so `--since` in the past is refused.
+//! (`TIME TYPE ACTION ID (name=..., state.new=..., ...)`). The managers derive them from the
+//! store as they apply the Raft log and keep the last ones (mesh-manager's `history`):
+//! `--since` prints the kept ones made since then, and the stream then asks every [`EVERY`]
+//! for what came after the last one it printed, so nothing is missed or printed twice, also
+//! across a leader change (it waits while the swarm has no leader).
 
 use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
-use mesh_api::events::{matches, Event, Snapshot, FILTER_KEYS};
+use mesh_api::events::{matches, Event, EventBatch, FILTER_KEYS};
 use mesh_api::human::now_ns;
-use mesh_api::{ClusterObjects, Filters, Request};
+use mesh_api::{ErrorKind, Filters, Request};
 
 use crate::client::Client;
 use crate::{Failure, Result};
 
-/// How often the objects are compared.
-const EVERY: Duration = Duration::from_millis(500);
+/// How often the stream asks for new events.
+const EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Args, Debug)]
 pub struct EventsArgs {
-    /// Filter output based on conditions provided (type, event, service, node, network).
+    /// Filter output based on conditions provided (type, event, service, node, network, secret, config).
     #[arg(short, long)]
     filter: Vec<String>,
     /// Format output: 'json' prints each event as a JSON object.
     #[arg(long)]
     format: Option<String>,
-    /// Show events created since timestamp (mesh keeps no history: now or later).
+    /// Show events created since timestamp (the managers keep the last 1024).
     #[arg(long)]
     since: Option<String>,
     /// Stream events until this timestamp.
@@ -51,20 +53,46 @@ pub fn run(c: &Client, a: &EventsArgs) -> Result<()> {
             .map(|v| mesh_api::logs::parse_since(v, now).map_err(Failure))
             .transpose()
     };
-    if time(&a.since)?.is_some_and(|s| s + 1_000_000_000 < now) {
-        return Err(Failure(
-            "mesh keeps no event history: events stream from now on (leave out --since)".into(),
-        ));
-    }
+    let since = time(&a.since)?;
     let until = time(&a.until)?;
-    let objects = || -> Result<Snapshot> {
-        let v = c.call(Request::Objects { service: None })?;
-        let o: ClusterObjects = serde_json::from_value(v)?;
-        Ok(Snapshot::of(&o))
+    if let (Some(s), Some(u)) = (since, until) {
+        if u < s {
+            return Err(Failure("`--until` must be after `--since`".into()));
+        }
+    }
+    let ask = |after: Option<u64>, since_ns: Option<u64>| -> Result<Option<EventBatch>> {
+        match c.answer(Request::Events { after, since_ns })? {
+            Ok(v) => Ok(Some(serde_json::from_value(v)?)),
+            // An election: ask again, from the same place.
+            Err(e) if matches!(e.kind, ErrorKind::NoLeader | ErrorKind::Unavailable) => Ok(None),
+            Err(e) => Err(Failure(format!(
+                "Error response from daemon: {}",
+                e.message
+            ))),
+        }
     };
-    let mut last = objects()?;
+    let first = ask(None, since)?.ok_or_else(|| {
+        Failure("Error response from daemon: the swarm has no leader at the moment".into())
+    })?;
     let mut out = std::io::stdout().lock();
+    let mut cursor = first.cursor;
+    let mut batch = first.events;
     loop {
+        for ev in &batch {
+            cursor = cursor.max(ev.seq);
+            if until.is_some_and(|u| ev.time_ns > u) || !matches(&f, ev) {
+                continue;
+            }
+            let line = if json {
+                ev.docker_json().to_string()
+            } else {
+                as_text(ev)
+            };
+            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                // A closed pipe (`| head`): stop quietly.
+                return Ok(());
+            }
+        }
         let wait = match until {
             Some(u) => {
                 let now = now_ns();
@@ -76,23 +104,10 @@ pub fn run(c: &Client, a: &EventsArgs) -> Result<()> {
             None => EVERY,
         };
         std::thread::sleep(wait);
-        let next = objects()?;
-        let evs = last.changes(&next, now_ns());
-        for ev in evs {
-            if !matches(&f, &ev) {
-                continue;
-            }
-            let line = if json {
-                ev.docker_json().to_string()
-            } else {
-                as_text(&ev)
-            };
-            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-                // A closed pipe (`| head`): stop quietly.
-                return Ok(());
-            }
-        }
-        last = next;
+        batch = match ask(Some(cursor), None)? {
+            Some(b) => b.events,
+            None => Vec::new(),
+        };
     }
 }
 
@@ -120,8 +135,9 @@ mod tests {
     #[test]
     fn a_line_as_docker_prints_it() {
         let ev = Event {
-            kind: "service",
-            action: "update",
+            seq: 1,
+            kind: "service".into(),
+            action: "update".into(),
             id: "abc".into(),
             attributes: [
                 ("name", "web"),

@@ -1,80 +1,37 @@
 //! `GET /events`: the cluster's changes as Docker's event stream (one JSON message per
-//! change, `scope: "swarm"`), found by comparing snapshots of the leader's objects every
-//! [`EVERY`]: services, nodes and networks created, updated and removed. Only from the moment
-//! of the call: mesh keeps no event history, so `since` in the past is refused.
+//! change, `scope: "swarm"`): services, nodes, networks, secrets and configs created, updated
+//! and removed, as the managers derive them from the store (mesh-manager's `history`). With
+//! `since`, the kept ones made since then come first; the stream then asks every [`EVERY`]
+//! for those after the last one sent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mesh_api::events::{matches, Snapshot};
-use mesh_api::ClusterObjects;
+use mesh_api::events::{matches, EventBatch};
+use mesh_api::human::now_ns;
 
 use crate::query::Filters;
 
-/// How often the objects are compared.
-pub const EVERY: Duration = Duration::from_millis(500);
+/// How often the stream asks for new events.
+pub const EVERY: Duration = Duration::from_millis(250);
 
-fn now_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-/// Parses Docker's `since`/`until` (Unix seconds, with an optional fraction) to nanoseconds.
-pub fn parse_time(v: &str) -> Result<u128, String> {
-    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
-    let secs: u128 = secs
-        .parse()
-        .map_err(|_| format!("invalid time {v:?}: expected Unix seconds"))?;
-    let mut nanos = 0u128;
-    if !frac.is_empty() {
-        let f: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-        nanos = f
-            .parse()
-            .map_err(|_| format!("invalid time {v:?}: expected Unix seconds"))?;
-    }
-    Ok(secs * 1_000_000_000 + nanos)
-}
-
-/// Streams the events matching `filters` until `until` (ns) or the client goes away.
+/// Streams `first`'s events and those after it matching `filters`, until `until` (ns) or
+/// the client goes away.
 pub fn stream(
     backend: Arc<dyn crate::Backend>,
-    first: ClusterObjects,
+    first: EventBatch,
     filters: Filters,
-    until: Option<u128>,
+    until: Option<u64>,
     tx: tokio::sync::mpsc::Sender<Bytes>,
 ) {
     tokio::spawn(async move {
-        let mut last = Snapshot::of(&first);
+        let mut cursor = first.cursor;
+        let mut batch = first.events;
         loop {
-            let wait = match until {
-                Some(u) => {
-                    let now = now_ns();
-                    if now >= u {
-                        return;
-                    }
-                    EVERY.min(Duration::from_nanos((u - now).min(u64::MAX as u128) as u64))
-                }
-                None => EVERY,
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = tx.closed() => return,
-            }
-            let Ok(v) = backend
-                .call(mesh_api::Request::Objects { service: None })
-                .await
-            else {
-                continue;
-            };
-            let Ok(o) = serde_json::from_value::<ClusterObjects>(v) else {
-                continue;
-            };
-            let next = Snapshot::of(&o);
-            for ev in last.changes(&next, now_ns() as u64) {
-                if !matches(&filters, &ev) {
+            for ev in &batch {
+                cursor = cursor.max(ev.seq);
+                if until.is_some_and(|u| ev.time_ns > u) || !matches(&filters, ev) {
                     continue;
                 }
                 let mut line = serde_json::to_vec(&ev.docker_json()).unwrap_or_default();
@@ -83,38 +40,31 @@ pub fn stream(
                     return;
                 }
             }
-            last = next;
+            let wait = match until {
+                Some(u) => {
+                    let now = now_ns();
+                    if now >= u {
+                        return;
+                    }
+                    EVERY.min(Duration::from_nanos(u - now))
+                }
+                None => EVERY,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = tx.closed() => return,
+            }
+            let req = mesh_api::Request::Events {
+                after: Some(cursor),
+                since_ns: None,
+            };
+            // No answer (an election): ask again from the same place.
+            batch = match backend.call(req).await {
+                Ok(v) => serde_json::from_value::<EventBatch>(v)
+                    .map(|b| b.events)
+                    .unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use mesh_api::events::Event;
-
-    #[test]
-    fn messages_as_docker_s() {
-        let ev = Event {
-            kind: "node",
-            action: "update",
-            id: "n1".into(),
-            attributes: [
-                ("name", "h1"),
-                ("state.new", "down"),
-                ("state.old", "ready"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-            time_ns: 12_500_000_000,
-        };
-        let m = ev.docker_json();
-        assert_eq!(m["Type"], "node");
-        assert_eq!(m["Actor"]["Attributes"]["state.new"], "down");
-        assert_eq!(m["time"], 12);
-        assert_eq!(m["timeNano"], 12_500_000_000u64);
-        assert_eq!(parse_time("12.5").unwrap(), 12_500_000_000);
-        assert!(parse_time("x").is_err());
-    }
 }

@@ -203,29 +203,37 @@ async fn distribution(b: &dyn Backend, reference: &str) -> Result<Reply> {
     })))
 }
 
-/// `docker events`: the cluster's changes from now on (see [`crate::events`]).
+/// `docker events`: the cluster's changes, the kept ones since `since` first (see
+/// [`crate::events`]).
 async fn events(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
     let f = c.query.filters().map_err(EngineError::bad)?;
     f.only(mesh_api::events::FILTER_KEYS)
         .map_err(EngineError::bad)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let time = |k: &str| -> Result<Option<u128>> {
+    let time = |k: &str| -> Result<Option<u64>> {
         c.query
             .get(k)
             .filter(|v| !v.is_empty())
-            .map(|v| crate::events::parse_time(v).map_err(EngineError::bad))
+            .map(|v| {
+                mesh_api::logs::parse_since(v, mesh_api::human::now_ns()).map_err(EngineError::bad)
+            })
             .transpose()
     };
-    if time("since")?.is_some_and(|s| s + 1_000_000_000 < now) {
-        return Err(EngineError::bad(
-            "mesh keeps no event history: events stream from now on (leave out --since)",
-        ));
-    }
+    let since = time("since")?;
     let until = time("until")?;
-    let first = objects(backend.as_ref()).await?;
+    let v = call(
+        backend.as_ref(),
+        Request::Events {
+            after: None,
+            since_ns: since,
+        },
+    )
+    .await?;
+    let first = serde_json::from_value(v).map_err(|e| {
+        EngineError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("bad event list: {e}"),
+        )
+    })?;
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     crate::events::stream(backend.clone(), first, f, until, tx);
     Ok(Reply::Stream("application/json", rx))

@@ -3,6 +3,7 @@
 //! - [`state`]: the replicated state machine (cluster record, nodes) and its commands;
 //! - [`allocator`]: network addresses, proposed by the leader and settled at apply;
 //! - [`storage`]: openraft log and state-machine storage on redb;
+//! - [`history`]: the cluster's recent changes as events, derived as the log is applied;
 //! - [`network`], [`peer`]: the control-port protocol, Raft RPCs included, over mutual TLS;
 //! - [`member`]: a node inside a swarm: Raft while it manages, heartbeats, leader handlers;
 //! - [`dispatcher`]: heartbeat bookkeeping that decides Ready/Down;
@@ -22,6 +23,7 @@ pub mod datakey;
 pub mod dispatcher;
 pub mod gossipkeys;
 pub mod health;
+pub mod history;
 pub mod ipam;
 pub mod local;
 pub mod member;

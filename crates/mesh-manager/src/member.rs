@@ -1774,6 +1774,10 @@ impl Member {
                     .await?;
                 Ok(json!({ "id": id }))
             }
+            // Any manager's history would do (seqs are the log's); the leader's is the newest.
+            Request::Events { after, since_ns } => {
+                Ok(json!(node.sm.history().read(after, since_ns)))
+            }
             Request::ServiceLogs {
                 service,
                 since_ns,

@@ -30,6 +30,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::{watch, RwLock};
 
 use crate::datakey::{self, DataKey};
+use crate::history::{History, Pending};
 use crate::raft_types::*;
 use crate::state::{CommandResult, StoreState};
 
@@ -174,13 +175,27 @@ fn load(db: Db, path: &Path) -> Result<(LogStore, StateMachineStore), OpenError>
         sm.last_applied = s.meta.last_log_id;
         sm.membership = s.meta.last_membership.clone();
     }
+    // Entries up to the last one written were applied before this start (or were about to
+    // be): applying them again gives no events.
+    sm.replayed_until = last_index(&db).map_err(corrupt)?;
     let (tx, _) = watch::channel(sm.state.clone());
     let sm = StateMachineStore {
         db: db.clone(),
         data: Arc::new(RwLock::new(sm)),
         changes: Arc::new(tx),
+        history: Arc::new(History::default()),
     };
     Ok((LogStore { db }, sm))
+}
+
+/// The index of the last entry in the log (0: none).
+fn last_index(db: &Db) -> Result<u64, StorageError> {
+    let txn = db.0.begin_read().map_err(|e| io_err(ErrorVerb::Read, e))?;
+    let table = txn
+        .open_table(LOGS)
+        .map_err(|e| io_err(ErrorVerb::Read, e))?;
+    let last = table.last().map_err(|e| io_err(ErrorVerb::Read, e))?;
+    Ok(last.map_or(0, |(k, _)| k.value()))
 }
 
 /// The Raft log, vote and commit index.
@@ -335,21 +350,29 @@ struct SmData {
     state: StoreState,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    /// Entries up to this index are applied again at start: no events for them.
+    replayed_until: u64,
 }
 
 /// The state machine: the in-memory [`StoreState`], plus a watch channel that publishes every
-/// applied change to the rest of the manager.
+/// applied change to the rest of the manager, and the events the changes gave ([`History`]).
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Db,
     data: Arc<RwLock<SmData>>,
     changes: Arc<watch::Sender<StoreState>>,
+    history: Arc<History>,
 }
 
 impl StateMachineStore {
     /// The current state, as applied on this manager.
     pub async fn state(&self) -> StoreState {
         self.data.read().await.state.clone()
+    }
+
+    /// The recent changes, as events.
+    pub fn history(&self) -> &History {
+        &self.history
     }
 
     /// A receiver that sees every applied state.
@@ -429,7 +452,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             match entry.payload {
                 EntryPayload::Blank => out.push(CommandResult::Ok),
                 EntryPayload::Normal(cmd) => {
+                    let index = entry.log_id.index;
+                    let pending =
+                        (index > sm.replayed_until).then(|| Pending::before(&sm.state, &cmd));
                     let r = sm.state.apply(&cmd);
+                    if let (Some(p), CommandResult::Ok) = (pending, &r) {
+                        self.history
+                            .record(p, &sm.state, index, mesh_api::human::now_ns());
+                    }
                     changed |= r == CommandResult::Ok;
                     out.push(r);
                 }
@@ -469,6 +499,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             },
         )?;
         let mut sm = self.data.write().await;
+        if let Some(l) = meta.last_log_id {
+            self.history
+                .record_replaced(&sm.state, &state, l.index, mesh_api::human::now_ns());
+        }
         sm.state = state;
         sm.last_applied = meta.last_log_id;
         sm.membership = meta.last_membership.clone();
