@@ -131,8 +131,10 @@ fn walk_size(dir: &Path) -> anyhow::Result<u64> {
 mod tests {
     use super::*;
 
-    /// The package built from the test binaries: its metadata, its files, binaries that run,
-    /// and a unit systemd accepts without a warning.
+    /// The package built from the test binaries: its metadata; installed by `dpkg -i` into a
+    /// scratch root with a dpkg database of its own (`--root`, so this machine's `/usr` is not
+    /// touched), its binaries run and its unit is accepted by systemd without a warning;
+    /// `dpkg -r` then takes every file away again.
     #[test]
     fn the_package_holds_a_working_daemon_and_its_unit() -> anyhow::Result<()> {
         if !crate::have("dpkg-deb") || !crate::have("systemd-analyze") {
@@ -161,7 +163,39 @@ mod tests {
             "dpkg-deb --info: {info}"
         );
         let root = tmp.join("root");
-        crate::sh(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        let admin = root.join("var/lib/dpkg");
+        for d in ["info", "updates", "triggers"] {
+            std::fs::create_dir_all(admin.join(d))?;
+        }
+        std::fs::write(admin.join("status"), "")?;
+        std::fs::write(admin.join("available"), "")?;
+        let dpkg = |args: &[&str]| -> anyhow::Result<String> {
+            let out = Command::new("dpkg")
+                .arg(format!("--root={}", root.display()))
+                .args(args)
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "dpkg {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        // The scratch root's database has neither iproute2 nor nftables.
+        dpkg(&["--force-depends", "-i", &deb.to_string_lossy()])?;
+        let status = dpkg(&["-s", "mesh"])?;
+        anyhow::ensure!(
+            status.contains("Status: install ok installed"),
+            "dpkg -s mesh: {status}"
+        );
+        let files = dpkg(&["-L", "mesh"])?;
+        for f in [
+            "/usr/bin/meshd",
+            "/usr/bin/mesh",
+            "/lib/systemd/system/meshd.service",
+        ] {
+            anyhow::ensure!(files.lines().any(|l| l == f), "dpkg -L lacks {f}: {files}");
+        }
         for (bin, want) in [("meshd", "meshd "), ("mesh", "mesh ")] {
             let out = Command::new(root.join("usr/bin").join(bin))
                 .arg("--version")
@@ -192,6 +226,14 @@ mod tests {
             out.status.success() && err.trim().is_empty(),
             "systemd-analyze verify: {err}"
         );
+        dpkg(&["-r", "mesh"])?;
+        for f in [
+            "usr/bin/meshd",
+            "usr/bin/mesh",
+            "lib/systemd/system/meshd.service",
+        ] {
+            anyhow::ensure!(!root.join(f).exists(), "{f} left after dpkg -r");
+        }
         Ok(())
     }
 
