@@ -289,6 +289,7 @@ fn metrics_are_served_parsed_and_move_with_the_cluster() -> Result<()> {
         ("mesh_gossip_packets_received", "counter"),
         ("mesh_gossip_sent_bytes", "counter"),
         ("mesh_gossip_dropped", "counter"),
+        ("mesh_gossip_convergence_lag_seconds", "histogram"),
         ("mesh_plane_reconcile", "counter"),
         ("mesh_plane_reconcile_errors", "counter"),
         ("mesh_plane_reconcile_duration_seconds", "histogram"),
@@ -374,6 +375,32 @@ fn metrics_are_served_parsed_and_move_with_the_cluster() -> Result<()> {
     ensure!(s
         .histogram_count("mesh_plane_reconcile_duration_seconds")
         .is_some_and(|n| n >= 1.0));
+    // The tasks' endpoint records crossed by gossip: their convergence lag is counted (at
+    // least the last writer's record reached the others by broadcast), in seconds.
+    let (count, sum) = wait_for(
+        "convergence lag counted",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let (mut count, mut sum) = (0.0, 0.0);
+            for h in [h1, h2, h3] {
+                let s = scrape(h)?;
+                let f = "mesh_gossip_convergence_lag_seconds";
+                count += s.histogram_count(f).unwrap_or(0.0);
+                sum += s.value(f, &format!("{f}_sum"), &[]).unwrap_or(0.0);
+            }
+            Ok((count > 0.0).then_some((count, sum)))
+        },
+    )?;
+    eprintln!(
+        "gossip: {count} records by broadcast, mean lag {:.4} s",
+        sum / count
+    );
+    ensure!(
+        sum / count < 5.0,
+        "mean convergence lag {} s on one machine",
+        sum / count
+    );
     h1.mesh_ok(&["service", "scale", "web=1"])?;
     scrape_until(h1, "web scaled to 1", |s| {
         (s.gauge("mesh_service_replicas_desired", &[("service", "web")]) == Some(1.0)

@@ -180,6 +180,9 @@ pub struct Core {
     counters: Arc<Counters>,
     out: Vec<Output>,
     left: bool,
+    /// The wall clock (ms since the epoch) at `now` zero; 0 in the simulator, where every
+    /// node shares the simulated time.
+    wall_origin_ms: u64,
 }
 
 impl Core {
@@ -237,8 +240,21 @@ impl Core {
             counters,
             out: Vec::new(),
             left: false,
+            wall_origin_ms: 0,
             cfg,
         }
+    }
+
+    /// Sets the wall clock (ms since the Unix epoch) at `now` zero, so that records carry
+    /// their birth time and received ones their convergence lag (`Counters::observe_lag`).
+    pub fn set_wall_origin(&mut self, ms: u64) {
+        self.wall_origin_ms = ms;
+    }
+
+    /// The wall clock at `now`, in ms since the epoch.
+    fn wall_ms(&self, now: Duration) -> u64 {
+        self.wall_origin_ms
+            .saturating_add(u64::try_from(now.as_millis()).unwrap_or(u64::MAX))
     }
 
     /// This node's current identity.
@@ -348,6 +364,7 @@ impl Core {
             version: u64::MAX,
             owner: self.me.name.clone(),
             owner_gen: u64::MAX,
+            born_ms: u64::MAX,
         };
         let size = wire::encode(&probe).len();
         let max = BatchWriter::new(self.tag, network).room();
@@ -360,6 +377,7 @@ impl Core {
                 max,
             });
         }
+        self.store.set_wall_ms(self.wall_ms(now));
         let (_, ev) = self.store.put_local(network, table, key, value)?;
         self.out.push(Output::Event(ev));
         self.publish(network, table, key);
@@ -378,6 +396,7 @@ impl Core {
         if self.left {
             return Err(GossipError::Stopped);
         }
+        self.store.set_wall_ms(self.wall_ms(now));
         if let Some((_, ev)) = self.store.delete_local(network, table, key, now)? {
             self.out.push(Output::Event(ev));
             self.publish(network, table, key);
@@ -393,6 +412,7 @@ impl Core {
     /// again). Returns how many were retracted.
     pub fn retract_earlier_runs(&mut self, networks: &BTreeSet<String>, now: Duration) -> usize {
         let mut n = 0;
+        self.store.set_wall_ms(self.wall_ms(now));
         for net in networks {
             let Some(keys) = self.earlier_runs.remove(net) else {
                 continue;
@@ -928,8 +948,15 @@ impl Core {
             return; // written before the owner left the network
         }
         let (table, key, rec) = u.into_parts();
+        let born_ms = rec.born_ms;
         match self.store.merge(network, &table, &key, rec, now) {
             Merge::Applied(ev) => {
+                // Broadcast is how a change is meant to spread; push-pull brings what it
+                // missed and a joiner's catch-up, whose age is not a lag.
+                if relay && born_ms > 0 {
+                    self.counters
+                        .observe_lag(self.wall_ms(now).saturating_sub(born_ms));
+                }
                 if let Some(ev) = ev {
                     self.out.push(Output::Event(ev));
                 }

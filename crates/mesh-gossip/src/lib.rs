@@ -63,4 +63,4 @@ pub use event::{Entry, Event, Member};
 pub use id::NodeId;
 pub use runtime::Gossip;
 pub use seal::{Key, Keyring};
-pub use stats::Stats;
+pub use stats::{Stats, LAG_BOUNDS};

@@ -12,12 +12,16 @@
 //! | `mesh_gossip_syncs_total`, `mesh_gossip_sync_failures_total` | counter | push-pull exchanges |
 //! | `mesh_gossip_dropped_total{reason}` | counter | packets or streams dropped: `malformed`, `foreign` (another cluster), `bad_tag`, `unknown_key`, `unsealed`, `out_of_scope` (records of a network not held) |
 //! | `mesh_gossip_unsent_total` | counter | packets not sent for want of a key |
+//! | `mesh_gossip_convergence_lag_seconds` | histogram | per table record received by broadcast: from its write on the owner to its arrival here (the two wall clocks; skew between hosts adds in) |
 
+use prometheus_client::encoding::NoLabelSet;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
 
+use crate::stats::LAG_BOUNDS;
 use crate::Stats;
 
 fn counter(
@@ -111,7 +115,24 @@ pub fn encode(stats: &Stats, encoder: &mut DescriptorEncoder) -> Result<(), std:
         "gossip_unsent",
         "Gossip packets or push-pulls not sent for want of a key",
         stats.no_key,
-    )
+    )?;
+    let m = encoder.encode_descriptor(
+        "gossip_convergence_lag",
+        "Time from a table record's write on its owner to its arrival here by broadcast",
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    let buckets: Vec<(f64, u64)> = LAG_BOUNDS
+        .iter()
+        .copied()
+        // The encoder's mark for the `+Inf` bucket.
+        .chain([f64::MAX])
+        .zip(stats.lag_buckets)
+        .collect();
+    let count = stats.lag_buckets.iter().sum();
+    let sum = stats.lag_sum_ms as f64 / 1000.0;
+    let mut m = m;
+    m.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
 }
 
 #[cfg(test)]
@@ -137,6 +158,8 @@ mod tests {
             bad_tag: 2,
             alive_peers: 2,
             tcp_out: 1,
+            lag_buckets: [0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            lag_sum_ms: 120_070,
             ..Stats::default()
         })));
         let mut out = String::new();
@@ -147,6 +170,14 @@ mod tests {
             "mesh_gossip_packets_received_total 7",
             "mesh_gossip_dropped_total{reason=\"bad_tag\"} 2",
             "mesh_gossip_pushpull_total{direction=\"out\"} 1",
+            "# TYPE mesh_gossip_convergence_lag_seconds histogram",
+            "mesh_gossip_convergence_lag_seconds_sum 120.07",
+            "mesh_gossip_convergence_lag_seconds_count 4",
+            "mesh_gossip_convergence_lag_seconds_bucket{le=\"0.01\"} 0",
+            "mesh_gossip_convergence_lag_seconds_bucket{le=\"0.025\"} 1",
+            "mesh_gossip_convergence_lag_seconds_bucket{le=\"0.05\"} 3",
+            "mesh_gossip_convergence_lag_seconds_bucket{le=\"30.0\"} 3",
+            "mesh_gossip_convergence_lag_seconds_bucket{le=\"+Inf\"} 4",
         ] {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
         }

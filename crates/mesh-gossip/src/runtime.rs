@@ -230,7 +230,12 @@ impl Gossip {
         let seed = crate::id::wall_micros() ^ wire::cluster_tag(&cfg.node_id);
         let addr = cfg.advertise;
         let name = cfg.node_id.clone();
-        let core = Core::new(cfg, counters.clone(), Duration::ZERO, seed);
+        let mut core = Core::new(cfg, counters.clone(), Duration::ZERO, seed);
+        core.set_wall_origin(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        );
         let tag = core.tag();
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(EVENT_CAPACITY);

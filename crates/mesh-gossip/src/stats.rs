@@ -40,7 +40,20 @@ pub struct Stats {
     /// Other nodes alive (or suspect) in this node's view, as of the last membership
     /// change (kept by the runtime; the simulator leaves it 0).
     pub alive_peers: u64,
+    /// Convergence lag of the table records received by broadcast: how many fell in each
+    /// bucket of [`LAG_BOUNDS`] (not cumulative; the last one is above them all).
+    pub lag_buckets: [u64; LAG_BUCKETS],
+    /// Their lags added up, in milliseconds.
+    pub lag_sum_ms: u64,
 }
+
+/// Upper bounds, in seconds, of the convergence-lag buckets (the last bucket, beyond them,
+/// is `+Inf`).
+pub const LAG_BOUNDS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// How many convergence-lag buckets there are.
+pub const LAG_BUCKETS: usize = LAG_BOUNDS.len() + 1;
 
 /// The live counters, shared between the core and the I/O tasks.
 #[derive(Debug, Default)]
@@ -61,6 +74,8 @@ pub struct Counters {
     pub unsealed: AtomicU64,
     pub no_key: AtomicU64,
     pub alive_peers: AtomicU64,
+    pub lag_buckets: [AtomicU64; LAG_BUCKETS],
+    pub lag_sum_ms: AtomicU64,
 }
 
 /// Adds `n` to a counter.
@@ -69,6 +84,17 @@ pub fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Counters {
+    /// Counts one record's convergence lag.
+    pub fn observe_lag(&self, lag_ms: u64) {
+        let secs = lag_ms as f64 / 1000.0;
+        let i = LAG_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LAG_BOUNDS.len());
+        add(&self.lag_buckets[i], 1);
+        add(&self.lag_sum_ms, lag_ms);
+    }
+
     /// A snapshot.
     pub fn snapshot(&self) -> Stats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -89,6 +115,8 @@ impl Counters {
             unsealed: g(&self.unsealed),
             no_key: g(&self.no_key),
             alive_peers: g(&self.alive_peers),
+            lag_buckets: std::array::from_fn(|i| g(&self.lag_buckets[i])),
+            lag_sum_ms: g(&self.lag_sum_ms),
         }
     }
 }

@@ -47,6 +47,9 @@ pub struct Record {
     pub owner_gen: u64,
     /// Local time this tombstone was stored (for reaping); `None` for live records.
     pub deleted_at: Option<Duration>,
+    /// When the owner wrote this version, by its wall clock (ms since the Unix epoch; 0:
+    /// unknown): what a receiver measures convergence lag from.
+    pub born_ms: u64,
 }
 
 impl Record {
@@ -91,6 +94,8 @@ pub struct Store {
     me: Arc<str>,
     my_gen: u64,
     clock: u64,
+    /// The wall clock of the local write being made (ms since the epoch): its `born_ms`.
+    wall_ms: u64,
     nets: BTreeMap<String, BTreeMap<Key, Record>>,
 }
 
@@ -101,8 +106,14 @@ impl Store {
             me,
             my_gen,
             clock: clock_seed,
+            wall_ms: 0,
             nets: BTreeMap::new(),
         }
+    }
+
+    /// Sets the wall clock (ms since the epoch) the next local writes are stamped with.
+    pub fn set_wall_ms(&mut self, wall_ms: u64) {
+        self.wall_ms = wall_ms;
     }
 
     /// The current Lamport clock.
@@ -175,6 +186,7 @@ impl Store {
             owner: self.me.clone(),
             owner_gen: self.my_gen,
             deleted_at: None,
+            born_ms: self.wall_ms,
         };
         let t = self.nets.entry(network.to_string()).or_default();
         t.insert((table.to_string(), key.to_string()), record.clone());
@@ -220,6 +232,7 @@ impl Store {
             owner: self.me.clone(),
             owner_gen: self.my_gen,
             deleted_at: Some(now),
+            born_ms: self.wall_ms,
         };
         if let Some(t) = self.nets.get_mut(network) {
             t.insert(k, record.clone());
@@ -260,6 +273,7 @@ impl Store {
             owner: self.me.clone(),
             owner_gen: self.my_gen,
             deleted_at: Some(now),
+            born_ms: self.wall_ms,
         };
         self.nets.get_mut(network)?.insert(k, record.clone());
         Some(record)
@@ -435,6 +449,7 @@ mod tests {
             owner: owner.into(),
             owner_gen: 1,
             deleted_at: None,
+            born_ms: 0,
         }
     }
 

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! 0..2  magic "MG"
-//! 2     format version (1)
+//! 2     format version (2: table records carry their birth time)
 //! 3     kind: 1 = SWIM (foca message), 2 = table batch, 3 = push-pull frame,
 //!       4 = membership batch
 //! 4..12 cluster tag: FNV-1a 64 of the cluster key, big endian
@@ -29,7 +29,7 @@ use crate::table::Record;
 /// Header magic.
 pub const MAGIC: [u8; 2] = *b"MG";
 /// Format version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Header length.
 pub const HEADER_LEN: usize = 12;
 /// Largest UDP payload sent or accepted.
@@ -112,6 +112,8 @@ pub struct WireUpdate {
     pub version: u64,
     pub owner: Arc<str>,
     pub owner_gen: u64,
+    /// The owner's wall clock when it wrote this version (see `Record::born_ms`).
+    pub born_ms: u64,
 }
 
 impl WireUpdate {
@@ -124,6 +126,7 @@ impl WireUpdate {
             version: r.version,
             owner: r.owner.clone(),
             owner_gen: r.owner_gen,
+            born_ms: r.born_ms,
         }
     }
 
@@ -138,6 +141,7 @@ impl WireUpdate {
                 owner: self.owner,
                 owner_gen: self.owner_gen,
                 deleted_at: None,
+                born_ms: self.born_ms,
             },
         )
     }
@@ -437,6 +441,7 @@ mod tests {
             version: 1_700_000_000_000_000,
             owner: "node-1".into(),
             owner_gen: 1_700_000_000_000_000,
+            born_ms: 1_700_000_000_000,
         }
     }
 

@@ -157,3 +157,54 @@ fn same_seed_same_run() {
     };
     assert_eq!(run(), run());
 }
+
+/// Every record received by broadcast counts its convergence lag (its owner's wall clock at
+/// the write to this node's at arrival): with a 20 ms one-way latency, no lag is under
+/// 20 ms, and each lands in the bucket of the time the put took to reach that node.
+#[test]
+fn convergence_lag_is_counted_per_received_record() {
+    let n = 5;
+    let mut c = SimConfig::new(n);
+    c.latency = Duration::from_millis(20);
+    c.jitter = Duration::ZERO;
+    c.seed = 9;
+    let mut sim = Sim::new(c);
+    for i in 0..n {
+        sim.set_networks(i, &["net"]);
+    }
+    for i in 1..n {
+        sim.join(i, &[0]);
+    }
+    let formed = sim.run_until_true(30 * S, Duration::from_millis(100), |s| {
+        (0..n).all(|i| s.alive_seen_by(i) == n - 1)
+    });
+    assert!(formed.is_some(), "membership did not converge");
+    sim.run_for(10 * S);
+    let before: Vec<_> = (0..n).map(|i| sim.stats(i)).collect();
+    let took = sim
+        .measure_put(0, "net", "ep", "k", vec![1], 2 * S)
+        .expect("put did not converge");
+    sim.run_for(S);
+    for (i, b) in before.iter().enumerate().skip(1) {
+        let a = sim.stats(i);
+        let new: Vec<u64> = (0..a.lag_buckets.len())
+            .map(|k| a.lag_buckets[k] - b.lag_buckets[k])
+            .collect();
+        let count: u64 = new.iter().sum();
+        assert_eq!(count, 1, "node {i}: one record, one lag ({new:?})");
+        let lag_ms = a.lag_sum_ms - b.lag_sum_ms;
+        assert!(
+            (20..=took.as_millis() as u64).contains(&lag_ms),
+            "node {i}: lag {lag_ms} ms, the put took {took:?} to reach every node"
+        );
+        let bucket = new.iter().position(|c| *c == 1).unwrap_or_default();
+        let bound = mesh_gossip::LAG_BOUNDS[bucket];
+        assert!(
+            lag_ms as f64 / 1000.0 <= bound
+                && (bucket == 0 || lag_ms as f64 / 1000.0 > mesh_gossip::LAG_BOUNDS[bucket - 1]),
+            "node {i}: {lag_ms} ms in the bucket up to {bound} s"
+        );
+    }
+    // The writer counts none of its own.
+    assert_eq!(sim.stats(0).lag_buckets, before[0].lag_buckets);
+}
