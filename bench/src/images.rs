@@ -170,6 +170,7 @@ fn pull_rounds(
             root: dir.clone(),
             insecure_registries: vec![insecure.to_string()],
             mirrors: vec![],
+            certs_dir: None,
         })?;
         let t0 = Instant::now();
         let img = rt

@@ -194,8 +194,15 @@ impl Store {
             "https"
         };
         let url = format!("{scheme}://{host}/v2/");
+        let mut roots = Vec::new();
+        for pem in self.registry_roots(&host)? {
+            roots.push(reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                ImageError::Invalid(format!("a CA certificate for {host} does not parse: {e}"))
+            })?);
+        }
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(15))
+            .tls_certs_merge(roots)
             .build()
             .map_err(|e| ImageError::Invalid(format!("registry client: {e}")))?;
         let fail = |e: reqwest::Error| ImageError::Registry(format!("Get \"{url}\": {e}"));

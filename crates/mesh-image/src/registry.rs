@@ -1,16 +1,16 @@
 //! The registry side of a pull, on `oci-client` (OCI distribution v2: token and basic auth,
-//! HTTPS with the system roots through rustls + ring, plain HTTP only for the insecure
-//! registries and `http://` mirrors), and the translation of its errors into Docker's
-//! wording ([`ImageError`]).
+//! HTTPS with the system roots through rustls + ring, plus a registry's own CAs from Docker's
+//! `certs.d` layout, plain HTTP only for the insecure registries and `http://` mirrors), and
+//! the translation of its errors into Docker's wording ([`ImageError`]).
 
 use std::collections::HashMap;
 use std::error::Error as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use tokio::io::AsyncWriteExt;
@@ -19,12 +19,17 @@ use crate::error::{ImageError, IoContext};
 use crate::reference::{Reference, DOCKER_HUB};
 use crate::Credentials;
 
-/// The clients (one per set of credentials: oci-client keeps the first credentials it is
-/// given for a registry) and where a reference is pulled from.
+/// Which client: the credentials (oci-client keeps the first credentials it is given for a
+/// registry), and the registry when it has CAs of its own.
+type ClientKey = (Option<(String, String)>, Option<String>);
+
+/// The clients and where a reference is pulled from.
 pub(crate) struct Registries {
     insecure: Vec<String>,
     mirrors: Vec<String>,
-    clients: Mutex<HashMap<Option<(String, String)>, oci_client::Client>>,
+    /// Docker's `certs.d`: `DIR/HOST:PORT/*.crt`.
+    certs_dir: Option<PathBuf>,
+    clients: Mutex<HashMap<ClientKey, oci_client::Client>>,
     /// Blobs (configs and layers) downloaded, for tests and metrics.
     pub(crate) blob_fetches: AtomicU64,
 }
@@ -43,6 +48,7 @@ impl Registries {
     pub(crate) fn new(
         insecure: Vec<String>,
         mirrors: Vec<String>,
+        certs_dir: Option<PathBuf>,
     ) -> Result<Registries, ImageError> {
         // reqwest is built without a default crypto provider, so that only ring is linked;
         // it uses the process default, installed here once if nobody did.
@@ -63,6 +69,7 @@ impl Registries {
         Ok(Registries {
             insecure,
             mirrors: hosts,
+            certs_dir,
             clients: Mutex::new(HashMap::new()),
             blob_fetches: AtomicU64::new(0),
         })
@@ -73,8 +80,44 @@ impl Registries {
         self.insecure.iter().any(|h| h == host)
     }
 
-    fn client(&self, auth: Option<&Credentials>) -> Result<oci_client::Client, ImageError> {
-        let key = auth.map(|c| (c.username.clone(), c.password.clone()));
+    /// The CA certificates (PEM) trusted for `host` beyond the system roots: the `*.crt`
+    /// files of `certs.d/HOST:PORT/`, as Docker reads them (read at each new client, so a CA
+    /// added later applies without a restart).
+    pub(crate) fn roots(&self, host: &str) -> Result<Vec<Vec<u8>>, ImageError> {
+        let Some(dir) = &self.certs_dir else {
+            return Ok(Vec::new());
+        };
+        // A host name with `..` or a `/` is nobody's directory.
+        if host.is_empty() || host.contains('/') || host.contains("..") {
+            return Ok(Vec::new());
+        }
+        let dir = dir.join(host);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ImageError::io("reading", &dir, e)),
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| std::fs::read(f).map_err(|e| ImageError::io("reading", f, e)))
+            .collect()
+    }
+
+    fn client(
+        &self,
+        auth: Option<&Credentials>,
+        host: &str,
+    ) -> Result<oci_client::Client, ImageError> {
+        let roots = self.roots(host)?;
+        let key = (
+            auth.map(|c| (c.username.clone(), c.password.clone())),
+            (!roots.is_empty()).then(|| host.to_string()),
+        );
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
@@ -84,6 +127,13 @@ impl Registries {
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(120)),
             platform_resolver: None,
+            extra_root_certificates: roots
+                .into_iter()
+                .map(|data| Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data,
+                })
+                .collect(),
             ..ClientConfig::default()
         };
         let client = oci_client::Client::try_from(config)
@@ -98,7 +148,6 @@ impl Registries {
         r: &Reference,
         auth: Option<&Credentials>,
     ) -> Result<Vec<Remote>, ImageError> {
-        let client = self.client(auth)?;
         let reg_auth = match auth {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
@@ -108,20 +157,22 @@ impl Registries {
             hosts.extend(self.mirrors.iter().cloned());
         }
         hosts.push(r.registry().to_string());
-        Ok(hosts
+        hosts
             .into_iter()
-            .map(|host| Remote {
-                client: client.clone(),
-                // Credentials are for the registry named, not for mirrors.
-                auth: if host == r.registry() {
-                    reg_auth.clone()
-                } else {
-                    RegistryAuth::Anonymous
-                },
-                host,
-                repository: r.repository().to_string(),
+            .map(|host| {
+                Ok(Remote {
+                    client: self.client(auth, &host)?,
+                    // Credentials are for the registry named, not for mirrors.
+                    auth: if host == r.registry() {
+                        reg_auth.clone()
+                    } else {
+                        RegistryAuth::Anonymous
+                    },
+                    host,
+                    repository: r.repository().to_string(),
+                })
             })
-            .collect())
+            .collect()
     }
 }
 

@@ -42,6 +42,9 @@ pub struct StoreConfig {
     pub insecure_registries: Vec<String>,
     /// `--registry-mirror` URLs, tried in order before Docker Hub (for `docker.io` only).
     pub mirrors: Vec<String>,
+    /// Docker's `certs.d` layout: the `*.crt` files of `DIR/HOST:PORT/` are CA certificates
+    /// trusted for that registry, beside the system roots.
+    pub certs_dir: Option<PathBuf>,
 }
 
 /// Registry credentials (HTTP basic, or exchanged for a token on a Bearer challenge).
@@ -200,7 +203,11 @@ impl Store {
         }
         let inner = Arc::new(Inner {
             root,
-            registries: Registries::new(config.insecure_registries, config.mirrors)?,
+            registries: Registries::new(
+                config.insecure_registries,
+                config.mirrors,
+                config.certs_dir,
+            )?,
             state: Mutex::new(state),
             inflight: Mutex::new(HashMap::new()),
         });
@@ -220,6 +227,11 @@ impl Store {
     /// Whether `host` is one of the registries reached over plain HTTP.
     pub(crate) fn is_insecure(&self, host: &str) -> bool {
         self.inner.registries.is_insecure(host)
+    }
+
+    /// The CA certificates trusted for `host` beyond the system roots (PEM).
+    pub(crate) fn registry_roots(&self, host: &str) -> Result<Vec<Vec<u8>>, ImageError> {
+        self.inner.registries.roots(host)
     }
 
     /// How many blobs (configs and layers) this store has downloaded.

@@ -4,7 +4,11 @@
 //! it, so the root namespace is never touched. Images are built here (a base layer, a layer
 //! with a whiteout and an opaque directory, a zstd layer) and pushed with oci-client.
 //!
-//! Needs root, `ip` (iproute2) and `docker-registry`; fails with a clear message without them.
+//! A second registry serves HTTPS with a certificate of a test CA (trusted through Docker's
+//! `certs.d` layout) and token auth from a small token service (`TOKEN_SERVER`).
+//!
+//! Needs root, `ip` (iproute2), `docker-registry` and `openssl`; fails with a clear message
+//! without them.
 
 use std::fs;
 use std::io::Write;
@@ -106,15 +110,21 @@ fn run(cmd: &mut Command) {
 struct Registry {
     ns: String,
     dir: PathBuf,
+    addr: String,
     child: Option<Child>,
 }
 impl Registry {
     fn start(ns: &NetNs, dir: &Path) -> Registry {
+        Registry::start_with(ns, dir, REGISTRY, "")
+    }
+
+    /// One on `addr`, its config ending with `more` (YAML: `auth:`, `  tls:` under `http:`).
+    fn start_with(ns: &NetNs, dir: &Path, addr: &str, more: &str) -> Registry {
         fs::create_dir_all(dir.join("data")).unwrap();
         fs::write(
             dir.join("config.yml"),
             format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {REGISTRY}\n",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{more}",
                 dir.join("data").display()
             ),
         )
@@ -122,6 +132,7 @@ impl Registry {
         let mut r = Registry {
             ns: ns.0.clone(),
             dir: dir.to_path_buf(),
+            addr: addr.to_string(),
             child: None,
         };
         r.spawn();
@@ -156,7 +167,7 @@ impl Registry {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if std::net::TcpStream::connect_timeout(
-                &REGISTRY.parse().unwrap(),
+                &self.addr.parse().unwrap(),
                 Duration::from_millis(200),
             )
             .is_ok()
@@ -328,7 +339,11 @@ fn push_client() -> oci_client::Client {
 }
 
 async fn push(client: &oci_client::Client, repo: &str, tag: &str, img: &TestImage) {
-    let r = oci_client::Reference::with_tag(REGISTRY.into(), repo.into(), tag.into());
+    push_to(client, REGISTRY, repo, tag, img).await
+}
+
+async fn push_to(client: &oci_client::Client, host: &str, repo: &str, tag: &str, img: &TestImage) {
+    let r = oci_client::Reference::with_tag(host.into(), repo.into(), tag.into());
     for (blob, _) in &img.layers {
         client
             .push_blob(&r, blob.clone(), &sha256(blob))
@@ -339,7 +354,14 @@ async fn push(client: &oci_client::Client, repo: &str, tag: &str, img: &TestImag
         .push_blob(&r, img.config.clone(), &sha256(&img.config))
         .await
         .expect("push config");
-    push_manifest(client, repo, tag, &img.manifest, img.manifest_type).await;
+    client
+        .push_manifest_raw(
+            &r,
+            img.manifest.clone(),
+            http::HeaderValue::from_str(img.manifest_type).unwrap(),
+        )
+        .await
+        .expect("push manifest");
 }
 
 async fn push_manifest(
@@ -413,6 +435,7 @@ fn open_store(dir: &Path) -> Store {
         root: dir.to_path_buf(),
         insecure_registries: vec![REGISTRY.to_string()],
         mirrors: vec![],
+        certs_dir: None,
     })
     .unwrap()
 }
@@ -571,6 +594,7 @@ async fn scenario(dir: &Path, reg: &Mutex<Registry>) {
         root: tls_dir.0.clone(),
         insecure_registries: vec![],
         mirrors: vec![],
+        certs_dir: None,
     })
     .unwrap();
     let e = strict.pull(&app1, None).await.unwrap_err();
@@ -807,4 +831,264 @@ fn loads_archives_and_drops_leftovers() {
     assert_eq!(fs::read_dir(store_dir.join("tmp")).unwrap().count(), 0);
     assert_eq!(store.get(&r("busybox:local")).unwrap(), img);
     assert!(store.get(&r("oci:1")).is_some());
+}
+
+// ---- HTTPS with the registry's own CA, and token auth ----
+
+/// Where the TLS registry listens, and its token service.
+const TLS_REGISTRY: &str = "127.0.0.1:5443";
+const TOKEN_ADDR: &str = "127.0.0.1:5001";
+
+/// A token service as Docker's registries use (distribution's `auth: token`): `GET /token`
+/// with the client's basic credentials answers a JWT (RS256, signed with `openssl dgst`, its
+/// certificate in `x5c`) granting the scopes asked for, none for anonymous callers; wrong
+/// credentials get 401. Served over HTTPS with the registry's certificate.
+const TOKEN_SERVER: &str = r#"import base64,http.server,json,ssl,subprocess,sys,time,urllib.parse
+d,user,pw=sys.argv[1:4]
+der=subprocess.run(['openssl','x509','-in',d+'/token.crt','-outform','DER'],capture_output=True,check=True).stdout
+def b64(b): return base64.urlsafe_b64encode(b).rstrip(b'=').decode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        q=urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+        auth=self.headers.get('Authorization')
+        good='Basic '+base64.b64encode((user+':'+pw).encode()).decode()
+        if auth is not None and auth!=good:
+            self.send_response(401); self.send_header('Content-Length','0'); self.end_headers(); return
+        access=[]
+        for sc in q.get('scope',[]):
+            t,name,acts=sc.split(':')
+            access.append({'type':t,'name':name,'actions':acts.split(',') if auth else []})
+        now=int(time.time())
+        head={'alg':'RS256','typ':'JWT','x5c':[base64.b64encode(der).decode()]}
+        claims={'iss':'mesh-test-issuer','sub':user if auth else '','aud':q['service'][0],'exp':now+300,'nbf':now-10,'iat':now,'jti':str(time.time_ns()),'access':access}
+        signing=b64(json.dumps(head).encode())+'.'+b64(json.dumps(claims).encode())
+        sig=subprocess.run(['openssl','dgst','-sha256','-sign',d+'/token.key'],input=signing.encode(),capture_output=True,check=True).stdout
+        tok=signing+'.'+b64(sig)
+        body=json.dumps({'token':tok,'access_token':tok,'expires_in':300}).encode()
+        self.send_response(200); self.send_header('Content-Type','application/json'); self.send_header('Content-Length',str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self,*a): pass
+s=http.server.HTTPServer(('127.0.0.1',5001),H)
+c=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain(d+'/server.crt',d+'/server.key')
+s.socket=c.wrap_socket(s.socket,server_side=True)
+s.serve_forever()
+"#;
+
+/// A CA, the registry's certificate from it (for 127.0.0.1), and the token signer's
+/// self-signed certificate, made with openssl in `dir`.
+fn make_certs(dir: &Path) {
+    let ossl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=mesh test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    ossl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "server.ext",
+    ]);
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "token.key",
+        "-out",
+        "token.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=mesh test token signer",
+    ]);
+}
+
+/// The token service, killed on drop.
+struct TokenServer(Child);
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn pulls_over_https_from_a_token_auth_registry() {
+    preflight();
+    require(
+        Command::new("openssl").arg("version").output().is_ok(),
+        "`openssl` is missing: apt-get install -y openssl",
+    );
+    let scratch = Scratch::new("tls-registry");
+    let certs = scratch.0.join("certs");
+    fs::create_dir_all(&certs).unwrap();
+    make_certs(&certs);
+    let ns = NetNs::new();
+    let more = format!(
+        "  tls:\n    certificate: {c}/server.crt\n    key: {c}/server.key\nauth:\n  token:\n    realm: https://{TOKEN_ADDR}/token\n    service: mesh-test\n    issuer: mesh-test-issuer\n    rootcertbundle: {c}/token.crt\n",
+        c = certs.display()
+    );
+    let registry = Arc::new(Mutex::new(Registry::start_with(
+        &ns,
+        &scratch.0.join("registry"),
+        TLS_REGISTRY,
+        &more,
+    )));
+    let _tokens = TokenServer(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c", TOKEN_SERVER])
+            .arg(&certs)
+            .args(["alice", "s3cret"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawning the token service"),
+    );
+    // Docker's certs.d layout: the CA is trusted for this registry only.
+    let certs_d = scratch.0.join("certs.d");
+    fs::create_dir_all(certs_d.join(TLS_REGISTRY)).unwrap();
+    fs::copy(
+        certs.join("ca.crt"),
+        certs_d.join(TLS_REGISTRY).join("ca.crt"),
+    )
+    .unwrap();
+    let dir = scratch.0.clone();
+    let reg = registry.clone();
+    in_netns(&ns, Duration::from_secs(120), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(tls_scenario(&dir, &certs, &certs_d, &reg));
+    });
+    drop(registry);
+}
+
+async fn tls_scenario(dir: &Path, certs: &Path, certs_d: &Path, reg: &Mutex<Registry>) {
+    reg.lock().unwrap().wait_ready();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(TOKEN_ADDR).is_err() {
+        assert!(Instant::now() < deadline, "token service not ready in 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (a, _) = images();
+    // Push as alice, over HTTPS trusting the test CA.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = oci_client::Client::try_from(ClientConfig {
+        protocol: ClientProtocol::Https,
+        extra_root_certificates: vec![oci_client::client::Certificate {
+            encoding: oci_client::client::CertificateEncoding::Pem,
+            data: fs::read(certs.join("ca.crt")).unwrap(),
+        }],
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let target = oci_client::Reference::with_tag(TLS_REGISTRY.into(), "app".into(), "1".into());
+    client
+        .auth(
+            &target,
+            &oci_client::secrets::RegistryAuth::Basic("alice".into(), "s3cret".into()),
+            oci_client::RegistryOperation::Push,
+        )
+        .await
+        .expect("token for push");
+    push_to(&client, TLS_REGISTRY, "app", "1", &a).await;
+
+    let app = r(&format!("{TLS_REGISTRY}/app:1"));
+    let alice = mesh_image::Credentials {
+        username: "alice".into(),
+        password: "s3cret".into(),
+    };
+    let wrong = mesh_image::Credentials {
+        username: "alice".into(),
+        password: "guess".into(),
+    };
+    let store_dir = Scratch::new("tls-store");
+    let store = Store::open(StoreConfig {
+        root: store_dir.0.clone(),
+        insecure_registries: vec![],
+        mirrors: vec![],
+        certs_dir: Some(certs_d.to_path_buf()),
+    })
+    .unwrap();
+    // Anonymous: the token grants nothing, the registry says so.
+    let e = store.pull(&app, None).await.unwrap_err();
+    assert!(matches!(e, ImageError::Unauthorized(_)), "anonymous: {e:?}");
+    eprintln!("anonymous: {e}");
+    // Wrong password: the token service refuses it.
+    let e = store.pull(&app, Some(&wrong)).await.unwrap_err();
+    assert!(
+        matches!(e, ImageError::Unauthorized(_) | ImageError::Registry(_)),
+        "wrong password: {e:?}"
+    );
+    eprintln!("wrong password: {e}");
+    // alice: resolved, pulled and verified, over HTTPS with the registry's CA.
+    assert_eq!(store.resolve(&app, Some(&alice)).await.unwrap(), a.digest());
+    let img = store.pull(&app, Some(&alice)).await.unwrap();
+    assert_eq!(img.digest, a.digest());
+    assert_eq!(
+        fs::read_to_string(img.layers[0].join("etc/motd")).unwrap(),
+        "hello\n"
+    );
+    // `login`'s check goes through the same challenge.
+    store.check_login(TLS_REGISTRY, &alice).await.unwrap();
+    let e = store.check_login(TLS_REGISTRY, &wrong).await.unwrap_err();
+    assert!(matches!(e, ImageError::Unauthorized(_)), "login: {e:?}");
+
+    // Without the CA, the registry's certificate is not trusted: refused, not downgraded.
+    let plain_dir = dir.join("no-ca");
+    let strict = Store::open(StoreConfig {
+        root: plain_dir,
+        insecure_registries: vec![],
+        mirrors: vec![],
+        certs_dir: None,
+    })
+    .unwrap();
+    let e = strict.pull(&app, Some(&alice)).await.unwrap_err();
+    assert!(matches!(e, ImageError::Unreachable(_)), "no CA: {e:?}");
+    eprintln!("no CA: {e}");
+    assert!(strict.check_login(TLS_REGISTRY, &alice).await.is_err());
 }

@@ -62,6 +62,10 @@ struct Args {
     /// A pull-through mirror of Docker Hub (URL); repeatable.
     #[arg(long = "registry-mirror", value_name = "URL")]
     registry_mirrors: Vec<String>,
+    /// CA certificates of registries, as Docker's certs.d: DIR/HOST:PORT/*.crt are trusted
+    /// for that registry beside the system roots.
+    #[arg(long, value_name = "DIR", default_value = "/etc/mesh/certs.d")]
+    registry_certs_dir: PathBuf,
     /// Where the Docker Engine API is served (default: EXEC_ROOT/docker.sock); point it at
     /// /var/run/docker.sock on a host without Docker to drive mesh with `docker` unchanged.
     #[arg(long, value_name = "PATH")]
@@ -198,6 +202,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             root: args.data_dir.join("images"),
             insecure_registries: args.insecure_registries.clone(),
             mirrors: args.registry_mirrors.clone(),
+            certs_dir: Some(args.registry_certs_dir.clone()),
         })
         .map_err(|e| anyhow::anyhow!("cannot open the image store: {e}"))?;
         let logins = mesh_image::login::Logins::open(&args.data_dir)
