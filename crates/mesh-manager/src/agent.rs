@@ -421,6 +421,10 @@ impl Agent {
     }
 
     async fn reconcile(self: Arc<Self>) {
+        // The tasks being started or stopped before the runtime is listed: one whose start
+        // ends while the list is taken is absent from it but no longer busy, and would be
+        // started again (a second pull, a stale Starting report). It waits for the next pass.
+        let busy_before: HashSet<String> = self.lock().busy.clone();
         let rt = self.runtime.clone();
         let local: HashMap<String, RunState> =
             match tokio::task::spawn_blocking(move || rt.list()).await {
@@ -443,7 +447,7 @@ impl Agent {
         {
             let mut st = self.lock();
             for t in assigned.values() {
-                if st.busy.contains(&t.id) {
+                if st.busy.contains(&t.id) || busy_before.contains(&t.id) {
                     continue;
                 }
                 let local_state = local.get(&t.id);
@@ -1404,10 +1408,15 @@ mod tests {
         tasks: Mutex<HashMap<String, RunState>>,
         probe: std::sync::atomic::AtomicI32,
         probes: std::sync::atomic::AtomicU32,
+        /// What it was asked to start.
+        specs: Mutex<Vec<RunSpec>>,
+        /// If set, the next `list` says so on the first channel, then waits for the second.
+        list_gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
     }
 
     impl Runtime for ProbedRuntime {
         fn start(&self, spec: &RunSpec) -> Result<RunState, String> {
+            self.specs.lock().unwrap().push(spec.clone());
             let rs = RunState::Running {
                 pid: 4242,
                 started_at_ms: now_ms(),
@@ -1422,8 +1431,16 @@ mod tests {
             self.tasks.lock().unwrap().get(id).cloned()
         }
         fn list(&self) -> Vec<(String, RunState)> {
-            let t = self.tasks.lock().unwrap();
-            t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+            let listed: Vec<(String, RunState)> = {
+                let t = self.tasks.lock().unwrap();
+                t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+            };
+            let gate = self.list_gate.lock().unwrap().take();
+            if let Some((entered, open)) = gate {
+                let _ = entered.send(());
+                let _ = open.recv_timeout(Duration::from_secs(10));
+            }
+            listed
         }
         fn stop(&self, id: &str, _: i32, _: Duration) -> Result<(), String> {
             self.tasks
@@ -1617,5 +1634,196 @@ mod tests {
         let b = assignments_digest(&[], &["t1".to_string(), "t2".to_string()], None);
         let c = assignments_digest(&[], &[], None);
         assert!(a != b && a != c && b != c);
+    }
+
+    /// An image store whose image is either here already or pulled when a gate opens, with
+    /// the answer it is given.
+    struct FakeImages {
+        local: Option<ImageRun>,
+        pulled: Result<ImageRun, String>,
+        gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        pulls: std::sync::atomic::AtomicU32,
+    }
+
+    impl Images for FakeImages {
+        fn normalise(&self, reference: &str) -> Result<String, String> {
+            Ok(reference.to_string())
+        }
+        fn pin(
+            &self,
+            _: &str,
+            _: Option<&mesh_api::RegistryCredentials>,
+        ) -> Result<String, String> {
+            Err("not in this test".into())
+        }
+        fn local(&self, _: &str) -> Option<ImageRun> {
+            self.local.clone()
+        }
+        fn pull(
+            &self,
+            _: &str,
+            _: Option<&mesh_api::RegistryCredentials>,
+        ) -> Result<ImageRun, String> {
+            self.pulls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(gate) = self.gate.lock().unwrap().take() {
+                let _ = gate.recv_timeout(Duration::from_secs(10));
+            }
+            self.pulled.clone()
+        }
+        fn login(
+            &self,
+            _: &str,
+            _: &mesh_api::RegistryCredentials,
+        ) -> Result<String, mesh_api::ApiError> {
+            Err(mesh_api::ApiError::internal("not in this test"))
+        }
+        fn logout(&self, _: &str) -> Result<bool, String> {
+            Ok(false)
+        }
+        fn node_login(&self, _: &str) -> Option<mesh_api::RegistryCredentials> {
+            None
+        }
+        fn ls(&self) -> Result<Vec<mesh_api::ImageSummary>, String> {
+            Ok(vec![])
+        }
+        fn rm(&self, _: &str) -> Result<serde_json::Value, mesh_api::ApiError> {
+            Err(mesh_api::ApiError::internal("not in this test"))
+        }
+        fn prune(&self, _: &[String]) -> Result<serde_json::Value, String> {
+            Ok(serde_json::Value::Null)
+        }
+        fn load(&self, _: &str) -> Result<Vec<String>, String> {
+            Ok(vec![])
+        }
+    }
+
+    fn app_image() -> ImageRun {
+        ImageRun {
+            reference: "reg:5000/app:1@sha256:aa".into(),
+            layers: vec!["/l/base".into(), "/l/top".into()],
+            entrypoint: vec!["/bin/app".into()],
+            cmd: vec!["--serve".into()],
+            env: vec!["PATH=/bin".into(), "MODE=image".into()],
+            working_dir: "/srv".into(),
+            user: "app".into(),
+            healthcheck: None,
+        }
+    }
+
+    /// An image task of `images` assigned to an agent with a runtime that records its starts.
+    fn image_agent(images: FakeImages) -> (Arc<Agent>, Arc<ProbedRuntime>, Arc<FakeImages>) {
+        let rt = Arc::new(ProbedRuntime::default());
+        let images = Arc::new(images);
+        let agent = Agent::new(rt.clone(), None, Some(images.clone()), "n1".into());
+        let mut t = task("t1", "n1", TaskState::Assigned);
+        t.spec.image = "reg:5000/app:1@sha256:aa".into();
+        t.spec.command = vec![];
+        t.spec.env = vec!["MODE=service".into()];
+        agent.lock().assigned = Some((1, [(t.id.clone(), t)].into_iter().collect()));
+        (agent, rt, images)
+    }
+
+    fn outbox_state(a: &Agent) -> Option<TaskState> {
+        a.lock().outbox.get("t1").map(|s| s.state)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_image_task_is_preparing_while_pulled_then_runs_the_images_command() {
+        let (open, gate) = std::sync::mpsc::channel();
+        let (agent, rt, images) = image_agent(FakeImages {
+            local: None,
+            pulled: Ok(app_image()),
+            gate: Mutex::new(Some(gate)),
+            pulls: Default::default(),
+        });
+        agent.clone().reconcile().await;
+        let t0 = std::time::Instant::now();
+        while outbox_state(&agent) != Some(TaskState::Preparing) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never Preparing");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            rt.specs.lock().unwrap().is_empty(),
+            "started before its pull"
+        );
+
+        // A pass lists the runtime now (the task is not there yet) and is held there while
+        // the start ends: it must not start the task again from that list.
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, held) = std::sync::mpsc::channel();
+        *rt.list_gate.lock().unwrap() = Some((entered_tx, held));
+        let pass = tokio::spawn(agent.clone().reconcile());
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .expect("the pass listed the runtime");
+        open.send(()).unwrap();
+        let t0 = std::time::Instant::now();
+        while outbox_state(&agent) != Some(TaskState::Running) || !agent.lock().busy.is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never Running");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        release.send(()).unwrap();
+        pass.await.unwrap();
+        agent.clone().reconcile().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Once: a pass that listed the runtime while the start was ending does not start it
+        // again (it did: the list lacked the task, and the busy mark was gone).
+        assert_eq!(images.pulls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let specs = rt.specs.lock().unwrap().clone();
+        assert_eq!(specs.len(), 1);
+        let spec = &specs[0];
+        // Docker's rules: the image's entrypoint and cmd (the service gave neither), its env
+        // under the service's, its user and workdir, its layers as the root.
+        assert_eq!(spec.argv, ["/bin/app", "--serve"]);
+        let env: HashMap<&str, &str> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!((env["PATH"], env["MODE"]), ("/bin", "service"));
+        let rootfs = spec.rootfs.as_ref().expect("an image task has a root");
+        assert_eq!(rootfs.layers, app_image().layers);
+        assert_eq!(
+            (rootfs.user.as_str(), rootfs.workdir.as_str()),
+            ("app", "/srv")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_pull_rejects_the_task_with_the_registrys_reason() {
+        let (agent, rt, _) = image_agent(FakeImages {
+            local: None,
+            pulled: Err("No such image: reg:5000/app:1".into()),
+            gate: Mutex::new(None),
+            pulls: Default::default(),
+        });
+        let t0 = std::time::Instant::now();
+        while outbox_state(&agent) != Some(TaskState::Rejected) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never Rejected");
+            agent.clone().reconcile().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let s = agent.lock().outbox["t1"].clone();
+        assert_eq!(s.err, "No such image: reg:5000/app:1");
+        assert!(rt.specs.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_image_in_the_store_starts_without_a_pull() {
+        let (agent, rt, images) = image_agent(FakeImages {
+            local: Some(app_image()),
+            pulled: Err("no registry here".into()),
+            gate: Mutex::new(None),
+            pulls: Default::default(),
+        });
+        let t0 = std::time::Instant::now();
+        while outbox_state(&agent) != Some(TaskState::Running) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never Running");
+            agent.clone().reconcile().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(images.pulls.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(rt.specs.lock().unwrap()[0].argv, ["/bin/app", "--serve"]);
     }
 }
