@@ -31,6 +31,8 @@ pub struct Registry {
     addr: Ipv4Addr,
     dir: PathBuf,
     child: Option<Child>,
+    /// Serving HTTPS (see [`Registry::serve_tls`]).
+    tls: bool,
 }
 
 impl Registry {
@@ -50,6 +52,7 @@ impl Registry {
             addr: host.addr(),
             dir,
             child: None,
+            tls: false,
         };
         fs::write(
             reg.dir.join("config.yml"),
@@ -81,16 +84,18 @@ impl Registry {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             // 200, or 401 once it asks for a login.
+            let scheme = if self.tls { "https" } else { "http" };
             let out = crate::host::ns_exec(
                 &self.ns,
                 &[
                     "curl",
                     "-s",
+                    "-k",
                     "-o",
                     "/dev/null",
                     "-w",
                     "%{http_code}",
-                    &format!("http://{}/v2/", self.host_port()),
+                    &format!("{scheme}://{}/v2/", self.host_port()),
                 ],
                 Duration::from_secs(2),
             )?;
@@ -138,6 +143,100 @@ impl Registry {
             ),
         )?;
         self.restart()
+    }
+
+    /// Restarts the registry serving HTTPS only, with a certificate (for its address) of a
+    /// CA made here with openssl; returns a directory in Docker's `certs.d` layout trusting
+    /// that CA for this registry (`DIR/ADDR:PORT/ca.crt`), for `meshd --registry-certs-dir`.
+    /// Push the test images first: the pusher speaks plain HTTP.
+    pub fn serve_tls(&mut self) -> Result<PathBuf> {
+        let certs = self.dir.join("tls");
+        fs::create_dir_all(&certs)?;
+        let ossl = |args: &[&str]| -> Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&certs)
+                .output()
+                .context("openssl")?;
+            if !out.status.success() {
+                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        ossl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=mesh test registry CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ])?;
+        ossl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            &format!("/CN={}", self.addr),
+        ])?;
+        fs::write(
+            certs.join("server.ext"),
+            format!(
+                "subjectAltName=IP:{}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+                self.addr
+            ),
+        )?;
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "server.ext",
+        ])?;
+        let config = fs::read_to_string(self.dir.join("config.yml"))?;
+        let addr_line = format!("  addr: {}:{REGISTRY_PORT}\n", self.addr);
+        let tls = format!(
+            "{addr_line}  tls:\n    certificate: {c}/server.crt\n    key: {c}/server.key\n",
+            c = certs.display()
+        );
+        fs::write(
+            self.dir.join("config.yml"),
+            config.replacen(&addr_line, &tls, 1),
+        )?;
+        self.tls = true;
+        let trusted = self.dir.join("certs.d");
+        fs::create_dir_all(trusted.join(self.host_port()))?;
+        fs::copy(
+            certs.join("ca.crt"),
+            trusted.join(self.host_port()).join("ca.crt"),
+        )?;
+        self.restart()?;
+        Ok(trusted)
     }
 
     /// `ADDR:PORT`, as image references and `--insecure-registry` name it.

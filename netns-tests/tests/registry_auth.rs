@@ -3,15 +3,98 @@
 //! are refused in Docker's words, a node without a login is refused the image, and `service
 //! create --with-registry-auth` sends the manager's login to the workers that pull it, kept
 //! sealed in the store and never shown. On a terminal, `mesh login` asks for what its flags
-//! leave out, the password without echo.
+//! leave out, the password without echo. A registry serving HTTPS with a certificate of its
+//! own CA is reached once the nodes trust that CA through Docker's `certs.d` layout
+//! (`meshd --registry-certs-dir`), and refused (not downgraded) by a node that does not.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use mesh_netns::registry::registry_cluster;
+use mesh_netns::registry::{registry_cluster, Registry};
 use mesh_netns::swarm::{field, service_ps, wait_tasks_running};
 use mesh_netns::{wait_for, Host};
+
+#[test]
+fn a_private_registry_over_https_with_its_own_ca() -> Result<()> {
+    if !mesh_netns::require_root()? {
+        return Ok(());
+    }
+    let c = mesh_netns::Cluster::new(mesh_netns::ClusterOpts {
+        hosts: 3,
+        start_daemons: false,
+        name_hint: "regtls",
+    })?;
+    let mut reg = Registry::start(c.host(1), c.base_dir().join("registry"))?;
+    reg.push_test_image("private", "v1", "v1", false)?;
+    let password = "s3cret-over-tls";
+    reg.require_login("alice", password)?;
+    let certs_d = reg.serve_tls()?;
+    let certs_d = certs_d.to_string_lossy().to_string();
+    // h1 and h2 trust the registry's CA; h3 knows only the system roots.
+    for h in &c.hosts()[..2] {
+        h.start_daemon_with(&["--registry-certs-dir", &certs_d])?;
+    }
+    c.host(3).start_daemon()?;
+    mesh_netns::swarm::form_swarm(&c, 1)?;
+    let (h1, server) = (c.host(1), reg.host_port());
+    let image = format!("{server}/private:v1");
+
+    // `login` checks over HTTPS, trusting the CA for this registry.
+    let ok = h1.mesh(&["login", "-u", "alice", "-p", password, &server])?;
+    ensure!(
+        ok.success() && ok.stdout.trim() == "Login Succeeded",
+        "{ok:?}"
+    );
+
+    // h2 pulls over HTTPS with the login the service carries.
+    let on = |i: usize| format!("node.hostname=={}", c.host(i).name());
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "app",
+        "--with-registry-auth",
+        "--constraint",
+        &on(2),
+        "-d",
+        &image,
+        "sleep",
+        "100000",
+    ])?;
+    wait_tasks_running(h1, "app", 1, Duration::from_secs(60))?;
+
+    // h3 does not trust the CA: refused, with the certificate's reason, never over HTTP.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "untrusted",
+        "--with-registry-auth",
+        "--constraint",
+        &on(3),
+        "-d",
+        &image,
+        "sleep",
+        "100000",
+    ])?;
+    let err = wait_for(
+        "h3 refusing the registry's certificate",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || {
+            Ok(service_ps(h1, "untrusted")?
+                .iter()
+                .map(|t| field(t, "Error").to_string())
+                .find(|e| !e.is_empty()))
+        },
+    )?;
+    ensure!(
+        err.contains("certificate") || err.contains("UnknownIssuer"),
+        "h3's error: {err}"
+    );
+    Ok(())
+}
 
 #[test]
 fn a_login_reaches_the_nodes_that_pull() -> Result<()> {
