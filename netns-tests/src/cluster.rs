@@ -306,6 +306,25 @@ impl Cluster {
         &self.hosts
     }
 
+    /// Prints, per host, the lines of its daemon's logs (every run's) that `keep` selects,
+    /// the last 400 of each: for a test to show on failure what the daemons did (CI keeps
+    /// only the test's output).
+    pub fn print_daemon_logs(&self, keep: impl Fn(&str) -> bool) {
+        for h in &self.hosts {
+            let text = std::fs::read_to_string(h.log_path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
+            let from = lines.len().saturating_sub(400);
+            eprintln!(
+                "--- {} meshd log ({} lines selected) ---",
+                h.name(),
+                lines.len()
+            );
+            for l in &lines[from..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+
     /// The underlay namespace `<p>-ul` (holds `br0` and the `v<i>` ports).
     pub fn underlay_ns(&self) -> &str {
         &self.underlay

@@ -184,11 +184,29 @@ fn restarts_without_a_gap(lb_backend: &str, name_hint: &'static str) -> Result<(
         start_daemons: false,
         name_hint,
     })?;
+    let res = exercise(&c, lb_backend);
+    if res.is_err() {
+        // What the daemons' gossip and data planes did, for a failure seen only in CI.
+        c.print_daemon_logs(|l| {
+            (l.contains("foca")
+                && ["down", "Down", "Renamed", "uspect", "indirect", "declared"]
+                    .iter()
+                    .any(|w| l.contains(w)))
+                || ((l.contains("mesh_gossip") || l.contains("meshd::plane"))
+                    && !l.contains("DEBUG"))
+                || l.contains("retract")
+                || l.contains("network synced")
+        });
+    }
+    res
+}
+
+fn exercise(c: &Cluster, lb_backend: &str) -> Result<()> {
     for h in c.hosts() {
         h.start_daemon_with(&["--lb-backend", lb_backend])?;
     }
     let vip_survives = lb_backend == "nftables";
-    form_swarm(&c, 1)?;
+    form_swarm(c, 1)?;
     let (h1, h3) = (c.host(1), c.host(3));
     let dir: PathBuf = c.base_dir().join("restart-gap");
     std::fs::create_dir_all(&dir)?;
