@@ -453,13 +453,24 @@ fn client_in(ns: &Netns) -> Result<UdpSocket> {
 
 /// The sorted A records `name` answers, or an error for anything but NOERROR.
 fn lookup_a(sock: &UdpSocket, name: &str, id: u16) -> Result<Vec<Ipv4Addr>> {
+    lookup_a_at(sock, SERVER, name, id)
+}
+
+/// The sorted A records the DNS server at `server` answers for `name`, or an error for anything
+/// but NOERROR.
+pub(crate) fn lookup_a_at(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    name: &str,
+    id: u16,
+) -> Result<Vec<Ipv4Addr>> {
     let mut qname = Name::from_ascii(name)?;
     qname.set_fqdn(true);
     let mut msg = Message::query();
     msg.metadata.id = id;
     msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(qname, RecordType::A));
-    sock.send_to(&msg.to_vec()?, SERVER)?;
+    sock.send_to(&msg.to_vec()?, server)?;
     let mut buf = [0u8; 4096];
     loop {
         let (n, _) = sock

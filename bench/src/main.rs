@@ -16,6 +16,7 @@
 
 mod api;
 mod dns;
+mod dockerd;
 mod engine;
 mod gossip;
 mod images;
@@ -29,6 +30,7 @@ mod report;
 mod scheduler;
 mod services;
 mod stats;
+mod swarm;
 mod vip;
 
 use anyhow::{bail, Result};
@@ -99,6 +101,11 @@ const BENCHES: &[Bench] = &[
         run: run_scheduler,
     },
     Bench {
+        name: "swarm",
+        about: swarm::ABOUT,
+        run: run_swarm,
+    },
+    Bench {
         name: "metrics",
         about: metrics::ABOUT,
         run: run_metrics,
@@ -139,6 +146,10 @@ fn run_reported(
 
 fn run_scheduler(args: &[String]) -> Result<()> {
     run_reported("scheduler", args, scheduler::run)
+}
+
+fn run_swarm(args: &[String]) -> Result<()> {
+    run_reported("swarm", args, swarm::run)
 }
 
 fn run_metrics(args: &[String]) -> Result<()> {

@@ -47,6 +47,7 @@ pub use host::{
     Host, MeshOutput, DAEMON_READY_TIMEOUT, DAEMON_STOP_TIMEOUT, EXEC_TIMEOUT, MESH_CLI_TIMEOUT,
     START_MARKER,
 };
+pub use process::output_with_timeout;
 
 /// A task server (`python3 -c HOSTNAME_SERVER`) on TCP 8080: answers each connection with the
 /// task's hostname and closes it.

@@ -121,7 +121,7 @@ impl Collector {
 /// Runs `cmd` with stdin from `/dev/null`, capturing stdout and stderr.
 /// If it has not exited after `timeout`, it is SIGKILLed and an error
 /// (including the output so far) is returned.
-pub(crate) fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     output_with_input(cmd, timeout, None)
 }
 
