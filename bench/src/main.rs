@@ -149,7 +149,20 @@ fn run_scheduler(args: &[String]) -> Result<()> {
 }
 
 fn run_swarm(args: &[String]) -> Result<()> {
-    run_reported("swarm", args, swarm::run)
+    let write = !args.iter().any(|a| a == "--no-write-docs");
+    let args: Vec<String> = args
+        .iter()
+        .filter(|a| *a != "--no-write-docs")
+        .cloned()
+        .collect();
+    let text = swarm::run(&args, write)?;
+    if !text.is_empty() {
+        println!("{text}");
+        if write {
+            report::write_section("swarm", &text)?;
+        }
+    }
+    Ok(())
 }
 
 fn run_metrics(args: &[String]) -> Result<()> {

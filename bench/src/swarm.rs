@@ -23,10 +23,10 @@
 //!    embedded DNS (127.0.0.11) for `tasks.target` (10 replicas); after `scale target=5`, time
 //!    until every node answers exactly the 5 survivors, then every node is asked every 200 ms
 //!    for 60 s and each answer naming a removed task, or failing, counts as stale;
-//! 6. **rolling update of a dnsrr service**: 4 replicas of busybox `httpd`; a client in a probe
-//!    task resolves the name and sends HTTP requests round robin over the answers while
-//!    `service update --force` replaces every task (each system's default: one at a time,
-//!    stop-first); failed requests are counted;
+//! 6. **rolling update of a dnsrr service**: 4 replicas of busybox `httpd` (stopping at once on
+//!    SIGTERM); a client in a probe task resolves the name and sends HTTP requests round robin
+//!    over the answers while `service update --force` replaces every task (each system's
+//!    default: one at a time, stop-first); failed requests are counted;
 //! 7. **VIP and routing mesh**: a request to a VIP service's name from a task, and to a
 //!    published port on a node without a task from the underlay client;
 //! 8. **node failure detection**: a worker's underlay link is cut; time until the leader's
@@ -101,6 +101,15 @@ impl Side<'_> {
         match self.kind {
             Kind::Mesh => "mesh",
             Kind::Docker => "Docker Swarm",
+        }
+    }
+
+    /// The number of the `sleep` a task of this side runs for `base`: the two sides run at the
+    /// same time and their tasks are told apart by it.
+    fn mark(&self, base: u32) -> u32 {
+        match self.kind {
+            Kind::Mesh => base,
+            Kind::Docker => base + 1000,
         }
     }
 
@@ -285,10 +294,17 @@ impl Side<'_> {
     }
 
     /// The count and RSS (KiB) of the per-task helper processes of all nodes (mesh's task
-    /// shims, `meshd __mesh_task_shim ...`; Docker's containerd shims).
+    /// shims, `meshd __mesh_task_shim TASK_DIR`, and namespace holders; Docker's containerd
+    /// shims).
     fn helpers(&self) -> (usize, u64) {
         let pids = match self.kind {
-            Kind::Mesh => pids_where(|cmd| cmd.contains("\0__mesh_task_shim\0")),
+            Kind::Mesh => {
+                let dir = self.c.base_dir().display().to_string();
+                pids_where(|cmd| {
+                    (cmd.contains("\0__mesh_task_shim\0") || cmd.contains("\0__mesh_netns_holder"))
+                        && cmd.contains(&dir)
+                })
+            }
             Kind::Docker => {
                 let e = self.engines.expect("engines");
                 (1..=HOSTS).flat_map(|i| e.shim_pids(i)).collect()
@@ -417,7 +433,10 @@ fn parse(args: &[String]) -> Result<Option<Opts>> {
     Ok(Some(o))
 }
 
-pub fn run(args: &[String]) -> Result<String> {
+/// Runs the benchmark; with `write`, the chart is written beside `docs/benchmarks.md` (the
+/// caller writes the report's section). Returns the report, empty when there is nothing to
+/// keep (`--help`, or one side alone, whose report is printed here).
+pub fn run(args: &[String], write: bool) -> Result<String> {
     let Some(opts) = parse(args)? else {
         return Ok(String::new());
     };
@@ -432,42 +451,50 @@ pub fn run(args: &[String]) -> Result<String> {
     let date = report::utc_now();
     let machine = report::machine();
 
-    let mesh = if !opts.mesh {
-        None
-    } else {
-        let c = Cluster::new(ClusterOpts {
+    let mesh_cluster = if opts.mesh {
+        Some(Cluster::new(ClusterOpts {
             hosts: HOSTS,
             start_daemons: true,
             name_hint: "bench-swarm-mesh",
-        })?;
-        let side = Side {
-            kind: Kind::Mesh,
-            c: &c,
-            engines: None,
-        };
-        Some(measure(&side, &opts).context("the mesh side")?)
+        })?)
+    } else {
+        None
     };
-    let docker = match &docker_version {
+    let docker_cluster = if opts.docker {
+        Some(Cluster::new(ClusterOpts {
+            hosts: HOSTS,
+            start_daemons: false,
+            name_hint: "bench-swarm-docker",
+        })?)
+    } else {
+        None
+    };
+    let engines = match &docker_cluster {
+        Some(c) => Some(Engines::start(c)?),
         None => None,
-        Some(_) => {
-            let c = Cluster::new(ClusterOpts {
-                hosts: HOSTS,
-                start_daemons: false,
-                name_hint: "bench-swarm-docker",
-            })?;
-            let engines = Engines::start(&c)?;
-            let side = Side {
-                kind: Kind::Docker,
-                c: &c,
-                engines: Some(&engines),
-            };
-            let r = measure(&side, &opts).context("the Docker side");
-            let cleaned = engines.remove();
-            let r = r?;
-            cleaned?;
-            Some(r)
-        }
     };
+    let mut sides = Vec::new();
+    if let Some(c) = &mesh_cluster {
+        sides.push(Side {
+            kind: Kind::Mesh,
+            c,
+            engines: None,
+        });
+    }
+    if let (Some(c), Some(e)) = (&docker_cluster, &engines) {
+        sides.push(Side {
+            kind: Kind::Docker,
+            c,
+            engines: Some(e),
+        });
+    }
+    let measured = measure(&sides, &opts);
+    drop(sides);
+    let cleaned = engines.map(Engines::remove).unwrap_or(Ok(()));
+    let mut measured = measured?.into_iter();
+    cleaned?;
+    let mesh = if opts.mesh { measured.next() } else { None };
+    let docker = if opts.docker { measured.next() } else { None };
     let text = render(
         &opts,
         &date,
@@ -476,7 +503,12 @@ pub fn run(args: &[String]) -> Result<String> {
         mesh.as_ref(),
         docker.as_ref(),
     );
-    if opts.mesh && opts.docker {
+    if let (Some(m), Some(d)) = (&mesh, &docker) {
+        let chart = std::path::Path::new(report::DOCS_PATH).with_file_name(CHART);
+        if write {
+            std::fs::write(&chart, chart_svg(m, d))
+                .with_context(|| format!("writing {}", chart.display()))?;
+        }
         Ok(text)
     } else {
         // One side alone is not a comparison: print it, keep the document as it is.
@@ -498,60 +530,77 @@ fn step<T>(side: &Side, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> 
     r
 }
 
-fn measure(side: &Side, opts: &Opts) -> Result<Results> {
-    let mut r = Results::default();
-    step(side, "forming the swarm", || side.form())?;
-    let archive = side.c.base_dir().join("meshbench.tar");
-    save_test_image(
-        &side.c.base_dir().join("image"),
-        "meshbench",
-        "1",
-        "v1",
-        &archive,
-    )?;
-    let archive = archive.display().to_string();
-    step(side, "loading the image", || side.load_image(&archive))?;
-
+/// Runs every step on every side, step after step, the rounds of a step alternating between
+/// the sides (mesh, Docker, mesh, ...) so that what else the machine does weighs on both.
+fn measure(sides: &[Side], opts: &Opts) -> Result<Vec<Results>> {
+    let mut res: Vec<Results> = sides.iter().map(|_| Results::default()).collect();
+    for side in sides {
+        step(side, "forming the swarm", || side.form())?;
+        let archive = side.c.base_dir().join("meshbench.tar");
+        save_test_image(
+            &side.c.base_dir().join("image"),
+            "meshbench",
+            "1",
+            "v1",
+            &archive,
+        )?;
+        let archive = archive.display().to_string();
+        step(side, "loading the image", || side.load_image(&archive))?;
+    }
     for round in 0..opts.rounds {
-        let d = step(side, &format!("leader failover {round}"), || failover(side))?;
-        r.failover.push(d);
+        for (side, r) in sides.iter().zip(res.iter_mut()) {
+            let d = step(side, &format!("leader failover {round}"), || failover(side))?;
+            r.failover.push(d);
+        }
     }
     for round in 0..opts.rounds {
         let last = round + 1 == opts.rounds;
-        let (up, down) = step(side, &format!("create 30 / scale 0, round {round}"), || {
-            create_scale(side, round, last.then_some(&mut r))
-        })?;
-        r.create.push(up);
-        r.scale_down.push(down);
-    }
-    step(side, "overlay network and probes", || network_setup(side))?;
-    for round in 0..opts.rounds {
-        let g = step(side, &format!("overlay throughput {round}"), throughput)?;
-        r.throughput.push(g);
-    }
-    match step(side, "stale DNS after scale-down", || stale_dns(side)) {
-        Ok((d, stale)) => {
-            r.dns_converge = Some(d);
-            r.dns_stale = stale;
+        for (side, r) in sides.iter().zip(res.iter_mut()) {
+            let (up, down) = step(side, &format!("create 30 / scale 0, round {round}"), || {
+                create_scale(side, round, last.then_some(&mut *r))
+            })?;
+            r.create.push(up);
+            r.scale_down.push(down);
         }
-        Err(e) => r.notes.push(format!("stale DNS: {e:#}")),
     }
-    match step(side, "rolling update of a dnsrr service", || {
-        rolling_update(side)
-    }) {
-        Ok(u) => r.update = Some(u),
-        Err(e) => r.notes.push(format!("rolling update: {e:#}")),
+    for side in sides {
+        step(side, "overlay network and probes", || network_setup(side))?;
     }
-    let (vip, rm) = step(side, "VIP and routing mesh", || vip_and_mesh(side))?;
-    r.vip = vip;
-    r.routing_mesh = rm;
+    for round in 0..opts.rounds {
+        for (side, r) in sides.iter().zip(res.iter_mut()) {
+            let g = step(side, &format!("overlay throughput {round}"), || {
+                throughput(side)
+            })?;
+            r.throughput.push(g);
+        }
+    }
+    for (side, r) in sides.iter().zip(res.iter_mut()) {
+        match step(side, "stale DNS after scale-down", || stale_dns(side)) {
+            Ok((d, stale)) => {
+                r.dns_converge = Some(d);
+                r.dns_stale = stale;
+            }
+            Err(e) => r.notes.push(format!("stale DNS: {e:#}")),
+        }
+        match step(side, "rolling update of a dnsrr service", || {
+            rolling_update(side)
+        }) {
+            Ok(u) => r.update = Some(u),
+            Err(e) => r.notes.push(format!("rolling update: {e:#}")),
+        }
+        let (vip, rm) = step(side, "VIP and routing mesh", || vip_and_mesh(side))?;
+        r.vip = vip;
+        r.routing_mesh = rm;
+    }
     for round in 0..opts.rounds.min(2) {
-        let d = step(side, &format!("node failure detection {round}"), || {
-            detect_failure(side)
-        })?;
-        r.detect.push(d);
+        for (side, r) in sides.iter().zip(res.iter_mut()) {
+            let d = step(side, &format!("node failure detection {round}"), || {
+                detect_failure(side)
+            })?;
+            r.detect.push(d);
+        }
     }
-    Ok(r)
+    Ok(res)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -616,7 +665,7 @@ fn create_scale(
     memory: Option<&mut Results>,
 ) -> Result<(Duration, Duration)> {
     let name = format!("bench{round}");
-    let marker = 86_600 + round as u32;
+    let marker = side.mark(86_600 + round as u32);
     let t0 = Instant::now();
     side.service_create(
         1,
@@ -674,10 +723,13 @@ fn network_setup(side: &Side) -> Result<()> {
             IMAGE,
             "sh",
             "-c",
-            &sleeper(PROBE_MARK),
+            &sleeper(side.mark(PROBE_MARK)),
         ],
     )?;
-    for (name, host, mark) in [("ipsrv", "h4", IPSRV_MARK), ("ipcli", "h5", IPCLI_MARK)] {
+    for (name, host, mark) in [
+        ("ipsrv", "h4", side.mark(IPSRV_MARK)),
+        ("ipcli", "h5", side.mark(IPCLI_MARK)),
+    ] {
         side.service_create(
             1,
             &[
@@ -694,12 +746,12 @@ fn network_setup(side: &Side) -> Result<()> {
             ],
         )?;
     }
-    wait_procs(PROBE_MARK, HOSTS)?;
-    wait_procs(IPSRV_MARK, 1)?;
-    wait_procs(IPCLI_MARK, 1)?;
+    wait_procs(side.mark(PROBE_MARK), HOSTS)?;
+    wait_procs(side.mark(IPSRV_MARK), 1)?;
+    wait_procs(side.mark(IPCLI_MARK), 1)?;
     // Until every probe resolves the iperf3 server.
     let t0 = Instant::now();
-    for p in sleep_pids(PROBE_MARK) {
+    for p in sleep_pids(side.mark(PROBE_MARK)) {
         while lookup(p, "tasks.ipsrv").map(|a| a.len()) != Ok(1) {
             ensure!(t0.elapsed() < BOUND, "probes do not resolve tasks.ipsrv");
             std::thread::sleep(Duration::from_millis(50));
@@ -714,8 +766,11 @@ fn one_pid(marker: u32) -> Result<u32> {
     Ok(p[0])
 }
 
-fn throughput() -> Result<f64> {
-    let (srv, cli) = (one_pid(IPSRV_MARK)?, one_pid(IPCLI_MARK)?);
+fn throughput(side: &Side) -> Result<f64> {
+    let (srv, cli) = (
+        one_pid(side.mark(IPSRV_MARK))?,
+        one_pid(side.mark(IPCLI_MARK))?,
+    );
     let ip = lookup(cli, "tasks.ipsrv")
         .map_err(|e| anyhow!(e))?
         .first()
@@ -794,11 +849,11 @@ fn stale_dns(side: &Side) -> Result<(Duration, (usize, usize))> {
             IMAGE,
             "sh",
             "-c",
-            &sleeper(TARGET_MARK),
+            &sleeper(side.mark(TARGET_MARK)),
         ],
     )?;
-    wait_procs(TARGET_MARK, 10)?;
-    let probes = sleep_pids(PROBE_MARK);
+    wait_procs(side.mark(TARGET_MARK), 10)?;
+    let probes = sleep_pids(side.mark(PROBE_MARK));
     let t0 = Instant::now();
     let mut all = BTreeSet::new();
     for &p in &probes {
@@ -850,6 +905,10 @@ fn stale_dns(side: &Side) -> Result<(Duration, (usize, usize))> {
     Ok((converged, (stale, asked)))
 }
 
+/// busybox httpd serving the image's `/srv/index.html` on 8080, under a shell that stops it at
+/// once on SIGTERM (see [`sleeper`]).
+const HTTPD: &str = "trap 'kill $p; exit 0' TERM; httpd -f -p 8080 -h /srv & p=$!; wait";
+
 /// One HTTP/1.0 GET of `/` from `ip:8080`; true when the test page came back.
 fn http_ok(ip: Ipv4Addr) -> bool {
     let Ok(mut s) =
@@ -881,15 +940,12 @@ fn rolling_update(side: &Side) -> Result<(u64, u64, Duration)> {
             "--network",
             NET,
             IMAGE,
-            "httpd",
-            "-f",
-            "-p",
-            "8080",
-            "-h",
-            "/srv",
+            "sh",
+            "-c",
+            HTTPD,
         ],
     )?;
-    let client = sleep_pids(PROBE_MARK)
+    let client = sleep_pids(side.mark(PROBE_MARK))
         .first()
         .copied()
         .ok_or_else(|| anyhow!("no probe"))?;
@@ -985,19 +1041,16 @@ fn vip_and_mesh(side: &Side) -> Result<(String, String)> {
             "--publish",
             "18080:8080",
             IMAGE,
-            "httpd",
-            "-f",
-            "-p",
-            "8080",
-            "-h",
-            "/srv",
+            "sh",
+            "-c",
+            HTTPD,
         ],
     );
     if let Err(e) = created {
         let msg = format!("service create failed: {e:#}");
         return Ok((msg.clone(), msg));
     }
-    let client = sleep_pids(PROBE_MARK)
+    let client = sleep_pids(side.mark(PROBE_MARK))
         .first()
         .copied()
         .ok_or_else(|| anyhow!("no probe"))?;
@@ -1128,6 +1181,71 @@ fn helpers_cell(r: &Results) -> String {
     format!("{} processes, {} MiB", r.helpers.0, r.helpers.1 / 1024)
 }
 
+/// The chart next to `docs/benchmarks.md`.
+const CHART: &str = "swarm-bench.svg";
+
+/// A bar chart of the timed rows: per row, mesh's and Docker's median seconds, each row scaled
+/// to its longer bar.
+fn chart_svg(m: &Results, d: &Results) -> String {
+    let med = |v: &[Duration]| (!v.is_empty()).then(|| median(v).as_secs_f64());
+    let rows: Vec<(&str, Option<f64>, Option<f64>)> = vec![
+        ("leader failover", med(&m.failover), med(&d.failover)),
+        ("create 30 replicas", med(&m.create), med(&d.create)),
+        ("scale 30 -> 0", med(&m.scale_down), med(&d.scale_down)),
+        (
+            "DNS after scale-down",
+            m.dns_converge.map(|x| x.as_secs_f64()),
+            d.dns_converge.map(|x| x.as_secs_f64()),
+        ),
+        (
+            "dnsrr rolling update",
+            m.update.map(|u| u.2.as_secs_f64()),
+            d.update.map(|u| u.2.as_secs_f64()),
+        ),
+        ("node failure detected", med(&m.detect), med(&d.detect)),
+    ];
+    let (left, width, row_h) = (190.0, 420.0, 46.0);
+    let height = 50.0 + row_h * rows.len() as f64 + 30.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"700\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"22\" font-size=\"15\">mesh vs Docker Swarm (dockerd 20.10): \
+         seconds, shorter is better</text>\n"
+    );
+    for (i, (label, a, b)) in rows.iter().enumerate() {
+        let y = 45.0 + row_h * i as f64;
+        let max = a.unwrap_or(0.0).max(b.unwrap_or(0.0)).max(1e-9);
+        s.push_str(&format!(
+            "<text x=\"10\" y=\"{}\">{label}</text>\n",
+            y + 22.0
+        ));
+        for (j, (v, color, who)) in [(a, "#2b7bb9", "mesh"), (b, "#d9822b", "Docker")]
+            .into_iter()
+            .enumerate()
+        {
+            let yy = y + 4.0 + 18.0 * j as f64;
+            match v {
+                Some(v) => {
+                    let w = (v / max * width).max(1.0);
+                    s.push_str(&format!(
+                        "<rect x=\"{left}\" y=\"{yy}\" width=\"{w:.1}\" height=\"15\" \
+                         fill=\"{color}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{who} {v:.2} s</text>\n",
+                        left + w + 5.0,
+                        yy + 12.0
+                    ));
+                }
+                None => s.push_str(&format!(
+                    "<text x=\"{left}\" y=\"{:.1}\">{who}: not measured</text>\n",
+                    yy + 12.0
+                )),
+            }
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 /// Picks one row's timings out of a system's results.
 type Timings = fn(&Results) -> &Vec<Duration>;
 
@@ -1156,11 +1274,12 @@ fn render(
     s.push_str("## Side by side with Docker Swarm\n\n");
     s.push_str(&format!(
         "Measured {date} on {machine}. Reproduce with `cargo xtask bench swarm` (installs \
-         Debian's docker.io if dockerd is missing). Docker: {}. The same 5 netns hosts \
-         (3 managers, 2 workers) run once with meshd and once with dockerd in swarm mode, \
-         driven by each system's own CLI through the same steps, with the same image (busybox, \
-         loaded with `image load` / `docker load`); {} rounds where a row has several \
-         (median, then each round). Ratio = mesh / Docker (below 1: mesh takes less).\n\n",
+         Debian's docker.io if dockerd is missing). Docker: {}. Two clusters of 5 netns \
+         hosts (3 managers, 2 workers), one of meshd and one of dockerd in swarm mode, run at \
+         the same time and go through the same steps, driven by each system's own CLI, with \
+         the same image (busybox, loaded with `image load` / `docker load`); the rounds of a \
+         step alternate between them. {} rounds where a row has several (median, then each \
+         round). Ratio = mesh / Docker (below 1: mesh takes less, or uses less).\n\n",
         docker_version.unwrap_or("not run (--only mesh)"),
         opts.rounds
     ));
@@ -1247,7 +1366,7 @@ fn render(
         )
     ));
     s.push_str(&format!(
-        "| per-task helper processes with 30 tasks (mesh's task shims; containerd-shim-runc-v2) | {} | {} | {} |\n",
+        "| per-task helper processes with 30 tasks (mesh's task shims and namespace holders; containerd-shim-runc-v2) | {} | {} | {} |\n",
         helpers_cell(m),
         helpers_cell(dd),
         ratio(m.helpers.1 as f64, dd.helpers.1 as f64)
@@ -1257,11 +1376,17 @@ fn render(
             s.push_str(&format!("\n{who}: {n}\n"));
         }
     }
+    s.push_str(&format!("\n![mesh vs Docker Swarm]({CHART})\n"));
     s.push_str(
-        "\nSettings: each system's defaults (dispatcher heartbeat mesh 0.5 s, Docker 5 s; Raft \
-         election timeouts as shipped). The client and every daemon share the same 2 CPUs, so \
-         ratios matter more than absolute numbers. The machine's kernel has no IPVS, which \
-         Docker's VIPs and routing mesh need; mesh balances VIPs with eBPF and nftables.\n",
+        "\nSettings: each system's defaults (dispatcher heartbeat mesh 0.5 s, Docker 5 s, which \
+         the node failure row mostly reflects; Raft election timeouts as shipped). The client \
+         and every daemon share the same 2 CPUs, so ratios matter more than absolute numbers. \
+         Both overlays are the kernel's VXLAN, hence the same throughput. The machine's kernel \
+         has no IPVS, which Docker's VIPs and routing mesh need: on such kernels they do not \
+         work at all, while mesh balances VIPs with eBPF (nftables as the fallback). Processes \
+         are counted from `/proc` (`sleep N`, a number per service and system), DNS is asked \
+         from inside the tasks' network namespaces, iperf3 is the host's binary run in the \
+         tasks' namespaces, and the VIP request goes out of the task itself (`exec`).\n",
     );
     s
 }
