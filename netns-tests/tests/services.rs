@@ -517,7 +517,7 @@ fn rolling_updates_pause_and_roll_back() -> Result<()> {
     );
     let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "up"])?)?;
     ensure!(
-        insp[0]["UpdateStatus"]["state"] == "completed" && insp[0]["Spec"]["env"][0] == "V=2",
+        insp[0]["UpdateStatus"]["State"] == "completed" && insp[0]["Spec"]["env"][0] == "V=2",
         "{insp}"
     );
     wait_procs(86404, 2, Duration::from_secs(10))?;
@@ -537,7 +537,7 @@ fn rolling_updates_pause_and_roll_back() -> Result<()> {
         "{out:?}"
     );
     let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "up"])?)?;
-    ensure!(insp[0]["UpdateStatus"]["state"] == "paused", "{insp}");
+    ensure!(insp[0]["UpdateStatus"]["State"] == "paused", "{insp}");
     ensure!(count_procs(86404) >= 1, "the pause kept no old task");
     // Manual rollback brings back the previous spec.
     let out = h1.mesh_ok(&["service", "rollback", "up"])?;
@@ -568,7 +568,7 @@ fn rolling_updates_pause_and_roll_back() -> Result<()> {
     );
     let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "rb"])?)?;
     ensure!(
-        insp[0]["UpdateStatus"]["state"] == "rollback_completed",
+        insp[0]["UpdateStatus"]["State"] == "rollback_completed",
         "{insp}"
     );
     ensure!(insp[0]["Spec"]["command"][0] == "sleep", "{insp}");

@@ -280,7 +280,7 @@ fn start_first_update_and_rollback_fail_no_request() -> Result<()> {
     ensure!(
         v["Spec"]["update"]["order"] == "start-first"
             && v["Spec"]["rollback"]["order"] == "start-first"
-            && v["UpdateStatus"]["state"] == "completed",
+            && v["UpdateStatus"]["State"] == "completed",
         "after the update: {v}"
     );
     // One task runs again: the old one was stopped once the new one ran.
@@ -297,7 +297,7 @@ fn start_first_update_and_rollback_fail_no_request() -> Result<()> {
         "the rollback completed",
         Duration::from_secs(20),
         Duration::from_millis(200),
-        || Ok((inspect(h1, "web")?["UpdateStatus"]["state"] == "rollback_completed").then_some(())),
+        || Ok((inspect(h1, "web")?["UpdateStatus"]["State"] == "rollback_completed").then_some(())),
     )?;
 
     // The same change stop-first leaves the name without a task for a while: requests fail,

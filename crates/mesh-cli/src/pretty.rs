@@ -91,16 +91,10 @@ pub fn service(v: &Value) -> Result<String> {
             kv(&mut out, " Replicas:", replicas);
         }
     }
-    if let Some(state) = v["UpdateStatus"]["state"]
-        .as_str()
-        .or(v["UpdateStatus"]["State"].as_str())
-    {
+    if let Some(state) = v["UpdateStatus"]["State"].as_str() {
         out.push_str("UpdateStatus:\n");
         kv(&mut out, " State:", state);
-        let msg = v["UpdateStatus"]["message"]
-            .as_str()
-            .or(v["UpdateStatus"]["Message"].as_str())
-            .unwrap_or("");
+        let msg = v["UpdateStatus"]["Message"].as_str().unwrap_or("");
         kv(&mut out, " Message:", msg);
     }
     out.push_str("Placement:\n");

@@ -793,16 +793,13 @@ fn converge(c: &Client, service: &str, rollout: bool) -> Result<()> {
         })?;
         let running = v["ServiceStatus"]["RunningTasks"].as_u64().unwrap_or(0);
         let desired = v["ServiceStatus"]["DesiredTasks"].as_u64().unwrap_or(0);
-        let update = v["UpdateStatus"]["State"]
-            .as_str()
-            .or(v["UpdateStatus"]["state"].as_str())
-            .unwrap_or("");
+        let update = v["UpdateStatus"]["State"].as_str().unwrap_or("");
         let line = format!("overall progress: {running} out of {desired} tasks");
         if line != last {
             println!("{line}");
             last = line;
         }
-        let msg = v["UpdateStatus"]["message"]
+        let msg = v["UpdateStatus"]["Message"]
             .as_str()
             .unwrap_or("")
             .to_string();

@@ -516,17 +516,34 @@ fn group_tasks<'a>(
     out
 }
 
+/// A service's `UpdateStatus` as Docker shows it (`CompletedAt` once the update or rollback has
+/// ended).
+fn update_status(svc: &Service, u: &UpdateStatus) -> Value {
+    let mut v = json!({
+        "State": u.state,
+        "StartedAt": mesh_api::human::rfc3339(u.started_at),
+        "Message": u.message,
+    });
+    if matches!(
+        u.state,
+        UpdateState::Completed | UpdateState::RollbackCompleted
+    ) {
+        v["CompletedAt"] = json!(mesh_api::human::rfc3339(svc.updated_at.max(u.started_at)));
+    }
+    v
+}
+
 /// `service inspect`, in Docker's shape.
 pub fn inspect(state: &StoreState, svc: &Service) -> Value {
     let (running, desired) = replica_counts(state, svc);
     json!({
         "ID": svc.id,
         "Version": { "Index": svc.version },
-        "CreatedAt": svc.created_at,
-        "UpdatedAt": svc.updated_at,
+        "CreatedAt": mesh_api::human::rfc3339(svc.created_at),
+        "UpdatedAt": mesh_api::human::rfc3339(svc.updated_at),
         "Spec": svc.spec,
         "PreviousSpec": svc.previous_spec,
-        "UpdateStatus": svc.update_status,
+        "UpdateStatus": svc.update_status.as_ref().map(|u| update_status(svc, u)),
         "Endpoint": {
             "Spec": { "Mode": svc.spec.endpoint_mode },
             "Ports": svc.spec.ports.iter().map(|p| json!({
@@ -750,6 +767,46 @@ mod tests {
         let v = inspect(&st, &svc);
         assert_eq!(v["Spec"]["update"]["order"], "start-first");
         assert_eq!(v["Spec"]["rollback"]["order"], "start-first");
+        assert_eq!(v["CreatedAt"], "1970-01-01T00:00:00.000000000Z");
+        assert!(v["UpdateStatus"].is_null());
+    }
+
+    #[test]
+    fn inspect_shows_the_update_status_in_dockers_words() {
+        let mut svc = Service {
+            id: "s1".into(),
+            spec: spec(),
+            previous_spec: None,
+            version: 2,
+            created_at: 60,
+            updated_at: 125,
+            update_status: Some(UpdateStatus {
+                state: UpdateState::Updating,
+                started_at: 120,
+                message: "update in progress".into(),
+            }),
+            registry_auth: Vec::new(),
+            vips: vec![],
+        };
+        let st = StoreState::default();
+        let v = inspect(&st, &svc);
+        assert_eq!(v["UpdatedAt"], "1970-01-01T00:02:05.000000000Z");
+        let u = &v["UpdateStatus"];
+        assert_eq!(u["State"], "updating");
+        assert_eq!(u["StartedAt"], "1970-01-01T00:02:00.000000000Z");
+        assert_eq!(u["Message"], "update in progress");
+        assert!(u.get("CompletedAt").is_none(), "{u}");
+        svc.update_status = Some(UpdateStatus {
+            state: UpdateState::Completed,
+            started_at: 120,
+            message: "update completed".into(),
+        });
+        let v = inspect(&st, &svc);
+        assert_eq!(v["UpdateStatus"]["State"], "completed");
+        assert_eq!(
+            v["UpdateStatus"]["CompletedAt"],
+            "1970-01-01T00:02:05.000000000Z"
+        );
     }
 
     #[test]
