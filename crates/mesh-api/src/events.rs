@@ -8,8 +8,12 @@
 //! `history`): the objects a committed command touches are compared before and after it, with
 //! [`Seen`] and [`change`]. So nothing is missed (a node down and up again within a moment
 //! shows twice), and an event's [`Event::seq`] is the same on every manager.
+//!
+//! [`Follow`] is the stream both readers run, without its I/O: given each answer to
+//! `Request::Events`, it says which events to print, where to ask from next and when to stop.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -199,6 +203,68 @@ pub fn matches(f: &Filters, ev: &Event) -> bool {
         && KINDS.iter().all(|k| *k == ev.kind || f.values(k).is_none())
 }
 
+/// How often a stream asks for new events.
+pub const EVERY: Duration = Duration::from_millis(250);
+
+/// A stream of events as `mesh events` and `GET /events` follow it, without its I/O: the
+/// first answer (`Request::Events` with `since_ns`, or with neither field) and then, every
+/// [`EVERY`], an answer for the events after [`Follow::after`]. Only the events matching the
+/// filters and made at or before `until` are printed; the stream ends once `until` has passed.
+#[derive(Clone, Debug)]
+pub struct Follow {
+    filters: Filters,
+    /// Nanoseconds since the Unix epoch.
+    until: Option<u64>,
+    /// The seq to ask after next; `None` before the first answer.
+    cursor: Option<u64>,
+}
+
+impl Follow {
+    pub fn new(filters: Filters, until: Option<u64>) -> Follow {
+        Follow {
+            filters,
+            until,
+            cursor: None,
+        }
+    }
+
+    /// The seq to ask for the events after (`Request::Events { after }`): the newest one seen,
+    /// or the first answer's cursor.
+    pub fn after(&self) -> Option<u64> {
+        self.cursor
+    }
+
+    /// Takes an answer: the events to print, in order. The first answer's cursor is where the
+    /// stream goes on from (it gave the events since a time, or none); a later one gives the
+    /// kept events after [`Follow::after`], and their seqs move it on.
+    pub fn take(&mut self, batch: EventBatch) -> Vec<Event> {
+        let mut cursor = match self.cursor {
+            None => batch.cursor,
+            Some(c) => c,
+        };
+        let mut out = Vec::new();
+        for ev in batch.events {
+            cursor = cursor.max(ev.seq);
+            if self.until.is_some_and(|u| ev.time_ns > u) || !matches(&self.filters, &ev) {
+                continue;
+            }
+            out.push(ev);
+        }
+        self.cursor = Some(cursor);
+        out
+    }
+
+    /// How long to wait before asking again, `now_ns` being the time now; `None`: the stream
+    /// ends (`until` has passed).
+    pub fn wait(&self, now_ns: u64) -> Option<Duration> {
+        match self.until {
+            Some(u) if now_ns >= u => None,
+            Some(u) => Some(EVERY.min(Duration::from_nanos(u - now_ns))),
+            None => Some(EVERY),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,5 +430,65 @@ mod tests {
         let m = ev.docker_json();
         assert_eq!(m["Type"], "service");
         assert_eq!(m["scope"], "swarm");
+    }
+
+    fn ev(seq: u64, kind: &str, name: &str, time_ns: u64) -> Event {
+        Event {
+            seq,
+            kind: kind.into(),
+            action: "create".into(),
+            id: format!("id-{name}"),
+            attributes: BTreeMap::from([("name".to_string(), name.to_string())]),
+            time_ns,
+        }
+    }
+
+    fn names(evs: &[Event]) -> Vec<&str> {
+        evs.iter().map(|e| e.attributes["name"].as_str()).collect()
+    }
+
+    #[test]
+    fn a_stream_prints_what_matches_and_goes_on_from_the_newest_seq() {
+        let f = Filters::parse_args(&["type=service"]).unwrap();
+        let mut s = Follow::new(f, None);
+        assert_eq!(s.after(), None);
+        // The first answer: the kept events since a time, and the manager's cursor.
+        let first = EventBatch {
+            events: vec![ev(10, "service", "a", 1), ev(11, "node", "h1", 2)],
+            cursor: 12,
+        };
+        assert_eq!(names(&s.take(first)), ["a"]);
+        assert_eq!(s.after(), Some(12));
+        // Later ones: filtered out or not, every event moves the cursor; no answer (an
+        // election) leaves it.
+        let next = EventBatch {
+            events: vec![ev(13, "service", "b", 3), ev(20, "network", "x", 4)],
+            cursor: 20,
+        };
+        assert_eq!(names(&s.take(next)), ["b"]);
+        assert_eq!(s.after(), Some(20));
+        assert!(s.take(EventBatch::default()).is_empty());
+        assert_eq!(s.after(), Some(20));
+        assert_eq!(s.wait(5), Some(EVERY));
+    }
+
+    #[test]
+    fn until_drops_later_events_and_ends_the_stream() {
+        let mut s = Follow::new(Filters::default(), Some(1_000_000_000));
+        let b = EventBatch {
+            events: vec![
+                ev(1, "service", "a", 999_999_999),
+                ev(2, "service", "b", 1_000_000_000),
+                ev(3, "service", "c", 1_000_000_001),
+            ],
+            cursor: 3,
+        };
+        assert_eq!(names(&s.take(b)), ["a", "b"]);
+        assert_eq!(s.after(), Some(3));
+        // The wait is cut short at `until`, and the stream ends there.
+        assert_eq!(s.wait(0), Some(EVERY));
+        assert_eq!(s.wait(900_000_000), Some(Duration::from_millis(100)));
+        assert_eq!(s.wait(1_000_000_000), None);
+        assert_eq!(s.wait(2_000_000_000), None);
     }
 }
