@@ -5,7 +5,8 @@
 //! [`mesh_api::events::EVERY`] for what came after the last one it printed, so nothing is
 //! missed or printed twice, also across a leader change (it waits while the swarm has no
 //! leader). What to print and when to stop is [`mesh_api::events::Follow`]'s, as for the
-//! Engine API's `GET /events`.
+//! Engine API's `GET /events`. Events lost to it (more made between two reads than the
+//! managers keep) are named in a warning on stderr, and the stream goes on.
 
 use std::io::Write;
 
@@ -76,7 +77,12 @@ pub fn run(c: &Client, a: &EventsArgs) -> Result<()> {
     let mut follow = Follow::new(f, until);
     let mut batch = Some(first);
     loop {
-        for ev in batch.map(|b| follow.take(b)).unwrap_or_default() {
+        let taken = batch.map(|b| follow.take(b)).unwrap_or_default();
+        if let Some(m) = taken.missed {
+            // Told, and the stream goes on with what is kept.
+            eprintln!("WARNING: {m}");
+        }
+        for ev in taken.events {
             let line = if json {
                 ev.docker_json().to_string()
             } else {

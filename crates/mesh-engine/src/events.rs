@@ -3,7 +3,9 @@
 //! and removed, as the managers derive them from the store (mesh-manager's `history`). With
 //! `since`, the kept ones made since then come first; the stream then asks every
 //! [`mesh_api::events::EVERY`] for those after the last one sent. What to send and when to
-//! stop is [`Follow`]'s, as for `mesh events`.
+//! stop is [`Follow`]'s, as for `mesh events`. Events lost to it (more made between two
+//! reads than the managers keep) are named in a warning in the daemon's log, and the stream
+//! goes on.
 
 use std::sync::Arc;
 
@@ -26,7 +28,12 @@ pub fn stream(
         let mut follow = Follow::new(filters, until);
         let mut batch = Some(first);
         loop {
-            for ev in batch.map(|b| follow.take(b)).unwrap_or_default() {
+            let taken = batch.map(|b| follow.take(b)).unwrap_or_default();
+            if let Some(m) = taken.missed {
+                // Docker's stream has no message for it: the daemon's log tells.
+                tracing::warn!("GET /events: {m}");
+            }
+            for ev in taken.events {
                 let mut line = serde_json::to_vec(&ev.docker_json()).unwrap_or_default();
                 line.push(b'\n');
                 if tx.send(Bytes::from(line)).await.is_err() {
