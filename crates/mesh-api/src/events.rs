@@ -10,7 +10,8 @@
 //! shows twice), and an event's [`Event::seq`] is the same on every manager.
 //!
 //! [`Follow`] is the stream both readers run, without its I/O: given each answer to
-//! `Request::Events`, it says which events to print, where to ask from next and when to stop.
+//! `Request::Events` ([`batch_of`]), it says which events to print, where to ask from next
+//! and when to stop.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::filter::Filters;
+use crate::ErrorKind;
 
 /// One change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +317,19 @@ impl Follow {
             Some(u) => Some(EVERY.min(Duration::from_nanos(u - now_ns))),
             None => Some(EVERY),
         }
+    }
+}
+
+/// An answer to `Request::Events` as a stream takes it: a batch; `None` when there is none
+/// this time (the swarm has no leader, an election: ask again from the same place); or why the
+/// stream cannot go on (another error, or an answer that is no batch), never passed over.
+pub fn batch_of(answer: crate::Response) -> Result<Option<EventBatch>, String> {
+    match answer {
+        Ok(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| format!("an answer that is no event batch: {e}")),
+        Err(e) if matches!(e.kind, ErrorKind::NoLeader | ErrorKind::Unavailable) => Ok(None),
+        Err(e) => Err(e.message),
     }
 }
 
@@ -647,5 +662,25 @@ mod tests {
         let back: EventBatch =
             serde_json::from_value(serde_json::to_value(&with).unwrap()).unwrap();
         assert_eq!(back, with);
+    }
+
+    #[test]
+    fn an_answer_is_a_batch_none_for_now_or_the_end_of_the_stream() {
+        let err = |kind, message: &str| {
+            Err(crate::ApiError {
+                kind,
+                message: message.into(),
+            })
+        };
+        let b = batch_of(Ok(serde_json::json!({"events": [], "cursor": 3}))).unwrap();
+        assert_eq!(b.map(|b| b.cursor), Some(3));
+        // An election: ask again.
+        assert_eq!(batch_of(err(ErrorKind::NoLeader, "no leader")), Ok(None));
+        assert_eq!(batch_of(err(ErrorKind::Unavailable, "later")), Ok(None));
+        // Anything else ends the stream, saying why; so does an answer that is no batch.
+        let e = batch_of(err(ErrorKind::NotManager, "not a manager")).unwrap_err();
+        assert_eq!(e, "not a manager");
+        let e = batch_of(Ok(serde_json::json!({"cursor": "soon"}))).unwrap_err();
+        assert!(e.starts_with("an answer that is no event batch: "), "{e}");
     }
 }

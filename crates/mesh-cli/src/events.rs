@@ -11,9 +11,9 @@
 use std::io::Write;
 
 use clap::Args;
-use mesh_api::events::{Event, EventBatch, Follow, FILTER_KEYS};
+use mesh_api::events::{batch_of, Event, EventBatch, Follow, FILTER_KEYS};
 use mesh_api::human::now_ns;
-use mesh_api::{ErrorKind, Filters, Request};
+use mesh_api::{Filters, Request};
 
 use crate::client::Client;
 use crate::{Failure, Result};
@@ -59,16 +59,10 @@ pub fn run(c: &Client, a: &EventsArgs) -> Result<()> {
             return Err(Failure("`--until` must be after `--since`".into()));
         }
     }
+    // `None`: an election; ask again, from the same place.
     let ask = |after: Option<u64>, since_ns: Option<u64>| -> Result<Option<EventBatch>> {
-        match c.answer(Request::Events { after, since_ns })? {
-            Ok(v) => Ok(Some(serde_json::from_value(v)?)),
-            // An election: ask again, from the same place.
-            Err(e) if matches!(e.kind, ErrorKind::NoLeader | ErrorKind::Unavailable) => Ok(None),
-            Err(e) => Err(Failure(format!(
-                "Error response from daemon: {}",
-                e.message
-            ))),
-        }
+        batch_of(c.answer(Request::Events { after, since_ns })?)
+            .map_err(|e| Failure(format!("Error response from daemon: {e}")))
     };
     let first = ask(None, since)?.ok_or_else(|| {
         Failure("Error response from daemon: the swarm has no leader at the moment".into())
