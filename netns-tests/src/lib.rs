@@ -35,6 +35,7 @@ pub mod registry;
 pub mod serial;
 pub mod soak;
 pub mod swarm;
+pub mod tls;
 
 use std::time::{Duration, Instant};
 

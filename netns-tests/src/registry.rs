@@ -146,78 +146,13 @@ impl Registry {
     }
 
     /// Restarts the registry serving HTTPS only, with a certificate (for its address) of a
-    /// CA made here with openssl; returns a directory in Docker's `certs.d` layout trusting
+    /// CA made here ([`crate::tls`]); returns a directory in Docker's `certs.d` layout trusting
     /// that CA for this registry (`DIR/ADDR:PORT/ca.crt`), for `meshd --registry-certs-dir`.
     /// Push the test images first: the pusher speaks plain HTTP.
     pub fn serve_tls(&mut self) -> Result<PathBuf> {
         let certs = self.dir.join("tls");
         fs::create_dir_all(&certs)?;
-        let ossl = |args: &[&str]| -> Result<()> {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&certs)
-                .output()
-                .context("openssl")?;
-            if !out.status.success() {
-                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            Ok(())
-        };
-        ossl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=mesh test registry CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ])?;
-        ossl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            &format!("/CN={}", self.addr),
-        ])?;
-        fs::write(
-            certs.join("server.ext"),
-            format!(
-                "subjectAltName=IP:{}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-                self.addr
-            ),
-        )?;
-        ossl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "1",
-            "-extfile",
-            "server.ext",
-        ])?;
+        crate::tls::write_ca_and_server_cert(&certs, "mesh test registry CA", self.addr.into())?;
         let config = fs::read_to_string(self.dir.join("config.yml"))?;
         let addr_line = format!("  addr: {}:{REGISTRY_PORT}\n", self.addr);
         let tls = format!(

@@ -1,23 +1,22 @@
 //! `mesh events`: the cluster's changes as Docker's `docker events` prints them
 //! (`TIME TYPE ACTION ID (name=..., state.new=..., ...)`). The managers derive them from the
 //! store as they apply the Raft log and keep the last ones (mesh-manager's `history`):
-//! `--since` prints the kept ones made since then, and the stream then asks every [`EVERY`]
-//! for what came after the last one it printed, so nothing is missed or printed twice, also
-//! across a leader change (it waits while the swarm has no leader).
+//! `--since` prints the kept ones made since then, and the stream then asks every
+//! [`mesh_api::events::EVERY`] for what came after the last one it printed, so nothing is
+//! missed or printed twice, also across a leader change (it waits while the swarm has no
+//! leader). What to print and when to stop is [`mesh_api::events::Follow`]'s, as for the
+//! Engine API's `GET /events`. Events lost to it (more made between two reads than the
+//! managers keep) are named in a warning on stderr, and the stream goes on.
 
 use std::io::Write;
-use std::time::Duration;
 
 use clap::Args;
-use mesh_api::events::{matches, Event, EventBatch, FILTER_KEYS};
+use mesh_api::events::{batch_of, Event, EventBatch, Follow, FILTER_KEYS};
 use mesh_api::human::now_ns;
-use mesh_api::{ErrorKind, Filters, Request};
+use mesh_api::{Filters, Request};
 
 use crate::client::Client;
 use crate::{Failure, Result};
-
-/// How often the stream asks for new events.
-const EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Args, Debug)]
 pub struct EventsArgs {
@@ -60,54 +59,39 @@ pub fn run(c: &Client, a: &EventsArgs) -> Result<()> {
             return Err(Failure("`--until` must be after `--since`".into()));
         }
     }
+    // `None`: an election; ask again, from the same place.
     let ask = |after: Option<u64>, since_ns: Option<u64>| -> Result<Option<EventBatch>> {
-        match c.answer(Request::Events { after, since_ns })? {
-            Ok(v) => Ok(Some(serde_json::from_value(v)?)),
-            // An election: ask again, from the same place.
-            Err(e) if matches!(e.kind, ErrorKind::NoLeader | ErrorKind::Unavailable) => Ok(None),
-            Err(e) => Err(Failure(format!(
-                "Error response from daemon: {}",
-                e.message
-            ))),
-        }
+        batch_of(c.answer(Request::Events { after, since_ns })?)
+            .map_err(|e| Failure(format!("Error response from daemon: {e}")))
     };
     let first = ask(None, since)?.ok_or_else(|| {
         Failure("Error response from daemon: the swarm has no leader at the moment".into())
     })?;
     let mut out = std::io::stdout().lock();
-    let mut cursor = first.cursor;
-    let mut batch = first.events;
+    let mut follow = Follow::new(f, until);
+    let mut batch = Some(first);
     loop {
-        for ev in &batch {
-            cursor = cursor.max(ev.seq);
-            if until.is_some_and(|u| ev.time_ns > u) || !matches(&f, ev) {
-                continue;
-            }
+        let taken = batch.map(|b| follow.take(b)).unwrap_or_default();
+        if let Some(m) = taken.missed {
+            // Told, and the stream goes on with what is kept.
+            eprintln!("WARNING: {m}");
+        }
+        for ev in taken.events {
             let line = if json {
                 ev.docker_json().to_string()
             } else {
-                as_text(ev)
+                as_text(&ev)
             };
             if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
                 // A closed pipe (`| head`): stop quietly.
                 return Ok(());
             }
         }
-        let wait = match until {
-            Some(u) => {
-                let now = now_ns();
-                if now >= u {
-                    return Ok(());
-                }
-                EVERY.min(Duration::from_nanos(u - now))
-            }
-            None => EVERY,
+        let Some(wait) = follow.wait(now_ns()) else {
+            return Ok(());
         };
         std::thread::sleep(wait);
-        batch = match ask(Some(cursor), None)? {
-            Some(b) => b.events,
-            None => Vec::new(),
-        };
+        batch = ask(follow.after(), None)?;
     }
 }
 

@@ -7,8 +7,8 @@
 //! A second registry serves HTTPS with a certificate of a test CA (trusted through Docker's
 //! `certs.d` layout) and token auth from a small token service (`TOKEN_SERVER`).
 //!
-//! Needs root, `ip` (iproute2), `docker-registry` and `openssl`; fails with a clear message
-//! without them.
+//! Needs root, `ip` (iproute2), `docker-registry` and `openssl` (the token service's RSA key
+//! and signatures); fails with a clear message without them.
 
 use std::fs;
 use std::io::Write;
@@ -873,64 +873,15 @@ s.socket=c.wrap_socket(s.socket,server_side=True)
 s.serve_forever()
 "#;
 
-/// A CA, the registry's certificate from it (for 127.0.0.1), and the token signer's
-/// self-signed certificate, made with openssl in `dir`.
+/// A CA and the registry's certificate from it, for 127.0.0.1 (`ca.crt`, `server.crt`,
+/// `server.key`: the harness's [`mesh_netns::tls`], as the multi-host registry tests make
+/// theirs), and the token signer's self-signed certificate and key (`token.crt`,
+/// `token.key`), in `dir`. The signer's key is RSA, made with openssl: the token service
+/// signs RS256 with `openssl dgst`, and rcgen (on ring) cannot make RSA keys.
 fn make_certs(dir: &Path) {
-    let ossl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=mesh test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    ossl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "server.ext",
-    ]);
-    ossl(&[
+    mesh_netns::tls::write_ca_and_server_cert(dir, "mesh test CA", [127, 0, 0, 1].into())
+        .expect("the test CA and the registry's certificate");
+    run(Command::new("openssl").current_dir(dir).args([
         "req",
         "-x509",
         "-newkey",
@@ -944,7 +895,7 @@ fn make_certs(dir: &Path) {
         "1",
         "-subj",
         "/CN=mesh test token signer",
-    ]);
+    ]));
 }
 
 /// The token service, killed on drop.

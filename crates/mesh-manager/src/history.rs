@@ -3,7 +3,9 @@
 //! is applied, the services, nodes, networks, secrets and configs it touches are looked at
 //! ([`Pending::before`]), and after it each is compared with what it became
 //! ([`History::record`], `mesh_api::events::change`). The newest [`KEPT`] are kept in memory,
-//! as Docker keeps its last events; `--since` reads them.
+//! as Docker keeps its last events; `--since` reads them. A reader asking for events this
+//! manager has dropped (more than [`KEPT`] made since its last read) is told which
+//! ([`EventBatch::missed`]).
 //!
 //! An event's seq comes from the log index, so it is the same on every manager and a reader
 //! goes on after a leader change where it was. Its time is when this manager applied the
@@ -14,12 +16,10 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use mesh_api::events::{change, Event, EventBatch, Seen, PER_ENTRY};
+pub use mesh_api::events::KEPT;
+use mesh_api::events::{change, Event, EventBatch, Missed, Seen, PER_ENTRY};
 
 use crate::state::{Command, StoreState};
-
-/// How many events are kept.
-pub const KEPT: usize = 1024;
 
 /// A kind of object events are about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +120,8 @@ pub struct History {
 struct Inner {
     ring: VecDeque<Event>,
     cursor: u64,
+    /// The seq and time of the newest event dropped from the ring (`None`: none yet).
+    dropped: Option<(u64, u64)>,
 }
 
 impl History {
@@ -169,15 +171,28 @@ impl History {
             inner.cursor = ev.seq;
             inner.ring.push_back(ev);
             if inner.ring.len() > KEPT {
-                inner.ring.pop_front();
+                inner.dropped = inner.ring.pop_front().map(|e| (e.seq, e.time_ns));
             }
         }
     }
 
     /// The kept events after seq `after`; without it, those made at or after `since_ns`;
-    /// with neither, none (only the cursor).
+    /// with neither, none (only the cursor). Those asked for but dropped already are named
+    /// in `missed`: the events after `after` up to the newest dropped one, or since
+    /// `since_ns` if the newest dropped one was made then or later.
     pub fn read(&self, after: Option<u64>, since_ns: Option<u64>) -> EventBatch {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let missed = inner.dropped.and_then(|(seq, time_ns)| {
+            let lost = match (after, since_ns) {
+                (Some(a), _) => seq > a,
+                (None, Some(t)) => time_ns >= t,
+                (None, None) => false,
+            };
+            lost.then_some(Missed {
+                after,
+                through: seq,
+            })
+        });
         let events = match (after, since_ns) {
             (Some(a), _) => inner.ring.iter().filter(|e| e.seq > a).cloned().collect(),
             (None, Some(t)) => inner
@@ -191,6 +206,7 @@ impl History {
         EventBatch {
             events,
             cursor: inner.cursor,
+            missed,
         }
     }
 }
@@ -346,6 +362,72 @@ mod tests {
         let b = h.read(None, Some(0));
         assert_eq!(b.events.len(), KEPT);
         assert_eq!(b.events.last().map(|e| e.seq), Some(b.cursor));
+    }
+
+    /// Sets node n1's availability at `index`, one event each time (it alternates).
+    fn flip(h: &History, s: &mut StoreState, index: u64) {
+        let a = if index.is_multiple_of(2) {
+            Availability::Drain
+        } else {
+            Availability::Active
+        };
+        let cmd = Command::UpdateNode {
+            id: "n1".into(),
+            availability: Some(a),
+            label_add: Default::default(),
+            label_rm: vec![],
+            at: index,
+        };
+        apply(h, s, cmd, index);
+    }
+
+    #[test]
+    fn a_reader_behind_the_kept_events_is_told_which_it_missed() {
+        let h = History::default();
+        let mut s = store();
+        let add = Command::AddNode {
+            node: node("n1", "h1"),
+        };
+        apply(&h, &mut s, add, 1);
+        // The reader has read up to entry 1's event; KEPT more fill the ring exactly.
+        let read = h.read(None, Some(0)).cursor;
+        assert_eq!(read, PER_ENTRY);
+        let mut index = 2;
+        for _ in 0..KEPT {
+            flip(&h, &mut s, index);
+            index += 1;
+        }
+        // Entry 1's event is gone, but the reader has it: nothing missed.
+        let b = h.read(Some(read), None);
+        assert_eq!((b.events.len(), b.missed), (KEPT, None));
+        assert_eq!(h.read(None, Some(0)).missed.map(|m| m.through), Some(read));
+        // Three more: entries 2 to 4's events, after the reader's, are lost to it.
+        for _ in 0..3 {
+            flip(&h, &mut s, index);
+            index += 1;
+        }
+        let b = h.read(Some(read), None);
+        assert_eq!(b.events.len(), KEPT);
+        assert_eq!(b.events[0].seq, 5 * PER_ENTRY);
+        assert_eq!(
+            b.missed,
+            Some(Missed {
+                after: Some(read),
+                through: 4 * PER_ENTRY,
+            })
+        );
+        // A reader that read entry 4's event missed none; one at entry 3's, entry 4's.
+        assert_eq!(h.read(Some(4 * PER_ENTRY), None).missed, None);
+        let at3 = h.read(Some(3 * PER_ENTRY), None).missed;
+        assert_eq!(at3.map(|m| m.through), Some(4 * PER_ENTRY));
+        // Since a time: lost if the newest dropped event was made then or later (times are
+        // index * 10 here); with neither, nothing asked, nothing missed.
+        assert_eq!(
+            h.read(None, Some(40)).missed.map(|m| m.through),
+            Some(4 * PER_ENTRY)
+        );
+        assert_eq!(h.read(None, Some(41)).missed, None);
+        assert_eq!(h.read(None, None).missed, None);
     }
 
     #[test]

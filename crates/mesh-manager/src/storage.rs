@@ -102,6 +102,23 @@ impl Db {
         serde_json::from_slice(&self.open(stored)?).map_err(|e| io_err(ErrorVerb::Read, e))
     }
 
+    /// `read` of the last entry in the log (its index and stored bytes); `None`: the log is
+    /// empty.
+    fn last_entry<T>(
+        &self,
+        read: impl FnOnce(u64, &[u8]) -> Result<T, StorageError>,
+    ) -> Result<Option<T>, StorageError> {
+        let txn = self
+            .0
+            .begin_read()
+            .map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let table = txn
+            .open_table(LOGS)
+            .map_err(|e| io_err(ErrorVerb::Read, e))?;
+        let last = table.last().map_err(|e| io_err(ErrorVerb::Read, e))?;
+        last.map(|(k, v)| read(k.value(), v.value())).transpose()
+    }
+
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
         let txn = self
             .0
@@ -190,12 +207,7 @@ fn load(db: Db, path: &Path) -> Result<(LogStore, StateMachineStore), OpenError>
 
 /// The index of the last entry in the log (0: none).
 fn last_index(db: &Db) -> Result<u64, StorageError> {
-    let txn = db.0.begin_read().map_err(|e| io_err(ErrorVerb::Read, e))?;
-    let table = txn
-        .open_table(LOGS)
-        .map_err(|e| io_err(ErrorVerb::Read, e))?;
-    let last = table.last().map_err(|e| io_err(ErrorVerb::Read, e))?;
-    Ok(last.map_or(0, |(k, _)| k.value()))
+    Ok(db.last_entry(|index, _| Ok(index))?.unwrap_or(0))
 }
 
 /// The Raft log, vote and commit index.
@@ -231,21 +243,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.db.get_meta(KEY_PURGED)?;
-        let txn = self
+        let last = self
             .db
-            .0
-            .begin_read()
-            .map_err(|e| io_err(ErrorVerb::Read, e))?;
-        let table = txn
-            .open_table(LOGS)
-            .map_err(|e| io_err(ErrorVerb::Read, e))?;
-        let last = match table.last().map_err(|e| io_err(ErrorVerb::Read, e))? {
-            Some((_, v)) => {
-                let e = self.db.entry(v.value())?;
-                Some(e.log_id)
-            }
-            None => last_purged,
-        };
+            .last_entry(|_, stored| Ok(self.db.entry(stored)?.log_id))?
+            .or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -777,6 +778,74 @@ mod tests {
                 assert!(e.to_string().contains("no data key"), "{e}");
             }
         }
+    }
+
+    /// Entries applied before a restart give no events when openraft applies them again at
+    /// start (up to the last one written: [`last_index`]); the next one does.
+    #[tokio::test]
+    async fn entries_applied_again_at_start_give_no_events() {
+        use mesh_api::events::PER_ENTRY;
+        use openraft::{CommittedLeaderId, EntryPayload};
+
+        use crate::state::Command;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        let node = |i: u64| mesh_api::Node {
+            id: format!("n{i}"),
+            hostname: format!("h{i}"),
+            role: mesh_api::NodeRole::Worker,
+            availability: mesh_api::Availability::Active,
+            state: mesh_api::NodeState::Ready,
+            addr: format!("10.0.0.{i}:2377"),
+            raft_id: 0,
+            labels: Default::default(),
+            resources: Default::default(),
+            ingress_addr: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let entry = |i: u64| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Normal(if i == 1 {
+                Command::InitCluster {
+                    cluster: crate::state::test_cluster(),
+                    node: node(1),
+                }
+            } else {
+                Command::AddNode { node: node(i) }
+            }),
+        };
+        let write = |log: &LogStore, entries: &[Entry]| {
+            let txn = log.db.0.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(LOGS).unwrap();
+                for e in entries {
+                    let bytes = serde_json::to_vec(e).unwrap();
+                    t.insert(e.log_id.index, bytes.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        };
+        let seqs = |sm: &StateMachineStore| -> Vec<u64> {
+            let b = sm.history().read(None, Some(0));
+            b.events.iter().map(|e| e.seq / PER_ENTRY).collect()
+        };
+        let first: Vec<Entry> = (1..=3).map(entry).collect();
+        {
+            // A new store: every entry applied gives its event.
+            let (log, mut sm) = open(&path, None).unwrap();
+            write(&log, &first);
+            sm.apply(first.clone()).await.unwrap();
+            assert_eq!(seqs(&sm), [1, 2, 3]);
+        }
+        // Restarted without a snapshot: 1 to 3 applied again give nothing, 4 does.
+        let (log, mut sm) = open(&path, None).unwrap();
+        sm.apply(first).await.unwrap();
+        assert_eq!(seqs(&sm), Vec::<u64>::new());
+        write(&log, &[entry(4)]);
+        sm.apply([entry(4)]).await.unwrap();
+        assert_eq!(seqs(&sm), [4]);
     }
 
     /// `--force-new-cluster`: a store of a three-voter group, with entries after its commit
