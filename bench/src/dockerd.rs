@@ -32,10 +32,19 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a dockerd may take to answer after it is started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Installs `docker.io` with apt if `dockerd` is missing. Returns dockerd's version line.
+/// Installs `docker.io` with apt (`apt-get update` first) if `dockerd` is missing. Returns dockerd's version line.
 pub fn ensure_installed() -> Result<String> {
     if !Path::new(DOCKERD).exists() {
         eprintln!("swarm: installing docker.io (apt-get) for the Docker side of the benchmark");
+        let updated = Command::new("apt-get")
+            .args(["update", "-q"])
+            .stdin(Stdio::null())
+            .status()
+            .context("running apt-get update")?
+            .success();
+        if !updated {
+            bail!("apt-get update failed: docker.io cannot be installed");
+        }
         let ok = Command::new("apt-get")
             .args([
                 "install",
@@ -50,7 +59,7 @@ pub fn ensure_installed() -> Result<String> {
             .context("running apt-get")?
             .success();
         if !ok || !Path::new(DOCKERD).exists() {
-            bail!("docker.io could not be installed (run `apt-get update` first?)");
+            bail!("docker.io could not be installed with apt-get");
         }
     }
     let out = Command::new(DOCKERD).arg("--version").output()?;
@@ -201,22 +210,22 @@ impl Engines {
         let dockerd = format!("--data-root\0{}", d.join("data").display());
         let containerd = format!("{}", d.join("exec").display());
         pids_where(|cmd| {
-            (cmd.starts_with(DOCKERD) && contains(cmd, &dockerd))
-                || (cmd.starts_with("containerd\0") && contains(cmd, &containerd))
+            (cmd.starts_with(DOCKERD) && cmd.contains(&dockerd))
+                || (cmd.starts_with("containerd\0") && cmd.contains(&containerd))
         })
     }
 
     /// The pids of host `i`'s containerd shims (one per container).
     pub fn shim_pids(&self, i: usize) -> Vec<u32> {
         let sock = format!("{}", self.host_dir(i).join("exec").display());
-        pids_where(|cmd| cmd.starts_with("/usr/bin/containerd-shim") && contains(cmd, &sock))
+        pids_where(|cmd| cmd.starts_with("/usr/bin/containerd-shim") && cmd.contains(&sock))
     }
 
     /// Kills what runs from `dir` and under `cgroup`, unmounts and removes both.
     fn clean(dir: &Path, cgroup: &str) {
         let needle = dir.display().to_string();
         for _ in 0..20 {
-            let mut pids = pids_where(|cmd| contains(cmd, &needle));
+            let mut pids = pids_where(|cmd| cmd.contains(&needle));
             pids.extend(cgroup_pids(cgroup));
             if pids.is_empty() {
                 break;
@@ -274,7 +283,7 @@ impl Engines {
         drop(self);
         let needle = dir.display().to_string();
         let mut left = Vec::new();
-        let pids = pids_where(|cmd| contains(cmd, &needle));
+        let pids = pids_where(|cmd| cmd.contains(&needle));
         if !pids.is_empty() {
             left.push(format!("processes {pids:?}"));
         }
@@ -308,10 +317,6 @@ impl Drop for Engines {
     fn drop(&mut self) {
         Self::clean(&self.dir, &self.cgroup);
     }
-}
-
-fn contains(hay: &str, needle: &str) -> bool {
-    hay.contains(needle)
 }
 
 /// The pids whose NUL-separated command line satisfies `f`.
