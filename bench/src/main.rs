@@ -124,11 +124,12 @@ fn run_gossip(args: &[String]) -> Result<()> {
 }
 
 /// A benchmark that returns its report: prints it and keeps it in docs/benchmarks.md under
-/// `section` (unless `--no-write-docs`, `--help`, or an empty report).
+/// `section` (unless `--no-write-docs`, `--help`, or an empty report). `run` gets the
+/// arguments without `--no-write-docs` and whether the docs are written.
 fn run_reported(
     section: &str,
     args: &[String],
-    run: fn(&[String]) -> Result<String>,
+    run: impl FnOnce(&[String], bool) -> Result<String>,
 ) -> Result<()> {
     let write = !args.iter().any(|a| a == "--no-write-docs");
     let args: Vec<String> = args
@@ -136,8 +137,10 @@ fn run_reported(
         .filter(|a| *a != "--no-write-docs")
         .cloned()
         .collect();
-    let text = run(&args)?;
-    println!("{text}");
+    let text = run(&args, write)?;
+    if !text.is_empty() {
+        println!("{text}");
+    }
     if write && !text.is_empty() && !args.iter().any(|a| a == "--help" || a == "-h") {
         report::write_section(section, &text)?;
     }
@@ -145,28 +148,15 @@ fn run_reported(
 }
 
 fn run_scheduler(args: &[String]) -> Result<()> {
-    run_reported("scheduler", args, scheduler::run)
+    run_reported("scheduler", args, |a, _| scheduler::run(a))
 }
 
 fn run_swarm(args: &[String]) -> Result<()> {
-    let write = !args.iter().any(|a| a == "--no-write-docs");
-    let args: Vec<String> = args
-        .iter()
-        .filter(|a| *a != "--no-write-docs")
-        .cloned()
-        .collect();
-    let text = swarm::run(&args, write)?;
-    if !text.is_empty() {
-        println!("{text}");
-        if write {
-            report::write_section("swarm", &text)?;
-        }
-    }
-    Ok(())
+    run_reported("swarm", args, swarm::run)
 }
 
 fn run_metrics(args: &[String]) -> Result<()> {
-    run_reported("metrics", args, metrics::run)
+    run_reported("metrics", args, |a, _| metrics::run(a))
 }
 
 fn usage() -> String {
