@@ -1422,7 +1422,7 @@ impl Inner {
         let earlier = lock(&self.earlier).clone();
         let mut ids: BTreeSet<String> = networks.keys().cloned().collect();
         ids.extend(earlier.keys().cloned());
-        r.gossip.set_networks(ids).await;
+        r.gossip.set_networks(ids.clone()).await;
         let mut announced: BTreeMap<String, u32> =
             networks.iter().map(|(id, d)| (id.clone(), d.vni)).collect();
         announced.extend(earlier.iter().map(|(id, v)| (id.clone(), *v)));
@@ -1435,8 +1435,13 @@ impl Inner {
                 }
             }
         }
+        // Withdrawn wherever gossip still has the network: also one kept joined only for a
+        // previous run's records (`earlier`), where a task the leader stopped before the
+        // network synced would otherwise stay announced under this run's generation, and
+        // reach every node once the network syncs (a network left takes this node's
+        // records with it).
         for (net, key) in r.published.keys() {
-            if !want.contains_key(&(net.clone(), key.clone())) && networks.contains_key(net) {
+            if !want.contains_key(&(net.clone(), key.clone())) && ids.contains(net) {
                 if let Err(e) = r.gossip.delete(net, ENDPOINTS, key).await {
                     debug!("withdrawing endpoint {key} on {net}: {e}");
                 }

@@ -1,0 +1,224 @@
+//! A restarted manager's daemon first announces the tasks its own store runs on it
+//! (`Agent::seed_plane`), until the leader answers. A task the leader stopped meanwhile is
+//! then withdrawn, and its endpoint must leave every node's DNS and VIPs, also when the
+//! withdrawal comes before the daemon's gossip has synced the task's network (the network is
+//! then kept joined only because the previous run had announced on it).
+//!
+//! The churn soak (`cargo xtask soak --seed 20261205 --lb-backend nftables`) found that
+//! window: the withdrawal was skipped for a network the plane no longer listed, the record
+//! stayed live under the daemon's new generation, another task joined the network a second
+//! later, and every node kept calling a stopped task's address for a minute (until the
+//! daemon restarted again). Here the window is held open on purpose: the restarted node's
+//! control port is blocked (the leader cannot answer, so the store's seed is applied), and
+//! its gossip port too (the network cannot sync); the control port is opened (the task is
+//! withdrawn), another task joins the network, and gossip is opened last.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use mesh_netns::swarm::{field, network_tasks, service_ps, swarm_cluster, wait_tasks_running};
+use mesh_netns::{wait_for, Host};
+
+/// The test's own nftables table in the restarted node's namespace.
+const BLOCK_TABLE: &str = "mesh_test_block";
+
+/// Drops the host's control (2377/tcp, if `control`) and gossip (7946, UDP and TCP) traffic both
+/// ways, in a table of the test's own (replaced on each call).
+fn block(h: &Host, control: bool) -> Result<()> {
+    let _ = h.exec(&["nft", "delete", "table", "inet", BLOCK_TABLE])?;
+    let mut script = format!(
+        "add table inet {BLOCK_TABLE}\n\
+         add chain inet {BLOCK_TABLE} in {{ type filter hook input priority -10; }}\n\
+         add chain inet {BLOCK_TABLE} out {{ type filter hook output priority -10; }}\n\
+         add rule inet {BLOCK_TABLE} in meta l4proto {{ tcp, udp }} th dport 7946 drop\n\
+         add rule inet {BLOCK_TABLE} out meta l4proto {{ tcp, udp }} th dport 7946 drop\n"
+    );
+    if control {
+        script.push_str(&format!(
+            "add rule inet {BLOCK_TABLE} in tcp dport 2377 drop\n\
+             add rule inet {BLOCK_TABLE} out tcp dport 2377 drop\n"
+        ));
+    }
+    let path = std::env::temp_dir().join(format!(
+        "mesh-test-block-{}-{}.nft",
+        std::process::id(),
+        h.name()
+    ));
+    std::fs::write(&path, script)?;
+    let out = h.exec(&["nft", "-f", &path.to_string_lossy()]);
+    let _ = std::fs::remove_file(&path);
+    let out = out?;
+    ensure!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn unblock(h: &Host) -> Result<()> {
+    let out = h.exec(&["nft", "delete", "table", "inet", BLOCK_TABLE])?;
+    ensure!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `h`'s embedded DNS answers for `tasks.SVC` on `net` (empty for NXDOMAIN).
+fn tasks_answer(h: &Host, net: &str, svc: &str) -> Result<Vec<String>> {
+    let out = h.mesh_ok(&["dns", "query", "--network", net, &format!("tasks.{svc}")])?;
+    let mut lines = out.lines();
+    let head = lines.next().unwrap_or_default();
+    if head.contains("NXDomain") || head.contains("NXDOMAIN") {
+        return Ok(Vec::new());
+    }
+    Ok(lines
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+#[test]
+fn a_task_withdrawn_before_its_network_synced_leaves_every_node() -> Result<()> {
+    let Some(c) = swarm_cluster(3, 3, "rswithdraw")? else {
+        return Ok(());
+    };
+    let (h1, h3) = (c.host(1), c.host(3));
+    h1.mesh_ok(&["network", "create", "-d", "overlay", "appnet"])?;
+    let on_h3 = "node.hostname==h3";
+    // The other nodes' view is asked of their embedded DNS, which serves their own tasks.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "probe",
+        "--mode",
+        "global",
+        "--network",
+        "appnet",
+        "--constraint",
+        "node.hostname!=h3",
+        "--",
+        "sleep",
+        "7300",
+    ])?;
+    wait_tasks_running(h1, "probe", 2, Duration::from_secs(30))?;
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "gone",
+        "--network",
+        "appnet",
+        "--constraint",
+        on_h3,
+        "--",
+        "sleep",
+        "7301",
+    ])?;
+    wait_tasks_running(h1, "gone", 1, Duration::from_secs(30))?;
+    let ip = network_tasks(h1, "appnet", Some("gone"))?
+        .first()
+        .map(|t| t.ip.clone())
+        .ok_or_else(|| anyhow::anyhow!("no address for gone's task"))?;
+    wait_for(
+        "h1's DNS answers gone's task",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            Ok(tasks_answer(h1, "appnet", "gone")?
+                .contains(&ip)
+                .then_some(()))
+        },
+    )?;
+
+    // h3 goes away; the service is scaled to 0 while it is gone: h3's store still runs it.
+    h3.kill_daemon()?;
+    h1.mesh_ok(&["service", "scale", "gone=0"])?;
+    block(h3, true)?;
+    h3.start_daemon()?;
+    // No leader's answer: the plane announces what h3's own store runs there.
+    wait_for(
+        "h3 announcing its store's task while cut from the leader",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            Ok(tasks_answer(h3, "appnet", "gone")?
+                .contains(&ip)
+                .then_some(()))
+        },
+    )?;
+    // The leader answers; its task is withdrawn and stopped. Gossip is still blocked: the
+    // network is not synced, and is kept joined only for the previous run's records.
+    block(h3, false)?;
+    wait_for(
+        "h3 withdrawing the task the leader stopped",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let ps = service_ps(h1, "gone")?;
+            Ok(ps
+                .iter()
+                .all(|t| !field(t, "CurrentState").starts_with("Running"))
+                .then_some(()))
+        },
+    )?;
+    // Another task joins the network on h3, before gossip comes back.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "late",
+        "--network",
+        "appnet",
+        "--constraint",
+        on_h3,
+        "--",
+        "sleep",
+        "7302",
+    ])?;
+    wait_tasks_running(h1, "late", 1, Duration::from_secs(30))?;
+    unblock(h3)?;
+    let late_ip = network_tasks(h1, "appnet", Some("late"))?
+        .first()
+        .map(|t| t.ip.clone())
+        .ok_or_else(|| anyhow::anyhow!("no address for late's task"))?;
+    wait_for(
+        "h1's DNS answers late's task (h3's gossip flows again)",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            Ok(tasks_answer(h1, "appnet", "late")?
+                .contains(&late_ip)
+                .then_some(()))
+        },
+    )?;
+    // The stopped task is in no node's answers (past the grace for a restarted node's
+    // previous records, `RESTART_GRACE`, 5 s).
+    for h in [h1, c.host(2), h3] {
+        wait_for(
+            &format!("{}'s DNS without the stopped task {ip}", h.name()),
+            Duration::from_secs(10),
+            Duration::from_millis(200),
+            || Ok((!tasks_answer(h, "appnet", "gone")?.contains(&ip)).then_some(())),
+        )?;
+        let vips = h.mesh_json(&["vip", "ls"])?;
+        let gone_backends: Vec<String> = vips
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r["Service"] == "gone")
+            .flat_map(|r| r["Backends"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b.as_str().map(str::to_string))
+            .collect();
+        ensure!(
+            !gone_backends.contains(&ip),
+            "{} still balances gone's VIP to the stopped task {ip}: {vips}",
+            h.name()
+        );
+    }
+    Ok(())
+}
