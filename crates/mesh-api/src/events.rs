@@ -368,18 +368,9 @@ mod tests {
 
     fn node(state: NodeState, availability: Availability) -> crate::Node {
         crate::Node {
-            id: "n1".into(),
-            hostname: "h1".into(),
-            role: NodeRole::Worker,
             availability,
             state,
-            addr: "10.0.0.1:2377".into(),
-            raft_id: 0,
-            labels: Default::default(),
-            resources: Default::default(),
-            ingress_addr: None,
-            created_at: 0,
-            updated_at: 0,
+            ..crate::Node::new("n1", "h1", NodeRole::Worker, "10.0.0.1:2377")
         }
     }
 

@@ -296,7 +296,7 @@ pub fn blob(f: &Filters, b: &Blob) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::{Availability, NodeRole, NodeState};
+    use crate::objects::NodeRole;
 
     fn args(a: &[&str]) -> Filters {
         Filters::parse_args(a).unwrap()
@@ -332,21 +332,11 @@ mod tests {
 
     fn node_of(id: &str, name: &str, role: NodeRole, labels: &[(&str, &str)]) -> Node {
         Node {
-            id: id.into(),
-            hostname: name.into(),
-            role,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            addr: String::new(),
-            raft_id: 0,
             labels: labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            resources: Default::default(),
-            ingress_addr: None,
-            created_at: 0,
-            updated_at: 0,
+            ..Node::new(id, name, role, "")
         }
     }
 

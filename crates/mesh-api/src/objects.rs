@@ -119,6 +119,33 @@ pub struct Node {
     pub updated_at: u64,
 }
 
+impl Node {
+    /// A node as it joins: `Ready` and `Active`, no Raft ID, no labels, resources unknown,
+    /// created and changed at Unix time 0 (callers set what they know with struct update
+    /// syntax).
+    pub fn new(
+        id: impl Into<String>,
+        hostname: impl Into<String>,
+        role: NodeRole,
+        addr: impl Into<String>,
+    ) -> Node {
+        Node {
+            id: id.into(),
+            hostname: hostname.into(),
+            role,
+            availability: Availability::Active,
+            state: NodeState::Ready,
+            addr: addr.into(),
+            raft_id: 0,
+            labels: BTreeMap::new(),
+            resources: Default::default(),
+            ingress_addr: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+}
+
 /// The cluster-wide record written at `swarm init`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {

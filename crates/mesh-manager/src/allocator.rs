@@ -298,8 +298,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use mesh_api::{
-        Availability, Node, NodeRole, NodeState, PortConfig, Protocol, PublishMode, RestartPolicy,
-        Service, ServiceMode, ServiceSpec, UpdateConfig,
+        Node, NodeRole, PortConfig, Protocol, PublishMode, RestartPolicy, Service, ServiceMode,
+        ServiceSpec, UpdateConfig,
     };
 
     use super::*;
@@ -308,18 +308,8 @@ mod tests {
 
     fn node(i: u64) -> Node {
         Node {
-            id: format!("n{i}"),
-            hostname: format!("h{i}"),
-            role: NodeRole::Worker,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            addr: String::new(),
             raft_id: i,
-            labels: BTreeMap::new(),
-            ingress_addr: None,
-            created_at: 0,
-            updated_at: 0,
-            resources: Default::default(),
+            ..Node::new(format!("n{i}"), format!("h{i}"), NodeRole::Worker, "")
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::{
-    ApiError, ErrorKind, LocalInfo, NodeRole, NodeState, RaftInfo, RegistryAuth, Request, Response,
+    ApiError, ErrorKind, LocalInfo, NodeRole, RaftInfo, RegistryAuth, Request, Response,
 };
 use mesh_ca::{JoinToken, NodeKey, RootCa};
 use serde_json::json;
@@ -776,18 +776,16 @@ impl Daemon {
             settings: Default::default(),
         };
         let node = mesh_api::Node {
-            id: node_id.clone(),
-            hostname: self.cfg.node_name.clone(),
-            role: NodeRole::Manager,
-            availability: mesh_api::Availability::Active,
-            state: NodeState::Ready,
-            addr: advertise.to_string(),
             raft_id,
-            labels: Default::default(),
             resources: local::machine_resources(),
-            ingress_addr: None,
             created_at: now,
             updated_at: now,
+            ..mesh_api::Node::new(
+                node_id.clone(),
+                self.cfg.node_name.clone(),
+                NodeRole::Manager,
+                advertise.to_string(),
+            )
         };
         let worker_token = JoinToken::new(&ca.digest(), &cluster.worker_secret).to_string();
         let res = async {

@@ -132,23 +132,10 @@ pub fn member_addrs(state: &StoreState) -> Vec<Ipv4Addr> {
 mod tests {
     use super::*;
     use crate::state::CommandResult;
-    use mesh_api::{Availability, Node, NodeRole};
+    use mesh_api::{Node, NodeRole};
 
     fn node(id: &str, addr: &str) -> Node {
-        Node {
-            id: id.into(),
-            hostname: id.into(),
-            role: NodeRole::Worker,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            addr: addr.into(),
-            raft_id: 0,
-            labels: Default::default(),
-            resources: Default::default(),
-            ingress_addr: None,
-            created_at: 0,
-            updated_at: 0,
-        }
+        Node::new(id, id, NodeRole::Worker, addr)
     }
 
     fn state() -> StoreState {

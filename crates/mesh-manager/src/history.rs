@@ -217,20 +217,7 @@ mod tests {
     use mesh_api::{Availability, Node, NodeRole, NodeState};
 
     fn node(id: &str, name: &str) -> Node {
-        Node {
-            id: id.into(),
-            hostname: name.into(),
-            role: NodeRole::Worker,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            addr: "10.0.0.2:2377".into(),
-            raft_id: 0,
-            labels: Default::default(),
-            resources: Default::default(),
-            ingress_addr: None,
-            created_at: 0,
-            updated_at: 0,
-        }
+        Node::new(id, name, NodeRole::Worker, "10.0.0.2:2377")
     }
 
     /// A store with its cluster record (nodes may join it).

@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mesh_api::{
-    ApiError, Availability, BlobKind, ErrorKind, Node, NodeRole, NodeState, NodeSummary, Request,
-    Response,
+    ApiError, BlobKind, ErrorKind, Node, NodeRole, NodeState, NodeSummary, Request, Response,
 };
 use mesh_ca::{JoinToken, NodeTls, RootCa};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
@@ -958,18 +957,11 @@ impl Member {
         let now = now_secs();
         let raft_id = rand::random::<u64>().max(1);
         let new = Node {
-            id: node_id.clone(),
-            hostname: j.hostname,
-            role,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            addr: j.addr,
             raft_id,
-            labels: BTreeMap::new(),
             resources: j.resources,
-            ingress_addr: None,
             created_at: now,
             updated_at: now,
+            ..Node::new(node_id.clone(), j.hostname, role, j.addr)
         };
         self.write(node, Command::AddNode { node: new }).await?;
         self.dispatcher.beat(&node_id);

@@ -389,22 +389,12 @@ impl Collector for Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_api::{Availability, Node, Service, ServiceSpec, Task, TaskStatus};
+    use mesh_api::{Node, Service, ServiceSpec, Task, TaskStatus};
 
     fn node(id: &str, role: NodeRole, state: NodeState) -> Node {
         Node {
-            id: id.into(),
-            hostname: id.into(),
-            role,
-            availability: Availability::Active,
             state,
-            addr: String::new(),
-            raft_id: 0,
-            labels: Default::default(),
-            resources: Default::default(),
-            ingress_addr: None,
-            created_at: 0,
-            updated_at: 0,
+            ..Node::new(id, id, role, "")
         }
     }
 

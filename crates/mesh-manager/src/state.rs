@@ -682,18 +682,10 @@ mod tests {
 
     fn node(id: &str, name: &str, role: NodeRole, raft_id: u64) -> Node {
         Node {
-            id: id.into(),
-            hostname: name.into(),
-            role,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            addr: "10.0.0.1:2377".into(),
             raft_id,
-            labels: BTreeMap::new(),
-            resources: Default::default(),
-            ingress_addr: None,
             created_at: 1,
             updated_at: 1,
+            ..Node::new(id, name, role, "10.0.0.1:2377")
         }
     }
 

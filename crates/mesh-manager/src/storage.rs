@@ -791,19 +791,13 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raft.redb");
-        let node = |i: u64| mesh_api::Node {
-            id: format!("n{i}"),
-            hostname: format!("h{i}"),
-            role: mesh_api::NodeRole::Worker,
-            availability: mesh_api::Availability::Active,
-            state: mesh_api::NodeState::Ready,
-            addr: format!("10.0.0.{i}:2377"),
-            raft_id: 0,
-            labels: Default::default(),
-            resources: Default::default(),
-            ingress_addr: None,
-            created_at: 0,
-            updated_at: 0,
+        let node = |i: u64| {
+            mesh_api::Node::new(
+                format!("n{i}"),
+                format!("h{i}"),
+                mesh_api::NodeRole::Worker,
+                format!("10.0.0.{i}:2377"),
+            )
         };
         let entry = |i: u64| Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
@@ -895,18 +889,10 @@ mod tests {
                     settings: Default::default(),
                 },
                 node: mesh_api::Node {
-                    id: "n1".into(),
-                    hostname: "h1".into(),
-                    role: mesh_api::NodeRole::Manager,
-                    availability: mesh_api::Availability::Active,
-                    state: mesh_api::NodeState::Ready,
-                    addr: "10.0.0.1:2377".into(),
                     raft_id: 1,
-                    labels: Default::default(),
-                    resources: Default::default(),
-                    ingress_addr: None,
                     created_at: 1,
                     updated_at: 1,
+                    ..mesh_api::Node::new("n1", "h1", mesh_api::NodeRole::Manager, "10.0.0.1:2377")
                 },
             };
             entries.push(Entry {

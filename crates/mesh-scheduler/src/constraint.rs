@@ -240,27 +240,15 @@ impl std::str::FromStr for Constraint {
 mod tests {
     use std::collections::BTreeMap;
 
-    use mesh_api::{Availability, NodeState};
-
     use super::*;
 
     fn node(id: &str, hostname: &str, role: NodeRole, labels: &[(&str, &str)]) -> Node {
         Node {
-            id: id.into(),
-            hostname: hostname.into(),
-            role,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            addr: "10.0.0.1:2377".into(),
-            raft_id: 0,
             labels: labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
-            resources: Default::default(),
-            ingress_addr: None,
-            created_at: 1,
-            updated_at: 1,
+            ..Node::new(id, hostname, role, "10.0.0.1:2377")
         }
     }
 

@@ -346,20 +346,7 @@ mod tests {
     const CPU: u64 = 1_000_000_000;
 
     fn node(id: &str) -> Node {
-        Node {
-            id: id.into(),
-            hostname: format!("host-{id}"),
-            role: NodeRole::Worker,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            addr: "10.0.0.1:2377".into(),
-            raft_id: 0,
-            labels: BTreeMap::new(),
-            resources: Resources::default(),
-            ingress_addr: None,
-            created_at: 1,
-            updated_at: 1,
-        }
+        Node::new(id, format!("host-{id}"), NodeRole::Worker, "10.0.0.1:2377")
     }
 
     fn with_label(mut n: Node, k: &str, v: &str) -> Node {
