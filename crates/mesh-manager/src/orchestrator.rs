@@ -83,6 +83,11 @@ pub struct Orchestrator {
 /// How many outdated tasks a rolling update may begin to replace now, and in what order.
 struct Budget {
     replace: usize,
+    /// Whether outdated tasks that do not run (starting, or stuck before running) may be
+    /// replaced beyond `replace`: they are down already, so replacing them takes nothing
+    /// more down, and an update that fixes what keeps them from running must not wait for
+    /// them.
+    replace_down: bool,
     order: UpdateOrder,
     /// How long a started-first task runs before the tasks it replaces are stopped.
     monitor_ms: u64,
@@ -259,6 +264,7 @@ impl Orchestrator {
             _ => svc.spec.update.order,
         };
         let mut may_replace = 0usize;
+        let mut replace_down = false;
         if updating {
             let mut in_flight = 0usize;
             let mut outdated = 0usize;
@@ -279,6 +285,13 @@ impl Orchestrator {
                     }
                 } else if current {
                     outdated += 1;
+                    // Down as much as a slot being replaced: an outdated task that does
+                    // not run (a previous update's replacement still starting, a restart
+                    // after a failure) counts against the parallelism, or the update would
+                    // stop a running slot beside it.
+                    if l.status.state != TaskState::Running {
+                        in_flight += 1;
+                    }
                 } else if !l.status.state.is_terminal() || l.status.state == TaskState::Shutdown {
                     // Being stopped, or stopped and about to be replaced.
                     in_flight += 1;
@@ -332,6 +345,7 @@ impl Orchestrator {
                 }
                 let budget = Budget {
                     replace: 0,
+                    replace_down: false,
                     order,
                     monitor_ms: svc.spec.update.monitor_ms,
                 };
@@ -366,13 +380,15 @@ impl Orchestrator {
                     u.parallelism as usize
                 };
                 let last = self.last_batch_ms.get(&svc.id).copied().unwrap_or(0);
-                if in_flight < parallelism && now_ms >= last + u.delay_ms {
-                    may_replace = parallelism - in_flight;
+                if now_ms >= last + u.delay_ms {
+                    may_replace = parallelism.saturating_sub(in_flight);
+                    replace_down = true;
                 }
             }
         }
         let budget = Budget {
             replace: may_replace,
+            replace_down,
             order,
             monitor_ms: svc.spec.update.monitor_ms,
         };
@@ -502,7 +518,10 @@ impl Orchestrator {
                     } else {
                         p.shutdown.insert(l.id.clone());
                     }
-                } else if l.version < svc.version && budget.replace > 0 {
+                } else if l.version < svc.version
+                    && (budget.replace > 0
+                        || (budget.replace_down && l.status.state != TaskState::Running))
+                {
                     match budget.order {
                         // Its replacement is created once it has stopped (below).
                         UpdateOrder::StopFirst => {
@@ -513,7 +532,9 @@ impl Orchestrator {
                             p.create.push(self.new_task(svc, key, now_ms));
                         }
                     }
-                    budget.replace -= 1;
+                    if l.status.state == TaskState::Running {
+                        budget.replace -= 1;
+                    }
                     replaced += 1;
                 }
             } else if l.desired_state <= TaskState::Running {
@@ -720,18 +741,8 @@ mod tests {
             s.nodes.insert(
                 id.clone(),
                 Node {
-                    id: id.clone(),
-                    hostname: format!("h{i}"),
-                    role: NodeRole::Worker,
-                    availability: Availability::Active,
-                    state: NodeState::Ready,
-                    addr: String::new(),
                     raft_id: i,
-                    labels: BTreeMap::new(),
-                    ingress_addr: None,
-                    created_at: 0,
-                    updated_at: 0,
-                    resources: Default::default(),
+                    ..Node::new(id.clone(), format!("h{i}"), NodeRole::Worker, "")
                 },
             );
         }
@@ -769,6 +780,8 @@ mod tests {
         now: u64,
         /// Tasks of this service version stay Starting (a health check that has not passed).
         starting_version: Option<u64>,
+        /// Tasks of this (slot, version) stay Starting.
+        hold: Option<(u64, u64)>,
     }
 
     impl World {
@@ -802,6 +815,7 @@ mod tests {
                 o,
                 now: 1_000_000,
                 starting_version: None,
+                hold: None,
             }
         }
 
@@ -829,7 +843,11 @@ mod tests {
                 }
                 let next = if t.desired_state > TaskState::Running {
                     TaskState::Shutdown
-                } else if self.starting_version == Some(t.version) {
+                } else if self.starting_version == Some(t.version)
+                    || self
+                        .hold
+                        .is_some_and(|(n, v)| key_of(t) == Key::Slot(n) && t.version == v)
+                {
                     TaskState::Starting
                 } else {
                     TaskState::Running
@@ -1361,6 +1379,61 @@ mod tests {
         assert_eq!(max_procs, 4, "no task runs beside the one it replaces");
         assert_eq!(gaps, 2);
         assert_eq!(w.update_state(), Some(UpdateState::Completed));
+        assert!(w.running().iter().all(|t| t.version == 2));
+    }
+
+    #[test]
+    fn an_update_counts_an_outdated_task_that_is_not_running_as_down() {
+        // The soak's case (seed 20261205): slot 2's task was starting (replaced by an
+        // earlier update, here restarted after a failure) when a stop-first update
+        // (parallelism 1 of 2) came. Outdated, it was not counted as down, so the update
+        // stopped slot 1 too and the service had no running task.
+        let mut w = World::new(ServiceMode::Replicated { replicas: 2 });
+        w.settle();
+        let slot2 =
+            w.s.service_tasks("svc")
+                .find(|t| key_of(t) == Key::Slot(2))
+                .map(|t| t.id.clone())
+                .unwrap();
+        w.hold = Some((2, 1));
+        w.fail(&slot2, 1);
+        for _ in 0..20 {
+            w.step();
+            if w.s.tasks.values().any(|t| {
+                key_of(t) == Key::Slot(2) && t.id != slot2 && t.status.state == TaskState::Starting
+            }) {
+                break;
+            }
+        }
+        assert_eq!(w.slots_without_running_task(), 1, "{:#?}", w.s.tasks);
+        w.update_to("2000", |s| {
+            s.update.order = UpdateOrder::StopFirst;
+            s.update.parallelism = 1;
+        });
+        let (_, _, gaps) = w.run_update();
+        assert_eq!(gaps, 1, "one slot down at a time: {:#?}", w.s.tasks);
+        assert_eq!(w.update_state(), Some(UpdateState::Completed));
+        assert!(w.running().iter().all(|t| t.version == 2));
+        assert_eq!(w.running().len(), 2);
+    }
+
+    #[test]
+    fn an_update_replaces_outdated_tasks_that_cannot_run_without_waiting_for_them() {
+        // An update that fixes what kept tasks from running (here: stuck starting) must not
+        // wait for those tasks to run first: they are down already, and replaced at once.
+        let mut w = World::new(ServiceMode::Replicated { replicas: 3 });
+        w.starting_version = Some(1);
+        for _ in 0..5 {
+            w.step();
+        }
+        assert_eq!(w.running().len(), 0);
+        w.update_to("2000", |s| {
+            s.update.order = UpdateOrder::StopFirst;
+            s.update.parallelism = 1;
+        });
+        w.settle();
+        assert_eq!(w.update_state(), Some(UpdateState::Completed));
+        assert_eq!(w.running().len(), 3);
         assert!(w.running().iter().all(|t| t.version == 2));
     }
 
