@@ -12,11 +12,20 @@
 //! control port is blocked (the leader cannot answer, so the store's seed is applied), and
 //! its gossip port too (the network cannot sync); the control port is opened (the task is
 //! withdrawn), another task joins the network, and gossip is opened last.
+//!
+//! A task a restarted daemon finds running but no longer assigned is drained before it is
+//! stopped: withdrawn from every node's views, it still answers the calls in flight. The
+//! soak found its network taken from under it at once (the daemon's first pass removed the
+//! network's namespace, which had no task it counted), so calls in flight to it timed out.
+//! Its network now stays until it exits.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use mesh_netns::swarm::{field, network_tasks, service_ps, swarm_cluster, wait_tasks_running};
+use mesh_netns::swarm::{
+    field, network_tasks, overlay_pid, service_ps, sleep_pids, swarm_cluster, vni_of,
+    wait_tasks_running,
+};
 use mesh_netns::{wait_for, Host};
 
 /// The test's own nftables table in the restarted node's namespace.
@@ -220,5 +229,111 @@ fn a_task_withdrawn_before_its_network_synced_leaves_every_node() -> Result<()> 
             h.name()
         );
     }
+    Ok(())
+}
+
+/// The IPv4 addresses on `eth0` in the network namespace of process `pid`.
+fn eth0_addrs(pid: u32) -> Result<String> {
+    let out = std::process::Command::new("nsenter")
+        .args([
+            &format!("--net=/proc/{pid}/ns/net"),
+            "ip",
+            "-o",
+            "-4",
+            "addr",
+            "show",
+            "dev",
+            "eth0",
+        ])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+#[test]
+fn an_adopted_task_keeps_its_network_while_it_drains() -> Result<()> {
+    let Some(c) = swarm_cluster(2, 1, "rsdrain")? else {
+        return Ok(());
+    };
+    let (h1, h2) = (c.host(1), c.host(2));
+    h1.mesh_ok(&["network", "create", "-d", "overlay", "appnet"])?;
+    // It ignores SIGTERM (as its `sleep`, which inherits that): it lives through the stop's
+    // grace period, until SIGKILL.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "drainer",
+        "--network",
+        "appnet",
+        "--constraint",
+        "node.hostname==h2",
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 7403; done",
+    ])?;
+    wait_tasks_running(h1, "drainer", 1, Duration::from_secs(30))?;
+    let ip = network_tasks(h1, "appnet", Some("drainer"))?
+        .first()
+        .map(|t| t.ip.clone())
+        .ok_or_else(|| anyhow::anyhow!("no address for drainer's task"))?;
+    let vni = vni_of(h1, "appnet")?;
+    let pid = wait_for(
+        "the task's process",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || Ok(sleep_pids(7403).first().copied()),
+    )?;
+    ensure!(
+        eth0_addrs(pid)?.contains(&format!("{ip}/")),
+        "no {ip} on eth0"
+    );
+
+    // Scaled to 0 while h2's daemon is away: the restarted daemon finds the task running,
+    // no longer assigned, and drains it before stopping it.
+    h2.kill_daemon()?;
+    h1.mesh_ok(&["service", "scale", "drainer=0"])?;
+    h2.start_daemon()?;
+    // Another task starts on h2 meanwhile: a pass of h2's plane that counts only it.
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "other",
+        "--constraint",
+        "node.hostname==h2",
+        "--",
+        "sleep",
+        "7404",
+    ])?;
+    let until = std::time::Instant::now() + Duration::from_millis(3000);
+    let mut checks = 0;
+    while std::time::Instant::now() < until
+        && std::path::Path::new(&format!("/proc/{pid}")).exists()
+    {
+        let addrs = eth0_addrs(pid)?;
+        ensure!(
+            addrs.contains(&format!("{ip}/")),
+            "the draining task lost its network after {checks} checks (eth0: {addrs:?}; \
+             overlay namespace {:?})",
+            overlay_pid(h2, vni)
+        );
+        checks += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(checks > 10, "the task exited at once ({checks} checks)");
+    // Once it has exited, the network's namespace goes (h2 has no other task on it).
+    wait_for(
+        "the task stopped",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || Ok((!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())),
+    )?;
+    wait_for(
+        "h2's overlay namespace released",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || Ok(overlay_pid(h2, vni).is_none().then_some(())),
+    )?;
     Ok(())
 }

@@ -639,9 +639,12 @@ impl Agent {
     fn update_plane(&self, assigned: &HashMap<String, Task>, local: &HashMap<String, RunState>) {
         let Some(plane) = &self.plane else { return };
         let (running, d) = self.serving(assigned, local);
+        let draining = draining(&running, local);
+        let d = d ^ u64::from(draining);
         let mut last = self.plane_digest.lock().unwrap_or_else(|p| p.into_inner());
         if *last != Some(d) {
             *last = Some(d);
+            plane.set_draining(draining);
             plane.set_local(running);
         }
     }
@@ -671,7 +674,9 @@ impl Agent {
             tasks = running.len(),
             "network plane: this node's tasks as its own store has them, until the leader answers"
         );
-        *last = Some(d);
+        let draining = draining(&running, &local);
+        *last = Some(d ^ u64::from(draining));
+        plane.set_draining(draining);
         plane.set_local(running);
     }
 
@@ -1185,6 +1190,13 @@ impl Agent {
         .await
         .unwrap_or_default()
     }
+}
+
+/// Whether a task process runs here that `running` (what the plane is told) leaves out.
+fn draining(running: &[(Task, u32)], local: &HashMap<String, RunState>) -> bool {
+    local.iter().any(|(id, rs)| {
+        matches!(rs, RunState::Running { .. }) && !running.iter().any(|(t, _)| t.id == *id)
+    })
 }
 
 fn running(since_ms: u64) -> TaskStatus {

@@ -257,6 +257,11 @@ pub trait NetworkPlane: Send + Sync + 'static {
     /// The tasks that run here now, with their pids: their endpoints are published, others
     /// withdrawn, and networks without a local task lose their namespace.
     fn set_local(&self, running: Vec<(mesh_api::Task, u32)>);
+    /// Whether a task process runs here that the running set leaves out (withdrawn, and
+    /// draining before its stop): its networks' namespaces stay while it is plugged into
+    /// them, though the plane may not know which they are (a restarted daemon's adopted
+    /// task). Told before the [`NetworkPlane::set_local`] it applies to.
+    fn set_draining(&self, _draining: bool) {}
     /// This node's address on the ingress network (its ingress sandbox), once the leader gave
     /// one: the routing mesh answers on every node from then on.
     fn set_ingress(&self, ingress: Option<mesh_api::NetworkAttachment>) {

@@ -50,6 +50,8 @@ pub use gateway::{GatewayConfig, DEFAULT_GW_SUBNET, GW_BRIDGE};
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 /// VXLAN's overhead on IPv4.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// The name prefix of a task's veth end on a network's bridge (`ve` + 8 hex digits).
+const TASK_VETH_PREFIX: &str = "ve";
 
 /// Errors of the overlay reconciler.
 #[derive(Debug, thiserror::Error)]
@@ -278,7 +280,7 @@ impl Overlay {
         let task_ns = Netns::open(&proc_ns(task_pid))?;
         let mac = mesh_netlink::mac_for_ip(a.ip);
         let tag = format!("{:08x}", u32::from(a.ip) ^ task_pid.rotate_left(16));
-        let (outer, inner) = (format!("ve{tag}"), format!("vp{tag}"));
+        let (outer, inner) = (format!("{TASK_VETH_PREFIX}{tag}"), format!("vp{tag}"));
         h.del_link(&outer).await?;
         h.add_veth(&outer, &inner, Some(&task_ns), Some(self.mtu))
             .await?;
@@ -412,6 +414,38 @@ impl Overlay {
     /// its VXLAN device before its holder is released), and VXLAN devices left in the host
     /// namespace by a crash between create and move.
     pub async fn gc(&self, keep_vnis: &BTreeSet<u32>) -> Result<(), OverlayError> {
+        self.collect(keep_vnis, false).await.map(|_| ())
+    }
+
+    /// Like [`Overlay::gc`], but a network whose bridge still has a task plugged in (a veth
+    /// [`Overlay::attach`] made, whose other end lives as long as the task's namespace) is
+    /// kept, whatever `keep_vnis` says: a task its caller no longer counts may still be
+    /// alive, as one a restarted daemon found running and is draining before its stop, and
+    /// its calls in flight need the network until it exits. Returns the networks kept so;
+    /// the caller collects again once their tasks are gone.
+    pub async fn gc_unplugged(
+        &self,
+        keep_vnis: &BTreeSet<u32>,
+    ) -> Result<BTreeSet<u32>, OverlayError> {
+        self.collect(keep_vnis, true).await
+    }
+
+    /// Whether a task is plugged into the bridge of the namespace held by `pid`.
+    async fn has_task_ports(&self, pid: u32) -> Result<bool, OverlayError> {
+        let ns = Netns::open(&proc_ns(pid))?;
+        let h = Handle::new(&ns).await?;
+        Ok(h.links()
+            .await?
+            .iter()
+            .any(|l| l.name.starts_with(TASK_VETH_PREFIX) && l.kind.as_deref() == Some("veth")))
+    }
+
+    async fn collect(
+        &self,
+        keep_vnis: &BTreeSet<u32>,
+        keep_plugged: bool,
+    ) -> Result<BTreeSet<u32>, OverlayError> {
+        let mut plugged = BTreeSet::new();
         let mut held = self.lock.lock().await;
         let mut live: BTreeMap<u32, u32> = BTreeMap::new();
         for (name, pid) in self.holders.list() {
@@ -428,6 +462,27 @@ impl Overlay {
             .collect();
         for vni in gone {
             let pid = live.get(&vni).copied();
+            if let (Some(pid), true) = (pid, keep_plugged) {
+                match self.has_task_ports(pid).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        debug!(
+                            vni,
+                            "overlay network namespace kept: a task is still plugged in"
+                        );
+                        plugged.insert(vni);
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(
+                            vni,
+                            "cannot list the overlay network namespace's links: {e}"
+                        );
+                        plugged.insert(vni);
+                        continue;
+                    }
+                }
+            }
             if pid.is_some() {
                 info!(
                     vni,
@@ -447,6 +502,6 @@ impl Overlay {
                 self.host.del_link(&l.name).await?;
             }
         }
-        Ok(())
+        Ok(plugged)
     }
 }

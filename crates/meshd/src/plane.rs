@@ -248,6 +248,13 @@ struct Inner {
     net_names: Mutex<BTreeMap<String, String>>,
     /// Whether withdrawn endpoints linger (the events loop then wakes up sooner).
     lingering: std::sync::atomic::AtomicBool,
+    /// Overlay namespaces the last pass kept only because a task not counted here (a
+    /// restarted daemon's adopted task, withdrawn and draining) is still plugged in: the
+    /// events loop passes again until they can go (`Overlay::gc_unplugged`).
+    overlay_plugged: std::sync::atomic::AtomicBool,
+    /// The agent's word that a task process runs here that the running set leaves out
+    /// (`NetworkPlane::set_draining`): namespaces a task is plugged into are kept then.
+    draining: std::sync::atomic::AtomicBool,
     /// Tasks in their start gate, not yet in the running set, with their networks: the
     /// garbage collection of namespaces and gateway ports must not take them away, and the
     /// networks stay joined in gossip.
@@ -401,6 +408,8 @@ impl Plane {
             net_names: Mutex::new(BTreeMap::new()),
             attaching: Mutex::new(BTreeMap::new()),
             lingering: std::sync::atomic::AtomicBool::new(false),
+            overlay_plugged: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
             rt,
             dns_rt,
             holders: Arc::new(ExecutorHolders(exec)),
@@ -638,13 +647,19 @@ impl Inner {
         mut stop: watch::Receiver<bool>,
     ) {
         loop {
+            // Whether this pass also reapplies the running set (`set_local_async`): what it
+            // keeps (namespaces, networks joined) depends on more than the tables, so it runs
+            // when that may have changed (a network synced: a previous run's networks are let
+            // go) and on every timer tick, so nothing is kept longer than a tick for want of
+            // a change from the agent.
+            let mut full = false;
             tokio::select! {
                 ev = events.recv() => match ev {
+                    Ok(Event::Synced { .. }) => full = true,
                     Ok(
                         Event::Upsert { .. }
                         | Event::Delete { .. }
-                        | Event::NodeDown { .. }
-                        | Event::Synced { .. },
+                        | Event::NodeDown { .. },
                     ) => {}
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -654,15 +669,21 @@ impl Inner {
                     Duration::from_millis(500)
                 } else {
                     Duration::from_secs(5)
-                }) => {}
+                }) => full = true,
                 _ = stop.changed() => return,
             }
             // Coalesce a burst of events into one pass.
-            while let Ok(Ok(_)) =
+            while let Ok(Ok(ev)) =
                 tokio::time::timeout(Duration::from_millis(5), events.recv()).await
-            {}
+            {
+                full |= matches!(ev, Event::Synced { .. });
+            }
             // Namespaces of tasks that finished draining go once their process is gone.
-            let drained = lock(&self.tasks).values().any(|ns| !ns.alive());
+            let drained = full
+                || lock(&self.tasks).values().any(|ns| !ns.alive())
+                || self
+                    .overlay_plugged
+                    .load(std::sync::atomic::Ordering::Relaxed);
             let res = if drained {
                 let _seq = self.local_seq.lock().await;
                 let local = lock(&self.local).clone();
@@ -1475,7 +1496,20 @@ impl Inner {
             }
         }
         r.networks = networks;
-        r.overlay.gc(&keep).await.map_err(|e| e.to_string())?;
+        // Only while the agent says an uncounted task runs: a task plugged in that is gone
+        // (its namespace torn down by the kernel later, under load seconds later) holds
+        // nothing.
+        let plugged = if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            r.overlay
+                .gc_unplugged(&keep)
+                .await
+                .map_err(|e| e.to_string())?
+        } else {
+            r.overlay.gc(&keep).await.map_err(|e| e.to_string())?;
+            BTreeSet::new()
+        };
+        self.overlay_plugged
+            .store(!plugged.is_empty(), std::sync::atomic::Ordering::Relaxed);
         r.overlay
             .gc_gateway(&ids)
             .await
@@ -1845,6 +1879,12 @@ impl NetworkPlane for Plane {
                 warn!("network plane: {e}");
             }
         });
+    }
+
+    fn set_draining(&self, draining: bool) {
+        self.0
+            .draining
+            .store(draining, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn set_ingress(&self, ingress: Option<NetworkAttachment>) {
