@@ -2,10 +2,12 @@
 //! registry) serving plain HTTP on `<host address>:5000` inside one simulated host's
 //! namespace, with its storage under the cluster's directory, and a pusher of small test
 //! images built from the host's static busybox (`testimage.py`: two layers, a whiteout and an
-//! opaque directory, Docker schema 2 or OCI manifests).
+//! opaque directory, Docker schema 2 or OCI manifests). It can ask for a login (HTTP basic),
+//! serve HTTPS with a CA of its own, and take tokens from a token service as Docker Hub's
+//! does (`tokenserver.py`, on `<host address>:5001` in the same namespace).
 //!
-//! The registry is stopped (SIGKILL) when the [`Registry`] is dropped; its files go with the
-//! cluster's directory.
+//! The registry and its token service are stopped (SIGKILL) when the [`Registry`] is dropped;
+//! their files go with the cluster's directory.
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -22,8 +24,20 @@ use crate::Host;
 /// The test image builder and pusher.
 const TESTIMAGE_PY: &str = include_str!("testimage.py");
 
+/// The token service (distribution's `auth: token`), for [`Registry::require_token_auth`]
+/// and mesh-image's registry tests: `python3 tokenserver.py DIR USER PASSWORD ADDR PORT
+/// ISSUER` (see the script's header).
+pub const TOKEN_SERVER_PY: &str = include_str!("tokenserver.py");
+
 /// The registry's port.
 pub const REGISTRY_PORT: u16 = 5000;
+
+/// The token service's port (HTTPS, on the registry's address).
+pub const TOKEN_PORT: u16 = 5001;
+
+/// The `service` and `issuer` the registry names in its challenge and expects in tokens.
+const TOKEN_SERVICE: &str = "mesh-test-registry";
+const TOKEN_ISSUER: &str = "mesh-test-issuer";
 
 /// A running registry.
 pub struct Registry {
@@ -33,6 +47,8 @@ pub struct Registry {
     child: Option<Child>,
     /// Serving HTTPS (see [`Registry::serve_tls`]).
     tls: bool,
+    /// The token service (see [`Registry::require_token_auth`]).
+    token_server: Option<Child>,
 }
 
 impl Registry {
@@ -53,6 +69,7 @@ impl Registry {
             dir,
             child: None,
             tls: false,
+            token_server: None,
         };
         fs::write(
             reg.dir.join("config.yml"),
@@ -172,6 +189,88 @@ impl Registry {
         )?;
         self.restart()?;
         Ok(trusted)
+    }
+
+    /// Starts a token service (`tokenserver.py`, over HTTPS with the registry's certificate
+    /// on `ADDR:5001`, signing with an RSA key made here) that grants `user` with `password`
+    /// what it asks for, anonymous callers nothing, and refuses other credentials; then
+    /// restarts the registry taking only its tokens (distribution's `auth: token`), as Docker
+    /// Hub does. Call after [`Registry::serve_tls`] (a client reaches the token service with
+    /// the registry's CA) and not with [`Registry::require_login`]. Push the test images first:
+    /// the pusher does not log in.
+    pub fn require_token_auth(&mut self, user: &str, password: &str) -> Result<()> {
+        if !self.tls {
+            bail!("require_token_auth needs serve_tls first: the token service uses its CA");
+        }
+        let config = fs::read_to_string(self.dir.join("config.yml"))?;
+        if config.contains("\nauth:") {
+            bail!("the registry already has an auth section (require_login?)");
+        }
+        let certs = self.dir.join("tls");
+        crate::tls::write_token_signer(&certs)?;
+        let script = self.dir.join("tokenserver.py");
+        fs::write(&script, TOKEN_SERVER_PY)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tokenserver.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "python3"])
+            .arg(&script)
+            .arg(&certs)
+            .args([
+                user,
+                password,
+                &self.addr.to_string(),
+                &TOKEN_PORT.to_string(),
+            ])
+            .arg(TOKEN_ISSUER)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning the token service")?;
+        self.token_server = Some(child);
+        let realm = format!("https://{}:{TOKEN_PORT}/token", self.addr);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = crate::host::ns_exec(
+                &self.ns,
+                &[
+                    "curl",
+                    "-s",
+                    "-k",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &format!("{realm}?service={TOKEN_SERVICE}"),
+                ],
+                Duration::from_secs(5),
+            )?;
+            if out.status.success() && out.stdout == b"200" {
+                break;
+            }
+            let exited = match self.token_server.as_mut() {
+                Some(c) => c.try_wait()?.is_some(),
+                None => true,
+            };
+            if exited || Instant::now() > deadline {
+                bail!(
+                    "token service not answering on {realm}: {}",
+                    fs::read_to_string(self.dir.join("tokenserver.log")).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        fs::write(
+            self.dir.join("config.yml"),
+            format!(
+                "{config}auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                certs.join("token.crt").display()
+            ),
+        )?;
+        self.restart()
     }
 
     /// `ADDR:PORT`, as image references and `--insecure-registry` name it.
@@ -297,6 +396,9 @@ pub struct TestImageConfig {
 impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.stop();
+        if let Some(mut c) = self.token_server.take() {
+            let _ = kill_and_reap(&mut c);
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! Certificates for tests that serve HTTPS: a CA of their own and a server certificate from
 //! it for an IP address, made in-process (rcgen, ECDSA P-256) and written as PEM files, so
 //! that a client trusting only that CA accepts the server and one without it refuses it.
-//! Used by the registry tests here (`Registry::serve_tls`) and by mesh-image's.
+//! Used by the registry tests here (`Registry::serve_tls`) and by mesh-image's. A registry
+//! token service's signer ([`write_token_signer`]) is RSA, made with openssl.
 
 use std::fs;
 use std::net::IpAddr;
@@ -57,6 +58,38 @@ pub fn write_ca_and_server_cert(dir: &Path, ca_name: &str, ip: IpAddr) -> Result
     ] {
         fs::write(dir.join(file), pem).with_context(|| format!("writing {file}"))?;
     }
+    Ok(())
+}
+
+/// Writes into `dir` (which must exist) `token.key` and `token.crt`, the RSA key and
+/// self-signed certificate (a day) a registry token service signs its tokens with and a
+/// registry trusts them by (distribution's `auth: token: rootcertbundle`). Made with openssl:
+/// the token service (`tokenserver.py`) signs RS256 with `openssl dgst`, and rcgen (on ring)
+/// cannot make RSA keys.
+pub fn write_token_signer(dir: &Path) -> Result<()> {
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.current_dir(dir).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "token.key",
+        "-out",
+        "token.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=mesh test token signer",
+    ]);
+    let out = crate::process::output_with_timeout(&mut cmd, Duration::from_secs(60))
+        .context("openssl for the token signer (apt-get install -y openssl)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl req for the token signer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

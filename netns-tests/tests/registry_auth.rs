@@ -5,7 +5,9 @@
 //! sealed in the store and never shown. On a terminal, `mesh login` asks for what its flags
 //! leave out, the password without echo. A registry serving HTTPS with a certificate of its
 //! own CA is reached once the nodes trust that CA through Docker's `certs.d` layout
-//! (`meshd --registry-certs-dir`), and refused (not downgraded) by a node that does not.
+//! (`meshd --registry-certs-dir`), and refused (not downgraded) by a node that does not. A
+//! registry taking only tokens from a token service (distribution's `auth: token`, as Docker
+//! Hub) is logged in to and pulled from the same way: the daemons follow its Bearer challenge.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -93,6 +95,74 @@ fn a_private_registry_over_https_with_its_own_ca() -> Result<()> {
         err.contains("certificate") || err.contains("UnknownIssuer"),
         "h3's error: {err}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_token_registry_through_the_daemons() -> Result<()> {
+    if !mesh_netns::require_root()? {
+        return Ok(());
+    }
+    let c = mesh_netns::Cluster::new(mesh_netns::ClusterOpts {
+        hosts: 3,
+        start_daemons: false,
+        name_hint: "regtoken",
+    })?;
+    let mut reg = Registry::start(c.host(1), c.base_dir().join("registry"))?;
+    reg.push_test_image("private", "v1", "v1", false)?;
+    let certs_d = reg.serve_tls()?;
+    let password = "s3cret-for-the-token-service";
+    reg.require_token_auth("alice", password)?;
+    let certs_d = certs_d.to_string_lossy().to_string();
+    for h in c.hosts() {
+        h.start_daemon_with(&["--registry-certs-dir", &certs_d])?;
+    }
+    mesh_netns::swarm::form_swarm(&c, 1)?;
+    let (h1, server) = (c.host(1), reg.host_port());
+    let image = format!("{server}/private:v1");
+    let create = |name: &str, more: &[&str]| {
+        let mut args = vec!["service", "create", "--name", name];
+        args.extend_from_slice(more);
+        args.extend(["--constraint", "node.role==worker", "-d", image.as_str()]);
+        args.extend(["sleep", "100000"]);
+        h1.mesh_ok(&args)
+    };
+
+    // No login: the anonymous token grants nothing, and the registry says so.
+    create("anon", &[])?;
+    let err = wait_for(
+        "the anonymous pull refused",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || {
+            Ok(service_ps(h1, "anon")?
+                .iter()
+                .map(|t| field(t, "Error").to_string())
+                .find(|e| !e.is_empty()))
+        },
+    )?;
+    eprintln!("anonymous pull: {err}");
+    ensure!(err.contains("unauthorized"), "anonymous pull: {err}");
+    h1.mesh_ok(&["service", "rm", "anon"])?;
+
+    // `login` follows the Bearer challenge to the token service, which judges the password.
+    let wrong = h1.mesh(&["login", "-u", "alice", "-p", "nope", &server])?;
+    ensure!(
+        !wrong.success()
+            && wrong
+                .stderr
+                .contains("unauthorized: incorrect username or password"),
+        "{wrong:?}"
+    );
+    let ok = h1.mesh(&["login", "-u", "alice", "-p", password, &server])?;
+    ensure!(
+        ok.success() && ok.stdout.trim() == "Login Succeeded",
+        "{ok:?}"
+    );
+
+    // The workers get tokens with the manager's login the service carries.
+    create("app", &["--with-registry-auth", "--replicas", "2"])?;
+    wait_tasks_running(h1, "app", 2, Duration::from_secs(60))?;
     Ok(())
 }
 

@@ -839,63 +839,20 @@ fn loads_archives_and_drops_leftovers() {
 const TLS_REGISTRY: &str = "127.0.0.1:5443";
 const TOKEN_ADDR: &str = "127.0.0.1:5001";
 
-/// A token service as Docker's registries use (distribution's `auth: token`): `GET /token`
-/// with the client's basic credentials answers a JWT (RS256, signed with `openssl dgst`, its
-/// certificate in `x5c`) granting the scopes asked for, none for anonymous callers; wrong
-/// credentials get 401. Served over HTTPS with the registry's certificate.
-const TOKEN_SERVER: &str = r#"import base64,http.server,json,ssl,subprocess,sys,time,urllib.parse
-d,user,pw=sys.argv[1:4]
-der=subprocess.run(['openssl','x509','-in',d+'/token.crt','-outform','DER'],capture_output=True,check=True).stdout
-def b64(b): return base64.urlsafe_b64encode(b).rstrip(b'=').decode()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        q=urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
-        auth=self.headers.get('Authorization')
-        good='Basic '+base64.b64encode((user+':'+pw).encode()).decode()
-        if auth is not None and auth!=good:
-            self.send_response(401); self.send_header('Content-Length','0'); self.end_headers(); return
-        access=[]
-        for sc in q.get('scope',[]):
-            t,name,acts=sc.split(':')
-            access.append({'type':t,'name':name,'actions':acts.split(',') if auth else []})
-        now=int(time.time())
-        head={'alg':'RS256','typ':'JWT','x5c':[base64.b64encode(der).decode()]}
-        claims={'iss':'mesh-test-issuer','sub':user if auth else '','aud':q['service'][0],'exp':now+300,'nbf':now-10,'iat':now,'jti':str(time.time_ns()),'access':access}
-        signing=b64(json.dumps(head).encode())+'.'+b64(json.dumps(claims).encode())
-        sig=subprocess.run(['openssl','dgst','-sha256','-sign',d+'/token.key'],input=signing.encode(),capture_output=True,check=True).stdout
-        tok=signing+'.'+b64(sig)
-        body=json.dumps({'token':tok,'access_token':tok,'expires_in':300}).encode()
-        self.send_response(200); self.send_header('Content-Type','application/json'); self.send_header('Content-Length',str(len(body))); self.end_headers(); self.wfile.write(body)
-    def log_message(self,*a): pass
-s=http.server.HTTPServer(('127.0.0.1',5001),H)
-c=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain(d+'/server.crt',d+'/server.key')
-s.socket=c.wrap_socket(s.socket,server_side=True)
-s.serve_forever()
-"#;
+/// The token service as Docker's registries use (distribution's `auth: token`), shared with
+/// the multi-host tests: `GET /token` with the client's basic credentials answers a JWT
+/// granting the scopes asked for, none for anonymous callers; wrong credentials get 401.
+/// Served over HTTPS with the registry's certificate.
+const TOKEN_SERVER: &str = mesh_netns::registry::TOKEN_SERVER_PY;
 
 /// A CA and the registry's certificate from it, for 127.0.0.1 (`ca.crt`, `server.crt`,
 /// `server.key`: the harness's [`mesh_netns::tls`], as the multi-host registry tests make
 /// theirs), and the token signer's self-signed certificate and key (`token.crt`,
-/// `token.key`), in `dir`. The signer's key is RSA, made with openssl: the token service
-/// signs RS256 with `openssl dgst`, and rcgen (on ring) cannot make RSA keys.
+/// `token.key`: [`mesh_netns::tls::write_token_signer`], RSA made with openssl), in `dir`.
 fn make_certs(dir: &Path) {
     mesh_netns::tls::write_ca_and_server_cert(dir, "mesh test CA", [127, 0, 0, 1].into())
         .expect("the test CA and the registry's certificate");
-    run(Command::new("openssl").current_dir(dir).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "token.key",
-        "-out",
-        "token.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=mesh test token signer",
-    ]));
+    mesh_netns::tls::write_token_signer(dir).expect("the token signer's key and certificate");
 }
 
 /// The token service, killed on drop.
@@ -933,7 +890,7 @@ fn pulls_over_https_from_a_token_auth_registry() {
         Command::new("ip")
             .args(["netns", "exec", &ns.0, "python3", "-c", TOKEN_SERVER])
             .arg(&certs)
-            .args(["alice", "s3cret"])
+            .args(["alice", "s3cret", "127.0.0.1", "5001", "mesh-test-issuer"])
             .stdin(Stdio::null())
             .spawn()
             .expect("spawning the token service"),
