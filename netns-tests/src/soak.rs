@@ -1204,16 +1204,7 @@ fn task_ips_on(h: &Host, net: &str) -> Result<(BTreeMap<String, String>, BTreeSe
 
 /// A node's answers for `tasks.SVC` on [`NET`].
 fn dns_view(h: &Host, svc: &str) -> Result<BTreeSet<String>> {
-    let out = h.mesh_ok(&["dns", "query", "--network", NET, &format!("tasks.{svc}")])?;
-    let mut lines = out.lines();
-    let head = lines.next().unwrap_or_default();
-    if head.ends_with("NXDomain") || head.contains("NXDOMAIN") {
-        return Ok(BTreeSet::new());
-    }
-    Ok(lines
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect())
+    crate::swarm::dns_tasks(h, NET, svc)
 }
 
 /// A node's VIP backends, by service name.

@@ -227,6 +227,20 @@ pub fn sleep_pids(secs: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// A node's embedded-DNS answers for `tasks.SVC` on `net` (empty for NXDOMAIN).
+pub fn dns_tasks(h: &Host, net: &str, svc: &str) -> Result<std::collections::BTreeSet<String>> {
+    let out = h.mesh_ok(&["dns", "query", "--network", net, &format!("tasks.{svc}")])?;
+    let mut lines = out.lines();
+    let head = lines.next().unwrap_or_default();
+    if head.contains("NXDomain") || head.contains("NXDOMAIN") {
+        return Ok(Default::default());
+    }
+    Ok(lines
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
 /// A service's first virtual IP (without the prefix length), from `mesh service inspect`.
 pub fn vip_of(h: &Host, service: &str) -> Result<String> {
     let v: Value = serde_json::from_str(&h.mesh_ok(&["service", "inspect", service])?)?;

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use mesh_netns::swarm::{
-    field, network_tasks, overlay_pid, service_ps, sleep_pids, swarm_cluster, vni_of,
+    dns_tasks, field, network_tasks, overlay_pid, service_ps, sleep_pids, swarm_cluster, vni_of,
     wait_tasks_running,
 };
 use mesh_netns::{wait_for, Host};
@@ -75,18 +75,24 @@ fn unblock(h: &Host) -> Result<()> {
     Ok(())
 }
 
-/// `h`'s embedded DNS answers for `tasks.SVC` on `net` (empty for NXDOMAIN).
-fn tasks_answer(h: &Host, net: &str, svc: &str) -> Result<Vec<String>> {
-    let out = h.mesh_ok(&["dns", "query", "--network", net, &format!("tasks.{svc}")])?;
-    let mut lines = out.lines();
-    let head = lines.next().unwrap_or_default();
-    if head.contains("NXDomain") || head.contains("NXDOMAIN") {
-        return Ok(Vec::new());
-    }
-    Ok(lines
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect())
+/// Waits until `h`'s embedded DNS lists (or, if not `listed`, no longer lists) `ip` for
+/// `tasks.SVC` on appnet.
+fn wait_answer(h: &Host, svc: &str, ip: &str, listed: bool, within: Duration) -> Result<()> {
+    let what = if listed { "lists" } else { "no longer lists" };
+    wait_for(
+        &format!("{}'s DNS {what} {ip} for tasks.{svc}", h.name()),
+        within,
+        Duration::from_millis(100),
+        || Ok((dns_tasks(h, "appnet", svc)?.contains(ip) == listed).then_some(())),
+    )
+}
+
+/// The address on appnet of `svc`'s first task.
+fn task_ip(h: &Host, svc: &str) -> Result<String> {
+    network_tasks(h, "appnet", Some(svc))?
+        .first()
+        .map(|t| t.ip.clone())
+        .ok_or_else(|| anyhow::anyhow!("no address for {svc}'s task"))
 }
 
 #[test]
@@ -128,20 +134,8 @@ fn a_task_withdrawn_before_its_network_synced_leaves_every_node() -> Result<()> 
         "7301",
     ])?;
     wait_tasks_running(h1, "gone", 1, Duration::from_secs(30))?;
-    let ip = network_tasks(h1, "appnet", Some("gone"))?
-        .first()
-        .map(|t| t.ip.clone())
-        .ok_or_else(|| anyhow::anyhow!("no address for gone's task"))?;
-    wait_for(
-        "h1's DNS answers gone's task",
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || {
-            Ok(tasks_answer(h1, "appnet", "gone")?
-                .contains(&ip)
-                .then_some(()))
-        },
-    )?;
+    let ip = task_ip(h1, "gone")?;
+    wait_answer(h1, "gone", &ip, true, Duration::from_secs(20))?;
 
     // h3 goes away; the service is scaled to 0 while it is gone: h3's store still runs it.
     h3.kill_daemon()?;
@@ -149,16 +143,7 @@ fn a_task_withdrawn_before_its_network_synced_leaves_every_node() -> Result<()> 
     block(h3, true)?;
     h3.start_daemon()?;
     // No leader's answer: the plane announces what h3's own store runs there.
-    wait_for(
-        "h3 announcing its store's task while cut from the leader",
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || {
-            Ok(tasks_answer(h3, "appnet", "gone")?
-                .contains(&ip)
-                .then_some(()))
-        },
-    )?;
+    wait_answer(h3, "gone", &ip, true, Duration::from_secs(20))?;
     // The leader answers; its task is withdrawn and stopped. Gossip is still blocked: the
     // network is not synced, and is kept joined only for the previous run's records.
     block(h3, false)?;
@@ -190,29 +175,12 @@ fn a_task_withdrawn_before_its_network_synced_leaves_every_node() -> Result<()> 
     ])?;
     wait_tasks_running(h1, "late", 1, Duration::from_secs(30))?;
     unblock(h3)?;
-    let late_ip = network_tasks(h1, "appnet", Some("late"))?
-        .first()
-        .map(|t| t.ip.clone())
-        .ok_or_else(|| anyhow::anyhow!("no address for late's task"))?;
-    wait_for(
-        "h1's DNS answers late's task (h3's gossip flows again)",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            Ok(tasks_answer(h1, "appnet", "late")?
-                .contains(&late_ip)
-                .then_some(()))
-        },
-    )?;
+    let late_ip = task_ip(h1, "late")?;
+    wait_answer(h1, "late", &late_ip, true, Duration::from_secs(30))?;
     // The stopped task is in no node's answers (past the grace for a restarted node's
     // previous records, `RESTART_GRACE`, 5 s).
     for h in [h1, c.host(2), h3] {
-        wait_for(
-            &format!("{}'s DNS without the stopped task {ip}", h.name()),
-            Duration::from_secs(10),
-            Duration::from_millis(200),
-            || Ok((!tasks_answer(h, "appnet", "gone")?.contains(&ip)).then_some(())),
-        )?;
+        wait_answer(h, "gone", &ip, false, Duration::from_secs(10))?;
         let vips = h.mesh_json(&["vip", "ls"])?;
         let gone_backends: Vec<String> = vips
             .as_array()
@@ -273,10 +241,7 @@ fn an_adopted_task_keeps_its_network_while_it_drains() -> Result<()> {
         "trap '' TERM; while :; do sleep 7403; done",
     ])?;
     wait_tasks_running(h1, "drainer", 1, Duration::from_secs(30))?;
-    let ip = network_tasks(h1, "appnet", Some("drainer"))?
-        .first()
-        .map(|t| t.ip.clone())
-        .ok_or_else(|| anyhow::anyhow!("no address for drainer's task"))?;
+    let ip = task_ip(h1, "drainer")?;
     let vni = vni_of(h1, "appnet")?;
     let pid = wait_for(
         "the task's process",
