@@ -3,6 +3,11 @@
 //! states back. Reports are queued and retried until the leader takes them, so a status is
 //! never lost to a leader change.
 //!
+//! A task on a network is reported Running only once the network plane has announced its
+//! endpoints ([`NetworkPlane::announced`]): the leader answers that report by stopping what
+//! the task replaces (a start-first update's old task, a drained node's replica), and the old
+//! endpoint's withdrawal must not reach the other nodes before the new endpoint does.
+//!
 //! A task running here that the leader no longer assigns to this node (it was replaced while
 //! this node was partitioned, or its service was removed) is stopped: the cluster never runs
 //! more copies than asked for.
@@ -25,7 +30,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mesh_api::{Task, TaskState, TaskStatus};
 use tokio::sync::Notify;
@@ -46,6 +51,10 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// everywhere in well under 100 ms here, p99 ~0.5 s with 1% loss), so no new connection is
 /// sent to a process that is going away. Docker waits a fixed 2 s for the same reason.
 pub const DRAIN: Duration = Duration::from_secs(1);
+/// How long the Running report of a task on a network waits for the plane to announce its
+/// endpoints (a pass takes milliseconds; a plane that cannot announce them must not keep
+/// the task from ever being reported).
+pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(5);
 
 /// The most text of one task's log a `service logs` answer carries (the newest lines): a
 /// task's log files hold 30 MB by default.
@@ -115,6 +124,8 @@ struct AgentState {
     ended: Option<HashSet<String>>,
     /// Statuses waiting to be reported, by task.
     outbox: BTreeMap<String, TaskStatus>,
+    /// When each status in the outbox was queued.
+    queued_at: HashMap<String, Instant>,
     /// Highest state reported (or queued) per task, so each is sent once.
     reported: HashMap<String, TaskState>,
     /// Tasks with a start or stop in progress.
@@ -171,7 +182,7 @@ pub struct Agent {
     )>,
     node_name: String,
     state: Mutex<AgentState>,
-    wake: Notify,
+    wake: Arc<Notify>,
 }
 
 impl Agent {
@@ -181,6 +192,10 @@ impl Agent {
         images: Option<Arc<dyn Images>>,
         node_name: String,
     ) -> Arc<Agent> {
+        let wake = Arc::new(Notify::new());
+        if let Some(p) = &plane {
+            p.on_announced(wake.clone());
+        }
         Arc::new(Agent {
             runtime,
             plane,
@@ -191,7 +206,7 @@ impl Agent {
             gossip: Mutex::new((Vec::new(), None)),
             node_name,
             state: Mutex::new(AgentState::default()),
-            wake: Notify::new(),
+            wake,
         })
     }
 
@@ -418,6 +433,40 @@ impl Agent {
         }
         st.reported.insert(id.to_string(), status.state);
         st.outbox.insert(id.to_string(), status);
+        st.queued_at.insert(id.to_string(), Instant::now());
+    }
+
+    /// The queued statuses to send now: all but the Running report of a task on a network
+    /// whose endpoints the plane has not announced yet ([`NetworkPlane::announced`]), held
+    /// back for [`ANNOUNCE_WAIT`] at most (the plane's next pass wakes the agent).
+    fn sendable(&self) -> Vec<(String, TaskStatus)> {
+        let st = self.lock();
+        st.outbox
+            .iter()
+            .filter(|(id, s)| {
+                let Some(plane) = &self.plane else {
+                    return true;
+                };
+                let networked = st
+                    .assigned
+                    .as_ref()
+                    .and_then(|(_, m)| m.get(*id))
+                    .is_some_and(|t| !t.networks.is_empty());
+                if s.state != TaskState::Running || !networked || plane.announced(id) {
+                    return true;
+                }
+                let waited = st.queued_at.get(*id).map_or(Duration::MAX, |t| t.elapsed());
+                if waited >= ANNOUNCE_WAIT {
+                    warn!(
+                        task = id.as_str(),
+                        "reported Running though its endpoints are not announced after {ANNOUNCE_WAIT:?}"
+                    );
+                    return true;
+                }
+                false
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     async fn reconcile(self: Arc<Self>) {
@@ -1114,13 +1163,7 @@ impl Agent {
 
     /// Sends queued reports to the leader; keeps them on failure.
     async fn flush(&self, member: &Arc<Member>) {
-        let updates: Vec<(String, TaskStatus)> = {
-            let st = self.lock();
-            st.outbox
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
+        let updates = self.sendable();
         if updates.is_empty() {
             return;
         }
@@ -1134,6 +1177,7 @@ impl Agent {
                 for (id, s) in updates {
                     if st.outbox.get(&id) == Some(&s) {
                         st.outbox.remove(&id);
+                        st.queued_at.remove(&id);
                     }
                 }
             }
@@ -1559,6 +1603,92 @@ mod tests {
         let probes = rt.probes.load(SeqCst);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(rt.probes.load(SeqCst), probes);
+    }
+
+    /// A plane whose passes announce only when the test says so.
+    #[derive(Default)]
+    struct GatedPlane {
+        local: Mutex<Vec<String>>,
+        announced: Mutex<HashSet<String>>,
+        wake: Mutex<Option<Arc<Notify>>>,
+    }
+
+    impl GatedPlane {
+        /// A pass published the running set last given.
+        fn pass(&self) {
+            let local = self.local.lock().unwrap().clone();
+            self.announced.lock().unwrap().extend(local);
+            if let Some(w) = self.wake.lock().unwrap().as_ref() {
+                w.notify_one();
+            }
+        }
+    }
+
+    impl NetworkPlane for GatedPlane {
+        fn start(&self, _: crate::runtime::PlaneIdentity) -> Result<(), String> {
+            Ok(())
+        }
+        fn stop(&self) {}
+        fn attach(&self, _: &Task, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+        fn set_local(&self, running: Vec<(Task, u32)>) {
+            *self.local.lock().unwrap() = running.into_iter().map(|(t, _)| t.id).collect();
+        }
+        fn announced(&self, task_id: &str) -> bool {
+            self.announced.lock().unwrap().contains(task_id)
+        }
+        fn on_announced(&self, wake: Arc<Notify>) {
+            *self.wake.lock().unwrap() = Some(wake);
+        }
+    }
+
+    /// The leader stops what a task replaces (the old task of a start-first update, a drained
+    /// node's replica) once it is reported Running: a report sent before the node's plane
+    /// announced the new endpoint let the old one's withdrawal reach every node first, and
+    /// left the service with no address for a moment (the churn soak: `api` unresolvable on
+    /// every node for 50 ms after a drain). Held until the plane's pass announced it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_on_a_network_is_reported_running_only_once_its_endpoints_are_announced() {
+        let rt = Arc::new(ProbedRuntime::default());
+        let plane = Arc::new(GatedPlane::default());
+        let agent = Agent::new(rt.clone(), Some(plane.clone()), None, "n1".into());
+        let mut t = task("t1", "n1", TaskState::Assigned);
+        t.networks = vec![mesh_api::NetworkAttachment {
+            network_id: "net".into(),
+            network_name: "appnet".into(),
+            addr: "10.0.1.5/24".into(),
+            vni: 4097,
+            gateway: "10.0.1.1".into(),
+            vip: Some("10.0.1.2/24".into()),
+        }];
+        // And one without a network: nothing to announce, reported at once.
+        let mut u = task("u1", "n1", TaskState::Assigned);
+        u.slot = 2;
+        agent.lock().assigned = Some((
+            1,
+            [(t.id.clone(), t), (u.id.clone(), u)].into_iter().collect(),
+        ));
+        let t0 = std::time::Instant::now();
+        while outbox_state(&agent) != Some(TaskState::Running)
+            || *plane.local.lock().unwrap() != ["t1", "u1"]
+        {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never Running");
+            agent.clone().reconcile().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ids =
+            |a: &Agent| -> Vec<String> { a.sendable().into_iter().map(|(id, _)| id).collect() };
+        assert_eq!(ids(&agent), ["u1"], "t1 reported before it was announced");
+        // The pass announces it, and wakes the agent.
+        let woken = agent.wake.clone();
+        let notified = tokio::spawn(async move { woken.notified().await });
+        plane.pass();
+        tokio::time::timeout(Duration::from_secs(5), notified)
+            .await
+            .expect("the plane's pass woke the agent")
+            .unwrap();
+        assert_eq!(ids(&agent), ["t1", "u1"]);
     }
 
     #[tokio::test]

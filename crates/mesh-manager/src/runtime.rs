@@ -262,6 +262,17 @@ pub trait NetworkPlane: Send + Sync + 'static {
     /// them, though the plane may not know which they are (a restarted daemon's adopted
     /// task). Told before the [`NetworkPlane::set_local`] it applies to.
     fn set_draining(&self, _draining: bool) {}
+    /// Whether the endpoints of local task `task_id` are announced: a pass published its
+    /// records in gossip. The agent reports a task on a network Running only then, as the
+    /// leader acts on that report by stopping what the task replaces (a rolling update, a
+    /// drain) and the old endpoint's withdrawal must not reach the nodes before the new one.
+    /// A plane that announces nothing says yes.
+    fn announced(&self, _task_id: &str) -> bool {
+        true
+    }
+    /// Given once, by the agent: notified after each pass that announced a task not
+    /// announced before.
+    fn on_announced(&self, _wake: std::sync::Arc<tokio::sync::Notify>) {}
     /// This node's address on the ingress network (its ingress sandbox), once the leader gave
     /// one: the routing mesh answers on every node from then on.
     fn set_ingress(&self, ingress: Option<mesh_api::NetworkAttachment>) {

@@ -255,6 +255,10 @@ struct Inner {
     /// The agent's word that a task process runs here that the running set leaves out
     /// (`NetworkPlane::set_draining`): namespaces a task is plugged into are kept then.
     draining: std::sync::atomic::AtomicBool,
+    /// The local tasks whose records the last pass published (`NetworkPlane::announced`),
+    /// and whom to tell when it announced one more.
+    announced: Mutex<BTreeSet<String>>,
+    announce_wake: Mutex<Option<Arc<tokio::sync::Notify>>>,
     /// Tasks in their start gate, not yet in the running set, with their networks: the
     /// garbage collection of namespaces and gateway ports must not take them away, and the
     /// networks stay joined in gossip.
@@ -409,6 +413,8 @@ impl Plane {
             attaching: Mutex::new(BTreeMap::new()),
             lingering: std::sync::atomic::AtomicBool::new(false),
             overlay_plugged: std::sync::atomic::AtomicBool::new(false),
+            announced: Mutex::new(BTreeSet::new()),
+            announce_wake: Mutex::new(None),
             draining: std::sync::atomic::AtomicBool::new(false),
             rt,
             dns_rt,
@@ -1468,6 +1474,16 @@ impl Inner {
                 }
             }
         }
+        // Announced: the agent may now report these tasks Running (and the leader stop
+        // what they replace).
+        let now: BTreeSet<String> = want.keys().map(|(_, key)| key.clone()).collect();
+        let more = !now.is_subset(&lock(&self.announced));
+        *lock(&self.announced) = now;
+        if more {
+            if let Some(wake) = lock(&self.announce_wake).as_ref() {
+                wake.notify_one();
+            }
+        }
         r.published = want;
         r.local_published = true;
         // What an earlier run of this daemon announced and this one did not again is gone
@@ -1885,6 +1901,14 @@ impl NetworkPlane for Plane {
         self.0
             .draining
             .store(draining, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn announced(&self, task_id: &str) -> bool {
+        lock(&self.0.announced).contains(task_id)
+    }
+
+    fn on_announced(&self, wake: Arc<tokio::sync::Notify>) {
+        *lock(&self.0.announce_wake) = Some(wake);
     }
 
     fn set_ingress(&self, ingress: Option<NetworkAttachment>) {
