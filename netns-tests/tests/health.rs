@@ -415,7 +415,8 @@ fn the_image_s_healthcheck_merges_with_the_service_s_and_the_docker_cli_sets_one
     h1.mesh_ok(&["service", "update", "-d", "--health-interval", "1s", "img"])?;
     let v: serde_json::Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "img"])?)?;
     ensure!(
-        v[0]["Spec"]["healthcheck"] == serde_json::json!({"interval_ms": 1000}),
+        v[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Healthcheck"]
+            == serde_json::json!({"Interval": 1_000_000_000u64}),
         "mesh service inspect img: {}",
         v[0]["Spec"]
     );
@@ -526,10 +527,11 @@ fn the_image_s_healthcheck_merges_with_the_service_s_and_the_docker_cli_sets_one
         "after update: {hc}"
     );
     let v: serde_json::Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "dk"])?)?;
-    let spec = &v[0]["Spec"]["healthcheck"];
+    // The same document as the docker CLI's: one model behind both front doors.
+    let spec = &v[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Healthcheck"];
     ensure!(
-        spec["interval_ms"] == 300 && spec["timeout_ms"] == 2000 && spec["retries"] == 2,
-        "mesh service inspect: {spec}"
+        *spec == hc && spec["Interval"] == 300_000_000u64,
+        "mesh service inspect: {spec}, docker service inspect: {hc}"
     );
     Ok(())
 }

@@ -56,7 +56,7 @@ fn an_image_service_runs_everywhere_with_the_image_s_files() -> Result<()> {
 
     // Pinned to the digest the registry gave; ps and ls show the tag.
     let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "web"])?)?;
-    let pinned = insp[0]["Spec"]["image"]
+    let pinned = insp[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
         .as_str()
         .unwrap_or_default()
         .to_string();

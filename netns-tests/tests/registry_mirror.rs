@@ -37,7 +37,9 @@ fn docker_hub_images_come_through_the_mirror() -> Result<()> {
     ])?;
     wait_tasks_running(h1, "app", 2, Duration::from_secs(60))?;
     let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "app"])?)?;
-    let pinned = insp[0]["Spec"]["image"].as_str().unwrap_or_default();
+    let pinned = insp[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+        .as_str()
+        .unwrap_or_default();
     ensure!(
         pinned == format!("docker.io/library/app:v1@{digest}"),
         "pinned as {pinned:?}, the mirror's digest is {digest}"

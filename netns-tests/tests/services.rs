@@ -517,7 +517,8 @@ fn rolling_updates_pause_and_roll_back() -> Result<()> {
     );
     let insp: Value = serde_json::from_str(&h1.mesh_ok(&["service", "inspect", "up"])?)?;
     ensure!(
-        insp[0]["UpdateStatus"]["State"] == "completed" && insp[0]["Spec"]["env"][0] == "V=2",
+        insp[0]["UpdateStatus"]["State"] == "completed"
+            && insp[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"][0] == "V=2",
         "{insp}"
     );
     wait_procs(86404, 2, Duration::from_secs(10))?;
@@ -571,7 +572,10 @@ fn rolling_updates_pause_and_roll_back() -> Result<()> {
         insp[0]["UpdateStatus"]["State"] == "rollback_completed",
         "{insp}"
     );
-    ensure!(insp[0]["Spec"]["command"][0] == "sleep", "{insp}");
+    ensure!(
+        insp[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Args"][0] == "sleep",
+        "{insp}"
+    );
     wait_procs(86405, 2, Duration::from_secs(15))?;
     for svc in ["up", "rb"] {
         h1.mesh_ok(&["service", "rm", svc])?;

@@ -241,8 +241,8 @@ fn start_first_update_and_rollback_fail_no_request() -> Result<()> {
     )?;
     let v = inspect(h1, "web")?;
     ensure!(
-        v["Spec"]["update"]["order"] == "stop-first"
-            && v["Spec"]["rollback"]["order"] == "start-first",
+        v["Spec"]["UpdateConfig"]["Order"] == "stop-first"
+            && v["Spec"]["RollbackConfig"]["Order"] == "start-first",
         "orders after create: {}",
         v["Spec"]
     );
@@ -278,8 +278,8 @@ fn start_first_update_and_rollback_fail_no_request() -> Result<()> {
     served_throughout("start-first update", seen, "1", "2")?;
     let v = inspect(h1, "web")?;
     ensure!(
-        v["Spec"]["update"]["order"] == "start-first"
-            && v["Spec"]["rollback"]["order"] == "start-first"
+        v["Spec"]["UpdateConfig"]["Order"] == "start-first"
+            && v["Spec"]["RollbackConfig"]["Order"] == "start-first"
             && v["UpdateStatus"]["State"] == "completed",
         "after the update: {v}"
     );
@@ -340,12 +340,12 @@ fn start_first_update_and_rollback_fail_no_request() -> Result<()> {
     }
     let v = inspect(h1, "web")?;
     ensure!(
-        v["Spec"]["update"]["order"] == "stop-first",
+        v["Spec"]["UpdateConfig"]["Order"] == "stop-first",
         "{}",
-        v["Spec"]["update"]
+        v["Spec"]["UpdateConfig"]
     );
     ensure!(
-        inspect(h1, "cli")?["Spec"]["update"]["order"] == "stop-first",
+        inspect(h1, "cli")?["Spec"]["UpdateConfig"]["Order"] == "stop-first",
         "the default order"
     );
     h1.mesh_ok(&["service", "rm", "web", "cli"])

@@ -31,7 +31,7 @@ pub enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
-    /// Show a service in detail (JSON).
+    /// Show a service in detail: JSON as Docker's (the Engine API's `Service`), or `--pretty`.
     Inspect {
         /// Print the information in a human friendly format.
         #[arg(long)]
@@ -777,6 +777,26 @@ fn print_warnings(v: &Value) {
     }
 }
 
+/// A service as `docker service inspect` prints it (the Engine API's `Service` object, as
+/// the Engine API front door answers it), found by ID, name or unique ID prefix.
+fn docker_service(c: &Client, key: &str) -> Result<Value> {
+    let v = c.call(Request::Objects {
+        service: Some(key.to_string()),
+    })?;
+    let objects: mesh_api::ClusterObjects = serde_json::from_value(v)
+        .map_err(|e| Failure(format!("cannot read the cluster's objects: {e}")))?;
+    match objects.services.first() {
+        Some(svc) => Ok(mesh_engine::convert::service_json(svc, &objects, false)),
+        // The manager's words for why (no such service, an ambiguous prefix).
+        None => {
+            c.call(Request::ServiceInspect {
+                service: key.to_string(),
+            })?;
+            Err(Failure(format!("no such service: {key}")))
+        }
+    }
+}
+
 /// "5 seconds ago", as Docker prints ages.
 fn ago(ms: u64) -> String {
     format!("{} ago", mesh_api::human_duration(ms / 1000))
@@ -888,7 +908,11 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
         ServiceCmd::Inspect { pretty, services } => {
             let mut out = Vec::new();
             for s in services {
-                out.push(c.call(Request::ServiceInspect { service: s })?);
+                out.push(if pretty {
+                    c.call(Request::ServiceInspect { service: s })?
+                } else {
+                    docker_service(c, &s)?
+                });
             }
             if pretty {
                 for (i, v) in out.iter().enumerate() {
