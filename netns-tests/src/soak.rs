@@ -631,9 +631,10 @@ struct Shared {
     bad_tasks: BTreeSet<String>,
     /// When the checker first saw each task of `web`/`api` running: (service, unix time).
     first_running: BTreeMap<String, (&'static str, f64)>,
-    /// Each task address seen running: (task, node, first and last time seen running), to
-    /// name the backend of a failed call.
-    addresses: BTreeMap<String, (String, String, f64, f64)>,
+    /// Each task address seen running, per task that held it (addresses are reused): (task,
+    /// node, first and last time seen running), oldest first, to name the backend of a
+    /// failed call ([`Shared::holder`]).
+    addresses: BTreeMap<String, Vec<(String, String, f64, f64)>>,
     lags: Vec<Duration>,
     lag_violations: Vec<String>,
     polls: u64,
@@ -848,6 +849,18 @@ pub fn run(opts: &SoakOpts) -> Result<Report> {
     }
     report.store_mismatch = compare_stores(&c).err().map(|e| format!("{e:#}"));
     Ok(report)
+}
+
+impl Shared {
+    /// The task that held address `ip` at time `t`: the last one seen running there from
+    /// before `t` on (or the first ever, if none was yet).
+    fn holder(&self, ip: &str, t: f64) -> Option<&(String, String, f64, f64)> {
+        let held = self.addresses.get(ip)?;
+        held.iter()
+            .rev()
+            .find(|e| e.2 <= t)
+            .or_else(|| held.first())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1272,11 +1285,11 @@ fn check_once(
                     .into_iter()
                     .flatten()
                 {
-                    let e = sh
-                        .addresses
-                        .entry(ip.clone())
-                        .or_insert_with(|| (r.name.clone(), r.node.clone(), t, t));
-                    e.3 = t;
+                    let held = sh.addresses.entry(ip.clone()).or_default();
+                    match held.last_mut() {
+                        Some(e) if e.0 == r.name && e.1 == r.node => e.3 = t,
+                        _ => held.push((r.name.clone(), r.node.clone(), t, t)),
+                    }
                 }
             }
         }
@@ -1454,7 +1467,7 @@ fn collect_calls(dir: &Path, shared: &Mutex<Shared>, report: &mut Report) -> Res
                     // The node of the backend the balancer chose, when known.
                     let backend_node = err
                         .rsplit_once('@')
-                        .and_then(|(_, b)| sh.addresses.get(b.split(',').next()?))
+                        .and_then(|(_, b)| sh.holder(b.split(',').next()?, t0))
                         .map(|a| a.1.as_str());
                     let excused = sh.windows.iter().any(|w| {
                         t1 >= w.from
@@ -1484,7 +1497,7 @@ fn collect_calls(dir: &Path, shared: &Mutex<Shared>, report: &mut Report) -> Res
                     // good) while its node was disrupted.
                     let stale = err.rsplit_once('@').and_then(|(_, b)| {
                         let (ip, state) = b.split_once(',')?;
-                        let (task, node, _, last) = sh.addresses.get(ip)?;
+                        let (task, node, _, last) = sh.holder(ip, t0)?;
                         let lost = state == "SYN_SENT"
                             && t0 > last + 2.0
                             && sh.windows.iter().any(|w| {
@@ -1510,7 +1523,7 @@ fn collect_calls(dir: &Path, shared: &Mutex<Shared>, report: &mut Report) -> Res
                             .rsplit_once('@')
                             .and_then(|(_, b)| {
                                 let ip = b.split(',').next()?;
-                                let (task, node, first, last) = sh.addresses.get(ip)?;
+                                let (task, node, first, last) = sh.holder(ip, t0)?;
                                 Some(format!(
                                     " ({ip} is {task} on {node}, seen running from +{:.2}s to +{:.2}s)",
                                     first - from,
@@ -1732,6 +1745,30 @@ fn compare_stores(c: &Cluster) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Addresses are reused: a failed call is blamed on the task that held the address
+    /// then, not on the first one seen there (the 30-minute soak named `web.2 on h1` for a
+    /// call that went to `api.2 on h5`, which had the same address 20 minutes later).
+    #[test]
+    fn a_reused_address_names_the_task_that_held_it_at_the_time() {
+        let mut sh = Shared::default();
+        sh.addresses.insert(
+            "10.0.1.63".into(),
+            vec![
+                ("web.2".into(), "h1".into(), 100.0, 400.0),
+                ("api.2".into(), "h5".into(), 1300.0, 1303.0),
+            ],
+        );
+        let who = |t: f64| {
+            sh.holder("10.0.1.63", t)
+                .map(|e| (e.0.as_str(), e.1.as_str()))
+        };
+        assert_eq!(who(50.0), Some(("web.2", "h1")));
+        assert_eq!(who(200.0), Some(("web.2", "h1")));
+        assert_eq!(who(1302.0), Some(("api.2", "h5")));
+        assert_eq!(who(2000.0), Some(("api.2", "h5")));
+        assert!(sh.holder("10.0.9.9", 1.0).is_none());
+    }
 
     #[test]
     fn a_seed_replays_the_same_schedule() {
