@@ -312,10 +312,13 @@ impl Executor {
         fs::create_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let s = |e: state::StateError| e.to_string();
         state::write_json(&dir.join(SPEC_FILE), spec).map_err(s)?;
-        state::write_atomic(&dir.join(RESOLV_FILE), spec.resolv_conf.as_bytes()).map_err(s)?;
+        // The task's own files: plain writes into its new directory (no rename, no fsync).
+        // Nothing reads them before the shim starts, and a meshd killed before then leaves
+        // a directory without a state file, which the next start of the task removes.
+        state::write_fresh(&dir.join(RESOLV_FILE), spec.resolv_conf.as_bytes()).map_err(s)?;
         match &spec.rootfs {
-            None => state::write_atomic(&dir.join(HOSTNAME_FILE), spec.hostname.as_bytes()),
-            Some(_) => state::write_atomic(
+            None => state::write_fresh(&dir.join(HOSTNAME_FILE), spec.hostname.as_bytes()),
+            Some(_) => state::write_fresh(
                 &dir.join(HOSTNAME_FILE),
                 format!("{}\n", spec.hostname).as_bytes(),
             ),

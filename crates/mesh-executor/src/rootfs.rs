@@ -147,7 +147,7 @@ pub(crate) fn prepare_dir(dir: &Path, spec: &RootfsSpec) -> Result<(), String> {
         let link = dir.join(LAYER_LINKS_DIR).join(i.to_string());
         symlink(layer, &link).map_err(|e| format!("cannot create {}: {e}", link.display()))?;
     }
-    state::write_atomic(&dir.join(HOSTS_FILE), spec.hosts.as_bytes()).map_err(|e| e.to_string())
+    state::write_fresh(&dir.join(HOSTS_FILE), spec.hosts.as_bytes()).map_err(|e| e.to_string())
 }
 
 /// True if `p` is an overlay whiteout (a character device 0/0).

@@ -115,6 +115,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Writes a file of a task directory that nothing reads yet (a start in progress): a plain
+/// write, as a directory left by a start that did not finish is removed whole.
+pub fn write_fresh(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    fs::write(path, bytes).map_err(|e| StateError::io("write", path, e))
+}
+
 /// [`write_atomic`] of `value` as JSON.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|source| StateError::Json {
