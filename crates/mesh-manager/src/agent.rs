@@ -1528,10 +1528,25 @@ mod tests {
         }
     }
 
-    /// A plane that keeps the running set it was last given.
+    /// A plane that keeps the running set it was last given. It announces every task at
+    /// once, unless `gated`: then only those a [`FakePlane::pass`] published.
     #[derive(Default)]
     struct FakePlane {
         local: Mutex<Vec<String>>,
+        gated: bool,
+        announced: Mutex<HashSet<String>>,
+        wake: Mutex<Option<Arc<Notify>>>,
+    }
+
+    impl FakePlane {
+        /// A pass published the running set last given.
+        fn pass(&self) {
+            let local = self.local.lock().unwrap().clone();
+            self.announced.lock().unwrap().extend(local);
+            if let Some(w) = self.wake.lock().unwrap().as_ref() {
+                w.notify_one();
+            }
+        }
     }
 
     impl NetworkPlane for FakePlane {
@@ -1544,6 +1559,12 @@ mod tests {
         }
         fn set_local(&self, running: Vec<(Task, u32)>) {
             *self.local.lock().unwrap() = running.into_iter().map(|(t, _)| t.id).collect();
+        }
+        fn announced(&self, task_id: &str) -> bool {
+            !self.gated || self.announced.lock().unwrap().contains(task_id)
+        }
+        fn on_announced(&self, wake: Arc<Notify>) {
+            *self.wake.lock().unwrap() = Some(wake);
         }
     }
 
@@ -1605,44 +1626,6 @@ mod tests {
         assert_eq!(rt.probes.load(SeqCst), probes);
     }
 
-    /// A plane whose passes announce only when the test says so.
-    #[derive(Default)]
-    struct GatedPlane {
-        local: Mutex<Vec<String>>,
-        announced: Mutex<HashSet<String>>,
-        wake: Mutex<Option<Arc<Notify>>>,
-    }
-
-    impl GatedPlane {
-        /// A pass published the running set last given.
-        fn pass(&self) {
-            let local = self.local.lock().unwrap().clone();
-            self.announced.lock().unwrap().extend(local);
-            if let Some(w) = self.wake.lock().unwrap().as_ref() {
-                w.notify_one();
-            }
-        }
-    }
-
-    impl NetworkPlane for GatedPlane {
-        fn start(&self, _: crate::runtime::PlaneIdentity) -> Result<(), String> {
-            Ok(())
-        }
-        fn stop(&self) {}
-        fn attach(&self, _: &Task, _: u32) -> Result<(), String> {
-            Ok(())
-        }
-        fn set_local(&self, running: Vec<(Task, u32)>) {
-            *self.local.lock().unwrap() = running.into_iter().map(|(t, _)| t.id).collect();
-        }
-        fn announced(&self, task_id: &str) -> bool {
-            self.announced.lock().unwrap().contains(task_id)
-        }
-        fn on_announced(&self, wake: Arc<Notify>) {
-            *self.wake.lock().unwrap() = Some(wake);
-        }
-    }
-
     /// The leader stops what a task replaces (the old task of a start-first update, a drained
     /// node's replica) once it is reported Running: a report sent before the node's plane
     /// announced the new endpoint let the old one's withdrawal reach every node first, and
@@ -1651,7 +1634,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_task_on_a_network_is_reported_running_only_once_its_endpoints_are_announced() {
         let rt = Arc::new(ProbedRuntime::default());
-        let plane = Arc::new(GatedPlane::default());
+        let plane = Arc::new(FakePlane {
+            gated: true,
+            ..Default::default()
+        });
         let agent = Agent::new(rt.clone(), Some(plane.clone()), None, "n1".into());
         let mut t = task("t1", "n1", TaskState::Assigned);
         t.networks = vec![mesh_api::NetworkAttachment {
