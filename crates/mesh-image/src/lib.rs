@@ -14,6 +14,7 @@ mod archive;
 pub mod digest;
 mod error;
 mod fsutil;
+mod init;
 pub mod login;
 pub mod manifest;
 mod reference;

@@ -8,6 +8,8 @@
 //!   exists is complete. Deletion renames it back into `tmp/` first;
 //! - `images/<hex of digest>.json`: an image record (the pinned digest: the index's if the
 //!   tag named an index; its config digest, config and layers), written atomically;
+//! - `inits/<hex of image id>`: the image's init layer (see [`crate::init`]), made on first
+//!   use in `tmp/` and renamed into place, removed with the image;
 //! - `refs.json`: names to digests (`registry/repo:tag` and `registry/repo@digest`);
 //! - `tmp/`: emptied at open.
 //!
@@ -67,6 +69,9 @@ pub struct Image {
     pub config: ImageConfig,
     /// The unpacked layer directories, base first.
     pub layers: Vec<PathBuf>,
+    /// The image's init layer (the mount points a task needs), to stack above `layers`;
+    /// `None` if it could not be made (a task then creates them in its own upper directory).
+    pub init: Option<PathBuf>,
 }
 
 /// One line of `mesh image ls`.
@@ -150,7 +155,7 @@ impl Store {
     /// records, layers and blobs no record uses.
     pub fn open(config: StoreConfig) -> Result<Store, ImageError> {
         let root = config.root.clone();
-        for d in ["blobs/sha256", "layers", "images", "tmp"] {
+        for d in ["blobs/sha256", "layers", "images", "inits", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).ctx("creating", &p)?;
         }
@@ -524,21 +529,45 @@ impl Inner {
         } else {
             r.clone()
         };
+        let layers: Vec<PathBuf> = rec
+            .diff_ids
+            .iter()
+            .map(|d| {
+                self.root
+                    .join("layers")
+                    .join(&d["sha256:".len()..])
+                    .join("diff")
+            })
+            .collect();
+        let init = self.init_layer(&rec.id, &layers);
         Image {
             reference,
             digest: rec.digest.clone(),
             id: rec.id.clone(),
             config: rec.config.clone(),
-            layers: rec
-                .diff_ids
-                .iter()
-                .map(|d| {
-                    self.root
-                        .join("layers")
-                        .join(&d["sha256:".len()..])
-                        .join("diff")
-                })
-                .collect(),
+            layers,
+            init,
+        }
+    }
+
+    /// `inits/<hex>` of the image `id`, made now if it is not there yet (callers hold the
+    /// state lock, as `gc` does when it removes one).
+    fn init_layer(&self, id: &str, layers: &[PathBuf]) -> Option<PathBuf> {
+        let hex = sha256_hex(id).ok()?;
+        let dir = self.root.join("inits").join(hex);
+        if dir.is_dir() {
+            return Some(dir);
+        }
+        let tmp = self.root.join("tmp").join(unique("init"));
+        let made = crate::init::build(&tmp, layers)
+            .and_then(|()| fs::rename(&tmp, &dir).map_err(|e| ImageError::io("renaming", &tmp, e)));
+        match made {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                tracing::warn!(image = id, error = %e, "cannot make the image's init layer");
+                let _ = fs::remove_dir_all(&tmp);
+                None
+            }
         }
     }
 
@@ -877,6 +906,20 @@ impl Inner {
         }
         if !removed.is_empty() {
             sync_dir(&layers)?;
+        }
+        let ids: BTreeSet<&str> = st
+            .images
+            .values()
+            .filter_map(|rec| sha256_hex(&rec.id).ok())
+            .collect();
+        let inits = self.root.join("inits");
+        for e in fs::read_dir(&inits).ctx("reading", &inits)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !ids.contains(name.as_str()) {
+                let doomed = self.root.join("tmp").join(unique("gc"));
+                fs::rename(e.path(), &doomed).ctx("renaming", &e.path())?;
+                fs::remove_dir_all(&doomed).ctx("removing", &doomed)?;
+            }
         }
         let blobs = self.root.join("blobs/sha256");
         for e in fs::read_dir(&blobs).ctx("reading", &blobs)?.flatten() {

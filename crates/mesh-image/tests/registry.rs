@@ -548,6 +548,23 @@ async fn scenario(dir: &Path, reg: &Mutex<Registry>) {
     assert_eq!(fs::read_to_string(top.join("data/c")).unwrap(), "c");
     assert!(!top.join("data/.wh..wh..opq").exists());
     assert_eq!(store.get(&app1).unwrap(), x);
+    // The init layer: the mount points a task needs, /etc as the image has it.
+    let init = x.init.clone().expect("init layer");
+    assert_eq!(init, store_dir.join("inits").join(&x.id["sha256:".len()..]));
+    for d in ["proc", "sys", "dev"] {
+        assert!(init.join(d).is_dir(), "{d}");
+    }
+    for f in ["hosts", "hostname", "resolv.conf"] {
+        assert_eq!(
+            fs::metadata(init.join("etc").join(f)).unwrap().len(),
+            0,
+            "{f}"
+        );
+    }
+    assert_eq!(
+        fs::metadata(init.join("etc")).unwrap().mode() & 0o7777,
+        fs::metadata(base.join("etc")).unwrap().mode() & 0o7777
+    );
 
     // A second pull of the tag re-checks the manifest but downloads no blob.
     store.pull(&app1, None).await.unwrap();
@@ -689,6 +706,9 @@ async fn scenario(dir: &Path, reg: &Mutex<Registry>) {
     assert!(store.get(&app2).is_none());
     assert!(store.list().is_empty());
     assert_eq!(layer_count(&store_dir), 0);
+    // Init layers go with their images.
+    assert!(!init.exists(), "A's init layer kept");
+    assert_eq!(fs::read_dir(store_dir.join("inits")).unwrap().count(), 0);
 }
 
 /// A `docker save` tarball (and an OCI layout archive) loaded without any registry; what

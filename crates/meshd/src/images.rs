@@ -55,9 +55,12 @@ fn parse(reference: &str) -> Result<Reference, String> {
 }
 
 fn run_of(image: Image) -> ImageRun {
+    // The init layer is the topmost lower layer: the task's mount points, made once.
+    let mut layers = image.layers;
+    layers.extend(image.init);
     ImageRun {
         reference: image.reference.to_string(),
-        layers: image.layers,
+        layers,
         entrypoint: image.config.entrypoint,
         cmd: image.config.cmd,
         env: image.config.env,
