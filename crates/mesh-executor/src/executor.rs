@@ -315,17 +315,15 @@ impl Executor {
         // The task's own files: plain writes into its new directory (no rename, no fsync).
         // Nothing reads them before the shim starts, and a meshd killed before then leaves
         // a directory without a state file, which the next start of the task removes.
-        state::write_fresh(&dir.join(RESOLV_FILE), spec.resolv_conf.as_bytes()).map_err(s)?;
+        // An image task gets its `/etc` files from memory (the shim makes them from the spec).
         match &spec.rootfs {
-            None => state::write_fresh(&dir.join(HOSTNAME_FILE), spec.hostname.as_bytes()),
-            Some(_) => state::write_fresh(
-                &dir.join(HOSTNAME_FILE),
-                format!("{}\n", spec.hostname).as_bytes(),
-            ),
-        }
-        .map_err(s)?;
-        if let Some(r) = &spec.rootfs {
-            rootfs::prepare_dir(dir, r)?;
+            None => {
+                state::write_fresh(&dir.join(RESOLV_FILE), spec.resolv_conf.as_bytes())
+                    .map_err(s)?;
+                state::write_fresh(&dir.join(HOSTNAME_FILE), spec.hostname.as_bytes())
+                    .map_err(s)?;
+            }
+            Some(r) => rootfs::prepare_dir(dir, r)?,
         }
         let launch = self
             .layout

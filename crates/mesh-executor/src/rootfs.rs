@@ -3,8 +3,9 @@
 //!
 //! **Before the fork** (the executor's `start`, then the shim):
 //! [`prepare_dir`] makes `<task_dir>/upper`, `work`, `rootfs` (the mount
-//! point) and `l/<i>`, one short symlink per layer (`l/0` is the base), and
-//! writes `hosts`; the shim calls [`prepare`], which resolves the user
+//! point) and, only for many or long layer paths, `l/<i>`, one short
+//! symlink per layer (`l/0` is the base; see [`lowerdir`]), and writes
+//! `hosts`; the shim calls [`prepare`], which resolves the user
 //! against the image's `/etc/passwd` and `/etc/group` (read through the
 //! layers, whiteouts and opaque directories honoured), clones every bind
 //! source and the task's `hosts`, `hostname` and `resolv.conf` as detached
@@ -14,10 +15,9 @@
 //!
 //! **In the child** (async-signal-safe syscalls only, no allocation), inside
 //! its own mount namespace whose mounts are private, [`RootfsSetup::enter`]:
-//! `chdir(<task_dir>)`, mounts the overlay on `rootfs` with relative lower
-//! directories (`lowerdir=l/2:l/1:l/0,upperdir=upper,workdir=work`, topmost
-//! first: with one short symlink per layer, the option string stays far
-//! below a page for the 500 layers overlayfs stacks at most), then
+//! `chdir(<task_dir>)`, mounts the overlay on `rootfs` (lower directories
+//! topmost first, the layers' paths or `l/2:l/1:l/0`, then
+//! `upperdir=upper,workdir=work`), then
 //! `pivot_root(".", ".")` and a lazy unmount of the old root (runc's way:
 //! no directory is needed for it), so nothing of the host stays reachable
 //! and nothing appears in meshd's mount namespace; everything goes when the
@@ -52,15 +52,12 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::child::{errno, step_error, step_error_with, ChildError, Step};
 use crate::spec::{FileSpec, MountSource, RootfsSpec};
-use crate::state::{self, HOSTNAME_FILE, HOSTS_FILE, RESOLV_FILE};
 use crate::user::{self, ExecUser};
 
 /// The overlay's upper directory in the task's state directory.
 pub const UPPER_DIR: &str = "upper";
 /// The overlay's work directory.
 pub const WORK_DIR: &str = "work";
-/// Where the overlay is mounted (in the task's mount namespace only).
-pub const ROOTFS_DIR: &str = "rootfs";
 /// The short links to the layers (`l/0` is the base layer).
 pub const LAYER_LINKS_DIR: &str = "l";
 
@@ -136,18 +133,57 @@ const READONLY_PATHS: [&std::ffi::CStr; 5] = [
 /// Creates the task's overlay directories, the layer links and `hosts` in
 /// its state directory (the executor, at `start`).
 pub(crate) fn prepare_dir(dir: &Path, spec: &RootfsSpec) -> Result<(), String> {
-    for d in [UPPER_DIR, WORK_DIR, ROOTFS_DIR, LAYER_LINKS_DIR] {
+    let (_, links) = lowerdir(&spec.layers);
+    for d in [UPPER_DIR, WORK_DIR] {
         let p = dir.join(d);
+        fs::create_dir(&p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+    }
+    if links {
+        let p = dir.join(LAYER_LINKS_DIR);
         fs::create_dir(&p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
     }
     for (i, layer) in spec.layers.iter().enumerate() {
         if !layer.is_dir() {
             return Err(format!("layer {} is not a directory", layer.display()));
         }
-        let link = dir.join(LAYER_LINKS_DIR).join(i.to_string());
-        symlink(layer, &link).map_err(|e| format!("cannot create {}: {e}", link.display()))?;
+        if links {
+            let link = dir.join(LAYER_LINKS_DIR).join(i.to_string());
+            symlink(layer, &link).map_err(|e| format!("cannot create {}: {e}", link.display()))?;
+        }
     }
-    state::write_fresh(&dir.join(HOSTS_FILE), spec.hosts.as_bytes()).map_err(|e| e.to_string())
+    Ok(())
+}
+
+/// The longest `lowerdir` of absolute layer paths used as they are: the whole option string
+/// must fit in a page, and the upper and work directories and `index=off` follow it.
+const MAX_DIRECT_LOWERDIR: usize = 3072;
+
+/// The overlay's `lowerdir` value (topmost layer first) and whether it names the task's
+/// `l/<i>` links: the layers' own paths when they are short enough and hold none of the
+/// characters the option syntax gives a meaning (`:`, `,`, `\`), else one short relative
+/// link per layer (`l/0` is the base), which keeps the string far below a page for the
+/// 500 layers overlayfs stacks at most. Links cost a directory and an inode per layer in
+/// every task's directory, so a task of a few layers does without them.
+fn lowerdir(layers: &[PathBuf]) -> (String, bool) {
+    let direct: Option<Vec<&str>> = layers
+        .iter()
+        .rev()
+        .map(|l| {
+            l.to_str()
+                .filter(|s| s.starts_with('/') && !s.contains([':', ',', '\\']))
+        })
+        .collect();
+    if let Some(paths) = direct {
+        let joined = paths.join(":");
+        if joined.len() <= MAX_DIRECT_LOWERDIR {
+            return (joined, false);
+        }
+    }
+    let links: Vec<String> = (0..layers.len())
+        .rev()
+        .map(|i| format!("{LAYER_LINKS_DIR}/{i}"))
+        .collect();
+    (links.join(":"), true)
 }
 
 /// True if `p` is an overlay whiteout (a character device 0/0).
@@ -307,6 +343,25 @@ fn file_mounts(files: &[FileSpec]) -> Result<Vec<PreparedMount>, ChildError> {
     if files.is_empty() {
         return Ok(Vec::new());
     }
+    let mnt = detached_tmpfs()?;
+    let mut out = Vec::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        let name = CString::new(format!("f{i}")).map_err(|_| ChildError::NulInPath {
+            path: f.target.clone(),
+        })?;
+        out.push(PreparedMount {
+            prefixes: prefixes(&f.target)?,
+            file: true,
+            what: Prepared::Bind(tmpfs_file(&mnt, &name, &f.data, f.uid, f.gid, f.mode)?),
+            readonly: true,
+        });
+    }
+    Ok(out)
+}
+
+/// A new tmpfs in no mount namespace (`fsopen`/`fsmount`, nosuid, nodev, noexec): nothing on
+/// the host can reach it, and it goes when the last mount cloned from it does.
+fn detached_tmpfs() -> Result<OwnedFd, ChildError> {
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
     const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
@@ -366,7 +421,7 @@ fn file_mounts(files: &[FileSpec]) -> Result<Vec<PreparedMount>, ChildError> {
         return Err(setup_error("fsconfig(create)"));
     }
     // SAFETY: fs is a created fs context; the result is a new fd or -1.
-    let mnt = owned_fd(
+    owned_fd(
         unsafe {
             libc::syscall(
                 libc::SYS_fsmount,
@@ -376,59 +431,58 @@ fn file_mounts(files: &[FileSpec]) -> Result<Vec<PreparedMount>, ChildError> {
             )
         },
         "fsmount(tmpfs)",
+    )
+}
+
+/// Writes `data` as the file `name` of the detached tmpfs `mnt` with its owner and mode, and
+/// returns a detached bind of it (`open_tree`) to move onto its target in the child.
+fn tmpfs_file(
+    mnt: &OwnedFd,
+    name: &std::ffi::CStr,
+    data: &[u8],
+    uid: u32,
+    gid: u32,
+    mode: u32,
+) -> Result<OwnedFd, ChildError> {
+    // SAFETY: mnt is a valid directory fd, name NUL-terminated; a new fd or -1.
+    let file = owned_fd(
+        unsafe {
+            libc::openat(
+                mnt.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o600,
+            )
+        }
+        .into(),
+        "create a file in the task's tmpfs",
     )?;
-    let mut out = Vec::with_capacity(files.len());
-    for (i, f) in files.iter().enumerate() {
-        let name = CString::new(i.to_string()).map_err(|_| ChildError::NulInPath {
-            path: f.target.clone(),
-        })?;
-        // SAFETY: mnt is a valid directory fd, name NUL-terminated; a new fd or -1.
-        let file = owned_fd(
-            unsafe {
-                libc::openat(
-                    mnt.as_raw_fd(),
-                    name.as_ptr(),
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
-                    0o600,
-                )
-            }
-            .into(),
-            "create a secret or config file",
-        )?;
-        let mut w = fs::File::from(file);
-        io::Write::write_all(&mut w, &f.data).map_err(|source| ChildError::Setup {
-            step: "write a secret or config file",
-            source,
-        })?;
-        // SAFETY: a valid fd we own.
-        if unsafe { libc::fchown(w.as_raw_fd(), f.uid, f.gid) } != 0 {
-            return Err(setup_error("chown a secret or config file"));
-        }
-        // SAFETY: a valid fd we own.
-        if unsafe { libc::fchmod(w.as_raw_fd(), f.mode & 0o7777) } != 0 {
-            return Err(setup_error("chmod a secret or config file"));
-        }
-        drop(w);
-        // SAFETY: mnt is a valid directory fd, name NUL-terminated; a new fd or -1.
-        let bind = owned_fd(
-            unsafe {
-                libc::syscall(
-                    libc::SYS_open_tree,
-                    mnt.as_raw_fd(),
-                    name.as_ptr(),
-                    OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
-                )
-            },
-            "clone a secret or config file",
-        )?;
-        out.push(PreparedMount {
-            prefixes: prefixes(&f.target)?,
-            file: true,
-            what: Prepared::Bind(bind),
-            readonly: true,
-        });
+    let mut w = fs::File::from(file);
+    io::Write::write_all(&mut w, data).map_err(|source| ChildError::Setup {
+        step: "write a file in the task's tmpfs",
+        source,
+    })?;
+    // SAFETY: a valid fd we own.
+    if unsafe { libc::fchown(w.as_raw_fd(), uid, gid) } != 0 {
+        return Err(setup_error("chown a file in the task's tmpfs"));
     }
-    Ok(out)
+    // SAFETY: a valid fd we own.
+    if unsafe { libc::fchmod(w.as_raw_fd(), mode & 0o7777) } != 0 {
+        return Err(setup_error("chmod a file in the task's tmpfs"));
+    }
+    drop(w);
+    // SAFETY: mnt is a valid directory fd, name NUL-terminated; a new fd or -1.
+    owned_fd(
+        unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                mnt.as_raw_fd(),
+                name.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            )
+        },
+        "clone a file of the task's tmpfs",
+    )
 }
 
 /// What a mount of the spec becomes in the child.
@@ -490,16 +544,12 @@ pub(crate) struct RootfsSetup {
 pub(crate) fn prepare(
     dir: &Path,
     spec: &RootfsSpec,
+    hostname: &str,
+    resolv_conf: &str,
 ) -> Result<(RootfsSetup, ExecUser), ChildError> {
     let user = exec_user(spec)?;
-    let lower: Vec<String> = (0..spec.layers.len())
-        .rev()
-        .map(|i| format!("{LAYER_LINKS_DIR}/{i}"))
-        .collect();
-    let options = format!(
-        "lowerdir={},upperdir={UPPER_DIR},workdir={WORK_DIR},index=off",
-        lower.join(":")
-    );
+    let (lower, _) = lowerdir(&spec.layers);
+    let options = format!("lowerdir={lower},upperdir={UPPER_DIR},workdir={WORK_DIR},index=off");
     let mut mounts = Vec::with_capacity(spec.mounts.len());
     for m in &spec.mounts {
         let (what, file) = match &m.source {
@@ -527,6 +577,9 @@ pub(crate) fn prepare(
         });
     }
     mounts.extend(file_mounts(&spec.files)?);
+    // The task's `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf`: in memory too, so
+    // a task start writes no file for them (writable in the task, as Docker's binds are).
+    let etc = detached_tmpfs()?;
     let workdir = if spec.workdir.is_empty() {
         PathBuf::from("/")
     } else {
@@ -536,13 +589,23 @@ pub(crate) fn prepare(
         task_dir: cpath(dir)?,
         overlay_options: cstring(options.as_bytes(), dir)?,
         etc_files: [
-            (clone_tree(&dir.join(HOSTS_FILE), false)?, c"/etc/hosts"),
             (
-                clone_tree(&dir.join(HOSTNAME_FILE), false)?,
+                tmpfs_file(&etc, c"hosts", spec.hosts.as_bytes(), 0, 0, 0o644)?,
+                c"/etc/hosts",
+            ),
+            (
+                tmpfs_file(
+                    &etc,
+                    c"hostname",
+                    format!("{hostname}\n").as_bytes(),
+                    0,
+                    0,
+                    0o644,
+                )?,
                 c"/etc/hostname",
             ),
             (
-                clone_tree(&dir.join(RESOLV_FILE), false)?,
+                tmpfs_file(&etc, c"resolv.conf", resolv_conf.as_bytes(), 0, 0, 0o644)?,
                 c"/etc/resolv.conf",
             ),
         ],
@@ -663,18 +726,26 @@ impl RootfsSetup {
             unsafe { libc::chdir(self.task_dir.as_ptr()) },
             Step::ChdirTaskDir,
         )?;
+        // Over the task directory itself (only in this mount namespace): no mount point
+        // directory to make per task. `upper` and `work` resolve before the mount covers
+        // them; the overlay keeps its own references.
         check(
             mount(
                 Some(c"overlay"),
-                c"rootfs",
+                c".",
                 Some(c"overlay"),
                 0,
                 Some(&self.overlay_options),
             ),
             Step::MountRootfs,
         )?;
-        // SAFETY: static NUL-terminated paths.
-        check(unsafe { libc::chdir(c"rootfs".as_ptr()) }, Step::PivotRoot)?;
+        // The working directory is still the covered one: walk the path again to enter
+        // the overlay's root.
+        // SAFETY: NUL-terminated path valid for the call.
+        check(
+            unsafe { libc::chdir(self.task_dir.as_ptr()) },
+            Step::PivotRoot,
+        )?;
         // SAFETY: static NUL-terminated paths; pivot_root has no libc wrapper.
         let rc = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
         if rc != 0 {
@@ -1109,6 +1180,28 @@ mod tests {
     #[test]
     fn default_caps_are_dockers() {
         assert_eq!(DEFAULT_CAPS, 0xa804_25fb);
+    }
+
+    #[test]
+    fn few_plain_layers_are_named_directly_others_through_links() {
+        let two = vec![
+            PathBuf::from("/d/layers/a/diff"),
+            PathBuf::from("/d/inits/b"),
+        ];
+        assert_eq!(
+            lowerdir(&two),
+            ("/d/inits/b:/d/layers/a/diff".into(), false)
+        );
+        let odd = vec![PathBuf::from("/d/a:b"), PathBuf::from("/d/c")];
+        assert_eq!(lowerdir(&odd), ("l/1:l/0".into(), true));
+        let relative = vec![PathBuf::from("layers/a")];
+        assert_eq!(lowerdir(&relative), ("l/0".into(), true));
+        let many: Vec<PathBuf> = (0..100)
+            .map(|i| PathBuf::from(format!("/var/lib/mesh/images/layers/{i:064}/diff")))
+            .collect();
+        let (lower, links) = lowerdir(&many);
+        assert!(links);
+        assert!(lower.starts_with("l/99:l/98:") && lower.ends_with(":l/0"));
     }
 
     #[test]

@@ -454,7 +454,7 @@ fn start_task(dir: &Path) -> Result<(Child, Launch, Copiers), ShimError> {
     }
     let rootfs = match &spec.rootfs {
         Some(r) => {
-            let (setup, user) = rootfs::prepare(dir, r)?;
+            let (setup, user) = rootfs::prepare(dir, r, &spec.hostname, &spec.resolv_conf)?;
             add_home(&mut env, &user);
             Some(setup)
         }

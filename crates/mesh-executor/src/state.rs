@@ -20,12 +20,10 @@ pub const STATE_FILE: &str = "state.json";
 /// The exit record, written by the shim when the command exited (or by the
 /// executor when it finds the task dead and its shim gone).
 pub const EXIT_FILE: &str = "exit.json";
-/// The task's `/etc/resolv.conf`.
+/// A host-process task's `/etc/resolv.conf` (an image task's is made in memory).
 pub const RESOLV_FILE: &str = "resolv.conf";
-/// The task's hostname (an image task's `/etc/hostname`).
+/// A host-process task's hostname.
 pub const HOSTNAME_FILE: &str = "hostname";
-/// An image task's `/etc/hosts`.
-pub const HOSTS_FILE: &str = "hosts";
 /// The shim's own standard error (diagnostics).
 pub const SHIM_LOG: &str = "shim.log";
 
