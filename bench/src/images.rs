@@ -325,6 +325,9 @@ struct CreateResults {
     image: String,
     image_times: Vec<Duration>,
     host_times: Vec<Duration>,
+    /// How long the create call itself took (for an image: pinning the tag included).
+    image_answers: Vec<Duration>,
+    host_answers: Vec<Duration>,
 }
 
 fn call(c: &mut Client, req: &Request) -> Result<Value> {
@@ -364,7 +367,12 @@ fn pid_ns(pid: &str) -> Option<PathBuf> {
 /// One service of `REPLICAS` `sleep MARKER` tasks, of `image` (empty: a host process):
 /// create, time until `service ls` shows all running, check the processes, remove it and
 /// wait until they are gone.
-fn create_round(api: &mut Client, name: &str, image: &str, marker: u32) -> Result<Duration> {
+fn create_round(
+    api: &mut Client,
+    name: &str,
+    image: &str,
+    marker: u32,
+) -> Result<(Duration, Duration)> {
     let spec = ServiceSpec {
         name: name.to_string(),
         mode: ServiceMode::Replicated { replicas: REPLICAS },
@@ -380,6 +388,7 @@ fn create_round(api: &mut Client, name: &str, image: &str, marker: u32) -> Resul
             registry_auth: None,
         },
     )?;
+    let answered = t0.elapsed();
     wait(&format!("{name}: {REPLICAS}/{REPLICAS} running"), || {
         Ok(running(api, name)? == REPLICAS)
     })?;
@@ -416,7 +425,7 @@ fn create_round(api: &mut Client, name: &str, image: &str, marker: u32) -> Resul
     })?;
     // Let the nodes finish tearing down (mounts, cgroups) before the next clock starts.
     std::thread::sleep(Duration::from_secs(1));
-    Ok(took)
+    Ok((took, answered))
 }
 
 fn create_bench(c: &Cluster, reg: &Registry) -> Result<CreateResults> {
@@ -440,30 +449,36 @@ fn create_bench(c: &Cluster, reg: &Registry) -> Result<CreateResults> {
         marker
     };
     // Warm-up round of each (also proves every node starts the image), not counted.
-    let t = create_round(&mut api, "warm-image", &image, next())?;
+    let (t, _) = create_round(&mut api, "warm-image", &image, next())?;
     eprintln!("images: warm-up: image service {t:?}");
-    let t = create_round(&mut api, "warm-host", "", next())?;
+    let (t, _) = create_round(&mut api, "warm-host", "", next())?;
     eprintln!("images: warm-up: host service {t:?}");
     let mut res = CreateResults {
         image: image.clone(),
         image_times: vec![],
         host_times: vec![],
+        image_answers: vec![],
+        host_answers: vec![],
     };
     for round in 0..CREATE_ROUNDS {
         let image_first = round % 2 == 0;
         for step in 0..2 {
             if (step == 0) == image_first {
-                let t = create_round(&mut api, &format!("img{round}"), &image, next())?;
+                let (t, a) = create_round(&mut api, &format!("img{round}"), &image, next())?;
                 res.image_times.push(t);
+                res.image_answers.push(a);
             } else {
-                let t = create_round(&mut api, &format!("host{round}"), "", next())?;
+                let (t, a) = create_round(&mut api, &format!("host{round}"), "", next())?;
                 res.host_times.push(t);
+                res.host_answers.push(a);
             }
         }
         eprintln!(
-            "images: create round {round}: image {:?}, host {:?}",
+            "images: create round {round}: image {:?} (answered {:?}), host {:?} (answered {:?})",
             res.image_times.last(),
-            res.host_times.last()
+            res.image_answers.last(),
+            res.host_times.last(),
+            res.host_answers.last()
         );
     }
     Ok(res)
@@ -688,7 +703,7 @@ fn render(
     let r = ratio(mi, mh);
     let overhead = (mi.as_secs_f64() - mh.as_secs_f64()) / REPLICAS as f64;
     t.push_str(&format!(
-        "\n**Create -> {REPLICAS}/{REPLICAS} running.** Each round creates a service of {REPLICAS} replicas through the manager's API socket and polls `service_ls` (what `mesh service ls --format json` shows) every 10 ms until {REPLICAS}/{REPLICAS} run; then checks the {REPLICAS} `sleep` processes (image tasks each in a pid namespace of their own), removes the service and waits until no process is left and 1 s more. Image: `{}` (the two-layer busybox test image, `sleep N` replacing its Cmd), pulled on every node before (`mesh image pull`), so the clock covers the manager pinning the tag to its digest (one registry request), the scheduling and, on each node, the overlayfs root, namespaces and `/etc` files of every task. Host process: `-- sleep N`. One warm-up of each, then {CREATE_ROUNDS} rounds, the order alternating.\n\n",
+        "\n**Create -> {REPLICAS}/{REPLICAS} running.** Each round creates a service of {REPLICAS} replicas through the manager's API socket and polls `service_ls` (what `mesh service ls --format json` shows) every 10 ms until {REPLICAS}/{REPLICAS} run; then checks the {REPLICAS} `sleep` processes (image tasks each in a pid namespace of their own), removes the service and waits until no process is left and 1 s more. Image: `{}` (the two-layer busybox test image, `sleep N` replacing its Cmd), pulled on every node before (`mesh image pull`), so the clock covers the manager pinning the tag to its digest (one registry request), the scheduling and, on each node, the overlayfs root (each task's own upper and work directories over the image's layers and its init layer, made once per image), the namespaces and the in-memory `/etc` files of every task. The task directories are on the file system of `/tmp` (an exec root on disk; `/run/mesh`, the default, is a tmpfs on most hosts). Host process: `-- sleep N`. One warm-up of each, then {CREATE_ROUNDS} rounds, the order alternating.\n\n",
         c.image
     ));
     t.push_str("| service | median | min | max | rounds (s) |\n|---|---:|---:|---:|---|\n");
@@ -697,6 +712,20 @@ fn render(
         &format!("host process, {REPLICAS} replicas"),
         &c.host_times,
     ));
+    for (what, v) in [
+        ("image: the create call (tag pinned)", &c.image_answers),
+        ("host process: the create call", &c.host_answers),
+    ] {
+        let (lo, hi) = min_max(v);
+        let each: Vec<String> = v.iter().map(|d| millis(*d)).collect();
+        t.push_str(&format!(
+            "| {what} | {} | {} | {} | {} |\n",
+            millis(median(v)),
+            millis(lo),
+            millis(hi),
+            each.join(", ")
+        ));
+    }
     t.push_str(&format!(
         "\nImage / host process: **{r:.2}** (per round: {}); goal <= 1.5: {}. Start overhead of an image task: ({} - {}) / {REPLICAS} = **{:.1} ms** per task, as wall time of a create spread over 3 nodes that start their tasks concurrently on 2 shared cores (not the latency of one task start).\n",
         per_round.join(", "),
