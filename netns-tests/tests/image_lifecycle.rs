@@ -93,8 +93,16 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
     let image = format!("{}/app:v1", reg.host_port());
     let svc = "lc-adopt-web";
     let tasks_root = h2.exec_root().join("tasks");
-    // Nothing mentions h2's task directories before the service.
-    let before = mount_lines_mentioning(&tasks_root);
+    // A task's mounts name its task directory or the layers of h2's image store (the
+    // overlay's lower directories).
+    let images_root = h2.data_dir().join("images");
+    let task_mounts = || {
+        let mut lines = mount_lines_mentioning(&tasks_root);
+        lines.extend(mount_lines_mentioning(&images_root));
+        lines
+    };
+    // Nothing mentions them before the service.
+    let before = task_mounts();
     ensure!(before.is_empty(), "mounts before the service: {before:#?}");
     let self_before = mountinfo_mentioning("self", h2.exec_root())?;
 
@@ -132,11 +140,12 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
     let via_h2 = h2.addr().to_string();
     ensure!(http_get(&c, &via_h2, 8081)? == "hello from v1\n");
     // The probe sees the tasks' own mounts (in their mount namespaces) while they run.
-    let during = mount_lines_mentioning(&tasks_root);
+    let during = task_mounts();
     ensure!(
         !during.is_empty(),
-        "no mount mentions {} while tasks run",
-        tasks_root.display()
+        "no mount mentions {} or {} while tasks run",
+        tasks_root.display(),
+        images_root.display()
     );
 
     // meshd SIGKILLed: the tasks run on and the routing mesh still answers through h2.
@@ -196,11 +205,11 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
     )
     .with_context(|| format!("left: {:?}", task_dirs(h2)))?;
     wait_for(
-        "no mount of h2's task directories left",
+        "no mount of h2's task directories or layers left",
         Duration::from_secs(15),
         Duration::from_millis(250),
         || {
-            let left = mount_lines_mentioning(&tasks_root);
+            let left = task_mounts();
             ensure!(left.is_empty(), "left: {left:#?}");
             Ok(Some(()))
         },
