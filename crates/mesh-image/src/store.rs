@@ -880,6 +880,14 @@ impl Inner {
 
     /// Removes layers and blobs that no record uses and no pull has pinned; returns the
     /// layers removed (their diff IDs) and their size.
+    /// Deletes the directory `dir` of the store: out of its place into `tmp/` first, so a
+    /// deletion cut short never looks like a complete layer (`open` empties `tmp/`).
+    fn discard_dir(&self, dir: &Path) -> Result<(), ImageError> {
+        let doomed = self.root.join("tmp").join(unique("gc"));
+        fs::rename(dir, &doomed).ctx("renaming", dir)?;
+        fs::remove_dir_all(&doomed).ctx("removing", &doomed)
+    }
+
     fn gc(&self, st: &mut State) -> Result<(Vec<String>, u64), ImageError> {
         let mut used: BTreeSet<String> = st.pins.keys().cloned().collect();
         for rec in st.images.values() {
@@ -897,10 +905,7 @@ impl Inner {
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .unwrap_or(0);
-            // Out of `layers/` first, so a deletion cut short never looks like a layer.
-            let doomed = self.root.join("tmp").join(unique("gc"));
-            fs::rename(e.path(), &doomed).ctx("renaming", &e.path())?;
-            fs::remove_dir_all(&doomed).ctx("removing", &doomed)?;
+            self.discard_dir(&e.path())?;
             removed.push(format!("sha256:{name}"));
             bytes += size;
         }
@@ -916,9 +921,7 @@ impl Inner {
         for e in fs::read_dir(&inits).ctx("reading", &inits)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if !ids.contains(name.as_str()) {
-                let doomed = self.root.join("tmp").join(unique("gc"));
-                fs::rename(e.path(), &doomed).ctx("renaming", &e.path())?;
-                fs::remove_dir_all(&doomed).ctx("removing", &doomed)?;
+                self.discard_dir(&e.path())?;
             }
         }
         let blobs = self.root.join("blobs/sha256");
