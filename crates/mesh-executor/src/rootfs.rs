@@ -334,16 +334,12 @@ fn owned_fd(rc: libc::c_long, step: &'static str) -> Result<OwnedFd, ChildError>
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Secrets and configs (see [`RootfsSpec::files`]): one tmpfs per task, created detached
-/// (`fsopen`/`fsmount`: it is in no mount namespace, so nothing of it is reachable from
-/// the host), holding each file with its owner and mode; each file is then cloned as a
+/// Secrets and configs (see [`RootfsSpec::files`]) in the task's tmpfs `mnt` (see
+/// [`detached_tmpfs`]: in no mount namespace, so nothing of it is reachable from the
+/// host), each file with its owner and mode; each file is then cloned as a
 /// detached bind (`open_tree`) that the child moves onto its target, read-only. The data
 /// lives in memory only and goes with the task's mount namespace.
-fn file_mounts(files: &[FileSpec]) -> Result<Vec<PreparedMount>, ChildError> {
-    if files.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mnt = detached_tmpfs()?;
+fn file_mounts(mnt: &OwnedFd, files: &[FileSpec]) -> Result<Vec<PreparedMount>, ChildError> {
     let mut out = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
         let name = CString::new(format!("f{i}")).map_err(|_| ChildError::NulInPath {
@@ -352,7 +348,7 @@ fn file_mounts(files: &[FileSpec]) -> Result<Vec<PreparedMount>, ChildError> {
         out.push(PreparedMount {
             prefixes: prefixes(&f.target)?,
             file: true,
-            what: Prepared::Bind(tmpfs_file(&mnt, &name, &f.data, f.uid, f.gid, f.mode)?),
+            what: Prepared::Bind(tmpfs_file(mnt, &name, &f.data, f.uid, f.gid, f.mode)?),
             readonly: true,
         });
     }
@@ -576,10 +572,11 @@ pub(crate) fn prepare(
             readonly: m.readonly,
         });
     }
-    mounts.extend(file_mounts(&spec.files)?);
-    // The task's `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf`: in memory too, so
-    // a task start writes no file for them (writable in the task, as Docker's binds are).
-    let etc = detached_tmpfs()?;
+    // One detached tmpfs per task holds its secrets and configs and its `/etc/hosts`,
+    // `/etc/hostname` and `/etc/resolv.conf`: a task start writes no file for them (the
+    // `/etc` files writable in the task, as Docker's binds are).
+    let tmpfs = detached_tmpfs()?;
+    mounts.extend(file_mounts(&tmpfs, &spec.files)?);
     let workdir = if spec.workdir.is_empty() {
         PathBuf::from("/")
     } else {
@@ -590,12 +587,12 @@ pub(crate) fn prepare(
         overlay_options: cstring(options.as_bytes(), dir)?,
         etc_files: [
             (
-                tmpfs_file(&etc, c"hosts", spec.hosts.as_bytes(), 0, 0, 0o644)?,
+                tmpfs_file(&tmpfs, c"hosts", spec.hosts.as_bytes(), 0, 0, 0o644)?,
                 c"/etc/hosts",
             ),
             (
                 tmpfs_file(
-                    &etc,
+                    &tmpfs,
                     c"hostname",
                     format!("{hostname}\n").as_bytes(),
                     0,
@@ -605,7 +602,7 @@ pub(crate) fn prepare(
                 c"/etc/hostname",
             ),
             (
-                tmpfs_file(&etc, c"resolv.conf", resolv_conf.as_bytes(), 0, 0, 0o644)?,
+                tmpfs_file(&tmpfs, c"resolv.conf", resolv_conf.as_bytes(), 0, 0, 0o644)?,
                 c"/etc/resolv.conf",
             ),
         ],
