@@ -10,7 +10,8 @@
 //! on the ingress network too. Gossip delivers a network's records only to the hosts on it
 //! (every host is on the ingress network); every change (and a periodic pass) makes the
 //! overlay's ARP/FDB entries, the DNS records, the VIP backends and the published ports match
-//! the records, and removes the namespaces of networks without a local endpoint.
+//! the records, and removes the namespaces of networks without a local endpoint. The overlay
+//! goes first, so a new remote endpoint is reachable before a balancer or a name leads to it.
 //!
 //! Per task namespace the plane keeps the DNS sockets, the VIPs of the task's networks as /32
 //! addresses on `lo` (a ping to a service name answers, and a VIP without backends refuses at
@@ -871,6 +872,22 @@ impl Inner {
             }
             remotes.insert(desc.vni, set);
         }
+        // The overlay first: a remote endpoint's ARP and FDB entries are in place before the
+        // balancer, the routing mesh or DNS can send a connection to it. (With learning off,
+        // proxy ARP answers from these entries only: a SYN sent before waits a second for
+        // the task's ARP retry, or is lost if the task is gone by then.) Removing here is
+        // safe too: a withdrawn endpoint keeps its entries for `LINGER`, well after the
+        // balancer and DNS (below) dropped it. An error is returned once the rest is done.
+        let remotes = linger(r, remotes);
+        self.lingering.store(
+            !r.lingering.is_empty(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let overlay = r
+            .overlay
+            .sync_remotes(&by_vni, &remotes, &add_only)
+            .await
+            .map_err(|e| e.to_string());
         // The VIPs of unsynced networks keep the backends they had (a task namespace adopted
         // after a restart keeps its table until its networks are synced: `plumb_adopted`).
         {
@@ -952,15 +969,7 @@ impl Inner {
             self.metrics.ingress_ports.set(ports as i64);
             self.metrics.ingress_backends.set(backends as i64);
         }
-        let remotes = linger(r, remotes);
-        self.lingering.store(
-            !r.lingering.is_empty(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        r.overlay
-            .sync_remotes(&by_vni, &remotes, &add_only)
-            .await
-            .map_err(|e| e.to_string())
+        overlay
     }
 
     /// Host-mode ports of the local running tasks: straight to the task's gateway-bridge
