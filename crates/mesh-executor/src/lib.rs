@@ -19,7 +19,7 @@
 //! | `spec.json` | `start` | the [`TaskSpec`] |
 //! | `launch.json` | `start` | cgroup directories the task joins |
 //! | `resolv.conf`, `hostname` | `start` | the task's files |
-//! | `hosts`, `l/<i>`, `upper/`, `work/`, `rootfs/` | `start` | an image task's `/etc/hosts`, links to its layers, overlay directories and mount point |
+//! | `upper/`, `work/`, `l/<i>` | `start` | an image task's overlay directories and, for many or long layer paths only, links to its layers |
 //! | `state.json` | shim | shim pid, task pid, their `/proc` start times, start time in ms |
 //! | `exit.json` | shim (or `status` if the shim was killed) | code, signal, finish time |
 //! | `log.json`, `log.json.1`, ... | shim | the task's output, a JSON record per line ([`logs`]) |
@@ -37,8 +37,9 @@
 //! its own pid namespace (or the child of a small reaper with `--init`),
 //! with an IPC namespace too, in an overlayfs root of its image's layers
 //! (mounted and pivoted into inside its own mount namespace, so meshd's
-//! sees none of its mounts), with fresh `/proc`, `/dev` and `/sys`, its
-//! `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf`, its mounts, user,
+//! sees none of its mounts; the task directory itself is the mount point),
+//! with fresh `/proc`, `/dev` and `/sys`, its `/etc/hosts`, `/etc/hostname`
+//! and `/etc/resolv.conf` (files of an in-memory tmpfs), its mounts, user,
 //! working directory, Docker's default capabilities and no_new_privs; see
 //! the `rootfs` module. [`Executor::remove`] deletes its upper directory
 //! with the rest of its state directory.

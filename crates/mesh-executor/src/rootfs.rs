@@ -2,22 +2,25 @@
 //! a [`RootfsSpec`], done by the executor itself (no OCI runtime).
 //!
 //! **Before the fork** (the executor's `start`, then the shim):
-//! [`prepare_dir`] makes `<task_dir>/upper`, `work`, `rootfs` (the mount
-//! point) and, only for many or long layer paths, `l/<i>`, one short
-//! symlink per layer (`l/0` is the base; see [`lowerdir`]), and writes
-//! `hosts`; the shim calls [`prepare`], which resolves the user
-//! against the image's `/etc/passwd` and `/etc/group` (read through the
+//! [`prepare_dir`] makes `<task_dir>/upper`, `work` and, only for many or
+//! long layer paths, `l/<i>`, one short symlink per layer (`l/0` is the
+//! base; see [`lowerdir`]); the shim calls [`prepare`], which resolves the
+//! user against the image's `/etc/passwd` and `/etc/group` (read through the
 //! layers, whiteouts and opaque directories honoured), clones every bind
-//! source and the task's `hosts`, `hostname` and `resolv.conf` as detached
-//! mount trees (`open_tree(OPEN_TREE_CLONE)`: fds that stay valid after the
-//! host's root is gone) and builds every path and option string the child
-//! needs.
+//! source as a detached mount tree (`open_tree(OPEN_TREE_CLONE)`: fds that
+//! stay valid after the host's root is gone), writes the task's `hosts`,
+//! `hostname` and `resolv.conf` and its secrets and configs as files of one
+//! detached tmpfs (`fsopen`/`fsmount`: in no mount namespace) and clones each,
+//! and builds every path and option string the child needs. The image's
+//! init layer (`mesh_image`, topmost lower layer) already holds the mount
+//! points these need, so a start creates none of them in the upper directory.
 //!
 //! **In the child** (async-signal-safe syscalls only, no allocation), inside
 //! its own mount namespace whose mounts are private, [`RootfsSetup::enter`]:
-//! `chdir(<task_dir>)`, mounts the overlay on `rootfs` (lower directories
-//! topmost first, the layers' paths or `l/2:l/1:l/0`, then
-//! `upperdir=upper,workdir=work`), then
+//! `chdir(<task_dir>)`, mounts the overlay over the task directory itself
+//! (lower directories topmost first, the layers' paths or `l/2:l/1:l/0`,
+//! then `upperdir=upper,workdir=work`, resolved before the mount covers
+//! them), enters it by its path again, then
 //! `pivot_root(".", ".")` and a lazy unmount of the old root (runc's way:
 //! no directory is needed for it), so nothing of the host stays reachable
 //! and nothing appears in meshd's mount namespace; everything goes when the
