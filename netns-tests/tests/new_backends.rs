@@ -9,6 +9,12 @@
 //! loop while the service is scaled up and down several times: every scale-up adds endpoints
 //! with addresses never used before (the allocator hands them out serially), and the client
 //! picks them at once. No call may take a second; the check is run with each balancer.
+//!
+//! The other way round: a new task's first call to a service on another node is answered at
+//! once. The server's answer needs the client's address in the server node's overlay, and
+//! the client's node announces it (flagged starting: no name or VIP leads there yet) while
+//! the task's start is still in its network gate, before the command runs. Eight client
+//! tasks on h3 each time their first call to the service on h2.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -44,6 +50,29 @@ while n<100000 and time.time()<end:
   f.write('fail %.3f %s %.3f\n'%(time.time()-t,repr(e).replace(' ','_'),t))
  time.sleep(0.002)
 "#;
+
+/// `python3 -c FIRST OUT VIP`: times one call to VIP:8080 made as soon as the task runs
+/// (retrying a refused connect, 5 ms apart, 100 times at most), appends `first SECONDS` (or
+/// `fail SECONDS ERROR`) to OUT, then sleeps.
+const FIRST: &str = r#"import socket,sys,time
+out,vip=sys.argv[1],sys.argv[2]
+t=time.time()
+line=None
+for i in range(100):
+ try:
+  c=socket.create_connection((vip,8080),timeout=3);c.settimeout(3);b=c.recv(200);c.close()
+  line='first %.3f\n'%(time.time()-t)
+  break
+ except ConnectionRefusedError:
+  time.sleep(0.005)
+ except Exception as e:
+  line='fail %.3f %s\n'%(time.time()-t,repr(e).replace(' ','_'))
+  break
+open(out,'a').write(line or 'fail %.3f refused\n'%(time.time()-t))
+time.sleep(100000)
+"#;
+/// How many client tasks time their first call.
+const FRESH: usize = 8;
 
 /// How many times the service goes from 1 replica to [`UP`] and back.
 const CYCLES: usize = 4;
@@ -167,6 +196,51 @@ fn first_calls_answered(lb_backend: &str, name_hint: &'static str) -> Result<()>
         hosts.len() > CYCLES * 3,
         "the client reached only {} tasks: {hosts:?}",
         hosts.len()
+    );
+
+    // New clients: their first calls.
+    let first = c.base_dir().join("first-calls.log");
+    h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "fresh",
+        "--replicas",
+        &FRESH.to_string(),
+        "--network",
+        "appnet",
+        "--constraint",
+        "node.hostname==h3",
+        "--",
+        "python3",
+        "-c",
+        FIRST,
+        &first.to_string_lossy(),
+        &vip,
+    ])?;
+    let lines = wait_for(
+        "the new clients' first calls",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let out = std::fs::read_to_string(&first).unwrap_or_default();
+            Ok((out.lines().count() >= FRESH).then_some(out))
+        },
+    )?;
+    eprintln!("{lb_backend}: first calls of new clients: {lines:?}");
+    let bad: Vec<&str> = lines
+        .lines()
+        .filter(|l| {
+            !l.starts_with("first ")
+                || l.split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .is_none_or(|t| t > SLOW)
+        })
+        .collect();
+    ensure!(
+        bad.is_empty(),
+        "first calls of new clients that failed or waited for a retry: {bad:?}"
     );
     Ok(())
 }

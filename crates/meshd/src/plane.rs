@@ -112,6 +112,11 @@ pub struct EndpointRecord {
     /// The service's other names on this network (network aliases).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// The task is in its start gate, its command not run yet: the other nodes program its
+    /// address in their overlays (so the first packet it sends can be answered) but no name,
+    /// VIP or published port leads to it until the record without this flag replaces it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub starting: bool,
 }
 
 /// The executor's holder processes behind the overlay's `Holders` seam.
@@ -314,6 +319,8 @@ struct Attaching {
     pid: u32,
     vnis: BTreeSet<u32>,
     networks: BTreeMap<String, NetworkDesc>,
+    /// Its records, flagged starting, by (network ID, task ID).
+    records: BTreeMap<(String, String), EndpointRecord>,
 }
 
 impl Attaching {
@@ -804,6 +811,9 @@ impl Inner {
                         vtep: rec.vtep,
                     });
                 }
+                if rec.starting {
+                    continue;
+                }
                 if rec.service_id.is_empty() {
                     if is_ingress {
                         sandboxes.insert(rec.ip);
@@ -1223,6 +1233,38 @@ impl Inner {
         Ok(())
     }
 
+    /// Publishes the starting records of task `id`, in its start gate (see `attach`), unless
+    /// a pass did already.
+    async fn announce_starting(&self, id: &str) {
+        let records = match lock(&self.attaching).get(id) {
+            Some(a) => a.records.clone(),
+            None => return,
+        };
+        let mut guard = self.running.lock().await;
+        let Some(r) = guard.as_mut() else {
+            return;
+        };
+        for ((net, key), rec) in records {
+            let k = (net, key);
+            if r.published.contains_key(&k) {
+                continue;
+            }
+            let v = match serde_json::to_vec(&rec) {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!("encoding endpoint {}: {e}", k.1);
+                    continue;
+                }
+            };
+            match r.gossip.put(&k.0, ENDPOINTS, &k.1, v).await {
+                Ok(()) => {
+                    r.published.insert(k, rec);
+                }
+                Err(e) => warn!("publishing endpoint {} on {}: {e}", k.1, k.0),
+            }
+        }
+    }
+
     /// Retracts in the synced networks what a previous run of this daemon announced and this
     /// one did not (see `Gossip::retract_earlier_runs`); a previous run's network synced so
     /// is no longer kept for it.
@@ -1368,46 +1410,20 @@ impl Inner {
         for (t, _) in &running {
             for a in &t.networks {
                 lock(&self.net_names).insert(a.network_id.clone(), a.network_name.clone());
-                let Some((ip, desc)) = attachment_desc(a) else {
+                let Some((_, desc)) = attachment_desc(a) else {
                     continue;
                 };
                 networks.insert(a.network_id.clone(), desc.clone());
-                let on_ingress = ingress_att
-                    .as_ref()
-                    .is_some_and(|i| i.network_id == a.network_id);
-                want.insert(
-                    (a.network_id.clone(), t.id.clone()),
-                    EndpointRecord {
-                        ip,
-                        prefix: desc.prefix,
-                        mac: mesh_netlink::mac_for_ip(ip),
-                        vtep: r.vtep,
-                        vni: desc.vni,
-                        task_name: t.name(),
-                        service_name: t.service_name.clone(),
-                        service_id: t.service_id.clone(),
-                        vip: a
-                            .vip
-                            .as_deref()
-                            .and_then(|v| v.split('/').next()?.parse().ok()),
-                        ports: if on_ingress {
-                            t.spec
-                                .ports
-                                .iter()
-                                .filter(|p| p.mode == PublishMode::Ingress)
-                                .cloned()
-                                .collect()
-                        } else {
-                            Vec::new()
-                        },
-                        aliases: t
-                            .spec
-                            .aliases
-                            .get(&a.network_name)
-                            .cloned()
-                            .unwrap_or_default(),
-                    },
-                );
+            }
+            want.extend(task_records(t, ingress_att.as_ref(), r.vtep));
+        }
+        // A task in its start gate is announced as starting (see `attach`).
+        let running_ids: BTreeSet<&str> = running.iter().map(|(t, _)| t.id.as_str()).collect();
+        for (id, a) in lock(&self.attaching).iter() {
+            if a.pending() && !running_ids.contains(id.as_str()) {
+                for (k, rec) in &a.records {
+                    want.entry(k.clone()).or_insert_with(|| rec.clone());
+                }
             }
         }
         // The ingress sandbox is an endpoint of the ingress network on every node.
@@ -1428,6 +1444,7 @@ impl Inner {
                         vip: None,
                         ports: Vec::new(),
                         aliases: Vec::new(),
+                        starting: false,
                     },
                 );
             }
@@ -1485,7 +1502,11 @@ impl Inner {
         }
         // Announced: the agent may now report these tasks Running (and the leader stop
         // what they replace).
-        let now: BTreeSet<String> = want.keys().map(|(_, key)| key.clone()).collect();
+        let now: BTreeSet<String> = want
+            .iter()
+            .filter(|(_, rec)| !rec.starting)
+            .map(|((_, key), _)| key.clone())
+            .collect();
         let more = !now.is_subset(&lock(&self.announced));
         *lock(&self.announced) = now;
         if more {
@@ -1606,6 +1627,55 @@ fn linger(
     let mut out = current;
     for ((vni, _), (rm, _)) in &r.lingering {
         out.entry(*vni).or_default().insert(rm.clone());
+    }
+    out
+}
+
+/// The records a local task publishes, by (network ID, task ID): one per network it is
+/// attached to (with its ports on the ingress network, `ingress`).
+fn task_records(
+    t: &Task,
+    ingress: Option<&NetworkAttachment>,
+    vtep: Ipv4Addr,
+) -> Vec<((String, String), EndpointRecord)> {
+    let mut out = Vec::new();
+    for a in &t.networks {
+        let Some((ip, desc)) = attachment_desc(a) else {
+            continue;
+        };
+        let on_ingress = ingress.is_some_and(|i| i.network_id == a.network_id);
+        let rec = EndpointRecord {
+            ip,
+            prefix: desc.prefix,
+            mac: mesh_netlink::mac_for_ip(ip),
+            vtep,
+            vni: desc.vni,
+            task_name: t.name(),
+            service_name: t.service_name.clone(),
+            service_id: t.service_id.clone(),
+            vip: a
+                .vip
+                .as_deref()
+                .and_then(|v| v.split('/').next()?.parse().ok()),
+            ports: if on_ingress {
+                t.spec
+                    .ports
+                    .iter()
+                    .filter(|p| p.mode == PublishMode::Ingress)
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            aliases: t
+                .spec
+                .aliases
+                .get(&a.network_name)
+                .cloned()
+                .unwrap_or_default(),
+            starting: false,
+        };
+        out.push(((a.network_id.clone(), t.id.clone()), rec));
     }
     out
 }
@@ -1816,6 +1886,19 @@ impl NetworkPlane for Plane {
                 for (id, d) in &networks {
                     r.networks.entry(id.clone()).or_insert_with(|| d.clone());
                 }
+                let ingress_att = lock(&this.ingress_att).clone();
+                let records = task_records(task, ingress_att.as_ref(), r.vtep)
+                    .into_iter()
+                    .map(|(k, rec)| {
+                        (
+                            k,
+                            EndpointRecord {
+                                starting: true,
+                                ..rec
+                            },
+                        )
+                    })
+                    .collect();
                 lock(&this.attaching).insert(
                     task.id.clone(),
                     Attaching {
@@ -1823,6 +1906,7 @@ impl NetworkPlane for Plane {
                         pid,
                         vnis: task.networks.iter().map(|a| a.vni).collect(),
                         networks,
+                        records,
                     },
                 );
                 let mut ids: BTreeSet<String> = r.networks.keys().cloned().collect();
@@ -1853,6 +1937,11 @@ impl NetworkPlane for Plane {
                     .await
                     .map_err(|e| format!("gateway bridge: {e}"))?;
             }
+            // Announced as starting now, while the rest of the start runs: the other nodes
+            // then program the task's address before its command can send a first packet
+            // (an answer to an address their overlays do not hold waits a second for the
+            // ARP retry). No name or VIP leads here until the agent's running set does.
+            this.announce_starting(&task.id).await;
             // A network new to this node: its tables are filled by the first push-pull with
             // a member; until then the task's names would not resolve and its VIPs would
             // have no backends, so its command waits for that (bounded), and for a pass
