@@ -6,7 +6,8 @@
 //!
 //! Each running local task publishes one record per network it is attached to (table
 //! `endpoints`, key = task ID): its address, MAC, VTEP, names, its service's VIP and, on the
-//! ingress network, the ports it publishes. Each node's ingress sandbox publishes one record
+//! ingress network, the ports it publishes (flagged `starting` while the task is in its start
+//! gate: an address to program, no name or VIP yet). Each node's ingress sandbox publishes one record
 //! on the ingress network too. Gossip delivers a network's records only to the hosts on it
 //! (every host is on the ingress network); every change (and a periodic pass) makes the
 //! overlay's ARP/FDB entries, the DNS records, the VIP backends and the published ports match
