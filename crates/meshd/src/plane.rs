@@ -777,112 +777,27 @@ impl Inner {
         if r.local_published {
             self.retract_earlier_runs(r, synced.clone()).await;
         }
-        let mut by_vni: BTreeMap<u32, NetworkDesc> = BTreeMap::new();
-        let mut remotes: BTreeMap<u32, BTreeSet<Remote>> = BTreeMap::new();
-        let mut records = mesh_dns::Records::new();
-        let mut lb: BTreeMap<Ipv4Addr, VipInfo> = BTreeMap::new();
-        let mut published: BTreeMap<(Protocol, u16), (u16, Vec<Ipv4Addr>)> = BTreeMap::new();
-        // Unsynced networks get the ARP/FDB entries of what their tables list, and lose
-        // none: a task just started on a network new to this node is in the others' VIPs
-        // at once, and its replies need a way back before the first push-pull completes.
-        let mut add_only: BTreeSet<u32> = BTreeSet::new();
-        let mut sandboxes: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        for (id, desc) in &r.networks {
-            by_vni.insert(desc.vni, desc.clone());
-            if !synced.contains(id) {
-                add_only.insert(desc.vni);
-            }
-            let mut set = BTreeSet::new();
-            let is_ingress = ingress_id.as_deref() == Some(id.as_str());
-            let mut services: BTreeMap<String, (Option<Ipv4Addr>, Vec<mesh_dns::TaskRecord>)> =
-                BTreeMap::new();
-            let mut aliases: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        // The records of each network, decoded (a bad one is skipped).
+        let mut tables: BTreeMap<String, Vec<(String, EndpointRecord)>> = BTreeMap::new();
+        for id in r.networks.keys() {
+            let mut recs = Vec::new();
             for e in r.gossip.entries(id, ENDPOINTS).await {
-                let rec = match serde_json::from_slice::<EndpointRecord>(&e.value) {
-                    Ok(rec) => rec,
-                    Err(err) => {
-                        debug!("bad endpoint record {}: {err}", e.key);
-                        continue;
-                    }
-                };
-                if rec.vtep != r.vtep {
-                    set.insert(Remote {
-                        ip: rec.ip,
-                        mac: rec.mac,
-                        vtep: rec.vtep,
-                    });
+                match serde_json::from_slice::<EndpointRecord>(&e.value) {
+                    Ok(rec) => recs.push((e.key, rec)),
+                    Err(err) => debug!("bad endpoint record {}: {err}", e.key),
                 }
-                if rec.starting {
-                    continue;
-                }
-                if rec.service_id.is_empty() {
-                    if is_ingress {
-                        sandboxes.insert(rec.ip);
-                    }
-                    continue;
-                }
-                if is_ingress {
-                    // The routing mesh: each published port goes to every task publishing it.
-                    for p in rec.ports.iter().filter(|p| p.mode == PublishMode::Ingress) {
-                        let e = published
-                            .entry((p.protocol, p.published))
-                            .or_insert((p.target, Vec::new()));
-                        e.1.push(rec.ip);
-                    }
-                    continue;
-                }
-                if !rec.aliases.is_empty() {
-                    aliases
-                        .entry(rec.service_name.clone())
-                        .or_default()
-                        .extend(rec.aliases.iter().cloned());
-                }
-                let entry = services.entry(rec.service_name.clone()).or_default();
-                entry.0 = entry.0.or(rec.vip);
-                entry.1.push(mesh_dns::TaskRecord {
-                    name: rec.task_name.clone(),
-                    hostname: e.key.chars().take(12).collect(),
-                    ip: rec.ip,
-                });
             }
-            for (name, (vip, tasks)) in services {
-                if let Some(v) = vip {
-                    let mut backends: Vec<Ipv4Addr> = tasks.iter().map(|t| t.ip).collect();
-                    backends.sort();
-                    backends.dedup();
-                    lb.insert(
-                        v,
-                        VipInfo {
-                            network_id: id.clone(),
-                            service: name.clone(),
-                            backends,
-                        },
-                    );
-                }
-                // An alias answers as the service's name does (its VIP, `tasks.ALIAS`).
-                for alias in aliases.get(&name).into_iter().flatten() {
-                    if alias != &name {
-                        records.put_service(
-                            id,
-                            mesh_dns::ServiceRecord {
-                                name: alias.clone(),
-                                vip,
-                                dnsrr: vip.is_none(),
-                                tasks: tasks.clone(),
-                            },
-                        );
-                    }
-                }
-                let service = mesh_dns::ServiceRecord {
-                    name,
-                    vip,
-                    dnsrr: vip.is_none(),
-                    tasks,
-                };
-                records.put_service(id, service);
-            }
-            remotes.insert(desc.vni, set);
+            tables.insert(id.clone(), recs);
         }
+        let Desired {
+            by_vni,
+            remotes,
+            add_only,
+            records,
+            mut lb,
+            published,
+            mut sandboxes,
+        } = desired(&r.networks, &tables, &synced, ingress_id.as_deref(), r.vtep);
         // The overlay first: a remote endpoint's ARP and FDB entries are in place before the
         // balancer, the routing mesh or DNS can send a connection to it. (With learning off,
         // proxy ARP answers from these entries only: a SYN sent before waits a second for
@@ -1632,6 +1547,145 @@ fn linger(
     out
 }
 
+/// What one plane pass derives from the endpoint records (see [`desired`]).
+#[derive(Debug, Default)]
+struct Desired {
+    /// The networks with a local endpoint, by VNI.
+    by_vni: BTreeMap<u32, NetworkDesc>,
+    /// The remote endpoints of each network (by VNI): its ARP and FDB entries.
+    remotes: BTreeMap<u32, BTreeSet<Remote>>,
+    /// Networks whose tables are not synced yet: entries are added, none deleted.
+    add_only: BTreeSet<u32>,
+    /// The embedded DNS's names.
+    records: mesh_dns::Records,
+    /// The VIPs and their backends.
+    lb: BTreeMap<Ipv4Addr, VipInfo>,
+    /// The routing mesh: (protocol, published port) -> (target port, backends).
+    published: BTreeMap<(Protocol, u16), (u16, Vec<Ipv4Addr>)>,
+    /// The ingress sandboxes' addresses on the ingress network.
+    sandboxes: BTreeSet<Ipv4Addr>,
+}
+
+/// Derives the overlay's remotes, the DNS names, the VIP backends and the routing mesh's
+/// ports of this node (VTEP `vtep`) from the endpoint records of each of its `networks`
+/// (`tables`: network ID -> (key, record)). Pure: no I/O, no lock.
+fn desired(
+    networks: &BTreeMap<String, NetworkDesc>,
+    tables: &BTreeMap<String, Vec<(String, EndpointRecord)>>,
+    synced: &BTreeSet<String>,
+    ingress_id: Option<&str>,
+    vtep: Ipv4Addr,
+) -> Desired {
+    let mut by_vni: BTreeMap<u32, NetworkDesc> = BTreeMap::new();
+    let mut remotes: BTreeMap<u32, BTreeSet<Remote>> = BTreeMap::new();
+    let mut records = mesh_dns::Records::new();
+    let mut lb: BTreeMap<Ipv4Addr, VipInfo> = BTreeMap::new();
+    let mut published: BTreeMap<(Protocol, u16), (u16, Vec<Ipv4Addr>)> = BTreeMap::new();
+    // Unsynced networks get the ARP/FDB entries of what their tables list, and lose
+    // none: a task just started on a network new to this node is in the others' VIPs
+    // at once, and its replies need a way back before the first push-pull completes.
+    let mut add_only: BTreeSet<u32> = BTreeSet::new();
+    let mut sandboxes: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    for (id, desc) in networks {
+        by_vni.insert(desc.vni, desc.clone());
+        if !synced.contains(id) {
+            add_only.insert(desc.vni);
+        }
+        let mut set = BTreeSet::new();
+        let is_ingress = ingress_id == Some(id.as_str());
+        let mut services: BTreeMap<String, (Option<Ipv4Addr>, Vec<mesh_dns::TaskRecord>)> =
+            BTreeMap::new();
+        let mut aliases: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (key, rec) in tables.get(id).into_iter().flatten() {
+            if rec.vtep != vtep {
+                set.insert(Remote {
+                    ip: rec.ip,
+                    mac: rec.mac,
+                    vtep: rec.vtep,
+                });
+            }
+            if rec.starting {
+                continue;
+            }
+            if rec.service_id.is_empty() {
+                if is_ingress {
+                    sandboxes.insert(rec.ip);
+                }
+                continue;
+            }
+            if is_ingress {
+                // The routing mesh: each published port goes to every task publishing it.
+                for p in rec.ports.iter().filter(|p| p.mode == PublishMode::Ingress) {
+                    let e = published
+                        .entry((p.protocol, p.published))
+                        .or_insert((p.target, Vec::new()));
+                    e.1.push(rec.ip);
+                }
+                continue;
+            }
+            if !rec.aliases.is_empty() {
+                aliases
+                    .entry(rec.service_name.clone())
+                    .or_default()
+                    .extend(rec.aliases.iter().cloned());
+            }
+            let entry = services.entry(rec.service_name.clone()).or_default();
+            entry.0 = entry.0.or(rec.vip);
+            entry.1.push(mesh_dns::TaskRecord {
+                name: rec.task_name.clone(),
+                hostname: key.chars().take(12).collect(),
+                ip: rec.ip,
+            });
+        }
+        for (name, (vip, tasks)) in services {
+            if let Some(v) = vip {
+                let mut backends: Vec<Ipv4Addr> = tasks.iter().map(|t| t.ip).collect();
+                backends.sort();
+                backends.dedup();
+                lb.insert(
+                    v,
+                    VipInfo {
+                        network_id: id.clone(),
+                        service: name.clone(),
+                        backends,
+                    },
+                );
+            }
+            // An alias answers as the service's name does (its VIP, `tasks.ALIAS`).
+            for alias in aliases.get(&name).into_iter().flatten() {
+                if alias != &name {
+                    records.put_service(
+                        id,
+                        mesh_dns::ServiceRecord {
+                            name: alias.clone(),
+                            vip,
+                            dnsrr: vip.is_none(),
+                            tasks: tasks.clone(),
+                        },
+                    );
+                }
+            }
+            let service = mesh_dns::ServiceRecord {
+                name,
+                vip,
+                dnsrr: vip.is_none(),
+                tasks,
+            };
+            records.put_service(id, service);
+        }
+        remotes.insert(desc.vni, set);
+    }
+    Desired {
+        by_vni,
+        remotes,
+        add_only,
+        records,
+        lb,
+        published,
+        sandboxes,
+    }
+}
+
 /// The records a local task publishes, by (network ID, task ID): one per network it is
 /// attached to (with its ports on the ingress network, `ingress`).
 fn task_records(
@@ -2144,6 +2198,144 @@ mod tests {
                 (id.to_string(), desc)
             })
             .collect()
+    }
+
+    const ME: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+    const PEER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+
+    /// A record of task `key` of `service` (VIP `vip`) at `ip` on node `vtep`.
+    fn rec(
+        key: &str,
+        service: &str,
+        ip: [u8; 4],
+        vtep: Ipv4Addr,
+        vip: Option<[u8; 4]>,
+    ) -> (String, EndpointRecord) {
+        let ip = Ipv4Addr::from(ip);
+        let record = EndpointRecord {
+            ip,
+            prefix: 24,
+            mac: mesh_netlink::mac_for_ip(ip),
+            vtep,
+            vni: 4096,
+            task_name: format!("{service}.1.{key}"),
+            service_name: service.into(),
+            service_id: if service.is_empty() {
+                String::new()
+            } else {
+                format!("id-{service}")
+            },
+            vip: vip.map(Ipv4Addr::from),
+            ports: Vec::new(),
+            aliases: Vec::new(),
+            starting: false,
+        };
+        (key.to_string(), record)
+    }
+
+    fn remote_ips(d: &Desired, vni: u32) -> Vec<Ipv4Addr> {
+        d.remotes
+            .get(&vni)
+            .into_iter()
+            .flatten()
+            .map(|r| r.ip)
+            .collect()
+    }
+
+    fn dns_ips(d: &Desired, net: &str, service: &str) -> Vec<Ipv4Addr> {
+        d.records
+            .service(net, service)
+            .map(|s| s.tasks.iter().map(|t| t.ip).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_starting_endpoint_is_an_address_to_program_but_no_name_or_backend() {
+        let networks = nets(&["n1"]);
+        let vip = Ipv4Addr::new(10, 0, 1, 2);
+        let (k, mut starting) = rec("t3", "web", [10, 0, 1, 7], PEER, Some([10, 0, 1, 2]));
+        starting.starting = true;
+        let tables = BTreeMap::from([(
+            "n1".to_string(),
+            vec![
+                rec("t1", "web", [10, 0, 1, 5], PEER, Some([10, 0, 1, 2])),
+                rec("t2", "web", [10, 0, 1, 6], ME, Some([10, 0, 1, 2])),
+                (k, starting),
+            ],
+        )]);
+        let synced = BTreeSet::from(["n1".to_string()]);
+        let d = desired(&networks, &tables, &synced, None, ME);
+        // Remote endpoints only (not this node's own), the starting one included.
+        assert_eq!(
+            remote_ips(&d, 4096),
+            [Ipv4Addr::new(10, 0, 1, 5), Ipv4Addr::new(10, 0, 1, 7)]
+        );
+        // Only running tasks behind the VIP and the name.
+        let running = [Ipv4Addr::new(10, 0, 1, 5), Ipv4Addr::new(10, 0, 1, 6)];
+        assert_eq!(
+            d.lb.get(&vip).map(|v| v.backends.clone()),
+            Some(running.to_vec())
+        );
+        assert_eq!(dns_ips(&d, "n1", "web"), running);
+        assert!(d.add_only.is_empty(), "{:?}", d.add_only);
+        // A service whose only task is starting has no VIP and no name yet.
+        let (k, mut alone) = rec("t9", "api", [10, 0, 1, 9], PEER, Some([10, 0, 1, 3]));
+        alone.starting = true;
+        let tables = BTreeMap::from([("n1".to_string(), vec![(k, alone)])]);
+        let d = desired(&networks, &tables, &synced, None, ME);
+        assert!(d.lb.is_empty() && d.records.service("n1", "api").is_none());
+        assert_eq!(remote_ips(&d, 4096), [Ipv4Addr::new(10, 0, 1, 9)]);
+    }
+
+    #[test]
+    fn ingress_records_give_ports_and_sandboxes_not_names() {
+        let networks = nets(&["ing"]);
+        let port = PortConfig {
+            protocol: Protocol::Tcp,
+            target: 80,
+            published: 8080,
+            mode: PublishMode::Ingress,
+        };
+        let (k1, mut web) = rec("t1", "web", [10, 0, 0, 5], PEER, Some([10, 0, 0, 2]));
+        web.ports = vec![port.clone()];
+        let (k2, mut starting) = rec("t2", "web", [10, 0, 0, 6], PEER, Some([10, 0, 0, 2]));
+        starting.ports = vec![port];
+        starting.starting = true;
+        let tables = BTreeMap::from([(
+            "ing".to_string(),
+            vec![
+                (k1, web),
+                (k2, starting),
+                rec("sbox", "", [10, 0, 0, 3], PEER, None),
+            ],
+        )]);
+        let synced = BTreeSet::from(["ing".to_string()]);
+        let d = desired(&networks, &tables, &synced, Some("ing"), ME);
+        assert_eq!(
+            d.published.get(&(Protocol::Tcp, 8080)),
+            Some(&(80, vec![Ipv4Addr::new(10, 0, 0, 5)]))
+        );
+        assert_eq!(d.sandboxes, BTreeSet::from([Ipv4Addr::new(10, 0, 0, 3)]));
+        assert!(d.lb.is_empty() && d.records.service("ing", "web").is_none());
+        assert_eq!(remote_ips(&d, 4096).len(), 3);
+    }
+
+    #[test]
+    fn an_unsynced_network_only_adds_and_aliases_answer_as_the_service() {
+        let networks = nets(&["n1"]);
+        let (k, mut r) = rec("t1", "db", [10, 0, 1, 5], PEER, None);
+        r.aliases = vec!["database".into(), "db".into()];
+        let tables = BTreeMap::from([("n1".to_string(), vec![(k, r)])]);
+        let d = desired(&networks, &tables, &BTreeSet::new(), None, ME);
+        assert_eq!(d.add_only, BTreeSet::from([4096]));
+        assert_eq!(d.by_vni.keys().copied().collect::<Vec<_>>(), [4096]);
+        // dnsrr (no VIP): the names answer the task, the balancer has nothing.
+        assert!(d.lb.is_empty());
+        for name in ["db", "database"] {
+            let s = d.records.service("n1", name).expect(name);
+            assert!(s.dnsrr && s.vip.is_none(), "{s:?}");
+            assert_eq!(dns_ips(&d, "n1", name), [Ipv4Addr::new(10, 0, 1, 5)]);
+        }
     }
 
     /// One pass: what the balancer is given after `have`, when the tables list `now_listed`.
