@@ -233,6 +233,15 @@ impl TaskNs {
 /// The plane: a cheap handle on shared state.
 pub struct Plane(Arc<Inner>);
 
+/// Lock order: `local_seq`, then `running`, then the std mutexes. A std guard is never held
+/// across an `.await`, nor while `local_seq` or `running` is taken, and no lock is taken twice
+/// (`set_local_async` drops `running` before `sync_remotes` takes it again). The std mutexes
+/// are taken one at a time, except (outer -> inner) `local` -> `tasks` (`plumb_adopted`),
+/// `attaching` -> `tasks` (`set_local_async`), `lb_vips` -> `emptied` (`keep_emptied_vips`)
+/// and `lb_vips` -> the eBPF balancer (`program_lb`); every other one is a leaf. Under a
+/// guard, call nothing that takes the same mutex or one earlier in this order. (`tasks` is
+/// held while the nftables tables are synced and while a `TaskNs` drops, `filter_state` while
+/// the underlay filter is updated: slow, but neither calls back in.)
 struct Inner {
     cfg: PlaneConfig,
     /// The embedded DNS engine: a socket pair at 127.0.0.11:53 in every task with a network.
