@@ -29,7 +29,8 @@
 //!    conntrack table tells) or a cut link
 //!    (for every client: calls in flight to the cut node's tasks, and new ones until gossip
 //!    declares it dead), from the event until the node is back plus a settle time. Failures
-//!    inside windows are counted separately.
+//!    inside windows are counted separately, and so are name lookups that failed while every
+//!    task of the service ran on a node in a disruption (`Report::unresolved_disrupted`).
 //!    Also apart, and reported one by one: calls that a stale conntrack entry (SYN_SENT,
 //!    from a connection attempted toward a task while its node was cut or its daemon dead)
 //!    sent to that task after it was gone: a known gap (issue 10), see `Report::stale_flows`.
@@ -419,6 +420,12 @@ pub struct Report {
     pub failed_clean: Vec<String>,
     /// Failures inside a disruption window (allowed, reported).
     pub failed_disrupted: u64,
+    /// Of those, name lookups that failed on a node outside the window while every task of
+    /// the service ran on the disrupted node: gossip had declared that node down (a daemon
+    /// dead for longer than failure detection takes) and withdrawn its endpoints, until its
+    /// restarted daemon announced them again. The same disruption a call to a backend there
+    /// is in, seen through DNS (the client made no connection that would name the backend).
+    pub unresolved_disrupted: u64,
     /// Calls refused by name while a new task of the service was starting (first seen
     /// running by the checker within 3 s of the call): a task joins its VIP
     /// and DNS when its process starts, before it listens. The soak's services have no health
@@ -502,10 +509,12 @@ impl Report {
             self.calls_ok, self.ingress_ok
         ));
         s.push_str(&format!(
-            "  (1) failed calls: {} outside disruptions, {} inside (killed daemon or cut link); \
+            "  (1) failed calls: {} outside disruptions, {} inside (killed daemon or cut link; {} of them \
+             name lookups while every task of the service ran on the disrupted node); \
              {} refused while a new task of the service was starting (no readiness before health checks)\n",
             self.failed_clean.len(),
             self.failed_disrupted,
+            self.unresolved_disrupted,
             self.refused_starting
         ));
         if !self.stale_flows.is_empty() {
@@ -852,6 +861,24 @@ pub fn run(opts: &SoakOpts) -> Result<Report> {
 }
 
 impl Shared {
+    /// Whether every task of `svc` seen running between `t0` and `t1` (give or take the
+    /// checker's poll) ran on one node, in a disruption window then.
+    fn only_on_a_disrupted_node(&self, svc: &str, t0: f64, t1: f64) -> bool {
+        let prefix = format!("{svc}.");
+        let nodes: BTreeSet<&str> = self
+            .addresses
+            .values()
+            .flatten()
+            .filter(|e| e.0.starts_with(&prefix) && e.2 <= t1 + 0.5 && e.3 >= t0 - 0.5)
+            .map(|e| e.1.as_str())
+            .collect();
+        nodes.len() == 1
+            && self
+                .windows
+                .iter()
+                .any(|w| t1 >= w.from && t0 <= w.to && nodes.contains(w.node.as_str()))
+    }
+
     /// The task that held address `ip` at time `t`: the last one seen running there from
     /// before `t` on (or the first ever, if none was yet).
     fn holder(&self, ip: &str, t: f64) -> Option<&(String, String, f64, f64)> {
@@ -1511,8 +1538,14 @@ fn collect_calls(dir: &Path, shared: &Mutex<Shared>, report: &mut Report) -> Res
                             )
                         })
                     });
-                    if excused {
+                    // A lookup that failed while every task of the service seen running then
+                    // was on a node in a disruption (`Report::unresolved_disrupted`).
+                    let unresolved = !excused
+                        && err.starts_with("gaierror")
+                        && sh.only_on_a_disrupted_node(svc, t0, t1);
+                    if excused || unresolved {
                         report.failed_disrupted += 1;
+                        report.unresolved_disrupted += u64::from(unresolved);
                     } else if starting {
                         report.refused_starting += 1;
                     } else if let Some(st) = stale {
@@ -1768,6 +1801,35 @@ mod tests {
         assert_eq!(who(1302.0), Some(("api.2", "h5")));
         assert_eq!(who(2000.0), Some(("api.2", "h5")));
         assert!(sh.holder("10.0.9.9", 1.0).is_none());
+    }
+
+    #[test]
+    fn a_lookup_fails_inside_a_disruption_only_if_every_task_was_on_the_disrupted_node() {
+        let mut sh = Shared::default();
+        let task = |name: &str, node: &str, first: f64, last: f64| {
+            (name.to_string(), node.to_string(), first, last)
+        };
+        sh.addresses
+            .insert("10.0.1.5".into(), vec![task("api.1", "h3", 100.0, 200.0)]);
+        sh.addresses
+            .insert("10.0.1.6".into(), vec![task("web.1", "h1", 100.0, 200.0)]);
+        sh.windows.push(Window {
+            from: 150.0,
+            to: 160.0,
+            host: Some("h3".into()),
+            addr: None,
+            node: "h3".into(),
+        });
+        // api's only task is on h3, in h3's window: the disruption's effect.
+        assert!(sh.only_on_a_disrupted_node("api", 155.0, 155.0));
+        // Outside the window, or for a service with a task elsewhere: not excused.
+        assert!(!sh.only_on_a_disrupted_node("api", 170.0, 170.0));
+        assert!(!sh.only_on_a_disrupted_node("web", 155.0, 155.0));
+        sh.addresses
+            .insert("10.0.1.7".into(), vec![task("api.2", "h1", 150.0, 200.0)]);
+        assert!(!sh.only_on_a_disrupted_node("api", 155.0, 155.0));
+        // A service with no task seen running at all: not excused either.
+        assert!(!sh.only_on_a_disrupted_node("db", 155.0, 155.0));
     }
 
     #[test]
