@@ -272,6 +272,28 @@ pub fn swarm_cluster(
     Ok(Some(c))
 }
 
+/// [`swarm_cluster`] with `daemon_args` added to every `meshd` (e.g. `--lb-backend nftables`).
+pub fn swarm_cluster_with(
+    hosts: usize,
+    managers: usize,
+    name_hint: &'static str,
+    daemon_args: &[&str],
+) -> Result<Option<Cluster>> {
+    if !crate::require_root()? {
+        return Ok(None);
+    }
+    let c = Cluster::new(crate::ClusterOpts {
+        hosts,
+        start_daemons: false,
+        name_hint,
+    })?;
+    for h in c.hosts() {
+        h.start_daemon_with(daemon_args)?;
+    }
+    form_swarm(&c, managers)?;
+    Ok(Some(c))
+}
+
 /// The rows of `mesh service ps SVC --format json`.
 pub fn service_ps(h: &Host, svc: &str) -> Result<Vec<Value>> {
     h.mesh_json(&["service", "ps", svc])?

@@ -20,8 +20,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use mesh_netns::swarm::{form_swarm, vip_of};
-use mesh_netns::{wait_for, Cluster, ClusterOpts};
+use mesh_netns::swarm::{swarm_cluster_with, vip_of};
+use mesh_netns::wait_for;
 
 /// Answers each connection on 8080 with its hostname and closes it.
 const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(512)\nh=socket.gethostname().encode()\nwhile True:\n c,_=s.accept()\n try:\n  c.sendall(h)\n except OSError:\n  pass\n c.close()";
@@ -83,30 +83,18 @@ const SLOW: f64 = 0.8;
 
 #[test]
 fn new_remote_backends_answer_the_first_call_ebpf() -> Result<()> {
-    if !mesh_netns::require_root()? {
-        return Ok(());
-    }
     first_calls_answered("auto", "newbe-ebpf")
 }
 
 #[test]
 fn new_remote_backends_answer_the_first_call_nftables() -> Result<()> {
-    if !mesh_netns::require_root()? {
-        return Ok(());
-    }
     first_calls_answered("nftables", "newbe-nft")
 }
 
 fn first_calls_answered(lb_backend: &str, name_hint: &'static str) -> Result<()> {
-    let c = Cluster::new(ClusterOpts {
-        hosts: 3,
-        start_daemons: false,
-        name_hint,
-    })?;
-    for h in c.hosts() {
-        h.start_daemon_with(&["--lb-backend", lb_backend])?;
-    }
-    form_swarm(&c, 1)?;
+    let Some(c) = swarm_cluster_with(3, 1, name_hint, &["--lb-backend", lb_backend])? else {
+        return Ok(());
+    };
     let h1 = c.host(1);
     h1.mesh_ok(&["network", "create", "appnet"])?;
     h1.mesh_ok(&[
