@@ -22,8 +22,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use mesh_netns::swarm::form_swarm;
-use mesh_netns::{wait_for, Cluster, ClusterOpts, Host};
+use mesh_netns::swarm::swarm_cluster_with;
+use mesh_netns::{wait_for, Cluster, Host};
 use serde_json::{json, Value};
 
 /// The answer of `serve-http` to every request.
@@ -377,16 +377,7 @@ pub fn start(name: &str, about: &str, args: &[String]) -> Result<Option<Start>> 
 /// A cluster of `hosts` netns hosts whose daemons run with `daemon_args`, in a swarm of one
 /// manager (h1) and workers.
 pub fn cluster(hosts: usize, name_hint: &'static str, daemon_args: &[&str]) -> Result<Cluster> {
-    let c = Cluster::new(ClusterOpts {
-        hosts,
-        start_daemons: false,
-        name_hint,
-    })?;
-    for h in c.hosts() {
-        h.start_daemon_with(daemon_args)?;
-    }
-    form_swarm(&c, 1)?;
-    Ok(c)
+    swarm_cluster_with(hosts, 1, name_hint, daemon_args)?.context("the benchmarks need root")
 }
 
 /// `mesh service create --name NAME --constraint node.hostname==NODE OPTS... -- COMMAND...`
