@@ -69,14 +69,26 @@ fn mountinfo_mentioning(pid: &str, needle: &Path) -> Result<usize> {
     Ok(info.lines().filter(|l| l.contains(&needle)).count())
 }
 
-/// The task directories under the host's `<exec_root>/tasks`.
-fn task_dirs(h: &Host) -> Vec<String> {
-    fs::read_dir(h.exec_root().join("tasks"))
+/// The entries of `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
+        .collect();
+    v.sort();
+    v
+}
+
+/// The task directories under the host's `<exec_root>/tasks`.
+fn task_dirs(h: &Host) -> Vec<String> {
+    entries(&h.exec_root().join("tasks"))
+}
+
+/// The image tasks' writable layers under the host's `<data_dir>/rw`.
+fn rw_layers(h: &Host) -> Vec<String> {
+    entries(&h.data_dir().join("rw"))
 }
 
 fn ids(rows: &[Value]) -> BTreeSet<String> {
@@ -182,6 +194,13 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
             "task {id} was restarted, not adopted"
         );
     }
+    // Their writable layers (on disk, in the data directory) survived the restart.
+    ensure!(
+        rw_layers(h2) == task_dirs(h2) && rw_layers(h2).len() == 2,
+        "writable layers {:?}, task directories {:?}",
+        rw_layers(h2),
+        task_dirs(h2)
+    );
     // A few seconds later still the same: no replacement was scheduled.
     std::thread::sleep(Duration::from_secs(3));
     let all = service_ps(h1, svc)?;
@@ -204,6 +223,11 @@ fn image_tasks_survive_a_meshd_sigkill_are_adopted_and_leave_nothing_behind() ->
         || Ok(task_dirs(h2).is_empty().then_some(())),
     )
     .with_context(|| format!("left: {:?}", task_dirs(h2)))?;
+    ensure!(
+        rw_layers(h2).is_empty(),
+        "writable layers left: {:?}",
+        rw_layers(h2)
+    );
     wait_for(
         "no mount of h2's task directories or layers left",
         Duration::from_secs(15),

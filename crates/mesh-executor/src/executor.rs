@@ -10,6 +10,12 @@
 //! tasks too. [`Executor::list`] also removes the remains of a start that a
 //! dead meshd left unfinished (no `state.json`), which nothing else would
 //! ever ask for again.
+//!
+//! An image task's writable layer lives in `<rw_root>/<id>` (on disk, see
+//! [`ExecutorConfig::rw_root`](crate::ExecutorConfig::rw_root)) and goes with its state
+//! directory; one whose state directory is gone (a meshd killed in `remove`,
+//! or a reboot that emptied the exec root) goes when the next executor is
+//! created.
 
 use std::collections::HashSet;
 use std::fs;
@@ -87,6 +93,8 @@ pub enum ExecError {
 #[derive(Debug)]
 pub struct Executor {
     tasks_dir: PathBuf,
+    /// The image tasks' writable layers (`<rw_root>/<id>`).
+    rw_dir: PathBuf,
     parent: String,
     shim_exe: PathBuf,
     layout: CgroupLayout,
@@ -128,10 +136,14 @@ impl Executor {
         };
         let tasks_dir = exec_root.join("tasks");
         let netns_dir = exec_root.join("netns");
-        for d in [&tasks_dir, &netns_dir] {
+        let rw_dir =
+            std::path::absolute(cfg.rw_root.as_deref().unwrap_or(&exec_root.join("rw")))
+                .map_err(|e| init_err(format!("cannot resolve the writable layers' path: {e}")))?;
+        for d in [&tasks_dir, &netns_dir, &rw_dir] {
             fs::create_dir_all(d)
                 .map_err(|e| init_err(format!("cannot create {}: {e}", d.display())))?;
         }
+        remove_orphan_layers(&rw_dir, &tasks_dir);
         let layout =
             CgroupLayout::detect(&exec_root.join("cgroup")).map_err(|e| init_err(e.to_string()))?;
         layout
@@ -146,6 +158,7 @@ impl Executor {
         );
         Ok(Executor {
             tasks_dir,
+            rw_dir,
             parent: cfg.cgroup_parent,
             shim_exe,
             layout,
@@ -168,6 +181,12 @@ impl Executor {
     /// The task's state directory (`<exec_root>/tasks/<id>`).
     pub fn task_dir(&self, id: &str) -> PathBuf {
         self.tasks_dir.join(id)
+    }
+
+    /// The task's writable layer, if it is an image task (`<rw_root>/<id>`,
+    /// linked from its state directory as `rw`).
+    pub fn rw_dir(&self, id: &str) -> PathBuf {
+        self.rw_dir.join(id)
     }
 
     fn busy_set(&self) -> MutexGuard<'_, HashSet<String>> {
@@ -323,7 +342,7 @@ impl Executor {
                 state::write_fresh(&dir.join(HOSTNAME_FILE), spec.hostname.as_bytes())
                     .map_err(s)?;
             }
-            Some(r) => rootfs::prepare_dir(dir, r)?,
+            Some(r) => rootfs::prepare_dir(dir, &self.rw_dir(&spec.id), r)?,
         }
         let launch = self
             .layout
@@ -341,20 +360,22 @@ impl Executor {
         .map_err(|e| e.to_string())
     }
 
-    /// Kills everything in the task's cgroups, removes them and the state
-    /// directory.
+    /// Kills everything in the task's cgroups, removes them, the writable
+    /// layer and the state directory (last: a layer whose removal failed is
+    /// still found through it, and one a killed meshd left behind goes with
+    /// the next executor's start, see [`remove_orphan_layers`]).
     fn cleanup(&self, id: &str) -> Result<(), String> {
         self.layout
             .remove_task(&self.parent, id, CGROUP_REMOVE_TIMEOUT)
             .map_err(|e| e.to_string())?;
-        match fs::remove_dir_all(self.task_dir(id)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!(
-                "cannot remove {}: {e}",
-                self.task_dir(id).display()
-            )),
+        for dir in [self.rw_dir(id), self.task_dir(id)] {
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot remove {}: {e}", dir.display())),
+            }
         }
+        Ok(())
     }
 
     /// Current runtime of a task (`None` if unknown or not started). A task
@@ -569,8 +590,8 @@ impl Executor {
     }
 
     /// Stops the task if needed (SIGKILL), waits for its shim, removes its
-    /// state directory (logs too; an image task's overlay upper and work
-    /// directories with it: its mounts went with its mount namespace) and
+    /// state directory (logs too) and an image task's writable layer (its
+    /// mounts went with its mount namespace) and
     /// its cgroups if still there. Removing an unknown id is not an error.
     pub fn remove(&self, id: &str) -> Result<(), ExecError> {
         spec::validate_id(id).map_err(|e| ExecError::Remove {
@@ -756,3 +777,30 @@ const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Executor>();
 };
+
+/// Removes the writable layers in `rw_dir` of tasks without a state directory in
+/// `tasks_dir`: those of a meshd killed while removing a task, and all of them after a
+/// reboot emptied the exec root (a tmpfs) while the data directory kept them. Runs once,
+/// before the executor starts anything.
+fn remove_orphan_layers(rw_dir: &Path, tasks_dir: &Path) {
+    let Ok(rd) = fs::read_dir(rw_dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if tasks_dir.join(&name).exists() {
+            continue;
+        }
+        match fs::remove_dir_all(e.path()) {
+            Ok(()) => tracing::info!(
+                task = %name.to_string_lossy(),
+                "removed the writable layer of a task that is gone"
+            ),
+            Err(err) => tracing::warn!(
+                path = %e.path().display(),
+                error = %err,
+                "cannot remove the writable layer of a task that is gone"
+            ),
+        }
+    }
+}

@@ -2,9 +2,11 @@
 //! a [`RootfsSpec`], done by the executor itself (no OCI runtime).
 //!
 //! **Before the fork** (the executor's `start`, then the shim):
-//! [`prepare_dir`] makes `<task_dir>/upper`, `work` and, only for many or
-//! long layer paths, `l/<i>`, one short symlink per layer (`l/0` is the
-//! base; see [`lowerdir`]); the shim calls [`prepare`], which resolves the
+//! [`prepare_dir`] makes the task's writable layer, `<rw_root>/<id>/upper`
+//! and `work` (on disk under meshd's `--data-dir`, not in the exec root: see
+//! [`crate::ExecutorConfig::rw_root`]), the link `<task_dir>/rw` to it and,
+//! only for many or long layer paths, `l/<i>`, one short symlink per layer
+//! (`l/0` is the base; see [`lowerdir`]); the shim calls [`prepare`], which resolves the
 //! user against the image's `/etc/passwd` and `/etc/group` (read through the
 //! layers, whiteouts and opaque directories honoured), clones every bind
 //! source as a detached mount tree (`open_tree(OPEN_TREE_CLONE)`: fds that
@@ -19,8 +21,8 @@
 //! its own mount namespace whose mounts are private, [`RootfsSetup::enter`]:
 //! `chdir(<task_dir>)`, mounts the overlay over the task directory itself
 //! (lower directories topmost first, the layers' paths or `l/2:l/1:l/0`,
-//! then `upperdir=upper,workdir=work`, resolved before the mount covers
-//! them), enters it by its path again, then
+//! then `upperdir=rw/upper,workdir=rw/work`, resolved through the link
+//! before the mount covers it), enters it by its path again, then
 //! `pivot_root(".", ".")` and a lazy unmount of the old root (runc's way:
 //! no directory is needed for it), so nothing of the host stays reachable
 //! and nothing appears in meshd's mount namespace; everything goes when the
@@ -57,9 +59,12 @@ use crate::child::{errno, step_error, step_error_with, ChildError, Step};
 use crate::spec::{FileSpec, MountSource, RootfsSpec};
 use crate::user::{self, ExecUser};
 
-/// The overlay's upper directory in the task's state directory.
+/// The link in the task's state directory to its writable layer
+/// (`<rw_root>/<id>`, see [`crate::ExecutorConfig::rw_root`]).
+pub const RW_LINK: &str = "rw";
+/// The overlay's upper directory in the writable layer.
 pub const UPPER_DIR: &str = "upper";
-/// The overlay's work directory.
+/// The overlay's work directory in the writable layer.
 pub const WORK_DIR: &str = "work";
 /// The short links to the layers (`l/0` is the base layer).
 pub const LAYER_LINKS_DIR: &str = "l";
@@ -133,17 +138,28 @@ const READONLY_PATHS: [&std::ffi::CStr; 5] = [
     c"/proc/sysrq-trigger",
 ];
 
-/// Creates the task's overlay directories, the layer links and `hosts` in
-/// its state directory (the executor, at `start`).
-pub(crate) fn prepare_dir(dir: &Path, spec: &RootfsSpec) -> Result<(), String> {
+/// Creates the task's writable layer `rw` (its overlay's upper and work
+/// directories), its `rw` link to it and the layer links in its state
+/// directory `dir` (the executor, at `start`). A layer left in `rw` by an
+/// earlier start of the same id is stale (`dir` was just made): it goes.
+pub(crate) fn prepare_dir(dir: &Path, rw: &Path, spec: &RootfsSpec) -> Result<(), String> {
     let (_, links) = lowerdir(&spec.layers);
-    for d in [UPPER_DIR, WORK_DIR] {
-        let p = dir.join(d);
-        fs::create_dir(&p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+    let create =
+        |p: &Path| fs::create_dir(p).map_err(|e| format!("cannot create {}: {e}", p.display()));
+    if let Err(e) = fs::create_dir(rw) {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(format!("cannot create {}: {e}", rw.display()));
+        }
+        fs::remove_dir_all(rw).map_err(|e| format!("cannot remove {}: {e}", rw.display()))?;
+        create(rw)?;
     }
+    for d in [UPPER_DIR, WORK_DIR] {
+        create(&rw.join(d))?;
+    }
+    let link = dir.join(RW_LINK);
+    symlink(rw, &link).map_err(|e| format!("cannot create {}: {e}", link.display()))?;
     if links {
-        let p = dir.join(LAYER_LINKS_DIR);
-        fs::create_dir(&p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+        create(&dir.join(LAYER_LINKS_DIR))?;
     }
     for (i, layer) in spec.layers.iter().enumerate() {
         if !layer.is_dir() {
@@ -548,7 +564,9 @@ pub(crate) fn prepare(
 ) -> Result<(RootfsSetup, ExecUser), ChildError> {
     let user = exec_user(spec)?;
     let (lower, _) = lowerdir(&spec.layers);
-    let options = format!("lowerdir={lower},upperdir={UPPER_DIR},workdir={WORK_DIR},index=off");
+    let options = format!(
+        "lowerdir={lower},upperdir={RW_LINK}/{UPPER_DIR},workdir={RW_LINK}/{WORK_DIR},index=off"
+    );
     let mut mounts = Vec::with_capacity(spec.mounts.len());
     for m in &spec.mounts {
         let (what, file) = match &m.source {
@@ -727,7 +745,7 @@ impl RootfsSetup {
             Step::ChdirTaskDir,
         )?;
         // Over the task directory itself (only in this mount namespace): no mount point
-        // directory to make per task. `upper` and `work` resolve before the mount covers
+        // directory to make per task. `rw/upper` and `rw/work` resolve before the mount covers
         // them; the overlay keeps its own references.
         check(
             mount(

@@ -42,15 +42,23 @@ pub struct ExecutorConfig {
     /// current executable, resolved with `std::env::current_exe()` when the
     /// executor is created.
     pub shim_exe: Option<PathBuf>,
+    /// Where image tasks' writable layers live (`<rw_root>/<id>/upper` and
+    /// `work`): meshd's `<data_dir>/rw`, on disk as Docker's `overlay2`
+    /// directories are. Not in the exec root: on a host that is a tmpfs
+    /// (`/run`), whose pages a task's writes would pin in memory and charge
+    /// to its memory limit. `None`: `<exec_root>/rw`.
+    pub rw_root: Option<PathBuf>,
 }
 
 impl ExecutorConfig {
-    /// A configuration with `shim_exe: None` (the running binary is the shim).
+    /// A configuration with `shim_exe: None` (the running binary is the shim)
+    /// and `rw_root: None`.
     pub fn new(exec_root: impl Into<PathBuf>, cgroup_parent: impl Into<String>) -> ExecutorConfig {
         ExecutorConfig {
             exec_root: exec_root.into(),
             cgroup_parent: cgroup_parent.into(),
             shim_exe: None,
+            rw_root: None,
         }
     }
 }

@@ -53,6 +53,12 @@ fn unique(prefix: &str) -> String {
 /// A temp exec root, a unique cgroup parent and an executor on them.
 struct Fixture {
     dir: tempfile::TempDir,
+    /// The exec root: `dir`, or a tmpfs mounted on `<dir>/run`.
+    exec_root: PathBuf,
+    /// The writable layers' root given to the executor (`None`: its default).
+    rw_root: Option<PathBuf>,
+    /// The tmpfs to unmount when dropped.
+    tmpfs: Option<PathBuf>,
     parent: String,
     ex: Executor,
 }
@@ -65,17 +71,80 @@ impl Fixture {
             .ctx("tempdir")?;
         let parent = unique("mesh-exec-test");
         let ex = Executor::new(ExecutorConfig::new(dir.path(), &parent)).ctx("Executor::new")?;
-        Ok(Fixture { dir, parent, ex })
+        Ok(Fixture {
+            exec_root: dir.path().to_path_buf(),
+            dir,
+            rw_root: None,
+            tmpfs: None,
+            parent,
+            ex,
+        })
+    }
+
+    /// The exec root on a tmpfs of its own, as `/run` is on a host, and the
+    /// writable layers on disk in `<dir>/data/rw`, as meshd puts them.
+    fn on_tmpfs() -> Result<Fixture, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("mesh-exec-test-")
+            .tempdir()
+            .ctx("tempdir")?;
+        let run = dir.path().join("run");
+        fs::create_dir(&run).ctx("mkdir run")?;
+        let target = std::ffi::CString::new(run.to_string_lossy().as_bytes()).ctx("path")?;
+        // SAFETY: NUL-terminated strings valid for the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=256m,mode=0755".as_ptr().cast(),
+            )
+        };
+        ensure!(rc == 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        let rw = dir.path().join("data/rw");
+        let parent = unique("mesh-exec-test");
+        let cfg = ExecutorConfig {
+            rw_root: Some(rw.clone()),
+            ..ExecutorConfig::new(&run, &parent)
+        };
+        let ex = match Executor::new(cfg) {
+            Ok(ex) => ex,
+            Err(e) => {
+                // SAFETY: as above.
+                unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+                return Err(format!("Executor::new: {e}"));
+            }
+        };
+        Ok(Fixture {
+            dir,
+            exec_root: run.clone(),
+            rw_root: Some(rw),
+            tmpfs: Some(run),
+            parent,
+            ex,
+        })
     }
 
     fn root(&self) -> &Path {
-        self.dir.path()
+        &self.exec_root
+    }
+
+    /// Where the executor keeps the writable layers.
+    fn rw_root(&self) -> PathBuf {
+        self.rw_root
+            .clone()
+            .unwrap_or_else(|| self.exec_root.join("rw"))
     }
 
     /// A second executor on the same exec root and parent (a restarted
     /// meshd).
     fn another(&self) -> Result<Executor, String> {
-        Executor::new(ExecutorConfig::new(self.root(), &self.parent)).ctx("second Executor::new")
+        Executor::new(ExecutorConfig {
+            rw_root: self.rw_root.clone(),
+            ..ExecutorConfig::new(self.root(), &self.parent)
+        })
+        .ctx("second Executor::new")
     }
 
     fn state(&self, id: &str) -> Result<serde_json::Value, String> {
@@ -125,6 +194,18 @@ impl Drop for Fixture {
         for p in self.ex.layout().parent_paths(&self.parent) {
             if p.exists() {
                 eprintln!("cleanup: {} is left behind", p.display());
+            }
+        }
+        if let Some(t) = &self.tmpfs {
+            if let Ok(c) = std::ffi::CString::new(t.to_string_lossy().as_bytes()) {
+                // SAFETY: a NUL-terminated path valid for the call.
+                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                    eprintln!(
+                        "cleanup: umount {}: {}",
+                        t.display(),
+                        std::io::Error::last_os_error()
+                    );
+                }
             }
         }
     }
@@ -1858,6 +1939,10 @@ fn main() {
             images::image_task_gate_limits_and_adoption,
         ),
         ("image_task_start_errors", images::image_task_start_errors),
+        (
+            "image_task_writes_to_disk_not_to_memory",
+            images::image_task_writes_to_disk_not_to_memory,
+        ),
         (
             "image_task_with_many_layers",
             images::image_task_with_many_layers,

@@ -179,6 +179,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             exec_root: args.exec_root.clone(),
             cgroup_parent: args.cgroup_parent.clone(),
             shim_exe: None,
+            rw_root: Some(args.data_dir.join("rw")),
         })
         .map_err(|e| anyhow::anyhow!("cannot set up the task executor: {e}"))?;
         let executor = std::sync::Arc::new(executor);

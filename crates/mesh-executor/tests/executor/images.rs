@@ -245,10 +245,17 @@ pub(super) fn image_task_runs_in_its_root_filesystem() -> TestResult {
         out.lines().any(|l| l.starts_with("1 ")),
         "/proc of the task: {out}"
     );
-    // Writes went to the upper directory, not into the layers.
+    // Writes went to the upper directory of the task's writable layer, linked from its
+    // state directory, not into the layers.
     let dir = f.root().join("tasks").join(&id);
+    let rw = f.rw_root().join(&id);
     ensure!(
-        fs::read_to_string(dir.join("upper/written-file")).ctx("upper file")? == "written\n",
+        fs::read_link(dir.join("rw")).ctx("rw link")? == rw,
+        "the rw link does not name {}",
+        rw.display()
+    );
+    ensure!(
+        fs::read_to_string(rw.join("upper/written-file")).ctx("upper file")? == "written\n",
         "not in upper"
     );
     for l in &layers {
@@ -323,7 +330,8 @@ pub(super) fn image_task_runs_in_its_root_filesystem() -> TestResult {
     let rt = f.ex.status(&id).ctx("status")?;
     ensure!(!rt.is_running(), "{rt:?}");
     f.ex.remove(&id).ctx("remove")?;
-    ensure!(!dir.exists(), "state dir (upper) left");
+    ensure!(!dir.exists(), "state dir left");
+    ensure!(!rw.exists(), "writable layer left");
     ensure!(f.task_cgroups(&id).is_empty(), "cgroups left");
     ensure!(
         our_mounts(f.root())? == mounts_before,
@@ -690,4 +698,72 @@ pub(super) fn image_task_with_many_layers() -> TestResult {
     f.ex.remove(&id).ctx("remove")?;
     ensure!(our_mounts(f.root())?.is_empty(), "mounts left");
     Ok(())
+}
+
+/// An image task's writes go to its writable layer on disk (the data directory), not to
+/// the exec root: there (a tmpfs on a host, as here) 64 MiB written by a task limited to
+/// 32 MiB are memory it cannot reclaim, and the kernel kills it. A restarted executor
+/// removes the layers of tasks that are gone and keeps the others.
+pub(super) fn image_task_writes_to_disk_not_to_memory() -> TestResult {
+    if !have_busybox()? {
+        return Ok(());
+    }
+    let f = Fixture::on_tmpfs()?;
+    let layers = build_image(f.dir.path())?;
+    let id = unique("imgdisk");
+    let mut s = image_spec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/big bs=1M count=64 2>&1 && echo wrote; echo done; exec sleep 60",
+        ],
+        &layers,
+    );
+    s.memory_bytes = 32 * 1024 * 1024;
+    let rt = f.ex.start(&s).ctx("start")?;
+    let pid = running_pid(&rt)?;
+    let mut status = None;
+    super::wait_until("the write", Duration::from_secs(60), || {
+        status = f.ex.status(&id);
+        stdout_of(&f.ex, &id).contains("done\n")
+            || status.as_ref().is_some_and(|rt| !rt.is_running())
+    })?;
+    let out = stdout_of(&f.ex, &id);
+    ensure!(
+        has_line(&out, "wrote") && f.ex.status(&id).is_some_and(|rt| rt.is_running()),
+        "the task could not write 64 MiB: {status:?}\nstdout: {out}\nstderr: {}",
+        super::stderr_of(&f.ex, &id)
+    );
+    let rw = f.rw_root().join(&id);
+    let len = fs::metadata(rw.join("upper/big"))
+        .ctx("the written file")?
+        .len();
+    ensure!(len == 64 << 20, "{len} bytes in the writable layer");
+    let used = tmpfs_used(f.root())?;
+    ensure!(used < 4 << 20, "{used} bytes of the exec root's tmpfs used");
+    // A restarted executor: the layer of a task that is gone goes, this one stays.
+    let orphan = f.rw_root().join("gone-task");
+    fs::create_dir_all(orphan.join("upper/etc")).ctx("orphan layer")?;
+    fs::write(orphan.join("upper/etc/file"), "x").ctx("orphan file")?;
+    let b = f.another()?;
+    ensure!(!orphan.exists(), "the orphan layer is still there");
+    ensure!(rw.join("upper/big").exists(), "the live task's layer went");
+    b.stop(&id, Duration::from_millis(200)).ctx("stop")?;
+    ensure!(dead(pid), "alive after stop");
+    b.remove(&id).ctx("remove")?;
+    ensure!(!rw.exists(), "writable layer left");
+    ensure!(!f.root().join("tasks").join(&id).exists(), "state dir left");
+    Ok(())
+}
+
+/// Bytes used in the filesystem of `p`.
+fn tmpfs_used(p: &Path) -> Result<u64, String> {
+    let c = c(p)?;
+    // SAFETY: a zeroed plain-data struct and a NUL-terminated path valid for the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    ensure!(rc == 0, "statvfs: {}", std::io::Error::last_os_error());
+    Ok((st.f_blocks - st.f_bfree) * st.f_frsize)
 }
