@@ -12,12 +12,12 @@ pub enum IngressError {
     #[error("netlink: {0}")]
     Netlink(#[from] NetlinkError),
     /// An `nft` transaction or listing failed (nothing of that transaction was applied).
-    #[error("nft in namespace {ns}: {msg}")]
+    #[error("nft in namespace {ns}: {source}")]
     Nft {
         /// The namespace the script ran in.
         ns: String,
-        /// `nft`'s own message.
-        msg: String,
+        /// What went wrong (`nft`'s own message when it ran).
+        source: mesh_netlink::nft::NftError,
     },
     /// The ruleset read back from the kernel could not be understood.
     #[error("cannot read back table ip {table} in namespace {ns}: {msg}")]

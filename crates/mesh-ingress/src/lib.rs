@@ -376,9 +376,9 @@ async fn blocking<T: Send + 'static>(
 
 fn nft_apply(ns: &Netns, script: &str) -> Result<(), IngressError> {
     debug!(ns = ns.name(), script, "nft transaction");
-    nft::apply_in(ns, script).map_err(|msg| IngressError::Nft {
+    nft::apply_in(ns, script).map_err(|source| IngressError::Nft {
         ns: ns.name().to_string(),
-        msg,
+        source,
     })
 }
 
@@ -386,18 +386,18 @@ fn nft_apply(ns: &Netns, script: &str) -> Result<(), IngressError> {
 /// handles of new rules).
 fn nft_apply_echo(ns: &Netns, script: &str) -> Result<String, IngressError> {
     debug!(ns = ns.name(), script, "nft transaction");
-    let nft_err = |msg| IngressError::Nft {
+    let nft_err = |source| IngressError::Nft {
         ns: ns.name().to_string(),
-        msg,
+        source,
     };
     nft::apply_echo_in(ns, script).map_err(nft_err)
 }
 
 /// `nft -j list table ip mesh_ingress`, or `None` if the table does not exist.
 fn nft_read_table(ns: &Netns) -> Result<Option<String>, IngressError> {
-    let nft_err = |msg| IngressError::Nft {
+    let nft_err = |source| IngressError::Nft {
         ns: ns.name().to_string(),
-        msg,
+        source,
     };
     let tables = nft::output_in(ns, &["-j", "list", "tables", "ip"]).map_err(nft_err)?;
     let v: serde_json::Value =

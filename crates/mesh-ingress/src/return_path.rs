@@ -115,9 +115,9 @@ pub fn setup_table(ns: &Netns, ingress_if: &str) -> Result<(), IngressError> {
             ("net/ipv4/tcp_max_tw_buckets".to_string(), "0"),
         ],
     )?;
-    nft::apply_in(ns, &script(ingress_if)).map_err(|msg| IngressError::Nft {
+    nft::apply_in(ns, &script(ingress_if)).map_err(|source| IngressError::Nft {
         ns: ns.name().to_string(),
-        msg,
+        source,
     })
 }
 

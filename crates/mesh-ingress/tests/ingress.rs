@@ -270,7 +270,7 @@ impl Lab {
 
     /// `nft list table ip mesh_ingress` in `ns` (`-a`: with rule handles), `None` if absent.
     fn listing(ns: &Netns, handles: bool) -> Result<Option<String>, String> {
-        let tables = nft::output_in(ns, &["list", "tables"])?;
+        let tables = nft::output_in(ns, &["list", "tables"]).map_err(|e| e.to_string())?;
         if !tables.contains("table ip mesh_ingress") {
             return Ok(None);
         }
@@ -279,7 +279,9 @@ impl Lab {
         } else {
             &["list", "table", "ip", "mesh_ingress"]
         };
-        nft::output_in(ns, args).map(Some)
+        nft::output_in(ns, args)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     fn link_exists(&self, ns: &Netns, name: &str) -> Result<bool, String> {

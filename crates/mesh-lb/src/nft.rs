@@ -95,20 +95,15 @@
 //! A slot replaced in place (delete + add of one key in one transaction) is safe: the old
 //! generation finds the old element, the new one the new element.
 //!
-//! Small transactions go through one long-lived `nft -i` process per [`NftLb`], started in
-//! the namespace on first use: spawning `nft -f -` costs ~16 ms per change, a line written
-//! to a running `nft -i` ~0.12 ms (median; 0.3 ms p99; `mesh-bench lb`). What is left is
-//! nft's own: its line editor reads stdin one byte per `read` (~0.25 µs a byte), and every
-//! command refreshes its cache (generation, tables, chains, sets, flowtables, objects)
-//! before the commit. One line is one transaction in `nft -i`; after each line
-//! we write a sentinel line that is a syntax error naming a sequence number, so the errors
-//! of our line are exactly what `nft` prints on stderr before the sentinel's error (no reply
-//! on success). Any trouble with that process (exit, timeout, garbled output) kills it, the
-//! table is re-read from the kernel and the change is retried once with `nft -f -`. Big
-//! transactions (over 64 KiB of script) always use `nft -f -`, and so does everything if
-//! `nft -i` fails before its first answer (an `nft` built without it). The process is restarted
-//! every 4096 commands (its line-editing history only grows), with `HOME=/dev/null` so it
-//! never writes a history file.
+//! Small transactions go through one long-lived `nft -i` process per [`NftLb`]
+//! ([`mesh_netlink::nft::Session`], the same runner the routing mesh and the overlay use for
+//! their scripts), started in the namespace on first use: spawning `nft -f -` costs ~16 ms
+//! per change, a line written to a running `nft -i` ~0.12 ms (median; 0.3 ms p99;
+//! `mesh-bench lb`). Any trouble with that process (exit, timeout, garbled output) kills
+//! it, the table is re-read from the kernel and the change is retried once with `nft -f -`.
+//! Big transactions (over 64 KiB of script) always use `nft -f -`, and so does everything
+//! if `nft -i` fails before its first answer (an `nft` built without it). The process is
+//! replaced every 4096 commands (its line-editing history only grows).
 //!
 //! # Lost backends
 //!
@@ -140,13 +135,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
-use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, RawFd};
-use std::process::{Child, ChildStderr, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use mesh_netlink::{conntrack, nft, Netns};
+use mesh_netlink::nft::{self, condense, Session, SessionError};
+use mesh_netlink::{conntrack, Netns};
 use serde_json::{json, Value};
 
 use crate::{LbError, Proto, ServiceEntry};
@@ -163,14 +155,8 @@ const SESSION_MAX_SCRIPT: usize = 64 * 1024;
 /// The session is replaced after this many commands (bounds its history's memory).
 const SESSION_MAX_COMMANDS: u32 = 4096;
 
-/// Bound on one command through the session.
-const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Elements per `add element` / `delete element` command (keeps error echoes readable).
 const ELEMENTS_PER_COMMAND: usize = 256;
-
-/// Error texts are cut to this many characters per line.
-const ERROR_LINE_MAX: usize = 240;
 
 /// One change for [`NftLb::apply_batch`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,7 +200,7 @@ impl fmt::Debug for NftLb {
             .field("ns", &self.ns.name())
             .field("services", &self.held.len())
             .field("chains", &self.chains)
-            .field("session", &self.session.as_ref().map(|s| s.child.id()))
+            .field("session", &self.session.as_ref().map(Session::pid))
             .finish_non_exhaustive()
     }
 }
@@ -434,7 +420,7 @@ impl NftLb {
         if self
             .session
             .as_ref()
-            .is_some_and(|s| s.sent >= SESSION_MAX_COMMANDS)
+            .is_some_and(|s| s.sent() >= SESSION_MAX_COMMANDS)
         {
             self.session = None;
         }
@@ -451,9 +437,9 @@ impl NftLb {
         let session = self.session.as_mut().expect("session just set");
         match session.exec(&line) {
             Ok(()) => Ok(()),
-            Err(SessionError::Nft(message)) => Err(self.error(message)),
+            Err(SessionError::Refused(message)) => Err(self.error(message)),
             Err(SessionError::Broken(message)) => {
-                if session.answered == 0 {
+                if session.answered() == 0 {
                     tracing::warn!(ns = self.ns.name(), error = %message, "nft load balancer: nft -i does not work here; using nft -f");
                     self.use_session = false;
                 }
@@ -465,7 +451,7 @@ impl NftLb {
     }
 
     fn run_file(&self, script: &str) -> Result<(), LbError> {
-        nft::apply_in(&self.ns, script).map_err(|e| self.error(condense(&e)))
+        nft::apply_in(&self.ns, script).map_err(|e| self.error(condense(&e.to_string())))
     }
 
     fn error(&self, message: String) -> LbError {
@@ -522,10 +508,10 @@ impl NftLb {
                 // Tell "no such table" from a real failure without parsing (localized) errno
                 // texts: is the table listed?
                 let tables = nft::output_in(&self.ns, &["list", "tables", "ip"])
-                    .map_err(|e| self.error(condense(&e)))?;
+                    .map_err(|e| self.error(condense(&e.to_string())))?;
                 let ours = format!("table ip {TABLE}");
                 if tables.lines().any(|l| l.trim() == ours) {
-                    Err(self.error(condense(&e)))
+                    Err(self.error(condense(&e.to_string())))
                 } else {
                     Ok(None)
                 }
@@ -1022,238 +1008,6 @@ fn parse_table(text: &str) -> Result<Observed, String> {
     })
 }
 
-// ---------------------------------------------------------------------------------------
-// The `nft -i` session
-
-enum SessionError {
-    /// nft refused the command (the transaction did not happen).
-    Nft(String),
-    /// The process failed us: its outcome is unknown.
-    Broken(String),
-}
-
-/// A long-lived `nft -i` in the balancer's namespace. Protocol: write `<line>\n` (one
-/// transaction) then `mesh_lb_sync_<seq>\n`, a syntax error that nft reports on stderr as
-/// `Error: ...` / the line / carets; whatever stderr shows before that block belongs to
-/// `<line>`.
-struct Session {
-    child: Child,
-    /// `None` once closed (in drop).
-    stdin: Option<ChildStdin>,
-    stderr: ChildStderr,
-    buf: Vec<u8>,
-    seq: u64,
-    sent: u32,
-    /// Commands answered (successfully or with an nft error).
-    answered: u32,
-}
-
-impl Session {
-    fn spawn(ns: &Netns) -> Result<Session, String> {
-        let mut child = ns
-            .run(|| {
-                Command::new("nft")
-                    .arg("-i")
-                    // No history file read or written.
-                    .env("HOME", "/dev/null")
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-            })
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot run nft -i: {e}"))?;
-        let (Some(stdin), Some(stderr)) = (child.stdin.take(), child.stderr.take()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("nft -i: no pipes".to_string());
-        };
-        // From here on, dropping the session reaps the process.
-        let session = Session {
-            child,
-            stdin: Some(stdin),
-            stderr,
-            buf: Vec::new(),
-            seq: 0,
-            sent: 0,
-            answered: 0,
-        };
-        for fd in [session.stderr.as_raw_fd()]
-            .into_iter()
-            .chain(session.stdin.as_ref().map(AsRawFd::as_raw_fd))
-        {
-            set_nonblocking(fd).map_err(|e| format!("nft -i: {e}"))?;
-        }
-        tracing::debug!(
-            pid = session.child.id(),
-            "nft load balancer: nft -i started"
-        );
-        Ok(session)
-    }
-
-    fn exec(&mut self, line: &str) -> Result<(), SessionError> {
-        debug_assert!(!line.contains('\n') && !line.ends_with('\\'));
-        self.seq += 1;
-        self.sent += 1;
-        let token = format!("mesh_lb_sync_{}", self.seq);
-        let input = format!("{line}\n{token}\n").into_bytes();
-        let mut written = 0;
-        let deadline = Instant::now() + SESSION_TIMEOUT;
-        let mut chunk = [0u8; 16 * 1024];
-        let Some(stdin) = self.stdin.as_mut() else {
-            return Err(SessionError::Broken("closed".to_string()));
-        };
-        loop {
-            if let Some(reply) = take_reply(&mut self.buf, &token) {
-                if !matches!(reply, Err(SessionError::Broken(_))) {
-                    self.answered += 1;
-                }
-                return reply;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(SessionError::Broken(format!(
-                    "no answer within {SESSION_TIMEOUT:?}"
-                )));
-            }
-            let want_write = written < input.len();
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.stderr.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stdin.as_raw_fd(),
-                    events: if want_write { libc::POLLOUT } else { 0 },
-                    revents: 0,
-                },
-            ];
-            let ms = left.as_millis().clamp(1, 1000) as libc::c_int;
-            // SAFETY: two valid pollfds on fds we own for the duration of the call.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(SessionError::Broken(format!("poll: {e}")));
-            }
-            if want_write && fds[1].revents != 0 {
-                match stdin.write(&input[written..]) {
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(SessionError::Broken(format!("write: {e}"))),
-                }
-            }
-            if fds[0].revents != 0 {
-                match self.stderr.read(&mut chunk) {
-                    Ok(0) => {
-                        return Err(SessionError::Broken(format!(
-                            "nft -i exited: {}",
-                            condense(&String::from_utf8_lossy(&self.buf))
-                        )))
-                    }
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(SessionError::Broken(format!("read: {e}"))),
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        // Closing stdin ends `nft -i`; it gets half a second, then SIGKILL. Always reaped.
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(_)) => return,
-                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-                Err(_) => break,
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on an fd we own; F_GETFL/F_SETFL take no pointers.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Takes one complete reply for `token` off the front of `buf`: `None` if it is not all
-/// there yet. The reply is the sentinel's block (its `Error:` line, the token line, the
-/// carets line) and whatever precedes it, which is the output of our command.
-fn take_reply(buf: &mut Vec<u8>, token: &str) -> Option<Result<(), SessionError>> {
-    let token = token.as_bytes();
-    // The token alone on a line.
-    let mut from = 0;
-    let token_at = loop {
-        let i = find(&buf[from..], token)? + from;
-        let line_start = i == 0 || buf[i - 1] == b'\n';
-        let line_end = buf.get(i + token.len()) == Some(&b'\n');
-        if line_start && line_end {
-            break i;
-        }
-        from = i + token.len();
-    };
-    // The carets line after it must be complete.
-    let after = token_at + token.len() + 1;
-    let end = buf[after..].iter().position(|b| *b == b'\n')? + after + 1;
-    let before = String::from_utf8_lossy(&buf[..token_at]);
-    let before = before.strip_suffix('\n').unwrap_or(&before);
-    let (output, header) = match before.rfind('\n') {
-        Some(i) => (&before[..i], &before[i + 1..]),
-        None => ("", before),
-    };
-    let result = if !header.contains("Error") {
-        Err(SessionError::Broken(format!(
-            "unexpected output around the sync marker: {}",
-            condense(&String::from_utf8_lossy(&buf[..end]))
-        )))
-    } else if output.contains("Error") {
-        Err(SessionError::Nft(condense(output)))
-    } else {
-        if !output.trim().is_empty() {
-            tracing::debug!(output = %condense(output), "nft load balancer: nft said");
-        }
-        Ok(())
-    };
-    buf.drain(..end);
-    Some(result)
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// An nft error text made fit for a message: lines cut to [`ERROR_LINE_MAX`] characters
-/// (nft echoes the whole command, which can be long), at most 20 lines.
-fn condense(text: &str) -> String {
-    let mut out = Vec::new();
-    for line in text.trim().lines().take(20) {
-        if line.chars().count() > ERROR_LINE_MAX {
-            let cut: String = line.chars().take(ERROR_LINE_MAX).collect();
-            out.push(format!("{cut}... ({} bytes)", line.len()));
-        } else {
-            out.push(line.to_string());
-        }
-    }
-    out.join("\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1573,57 +1327,6 @@ mod tests {
         assert_eq!(obs.problems.len(), 4, "{:?}", obs.problems);
 
         assert!(parse_table("nope").is_err());
-    }
-
-    fn reply(buf: &str, token: &str) -> (Option<Result<(), String>>, String) {
-        let mut b = buf.as_bytes().to_vec();
-        let r = take_reply(&mut b, token).map(|r| {
-            r.map_err(|e| match e {
-                SessionError::Nft(m) => format!("nft: {m}"),
-                SessionError::Broken(m) => format!("broken: {m}"),
-            })
-        });
-        (r, String::from_utf8(b).unwrap())
-    }
-
-    const SENTINEL: &str =
-        "Error: syntax error, unexpected newline, expecting string\nmesh_lb_sync_7\n              ^\n";
-
-    #[test]
-    fn session_replies() {
-        // Success: only the sentinel's block.
-        assert_eq!(
-            reply(SENTINEL, "mesh_lb_sync_7"),
-            (Some(Ok(())), String::new())
-        );
-        // Incomplete: wait for more.
-        assert_eq!(reply(&SENTINEL[..70], "mesh_lb_sync_7").0, None);
-        assert_eq!(reply("Error: syntax error", "mesh_lb_sync_7").0, None);
-        // Another sequence number is not ours.
-        assert_eq!(reply(SENTINEL, "mesh_lb_sync_71").0, None);
-        // A failure, then the sentinel; what follows stays in the buffer.
-        let failed = format!(
-            "Error: Could not process rule: File exists\nadd element ip mesh_lb vips {{ 10.255.0.1 : accept }}\n                                ^^^^^^^^^^\n{SENTINEL}Error: next"
-        );
-        let (r, rest) = reply(&failed, "mesh_lb_sync_7");
-        let e = r.unwrap().unwrap_err();
-        assert!(
-            e.starts_with("nft: Error: Could not process rule: File exists\nadd element"),
-            "{e}"
-        );
-        assert!(!e.contains("mesh_lb_sync"), "{e}");
-        assert_eq!(rest, "Error: next");
-        // Garbage where the sentinel's error should be.
-        let (r, _) = reply("what\nmesh_lb_sync_7\n^\n", "mesh_lb_sync_7");
-        assert!(r.unwrap().unwrap_err().starts_with("broken: "));
-    }
-
-    #[test]
-    fn errors_are_condensed() {
-        let long = format!("Error: x\n{}\n", "a".repeat(1000));
-        let c = condense(&long);
-        assert!(c.len() < 300, "{c}");
-        assert!(c.ends_with("... (1000 bytes)"), "{c}");
     }
 
     #[test]

@@ -236,7 +236,7 @@ impl Lab {
 
     /// `nft ARGS` in namespace `role`.
     fn nft(&self, role: &str, args: &[&str]) -> Result<String, String> {
-        nft::output_in(&self.netns(role)?, args)
+        nft::output_in(&self.netns(role)?, args).map_err(|e| e.to_string())
     }
 }
 

@@ -78,7 +78,7 @@ impl MemberFilter {
         if members.is_empty() {
             return Err("no member addresses for the underlay filter".into());
         }
-        nft::apply_in(&self.ns, &self.script(members))
+        nft::apply_in(&self.ns, &self.script(members)).map_err(|e| e.to_string())
     }
 
     /// Deletes the table if it is there (blocking).
@@ -89,6 +89,7 @@ impl MemberFilter {
             &self.ns,
             &format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"),
         )
+        .map_err(|e| e.to_string())
     }
 }
 

@@ -331,7 +331,7 @@ impl Overlay {
         let rules = nft_ruleset(&gw.subnet);
         self.in_host(move || {
             enable_forwarding()?;
-            mesh_netlink::nft::apply(&rules)
+            mesh_netlink::nft::apply(&rules).map_err(|e| e.to_string())
         })
         .await
     }
