@@ -72,7 +72,22 @@ pub enum OverlayError {
          destroying, or a device this overlay did not make"
     )]
     VniInUse { vni: u32, port: u16 },
+    #[error("cannot set {path} in the task's namespace: {source}")]
+    Sysctl {
+        path: String,
+        source: std::io::Error,
+    },
 }
+
+/// ARP in a task's overlay interface: a request never leaves the host (the VXLAN device's
+/// proxy answers from the entries [`Overlay::sync_remotes`] programs), so a retry costs
+/// nothing on the wire. The kernel's default waits a second before it asks again, which is
+/// what a reply to an address whose record is a few milliseconds late would cost (the
+/// record of a task that started on another node just now). Asked every 100 ms instead,
+/// 13 times (`ucast_solicit` 3 + `mcast_solicit` 10: 1.3 s before the entry fails, longer
+/// than the default's first retry), such a reply waits at most until the next tick after
+/// the record is programmed.
+const NEIGH_SYSCTLS: [(&str, &str); 2] = [("retrans_time_ms", "100"), ("mcast_solicit", "10")];
 
 /// Keeps network namespaces alive across daemon restarts (implemented by the executor's
 /// holder processes). The overlay empties a namespace of its VXLAN device before `remove`.
@@ -291,6 +306,22 @@ impl Overlay {
         t.set_mac(&a.ifname, mac).await?;
         t.add_address(&a.ifname, a.ip, a.network.prefix).await?;
         t.set_up(&a.ifname).await?;
+        let ifname = a.ifname.clone();
+        tokio::task::spawn_blocking(move || {
+            task_ns.run(|| {
+                for (name, value) in NEIGH_SYSCTLS {
+                    let path = format!("/proc/sys/net/ipv4/neigh/{ifname}/{name}");
+                    std::fs::write(&path, value)
+                        .map_err(|source| OverlayError::Sysctl { path, source })?;
+                }
+                Ok::<(), OverlayError>(())
+            })
+        })
+        .await
+        .map_err(|e| OverlayError::Sysctl {
+            path: "/proc/sys/net/ipv4/neigh".into(),
+            source: std::io::Error::other(e.to_string()),
+        })???;
         debug!(ip = %a.ip, ifname = a.ifname, "task attached");
         Ok(())
     }

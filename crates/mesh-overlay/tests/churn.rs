@@ -363,6 +363,18 @@ async fn a_network_whose_holder_died_can_be_set_up_again_at_once() {
     // A last one, looked at closely: a new namespace with the bridge and the VXLAN device.
     let pid = lab.task();
     ov.attach(pid, &attachment(&network, 9)).await.unwrap();
+    // The task's interface asks ARP every 100 ms, 10 broadcast probes (`NEIGH_SYSCTLS`).
+    let task_ns = Netns::open(Path::new(&format!("/proc/{pid}/ns/net"))).expect("task namespace");
+    let neigh = task_ns
+        .run(|| {
+            ["retrans_time_ms", "mcast_solicit"].map(|n| {
+                std::fs::read_to_string(format!("/proc/sys/net/ipv4/neigh/eth0/{n}"))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            })
+        })
+        .unwrap();
+    assert_eq!(neigh, ["100".to_string(), "10".to_string()]);
     let holder = lab.holders.list()[0].1;
     let links = links_of(holder).await;
     assert_eq!(

@@ -1978,6 +1978,12 @@ impl NetworkPlane for Plane {
                 r.gossip.set_networks(ids).await;
                 (r.overlay.clone(), r.gossip.clone(), joined)
             };
+            // Announced as starting now, first, while the whole plumbing runs: the other
+            // nodes then program the task's address before its command can send a first
+            // packet (an answer to an address their overlays do not hold waits for the ARP
+            // retry). No name or VIP leads here until the agent's running set does; a start
+            // that fails drops the records with the next pass.
+            this.announce_starting(&task.id).await;
             for (i, a) in task.networks.iter().enumerate() {
                 let (ip, network) =
                     attachment_desc(a).ok_or_else(|| format!("bad attachment {a:?}"))?;
@@ -2001,11 +2007,6 @@ impl NetworkPlane for Plane {
                     .await
                     .map_err(|e| format!("gateway bridge: {e}"))?;
             }
-            // Announced as starting now, while the rest of the start runs: the other nodes
-            // then program the task's address before its command can send a first packet
-            // (an answer to an address their overlays do not hold waits a second for the
-            // ARP retry). No name or VIP leads here until the agent's running set does.
-            this.announce_starting(&task.id).await;
             // A network new to this node: its tables are filled by the first push-pull with
             // a member; until then the task's names would not resolve and its VIPs would
             // have no backends, so its command waits for that (bounded), and for a pass
