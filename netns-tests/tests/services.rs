@@ -284,13 +284,23 @@ fn service_lifecycle_on_three_nodes() -> Result<()> {
     expect_err(h1, &["service", "scale", "web=-3"], "invalid replicas")?;
 
     // meshd SIGKILLed and restarted on a worker: its tasks survive and are adopted, no copies.
+    // The scale-down left one task on each of two nodes (processes of the others may still
+    // be stopping), so the third goes to the node without one: wait for one running task
+    // per node, not for a process count, before looking at h2's.
     h1.mesh_ok(&["service", "scale", "web=3"])?;
+    wait_running(
+        h1,
+        "web",
+        &[("h1", 1), ("h2", 1), ("h3", 1)],
+        Duration::from_secs(15),
+    )?;
     wait_procs(86401, 3, Duration::from_secs(15))?;
     let before: Vec<String> = service_ps(h1, "web")?
         .iter()
         .filter(|t| field(t, "Node") == "h2" && field(t, "DesiredState") == "Running")
         .map(|t| field(t, "ID").to_string())
         .collect();
+    ensure!(before.len() == 1, "h2's running tasks: {before:?}");
     let pids_before = pids_of(86401);
     h2.kill_daemon()?;
     h2.start_daemon()?;
