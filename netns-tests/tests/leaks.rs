@@ -326,24 +326,6 @@ fn service_rm_leaves_no_task_directory() -> Result<()> {
 /// releases the network's namespace at once. The churn soak saw such a namespace (and its
 /// holder) outlive everything for a minute: the start gate's record of the task was kept
 /// until it aged out, whether its process lived or not.
-/// `line` without its terminal colour sequences (`ESC [ ... m`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[test]
 fn a_failed_start_holds_no_network_namespace() -> Result<()> {
     let Some(c) = swarm_cluster(2, 1, "failstart")? else {
@@ -384,12 +366,9 @@ fn a_failed_start_holds_no_network_namespace() -> Result<()> {
     )?;
     // The start plumbed the network before its exec failed (else nothing is tested). The
     // namespace itself may be gone by now: a pass after the failure releases it.
-    let made = std::fs::read_to_string(h2.log_path())?
-        .lines()
-        .map(strip_ansi)
-        .any(|l| {
-            l.contains("overlay network namespace ready") && l.ends_with(&format!("vni={vni}"))
-        });
+    let made = std::fs::read_to_string(h2.log_path())?.lines().any(|l| {
+        l.contains("overlay network namespace ready") && l.ends_with(&format!("vni={vni}"))
+    });
     ensure!(
         made,
         "the start did not plumb the network (nothing to test)"

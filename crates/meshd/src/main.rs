@@ -110,8 +110,10 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .with_context(|| format!("invalid --log-level: {}", args.log_level))?;
+    // Colours only on a terminal: a log file or journald gets plain lines (as dockerd's).
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => b.init(),
