@@ -1652,12 +1652,6 @@ fn snapshot(h: &Host) -> Result<Snapshot> {
             s.files.insert(rel);
         }
     }
-    // Image tasks' writable layers live in the data directory.
-    let rw = h.data_dir().join("rw");
-    for f in walk_files(&rw) {
-        let rel = f.strip_prefix(&rw).unwrap_or(&f).to_string_lossy();
-        s.files.insert(format!("<data_dir>/rw/{rel}"));
-    }
     if let Some(v2) = crate::cgroups::hierarchies(root)
         .into_iter()
         .find(|p| p.join("cgroup.controllers").exists())

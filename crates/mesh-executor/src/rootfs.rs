@@ -140,19 +140,14 @@ const READONLY_PATHS: [&std::ffi::CStr; 5] = [
 
 /// Creates the task's writable layer `rw` (its overlay's upper and work
 /// directories), its `rw` link to it and the layer links in its state
-/// directory `dir` (the executor, at `start`). A layer left in `rw` by an
-/// earlier start of the same id is stale (`dir` was just made): it goes.
+/// directory `dir` (the executor, at `start`). None is left from an earlier
+/// start of the id: a layer goes with its state directory (the executor's
+/// `cleanup`), or, without one, when the next executor is created.
 pub(crate) fn prepare_dir(dir: &Path, rw: &Path, spec: &RootfsSpec) -> Result<(), String> {
     let (_, links) = lowerdir(&spec.layers);
     let create =
         |p: &Path| fs::create_dir(p).map_err(|e| format!("cannot create {}: {e}", p.display()));
-    if let Err(e) = fs::create_dir(rw) {
-        if e.kind() != io::ErrorKind::AlreadyExists {
-            return Err(format!("cannot create {}: {e}", rw.display()));
-        }
-        fs::remove_dir_all(rw).map_err(|e| format!("cannot remove {}: {e}", rw.display()))?;
-        create(rw)?;
-    }
+    create(rw)?;
     for d in [UPPER_DIR, WORK_DIR] {
         create(&rw.join(d))?;
     }
