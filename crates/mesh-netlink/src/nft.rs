@@ -92,10 +92,7 @@ fn run(args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => NftError::NotInstalled,
-            _ => NftError::Spawn(e),
-        })?;
+        .map_err(spawn_error)?;
     let wrote = match (stdin, child.stdin.take()) {
         (Some(s), Some(mut pipe)) => pipe.write_all(s.as_bytes()),
         _ => Ok(()),
@@ -110,6 +107,14 @@ fn run(args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
     }
     wrote.map_err(NftError::Write)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `nft` could not be started: not installed, or another reason.
+fn spawn_error(e: io::Error) -> NftError {
+    match e.kind() {
+        io::ErrorKind::NotFound => NftError::NotInstalled,
+        _ => NftError::Spawn(e),
+    }
 }
 
 /// Errors of a [`Session`] command.
@@ -164,10 +169,7 @@ impl Session {
                     .stderr(Stdio::piped())
                     .spawn()
             })?
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => NftError::NotInstalled,
-                _ => NftError::Spawn(e),
-            })?;
+            .map_err(spawn_error)?;
         let (Some(stdin), Some(stderr)) = (child.stdin.take(), child.stderr.take()) else {
             let _ = child.kill();
             let _ = child.wait();
