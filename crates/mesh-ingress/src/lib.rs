@@ -149,6 +149,7 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
+use mesh_netlink::nft::json::Listing;
 use mesh_netlink::{nft, Handle, Netns};
 use tracing::{debug, info, warn};
 
@@ -394,40 +395,16 @@ fn nft_apply_echo(ns: &Netns, script: &str) -> Result<String, IngressError> {
 }
 
 /// `nft -j list table ip mesh_ingress`, or `None` if the table does not exist.
-fn nft_read_table(ns: &Netns) -> Result<Option<String>, IngressError> {
-    let nft_err = |source| IngressError::Nft {
+fn nft_read_table(ns: &Netns) -> Result<Option<Listing>, IngressError> {
+    nft::read_table_in(ns, "ip", TABLE).map_err(|source| IngressError::Nft {
         ns: ns.name().to_string(),
         source,
-    };
-    let tables = nft::output_in(ns, &["-j", "list", "tables", "ip"]).map_err(nft_err)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&tables).map_err(|e| IngressError::Readback {
-            ns: ns.name().to_string(),
-            table: TABLE,
-            msg: format!("bad json from nft list tables: {e}"),
-        })?;
-    let exists = v
-        .get("nftables")
-        .and_then(|a| a.as_array())
-        .is_some_and(|a| {
-            a.iter().any(|o| {
-                o.get("table")
-                    .and_then(|t| t.get("name"))
-                    .and_then(|n| n.as_str())
-                    == Some(TABLE)
-            })
-        });
-    if !exists {
-        return Ok(None);
-    }
-    nft::output_in(ns, &["-j", "list", "table", "ip", TABLE])
-        .map(Some)
-        .map_err(nft_err)
+    })
 }
 
 fn read_sandbox(ns: &Netns) -> Result<SandboxState, IngressError> {
     match nft_read_table(ns)? {
-        Some(json) => readback::parse_sandbox(&json).map_err(|msg| IngressError::Readback {
+        Some(listing) => readback::parse_sandbox(&listing).map_err(|msg| IngressError::Readback {
             ns: ns.name().to_string(),
             table: TABLE,
             msg,
@@ -438,7 +415,7 @@ fn read_sandbox(ns: &Netns) -> Result<SandboxState, IngressError> {
 
 fn read_host(ns: &Netns) -> Result<HostState, IngressError> {
     match nft_read_table(ns)? {
-        Some(json) => readback::parse_host(&json).map_err(|msg| IngressError::Readback {
+        Some(listing) => readback::parse_host(&listing).map_err(|msg| IngressError::Readback {
             ns: ns.name().to_string(),
             table: TABLE,
             msg,

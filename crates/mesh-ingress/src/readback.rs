@@ -1,5 +1,5 @@
 //! What our tables hold in the kernel: read back with `nft -j list table ip mesh_ingress`
-//! (so that a restarted daemon adopts what its predecessor programmed instead of starting from
+//! (`mesh_netlink::nft::read_table_in`, so that a restarted daemon adopts what its predecessor programmed instead of starting from
 //! nothing, which would close every published port until the first full sync), and the rule
 //! handles `nft -e -a` echoes (so that later changes can delete the rules they replace).
 //!
@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use mesh_netlink::nft::json::{self, Listing, Rule, Verdict};
 use serde_json::Value;
 
 use crate::script::{HOST_MAP, HOST_SET, PORT_CHAIN_PREFIX, SANDBOX_MAP, TABLE};
@@ -61,14 +62,6 @@ pub struct HostState {
     pub host_ports: HostPorts,
 }
 
-fn objects(json: &str) -> Result<Vec<Value>, String> {
-    let v: Value = serde_json::from_str(json).map_err(|e| format!("bad json: {e}"))?;
-    match v.get("nftables") {
-        Some(Value::Array(a)) => Ok(a.clone()),
-        _ => Err("no \"nftables\" array".to_string()),
-    }
-}
-
 /// Parses `p_tcp_30080`.
 pub fn parse_port_chain(name: &str) -> Option<Key> {
     let rest = name.strip_prefix(PORT_CHAIN_PREFIX)?;
@@ -101,38 +94,33 @@ fn port_of(v: &Value) -> Option<u16> {
     }
 }
 
-fn ip_of(v: &Value) -> Option<Ipv4Addr> {
-    v.as_str()?.parse().ok()
-}
-
 /// `{"concat": [proto, port]}`.
 fn key_of(v: &Value) -> Option<Key> {
-    let c = v.get("concat")?.as_array()?;
-    Some((proto_of(c.first()?)?, port_of(c.get(1)?)?))
+    let [proto, port] = json::concat(v)? else {
+        return None;
+    };
+    Some((proto_of(proto)?, port_of(port)?))
 }
 
 /// Target and backends of a port chain's rule.
-fn parse_port_rule(rule: &Value) -> Option<Target> {
+fn parse_port_rule(rule: &Rule) -> Option<Target> {
     let comment_target = rule
-        .get("comment")
-        .and_then(Value::as_str)
+        .comment
+        .as_deref()
         .and_then(|c| c.strip_prefix("target "))
         .and_then(|p| p.trim().parse::<u16>().ok());
-    let exprs = rule.get("expr")?.as_array()?;
-    for e in exprs {
+    for e in &rule.expr {
         if let Some(dnat) = e.get("dnat") {
             let target = comment_target.or_else(|| dnat.get("port").and_then(port_of))?;
             let addr = dnat.get("addr")?;
-            let backends = if let Some(ip) = ip_of(addr) {
+            let backends = if let Some(ip) = json::ipv4(addr) {
                 vec![ip]
             } else {
                 let set = addr.get("map")?.get("data")?.get("set")?.as_array()?;
                 let mut pairs = Vec::new();
                 for pair in set {
-                    let pair = pair.as_array()?;
-                    let idx = pair.first()?.as_u64()?;
-                    let ip = ip_of(pair.get(1)?)?;
-                    pairs.push((idx, ip));
+                    let (idx, ip) = json::pair(pair)?;
+                    pairs.push((idx.as_u64()?, json::ipv4(ip)?));
                 }
                 pairs.sort();
                 let mut ips: Vec<Ipv4Addr> = pairs.into_iter().map(|(_, ip)| ip).collect();
@@ -152,104 +140,55 @@ fn parse_port_rule(rule: &Value) -> Option<Target> {
     None
 }
 
-/// Reads the sandbox table from `nft -j list table ip mesh_ingress`.
-pub fn parse_sandbox(json: &str) -> Result<SandboxState, String> {
+/// Reads the sandbox table (`nft -j list table ip mesh_ingress`).
+pub fn parse_sandbox(listing: &Listing) -> Result<SandboxState, String> {
     let mut st = SandboxState::default();
-    let mut rules: Vec<(String, u64, Option<Target>)> = Vec::new();
-    for o in objects(json)? {
-        if let Some(c) = o.get("chain") {
-            if c.get("table").and_then(Value::as_str) != Some(TABLE) {
-                continue;
-            }
-            if let Some(name) = c.get("name").and_then(Value::as_str) {
-                if name.starts_with(PORT_CHAIN_PREFIX) {
-                    st.chains.insert(name.to_string(), PortChain::default());
-                }
-            }
-        } else if let Some(r) = o.get("rule") {
-            let (Some(chain), Some(handle)) = (
-                r.get("chain").and_then(Value::as_str),
-                r.get("handle").and_then(Value::as_u64),
-            ) else {
-                continue;
-            };
-            if chain.starts_with(PORT_CHAIN_PREFIX) {
-                rules.push((chain.to_string(), handle, parse_port_rule(r)));
-            }
-        } else if let Some(m) = o.get("map") {
-            if m.get("name").and_then(Value::as_str) != Some(SANDBOX_MAP) {
-                continue;
-            }
-            for e in m
-                .get("elem")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let bad = || format!("unexpected {SANDBOX_MAP} element {e}");
-                let pair = e.as_array().ok_or_else(bad)?;
-                let key = pair.first().and_then(key_of).ok_or_else(bad)?;
-                let chain = pair
-                    .get(1)
-                    .and_then(|v| v.get("goto").or_else(|| v.get("jump")))
-                    .and_then(|v| v.get("target"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(bad)?;
-                st.ports.insert(key, chain.to_string());
-            }
+    for c in &listing.chains {
+        if c.table == TABLE && c.name.starts_with(PORT_CHAIN_PREFIX) {
+            st.chains.insert(c.name.clone(), PortChain::default());
         }
     }
     // The listing gives a chain's rules in order, head first.
-    for (chain, handle, target) in rules {
-        st.chains
-            .entry(chain)
-            .or_default()
-            .rules
-            .push((handle, target));
+    for r in &listing.rules {
+        let Some(handle) = r.handle else { continue };
+        if r.chain.starts_with(PORT_CHAIN_PREFIX) {
+            st.chains
+                .entry(r.chain.clone())
+                .or_default()
+                .rules
+                .push((handle, parse_port_rule(r)));
+        }
+    }
+    for e in listing.set(SANDBOX_MAP).map_or(&[][..], |m| &m.elem) {
+        let bad = || format!("unexpected {SANDBOX_MAP} element {e}");
+        let (key, value) = json::pair(e).ok_or_else(bad)?;
+        let key = key_of(key).ok_or_else(bad)?;
+        let chain = match json::verdict(value) {
+            Some(Verdict::Goto(chain) | Verdict::Jump(chain)) => chain,
+            _ => return Err(bad()),
+        };
+        st.ports.insert(key, chain.to_string());
     }
     Ok(st)
 }
 
-/// Reads the host table from `nft -j list table ip mesh_ingress`.
-pub fn parse_host(json: &str) -> Result<HostState, String> {
+/// Reads the host table (`nft -j list table ip mesh_ingress`).
+pub fn parse_host(listing: &Listing) -> Result<HostState, String> {
     let mut st = HostState::default();
-    for o in objects(json)? {
-        if let Some(s) = o.get("set") {
-            if s.get("name").and_then(Value::as_str) != Some(HOST_SET) {
-                continue;
-            }
-            for e in s
-                .get("elem")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let key = key_of(e).ok_or_else(|| format!("unexpected {HOST_SET} element {e}"))?;
-                st.published.insert(key);
-            }
-        } else if let Some(m) = o.get("map") {
-            if m.get("name").and_then(Value::as_str) != Some(HOST_MAP) {
-                continue;
-            }
-            for e in m
-                .get("elem")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let bad = || format!("unexpected {HOST_MAP} element {e}");
-                let pair = e.as_array().ok_or_else(bad)?;
-                let key = pair.first().and_then(key_of).ok_or_else(bad)?;
-                let val = pair
-                    .get(1)
-                    .and_then(|k| k.get("concat"))
-                    .and_then(Value::as_array)
-                    .ok_or_else(bad)?;
-                let ip = val.first().and_then(ip_of).ok_or_else(bad)?;
-                let target = val.get(1).and_then(port_of).ok_or_else(bad)?;
-                st.host_ports.insert(key, (ip, target));
-            }
-        }
+    for e in listing.set(HOST_SET).map_or(&[][..], |s| &s.elem) {
+        let key = key_of(e).ok_or_else(|| format!("unexpected {HOST_SET} element {e}"))?;
+        st.published.insert(key);
+    }
+    for e in listing.set(HOST_MAP).map_or(&[][..], |m| &m.elem) {
+        let bad = || format!("unexpected {HOST_MAP} element {e}");
+        let (key, value) = json::pair(e).ok_or_else(bad)?;
+        let key = key_of(key).ok_or_else(bad)?;
+        let [ip, target] = json::concat(value).ok_or_else(bad)? else {
+            return Err(bad());
+        };
+        let ip = json::ipv4(ip).ok_or_else(bad)?;
+        let target = port_of(target).ok_or_else(bad)?;
+        st.host_ports.insert(key, (ip, target));
     }
     Ok(st)
 }
@@ -312,7 +251,7 @@ mod tests {
 
     #[test]
     fn reads_port_chains_with_their_handles() {
-        let st = parse_sandbox(SANDBOX).unwrap();
+        let st = parse_sandbox(&json::parse(SANDBOX).unwrap()).unwrap();
         let t80 = Target {
             target: 80,
             backends: vec![ip("10.0.0.5"), ip("10.0.0.6")],
@@ -379,12 +318,12 @@ mod tests {
 
     #[test]
     fn reads_the_host_table() {
-        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+        let text = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
           {"set": {"family": "ip", "name": "published", "table": "mesh_ingress", "type": ["inet_proto", "inet_service"], "handle": 6,
                    "elem": [{"concat": ["tcp", 30080]}, {"concat": ["udp", 30053]}]}},
           {"map": {"family": "ip", "name": "host_ports", "table": "mesh_ingress", "type": ["inet_proto", "inet_service"], "handle": 7, "map": "ipv4_addr . inet_service",
                    "elem": [[{"concat": ["tcp", 30081]}, {"concat": ["172.18.77.5", 8080]}], [{"concat": [17, 53]}, {"concat": ["172.18.77.6", 5353]}]]}}]}"#;
-        let st = parse_host(json).unwrap();
+        let st = parse_host(&json::parse(text).unwrap()).unwrap();
         assert_eq!(
             st.published,
             [(Proto::Tcp, 30080), (Proto::Udp, 30053)].into()
@@ -394,10 +333,15 @@ mod tests {
         want.insert((Proto::Udp, 53), (ip("172.18.77.6"), 5353));
         assert_eq!(st.host_ports, want);
         // Empty sets and maps have no "elem".
-        let empty = r#"{"nftables": [{"map": {"name": "host_ports", "table": "mesh_ingress"}},
+        let empty = r#"{"nftables": [{"map": {"name": "host_ports", "table": "mesh_ingress", "map": "ipv4_addr . inet_service"}},
                                       {"set": {"name": "published", "table": "mesh_ingress"}}]}"#;
-        assert_eq!(parse_host(empty).unwrap(), HostState::default());
-        assert!(parse_host("{}").is_err());
+        assert_eq!(
+            parse_host(&json::parse(empty).unwrap()).unwrap(),
+            HostState::default()
+        );
+        let odd =
+            r#"{"nftables": [{"set": {"name": "published", "elem": [{"concat": ["tcp"]}]}}]}"#;
+        assert!(parse_host(&json::parse(odd).unwrap()).is_err());
     }
 
     #[test]

@@ -137,6 +137,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
+use mesh_netlink::nft::json::{self, Listing, Verdict};
 use mesh_netlink::nft::{self, condense, Session, SessionError};
 use mesh_netlink::{conntrack, Netns};
 use serde_json::{json, Value};
@@ -502,21 +503,9 @@ impl NftLb {
 
     /// The table as the kernel has it, or `None` if there is no table.
     fn read_kernel(&self) -> Result<Option<Observed>, LbError> {
-        match nft::output_in(&self.ns, &["-j", "list", "table", "ip", TABLE]) {
-            Ok(json) => parse_table(&json).map(Some).map_err(|e| self.error(e)),
-            Err(e) => {
-                // Tell "no such table" from a real failure without parsing (localized) errno
-                // texts: is the table listed?
-                let tables = nft::output_in(&self.ns, &["list", "tables", "ip"])
-                    .map_err(|e| self.error(condense(&e.to_string())))?;
-                let ours = format!("table ip {TABLE}");
-                if tables.lines().any(|l| l.trim() == ours) {
-                    Err(self.error(condense(&e.to_string())))
-                } else {
-                    Ok(None)
-                }
-            }
-        }
+        let listing = nft::read_table_in(&self.ns, "ip", TABLE)
+            .map_err(|e| self.error(condense(&e.to_string())))?;
+        Ok(listing.as_ref().map(parse_table))
     }
 }
 
@@ -827,93 +816,71 @@ fn expected_lb_rule(n: usize) -> Value {
     ])
 }
 
-fn parse_ip(v: &Value) -> Option<Ipv4Addr> {
-    v.as_str()?.parse().ok()
-}
-
-/// Parses the JSON listing of the table. Only malformed JSON is an error; anything
-/// unexpected in it is a problem to repair.
-fn parse_table(text: &str) -> Result<Observed, String> {
-    let doc: Value = serde_json::from_str(text)
-        .map_err(|e| format!("cannot parse `nft -j list table ip {TABLE}`: {e}"))?;
-    let items = doc["nftables"]
-        .as_array()
-        .ok_or_else(|| format!("`nft -j list table ip {TABLE}`: no \"nftables\" array"))?;
-
+/// Reads the listing of the table: what is unexpected in it is a problem to repair.
+fn parse_table(listing: &Listing) -> Observed {
     let mut problems = Vec::new();
-    let mut vips_elems: Option<&Vec<Value>> = None;
-    let mut backend_elems: Option<&Vec<Value>> = None;
+    let mut vips_elems: &[Value] = &[];
+    let mut backend_elems: &[Value] = &[];
     let mut have_vips = false;
     let mut have_backends = false;
     let mut base_chains = BTreeSet::new();
     let mut lb_chains = BTreeSet::new();
-    let mut rules: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    let empty = Vec::new();
+    let mut rules: BTreeMap<&str, Vec<&Vec<Value>>> = BTreeMap::new();
 
-    for item in items {
-        let Some((kind, body)) = item.as_object().and_then(|o| o.iter().next()) else {
-            continue;
-        };
-        let name = body["name"].as_str().unwrap_or_default();
-        match kind.as_str() {
-            "metainfo" | "table" => {}
-            "map" if name == "vips" => {
-                let fields_ok = body["type"] == "ipv4_addr"
-                    && body["map"] == "verdict"
-                    && body.get("flags").is_none()
-                    && body.get("timeout").is_none();
-                if !fields_ok {
-                    problems.push(format!("map vips: unexpected definition {body}"));
+    for set in &listing.sets {
+        let plain = set.flags.is_none() && set.timeout.is_none();
+        match set.name.as_str() {
+            "vips" => {
+                if !(plain && set.key_type == "ipv4_addr" && set.map == Some(json!("verdict"))) {
+                    problems.push(format!("map vips: unexpected definition {set:?}"));
                 }
                 have_vips = true;
-                vips_elems = Some(body["elem"].as_array().unwrap_or(&empty));
+                vips_elems = &set.elem;
             }
-            "map" if name == "backends" => {
-                let fields_ok = body["type"] == json!(["ipv4_addr", "integer"])
-                    && body["map"] == "ipv4_addr"
-                    && body.get("flags").is_none()
-                    && body.get("timeout").is_none();
+            "backends" => {
+                let fields_ok = plain
+                    && set.key_type == json!(["ipv4_addr", "integer"])
+                    && set.map == Some(json!("ipv4_addr"));
                 if !fields_ok {
-                    problems.push(format!("map backends: unexpected definition {body}"));
+                    problems.push(format!("map backends: unexpected definition {set:?}"));
                 }
                 have_backends = true;
-                backend_elems = Some(body["elem"].as_array().unwrap_or(&empty));
+                backend_elems = &set.elem;
             }
-            "chain" => {
-                let hooked = |hook: &str, prio: i64| {
-                    body["type"] == "nat"
-                        && body["hook"] == hook
-                        && body["prio"] == prio
-                        && body["policy"] == "accept"
-                };
-                match name {
-                    "output" if hooked("output", -100) => {
-                        base_chains.insert("output");
-                    }
-                    "postrouting" if hooked("postrouting", 100) => {
-                        base_chains.insert("postrouting");
-                    }
-                    _ => match name
-                        .strip_prefix("lb_")
-                        .and_then(|n| n.parse::<usize>().ok())
-                    {
-                        Some(n) if n > 0 && body.get("hook").is_none() => {
-                            lb_chains.insert(n);
-                        }
-                        _ => problems.push(format!("unexpected chain {name}")),
-                    },
-                }
-            }
-            "rule" => {
-                let chain = body["chain"].as_str().unwrap_or_default().to_string();
-                rules.entry(chain).or_default().push(&body["expr"]);
-            }
-            other => problems.push(format!("unexpected {other} {name}")),
+            name => problems.push(format!("unexpected set or map {name}")),
         }
+    }
+    for chain in &listing.chains {
+        let hooked = |hook: &str, prio: i64| {
+            chain.kind.as_deref() == Some("nat")
+                && chain.hook.as_deref() == Some(hook)
+                && chain.prio == Some(prio)
+                && chain.policy.as_deref() == Some("accept")
+        };
+        match chain.name.as_str() {
+            "output" if hooked("output", -100) => {
+                base_chains.insert("output");
+            }
+            "postrouting" if hooked("postrouting", 100) => {
+                base_chains.insert("postrouting");
+            }
+            name => match lb_chain_number(name) {
+                Some(n) if !chain.is_base() => {
+                    lb_chains.insert(n);
+                }
+                _ => problems.push(format!("unexpected chain {name}")),
+            },
+        }
+    }
+    for rule in &listing.rules {
+        rules.entry(&rule.chain).or_default().push(&rule.expr);
+    }
+    for (kind, _) in &listing.other {
+        problems.push(format!("unexpected {kind}"));
     }
 
     let rules_are = |chain: &str, want: Value| -> bool {
-        matches!(rules.get(chain).map(Vec::as_slice), Some([one]) if **one == want)
+        matches!(rules.get(chain).map(Vec::as_slice), Some([one]) if Some(*one) == want.as_array())
     };
     if !have_vips {
         problems.push("map vips missing".to_string());
@@ -938,25 +905,21 @@ fn parse_table(text: &str) -> Result<Observed, String> {
         }
     }
     for chain in rules.keys() {
-        let known = chain == "output"
-            || chain == "postrouting"
-            || chain
-                .strip_prefix("lb_")
-                .and_then(|n| n.parse::<usize>().ok())
-                .is_some();
+        let known =
+            *chain == "output" || *chain == "postrouting" || lb_chain_number(chain).is_some();
         if !known {
             problems.push(format!("rules in unexpected chain {chain}"));
         }
     }
 
     let mut slots: BTreeMap<(Ipv4Addr, u64), Ipv4Addr> = BTreeMap::new();
-    for e in backend_elems.unwrap_or(&empty) {
+    for e in backend_elems {
         let parsed = (|| {
-            let key = e.get(0)?.get("concat")?.as_array()?;
-            let [vip, slot] = key.as_slice() else {
+            let (key, backend) = json::pair(e)?;
+            let [vip, slot] = json::concat(key)? else {
                 return None;
             };
-            Some(((parse_ip(vip)?, slot.as_u64()?), parse_ip(e.get(1)?)?))
+            Some(((json::ipv4(vip)?, slot.as_u64()?), json::ipv4(backend)?))
         })();
         match parsed {
             Some((key, b)) => {
@@ -967,16 +930,18 @@ fn parse_table(text: &str) -> Result<Observed, String> {
     }
 
     let mut services = BTreeMap::new();
-    for e in vips_elems.unwrap_or(&empty) {
+    for e in vips_elems {
         let parsed = (|| {
-            let vip = parse_ip(e.get(0)?)?;
-            let v = e.get(1)?;
-            if v.get("accept").is_some() {
-                return Some((vip, 0));
+            let (vip, v) = json::pair(e)?;
+            let vip = json::ipv4(vip)?;
+            match json::verdict(v)? {
+                Verdict::Accept => Some((vip, 0)),
+                Verdict::Goto(target) => {
+                    let n = lb_chain_number(target)?;
+                    chains.contains(&n).then_some((vip, n))
+                }
+                _ => None,
             }
-            let target = v.get("goto")?.get("target")?.as_str()?;
-            let n = target.strip_prefix("lb_")?.parse::<usize>().ok()?;
-            chains.contains(&n).then_some((vip, n))
         })();
         let Some((vip, n)) = parsed else {
             problems.push(format!("vips: unexpected element {e}"));
@@ -1000,12 +965,17 @@ fn parse_table(text: &str) -> Result<Observed, String> {
             _ => problems.push(format!("backends: stray element {vip} . {slot}")),
         }
     }
-    Ok(Observed {
+    Observed {
         services,
         chains,
         lingering,
         problems,
-    })
+    }
+}
+
+/// `lb_N` -> N.
+fn lb_chain_number(name: &str) -> Option<usize> {
+    name.strip_prefix("lb_")?.parse().ok()
 }
 
 #[cfg(test)]
@@ -1261,7 +1231,7 @@ mod tests {
 
     #[test]
     fn listing_is_adopted() {
-        let obs = parse_table(LISTING).unwrap();
+        let obs = parse_table(&listing(LISTING));
         assert_eq!(obs.problems, Vec::<String>::new());
         assert_eq!(obs.chains, BTreeSet::from([2]));
         assert_eq!(
@@ -1277,7 +1247,7 @@ mod tests {
             r#"[{"concat": ["10.255.0.1", 1]}, "10.0.0.9"]"#,
             r#"[{"concat": ["10.255.0.1", 1]}, "10.0.0.9"], [{"concat": ["10.255.0.1", 2]}, "10.0.0.3"], [{"concat": ["10.255.0.3", 0]}, "10.0.0.4"]"#,
         );
-        let obs = parse_table(&extra).unwrap();
+        let obs = parse_table(&listing(&extra));
         assert_eq!(obs.problems, Vec::<String>::new());
         assert_eq!(obs.services[&VIP], ips(&["10.0.0.2", "10.0.0.9"]));
         assert_eq!(
@@ -1291,7 +1261,7 @@ mod tests {
         // A missing slot: the VIP is dropped, the table is to be rewritten.
         let missing = LISTING.replace(r#"[{"concat": ["10.255.0.1", 1]}, "10.0.0.9"]"#, "");
         let missing = missing.replace(r#""10.0.0.2"], ]"#, r#""10.0.0.2"]]"#);
-        let obs = parse_table(&missing).unwrap();
+        let obs = parse_table(&listing(&missing));
         assert_eq!(
             obs.services.keys().collect::<Vec<_>>(),
             vec![&ip("10.255.0.2")]
@@ -1303,7 +1273,7 @@ mod tests {
             r#"{"rule": {"family": "ip", "table": "mesh_lb", "chain": "lb_2""#,
             r#"{"rule": {"family": "ip", "table": "mesh_lb", "chain": "output", "handle": 9, "expr": [{"accept": null}]}}, {"rule": {"family": "ip", "table": "mesh_lb", "chain": "lb_2""#,
         );
-        let obs = parse_table(&foreign).unwrap();
+        let obs = parse_table(&listing(&foreign));
         assert_eq!(obs.services.len(), 2);
         assert!(
             obs.problems[0].contains("chain output"),
@@ -1313,7 +1283,7 @@ mod tests {
 
         // A wrong modulus in lb_2: its VIP cannot be trusted.
         let wrong = LISTING.replace(r#""mod": 2"#, r#""mod": 3"#);
-        let obs = parse_table(&wrong).unwrap();
+        let obs = parse_table(&listing(&wrong));
         assert_eq!(
             obs.services.keys().collect::<Vec<_>>(),
             vec![&ip("10.255.0.2")]
@@ -1321,12 +1291,27 @@ mod tests {
         assert!(!obs.problems.is_empty());
 
         // An empty table.
-        let obs = parse_table(r#"{"nftables": [{"table": {"family": "ip", "name": "mesh_lb"}}]}"#)
-            .unwrap();
+        let obs = parse_table(&listing(
+            r#"{"nftables": [{"table": {"family": "ip", "name": "mesh_lb"}}]}"#,
+        ));
         assert!(obs.services.is_empty());
         assert_eq!(obs.problems.len(), 4, "{:?}", obs.problems);
 
-        assert!(parse_table("nope").is_err());
+        // Objects of other kinds, and sets we did not make.
+        let more = LISTING.replace(
+            r#"{"chain": {"family": "ip", "table": "mesh_lb", "name": "lb_2""#,
+            r#"{"counter": {"name": "c"}}, {"set": {"name": "s", "type": "ipv4_addr"}}, {"chain": {"family": "ip", "table": "mesh_lb", "name": "lb_2""#,
+        );
+        let obs = parse_table(&listing(&more));
+        assert_eq!(obs.services.len(), 2);
+        assert_eq!(
+            obs.problems,
+            vec!["unexpected set or map s", "unexpected counter"]
+        );
+    }
+
+    fn listing(text: &str) -> Listing {
+        json::parse(text).unwrap()
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //!   none of it); [`apply_in`] runs it inside another network namespace, [`apply_echo_in`]
 //!   returns what nft echoes (new rules with their handles), [`output`]/[`output_in`] run a
 //!   listing. Each spawns one `nft` process (~16 ms).
+//! - [`read_table_in`] reads a table back as a typed [`json::Listing`] (or `None` if the
+//!   table does not exist): how the balancer and the routing mesh adopt what a killed
+//!   daemon programmed.
 //! - A [`Session`] is one long-lived `nft -i` in a namespace, for many small transactions
 //!   (~0.12 ms each): one line is one transaction. After each line a sentinel line is
 //!   written that is a syntax error naming a sequence number, so the errors of our line are
@@ -21,6 +24,8 @@ use std::process::{Child, ChildStderr, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{NetlinkError, Netns};
+
+pub mod json;
 
 /// Bound on one command through a [`Session`].
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +58,15 @@ pub enum NftError {
     /// The namespace could not be entered.
     #[error(transparent)]
     Namespace(#[from] NetlinkError),
+    /// A JSON listing (`nft -j ...`) could not be read.
+    #[error("nft {args}: {source}")]
+    Json {
+        /// The arguments, joined by spaces.
+        args: String,
+        /// What is wrong with it.
+        #[source]
+        source: json::JsonError,
+    },
 }
 
 /// Runs `nft -f -` with `script` on stdin in the calling thread's network namespace.
@@ -79,6 +93,45 @@ pub fn output(args: &[&str]) -> Result<String, NftError> {
 /// As [`output`], inside `ns`.
 pub fn output_in(ns: &Netns, args: &[&str]) -> Result<String, NftError> {
     ns.run(|| output(args))?
+}
+
+/// Reads table `family name` in `ns` (`nft -j list table`), or `None` if there is no such
+/// table.
+pub fn read_table_in(
+    ns: &Netns,
+    family: &str,
+    name: &str,
+) -> Result<Option<json::Listing>, NftError> {
+    ns.run(|| read_table(family, name))?
+}
+
+fn read_table(family: &str, name: &str) -> Result<Option<json::Listing>, NftError> {
+    let list = ["-j", "list", "table", family, name];
+    let listing = |text: &str| {
+        json::parse(text).map_err(|source| NftError::Json {
+            args: list.join(" "),
+            source,
+        })
+    };
+    match output(&list) {
+        Ok(text) => listing(&text).map(Some),
+        // Tell "no such table" from a real failure without reading (localized) errno texts:
+        // is the table listed? The common case (it exists) costs one nft run.
+        Err(e @ NftError::Failed { .. }) => {
+            let tables = ["-j", "list", "tables", family];
+            let text = output(&tables)?;
+            let all = json::parse(&text).map_err(|source| NftError::Json {
+                args: tables.join(" "),
+                source,
+            })?;
+            if all.tables.iter().any(|t| t.name == name) {
+                Err(e)
+            } else {
+                Ok(None)
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn run(args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
