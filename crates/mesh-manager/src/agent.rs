@@ -32,17 +32,35 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mesh_api::{Task, TaskState, TaskStatus};
+use mesh_api::{ApiError, ErrorKind, Task, TaskState, TaskStatus};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::health::{self, Health, Monitor};
-use crate::member::Member;
 use crate::peer::{PeerRequest, PeerResponse, TaskLog};
 use crate::runtime::{
     image_argv, image_env, ImageRun, Images, NetworkPlane, RunFile, RunRootfs, RunSpec, RunState,
-    Runtime,
+    Runtime, RuntimeError,
 };
+
+/// How the agent reaches the leader: the one thing it needs of its node's membership
+/// (`Member` implements it; tests plug in a fake). The agent knows nothing else of Raft or
+/// of the other managers.
+pub trait LeaderLink: Send + Sync + 'static {
+    /// This node's ID.
+    fn node_id(&self) -> String;
+    /// Sends `req` to the leader (through whichever manager knows it) and returns its answer;
+    /// `PeerResponse::Error` when no leader could be reached.
+    fn to_leader(&self, req: PeerRequest)
+        -> impl std::future::Future<Output = PeerResponse> + Send;
+    /// As [`LeaderLink::to_leader`], for a long poll: over `client`, a connection kept
+    /// between polls.
+    fn to_leader_polling(
+        &self,
+        req: PeerRequest,
+        client: &mut Option<mesh_rpc::Client>,
+    ) -> impl std::future::Future<Output = PeerResponse> + Send;
+}
 
 /// How long a stopped task gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -349,7 +367,7 @@ impl Agent {
     /// Long-polls the leader for assignments until shutdown.
     pub(crate) async fn poll_loop(
         self: Arc<Self>,
-        member: Arc<Member>,
+        leader: impl LeaderLink,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut client: Option<mesh_rpc::Client> = None;
@@ -358,10 +376,10 @@ impl Agent {
                 return;
             }
             let known = self.lock().assigned.as_ref().map(|(d, _)| *d).unwrap_or(0);
-            let node_id = member.local().node_id;
+            let node_id = leader.node_id();
             let req = PeerRequest::Assignments { node_id, known };
             let resp = tokio::select! {
-                r = member.to_leader_polling(req, &mut client) => r,
+                r = leader.to_leader_polling(req, &mut client) => r,
                 _ = shutdown.changed() => return,
             };
             match resp {
@@ -413,7 +431,7 @@ impl Agent {
     /// Reconciles the runtime with the assignments and reports states, until shutdown.
     pub(crate) async fn reconcile_loop(
         self: Arc<Self>,
-        member: Arc<Member>,
+        leader: impl LeaderLink,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
@@ -423,7 +441,7 @@ impl Agent {
                 _ = shutdown.changed() => return,
             }
             self.clone().reconcile().await;
-            self.flush(&member).await;
+            self.flush(&leader).await;
         }
     }
 
@@ -925,11 +943,11 @@ impl Agent {
     /// An image task's image: from the store at once when it holds the pinned digest, else
     /// pulled while the task is Preparing (reported only then, as a report costs the leader a
     /// Raft write and delays the task's next one).
-    async fn prepare_image(&self, t: &Task) -> Result<ImageRun, String> {
+    async fn prepare_image(&self, t: &Task) -> Result<ImageRun, ApiError> {
         let images = self
             .images
             .clone()
-            .ok_or_else(|| "this node cannot run images".to_string())?;
+            .ok_or_else(|| ApiError::new(ErrorKind::Unavailable, "this node cannot run images"))?;
         if let Some(image) = images.local(&t.spec.image) {
             return Ok(image);
         }
@@ -949,7 +967,7 @@ impl Agent {
         let reference = t.spec.image.clone();
         match tokio::task::spawn_blocking(move || images.pull(&reference, auth.as_ref())).await {
             Ok(r) => r,
-            Err(e) => Err(format!("image pull panicked: {e}")),
+            Err(e) => Err(ApiError::internal(format!("image pull panicked: {e}"))),
         }
     }
 
@@ -966,7 +984,7 @@ impl Agent {
                         state: TaskState::Rejected,
                         timestamp_ms: now_ms(),
                         message: "preparing".into(),
-                        err: e,
+                        err: e.message,
                         exit_code: None,
                     };
                     self.start_ended(&t.id, status);
@@ -1077,7 +1095,9 @@ impl Agent {
                 return rt.start(&spec);
             }
             let Some(plane) = plane else {
-                return Err("this node has no network data plane".to_string());
+                return Err(RuntimeError::Failed(
+                    "this node has no network data plane".into(),
+                ));
             };
             rt.start_with(&spec, &mut |pid| plane.attach(&task, pid))
         })
@@ -1122,7 +1142,7 @@ impl Agent {
                     state: TaskState::Rejected,
                     timestamp_ms: now_ms(),
                     message: "start failed".into(),
-                    err: e,
+                    err: e.to_string(),
                     exit_code: None,
                 }
             }
@@ -1162,16 +1182,16 @@ impl Agent {
     }
 
     /// Sends queued reports to the leader; keeps them on failure.
-    async fn flush(&self, member: &Arc<Member>) {
+    async fn flush(&self, leader: &impl LeaderLink) {
         let updates = self.sendable();
         if updates.is_empty() {
             return;
         }
         let req = PeerRequest::TaskStatus {
-            node_id: member.local().node_id,
+            node_id: leader.node_id(),
             updates: updates.clone(),
         };
-        match member.to_leader(req).await {
+        match leader.to_leader(req).await {
             PeerResponse::Done => {
                 let mut st = self.lock();
                 for (id, s) in updates {
@@ -1225,7 +1245,7 @@ impl Agent {
                         Err(e) => TaskLog {
                             task_id: id,
                             lines: vec![],
-                            error: Some(e),
+                            error: Some(e.to_string()),
                         },
                     }
                 })
@@ -1303,7 +1323,7 @@ fn etc_hosts(t: &Task, hostname: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::ExecResult;
+    use crate::runtime::{ExecResult, PlaneError};
 
     /// A runtime that only lists the tasks it is given and records removals.
     #[derive(Default)]
@@ -1313,8 +1333,8 @@ mod tests {
     }
 
     impl Runtime for FakeRuntime {
-        fn start(&self, _: &RunSpec) -> Result<RunState, String> {
-            Err("not in this test".into())
+        fn start(&self, _: &RunSpec) -> Result<RunState, RuntimeError> {
+            Err(RuntimeError::Failed("not in this test".into()))
         }
         fn status(&self, id: &str) -> Option<RunState> {
             self.tasks.lock().unwrap().get(id).cloned()
@@ -1323,10 +1343,10 @@ mod tests {
             let t = self.tasks.lock().unwrap();
             t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         }
-        fn stop(&self, _: &str, _: i32, _: Duration) -> Result<(), String> {
+        fn stop(&self, _: &str, _: i32, _: Duration) -> Result<(), RuntimeError> {
             Ok(())
         }
-        fn remove(&self, id: &str) -> Result<(), String> {
+        fn remove(&self, id: &str) -> Result<(), RuntimeError> {
             self.tasks.lock().unwrap().remove(id);
             self.removed.lock().unwrap().push(id.to_string());
             Ok(())
@@ -1336,11 +1356,11 @@ mod tests {
             _: &str,
             _: Option<u64>,
             _: Option<usize>,
-        ) -> Result<Vec<mesh_api::LogLine>, String> {
+        ) -> Result<Vec<mesh_api::LogLine>, RuntimeError> {
             Ok(vec![])
         }
-        fn exec(&self, _: &str, _: &[String], _: Duration) -> Result<ExecResult, String> {
-            Err("not in this test".into())
+        fn exec(&self, _: &str, _: &[String], _: Duration) -> Result<ExecResult, RuntimeError> {
+            Err(RuntimeError::Failed("not in this test".into()))
         }
     }
 
@@ -1471,7 +1491,7 @@ mod tests {
     }
 
     impl Runtime for ProbedRuntime {
-        fn start(&self, spec: &RunSpec) -> Result<RunState, String> {
+        fn start(&self, spec: &RunSpec) -> Result<RunState, RuntimeError> {
             self.specs.lock().unwrap().push(spec.clone());
             let rs = RunState::Running {
                 pid: 4242,
@@ -1498,14 +1518,14 @@ mod tests {
             }
             listed
         }
-        fn stop(&self, id: &str, _: i32, _: Duration) -> Result<(), String> {
+        fn stop(&self, id: &str, _: i32, _: Duration) -> Result<(), RuntimeError> {
             self.tasks
                 .lock()
                 .unwrap()
                 .insert(id.to_string(), exited_at(now_ms()));
             Ok(())
         }
-        fn remove(&self, _: &str) -> Result<(), String> {
+        fn remove(&self, _: &str) -> Result<(), RuntimeError> {
             Ok(())
         }
         fn logs(
@@ -1513,10 +1533,10 @@ mod tests {
             _: &str,
             _: Option<u64>,
             _: Option<usize>,
-        ) -> Result<Vec<mesh_api::LogLine>, String> {
+        ) -> Result<Vec<mesh_api::LogLine>, RuntimeError> {
             Ok(vec![])
         }
-        fn exec(&self, _: &str, argv: &[String], _: Duration) -> Result<ExecResult, String> {
+        fn exec(&self, _: &str, argv: &[String], _: Duration) -> Result<ExecResult, RuntimeError> {
             assert_eq!(argv, ["/bin/sh", "-c", "check"]);
             self.probes
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1533,6 +1553,8 @@ mod tests {
     #[derive(Default)]
     struct FakePlane {
         local: Mutex<Vec<String>>,
+        /// The last `set_draining`.
+        draining: std::sync::atomic::AtomicBool,
         gated: bool,
         announced: Mutex<HashSet<String>>,
         wake: Mutex<Option<Arc<Notify>>>,
@@ -1550,15 +1572,19 @@ mod tests {
     }
 
     impl NetworkPlane for FakePlane {
-        fn start(&self, _: crate::runtime::PlaneIdentity) -> Result<(), String> {
+        fn start(&self, _: crate::runtime::PlaneIdentity) -> Result<(), PlaneError> {
             Ok(())
         }
         fn stop(&self) {}
-        fn attach(&self, _: &Task, _: u32) -> Result<(), String> {
+        fn attach(&self, _: &Task, _: u32) -> Result<(), PlaneError> {
             Ok(())
         }
         fn set_local(&self, running: Vec<(Task, u32)>) {
             *self.local.lock().unwrap() = running.into_iter().map(|(t, _)| t.id).collect();
+        }
+        fn set_draining(&self, draining: bool) {
+            self.draining
+                .store(draining, std::sync::atomic::Ordering::SeqCst);
         }
         fn announced(&self, task_id: &str) -> bool {
             !self.gated || self.announced.lock().unwrap().contains(task_id)
@@ -1677,6 +1703,151 @@ mod tests {
         assert_eq!(ids(&agent), ["t1", "u1"]);
     }
 
+    /// A leader that takes reports only when `up`, recording every report sent; `during`
+    /// runs inside the next report's call (a state queued while it is on the way).
+    #[derive(Default)]
+    struct FakeLeader {
+        up: std::sync::atomic::AtomicBool,
+        reports: Mutex<Vec<Vec<(String, TaskStatus)>>>,
+        during: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl LeaderLink for Arc<FakeLeader> {
+        fn node_id(&self) -> String {
+            "n1".into()
+        }
+        fn to_leader(
+            &self,
+            req: PeerRequest,
+        ) -> impl std::future::Future<Output = PeerResponse> + Send {
+            let answer = match req {
+                PeerRequest::TaskStatus { updates, .. } => {
+                    self.reports.lock().unwrap().push(updates);
+                    if let Some(f) = self.during.lock().unwrap().take() {
+                        f();
+                    }
+                    if self.up.load(std::sync::atomic::Ordering::SeqCst) {
+                        PeerResponse::Done
+                    } else {
+                        PeerResponse::Error(ApiError::no_leader())
+                    }
+                }
+                other => panic!("not in this test: {other:?}"),
+            };
+            std::future::ready(answer)
+        }
+        fn to_leader_polling(
+            &self,
+            _: PeerRequest,
+            _: &mut Option<mesh_rpc::Client>,
+        ) -> impl std::future::Future<Output = PeerResponse> + Send {
+            std::future::ready(PeerResponse::Error(ApiError::no_leader()))
+        }
+    }
+
+    /// Reports the leader did not take (no leader: an election, a partition) stay queued and
+    /// go again with the next flush; a state queued while a report was on its way is kept
+    /// and sent next (not dropped with the older one the leader took); nothing is sent
+    /// twice once taken.
+    #[tokio::test]
+    async fn reports_the_leader_did_not_take_are_sent_again() {
+        let (agent, _rt) = agent_with(&[]);
+        let leader = Arc::new(FakeLeader::default());
+        let queue = |a: &Agent, s: TaskStatus| {
+            let mut st = a.lock();
+            a.queue(&mut st, "t1", s);
+        };
+        let sent = |l: &FakeLeader| -> Vec<Vec<TaskState>> {
+            let reports = l.reports.lock().unwrap();
+            reports
+                .iter()
+                .map(|r| r.iter().map(|(_, s)| s.state).collect())
+                .collect()
+        };
+        queue(&agent, running(5));
+        agent.flush(&leader).await;
+        agent.flush(&leader).await;
+        assert_eq!(sent(&leader), [[TaskState::Running], [TaskState::Running]]);
+        assert_eq!(outbox_state(&agent), Some(TaskState::Running));
+
+        // The leader is back, and the task fails while its Running report is on the way.
+        leader.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        let a = agent.clone();
+        *leader.during.lock().unwrap() =
+            Some(Box::new(move || queue(&a, failed(9, "exited", Some(1)))));
+        agent.flush(&leader).await;
+        assert_eq!(outbox_state(&agent), Some(TaskState::Failed));
+        agent.flush(&leader).await;
+        assert_eq!(outbox_state(&agent), None);
+        agent.flush(&leader).await;
+        assert_eq!(
+            sent(&leader),
+            [
+                [TaskState::Running],
+                [TaskState::Running],
+                [TaskState::Running],
+                [TaskState::Failed]
+            ]
+        );
+    }
+
+    fn on_appnet(mut t: Task) -> Task {
+        t.networks = vec![mesh_api::NetworkAttachment {
+            network_id: "net".into(),
+            network_name: "appnet".into(),
+            addr: "10.0.1.5/24".into(),
+            vni: 4097,
+            gateway: "10.0.1.1".into(),
+            vip: Some("10.0.1.2/24".into()),
+        }];
+        t
+    }
+
+    /// A task the leader stops (a scale-down, a drained node's replica) leaves the plane's
+    /// running set at once, with the plane told a withdrawn task still runs (so its
+    /// networks stay while the other nodes stop sending it calls); it is stopped only after
+    /// [`DRAIN`], then reported Shutdown and the plane told nothing drains any more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_task_is_withdrawn_first_and_stopped_after_the_drain() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let rt = Arc::new(ProbedRuntime::default());
+        let plane = Arc::new(FakePlane::default());
+        let agent = Agent::new(rt.clone(), Some(plane.clone()), None, "n1".into());
+        let t = on_appnet(task("t1", "n1", TaskState::Assigned));
+        agent.lock().assigned = Some((1, [(t.id.clone(), t.clone())].into_iter().collect()));
+        let t0 = std::time::Instant::now();
+        while *plane.local.lock().unwrap() != ["t1"] {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never serving");
+            agent.clone().reconcile().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!plane.draining.load(SeqCst));
+
+        let mut stop = t;
+        stop.desired_state = TaskState::Shutdown;
+        agent.lock().assigned = Some((2, [(stop.id.clone(), stop)].into_iter().collect()));
+        let asked = std::time::Instant::now();
+        agent.clone().reconcile().await;
+        assert!(plane.local.lock().unwrap().is_empty(), "still a backend");
+        assert!(
+            plane.draining.load(SeqCst),
+            "the plane was not told it drains"
+        );
+        tokio::time::sleep(DRAIN / 2).await;
+        assert!(
+            matches!(rt.status("t1"), Some(RunState::Running { .. })),
+            "stopped before the drain"
+        );
+        while outbox_state(&agent) != Some(TaskState::Shutdown) {
+            assert!(asked.elapsed() < DRAIN * 5, "never reported stopped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(asked.elapsed() >= DRAIN);
+        assert!(matches!(rt.status("t1"), Some(RunState::Exited { .. })));
+        agent.clone().reconcile().await;
+        assert!(!plane.draining.load(SeqCst), "still draining once stopped");
+    }
+
     #[tokio::test]
     async fn a_restarted_manager_publishes_what_its_store_runs_here_until_the_leader_answers() {
         let rt = Arc::new(FakeRuntime::default());
@@ -1768,21 +1939,21 @@ mod tests {
     /// the answer it is given.
     struct FakeImages {
         local: Option<ImageRun>,
-        pulled: Result<ImageRun, String>,
+        pulled: Result<ImageRun, ApiError>,
         gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
         pulls: std::sync::atomic::AtomicU32,
     }
 
     impl Images for FakeImages {
-        fn normalise(&self, reference: &str) -> Result<String, String> {
+        fn normalise(&self, reference: &str) -> Result<String, ApiError> {
             Ok(reference.to_string())
         }
         fn pin(
             &self,
             _: &str,
             _: Option<&mesh_api::RegistryCredentials>,
-        ) -> Result<String, String> {
-            Err("not in this test".into())
+        ) -> Result<String, ApiError> {
+            Err(ApiError::internal("not in this test"))
         }
         fn local(&self, _: &str) -> Option<ImageRun> {
             self.local.clone()
@@ -1791,36 +1962,32 @@ mod tests {
             &self,
             _: &str,
             _: Option<&mesh_api::RegistryCredentials>,
-        ) -> Result<ImageRun, String> {
+        ) -> Result<ImageRun, ApiError> {
             self.pulls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if let Some(gate) = self.gate.lock().unwrap().take() {
                 let _ = gate.recv_timeout(Duration::from_secs(10));
             }
             self.pulled.clone()
         }
-        fn login(
-            &self,
-            _: &str,
-            _: &mesh_api::RegistryCredentials,
-        ) -> Result<String, mesh_api::ApiError> {
-            Err(mesh_api::ApiError::internal("not in this test"))
+        fn login(&self, _: &str, _: &mesh_api::RegistryCredentials) -> Result<String, ApiError> {
+            Err(ApiError::internal("not in this test"))
         }
-        fn logout(&self, _: &str) -> Result<bool, String> {
+        fn logout(&self, _: &str) -> Result<bool, ApiError> {
             Ok(false)
         }
         fn node_login(&self, _: &str) -> Option<mesh_api::RegistryCredentials> {
             None
         }
-        fn ls(&self) -> Result<Vec<mesh_api::ImageSummary>, String> {
+        fn ls(&self) -> Result<Vec<mesh_api::ImageSummary>, ApiError> {
             Ok(vec![])
         }
-        fn rm(&self, _: &str) -> Result<serde_json::Value, mesh_api::ApiError> {
-            Err(mesh_api::ApiError::internal("not in this test"))
+        fn rm(&self, _: &str) -> Result<serde_json::Value, ApiError> {
+            Err(ApiError::internal("not in this test"))
         }
-        fn prune(&self, _: &[String]) -> Result<serde_json::Value, String> {
+        fn prune(&self, _: &[String]) -> Result<serde_json::Value, ApiError> {
             Ok(serde_json::Value::Null)
         }
-        fn load(&self, _: &str) -> Result<Vec<String>, String> {
+        fn load(&self, _: &str) -> Result<Vec<String>, ApiError> {
             Ok(vec![])
         }
     }
@@ -1922,7 +2089,7 @@ mod tests {
     async fn a_failed_pull_rejects_the_task_with_the_registrys_reason() {
         let (agent, rt, _) = image_agent(FakeImages {
             local: None,
-            pulled: Err("No such image: reg:5000/app:1".into()),
+            pulled: Err(ApiError::not_found("No such image: reg:5000/app:1")),
             gate: Mutex::new(None),
             pulls: Default::default(),
         });
@@ -1941,7 +2108,7 @@ mod tests {
     async fn an_image_in_the_store_starts_without_a_pull() {
         let (agent, rt, images) = image_agent(FakeImages {
             local: Some(app_image()),
-            pulled: Err("no registry here".into()),
+            pulled: Err(ApiError::new(ErrorKind::Unavailable, "no registry here")),
             gate: Mutex::new(None),
             pulls: Default::default(),
         });

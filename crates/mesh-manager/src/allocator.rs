@@ -24,7 +24,7 @@ use std::net::Ipv4Addr;
 use mesh_api::{NetworkAttachment, TaskState, VirtualIp};
 
 use crate::ipam::{self, Cidr};
-use crate::state::StoreState;
+use crate::state::{StateError, StoreState};
 
 /// What holds an address.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -189,17 +189,17 @@ pub fn settle(
     used: &mut Used,
     who: Holder,
     addrs: &mut [VirtualIp],
-) -> Result<(), String> {
+) -> Result<(), StateError> {
     let before = used.clone();
     let res = addrs.iter_mut().try_for_each(|v| {
         let n = s
             .networks
             .get(&v.network_id)
-            .ok_or_else(|| format!("no such network: {}", v.network_id))?;
-        let subnet = Cidr::parse(&n.subnet)?;
+            .ok_or_else(|| StateError::NotFound(format!("no such network: {}", v.network_id)))?;
+        let subnet = Cidr::parse(&n.subnet).map_err(StateError::Invalid)?;
         let ip = used
             .settle(&n.id, &subnet, &v.addr, &who)
-            .ok_or_else(|| format!("no IP address left in network {}", n.spec.name))?;
+            .ok_or_else(|| full(n))?;
         v.addr = format!("{ip}/{}", subnet.len);
         Ok(())
     });
@@ -209,12 +209,17 @@ pub fn settle(
     res
 }
 
+/// `no IP address left in network NAME`.
+fn full(n: &mesh_api::Network) -> StateError {
+    StateError::Invalid(format!("no IP address left in network {}", n.spec.name))
+}
+
 /// One virtual IP per network of a new service in VIP mode, proposed from `s`: the next
 /// address nothing holds.
 pub fn propose_vips(
     s: &StoreState,
     spec: &mesh_api::ServiceSpec,
-) -> Result<Vec<VirtualIp>, String> {
+) -> Result<Vec<VirtualIp>, StateError> {
     if spec.endpoint_mode == mesh_api::EndpointMode::Dnsrr {
         return Ok(Vec::new());
     }
@@ -222,10 +227,10 @@ pub fn propose_vips(
     let mut out = Vec::new();
     for name in &spec.networks {
         let n = s.find_network(name)?;
-        let subnet = Cidr::parse(&n.subnet)?;
+        let subnet = Cidr::parse(&n.subnet).map_err(StateError::Invalid)?;
         let ip = used
             .take_next(&n.id, &subnet, Holder::Vip(String::new()))
-            .ok_or_else(|| format!("no IP address left in network {}", n.spec.name))?;
+            .ok_or_else(|| full(n))?;
         out.push(VirtualIp {
             network_id: n.id.clone(),
             addr: format!("{ip}/{}", subnet.len),
@@ -241,7 +246,7 @@ pub fn propose_task(
     s: &StoreState,
     t: &mesh_api::Task,
     used: &mut Used,
-) -> Result<Vec<NetworkAttachment>, String> {
+) -> Result<Vec<NetworkAttachment>, StateError> {
     let ingress = t
         .spec
         .ports
@@ -253,10 +258,10 @@ pub fn propose_task(
     let mut out = Vec::new();
     for name in t.spec.networks.iter().chain(ingress.as_ref()) {
         let n = s.find_network(name)?;
-        let subnet = Cidr::parse(&n.subnet)?;
+        let subnet = Cidr::parse(&n.subnet).map_err(StateError::Invalid)?;
         let ip = used
             .take_next(&n.id, &subnet, Holder::Task(t.id.clone()))
-            .ok_or_else(|| format!("no IP address left in network {}", n.spec.name))?;
+            .ok_or_else(|| full(n))?;
         out.push(NetworkAttachment {
             network_id: n.id.clone(),
             network_name: n.spec.name.clone(),
@@ -369,6 +374,54 @@ mod tests {
             .filter(|(_, w)| w.len() > 1)
             .map(|((_, ip), w)| format!("{ip}: {}", w.join(", ")))
             .collect()
+    }
+
+    /// Two creates of one name that both passed the API's check (two managers, or two
+    /// clients at once): the one applied second is refused as AlreadyExists, not as an
+    /// invalid argument, and takes no address.
+    #[test]
+    fn a_racing_duplicate_name_is_already_exists() {
+        let mut s = cluster_with_appnet();
+        let stale = s.clone();
+        let service = |id: &str| {
+            let spec = spec("web".into(), 1, None);
+            Service {
+                id: id.into(),
+                vips: propose_vips(&stale, &spec).unwrap(),
+                registry_auth: Vec::new(),
+                spec,
+                previous_spec: None,
+                version: 1,
+                created_at: 0,
+                updated_at: 0,
+                update_status: None,
+            }
+        };
+        let first = Command::CreateService {
+            service: service("svc1"),
+        };
+        let second = Command::CreateService {
+            service: service("svc2"),
+        };
+        assert_eq!(s.apply(&first), CommandResult::Ok);
+        let r = s.apply(&second);
+        let CommandResult::Err(e) = r else {
+            panic!("the second create was applied: {r:?}");
+        };
+        assert_eq!(
+            e,
+            StateError::AlreadyExists("service web already exists".into())
+        );
+        let api: mesh_api::ApiError = e.into();
+        assert_eq!(api.kind, mesh_api::ErrorKind::AlreadyExists);
+        assert_eq!(s.services.len(), 1);
+        assert!(duplicates(&s).is_empty());
+        // Lookups say what they found: nothing, or too much.
+        assert!(matches!(
+            s.find_service("nope"),
+            Err(StateError::NotFound(_))
+        ));
+        assert!(matches!(s.find_network("x"), Err(StateError::NotFound(_))));
     }
 
     /// A service removed and another created: the new one's addresses are not the ones just

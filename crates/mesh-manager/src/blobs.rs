@@ -11,12 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::datakey::DataKey;
-use crate::state::StoreState;
+use crate::state::{StateError, StoreState};
 use mesh_api::{ApiError, Blob, BlobKind, BlobReference, ServiceSpec, Task, TaskState};
 
 impl StoreState {
     /// A secret or config by ID, name or unique ID prefix.
-    pub fn find_blob(&self, kind: BlobKind, key: &str) -> Result<&Blob, String> {
+    pub fn find_blob(&self, kind: BlobKind, key: &str) -> Result<&Blob, StateError> {
         let of_kind = || self.blobs.values().filter(move |b| b.kind == kind);
         if let Some(b) = self.blobs.get(key).filter(|b| b.kind == kind) {
             return Ok(b);
@@ -29,8 +29,10 @@ impl StoreState {
             .collect();
         match by_prefix.len() {
             1 => Ok(by_prefix[0]),
-            0 => Err(format!("{kind} {key} not found")),
-            n => Err(format!("{kind} {key} is ambiguous ({n} matches)")),
+            0 => Err(StateError::NotFound(format!("{kind} {key} not found"))),
+            n => Err(StateError::Invalid(format!(
+                "{kind} {key} is ambiguous ({n} matches)"
+            ))),
         }
     }
 }
@@ -253,7 +255,7 @@ mod tests {
         assert!(st.find_blob(BlobKind::Config, "s1xy").is_err());
         assert_eq!(
             st.find_blob(BlobKind::Secret, "zz").unwrap_err(),
-            "secret zz not found"
+            StateError::NotFound("secret zz not found".into())
         );
     }
 }

@@ -20,7 +20,7 @@ use crate::datakey::DataKey;
 use crate::local::{self, LocalState};
 use crate::member::{now_secs, Keys, Member, MemberEvent};
 use crate::peer::{JoinRequest, PeerRequest, PeerResponse};
-use crate::runtime::{Images, NetworkPlane, Runtime};
+use crate::runtime::{Images, NetworkPlane, PlaneError, Runtime};
 use crate::state::Command;
 
 /// Default control port, as Swarm's.
@@ -239,8 +239,7 @@ impl Daemon {
         let rt = self.cfg.runtime.clone();
         let r = tokio::task::spawn_blocking(move || rt.exec(&id, &argv, Duration::from_secs(300)))
             .await
-            .map_err(ApiError::internal)?
-            .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))?;
+            .map_err(ApiError::internal)??;
         Ok(json!({
             "status": r.status,
             "stdout": String::from_utf8_lossy(&r.stdout),
@@ -251,7 +250,7 @@ impl Daemon {
     /// Runs a blocking query of the network plane.
     async fn plane_call(
         &self,
-        f: impl FnOnce(&dyn NetworkPlane) -> Result<serde_json::Value, String> + Send + 'static,
+        f: impl FnOnce(&dyn NetworkPlane) -> Result<serde_json::Value, PlaneError> + Send + 'static,
     ) -> Response {
         self.member().await.ok_or_else(ApiError::not_in_swarm)?;
         let plane = self.cfg.plane.clone().ok_or_else(|| {
@@ -260,10 +259,9 @@ impl Daemon {
                 "this node has no network data plane",
             )
         })?;
-        tokio::task::spawn_blocking(move || f(plane.as_ref()))
+        Ok(tokio::task::spawn_blocking(move || f(plane.as_ref()))
             .await
-            .map_err(ApiError::internal)?
-            .map_err(|e| ApiError::new(ErrorKind::InvalidArgument, e))
+            .map_err(ApiError::internal)??)
     }
 
     /// Stops the member runtime, keeping the state for the next start.
@@ -346,7 +344,6 @@ impl Daemon {
             Request::ImageLs => {
                 self.image_call(|i| {
                     i.ls()
-                        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))
                         .and_then(|l| serde_json::to_value(l).map_err(ApiError::internal))
                 })
                 .await
@@ -364,16 +361,14 @@ impl Daemon {
             }
             Request::Logout { server } => {
                 self.image_call(move |i| {
-                    let had = i
-                        .logout(&server)
-                        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))?;
+                    let had = i.logout(&server)?;
                     Ok(json!({ "removed": had }))
                 })
                 .await
             }
             Request::ImagePull { reference } => {
                 self.image_call(move |i| {
-                    let r = i.pull(&reference, None).map_err(pull_error)?;
+                    let r = i.pull(&reference, None)?;
                     Ok(json!({ "reference": r.reference }))
                 })
                 .await
@@ -384,10 +379,8 @@ impl Daemon {
             },
             Request::ImageResolve { reference } => {
                 self.image_call(move |i| {
-                    let normal = i.normalise(&reference).map_err(ApiError::invalid)?;
-                    let pinned = i
-                        .pin(&normal, None)
-                        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))?;
+                    let normal = i.normalise(&reference)?;
+                    let pinned = i.pin(&normal, None)?;
                     let digest = pinned.split_once('@').map(|(_, d)| d.to_string());
                     Ok(json!({ "reference": pinned, "digest": digest }))
                 })
@@ -399,7 +392,7 @@ impl Daemon {
                     None => Vec::new(),
                 };
                 self.image_call(move |i| {
-                    let normal = i.normalise(&reference).map_err(ApiError::invalid)?;
+                    let normal = i.normalise(&reference)?;
                     // As Docker: an image a task of this node uses is not removed.
                     if let Some(user) = in_use
                         .iter()
@@ -421,19 +414,11 @@ impl Daemon {
                     Some(m) => m.agent.images_in_use(),
                     None => Vec::new(),
                 };
-                self.image_call(move |i| {
-                    i.prune(&keep)
-                        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))
-                })
-                .await
+                self.image_call(move |i| i.prune(&keep)).await
             }
             Request::ImageLoad { path } => {
-                self.image_call(move |i| {
-                    i.load(&path)
-                        .map(|refs| json!({ "loaded": refs }))
-                        .map_err(ApiError::invalid)
-                })
-                .await
+                self.image_call(move |i| i.load(&path).map(|refs| json!({ "loaded": refs })))
+                    .await
             }
             Request::ServiceCreate {
                 mut spec,
@@ -549,7 +534,7 @@ impl Daemon {
             _ => None,
         };
         let (pinned, warning) = tokio::task::spawn_blocking(move || {
-            let normal = images.normalise(&given).map_err(ApiError::invalid)?;
+            let normal = images.normalise(&given)?;
             Ok::<_, ApiError>(match images.pin(&normal, auth.as_ref()) {
                 Ok(p) => (p, None),
                 Err(e) => {
@@ -1065,13 +1050,4 @@ async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ApiError> {
             format!("cannot listen on {addr}: {e}"),
         )
     })
-}
-
-/// A failed pull as an API error: an image the registry does not have is not found.
-fn pull_error(e: String) -> ApiError {
-    if e.contains("No such image") || e.contains("manifest unknown") || e.contains("not found") {
-        ApiError::not_found(e)
-    } else {
-        ApiError::new(ErrorKind::Unavailable, e)
-    }
 }

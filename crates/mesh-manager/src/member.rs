@@ -891,7 +891,7 @@ impl Member {
                     .observe(proposed.elapsed().as_secs_f64());
                 match resp.data {
                     CommandResult::Ok => Ok(()),
-                    CommandResult::Err(m) => Err(ApiError::invalid(m)),
+                    CommandResult::Err(e) => Err(e.into()),
                 }
             }
         }
@@ -1318,7 +1318,7 @@ impl Member {
             }
             Request::NodeInspect { node: key } => {
                 let state = self.read(node).await?;
-                let n = state.find_node(&key).map_err(ApiError::not_found)?;
+                let n = state.find_node(&key)?;
                 let mut v = serde_json::to_value(n).map_err(ApiError::internal)?;
                 v["manager_status"] = json!(self.manager_status(n, leader));
                 Ok(v)
@@ -1337,11 +1337,7 @@ impl Member {
                     return Err(ApiError::invalid(format!("invalid label key: {k:?}")));
                 }
                 let state = self.read(node).await?;
-                let id = state
-                    .find_node(&key)
-                    .map_err(ApiError::not_found)?
-                    .id
-                    .clone();
+                let id = state.find_node(&key)?.id.clone();
                 self.write(
                     node,
                     Command::UpdateNode {
@@ -1357,7 +1353,7 @@ impl Member {
             }
             Request::NodePromote { node: key } => {
                 let state = self.read(node).await?;
-                let n = state.find_node(&key).map_err(ApiError::not_found)?;
+                let n = state.find_node(&key)?;
                 if n.role == NodeRole::Manager {
                     return Ok(
                         json!({ "message": format!("Node {} is already a manager.", n.hostname) }),
@@ -1384,7 +1380,7 @@ impl Member {
             }
             Request::NodeDemote { node: key } => {
                 let state = self.read(node).await?;
-                let n = state.find_node(&key).map_err(ApiError::not_found)?;
+                let n = state.find_node(&key)?;
                 if n.role == NodeRole::Worker {
                     return Ok(
                         json!({ "message": format!("Node {} is already a worker.", n.hostname) }),
@@ -1421,7 +1417,7 @@ impl Member {
             }
             Request::NodeRm { node: key, force } => {
                 let state = self.read(node).await?;
-                let n = state.find_node(&key).map_err(ApiError::not_found)?;
+                let n = state.find_node(&key)?;
                 if n.role == NodeRole::Manager
                     && n.state != NodeState::Left
                     && self.is_raft_member(n.raft_id)
@@ -1518,12 +1514,12 @@ impl Member {
             }
             Request::BlobInspect { kind, name } => {
                 let state = self.read(node).await?;
-                let b = state.find_blob(kind, &name).map_err(ApiError::not_found)?;
+                let b = state.find_blob(kind, &name)?;
                 Ok(json!(crate::blobs::public(b)))
             }
             Request::BlobUpdate { kind, name, spec } => {
                 let state = self.read(node).await?;
-                let b = state.find_blob(kind, &name).map_err(ApiError::not_found)?;
+                let b = state.find_blob(kind, &name)?;
                 let same_data = spec.data.is_empty()
                     || match kind {
                         BlobKind::Config => spec.data == b.spec.data,
@@ -1546,7 +1542,7 @@ impl Member {
             }
             Request::BlobRm { kind, name } => {
                 let state = self.read(node).await?;
-                let b = state.find_blob(kind, &name).map_err(ApiError::not_found)?;
+                let b = state.find_blob(kind, &name)?;
                 crate::blobs::check_unused(&state, b).map_err(ApiError::invalid)?;
                 let id = b.id.clone();
                 self.write(node, Command::RemoveBlob { id: id.clone() })
@@ -1599,7 +1595,7 @@ impl Member {
             }
             Request::NetworkInspect { network } => {
                 let state = self.read(node).await?;
-                let n = state.find_network(&network).map_err(ApiError::not_found)?;
+                let n = state.find_network(&network)?;
                 Ok(crate::networks::inspect(&state, n))
             }
             Request::NetworkRm { network } => {
@@ -1609,7 +1605,7 @@ impl Member {
                 let deadline = tokio::time::Instant::now() + NETWORK_RM_WAIT;
                 let (state, id) = loop {
                     let state = self.read(node).await?;
-                    let n = state.find_network(&network).map_err(ApiError::not_found)?;
+                    let n = state.find_network(&network)?;
                     match crate::networks::check_unused(&state, n) {
                         Ok(()) => {
                             let id = n.id.clone();
@@ -1636,7 +1632,7 @@ impl Member {
             Request::ServicePs { service, filters } => {
                 filters.check_tasks().map_err(ApiError::invalid)?;
                 let state = self.read(node).await?;
-                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let svc = state.find_service(&service)?;
                 Ok(task_rows(services::ps(&state, svc, &filters)))
             }
             Request::TaskLs { filters } => {
@@ -1646,12 +1642,12 @@ impl Member {
             }
             Request::ServiceInspect { service } => {
                 let state = self.read(node).await?;
-                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let svc = state.find_service(&service)?;
                 Ok(services::inspect(&state, svc))
             }
             Request::ServiceScale { service, replicas } => {
                 let state = self.read(node).await?;
-                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let svc = state.find_service(&service)?;
                 if svc.spec.mode == mesh_api::ServiceMode::Global {
                     return Err(ApiError::invalid(format!(
                         "{}: scale can only be used with replicated mode",
@@ -1670,7 +1666,7 @@ impl Member {
             }
             Request::ServiceUpdate { service, update } => {
                 let state = self.read(node).await?;
-                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let svc = state.find_service(&service)?;
                 let mut spec = services::apply_update(&svc.spec, &update)?;
                 services::validate_spec(&spec, &state)?;
                 crate::blobs::resolve_references(&state, &mut spec)?;
@@ -1685,7 +1681,7 @@ impl Member {
             }
             Request::ServiceRollback { service } => {
                 let state = self.read(node).await?;
-                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let svc = state.find_service(&service)?;
                 let next = services::rolled_back(svc, now_secs())?;
                 self.write(node, Command::UpdateService { service: next })
                     .await?;
@@ -1700,7 +1696,7 @@ impl Member {
             } => {
                 let registry_auth = self.seal_registry_auth(registry_auth).await?;
                 let state = self.read(node).await?;
-                let svc = state.find_service(&service).map_err(ApiError::not_found)?;
+                let svc = state.find_service(&service)?;
                 if svc.version != version {
                     return Err(ApiError::invalid(format!(
                         "update out of sequence: service {} is at version {}, not {version}",
@@ -1757,11 +1753,7 @@ impl Member {
             }
             Request::ServiceRm { service } => {
                 let state = self.read(node).await?;
-                let id = state
-                    .find_service(&service)
-                    .map_err(ApiError::not_found)?
-                    .id
-                    .clone();
+                let id = state.find_service(&service)?.id.clone();
                 self.write(node, Command::RemoveService { id: id.clone() })
                     .await?;
                 Ok(json!({ "id": id }))
@@ -2433,4 +2425,26 @@ fn task_rows(rows: Vec<(mesh_api::TaskSummary, u64)>) -> serde_json::Value {
         })
         .collect();
     json!(rows)
+}
+
+/// The agent reaches the leader through its member.
+impl crate::agent::LeaderLink for Arc<Member> {
+    fn node_id(&self) -> String {
+        self.local().node_id
+    }
+
+    fn to_leader(
+        &self,
+        req: PeerRequest,
+    ) -> impl std::future::Future<Output = PeerResponse> + Send {
+        Member::to_leader(self, req)
+    }
+
+    fn to_leader_polling(
+        &self,
+        req: PeerRequest,
+        client: &mut Option<mesh_rpc::Client>,
+    ) -> impl std::future::Future<Output = PeerResponse> + Send {
+        Member::to_leader_polling(self, req, client)
+    }
 }

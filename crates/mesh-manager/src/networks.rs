@@ -179,7 +179,7 @@ pub fn allocate_vips(
     spec: &mesh_api::ServiceSpec,
 ) -> Result<Vec<mesh_api::VirtualIp>, ApiError> {
     for name in &spec.networks {
-        state.find_network(name).map_err(ApiError::not_found)?;
+        state.find_network(name)?;
     }
     crate::allocator::propose_vips(state, spec)
         .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))

@@ -630,9 +630,9 @@ impl Orchestrator {
                         status: status(TaskState::Pending, now_ms, "pending task scheduling"),
                         networks: Some(networks),
                     }),
-                    Err(e) if t.status.err != e => {
+                    Err(e) if t.status.err != e.to_string() => {
                         let mut st = status(TaskState::New, now_ms, "allocation failed");
-                        st.err = e;
+                        st.err = e.to_string();
                         out.push(Assignment {
                             task_id: t.id.clone(),
                             node_id: None,

@@ -1,9 +1,12 @@
-//! The seam between the node agent and the kernel: what the agent needs from a task runtime.
-//! `meshd` plugs in the real executor (`mesh-executor`: namespaces, cgroups, shims); tests can
-//! plug in a fake.
+//! The seams between the node agent and the kernel: what the agent needs from a task runtime
+//! ([`Runtime`]), the network data plane ([`NetworkPlane`]) and the image store ([`Images`]).
+//! `meshd` plugs in the real ones (`mesh-executor`: namespaces, cgroups, shims; its plane;
+//! `mesh-image`); tests plug in fakes. Each seam has a typed error whose kind the callers act
+//! on ([`RuntimeError`], [`PlaneError`], the API's [`ApiError`] for images).
 
 use std::time::Duration;
 
+use mesh_api::{ApiError, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 /// What to run for a task.
@@ -83,7 +86,7 @@ pub struct ImageRun {
 pub trait Images: Send + Sync + 'static {
     /// The reference in Docker's normalised form (`docker.io/library/busybox:latest`), or
     /// Docker's "invalid reference format" error.
-    fn normalise(&self, reference: &str) -> Result<String, String>;
+    fn normalise(&self, reference: &str) -> Result<String, ApiError>;
     /// The normalised reference pinned to the digest its tag names on the registry now
     /// (`...:tag@sha256:...`); an error when the registry cannot tell (the caller keeps the
     /// tag and warns, as Docker does).
@@ -92,7 +95,7 @@ pub trait Images: Send + Sync + 'static {
         &self,
         reference: &str,
         auth: Option<&mesh_api::RegistryCredentials>,
-    ) -> Result<String, String>;
+    ) -> Result<String, ApiError>;
     /// The image of a digest-pinned `reference` if the store has it, without asking a
     /// registry; `None` for a tag (a tag is pulled every time) or an image not here.
     fn local(&self, reference: &str) -> Option<ImageRun>;
@@ -102,28 +105,28 @@ pub trait Images: Send + Sync + 'static {
         &self,
         reference: &str,
         auth: Option<&mesh_api::RegistryCredentials>,
-    ) -> Result<ImageRun, String>;
+    ) -> Result<ImageRun, ApiError>;
     /// `mesh login`: the credentials checked with the registry, then saved for this node's
     /// pulls; answers the registry as saved (`docker.io`, `HOST:PORT`).
     fn login(
         &self,
         server: &str,
         credentials: &mesh_api::RegistryCredentials,
-    ) -> Result<String, mesh_api::ApiError>;
+    ) -> Result<String, ApiError>;
     /// `mesh logout`: whether there was a login to forget.
-    fn logout(&self, server: &str) -> Result<bool, String>;
+    fn logout(&self, server: &str) -> Result<bool, ApiError>;
     /// This node's login for the registry of `reference`.
     fn node_login(&self, reference: &str) -> Option<mesh_api::RegistryCredentials>;
     /// `mesh image ls`.
-    fn ls(&self) -> Result<Vec<mesh_api::ImageSummary>, String>;
+    fn ls(&self) -> Result<Vec<mesh_api::ImageSummary>, ApiError>;
     /// `mesh image rm`: what went, as the Engine API's image delete answers it (an array of
     /// `{"Untagged": NAME}` then `{"Deleted": ID}`: the image, then its layers).
-    fn rm(&self, reference: &str) -> Result<serde_json::Value, mesh_api::ApiError>;
+    fn rm(&self, reference: &str) -> Result<serde_json::Value, ApiError>;
     /// `mesh image prune`: removes the images not in `keep` and their unused layers; the
     /// answer lists what went and the space reclaimed.
-    fn prune(&self, keep: &[String]) -> Result<serde_json::Value, String>;
+    fn prune(&self, keep: &[String]) -> Result<serde_json::Value, ApiError>;
     /// `mesh image load`: the references loaded.
-    fn load(&self, path: &str) -> Result<Vec<String>, String>;
+    fn load(&self, path: &str) -> Result<Vec<String>, ApiError>;
 }
 
 /// How Docker composes a container's command line from the service and its image: the
@@ -189,24 +192,62 @@ pub struct ExecResult {
     pub stderr: Vec<u8>,
 }
 
+/// An error from under a seam, its chain kept.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error of a [`Runtime`]: the kinds its callers act on, and the runtime's own failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// No task with this id here.
+    #[error("task {0} not found")]
+    NotFound(String),
+    /// The task exists but does not run (an exec, a health check).
+    #[error("task {0} is not running")]
+    NotRunning(String),
+    /// The task's spec cannot run on this node (a mount source, a volume).
+    #[error("{0}")]
+    Invalid(String),
+    /// The runtime failed (its message names the task and why).
+    #[error(transparent)]
+    Failed(BoxError),
+}
+
+impl RuntimeError {
+    /// The API's kind for this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RuntimeError::NotFound(_) => ErrorKind::NotFound,
+            RuntimeError::NotRunning(_) => ErrorKind::Unavailable,
+            RuntimeError::Invalid(_) => ErrorKind::InvalidArgument,
+            RuntimeError::Failed(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(e: RuntimeError) -> ApiError {
+        ApiError::new(e.kind(), e)
+    }
+}
+
 /// Runs task processes. Blocking calls: the agent calls them from blocking threads.
 pub trait Runtime: Send + Sync + 'static {
-    fn start(&self, spec: &RunSpec) -> Result<RunState, String>;
+    fn start(&self, spec: &RunSpec) -> Result<RunState, RuntimeError>;
     /// Like `start`, but calls `setup(task_pid)` once the task's namespaces exist and before
-    /// its command runs (to plumb its network in).
+    /// its command runs (to plumb its network in); a failed setup fails the start.
     fn start_with(
         &self,
         spec: &RunSpec,
-        setup: &mut dyn FnMut(u32) -> Result<(), String>,
-    ) -> Result<RunState, String> {
+        setup: &mut dyn FnMut(u32) -> Result<(), PlaneError>,
+    ) -> Result<RunState, RuntimeError> {
         let _ = setup;
         self.start(spec)
     }
     fn status(&self, id: &str) -> Option<RunState>;
     fn list(&self) -> Vec<(String, RunState)>;
     /// Sends `signal` to the task, then SIGKILL if it still runs after `grace`.
-    fn stop(&self, id: &str, signal: i32, grace: Duration) -> Result<(), String>;
-    fn remove(&self, id: &str) -> Result<(), String>;
+    fn stop(&self, id: &str, signal: i32, grace: Duration) -> Result<(), RuntimeError>;
+    fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// The task's output lines (oldest first): after `after_ns` (exclusive) if given, then
     /// the last `tail` if given.
     fn logs(
@@ -214,8 +255,13 @@ pub trait Runtime: Send + Sync + 'static {
         id: &str,
         after_ns: Option<u64>,
         tail: Option<usize>,
-    ) -> Result<Vec<mesh_api::LogLine>, String>;
-    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecResult, String>;
+    ) -> Result<Vec<mesh_api::LogLine>, RuntimeError>;
+    fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecResult, RuntimeError>;
 }
 
 /// Who this node is in the swarm, for the network plane.
@@ -244,16 +290,80 @@ impl std::fmt::Debug for GossipKey {
     }
 }
 
+/// An error of a [`NetworkPlane`].
+#[derive(Debug, thiserror::Error)]
+pub enum PlaneError {
+    /// The plane has not started yet (or not finished starting).
+    #[error("the network plane is not ready")]
+    NotReady,
+    /// The plane stopped: this node left the swarm.
+    #[error("the network plane stopped")]
+    Stopped,
+    /// This node has no such plane (no VIP balancer, no embedded DNS).
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// What was asked names nothing here (a network without a local task).
+    #[error("{0}")]
+    NotFound(String),
+    /// What was asked cannot be done as given (a query type, a missing advertise address).
+    #[error("{0}")]
+    Invalid(String),
+    /// One part of the plumbing failed (`network appnet: netlink: ...`).
+    #[error("{context}: {source}")]
+    Context {
+        /// What was being done: the network, the gateway, the embedded DNS.
+        context: String,
+        /// What went wrong.
+        source: BoxError,
+    },
+    /// The kernel plumbing or the plane's services failed.
+    #[error(transparent)]
+    Failed(BoxError),
+}
+
+impl PlaneError {
+    /// Wraps a failure from under the plane.
+    pub fn failed(e: impl Into<BoxError>) -> PlaneError {
+        PlaneError::Failed(e.into())
+    }
+
+    /// Wraps a failure of one part of the plumbing, naming it.
+    pub fn context(context: impl Into<String>, e: impl Into<BoxError>) -> PlaneError {
+        PlaneError::Context {
+            context: context.into(),
+            source: e.into(),
+        }
+    }
+
+    /// The API's kind for this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            PlaneError::NotReady | PlaneError::Stopped | PlaneError::Unsupported(_) => {
+                ErrorKind::Unavailable
+            }
+            PlaneError::NotFound(_) => ErrorKind::NotFound,
+            PlaneError::Invalid(_) => ErrorKind::InvalidArgument,
+            PlaneError::Context { .. } | PlaneError::Failed(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<PlaneError> for ApiError {
+    fn from(e: PlaneError) -> ApiError {
+        ApiError::new(e.kind(), e)
+    }
+}
+
 /// The data plane the agent drives: overlay plumbing and endpoint gossip. `meshd` plugs in the
 /// real one; without it, tasks run with `lo` only.
 pub trait NetworkPlane: Send + Sync + 'static {
     /// Joins the swarm's gossip as this node (called when the node enters a swarm or restarts).
-    fn start(&self, me: PlaneIdentity) -> Result<(), String>;
+    fn start(&self, me: PlaneIdentity) -> Result<(), PlaneError>;
     /// Leaves the gossip and forgets the swarm.
     fn stop(&self);
     /// Plumbs a task's network attachments into `/proc/<pid>/ns/net` (blocking; called before
     /// its command runs).
-    fn attach(&self, task: &mesh_api::Task, pid: u32) -> Result<(), String>;
+    fn attach(&self, task: &mesh_api::Task, pid: u32) -> Result<(), PlaneError>;
     /// The tasks that run here now, with their pids: their endpoints are published, others
     /// withdrawn, and networks without a local task lose their namespace.
     fn set_local(&self, running: Vec<(mesh_api::Task, u32)>);
@@ -298,8 +408,8 @@ pub trait NetworkPlane: Send + Sync + 'static {
         None
     }
     /// The VIPs this node's balancer holds, with their backends (`mesh vip ls`). Blocking.
-    fn vip_ls(&self) -> Result<serde_json::Value, String> {
-        Err("this node has no VIP data plane".into())
+    fn vip_ls(&self) -> Result<serde_json::Value, PlaneError> {
+        Err(PlaneError::Unsupported("this node has no VIP data plane"))
     }
     /// What the embedded DNS answers for `name` on this node's networks, or only on `network`
     /// (`mesh dns query`). Blocking.
@@ -308,9 +418,9 @@ pub trait NetworkPlane: Send + Sync + 'static {
         network: Option<&str>,
         name: &str,
         qtype: &str,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, PlaneError> {
         let _ = (network, name, qtype);
-        Err("this node has no embedded DNS".into())
+        Err(PlaneError::Unsupported("this node has no embedded DNS"))
     }
 }
 

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use mesh_api::{
-    Availability, Cluster, Node, NodeRole, NodeState, Service, Task, TaskState, TaskStatus,
-    UpdateStatus,
+    ApiError, Availability, Cluster, ErrorKind, Node, NodeRole, NodeState, Service, Task,
+    TaskState, TaskStatus, UpdateStatus,
 };
 use serde::{Deserialize, Serialize};
 
@@ -144,7 +144,34 @@ pub struct Assignment {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
     Ok,
-    Err(String),
+    Err(StateError),
+}
+
+/// Why the state refused a command, or why a lookup in it failed: the kind the API answers
+/// with, and Docker's words.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum StateError {
+    /// `no such service: web`.
+    #[error("{0}")]
+    NotFound(String),
+    /// `service web already exists`: also what the loser of two racing creates of one name
+    /// gets, whichever manager it asked.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Anything else that does not fit the state: an ambiguous prefix, a port, address or
+    /// VNI another holds, an update out of sequence, no cluster yet.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> ApiError {
+        match e {
+            StateError::NotFound(m) => ApiError::not_found(m),
+            StateError::AlreadyExists(m) => ApiError::new(ErrorKind::AlreadyExists, m),
+            StateError::Invalid(m) => ApiError::invalid(m),
+        }
+    }
 }
 
 /// The whole replicated state. Snapshots are this struct as JSON.
@@ -193,11 +220,11 @@ impl StoreState {
         }
     }
 
-    fn try_apply(&mut self, cmd: &Command) -> Result<(), String> {
+    fn try_apply(&mut self, cmd: &Command) -> Result<(), StateError> {
         match cmd {
             Command::InitCluster { cluster, node } => {
                 if self.cluster.is_some() {
-                    return Err("cluster already initialized".into());
+                    return Err(StateError::Invalid("cluster already initialized".into()));
                 }
                 self.cluster = Some(cluster.clone());
                 self.nodes.insert(node.id.clone(), node.clone());
@@ -207,10 +234,10 @@ impl StoreState {
                 if let Some(other) = self.nodes.values().find(|n| {
                     n.id != node.id && n.role == NodeRole::Manager && n.raft_id == node.raft_id
                 }) {
-                    return Err(format!(
+                    return Err(StateError::Invalid(format!(
                         "raft id {} already used by {}",
                         node.raft_id, other.id
-                    ));
+                    )));
                 }
                 self.nodes.insert(node.id.clone(), node.clone());
             }
@@ -234,10 +261,10 @@ impl StoreState {
                         if let Some(other) = self.nodes.values().find(|n| {
                             n.id != *id && n.ingress_addr.as_deref() == Some(addr.as_str())
                         }) {
-                            return Err(format!(
+                            return Err(StateError::Invalid(format!(
                                 "ingress address {addr} is held by node {}",
                                 other.id
-                            ));
+                            )));
                         }
                         addr.clone()
                     }
@@ -276,7 +303,7 @@ impl StoreState {
             Command::RemoveNode { id } => {
                 self.nodes
                     .remove(id)
-                    .ok_or_else(|| format!("no such node: {id}"))?;
+                    .ok_or_else(|| StateError::NotFound(format!("no such node: {id}")))?;
                 self.node_removals += 1;
             }
             Command::AddGossipKey { sealed, at, retire } => {
@@ -298,7 +325,7 @@ impl StoreState {
                 self.gossip_keys.drain(..extra);
             }
             Command::RotateSecret { role, secret } => {
-                let c = self.cluster.as_mut().ok_or("cluster not initialized")?;
+                let c = self.cluster.as_mut().ok_or_else(not_initialized)?;
                 match role {
                     NodeRole::Worker => c.worker_secret = secret.clone(),
                     NodeRole::Manager => c.manager_secret = secret.clone(),
@@ -308,7 +335,7 @@ impl StoreState {
                 unlock_key,
                 settings,
             } => {
-                let c = self.cluster.as_mut().ok_or("cluster not initialized")?;
+                let c = self.cluster.as_mut().ok_or_else(not_initialized)?;
                 c.unlock_key = unlock_key.clone();
                 c.settings = settings.clone();
             }
@@ -319,42 +346,52 @@ impl StoreState {
                     .values()
                     .find(|b| b.kind == blob.kind && b.spec.name == blob.spec.name)
                 {
-                    return Err(format!("{} {} already exists", b.kind, b.spec.name));
+                    return Err(StateError::AlreadyExists(format!(
+                        "{} {} already exists",
+                        b.kind, b.spec.name
+                    )));
                 }
                 if self.blobs.contains_key(&blob.id) {
-                    return Err(format!("{} id {} already exists", blob.kind, blob.id));
+                    return Err(StateError::AlreadyExists(format!(
+                        "{} id {} already exists",
+                        blob.kind, blob.id
+                    )));
                 }
                 self.blobs.insert(blob.id.clone(), blob.clone());
             }
             Command::SetBlobLabels { id, labels, at } => {
-                let b = self
-                    .blobs
-                    .get_mut(id)
-                    .ok_or_else(|| format!("no such secret or config: {id}"))?;
+                let b = self.blobs.get_mut(id).ok_or_else(|| {
+                    StateError::NotFound(format!("no such secret or config: {id}"))
+                })?;
                 b.spec.labels = labels.clone();
                 b.version += 1;
                 b.updated_at = *at;
             }
             Command::RemoveBlob { id } => {
-                let b = self
-                    .blobs
-                    .get(id)
-                    .ok_or_else(|| format!("no such secret or config: {id}"))?;
-                crate::blobs::check_unused(self, b)?;
+                let b = self.blobs.get(id).ok_or_else(|| {
+                    StateError::NotFound(format!("no such secret or config: {id}"))
+                })?;
+                crate::blobs::check_unused(self, b).map_err(StateError::Invalid)?;
                 self.blobs.remove(id);
             }
             Command::CreateService { service } => {
                 self.cluster()?;
-                crate::blobs::check_references(self, &service.spec)?;
+                crate::blobs::check_references(self, &service.spec).map_err(StateError::Invalid)?;
                 if self
                     .services
                     .values()
                     .any(|s| s.spec.name == service.spec.name)
                 {
-                    return Err(format!("service {} already exists", service.spec.name));
+                    return Err(StateError::AlreadyExists(format!(
+                        "service {} already exists",
+                        service.spec.name
+                    )));
                 }
                 if self.services.contains_key(&service.id) {
-                    return Err(format!("service id {} already exists", service.id));
+                    return Err(StateError::AlreadyExists(format!(
+                        "service id {} already exists",
+                        service.id
+                    )));
                 }
                 self.check_ports(service)?;
                 let mut service = service.clone();
@@ -369,18 +406,17 @@ impl StoreState {
                 self.services.insert(service.id.clone(), service);
             }
             Command::UpdateService { service } => {
-                let cur = self
-                    .services
-                    .get(&service.id)
-                    .ok_or_else(|| format!("no such service: {}", service.id))?;
+                let cur = self.services.get(&service.id).ok_or_else(|| {
+                    StateError::NotFound(format!("no such service: {}", service.id))
+                })?;
                 if service.version < cur.version {
-                    return Err(format!(
+                    return Err(StateError::Invalid(format!(
                         "update out of sequence for service {}",
                         cur.spec.name
-                    ));
+                    )));
                 }
                 self.check_ports(service)?;
-                crate::blobs::check_references(self, &service.spec)?;
+                crate::blobs::check_references(self, &service.spec).map_err(StateError::Invalid)?;
                 let mut service = service.clone();
                 if service.vips != cur.vips {
                     let mut used = Used::of(self);
@@ -392,31 +428,32 @@ impl StoreState {
                     )?;
                     self.ip_cursor = used.into_cursor();
                 }
-                let cur = self
-                    .services
-                    .get_mut(&service.id)
-                    .ok_or_else(|| format!("no such service: {}", service.id))?;
+                let cur = self.services.get_mut(&service.id).ok_or_else(|| {
+                    StateError::NotFound(format!("no such service: {}", service.id))
+                })?;
                 *cur = service;
             }
             Command::RemoveService { id } => {
                 self.services
                     .remove(id)
-                    .ok_or_else(|| format!("no such service: {id}"))?;
+                    .ok_or_else(|| StateError::NotFound(format!("no such service: {id}")))?;
                 for t in self.tasks.values_mut().filter(|t| t.service_id == *id) {
                     t.desired_state = t.desired_state.max(TaskState::Remove);
                 }
             }
             Command::SetUpdateStatus { service_id, status } => {
-                let s = self
-                    .services
-                    .get_mut(service_id)
-                    .ok_or_else(|| format!("no such service: {service_id}"))?;
+                let s = self.services.get_mut(service_id).ok_or_else(|| {
+                    StateError::NotFound(format!("no such service: {service_id}"))
+                })?;
                 s.update_status = status.clone();
             }
             Command::CreateTasks { tasks } => {
                 for t in tasks {
                     if !self.services.contains_key(&t.service_id) {
-                        return Err(format!("no such service: {}", t.service_id));
+                        return Err(StateError::NotFound(format!(
+                            "no such service: {}",
+                            t.service_id
+                        )));
                     }
                 }
                 for t in tasks {
@@ -454,7 +491,7 @@ impl StoreState {
                                     n.addr = v.addr;
                                 }
                             }
-                            Err(e) => failed = Some(e),
+                            Err(e) => failed = Some(e.to_string()),
                         }
                     }
                     let Some(t) = self.tasks.get_mut(&a.task_id) else {
@@ -507,22 +544,25 @@ impl StoreState {
             }
             Command::CreateNetwork { network } => {
                 self.cluster()?;
-                let new = crate::ipam::Cidr::parse(&network.subnet)?;
+                let new = crate::ipam::Cidr::parse(&network.subnet).map_err(StateError::Invalid)?;
                 for n in self.networks.values() {
                     if n.spec.name == network.spec.name {
-                        return Err(format!("network with name {} already exists", n.spec.name));
+                        return Err(StateError::AlreadyExists(format!(
+                            "network with name {} already exists",
+                            n.spec.name
+                        )));
                     }
                     if n.vni == network.vni {
-                        return Err(format!(
+                        return Err(StateError::Invalid(format!(
                             "vni {} already used by network {}",
                             n.vni, n.spec.name
-                        ));
+                        )));
                     }
                     if crate::ipam::Cidr::parse(&n.subnet).is_ok_and(|c| c.overlaps(&new)) {
-                        return Err(format!(
+                        return Err(StateError::Invalid(format!(
                             "subnet {} overlaps with network {} ({})",
                             network.subnet, n.spec.name, n.subnet
-                        ));
+                        )));
                     }
                 }
                 self.networks.insert(network.id.clone(), network.clone());
@@ -530,7 +570,7 @@ impl StoreState {
             Command::RemoveNetwork { id } => {
                 self.networks
                     .remove(id)
-                    .ok_or_else(|| format!("no such network: {id}"))?;
+                    .ok_or_else(|| StateError::NotFound(format!("no such network: {id}")))?;
             }
             Command::Batch { commands } => {
                 let mut first_err = None;
@@ -548,7 +588,7 @@ impl StoreState {
     }
 
     /// Finds a service by ID, unique ID prefix or name.
-    pub fn find_service(&self, key: &str) -> Result<&Service, String> {
+    pub fn find_service(&self, key: &str) -> Result<&Service, StateError> {
         if let Some(s) = self.services.get(key) {
             return Ok(s);
         }
@@ -562,8 +602,10 @@ impl StoreState {
             .collect();
         match by_prefix.len() {
             1 => Ok(by_prefix[0]),
-            0 => Err(format!("no such service: {key}")),
-            n => Err(format!("service {key} is ambiguous ({n} matches)")),
+            0 => Err(StateError::NotFound(format!("no such service: {key}"))),
+            n => Err(StateError::Invalid(format!(
+                "service {key} is ambiguous ({n} matches)"
+            ))),
         }
     }
 
@@ -574,20 +616,18 @@ impl StoreState {
             .filter(move |t| t.service_id == service_id)
     }
 
-    fn cluster(&self) -> Result<&Cluster, String> {
-        self.cluster
-            .as_ref()
-            .ok_or_else(|| "cluster not initialized".to_string())
+    fn cluster(&self) -> Result<&Cluster, StateError> {
+        self.cluster.as_ref().ok_or_else(not_initialized)
     }
 
-    fn node_mut(&mut self, id: &str) -> Result<&mut Node, String> {
+    fn node_mut(&mut self, id: &str) -> Result<&mut Node, StateError> {
         self.nodes
             .get_mut(id)
-            .ok_or_else(|| format!("no such node: {id}"))
+            .ok_or_else(|| StateError::NotFound(format!("no such node: {id}")))
     }
 
     /// Finds a node by full ID, unique ID prefix, or name, as the Docker CLI does.
-    pub fn find_node(&self, key: &str) -> Result<&Node, String> {
+    pub fn find_node(&self, key: &str) -> Result<&Node, StateError> {
         if let Some(n) = self.nodes.get(key) {
             return Ok(n);
         }
@@ -596,10 +636,10 @@ impl StoreState {
             return Ok(by_name[0]);
         }
         if by_name.len() > 1 {
-            return Err(format!(
+            return Err(StateError::Invalid(format!(
                 "node name {key} is ambiguous ({} matches): use the node ID",
                 by_name.len()
-            ));
+            )));
         }
         let by_prefix: Vec<&Node> = self
             .nodes
@@ -608,8 +648,10 @@ impl StoreState {
             .collect();
         match by_prefix.len() {
             1 => Ok(by_prefix[0]),
-            0 => Err(format!("no such node: {key}")),
-            n => Err(format!("node {key} is ambiguous ({n} matches)")),
+            0 => Err(StateError::NotFound(format!("no such node: {key}"))),
+            n => Err(StateError::Invalid(format!(
+                "node {key} is ambiguous ({n} matches)"
+            ))),
         }
     }
 
@@ -622,7 +664,7 @@ impl StoreState {
 impl StoreState {
     /// Refuses a service whose published ports another service holds (the leader checks
     /// first; this catches two creates racing on the same snapshot).
-    fn check_ports(&self, service: &Service) -> Result<(), String> {
+    fn check_ports(&self, service: &Service) -> Result<(), StateError> {
         for p in &service.spec.ports {
             if let Some(other) = self.services.values().find(|s| {
                 s.id != service.id
@@ -631,17 +673,17 @@ impl StoreState {
                         .iter()
                         .any(|q| q.protocol == p.protocol && q.published == p.published)
             }) {
-                return Err(format!(
+                return Err(StateError::Invalid(format!(
                     "port {}/{} is already in use by service {} ({})",
                     p.published, p.protocol, other.spec.name, other.id
-                ));
+                )));
             }
         }
         Ok(())
     }
 
     /// Finds a network by ID, unique ID prefix or name.
-    pub fn find_network(&self, key: &str) -> Result<&mesh_api::Network, String> {
+    pub fn find_network(&self, key: &str) -> Result<&mesh_api::Network, StateError> {
         if let Some(n) = self.networks.get(key) {
             return Ok(n);
         }
@@ -655,13 +697,20 @@ impl StoreState {
             .collect();
         match by_prefix.len() {
             1 => Ok(by_prefix[0]),
-            0 => Err(format!("no such network: {key}")),
-            n => Err(format!("network {key} is ambiguous ({n} matches)")),
+            0 => Err(StateError::NotFound(format!("no such network: {key}"))),
+            n => Err(StateError::Invalid(format!(
+                "network {key} is ambiguous ({n} matches)"
+            ))),
         }
     }
 }
 
 /// A cluster record with no CA or secrets, for the unit tests of the crate.
+/// `cluster not initialized`.
+fn not_initialized() -> StateError {
+    StateError::Invalid("cluster not initialized".into())
+}
+
 #[cfg(test)]
 pub(crate) fn test_cluster() -> Cluster {
     Cluster {
@@ -721,7 +770,7 @@ mod tests {
         });
         assert_eq!(
             again,
-            CommandResult::Err("cluster already initialized".into())
+            CommandResult::Err(StateError::Invalid("cluster already initialized".into()))
         );
         assert_eq!(s.nodes.len(), 1);
     }
@@ -786,7 +835,7 @@ mod tests {
             s.apply(&Command::RemoveNode {
                 id: "bbb222".into()
             }),
-            CommandResult::Err("no such node: bbb222".into())
+            CommandResult::Err(StateError::NotFound("no such node: bbb222".into()))
         );
     }
 
@@ -820,8 +869,14 @@ mod tests {
         assert_eq!(s.find_node("aaa111").unwrap().hostname, "h1");
         assert_eq!(s.find_node("h2").unwrap().id, "aab999");
         assert_eq!(s.find_node("aaa").unwrap().id, "aaa111");
-        assert!(s.find_node("aa").unwrap_err().contains("ambiguous"));
-        assert_eq!(s.find_node("zzz").unwrap_err(), "no such node: zzz");
+        assert!(matches!(
+            s.find_node("aa"),
+            Err(StateError::Invalid(m)) if m.contains("ambiguous")
+        ));
+        assert_eq!(
+            s.find_node("zzz").unwrap_err(),
+            StateError::NotFound("no such node: zzz".into())
+        );
     }
 
     #[test]

@@ -58,8 +58,8 @@ const TASK_VETH_PREFIX: &str = "ve";
 pub enum OverlayError {
     #[error("netlink: {0}")]
     Netlink(#[from] NetlinkError),
-    #[error("namespace holder for {name}: {reason}")]
-    Holder { name: String, reason: String },
+    #[error("namespace holder for {name}: {source}")]
+    Holder { name: String, source: HolderError },
     #[error("invalid address {0}")]
     Addr(String),
     #[error("gateway bridge: {0}")]
@@ -89,14 +89,17 @@ pub enum OverlayError {
 /// the record is programmed.
 const NEIGH_SYSCTLS: [(&str, &str); 2] = [("retrans_time_ms", "100"), ("mcast_solicit", "10")];
 
+/// What a [`Holders`] implementation reports (the executor's own error, its chain kept).
+pub type HolderError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Keeps network namespaces alive across daemon restarts (implemented by the executor's
 /// holder processes). The overlay empties a namespace of its VXLAN device before `remove`.
 pub trait Holders: Send + Sync + 'static {
     /// Creates or finds the namespace `name`; returns the pid whose `/proc/<pid>/ns/net` it is.
-    fn ensure(&self, name: &str) -> Result<u32, String>;
+    fn ensure(&self, name: &str) -> Result<u32, HolderError>;
     /// Live namespaces: (name, pid).
     fn list(&self) -> Vec<(String, u32)>;
-    fn remove(&self, name: &str) -> Result<(), String>;
+    fn remove(&self, name: &str) -> Result<(), HolderError>;
 }
 
 /// A network as the data plane needs it.
@@ -226,9 +229,9 @@ impl Overlay {
         let pid = self
             .holders
             .ensure(&name)
-            .map_err(|reason| OverlayError::Holder {
+            .map_err(|source| OverlayError::Holder {
                 name: name.clone(),
-                reason,
+                source,
             })?;
         let ns = Netns::open(&proc_ns(pid))?;
         if let Some(old) = held.get(&net.vni) {
@@ -435,7 +438,7 @@ impl Overlay {
             let name = ns_name(vni);
             self.holders
                 .remove(&name)
-                .map_err(|reason| OverlayError::Holder { name, reason })?;
+                .map_err(|source| OverlayError::Holder { name, source })?;
         }
         held.remove(&vni);
         Ok(())

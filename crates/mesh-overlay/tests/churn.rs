@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use mesh_netlink::{Handle, Netns};
 use mesh_overlay::{
-    ns_name, Attachment, Holders, NetworkDesc, Overlay, OverlayConfig, OverlayError,
+    ns_name, Attachment, HolderError, Holders, NetworkDesc, Overlay, OverlayConfig, OverlayError,
 };
 
 const H_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
@@ -98,7 +98,7 @@ impl ProcHolders {
 }
 
 impl Holders for ProcHolders {
-    fn ensure(&self, name: &str) -> Result<u32, String> {
+    fn ensure(&self, name: &str) -> Result<u32, HolderError> {
         let mut m = self.map();
         if let Some(c) = m.get_mut(name) {
             if matches!(c.try_wait(), Ok(None)) {
@@ -117,7 +117,7 @@ impl Holders for ProcHolders {
         m.iter().map(|(n, c)| (n.clone(), c.id())).collect()
     }
 
-    fn remove(&self, name: &str) -> Result<(), String> {
+    fn remove(&self, name: &str) -> Result<(), HolderError> {
         if let Some(mut c) = self.map().remove(name) {
             kill(&mut c);
         }

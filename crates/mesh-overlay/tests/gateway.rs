@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_netlink::{Handle, Netns};
-use mesh_overlay::{GatewayConfig, Holders, Overlay, OverlayConfig, OverlayError, GW_BRIDGE};
+use mesh_overlay::{
+    GatewayConfig, HolderError, Holders, Overlay, OverlayConfig, OverlayError, GW_BRIDGE,
+};
 
 const O_IP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
 const H_IP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 2);
@@ -51,13 +53,13 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 struct NoHolders;
 
 impl Holders for NoHolders {
-    fn ensure(&self, name: &str) -> Result<u32, String> {
-        Err(format!("no holders in this test ({name})"))
+    fn ensure(&self, name: &str) -> Result<u32, HolderError> {
+        Err(format!("no holders in this test ({name})").into())
     }
     fn list(&self) -> Vec<(String, u32)> {
         Vec::new()
     }
-    fn remove(&self, _: &str) -> Result<(), String> {
+    fn remove(&self, _: &str) -> Result<(), HolderError> {
         Ok(())
     }
 }

@@ -50,8 +50,22 @@ impl StoreImages {
     }
 }
 
-fn parse(reference: &str) -> Result<Reference, String> {
-    Reference::parse(reference).map_err(|e| e.to_string())
+fn parse(reference: &str) -> Result<Reference, ApiError> {
+    Reference::parse(reference).map_err(api_error)
+}
+
+/// The store's error as the API's: its kind, its words.
+fn api_error(e: ImageError) -> ApiError {
+    let kind = match &e {
+        ImageError::Invalid(_) => ErrorKind::InvalidArgument,
+        ImageError::NotFound(_) => ErrorKind::NotFound,
+        ImageError::Unauthorized(_) => ErrorKind::PermissionDenied,
+        ImageError::Unreachable(_) | ImageError::Verification(_) | ImageError::Registry(_) => {
+            ErrorKind::Unavailable
+        }
+        ImageError::Io(_) => ErrorKind::Internal,
+    };
+    ApiError::new(kind, e)
 }
 
 fn run_of(image: Image) -> ImageRun {
@@ -77,17 +91,17 @@ fn run_of(image: Image) -> ImageRun {
 }
 
 impl Images for StoreImages {
-    fn normalise(&self, reference: &str) -> Result<String, String> {
+    fn normalise(&self, reference: &str) -> Result<String, ApiError> {
         parse(reference).map(|r| r.to_string())
     }
 
-    fn pin(&self, reference: &str, auth: Option<&RegistryCredentials>) -> Result<String, String> {
+    fn pin(&self, reference: &str, auth: Option<&RegistryCredentials>) -> Result<String, ApiError> {
         let r = parse(reference)?;
         let creds = self.credentials(&r, auth);
         let digest = self
             .rt
             .block_on(self.store.resolve(&r, creds.as_ref()))
-            .map_err(|e| e.to_string())?;
+            .map_err(api_error)?;
         Ok(r.with_digest(&digest).to_string())
     }
 
@@ -104,7 +118,7 @@ impl Images for StoreImages {
         &self,
         reference: &str,
         auth: Option<&RegistryCredentials>,
-    ) -> Result<ImageRun, String> {
+    ) -> Result<ImageRun, ApiError> {
         let r = parse(reference)?;
         let creds = self.credentials(&r, auth);
         let started = std::time::Instant::now();
@@ -123,7 +137,7 @@ impl Images for StoreImages {
                 }
                 None => {
                     self.metrics.count("failure", secs);
-                    Err(e.to_string())
+                    Err(api_error(e))
                 }
             },
         }
@@ -137,17 +151,16 @@ impl Images for StoreImages {
         self.rt
             .block_on(self.store.check_login(server, &creds))
             .map_err(|e| match e {
-                ImageError::Unauthorized(m) => ApiError::new(ErrorKind::PermissionDenied, m),
-                other => ApiError::new(ErrorKind::Unavailable, other),
+                // A registry that does not know the login endpoint cannot check it.
+                ImageError::NotFound(m) => ApiError::new(ErrorKind::Unavailable, m),
+                other => api_error(other),
             })?;
-        self.logins
-            .set(server, creds)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.logins.set(server, creds).map_err(api_error)?;
         Ok(normalise_server(server))
     }
 
-    fn logout(&self, server: &str) -> Result<bool, String> {
-        self.logins.remove(server).map_err(|e| e.to_string())
+    fn logout(&self, server: &str) -> Result<bool, ApiError> {
+        self.logins.remove(server).map_err(api_error)
     }
 
     fn node_login(&self, reference: &str) -> Option<RegistryCredentials> {
@@ -158,7 +171,7 @@ impl Images for StoreImages {
         })
     }
 
-    fn ls(&self) -> Result<Vec<ImageSummary>, String> {
+    fn ls(&self) -> Result<Vec<ImageSummary>, ApiError> {
         Ok(self
             .store
             .list()
@@ -175,15 +188,8 @@ impl Images for StoreImages {
     }
 
     fn rm(&self, reference: &str) -> Result<serde_json::Value, ApiError> {
-        let r = parse(reference).map_err(ApiError::invalid)?;
-        let report = self.store.remove(&r).map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains("No such image") {
-                ApiError::not_found(msg)
-            } else {
-                ApiError::new(ErrorKind::Unavailable, msg)
-            }
-        })?;
+        let r = parse(reference)?;
+        let report = self.store.remove(&r).map_err(api_error)?;
         let items = report
             .untagged
             .into_iter()
@@ -197,12 +203,12 @@ impl Images for StoreImages {
         Ok(serde_json::Value::Array(items.collect()))
     }
 
-    fn prune(&self, keep: &[String]) -> Result<serde_json::Value, String> {
+    fn prune(&self, keep: &[String]) -> Result<serde_json::Value, ApiError> {
         let keep = keep
             .iter()
             .filter_map(|k| Reference::parse(k).ok())
             .collect::<Vec<_>>();
-        let report = self.store.prune(&keep).map_err(|e| e.to_string())?;
+        let report = self.store.prune(&keep).map_err(api_error)?;
         let mut deleted = report.untagged;
         deleted.extend(report.deleted);
         Ok(serde_json::json!({
@@ -211,10 +217,10 @@ impl Images for StoreImages {
         }))
     }
 
-    fn load(&self, path: &str) -> Result<Vec<String>, String> {
+    fn load(&self, path: &str) -> Result<Vec<String>, ApiError> {
         self.store
             .load(Path::new(path))
             .map(|refs| refs.iter().map(|r| r.familiar()).collect())
-            .map_err(|e| e.to_string())
+            .map_err(api_error)
     }
 }

@@ -59,9 +59,9 @@ use std::time::Duration;
 
 use mesh_api::{NetworkAttachment, PortConfig, Protocol, PublishMode, Task};
 use mesh_gossip::{Config as GossipConfig, Event, Gossip};
-use mesh_manager::runtime::{GossipKey, NetworkPlane, PlaneIdentity};
+use mesh_manager::runtime::{GossipKey, NetworkPlane, PlaneError, PlaneIdentity};
 use mesh_netlink::{Handle, Netns};
-use mesh_overlay::{Attachment, Holders, NetworkDesc, Overlay, OverlayConfig, Remote};
+use mesh_overlay::{Attachment, HolderError, Holders, NetworkDesc, Overlay, OverlayConfig, Remote};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -124,14 +124,14 @@ pub struct EndpointRecord {
 pub struct ExecutorHolders(pub Arc<mesh_executor::Executor>);
 
 impl Holders for ExecutorHolders {
-    fn ensure(&self, name: &str) -> Result<u32, String> {
-        self.0.netns_ensure(name).map_err(|e| e.to_string())
+    fn ensure(&self, name: &str) -> Result<u32, HolderError> {
+        Ok(self.0.netns_ensure(name)?)
     }
     fn list(&self) -> Vec<(String, u32)> {
         self.0.netns_list()
     }
-    fn remove(&self, name: &str) -> Result<(), String> {
-        self.0.netns_remove(name).map_err(|e| e.to_string())
+    fn remove(&self, name: &str) -> Result<(), HolderError> {
+        Ok(self.0.netns_remove(name)?)
     }
 }
 
@@ -1268,7 +1268,8 @@ impl Inner {
         let holders = self.holders.clone();
         let pid = tokio::task::spawn_blocking(move || holders.ensure(INGRESS_SANDBOX))
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         let sandbox = Netns::open(&proc_ns(pid)).map_err(|e| e.to_string())?;
         let h = Handle::new(&sandbox).await.map_err(|e| e.to_string())?;
         let plumbed = match h.link(SANDBOX_IF).await.map_err(|e| e.to_string())? {
@@ -1797,9 +1798,11 @@ async fn set_lo_vips(pid: u32, add: &[Ipv4Addr], del: &[Ipv4Addr]) -> Result<(),
 }
 
 impl NetworkPlane for Plane {
-    fn start(&self, me: PlaneIdentity) -> Result<(), String> {
+    fn start(&self, me: PlaneIdentity) -> Result<(), PlaneError> {
         if me.addr.is_unspecified() {
-            return Err("no IPv4 advertise address: the overlay needs one".into());
+            return Err(PlaneError::Invalid(
+                "no IPv4 advertise address: the overlay needs one".into(),
+            ));
         }
         lock(&self.0.filter_state).active = true;
         let this = self.0.clone();
@@ -1926,21 +1929,21 @@ impl NetworkPlane for Plane {
         })
     }
 
-    fn attach(&self, task: &Task, pid: u32) -> Result<(), String> {
+    fn attach(&self, task: &Task, pid: u32) -> Result<(), PlaneError> {
         let mut ready = self.0.ready.subscribe();
         let this = self.0.clone();
         self.0.rt.block_on(async move {
             tokio::time::timeout(Duration::from_secs(15), ready.wait_for(|r| *r))
                 .await
-                .map_err(|_| "the network plane is not ready".to_string())?
-                .map_err(|_| "the network plane stopped".to_string())?;
+                .map_err(|_| PlaneError::NotReady)?
+                .map_err(|_| PlaneError::Stopped)?;
             // Registered under the plane's lock, so no garbage collection pass that started
             // without this task can run between the registration and the plumbing.
             // The task's networks are joined in gossip now, so that its node's tables of a
             // network new to it are complete before the task's command runs (below).
             let (overlay, gossip, joined) = {
                 let mut guard = this.running.lock().await;
-                let r = guard.as_mut().ok_or("the network plane stopped")?;
+                let r = guard.as_mut().ok_or(PlaneError::Stopped)?;
                 let networks: BTreeMap<String, NetworkDesc> = task
                     .networks
                     .iter()
@@ -1985,8 +1988,8 @@ impl NetworkPlane for Plane {
             // that fails drops the records with the next pass.
             this.announce_starting(&task.id).await;
             for (i, a) in task.networks.iter().enumerate() {
-                let (ip, network) =
-                    attachment_desc(a).ok_or_else(|| format!("bad attachment {a:?}"))?;
+                let (ip, network) = attachment_desc(a)
+                    .ok_or_else(|| PlaneError::Invalid(format!("bad attachment {a:?}")))?;
                 overlay
                     .attach(
                         pid,
@@ -1997,7 +2000,7 @@ impl NetworkPlane for Plane {
                         },
                     )
                     .await
-                    .map_err(|e| format!("network {}: {e}", a.network_name))?;
+                    .map_err(|e| PlaneError::context(format!("network {}", a.network_name), e))?;
             }
             // As Docker's docker_gwbridge: a task on an overlay (or publishing a host-mode
             // port) also gets a default route out through its host, masqueraded.
@@ -2005,7 +2008,7 @@ impl NetworkPlane for Plane {
                 overlay
                     .attach_gateway(pid, &task.id, &format!("eth{}", task.networks.len()))
                     .await
-                    .map_err(|e| format!("gateway bridge: {e}"))?;
+                    .map_err(|e| PlaneError::context("gateway bridge", e))?;
             }
             // A network new to this node: its tables are filled by the first push-pull with
             // a member; until then the task's names would not resolve and its VIPs would
@@ -2033,7 +2036,8 @@ impl NetworkPlane for Plane {
                     warn!("data plane sync: {e}");
                 }
             }
-            tokio::task::block_in_place(|| this.plumb_task(task, pid))?;
+            tokio::task::block_in_place(|| this.plumb_task(task, pid))
+                .map_err(PlaneError::failed)?;
             // The task's VIPs on lo, and its balancer table, before its command runs.
             this.sync_task_namespaces().await;
             Ok(())
@@ -2109,17 +2113,17 @@ impl NetworkPlane for Plane {
         });
     }
 
-    fn vip_ls(&self) -> Result<serde_json::Value, String> {
+    fn vip_ls(&self) -> Result<serde_json::Value, PlaneError> {
         let names = lock(&self.0.lb_vips).clone();
         let entries: Vec<mesh_lb::ServiceEntry> = match &self.0.lb {
-            Balancer::Ebpf(lb) => lock(lb).dump().map_err(|e| e.to_string())?,
+            Balancer::Ebpf(lb) => lock(lb).dump().map_err(PlaneError::failed)?,
             Balancer::Nft => {
                 // Every task namespace holds its networks' VIPs: show each VIP once.
                 let mut seen = BTreeMap::new();
                 let tasks = lock(&self.0.tasks);
                 for ns in tasks.values() {
                     if let Some(nft) = &ns.nft {
-                        for e in nft.dump().map_err(|e| e.to_string())? {
+                        for e in nft.dump().map_err(PlaneError::failed)? {
                             seen.entry((e.vip, e.port, e.proto)).or_insert(e);
                         }
                     }
@@ -2157,7 +2161,7 @@ impl NetworkPlane for Plane {
         network: Option<&str>,
         name: &str,
         qtype: &str,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, PlaneError> {
         let mut nets: Vec<(String, String)> = lock(&self.0.net_names)
             .iter()
             .map(|(id, n)| (id.clone(), n.clone()))
@@ -2165,14 +2169,21 @@ impl NetworkPlane for Plane {
         if let Some(want) = network {
             nets.retain(|(id, n)| n == want || id == want);
             if nets.is_empty() {
-                return Err(format!("no task on network {want} runs on this node"));
+                return Err(PlaneError::NotFound(format!(
+                    "no task on network {want} runs on this node"
+                )));
             }
         }
         let a = self
             .0
             .rt
             .block_on(self.0.dns.query(&nets, name, qtype))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                mesh_dns::DnsError::InvalidName { .. } | mesh_dns::DnsError::InvalidType(_) => {
+                    PlaneError::Invalid(e.to_string())
+                }
+                other => PlaneError::failed(other),
+            })?;
         Ok(serde_json::json!({
             "name": a.name,
             "type": a.qtype,

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_api::{Mount, MountType};
+use mesh_executor::ExecError;
 use mesh_executor::{
     Executor, FileSpec, MountSource, MountSpec, RootfsSpec, TaskRuntime, TaskSpec,
 };
-use mesh_manager::runtime::{ExecResult, RunSpec, RunState, Runtime};
+use mesh_manager::runtime::{ExecResult, PlaneError, RunSpec, RunState, Runtime, RuntimeError};
 
 pub struct ExecRuntime {
     pub executor: std::sync::Arc<Executor>,
@@ -16,6 +17,15 @@ pub struct ExecRuntime {
     pub volumes: PathBuf,
     /// How each task's output is kept (`--log-opt`).
     pub log: mesh_executor::LogOptions,
+}
+
+/// The executor's error as the seam's: its kinds kept, the rest as is.
+fn runtime_error(e: ExecError) -> RuntimeError {
+    match e {
+        ExecError::NotFound { task } => RuntimeError::NotFound(task),
+        ExecError::NotRunning { task } => RuntimeError::NotRunning(task),
+        other => RuntimeError::Failed(Box::new(other)),
+    }
 }
 
 fn state(r: TaskRuntime) -> RunState {
@@ -36,7 +46,7 @@ fn state(r: TaskRuntime) -> RunState {
 }
 
 impl ExecRuntime {
-    fn task_spec(&self, spec: &RunSpec) -> Result<TaskSpec, String> {
+    fn task_spec(&self, spec: &RunSpec) -> Result<TaskSpec, RuntimeError> {
         let rootfs = match &spec.rootfs {
             None => None,
             Some(r) => Some(RootfsSpec {
@@ -82,15 +92,15 @@ impl ExecRuntime {
     /// A service's `--mount` on this node: a named volume is a directory of the node's
     /// volume store, created on first use and kept after the task (an anonymous one is the
     /// task's own); a bind source must exist, as Docker's swarm mode requires.
-    fn mount(&self, task: &str, i: usize, m: &Mount) -> Result<MountSpec, String> {
+    fn mount(&self, task: &str, i: usize, m: &Mount) -> Result<MountSpec, RuntimeError> {
         let source = match m.kind {
             MountType::Bind => {
                 let p = PathBuf::from(&m.source);
                 if !p.exists() {
-                    return Err(format!(
+                    return Err(RuntimeError::Invalid(format!(
                         "invalid mount config for type \"bind\": bind source path does not exist: {}",
                         m.source
-                    ));
+                    )));
                 }
                 MountSource::Bind(p)
             }
@@ -101,8 +111,11 @@ impl ExecRuntime {
                     m.source.clone()
                 };
                 let dir = self.volumes.join(name).join("_data");
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| format!("cannot create volume {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    RuntimeError::Failed(
+                        format!("cannot create volume {}: {e}", dir.display()).into(),
+                    )
+                })?;
                 MountSource::Bind(dir)
             }
             MountType::Tmpfs => MountSource::Tmpfs { size_bytes: 0 },
@@ -116,22 +129,26 @@ impl ExecRuntime {
 }
 
 impl Runtime for ExecRuntime {
-    fn start(&self, spec: &RunSpec) -> Result<RunState, String> {
+    fn start(&self, spec: &RunSpec) -> Result<RunState, RuntimeError> {
         self.executor
             .start(&self.task_spec(spec)?)
             .map(state)
-            .map_err(|e| e.to_string())
+            .map_err(runtime_error)
     }
 
     fn start_with(
         &self,
         spec: &RunSpec,
-        setup: &mut dyn FnMut(u32) -> Result<(), String>,
-    ) -> Result<RunState, String> {
+        setup: &mut dyn FnMut(u32) -> Result<(), PlaneError>,
+    ) -> Result<RunState, RuntimeError> {
+        // The executor knows nothing of the plane: it reports the setup's failure in words
+        // ("network setup failed: ...").
         self.executor
-            .start_with(&self.task_spec(spec)?, setup)
+            .start_with(&self.task_spec(spec)?, &mut |pid| {
+                setup(pid).map_err(|e| e.to_string())
+            })
             .map(state)
-            .map_err(|e| e.to_string())
+            .map_err(runtime_error)
     }
 
     fn status(&self, id: &str) -> Option<RunState> {
@@ -146,14 +163,14 @@ impl Runtime for ExecRuntime {
             .collect()
     }
 
-    fn stop(&self, id: &str, signal: i32, grace: Duration) -> Result<(), String> {
+    fn stop(&self, id: &str, signal: i32, grace: Duration) -> Result<(), RuntimeError> {
         self.executor
             .stop_with(id, signal, grace)
-            .map_err(|e| e.to_string())
+            .map_err(runtime_error)
     }
 
-    fn remove(&self, id: &str) -> Result<(), String> {
-        self.executor.remove(id).map_err(|e| e.to_string())
+    fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.executor.remove(id).map_err(runtime_error)
     }
 
     fn logs(
@@ -161,11 +178,11 @@ impl Runtime for ExecRuntime {
         id: &str,
         after_ns: Option<u64>,
         tail: Option<usize>,
-    ) -> Result<Vec<mesh_api::LogLine>, String> {
+    ) -> Result<Vec<mesh_api::LogLine>, RuntimeError> {
         let records = self
             .executor
             .logs(id, after_ns, tail)
-            .map_err(|e| e.to_string())?;
+            .map_err(runtime_error)?;
         Ok(records
             .into_iter()
             .map(|r| mesh_api::LogLine {
@@ -179,7 +196,12 @@ impl Runtime for ExecRuntime {
             .collect())
     }
 
-    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecResult, String> {
+    fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecResult, RuntimeError> {
         self.executor
             .exec(id, argv, timeout)
             .map(|o| ExecResult {
@@ -187,6 +209,6 @@ impl Runtime for ExecRuntime {
                 stdout: o.stdout,
                 stderr: o.stderr,
             })
-            .map_err(|e| e.to_string())
+            .map_err(runtime_error)
     }
 }
