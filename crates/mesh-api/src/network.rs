@@ -56,3 +56,38 @@ pub struct NetworkSummary {
     pub driver: String,
     pub scope: String,
 }
+
+/// One VIP of a node's balancer, as `mesh vip ls` shows it (`--format json`: these keys).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct VipEntry {
+    /// The service's name (empty if the VIP is no longer any service's).
+    pub service: String,
+    /// The address.
+    #[serde(rename = "VIP")]
+    pub vip: String,
+    /// The port, `*` for every port.
+    pub port: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// The backends' addresses.
+    pub backends: Vec<String>,
+    /// `ebpf` or `nftables`.
+    pub balancer: String,
+}
+
+/// What a node's embedded DNS answers for one name (`mesh dns query`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsAnswer {
+    /// The name asked.
+    pub name: String,
+    /// The type asked (`A`, `SRV`, ...).
+    #[serde(rename = "type")]
+    pub qtype: String,
+    /// `NOERROR`, `NXDOMAIN`, `SERVFAIL`, ...
+    pub rcode: String,
+    /// The data of the answer records of the asked type, in the order served.
+    pub answers: Vec<String>,
+    /// Whether the name went to the upstream resolvers.
+    pub forwarded: bool,
+}

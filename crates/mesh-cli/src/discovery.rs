@@ -1,8 +1,7 @@
 //! `mesh vip ls` and `mesh dns query`: what this node's data plane holds.
 
 use clap::Subcommand;
-use mesh_api::Request;
-use serde_json::Value;
+use mesh_api::{DnsAnswer, Request, VipEntry};
 
 use crate::client::Client;
 use crate::{table, Result};
@@ -36,29 +35,10 @@ pub fn vip(c: &Client, cmd: VipCmd) -> Result<()> {
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
     }
-    let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
-    let rows = v
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|r| {
-            let backends: Vec<String> = r["Backends"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|b| b.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
-            vec![
-                s(r, "Service"),
-                s(r, "VIP"),
-                s(r, "Port"),
-                s(r, "Protocol"),
-                backends.join(","),
-            ]
-        })
+    let entries: Vec<VipEntry> = serde_json::from_value(v)?;
+    let rows = entries
+        .into_iter()
+        .map(|e| vec![e.service, e.vip, e.port, e.protocol, e.backends.join(",")])
         .collect();
     table::print(&["SERVICE", "VIP", "PORT", "PROTOCOL", "BACKENDS"], rows);
     Ok(())
@@ -70,24 +50,15 @@ pub fn dns(c: &Client, cmd: DnsCmd) -> Result<()> {
         qtype,
         name,
     } = cmd;
-    let v = c.call(Request::DnsQuery {
+    let a: DnsAnswer = serde_json::from_value(c.call(Request::DnsQuery {
         network,
         name,
         qtype,
-    })?;
-    let forwarded = if v["forwarded"].as_bool().unwrap_or(false) {
-        " (forwarded)"
-    } else {
-        ""
-    };
-    println!(
-        "{} {} {}{forwarded}",
-        v["name"].as_str().unwrap_or(""),
-        v["type"].as_str().unwrap_or(""),
-        v["rcode"].as_str().unwrap_or("")
-    );
-    for a in v["answers"].as_array().cloned().unwrap_or_default() {
-        println!("{}", a.as_str().unwrap_or(""));
+    })?)?;
+    let forwarded = if a.forwarded { " (forwarded)" } else { "" };
+    println!("{} {} {}{forwarded}", a.name, a.qtype, a.rcode);
+    for answer in a.answers {
+        println!("{answer}");
     }
     Ok(())
 }

@@ -248,9 +248,9 @@ impl Daemon {
     }
 
     /// Runs a blocking query of the network plane.
-    async fn plane_call(
+    async fn plane_call<T: serde::Serialize + Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn NetworkPlane) -> Result<serde_json::Value, PlaneError> + Send + 'static,
+        f: impl FnOnce(&dyn NetworkPlane) -> Result<T, PlaneError> + Send + 'static,
     ) -> Response {
         self.member().await.ok_or_else(ApiError::not_in_swarm)?;
         let plane = self.cfg.plane.clone().ok_or_else(|| {
@@ -259,9 +259,10 @@ impl Daemon {
                 "this node has no network data plane",
             )
         })?;
-        Ok(tokio::task::spawn_blocking(move || f(plane.as_ref()))
+        let answer = tokio::task::spawn_blocking(move || f(plane.as_ref()))
             .await
-            .map_err(ApiError::internal)??)
+            .map_err(ApiError::internal)??;
+        serde_json::to_value(answer).map_err(ApiError::internal)
     }
 
     /// Stops the member runtime, keeping the state for the next start.

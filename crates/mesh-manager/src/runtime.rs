@@ -408,7 +408,7 @@ pub trait NetworkPlane: Send + Sync + 'static {
         None
     }
     /// The VIPs this node's balancer holds, with their backends (`mesh vip ls`). Blocking.
-    fn vip_ls(&self) -> Result<serde_json::Value, PlaneError> {
+    fn vip_ls(&self) -> Result<Vec<mesh_api::VipEntry>, PlaneError> {
         Err(PlaneError::Unsupported("this node has no VIP data plane"))
     }
     /// What the embedded DNS answers for `name` on this node's networks, or only on `network`
@@ -418,7 +418,7 @@ pub trait NetworkPlane: Send + Sync + 'static {
         network: Option<&str>,
         name: &str,
         qtype: &str,
-    ) -> Result<serde_json::Value, PlaneError> {
+    ) -> Result<mesh_api::DnsAnswer, PlaneError> {
         let _ = (network, name, qtype);
         Err(PlaneError::Unsupported("this node has no embedded DNS"))
     }

@@ -2113,7 +2113,7 @@ impl NetworkPlane for Plane {
         });
     }
 
-    fn vip_ls(&self) -> Result<serde_json::Value, PlaneError> {
+    fn vip_ls(&self) -> Result<Vec<mesh_api::VipEntry>, PlaneError> {
         let names = lock(&self.0.lb_vips).clone();
         let entries: Vec<mesh_lb::ServiceEntry> = match &self.0.lb {
             Balancer::Ebpf(lb) => lock(lb).dump().map_err(PlaneError::failed)?,
@@ -2135,25 +2135,24 @@ impl NetworkPlane for Plane {
             Balancer::Ebpf(_) => "ebpf",
             Balancer::Nft => "nftables",
         };
-        let rows: Vec<serde_json::Value> = entries
+        Ok(entries
             .into_iter()
-            .map(|e| {
-                let ports = if e.port == 0 {
+            .map(|e| mesh_api::VipEntry {
+                service: names
+                    .get(&e.vip)
+                    .map(|i| i.service.clone())
+                    .unwrap_or_default(),
+                vip: e.vip.to_string(),
+                port: if e.port == 0 {
                     "*".to_string()
                 } else {
                     e.port.to_string()
-                };
-                serde_json::json!({
-                    "Service": names.get(&e.vip).map(|i| i.service.clone()).unwrap_or_default(),
-                    "VIP": e.vip.to_string(),
-                    "Port": ports,
-                    "Protocol": format!("{:?}", e.proto).to_lowercase(),
-                    "Backends": e.backends.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
-                    "Balancer": backend,
-                })
+                },
+                protocol: format!("{:?}", e.proto).to_lowercase(),
+                backends: e.backends.iter().map(|(ip, _)| ip.to_string()).collect(),
+                balancer: backend.to_string(),
             })
-            .collect();
-        Ok(serde_json::Value::Array(rows))
+            .collect())
     }
 
     fn dns_query(
@@ -2161,7 +2160,7 @@ impl NetworkPlane for Plane {
         network: Option<&str>,
         name: &str,
         qtype: &str,
-    ) -> Result<serde_json::Value, PlaneError> {
+    ) -> Result<mesh_api::DnsAnswer, PlaneError> {
         let mut nets: Vec<(String, String)> = lock(&self.0.net_names)
             .iter()
             .map(|(id, n)| (id.clone(), n.clone()))
@@ -2184,13 +2183,13 @@ impl NetworkPlane for Plane {
                 }
                 other => PlaneError::failed(other),
             })?;
-        Ok(serde_json::json!({
-            "name": a.name,
-            "type": a.qtype,
-            "rcode": a.rcode,
-            "answers": a.answers,
-            "forwarded": a.forwarded,
-        }))
+        Ok(mesh_api::DnsAnswer {
+            name: a.name,
+            qtype: a.qtype,
+            rcode: a.rcode,
+            answers: a.answers,
+            forwarded: a.forwarded,
+        })
     }
 }
 
