@@ -21,6 +21,9 @@
 //! everything and frees the maps, unless they were pinned ([`LoadOptions::pin_dir`]), in which
 //! case a later [`SockLb::load_with`] picks them up again.
 //!
+//! The data plane drives either backend through [`VipBalancer`] (the `balancer` module):
+//! [`EbpfBalancer`] over a [`SockLb`], or [`NftBalancer`], whose tables are per task.
+//!
 //! **Architecture Invariant**: knows VIPs, ports and backend addresses, nothing of services,
 //! tasks or Raft; it is given the desired state.
 
@@ -35,10 +38,12 @@ use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 
+mod balancer;
 mod layout;
 pub mod nft;
 mod plan;
 
+pub use balancer::{EbpfBalancer, NftBalancer, TaskBalancer, VipBalancer};
 pub use nft::NftLb;
 
 #[allow(clippy::all)]

@@ -59,6 +59,7 @@ use std::time::Duration;
 
 use mesh_api::{NetworkAttachment, PortConfig, Protocol, PublishMode, Task};
 use mesh_gossip::{Config as GossipConfig, Event, Gossip};
+use mesh_lb::VipBalancer;
 use mesh_manager::runtime::{GossipKey, NetworkPlane, PlaneError, PlaneIdentity};
 use mesh_netlink::{Handle, Netns};
 use mesh_overlay::{Attachment, HolderError, Holders, NetworkDesc, Overlay, OverlayConfig, Remote};
@@ -176,14 +177,6 @@ struct Running {
     stop: watch::Sender<bool>,
 }
 
-/// The VIP balancer in use.
-enum Balancer {
-    /// eBPF socket-LB attached to the daemon's cgroup: one set of maps for every task.
-    Ebpf(Box<Mutex<mesh_lb::SockLb>>),
-    /// A `mesh_lb` nftables table in each task's namespace (kept in [`TaskNs`]).
-    Nft,
-}
-
 /// What the plane wants of one VIP.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct VipInfo {
@@ -202,10 +195,10 @@ struct TaskNs {
     /// draining after its endpoint was withdrawn must stay reachable until it stops).
     vnis: BTreeSet<u32>,
     _dns: Option<mesh_dns::Registration>,
-    /// With the nftables backend.
-    nft: Option<mesh_lb::NftLb>,
-    /// What `nft` was last synced to (for the metrics: a pass syncs every table).
-    nft_synced: Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>,
+    /// Its own balancer table, with a per-task backend (nftables).
+    lb_table: Option<Box<dyn mesh_lb::TaskBalancer>>,
+    /// What `lb_table` was last synced to (for the metrics: a pass syncs every table).
+    lb_synced: Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>,
     /// VIPs put on the task's `lo`.
     lo_vips: BTreeSet<Ipv4Addr>,
     /// The routing mesh's way back, for a task that publishes ports in ingress mode
@@ -246,7 +239,7 @@ struct Inner {
     cfg: PlaneConfig,
     /// The embedded DNS engine: a socket pair at 127.0.0.11:53 in every task with a network.
     dns: mesh_dns::Dns,
-    lb: Balancer,
+    lb: Box<dyn VipBalancer>,
     /// What the balancer was last given: VIP -> network, service, backends.
     lb_vips: Mutex<BTreeMap<Ipv4Addr, VipInfo>>,
     /// VIPs whose service lost its last endpoint, kept empty (see [`emptied_vip_linger`]):
@@ -525,12 +518,15 @@ fn dns_runtime() -> Result<tokio::runtime::Handle, String> {
 
 /// Picks the VIP balancer: eBPF socket-LB on the daemon's v2 cgroup (which holds every task)
 /// when asked for or possible, else nftables.
-fn choose_lb(want: LbBackend, exec: &mesh_executor::Executor) -> Result<Balancer, String> {
+fn choose_lb(
+    want: LbBackend,
+    exec: &mesh_executor::Executor,
+) -> Result<Box<dyn VipBalancer>, String> {
     if want != LbBackend::Nftables {
         match load_ebpf(exec) {
             Ok(lb) => {
                 info!("VIP balancer: eBPF socket-LB");
-                return Ok(Balancer::Ebpf(Box::new(Mutex::new(lb))));
+                return Ok(Box::new(mesh_lb::EbpfBalancer::new(lb)));
             }
             Err(e) if want == LbBackend::Ebpf => {
                 return Err(format!("--lb-backend ebpf: {e}"));
@@ -541,7 +537,7 @@ fn choose_lb(want: LbBackend, exec: &mesh_executor::Executor) -> Result<Balancer
     mesh_netlink::nft::output(&["--version"])
         .map_err(|e| format!("no VIP balancer: the nftables backend needs nft: {e}"))?;
     info!("VIP balancer: nftables in each task namespace");
-    Ok(Balancer::Nft)
+    Ok(Box::new(mesh_lb::NftBalancer))
 }
 
 fn load_ebpf(exec: &mesh_executor::Executor) -> Result<mesh_lb::SockLb, String> {
@@ -970,8 +966,8 @@ impl Inner {
             .count()
             + have.keys().filter(|v| !want.contains_key(v)).count();
         self.metrics.lb_updates.inc_by(changed as u64);
-        if let Balancer::Ebpf(lb) = &self.lb {
-            let mut lb = lock(lb);
+        // A per-task backend gets the VIPs with the task namespaces' pass.
+        if !self.lb.per_task() {
             for (vip, info) in want {
                 if have
                     .get(vip)
@@ -980,22 +976,18 @@ impl Inner {
                     continue;
                 }
                 info!(%vip, service = info.service, backends = info.backends.len(), "VIP backends changed");
-                let backends: Vec<(Ipv4Addr, u16)> =
-                    info.backends.iter().map(|ip| (*ip, 0)).collect();
                 let started = std::time::Instant::now();
-                for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
-                    if let Err(e) = lb.set_service(*vip, 0, proto, &backends) {
-                        self.metrics.lb_update_errors.inc();
-                        warn!(%vip, "programming the balancer: {e}");
-                    }
+                if let Err(e) = self.lb.set_vip(*vip, &info.backends) {
+                    self.metrics.lb_update_errors.inc();
+                    warn!(%vip, "programming the balancer: {e}");
                 }
                 self.metrics
                     .lb_update_duration
                     .observe(started.elapsed().as_secs_f64());
             }
             for vip in have.keys().filter(|v| !want.contains_key(v)) {
-                for proto in [mesh_lb::Proto::Tcp, mesh_lb::Proto::Udp] {
-                    let _ = lb.remove_service(*vip, 0, proto);
+                if let Err(e) = self.lb.remove_vip(*vip) {
+                    debug!(%vip, "removing a VIP from the balancer: {e}");
                 }
             }
         }
@@ -1033,21 +1025,21 @@ impl Inner {
                     .filter(|(_, i)| ns.nets.contains(&i.network_id))
                     .map(|(v, i)| (*v, i.backends.clone()))
                     .collect();
-                if let Some(nft) = ns.nft.as_mut() {
+                if let Some(table) = ns.lb_table.as_mut() {
                     let started = std::time::Instant::now();
-                    let res = tokio::task::block_in_place(|| nft.sync(&want));
+                    let res = tokio::task::block_in_place(|| table.sync(&want));
                     // Timed when it had something to write (the pass syncs every table).
-                    if ns.nft_synced.as_ref() != Some(&want) {
+                    if ns.lb_synced.as_ref() != Some(&want) {
                         self.metrics
                             .lb_update_duration
                             .observe(started.elapsed().as_secs_f64());
                     }
                     match res {
-                        Ok(()) => ns.nft_synced = Some(want.clone()),
+                        Ok(()) => ns.lb_synced = Some(want.clone()),
                         Err(e) => {
                             self.metrics.lb_update_errors.inc();
-                            ns.nft_synced = None;
-                            warn!(task = id, "nftables balancer: {e}");
+                            ns.lb_synced = None;
+                            warn!(task = id, "{} balancer: {e}", self.lb.name());
                         }
                     }
                 }
@@ -1119,15 +1111,13 @@ impl Inner {
                     .map_err(|e| format!("embedded DNS: {e}"))?,
             )
         };
-        let nft = match self.lb {
-            Balancer::Nft if !nets.is_empty() => {
-                let netns = Netns::open(&ns).map_err(|e| e.to_string())?;
-                Some(
-                    mesh_lb::NftLb::new(Some(netns))
-                        .map_err(|e| format!("nftables balancer: {e}"))?,
-                )
-            }
-            _ => None,
+        let lb_table = if self.lb.per_task() && !nets.is_empty() {
+            let netns = Netns::open(&ns).map_err(|e| e.to_string())?;
+            self.lb
+                .for_task(netns)
+                .map_err(|e| format!("{} balancer: {e}", self.lb.name()))?
+        } else {
+            None
         };
         let ingress_return = match ingress_return_of(task, ingress_id.as_deref()) {
             Some((ifname, udp_pending)) => {
@@ -1149,8 +1139,8 @@ impl Inner {
                 nets: nets.into_iter().map(|(id, _)| id).collect(),
                 vnis: task.networks.iter().map(|a| a.vni).collect(),
                 _dns: reg,
-                nft,
-                nft_synced: None,
+                lb_table,
+                lb_synced: None,
                 lo_vips: BTreeSet::new(),
                 ingress_return,
             },
@@ -2115,26 +2105,23 @@ impl NetworkPlane for Plane {
 
     fn vip_ls(&self) -> Result<Vec<mesh_api::VipEntry>, PlaneError> {
         let names = lock(&self.0.lb_vips).clone();
-        let entries: Vec<mesh_lb::ServiceEntry> = match &self.0.lb {
-            Balancer::Ebpf(lb) => lock(lb).dump().map_err(PlaneError::failed)?,
-            Balancer::Nft => {
-                // Every task namespace holds its networks' VIPs: show each VIP once.
-                let mut seen = BTreeMap::new();
-                let tasks = lock(&self.0.tasks);
-                for ns in tasks.values() {
-                    if let Some(nft) = &ns.nft {
-                        for e in nft.dump().map_err(PlaneError::failed)? {
-                            seen.entry((e.vip, e.port, e.proto)).or_insert(e);
-                        }
+        let lb = &self.0.lb;
+        let entries: Vec<mesh_lb::ServiceEntry> = if lb.per_task() {
+            // Every task namespace holds its networks' VIPs: show each VIP once.
+            let mut seen = BTreeMap::new();
+            let tasks = lock(&self.0.tasks);
+            for ns in tasks.values() {
+                if let Some(table) = &ns.lb_table {
+                    for e in table.dump().map_err(PlaneError::failed)? {
+                        seen.entry((e.vip, e.port, e.proto)).or_insert(e);
                     }
                 }
-                seen.into_values().collect()
             }
+            seen.into_values().collect()
+        } else {
+            lb.dump().map_err(PlaneError::failed)?
         };
-        let backend = match &self.0.lb {
-            Balancer::Ebpf(_) => "ebpf",
-            Balancer::Nft => "nftables",
-        };
+        let backend = lb.name();
         Ok(entries
             .into_iter()
             .map(|e| mesh_api::VipEntry {
