@@ -5,6 +5,7 @@
 //! This crate knows nothing of Raft, TLS or the kernel: it is the vocabulary, not the machinery.
 #![forbid(unsafe_code)]
 
+pub mod answers;
 pub mod api;
 pub mod blob;
 pub mod events;
@@ -16,6 +17,9 @@ pub mod network;
 pub mod objects;
 pub mod service;
 
+pub use answers::{
+    ExecAnswer, IdAnswer, JoinAnswer, MessageAnswer, SwarmInitAnswer, TokenAnswer, UnlockKeyAnswer,
+};
 pub use api::{
     ApiError, ErrorKind, ImageSummary, RegistryAuth, RegistryCredentials, Request, Response,
     ServiceUpdate,

@@ -62,8 +62,8 @@ pub fn run(c: &Client, kind: BlobKind, cmd: BlobCmd) -> Result<()> {
                 data,
             };
             spec.validate(kind).map_err(Failure)?;
-            let v = c.call(Request::BlobCreate { kind, spec })?;
-            println!("{}", v["id"].as_str().unwrap_or(""));
+            let a: mesh_api::IdAnswer = c.call_as(Request::BlobCreate { kind, spec })?;
+            println!("{}", a.id);
         }
         BlobCmd::Ls(l) => {
             let v = c.call(Request::BlobLs {

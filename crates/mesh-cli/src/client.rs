@@ -34,6 +34,11 @@ impl Client {
             .map_err(|e| Failure(format!("Error response from daemon: {}", e.message)))
     }
 
+    /// As [`Client::call`], the answer read as the type it is (`mesh_api::answers`).
+    pub fn call_as<T: serde::de::DeserializeOwned>(&self, req: Request) -> Result<T, Failure> {
+        Ok(mesh_api::answers::from_value(self.call(req)?)?)
+    }
+
     /// Sends one request and returns the daemon's answer, its error kept as it came; a
     /// [`Failure`] only when there was no answer.
     pub fn answer(&self, req: Request) -> Result<Response, Failure> {

@@ -395,10 +395,9 @@ pub fn row(v: Value) -> format::Row {
 /// leader (ID, unique ID prefix or name).
 fn node_id(c: &Client, key: &str) -> Result<String> {
     if key == "self" {
-        let v = c.call(Request::Info)?;
-        return v["node_id"]
-            .as_str()
-            .map(str::to_string)
+        let info: mesh_api::LocalInfo = c.call_as(Request::Info)?;
+        return info
+            .node_id
             .ok_or_else(|| Failure(mesh_api::api::NOT_IN_SWARM_MESSAGE.into()));
     }
     let v = c.call(Request::NodeInspect {
@@ -435,22 +434,23 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
             autolock,
             force_new_cluster,
         } => {
-            let v = c.call(Request::SwarmInit {
+            let a: mesh_api::SwarmInitAnswer = c.call_as(Request::SwarmInit {
                 advertise_addr,
                 listen_addr,
                 autolock,
                 force_new_cluster,
             })?;
-            let id = v["node_id"].as_str().unwrap_or("");
-            println!("Swarm initialized: current node ({id}) is now a manager.\n");
+            println!(
+                "Swarm initialized: current node ({}) is now a manager.\n",
+                a.node_id
+            );
             println!("To add a worker to this swarm, run the following command:\n");
             println!(
                 "    mesh swarm join --token {} {}\n",
-                v["worker_token"].as_str().unwrap_or(""),
-                v["addr"].as_str().unwrap_or("")
+                a.worker_token, a.addr
             );
             println!("To add a manager to this swarm, run 'mesh swarm join-token manager' and follow the instructions.");
-            if let Some(key) = v["unlock_key"].as_str() {
+            if let Some(key) = &a.unlock_key {
                 println!();
                 swarm::print_unlock_command(key);
             }
@@ -475,16 +475,13 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
             listen_addr,
             remote,
         } => {
-            let v = c.call(Request::SwarmJoin {
+            let a: mesh_api::JoinAnswer = c.call_as(Request::SwarmJoin {
                 token,
                 remote,
                 advertise_addr,
                 listen_addr,
             })?;
-            println!(
-                "This node joined a swarm as a {}.",
-                v["role"].as_str().unwrap_or("worker")
-            );
+            println!("This node joined a swarm as a {}.", a.role);
         }
         SwarmCmd::JoinToken {
             quiet,
@@ -492,8 +489,8 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
             role,
         } => {
             let role: NodeRole = role.into();
-            let v = c.call(Request::JoinToken { role, rotate })?;
-            let token = v["token"].as_str().unwrap_or("");
+            let a: mesh_api::TokenAnswer = c.call_as(Request::JoinToken { role, rotate })?;
+            let token = &a.token;
             if quiet {
                 println!("{token}");
                 return Ok(());
@@ -502,10 +499,7 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
                 println!("Successfully rotated {role} join token.\n");
             }
             println!("To add a {role} to this swarm, run the following command:\n");
-            println!(
-                "    mesh swarm join --token {token} {}\n",
-                v["addr"].as_str().unwrap_or("")
-            );
+            println!("    mesh swarm join --token {token} {}\n", a.addr);
         }
         SwarmCmd::Leave { force } => {
             c.call(Request::SwarmLeave { force })?;
@@ -625,14 +619,14 @@ fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
         }
         NodeCmd::Promote { nodes } => {
             for n in nodes {
-                let v = c.call(Request::NodePromote { node: n })?;
-                println!("{}", v["message"].as_str().unwrap_or(""));
+                let a: mesh_api::MessageAnswer = c.call_as(Request::NodePromote { node: n })?;
+                println!("{}", a.message);
             }
         }
         NodeCmd::Demote { nodes } => {
             for n in nodes {
-                let v = c.call(Request::NodeDemote { node: n })?;
-                println!("{}", v["message"].as_str().unwrap_or(""));
+                let a: mesh_api::MessageAnswer = c.call_as(Request::NodeDemote { node: n })?;
+                println!("{}", a.message);
             }
         }
         NodeCmd::Rm { force, nodes } => {

@@ -72,8 +72,8 @@ pub fn run(c: &Client, cmd: NetworkCmd) -> Result<()> {
                 ingress: false,
                 labels: crate::blob::parse_labels(&labels)?,
             };
-            let v = c.call(Request::NetworkCreate { spec })?;
-            println!("{}", v["id"].as_str().unwrap_or(""));
+            let a: mesh_api::IdAnswer = c.call_as(Request::NetworkCreate { spec })?;
+            println!("{}", a.id);
         }
         NetworkCmd::Ls { list, no_trunc } => {
             let v = c.call(Request::NetworkLs {

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use mesh_api::{
-    EndpointMode, FailureAction, Request, Resources, RestartCondition, RestartPolicy,
-    RollbackConfig, ServiceMode, ServiceSpec, ServiceUpdate, UpdateConfig, UpdateOrder,
+    EndpointMode, ExecAnswer, FailureAction, IdAnswer, Request, Resources, RestartCondition,
+    RestartPolicy, RollbackConfig, ServiceMode, ServiceSpec, ServiceUpdate, UpdateConfig,
+    UpdateOrder,
 };
 use serde_json::{json, Value};
 
@@ -771,9 +772,9 @@ fn update_of(a: &UpdateArgs) -> Result<ServiceUpdate> {
 }
 
 /// The daemon's warnings (e.g. an image tag that could not be pinned), on stderr.
-fn print_warnings(v: &Value) {
-    for w in v["warnings"].as_array().into_iter().flatten() {
-        eprint!("{}", w.as_str().unwrap_or(""));
+pub(crate) fn print_warnings(a: &IdAnswer) {
+    for w in &a.warnings {
+        eprint!("{w}");
     }
 }
 
@@ -866,17 +867,16 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
     match cmd {
         ServiceCmd::Create(a) => {
             let spec = create_spec(&a)?;
-            let v = c.call(Request::ServiceCreate {
+            let answer: IdAnswer = c.call_as(Request::ServiceCreate {
                 spec,
                 registry_auth: a
                     .with_registry_auth
                     .then_some(mesh_api::RegistryAuth::NodeLogin),
             })?;
-            print_warnings(&v);
-            let id = v["id"].as_str().unwrap_or("").to_string();
-            println!("{id}");
+            print_warnings(&answer);
+            println!("{}", answer.id);
             if !a.detach {
-                converge(c, &id, false)?;
+                converge(c, &answer.id, false)?;
             }
         }
         ServiceCmd::Ls(l) => {
@@ -951,14 +951,14 @@ pub fn run(c: &Client, cmd: ServiceCmd) -> Result<()> {
         }
         ServiceCmd::Update(a) => {
             let update = update_of(&a)?;
-            let v = c.call(Request::ServiceUpdate {
+            let answer: IdAnswer = c.call_as(Request::ServiceUpdate {
                 service: a.service.clone(),
                 update,
             })?;
-            print_warnings(&v);
+            print_warnings(&answer);
             println!("{}", a.service);
             if !a.detach {
-                converge(c, &a.service, v["rollout"].as_bool().unwrap_or(false))?;
+                converge(c, &a.service, answer.rollout)?;
             }
         }
         ServiceCmd::Rollback { detach, service } => {
@@ -1107,10 +1107,10 @@ pub fn exec(c: &Client, task: String, argv: Vec<String>) -> Result<i32> {
             "a command is needed: mesh exec TASK -- COMMAND [ARG...]".into(),
         ));
     }
-    let v = c.call(Request::Exec { task, argv })?;
-    print!("{}", v["stdout"].as_str().unwrap_or(""));
-    eprint!("{}", v["stderr"].as_str().unwrap_or(""));
-    Ok(v["status"].as_i64().unwrap_or(1) as i32)
+    let out: ExecAnswer = c.call_as(Request::Exec { task, argv })?;
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    Ok(out.status)
 }
 
 #[cfg(test)]

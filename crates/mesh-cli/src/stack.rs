@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::{Subcommand, ValueEnum};
 use mesh_api::{Blob, BlobKind, ClusterObjects, Request, Service, ServiceSpec};
 use mesh_compose::{Stack, NAMESPACE_LABEL};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::client::Client;
 use crate::service::{print_services, print_tasks};
@@ -261,22 +261,22 @@ fn deploy(
                     continue;
                 }
                 println!("Updating service {} (id: {})", spec.name, old.id);
-                let v = c.call(Request::ServiceReplace {
+                let v: mesh_api::IdAnswer = c.call_as(Request::ServiceReplace {
                     service: old.id.clone(),
                     version: old.version,
                     spec,
                     rollback: false,
                     registry_auth: registry_auth.clone(),
                 })?;
-                print_warnings(&v);
+                crate::service::print_warnings(&v);
             }
             None => {
                 println!("Creating service {}", spec.name);
-                let v = c.call(Request::ServiceCreate {
+                let v: mesh_api::IdAnswer = c.call_as(Request::ServiceCreate {
                     spec: spec.clone(),
                     registry_auth: registry_auth.clone(),
                 })?;
-                print_warnings(&v);
+                crate::service::print_warnings(&v);
             }
         }
     }
@@ -292,12 +292,6 @@ fn deploy(
         }
     }
     Ok(())
-}
-
-fn print_warnings(v: &Value) {
-    for w in v["warnings"].as_array().into_iter().flatten() {
-        eprint!("{}", w.as_str().unwrap_or(""));
-    }
 }
 
 /// `name:tag` without the registry's default prefixes, with `:latest` when no tag or digest.

@@ -41,11 +41,11 @@ fn read_key(prompt: &str) -> Result<String> {
 
 /// `swarm unlock-key [-q] [--rotate]`.
 pub fn unlock_key(c: &Client, quiet: bool, rotate: bool) -> Result<()> {
-    let v = c.call(Request::UnlockKey { rotate })?;
+    let a: mesh_api::UnlockKeyAnswer = c.call_as(Request::UnlockKey { rotate })?;
     if rotate && !quiet {
         println!("Successfully rotated manager unlock key.\n");
     }
-    let key = v["key"].as_str().unwrap_or("");
+    let key = a.key.as_deref().unwrap_or("");
     if key.is_empty() {
         return Err(Failure("no unlock key is set".into()));
     }

@@ -107,8 +107,9 @@ fn spec_of(v: &Value, kind: BlobKind, check: bool) -> Result<BlobSpec> {
 
 async fn create(b: &dyn Backend, c: &Call, kind: BlobKind) -> Result<Reply> {
     let spec = spec_of(&c.json()?, kind, true)?;
-    let v = call(b, Request::BlobCreate { kind, spec }).await?;
-    Ok(Reply::created(json!({ "ID": v["id"] })))
+    let a: mesh_api::IdAnswer =
+        mesh_api::answers::from_value(call(b, Request::BlobCreate { kind, spec }).await?)?;
+    Ok(Reply::created(json!({ "ID": a.id })))
 }
 
 /// Labels may change; the name and data must stay (`docker stack deploy` sends its secrets

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use mesh_api::{
-    Availability, ClusterObjects, LocalInfo, NetworkSpec, NodeRole, Request, Service, Task,
-    TaskState,
+    Availability, ClusterObjects, IdAnswer, LocalInfo, NetworkSpec, NodeRole, Request, Service,
+    SwarmInitAnswer, Task, TaskState, UnlockKeyAnswer,
 };
 use serde_json::{json, Value};
 
@@ -22,6 +22,11 @@ type Result<T> = std::result::Result<T, EngineError>;
 
 async fn call(b: &dyn Backend, req: Request) -> Result<Value> {
     b.call(req).await.map_err(EngineError::from)
+}
+
+/// As [`call`], the answer read as the type it is (`mesh_api::answers`).
+async fn call_as<T: serde::de::DeserializeOwned>(b: &dyn Backend, req: Request) -> Result<T> {
+    Ok(mesh_api::answers::from_value(call(b, req).await?)?)
 }
 
 async fn objects(b: &dyn Backend) -> Result<ClusterObjects> {
@@ -78,10 +83,8 @@ pub async fn route(backend: &Arc<dyn Backend>, c: &Call) -> Result<Reply> {
         }
         ["swarm", "update"] if post => swarm_update(b, c).await,
         ["swarm", "unlockkey"] if get => {
-            let v = call(b, Request::UnlockKey { rotate: false }).await?;
-            Ok(Reply::ok(
-                json!({"UnlockKey": v["key"].as_str().unwrap_or_default()}),
-            ))
+            let a: UnlockKeyAnswer = call_as(b, Request::UnlockKey { rotate: false }).await?;
+            Ok(Reply::ok(json!({"UnlockKey": a.key.unwrap_or_default()})))
         }
         ["swarm", "unlock"] if post => {
             let v = c.json()?;
@@ -557,7 +560,7 @@ async fn swarm_init(b: &dyn Backend, c: &Call) -> Result<Reply> {
         .and_then(Value::as_bool)
         == Some(true)
         || v.get("AutoLockManagers").and_then(Value::as_bool) == Some(true);
-    let r = call(
+    let r: SwarmInitAnswer = call_as(
         b,
         Request::SwarmInit {
             advertise_addr: str_field(&v, "AdvertiseAddr"),
@@ -567,7 +570,7 @@ async fn swarm_init(b: &dyn Backend, c: &Call) -> Result<Reply> {
         },
     )
     .await?;
-    Ok(Reply::ok(r["node_id"].clone()))
+    Ok(Reply::ok(json!(r.node_id)))
 }
 
 async fn swarm_join(b: &dyn Backend, c: &Call) -> Result<Reply> {
@@ -741,15 +744,11 @@ async fn service_ls(b: &dyn Backend, c: &Call) -> Result<Reply> {
     Ok(Reply::ok(out))
 }
 
-fn warnings(v: &Value) -> Value {
-    match v.get("warnings") {
-        Some(Value::Array(w)) if !w.is_empty() => Value::Array(
-            w.iter()
-                .map(|s| json!(s.as_str().unwrap_or("").trim_end()))
-                .collect(),
-        ),
-        _ => Value::Null,
+fn warnings(a: &IdAnswer) -> Value {
+    if a.warnings.is_empty() {
+        return Value::Null;
     }
+    a.warnings.iter().map(|w| json!(w.trim_end())).collect()
 }
 
 async fn service_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
@@ -757,7 +756,7 @@ async fn service_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
     let o = objects(b).await?;
     let spec = crate::spec::from_engine(&v, &o)?;
     let registry_auth = registry_auth(c)?;
-    let r = call(
+    let r: IdAnswer = call_as(
         b,
         Request::ServiceCreate {
             spec,
@@ -766,7 +765,7 @@ async fn service_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
     )
     .await?;
     Ok(Reply::created(
-        json!({"ID": r["id"], "Warnings": warnings(&r)}),
+        json!({"ID": r.id, "Warnings": warnings(&r)}),
     ))
 }
 
@@ -793,7 +792,7 @@ async fn service_update(b: &dyn Backend, c: &Call, key: &str) -> Result<Reply> {
     } else {
         crate::spec::from_engine(&v, &o)?
     };
-    let r = call(
+    let r: IdAnswer = call_as(
         b,
         Request::ServiceReplace {
             service: svc.id.clone(),
@@ -1079,7 +1078,7 @@ async fn network_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
         .get("Attachable")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let r = call(
+    let r: IdAnswer = call_as(
         b,
         Request::NetworkCreate {
             spec: NetworkSpec {
@@ -1093,7 +1092,7 @@ async fn network_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
         },
     )
     .await?;
-    Ok(Reply::created(json!({"Id": r["id"], "Warning": ""})))
+    Ok(Reply::created(json!({"Id": r.id, "Warning": ""})))
 }
 
 #[cfg(test)]

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_api::answers::to_response;
 use mesh_api::{
-    ApiError, ErrorKind, LocalInfo, NodeRole, RaftInfo, RegistryAuth, Request, Response,
+    ApiError, ErrorKind, ExecAnswer, IdAnswer, JoinAnswer, LocalInfo, MessageAnswer, NodeRole,
+    RaftInfo, RegistryAuth, Request, Response, SwarmInitAnswer, TokenAnswer,
 };
 use mesh_ca::{JoinToken, NodeKey, RootCa};
 use serde_json::json;
@@ -240,11 +242,11 @@ impl Daemon {
         let r = tokio::task::spawn_blocking(move || rt.exec(&id, &argv, Duration::from_secs(300)))
             .await
             .map_err(ApiError::internal)??;
-        Ok(json!({
-            "status": r.status,
-            "stdout": String::from_utf8_lossy(&r.stdout),
-            "stderr": String::from_utf8_lossy(&r.stderr),
-        }))
+        to_response(&ExecAnswer {
+            status: r.status,
+            stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+        })
     }
 
     /// Runs a blocking query of the network plane.
@@ -428,16 +430,13 @@ impl Daemon {
                 self.manager().await?;
                 let registry_auth = self.resolve_auth(registry_auth, &spec.image).await?;
                 let warning = self.pin_image(&mut spec.image, &registry_auth).await?;
-                let mut v = self
+                let v = self
                     .management(Request::ServiceCreate {
                         spec,
                         registry_auth,
                     })
                     .await?;
-                if let Some(w) = warning {
-                    v["warnings"] = json!([w]);
-                }
-                Ok(v)
+                with_warning(v, warning)
             }
             Request::ServiceUpdate {
                 service,
@@ -464,13 +463,10 @@ impl Daemon {
                     }
                     None => None,
                 };
-                let mut v = self
+                let v = self
                     .management(Request::ServiceUpdate { service, update })
                     .await?;
-                if let Some(w) = warning {
-                    v["warnings"] = json!([w]);
-                }
-                Ok(v)
+                with_warning(v, warning)
             }
             Request::ServiceReplace {
                 service,
@@ -486,7 +482,7 @@ impl Daemon {
                 } else {
                     self.pin_image(&mut spec.image, &registry_auth).await?
                 };
-                let mut v = self
+                let v = self
                     .management(Request::ServiceReplace {
                         service,
                         version,
@@ -495,10 +491,7 @@ impl Daemon {
                         registry_auth,
                     })
                     .await?;
-                if let Some(w) = warning {
-                    v["warnings"] = json!([w]);
-                }
-                Ok(v)
+                with_warning(v, warning)
             }
             req => self.management(req).await,
         }
@@ -609,7 +602,9 @@ impl Daemon {
             }
         }
         if is_token {
-            v["addr"] = json!(local.advertise_addr);
+            let mut a: TokenAnswer = mesh_api::answers::from_value(v)?;
+            a.addr = local.advertise_addr.clone();
+            return to_response(&a);
         }
         Ok(v)
     }
@@ -814,12 +809,12 @@ impl Daemon {
         }
         *self.member.write().await = Some(member);
         info!(node_id, "swarm initialized");
-        Ok(json!({
-            "node_id": node_id,
-            "worker_token": worker_token,
-            "addr": advertise.to_string(),
-            "unlock_key": unlock_key.map(|k| mesh_api::human_unlock_key(&k)),
-        }))
+        to_response(&SwarmInitAnswer {
+            node_id,
+            worker_token,
+            addr: advertise.to_string(),
+            unlock_key: unlock_key.map(|k| mesh_api::human_unlock_key(&k)),
+        })
     }
 
     /// `swarm init --force-new-cluster` on a member: a manager becomes the one manager of a
@@ -884,12 +879,12 @@ impl Daemon {
             node_id = local.node_id,
             "new cluster forced from the local state"
         );
-        Ok(json!({
-            "node_id": local.node_id,
-            "worker_token": worker_token,
-            "addr": local.advertise_addr,
-            "unlock_key": null,
-        }))
+        to_response(&SwarmInitAnswer {
+            node_id: local.node_id,
+            worker_token,
+            addr: local.advertise_addr,
+            unlock_key: None,
+        })
     }
 
     async fn join(
@@ -978,7 +973,10 @@ impl Daemon {
         }
         *self.member.write().await = Some(member);
         info!(node_id = accept.node_id, role = %accept.role, "joined swarm");
-        Ok(json!({ "node_id": accept.node_id, "role": accept.role }))
+        to_response(&JoinAnswer {
+            node_id: accept.node_id,
+            role: accept.role,
+        })
     }
 
     async fn leave(&self, force: bool) -> Response {
@@ -990,7 +988,7 @@ impl Daemon {
                 ));
             }
             self.leave_local().await?;
-            return Ok(json!({ "message": "Node left the swarm." }));
+            return to_response(&MessageAnswer::new("Node left the swarm."));
         }
         let member = self.member().await.ok_or_else(|| {
             ApiError::new(ErrorKind::NotInSwarm, "This node is not part of a swarm")
@@ -1026,7 +1024,7 @@ impl Daemon {
         };
         let _ = tokio::time::timeout(Duration::from_secs(8), member.to_leader(req)).await;
         self.leave_local().await?;
-        Ok(json!({ "message": "Node left the swarm." }))
+        to_response(&MessageAnswer::new("Node left the swarm."))
     }
 
     /// Stops the member and wipes the swarm state from `--data-dir`.
@@ -1051,4 +1049,12 @@ async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ApiError> {
             format!("cannot listen on {addr}: {e}"),
         )
     })
+}
+
+/// A service's create or update answer with the daemon's warning (an image not pinned).
+fn with_warning(v: serde_json::Value, warning: Option<String>) -> Response {
+    let Some(w) = warning else { return Ok(v) };
+    let mut a: IdAnswer = mesh_api::answers::from_value(v)?;
+    a.warnings.push(w);
+    to_response(&a)
 }

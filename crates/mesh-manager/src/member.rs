@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use mesh_api::answers::to_response;
 use mesh_api::{
-    ApiError, BlobKind, ErrorKind, Node, NodeRole, NodeState, NodeSummary, Request, Response,
+    ApiError, BlobKind, ErrorKind, IdAnswer, MessageAnswer, Node, NodeRole, NodeState, NodeSummary,
+    Request, Response, TokenAnswer, UnlockKeyAnswer,
 };
 use mesh_ca::{JoinToken, NodeTls, RootCa};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
@@ -1237,7 +1239,10 @@ impl Member {
                     // The leader's own files at once; the other managers' within a tick.
                     self.sync_key_files().await;
                 }
-                Ok(json!({ "key": key.map(|k| mesh_api::human_unlock_key(&k)), "rotated": rotate }))
+                to_response(&UnlockKeyAnswer {
+                    key: key.map(|k| mesh_api::human_unlock_key(&k)),
+                    rotated: rotate,
+                })
             }
             Request::SwarmUpdate {
                 autolock,
@@ -1349,15 +1354,16 @@ impl Member {
                     },
                 )
                 .await?;
-                Ok(json!({ "id": id }))
+                to_response(&IdAnswer::new(id))
             }
             Request::NodePromote { node: key } => {
                 let state = self.read(node).await?;
                 let n = state.find_node(&key)?;
                 if n.role == NodeRole::Manager {
-                    return Ok(
-                        json!({ "message": format!("Node {} is already a manager.", n.hostname) }),
-                    );
+                    return to_response(&MessageAnswer::new(format!(
+                        "Node {} is already a manager.",
+                        n.hostname
+                    )));
                 }
                 if n.state != NodeState::Ready {
                     return Err(ApiError::invalid(format!(
@@ -1374,17 +1380,19 @@ impl Member {
                     },
                 )
                 .await?;
-                Ok(
-                    json!({ "message": format!("Node {} promoted to a manager in the swarm.", n.hostname) }),
-                )
+                to_response(&MessageAnswer::new(format!(
+                    "Node {} promoted to a manager in the swarm.",
+                    n.hostname
+                )))
             }
             Request::NodeDemote { node: key } => {
                 let state = self.read(node).await?;
                 let n = state.find_node(&key)?;
                 if n.role == NodeRole::Worker {
-                    return Ok(
-                        json!({ "message": format!("Node {} is already a worker.", n.hostname) }),
-                    );
+                    return to_response(&MessageAnswer::new(format!(
+                        "Node {} is already a worker.",
+                        n.hostname
+                    )));
                 }
                 if state.managers().count() <= 1 {
                     return Err(ApiError::invalid(format!(
@@ -1413,7 +1421,9 @@ impl Member {
                 if !other {
                     self.remove_voter(node, raft_id).await?;
                 }
-                Ok(json!({ "message": format!("Manager {name} demoted in the swarm.") }))
+                to_response(&MessageAnswer::new(format!(
+                    "Manager {name} demoted in the swarm."
+                )))
             }
             Request::NodeRm { node: key, force } => {
                 let state = self.read(node).await?;
@@ -1437,7 +1447,7 @@ impl Member {
                 self.write(node, Command::RemoveNode { id: id.clone() })
                     .await?;
                 self.dispatcher.forget(&id);
-                Ok(json!({ "id": id }))
+                to_response(&IdAnswer::new(id))
             }
             Request::JoinToken { role, rotate } => {
                 if rotate {
@@ -1462,9 +1472,12 @@ impl Member {
                     NodeRole::Worker => &c.worker_secret,
                     NodeRole::Manager => &c.manager_secret,
                 };
-                Ok(
-                    json!({ "token": JoinToken::new(&digest, secret).to_string(), "role": role, "rotated": rotate }),
-                )
+                to_response(&TokenAnswer {
+                    token: JoinToken::new(&digest, secret).to_string(),
+                    role,
+                    rotated: rotate,
+                    addr: String::new(),
+                })
             }
             req @ (Request::UnlockKey { .. } | Request::SwarmUpdate { .. }) => {
                 // Boxed: the arms of this match make one future, and it must stay small
@@ -1498,7 +1511,7 @@ impl Member {
                 };
                 let id = blob.id.clone();
                 self.write(node, Command::CreateBlob { blob }).await?;
-                Ok(json!({ "id": id }))
+                to_response(&IdAnswer::new(id))
             }
             Request::BlobLs { kind, filters } => {
                 filters.check_blobs().map_err(ApiError::invalid)?;
@@ -1538,7 +1551,7 @@ impl Member {
                     };
                     self.write(node, cmd).await?;
                 }
-                Ok(json!({ "id": b.id }))
+                to_response(&IdAnswer::new(b.id.clone()))
             }
             Request::BlobRm { kind, name } => {
                 let state = self.read(node).await?;
@@ -1547,7 +1560,7 @@ impl Member {
                 let id = b.id.clone();
                 self.write(node, Command::RemoveBlob { id: id.clone() })
                     .await?;
-                Ok(json!({ "id": id }))
+                to_response(&IdAnswer::new(id))
             }
             Request::ServiceCreate {
                 mut spec,
@@ -1577,14 +1590,14 @@ impl Member {
                 let id = svc.id.clone();
                 self.write(node, Command::CreateService { service: svc })
                     .await?;
-                Ok(json!({ "id": id }))
+                to_response(&IdAnswer::new(id))
             }
             Request::NetworkCreate { spec } => {
                 let state = self.read(node).await?;
                 let network = crate::networks::new_network(&state, spec, now_secs())?;
                 let id = network.id.clone();
                 self.write(node, Command::CreateNetwork { network }).await?;
-                Ok(json!({ "id": id }))
+                to_response(&IdAnswer::new(id))
             }
             Request::NetworkLs { filters } => {
                 filters.check_networks().map_err(ApiError::invalid)?;
@@ -1623,7 +1636,7 @@ impl Member {
                 drop(state);
                 self.write(node, Command::RemoveNetwork { id: id.clone() })
                     .await?;
-                Ok(json!({ "id": id }))
+                to_response(&IdAnswer::new(id))
             }
             Request::ServiceLs { filters } => {
                 filters.check_services().map_err(ApiError::invalid)?;
@@ -1662,7 +1675,7 @@ impl Member {
                 let next = services::updated(svc, spec, false, now_secs());
                 self.write(node, Command::UpdateService { service: next })
                     .await?;
-                Ok(json!({ "id": svc.id }))
+                to_response(&IdAnswer::new(svc.id.clone()))
             }
             Request::ServiceUpdate { service, update } => {
                 let state = self.read(node).await?;
@@ -1677,7 +1690,7 @@ impl Member {
                 let rollout = next.version != svc.version;
                 self.write(node, Command::UpdateService { service: next })
                     .await?;
-                Ok(json!({ "id": svc.id, "rollout": rollout }))
+                to_response(&IdAnswer::rollout(svc.id.clone(), rollout))
             }
             Request::ServiceRollback { service } => {
                 let state = self.read(node).await?;
@@ -1685,7 +1698,7 @@ impl Member {
                 let next = services::rolled_back(svc, now_secs())?;
                 self.write(node, Command::UpdateService { service: next })
                     .await?;
-                Ok(json!({ "id": svc.id }))
+                to_response(&IdAnswer::new(svc.id.clone()))
             }
             Request::ServiceReplace {
                 service,
@@ -1745,7 +1758,7 @@ impl Member {
                 let rollout = next.version != svc.version;
                 self.write(node, Command::UpdateService { service: next })
                     .await?;
-                Ok(json!({ "id": svc.id, "rollout": rollout }))
+                to_response(&IdAnswer::rollout(svc.id.clone(), rollout))
             }
             Request::Objects { service } => {
                 let state = self.read(node).await?;
@@ -1756,7 +1769,7 @@ impl Member {
                 let id = state.find_service(&service)?.id.clone();
                 self.write(node, Command::RemoveService { id: id.clone() })
                     .await?;
-                Ok(json!({ "id": id }))
+                to_response(&IdAnswer::new(id))
             }
             // Any manager's history would do (seqs are the log's); the leader's is the newest.
             Request::Events { after, since_ns } => {
