@@ -81,56 +81,11 @@ pub const LOG_BYTES: usize = 8 << 20;
 /// answer did not say which ended tasks the store still has (only a fallback: the leader
 /// normally lists them, see [`ended_on`]).
 const KEEP_EXITED_MS: u64 = 10 * 60 * 1000;
-/// How long the leader holds an assignments poll without changes.
-pub const POLL_HOLD: Duration = Duration::from_secs(5);
-
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// The digest of a node's assignments answer: what a node must know to act. Any change of
-/// the assigned tasks, of the ended tasks the store still has, or of the ingress address
-/// changes it, and so wakes the node's poll.
-pub fn assignments_digest(
-    tasks: &[Task],
-    ended: &[String],
-    ingress: Option<&mesh_api::NetworkAttachment>,
-) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for t in tasks {
-        (&t.id, t.desired_state, t.status.state, t.version).hash(&mut h);
-    }
-    ended.hash(&mut h);
-    ingress.map(|a| (&a.network_id, &a.addr)).hash(&mut h);
-    h.finish()
-}
-
-/// The tasks the leader assigns to `node_id`: placed there and not finished.
-pub fn assigned_to<'a>(tasks: impl Iterator<Item = &'a Task>, node_id: &str) -> Vec<Task> {
-    let mut out: Vec<Task> = tasks
-        .filter(|t| {
-            t.node_id == node_id
-                && t.status.state >= TaskState::Assigned
-                && !t.status.state.is_terminal()
-        })
-        .cloned()
-        .collect();
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    out
-}
-
-/// The IDs of the ended tasks placed on `node_id` that the store still has (its services' task
-/// history), sorted: their node keeps their state directories; it removes the others.
-pub fn ended_on<'a>(tasks: impl Iterator<Item = &'a Task>, node_id: &str) -> Vec<String> {
-    let mut out: Vec<String> = tasks
-        .filter(|t| t.node_id == node_id && t.status.state.is_terminal())
-        .map(|t| t.id.clone())
-        .collect();
-    out.sort();
-    out
 }
 
 #[derive(Default)]
@@ -1323,6 +1278,7 @@ fn etc_hosts(t: &Task, hostname: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dispatcher::{assigned_to, assignments_digest, ended_on};
     use crate::runtime::{ExecResult, PlaneError};
 
     /// A runtime that only lists the tasks it is given and records removals.

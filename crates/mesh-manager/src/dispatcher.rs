@@ -1,10 +1,15 @@
-//! The dispatcher's heartbeat table: when the leader last heard from each node. It lives in
-//! the leader's memory only (heartbeats are not Raft writes); what is replicated is the
-//! Ready/Down transition the monitor derives from it.
+//! The dispatcher, the leader's side of the nodes' agents: its heartbeat table (when the
+//! leader last heard from each node; it lives in the leader's memory only, heartbeats are not
+//! Raft writes, and what is replicated is the Ready/Down transition the monitor derives from
+//! it), and what a node's assignments answer holds ([`assigned_to`], [`ended_on`], their
+//! [`assignments_digest`], held up to [`POLL_HOLD`]).
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use mesh_api::{Task, TaskState};
 
 /// How often nodes send a heartbeat, until the cluster's `--dispatcher-heartbeat` says.
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(500);
@@ -12,6 +17,51 @@ pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(500);
 pub const DOWN_AFTER_PERIODS: u32 = 4;
 /// A node not heard from for this long is marked Down (with the default period).
 pub const DOWN_AFTER: Duration = Duration::from_millis(2000);
+
+/// How long the leader holds an assignments poll without changes.
+pub const POLL_HOLD: Duration = Duration::from_secs(5);
+
+/// The digest of a node's assignments answer: what a node must know to act. Any change of
+/// the assigned tasks, of the ended tasks the store still has, or of the ingress address
+/// changes it, and so wakes the node's poll.
+pub fn assignments_digest(
+    tasks: &[Task],
+    ended: &[String],
+    ingress: Option<&mesh_api::NetworkAttachment>,
+) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for t in tasks {
+        (&t.id, t.desired_state, t.status.state, t.version).hash(&mut h);
+    }
+    ended.hash(&mut h);
+    ingress.map(|a| (&a.network_id, &a.addr)).hash(&mut h);
+    h.finish()
+}
+
+/// The tasks the leader assigns to `node_id`: placed there and not finished.
+pub fn assigned_to<'a>(tasks: impl Iterator<Item = &'a Task>, node_id: &str) -> Vec<Task> {
+    let mut out: Vec<Task> = tasks
+        .filter(|t| {
+            t.node_id == node_id
+                && t.status.state >= TaskState::Assigned
+                && !t.status.state.is_terminal()
+        })
+        .cloned()
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// The IDs of the ended tasks placed on `node_id` that the store still has (its services' task
+/// history), sorted: their node keeps their state directories; it removes the others.
+pub fn ended_on<'a>(tasks: impl Iterator<Item = &'a Task>, node_id: &str) -> Vec<String> {
+    let mut out: Vec<String> = tasks
+        .filter(|t| t.node_id == node_id && t.status.state.is_terminal())
+        .map(|t| t.id.clone())
+        .collect();
+    out.sort();
+    out
+}
 
 /// Last heartbeat per node ID, and when this manager last became leader.
 #[derive(Default)]

@@ -6,7 +6,8 @@
 //! - [`history`]: the cluster's recent changes as events, derived as the log is applied;
 //! - [`network`], [`peer`]: the control-port protocol, Raft RPCs included, over mutual TLS;
 //! - [`member`]: a node inside a swarm: Raft while it manages, heartbeats, leader handlers;
-//! - [`dispatcher`]: heartbeat bookkeeping that decides Ready/Down;
+//! - [`dispatcher`]: the leader's side of the agents: assignments answers, and heartbeat
+//!   bookkeeping that decides Ready/Down;
 //! - [`gossipkeys`]: the gossip keys: made, rotated and handed to nodes by the leader;
 //! - [`daemon`]: init/join/leave and the local API;
 //! - [`metrics`]: the control plane's Prometheus metrics (Raft, and the leader's store);

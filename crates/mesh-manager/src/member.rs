@@ -21,8 +21,9 @@ use serde_json::json;
 use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
 
-use crate::agent::{assigned_to, assignments_digest, ended_on, now_ms, Agent, POLL_HOLD};
+use crate::agent::{now_ms, Agent};
 use crate::datakey::DataKey;
+use crate::dispatcher::{assigned_to, assignments_digest, ended_on, POLL_HOLD};
 use crate::dispatcher::{Dispatcher, Verdict, HEARTBEAT_PERIOD};
 use crate::gossipkeys;
 use crate::local::LocalState;

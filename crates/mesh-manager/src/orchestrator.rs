@@ -1639,7 +1639,7 @@ mod tests {
         w.s.nodes.get_mut("n1").unwrap().state = NodeState::Ready;
         w.settle();
         // The replaced task is not assigned to n1 any more, so its agent stops it.
-        let assigned = crate::agent::assigned_to(w.s.tasks.values(), "n1");
+        let assigned = crate::dispatcher::assigned_to(w.s.tasks.values(), "n1");
         assert!(on_n1.iter().all(|id| !assigned.iter().any(|t| &t.id == id)));
         assert_eq!(w.running().len(), 3);
     }
