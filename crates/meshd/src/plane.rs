@@ -377,7 +377,7 @@ impl Plane {
         cfg: PlaneConfig,
         rt: tokio::runtime::Handle,
         exec: Arc<mesh_executor::Executor>,
-    ) -> Result<Plane, String> {
+    ) -> Result<Plane, PlaneError> {
         let (ready, _) = watch::channel(false);
         let upstreams = match mesh_dns::ResolvConf::read_host() {
             Ok(r) => r.nameservers,
@@ -398,7 +398,7 @@ impl Plane {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let host_ns = mesh_netlink::Netns::current()
-            .map_err(|e| format!("cannot open the host namespace: {e}"))?;
+            .map_err(|e| PlaneError::context("cannot open the host namespace", e))?;
         let filter = mesh_overlay::filter::MemberFilter::new(
             Arc::new(host_ns),
             cfg.vxlan_port,
@@ -494,7 +494,7 @@ impl prometheus_client::collector::Collector for PlaneCollector {
 
 /// Starts the DNS thread and returns its runtime's handle (the thread lives as long as the
 /// process).
-fn dns_runtime() -> Result<tokio::runtime::Handle, String> {
+fn dns_runtime() -> Result<tokio::runtime::Handle, PlaneError> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("mesh-dns".into())
@@ -508,12 +508,13 @@ fn dns_runtime() -> Result<tokio::runtime::Handle, String> {
                     rt.block_on(std::future::pending::<()>());
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(format!("cannot start the DNS runtime: {e}")));
+                    let _ = tx.send(Err(PlaneError::context("cannot start the DNS runtime", e)));
                 }
             }
         })
-        .map_err(|e| format!("cannot start the DNS thread: {e}"))?;
-    rx.recv().map_err(|_| "the DNS thread died".to_string())?
+        .map_err(|e| PlaneError::context("cannot start the DNS thread", e))?;
+    rx.recv()
+        .map_err(|_| PlaneError::failed("the DNS thread died"))?
 }
 
 /// Picks the VIP balancer: eBPF socket-LB on the daemon's v2 cgroup (which holds every task)
@@ -521,7 +522,7 @@ fn dns_runtime() -> Result<tokio::runtime::Handle, String> {
 fn choose_lb(
     want: LbBackend,
     exec: &mesh_executor::Executor,
-) -> Result<Box<dyn VipBalancer>, String> {
+) -> Result<Box<dyn VipBalancer>, PlaneError> {
     if want != LbBackend::Nftables {
         match load_ebpf(exec) {
             Ok(lb) => {
@@ -529,33 +530,33 @@ fn choose_lb(
                 return Ok(Box::new(mesh_lb::EbpfBalancer::new(lb)));
             }
             Err(e) if want == LbBackend::Ebpf => {
-                return Err(format!("--lb-backend ebpf: {e}"));
+                return Err(PlaneError::context("--lb-backend ebpf", e));
             }
             Err(e) => warn!("eBPF socket-LB unavailable ({e}); using nftables"),
         }
     }
     mesh_netlink::nft::output(&["--version"])
-        .map_err(|e| format!("no VIP balancer: the nftables backend needs nft: {e}"))?;
+        .map_err(|e| PlaneError::context("no VIP balancer: the nftables backend needs nft", e))?;
     info!("VIP balancer: nftables in each task namespace");
     Ok(Box::new(mesh_lb::NftBalancer))
 }
 
-fn load_ebpf(exec: &mesh_executor::Executor) -> Result<mesh_lb::SockLb, String> {
+fn load_ebpf(exec: &mesh_executor::Executor) -> Result<mesh_lb::SockLb, PlaneError> {
     let dir = exec
         .layout()
         .v2_task_path(exec.cgroup_parent(), "_")
         .parent()
-        .ok_or("no cgroup v2 directory for tasks")?
+        .ok_or_else(|| PlaneError::failed("no cgroup v2 directory for tasks"))?
         .to_path_buf();
-    let mut lb = mesh_lb::SockLb::load().map_err(|e| format!("cannot load: {e}"))?;
+    let mut lb = mesh_lb::SockLb::load().map_err(|e| PlaneError::context("cannot load", e))?;
     lb.attach(&dir)
-        .map_err(|e| format!("cannot attach to {}: {e}", dir.display()))?;
+        .map_err(|e| PlaneError::context(format!("cannot attach to {}", dir.display()), e))?;
     info!(cgroup = %dir.display(), "eBPF socket balancer attached");
     Ok(lb)
 }
 
 impl Inner {
-    async fn start_async(self: Arc<Self>, me: PlaneIdentity) -> Result<(), String> {
+    async fn start_async(self: Arc<Self>, me: PlaneIdentity) -> Result<(), PlaneError> {
         let overlay = Overlay::new(
             OverlayConfig {
                 vtep: me.addr,
@@ -566,7 +567,7 @@ impl Inner {
             self.holders.clone(),
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(PlaneError::failed)?;
         let addr = SocketAddr::from((me.addr, self.cfg.gossip_port));
         let peers: Vec<SocketAddr> = me
             .peers
@@ -582,7 +583,7 @@ impl Inner {
         gcfg.seeds = peers.clone();
         let gossip = Gossip::start(gcfg)
             .await
-            .map_err(|e| format!("cannot start gossip on {addr}: {e}"))?;
+            .map_err(|e| PlaneError::context(format!("cannot start gossip on {addr}"), e))?;
         // Published first, then the keys read: a `set_gossip_keys` meanwhile (which stores
         // its keys first, then reads this) is seen by one side or the other.
         *lock(&self.gossip) = Some(gossip.clone());
@@ -755,7 +756,7 @@ impl Inner {
     }
 
     /// One reconcile pass (if the plane runs), counted and timed in the metrics.
-    async fn sync_remotes(&self) -> Result<(), String> {
+    async fn sync_remotes(&self) -> Result<(), PlaneError> {
         let mut guard = self.running.lock().await;
         let Some(r) = guard.as_mut() else {
             return Ok(());
@@ -773,7 +774,7 @@ impl Inner {
     }
 
     /// Makes the overlay, DNS, balancer and routing mesh match the gossip tables.
-    async fn reconcile(&self, r: &mut Running) -> Result<(), String> {
+    async fn reconcile(&self, r: &mut Running) -> Result<(), PlaneError> {
         let ingress_id = self.ingress_net_id();
         // Read before the tables: what is read after includes the whole of a network synced
         // by now. The others may hold only this node's own records (a restarted daemon, a
@@ -818,7 +819,7 @@ impl Inner {
             .overlay
             .sync_remotes(&by_vni, &remotes, &add_only)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(PlaneError::failed);
         // The VIPs of unsynced networks keep the backends they had (a task namespace adopted
         // after a restart keeps its table until its networks are synced: `plumb_adopted`).
         {
@@ -1066,10 +1067,10 @@ impl Inner {
         }
         for (id, pid, ifname, add, udp) in returns {
             let res = async {
-                let ns = Netns::open(&proc_ns(pid)).map_err(|e| e.to_string())?;
+                let ns = Netns::open(&proc_ns(pid)).map_err(PlaneError::failed)?;
                 mesh_ingress::return_path::add_routes(&ns, &ifname, &add, &udp)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(PlaneError::failed)
             }
             .await;
             match res {
@@ -1090,7 +1091,7 @@ impl Inner {
     /// Plumbs the plane's side of a task's namespace: DNS sockets at 127.0.0.11:53, and the
     /// nftables balancer table with that backend. Called in the task's start gate, and for
     /// a task a restarted daemon adopts.
-    fn plumb_task(&self, task: &Task, pid: u32) -> Result<(), String> {
+    fn plumb_task(&self, task: &Task, pid: u32) -> Result<(), PlaneError> {
         let ingress_id = self.ingress_net_id();
         let nets: Vec<(String, String)> = task
             .networks
@@ -1103,27 +1104,27 @@ impl Inner {
             None
         } else {
             let (udp, tcp) =
-                mesh_dns::bind_in_netns(&ns).map_err(|e| format!("embedded DNS: {e}"))?;
+                mesh_dns::bind_in_netns(&ns).map_err(|e| PlaneError::context("embedded DNS", e))?;
             let _rt = self.dns_rt.enter();
             Some(
                 self.dns
                     .register(&task.id, nets.clone(), udp, tcp)
-                    .map_err(|e| format!("embedded DNS: {e}"))?,
+                    .map_err(|e| PlaneError::context("embedded DNS", e))?,
             )
         };
         let lb_table = if self.lb.per_task() && !nets.is_empty() {
-            let netns = Netns::open(&ns).map_err(|e| e.to_string())?;
+            let netns = Netns::open(&ns).map_err(PlaneError::failed)?;
             self.lb
                 .for_task(netns)
-                .map_err(|e| format!("{} balancer: {e}", self.lb.name()))?
+                .map_err(|e| PlaneError::context(format!("{} balancer", self.lb.name()), e))?
         } else {
             None
         };
         let ingress_return = match ingress_return_of(task, ingress_id.as_deref()) {
             Some((ifname, udp_pending)) => {
-                let netns = Netns::open(&ns).map_err(|e| e.to_string())?;
+                let netns = Netns::open(&ns).map_err(PlaneError::failed)?;
                 mesh_ingress::return_path::setup_table(&netns, &ifname)
-                    .map_err(|e| format!("routing mesh return path: {e}"))?;
+                    .map_err(|e| PlaneError::context("routing mesh return path", e))?;
                 Some(IngressReturn {
                     ifname,
                     sandboxes: BTreeSet::new(),
@@ -1247,28 +1248,29 @@ impl Inner {
 
     /// Creates (or, after a restart, finds) the ingress sandbox, plugs it into the ingress
     /// overlay with this node's ingress address, and sets up the routing mesh.
-    async fn ensure_ingress(&self, r: &mut Running) -> Result<(), String> {
+    async fn ensure_ingress(&self, r: &mut Running) -> Result<(), PlaneError> {
         let Some(att) = lock(&self.ingress_att).clone() else {
             return Ok(());
         };
         if r.ingress.is_some() {
             return Ok(());
         }
-        let (ip, desc) = attachment_desc(&att).ok_or("bad ingress attachment")?;
+        let (ip, desc) =
+            attachment_desc(&att).ok_or_else(|| PlaneError::failed("bad ingress attachment"))?;
         let holders = self.holders.clone();
         let pid = tokio::task::spawn_blocking(move || holders.ensure(INGRESS_SANDBOX))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let sandbox = Netns::open(&proc_ns(pid)).map_err(|e| e.to_string())?;
-        let h = Handle::new(&sandbox).await.map_err(|e| e.to_string())?;
-        let plumbed = match h.link(SANDBOX_IF).await.map_err(|e| e.to_string())? {
+            .map_err(PlaneError::failed)?
+            .map_err(PlaneError::failed)?;
+        let sandbox = Netns::open(&proc_ns(pid)).map_err(PlaneError::failed)?;
+        let h = Handle::new(&sandbox).await.map_err(PlaneError::failed)?;
+        let plumbed = match h.link(SANDBOX_IF).await.map_err(PlaneError::failed)? {
             Some(_) => {
-                let addrs = h.addresses(SANDBOX_IF).await.map_err(|e| e.to_string())?;
+                let addrs = h.addresses(SANDBOX_IF).await.map_err(PlaneError::failed)?;
                 if addrs.contains(&(ip, desc.prefix)) {
                     true
                 } else {
-                    h.del_link(SANDBOX_IF).await.map_err(|e| e.to_string())?;
+                    h.del_link(SANDBOX_IF).await.map_err(PlaneError::failed)?;
                     false
                 }
             }
@@ -1285,23 +1287,23 @@ impl Inner {
                     },
                 )
                 .await
-                .map_err(|e| format!("ingress sandbox: {e}"))?;
+                .map_err(|e| PlaneError::context("ingress sandbox", e))?;
         }
         // Clients from the gateway bridge are this node's own tasks: masqueraded (a task
         // balanced to itself would drop its own address).
         let gw = mesh_overlay::DEFAULT_GW_SUBNET
             .split_once('/')
             .and_then(|(a, l)| Some((a.parse().ok()?, l.parse().ok()?)))
-            .ok_or("bad gateway subnet")?;
+            .ok_or_else(|| PlaneError::failed("bad gateway subnet"))?;
         let cfg = mesh_ingress::IngressConfig {
             ingress_if: SANDBOX_IF.into(),
             masquerade_from: vec![gw],
             ..Default::default()
         };
-        let host = Netns::current().map_err(|e| e.to_string())?;
+        let host = Netns::current().map_err(PlaneError::failed)?;
         let ing = mesh_ingress::Ingress::setup(host, sandbox, cfg)
             .await
-            .map_err(|e| format!("routing mesh: {e}"))?;
+            .map_err(|e| PlaneError::context("routing mesh", e))?;
         info!(%ip, "ingress sandbox ready");
         r.ingress = Some(ing);
         Ok(())
@@ -1309,7 +1311,7 @@ impl Inner {
 
     /// Applies `running`, the newest running set (`local`, read under `local_seq` by the
     /// caller, which holds it).
-    async fn set_local_async(&self, running: Vec<(Task, u32)>) -> Result<(), String> {
+    async fn set_local_async(&self, running: Vec<(Task, u32)>) -> Result<(), PlaneError> {
         let mut guard = self.running.lock().await;
         let Some(r) = guard.as_mut() else {
             // Not started yet (gossip still binding): `start_async` applies `local`.
@@ -1398,7 +1400,7 @@ impl Inner {
         self.save_networks(announced);
         for ((net, key), rec) in &want {
             if r.published.get(&(net.clone(), key.clone())) != Some(rec) {
-                let v = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
+                let v = serde_json::to_vec(rec).map_err(PlaneError::failed)?;
                 if let Err(e) = r.gossip.put(net, ENDPOINTS, key, v).await {
                     warn!("publishing endpoint {key} on {net}: {e}");
                 }
@@ -1465,9 +1467,9 @@ impl Inner {
             r.overlay
                 .gc_unplugged(&keep)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(PlaneError::failed)?
         } else {
-            r.overlay.gc(&keep).await.map_err(|e| e.to_string())?;
+            r.overlay.gc(&keep).await.map_err(PlaneError::failed)?;
             BTreeSet::new()
         };
         self.overlay_plugged
@@ -1475,7 +1477,7 @@ impl Inner {
         r.overlay
             .gc_gateway(&ids)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(PlaneError::failed)?;
         drop(guard);
         self.sync_remotes().await
     }
@@ -1771,18 +1773,18 @@ fn ingress_return_of(task: &Task, ingress_id: Option<&str>) -> Option<(String, V
 }
 
 /// Adds and removes /32 VIPs on `lo` inside `/proc/<pid>/ns/net`.
-async fn set_lo_vips(pid: u32, add: &[Ipv4Addr], del: &[Ipv4Addr]) -> Result<(), String> {
-    let ns = Netns::open(&proc_ns(pid)).map_err(|e| e.to_string())?;
-    let h = Handle::new(&ns).await.map_err(|e| e.to_string())?;
+async fn set_lo_vips(pid: u32, add: &[Ipv4Addr], del: &[Ipv4Addr]) -> Result<(), PlaneError> {
+    let ns = Netns::open(&proc_ns(pid)).map_err(PlaneError::failed)?;
+    let h = Handle::new(&ns).await.map_err(PlaneError::failed)?;
     for v in add {
         h.add_address("lo", *v, 32)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(PlaneError::failed)?;
     }
     for v in del {
         h.del_address("lo", *v, 32)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(PlaneError::failed)?;
     }
     Ok(())
 }
@@ -2026,8 +2028,7 @@ impl NetworkPlane for Plane {
                     warn!("data plane sync: {e}");
                 }
             }
-            tokio::task::block_in_place(|| this.plumb_task(task, pid))
-                .map_err(PlaneError::failed)?;
+            tokio::task::block_in_place(|| this.plumb_task(task, pid))?;
             // The task's VIPs on lo, and its balancer table, before its command runs.
             this.sync_task_namespaces().await;
             Ok(())
