@@ -37,30 +37,12 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::health::{self, Health, Monitor};
+use crate::node_agent::{BoxFuture, LeaderLink, MemberLink, NodeAgent};
 use crate::peer::{PeerRequest, PeerResponse, TaskLog};
 use crate::runtime::{
     image_argv, image_env, ImageRun, Images, NetworkPlane, RunFile, RunRootfs, RunSpec, RunState,
     Runtime, RuntimeError,
 };
-
-/// How the agent reaches the leader: the one thing it needs of its node's membership
-/// (`Member` implements it; tests plug in a fake). The agent knows nothing else of Raft or
-/// of the other managers.
-pub trait LeaderLink: Send + Sync + 'static {
-    /// This node's ID.
-    fn node_id(&self) -> String;
-    /// Sends `req` to the leader (through whichever manager knows it) and returns its answer;
-    /// `PeerResponse::Error` when no leader could be reached.
-    fn to_leader(&self, req: PeerRequest)
-        -> impl std::future::Future<Output = PeerResponse> + Send;
-    /// As [`LeaderLink::to_leader`], for a long poll: over `client`, a connection kept
-    /// between polls.
-    fn to_leader_polling(
-        &self,
-        req: PeerRequest,
-        client: &mut Option<mesh_rpc::Client>,
-    ) -> impl std::future::Future<Output = PeerResponse> + Send;
-}
 
 /// How long a stopped task gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -1208,6 +1190,61 @@ impl Agent {
         })
         .await
         .unwrap_or_default()
+    }
+}
+
+/// The member drives its node's agent through [`NodeAgent`].
+impl NodeAgent for Agent {
+    fn plane(&self) -> Option<Arc<dyn NetworkPlane>> {
+        Agent::plane(self).cloned()
+    }
+
+    fn give_gossip(
+        &self,
+        keys: Vec<crate::runtime::GossipKey>,
+        members: Option<Vec<std::net::Ipv4Addr>>,
+    ) {
+        Agent::give_gossip(self, keys, members)
+    }
+
+    fn admit_members(&self, members: Vec<std::net::Ipv4Addr>) -> BoxFuture<'_, ()> {
+        Box::pin(Agent::admit_members(self, members))
+    }
+
+    fn seed_plane(self: Arc<Self>, from_store: Vec<Task>) -> BoxFuture<'static, ()> {
+        Box::pin(Agent::seed_plane(self, from_store))
+    }
+
+    fn run(
+        self: Arc<Self>,
+        leader: MemberLink,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let poll = tokio::spawn(self.clone().poll_loop(leader.clone(), shutdown.clone()));
+        let rec = tokio::spawn(self.reconcile_loop(leader, shutdown));
+        vec![poll, rec]
+    }
+
+    fn logs(
+        &self,
+        task_ids: Vec<String>,
+        since_ns: Option<u64>,
+        tail: Option<usize>,
+        after: BTreeMap<String, u64>,
+    ) -> BoxFuture<'_, Vec<TaskLog>> {
+        Box::pin(Agent::logs(self, task_ids, since_ns, tail, after))
+    }
+
+    fn assigned_tasks(&self) -> Vec<Task> {
+        Agent::assigned_tasks(self)
+    }
+
+    fn local_tasks<'a>(&'a self, node_name: &'a str) -> BoxFuture<'a, Vec<mesh_api::LocalTask>> {
+        Box::pin(Agent::local_tasks(self, node_name))
+    }
+
+    fn images_in_use(&self) -> Vec<String> {
+        Agent::images_in_use(self)
     }
 }
 

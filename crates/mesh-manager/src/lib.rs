@@ -6,6 +6,7 @@
 //! - [`history`]: the cluster's recent changes as events, derived as the log is applied;
 //! - [`network`], [`peer`]: the control-port protocol, Raft RPCs included, over mutual TLS;
 //! - [`member`]: a node inside a swarm: Raft while it manages, heartbeats, leader handlers;
+//! - [`node_agent`]: what a member asks of its node's agent ([`agent`] implements it);
 //! - [`dispatcher`]: the leader's side of the agents: assignments answers, and heartbeat
 //!   bookkeeping that decides Ready/Down;
 //! - [`gossipkeys`]: the gossip keys: made, rotated and handed to nodes by the leader;
@@ -31,6 +32,7 @@ pub mod member;
 pub mod metrics;
 pub mod network;
 pub mod networks;
+pub mod node_agent;
 pub mod orchestrator;
 pub mod peer;
 pub mod raft_types;

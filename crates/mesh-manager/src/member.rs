@@ -21,13 +21,14 @@ use serde_json::json;
 use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
 
-use crate::agent::{now_ms, Agent};
+use crate::agent::now_ms;
 use crate::datakey::DataKey;
 use crate::dispatcher::{assigned_to, assignments_digest, ended_on, POLL_HOLD};
 use crate::dispatcher::{Dispatcher, Verdict, HEARTBEAT_PERIOD};
 use crate::gossipkeys;
 use crate::local::LocalState;
 use crate::network::Network;
+use crate::node_agent::NodeAgent;
 use crate::orchestrator::Orchestrator;
 use crate::peer::{HeartbeatAck, JoinAccept, JoinRequest, PeerRequest, PeerResponse, RaftRequest};
 use crate::raft_types::Raft;
@@ -113,7 +114,7 @@ pub(crate) struct Member {
     events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
     metrics: crate::metrics::Metrics,
     tasks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
-    pub agent: Arc<Agent>,
+    pub agent: Arc<dyn NodeAgent>,
     orchestrator: tokio::sync::Mutex<Orchestrator>,
     /// One fetch, creation, re-wrap or removal of the data key at a time.
     data_key_lock: tokio::sync::Mutex<()>,
@@ -159,7 +160,7 @@ impl Member {
         listener: tokio::net::TcpListener,
         init: bool,
         hooks: Hooks,
-        agent: Arc<Agent>,
+        agent: Arc<dyn NodeAgent>,
         keys: Option<Keys>,
     ) -> Result<Arc<Member>, ApiError> {
         let tls = NodeTls {
@@ -245,15 +246,13 @@ impl Member {
             }
         }
         let orch = tokio::spawn(member.clone().orchestrator_loop());
-        let poll = tokio::spawn(
-            agent
-                .clone()
-                .poll_loop(member.clone(), member.shutdown.subscribe()),
+        let loops = agent.run(
+            crate::node_agent::MemberLink(member.clone()),
+            member.shutdown.subscribe(),
         );
-        let rec = tokio::spawn(agent.reconcile_loop(member.clone(), member.shutdown.subscribe()));
         member
             .tasks_lock()
-            .extend([serve, hb, mon, keyl, certl, orch, poll, rec]);
+            .extend([serve, hb, mon, keyl, certl, orch].into_iter().chain(loops));
         Ok(member)
     }
 
@@ -2439,26 +2438,4 @@ fn task_rows(rows: Vec<(mesh_api::TaskSummary, u64)>) -> serde_json::Value {
         })
         .collect();
     json!(rows)
-}
-
-/// The agent reaches the leader through its member.
-impl crate::agent::LeaderLink for Arc<Member> {
-    fn node_id(&self) -> String {
-        self.local().node_id
-    }
-
-    fn to_leader(
-        &self,
-        req: PeerRequest,
-    ) -> impl std::future::Future<Output = PeerResponse> + Send {
-        Member::to_leader(self, req)
-    }
-
-    fn to_leader_polling(
-        &self,
-        req: PeerRequest,
-        client: &mut Option<mesh_rpc::Client>,
-    ) -> impl std::future::Future<Output = PeerResponse> + Send {
-        Member::to_leader_polling(self, req, client)
-    }
 }
