@@ -28,7 +28,7 @@ use std::time::Duration;
 use mesh_api::NodeState;
 
 use crate::datakey::DataKey;
-use crate::runtime::GossipKey;
+use crate::node_agent::GossipKey;
 use crate::state::{Command, StoreState};
 
 /// Keys kept (and accepted by nodes).

@@ -1,4 +1,4 @@
-//! The manager and the node agent's swarm membership.
+//! The control plane: the manager, and every node's swarm membership.
 //!
 //! - [`state`]: the replicated state machine (cluster record, nodes) and its commands;
 //! - [`allocator`]: network addresses, proposed by the leader and settled at apply;
@@ -6,25 +6,27 @@
 //! - [`history`]: the cluster's recent changes as events, derived as the log is applied;
 //! - [`network`], [`peer`]: the control-port protocol, Raft RPCs included, over mutual TLS;
 //! - [`member`]: a node inside a swarm: Raft while it manages, heartbeats, leader handlers;
-//! - [`node_agent`]: what a member asks of its node's agent ([`agent`] implements it);
+//! - [`node_agent`]: what a member asks of its node's agent (`mesh-agent` implements it), and
+//!   how the agent reaches the leader;
 //! - [`dispatcher`]: the leader's side of the agents: assignments answers, and heartbeat
 //!   bookkeeping that decides Ready/Down;
 //! - [`gossipkeys`]: the gossip keys: made, rotated and handed to nodes by the leader;
-//! - [`daemon`]: init/join/leave and the local API;
 //! - [`metrics`]: the control plane's Prometheus metrics (Raft, and the leader's store);
-//! - [`local`]: what a node persists about itself.
+//! - [`local`]: what a node persists about itself;
+//! - [`services`], [`networks`], [`orchestrator`], [`ipam`], [`blobs`]: the leader's
+//!   management calls, reconciliation and address pools.
 //!
 //! **Architecture Invariant**: nothing here touches the kernel's network configuration
-//! (no netlink, no nftables, no BPF); the control plane only decides and records.
+//! (no netlink, no nftables, no BPF, no system calls of its own); the control plane only
+//! decides and records. The node agent (`mesh-agent`) depends on it, never the reverse.
 
-pub mod agent;
+#![forbid(unsafe_code)]
+
 pub mod allocator;
 pub mod blobs;
-pub mod daemon;
 pub mod datakey;
 pub mod dispatcher;
 pub mod gossipkeys;
-pub mod health;
 pub mod history;
 pub mod ipam;
 pub mod local;
@@ -36,9 +38,6 @@ pub mod node_agent;
 pub mod orchestrator;
 pub mod peer;
 pub mod raft_types;
-pub mod runtime;
 pub mod services;
 pub mod state;
 pub mod storage;
-
-pub use daemon::{Daemon, DaemonConfig};

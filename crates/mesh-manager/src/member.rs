@@ -21,7 +21,6 @@ use serde_json::json;
 use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
 
-use crate::agent::now_ms;
 use crate::datakey::DataKey;
 use crate::dispatcher::{assigned_to, assignments_digest, ended_on, POLL_HOLD};
 use crate::dispatcher::{Dispatcher, Verdict, HEARTBEAT_PERIOD};
@@ -37,7 +36,10 @@ use crate::state::{Command, CommandResult, StoreState};
 use crate::storage::{self, StateMachineStore};
 
 mod certs;
+mod raft_api;
+
 pub use certs::set_min_cert_expiry;
+pub use raft_api::ForcedCluster;
 
 /// How long a management call waits for a leader or a commit before saying there is none.
 const LEADER_WAIT: Duration = Duration::from_secs(4);
@@ -48,10 +50,19 @@ const QUORUM_STALE_MS: u64 = 1500;
 /// Connections per peer for forwarded calls.
 const POOL: usize = 4;
 
-pub(crate) fn now_secs() -> u64 {
+/// The wall clock in seconds since the epoch.
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The wall clock in milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -81,14 +92,14 @@ pub(crate) struct RaftNode {
 
 /// Something the member asks the daemon to do about its own life.
 #[derive(Debug)]
-pub(crate) enum MemberEvent {
+pub enum MemberEvent {
     /// The cluster removed this node: leave, wiping the local state.
     Removed,
 }
 
 /// What a member reports to the daemon that runs it.
 #[derive(Clone)]
-pub(crate) struct Hooks {
+pub struct Hooks {
     pub events: tokio::sync::mpsc::UnboundedSender<MemberEvent>,
     /// The daemon's control-plane instruments (they outlive members).
     pub metrics: crate::metrics::Metrics,
@@ -100,7 +111,9 @@ enum Leader {
     Other(String),
 }
 
-pub(crate) struct Member {
+/// A node inside a swarm: its identity and TLS, Raft while it manages, its connections to
+/// the other members, and its node's agent.
+pub struct Member {
     pub data_dir: PathBuf,
     local: StdRwLock<LocalState>,
     client_tls: Arc<rustls::ClientConfig>,
@@ -130,14 +143,14 @@ pub(crate) struct Member {
 
 /// A manager's open data key and how its file is wrapped.
 #[derive(Clone, Debug)]
-pub(crate) struct Keys {
+pub struct Keys {
     pub dek: DataKey,
     pub wrapped_with: Option<Vec<u8>>,
 }
 
 /// A new unlock key (32 random bytes, base64), as `swarm init --autolock`, `swarm update
 /// --autolock=true` and `unlock-key --rotate` make.
-pub(crate) fn new_unlock_key() -> Result<String, ApiError> {
+pub fn new_unlock_key() -> Result<String, ApiError> {
     use base64::Engine as _;
     let k = DataKey::generate()?;
     Ok(base64::engine::general_purpose::STANDARD_NO_PAD.encode(k.bytes()))
@@ -207,7 +220,7 @@ impl Member {
         let mon = tokio::spawn(member.clone().monitor_loop());
         let keyl = tokio::spawn(member.clone().key_loop());
         let certl = tokio::spawn(member.clone().cert_loop());
-        if let Some(plane) = agent.plane() {
+        if agent.has_plane() {
             let l = member.local();
             let ip = |a: &str| {
                 a.parse::<std::net::SocketAddr>()
@@ -227,15 +240,13 @@ impl Member {
                     peers.push(*m);
                 }
             }
-            let me = crate::runtime::PlaneIdentity {
+            let me = crate::node_agent::PlaneIdentity {
                 node_id: l.node_id.clone(),
                 cluster_id: l.cluster_id.clone(),
                 addr,
                 peers,
             };
-            if let Err(e) = plane.start(me) {
-                warn!("network plane: {e}");
-            }
+            agent.start_plane(me);
             // The keys only: the underlay filter keeps what the previous run set from the
             // leader's answers (newer than this store may be) until the next answer.
             if let Some((keys, _, tasks)) = from_store {
@@ -265,7 +276,7 @@ impl Member {
     async fn gossip_from_store(
         &self,
     ) -> Option<(
-        Vec<crate::runtime::GossipKey>,
+        Vec<crate::node_agent::GossipKey>,
         Vec<std::net::Ipv4Addr>,
         Vec<mesh_api::Task>,
     )> {
@@ -375,33 +386,6 @@ impl Member {
         }
     }
 
-    /// `swarm init --force-new-cluster`: stops this manager's Raft instance, rebuilds its
-    /// store as a one-voter group from what it committed (`storage::rebuild_single_voter`)
-    /// and starts Raft again on whatever the store then holds. The Raft slot stays locked throughout, so nothing starts Raft on the old store
-    /// meanwhile.
-    pub(crate) async fn force_new_cluster(&self) -> Result<storage::Rebuilt, ApiError> {
-        let key = self.data_key_for_raft().await?;
-        let mut slot = self.raft.write().await;
-        let old = slot.take();
-        if let Some(node) = &old {
-            if let Err(e) = node.raft.shutdown().await {
-                warn!("raft shutdown: {e}");
-            }
-        }
-        let local = self.local();
-        let (path, id, addr) = (self.raft_path(), local.raft_id, &local.advertise_addr);
-        let rebuilt = match &old {
-            Some(node) => storage::rebuild_single_voter_of(&node.sm, &path, id, addr).await,
-            None => storage::rebuild_single_voter(&path, Some(key.clone()), id, addr).await,
-        }
-        .map_err(ApiError::internal);
-        drop(old);
-        let started = self.open_raft(&mut slot, key, false).await;
-        let rebuilt = rebuilt?;
-        started?;
-        Ok(rebuilt)
-    }
-
     /// Whether `raft_id` is in this manager's Raft membership (voter or learner); true when
     /// that cannot be told at once. As swarmkit's, a manager has a manager status, and cannot
     /// be removed, only while it is a member: the managers a `--force-new-cluster` left
@@ -459,7 +443,7 @@ impl Member {
     }
 
     /// Writes the node's state as it is now (swarm init, once Raft has the cluster).
-    pub(crate) fn persist_local(&self) -> Result<(), ApiError> {
+    pub fn persist_local(&self) -> Result<(), ApiError> {
         let g = self.local.write().unwrap_or_else(|p| p.into_inner());
         self.save_local(&g)
     }
@@ -643,9 +627,7 @@ impl Member {
     /// Stops everything this member runs. The local state stays unless the caller wipes it.
     pub async fn stop(&self) {
         self.shutdown.send_replace(true);
-        if let Some(plane) = self.agent.plane() {
-            plane.stop();
-        }
+        self.agent.stop_plane();
         self.stop_raft().await;
         let tasks: Vec<_> = self.tasks_lock().drain(..).collect();
         for t in tasks {

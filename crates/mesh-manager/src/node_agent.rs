@@ -15,15 +15,20 @@ use tokio::task::JoinHandle;
 
 use crate::member::Member;
 use crate::peer::{PeerRequest, PeerResponse, TaskLog};
-use crate::runtime::{GossipKey, NetworkPlane};
+use serde::{Deserialize, Serialize};
 
 /// A boxed future, as a trait object's async method returns it.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A node's agent, as its member drives it (`agent::Agent` implements it).
 pub trait NodeAgent: Send + Sync + 'static {
-    /// The node's network data plane, if it has one.
-    fn plane(&self) -> Option<Arc<dyn NetworkPlane>>;
+    /// Whether the node has a network data plane (without one, tasks get no network but `lo`).
+    fn has_plane(&self) -> bool;
+    /// Starts the node's network plane as `me` (a failure is the agent's to log: the member
+    /// goes on without a plane, as Docker's daemon without its overlay driver).
+    fn start_plane(&self, me: PlaneIdentity);
+    /// Stops the network plane: this node leaves the swarm or shuts down.
+    fn stop_plane(&self);
     /// Gossip keys for the plane, and the members' underlay addresses when known.
     fn give_gossip(&self, keys: Vec<GossipKey>, members: Option<Vec<Ipv4Addr>>);
     /// Lets `members` through the node's underlay filter; returns once it does.
@@ -92,5 +97,31 @@ impl LeaderLink for MemberLink {
         client: &mut Option<mesh_rpc::Client>,
     ) -> impl Future<Output = PeerResponse> + Send {
         self.0.to_leader_polling(req, client)
+    }
+}
+
+/// Who this node is in the swarm, for the network plane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlaneIdentity {
+    pub node_id: String,
+    pub cluster_id: String,
+    /// This node's advertised address: its VTEP and gossip address.
+    pub addr: std::net::Ipv4Addr,
+    /// Other nodes to gossip with at first (the managers).
+    pub peers: Vec<std::net::Ipv4Addr>,
+}
+
+/// A gossip key as the leader hands it to a node (see `gossipkeys`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipKey {
+    pub id: u32,
+    /// 32 bytes.
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for GossipKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No key material in logs.
+        write!(f, "GossipKey({})", self.id)
     }
 }

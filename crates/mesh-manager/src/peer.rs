@@ -146,7 +146,7 @@ pub enum PeerResponse {
         /// The gossip keys, oldest first (unsealed: mutual TLS, and only to a node the store
         /// has; see `gossipkeys`).
         #[serde(default)]
-        gossip_keys: Vec<crate::runtime::GossipKey>,
+        gossip_keys: Vec<crate::node_agent::GossipKey>,
         /// The underlay addresses of the swarm's members (`None`: not said).
         #[serde(default)]
         members: Option<Vec<std::net::Ipv4Addr>>,

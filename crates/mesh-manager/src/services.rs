@@ -32,11 +32,25 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Checks a service's health check as swarmkit and Docker's daemon do.
+fn validate_health(h: &mesh_api::HealthConfig) -> Result<(), String> {
+    match h.test.first().map(String::as_str) {
+        None | Some("NONE") => {}
+        Some("CMD") if h.test.len() >= 2 && !h.test[1].is_empty() => {}
+        Some("CMD-SHELL") if h.test.len() == 2 && !h.test[1].trim().is_empty() => {}
+        Some("CMD" | "CMD-SHELL") => {
+            return Err(format!("invalid healthcheck test: {:?}", h.test));
+        }
+        Some(other) => return Err(format!("unknown healthcheck type: {other:?}")),
+    }
+    Ok(())
+}
+
 /// Checks a spec against the cluster; the error names what is wrong.
 pub fn validate_spec(spec: &ServiceSpec, state: &StoreState) -> Result<(), ApiError> {
     validate_name(&spec.name)?;
     if let Some(h) = &spec.healthcheck {
-        crate::health::validate(h).map_err(ApiError::invalid)?;
+        validate_health(h).map_err(ApiError::invalid)?;
     }
     if spec.image.is_empty() {
         if spec.command.is_empty() || spec.command[0].trim().is_empty() {
@@ -569,6 +583,29 @@ pub fn conflict(name: &str) -> ApiError {
 #[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
+
+    fn health(test: &[&str], interval_ms: u64, retries: u64) -> mesh_api::HealthConfig {
+        mesh_api::HealthConfig {
+            test: test.iter().map(|s| s.to_string()).collect(),
+            interval_ms,
+            retries,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bad_tests_are_refused() {
+        assert!(validate_health(&health(&["CMD-SHELL", "true"], 0, 0)).is_ok());
+        assert!(validate_health(&health(&["CMD", "true"], 0, 0)).is_ok());
+        assert!(validate_health(&health(&["NONE"], 0, 0)).is_ok());
+        assert!(validate_health(&health(&[], 1, 0)).is_ok());
+        assert!(validate_health(&health(&["CMD"], 0, 0)).is_err());
+        assert!(validate_health(&health(&["CMD-SHELL", "a", "b"], 0, 0)).is_err());
+        assert_eq!(
+            validate_health(&health(&["SHELL", "x"], 0, 0)).unwrap_err(),
+            "unknown healthcheck type: \"SHELL\""
+        );
+    }
 
     fn spec() -> ServiceSpec {
         ServiceSpec {

@@ -1,26 +1,44 @@
 //! `meshd`: the mesh daemon. Parses flags, sets up logging, takes the exec-root lock, serves
-//! the local API socket and wires it to the daemon core in `mesh-manager`.
+//! the local API socket and wires it to the node's daemon core in `mesh-agent`.
 
 #![forbid(unsafe_code)]
 
 mod api;
 mod config;
-mod images;
 mod metrics;
-mod plane;
-mod runtime;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, ValueEnum};
-use mesh_manager::{Daemon, DaemonConfig};
+use mesh_agent::{exec, images, metrics::PullMetrics, plane, Daemon, DaemonConfig};
 use tracing::info;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
+}
+
+/// `--lb-backend`'s values (`plane::LbBackend`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LbBackendFlag {
+    /// eBPF socket-LB when the kernel takes it, else nftables.
+    Auto,
+    /// eBPF socket-LB on the cgroup hooks (fails to start without it).
+    Ebpf,
+    /// nftables DNAT in each task's namespace.
+    Nftables,
+}
+
+impl From<LbBackendFlag> for plane::LbBackend {
+    fn from(f: LbBackendFlag) -> Self {
+        match f {
+            LbBackendFlag::Auto => plane::LbBackend::Auto,
+            LbBackendFlag::Ebpf => plane::LbBackend::Ebpf,
+            LbBackendFlag::Nftables => plane::LbBackend::Nftables,
+        }
+    }
 }
 
 /// The mesh daemon: one per host.
@@ -47,7 +65,7 @@ struct Args {
     #[arg(long, default_value_t = 7946)]
     gossip_port: u16,
     /// VXLAN UDP port, as Swarm's 4789.
-    #[arg(long, default_value_t = mesh_overlay::DEFAULT_VXLAN_PORT)]
+    #[arg(long, default_value_t = plane::DEFAULT_VXLAN_PORT)]
     vxlan_port: u16,
     /// Overlay MTU (default: the underlay's MTU minus 50).
     #[arg(long)]
@@ -55,7 +73,7 @@ struct Args {
     /// The service-VIP balancer: eBPF socket-LB on the cgroup hooks, nftables DNAT in each
     /// task's namespace, or auto (eBPF when the kernel takes it).
     #[arg(long, value_enum, default_value = "auto")]
-    lb_backend: plane::LbBackend,
+    lb_backend: LbBackendFlag,
     /// A registry reached over plain HTTP (HOST:PORT); repeatable. Others need HTTPS.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
@@ -191,7 +209,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 gossip_port: args.gossip_port,
                 vxlan_port: args.vxlan_port,
                 mtu: args.overlay_mtu,
-                lb_backend: args.lb_backend,
+                lb_backend: args.lb_backend.into(),
             },
             tokio::runtime::Handle::current(),
             executor.clone(),
@@ -199,7 +217,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut registry = prometheus_client::registry::Registry::with_prefix("mesh");
         plane.register_metrics(&mut registry);
-        let pulls = metrics::PullMetrics::default();
+        let pulls = PullMetrics::default();
         pulls.register(&mut registry);
         let store = mesh_image::Store::open(mesh_image::StoreConfig {
             root: args.data_dir.join("images"),
@@ -214,7 +232,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             node_name: node_name.clone(),
             data_dir: args.data_dir.clone(),
             exec_root: args.exec_root.clone(),
-            runtime: std::sync::Arc::new(runtime::ExecRuntime {
+            runtime: std::sync::Arc::new(exec::ExecRuntime {
                 executor,
                 volumes: args.data_dir.join("volumes"),
                 log: log_options(&args.log_opts)?,

@@ -1,12 +1,13 @@
 //! The seams between the node agent and the kernel: what the agent needs from a task runtime
 //! ([`Runtime`]), the network data plane ([`NetworkPlane`]) and the image store ([`Images`]).
-//! `meshd` plugs in the real ones (`mesh-executor`: namespaces, cgroups, shims; its plane;
-//! `mesh-image`); tests plug in fakes. Each seam has a typed error whose kind the callers act
+//! `meshd` plugs in the real ones (`exec`: `mesh-executor`'s namespaces, cgroups and shims;
+//! `plane`; `images`: `mesh-image`); tests plug in fakes. Each seam has a typed error whose kind the callers act
 //! on ([`RuntimeError`], [`PlaneError`], the API's [`ApiError`] for images).
 
 use std::time::Duration;
 
 use mesh_api::{ApiError, ErrorKind};
+pub use mesh_manager::node_agent::{GossipKey, PlaneIdentity};
 use serde::{Deserialize, Serialize};
 
 /// What to run for a task.
@@ -262,32 +263,6 @@ pub trait Runtime: Send + Sync + 'static {
         argv: &[String],
         timeout: Duration,
     ) -> Result<ExecResult, RuntimeError>;
-}
-
-/// Who this node is in the swarm, for the network plane.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlaneIdentity {
-    pub node_id: String,
-    pub cluster_id: String,
-    /// This node's advertised address: its VTEP and gossip address.
-    pub addr: std::net::Ipv4Addr,
-    /// Other nodes to gossip with at first (the managers).
-    pub peers: Vec<std::net::Ipv4Addr>,
-}
-
-/// A gossip key as the leader hands it to a node (see `gossipkeys`).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GossipKey {
-    pub id: u32,
-    /// 32 bytes.
-    pub secret: Vec<u8>,
-}
-
-impl std::fmt::Debug for GossipKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // No key material in logs.
-        write!(f, "GossipKey({})", self.id)
-    }
 }
 
 /// An error of a [`NetworkPlane`].

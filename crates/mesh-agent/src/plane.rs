@@ -1,4 +1,4 @@
-//! The network plane `meshd` gives its agent: the VXLAN overlay (`mesh-overlay`) programmed
+//! The network plane of the node agent: the VXLAN overlay (`mesh-overlay`) programmed
 //! from endpoint records gossiped per network (`mesh-gossip`), with the overlay namespaces held
 //! by the executor's holder processes so they survive a daemon restart; the embedded DNS
 //! (`mesh-dns`), the service-VIP balancer (`mesh-lb`: eBPF socket-LB, or nftables in each
@@ -57,11 +57,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::runtime::{GossipKey, NetworkPlane, PlaneError, PlaneIdentity};
 use mesh_api::{NetworkAttachment, PortConfig, Protocol, PublishMode, Task};
 use mesh_gossip::{Config as GossipConfig, Event, Gossip};
 use mesh_lb::VipBalancer;
-use mesh_manager::runtime::{GossipKey, NetworkPlane, PlaneError, PlaneIdentity};
 use mesh_netlink::{Handle, Netns};
+pub use mesh_overlay::DEFAULT_VXLAN_PORT;
 use mesh_overlay::{Attachment, HolderError, Holders, NetworkDesc, Overlay, OverlayConfig, Remote};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -137,7 +138,7 @@ impl Holders for ExecutorHolders {
 }
 
 /// Which VIP balancer a node uses (`meshd --lb-backend`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LbBackend {
     /// eBPF socket-LB when the kernel takes it, else nftables.
     Auto,

@@ -33,20 +33,6 @@ pub struct Probe {
     pub retries: u64,
 }
 
-/// Checks a service's health check as swarmkit and Docker's daemon do.
-pub fn validate(h: &HealthConfig) -> Result<(), String> {
-    match h.test.first().map(String::as_str) {
-        None | Some("NONE") => {}
-        Some("CMD") if h.test.len() >= 2 && !h.test[1].is_empty() => {}
-        Some("CMD-SHELL") if h.test.len() == 2 && !h.test[1].trim().is_empty() => {}
-        Some("CMD" | "CMD-SHELL") => {
-            return Err(format!("invalid healthcheck test: {:?}", h.test));
-        }
-        Some(other) => return Err(format!("unknown healthcheck type: {other:?}")),
-    }
-    Ok(())
-}
-
 /// The probe of a task: the service's check (`spec`) over its image's (`image`), field by
 /// field as Docker merges a container's config with its image's (an empty test and zero
 /// values are taken from the image), then Docker's defaults. `None`: no check (none given,
@@ -205,20 +191,6 @@ mod tests {
         // NONE turns the image's off; an empty test without an image's is no check.
         assert_eq!(resolve(Some(&hc(&["NONE"], 0, 0)), Some(&image)), None);
         assert_eq!(resolve(Some(&hc(&[], 100, 1)), None), None);
-    }
-
-    #[test]
-    fn bad_tests_are_refused() {
-        assert!(validate(&hc(&["CMD-SHELL", "true"], 0, 0)).is_ok());
-        assert!(validate(&hc(&["CMD", "true"], 0, 0)).is_ok());
-        assert!(validate(&hc(&["NONE"], 0, 0)).is_ok());
-        assert!(validate(&hc(&[], 1, 0)).is_ok());
-        assert!(validate(&hc(&["CMD"], 0, 0)).is_err());
-        assert!(validate(&hc(&["CMD-SHELL", "a", "b"], 0, 0)).is_err());
-        assert_eq!(
-            validate(&hc(&["SHELL", "x"], 0, 0)).unwrap_err(),
-            "unknown healthcheck type: \"SHELL\""
-        );
     }
 
     fn probe(start_period_ms: u64, retries: u64) -> Probe {

@@ -30,19 +30,20 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mesh_api::{ApiError, ErrorKind, Task, TaskState, TaskStatus};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::health::{self, Health, Monitor};
-use crate::node_agent::{BoxFuture, LeaderLink, MemberLink, NodeAgent};
-use crate::peer::{PeerRequest, PeerResponse, TaskLog};
 use crate::runtime::{
     image_argv, image_env, ImageRun, Images, NetworkPlane, RunFile, RunRootfs, RunSpec, RunState,
     Runtime, RuntimeError,
 };
+use mesh_manager::member::now_ms;
+use mesh_manager::node_agent::{BoxFuture, LeaderLink, MemberLink, NodeAgent};
+use mesh_manager::peer::{PeerRequest, PeerResponse, TaskLog};
 
 /// How long a stopped task gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -63,12 +64,6 @@ pub const LOG_BYTES: usize = 8 << 20;
 /// answer did not say which ended tasks the store still has (only a fallback: the leader
 /// normally lists them, see [`ended_on`]).
 const KEEP_EXITED_MS: u64 = 10 * 60 * 1000;
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 #[derive(Default)]
 struct AgentState {
@@ -1195,8 +1190,22 @@ impl Agent {
 
 /// The member drives its node's agent through [`NodeAgent`].
 impl NodeAgent for Agent {
-    fn plane(&self) -> Option<Arc<dyn NetworkPlane>> {
-        Agent::plane(self).cloned()
+    fn has_plane(&self) -> bool {
+        self.plane.is_some()
+    }
+
+    fn start_plane(&self, me: crate::runtime::PlaneIdentity) {
+        if let Some(plane) = &self.plane {
+            if let Err(e) = plane.start(me) {
+                warn!("network plane: {e}");
+            }
+        }
+    }
+
+    fn stop_plane(&self) {
+        if let Some(plane) = &self.plane {
+            plane.stop();
+        }
     }
 
     fn give_gossip(
@@ -1315,8 +1324,8 @@ fn etc_hosts(t: &Task, hostname: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatcher::{assigned_to, assignments_digest, ended_on};
     use crate::runtime::{ExecResult, PlaneError};
+    use mesh_manager::dispatcher::{assigned_to, assignments_digest, ended_on};
 
     /// A runtime that only lists the tasks it is given and records removals.
     #[derive(Default)]
@@ -1588,10 +1597,22 @@ mod tests {
     }
 
     /// Two reconcile passes 100 ms apart.
-    async fn two_passes(agent: &Arc<Agent>) {
-        agent.clone().reconcile().await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        agent.clone().reconcile().await;
+    /// Reconciles every 20 ms until `done` holds, at most 5 s: the probes run on their own
+    /// clock (every 30 ms here), so a test waits for what they lead to rather than a guess
+    /// of how long they take on a loaded machine.
+    async fn passes_until(agent: &Arc<Agent>, what: &str, done: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        loop {
+            agent.clone().reconcile().await;
+            if done() {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{what}: not within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1613,27 +1634,31 @@ mod tests {
         let state = |a: &Agent| a.lock().reported.get("t1").copied();
 
         // Started, failing its probes in its start period: Starting, no backend.
-        two_passes(&agent).await;
-        assert!(rt.probes.load(SeqCst) >= 2);
+        passes_until(&agent, "two probes", || rt.probes.load(SeqCst) >= 2).await;
         assert_eq!(state(&agent), Some(TaskState::Starting));
         assert!(plane.local.lock().unwrap().is_empty());
 
         // A passing probe: Running since then, and a backend.
         let passing_from = now_ms();
         rt.probe.store(0, SeqCst);
-        two_passes(&agent).await;
-        assert_eq!(state(&agent), Some(TaskState::Running));
-        assert_eq!(*plane.local.lock().unwrap(), ["t1"]);
+        passes_until(&agent, "Running and a backend", || {
+            state(&agent) == Some(TaskState::Running) && *plane.local.lock().unwrap() == ["t1"]
+        })
+        .await;
         let running = agent.lock().outbox["t1"].clone();
         assert!(running.timestamp_ms >= passing_from);
 
         // Two failures in a row: withdrawn at once (before the drain), then Failed.
         rt.probe.store(1, SeqCst);
-        two_passes(&agent).await;
-        assert!(plane.local.lock().unwrap().is_empty());
+        passes_until(&agent, "withdrawn", || {
+            plane.local.lock().unwrap().is_empty()
+        })
+        .await;
         assert!(matches!(rt.status("t1"), Some(RunState::Running { .. })));
-        tokio::time::sleep(DRAIN + Duration::from_millis(300)).await;
-        agent.clone().reconcile().await;
+        passes_until(&agent, "Failed after the drain", || {
+            agent.lock().outbox["t1"].state == TaskState::Failed
+        })
+        .await;
         let failed = agent.lock().outbox["t1"].clone();
         assert_eq!(failed.state, TaskState::Failed);
         assert_eq!(failed.err, health::UNHEALTHY_ERR);
@@ -1705,7 +1730,7 @@ mod tests {
         during: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     }
 
-    impl LeaderLink for Arc<FakeLeader> {
+    impl LeaderLink for FakeLeader {
         fn node_id(&self) -> String {
             "n1".into()
         }
@@ -1745,7 +1770,7 @@ mod tests {
     #[tokio::test]
     async fn reports_the_leader_did_not_take_are_sent_again() {
         let (agent, _rt) = agent_with(&[]);
-        let leader = Arc::new(FakeLeader::default());
+        let leader = FakeLeader::default();
         let queue = |a: &Agent, s: TaskStatus| {
             let mut st = a.lock();
             a.queue(&mut st, "t1", s);
@@ -1911,13 +1936,13 @@ mod tests {
         agent.lock().assigned = Some((1, [(t.id.clone(), t)].into_iter().collect()));
         agent.clone().reconcile().await;
         assert_eq!(*plane.local.lock().unwrap(), ["t1"]);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(rt.probes.load(SeqCst) >= 1);
-        agent.clone().reconcile().await;
+        passes_until(&agent, "a probe", || rt.probes.load(SeqCst) >= 1).await;
         assert_eq!(*plane.local.lock().unwrap(), ["t1"]);
         rt.probe.store(1, SeqCst);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(plane.local.lock().unwrap().is_empty());
+        passes_until(&agent, "withdrawn", || {
+            plane.local.lock().unwrap().is_empty()
+        })
+        .await;
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use mesh_api::answers::to_response;
 use mesh_api::{
     ApiError, ErrorKind, ExecAnswer, IdAnswer, JoinAnswer, LocalInfo, MessageAnswer, NodeRole,
-    RaftInfo, RegistryAuth, Request, Response, SwarmInitAnswer, TokenAnswer,
+    RegistryAuth, Request, Response, SwarmInitAnswer, TokenAnswer,
 };
 use mesh_ca::{JoinToken, NodeKey, RootCa};
 use serde_json::json;
@@ -18,12 +18,11 @@ use tokio::sync::{mpsc, Mutex, RwLock};
 use tracing::{info, warn};
 
 use crate::agent::Agent;
-use crate::datakey::DataKey;
-use crate::local::{self, LocalState};
-use crate::member::{now_secs, Keys, Member, MemberEvent};
-use crate::peer::{JoinRequest, PeerRequest, PeerResponse};
 use crate::runtime::{Images, NetworkPlane, PlaneError, Runtime};
-use crate::state::Command;
+use mesh_manager::datakey::DataKey;
+use mesh_manager::local::{self, LocalState};
+use mesh_manager::member::{now_secs, Keys, Member, MemberEvent};
+use mesh_manager::peer::{JoinRequest, PeerRequest, PeerResponse};
 
 /// Default control port, as Swarm's.
 pub const DEFAULT_CONTROL_PORT: u16 = 2377;
@@ -53,7 +52,7 @@ pub struct Daemon {
     /// Serializes init, join, unlock and leave.
     lifecycle: Mutex<()>,
     events: mpsc::UnboundedSender<MemberEvent>,
-    metrics: crate::metrics::Metrics,
+    metrics: mesh_manager::metrics::Metrics,
 }
 
 fn already_in_swarm() -> ApiError {
@@ -76,7 +75,7 @@ impl Daemon {
             locked: RwLock::new(None),
             lifecycle: Mutex::new(()),
             events: tx,
-            metrics: crate::metrics::Metrics::default(),
+            metrics: mesh_manager::metrics::Metrics::default(),
         });
         if let Some(local) = LocalState::load(&daemon.cfg.data_dir).map_err(ApiError::internal)? {
             if local.role == NodeRole::Manager && DataKey::is_locked(&daemon.cfg.data_dir) {
@@ -144,7 +143,7 @@ impl Daemon {
             local,
             listener,
             init,
-            crate::member::Hooks {
+            mesh_manager::member::Hooks {
                 events: self.events.clone(),
                 metrics: self.metrics.clone(),
             },
@@ -276,27 +275,18 @@ impl Daemon {
 
     /// The control plane's live instruments, to register once (`mesh_raft_propose_seconds`,
     /// `mesh_raft_leader_changes_total`).
-    pub fn metrics(&self) -> &crate::metrics::Metrics {
+    pub fn metrics(&self) -> &mesh_manager::metrics::Metrics {
         &self.metrics
     }
 
     /// The control plane's figures now, for a scrape: the Raft figures on a manager, the
     /// cluster's figures from the store on the leader (counted under the store's read lock,
     /// without copying it).
-    pub async fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
-        let mut snap = crate::metrics::Snapshot::default();
-        let Some(member) = self.member().await else {
-            return snap;
-        };
-        let Some(node) = member.raft().await else {
-            return snap;
-        };
-        let raft = crate::metrics::RaftFigures::of(&node.raft.metrics().borrow());
-        if raft.is_leader {
-            snap.cluster = Some(node.sm.with_state(crate::metrics::ClusterSummary::of).await);
+    pub async fn metrics_snapshot(&self) -> mesh_manager::metrics::Snapshot {
+        match self.member().await {
+            Some(member) => member.metrics_snapshot().await,
+            None => mesh_manager::metrics::Snapshot::default(),
         }
-        snap.raft = Some(raft);
-        snap
     }
 
     async fn member(&self) -> Option<Arc<Member>> {
@@ -578,7 +568,7 @@ impl Daemon {
         let Some(member) = self.member().await else {
             return Err(self.no_member().await);
         };
-        if member.local().role != NodeRole::Manager || member.raft().await.is_none() {
+        if member.local().role != NodeRole::Manager || !member.runs_raft().await {
             return Err(ApiError::not_manager());
         }
         Ok(member)
@@ -613,7 +603,7 @@ impl Daemon {
         let mut info = LocalInfo {
             node_name: self.cfg.node_name.clone(),
             swarm: "inactive".into(),
-            resources: crate::local::machine_resources(),
+            resources: crate::host::machine_resources(),
             ..Default::default()
         };
         let Some(member) = self.member().await else {
@@ -635,33 +625,9 @@ impl Daemon {
         info.node_addr = Some(local.advertise_addr.clone());
         info.managers = local.managers.clone();
         info.gossip = self.cfg.plane.as_ref().and_then(|p| p.gossip_info());
-        if let Some(node) = member.raft().await {
-            let m = node.raft.metrics().borrow().clone();
-            let leader = m.current_leader;
-            info.raft = Some(RaftInfo {
-                raft_id: node.raft_id,
-                term: m.current_term,
-                state: format!("{:?}", m.state),
-                leader_raft_id: leader,
-                last_log_index: m.last_log_index,
-                last_applied: m.last_applied.map(|l| l.index),
-                voters: m.membership_config.voter_ids().collect(),
-                state_applied: None,
-                state_digest: None,
-            });
-            let (applied, digest) = node.sm.applied_digest().await;
-            if let Some(r) = info.raft.as_mut() {
-                r.state_applied = applied;
-                r.state_digest = Some(digest);
-            }
-            info.leader = node
-                .sm
-                .with_state(|s| {
-                    s.managers()
-                        .find(|n| Some(n.raft_id) == leader)
-                        .map(|n| n.id.clone())
-                })
-                .await;
+        if let Some((raft, leader)) = member.raft_info().await {
+            info.raft = Some(raft);
+            info.leader = leader;
         }
         info
     }
@@ -681,7 +647,7 @@ impl Daemon {
             Some(a) => local::parse_addr(&a, None, listen.port()).map_err(ApiError::invalid)?,
             None if !listen.ip().is_unspecified() => listen,
             None => SocketAddr::new(
-                local::default_advertise_ip().map_err(ApiError::invalid)?,
+                crate::host::default_advertise_ip().map_err(ApiError::invalid)?,
                 listen.port(),
             ),
         };
@@ -730,7 +696,7 @@ impl Daemon {
         // A half-done earlier init may have left a raft store: start clean.
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
         let unlock_key = if autolock {
-            Some(crate::member::new_unlock_key()?)
+            Some(mesh_manager::member::new_unlock_key()?)
         } else {
             None
         };
@@ -758,7 +724,7 @@ impl Daemon {
         };
         let node = mesh_api::Node {
             raft_id,
-            resources: local::machine_resources(),
+            resources: crate::host::machine_resources(),
             created_at: now,
             updated_at: now,
             ..mesh_api::Node::new(
@@ -769,42 +735,11 @@ impl Daemon {
             )
         };
         let worker_token = JoinToken::new(&ca.digest(), &cluster.worker_secret).to_string();
-        let res = async {
-            let raft = member
-                .raft()
-                .await
-                .ok_or_else(|| ApiError::internal("raft did not start"))?;
-            raft.raft
-                .wait(Some(Duration::from_secs(10)))
-                .current_leader(raft_id, "self-election")
-                .await
-                .map_err(|e| ApiError::internal(format!("raft did not elect this node: {e}")))?;
-            let r = raft
-                .raft
-                .client_write(Command::InitCluster { cluster, node })
-                .await
-                .map_err(|e| ApiError::internal(format!("cannot write the cluster record: {e}")))?;
-            if let crate::state::CommandResult::Err(e) = r.data {
-                return Err(ApiError::internal(e));
-            }
-            let ingress = crate::networks::ingress(now);
-            let r = raft
-                .raft
-                .client_write(Command::CreateNetwork { network: ingress })
-                .await
-                .map_err(|e| {
-                    ApiError::internal(format!("cannot create the ingress network: {e}"))
-                })?;
-            match r.data {
-                crate::state::CommandResult::Ok => Ok(()),
-                crate::state::CommandResult::Err(e) => Err(ApiError::internal(e)),
-            }
-        }
-        .await;
+        let res = member.bootstrap(cluster, node, now).await;
         if let Err(e) = res.and_then(|_| member.persist_local()) {
             member.stop().await;
             let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-            let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
+            let _ = std::fs::remove_file(self.cfg.data_dir.join(mesh_manager::datakey::KEY_FILE));
             return Err(e);
         }
         *self.member.write().await = Some(member);
@@ -850,31 +785,15 @@ impl Daemon {
                 )));
             }
         }
-        let rebuilt = member.force_new_cluster().await?;
+        let forced = member.force_new_cluster().await?;
+        let rebuilt = &forced.rebuilt;
         info!(
             index = rebuilt.index,
             dropped = rebuilt.dropped,
             removed = ?rebuilt.removed,
             "raft store rebuilt with this manager as the only voter"
         );
-        let raft = member
-            .raft()
-            .await
-            .ok_or_else(|| ApiError::internal("raft did not start"))?;
-        raft.raft
-            .wait(Some(Duration::from_secs(10)))
-            .current_leader(local.raft_id, "self-election")
-            .await
-            .map_err(|e| ApiError::internal(format!("raft did not elect this node: {e}")))?;
-        let worker_token = raft
-            .sm
-            .with_state(|s| {
-                let c = s.cluster.as_ref()?;
-                let ca = RootCa::from_pem(&c.ca_cert_pem, &c.ca_key_pem).ok()?;
-                Some(JoinToken::new(&ca.digest(), &c.worker_secret).to_string())
-            })
-            .await
-            .ok_or_else(|| ApiError::internal("cluster not initialized"))?;
+        let worker_token = forced.worker_token;
         info!(
             node_id = local.node_id,
             "new cluster forced from the local state"
@@ -912,7 +831,7 @@ impl Daemon {
             csr_pem: key.csr_pem().map_err(ApiError::internal)?,
             hostname: self.cfg.node_name.clone(),
             addr: advertise.to_string(),
-            resources: local::machine_resources(),
+            resources: crate::host::machine_resources(),
         });
         let resp: PeerResponse = mesh_rpc::call_once(&remote, tls, &req, Duration::from_secs(20))
             .await
@@ -963,7 +882,7 @@ impl Daemon {
         };
         local.save(&self.cfg.data_dir).map_err(ApiError::internal)?;
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-        let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
+        let _ = std::fs::remove_file(self.cfg.data_dir.join(mesh_manager::datakey::KEY_FILE));
         let member = self.start_member(local, listener, false, None).await?;
         if accept.role == NodeRole::Manager {
             if let Err(e) = member.become_manager().await {
@@ -995,16 +914,7 @@ impl Daemon {
         })?;
         let local = member.local();
         if local.role == NodeRole::Manager && !force {
-            let voters = match member.raft().await {
-                Some(n) => n
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .voter_ids()
-                    .count(),
-                None => 1,
-            };
+            let voters = member.raft_voters().await.unwrap_or(1);
             let msg = if voters <= 1 {
                 "You are attempting to leave the swarm on a node that is participating as a manager. Removing the last manager erases all current state of the swarm. Use `--force` to ignore this message.".to_string()
             } else {
@@ -1036,7 +946,7 @@ impl Daemon {
         *self.locked.write().await = None;
         LocalState::remove(&self.cfg.data_dir).map_err(ApiError::internal)?;
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
-        let _ = std::fs::remove_file(self.cfg.data_dir.join(crate::datakey::KEY_FILE));
+        let _ = std::fs::remove_file(self.cfg.data_dir.join(mesh_manager::datakey::KEY_FILE));
         info!("left the swarm");
         Ok(())
     }

@@ -1,15 +1,15 @@
-//! The image store `meshd` gives its agent and its local API: `mesh-image` (pulls, a
+//! The real image store of the agent and the local API: `mesh-image` (pulls, a
 //! content-addressed store under `--data-dir`, layers unpacked for overlayfs) behind the
-//! manager's `Images` seam, with the node's registry logins (`mesh login`) used for pulls
+//! agent's `Images` seam, with the node's registry logins (`mesh login`) used for pulls
 //! that bring no credentials of their own. The seam is blocking; the store is async, so each call runs on the
 //! daemon's runtime from the blocking thread it is made on.
 
 use std::path::Path;
 
+use crate::runtime::{ImageRun, Images};
 use mesh_api::{ApiError, ErrorKind, ImageSummary, RegistryCredentials};
 use mesh_image::login::{normalise_server, Logins};
 use mesh_image::{Credentials, Image, ImageError, Reference, Store};
-use mesh_manager::runtime::{ImageRun, Images};
 use tokio::runtime::Handle;
 
 pub struct StoreImages {

@@ -1,15 +1,15 @@
-//! The task runtime `meshd` gives its agent: `mesh-executor` (namespaces, cgroups, a shim per
-//! task so tasks survive a daemon restart) behind the manager's `Runtime` seam.
+//! The real task runtime: `mesh-executor` (namespaces, cgroups, a shim per
+//! task so tasks survive a daemon restart) behind the agent's `Runtime` seam.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::runtime::{ExecResult, PlaneError, RunSpec, RunState, Runtime, RuntimeError};
 use mesh_api::{Mount, MountType};
 use mesh_executor::ExecError;
 use mesh_executor::{
     Executor, FileSpec, MountSource, MountSpec, RootfsSpec, TaskRuntime, TaskSpec,
 };
-use mesh_manager::runtime::{ExecResult, PlaneError, RunSpec, RunState, Runtime, RuntimeError};
 
 pub struct ExecRuntime {
     pub executor: std::sync::Arc<Executor>,
