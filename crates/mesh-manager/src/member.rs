@@ -36,6 +36,7 @@ use crate::state::{Command, CommandResult, StoreState};
 use crate::storage::{self, StateMachineStore};
 
 mod certs;
+mod forward;
 mod raft_api;
 
 pub use certs::set_min_cert_expiry;
@@ -106,10 +107,7 @@ pub struct Hooks {
 }
 
 /// Where the leader is, from this manager's view.
-enum Leader {
-    Me(RaftNode),
-    Other(String),
-}
+type Leader = forward::Leader<RaftNode>;
 
 /// A node inside a swarm: its identity and TLS, Raft while it manages, its connections to
 /// the other members, and its node's agent.
@@ -661,8 +659,9 @@ impl Member {
         self.client(addr).call(req, timeout).await
     }
 
-    /// Forwards to the leader. Long polls get a connection of their own, so that they never
-    /// hold up the other calls this manager forwards.
+    /// Sends `req` to the member at `addr` (the leader, or on a worker a manager that
+    /// forwards it). Long polls get a connection of their own, so that they never hold up
+    /// the other calls this manager forwards.
     async fn forward(
         &self,
         addr: &str,
@@ -682,20 +681,7 @@ impl Member {
         if self.raft().await.is_some() {
             return self.on_leader(req).await;
         }
-        let managers = self.local().managers;
-        let mut last = PeerResponse::Error(ApiError::no_leader());
-        for addr in &managers {
-            match self.call(addr, &req, FORWARD_TIMEOUT).await {
-                Ok(PeerResponse::Error(e))
-                    if e.kind == ErrorKind::NoLeader || e.kind == ErrorKind::NotManager =>
-                {
-                    last = PeerResponse::Error(e)
-                }
-                Ok(r) => return r,
-                Err(e) => debug!("to leader via {addr}: {e}"),
-            }
-        }
-        last
+        forward::via_managers(self, &self.local().managers, &req).await
     }
 
     /// The agent's long poll: on a dedicated connection (`client`), to the leader if this node
@@ -790,33 +776,7 @@ impl Member {
 
     /// Runs `req` on the leader: here if this manager leads, else forwarded once.
     pub async fn on_leader(self: &Arc<Self>, req: PeerRequest) -> PeerResponse {
-        // During an election the leader we know may be dead: keep trying until a leader
-        // answers or LEADER_WAIT has passed since the first failure.
-        let fwd = PeerRequest::Forwarded(Box::new(req));
-        let mut deadline: Option<tokio::time::Instant> = None;
-        loop {
-            match self.leader().await {
-                Err(e) => return PeerResponse::Error(e),
-                Ok(Leader::Me(node)) => {
-                    let PeerRequest::Forwarded(req) = fwd else {
-                        unreachable!()
-                    };
-                    return self.handle_as_leader(&node, *req).await;
-                }
-                Ok(Leader::Other(addr)) => match self.forward(&addr, &fwd).await {
-                    Ok(PeerResponse::Error(e)) if e.kind == ErrorKind::NoLeader => {
-                        debug!("leader {addr} says it does not lead");
-                    }
-                    Ok(r) => return r,
-                    Err(e) => debug!("forwarding to leader {addr}: {e}"),
-                },
-            }
-            let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + LEADER_WAIT);
-            if tokio::time::Instant::now() >= d {
-                return PeerResponse::Error(ApiError::no_leader());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        forward::on_leader(self, req, LEADER_WAIT).await
     }
 
     async fn handle_as_leader(self: &Arc<Self>, node: &RaftNode, req: PeerRequest) -> PeerResponse {
@@ -2420,4 +2380,25 @@ fn task_rows(rows: Vec<(mesh_api::TaskSummary, u64)>) -> serde_json::Value {
         })
         .collect();
     json!(rows)
+}
+
+/// Forwarding (`forward`) over Raft's view of the leader and the member's connections.
+impl forward::Routes for Arc<Member> {
+    type Node = RaftNode;
+
+    fn leader(&self) -> impl std::future::Future<Output = Result<Leader, ApiError>> + Send {
+        Member::leader(self)
+    }
+
+    async fn lead(&self, node: RaftNode, req: PeerRequest) -> PeerResponse {
+        self.handle_as_leader(&node, req).await
+    }
+
+    fn send(
+        &self,
+        addr: &str,
+        req: &PeerRequest,
+    ) -> impl std::future::Future<Output = Result<PeerResponse, mesh_rpc::RpcError>> + Send {
+        self.forward(addr, req)
+    }
 }
