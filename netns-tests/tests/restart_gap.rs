@@ -192,7 +192,7 @@ fn restarts_without_a_gap(lb_backend: &str, name_hint: &'static str) -> Result<(
                 && ["down", "Down", "Renamed", "uspect", "indirect", "declared"]
                     .iter()
                     .any(|w| l.contains(w)))
-                || ((l.contains("mesh_gossip") || l.contains("meshd::plane"))
+                || ((l.contains("mesh_gossip") || l.contains("mesh_agent::plane"))
                     && !l.contains("DEBUG"))
                 || l.contains("retract")
                 || l.contains("network synced")
