@@ -1314,9 +1314,7 @@ fn etc_hosts(t: &Task, hostname: &str) -> String {
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
     );
     for a in &t.networks {
-        if let Some((ip, _)) = a.addr.split_once('/') {
-            out.push_str(&format!("{ip}\t{hostname}\n"));
-        }
+        out.push_str(&format!("{}\t{hostname}\n", a.addr.ip));
     }
     out
 }
@@ -1687,10 +1685,10 @@ mod tests {
         t.networks = vec![mesh_api::NetworkAttachment {
             network_id: "net".into(),
             network_name: "appnet".into(),
-            addr: "10.0.1.5/24".into(),
+            addr: "10.0.1.5/24".parse().unwrap(),
             vni: 4097,
-            gateway: "10.0.1.1".into(),
-            vip: Some("10.0.1.2/24".into()),
+            gateway: "10.0.1.1".parse().unwrap(),
+            vip: Some("10.0.1.2/24".parse().unwrap()),
         }];
         // And one without a network: nothing to announce, reported at once.
         let mut u = task("u1", "n1", TaskState::Assigned);
@@ -1813,10 +1811,10 @@ mod tests {
         t.networks = vec![mesh_api::NetworkAttachment {
             network_id: "net".into(),
             network_name: "appnet".into(),
-            addr: "10.0.1.5/24".into(),
+            addr: "10.0.1.5/24".parse().unwrap(),
             vni: 4097,
-            gateway: "10.0.1.1".into(),
-            vip: Some("10.0.1.2/24".into()),
+            gateway: "10.0.1.1".parse().unwrap(),
+            vip: Some("10.0.1.2/24".parse().unwrap()),
         }];
         t
     }

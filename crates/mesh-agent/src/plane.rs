@@ -345,13 +345,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn attachment_desc(a: &NetworkAttachment) -> Option<(Ipv4Addr, NetworkDesc)> {
-    let (ip, prefix) = a.addr.split_once('/')?;
     Some((
-        ip.parse().ok()?,
+        a.addr.ip,
         NetworkDesc {
             vni: a.vni,
-            gateway: a.gateway.parse().ok()?,
-            prefix: prefix.parse().ok()?,
+            gateway: a.gateway,
+            prefix: a.addr.prefix,
         },
     ))
 }
@@ -1711,10 +1710,7 @@ fn task_records(
             task_name: t.name(),
             service_name: t.service_name.clone(),
             service_id: t.service_id.clone(),
-            vip: a
-                .vip
-                .as_deref()
-                .and_then(|v| v.split('/').next()?.parse().ok()),
+            vip: a.vip.map(|v| v.ip),
             ports: if on_ingress {
                 t.spec
                     .ports

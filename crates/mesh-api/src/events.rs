@@ -360,7 +360,7 @@ mod tests {
                 labels: Default::default(),
             },
             subnet: "10.0.1.0/24".into(),
-            gateway: "10.0.1.1".into(),
+            gateway: "10.0.1.1".parse().unwrap(),
             vni: 4097,
             created_at: 0,
         }

@@ -113,7 +113,7 @@ pub struct Node {
     /// The node's address on the `ingress` network (its ingress sandbox), `A.B.C.D/N`, given
     /// by the leader's allocator.
     #[serde(default)]
-    pub ingress_addr: Option<String>,
+    pub ingress_addr: Option<crate::IfAddr>,
     /// Unix time (seconds) of creation and of the last change.
     pub created_at: u64,
     pub updated_at: u64,

@@ -636,8 +636,7 @@ pub struct Service {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtualIp {
     pub network_id: String,
-    /// `A.B.C.D/N`.
-    pub addr: String,
+    pub addr: crate::IfAddr,
 }
 
 /// Task states, in the only order they may move in.

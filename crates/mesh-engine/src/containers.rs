@@ -37,7 +37,7 @@ fn container_networks(t: &mesh_api::LocalTask) -> Value {
         .networks
         .iter()
         .map(|a| {
-            let (ip, len) = a.addr.split_once('/').unwrap_or((&a.addr, "0"));
+            let (ip, len) = (a.addr.ip.to_string(), a.addr.prefix);
             (
                 a.network_name.clone(),
                 json!({
@@ -48,7 +48,7 @@ fn container_networks(t: &mesh_api::LocalTask) -> Value {
                     "EndpointID": "",
                     "Gateway": "",
                     "IPAddress": ip,
-                    "IPPrefixLen": len.parse::<u32>().unwrap_or(0),
+                    "IPPrefixLen": len,
                     "IPv6Gateway": "",
                     "GlobalIPv6Address": "",
                     "GlobalIPv6PrefixLen": 0,

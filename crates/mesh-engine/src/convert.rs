@@ -340,7 +340,7 @@ pub fn service(svc: &Service, objects: &ClusterObjects, status: bool) -> m::Serv
                     .iter()
                     .map(|v| m::ServiceEndpointVirtualIps {
                         network_id: Some(v.network_id.clone()),
-                        addr: Some(v.addr.clone()),
+                        addr: Some(v.addr.to_string()),
                     })
                     .collect()
             }),
@@ -514,7 +514,7 @@ pub fn network(n: &Network) -> m::Network {
             driver: Some("default".into()),
             config: Some(vec![m::IpamConfig {
                 subnet: Some(n.subnet.clone()),
-                gateway: Some(n.gateway.clone()),
+                gateway: Some(n.gateway.to_string()),
                 ..Default::default()
             }]),
             options: None,

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use mesh_api::{NetworkAttachment, TaskState, VirtualIp};
+use mesh_api::{IfAddr, NetworkAttachment, TaskState, VirtualIp};
 
 use crate::ipam::{self, Cidr};
 use crate::state::{StateError, StoreState};
@@ -95,14 +95,12 @@ impl Used {
         u
     }
 
-    fn hold(&mut self, network_id: &str, addr: &str, who: Holder) {
-        if let Some(ip) = ipam::addr_of(addr) {
-            self.nets
-                .entry(network_id.to_string())
-                .or_default()
-                .entry(ip)
-                .or_insert(who);
-        }
+    fn hold(&mut self, network_id: &str, addr: &IfAddr, who: Holder) {
+        self.nets
+            .entry(network_id.to_string())
+            .or_default()
+            .entry(addr.ip)
+            .or_insert(who);
     }
 
     /// Who holds `ip` on the network.
@@ -160,10 +158,10 @@ impl Used {
         &mut self,
         network_id: &str,
         subnet: &Cidr,
-        proposed: &str,
+        proposed: &IfAddr,
         who: &Holder,
     ) -> Option<Ipv4Addr> {
-        let ip = ipam::addr_of(proposed).filter(|ip| {
+        let ip = Some(proposed.ip).filter(|ip| {
             subnet.contains(*ip)
                 && u32::from(*ip) > subnet.first() + 1
                 && u32::from(*ip) < subnet.last()
@@ -200,7 +198,7 @@ pub fn settle(
         let ip = used
             .settle(&n.id, &subnet, &v.addr, &who)
             .ok_or_else(|| full(n))?;
-        v.addr = format!("{ip}/{}", subnet.len);
+        v.addr = IfAddr::new(ip, subnet.len);
         Ok(())
     });
     if res.is_err() {
@@ -233,7 +231,7 @@ pub fn propose_vips(
             .ok_or_else(|| full(n))?;
         out.push(VirtualIp {
             network_id: n.id.clone(),
-            addr: format!("{ip}/{}", subnet.len),
+            addr: IfAddr::new(ip, subnet.len),
         });
     }
     Ok(out)
@@ -265,14 +263,14 @@ pub fn propose_task(
         out.push(NetworkAttachment {
             network_id: n.id.clone(),
             network_name: n.spec.name.clone(),
-            addr: format!("{ip}/{}", subnet.len),
+            addr: IfAddr::new(ip, subnet.len),
             vni: n.vni,
-            gateway: n.gateway.clone(),
+            gateway: n.gateway,
             vip: s
                 .services
                 .get(&t.service_id)
                 .and_then(|svc| svc.vips.iter().find(|v| v.network_id == n.id))
-                .map(|v| v.addr.clone()),
+                .map(|v| v.addr),
         });
     }
     Ok(out)
@@ -281,7 +279,7 @@ pub fn propose_task(
 /// Every node without one gets an address on the ingress network for its ingress sandbox
 /// (the routing mesh answers on every node, with or without tasks), the next free one.
 /// Proposed into `used`, so the same plan's task addresses do not take them again.
-pub fn propose_ingress_addrs(s: &StoreState, used: &mut Used) -> Vec<(String, String)> {
+pub fn propose_ingress_addrs(s: &StoreState, used: &mut Used) -> Vec<(String, IfAddr)> {
     let Some(net) = s.networks.values().find(|n| n.spec.ingress) else {
         return Vec::new();
     };
@@ -293,7 +291,7 @@ pub fn propose_ingress_addrs(s: &StoreState, used: &mut Used) -> Vec<(String, St
         let Some(ip) = used.take_next(&net.id, &subnet, Holder::Node(n.id.clone())) else {
             break;
         };
-        out.push((n.id.clone(), format!("{ip}/{}", subnet.len)));
+        out.push((n.id.clone(), IfAddr::new(ip, subnet.len)));
     }
     out
 }
@@ -348,9 +346,10 @@ mod tests {
     /// Every address held, with its holders: none may have two.
     fn duplicates(s: &StoreState) -> Vec<String> {
         let mut seen: BTreeMap<(String, Ipv4Addr), Vec<String>> = BTreeMap::new();
-        let mut add = |net: &str, addr: &str, who: String| {
-            let ip = ipam::addr_of(addr).expect("an address");
-            seen.entry((net.to_string(), ip)).or_default().push(who);
+        let mut add = |net: &str, addr: &IfAddr, who: String| {
+            seen.entry((net.to_string(), addr.ip))
+                .or_default()
+                .push(who);
         };
         for svc in s.services.values() {
             for v in &svc.vips {
@@ -471,13 +470,10 @@ mod tests {
         run(&mut s, &mut now);
         // The new service's own addresses (the old tasks, never reported stopped here, still
         // hold theirs; its VIP is released).
-        let mut second: BTreeSet<Ipv4Addr> = s.services["two"]
-            .vips
-            .iter()
-            .filter_map(|v| ipam::addr_of(&v.addr))
-            .collect();
+        let mut second: BTreeSet<Ipv4Addr> =
+            s.services["two"].vips.iter().map(|v| v.addr.ip).collect();
         for t in s.tasks.values().filter(|t| t.service_id == "two") {
-            second.extend(t.networks.iter().filter_map(|a| ipam::addr_of(&a.addr)));
+            second.extend(t.networks.iter().map(|a| a.addr.ip));
         }
         assert_eq!(second.len(), 3, "{second:?}");
         assert!(

@@ -127,11 +127,6 @@ pub fn next_addr_after(
         .find(|ip| !used.contains(ip))
 }
 
-/// Splits `A.B.C.D/N` into the address.
-pub fn addr_of(cidr_addr: &str) -> Option<Ipv4Addr> {
-    cidr_addr.split('/').next()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

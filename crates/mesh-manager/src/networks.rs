@@ -25,7 +25,7 @@ pub fn ingress(now: u64) -> Network {
             labels: Default::default(),
         },
         subnet: subnet.to_string(),
-        gateway: subnet.gateway().to_string(),
+        gateway: subnet.gateway(),
         vni: ipam::FIRST_VNI,
         created_at: now,
     }
@@ -83,7 +83,7 @@ pub fn new_network(state: &StoreState, spec: NetworkSpec, now: u64) -> Result<Ne
             ..spec
         },
         subnet: subnet.to_string(),
-        gateway: subnet.gateway().to_string(),
+        gateway: subnet.gateway(),
         vni,
         created_at: now,
     })
@@ -191,13 +191,13 @@ pub fn ingress_attachment(
     node_id: &str,
 ) -> Option<mesh_api::NetworkAttachment> {
     let net = state.networks.values().find(|n| n.spec.ingress)?;
-    let addr = state.nodes.get(node_id)?.ingress_addr.clone()?;
+    let addr = state.nodes.get(node_id)?.ingress_addr?;
     Some(mesh_api::NetworkAttachment {
         network_id: net.id.clone(),
         network_name: net.spec.name.clone(),
         addr,
         vni: net.vni,
-        gateway: net.gateway.clone(),
+        gateway: net.gateway,
         vip: None,
     })
 }

@@ -47,7 +47,7 @@ pub enum Command {
     /// The node's address on the ingress network, for its ingress sandbox.
     SetNodeIngress {
         id: String,
-        addr: String,
+        addr: mesh_api::IfAddr,
     },
     RotateSecret {
         role: NodeRole,
@@ -249,7 +249,7 @@ impl StoreState {
                     Some(net) => {
                         let mut a = [mesh_api::VirtualIp {
                             network_id: net.id.clone(),
-                            addr: addr.clone(),
+                            addr: *addr,
                         }];
                         let mut used = Used::of(self);
                         allocator::settle(self, &mut used, Holder::Node(id.clone()), &mut a)?;
@@ -258,15 +258,17 @@ impl StoreState {
                         a.addr
                     }
                     None => {
-                        if let Some(other) = self.nodes.values().find(|n| {
-                            n.id != *id && n.ingress_addr.as_deref() == Some(addr.as_str())
-                        }) {
+                        if let Some(other) = self
+                            .nodes
+                            .values()
+                            .find(|n| n.id != *id && n.ingress_addr == Some(*addr))
+                        {
                             return Err(StateError::Invalid(format!(
                                 "ingress address {addr} is held by node {}",
                                 other.id
                             )));
                         }
-                        addr.clone()
+                        *addr
                     }
                 };
                 self.node_mut(id)?.ingress_addr = Some(addr);
@@ -481,7 +483,7 @@ impl StoreState {
                             .iter()
                             .map(|n| mesh_api::VirtualIp {
                                 network_id: n.network_id.clone(),
-                                addr: n.addr.clone(),
+                                addr: n.addr,
                             })
                             .collect();
                         used.release(&holder);
