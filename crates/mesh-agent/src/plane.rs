@@ -344,15 +344,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn attachment_desc(a: &NetworkAttachment) -> Option<(Ipv4Addr, NetworkDesc)> {
-    Some((
+fn attachment_desc(a: &NetworkAttachment) -> (Ipv4Addr, NetworkDesc) {
+    (
         a.addr.ip,
         NetworkDesc {
             vni: a.vni,
             gateway: a.gateway,
             prefix: a.addr.prefix,
         },
-    ))
+    )
 }
 
 fn proc_ns(pid: u32) -> PathBuf {
@@ -839,8 +839,8 @@ impl Inner {
         self.keep_emptied_vips(&mut lb, &r.networks);
         // The tasks' return paths lead to every sandbox seen (and this node's own, also
         // before its record is in the table).
-        if let Some((ip, _)) = lock(&self.ingress_att).as_ref().and_then(attachment_desc) {
-            sandboxes.insert(ip);
+        if let Some(att) = lock(&self.ingress_att).as_ref() {
+            sandboxes.insert(att.addr.ip);
         }
         lock(&self.sandboxes).extend(sandboxes);
         // Balancers first, then DNS: a name never points at a VIP the balancer does not know
@@ -1255,8 +1255,7 @@ impl Inner {
         if r.ingress.is_some() {
             return Ok(());
         }
-        let (ip, desc) =
-            attachment_desc(&att).ok_or_else(|| PlaneError::failed("bad ingress attachment"))?;
+        let (ip, desc) = attachment_desc(&att);
         let holders = self.holders.clone();
         let pid = tokio::task::spawn_blocking(move || holders.ensure(INGRESS_SANDBOX))
             .await
@@ -1328,10 +1327,7 @@ impl Inner {
         for (t, _) in &running {
             for a in &t.networks {
                 lock(&self.net_names).insert(a.network_id.clone(), a.network_name.clone());
-                let Some((_, desc)) = attachment_desc(a) else {
-                    continue;
-                };
-                networks.insert(a.network_id.clone(), desc.clone());
+                networks.insert(a.network_id.clone(), attachment_desc(a).1);
             }
             want.extend(task_records(t, ingress_att.as_ref(), r.vtep));
         }
@@ -1346,26 +1342,25 @@ impl Inner {
         }
         // The ingress sandbox is an endpoint of the ingress network on every node.
         if let (Some(att), Some(_)) = (&ingress_att, &r.ingress) {
-            if let Some((ip, desc)) = attachment_desc(att) {
-                networks.insert(att.network_id.clone(), desc.clone());
-                want.insert(
-                    (att.network_id.clone(), format!("ingress-sbox-{}", r.vtep)),
-                    EndpointRecord {
-                        ip,
-                        prefix: desc.prefix,
-                        mac: mesh_netlink::mac_for_ip(ip),
-                        vtep: r.vtep,
-                        vni: desc.vni,
-                        task_name: format!("ingress-sbox-{}", r.vtep),
-                        service_name: String::new(),
-                        service_id: String::new(),
-                        vip: None,
-                        ports: Vec::new(),
-                        aliases: Vec::new(),
-                        starting: false,
-                    },
-                );
-            }
+            let (ip, desc) = attachment_desc(att);
+            networks.insert(att.network_id.clone(), desc.clone());
+            want.insert(
+                (att.network_id.clone(), format!("ingress-sbox-{}", r.vtep)),
+                EndpointRecord {
+                    ip,
+                    prefix: desc.prefix,
+                    mac: mesh_netlink::mac_for_ip(ip),
+                    vtep: r.vtep,
+                    vni: desc.vni,
+                    task_name: format!("ingress-sbox-{}", r.vtep),
+                    service_name: String::new(),
+                    service_id: String::new(),
+                    vip: None,
+                    ports: Vec::new(),
+                    aliases: Vec::new(),
+                    starting: false,
+                },
+            );
         }
         // A task withdrawn but still alive (draining before its stop) keeps its networks
         // joined: its own DNS lookups and VIP connections must keep working until it exits,
@@ -1697,9 +1692,7 @@ fn task_records(
 ) -> Vec<((String, String), EndpointRecord)> {
     let mut out = Vec::new();
     for a in &t.networks {
-        let Some((ip, desc)) = attachment_desc(a) else {
-            continue;
-        };
+        let (ip, desc) = attachment_desc(a);
         let on_ingress = ingress.is_some_and(|i| i.network_id == a.network_id);
         let rec = EndpointRecord {
             ip,
@@ -1936,7 +1929,7 @@ impl NetworkPlane for Plane {
                 let networks: BTreeMap<String, NetworkDesc> = task
                     .networks
                     .iter()
-                    .filter_map(|a| Some((a.network_id.clone(), attachment_desc(a)?.1)))
+                    .map(|a| (a.network_id.clone(), attachment_desc(a).1))
                     .collect();
                 let joined = networks.keys().any(|id| !r.networks.contains_key(id));
                 for (id, d) in &networks {
@@ -1977,8 +1970,7 @@ impl NetworkPlane for Plane {
             // that fails drops the records with the next pass.
             this.announce_starting(&task.id).await;
             for (i, a) in task.networks.iter().enumerate() {
-                let (ip, network) = attachment_desc(a)
-                    .ok_or_else(|| PlaneError::Invalid(format!("bad attachment {a:?}")))?;
+                let (ip, network) = attachment_desc(a);
                 overlay
                     .attach(
                         pid,
