@@ -15,6 +15,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
+use x509_parser::extensions::ParsedExtension;
 use x509_parser::x509::AttributeTypeAndValue;
 
 use crate::tls::SERVER_NAME;
@@ -232,6 +233,30 @@ impl RootCa {
     }
 }
 
+impl RootCa {
+    /// The new root `next` signed by this one: the same subject and key as `next`, so that a
+    /// certificate `next` issues chains through it to this root. During a root rotation
+    /// (`swarm ca --rotate`, swarmkit's cross-signed rotation), nodes that still trust only
+    /// this root accept the certificates of `next` presented with it as an intermediate.
+    pub fn cross_sign(&self, next: &RootCa) -> Result<String, CaError> {
+        let mut params =
+            CertificateParams::from_ca_cert_der(&CertificateDer::from(next.cert_der.as_slice()))
+                .map_err(|e| CaError::InvalidCert(e.to_string()))?;
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        let cert = params
+            .signed_by(&next.key, &self.issuer, &self.key)
+            .map_err(CaError::Sign)?;
+        Ok(cert.pem())
+    }
+
+    /// This root's key identifier (its subject key identifier, hex): what the certificates it
+    /// issues name as their authority key identifier.
+    pub fn key_id(&self) -> String {
+        subject_key_id(&self.cert_der).unwrap_or_default()
+    }
+}
+
 impl fmt::Debug for RootCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RootCa")
@@ -359,6 +384,45 @@ pub fn cert_validity(cert_pem: &str) -> Result<CertValidity, CaError> {
         issued_at: at(v.not_before.timestamp()) + BACKDATE,
         expires_at: at(v.not_after.timestamp()),
     })
+}
+
+/// The subject key identifier (hex) of the first certificate in `cert_pem`: for a root CA,
+/// what identifies its key in the certificates it issues.
+pub fn cert_key_id(cert_pem: &str) -> Result<String, CaError> {
+    subject_key_id(&cert_der_from_pem(cert_pem)?)
+}
+
+/// The authority key identifier (hex) of the first certificate in `cert_pem`: which CA key
+/// signed it.
+pub fn issuer_key_id(cert_pem: &str) -> Result<String, CaError> {
+    let der = cert_der_from_pem(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| CaError::InvalidCert(e.to_string()))?;
+    let id = cert
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| hex(k.0))
+            }
+            _ => None,
+        });
+    id.ok_or(CaError::MissingField("authority key identifier"))
+}
+
+fn subject_key_id(der: &[u8]) -> Result<String, CaError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CaError::InvalidCert(e.to_string()))?;
+    let id = cert
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(hex(k.0)),
+            _ => None,
+        });
+    id.ok_or(CaError::MissingField("subject key identifier"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// DER of the first certificate in a PEM string.

@@ -1,8 +1,10 @@
 //! rustls configurations for node-to-node mutual TLS and for pinned bootstrap.
 //!
 //! Every configuration uses the ring provider explicitly; the process-default
-//! provider is never consulted. Servers send `[leaf, CA]` so that a joining
-//! node can pin the CA by the digest in its join token.
+//! provider is never consulted. Servers send `[leaf, intermediates, CA]` so that a joining
+//! node can pin the CA by the digest in its join token. The intermediates are the
+//! cross-signed new root of a root rotation (see [`crate::RootCa::cross_sign`]): a node's
+//! certificate PEM is its leaf followed by them.
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -12,12 +14,14 @@ use rustls::client::{ResolvesClientCert, Resumption, WebPkiServerVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{
     ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
 };
 use rustls::sign::CertifiedKey;
 use rustls::{
-    ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig, SignatureScheme,
+    ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    ServerConfig, SignatureScheme,
 };
 
 use crate::ca::CaError;
@@ -32,7 +36,9 @@ fn provider() -> Arc<CryptoProvider> {
 /// Everything a node needs for mutual TLS (all PEM).
 #[derive(Clone)]
 pub struct NodeTls {
+    /// The root the node trusts.
     pub ca_cert_pem: String,
+    /// The node's certificate, followed by the intermediates it presents with it.
     pub cert_pem: String,
     pub key_pem: String,
 }
@@ -59,8 +65,15 @@ impl NodeTls {
         Ok((roots, ca))
     }
 
-    fn leaf(&self) -> Result<CertificateDer<'static>, CaError> {
-        parse_cert(&self.cert_pem)
+    /// The leaf and its intermediates.
+    fn chain(&self) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CaError::InvalidCert(e.to_string()))?;
+        if chain.is_empty() {
+            return Err(CaError::InvalidCert("no certificate".into()));
+        }
+        Ok(chain)
     }
 
     fn key(&self) -> Result<PrivateKeyDer<'static>, CaError> {
@@ -68,12 +81,15 @@ impl NodeTls {
             .map_err(|e| CaError::InvalidKey(e.to_string()))
     }
 
-    /// What the server presents (`[leaf, CA]`) and what the client presents (`[leaf]`).
+    /// What the server presents (`[leaf, intermediates, CA]`) and what the client presents
+    /// (`[leaf, intermediates]`).
     fn certified(&self, provider: &CryptoProvider) -> Result<Certified, CaError> {
         let (_, ca) = self.roots()?;
-        let leaf = self.leaf()?;
-        let server = CertifiedKey::from_der(vec![leaf.clone(), ca], self.key()?, provider)?;
-        let client = CertifiedKey::from_der(vec![leaf], self.key()?, provider)?;
+        let chain = self.chain()?;
+        let mut presented = chain.clone();
+        presented.push(ca);
+        let server = CertifiedKey::from_der(presented, self.key()?, provider)?;
+        let client = CertifiedKey::from_der(chain, self.key()?, provider)?;
         Ok(Certified {
             server: Arc::new(server),
             client: Arc::new(client),
@@ -88,18 +104,159 @@ struct Certified {
     client: Arc<CertifiedKey>,
 }
 
-/// Mutual TLS configurations whose node certificate and key can be replaced while they are
-/// in use (renewal, a new role): every handshake from then on, as server and as client,
-/// presents the new certificate; connections already open keep theirs. The trusted CA is
-/// fixed.
+/// Mutual TLS configurations whose node certificate, key and trusted root can be replaced
+/// while they are in use (renewal, a new role, a root rotation): every handshake from then
+/// on, as server and as client, presents the new certificate and trusts the new root;
+/// connections already open keep theirs.
 ///
 /// Session resumption is off on both sides: a resumed session would carry the identity of
 /// the certificate it was first made with, so a node's old certificate (or old role) would
 /// outlive its replacement.
 pub struct LiveTls {
     current: Arc<CurrentCert>,
+    trust: Arc<LiveTrust>,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+}
+
+/// The verifiers of a [`LiveTls`], for the root it trusts now.
+#[derive(Debug)]
+struct LiveTrust {
+    slot: RwLock<Verifiers>,
+    /// The roots' subject, which every root of a swarm shares (sent in certificate requests).
+    hints: Vec<DistinguishedName>,
+    provider: Arc<CryptoProvider>,
+}
+
+#[derive(Debug, Clone)]
+struct Verifiers {
+    ca_cert_pem: String,
+    client: Arc<dyn ClientCertVerifier>,
+    server: Arc<dyn ServerCertVerifier>,
+}
+
+impl Verifiers {
+    fn new(tls: &NodeTls, provider: &Arc<CryptoProvider>) -> Result<Verifiers, CaError> {
+        let (roots, _) = tls.roots()?;
+        let roots = Arc::new(roots);
+        let client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .allow_unauthenticated()
+            .build()?;
+        let server = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| CaError::Tls(rustls::Error::General(e.to_string())))?;
+        Ok(Verifiers {
+            ca_cert_pem: tls.ca_cert_pem.clone(),
+            client,
+            server,
+        })
+    }
+}
+
+impl LiveTrust {
+    fn get(&self) -> Verifiers {
+        self.slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ClientCertVerifier for LiveTrust {
+    fn offer_client_auth(&self) -> bool {
+        self.get().client.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.get().client.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.get()
+            .client
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for LiveTrust {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.get().server.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ClientCertVerifier::verify_tls12_signature(self, message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ClientCertVerifier::verify_tls13_signature(self, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        ClientCertVerifier::supported_verify_schemes(self)
+    }
 }
 
 /// The certificate resolvers of a [`LiveTls`]: both read the same slot.
@@ -139,24 +296,27 @@ impl LiveTls {
             slot: RwLock::new(tls.certified(&provider)?),
             provider: provider.clone(),
         });
-        let (roots, _) = tls.roots()?;
-        let roots = Arc::new(roots);
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .allow_unauthenticated()
-            .build()?;
+        let verifiers = Verifiers::new(tls, &provider)?;
+        let trust = Arc::new(LiveTrust {
+            hints: verifiers.client.root_hint_subjects().to_vec(),
+            slot: RwLock::new(verifiers),
+            provider: provider.clone(),
+        });
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(trust.clone())
             .with_cert_resolver(current.clone());
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(trust.clone())
             .with_client_cert_resolver(current.clone());
         client.resumption = Resumption::disabled();
         Ok(LiveTls {
             current,
+            trust,
             server: Arc::new(server),
             client: Arc::new(client),
         })
@@ -172,13 +332,19 @@ impl LiveTls {
         self.client.clone()
     }
 
-    /// Presents `tls`'s certificate and key from the next handshake on. Its CA must be the
-    /// one these configurations trust (it is not read). Fails, changing nothing, when the key
-    /// does not match the certificate.
+    /// Presents `tls`'s certificate and key, and trusts `tls`'s CA, from the next handshake
+    /// on. Fails, changing nothing, when the key does not match the certificate or a
+    /// certificate cannot be read.
     pub fn replace(&self, tls: &NodeTls) -> Result<(), CaError> {
         let certified = tls.certified(&self.current.provider)?;
         certified.client.keys_match()?;
+        let verifiers = (self.trust.get().ca_cert_pem != tls.ca_cert_pem)
+            .then(|| Verifiers::new(tls, &self.trust.provider))
+            .transpose()?;
         *self.current.slot.write().unwrap_or_else(|p| p.into_inner()) = certified;
+        if let Some(v) = verifiers {
+            *self.trust.slot.write().unwrap_or_else(|p| p.into_inner()) = v;
+        }
         Ok(())
     }
 }
@@ -254,12 +420,19 @@ impl ServerCertVerifier for PinnedCaVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let ca = find_pinned_ca(intermediates, &self.ca_digest)
             .ok_or_else(|| rustls::Error::Other(OtherError(Arc::new(CaError::DigestMismatch))))?;
+        // The certificates between the leaf and the pinned root: a cross-signed new root
+        // while the swarm rotates its root.
+        let between: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .filter(|c| c.as_ref() != ca.as_ref())
+            .cloned()
+            .collect();
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?
-            .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+            .verify_server_cert(end_entity, &between, server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -413,6 +586,104 @@ mod tests {
         assert!(client.replace(&wrong).is_err());
         let (seen, _) = exchange(server.server_config(), client.client_config());
         assert_eq!(seen.unwrap().unwrap().role, Role::Manager);
+    }
+
+    /// A node certificate from `issuer`, presented with `intermediates`, trusting `trusted`.
+    fn rotating_tls(issuer: &RootCa, intermediates: &str, trusted: &RootCa, id: &str) -> NodeTls {
+        let mut tls = node_tls(issuer, id, Role::Manager);
+        tls.cert_pem.push_str(intermediates);
+        tls.ca_cert_pem = trusted.cert_pem().to_owned();
+        tls
+    }
+
+    fn handshake(server: &NodeTls, client: &NodeTls) -> Result<(), String> {
+        let (s, c) = exchange(
+            server.server_config().unwrap(),
+            client.client_config().unwrap(),
+        );
+        s?;
+        c?;
+        Ok(())
+    }
+
+    /// swarmkit's cross-signed rotation: while nodes move from the old root to the new one,
+    /// every pair of them still completes a handshake, both ways; once everyone trusts the
+    /// new root, the old root's certificates are refused.
+    #[test]
+    fn root_rotation_by_cross_signing() {
+        let old = RootCa::generate().unwrap();
+        let new = RootCa::generate().unwrap();
+        let cross = old.cross_sign(&new).unwrap();
+        // The key identifiers tell who signed what.
+        assert_ne!(old.key_id(), new.key_id());
+        assert_eq!(crate::cert_key_id(&cross).unwrap(), new.key_id());
+        assert_eq!(crate::issuer_key_id(&cross).unwrap(), old.key_id());
+        assert_eq!(crate::cert_key_id(old.cert_pem()).unwrap(), old.key_id());
+
+        let not_renewed = rotating_tls(&old, "", &old, "a");
+        let renewed = rotating_tls(&new, &cross, &old, "b");
+        let switched = rotating_tls(&new, &cross, &new, "c");
+        let later = rotating_tls(&new, "", &new, "d");
+        assert_eq!(
+            crate::issuer_key_id(&renewed.cert_pem).unwrap(),
+            new.key_id()
+        );
+        assert_eq!(
+            crate::issuer_key_id(&not_renewed.cert_pem).unwrap(),
+            old.key_id()
+        );
+        // Phase 1: certificates move to the new key, trust stays on the old root.
+        for (x, y) in [
+            (&not_renewed, &renewed),
+            (&renewed, &not_renewed),
+            (&renewed, &renewed),
+        ] {
+            handshake(x, y).unwrap();
+        }
+        // Phase 2: every certificate is from the new key; trust moves to the new root.
+        for (x, y) in [
+            (&renewed, &switched),
+            (&switched, &renewed),
+            (&switched, &later),
+        ] {
+            handshake(x, y).unwrap();
+        }
+        // The old root's certificates are refused by a node that trusts the new root only.
+        let err = handshake(&switched, &not_renewed).unwrap_err();
+        assert!(err.contains("invalid peer certificate"), "{err}");
+        assert!(handshake(&not_renewed, &switched).is_err());
+
+        // A live configuration moves from one root to the other in place.
+        let live = LiveTls::new(&not_renewed).unwrap();
+        let peer_old = rotating_tls(&old, "", &old, "e");
+        let (seen, _) = exchange(live.server_config(), peer_old.client_config().unwrap());
+        assert_eq!(seen.unwrap().unwrap().node_id, "e");
+        live.replace(&rotating_tls(&new, &cross, &new, "a"))
+            .unwrap();
+        let (seen, _) = exchange(live.server_config(), peer_old.client_config().unwrap());
+        assert!(seen.is_err(), "the old root is no longer trusted");
+        let (seen, chain) = exchange(live.server_config(), later.client_config().unwrap());
+        assert_eq!(seen.unwrap().unwrap().node_id, "d");
+        assert_eq!(chain.unwrap().len(), 3, "leaf, cross-signed root, root");
+        let (_, chain) = exchange(later.server_config().unwrap(), live.client_config());
+        chain.unwrap();
+
+        // Joining during phase 1 with a token of the old root, and after with the new one.
+        let (_, chain) = exchange(
+            renewed.server_config().unwrap(),
+            bootstrap_client_config(&old.digest()).unwrap(),
+        );
+        chain.unwrap();
+        let (_, chain) = exchange(
+            renewed.server_config().unwrap(),
+            bootstrap_client_config(&new.digest()).unwrap(),
+        );
+        assert!(chain.unwrap_err().contains("CA digest mismatch"));
+        let (_, chain) = exchange(
+            switched.server_config().unwrap(),
+            bootstrap_client_config(&new.digest()).unwrap(),
+        );
+        chain.unwrap();
     }
 
     #[test]
