@@ -28,6 +28,7 @@
 mod binaries;
 mod cgroups;
 mod cluster;
+pub mod control;
 mod host;
 mod process;
 pub mod procs;

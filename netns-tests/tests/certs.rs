@@ -12,22 +12,17 @@
 //!   is refused, and its daemon, restarted, does not rejoin and leaves the swarm.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use mesh_netns::control::{control_call, node_json, save_identity};
 use mesh_netns::swarm::{
     expect_err, field, form_swarm, info, node_ls, running_tasks, sleep_pids, wait_tasks_running,
 };
 use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
 
 const SLEEP: u32 = 100_517;
-
-fn node_json(h: &Host) -> Result<serde_json::Value> {
-    let path = h.data_dir().join("node.json");
-    let s = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-    Ok(serde_json::from_str(&s)?)
-}
 
 /// The certificate (PEM) in `h`'s `node.json`.
 fn cert_of(h: &Host) -> Result<String> {
@@ -111,41 +106,6 @@ fn wait_ou(h: &Host, want: &str) -> Result<()> {
         Duration::from_millis(250),
         || Ok((ou(&cert_of(h)?)? == want).then_some(())),
     )
-}
-
-/// One request on `h`'s control port, sent from `from`'s namespace with the certificate
-/// and key in `dir` (`cert.pem`, `key.pem`, `ca.pem`): the answer's bytes as text.
-fn control_call(from: &Host, to: &Host, dir: &Path, req: &serde_json::Value) -> Result<String> {
-    let body = serde_json::to_vec(req)?;
-    let mut frame = u32::try_from(body.len())?.to_be_bytes().to_vec();
-    frame.extend(body);
-    let req_path = dir.join("request");
-    std::fs::write(&req_path, frame)?;
-    let d = dir.display();
-    let script = format!(
-        "timeout 4 openssl s_client -quiet -ign_eof -connect {}:2377 -servername mesh-node \
-         -cert {d}/cert.pem -key {d}/key.pem -CAfile {d}/ca.pem < {} 2>/dev/null; true",
-        to.addr(),
-        req_path.display()
-    );
-    let out = from.exec_timeout(&["sh", "-c", &script], Duration::from_secs(10))?;
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
-}
-
-/// Writes `h`'s certificate, key and CA from its `node.json` into `dir`.
-fn save_identity(h: &Host, dir: &Path) -> Result<String> {
-    let v = node_json(h)?;
-    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-    ensure!(
-        !s("key_pem").is_empty(),
-        "{}: no plain key (a worker's)",
-        h.name()
-    );
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("cert.pem"), s("cert_pem"))?;
-    std::fs::write(dir.join("key.pem"), s("key_pem"))?;
-    std::fs::write(dir.join("ca.pem"), s("ca_cert_pem"))?;
-    Ok(s("node_id"))
 }
 
 struct TempDir(PathBuf);
