@@ -721,6 +721,8 @@ impl Daemon {
             manager_secret: mesh_ca::new_secret(),
             unlock_key: unlock_key.clone(),
             settings: Default::default(),
+            ca_chain_pem: String::new(),
+            ca_rotation: None,
         };
         let node = mesh_api::Node {
             raft_id,

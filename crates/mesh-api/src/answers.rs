@@ -101,6 +101,31 @@ pub struct TokenAnswer {
     pub addr: String,
 }
 
+/// `swarm ca`: the root the swarm wants (the new one while a rotation goes on) and how many
+/// of its nodes have moved to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaAnswer {
+    /// The desired root certificate (PEM).
+    pub root_pem: String,
+    /// `sha256:` and the hex SHA-256 of `root_pem`'s text, as Docker shows it.
+    pub root_digest: String,
+    /// Certificates are still being moved to the new root.
+    pub rotating: bool,
+    /// The nodes that take part (every node that has not left).
+    pub nodes: u32,
+    /// Nodes whose certificate is from the desired root.
+    pub tls_rotated: u32,
+    /// Nodes that trust the desired root.
+    pub trust_rotated: u32,
+}
+
+impl CaAnswer {
+    /// The rotation is over: every node has a certificate from the desired root and trusts it.
+    pub fn converged(&self) -> bool {
+        !self.rotating && self.tls_rotated == self.nodes && self.trust_rotated == self.nodes
+    }
+}
+
 /// `swarm unlock-key`: the key in Docker's form (`None`: autolock is off).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnlockKeyAnswer {

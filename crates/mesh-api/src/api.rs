@@ -39,6 +39,11 @@ pub enum Request {
     UnlockKey {
         rotate: bool,
     },
+    /// `swarm ca [--rotate]`: the root the swarm wants and how far the nodes are; with
+    /// `rotate`, a new root is made first.
+    SwarmCa {
+        rotate: bool,
+    },
     /// `swarm update`: each `Some` changes that cluster setting.
     SwarmUpdate {
         #[serde(default)]

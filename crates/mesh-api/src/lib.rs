@@ -18,7 +18,8 @@ pub mod objects;
 pub mod service;
 
 pub use answers::{
-    ExecAnswer, IdAnswer, JoinAnswer, MessageAnswer, SwarmInitAnswer, TokenAnswer, UnlockKeyAnswer,
+    CaAnswer, ExecAnswer, IdAnswer, JoinAnswer, MessageAnswer, SwarmInitAnswer, TokenAnswer,
+    UnlockKeyAnswer,
 };
 pub use api::{
     ApiError, ErrorKind, ImageSummary, RegistryAuth, RegistryCredentials, Request, Response,

@@ -164,6 +164,24 @@ pub struct Cluster {
     /// `swarm update` settings.
     #[serde(default)]
     pub settings: ClusterSettings,
+    /// The intermediates presented with the certificates of the current root: after a root
+    /// rotation, the current root cross-signed by the previous one (PEM; empty before any).
+    #[serde(default)]
+    pub ca_chain_pem: String,
+    /// A root rotation in progress (`swarm ca --rotate`).
+    #[serde(default)]
+    pub ca_rotation: Option<CaRotation>,
+}
+
+/// A root CA rotation in progress: the new root and its key, and the new root cross-signed
+/// by the current one. Node certificates are issued from the new root (presented with the
+/// cross-signed one, so that nodes trusting the current root accept them) until every node
+/// has one; then the new root becomes the current one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRotation {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cross_pem: String,
 }
 
 /// The cluster settings `swarm update` changes (Docker's `SwarmSpec` parts mesh honours).
@@ -176,6 +194,9 @@ pub struct ClusterSettings {
     pub cert_expiry_secs: u64,
     /// How often nodes report to the leader (`--dispatcher-heartbeat`), milliseconds.
     pub dispatcher_heartbeat_ms: u64,
+    /// How many root rotations were asked for (Docker's `CAConfig.ForceRotate`: a client
+    /// asks for one by sending it one higher).
+    pub force_rotate: u64,
 }
 
 impl Default for ClusterSettings {
@@ -184,6 +205,7 @@ impl Default for ClusterSettings {
             task_history_limit: 5,
             cert_expiry_secs: 90 * 24 * 3600,
             dispatcher_heartbeat_ms: 500,
+            force_rotate: 0,
         }
     }
 }
@@ -218,6 +240,9 @@ pub struct NodeSummary {
     pub manager_status: String,
     /// Whether this is the node whose daemon answered.
     pub is_self: bool,
+    /// Docker's `TLSStatus` (see [`NodeView::tls_status`]).
+    #[serde(default)]
+    pub tls_status: String,
 }
 
 /// What `mesh info` shows of the local daemon.
@@ -295,6 +320,14 @@ pub struct NodeView {
     pub node: Node,
     /// `Leader`, `Reachable`, `Unreachable`, or empty for workers.
     pub manager_status: String,
+    /// The node's TLS state as the leader last heard it (`None`: not heard since it leads).
+    #[serde(default)]
+    pub tls_info: Option<TlsInfo>,
+    /// Docker's `TLSStatus`: `Ready` when the node's certificate is from the root the swarm
+    /// wants and it trusts that root, `Needs Rotation` when not, `Unknown` when the leader
+    /// has not heard it since it began leading.
+    #[serde(default)]
+    pub tls_status: String,
 }
 
 /// The cluster record without its secrets, in [`ClusterObjects`].
@@ -311,6 +344,22 @@ pub struct ClusterView {
     pub autolock: bool,
     #[serde(default)]
     pub settings: ClusterSettings,
+    /// A root rotation has started and not every node has a certificate from the new root.
+    #[serde(default)]
+    pub root_rotation_in_progress: bool,
+    /// What the swarm wants of every node: the desired root (the new one during a rotation)
+    /// as trust root and as issuer.
+    #[serde(default)]
+    pub tls_info: TlsInfo,
+}
+
+/// Docker's `TLSInfo`: a root to trust and the issuer of a certificate (its subject and
+/// public key, DER in standard base64, as Go encodes bytes). Empty fields: not known.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsInfo {
+    pub trust_root: String,
+    pub cert_issuer_subject: String,
+    pub cert_issuer_public_key: String,
 }
 
 /// Every object of the cluster as the leader's store holds it (`Request::Objects`): what the

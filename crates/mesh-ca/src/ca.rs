@@ -409,6 +409,18 @@ pub fn issuer_key_id(cert_pem: &str) -> Result<String, CaError> {
     id.ok_or(CaError::MissingField("authority key identifier"))
 }
 
+/// The raw DER of the subject and of the public key (SubjectPublicKeyInfo) of the first
+/// certificate in `cert_pem`: how Docker names an issuer (`TLSInfo`).
+pub fn subject_and_public_key(cert_pem: &str) -> Result<(Vec<u8>, Vec<u8>), CaError> {
+    let der = cert_der_from_pem(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| CaError::InvalidCert(e.to_string()))?;
+    Ok((
+        cert.tbs_certificate.subject.as_raw().to_vec(),
+        cert.tbs_certificate.subject_pki.raw.to_vec(),
+    ))
+}
+
 fn subject_key_id(der: &[u8]) -> Result<String, CaError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| CaError::InvalidCert(e.to_string()))?;

@@ -12,8 +12,8 @@ mod tls;
 mod token;
 
 pub use ca::{
-    cert_der_from_pem, cert_key_id, cert_validity, issuer_key_id, peer_identity, CaError,
-    CertValidity, NodeKey, PeerIdentity, Role, RootCa,
+    cert_der_from_pem, cert_key_id, cert_validity, issuer_key_id, peer_identity,
+    subject_and_public_key, CaError, CertValidity, NodeKey, PeerIdentity, Role, RootCa,
 };
 pub use tls::{bootstrap_client_config, find_pinned_ca, LiveTls, NodeTls, SERVER_NAME};
 pub use token::{ca_digest, new_secret, secrets_match, JoinToken, TokenError, TOKEN_PREFIX};

@@ -191,6 +191,21 @@ enum SwarmCmd {
         #[arg(long)]
         force_new_cluster: bool,
     },
+    /// Display and rotate the root CA.
+    Ca {
+        /// Rotate the swarm CA: a new root certificate and key are generated.
+        #[arg(long)]
+        rotate: bool,
+        /// Exit immediately instead of waiting for the root rotation to converge.
+        #[arg(short, long)]
+        detach: bool,
+        /// Suppress progress output.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Validity period for node certificates (ns|us|ms|s|m|h), e.g. 2160h.
+        #[arg(long, value_name = "DURATION")]
+        cert_expiry: Option<String>,
+    },
     /// Unlock a locked manager (the key is read from a prompt or stdin).
     Unlock,
     /// Manage the unlock key.
@@ -455,6 +470,12 @@ fn swarm(c: &Client, cmd: SwarmCmd) -> Result<()> {
                 swarm::print_unlock_command(key);
             }
         }
+        SwarmCmd::Ca {
+            rotate,
+            detach,
+            quiet,
+            cert_expiry,
+        } => swarm::ca(c, rotate, detach, quiet, cert_expiry)?,
         SwarmCmd::Unlock => swarm::unlock(c)?,
         SwarmCmd::UnlockKey { quiet, rotate } => swarm::unlock_key(c, quiet, rotate)?,
         SwarmCmd::Update {
@@ -522,6 +543,7 @@ fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
                     row(json!({
                         "ID": n.id, "Hostname": n.hostname, "Status": n.status,
                         "Availability": n.availability, "ManagerStatus": n.manager_status, "Self": n.is_self,
+                        "TLSStatus": n.tls_status,
                     }))
                 })
                 .collect();

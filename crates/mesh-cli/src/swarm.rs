@@ -1,5 +1,6 @@
-//! `mesh swarm unlock`, `mesh swarm unlock-key [-q] [--rotate]` and `mesh swarm update`, with
-//! Docker's words; the unlock key is read from a prompt (echo off) or from stdin.
+//! `mesh swarm unlock`, `mesh swarm unlock-key [-q] [--rotate]`, `mesh swarm update` and
+//! `mesh swarm ca [--rotate]`, with Docker's words; the unlock key is read from a prompt (echo
+//! off) or from stdin.
 
 use mesh_api::Request;
 use serde_json::Value;
@@ -57,6 +58,92 @@ pub fn unlock_key(c: &Client, quiet: bool, rotate: bool) -> Result<()> {
     Ok(())
 }
 
+/// `swarm ca [--rotate] [-d] [-q] [--cert-expiry D]`: without `--rotate`, the root CA
+/// certificate nodes trust; with it, a new root, then (unless detached) the progress of the
+/// nodes towards it until every node has a certificate from it and trusts it, and the new
+/// root. As Docker, it waits for as long as that takes (a node that is down holds it: bring
+/// it back or remove it).
+pub fn ca(
+    c: &Client,
+    rotate: bool,
+    detach: bool,
+    quiet: bool,
+    cert_expiry: Option<String>,
+) -> Result<()> {
+    // As Docker: the root the swarm wants, which is the new one while a rotation goes on.
+    if !rotate {
+        if cert_expiry.is_some() {
+            return Err(Failure(
+                "`--cert-expiry` flag requires the `--rotate` flag to update the CA".into(),
+            ));
+        }
+        let a: mesh_api::CaAnswer = c.call_as(Request::SwarmCa { rotate: false })?;
+        print!("{}", with_newline(&a.root_pem));
+        return Ok(());
+    }
+    if let Some(d) = cert_expiry {
+        let secs = crate::service::parse_duration_ms(&d)? / 1000;
+        c.call(Request::SwarmUpdate {
+            autolock: None,
+            task_history_limit: None,
+            cert_expiry_secs: Some(secs),
+            dispatcher_heartbeat_ms: None,
+        })?;
+    }
+    let mut a: mesh_api::CaAnswer = c.call_as(Request::SwarmCa { rotate: true })?;
+    if detach {
+        return Ok(());
+    }
+    if !quiet {
+        println!("desired root digest: {}", a.root_digest);
+    }
+    let mut last = String::new();
+    loop {
+        let lines = format!(
+            "  rotated TLS certificates:  {} {}/{} nodes
+  rotated CA certificates:   {} {}/{} nodes",
+            bar(a.tls_rotated, a.nodes),
+            a.tls_rotated,
+            a.nodes,
+            bar(a.trust_rotated, a.nodes),
+            a.trust_rotated,
+            a.nodes
+        );
+        if !quiet && lines != last {
+            println!("{lines}");
+            last = lines;
+        }
+        if a.converged() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        a = c.call_as(Request::SwarmCa { rotate: false })?;
+    }
+    if !quiet {
+        print!("{}", with_newline(&a.root_pem));
+    }
+    Ok(())
+}
+
+fn with_newline(s: &str) -> String {
+    if s.ends_with('\n') {
+        s.to_string()
+    } else {
+        format!("{s}\n")
+    }
+}
+
+/// Docker's progress bar: 50 columns.
+fn bar(done: u32, total: u32) -> String {
+    const WIDTH: usize = 50;
+    let filled = if total == 0 {
+        WIDTH
+    } else {
+        (done.min(total) as usize * WIDTH) / total as usize
+    };
+    format!("[{}>{}]", "=".repeat(filled), " ".repeat(WIDTH - filled))
+}
+
 /// `swarm update`.
 pub fn update(
     c: &Client,
@@ -88,4 +175,17 @@ pub fn update(
         print_unlock_command(key);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn progress_bar_as_docker_draws_it() {
+        assert_eq!(
+            super::bar(1, 2),
+            format!("[{}>{}]", "=".repeat(25), " ".repeat(25))
+        );
+        assert_eq!(super::bar(0, 2), format!("[>{}]", " ".repeat(50)));
+        assert_eq!(super::bar(3, 2), format!("[{}>]", "=".repeat(50)));
+    }
 }

@@ -56,6 +56,16 @@ pub fn network_id(objects: &ClusterObjects, key: &str) -> String {
         .map_or_else(|| key.to_string(), |n| n.id.clone())
 }
 
+/// Docker's `TLSInfo`.
+pub fn tls_info(t: &mesh_api::TlsInfo) -> m::TlsInfo {
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    m::TlsInfo {
+        trust_root: some(&t.trust_root),
+        cert_issuer_subject: some(&t.cert_issuer_subject),
+        cert_issuer_public_key: some(&t.cert_issuer_public_key),
+    }
+}
+
 pub fn node(n: &NodeView, leader_raft: bool) -> m::Node {
     let node = &n.node;
     let host = node.addr.split(':').next().unwrap_or("").to_string();
@@ -91,9 +101,12 @@ pub fn node(n: &NodeView, leader_raft: bool) -> m::Node {
                     name: Some("overlay".into()),
                 }]),
             }),
-            // dockerd always sends it (the node's certificate issuer); the cluster's CA is
-            // not at hand here: Docker's zero value, `{}`.
-            tls_info: Some(m::TlsInfo::default()),
+            // dockerd always sends it; `{}` for a node the leader has not heard yet.
+            tls_info: Some(
+                n.tls_info
+                    .as_ref()
+                    .map_or_else(m::TlsInfo::default, tls_info),
+            ),
         }),
         status: Some(m::NodeStatus {
             state: Some(match node.state {

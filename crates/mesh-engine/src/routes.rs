@@ -395,7 +395,10 @@ fn swarm_spec(c: &mesh_api::ClusterView) -> Value {
         "Orchestration": {"TaskHistoryRetentionLimit": c.settings.task_history_limit},
         "Raft": {"SnapshotInterval": 10000, "KeepOldSnapshots": 0, "LogEntriesForSlowFollowers": 500, "ElectionTick": 10, "HeartbeatTick": 1},
         "Dispatcher": {"HeartbeatPeriod": c.settings.dispatcher_heartbeat_ms * 1_000_000},
-        "CAConfig": {"NodeCertExpiry": c.settings.cert_expiry_secs * 1_000_000_000},
+        "CAConfig": {
+            "NodeCertExpiry": c.settings.cert_expiry_secs * 1_000_000_000,
+            "ForceRotate": c.settings.force_rotate,
+        },
         "TaskDefaults": {},
         "EncryptionConfig": {"AutoLockManagers": c.autolock},
     })
@@ -408,8 +411,8 @@ fn cluster_json(o: &ClusterObjects) -> Value {
         "CreatedAt": rfc3339(o.cluster.created_at),
         "UpdatedAt": rfc3339(o.cluster.created_at),
         "Spec": swarm_spec(&o.cluster),
-        "TLSInfo": {"TrustRoot": o.cluster.ca_cert_pem},
-        "RootRotationInProgress": false,
+        "TLSInfo": convert::tls_info(&o.cluster.tls_info),
+        "RootRotationInProgress": o.cluster.root_rotation_in_progress,
         "DataPathPort": 4789,
         "DefaultAddrPool": ["10.0.0.0/8"],
         "SubnetSize": 24,
@@ -610,8 +613,14 @@ async fn swarm_update(b: &dyn Backend, c: &Call) -> Result<Reply> {
     let history = u64_at("/Orchestration/TaskHistoryRetentionLimit");
     let expiry_ns = u64_at("/CAConfig/NodeCertExpiry").filter(|n| *n > 0);
     let heartbeat_ns = u64_at("/Dispatcher/HeartbeatPeriod").filter(|n| *n > 0);
+    // `swarm ca --rotate` sends the counter one higher.
+    let force_rotate = u64_at("/CAConfig/ForceRotate");
+    let rotate = force_rotate.is_some_and(|n| n > o.cluster.settings.force_rotate);
     let mut kept = swarm_spec(&o.cluster);
     kept["EncryptionConfig"]["AutoLockManagers"] = json!(autolock);
+    if let Some(n) = force_rotate {
+        kept["CAConfig"]["ForceRotate"] = json!(n);
+    }
     for (p, val) in [
         ("/Orchestration/TaskHistoryRetentionLimit", history),
         ("/CAConfig/NodeCertExpiry", expiry_ns),
@@ -644,6 +653,9 @@ async fn swarm_update(b: &dyn Backend, c: &Call) -> Result<Reply> {
     .await?;
     if c.query.flag("rotateManagerUnlockKey") {
         call(b, Request::UnlockKey { rotate: true }).await?;
+    }
+    if rotate {
+        call(b, Request::SwarmCa { rotate: true }).await?;
     }
     for (flag, role) in [
         ("rotateWorkerToken", NodeRole::Worker),

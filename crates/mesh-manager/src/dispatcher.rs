@@ -72,6 +72,8 @@ pub struct Dispatcher {
 #[derive(Default)]
 struct Inner {
     seen: HashMap<String, Instant>,
+    /// What each node's last heartbeat said of its certificate and trusted root.
+    tls: HashMap<String, crate::peer::NodeTlsState>,
     leader_since: Option<Instant>,
     /// The heartbeat period the cluster asks for (`None`: [`HEARTBEAT_PERIOD`]).
     period: Option<Duration>,
@@ -107,6 +109,16 @@ impl Dispatcher {
         self.lock().seen.insert(node_id.to_string(), Instant::now());
     }
 
+    /// Keeps what a node's heartbeat said of its TLS state.
+    pub fn note_tls(&self, node_id: &str, tls: crate::peer::NodeTlsState) {
+        self.lock().tls.insert(node_id.to_string(), tls);
+    }
+
+    /// What the node's last heartbeat to this leader said of its TLS state.
+    pub fn tls_of(&self, node_id: &str) -> Option<crate::peer::NodeTlsState> {
+        self.lock().tls.get(node_id).cloned()
+    }
+
     /// Called while this manager leads; returns when leadership started. A new leader gives
     /// every node a full grace period before calling it Down.
     pub fn leading(&self) -> Instant {
@@ -117,6 +129,7 @@ impl Dispatcher {
         let mut g = self.lock();
         g.leader_since = None;
         g.seen.clear();
+        g.tls.clear();
     }
 
     /// Whether the node was heard from within [`Self::down_after`].
@@ -152,7 +165,9 @@ impl Dispatcher {
     }
 
     pub fn forget(&self, node_id: &str) {
-        self.lock().seen.remove(node_id);
+        let mut g = self.lock();
+        g.seen.remove(node_id);
+        g.tls.remove(node_id);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

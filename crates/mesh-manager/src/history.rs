@@ -60,6 +60,8 @@ fn touched(cmd: &Command, out: &mut Vec<(Kind, String)>) {
         }
         Command::RotateSecret { .. }
         | Command::UpdateCluster { .. }
+        | Command::StartCaRotation { .. }
+        | Command::FinishCaRotation { .. }
         | Command::CreateTasks { .. }
         | Command::AssignTasks { .. }
         | Command::SetDesiredState { .. }

@@ -35,6 +35,7 @@ use crate::services;
 use crate::state::{Command, CommandResult, StoreState};
 use crate::storage::{self, StateMachineStore};
 
+mod ca_rotation;
 mod certs;
 mod forward;
 mod raft_api;
@@ -137,6 +138,11 @@ pub struct Member {
     tls_key_sealed: std::sync::atomic::AtomicBool,
     /// The cluster's `--cert-expiry` (seconds) from the last heartbeat answer; 0: not known.
     cert_expiry: std::sync::atomic::AtomicU64,
+    /// The CA key the leader wants this node's certificate from (last heartbeat answer).
+    want_issuer: StdMutex<Option<String>>,
+    /// Held while the node's certificate or trusted root changes (`node.json` and
+    /// [`mesh_ca::LiveTls`] together).
+    tls_update: StdMutex<()>,
 }
 
 /// A manager's open data key and how its file is wrapped.
@@ -195,6 +201,8 @@ impl Member {
             keys: StdMutex::new(keys),
             tls_key_sealed: std::sync::atomic::AtomicBool::new(false),
             cert_expiry: std::sync::atomic::AtomicU64::new(0),
+            want_issuer: StdMutex::new(None),
+            tls_update: StdMutex::new(()),
             shutdown,
             clients: StdMutex::new(HashMap::new()),
             next_client: std::sync::atomic::AtomicUsize::new(0),
@@ -306,6 +314,10 @@ impl Member {
 
     pub fn local(&self) -> LocalState {
         self.local.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn tls_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.tls_update.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn update_local(&self, f: impl FnOnce(&mut LocalState)) {
@@ -782,8 +794,8 @@ impl Member {
     async fn handle_as_leader(self: &Arc<Self>, node: &RaftNode, req: PeerRequest) -> PeerResponse {
         let r = match req {
             PeerRequest::Join(j) => self.leader_join(node, j).await.map(PeerResponse::Joined),
-            PeerRequest::Heartbeat { node_id } => self
-                .leader_heartbeat(node, &node_id)
+            PeerRequest::Heartbeat { node_id, tls } => self
+                .leader_heartbeat(node, &node_id, tls)
                 .await
                 .map(PeerResponse::Heartbeat),
             PeerRequest::AddVoter { node_id } => self
@@ -866,9 +878,9 @@ impl Member {
             .cluster
             .as_ref()
             .ok_or_else(|| ApiError::internal("cluster not initialized"))?;
-        let ca = RootCa::from_pem(&cluster.ca_cert_pem, &cluster.ca_key_pem)
+        let current = RootCa::from_pem(&cluster.ca_cert_pem, &cluster.ca_key_pem)
             .map_err(ApiError::internal)?;
-        if token.ca_digest != ca.digest() {
+        if token.ca_digest != current.digest() {
             return Err(ApiError::new(
                 ErrorKind::PermissionDenied,
                 "the join token does not match this swarm's CA (CA digest mismatch)",
@@ -889,7 +901,8 @@ impl Member {
             NodeRole::Manager => mesh_ca::Role::Manager,
             NodeRole::Worker => mesh_ca::Role::Worker,
         };
-        let cert_pem = ca
+        let (ca, chain) = ca_rotation::signing_ca(cluster)?;
+        let mut cert_pem = ca
             .sign_node_csr_valid_for(
                 &j.csr_pem,
                 &node_id,
@@ -898,6 +911,7 @@ impl Member {
                 Duration::from_secs(cluster.settings.cert_expiry_secs),
             )
             .map_err(|e| ApiError::invalid(format!("cannot sign the node certificate: {e}")))?;
+        cert_pem.push_str(&chain);
         let now = now_secs();
         let raft_id = rand::random::<u64>().max(1);
         let new = Node {
@@ -929,6 +943,7 @@ impl Member {
         &self,
         node: &RaftNode,
         node_id: &str,
+        tls: Option<crate::peer::NodeTlsState>,
     ) -> Result<HeartbeatAck, ApiError> {
         let lookup = |s: &StoreState| {
             let n = s.nodes.get(node_id)?;
@@ -948,6 +963,7 @@ impl Member {
                     Self::managers_of(s, Some(node.raft_id)),
                     period,
                     expiry,
+                    s.cluster.clone(),
                 )
             })
         };
@@ -965,17 +981,26 @@ impl Member {
                 lookup(&state)
             }
         };
-        let (role, managers, period_ms, cert_expiry_secs) =
+        let (role, managers, period_ms, cert_expiry_secs, cluster) =
             found.ok_or_else(|| ApiError::not_found(format!("no such node: {node_id}")))?;
         self.dispatcher
             .set_period(Duration::from_millis(period_ms.max(1)));
         self.dispatcher.beat(node_id);
-        Ok(HeartbeatAck {
+        if let Some(tls) = tls {
+            self.dispatcher.note_tls(node_id, tls);
+        }
+        let mut ack = HeartbeatAck {
             role,
             managers,
             period_ms,
             cert_expiry_secs,
-        })
+            issuer_key_id: None,
+            trust_root_pem: None,
+        };
+        if let Some(c) = &cluster {
+            self.ca_advice(c, node_id, &mut ack);
+        }
+        Ok(ack)
     }
 
     async fn leader_add_voter(&self, node: &RaftNode, node_id: &str) -> Result<(), ApiError> {
@@ -1128,6 +1153,8 @@ impl Member {
                 ca_cert_pem: c.ca_cert_pem.clone(),
                 autolock: c.unlock_key.is_some(),
                 settings: c.settings.clone(),
+                root_rotation_in_progress: c.ca_rotation.is_some(),
+                tls_info: ca_rotation::cluster_tls_info(c),
             },
             nodes: state
                 .nodes
@@ -1135,6 +1162,8 @@ impl Member {
                 .map(|n| mesh_api::NodeView {
                     node: n.clone(),
                     manager_status: self.manager_status(n, leader),
+                    tls_status: self.tls_status(c, &n.id),
+                    tls_info: self.node_tls_info(c, &n.id),
                 })
                 .collect(),
             services: state
@@ -1247,6 +1276,7 @@ impl Member {
             Request::NodeLs { filters } => {
                 filters.check_nodes().map_err(ApiError::invalid)?;
                 let state = self.read(node).await?;
+                let cluster = state.cluster.as_ref();
                 let mut out: Vec<NodeSummary> = state
                     .nodes
                     .values()
@@ -1258,6 +1288,8 @@ impl Member {
                         availability: n.availability.to_string(),
                         manager_status: self.manager_status(n, leader),
                         is_self: false,
+                        tls_status: cluster
+                            .map_or_else(|| "Unknown".into(), |c| self.tls_status(c, &n.id)),
                     })
                     .collect();
                 out.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
@@ -1420,6 +1452,13 @@ impl Member {
                     rotated: rotate,
                     addr: String::new(),
                 })
+            }
+            Request::SwarmCa { rotate } => {
+                if rotate {
+                    self.leader_rotate_ca(node).await?;
+                }
+                let state = self.read(node).await?;
+                to_response(&self.ca_answer(&state)?)
             }
             req @ (Request::UnlockKey { .. } | Request::SwarmUpdate { .. }) => {
                 // Boxed: the arms of this match make one future, and it must stay small
@@ -1748,8 +1787,14 @@ impl Member {
                 _ = shutdown.changed() => return,
             }
             let local = self.local();
+            let tls = ca_rotation::tls_state(&NodeTls {
+                ca_cert_pem: local.ca_cert_pem.clone(),
+                cert_pem: local.cert_pem.clone(),
+                key_pem: String::new(),
+            });
             let req = || PeerRequest::Heartbeat {
                 node_id: local.node_id.clone(),
+                tls: Some(tls.clone()),
             };
             let resp = if self.raft().await.is_some() {
                 self.on_leader(req()).await
@@ -1760,6 +1805,11 @@ impl Member {
                 PeerResponse::Heartbeat(ack) => {
                     not_found = 0;
                     self.note_cert_expiry(ack.cert_expiry_secs);
+                    if let Some(root) = &ack.trust_root_pem {
+                        self.trust_root(root);
+                    }
+                    *self.want_issuer.lock().unwrap_or_else(|p| p.into_inner()) =
+                        ack.issuer_key_id.clone();
                     // The cluster's `--dispatcher-heartbeat`, from the leader.
                     let asked = Duration::from_millis(ack.period_ms.max(1));
                     if asked != period {
@@ -1874,6 +1924,7 @@ impl Member {
             }
             self.dispatcher.leading();
             self.dispatcher.beat(&self.local().node_id);
+            self.ca_rotation_step(&node).await;
             let now = Instant::now();
             let changes: Vec<(String, NodeState)> = node
                 .sm
@@ -1923,7 +1974,7 @@ impl Member {
 /// Whether `req` is a node's own heartbeat, leave or voter request.
 fn speaks_for_itself(req: &PeerRequest, peer: &str) -> bool {
     matches!(req,
-        PeerRequest::Heartbeat { node_id }
+        PeerRequest::Heartbeat { node_id, .. }
         | PeerRequest::Leave { node_id }
         | PeerRequest::AddVoter { node_id }
         | PeerRequest::Assignments { node_id, .. }
@@ -2019,7 +2070,7 @@ impl mesh_rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
                     unlock_key,
                 }
             }
-            PeerRequest::Heartbeat { ref node_id }
+            PeerRequest::Heartbeat { ref node_id, .. }
             | PeerRequest::Leave { ref node_id }
             | PeerRequest::AddVoter { ref node_id }
             | PeerRequest::Assignments { ref node_id, .. }

@@ -25,6 +25,9 @@ pub enum PeerRequest {
     Raft(RaftRequest),
     Heartbeat {
         node_id: String,
+        /// The node's certificate and trusted root (`None`: not said).
+        #[serde(default)]
+        tls: Option<NodeTlsState>,
     },
     /// A node leaves the swarm.
     Leave {
@@ -98,6 +101,14 @@ pub enum RaftRequest {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
 }
 
+/// Which CA key signed a node's certificate and which root it trusts (key identifiers, hex),
+/// as its heartbeat reports them: how the leader follows a root rotation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTlsState {
+    pub trust_root: String,
+    pub issuer: String,
+}
+
 /// What the leader tells a node in answer to its heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeartbeatAck {
@@ -110,6 +121,13 @@ pub struct HeartbeatAck {
     /// outlives it renews at once.
     #[serde(default)]
     pub cert_expiry_secs: u64,
+    /// The CA key the node's certificate should be from (key identifier, hex; `None`: not
+    /// said): a node whose certificate is from another renews at once (a root rotation).
+    #[serde(default)]
+    pub issuer_key_id: Option<String>,
+    /// The swarm's root, when the node said it trusts another (a root rotation ended).
+    #[serde(default)]
+    pub trust_root_pem: Option<String>,
 }
 
 /// The answer to a [`PeerRequest`].

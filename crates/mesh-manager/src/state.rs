@@ -59,6 +59,17 @@ pub enum Command {
         unlock_key: Option<String>,
         settings: mesh_api::ClusterSettings,
     },
+    /// `swarm ca --rotate`: node certificates are issued from `rotation`'s root from now on
+    /// (a rotation already in progress is replaced).
+    StartCaRotation {
+        rotation: mesh_api::CaRotation,
+    },
+    /// Every node has a certificate from the rotation's new root (`cert_pem`, so that a
+    /// rotation started meanwhile is not ended by its predecessor's end): it becomes the
+    /// root, presented with its cross-signed copy.
+    FinishCaRotation {
+        cert_pem: String,
+    },
     /// A new service (its name must be unused).
     CreateService {
         service: Service,
@@ -340,6 +351,23 @@ impl StoreState {
                 let c = self.cluster.as_mut().ok_or_else(not_initialized)?;
                 c.unlock_key = unlock_key.clone();
                 c.settings = settings.clone();
+            }
+            Command::StartCaRotation { rotation } => {
+                let c = self.cluster.as_mut().ok_or_else(not_initialized)?;
+                c.ca_rotation = Some(rotation.clone());
+                c.settings.force_rotate += 1;
+            }
+            Command::FinishCaRotation { cert_pem } => {
+                let c = self.cluster.as_mut().ok_or_else(not_initialized)?;
+                let r = c
+                    .ca_rotation
+                    .take_if(|r| r.cert_pem == *cert_pem)
+                    .ok_or_else(|| {
+                        StateError::Invalid("no such root CA rotation in progress".into())
+                    })?;
+                c.ca_cert_pem = r.cert_pem;
+                c.ca_key_pem = r.key_pem;
+                c.ca_chain_pem = r.cross_pem;
             }
             Command::CreateBlob { blob } => {
                 self.cluster()?;
@@ -724,6 +752,8 @@ pub(crate) fn test_cluster() -> Cluster {
         manager_secret: String::new(),
         unlock_key: None,
         settings: Default::default(),
+        ca_chain_pem: String::new(),
+        ca_rotation: None,
     }
 }
 
@@ -750,6 +780,8 @@ mod tests {
             manager_secret: "m".into(),
             unlock_key: None,
             settings: Default::default(),
+            ca_chain_pem: String::new(),
+            ca_rotation: None,
         }
     }
 
@@ -775,6 +807,46 @@ mod tests {
             CommandResult::Err(StateError::Invalid("cluster already initialized".into()))
         );
         assert_eq!(s.nodes.len(), 1);
+    }
+
+    #[test]
+    fn a_root_rotation_ends_only_as_the_rotation_in_progress() {
+        let mut s = initialized();
+        let rotation = |n: &str| mesh_api::CaRotation {
+            cert_pem: format!("cert{n}"),
+            key_pem: format!("key{n}"),
+            cross_pem: format!("cross{n}"),
+        };
+        let finish = |n: &str| Command::FinishCaRotation {
+            cert_pem: format!("cert{n}"),
+        };
+        assert!(matches!(s.apply(&finish("1")), CommandResult::Err(_)));
+        for n in ["1", "2"] {
+            let r = s.apply(&Command::StartCaRotation {
+                rotation: rotation(n),
+            });
+            assert_eq!(r, CommandResult::Ok);
+        }
+        let c = s.cluster.clone().unwrap();
+        assert_eq!(c.settings.force_rotate, 2);
+        assert_eq!(
+            c.ca_cert_pem, "cert",
+            "the root stays until the rotation ends"
+        );
+        // The end of a replaced rotation changes nothing.
+        assert!(matches!(s.apply(&finish("1")), CommandResult::Err(_)));
+        assert_eq!(s.cluster.as_ref().unwrap(), &c);
+        assert_eq!(s.apply(&finish("2")), CommandResult::Ok);
+        let c = s.cluster.as_ref().unwrap();
+        assert_eq!(
+            (
+                c.ca_cert_pem.as_str(),
+                c.ca_key_pem.as_str(),
+                c.ca_chain_pem.as_str()
+            ),
+            ("cert2", "key2", "cross2")
+        );
+        assert_eq!(c.ca_rotation, None);
     }
 
     #[test]

@@ -887,6 +887,8 @@ mod tests {
                     manager_secret: "m".into(),
                     unlock_key: None,
                     settings: Default::default(),
+                    ca_chain_pem: String::new(),
+                    ca_rotation: None,
                 },
                 node: mesh_api::Node {
                     raft_id: 1,

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mesh_api::{ApiError, ErrorKind, NodeRole, NodeState};
-use mesh_ca::{NodeKey, NodeTls, PeerIdentity, RootCa};
+use mesh_ca::{NodeKey, NodeTls, PeerIdentity};
 use rand::Rng;
 use tracing::{debug, info, warn};
 
@@ -162,7 +162,16 @@ impl Member {
                 now >= *at || outlives_expiry(*expires, expiry, now)
             });
             let role_changed = names_other_role(&local.cert_pem, local.role);
-            if !due && !role_changed {
+            let want = self
+                .want_issuer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            // A root rotation: the leader issues certificates from another root now.
+            let other_root = want.is_some_and(|w| {
+                mesh_ca::issuer_key_id(&local.cert_pem).is_ok_and(|have| have != w)
+            });
+            if !due && !role_changed && !other_root {
                 continue;
             }
             match self.renew_cert().await {
@@ -206,17 +215,21 @@ impl Member {
                 "the leader signed a certificate for another node",
             ));
         }
-        let tls = NodeTls {
-            ca_cert_pem: local.ca_cert_pem.clone(),
-            cert_pem: cert_pem.clone(),
-            key_pem: key.key_pem().to_owned(),
-        };
-        // Fails, changing nothing, if the certificate is not for this key.
-        self.live_tls.replace(&tls).map_err(ApiError::internal)?;
-        self.update_local(|l| {
-            l.cert_pem = tls.cert_pem.clone();
-            l.key_pem = tls.key_pem.clone();
-        });
+        {
+            // The trusted root as it is now: a heartbeat answer may have changed it meanwhile.
+            let _g = self.tls_lock();
+            let tls = NodeTls {
+                ca_cert_pem: self.local().ca_cert_pem,
+                cert_pem: cert_pem.clone(),
+                key_pem: key.key_pem().to_owned(),
+            };
+            // Fails, changing nothing, if the certificate is not for this key.
+            self.live_tls.replace(&tls).map_err(ApiError::internal)?;
+            self.update_local(|l| {
+                l.cert_pem = tls.cert_pem.clone();
+                l.key_pem = tls.key_pem.clone();
+            });
+        }
         // Pooled connections were made with the old certificate: new calls reconnect.
         self.clients
             .lock()
@@ -252,9 +265,8 @@ impl Member {
             NodeRole::Manager => mesh_ca::Role::Manager,
             NodeRole::Worker => mesh_ca::Role::Worker,
         };
-        let ca = RootCa::from_pem(&cluster.ca_cert_pem, &cluster.ca_key_pem)
-            .map_err(ApiError::internal)?;
-        let cert_pem = ca
+        let (ca, chain) = super::ca_rotation::signing_ca(cluster)?;
+        let mut cert_pem = ca
             .sign_node_csr_valid_for(
                 csr_pem,
                 node_id,
@@ -263,6 +275,7 @@ impl Member {
                 Duration::from_secs(cluster.settings.cert_expiry_secs),
             )
             .map_err(|e| ApiError::invalid(format!("cannot sign the node certificate: {e}")))?;
+        cert_pem.push_str(&chain);
         debug!(node = n.hostname, ?role, "node certificate issued");
         Ok(cert_pem)
     }
@@ -319,6 +332,8 @@ impl Member {
 
 #[cfg(test)]
 mod tests {
+    use mesh_ca::RootCa;
+
     use super::*;
 
     #[test]

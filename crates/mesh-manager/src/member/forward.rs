@@ -132,7 +132,7 @@ mod tests {
     fn kind(req: &PeerRequest) -> String {
         match req {
             PeerRequest::Forwarded(inner) => format!("forwarded {}", kind(inner)),
-            PeerRequest::Heartbeat { node_id } => format!("heartbeat {node_id}"),
+            PeerRequest::Heartbeat { node_id, .. } => format!("heartbeat {node_id}"),
             other => format!("{other:?}"),
         }
     }
@@ -219,6 +219,7 @@ mod tests {
     fn hb() -> PeerRequest {
         PeerRequest::Heartbeat {
             node_id: "n1".into(),
+            tls: None,
         }
     }
 
