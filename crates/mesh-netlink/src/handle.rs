@@ -619,6 +619,69 @@ impl Handle {
         .await
     }
 
+    /// Adds the IPv4 policy rule `ipproto udp dport PORT lookup TABLE` at `priority`; a rule
+    /// already there with the same selector is left as it is (idempotent).
+    pub async fn add_udp_dport_rule(
+        &self,
+        port: u16,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), NetlinkError> {
+        let mut req = self.rule_to_table(table, priority);
+        req.message_mut().attributes.extend(udp_dport(port));
+        self.add_rule(req, || {
+            format!("rule ipproto udp dport {port} lookup {table}")
+        })
+        .await
+    }
+
+    /// Deletes the rule [`Self::add_udp_dport_rule`] adds. Idempotent.
+    pub async fn del_udp_dport_rule(
+        &self,
+        port: u16,
+        table: u32,
+        priority: u32,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = self.rule_to_table(table, priority).message_mut().clone();
+        msg.attributes.extend(udp_dport(port));
+        match self
+            .call(
+                "delete",
+                || format!("rule ipproto udp dport {port} lookup {table}"),
+                self.inner.rule().del(msg).execute(),
+            )
+            .await
+        {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Sets a blackhole default route in table `table` at `metric` (replace semantics): what
+    /// the table answers when its other routes are gone.
+    pub async fn set_table_blackhole(&self, table: u32, metric: u32) -> Result<(), NetlinkError> {
+        let msg = blackhole(table, metric);
+        self.replace_route(msg, || {
+            format!("blackhole default metric {metric} in table {table}")
+        })
+        .await
+    }
+
+    /// Deletes the route [`Self::set_table_blackhole`] sets. Idempotent.
+    pub async fn del_table_blackhole(&self, table: u32, metric: u32) -> Result<(), NetlinkError> {
+        match self
+            .call(
+                "delete",
+                || format!("blackhole default metric {metric} in table {table}"),
+                self.inner.route().del(blackhole(table, metric)).execute(),
+            )
+            .await
+        {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        }
+    }
+
     /// Adds the IPv4 policy rule `fwmark MARK lookup TABLE` at `priority`; a rule already
     /// there with the same selector is left as it is (idempotent).
     pub async fn add_fwmark_rule(
@@ -940,6 +1003,27 @@ fn address_of(msg: &AddressMessage) -> Option<Ipv4Addr> {
             _ => None,
         })
     })
+}
+
+/// The selectors of `ipproto udp dport PORT`.
+fn udp_dport(port: u16) -> [netlink_packet_route::rule::RuleAttribute; 2] {
+    use netlink_packet_route::rule::{RuleAttribute, RulePortRange};
+    [
+        RuleAttribute::IpProtocol(netlink_packet_route::IpProtocol::Udp),
+        RuleAttribute::DestinationPortRange(RulePortRange {
+            start: port,
+            end: port,
+        }),
+    ]
+}
+
+/// `blackhole default metric METRIC table TABLE`.
+fn blackhole(table: u32, metric: u32) -> netlink_packet_route::route::RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .table_id(table)
+        .priority(metric)
+        .kind(netlink_packet_route::route::RouteType::BlackHole)
+        .build()
 }
 
 #[cfg(test)]

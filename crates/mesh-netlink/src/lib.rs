@@ -37,8 +37,10 @@ mod handle;
 mod mac;
 mod netns;
 pub mod nft;
+mod tun;
 
 pub use error::NetlinkError;
 pub use handle::{Handle, LinkInfo, REQUEST_TIMEOUT};
 pub use mac::{format_mac, mac_for_ip, parse_mac};
 pub use netns::Netns;
+pub use tun::Tun;
