@@ -1689,6 +1689,7 @@ mod tests {
             vni: 4097,
             gateway: "10.0.1.1".parse().unwrap(),
             vip: Some("10.0.1.2/24".parse().unwrap()),
+            encrypted: false,
         }];
         // And one without a network: nothing to announce, reported at once.
         let mut u = task("u1", "n1", TaskState::Assigned);
@@ -1815,6 +1816,7 @@ mod tests {
             vni: 4097,
             gateway: "10.0.1.1".parse().unwrap(),
             vip: Some("10.0.1.2/24".parse().unwrap()),
+            encrypted: false,
         }];
         t
     }

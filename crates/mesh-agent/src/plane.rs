@@ -294,6 +294,11 @@ struct Inner {
     keys: watch::Sender<Vec<mesh_gossip::Key>>,
     /// The running gossip node, for `mesh info` (a clone of `Running::gossip`).
     gossip: Mutex<Option<Gossip>>,
+    /// The encryption tunnel of encrypted networks (`mesh_overlay::crypt`), while the plane
+    /// runs; it seals with the gossip keys and talks to the members only.
+    tunnel: Mutex<Option<mesh_overlay::crypt::Tunnel>>,
+    /// The members' addresses last given (the tunnel's peers).
+    members: Mutex<BTreeSet<Ipv4Addr>>,
     /// The ingress sandboxes of the cluster (their addresses on the ingress network), from
     /// the ingress network's records: the tasks' return paths lead to them.
     sandboxes: Mutex<BTreeSet<Ipv4Addr>>,
@@ -344,6 +349,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The tunnel's keys: the gossip keys (it derives its own from them).
+fn tunnel_keys(keys: &[mesh_gossip::Key]) -> Vec<mesh_overlay::crypt::TunnelKey> {
+    keys.iter()
+        .map(|k| mesh_overlay::crypt::TunnelKey {
+            id: k.id,
+            secret: k.secret.to_vec(),
+        })
+        .collect()
+}
+
 fn attachment_desc(a: &NetworkAttachment) -> (Ipv4Addr, NetworkDesc) {
     (
         a.addr.ip,
@@ -351,6 +366,7 @@ fn attachment_desc(a: &NetworkAttachment) -> (Ipv4Addr, NetworkDesc) {
             vni: a.vni,
             gateway: a.gateway,
             prefix: a.addr.prefix,
+            encrypted: a.encrypted,
         },
     )
 }
@@ -407,6 +423,8 @@ impl Plane {
         Ok(Plane(Arc::new(Inner {
             keys: watch::channel(Vec::new()).0,
             gossip: Mutex::new(None),
+            tunnel: Mutex::new(None),
+            members: Mutex::new(BTreeSet::new()),
             filter,
             filter_state: Mutex::new(FilterState::default()),
             earlier: Mutex::new(earlier.clone()),
@@ -589,6 +607,7 @@ impl Inner {
         *lock(&self.gossip) = Some(gossip.clone());
         let keys = self.keys.borrow().clone();
         gossip.set_keys(&keys);
+        self.start_tunnel(&overlay, me.addr).await;
         // Subscribed before anything can change: the push-pulls that fill the tables land
         // while the first pass runs, and their events must still trigger a pass.
         let events = gossip.subscribe();
@@ -727,6 +746,30 @@ impl Inner {
                 let this = self.clone();
                 let _ = tokio::task::spawn_blocking(move || this.apply_filter()).await;
             }
+        }
+    }
+
+    /// Starts the encryption tunnel with the keys and members known so far. Without it the
+    /// encrypted networks' traffic is dropped (their routing table's blackhole), never sent
+    /// in the clear.
+    async fn start_tunnel(&self, overlay: &Overlay, vtep: Ipv4Addr) {
+        let cfg = mesh_overlay::crypt::TunnelConfig {
+            vtep,
+            vxlan_port: self.cfg.vxlan_port,
+            underlay_mtu: overlay.underlay_mtu(),
+        };
+        match mesh_overlay::crypt::Tunnel::start(overlay.host_ns(), overlay.host(), cfg).await {
+            Ok(t) => {
+                // Published first, then the keys and members read (as for gossip above).
+                *lock(&self.tunnel) = Some(t);
+                let keys = tunnel_keys(&self.keys.borrow());
+                let members = lock(&self.members).clone();
+                if let Some(t) = lock(&self.tunnel).as_ref() {
+                    t.set_keys(&keys);
+                    t.set_peers(members);
+                }
+            }
+            Err(e) => warn!("encrypted networks will not carry traffic: {e}"),
         }
     }
 
@@ -1824,6 +1867,12 @@ impl NetworkPlane for Plane {
             if let Some(mut r) = this.running.lock().await.take() {
                 r.stop.send_replace(true);
                 r.gossip.leave().await;
+                let tunnel = lock(&this.tunnel).take();
+                if let Some(t) = tunnel {
+                    if let Err(e) = t.stop(r.overlay.host()).await {
+                        warn!("encryption tunnel teardown: {e}");
+                    }
+                }
                 if let Some(ing) = r.ingress.take() {
                     if let Err(e) = ing.teardown().await {
                         warn!("routing mesh teardown: {e}");
@@ -1858,6 +1907,9 @@ impl NetworkPlane for Plane {
         if let Some(g) = lock(&self.0.gossip).as_ref() {
             g.set_keys(&keys);
         }
+        if let Some(t) = lock(&self.0.tunnel).as_ref() {
+            t.set_keys(&tunnel_keys(&keys));
+        }
     }
 
     fn set_members(&self, addrs: Vec<Ipv4Addr>) {
@@ -1865,6 +1917,10 @@ impl NetworkPlane for Plane {
         let want: BTreeSet<Ipv4Addr> = addrs.into_iter().collect();
         if want.is_empty() {
             return;
+        }
+        *lock(&self.0.members) = want.clone();
+        if let Some(t) = lock(&self.0.tunnel).as_ref() {
+            t.set_peers(want.clone());
         }
         {
             let mut st = lock(&self.0.filter_state);
@@ -1884,6 +1940,22 @@ impl NetworkPlane for Plane {
         if let Err(e) = self.0.filter.remove() {
             warn!("removing a leftover underlay filter: {e}");
         }
+        let port = self.0.cfg.vxlan_port;
+        self.0.rt.spawn(async move {
+            let host = match Netns::current() {
+                Ok(ns) => Handle::new(&ns).await,
+                Err(e) => Err(e),
+            };
+            let res = match host {
+                Ok(h) => mesh_overlay::crypt::remove_routing(&h, port)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = res {
+                warn!("removing a leftover encryption tunnel route: {e}");
+            }
+        });
     }
 
     fn gossip_info(&self) -> Option<mesh_api::GossipInfo> {
@@ -2191,6 +2263,7 @@ mod tests {
                     vni: 4096,
                     gateway: Ipv4Addr::new(10, 0, 1, 1),
                     prefix: 24,
+                    encrypted: false,
                 };
                 (id.to_string(), desc)
             })

@@ -355,6 +355,7 @@ mod tests {
                 name: name.into(),
                 driver: "overlay".into(),
                 subnet: None,
+                encrypted: false,
                 attachable,
                 ingress: false,
                 labels: Default::default(),

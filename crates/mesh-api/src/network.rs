@@ -70,12 +70,33 @@ pub struct NetworkSpec {
     /// `A.B.C.D/N`, or `None` to take the next free /24 of 10.0.0.0/8.
     pub subnet: Option<String>,
     pub attachable: bool,
+    /// Task traffic between hosts encrypted (`--opt encrypted`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
     /// The routing-mesh network made at `swarm init`.
     #[serde(default)]
     pub ingress: bool,
     /// User metadata (`--label`; stacks put `com.docker.stack.namespace` here).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// The overlay driver's options (`--opt`, the Engine API's `Options`, compose's
+/// `driver_opts`): `encrypted` (whatever its value, as Docker) is the only one; whether it is
+/// there.
+pub fn overlay_driver_options<'a>(opts: impl IntoIterator<Item = &'a str>) -> Result<bool, String> {
+    let mut encrypted = false;
+    for key in opts {
+        match key {
+            "encrypted" => encrypted = true,
+            other => {
+                return Err(format!(
+                    "invalid option {other:?}: the overlay driver of mesh takes \"encrypted\" only"
+                ))
+            }
+        }
+    }
+    Ok(encrypted)
 }
 
 /// A network as stored: its spec and what the allocator gave it.
@@ -103,6 +124,9 @@ pub struct NetworkAttachment {
     /// The service's virtual IP on this network, if it has one.
     #[serde(default)]
     pub vip: Option<IfAddr>,
+    /// The network is encrypted (`--opt encrypted`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 /// One line of `mesh network ls`.

@@ -23,6 +23,10 @@ pub enum NetworkCmd {
         /// Set metadata on a network (KEY[=VALUE]).
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// Set driver specific options (KEY[=VALUE]): `encrypted` encrypts the traffic
+        /// between hosts.
+        #[arg(short = 'o', long = "opt")]
+        opts: Vec<String>,
         /// The network's name.
         name: String,
     },
@@ -57,8 +61,14 @@ pub fn run(c: &Client, cmd: NetworkCmd) -> Result<()> {
             subnet,
             attachable,
             labels,
+            opts,
             name,
         } => {
+            let encrypted = mesh_api::overlay_driver_options(
+                opts.iter()
+                    .map(|o| o.split_once('=').map_or(o.as_str(), |(k, _)| k)),
+            )
+            .map_err(Failure)?;
             if driver != "overlay" {
                 return Err(Failure(format!(
                     "unsupported network driver: {driver} (only overlay)"
@@ -68,6 +78,7 @@ pub fn run(c: &Client, cmd: NetworkCmd) -> Result<()> {
                 name,
                 driver,
                 subnet,
+                encrypted,
                 attachable,
                 ingress: false,
                 labels: crate::blob::parse_labels(&labels)?,

@@ -488,10 +488,12 @@ pub fn stack(root: &Node, opts: &Options) -> R<Stack> {
                     }
                 }
             }
+            let mut encrypted = false;
             if let Some(o) = n.get("driver_opts") {
-                if !map(o, &join(&path, "driver_opts"))?.is_empty() {
-                    return Err(o.err(&join(&path, "driver_opts"), "not supported by mesh"));
-                }
+                let opts = map(o, &join(&path, "driver_opts"))?;
+                encrypted =
+                    mesh_api::overlay_driver_options(opts.iter().map(|(k, _)| k.text.as_str()))
+                        .map_err(|e| o.err(&join(&path, "driver_opts"), e))?;
             }
             let mut subnet = None;
             if let Some(ipam) = n.get("ipam") {
@@ -534,6 +536,7 @@ pub fn stack(root: &Node, opts: &Options) -> R<Stack> {
                 name,
                 driver: "overlay".into(),
                 subnet,
+                encrypted,
                 attachable: match n.get("attachable") {
                     Some(a) => boolean(a, &join(&path, "attachable"))?,
                     None => false,
@@ -684,6 +687,7 @@ pub fn stack(root: &Node, opts: &Options) -> R<Stack> {
                     name: format!("{ns}_default"),
                     driver: "overlay".into(),
                     subnet: None,
+                    encrypted: false,
                     attachable: false,
                     ingress: false,
                     labels: ns_labels(BTreeMap::new()),

@@ -332,9 +332,15 @@ fn what_mesh_cannot_honour_is_refused_by_name() {
         ),
         "{e}"
     );
-    let e = err("services:\n  web:\n    image: nginx\nnetworks:\n  n:\n    driver_opts:\n      encrypted: \"true\"\n");
+    let s = one("services:\n  web:\n    image: nginx\n    networks: [n]\nnetworks:\n  n:\n    driver_opts:\n      encrypted: \"\"\n").unwrap();
     assert!(
-        e.starts_with("compose.yml:7: networks.n.driver_opts: not supported by mesh"),
+        s.networks.iter().all(|n| n.spec.encrypted),
+        "{:?}",
+        s.networks
+    );
+    let e = err("services:\n  web:\n    image: nginx\nnetworks:\n  n:\n    driver_opts:\n      mtu: \"1400\"\n");
+    assert!(
+        e.starts_with("compose.yml:7: networks.n.driver_opts: invalid option \"mtu\""),
         "{e}"
     );
 }

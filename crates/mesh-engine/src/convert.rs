@@ -539,10 +539,19 @@ pub fn network(n: &Network) -> m::Network {
             network: Some(String::new()),
         }),
         config_only: Some(false),
-        options: Some(HashMap::from([(
-            "com.docker.network.driver.overlay.vxlanid_list".to_string(),
-            n.vni.to_string(),
-        )])),
+        options: Some(
+            [(
+                "com.docker.network.driver.overlay.vxlanid_list".to_string(),
+                n.vni.to_string(),
+            )]
+            .into_iter()
+            .chain(
+                n.spec
+                    .encrypted
+                    .then(|| ("encrypted".to_string(), String::new())),
+            )
+            .collect(),
+        ),
         labels: Some(map(&n.spec.labels)),
         peers: None,
     }

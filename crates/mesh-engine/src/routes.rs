@@ -1048,15 +1048,13 @@ async fn network_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
             )));
         }
     }
-    if let Some((k, _)) = v
-        .get("Options")
-        .and_then(Value::as_object)
-        .and_then(|o| o.iter().next())
-    {
-        return Err(EngineError::bad(format!(
-            "invalid network spec: option {k} is not supported by mesh (yet)"
-        )));
-    }
+    let encrypted = mesh_api::overlay_driver_options(
+        v.get("Options")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|o| o.keys().map(String::as_str)),
+    )
+    .map_err(|e| EngineError::bad(format!("invalid network spec: {e}")))?;
     let configs = v
         .pointer("/IPAM/Config")
         .and_then(Value::as_array)
@@ -1097,6 +1095,7 @@ async fn network_create(b: &dyn Backend, c: &Call) -> Result<Reply> {
                 name,
                 driver,
                 subnet,
+                encrypted,
                 attachable,
                 ingress: false,
                 labels,

@@ -471,6 +471,7 @@ mod tests {
                     name: "appnet".into(),
                     driver: "overlay".into(),
                     subnet: Some("10.0.1.0/24".into()),
+                    encrypted: false,
                     attachable: false,
                     ingress: false,
                     labels: Default::default(),

@@ -271,6 +271,7 @@ pub fn propose_task(
                 .get(&t.service_id)
                 .and_then(|svc| svc.vips.iter().find(|v| v.network_id == n.id))
                 .map(|v| v.addr),
+            encrypted: n.spec.encrypted,
         });
     }
     Ok(out)
@@ -503,6 +504,7 @@ mod tests {
                 name: "appnet".into(),
                 driver: "overlay".into(),
                 subnet: Some("10.0.16.0/21".into()),
+                encrypted: false,
                 attachable: false,
                 ingress: false,
                 labels: Default::default(),

@@ -20,6 +20,7 @@ pub fn ingress(now: u64) -> Network {
             name: "ingress".into(),
             driver: "overlay".into(),
             subnet: Some(subnet.to_string()),
+            encrypted: false,
             attachable: false,
             ingress: true,
             labels: Default::default(),
@@ -158,6 +159,11 @@ pub fn inspect(state: &StoreState, n: &Network) -> Value {
             Some(json!({ "Name": t.name(), "IPv4Address": a.addr, "Node": node }))
         })
         .collect();
+    let mut options =
+        json!({ "com.docker.network.driver.overlay.vxlanid_list": n.vni.to_string() });
+    if n.spec.encrypted {
+        options["encrypted"] = json!("");
+    }
     json!({
         "Name": n.spec.name,
         "Id": n.id,
@@ -167,7 +173,7 @@ pub fn inspect(state: &StoreState, n: &Network) -> Value {
         "IPAM": { "Driver": "default", "Config": [{ "Subnet": n.subnet, "Gateway": n.gateway }] },
         "Attachable": n.spec.attachable,
         "Ingress": n.spec.ingress,
-        "Options": { "com.docker.network.driver.overlay.vxlanid_list": n.vni.to_string() },
+        "Options": options,
         "Tasks": tasks,
     })
 }
@@ -199,5 +205,6 @@ pub fn ingress_attachment(
         vni: net.vni,
         gateway: net.gateway,
         vip: None,
+        encrypted: false,
     })
 }

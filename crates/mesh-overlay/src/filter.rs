@@ -1,6 +1,8 @@
 //! The underlay member filter: only the given addresses reach this host's VXLAN port and
-//! gossip port (UDP and TCP). Without it any host on the underlay could send VXLAN frames
-//! with a network's VNI straight into an overlay, or talk to the gossip port.
+//! gossip port (UDP and TCP), and the encryption tunnel's port (`crypt`); the encrypted
+//! networks' VXLAN port takes only packets out of the tunnel device. Without it any host on
+//! the underlay could send VXLAN frames with a network's VNI straight into an overlay, or
+//! talk to the gossip port.
 //!
 //! One nftables table in the host namespace (where the VXLAN and gossip sockets live),
 //! `ip mesh_underlay`: a set `members` of IPv4 addresses and an input chain (priority
@@ -65,6 +67,21 @@ impl MemberFilter {
             s,
             "add rule ip {TABLE} input udp dport {v} ip saddr != @members counter name vxlan_dropped drop"
         );
+        // Encrypted overlays (`crypt`): the tunnel answers members only, and the encrypted
+        // networks' VXLAN port takes only what comes out of the tunnel device.
+        let (t, e) = (
+            crate::crypt::tunnel_port(v),
+            crate::crypt::encrypted_vxlan_port(v),
+        );
+        let _ = writeln!(
+            s,
+            "add rule ip {TABLE} input udp dport {t} ip saddr != @members counter name vxlan_dropped drop"
+        );
+        let _ = writeln!(
+            s,
+            "add rule ip {TABLE} input udp dport {e} iifname != \"{}\" counter name vxlan_dropped drop",
+            crate::crypt::TUN_NAME
+        );
         let _ = writeln!(
             s,
             "add rule ip {TABLE} input meta l4proto {{ tcp, udp }} th dport {g} ip saddr != @members counter name gossip_dropped drop"
@@ -108,6 +125,8 @@ mod tests {
         assert!(s.contains("add element ip mesh_underlay members { 10.99.0.11, 10.99.0.12 }"));
         assert!(s.contains("udp dport 4789 ip saddr != @members"));
         assert!(s.contains("th dport 7946 ip saddr != @members"));
+        assert!(s.contains("udp dport 4791 ip saddr != @members"));
+        assert!(s.contains("udp dport 4790 iifname != \"mesh-crypt\""));
         // Flushed and filled in one transaction: the chain before the rules, the set
         // before its elements.
         assert!(s.find("flush chain").unwrap() < s.find("add rule").unwrap());

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
+pub mod crypt;
 pub mod filter;
 pub mod gateway;
 
@@ -72,6 +73,8 @@ pub enum OverlayError {
          destroying, or a device this overlay did not make"
     )]
     VniInUse { vni: u32, port: u16 },
+    #[error("overlay encryption tunnel: {0}")]
+    Tunnel(String),
     #[error("cannot set {path} in the task's namespace: {source}")]
     Sysctl {
         path: String,
@@ -108,6 +111,9 @@ pub struct NetworkDesc {
     pub vni: u32,
     pub gateway: Ipv4Addr,
     pub prefix: u8,
+    /// Its traffic between hosts goes through the encryption tunnel (`crypt`).
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// An endpoint on another host, from gossip.
@@ -218,6 +224,25 @@ impl Overlay {
         self.underlay_mtu
     }
 
+    /// The MTU of a network: the overlay's, less the tunnel's overhead when it is encrypted.
+    pub fn network_mtu(&self, net: &NetworkDesc) -> u32 {
+        if net.encrypted {
+            self.mtu.saturating_sub(crypt::OVERHEAD)
+        } else {
+            self.mtu
+        }
+    }
+
+    /// The host namespace, where the VXLAN sockets (and the encryption tunnel) live.
+    pub fn host_ns(&self) -> &Netns {
+        &self.host_ns
+    }
+
+    /// A netlink handle in the host namespace.
+    pub fn host(&self) -> &Handle {
+        &self.host
+    }
+
     /// A netlink handle inside the network's namespace, creating the namespace, its bridge and
     /// its VXLAN device as needed. `held` is the map under `self.lock`.
     async fn network_ns(
@@ -250,8 +275,14 @@ impl Overlay {
             e.insert(ns.try_clone()?);
         }
         let h = Handle::new(&ns).await?;
+        let mtu = self.network_mtu(net);
+        let port = if net.encrypted {
+            crypt::encrypted_vxlan_port(self.cfg.vxlan_port)
+        } else {
+            self.cfg.vxlan_port
+        };
         if h.link_index("br0").await?.is_none() {
-            h.add_bridge("br0", Some(self.mtu)).await?;
+            h.add_bridge("br0", Some(mtu)).await?;
         }
         h.add_address("br0", net.gateway, net.prefix).await?;
         h.set_up("br0").await?;
@@ -260,23 +291,13 @@ impl Overlay {
             // Made in the host namespace so its UDP socket lives there, then moved in.
             self.host.del_link(&vx).await?;
             self.host
-                .add_vxlan(
-                    &vx,
-                    net.vni,
-                    self.cfg.vxlan_port,
-                    self.cfg.vtep,
-                    None,
-                    Some(self.mtu),
-                )
+                .add_vxlan(&vx, net.vni, port, self.cfg.vtep, None, Some(mtu))
                 .await
                 .map_err(|e| {
                     // No `vx-<vni>` here (that case is accepted or named by `add_vxlan`): the
                     // VNI is registered by a device of the host namespace living elsewhere.
                     if e.is_exists() && !matches!(e, NetlinkError::LinkMismatch { .. }) {
-                        OverlayError::VniInUse {
-                            vni: net.vni,
-                            port: self.cfg.vxlan_port,
-                        }
+                        OverlayError::VniInUse { vni: net.vni, port }
                     } else {
                         e.into()
                     }
@@ -300,8 +321,13 @@ impl Overlay {
         let tag = format!("{:08x}", u32::from(a.ip) ^ task_pid.rotate_left(16));
         let (outer, inner) = (format!("{TASK_VETH_PREFIX}{tag}"), format!("vp{tag}"));
         h.del_link(&outer).await?;
-        h.add_veth(&outer, &inner, Some(&task_ns), Some(self.mtu))
-            .await?;
+        h.add_veth(
+            &outer,
+            &inner,
+            Some(&task_ns),
+            Some(self.network_mtu(&a.network)),
+        )
+        .await?;
         h.set_master(&outer, "br0").await?;
         h.set_up(&outer).await?;
         let t = Handle::new(&task_ns).await?;

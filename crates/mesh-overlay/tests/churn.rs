@@ -213,6 +213,7 @@ fn net(vni: u32, third: u8) -> NetworkDesc {
         vni,
         gateway: Ipv4Addr::new(10, 0, third, 1),
         prefix: 24,
+        encrypted: false,
     }
 }
 
