@@ -6,12 +6,17 @@
 //!   h2's underlay interface sees the tunnel's datagrams and not one copy of the text, nor a
 //!   VXLAN packet;
 //! - the same over a plain network: the capture does see the text, so the check can fail;
-//! - `network inspect` (mesh and docker) shows the option; an unknown option is refused.
+//! - `network inspect` (mesh and docker) shows the option; an unknown option is refused;
+//! - with h1's daemon SIGKILLed (its tunnel device gone with it), a connection from h1's
+//!   task fails and nothing of the encrypted network leaves h1, in the clear or not; the
+//!   restarted daemon carries it again.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_netns::swarm::{expect_err, field, form_swarm, service_ps, task_exec};
+use mesh_netns::swarm::{
+    expect_err, field, form_swarm, network_tasks, service_ps, sleep_pids, task_exec,
+};
 use mesh_netns::{require_root, wait_for, Cluster, ClusterOpts, Host};
 
 const SECRET: &str = "MESH-KNOWN-PLAINTEXT-7f3a9c";
@@ -24,9 +29,35 @@ const CAPTURE: &str = "import socket,sys,time\nsecret=sys.argv[1].encode()\ns=so
 
 /// The client: sends 256 KiB made of the secret to `name`:8080, prints the answer.
 fn client(name: &str) -> String {
+    client_within(name, 10)
+}
+
+fn client_within(name: &str, secs: u32) -> String {
     format!(
-        "import socket\nc=socket.create_connection(('{name}',8080),timeout=10)\nd=(b'{SECRET} '*10000)[:262144]\nc.sendall(d)\nc.shutdown(socket.SHUT_WR)\nprint(c.recv(100).decode())"
+        "import socket\nc=socket.create_connection(('{name}',8080),timeout={secs})\nd=(b'{SECRET} '*10000)[:262144]\nc.sendall(d)\nc.shutdown(socket.SHUT_WR)\nprint(c.recv(100).decode())"
     )
+}
+
+/// Client task commands: a sleep of its own per network, to find its process.
+fn client_sleep(net: &str) -> u32 {
+    if net == "sec" {
+        100_611
+    } else {
+        100_612
+    }
+}
+
+/// Parses the capture's `frames tunnel vxlan found`.
+fn counts(out: &std::process::Output) -> Result<(u64, u64, u64, u64)> {
+    ensure!(out.status.success(), "capture: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let n: Vec<u64> = text
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("capture said {text:?}"))?;
+    ensure!(n.len() == 4, "capture said {text:?}");
+    Ok((n[0], n[1], n[2], n[3]))
 }
 
 fn running_on(h1: &Host, svc: &str) -> Result<String> {
@@ -51,10 +82,11 @@ fn send_captured(h1: &Host, h2: &Host, net: &str) -> Result<(u64, u64, u64, u64)
     // The server answers by name before anything is captured (names, ARP, first packets).
     wait_for(
         &format!("{server} answering over {net}"),
-        Duration::from_secs(20),
+        Duration::from_secs(40),
         Duration::from_millis(500),
         || {
-            let out = task_exec(h1, &client_task, &["python3", "-c", &client(&server)]);
+            let code = client_within(&server, 3);
+            let out = task_exec(h1, &client_task, &["python3", "-c", &code]);
             Ok(out.ok().filter(|o| o.trim() == "262144"))
         },
     )?;
@@ -71,20 +103,12 @@ fn send_captured(h1: &Host, h2: &Host, net: &str) -> Result<(u64, u64, u64, u64)
     });
     let sent = sent?;
     ensure!(sent.trim() == "262144", "the server counted {sent:?}");
-    let out = captured.map_err(|_| anyhow::anyhow!("capture panicked"))??;
-    ensure!(out.status.success(), "capture: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let n: Vec<u64> = text
-        .split_whitespace()
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("capture said {text:?}"))?;
-    ensure!(n.len() == 4, "capture said {text:?}");
+    let n = counts(&captured.map_err(|_| anyhow::anyhow!("capture panicked"))??)?;
     eprintln!(
         "{net}: frames {} tunnel {} vxlan {} with the text {}",
-        n[0], n[1], n[2], n[3]
+        n.0, n.1, n.2, n.3
     );
-    Ok((n[0], n[1], n[2], n[3]))
+    Ok(n)
 }
 
 #[test]
@@ -122,8 +146,16 @@ fn encrypted_networks_carry_no_plaintext_on_the_underlay() -> Result<()> {
     ensure!(docker.contains("\"encrypted\":\"\""), "{docker}");
     for net in ["sec", "plain"] {
         for (svc, node, cmd) in [
-            (format!("srv-{net}"), "h2", vec!["python3", "-c", SERVER]),
-            (format!("cli-{net}"), "h1", vec!["sleep", "100600"]),
+            (
+                format!("srv-{net}"),
+                "h2",
+                vec!["python3".to_string(), "-c".into(), SERVER.into()],
+            ),
+            (
+                format!("cli-{net}"),
+                "h1",
+                vec!["sleep".to_string(), client_sleep(net).to_string()],
+            ),
         ] {
             let mut args = vec![
                 "service".to_string(),
@@ -136,7 +168,7 @@ fn encrypted_networks_carry_no_plaintext_on_the_underlay() -> Result<()> {
                 format!("node.hostname=={node}"),
                 "--".into(),
             ];
-            args.extend(cmd.iter().map(|s| s.to_string()));
+            args.extend(cmd);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             h1.mesh_ok(&args)?;
         }
@@ -163,5 +195,48 @@ fn encrypted_networks_carry_no_plaintext_on_the_underlay() -> Result<()> {
         "plain network: vxlan {vxlan}, tunnel {tunnel}"
     );
     ensure!(found > 0, "the capture does not see a plain network's text");
+
+    // h1's daemon down: its tunnel device is gone, the blackhole takes the packets.
+    let srv_ip = network_tasks(h1, "sec", Some("srv-sec"))?
+        .first()
+        .context("no srv-sec task")?
+        .ip
+        .clone();
+    let cli_pid = *sleep_pids(client_sleep("sec"))
+        .first()
+        .context("no cli-sec process")?;
+    h1.kill_daemon()?;
+    let (captured, sent) = std::thread::scope(|s| {
+        let cap = s.spawn(|| {
+            h1.exec_timeout(
+                &["python3", "-c", CAPTURE, SECRET, "4"],
+                Duration::from_secs(15),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        let pid = cli_pid.to_string();
+        let code = client_within(&srv_ip, 2);
+        let sent = std::process::Command::new("nsenter")
+            .args(["-t", &pid, "-n", "python3", "-c", &code])
+            .output();
+        (cap.join(), sent)
+    });
+    let sent = sent?;
+    ensure!(
+        !sent.status.success(),
+        "a connection over the encrypted network worked with the daemon down: {sent:?}"
+    );
+    let (_, _, vxlan, found) =
+        counts(&captured.map_err(|_| anyhow::anyhow!("capture panicked"))??)?;
+    ensure!(
+        vxlan == 0 && found == 0,
+        "with the daemon down: {vxlan} VXLAN packets, {found} with the text"
+    );
+    h1.start_daemon()?;
+    let (_, tunnel, vxlan, found) = send_captured(h1, h2, "sec")?;
+    ensure!(
+        tunnel > 20 && vxlan == 0 && found == 0,
+        "after the restart: tunnel {tunnel}, vxlan {vxlan}, text {found}"
+    );
     Ok(())
 }
