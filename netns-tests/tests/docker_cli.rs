@@ -549,7 +549,7 @@ fn malformed_requests_change_nothing() -> Result<()> {
         (post("/v1.41/services/web/update", b"{}"), &[400]),
         (post(&format!("/v1.41/services/web/update?version={}", version + 7), before.as_bytes()), &[400]),
         (post("/v1.41/networks/create", b"{}"), &[400]),
-        (post("/v1.41/networks/create", br#"{"Name":"n2","Driver":"overlay","Options":{"encrypted":""}}"#), &[400]),
+        (post("/v1.41/networks/create", br#"{"Name":"n2","Driver":"overlay","Options":{"mtu":"1400"}}"#), &[400]),
         (post("/v1.41/networks/create", br#"{"Name":"n2","Driver":"overlay","Labels":[1]}"#), &[400]),
         (post("/v1.41/networks/create", br#"{"Name":"appnet","Driver":"overlay"}"#), &[409, 400]),
         (post("/v1.41/nodes/nope/update?version=1", b"{}"), &[404]),
