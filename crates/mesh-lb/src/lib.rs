@@ -41,6 +41,7 @@ use aya::{Ebpf, EbpfLoader};
 mod balancer;
 mod layout;
 pub mod nft;
+pub mod nodeport;
 mod plan;
 
 pub use balancer::{EbpfBalancer, NftBalancer, TaskBalancer, VipBalancer};

@@ -1,0 +1,534 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * The routing mesh's fast path: published ports answered by a task on
+ * another node, without conntrack, NAT rules or the ingress sandbox on the
+ * node that took the connection. Three tc programs (maps in nodeport.h,
+ * loader crates/mesh-lb/src/nodeport.rs):
+ *
+ *   np_underlay_in   tc ingress of the node's underlay interface. A packet
+ *                    for node_ip:published port picks a task (by a hash of
+ *                    the client's address and port, remembered per flow in
+ *                    `fwd`), is DNATed to it (the client's address is kept)
+ *                    and encapsulated in VXLAN on the ingress overlay's VNI
+ *                    to the task's node, as if the node's ingress sandbox had
+ *                    sent it (inner source MAC = the sandbox's), and leaves
+ *                    by the underlay at once (bpf_redirect_neigh). A task on
+ *                    this node, a port without backends, IP options,
+ *                    fragments, a UDP datagram too large to encapsulate, and
+ *                    a TCP segment of a connection the program did not take
+ *                    are passed to the kernel: the nftables path.
+ *   np_sbox_in       tc ingress of the sandbox's leg on the ingress overlay.
+ *                    The task's node routes its replies back to the sandbox
+ *                    (the return path marks connections by the sender's
+ *                    MAC), the kernel's VXLAN device decapsulates them (it
+ *                    also resets the tunnel GSO state of merged segments,
+ *                    which bpf_skb_adjust_room cannot before Linux 6.19).
+ *                    A reply found in `rev` gets node_ip:published port as
+ *                    its source and the client's L2 next hop as its
+ *                    destination and is sent to the host over the sandbox's
+ *                    veth, skipping the sandbox's stack.
+ *   np_host_veth_in  tc ingress of the host's end of that veth: a packet from
+ *                    node_ip (only the previous program sends those) goes
+ *                    straight out of the underlay interface.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "nodeport.h"
+
+#define ETH_LEN 14
+#define IP_OFF ETH_LEN
+#define L4_OFF (ETH_LEN + 20)
+#define IP_CSUM_OFF (IP_OFF + 10)
+#define IP_SRC_OFF (IP_OFF + 12)
+#define IP_DST_OFF (IP_OFF + 16)
+#define TCP_CSUM_OFF (L4_OFF + 16)
+#define UDP_CSUM_OFF (L4_OFF + 6)
+/* Outer IPv4 + UDP + VXLAN + inner Ethernet. */
+#define ENCAP_LEN 50
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct np_config);
+} np_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NP_MAX_PORTS);
+	__type(key, struct np_port_key);
+	__type(value, struct np_port_val);
+} np_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NP_MAX_BACKENDS);
+	__type(key, struct np_backend_key);
+	__type(value, struct np_backend_val);
+} np_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NP_MAX_BACKENDS);
+	__type(key, struct np_alive_key);
+	__type(value, __u32);
+} np_alive SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NP_MAX_FLOWS);
+	__type(key, struct np_fwd_key);
+	__type(value, struct np_backend_val);
+} np_fwd SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NP_MAX_FLOWS);
+	__type(key, struct np_rev_key);
+	__type(value, struct np_rev_val);
+} np_rev SEC(".maps");
+
+struct encap {
+	struct iphdr ip;
+	struct udphdr udp;
+	__be32 vx_flags;
+	__be32 vx_vni;
+	__u8 dmac[6];
+	__u8 smac[6];
+	__be16 proto;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct encap) == ENCAP_LEN, "encap size");
+
+static __always_inline struct np_config *config(void)
+{
+	__u32 k = 0;
+	struct np_config *cfg = bpf_map_lookup_elem(&np_config, &k);
+
+	if (!cfg || !cfg->enabled)
+		return 0;
+	return cfg;
+}
+
+static __always_inline __u32 mix(__u32 a, __u32 b)
+{
+	__u64 x = ((__u64)a << 32) | b;
+
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdULL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ULL;
+	x ^= x >> 33;
+	return (__u32)x;
+}
+
+static __always_inline __u16 ip_csum(struct iphdr *ip)
+{
+	__u16 *w = (__u16 *)ip;
+	__u32 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += w[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	__u8 d = 0;
+
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		d |= a[i] ^ b[i];
+	return d == 0;
+}
+
+static __always_inline int alive(__u32 ip, __u16 port, __u8 proto)
+{
+	struct np_alive_key k;
+
+	__builtin_memset(&k, 0, sizeof(k));
+	k.ip = ip;
+	k.port = port;
+	k.proto = proto;
+	return bpf_map_lookup_elem(&np_alive, &k) != 0;
+}
+
+/* Rewrites one address (at `ip_off`) and one port (at `port_off`) of an IPv4
+ * TCP/UDP packet, with the checksums. */
+static __always_inline int rewrite(struct __sk_buff *skb, __u8 proto, int udp_csum,
+				   int ip_off, __u32 old_ip, __u32 new_ip,
+				   int port_off, __u16 old_port, __u16 new_port)
+{
+	int l4 = proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF;
+	__u64 mangled = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (proto == IPPROTO_TCP || udp_csum) {
+		if (bpf_l4_csum_replace(skb, l4, old_ip, new_ip,
+					BPF_F_PSEUDO_HDR | mangled | 4))
+			return -1;
+		if (bpf_l4_csum_replace(skb, l4, old_port, new_port, mangled | 2))
+			return -1;
+	}
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ip, new_ip, 4))
+		return -1;
+	if (bpf_skb_store_bytes(skb, ip_off, &new_ip, 4, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0))
+		return -1;
+	return 0;
+}
+
+/*
+ * A task's reply coming back from its node in VXLAN (outer IPv4 `oip`, to this
+ * node's VXLAN port, on the ingress VNI) for a flow in `rev`, from that flow's
+ * node: decapsulated, its source rewritten to node_ip:published port, and sent
+ * to the client's L2 next hop at once. A segment merged by GSO/GRO is left to
+ * the kernel's VXLAN device, which resets its tunnel GSO state (6.18's
+ * bpf_skb_adjust_room cannot): np_sbox_in takes it behind the sandbox's leg.
+ */
+static __always_inline int reply_in(struct __sk_buff *skb, struct np_config *cfg,
+				    struct iphdr *oip, void *end)
+{
+	struct udphdr *oudp = (void *)(oip + 1);
+	struct np_rev_val *rv;
+	struct np_rev_key rk;
+	struct ethhdr *ieth;
+	struct iphdr *ip;
+	__be16 *ports;
+	__be32 *vx;
+	__u8 macs[12];
+	__u16 task_port, port;
+	__u32 task_ip;
+	int udp_csum = 0;
+	__u8 proto;
+
+	if ((void *)(oudp + 1) > end || oudp->dest != cfg->vxlan_port)
+		return TC_ACT_OK;
+	vx = (void *)(oudp + 1);
+	if ((void *)(vx + 2) > end || vx[1] != bpf_htonl(cfg->vni << 8))
+		return TC_ACT_OK;
+	ieth = (void *)(vx + 2);
+	if ((void *)(ieth + 1) > end || ieth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	ip = (void *)(ieth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+		return TC_ACT_OK;
+	proto = ip->protocol;
+	if (proto == IPPROTO_TCP) {
+		if ((void *)ip + 20 + sizeof(struct tcphdr) > end)
+			return TC_ACT_OK;
+	} else if (proto == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)(ip + 1);
+
+		if ((void *)(udp + 1) > end)
+			return TC_ACT_OK;
+		udp_csum = udp->check != 0;
+	} else {
+		return TC_ACT_OK;
+	}
+	ports = (void *)(ip + 1);
+	__builtin_memset(&rk, 0, sizeof(rk));
+	rk.task_ip = ip->saddr;
+	rk.client_ip = ip->daddr;
+	rk.task_port = ports[0];
+	rk.client_port = ports[1];
+	rk.proto = proto;
+	rv = bpf_map_lookup_elem(&np_rev, &rk);
+	if (!rv || rv->vtep != oip->saddr || skb->gso_size)
+		return TC_ACT_OK;
+	task_ip = rk.task_ip;
+	task_port = rk.task_port;
+	port = rv->port;
+	__builtin_memcpy(macs, rv->client_mac, 6);
+	__builtin_memcpy(&macs[6], cfg->underlay_mac, 6);
+
+	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, 0))
+		return TC_ACT_OK;
+	if (rewrite(skb, proto, udp_csum, IP_SRC_OFF, task_ip, cfg->node_ip,
+		    L4_OFF, task_port, port))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect(cfg->underlay_ifindex, 0);
+}
+
+SEC("classifier")
+int np_underlay_in(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct np_config *cfg = config();
+	struct np_backend_val be, *fv;
+	struct np_backend_key bk;
+	struct np_port_key pk;
+	struct np_port_val *pv;
+	struct np_fwd_key fk;
+	struct np_rev_key rk;
+	struct np_rev_val rv;
+	struct encap enc;
+	struct iphdr oip;
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	__be16 *ports;
+	__u32 client_ip, hash, tot_len;
+	__u16 client_port, port;
+	int syn = 0, udp_csum = 0, have = 0;
+	__u8 proto;
+
+	if (!cfg)
+		return TC_ACT_OK;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->daddr != cfg->node_ip)
+		return TC_ACT_OK;
+	if (ip->frag_off & bpf_htons(0x3fff))
+		return TC_ACT_OK;
+	proto = ip->protocol;
+	if (proto == IPPROTO_UDP) {
+		int ret = reply_in(skb, cfg, ip, end);
+
+		if (ret != TC_ACT_OK)
+			return ret;
+		/* reply_in may have moved the data: parse again. */
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+		eth = data;
+		ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end)
+			return TC_ACT_OK;
+	}
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = (void *)(ip + 1);
+
+		if ((void *)(tcp + 1) > end)
+			return TC_ACT_OK;
+		syn = tcp->syn && !tcp->ack;
+	} else if (proto == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)(ip + 1);
+
+		if ((void *)(udp + 1) > end)
+			return TC_ACT_OK;
+		udp_csum = udp->check != 0;
+	} else {
+		return TC_ACT_OK;
+	}
+	ports = (void *)(ip + 1);
+	client_ip = ip->saddr;
+	client_port = ports[0];
+	port = ports[1];
+	tot_len = bpf_ntohs(ip->tot_len);
+	/* A segment merged by GSO is cut to the connection's MSS, which the
+	 * task's overlay MTU bounds; anything else must fit as it is. */
+	if (!skb->gso_size && tot_len + ENCAP_LEN > cfg->mtu)
+		return TC_ACT_OK;
+
+	__builtin_memset(&pk, 0, sizeof(pk));
+	pk.port = port;
+	pk.proto = proto;
+	pv = bpf_map_lookup_elem(&np_ports, &pk);
+	if (!pv)
+		return TC_ACT_OK;
+
+	__builtin_memset(&fk, 0, sizeof(fk));
+	fk.client_ip = client_ip;
+	fk.client_port = client_port;
+	fk.port = port;
+	fk.proto = proto;
+	fv = bpf_map_lookup_elem(&np_fwd, &fk);
+	if (fv) {
+		be = *fv;
+		/* A datagram or a new connection leaves a task that is gone. */
+		have = (proto == IPPROTO_TCP && !syn) || alive(be.ip, be.port, proto);
+	}
+	/* Not found (new, or evicted from the LRU): the task is chosen by a hash of
+	 * the client's address and port, so a segment of a connection whose entry
+	 * was evicted goes to the same task while the backends are unchanged, and
+	 * a connection given to a local task (the nftables path) stays there. */
+	if (!have) {
+		__u16 count = *(volatile __u16 *)&pv->count;
+		struct np_backend_val *b;
+
+		if (count == 0)
+			return TC_ACT_OK;
+		__builtin_memset(&bk, 0, sizeof(bk));
+		bk.port = port;
+		bk.proto = proto;
+		bk.slot = (__u16)(mix(client_ip, client_port) % count);
+		b = bpf_map_lookup_elem(&np_backends, &bk);
+		if (!b) {
+			bk.slot = 0;
+			b = bpf_map_lookup_elem(&np_backends, &bk);
+			if (!b)
+				return TC_ACT_OK;
+		}
+		be = *b;
+		if (be.local) {
+			if (fv)
+				bpf_map_delete_elem(&np_fwd, &fk);
+			return TC_ACT_OK;
+		}
+		bpf_map_update_elem(&np_fwd, &fk, &be, BPF_ANY);
+	}
+	if (be.local)
+		return TC_ACT_OK;
+
+	__builtin_memset(&rk, 0, sizeof(rk));
+	rk.task_ip = be.ip;
+	rk.client_ip = client_ip;
+	rk.task_port = be.port;
+	rk.client_port = client_port;
+	rk.proto = proto;
+	__builtin_memset(&rv, 0, sizeof(rv));
+	rv.port = port;
+	__builtin_memcpy(rv.client_mac, eth->h_source, 6);
+	rv.vtep = be.vtep;
+	if (syn || proto == IPPROTO_UDP || !have) {
+		struct np_rev_val *old = bpf_map_lookup_elem(&np_rev, &rk);
+
+		if (!old || old->port != rv.port || old->vtep != rv.vtep ||
+		    !same_mac(old->client_mac, rv.client_mac))
+			bpf_map_update_elem(&np_rev, &rk, &rv, BPF_ANY);
+	}
+
+	if (rewrite(skb, proto, udp_csum, IP_DST_OFF, cfg->node_ip, be.ip,
+		    L4_OFF + 2, port, be.port))
+		return TC_ACT_SHOT;
+
+	hash = mix(client_ip ^ be.ip, ((__u32)client_port << 16) | be.port);
+	__builtin_memset(&oip, 0, sizeof(oip));
+	oip.version = 4;
+	oip.ihl = 5;
+	oip.tot_len = bpf_htons(tot_len + ENCAP_LEN);
+	oip.frag_off = bpf_htons(0x4000); /* DF */
+	oip.ttl = 64;
+	oip.protocol = IPPROTO_UDP;
+	oip.saddr = cfg->node_ip;
+	oip.daddr = be.vtep;
+	oip.check = ip_csum(&oip);
+	__builtin_memset(&enc, 0, sizeof(enc));
+	enc.ip = oip;
+	enc.udp.source = bpf_htons(0xc000 | (hash & 0x3fff));
+	enc.udp.dest = cfg->vxlan_port;
+	enc.udp.len = bpf_htons(tot_len + ENCAP_LEN - 20);
+	enc.vx_flags = bpf_htonl(0x08000000);
+	enc.vx_vni = bpf_htonl(cfg->vni << 8);
+	/* Overlay MACs are 02:42 + the address. */
+	enc.dmac[0] = 0x02;
+	enc.dmac[1] = 0x42;
+	__builtin_memcpy(&enc.dmac[2], &be.ip, 4);
+	__builtin_memcpy(enc.smac, cfg->sbox_mac, 6);
+	enc.proto = bpf_htons(ETH_P_IP);
+
+	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO |
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+				BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
+				BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
+				BPF_F_ADJ_ROOM_ENCAP_L2(ETH_LEN)))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, ETH_LEN, &enc, sizeof(enc), 0))
+		return TC_ACT_SHOT;
+
+	struct bpf_redir_neigh nh;
+
+	__builtin_memset(&nh, 0, sizeof(nh));
+	nh.nh_family = 2; /* AF_INET */
+	nh.ipv4_nh = be.vtep;
+	return bpf_redirect_neigh(cfg->underlay_ifindex, &nh, sizeof(nh), 0);
+}
+
+SEC("classifier")
+int np_sbox_in(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct np_config *cfg = config();
+	struct ethhdr *eth = data;
+	struct np_rev_val *rv;
+	struct np_rev_key rk;
+	struct iphdr *ip;
+	__be16 *ports;
+	__u8 macs[12];
+	int udp_csum = 0;
+	__u16 task_port, port;
+	__u32 task_ip;
+	__u8 proto;
+
+	if (!cfg)
+		return TC_ACT_OK;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+		return TC_ACT_OK;
+	proto = ip->protocol;
+	if (proto == IPPROTO_TCP) {
+		if ((void *)ip + 20 + sizeof(struct tcphdr) > end)
+			return TC_ACT_OK;
+	} else if (proto == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)(ip + 1);
+
+		if ((void *)(udp + 1) > end)
+			return TC_ACT_OK;
+		udp_csum = udp->check != 0;
+	} else {
+		return TC_ACT_OK;
+	}
+	ports = (void *)(ip + 1);
+	__builtin_memset(&rk, 0, sizeof(rk));
+	rk.task_ip = ip->saddr;
+	rk.client_ip = ip->daddr;
+	rk.task_port = ports[0];
+	rk.client_port = ports[1];
+	rk.proto = proto;
+	rv = bpf_map_lookup_elem(&np_rev, &rk);
+	if (!rv)
+		return TC_ACT_OK;
+	task_ip = rk.task_ip;
+	task_port = rk.task_port;
+	port = rv->port;
+	__builtin_memcpy(macs, rv->client_mac, 6);
+	__builtin_memcpy(&macs[6], cfg->underlay_mac, 6);
+
+	if (rewrite(skb, proto, udp_csum, IP_SRC_OFF, task_ip, cfg->node_ip,
+		    L4_OFF, task_port, port))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect(cfg->sbox_veth_ifindex, 0);
+}
+
+SEC("classifier")
+int np_host_veth_in(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct np_config *cfg = config();
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+
+	if (!cfg)
+		return TC_ACT_OK;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->saddr != cfg->node_ip)
+		return TC_ACT_OK;
+	return bpf_redirect(cfg->underlay_ifindex, 0);
+}
+
+/* Only helpers that are not GPL-only are used, so the workspace's licence
+ * is declared as is. */
+char _license[] SEC("license") = "Apache-2.0";
