@@ -66,7 +66,7 @@ pub use mesh_overlay::DEFAULT_VXLAN_PORT;
 use mesh_overlay::{Attachment, HolderError, Holders, NetworkDesc, Overlay, OverlayConfig, Remote};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// The gossip table of endpoint records.
 pub const ENDPOINTS: &str = "endpoints";
@@ -74,6 +74,8 @@ pub const ENDPOINTS: &str = "endpoints";
 pub const INGRESS_SANDBOX: &str = "ingress_sbox";
 /// Where the node's ingress attachment is kept across restarts (under `--exec-root`).
 const INGRESS_STATE: &str = "ingress.json";
+/// The routing mesh's eBPF fast path: the IDs of its maps, for a restarted daemon.
+const NODEPORT_STATE: &str = "ingress-fastpath.json";
 /// The networks (ID and VNI) this daemon announced endpoints on, kept for the next run: a
 /// restarted daemon rejoins them in gossip, even those it has no task on any more, to learn
 /// and retract what its previous run announced there (`Gossip::retract_earlier_runs`).
@@ -148,6 +150,17 @@ pub enum LbBackend {
     Nftables,
 }
 
+/// The routing mesh's data path (`meshd --ingress-datapath`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngressDatapath {
+    /// The eBPF fast path when the kernel takes it, else nftables only.
+    Auto,
+    /// The eBPF fast path (the routing mesh does not start without it).
+    Ebpf,
+    /// nftables only.
+    Nftables,
+}
+
 /// Ports and settings from meshd's flags.
 #[derive(Clone, Debug)]
 pub struct PlaneConfig {
@@ -157,6 +170,7 @@ pub struct PlaneConfig {
     pub vxlan_port: u16,
     pub mtu: Option<u32>,
     pub lb_backend: LbBackend,
+    pub ingress_datapath: IngressDatapath,
 }
 
 struct Running {
@@ -169,6 +183,10 @@ struct Running {
     networks: BTreeMap<String, NetworkDesc>,
     /// The routing mesh, once this node has an ingress address.
     ingress: Option<mesh_ingress::Ingress>,
+    /// The routing mesh's eBPF fast path, once set up (`--ingress-datapath`).
+    nodeport: Option<mesh_lb::nodeport::NodePort>,
+    /// Set when the fast path could not be set up (`auto`: not tried again).
+    nodeport_failed: bool,
     /// Remote endpoints programmed by the last pass, and withdrawn ones kept for [`LINGER`].
     last_remotes: BTreeMap<u32, BTreeSet<Remote>>,
     lingering: BTreeMap<(u32, Ipv4Addr), (Remote, std::time::Instant)>,
@@ -620,6 +638,8 @@ impl Inner {
             published: BTreeMap::new(),
             networks: BTreeMap::new(),
             ingress: None,
+            nodeport: None,
+            nodeport_failed: false,
             last_remotes: BTreeMap::new(),
             lingering: BTreeMap::new(),
             local_published: false,
@@ -846,6 +866,7 @@ impl Inner {
             mut lb,
             published,
             mut sandboxes,
+            ingress_vteps,
         } = desired(&r.networks, &tables, &synced, ingress_id.as_deref(), r.vtep);
         // The overlay first: a remote endpoint's ARP and FDB entries are in place before the
         // balancer, the routing mesh or DNS can send a connection to it. (With learning off,
@@ -938,6 +959,12 @@ impl Inner {
             let res = tokio::task::block_in_place(|| ing.sync(&entries, &host_ports));
             if let Err(e) = res {
                 warn!("routing mesh: {e}");
+            }
+            // The fast path after the nftables path: a port it passes on is always there.
+            // Until the ingress network is synced, it keeps what it holds (a restarted
+            // daemon's flows keep their tasks; the records do not list every VTEP yet).
+            if ingress_id.as_ref().is_none_or(|id| synced.contains(id)) {
+                self.sync_nodeport(r, &entries, &ingress_vteps).await;
             }
             let ports = entries.len() + host_ports.len();
             let backends: usize = entries.iter().map(|e| e.backends.len()).sum();
@@ -1351,6 +1378,129 @@ impl Inner {
         Ok(())
     }
 
+    /// Sets the routing mesh's eBPF fast path up (once) and gives it `entries`' backends on
+    /// other nodes (their VTEPs from `vteps`).
+    async fn sync_nodeport(
+        &self,
+        r: &mut Running,
+        entries: &[mesh_ingress::PublishedEntry],
+        vteps: &BTreeMap<Ipv4Addr, Ipv4Addr>,
+    ) {
+        if r.nodeport_failed {
+            return;
+        }
+        if self.cfg.ingress_datapath == IngressDatapath::Nftables {
+            // A previous daemon's fast path would keep taking connections: remove it once.
+            r.nodeport_failed = true;
+            match self.nodeport_plumbing(r).await {
+                Ok(p) => {
+                    let state = self.cfg.exec_root.join(NODEPORT_STATE);
+                    tokio::task::block_in_place(|| {
+                        mesh_lb::nodeport::NodePort::remove_leftover(&p, &state)
+                    });
+                }
+                Err(e) => debug!("routing mesh: no leftover fast path to look for: {e}"),
+            }
+            return;
+        }
+        if r.nodeport.is_none() {
+            match self.setup_nodeport(r).await {
+                Ok(np) => r.nodeport = Some(np),
+                Err(e) => {
+                    r.nodeport_failed = true;
+                    if self.cfg.ingress_datapath == IngressDatapath::Ebpf {
+                        error!("routing mesh: --ingress-datapath ebpf: {e}");
+                    } else {
+                        warn!("routing mesh: eBPF fast path unavailable ({e}); nftables only");
+                    }
+                    return;
+                }
+            }
+        }
+        let Some(np) = r.nodeport.as_mut() else {
+            return;
+        };
+        let res = tokio::task::block_in_place(|| {
+            let mut want = BTreeSet::new();
+            for e in entries {
+                let proto = match e.proto {
+                    mesh_ingress::Proto::Tcp => mesh_lb::Proto::Tcp,
+                    mesh_ingress::Proto::Udp => mesh_lb::Proto::Udp,
+                };
+                let backends: Vec<mesh_lb::nodeport::NodePortBackend> = e
+                    .backends
+                    .iter()
+                    .filter_map(|ip| {
+                        Some(mesh_lb::nodeport::NodePortBackend {
+                            ip: *ip,
+                            port: e.target,
+                            vtep: *vteps.get(ip)?,
+                        })
+                    })
+                    .collect();
+                want.insert((proto, e.port));
+                np.set_port(proto, e.port, &backends)?;
+            }
+            for (proto, port) in np.ports() {
+                if !want.contains(&(proto, port)) {
+                    np.remove_port(proto, port)?;
+                }
+            }
+            Ok::<(), mesh_lb::nodeport::NodePortError>(())
+        });
+        if let Err(e) = res {
+            warn!("{e}");
+        }
+    }
+
+    async fn setup_nodeport(&self, r: &Running) -> Result<mesh_lb::nodeport::NodePort, PlaneError> {
+        let plumbing = self.nodeport_plumbing(r).await?;
+        mesh_lb::nodeport::NodePort::ensure(plumbing, &self.cfg.exec_root.join(NODEPORT_STATE))
+            .await
+            .map_err(PlaneError::failed)
+    }
+
+    /// Where the fast path plugs in on this node.
+    async fn nodeport_plumbing(
+        &self,
+        r: &Running,
+    ) -> Result<mesh_lb::nodeport::Plumbing, PlaneError> {
+        let Some(att) = lock(&self.ingress_att).clone() else {
+            return Err(PlaneError::failed("no ingress address"));
+        };
+        let (_, desc) = attachment_desc(&att);
+        let holders = self.holders.clone();
+        let pid = tokio::task::spawn_blocking(move || holders.ensure(INGRESS_SANDBOX))
+            .await
+            .map_err(PlaneError::failed)?
+            .map_err(PlaneError::failed)?;
+        let sandbox = Netns::open(&proc_ns(pid)).map_err(PlaneError::failed)?;
+        let host = Handle::new(&Netns::current().map_err(PlaneError::failed)?)
+            .await
+            .map_err(PlaneError::failed)?;
+        let mut underlay = None;
+        for l in host.links().await.map_err(PlaneError::failed)? {
+            let addrs = host.addresses(&l.name).await.map_err(PlaneError::failed)?;
+            if addrs.iter().any(|(a, _)| *a == r.vtep) {
+                underlay = Some(l.name);
+                break;
+            }
+        }
+        let underlay =
+            underlay.ok_or_else(|| PlaneError::failed(format!("no interface holds {}", r.vtep)))?;
+        let ing = mesh_ingress::IngressConfig::default();
+        Ok(mesh_lb::nodeport::Plumbing {
+            node_ip: r.vtep,
+            underlay_if: underlay,
+            host_veth: ing.host_if,
+            sandbox,
+            sandbox_veth: ing.sandbox_if,
+            sandbox_leg: SANDBOX_IF.into(),
+            vni: desc.vni,
+            vxlan_port: self.cfg.vxlan_port,
+        })
+    }
+
     /// Applies `running`, the newest running set (`local`, read under `local_seq` by the
     /// caller, which holds it).
     async fn set_local_async(&self, running: Vec<(Task, u32)>) -> Result<(), PlaneError> {
@@ -1604,6 +1754,8 @@ struct Desired {
     published: BTreeMap<(Protocol, u16), (u16, Vec<Ipv4Addr>)>,
     /// The ingress sandboxes' addresses on the ingress network.
     sandboxes: BTreeSet<Ipv4Addr>,
+    /// The ingress network's tasks: address -> their node's VTEP.
+    ingress_vteps: BTreeMap<Ipv4Addr, Ipv4Addr>,
 }
 
 /// Derives the overlay's remotes, the DNS names, the VIP backends and the routing mesh's
@@ -1626,6 +1778,7 @@ fn desired(
     // at once, and its replies need a way back before the first push-pull completes.
     let mut add_only: BTreeSet<u32> = BTreeSet::new();
     let mut sandboxes: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut ingress_vteps: BTreeMap<Ipv4Addr, Ipv4Addr> = BTreeMap::new();
     for (id, desc) in networks {
         by_vni.insert(desc.vni, desc.clone());
         if !synced.contains(id) {
@@ -1655,6 +1808,7 @@ fn desired(
             }
             if is_ingress {
                 // The routing mesh: each published port goes to every task publishing it.
+                ingress_vteps.insert(rec.ip, rec.vtep);
                 for p in rec.ports.iter().filter(|p| p.mode == PublishMode::Ingress) {
                     let e = published
                         .entry((p.protocol, p.published))
@@ -1723,6 +1877,7 @@ fn desired(
         lb,
         published,
         sandboxes,
+        ingress_vteps,
     }
 }
 
@@ -1872,6 +2027,10 @@ impl NetworkPlane for Plane {
                     if let Err(e) = t.stop(r.overlay.host()).await {
                         warn!("encryption tunnel teardown: {e}");
                     }
+                }
+                if let Some(np) = r.nodeport.take() {
+                    let state = this.cfg.exec_root.join(NODEPORT_STATE);
+                    let _ = tokio::task::spawn_blocking(move || np.detach(&state)).await;
                 }
                 if let Some(ing) = r.ingress.take() {
                     if let Err(e) = ing.teardown().await {

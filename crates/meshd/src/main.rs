@@ -41,6 +41,27 @@ impl From<LbBackendFlag> for plane::LbBackend {
     }
 }
 
+/// `--ingress-datapath`'s values (`plane::IngressDatapath`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum IngressDatapathFlag {
+    /// The eBPF fast path when the kernel takes it, else nftables only.
+    Auto,
+    /// The eBPF fast path (the routing mesh fails to start without it).
+    Ebpf,
+    /// nftables only: host DNAT to the ingress sandbox, which balances.
+    Nftables,
+}
+
+impl From<IngressDatapathFlag> for plane::IngressDatapath {
+    fn from(f: IngressDatapathFlag) -> Self {
+        match f {
+            IngressDatapathFlag::Auto => plane::IngressDatapath::Auto,
+            IngressDatapathFlag::Ebpf => plane::IngressDatapath::Ebpf,
+            IngressDatapathFlag::Nftables => plane::IngressDatapath::Nftables,
+        }
+    }
+}
+
 /// The mesh daemon: one per host.
 #[derive(Parser, Debug)]
 #[command(name = "meshd", version, about)]
@@ -74,6 +95,11 @@ struct Args {
     /// task's namespace, or auto (eBPF when the kernel takes it).
     #[arg(long, value_enum, default_value = "auto")]
     lb_backend: LbBackendFlag,
+    /// The routing mesh's data path for published ports served by another node's task: an
+    /// eBPF fast path on tc (no conntrack or NAT rules on the node taking the connection)
+    /// with the nftables path behind it, nftables only, or auto (eBPF when the kernel takes it).
+    #[arg(long, value_enum, default_value = "auto")]
+    ingress_datapath: IngressDatapathFlag,
     /// A registry reached over plain HTTP (HOST:PORT); repeatable. Others need HTTPS.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
@@ -210,6 +236,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 vxlan_port: args.vxlan_port,
                 mtu: args.overlay_mtu,
                 lb_backend: args.lb_backend.into(),
+                ingress_datapath: args.ingress_datapath.into(),
             },
             tokio::runtime::Handle::current(),
             executor.clone(),
