@@ -38,6 +38,17 @@ fn wait_answering(c: &Cluster, addrs: &[String], port: u16) -> Result<()> {
     Ok(())
 }
 
+/// Conntrack entries in `h`'s namespace of connections from `client` to port `port`.
+fn tracked(h: &mesh_netns::Host, client: &str, port: u16) -> Result<usize> {
+    let out = h.exec(&["cat", "/proc/net/nf_conntrack"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (src, dport) = (format!(" src={client} "), format!(" dport={port} "));
+    Ok(text
+        .lines()
+        .filter(|l| l.contains(&src) && l.contains(&dport))
+        .count())
+}
+
 /// A running task of `svc`: its ID and its node.
 fn running_task<'a>(c: &'a Cluster, svc: &str) -> Result<(String, &'a mesh_netns::Host)> {
     let rows = c.host(1).mesh_json(&["service", "ps", svc])?;
@@ -209,6 +220,12 @@ fn published_ports_answer_on_every_node() -> Result<()> {
         fail == 0 && seen == replicas && peers == client,
         "via h3: {seen:?} (want {replicas:?}), {fail} failed, the tasks saw {peers:?} (want {client:?})"
     );
+    // They took the eBPF fast path: h3 tracked none of them (the nftables path DNATs in h3's
+    // namespace, and again in its sandbox).
+    ensure!(
+        tracked(h3, &c.client_addr().to_string(), 8080)? == 0,
+        "h3 tracked connections of the client: the eBPF fast path did not take them"
+    );
     for addr in &addrs[..2] {
         let (_, fail, peers) = probe_peers(&c, addr, 8080, 10, "tcp")?;
         ensure!(
@@ -282,6 +299,10 @@ fn published_ports_answer_on_every_node() -> Result<()> {
     ensure!(
         fail == 0 && peers == client,
         "udp via h3: {fail} failed, the tasks saw {peers:?}"
+    );
+    ensure!(
+        tracked(h3, &c.client_addr().to_string(), udp_port)? == 0,
+        "h3 tracked UDP flows of the client: the eBPF fast path did not take them"
     );
     // One client port reused at once through two nodes, to the same task, after the task
     // closed each connection first: the two routes carry different TCP timestamp offsets

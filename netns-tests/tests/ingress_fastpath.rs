@@ -1,0 +1,214 @@
+//! The routing mesh's eBPF fast path (`ebpf/nodeport.c`) on the real kernel, through h3, a
+//! node without a task: connections keep flowing, none failing, while backends are added and
+//! while h3's daemon is SIGKILLed and restarted (the restarted one adopts the programs and
+//! their flow tables: an open connection keeps its task); a UDP client whose task is killed
+//! moves to another task at once (the fast path forgets a removed backend's flows).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use mesh_netns::swarm::swarm_cluster;
+use mesh_netns::{cgroup_hierarchies, wait_for, Cluster, Host};
+
+/// A TCP server answering each connection with its hostname.
+const TCP_SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(128)\nwhile True:\n c,a=s.accept()\n c.sendall(socket.gethostname().encode())\n c.close()";
+/// A TCP echo server (one thread per connection).
+const ECHO_SERVER: &str = "import socket,threading\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',9090))\ns.listen(16)\ndef h(c):\n while True:\n  d=c.recv(100)\n  if not d:\n   break\n  c.sendall(d)\nwhile True:\n c,a=s.accept()\n threading.Thread(target=h,args=(c,),daemon=True).start()";
+/// A UDP server answering each datagram with its hostname.
+const UDP_SERVER: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5353))\nwhile True:\n d,a=s.recvfrom(100)\n s.sendto(socket.gethostname().encode(),a)";
+/// For SECS seconds: new connections to ADDR:8080 one after another, and one echo connection
+/// to ADDR:9090 kept open, pinged every 100 ms. Prints `conns OK FAIL` and `echo OK FAIL`.
+const LOAD: &str = "import socket,sys,time,threading\naddr,secs=sys.argv[1],float(sys.argv[2])\nend=time.time()+secs\nr={'c':[0,0],'e':[0,0]}\ndef conns():\n while time.time()<end:\n  try:\n   c=socket.create_connection((addr,8080),timeout=3);d=c.recv(100);c.close()\n   r['c'][0 if d else 1]+=1\n  except OSError:\n   r['c'][1]+=1\nt=threading.Thread(target=conns);t.start()\ne=socket.create_connection((addr,9090),timeout=3)\nwhile time.time()<end:\n try:\n  e.sendall(b'ping');d=e.recv(100)\n  r['e'][0 if d==b'ping' else 1]+=1\n except OSError:\n  r['e'][1]+=1\n  break\n time.sleep(0.1)\nt.join()\nprint('conns',*r['c']);print('echo',*r['e'])";
+/// One UDP socket bound to port 40555, a datagram to ADDR:PORT every 50 ms for SECS seconds
+/// (or one answer when SECS is 0); prints `TIME HOSTNAME` per answer.
+const UDP_CLIENT: &str = "import socket,sys,time\naddr,port,secs=sys.argv[1],int(sys.argv[2]),float(sys.argv[3])\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('',40555));s.settimeout(0.05)\nt0=time.time()\nwhile True:\n s.sendto(b'x',(addr,port))\n try:\n  d=s.recv(100);print('%.3f %s'%(time.time()-t0,d.decode()),flush=True)\n  if secs==0:\n   break\n except OSError:\n  pass\n if secs and time.time()-t0>secs:\n  break\n time.sleep(0.05)";
+
+fn create(h: &Host, name: &str, publish: &str, server: &str) -> Result<()> {
+    h.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        name,
+        "--replicas",
+        "2",
+        "--publish",
+        publish,
+        "--constraint",
+        "node.hostname!=h3",
+        "--",
+        "python3",
+        "-c",
+        server,
+    ])?;
+    Ok(())
+}
+
+/// `(ID, node)` of the running tasks of `svc`.
+fn running(c: &Cluster, svc: &str) -> Result<Vec<(String, String)>> {
+    let rows = c.host(1).mesh_json(&["service", "ps", svc])?;
+    let s = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap_or_default().to_string();
+    Ok(rows
+        .as_array()
+        .context("ps rows")?
+        .iter()
+        .filter(|r| {
+            s(r, "DesiredState") == "Running" && s(r, "CurrentState").starts_with("Running")
+        })
+        .map(|r| (s(r, "ID"), s(r, "Node")))
+        .collect())
+}
+
+/// SIGKILLs the processes of task `id` on `h` (its cgroup's); how many.
+fn kill_task(h: &Host, id: &str) -> usize {
+    let pids: BTreeSet<i32> = cgroup_hierarchies(Path::new("/sys/fs/cgroup"))
+        .into_iter()
+        .filter_map(|hier| {
+            std::fs::read_to_string(hier.join(h.cgroup_parent()).join(id).join("cgroup.procs")).ok()
+        })
+        .flat_map(|t| {
+            t.split_ascii_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    pids.iter()
+        // SAFETY: kill(2) with pids read from the task's cgroup.
+        .filter(|p| unsafe { libc::kill(**p, libc::SIGKILL) } == 0)
+        .count()
+}
+
+#[test]
+fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
+    let Some(c) = swarm_cluster(3, 1, "ingress-fp")? else {
+        return Ok(());
+    };
+    let (h1, h3) = (c.host(1), c.host(3));
+    let via = h3.addr().to_string();
+    create(h1, "web", "8080:8080", TCP_SERVER)?;
+    create(h1, "echo", "9090:9090", ECHO_SERVER)?;
+    create(h1, "dns", "5353:5353/udp", UDP_SERVER)?;
+    wait_for(
+        "web, echo and dns answer through h3",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let ok = running(&c, "web")?.len() == 2
+                && running(&c, "echo")?.len() == 2
+                && running(&c, "dns")?.len() == 2
+                && c.client_exec(&["python3", "-c", LOAD, &via, "0.3"])
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("echo 3 0"));
+            Ok(ok.then_some(()))
+        },
+    )?;
+
+    // Under load through h3: h3's daemon SIGKILLed and restarted, then web scaled 2 -> 4.
+    let out = std::thread::scope(|s| -> Result<std::process::Output> {
+        let load = s.spawn(|| {
+            c.client_exec_timeout(
+                &["python3", "-c", LOAD, &via, "12"],
+                Duration::from_secs(60),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        h3.kill_daemon()?;
+        std::thread::sleep(Duration::from_secs(1));
+        h3.start_daemon()?;
+        std::thread::sleep(Duration::from_secs(2));
+        h1.mesh_ok(&["service", "scale", "web=4"])?;
+        load.join().expect("load thread")
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let nums = |what: &str| -> Result<(u64, u64)> {
+        let l = text
+            .lines()
+            .find(|l| l.starts_with(what))
+            .with_context(|| format!("no {what} line in {text:?} ({:?})", out.stderr))?;
+        let v: Vec<u64> = l
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        Ok((v[0], v[1]))
+    };
+    let ((c_ok, c_fail), (e_ok, e_fail)) = (nums("conns")?, nums("echo")?);
+    eprintln!("through h3 under changes: {c_ok} connections ({c_fail} failed), echo {e_ok} ({e_fail} failed)");
+    ensure!(
+        c_fail == 0 && c_ok > 50,
+        "new connections through h3: {c_ok} answered, {c_fail} failed"
+    );
+    ensure!(
+        e_fail == 0 && e_ok > 60,
+        "the open connection through h3: {e_ok} echoes, {e_fail} failed"
+    );
+    let log = std::fs::read_to_string(h3.log_path())?;
+    ensure!(
+        log.contains("routing mesh fast path attached") && log.contains("adopted=true"),
+        "h3's restarted daemon did not adopt the fast path"
+    );
+    ensure!(running(&c, "web")?.len() == 4, "web did not scale to 4");
+
+    // A UDP client keeps its socket; its task is killed: the next datagrams reach another
+    // task at once.
+    let first = c.client_exec(&["python3", "-c", UDP_CLIENT, &via, "5353", "0"])?;
+    let host = String::from_utf8_lossy(&first.stdout)
+        .split_whitespace()
+        .nth(1)
+        .context("no UDP answer")?
+        .to_string();
+    let tasks = running(&c, "dns")?;
+    let (id, node) = tasks
+        .iter()
+        .find(|(id, _)| id.starts_with(&host))
+        .with_context(|| format!("no dns task {host} in {tasks:?}"))?;
+    let victim = c
+        .hosts()
+        .iter()
+        .find(|h| h.name() == node)
+        .context("node")?;
+    let (out, killed_at) = std::thread::scope(|s| -> Result<(std::process::Output, f64)> {
+        let start = Instant::now();
+        let client = s.spawn(|| {
+            c.client_exec_timeout(
+                &["python3", "-c", UDP_CLIENT, &via, "5353", "6"],
+                Duration::from_secs(30),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let killed_at = start.elapsed().as_secs_f64();
+        ensure!(kill_task(victim, id) > 0, "no process of task {id} to kill");
+        let out = client.join().expect("client thread")?;
+        Ok((out, killed_at))
+    })?;
+    let answers: Vec<(f64, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (t, h) = l.split_once(' ')?;
+            Some((t.parse().ok()?, h.to_string()))
+        })
+        .collect();
+    let others: BTreeSet<&str> = answers
+        .iter()
+        .filter(|(_, h)| *h != host)
+        .map(|(_, h)| h.as_str())
+        .collect();
+    let moved_at = answers
+        .iter()
+        .find(|(_, h)| *h != host)
+        .map(|(t, _)| *t)
+        .with_context(|| format!("the UDP flow never left {host}: {answers:?}"))?;
+    eprintln!(
+        "UDP: task {host} killed at about {killed_at:.2} s, answered by {others:?} from {moved_at:.2} s"
+    );
+    ensure!(
+        answers.iter().all(|(t, h)| *h != host || *t < moved_at),
+        "{host} answered again after the flow moved: {answers:?}"
+    );
+    ensure!(
+        moved_at - killed_at < 3.0,
+        "the UDP flow moved {:.2} s after its task was killed",
+        moved_at - killed_at
+    );
+    Ok(())
+}
