@@ -2100,6 +2100,7 @@ impl NetworkPlane for Plane {
             warn!("removing a leftover underlay filter: {e}");
         }
         let port = self.0.cfg.vxlan_port;
+        let exec_root = self.0.cfg.exec_root.clone();
         self.0.rt.spawn(async move {
             let host = match Netns::current() {
                 Ok(ns) => Handle::new(&ns).await,
@@ -2114,6 +2115,20 @@ impl NetworkPlane for Plane {
             if let Err(e) = res {
                 warn!("removing a leftover encryption tunnel route: {e}");
             }
+            // A fast path whose daemon was killed stays attached to the host's interfaces.
+            let links = match Netns::current() {
+                Ok(ns) => match Handle::new(&ns).await {
+                    Ok(h) => h.links().await.unwrap_or_default(),
+                    Err(_) => Vec::new(),
+                },
+                Err(_) => Vec::new(),
+            };
+            let names: Vec<String> = links.into_iter().map(|l| l.name).collect();
+            let state = exec_root.join(NODEPORT_STATE);
+            let _ = tokio::task::spawn_blocking(move || {
+                mesh_lb::nodeport::remove_leftovers(&names, &state)
+            })
+            .await;
         });
     }
 

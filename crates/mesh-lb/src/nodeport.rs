@@ -706,23 +706,34 @@ fn attach(
     }
 }
 
+/// Removes our filter from tc ingress of each of `ifaces` of the current namespace, and the
+/// state file: what a daemon that was killed and then left the swarm leaves (the sandbox
+/// namespace goes with its holder).
+pub fn remove_leftovers(ifaces: &[String], state: &Path) {
+    let _ = std::fs::remove_file(state);
+    for iface in ifaces {
+        detach_one(iface);
+    }
+}
+
+fn detach_one(iface: &str) {
+    if let Ok(link) = SchedClassifierLink::attached(
+        iface,
+        TcAttachType::Ingress,
+        PRIORITY,
+        TcHandle::new(0, HANDLE),
+        None,
+    ) {
+        if let Err(e) = link.detach() {
+            tracing::trace!(iface, "routing mesh fast path: detaching: {}", chain(&e));
+        }
+    }
+}
+
 /// Removes our filter from each interface (errors ignored: an interface may be gone).
 fn detach_all(underlay: &str, host_veth: &str, sandbox: &Netns, leg: &str) {
-    let one = |iface: &str| {
-        if let Ok(link) = SchedClassifierLink::attached(
-            iface,
-            TcAttachType::Ingress,
-            PRIORITY,
-            TcHandle::new(0, HANDLE),
-            None,
-        ) {
-            if let Err(e) = link.detach() {
-                tracing::debug!(iface, "routing mesh fast path: detaching: {}", chain(&e));
-            }
-        }
-    };
-    one(underlay);
-    one(host_veth);
+    detach_one(underlay);
+    detach_one(host_veth);
     let leg = leg.to_string();
-    let _ = sandbox.run(move || one(&leg));
+    let _ = sandbox.run(move || detach_one(&leg));
 }
