@@ -2,7 +2,8 @@
 //! node without a task: connections keep flowing, none failing, while backends are added and
 //! while h3's daemon is SIGKILLed and restarted (the restarted one adopts the programs and
 //! their flow tables: an open connection keeps its task); a UDP client whose task is killed
-//! moves to another task at once (the fast path forgets a removed backend's flows).
+//! moves to another task at once (the fast path forgets a removed backend's flows); a node
+//! leaving the swarm takes its filters away.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -209,6 +210,28 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         moved_at - killed_at < 3.0,
         "the UDP flow moved {:.2} s after its task was killed",
         moved_at - killed_at
+    );
+
+    // h3 leaves the swarm: its filters go, with the programs and maps.
+    let filters = || -> Result<String> {
+        let out = h3.exec(&["tc", "filter", "show", "dev", "eth0", "ingress"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    ensure!(
+        filters()?.contains("np_underlay_in"),
+        "no fast path on h3's eth0: {}",
+        filters()?
+    );
+    h3.mesh_ok(&["swarm", "leave"])?;
+    wait_for(
+        "h3's fast path gone",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || Ok((!filters()?.contains("np_underlay_in")).then_some(())),
+    )?;
+    ensure!(
+        !h3.exec_root().join("ingress-fastpath.json").exists(),
+        "h3 kept its fast path state file"
     );
     Ok(())
 }
