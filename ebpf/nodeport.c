@@ -14,19 +14,21 @@
  *                    sent it (inner source MAC = the sandbox's), and leaves
  *                    by the underlay at once (bpf_redirect_neigh). A task on
  *                    this node, a port without backends, IP options,
- *                    fragments, a UDP datagram too large to encapsulate, and
- *                    a TCP segment of a connection the program did not take
- *                    are passed to the kernel: the nftables path.
+ *                    fragments and a UDP datagram too large to encapsulate
+ *                    are passed to the kernel: the nftables path. The task's node routes
+ *                    the replies back here in VXLAN (the return path marks
+ *                    connections by the sender's MAC, the sandbox's): the
+ *                    same program finds them in `rev`, strips the VXLAN
+ *                    headers, gives them node_ip:published port as source
+ *                    and the client's L2 next hop as destination, and sends
+ *                    them back out (reply_in).
  *   np_sbox_in       tc ingress of the sandbox's leg on the ingress overlay.
- *                    The task's node routes its replies back to the sandbox
- *                    (the return path marks connections by the sender's
- *                    MAC), the kernel's VXLAN device decapsulates them (it
- *                    also resets the tunnel GSO state of merged segments,
- *                    which bpf_skb_adjust_room cannot before Linux 6.19).
- *                    A reply found in `rev` gets node_ip:published port as
- *                    its source and the client's L2 next hop as its
- *                    destination and is sent to the host over the sandbox's
- *                    veth, skipping the sandbox's stack.
+ *                    A reply merged by GRO (a GSO skb) is left to the
+ *                    kernel's VXLAN device, which also resets its tunnel GSO
+ *                    state (bpf_skb_adjust_room cannot in 6.18). Found in
+ *                    `rev`, it gets the same rewrite here and is sent to the
+ *                    host over the sandbox's veth, skipping the sandbox's
+ *                    stack.
  *   np_host_veth_in  tc ingress of the host's end of that veth: a packet from
  *                    node_ip (only the previous program sends those) goes
  *                    straight out of the underlay interface.

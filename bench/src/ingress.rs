@@ -11,8 +11,8 @@
 //!   numgen DNAT, no SNAT -> the task's ingress-network interface on the same host);
 //! - **ingress via other node, eBPF**: h3's ingress port (h3 has no task): the tc fast path
 //!   (`ebpf/nodeport.c`) DNATs and VXLAN-encapsulates the packet on h3's underlay interface
-//!   straight to h1; replies come back through h3's sandbox leg, rewritten there and sent out
-//!   by tc: no conntrack or NAT rule on h3;
+//!   straight to h1; the same program decapsulates the replies, rewrites them and sends them
+//!   back out (those merged by GRO through h3's sandbox leg): no conntrack or NAT rule on h3;
 //! - **ingress via other node, nftables**: h2's ingress port, h2's daemon started with
 //!   `--ingress-datapath nftables` (h2 has no task: the nftables path, then the VXLAN ingress
 //!   overlay to h1).
@@ -268,8 +268,8 @@ in host mode (only h1, DNAT straight to the task). From the underlay client: **d
 host-mode port; **ingress, same node** = h1's ingress port (host DNAT -> ingress sandbox -> \
 numgen DNAT, no SNAT: the task sees the client -> the task, whose reply is policy-routed back to the sandbox); \
 **ingress via other node, eBPF** = h3's ingress port (h3 has no task; the tc fast path on h3's underlay \
-interface DNATs and VXLAN-encapsulates to h1, the reply is rewritten at h3's sandbox leg and sent out by tc: \
-no conntrack entry or NAT rule on h3); **ingress via other node, nftables** = h2's ingress port, h2 \
+interface DNATs and VXLAN-encapsulates to h1; the same program decapsulates the reply, rewrites it and sends it \
+back out: no conntrack entry or NAT rule on h3); **ingress via other node, nftables** = h2's ingress port, h2 \
 started with `--ingress-datapath nftables` (the nftables path, plus the VXLAN ingress overlay to h1). \
 {ROUNDS} interleaved rounds of \
 iperf3 (1 TCP stream, {IPERF_SECS} s) and of new connections ({LOAD_THREADS} client threads, \
@@ -303,8 +303,8 @@ servers. The connection test keeps them busy, so connections/s is about the inve
 machine CPU one connection costs (last column); via h2 (nftables), that cost adds a DNAT and a conntrack \
 entry in h2's namespace, a second DNAT with its own conntrack entry in the ingress \
 sandbox, VXLAN encapsulation and the UDP send through h2's stack, VXLAN receive on h1, two more \
-bridges and more veth crossings; via h3 (eBPF), the way in is one tc program on h3 and the way back \
-the kernel's VXLAN receive into h3's sandbox leg and two tc redirects. All of it is charged to the CPUs the direct path spends on client and \
+bridges and more veth crossings; via h3 (eBPF), one tc program on h3 each way \
+(replies merged by GRO take the kernel's VXLAN receive into h3's sandbox leg and two tc redirects). All of it is charged to the CPUs the direct path spends on client and \
 server alone (on separate machines h3's part would run on h3). One iperf3 stream is bound by the \
 CPU that runs the sender and, in softirq, the forwarding hops its packets take; the ingress paths \
 also carry a smaller MSS (1398 instead of 1448: the ingress overlay's MTU is 1450).\n",

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::links::Link;
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -32,7 +32,7 @@ use crate::consts::{
     NP_PORT_KEY_SIZE, NP_PORT_VAL_SIZE, NP_REV_KEY_SIZE, NP_REV_VAL_SIZE,
 };
 use crate::plan::{plan, Op};
-use crate::{chain, objects, Proto};
+use crate::{chain, is_enoent, objects, Proto};
 
 const MAP_CONFIG: &str = "np_config";
 const MAP_PORTS: &str = "np_ports";
@@ -468,7 +468,6 @@ impl NodePort {
             &self.sandbox,
             &self.sandbox_leg,
         );
-        drop(self.config);
     }
 
     fn read_port(
@@ -563,10 +562,6 @@ fn alive_key(b: &BackendVal, proto: u8) -> AliveKey {
         proto,
         pad: 0,
     }
-}
-
-fn is_enoent(e: &MapError) -> bool {
-    crate::is_enoent(e)
 }
 
 /// The maps of the programs a previous daemon attached, if its state file matches `want` and
