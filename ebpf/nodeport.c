@@ -43,6 +43,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "mix.h"
 #include "nodeport.h"
 
 #define ETH_LEN 14
@@ -122,14 +123,7 @@ static __always_inline struct np_config *config(void)
 
 static __always_inline __u32 mix(__u32 a, __u32 b)
 {
-	__u64 x = ((__u64)a << 32) | b;
-
-	x ^= x >> 33;
-	x *= 0xff51afd7ed558ccdULL;
-	x ^= x >> 33;
-	x *= 0xc4ceb9fe1a85ec53ULL;
-	x ^= x >> 33;
-	return (__u32)x;
+	return mix64(((__u64)a << 32) | b);
 }
 
 static __always_inline __u16 ip_csum(struct iphdr *ip)
@@ -191,13 +185,61 @@ static __always_inline int rewrite(struct __sk_buff *skb, __u8 proto, int udp_cs
 	return 0;
 }
 
+/* The `rev` key of the IPv4 TCP/UDP reply whose IP header is at `ip`, and whether it
+ * carries a UDP checksum: 0, or -1 when the packet is something else. */
+static __always_inline int reply_key(struct iphdr *ip, void *end, struct np_rev_key *rk,
+				     int *udp_csum)
+{
+	__be16 *ports;
+
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+		return -1;
+	if (ip->protocol == IPPROTO_TCP) {
+		if ((void *)ip + 20 + sizeof(struct tcphdr) > end)
+			return -1;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)(ip + 1);
+
+		if ((void *)(udp + 1) > end)
+			return -1;
+		*udp_csum = udp->check != 0;
+	} else {
+		return -1;
+	}
+	ports = (void *)(ip + 1);
+	__builtin_memset(rk, 0, sizeof(*rk));
+	rk->task_ip = ip->saddr;
+	rk->client_ip = ip->daddr;
+	rk->task_port = ports[0];
+	rk->client_port = ports[1];
+	rk->proto = ip->protocol;
+	return 0;
+}
+
+/* Rewrites a reply (its IP header at IP_OFF) of flow `rk`/`rv`: source
+ * node_ip:published port, Ethernet addresses to the client's next hop from the
+ * underlay interface. 0, or -1 when a helper failed. */
+static __always_inline int reply_rewrite(struct __sk_buff *skb, struct np_config *cfg,
+					 struct np_rev_key *rk, struct np_rev_val *rv,
+					 int udp_csum)
+{
+	__u8 macs[12];
+
+	__builtin_memcpy(macs, rv->client_mac, 6);
+	__builtin_memcpy(&macs[6], cfg->underlay_mac, 6);
+	if (rewrite(skb, rk->proto, udp_csum, IP_SRC_OFF, rk->task_ip, cfg->node_ip,
+		    L4_OFF, rk->task_port, rv->port))
+		return -1;
+	return bpf_skb_store_bytes(skb, 0, macs, 12, 0) ? -1 : 0;
+}
+
 /*
  * A task's reply coming back from its node in VXLAN (outer IPv4 `oip`, to this
  * node's VXLAN port, on the ingress VNI) for a flow in `rev`, from that flow's
- * node: decapsulated, its source rewritten to node_ip:published port, and sent
- * to the client's L2 next hop at once. A segment merged by GSO/GRO is left to
- * the kernel's VXLAN device, which resets its tunnel GSO state (6.18's
- * bpf_skb_adjust_room cannot): np_sbox_in takes it behind the sandbox's leg.
+ * node: decapsulated, rewritten (reply_rewrite), and sent to the client at
+ * once. A segment merged by GSO/GRO is left to the kernel's VXLAN device,
+ * which resets its tunnel GSO state (6.18's bpf_skb_adjust_room cannot):
+ * np_sbox_in takes it behind the sandbox's leg.
  */
 static __always_inline int reply_in(struct __sk_buff *skb, struct np_config *cfg,
 				    struct iphdr *oip, void *end)
@@ -206,14 +248,8 @@ static __always_inline int reply_in(struct __sk_buff *skb, struct np_config *cfg
 	struct np_rev_val *rv;
 	struct np_rev_key rk;
 	struct ethhdr *ieth;
-	struct iphdr *ip;
-	__be16 *ports;
-	__be32 *vx;
-	__u8 macs[12];
-	__u16 task_port, port;
-	__u32 task_ip;
 	int udp_csum = 0;
-	__u8 proto;
+	__be32 *vx;
 
 	if ((void *)(oudp + 1) > end || oudp->dest != cfg->vxlan_port)
 		return TC_ACT_OK;
@@ -223,44 +259,14 @@ static __always_inline int reply_in(struct __sk_buff *skb, struct np_config *cfg
 	ieth = (void *)(vx + 2);
 	if ((void *)(ieth + 1) > end || ieth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
-	ip = (void *)(ieth + 1);
-	if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+	if (reply_key((void *)(ieth + 1), end, &rk, &udp_csum))
 		return TC_ACT_OK;
-	proto = ip->protocol;
-	if (proto == IPPROTO_TCP) {
-		if ((void *)ip + 20 + sizeof(struct tcphdr) > end)
-			return TC_ACT_OK;
-	} else if (proto == IPPROTO_UDP) {
-		struct udphdr *udp = (void *)(ip + 1);
-
-		if ((void *)(udp + 1) > end)
-			return TC_ACT_OK;
-		udp_csum = udp->check != 0;
-	} else {
-		return TC_ACT_OK;
-	}
-	ports = (void *)(ip + 1);
-	__builtin_memset(&rk, 0, sizeof(rk));
-	rk.task_ip = ip->saddr;
-	rk.client_ip = ip->daddr;
-	rk.task_port = ports[0];
-	rk.client_port = ports[1];
-	rk.proto = proto;
 	rv = bpf_map_lookup_elem(&np_rev, &rk);
 	if (!rv || rv->vtep != oip->saddr || skb->gso_size)
 		return TC_ACT_OK;
-	task_ip = rk.task_ip;
-	task_port = rk.task_port;
-	port = rv->port;
-	__builtin_memcpy(macs, rv->client_mac, 6);
-	__builtin_memcpy(&macs[6], cfg->underlay_mac, 6);
-
 	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, 0))
 		return TC_ACT_OK;
-	if (rewrite(skb, proto, udp_csum, IP_SRC_OFF, task_ip, cfg->node_ip,
-		    L4_OFF, task_port, port))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
+	if (reply_rewrite(skb, cfg, &rk, rv, udp_csum))
 		return TC_ACT_SHOT;
 	return bpf_redirect(cfg->underlay_ifindex, 0);
 }
@@ -460,54 +466,18 @@ int np_sbox_in(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct np_rev_val *rv;
 	struct np_rev_key rk;
-	struct iphdr *ip;
-	__be16 *ports;
-	__u8 macs[12];
 	int udp_csum = 0;
-	__u16 task_port, port;
-	__u32 task_ip;
-	__u8 proto;
 
 	if (!cfg)
 		return TC_ACT_OK;
 	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+	if (reply_key((void *)(eth + 1), end, &rk, &udp_csum))
 		return TC_ACT_OK;
-	proto = ip->protocol;
-	if (proto == IPPROTO_TCP) {
-		if ((void *)ip + 20 + sizeof(struct tcphdr) > end)
-			return TC_ACT_OK;
-	} else if (proto == IPPROTO_UDP) {
-		struct udphdr *udp = (void *)(ip + 1);
-
-		if ((void *)(udp + 1) > end)
-			return TC_ACT_OK;
-		udp_csum = udp->check != 0;
-	} else {
-		return TC_ACT_OK;
-	}
-	ports = (void *)(ip + 1);
-	__builtin_memset(&rk, 0, sizeof(rk));
-	rk.task_ip = ip->saddr;
-	rk.client_ip = ip->daddr;
-	rk.task_port = ports[0];
-	rk.client_port = ports[1];
-	rk.proto = proto;
 	rv = bpf_map_lookup_elem(&np_rev, &rk);
 	if (!rv)
 		return TC_ACT_OK;
-	task_ip = rk.task_ip;
-	task_port = rk.task_port;
-	port = rv->port;
-	__builtin_memcpy(macs, rv->client_mac, 6);
-	__builtin_memcpy(&macs[6], cfg->underlay_mac, 6);
-
-	if (rewrite(skb, proto, udp_csum, IP_SRC_OFF, task_ip, cfg->node_ip,
-		    L4_OFF, task_port, port))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
+	if (reply_rewrite(skb, cfg, &rk, rv, udp_csum))
 		return TC_ACT_SHOT;
 	return bpf_redirect(cfg->sbox_veth_ifindex, 0);
 }

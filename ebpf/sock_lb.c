@@ -20,6 +20,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "lb.h"
+#include "mix.h"
 
 #define SYS_REJECT 0
 #define SYS_PROCEED 1
@@ -64,17 +65,6 @@ static __always_inline __u16 ctx_port(struct bpf_sock_addr *ctx)
 static __always_inline __u32 ctx_ip4(struct bpf_sock_addr *ctx)
 {
 	return *(volatile __u32 *)&ctx->user_ip4;
-}
-
-/* splitmix64's finaliser: socket cookies are sequential, spread them. */
-static __always_inline __u32 mix64(__u64 x)
-{
-	x ^= x >> 33;
-	x *= 0xff51afd7ed558ccdULL;
-	x ^= x >> 33;
-	x *= 0xc4ceb9fe1a85ec53ULL;
-	x ^= x >> 33;
-	return (__u32)x;
 }
 
 static __always_inline void remember(__u64 cookie, __u32 be_ip, __u16 be_port,
@@ -200,6 +190,7 @@ int sock_lb_sendmsg4(struct bpf_sock_addr *ctx)
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	/* Only UDP reaches this hook. */
+	/* Socket cookies are sequential: mix64 spreads them. */
 	if (xlate_fwd(ctx, LB_PROTO_UDP, mix64(cookie), cookie) == XLATE_REFUSE) {
 		bpf_set_retval(-ECONNREFUSED);
 		return SYS_REJECT;
