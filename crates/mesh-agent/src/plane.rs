@@ -1326,12 +1326,7 @@ impl Inner {
             return Ok(());
         }
         let (ip, desc) = attachment_desc(&att);
-        let holders = self.holders.clone();
-        let pid = tokio::task::spawn_blocking(move || holders.ensure(INGRESS_SANDBOX))
-            .await
-            .map_err(PlaneError::failed)?
-            .map_err(PlaneError::failed)?;
-        let sandbox = Netns::open(&proc_ns(pid)).map_err(PlaneError::failed)?;
+        let (pid, sandbox) = self.ingress_sandbox().await?;
         let h = Handle::new(&sandbox).await.map_err(PlaneError::failed)?;
         let plumbed = match h.link(SANDBOX_IF).await.map_err(PlaneError::failed)? {
             Some(_) => {
@@ -1460,6 +1455,17 @@ impl Inner {
             .map_err(PlaneError::failed)
     }
 
+    /// The ingress sandbox's holder (made if missing): its pid and network namespace.
+    async fn ingress_sandbox(&self) -> Result<(u32, Netns), PlaneError> {
+        let holders = self.holders.clone();
+        let pid = tokio::task::spawn_blocking(move || holders.ensure(INGRESS_SANDBOX))
+            .await
+            .map_err(PlaneError::failed)?
+            .map_err(PlaneError::failed)?;
+        let sandbox = Netns::open(&proc_ns(pid)).map_err(PlaneError::failed)?;
+        Ok((pid, sandbox))
+    }
+
     /// Where the fast path plugs in on this node.
     async fn nodeport_plumbing(
         &self,
@@ -1469,12 +1475,7 @@ impl Inner {
             return Err(PlaneError::failed("no ingress address"));
         };
         let (_, desc) = attachment_desc(&att);
-        let holders = self.holders.clone();
-        let pid = tokio::task::spawn_blocking(move || holders.ensure(INGRESS_SANDBOX))
-            .await
-            .map_err(PlaneError::failed)?
-            .map_err(PlaneError::failed)?;
-        let sandbox = Netns::open(&proc_ns(pid)).map_err(PlaneError::failed)?;
+        let (_, sandbox) = self.ingress_sandbox().await?;
         let host = Handle::new(&Netns::current().map_err(PlaneError::failed)?)
             .await
             .map_err(PlaneError::failed)?;
