@@ -1,34 +1,48 @@
 // SPDX-License-Identifier: Apache-2.0
 /*
  * The routing mesh's fast path: published ports answered by a task on
- * another node, without conntrack, NAT rules or the ingress sandbox on the
- * node that took the connection. Three tc programs (maps in nodeport.h,
- * loader crates/mesh-lb/src/nodeport.rs):
+ * another node, without conntrack, NAT rules or the ingress sandbox's stack
+ * on the node that took the connection. Four tc programs (maps in
+ * nodeport.h, loader crates/mesh-lb/src/nodeport.rs):
  *
  *   np_underlay_in   tc ingress of the node's underlay interface. A packet
  *                    for node_ip:published port picks a task (by a hash of
  *                    the client's address and port, remembered per flow in
- *                    `fwd`), is DNATed to it (the client's address is kept)
- *                    and encapsulated in VXLAN on the ingress overlay's VNI
- *                    to the task's node, as if the node's ingress sandbox had
- *                    sent it (inner source MAC = the sandbox's), and leaves
- *                    by the underlay at once (bpf_redirect_neigh). A task on
- *                    this node, a port without backends, IP options,
- *                    fragments and a UDP datagram too large to encapsulate
- *                    are passed to the kernel: the nftables path. The task's node routes
- *                    the replies back here in VXLAN (the return path marks
- *                    connections by the sender's MAC, the sandbox's): the
- *                    same program finds them in `rev`, strips the VXLAN
- *                    headers, gives them node_ip:published port as source
- *                    and the client's L2 next hop as destination, and sends
- *                    them back out (reply_in).
+ *                    `fwd`) and is DNATed to it (the client's address is
+ *                    kept). It goes to the task's node on the ingress
+ *                    overlay's VNI as if the node's ingress sandbox had sent
+ *                    it (inner source MAC = the sandbox's):
+ *                    - one segment: encapsulated in VXLAN here and sent out
+ *                      of the underlay at once (bpf_redirect_neigh);
+ *                    - a GSO skb (segments the client's stack merged): to
+ *                      the kernel's VXLAN device, over the sandbox's veth
+ *                      (np_sbox_veth_in). bpf_skb_adjust_room marks what it
+ *                      encapsulates SKB_GSO_DODGY, which no veth or common
+ *                      NIC takes: the skb would be cut into segments at the
+ *                      first transmit, each crossing every hop after it.
+ *                    A task on this node, a port without backends, IP
+ *                    options, fragments and a UDP datagram too large to
+ *                    encapsulate are passed to the kernel: the nftables
+ *                    path. The task's node routes the replies back here in
+ *                    VXLAN (the return path marks connections by the
+ *                    sender's MAC, the sandbox's): the same program finds
+ *                    them in `rev`, strips the VXLAN headers, gives them
+ *                    node_ip:published port as source and the client's L2
+ *                    next hop as destination, and sends them back out
+ *                    (reply_in).
+ *   np_sbox_veth_in  tc ingress of the sandbox's end of its veth to the
+ *                    host (mi0): a GSO skb from np_underlay_in (source MAC
+ *                    = the sandbox's overlay MAC, which nothing else sends
+ *                    there) goes on to the ingress overlay's bridge behind
+ *                    the sandbox's leg, whose VXLAN device encapsulates it
+ *                    whole. The sandbox's stack never sees it.
  *   np_sbox_in       tc ingress of the sandbox's leg on the ingress overlay.
  *                    A reply merged by GRO (a GSO skb) is left to the
  *                    kernel's VXLAN device, which also resets its tunnel GSO
  *                    state (bpf_skb_adjust_room cannot in 6.18). Found in
- *                    `rev`, it gets the same rewrite here and is sent to the
- *                    host over the sandbox's veth, skipping the sandbox's
- *                    stack.
+ *                    `rev`, it gets the same rewrite here and is handed to
+ *                    the host's end of the sandbox's veth, skipping the
+ *                    sandbox's stack.
  *   np_host_veth_in  tc ingress of the host's end of that veth: a packet from
  *                    node_ip (only the previous program sends those) goes
  *                    straight out of the underlay interface.
@@ -414,6 +428,19 @@ int np_underlay_in(struct __sk_buff *skb)
 		    L4_OFF + 2, port, be.port))
 		return TC_ACT_SHOT;
 
+	/* Overlay MACs are 02:42 + the address. */
+	__u8 macs[12] = {0x02, 0x42};
+
+	__builtin_memcpy(&macs[2], &be.ip, 4);
+	__builtin_memcpy(&macs[6], cfg->sbox_mac, 6);
+	if (skb->gso_size) {
+		/* To the task's MAC from the sandbox's, through the sandbox's veth
+		 * (np_sbox_veth_in) to the overlay's bridge and VXLAN device. */
+		if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
+			return TC_ACT_SHOT;
+		return bpf_redirect_peer(cfg->host_veth_ifindex, 0);
+	}
+
 	hash = mix(client_ip ^ be.ip, ((__u32)client_port << 16) | be.port);
 	__builtin_memset(&oip, 0, sizeof(oip));
 	oip.version = 4;
@@ -432,15 +459,10 @@ int np_underlay_in(struct __sk_buff *skb)
 	enc.udp.len = bpf_htons(tot_len + ENCAP_LEN - 20);
 	enc.vx_flags = bpf_htonl(0x08000000);
 	enc.vx_vni = bpf_htonl(cfg->vni << 8);
-	/* Overlay MACs are 02:42 + the address. */
-	enc.dmac[0] = 0x02;
-	enc.dmac[1] = 0x42;
-	__builtin_memcpy(&enc.dmac[2], &be.ip, 4);
-	__builtin_memcpy(enc.smac, cfg->sbox_mac, 6);
+	__builtin_memcpy(enc.dmac, macs, 12);
 	enc.proto = bpf_htons(ETH_P_IP);
 
 	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_FIXED_GSO |
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
 				BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
 				BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
@@ -455,6 +477,23 @@ int np_underlay_in(struct __sk_buff *skb)
 	nh.nh_family = 2; /* AF_INET */
 	nh.ipv4_nh = be.vtep;
 	return bpf_redirect_neigh(cfg->underlay_ifindex, &nh, sizeof(nh), 0);
+}
+
+SEC("classifier")
+int np_sbox_veth_in(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct np_config *cfg = config();
+	struct ethhdr *eth = data;
+
+	if (!cfg)
+		return TC_ACT_OK;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (!same_mac(eth->h_source, cfg->sbox_mac))
+		return TC_ACT_OK;
+	return bpf_redirect_peer(cfg->sbox_leg_ifindex, 0);
 }
 
 SEC("classifier")
@@ -479,7 +518,7 @@ int np_sbox_in(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (reply_rewrite(skb, cfg, &rk, rv, udp_csum))
 		return TC_ACT_SHOT;
-	return bpf_redirect(cfg->sbox_veth_ifindex, 0);
+	return bpf_redirect_peer(cfg->sbox_veth_ifindex, 0);
 }
 
 SEC("classifier")

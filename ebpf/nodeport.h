@@ -21,7 +21,7 @@
 #define NP_MAX_BACKENDS 65536
 #define NP_MAX_FLOWS 262144
 
-#define NP_CONFIG_SIZE 40
+#define NP_CONFIG_SIZE 48
 #define NP_PORT_KEY_SIZE 4
 #define NP_PORT_VAL_SIZE 8
 #define NP_BACKEND_KEY_SIZE 8
@@ -39,6 +39,8 @@ struct np_config {
 	__u32 node_ip;          /* the node's underlay address: ports published on it */
 	__u32 underlay_ifindex; /* host namespace: the interface holding node_ip */
 	__u32 sbox_veth_ifindex;/* sandbox namespace: its veth to the host (mi0) */
+	__u32 host_veth_ifindex;/* host namespace: the other end of that veth (mesh_ingr0) */
+	__u32 sbox_leg_ifindex; /* sandbox namespace: its leg on the ingress overlay (eth0) */
 	__u32 vni;              /* the ingress overlay's VNI */
 	__u16 vxlan_port;       /* network byte order */
 	__u16 mtu;              /* the underlay interface's MTU */

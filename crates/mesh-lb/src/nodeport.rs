@@ -1,14 +1,15 @@
 //! The routing mesh's eBPF fast path (`ebpf/nodeport.c`): a published port answered by a task on
 //! another node skips conntrack, the NAT rules and the ingress sandbox's stack on the node that
-//! took the connection, and keeps the client's address (see the C file for the three programs).
+//! took the connection, and keeps the client's address (see the C file for its four programs).
 //!
 //! [`NodePort::ensure`] loads the programs and attaches them as tc filters (netlink, fixed
 //! priority and handle) to the underlay interface and the host end of the sandbox's veth (host
-//! namespace) and to the sandbox's leg on the ingress overlay (sandbox namespace). Netlink
-//! filters outlive the daemon: a daemon killed and restarted finds the maps of the programs
-//! still attached by the IDs it wrote to its state file, and keeps them, so no flow of the
-//! previous daemon loses its task. When anything differs (an interface recreated, a map gone,
-//! another node address), it loads afresh and replaces the filters in place.
+//! namespace), and to the sandbox's end of that veth and its leg on the ingress overlay (sandbox
+//! namespace). Netlink filters outlive the daemon: a daemon killed and restarted finds the maps
+//! of the programs still attached by the IDs it wrote to its state file, and keeps them, so no
+//! flow of the previous daemon loses its task. When anything differs (an interface recreated, a map gone,
+//! another node address, a daemon built with other programs), it loads afresh and replaces the
+//! filters in place.
 //! [`NodePort::set_port`] reconciles one published port to its backends with the same
 //! hole-free slot protocol as the socket balancer (`plan`); [`NodePort::detach`] removes the
 //! filters, which frees programs and maps.
@@ -51,6 +52,7 @@ const MAPS: [&str; 6] = [
 const PROG_UNDERLAY: &str = "np_underlay_in";
 const PROG_SBOX: &str = "np_sbox_in";
 const PROG_HOST_VETH: &str = "np_host_veth_in";
+const PROG_SBOX_VETH: &str = "np_sbox_veth_in";
 /// The filters' priority and handle ("me"), the same on every interface.
 const PRIORITY: u16 = 0x6d65;
 const HANDLE: u16 = 0x6d65;
@@ -102,6 +104,8 @@ struct ConfigVal {
     node_ip: u32,
     underlay_ifindex: u32,
     sbox_veth_ifindex: u32,
+    host_veth_ifindex: u32,
+    sbox_leg_ifindex: u32,
     vni: u32,
     vxlan_port: u16,
     mtu: u16,
@@ -222,6 +226,15 @@ struct StateConfig {
     sbox_leg_ifindex: u32,
     vni: u32,
     vxlan_port: u16,
+    /// A fingerprint of the eBPF object: a daemon built with other programs loads its own.
+    object: u64,
+}
+
+/// FNV-1a of `bytes`: stable across builds and toolchains, unlike `DefaultHasher`.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The fast path of one node: its maps (see the module docs).
@@ -236,6 +249,7 @@ pub struct NodePort {
     underlay_if: String,
     host_veth: String,
     sandbox: Netns,
+    sandbox_veth: String,
     sandbox_leg: String,
     /// Whether the programs were found attached from a previous daemon.
     adopted: bool,
@@ -294,11 +308,11 @@ impl NodePort {
     /// (`state` is the file that records it). Runs its bpf and tc calls in
     /// `block_in_place`: call it on a multi-threaded runtime.
     pub async fn ensure(p: Plumbing, state: &Path) -> Result<NodePort, NodePortError> {
-        if objects::NODEPORT.is_none() {
+        let Some(object) = objects::NODEPORT else {
             return Err(NodePortError(
                 "eBPF programs were not built (MESH_EBPF_SKIP)".into(),
             ));
-        }
+        };
         let ifs = ifaces(&p).await?;
         let want = StateConfig {
             node_ip: p.node_ip,
@@ -308,11 +322,14 @@ impl NodePort {
             sbox_leg_ifindex: ifs.sbox_leg,
             vni: p.vni,
             vxlan_port: p.vxlan_port,
+            object: fingerprint(object),
         };
         let config = ConfigVal {
             node_ip: be32(p.node_ip),
             underlay_ifindex: ifs.underlay.index,
             sbox_veth_ifindex: ifs.sbox_veth,
+            host_veth_ifindex: ifs.host_veth,
+            sbox_leg_ifindex: ifs.sbox_leg,
             vni: p.vni,
             vxlan_port: p.vxlan_port.to_be(),
             mtu: ifs.underlay.mtu.unwrap_or(1500).min(u32::from(u16::MAX)) as u16,
@@ -357,6 +374,7 @@ impl NodePort {
             underlay_if: p.underlay_if,
             host_veth: p.host_veth,
             sandbox: p.sandbox,
+            sandbox_veth: p.sandbox_veth,
             sandbox_leg: p.sandbox_leg,
             adopted,
         })
@@ -365,7 +383,12 @@ impl NodePort {
     /// Removes a fast path a previous daemon left on `p` (nothing if there is none).
     pub fn remove_leftover(p: &Plumbing, state: &Path) {
         let _ = std::fs::remove_file(state);
-        detach_all(&p.underlay_if, &p.host_veth, &p.sandbox, &p.sandbox_leg);
+        detach_all(
+            &p.underlay_if,
+            &p.host_veth,
+            &p.sandbox,
+            [&p.sandbox_leg, &p.sandbox_veth],
+        );
     }
 
     /// Whether the programs of a previous daemon were kept.
@@ -466,7 +489,7 @@ impl NodePort {
             &self.underlay_if,
             &self.host_veth,
             &self.sandbox,
-            &self.sandbox_leg,
+            [&self.sandbox_leg, &self.sandbox_veth],
         );
     }
 
@@ -571,7 +594,7 @@ fn adopt(state: &Path, want: &StateConfig) -> Option<BTreeMap<&'static str, Map>
     let st: State = serde_json::from_slice(&text).ok()?;
     if &st.config != want {
         tracing::info!(
-            "routing mesh fast path: interfaces changed since the last daemon; reloading"
+            "routing mesh fast path: interfaces or programs changed since the last daemon; reloading"
         );
         return None;
     }
@@ -602,7 +625,7 @@ fn load_and_attach(
     let mut ebpf: Ebpf = EbpfLoader::new()
         .load(object)
         .map_err(|e| err("loading the eBPF object", e))?;
-    for name in [PROG_UNDERLAY, PROG_SBOX, PROG_HOST_VETH] {
+    for name in [PROG_UNDERLAY, PROG_SBOX, PROG_HOST_VETH, PROG_SBOX_VETH] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| NodePortError(format!("no program {name}")))?
@@ -636,6 +659,7 @@ fn load_and_attach(
     // Programs are disabled until user space filled the config: attach, then enable.
     attach(&mut ebpf, PROG_HOST_VETH, &p.host_veth, None)?;
     attach(&mut ebpf, PROG_SBOX, &p.sandbox_leg, Some(&p.sandbox))?;
+    attach(&mut ebpf, PROG_SBOX_VETH, &p.sandbox_veth, Some(&p.sandbox))?;
     attach(&mut ebpf, PROG_UNDERLAY, &p.underlay_if, None)?;
     let st = State {
         maps: ids,
@@ -726,9 +750,9 @@ fn detach_one(iface: &str) {
 }
 
 /// Removes our filter from each interface (errors ignored: an interface may be gone).
-fn detach_all(underlay: &str, host_veth: &str, sandbox: &Netns, leg: &str) {
+fn detach_all(underlay: &str, host_veth: &str, sandbox: &Netns, in_sandbox: [&str; 2]) {
     detach_one(underlay);
     detach_one(host_veth);
-    let leg = leg.to_string();
-    let _ = sandbox.run(move || detach_one(&leg));
+    let in_sandbox = in_sandbox.map(str::to_string);
+    let _ = sandbox.run(move || in_sandbox.iter().for_each(|i| detach_one(i)));
 }
