@@ -1,5 +1,6 @@
 //! The routing mesh's eBPF fast path (`ebpf/nodeport.c`) on the real kernel, through h3, a
-//! node without a task: connections keep flowing, none failing, while backends are added and
+//! node without a task: downloads arrive whole (their replies take the GSO path through h3's
+//! sandbox); connections keep flowing, none failing, while backends are added and
 //! while h3's daemon is SIGKILLed and restarted (the restarted one adopts the programs and
 //! their flow tables: an open connection keeps its task); a UDP client whose task is killed
 //! moves to another task at once (the fast path forgets a removed backend's flows); a node
@@ -19,15 +20,26 @@ const TCP_SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.
 const ECHO_SERVER: &str = "import socket,threading\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',9090))\ns.listen(16)\ndef h(c):\n while True:\n  d=c.recv(100)\n  if not d:\n   break\n  c.sendall(d)\nwhile True:\n c,a=s.accept()\n threading.Thread(target=h,args=(c,),daemon=True).start()";
 /// A UDP server answering each datagram with its hostname.
 const UDP_SERVER: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5353))\nwhile True:\n d,a=s.recvfrom(100)\n s.sendto(socket.gethostname().encode(),a)";
+/// A TCP server that reads 16 MiB of the repeated bytes 0..=255 from each connection, and
+/// answers `ok` and the same 16 MiB if they were those, else `no`.
+const BULK_SERVER: &str = "import socket,threading\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',7070))\ns.listen(16)\nb=bytes(range(256))*65536\ndef h(c):\n d=bytearray()\n while len(d)<len(b):\n  x=c.recv(1<<20)\n  if not x:\n   break\n  d+=x\n c.sendall(b'ok'+b if d==b else b'no')\n c.close()\nwhile True:\n c,a=s.accept()\n threading.Thread(target=h,args=(c,),daemon=True).start()";
+/// Uploads BULK_SERVER's 16 MiB to ADDR:7070 and downloads its answer; prints `ok BYTES` if
+/// the answer was `ok` and the same bytes, else `bad BYTES`.
+const BULK_CLIENT: &str = "import socket,sys\nb=bytes(range(256))*65536\nc=socket.create_connection((sys.argv[1],7070),timeout=10)\nc.sendall(b)\nd=bytearray()\nwhile True:\n x=c.recv(1<<20)\n if not x:\n  break\n d+=x\nprint('ok' if d==b'ok'+b else 'bad',len(d))";
 /// For SECS seconds: new connections to ADDR:8080 one after another, and one echo connection
-/// to ADDR:9090 kept open, pinged every 100 ms. Prints `conns OK FAIL` and `echo OK FAIL`.
-const LOAD: &str = "import socket,sys,time,threading\naddr,secs=sys.argv[1],float(sys.argv[2])\nend=time.time()+secs\nr={'c':[0,0],'e':[0,0]}\ndef conns():\n while time.time()<end:\n  try:\n   c=socket.create_connection((addr,8080),timeout=3);d=c.recv(100);c.close()\n   r['c'][0 if d else 1]+=1\n  except OSError:\n   r['c'][1]+=1\nt=threading.Thread(target=conns);t.start()\ne=socket.create_connection((addr,9090),timeout=3)\nwhile time.time()<end:\n try:\n  e.sendall(b'ping');d=e.recv(100)\n  r['e'][0 if d==b'ping' else 1]+=1\n except OSError:\n  r['e'][1]+=1\n  break\n time.sleep(0.1)\nt.join()\nprint('conns',*r['c']);print('echo',*r['e'])";
+/// to ADDR:9090 kept open, pinged every 100 ms. Prints `conns OK FAIL`, `echo OK FAIL`, and
+/// `failed SECONDS CLIENT_PORT WHAT` for each failed connection.
+const LOAD: &str = "import socket,sys,time,threading\naddr,secs=sys.argv[1],float(sys.argv[2])\nt0=time.time();end=t0+secs\nr={'c':[0,0],'e':[0,0]};bad=[]\ndef conns():\n while time.time()<end:\n  p=0\n  try:\n   c=socket.create_connection((addr,8080),timeout=3);p=c.getsockname()[1];d=c.recv(100);c.close()\n   r['c'][0 if d else 1]+=1\n   if not d:\n    bad.append((time.time()-t0,p,'empty'))\n  except OSError as e:\n   r['c'][1]+=1;bad.append((time.time()-t0,p,repr(e)))\nt=threading.Thread(target=conns);t.start()\ne=socket.create_connection((addr,9090),timeout=3)\nwhile time.time()<end:\n try:\n  e.sendall(b'ping');d=e.recv(100)\n  r['e'][0 if d==b'ping' else 1]+=1\n except OSError:\n  r['e'][1]+=1\n  break\n time.sleep(0.1)\nt.join()\nprint('conns',*r['c']);print('echo',*r['e'])\nfor b in bad:\n print('failed %.3f %d %s'%b)";
 /// One UDP socket bound to port 40555, a datagram to ADDR:PORT every 50 ms for SECS seconds
 /// (or one answer when SECS is 0); prints `TIME HOSTNAME` per answer.
 const UDP_CLIENT: &str = "import socket,sys,time\naddr,port,secs=sys.argv[1],int(sys.argv[2]),float(sys.argv[3])\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('',40555));s.settimeout(0.05)\nt0=time.time()\nwhile True:\n s.sendto(b'x',(addr,port))\n try:\n  d=s.recv(100);print('%.3f %s'%(time.time()-t0,d.decode()),flush=True)\n  if secs==0:\n   break\n except OSError:\n  pass\n if secs and time.time()-t0>secs:\n  break\n time.sleep(0.05)";
 
-fn create(h: &Host, name: &str, publish: &str, server: &str) -> Result<()> {
-    h.mesh_ok(&[
+/// Creates service `name`: 2 tasks of `server`, off h3. With `listen` (a TCP port), a health
+/// check that passes once the server listens on it: a task joins the routing mesh only then
+/// (a task without a check joins when it starts, and may refuse the first connections).
+fn create(h: &Host, name: &str, publish: &str, server: &str, listen: Option<u16>) -> Result<()> {
+    let check = listen.map(|p| format!("grep -q ':{p:04X} 00000000:0000 0A' /proc/net/tcp"));
+    let mut argv = vec![
         "service",
         "create",
         "--name",
@@ -38,12 +50,48 @@ fn create(h: &Host, name: &str, publish: &str, server: &str) -> Result<()> {
         publish,
         "--constraint",
         "node.hostname!=h3",
-        "--",
-        "python3",
-        "-c",
-        server,
-    ])?;
+    ];
+    if let Some(check) = &check {
+        argv.extend(["--health-cmd", check, "--health-interval", "100ms"]);
+    }
+    argv.extend(["--", "python3", "-c", server]);
+    h.mesh_ok(&argv)?;
     Ok(())
+}
+
+/// Conntrack entries of connections from `client` to port `port` in the namespaces of `h`: its
+/// own and those its daemon holds (the ingress sandbox, the overlays), as `namespace: entry`.
+fn tracked_anywhere(h: &Host, client: &str, port: u16) -> Result<Vec<String>> {
+    let (src, dport) = (format!(" src={client} "), format!(" dport={port} "));
+    let mut tables = vec![(
+        "host".to_string(),
+        "/proc/self/net/nf_conntrack".to_string(),
+    )];
+    for e in std::fs::read_dir(h.exec_root().join("netns"))? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "json") {
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+            let pid = v["pid"]
+                .as_u64()
+                .with_context(|| format!("no pid in {path:?}"))?;
+            let name = path.file_stem().unwrap_or_default().to_string_lossy();
+            tables.push((name.into_owned(), format!("/proc/{pid}/net/nf_conntrack")));
+        }
+    }
+    ensure!(
+        tables.len() > 2,
+        "no namespaces held by h3's daemon: {tables:?}"
+    );
+    let mut out = Vec::new();
+    for (name, table) in tables {
+        let text = h.exec(&["cat", &table])?;
+        for l in String::from_utf8_lossy(&text.stdout).lines() {
+            if l.contains(&src) && l.contains(&dport) {
+                out.push(format!("{name}: {l}"));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `(ID, node)` of the running tasks of `svc`.
@@ -87,9 +135,10 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     };
     let (h1, h3) = (c.host(1), c.host(3));
     let via = h3.addr().to_string();
-    create(h1, "web", "8080:8080", TCP_SERVER)?;
-    create(h1, "echo", "9090:9090", ECHO_SERVER)?;
-    create(h1, "dns", "5353:5353/udp", UDP_SERVER)?;
+    create(h1, "web", "8080:8080", TCP_SERVER, Some(8080))?;
+    create(h1, "echo", "9090:9090", ECHO_SERVER, None)?;
+    create(h1, "dns", "5353:5353/udp", UDP_SERVER, None)?;
+    create(h1, "bulk", "7070:7070", BULK_SERVER, None)?;
     wait_for(
         "web, echo and dns answer through h3",
         Duration::from_secs(30),
@@ -98,14 +147,38 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
             let ok = running(&c, "web")?.len() == 2
                 && running(&c, "echo")?.len() == 2
                 && running(&c, "dns")?.len() == 2
+                && running(&c, "bulk")?.len() == 2
                 && c.client_exec(&["python3", "-c", LOAD, &via, "0.3"])
                     .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("echo 3 0"));
             Ok(ok.then_some(()))
         },
     )?;
 
+    // Bulk both ways through h3. Segments merged into one GSO packet take the kernel's VXLAN
+    // device: the client's through h3's sandbox veth (np_sbox_veth_in) to the overlay's
+    // bridge, the task's back through the sandbox's leg (np_sbox_in, np_host_veth_in). The
+    // bytes arrive whole, and no namespace of h3 tracks the connections.
+    for _ in 0..3 {
+        let out = c.client_exec_timeout(
+            &["python3", "-c", BULK_CLIENT, &via],
+            Duration::from_secs(30),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            text.trim() == format!("ok {}", 2 + (1 << 24)),
+            "16 MiB up and down through h3: {text:?} ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let tracked = tracked_anywhere(h3, &c.client_addr().to_string(), 7070)?;
+    ensure!(
+        tracked.is_empty(),
+        "h3 tracks bulk connections that took the fast path: {tracked:?}"
+    );
+
     // Under load through h3: h3's daemon SIGKILLed and restarted, then web scaled 2 -> 4.
-    let out = std::thread::scope(|s| -> Result<std::process::Output> {
+    let (out, marks) = std::thread::scope(|s| -> Result<(std::process::Output, String)> {
+        let t0 = Instant::now();
         let load = s.spawn(|| {
             c.client_exec_timeout(
                 &["python3", "-c", LOAD, &via, "12"],
@@ -113,12 +186,20 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
             )
         });
         std::thread::sleep(Duration::from_secs(2));
+        let killed = t0.elapsed().as_secs_f64();
         h3.kill_daemon()?;
         std::thread::sleep(Duration::from_secs(1));
+        let restarting = t0.elapsed().as_secs_f64();
         h3.start_daemon()?;
+        let restarted = t0.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_secs(2));
+        let scaling = t0.elapsed().as_secs_f64();
         h1.mesh_ok(&["service", "scale", "web=4"])?;
-        load.join().expect("load thread")
+        let marks = format!(
+            "h3 killed at {killed:.3} s, restarted from {restarting:.3} to {restarted:.3} s, \
+             web scaled at {scaling:.3} s"
+        );
+        Ok((load.join().expect("load thread")?, marks))
     })?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let nums = |what: &str| -> Result<(u64, u64)> {
@@ -137,7 +218,11 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     eprintln!("through h3 under changes: {c_ok} connections ({c_fail} failed), echo {e_ok} ({e_fail} failed)");
     ensure!(
         c_fail == 0 && c_ok > 50,
-        "new connections through h3: {c_ok} answered, {c_fail} failed"
+        "new connections through h3: {c_ok} answered, {c_fail} failed ({marks}):\n{}",
+        text.lines()
+            .filter(|l| l.starts_with("failed"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     ensure!(
         e_fail == 0 && e_ok > 60,
