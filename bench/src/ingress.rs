@@ -10,15 +10,16 @@
 //! - **ingress, same node**: h1's ingress port (host DNAT -> ingress sandbox -> nftables
 //!   numgen DNAT, no SNAT -> the task's ingress-network interface on the same host);
 //! - **ingress via other node, eBPF**: h3's ingress port (h3 has no task): the tc fast path
-//!   (`ebpf/nodeport.c`) DNATs and VXLAN-encapsulates the packet on h3's underlay interface
-//!   straight to h1; the same program decapsulates the replies, rewrites them and sends them
+//!   (`ebpf/nodeport.c`) DNATs the packet on h3's underlay interface and VXLAN-encapsulates it
+//!   straight to h1 (a GSO packet through the ingress overlay's VXLAN device, skipping the
+//!   sandbox's stack); the same program decapsulates the replies, rewrites them and sends them
 //!   back out (those merged by GRO through h3's sandbox leg): no conntrack or NAT rule on h3;
 //! - **ingress via other node, nftables**: h2's ingress port, h2's daemon started with
 //!   `--ingress-datapath nftables` (h2 has no task: the nftables path, then the VXLAN ingress
 //!   overlay to h1).
 //!
 //! Measured in interleaved rounds (the order rotates each round): iperf3 throughput (one TCP
-//! stream) and new connections per second (one HTTP/1.0 request per connection, several
+//! stream, with the machine's congestion control and with CUBIC) and new connections per second (one HTTP/1.0 request per connection, several
 //! client threads, `mesh-bench http-load`). Reports medians, per-round ratios to the direct
 //! path, the machine's CPU shares meanwhile, and a PNG chart (`docs/ingress-bench.png`, made
 //! with gnuplot).
@@ -41,6 +42,8 @@ pub const ABOUT: &str =
 
 const ROUNDS: usize = 5;
 const IPERF_SECS: u32 = 3;
+/// The second congestion control iperf3 runs with (`-C`), beside the machine's default.
+const CUBIC: &str = "cubic";
 const LOAD_SECS: f64 = 2.0;
 const LOAD_THREADS: usize = 4;
 /// Goals for ingress via a node without a task, relative to the direct path (issue 16).
@@ -95,7 +98,10 @@ const ROUTES: [Route; 4] = [
 /// Everything measured on one route.
 #[derive(Default)]
 struct Samples {
+    /// With the machine's congestion control.
     gbits: Vec<f64>,
+    /// With CUBIC.
+    gbits_cubic: Vec<f64>,
     iperf_cpu: Vec<CpuShare>,
     conns: LoadRuns,
 }
@@ -166,6 +172,15 @@ fn measure() -> Result<(Vec<Samples>, String)> {
             out[i].iperf_cpu.push(cpu);
         }
         for &i in &order {
+            let cc = Some(CUBIC);
+            out[i].gbits_cubic.push(client.iperf_cc(
+                &addrs[i],
+                ROUTES[i].iperf_port,
+                IPERF_SECS,
+                cc,
+            )?);
+        }
+        for &i in &order {
             out[i].conns.push(with_cpu(|| {
                 client.load(&addrs[i], ROUTES[i].http_port, LOAD_SECS, LOAD_THREADS)
             })?);
@@ -173,9 +188,10 @@ fn measure() -> Result<(Vec<Samples>, String)> {
         for (r, s) in ROUTES.iter().zip(&out) {
             let l = s.conns.loads[round];
             eprintln!(
-                "round {round}: {:<28} {:6.2} Gbit/s  {:7.0} conn/s  p99 {}  errors {}",
+                "round {round}: {:<28} {:6.2} Gbit/s ({:6.2} cubic)  {:7.0} conn/s  p99 {}  errors {}",
                 r.label,
                 s.gbits[round],
+                s.gbits_cubic[round],
                 l.rate,
                 millis(l.p99),
                 l.errors
@@ -252,6 +268,12 @@ pub fn run(args: &[String]) -> Result<()> {
     let g_other = ratios(&other.gbits, &direct.gbits);
     let g_same = ratios(&same.gbits, &direct.gbits);
     let g_nft = ratios(&nft.gbits, &direct.gbits);
+    let gc_other = ratios(&other.gbits_cubic, &direct.gbits_cubic);
+    let gc_same = ratios(&same.gbits_cubic, &direct.gbits_cubic);
+    let gc_nft = ratios(&nft.gbits_cubic, &direct.gbits_cubic);
+    let cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "default".into());
     let r_other = ratios(&other.conns.rates(), &direct.conns.rates());
     let r_same = ratios(&same.conns.rates(), &direct.conns.rates());
     let r_nft = ratios(&nft.conns.rates(), &direct.conns.rates());
@@ -268,58 +290,71 @@ in host mode (only h1, DNAT straight to the task). From the underlay client: **d
 host-mode port; **ingress, same node** = h1's ingress port (host DNAT -> ingress sandbox -> \
 numgen DNAT, no SNAT: the task sees the client -> the task, whose reply is policy-routed back to the sandbox); \
 **ingress via other node, eBPF** = h3's ingress port (h3 has no task; the tc fast path on h3's underlay \
-interface DNATs and VXLAN-encapsulates to h1; the same program decapsulates the reply, rewrites it and sends it \
-back out: no conntrack entry or NAT rule on h3); **ingress via other node, nftables** = h2's ingress port, h2 \
-started with `--ingress-datapath nftables` (the nftables path, plus the VXLAN ingress overlay to h1). \
-{ROUNDS} interleaved rounds of \
-iperf3 (1 TCP stream, {IPERF_SECS} s) and of new connections ({LOAD_THREADS} client threads, \
-{LOAD_SECS} s, one request per connection); medians. Machine CPU = share of all CPUs busy \
+interface DNATs the packet; one segment it VXLAN-encapsulates to h1 itself, a GSO packet it hands to the ingress \
+overlay's VXLAN device through the sandbox's veth, skipping the sandbox's stack; the same program decapsulates \
+the replies, rewrites them and sends them back out: no conntrack entry or NAT rule on h3); **ingress via other \
+node, nftables** = h2's ingress port, h2 started with `--ingress-datapath nftables` (the nftables path, plus the \
+VXLAN ingress overlay to h1). {ROUNDS} interleaved rounds of iperf3 (1 TCP stream, {IPERF_SECS} s; once with \
+the machine's congestion control, {cc}, once with `-C {CUBIC}`) and of new connections ({LOAD_THREADS} client \
+threads, {LOAD_SECS} s, one request per connection); medians. Machine CPU = share of all CPUs busy \
 during the measurement (client, servers and packet processing all share them); CPU per conn = \
 that CPU time divided by the connections made.\n\n",
         report::utc_now(),
         report::machine()
     ));
     t.push_str(&format!(
-        "| path | Gbit/s | machine CPU during iperf3 | {LOAD_HEADER} |\n|---|---:|---|{LOAD_ALIGN}|\n"
+        "| path | Gbit/s ({cc}) | Gbit/s ({CUBIC}) | machine CPU during iperf3 ({cc}) | {LOAD_HEADER} |\n\
+|---|---:|---:|---|{LOAD_ALIGN}|\n"
     ));
     for (r, x) in ROUTES.iter().zip(&s) {
         t.push_str(&format!(
-            "| {} | {:.2} | {} | {} |\n",
+            "| {} | {:.2} | {:.2} | {} | {} |\n",
             r.label,
             med(&x.gbits),
+            med(&x.gbits_cubic),
             CpuShare::mean(&x.iperf_cpu).describe(),
             x.conns.cells(),
         ));
     }
-    let (go, ro) = (med(&g_other), med(&r_other));
+    let (go, gco, ro) = (med(&g_other), med(&gc_other), med(&r_other));
     t.push_str(&format!(
-        "\nIngress via other node, eBPF / direct: throughput **{go:.2}** (rounds {}; goal >= {THROUGHPUT_GOAL}: {}), \
-connections/s **{ro:.2}** (rounds {}; goal >= {RATE_GOAL}: {}), CPU per connection **{:.2}x** direct (goal <= 1.3).\n\
-Ingress via other node, nftables / direct: throughput {:.2} (rounds {}), connections/s {:.2} (rounds {}), \
-CPU per connection {:.2}x direct.\n\
-Ingress same node / direct: throughput {:.2} (rounds {}), connections/s {:.2} (rounds {}).\n\n\
+        "\nIngress via other node, eBPF / direct: throughput **{go:.2}** with {cc} (rounds {}; goal >= \
+{THROUGHPUT_GOAL}: {}) and **{gco:.2}** with {CUBIC} (rounds {}; {}), connections/s **{ro:.2}** (rounds {}; \
+goal >= {RATE_GOAL}: {}), CPU per connection **{:.2}x** direct (goal <= 1.3).\n\
+Ingress via other node, nftables / direct: throughput {:.2} with {cc} (rounds {}) and {:.2} with {CUBIC} \
+(rounds {}), connections/s {:.2} (rounds {}), CPU per connection {:.2}x direct.\n\
+Ingress same node / direct: throughput {:.2} with {cc} (rounds {}) and {:.2} with {CUBIC} (rounds {}), \
+connections/s {:.2} (rounds {}).\n\n\
 All paths share the same 2 CPUs: the client, the kernels of the three simulated hosts and the \
 servers. The connection test keeps them busy, so connections/s is about the inverse of the \
 machine CPU one connection costs (last column); via h2 (nftables), that cost adds a DNAT and a conntrack \
 entry in h2's namespace, a second DNAT with its own conntrack entry in the ingress \
 sandbox, VXLAN encapsulation and the UDP send through h2's stack, VXLAN receive on h1, two more \
-bridges and more veth crossings; via h3 (eBPF), one tc program on h3 each way \
-(replies merged by GRO take the kernel's VXLAN receive into h3's sandbox leg and two tc redirects). All of it is charged to the CPUs the direct path spends on client and \
-server alone (on separate machines h3's part would run on h3). One iperf3 stream is bound by the \
-CPU that runs the sender and, in softirq, the forwarding hops its packets take; the ingress paths \
-also carry a smaller MSS (1398 instead of 1448: the ingress overlay's MTU is 1450).\n",
+bridges and more veth crossings; via h3 (eBPF), one tc program on h3 each way. All of it is charged \
+to the CPUs the direct path spends on client and server alone (on separate machines h3's part would \
+run on h3). One iperf3 stream with {cc} leaves a third of the CPUs idle (the CPU column): {cc} \
+paces the sender by the rate and round trip it measures, and at these microsecond round trips \
+each hop a path adds lowers the rate it settles on; with {CUBIC}, which does not pace, every path \
+runs faster. The ingress paths also carry a smaller MSS (1398 instead of 1448: the ingress \
+overlay's MTU is 1450).\n",
         list(&g_other, 2),
         verdict(go, THROUGHPUT_GOAL),
+        list(&gc_other, 2),
+        verdict(gco, THROUGHPUT_GOAL),
         list(&r_other, 2),
         verdict(ro, RATE_GOAL),
         c_other / c_direct,
         med(&g_nft),
         list(&g_nft, 2),
+        med(&gc_nft),
+        list(&gc_nft, 2),
         med(&r_nft),
         list(&r_nft, 2),
         c_nft / c_direct,
         med(&g_same),
         list(&g_same, 2),
+        med(&gc_same),
+        list(&gc_same, 2),
         med(&r_same),
         list(&r_same, 2),
     ));

@@ -259,8 +259,18 @@ impl Place<'_> {
 
     /// iperf3, one TCP stream for `secs` seconds to `addr:port`: the receiver's Gbit/s.
     pub fn iperf(&self, addr: &str, port: u16, secs: u32) -> Result<f64> {
+        self.iperf_cc(addr, port, secs, None)
+    }
+
+    /// [`Place::iperf`] with the sender's congestion control `cc` (`iperf3 -C`), or the
+    /// namespace's default.
+    pub fn iperf_cc(&self, addr: &str, port: u16, secs: u32, cc: Option<&str>) -> Result<f64> {
         let (port, secs) = (port.to_string(), secs.to_string());
-        let out = self.run(&["iperf3", "-c", addr, "-p", &port, "-t", &secs, "-J"])?;
+        let mut argv = vec!["iperf3", "-c", addr, "-p", &port, "-t", &secs, "-J"];
+        if let Some(cc) = cc {
+            argv.extend(["-C", cc]);
+        }
+        let out = self.run(&argv)?;
         let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
         v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
