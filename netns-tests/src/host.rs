@@ -149,6 +149,26 @@ impl Host {
         &self.cgroup_parent
     }
 
+    /// The processes of task `id` on this host: those in its cgroup, in any hierarchy.
+    pub fn task_pids(&self, id: &str) -> Vec<i32> {
+        let pids: std::collections::BTreeSet<i32> =
+            crate::cgroup_hierarchies(Path::new("/sys/fs/cgroup"))
+                .into_iter()
+                .filter_map(|hier| {
+                    std::fs::read_to_string(
+                        hier.join(&self.cgroup_parent).join(id).join("cgroup.procs"),
+                    )
+                    .ok()
+                })
+                .flat_map(|t| {
+                    t.split_ascii_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<i32>>()
+                })
+                .collect();
+        pids.into_iter().collect()
+    }
+
     /// The name of this host's cable end (`v<i>`) in the underlay namespace.
     pub fn underlay_port(&self) -> String {
         format!("v{}", self.index)

@@ -7,12 +7,11 @@
 //! leaving the swarm takes its filters away.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mesh_netns::swarm::swarm_cluster;
-use mesh_netns::{cgroup_hierarchies, wait_for, Cluster, Host};
+use mesh_netns::{wait_for, Cluster, Host};
 
 /// A TCP server answering each connection with its hostname.
 const TCP_SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(128)\nwhile True:\n c,a=s.accept()\n c.sendall(socket.gethostname().encode())\n c.close()";
@@ -111,18 +110,8 @@ fn running(c: &Cluster, svc: &str) -> Result<Vec<(String, String)>> {
 
 /// SIGKILLs the processes of task `id` on `h` (its cgroup's); how many.
 fn kill_task(h: &Host, id: &str) -> usize {
-    let pids: BTreeSet<i32> = cgroup_hierarchies(Path::new("/sys/fs/cgroup"))
-        .into_iter()
-        .filter_map(|hier| {
-            std::fs::read_to_string(hier.join(h.cgroup_parent()).join(id).join("cgroup.procs")).ok()
-        })
-        .flat_map(|t| {
-            t.split_ascii_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect();
-    pids.iter()
+    h.task_pids(id)
+        .iter()
         // SAFETY: kill(2) with pids read from the task's cgroup.
         .filter(|p| unsafe { libc::kill(**p, libc::SIGKILL) } == 0)
         .count()

@@ -84,19 +84,6 @@ fn ids_on(tasks: &[(String, String)], node: &str) -> Vec<String> {
     ids
 }
 
-/// The pids in a task's cgroup (any hierarchy has them all).
-fn task_pids(h: &Host, id: &str) -> Vec<u32> {
-    cgroup_hierarchies(Path::new(CGROUP_ROOT))
-        .into_iter()
-        .find_map(|hier| {
-            fs::read_to_string(hier.join(h.cgroup_parent()).join(id).join("cgroup.procs")).ok()
-        })
-        .unwrap_or_default()
-        .split_ascii_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 /// A service with tasks on both hosts; h2's meshd SIGKILLed and restarted (its tasks adopted);
 /// then an adopted task that dies by itself, a rolling update that stops every task and a
 /// `service rm`: each ended task loses its cgroups within seconds, on the restarted node as on
@@ -156,10 +143,10 @@ fn ended_tasks_leave_no_cgroup_even_after_a_daemon_restart() -> Result<()> {
 
     // An adopted task whose process dies (SIGKILL): its cgroups go, its logs stay.
     let victim = on_h2[0].clone();
-    let pids = task_pids(h2, &victim);
+    let pids = h2.task_pids(&victim);
     ensure!(pids.len() == 1, "pids of {victim}: {pids:?}");
     // SAFETY: plain syscall on a pid just read from the task's cgroup.
-    unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
     wait_no_cgroups(
         h2,
         std::slice::from_ref(&victim),
