@@ -135,6 +135,17 @@ static __always_inline struct np_config *config(void)
 	return cfg;
 }
 
+/* The Ethernet header of an IPv4 frame, or 0 for anything else. */
+static __always_inline struct ethhdr *ipv4_frame(struct __sk_buff *skb)
+{
+	struct ethhdr *eth = (void *)(long)skb->data;
+
+	if ((void *)(eth + 1) > (void *)(long)skb->data_end ||
+	    eth->h_proto != bpf_htons(ETH_P_IP))
+		return 0;
+	return eth;
+}
+
 static __always_inline __u32 mix(__u32 a, __u32 b)
 {
 	return mix64(((__u64)a << 32) | b);
@@ -482,14 +493,10 @@ int np_underlay_in(struct __sk_buff *skb)
 SEC("classifier")
 int np_sbox_veth_in(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
 	struct np_config *cfg = config();
-	struct ethhdr *eth = data;
+	struct ethhdr *eth = ipv4_frame(skb);
 
-	if (!cfg)
-		return TC_ACT_OK;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if (!cfg || !eth)
 		return TC_ACT_OK;
 	if (!same_mac(eth->h_source, cfg->sbox_mac))
 		return TC_ACT_OK;
@@ -499,17 +506,14 @@ int np_sbox_veth_in(struct __sk_buff *skb)
 SEC("classifier")
 int np_sbox_in(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct np_config *cfg = config();
-	struct ethhdr *eth = data;
+	struct ethhdr *eth = ipv4_frame(skb);
 	struct np_rev_val *rv;
 	struct np_rev_key rk;
 	int udp_csum = 0;
 
-	if (!cfg)
-		return TC_ACT_OK;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if (!cfg || !eth)
 		return TC_ACT_OK;
 	if (reply_key((void *)(eth + 1), end, &rk, &udp_csum))
 		return TC_ACT_OK;
@@ -524,15 +528,12 @@ int np_sbox_in(struct __sk_buff *skb)
 SEC("classifier")
 int np_host_veth_in(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct np_config *cfg = config();
-	struct ethhdr *eth = data;
+	struct ethhdr *eth = ipv4_frame(skb);
 	struct iphdr *ip;
 
-	if (!cfg)
-		return TC_ACT_OK;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if (!cfg || !eth)
 		return TC_ACT_OK;
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->saddr != cfg->node_ip)

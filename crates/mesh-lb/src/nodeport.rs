@@ -7,9 +7,9 @@
 //! namespace), and to the sandbox's end of that veth and its leg on the ingress overlay (sandbox
 //! namespace). Netlink filters outlive the daemon: a daemon killed and restarted finds the maps
 //! of the programs still attached by the IDs it wrote to its state file, and keeps them, so no
-//! flow of the previous daemon loses its task. When anything differs (an interface recreated, a map gone,
-//! another node address, a daemon built with other programs), it loads afresh and replaces the
-//! filters in place.
+//! flow of the previous daemon loses its task. When anything differs (an interface recreated, a
+//! map gone, another node address, a daemon built with other programs), it loads afresh and
+//! replaces the filters in place.
 //! [`NodePort::set_port`] reconciles one published port to its backends with the same
 //! hole-free slot protocol as the socket balancer (`plan`); [`NodePort::detach`] removes the
 //! filters, which frees programs and maps.
@@ -230,6 +230,26 @@ struct StateConfig {
     object: u64,
 }
 
+impl StateConfig {
+    /// The programs' config (`np_config`) for this setup, enabled.
+    fn kernel(&self, mtu: u16, sbox_mac: [u8; 6], underlay_mac: [u8; 6]) -> ConfigVal {
+        ConfigVal {
+            node_ip: be32(self.node_ip),
+            underlay_ifindex: self.underlay_ifindex,
+            sbox_veth_ifindex: self.sbox_veth_ifindex,
+            host_veth_ifindex: self.host_veth_ifindex,
+            sbox_leg_ifindex: self.sbox_leg_ifindex,
+            vni: self.vni,
+            vxlan_port: self.vxlan_port.to_be(),
+            mtu,
+            sbox_mac,
+            underlay_mac,
+            enabled: 1,
+            pad: 0,
+        }
+    }
+}
+
 /// FNV-1a of `bytes`: stable across builds and toolchains, unlike `DefaultHasher`.
 fn fingerprint(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -324,20 +344,11 @@ impl NodePort {
             vxlan_port: p.vxlan_port,
             object: fingerprint(object),
         };
-        let config = ConfigVal {
-            node_ip: be32(p.node_ip),
-            underlay_ifindex: ifs.underlay.index,
-            sbox_veth_ifindex: ifs.sbox_veth,
-            host_veth_ifindex: ifs.host_veth,
-            sbox_leg_ifindex: ifs.sbox_leg,
-            vni: p.vni,
-            vxlan_port: p.vxlan_port.to_be(),
-            mtu: ifs.underlay.mtu.unwrap_or(1500).min(u32::from(u16::MAX)) as u16,
-            sbox_mac: ifs.sbox_mac,
-            underlay_mac: ifs.underlay.mac.unwrap_or_default(),
-            enabled: 1,
-            pad: 0,
-        };
+        let config = want.kernel(
+            ifs.underlay.mtu.unwrap_or(1500).min(u32::from(u16::MAX)) as u16,
+            ifs.sbox_mac,
+            ifs.underlay.mac.unwrap_or_default(),
+        );
         let (mut maps, adopted) = tokio::task::block_in_place(|| match adopt(state, &want) {
             Some(maps) => Ok::<_, NodePortError>((maps, true)),
             None => Ok((load_and_attach(&p, state, &want)?, false)),
@@ -593,9 +604,12 @@ fn adopt(state: &Path, want: &StateConfig) -> Option<BTreeMap<&'static str, Map>
     let text = std::fs::read(state).ok()?;
     let st: State = serde_json::from_slice(&text).ok()?;
     if &st.config != want {
-        tracing::info!(
-            "routing mesh fast path: interfaces or programs changed since the last daemon; reloading"
-        );
+        let what = if st.config.object != want.object {
+            "this daemon's programs differ from the last daemon's"
+        } else {
+            "its interfaces or addresses changed since the last daemon"
+        };
+        tracing::info!("routing mesh fast path: {what}; loading afresh");
         return None;
     }
     let mut out = BTreeMap::new();
