@@ -3,8 +3,9 @@
 //! sandbox); connections keep flowing, none failing, while backends are added and
 //! while h3's daemon is SIGKILLed and restarted (the restarted one adopts the programs and
 //! their flow tables: an open connection keeps its task); a UDP client whose task is killed
-//! moves to another task at once (the fast path forgets a removed backend's flows); a node
-//! leaving the swarm takes its filters away.
+//! moves to another task at once (the fast path forgets a removed backend's flows); a daemon
+//! restarted over the programs of another build puts its own in their place; a node leaving the
+//! swarm takes its filters away, also when it left while its daemon was down.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -286,26 +287,155 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         moved_at - killed_at
     );
 
-    // h3 leaves the swarm: its filters go, with the programs and maps.
-    let filters = || -> Result<String> {
-        let out = h3.exec(&["tc", "filter", "show", "dev", "eth0", "ingress"])?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    // h3 restarted over the state file of a daemon built with other programs: it loads its
+    // own and puts them in place of the old ones on all four interfaces; h3 keeps answering.
+    let before = fast_path_filters(h3)?;
     ensure!(
-        filters()?.contains("np_underlay_in"),
-        "no fast path on h3's eth0: {}",
-        filters()?
+        before.len() == 4 && before.iter().all(|(_, id)| id.is_some()),
+        "h3's fast path: {before:?}"
     );
-    h3.mesh_ok(&["swarm", "leave"])?;
+    h3.kill_daemon()?;
+    let state = h3.exec_root().join(STATE_FILE);
+    let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&state)?)?;
+    let object = st["config"]["object"]
+        .as_u64()
+        .context("no object fingerprint in the state file")?;
+    st["config"]["object"] = (object ^ 1).into();
+    std::fs::write(&state, serde_json::to_vec(&st)?)?;
+    let log_from = std::fs::metadata(h3.log_path())?.len() as usize;
+    h3.start_daemon()?;
     wait_for(
-        "h3's fast path gone",
-        Duration::from_secs(10),
+        "h3's fast path reloaded",
+        Duration::from_secs(20),
         Duration::from_millis(200),
-        || Ok((!filters()?.contains("np_underlay_in")).then_some(())),
+        || {
+            let log = std::fs::read(h3.log_path())?;
+            let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
+            Ok((log.contains("programs differ") && log.contains("adopted=false")).then_some(()))
+        },
+    )?;
+    let after = fast_path_filters(h3)?;
+    ensure!(
+        after.len() == 4
+            && after
+                .iter()
+                .zip(&before)
+                .all(|((_, a), (_, b))| a.is_some() && a != b),
+        "h3's filters after the reload: {after:?}, before: {before:?}"
+    );
+    wait_for(
+        "web and echo answer through the reloaded h3",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            Ok(c.client_exec(&["python3", "-c", LOAD, &via, "0.3"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("echo 3 0"))
+                .then_some(()))
+        },
+    )?;
+    let out = c.client_exec_timeout(
+        &["python3", "-c", BULK_CLIENT, &via],
+        Duration::from_secs(30),
     )?;
     ensure!(
-        !h3.exec_root().join("ingress-fastpath.json").exists(),
+        String::from_utf8_lossy(&out.stdout).trim() == format!("ok {}", 2 + (1 << 24)),
+        "16 MiB up and down through the reloaded h3: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // h2 leaves the swarm: its filters go, with the programs and maps.
+    let h2 = c.host(2);
+    ensure!(
+        fast_path_filters(h2)?.len() == 4,
+        "h2's fast path: {:?}",
+        fast_path_filters(h2)?
+    );
+    h2.mesh_ok(&["swarm", "leave"])?;
+    wait_for(
+        "h2's fast path gone",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || Ok(fast_path_filters(h2)?.is_empty().then_some(())),
+    )?;
+    ensure!(
+        !h2.exec_root().join(STATE_FILE).exists(),
+        "h2 kept its fast path state file"
+    );
+
+    // h3 leaves the swarm while its daemon is down (its membership removed from the data
+    // directory, as `swarm leave` would): the daemon started out of a swarm removes the
+    // filters the killed one left.
+    h3.kill_daemon()?;
+    std::fs::remove_file(h3.data_dir().join("node.json"))?;
+    h3.start_daemon()?;
+    wait_for(
+        "h3's leftover fast path gone",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || Ok(fast_path_filters(h3)?.is_empty().then_some(())),
+    )
+    .with_context(|| format!("h3's filters: {:?}", fast_path_filters(h3)))?;
+    ensure!(
+        !h3.exec_root().join(STATE_FILE).exists(),
         "h3 kept its fast path state file"
     );
+    // With the namespaces the swarm held (the sandbox's with its filters, the overlays') and
+    // the routing mesh's rules in the host namespace.
+    let held: Vec<String> = std::fs::read_dir(h3.exec_root().join("netns"))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    ensure!(held.is_empty(), "h3 still holds namespaces: {held:?}");
+    let table = h3.exec(&["nft", "list", "table", "ip", "mesh_ingress"])?;
+    ensure!(
+        !table.status.success(),
+        "h3 kept the routing mesh's rules: {}",
+        String::from_utf8_lossy(&table.stdout)
+    );
     Ok(())
+}
+
+/// The fast path's state file in a daemon's exec root.
+const STATE_FILE: &str = "ingress-fastpath.json";
+
+/// The fast path's filters on `h` as `(interface, program ID)`, for each of the four
+/// interfaces that has one: the underlay and the host end of the sandbox's veth in the host
+/// namespace, the sandbox's end and its overlay leg in the sandbox (if it is still held).
+fn fast_path_filters(h: &Host) -> Result<Vec<(String, Option<u32>)>> {
+    let mut out = Vec::new();
+    let mut show = |label: &str, argv: &[&str]| -> Result<()> {
+        let o = h.exec(argv)?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        if let Some(l) = text.lines().find(|l| l.contains(" np_")) {
+            let id = l
+                .split_whitespace()
+                .skip_while(|w| *w != "id")
+                .nth(1)
+                .and_then(|n| n.parse().ok());
+            out.push((label.to_string(), id));
+        }
+        Ok(())
+    };
+    for dev in ["eth0", "mesh_ingr0"] {
+        show(dev, &["tc", "filter", "show", "dev", dev, "ingress"])?;
+    }
+    let holder = h.exec_root().join("netns/ingress_sbox.json");
+    if let Ok(bytes) = std::fs::read(&holder) {
+        let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+        let pid = v["pid"]
+            .as_u64()
+            .context("no pid in the sandbox's record")?;
+        let ns = format!("--net=/proc/{pid}/ns/net");
+        for dev in ["mi0", "eth0"] {
+            let label = format!("sandbox {dev}");
+            show(
+                &label,
+                &[
+                    "nsenter", &ns, "tc", "filter", "show", "dev", dev, "ingress",
+                ],
+            )?;
+        }
+    }
+    Ok(out)
 }

@@ -2102,7 +2102,9 @@ impl NetworkPlane for Plane {
         }
         let port = self.0.cfg.vxlan_port;
         let exec_root = self.0.cfg.exec_root.clone();
-        self.0.rt.spawn(async move {
+        let holders = self.0.holders.clone();
+        // Blocking until done: a swarm joined right after must not lose what it sets up.
+        self.0.rt.block_on(async move {
             let host = match Netns::current() {
                 Ok(ns) => Handle::new(&ns).await,
                 Err(e) => Err(e),
@@ -2127,7 +2129,27 @@ impl NetworkPlane for Plane {
             let names: Vec<String> = links.into_iter().map(|l| l.name).collect();
             let state = exec_root.join(NODEPORT_STATE);
             let _ = tokio::task::spawn_blocking(move || {
-                mesh_lb::nodeport::remove_leftovers(&names, &state)
+                mesh_lb::nodeport::remove_leftovers(&names, &state);
+                // The routing mesh's rules in the host namespace, then every namespace the
+                // swarm held (the ingress sandbox with its veth and filters, the overlays with
+                // their VXLAN devices): as `stop` removes them when the node leaves.
+                match Netns::current() {
+                    Ok(host) => {
+                        if let Err(e) = mesh_ingress::remove_host_leftovers(&host) {
+                            warn!("removing the routing mesh's leftover rules: {e}");
+                        }
+                    }
+                    Err(e) => warn!("removing the routing mesh's leftover rules: {e}"),
+                }
+                for (name, _) in holders.list() {
+                    match holders.remove(&name) {
+                        Ok(()) => info!(name, "removed a network namespace the swarm left"),
+                        Err(e) => warn!(name, "removing a leftover network namespace: {e}"),
+                    }
+                }
+                for file in [INGRESS_STATE, GOSSIP_NETWORKS] {
+                    let _ = std::fs::remove_file(exec_root.join(file));
+                }
             })
             .await;
         });

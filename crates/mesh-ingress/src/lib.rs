@@ -841,6 +841,17 @@ impl Ingress {
     }
 }
 
+/// Removes the routing mesh's rules a killed daemon left in `host` (its table, if there is
+/// one): what [`Ingress::teardown`] removes there, for a daemon that finds itself out of the
+/// swarm. The sandbox's end goes with the sandbox's namespace. Blocking.
+pub fn remove_host_leftovers(host: &Netns) -> Result<(), IngressError> {
+    if nft_read_table(host)?.is_some() {
+        nft_apply(host, &script::delete_table())?;
+        info!("removed the routing mesh's rules a previous daemon left");
+    }
+    Ok(())
+}
+
 fn check_ports(port: u16, target: u16) -> Result<(), IngressError> {
     if port == 0 || target == 0 {
         return Err(IngressError::Invalid(format!(
