@@ -21,6 +21,14 @@
 #define NP_MAX_BACKENDS 65536
 #define NP_MAX_FLOWS 262144
 
+/*
+ * The maps' layouts and meanings, as a whole: a daemon loading these programs
+ * over those of another build copies the old maps' entries (ports, backends,
+ * flows) into its own only when this is the same. Bump it with any change to
+ * a map's key, value or meaning.
+ */
+#define NP_MAPS_VERSION 1
+
 #define NP_CONFIG_SIZE 48
 #define NP_PORT_KEY_SIZE 4
 #define NP_PORT_VAL_SIZE 8

@@ -4,8 +4,9 @@
 //! while h3's daemon is SIGKILLed and restarted (the restarted one adopts the programs and
 //! their flow tables: an open connection keeps its task); a UDP client whose task is killed
 //! moves to another task at once (the fast path forgets a removed backend's flows); a daemon
-//! restarted over the programs of another build puts its own in their place; a node leaving the
-//! swarm takes its filters away, also when it left while its daemon was down.
+//! restarted over the programs of another build (an upgrade) puts its own in their place and
+//! keeps every held connection on its task; a node leaving the swarm takes its filters away,
+//! also when it left while its daemon was down.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -16,8 +17,8 @@ use mesh_netns::{wait_for, Cluster, Host};
 
 /// A TCP server answering each connection with its hostname.
 const TCP_SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(128)\nwhile True:\n c,a=s.accept()\n c.sendall(socket.gethostname().encode())\n c.close()";
-/// A TCP echo server (one thread per connection).
-const ECHO_SERVER: &str = "import socket,threading\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',9090))\ns.listen(16)\ndef h(c):\n while True:\n  d=c.recv(100)\n  if not d:\n   break\n  c.sendall(d)\nwhile True:\n c,a=s.accept()\n threading.Thread(target=h,args=(c,),daemon=True).start()";
+/// A TCP echo server (one thread per connection); `who` is answered with its hostname.
+const ECHO_SERVER: &str = "import socket,threading\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',9090))\ns.listen(16)\ndef h(c):\n while True:\n  d=c.recv(100)\n  if not d:\n   break\n  c.sendall(socket.gethostname().encode() if d==b'who' else d)\nwhile True:\n c,a=s.accept()\n threading.Thread(target=h,args=(c,),daemon=True).start()";
 /// A UDP server answering each datagram with its hostname.
 const UDP_SERVER: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5353))\nwhile True:\n d,a=s.recvfrom(100)\n s.sendto(socket.gethostname().encode(),a)";
 /// A TCP server that reads 16 MiB of the repeated bytes 0..=255 from each connection, and
@@ -26,6 +27,13 @@ const BULK_SERVER: &str = "import socket,threading\ns=socket.socket()\ns.setsock
 /// Uploads BULK_SERVER's 16 MiB to ADDR:7070 and downloads its answer; prints `ok BYTES` if
 /// the answer was `ok` and the same bytes, else `bad BYTES`.
 const BULK_CLIENT: &str = "import socket,sys\nb=bytes(range(256))*65536\nc=socket.create_connection((sys.argv[1],7070),timeout=10)\nc.sendall(b)\nd=bytearray()\nwhile True:\n x=c.recv(1<<20)\n if not x:\n  break\n d+=x\nprint('ok' if d==b'ok'+b else 'bad',len(d))";
+/// N connections to ADDR:9090 held open for SECS seconds, each asking `who` every 100 ms.
+/// Prints `held OK FAIL` (FAIL: an error, or an answer from another task than the
+/// connection's first), `failed SECONDS CONNECTION WHAT` for each failure, and `start` once
+/// all are open.
+const HELD: &str = "import socket,sys,time\naddr,n,secs=sys.argv[1],int(sys.argv[2]),float(sys.argv[3])\nt0=time.time()\ncs=[socket.create_connection((addr,9090),timeout=3) for _ in range(n)]\nfirst=[None]*n;live=set(range(n));ok=0;bad=[]\nprint('start',flush=True)\nwhile time.time()<t0+secs and live:\n for i in sorted(live):\n  try:\n   cs[i].sendall(b'who');d=cs[i].recv(100).decode()\n   first[i]=first[i] or d\n   if d==first[i]:\n    ok+=1\n   else:\n    bad.append((time.time()-t0,i,first[i]+' -> '+d));live.discard(i)\n  except OSError as e:\n   bad.append((time.time()-t0,i,repr(e)));live.discard(i)\n time.sleep(0.1)\nprint('held',ok,len(bad))\nfor b in bad:\n print('failed %.3f %d %s'%b)";
+/// COUNT new connections to ADDR:9090, one `who` each; prints the distinct answers.
+const WHO: &str = "import socket,sys\nseen=set()\nfor _ in range(int(sys.argv[2])):\n try:\n  c=socket.create_connection((sys.argv[1],9090),timeout=3);c.sendall(b'who');seen.add(c.recv(100).decode());c.close()\n except OSError:\n  pass\nprint(' '.join(sorted(seen)))";
 /// For SECS seconds: new connections to ADDR:8080 one after another, and one echo connection
 /// to ADDR:9090 kept open, pinged every 100 ms. Prints `conns OK FAIL`, `echo OK FAIL`, and
 /// `failed SECONDS CLIENT_PORT WHAT` for each failed connection.
@@ -287,33 +295,91 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         moved_at - killed_at
     );
 
-    // h3 restarted over the state file of a daemon built with other programs: it loads its
-    // own and puts them in place of the old ones on all four interfaces; h3 keeps answering.
+    // h3 restarted over the state file of a daemon built with other programs (an upgrade):
+    // it loads its own, carries the old maps' ports, backends and flows over, and puts its
+    // programs in place of the old ones on all four interfaces. Connections opened through
+    // h3 while echo had 2 tasks, then echo scaled to 4 (so a re-balanced flow would move
+    // with even odds): every one keeps its task across the upgrade.
     let before = fast_path_filters(h3)?;
     ensure!(
         before.len() == 4 && before.iter().all(|(_, id)| id.is_some()),
         "h3's fast path: {before:?}"
     );
-    h3.kill_daemon()?;
-    let state = h3.exec_root().join(STATE_FILE);
-    let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&state)?)?;
-    let object = st["config"]["object"]
-        .as_u64()
-        .context("no object fingerprint in the state file")?;
-    st["config"]["object"] = (object ^ 1).into();
-    std::fs::write(&state, serde_json::to_vec(&st)?)?;
-    let log_from = std::fs::metadata(h3.log_path())?.len() as usize;
-    h3.start_daemon()?;
-    wait_for(
-        "h3's fast path reloaded",
-        Duration::from_secs(20),
-        Duration::from_millis(200),
-        || {
-            let log = std::fs::read(h3.log_path())?;
-            let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
-            Ok((log.contains("programs differ") && log.contains("adopted=false")).then_some(()))
-        },
-    )?;
+    const HELD_SECS: f64 = 25.0;
+    let (out, marks, upgraded_at) = std::thread::scope(|s| -> Result<_> {
+        let t0 = Instant::now();
+        let held = s.spawn(|| {
+            c.client_exec_timeout(
+                &["python3", "-c", HELD, &via, "8", &HELD_SECS.to_string()],
+                Duration::from_secs(60),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        h1.mesh_ok(&["service", "scale", "echo=4"])?;
+        wait_for(
+            "new connections through h3 reach 4 echo tasks",
+            Duration::from_secs(15),
+            Duration::from_millis(300),
+            || {
+                let o = c.client_exec(&["python3", "-c", WHO, &via, "24"])?;
+                let n = String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .count();
+                Ok((n == 4).then_some(()))
+            },
+        )?;
+        let scaled = t0.elapsed().as_secs_f64();
+        h3.kill_daemon()?;
+        let state = h3.exec_root().join(STATE_FILE);
+        let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&state)?)?;
+        let object = st["config"]["object"]
+            .as_u64()
+            .context("no object fingerprint in the state file")?;
+        st["config"]["object"] = (object ^ 1).into();
+        std::fs::write(&state, serde_json::to_vec(&st)?)?;
+        let log_from = std::fs::metadata(h3.log_path())?.len() as usize;
+        h3.start_daemon()?;
+        wait_for(
+            "h3's fast path reloaded",
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || {
+                let log = std::fs::read(h3.log_path())?;
+                let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
+                Ok(
+                    (log.contains("programs differ") && log.contains("adopted=false"))
+                        .then_some(()),
+                )
+            },
+        )?;
+        let upgraded = t0.elapsed().as_secs_f64();
+        let marks = format!("echo at 4 tasks at {scaled:.3} s, h3 upgraded at {upgraded:.3} s");
+        Ok((held.join().expect("held thread")?, marks, upgraded))
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (ok, failed) = text
+        .lines()
+        .find_map(|l| {
+            let mut w = l.strip_prefix("held ")?.split_whitespace();
+            Some((
+                w.next()?.parse::<u64>().ok()?,
+                w.next()?.parse::<u64>().ok()?,
+            ))
+        })
+        .with_context(|| format!("no held line in {text:?} ({:?})", out.stderr))?;
+    eprintln!("held through h3's upgrade: {ok} answers, {failed} failed ({marks})");
+    ensure!(
+        upgraded_at + 3.0 < HELD_SECS,
+        "h3 upgraded too late for the held connections to see it ({marks})"
+    );
+    ensure!(
+        failed == 0 && ok > 8 * 100,
+        "connections held through h3's upgrade: {ok} answers, {failed} failed ({marks}):\n{}",
+        text.lines()
+            .filter(|l| l.starts_with("failed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let after = fast_path_filters(h3)?;
     ensure!(
         after.len() == 4

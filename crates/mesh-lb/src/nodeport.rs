@@ -8,8 +8,9 @@
 //! namespace). Netlink filters outlive the daemon: a daemon killed and restarted finds the maps
 //! of the programs still attached by the IDs it wrote to its state file, and keeps them, so no
 //! flow of the previous daemon loses its task. When anything differs (an interface recreated, a
-//! map gone, another node address, a daemon built with other programs), it loads afresh and
-//! replaces the filters in place.
+//! map gone, another node address, a daemon built with other programs), it loads afresh,
+//! copies the old maps' ports, backends and flows into the new ones (when their layouts match,
+//! `NP_MAPS_VERSION`), and replaces the filters in place: an upgrade breaks no connection.
 //! [`NodePort::set_port`] reconciles one published port to its backends with the same
 //! hole-free slot protocol as the socket balancer (`plan`); [`NodePort::detach`] removes the
 //! filters, which frees programs and maps.
@@ -30,7 +31,7 @@ use mesh_netlink::Netns;
 
 use crate::consts::{
     NP_ALIVE_KEY_SIZE, NP_BACKEND_KEY_SIZE, NP_BACKEND_VAL_SIZE, NP_CONFIG_SIZE, NP_FWD_KEY_SIZE,
-    NP_PORT_KEY_SIZE, NP_PORT_VAL_SIZE, NP_REV_KEY_SIZE, NP_REV_VAL_SIZE,
+    NP_MAPS_VERSION, NP_PORT_KEY_SIZE, NP_PORT_VAL_SIZE, NP_REV_KEY_SIZE, NP_REV_VAL_SIZE,
 };
 use crate::plan::{plan, Op};
 use crate::{chain, is_enoent, objects, Proto};
@@ -215,6 +216,9 @@ impl PortKey {
 struct State {
     maps: BTreeMap<String, u32>,
     config: StateConfig,
+    /// `NP_MAPS_VERSION` of the programs that use the maps (0: written before it existed).
+    #[serde(default)]
+    maps_version: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -351,7 +355,7 @@ impl NodePort {
         );
         let (mut maps, adopted) = tokio::task::block_in_place(|| match adopt(state, &want) {
             Some(maps) => Ok::<_, NodePortError>((maps, true)),
-            None => Ok((load_and_attach(&p, state, &want)?, false)),
+            None => Ok((load_and_attach(&p, state, &want, config)?, false)),
         })?;
         let mut take = |name: &'static str| {
             maps.remove(name)
@@ -614,27 +618,93 @@ fn adopt(state: &Path, want: &StateConfig) -> Option<BTreeMap<&'static str, Map>
     }
     let mut out = BTreeMap::new();
     for name in MAPS {
-        let id = *st.maps.get(name)?;
-        let data = MapData::from_id(id).ok()?;
-        let info = data.info().ok()?;
-        if info.name_as_str() != Some(name) {
-            return None;
-        }
-        let map = match name {
-            MAP_CONFIG => Map::Array(data),
-            MAP_FWD | MAP_REV => Map::LruHashMap(data),
-            _ => Map::HashMap(data),
-        };
-        out.insert(name, map);
+        out.insert(name, old_map(&st, name)?);
     }
     Some(out)
+}
+
+/// Map `name` of a previous daemon's programs, by the ID in its state `st`, if it still exists.
+fn old_map(st: &State, name: &'static str) -> Option<Map> {
+    let id = *st.maps.get(name)?;
+    let data = MapData::from_id(id).ok()?;
+    let info = data.info().ok()?;
+    if info.name_as_str() != Some(name) {
+        return None;
+    }
+    Some(match name {
+        MAP_CONFIG => Map::Array(data),
+        MAP_FWD | MAP_REV => Map::LruHashMap(data),
+        _ => Map::HashMap(data),
+    })
+}
+
+/// Copies into `new`, the maps just loaded, the ports, backends and flows of the maps a
+/// previous daemon's programs still use (`old`, its state): the new programs then take over
+/// every connection where the old ones left it. Only when both use the same layouts
+/// (`NP_MAPS_VERSION`). Returns the flows carried over.
+fn carry_over(old: &State, new: &mut BTreeMap<&'static str, Map>) -> usize {
+    if old.maps_version != NP_MAPS_VERSION {
+        tracing::info!(
+            old = old.maps_version,
+            new = NP_MAPS_VERSION,
+            "routing mesh fast path: the maps' layouts changed; open flows are re-balanced"
+        );
+        return 0;
+    }
+    const PK: usize = NP_PORT_KEY_SIZE as usize;
+    const PV: usize = NP_PORT_VAL_SIZE as usize;
+    const BK: usize = NP_BACKEND_KEY_SIZE as usize;
+    const BV: usize = NP_BACKEND_VAL_SIZE as usize;
+    const AK: usize = NP_ALIVE_KEY_SIZE as usize;
+    const FK: usize = NP_FWD_KEY_SIZE as usize;
+    const RK: usize = NP_REV_KEY_SIZE as usize;
+    const RV: usize = NP_REV_VAL_SIZE as usize;
+    let mut flows = 0;
+    for name in [MAP_PORTS, MAP_BACKENDS, MAP_ALIVE, MAP_FWD, MAP_REV] {
+        let (Some(from), Some(to)) = (old_map(old, name), new.get_mut(name)) else {
+            continue;
+        };
+        let copied = match name {
+            MAP_PORTS => copy_entries::<PK, PV>(from, to),
+            MAP_BACKENDS => copy_entries::<BK, BV>(from, to),
+            MAP_ALIVE => copy_entries::<AK, 4>(from, to),
+            MAP_FWD => copy_entries::<FK, BV>(from, to),
+            _ => copy_entries::<RK, RV>(from, to),
+        };
+        match copied {
+            Ok(n) if name == MAP_FWD => flows = n,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(map = name, "routing mesh fast path: carrying over: {e}"),
+        }
+    }
+    flows
+}
+
+/// Copies every entry of hash map `from` into `to` (both of K-byte keys and V-byte values).
+fn copy_entries<const K: usize, const V: usize>(
+    from: Map,
+    to: &mut Map,
+) -> Result<usize, aya::maps::MapError> {
+    let from: HashMap<MapData, [u8; K], [u8; V]> = HashMap::try_from(from)?;
+    let mut to: HashMap<&mut MapData, [u8; K], [u8; V]> = HashMap::try_from(to)?;
+    let mut n = 0;
+    for kv in from.iter() {
+        let (k, v) = kv?;
+        to.insert(k, v, 0)?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn load_and_attach(
     p: &Plumbing,
     state: &Path,
     want: &StateConfig,
+    config: ConfigVal,
 ) -> Result<BTreeMap<&'static str, Map>, NodePortError> {
+    let previous: Option<State> = std::fs::read(state)
+        .ok()
+        .and_then(|text| serde_json::from_slice(&text).ok());
     let object = objects::NODEPORT.ok_or_else(|| NodePortError("not built".into()))?;
     let mut ebpf: Ebpf = EbpfLoader::new()
         .load(object)
@@ -670,7 +740,21 @@ fn load_and_attach(
         ids.insert(name.to_string(), id);
         maps.insert(name, map);
     }
-    // Programs are disabled until user space filled the config: attach, then enable.
+    // The programs pass every packet until their config is set (`enabled`): carry the old
+    // maps' entries over and set it before they are attached, so they take over at once.
+    if let Some(old) = &previous {
+        let flows = carry_over(old, &mut maps);
+        tracing::info!(
+            flows,
+            "routing mesh fast path: took over the previous programs' maps"
+        );
+    }
+    let cfg = maps
+        .get_mut(MAP_CONFIG)
+        .ok_or_else(|| NodePortError(format!("no map {MAP_CONFIG}")))?;
+    Array::<&mut MapData, ConfigVal>::try_from(cfg)
+        .and_then(|mut a| a.set(0, config, 0))
+        .map_err(|e| err(MAP_CONFIG, e))?;
     attach(&mut ebpf, PROG_HOST_VETH, &p.host_veth, None)?;
     attach(&mut ebpf, PROG_SBOX, &p.sandbox_leg, Some(&p.sandbox))?;
     attach(&mut ebpf, PROG_SBOX_VETH, &p.sandbox_veth, Some(&p.sandbox))?;
@@ -678,6 +762,7 @@ fn load_and_attach(
     let st = State {
         maps: ids,
         config: *want,
+        maps_version: NP_MAPS_VERSION,
     };
     let tmp = state.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec(&st).expect("serializable"))
