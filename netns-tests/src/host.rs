@@ -169,6 +169,28 @@ impl Host {
         pids.into_iter().collect()
     }
 
+    /// The task cgroups under this host's cgroup parent, as `<hierarchy>/<task id>` (the
+    /// namespace holders' `netns` is not a task's).
+    pub fn task_cgroups(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for hier in crate::cgroup_hierarchies(Path::new("/sys/fs/cgroup")) {
+            let Ok(rd) = std::fs::read_dir(hier.join(&self.cgroup_parent)) else {
+                continue;
+            };
+            let name = hier
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for e in rd.flatten() {
+                let task = e.file_name().to_string_lossy().into_owned();
+                if e.file_type().is_ok_and(|t| t.is_dir()) && task != "netns" {
+                    out.insert(format!("{name}/{task}"));
+                }
+            }
+        }
+        out
+    }
+
     /// The name of this host's cable end (`v<i>`) in the underlay namespace.
     pub fn underlay_port(&self) -> String {
         format!("v{}", self.index)

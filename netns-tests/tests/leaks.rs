@@ -14,33 +14,9 @@ use mesh_netns::{cgroup_hierarchies, wait_for, Host};
 use serde_json::Value;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-/// The cgroup of the network-namespace holders under a cgroup parent: not a task.
-const NETNS_CGROUP: &str = "netns";
-
-/// The task cgroups under the host's cgroup parent, as `<hierarchy>/<task id>`.
-fn task_cgroups(h: &Host) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for hier in cgroup_hierarchies(Path::new(CGROUP_ROOT)) {
-        let Ok(rd) = fs::read_dir(hier.join(h.cgroup_parent())) else {
-            continue;
-        };
-        let name = hier
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        for e in rd.flatten() {
-            let task = e.file_name().to_string_lossy().into_owned();
-            if e.file_type().is_ok_and(|t| t.is_dir()) && task != NETNS_CGROUP {
-                out.insert(format!("{name}/{task}"));
-            }
-        }
-    }
-    out
-}
-
 /// The cgroups of the given tasks still on the host.
 fn cgroups_of(h: &Host, ids: &[String]) -> Vec<String> {
-    task_cgroups(h)
+    h.task_cgroups()
         .into_iter()
         .filter(|c| ids.iter().any(|id| c.ends_with(&format!("/{id}"))))
         .collect()
@@ -127,7 +103,7 @@ fn ended_tasks_leave_no_cgroup_even_after_a_daemon_restart() -> Result<()> {
         ensure!(
             used > 0 && cgroups_of(h2, std::slice::from_ref(id)).len() == used,
             "cgroups of the running task {id}: {:?}",
-            task_cgroups(h2)
+            h2.task_cgroups()
         );
     }
 
@@ -186,7 +162,7 @@ fn ended_tasks_leave_no_cgroup_even_after_a_daemon_restart() -> Result<()> {
             Duration::from_secs(15),
             Duration::from_millis(200),
             || {
-                let left = task_cgroups(h);
+                let left = h.task_cgroups();
                 ensure!(left.is_empty(), "left: {left:?}");
                 Ok(Some(()))
             },
@@ -198,6 +174,98 @@ fn ended_tasks_leave_no_cgroup_even_after_a_daemon_restart() -> Result<()> {
         "processes left: {:?}",
         sleep_pids(secs)
     );
+    Ok(())
+}
+
+/// A node that leaves the swarm keeps nothing of it: h2 with `swarm leave` (as Docker removes
+/// a leaving node's task containers), h3 while its daemon is down (its membership removed
+/// from the data directory, as `swarm leave` does): the daemon started out of a swarm removes
+/// the tasks the killed one left, with the namespaces the swarm held and the routing mesh's
+/// rules. Each loses its task cgroups and state directories; h1 keeps its own.
+#[test]
+fn a_node_leaving_the_swarm_keeps_none_of_its_tasks() -> Result<()> {
+    let Some(c) = swarm_cluster(3, 1, "leave-tasks")? else {
+        return Ok(());
+    };
+    let (h1, h2, h3) = (c.host(1), c.host(2), c.host(3));
+    let secs = (60_000 + std::process::id() % 10_000).to_string();
+    let out = h1.mesh_ok(&[
+        "service",
+        "create",
+        "--name",
+        "stay",
+        "--replicas",
+        "6",
+        "--publish",
+        "8080:80",
+        "--",
+        "sleep",
+        &secs,
+    ])?;
+    ensure!(out.contains("verify: Service converged"), "{out}");
+    wait_for(
+        "2 tasks running on each host",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let r = running(h1, "stay")?;
+            Ok(["h1", "h2", "h3"]
+                .iter()
+                .all(|h| ids_on(&r, h).len() == 2)
+                .then_some(()))
+        },
+    )?;
+    for h in [h2, h3] {
+        ensure!(
+            !h.task_cgroups().is_empty() && !task_dirs(h).is_empty(),
+            "{}: no task before leaving",
+            h.name()
+        );
+    }
+    let gone = |h: &Host| -> Result<()> {
+        let held: Vec<String> = fs::read_dir(h.exec_root().join("netns"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".json"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let table = h.exec(&["nft", "list", "table", "ip", "mesh_ingress"])?;
+        ensure!(
+            h.task_cgroups().is_empty()
+                && task_dirs(h).is_empty()
+                && held.is_empty()
+                && !table.status.success(),
+            "{} kept: cgroups {:?}, task directories {:?}, namespaces {held:?}, ingress rules: {}",
+            h.name(),
+            h.task_cgroups(),
+            task_dirs(h),
+            table.status.success()
+        );
+        Ok(())
+    };
+
+    h2.mesh_ok(&["swarm", "leave"])?;
+    // The tasks go before the answer, the namespaces right after it.
+    let waited = wait_for(
+        "h2 keeps nothing of the swarm",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || Ok(gone(h2).is_ok().then_some(())),
+    );
+    if waited.is_err() {
+        gone(h2)?;
+    }
+
+    h3.kill_daemon()?;
+    fs::remove_file(h3.data_dir().join("node.json"))?;
+    h3.start_daemon()?;
+    // The daemon removes them before it answers: no wait.
+    gone(h3)?;
+
+    let left = h1.task_cgroups();
+    ensure!(left.len() >= 2, "h1 lost its tasks: {left:?}");
     Ok(())
 }
 

@@ -101,10 +101,19 @@ impl Daemon {
                 }
                 daemon.resume(local, keys).await?;
             }
-        } else if let Some(plane) = daemon.cfg.plane.clone() {
-            // Not in a swarm: nothing of one may stay in the kernel (a swarm left while the
-            // daemon was down).
-            let _ = tokio::task::spawn_blocking(move || plane.clean_leftovers()).await;
+        } else {
+            // Not in a swarm: nothing of one may stay, neither its tasks nor what it put in
+            // the kernel (a swarm left while the daemon was down). Done before the API is
+            // served, so a swarm joined next loses nothing of its own.
+            let rt = daemon.cfg.runtime.clone();
+            let plane = daemon.cfg.plane.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                remove_tasks(&*rt);
+                if let Some(plane) = plane {
+                    plane.clean_leftovers();
+                }
+            })
+            .await;
         }
         let weak = Arc::downgrade(&daemon);
         tokio::spawn(async move {
@@ -945,12 +954,29 @@ impl Daemon {
         if let Some(m) = self.member.write().await.take() {
             m.stop().await;
         }
+        // As Docker removes the node's task containers when it leaves.
+        let rt = self.cfg.runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_tasks(&*rt)).await;
         *self.locked.write().await = None;
         LocalState::remove(&self.cfg.data_dir).map_err(ApiError::internal)?;
         let _ = std::fs::remove_file(self.cfg.data_dir.join("raft.redb"));
         let _ = std::fs::remove_file(self.cfg.data_dir.join(mesh_manager::datakey::KEY_FILE));
         info!("left the swarm");
         Ok(())
+    }
+}
+
+/// Removes every task of this node, running or ended (killed, then its state, logs and
+/// writable layer): the tasks of a swarm the node left. Blocking.
+fn remove_tasks(rt: &dyn Runtime) {
+    for (id, _) in rt.list() {
+        if let Err(e) = rt.stop(&id, libc::SIGKILL, Duration::ZERO) {
+            warn!(task = id, "stopping a task of the swarm left: {e}");
+        }
+        match rt.remove(&id) {
+            Ok(()) => info!(task = id, "removed a task of the swarm left"),
+            Err(e) => warn!(task = id, "removing a task of the swarm left: {e}"),
+        }
     }
 }
 
