@@ -346,10 +346,10 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
             || {
                 let log = std::fs::read(h3.log_path())?;
                 let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
-                Ok(
-                    (log.contains("programs differ") && log.contains("adopted=false"))
-                        .then_some(()),
-                )
+                Ok((log.contains("programs differ")
+                    && log.contains("took over the previous programs")
+                    && log.contains("adopted=false"))
+                .then_some(()))
             },
         )?;
         let upgraded = t0.elapsed().as_secs_f64();

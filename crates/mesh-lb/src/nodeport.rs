@@ -641,15 +641,16 @@ fn old_map(st: &State, name: &'static str) -> Option<Map> {
 /// Copies into `new`, the maps just loaded, the ports, backends and flows of the maps a
 /// previous daemon's programs still use (`old`, its state): the new programs then take over
 /// every connection where the old ones left it. Only when both use the same layouts
-/// (`NP_MAPS_VERSION`). Returns the flows carried over.
-fn carry_over(old: &State, new: &mut BTreeMap<&'static str, Map>) -> usize {
+/// (`NP_MAPS_VERSION`). Returns the flows carried over, or `None` if nothing was (other
+/// layouts, or the old maps are gone).
+fn carry_over(old: &State, new: &mut BTreeMap<&'static str, Map>) -> Option<usize> {
     if old.maps_version != NP_MAPS_VERSION {
         tracing::info!(
             old = old.maps_version,
             new = NP_MAPS_VERSION,
             "routing mesh fast path: the maps' layouts changed; open flows are re-balanced"
         );
-        return 0;
+        return None;
     }
     const PK: usize = NP_PORT_KEY_SIZE as usize;
     const PV: usize = NP_PORT_VAL_SIZE as usize;
@@ -659,7 +660,8 @@ fn carry_over(old: &State, new: &mut BTreeMap<&'static str, Map>) -> usize {
     const FK: usize = NP_FWD_KEY_SIZE as usize;
     const RK: usize = NP_REV_KEY_SIZE as usize;
     const RV: usize = NP_REV_VAL_SIZE as usize;
-    let mut flows = 0;
+    const AV: usize = std::mem::size_of::<u32>();
+    let mut flows = None;
     for name in [MAP_PORTS, MAP_BACKENDS, MAP_ALIVE, MAP_FWD, MAP_REV] {
         let (Some(from), Some(to)) = (old_map(old, name), new.get_mut(name)) else {
             continue;
@@ -667,12 +669,12 @@ fn carry_over(old: &State, new: &mut BTreeMap<&'static str, Map>) -> usize {
         let copied = match name {
             MAP_PORTS => copy_entries::<PK, PV>(from, to),
             MAP_BACKENDS => copy_entries::<BK, BV>(from, to),
-            MAP_ALIVE => copy_entries::<AK, 4>(from, to),
+            MAP_ALIVE => copy_entries::<AK, AV>(from, to),
             MAP_FWD => copy_entries::<FK, BV>(from, to),
             _ => copy_entries::<RK, RV>(from, to),
         };
         match copied {
-            Ok(n) if name == MAP_FWD => flows = n,
+            Ok(n) if name == MAP_FWD => flows = Some(n),
             Ok(_) => {}
             Err(e) => tracing::warn!(map = name, "routing mesh fast path: carrying over: {e}"),
         }
@@ -742,11 +744,10 @@ fn load_and_attach(
     }
     // The programs pass every packet until their config is set (`enabled`): carry the old
     // maps' entries over and set it before they are attached, so they take over at once.
-    if let Some(old) = &previous {
-        let flows = carry_over(old, &mut maps);
+    if let Some(flows) = previous.as_ref().and_then(|old| carry_over(old, &mut maps)) {
         tracing::info!(
             flows,
-            "routing mesh fast path: took over the previous programs' maps"
+            "routing mesh fast path: took over the previous programs' ports and flows"
         );
     }
     let cfg = maps
