@@ -373,7 +373,7 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         "h3 upgraded too late for the held connections to see it ({marks})"
     );
     ensure!(
-        failed == 0 && ok > 8 * 100,
+        failed == 0 && ok >= 8 * 20,
         "connections held through h3's upgrade: {ok} answers, {failed} failed ({marks}):\n{}",
         text.lines()
             .filter(|l| l.starts_with("failed"))
