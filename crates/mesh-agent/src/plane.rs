@@ -2101,58 +2101,46 @@ impl NetworkPlane for Plane {
             warn!("removing a leftover underlay filter: {e}");
         }
         let port = self.0.cfg.vxlan_port;
-        let exec_root = self.0.cfg.exec_root.clone();
-        let holders = self.0.holders.clone();
-        // Blocking until done: a swarm joined right after must not lose what it sets up.
-        self.0.rt.block_on(async move {
-            let host = match Netns::current() {
-                Ok(ns) => Handle::new(&ns).await,
-                Err(e) => Err(e),
+        // Runs to the end before returning (the caller blocks): a swarm joined right after
+        // must not lose what it sets up.
+        let host = match Netns::current() {
+            Ok(ns) => ns,
+            Err(e) => {
+                warn!("removing what a swarm left: {e}");
+                return;
+            }
+        };
+        let links = self.0.rt.block_on(async {
+            let h = match Handle::new(&host).await {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!("removing what a swarm left: {e}");
+                    return Vec::new();
+                }
             };
-            let res = match host {
-                Ok(h) => mesh_overlay::crypt::remove_routing(&h, port)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = res {
+            if let Err(e) = mesh_overlay::crypt::remove_routing(&h, port).await {
                 warn!("removing a leftover encryption tunnel route: {e}");
             }
-            // A fast path whose daemon was killed stays attached to the host's interfaces.
-            let links = match Netns::current() {
-                Ok(ns) => match Handle::new(&ns).await {
-                    Ok(h) => h.links().await.unwrap_or_default(),
-                    Err(_) => Vec::new(),
-                },
-                Err(_) => Vec::new(),
-            };
-            let names: Vec<String> = links.into_iter().map(|l| l.name).collect();
-            let state = exec_root.join(NODEPORT_STATE);
-            let _ = tokio::task::spawn_blocking(move || {
-                mesh_lb::nodeport::remove_leftovers(&names, &state);
-                // The routing mesh's rules in the host namespace, then every namespace the
-                // swarm held (the ingress sandbox with its veth and filters, the overlays with
-                // their VXLAN devices): as `stop` removes them when the node leaves.
-                match Netns::current() {
-                    Ok(host) => {
-                        if let Err(e) = mesh_ingress::remove_host_leftovers(&host) {
-                            warn!("removing the routing mesh's leftover rules: {e}");
-                        }
-                    }
-                    Err(e) => warn!("removing the routing mesh's leftover rules: {e}"),
-                }
-                for (name, _) in holders.list() {
-                    match holders.remove(&name) {
-                        Ok(()) => info!(name, "removed a network namespace the swarm left"),
-                        Err(e) => warn!(name, "removing a leftover network namespace: {e}"),
-                    }
-                }
-                for file in [INGRESS_STATE, GOSSIP_NETWORKS] {
-                    let _ = std::fs::remove_file(exec_root.join(file));
-                }
-            })
-            .await;
+            h.links().await.unwrap_or_default()
         });
+        // A fast path whose daemon was killed stays attached to the host's interfaces.
+        let names: Vec<String> = links.into_iter().map(|l| l.name).collect();
+        mesh_lb::nodeport::remove_leftovers(&names, &self.0.cfg.exec_root.join(NODEPORT_STATE));
+        // The routing mesh's rules in the host namespace, then every namespace the swarm held
+        // (the ingress sandbox with its veth and filters, the overlays with their VXLAN
+        // devices): as `stop` removes them when the node leaves.
+        if let Err(e) = mesh_ingress::remove_host_leftovers(&host) {
+            warn!("removing the routing mesh's leftover rules: {e}");
+        }
+        for (name, _) in self.0.holders.list() {
+            match self.0.holders.remove(&name) {
+                Ok(()) => info!(name, "removed a network namespace the swarm left"),
+                Err(e) => warn!(name, "removing a leftover network namespace: {e}"),
+            }
+        }
+        for file in [INGRESS_STATE, GOSSIP_NETWORKS] {
+            let _ = std::fs::remove_file(self.0.cfg.exec_root.join(file));
+        }
     }
 
     fn gossip_info(&self) -> Option<mesh_api::GossipInfo> {
