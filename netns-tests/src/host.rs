@@ -191,6 +191,24 @@ impl Host {
         out
     }
 
+    /// The network namespaces this host's daemon holds, by name (`ingress_sbox`, `ov-<vni>`),
+    /// with their holders' pids, from the records in `EXEC_ROOT/netns/`.
+    pub fn held_namespaces(&self) -> std::collections::BTreeMap<String, u32> {
+        let Ok(rd) = std::fs::read_dir(self.exec_root.join("netns")) else {
+            return Default::default();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let path = e.path();
+                let name = path.file_stem()?.to_string_lossy().into_owned();
+                (path.extension()? == "json").then_some(())?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+                Some((name, u32::try_from(v["pid"].as_u64()?).ok()?))
+            })
+            .collect()
+    }
+
     /// The name of this host's cable end (`v<i>`) in the underlay namespace.
     pub fn underlay_port(&self) -> String {
         format!("v{}", self.index)

@@ -75,16 +75,8 @@ fn tracked_anywhere(h: &Host, client: &str, port: u16) -> Result<Vec<String>> {
         "host".to_string(),
         "/proc/self/net/nf_conntrack".to_string(),
     )];
-    for e in std::fs::read_dir(h.exec_root().join("netns"))? {
-        let path = e?.path();
-        if path.extension().is_some_and(|x| x == "json") {
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-            let pid = v["pid"]
-                .as_u64()
-                .with_context(|| format!("no pid in {path:?}"))?;
-            let name = path.file_stem().unwrap_or_default().to_string_lossy();
-            tables.push((name.into_owned(), format!("/proc/{pid}/net/nf_conntrack")));
-        }
+    for (name, pid) in h.held_namespaces() {
+        tables.push((name, format!("/proc/{pid}/net/nf_conntrack")));
     }
     ensure!(
         tables.len() > 2,
@@ -447,11 +439,7 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     );
     // With the namespaces the swarm held (the sandbox's with its filters, the overlays') and
     // the routing mesh's rules in the host namespace.
-    let held: Vec<String> = std::fs::read_dir(h3.exec_root().join("netns"))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".json"))
-        .collect();
+    let held = h3.held_namespaces();
     ensure!(held.is_empty(), "h3 still holds namespaces: {held:?}");
     let table = h3.exec(&["nft", "list", "table", "ip", "mesh_ingress"])?;
     ensure!(
@@ -486,12 +474,7 @@ fn fast_path_filters(h: &Host) -> Result<Vec<(String, Option<u32>)>> {
     for dev in ["eth0", "mesh_ingr0"] {
         show(dev, &["tc", "filter", "show", "dev", dev, "ingress"])?;
     }
-    let holder = h.exec_root().join("netns/ingress_sbox.json");
-    if let Ok(bytes) = std::fs::read(&holder) {
-        let v: serde_json::Value = serde_json::from_slice(&bytes)?;
-        let pid = v["pid"]
-            .as_u64()
-            .context("no pid in the sandbox's record")?;
+    if let Some(pid) = h.held_namespaces().get("ingress_sbox") {
         let ns = format!("--net=/proc/{pid}/ns/net");
         for dev in ["mi0", "eth0"] {
             let label = format!("sandbox {dev}");

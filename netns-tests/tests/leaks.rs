@@ -223,14 +223,7 @@ fn a_node_leaving_the_swarm_keeps_none_of_its_tasks() -> Result<()> {
         );
     }
     let gone = |h: &Host| -> Result<()> {
-        let held: Vec<String> = fs::read_dir(h.exec_root().join("netns"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.ends_with(".json"))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let held = h.held_namespaces();
         let table = h.exec(&["nft", "list", "table", "ip", "mesh_ingress"])?;
         ensure!(
             h.task_cgroups().is_empty()
