@@ -757,6 +757,16 @@ impl Core {
         }
         let name = id.name.clone();
         let gen = id.gen;
+        // A run declared down because its successor showed up (foca reports the down, then
+        // the rename, which `member_up`s the new run): the node restarted, it is not gone. Its
+        // entries stay until the new run re-announces them or the grace ends.
+        if self
+            .foca
+            .iter_members()
+            .any(|m| m.id().name == name && m.id().gen > gen)
+        {
+            return;
+        }
         let report = match self.nodes.get_mut(&name) {
             Some(info) if info.id.version() > id.version() => return, // an older identity
             Some(info) => {
@@ -1504,6 +1514,34 @@ mod tests {
         let e = a.entries("net", "t");
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].value, b"new");
+    }
+
+    #[test]
+    fn a_restarted_owner_s_entries_stay_also_when_its_previous_run_is_reported_down_first() {
+        // Seen in restart_gap.rs (3 nodes): b's new run synced with a carrying a third node's
+        // view, in which b's previous run (killed) was down, before its own identity; foca
+        // reported that run down, then the rename, and the down dropped b's entries at once:
+        // its VIP had no backend until the re-announcement.
+        let (mut a, mut b) = pair();
+        let t = Duration::from_secs(1);
+        b.put("net", "t", "k", b"old".to_vec(), t).unwrap();
+        deliver(&mut b, &mut a, t);
+        assert_eq!(a.entries("net", "t").len(), 1);
+        let b2 = core("b", 2, 3);
+        let mut st = b2.clone_state();
+        st.members = vec![
+            foca::Member::down(b.id().clone()),
+            foca::Member::alive(b2.id().clone()),
+        ];
+        a.handle_sync_response(st, t);
+        assert!(
+            a.members().iter().any(|m| m.id == "b" && m.alive),
+            "a knows b's new run"
+        );
+        assert_eq!(a.entries("net", "t").len(), 1, "kept while b re-announces");
+        // Not re-announced: it goes when the grace ends.
+        a.poll(t + RESTART_GRACE + Duration::from_secs(1));
+        assert!(a.entries("net", "t").is_empty());
     }
 
     #[test]
