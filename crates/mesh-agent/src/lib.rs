@@ -23,6 +23,7 @@ pub mod exec;
 pub mod health;
 pub mod host;
 pub mod images;
+mod latest;
 pub mod metrics;
 pub mod plane;
 pub mod runtime;

@@ -57,6 +57,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::latest::Latest;
 use crate::runtime::{GossipKey, NetworkPlane, PlaneError, PlaneIdentity};
 use mesh_api::{NetworkAttachment, PortConfig, Protocol, PublishMode, Task};
 use mesh_gossip::{Config as GossipConfig, Event, Gossip};
@@ -310,11 +311,13 @@ struct Inner {
     saved_networks: Mutex<BTreeMap<String, u32>>,
     /// The gossip keys from the leader (empty until the first answer).
     keys: watch::Sender<Vec<mesh_gossip::Key>>,
-    /// The running gossip node, for `mesh info` (a clone of `Running::gossip`).
-    gossip: Mutex<Option<Gossip>>,
+    /// The running gossip node, for `mesh info` (a clone of `Running::gossip`); given the
+    /// `keys` under its lock (`crate::latest`).
+    gossip: Latest<Gossip>,
     /// The encryption tunnel of encrypted networks (`mesh_overlay::crypt`), while the plane
-    /// runs; it seals with the gossip keys and talks to the members only.
-    tunnel: Mutex<Option<mesh_overlay::crypt::Tunnel>>,
+    /// runs; it seals with the gossip keys and talks to the members only (both given under
+    /// its lock).
+    tunnel: Latest<mesh_overlay::crypt::Tunnel>,
     /// The members' addresses last given (the tunnel's peers).
     members: Mutex<BTreeSet<Ipv4Addr>>,
     /// The ingress sandboxes of the cluster (their addresses on the ingress network), from
@@ -440,8 +443,8 @@ impl Plane {
         );
         Ok(Plane(Arc::new(Inner {
             keys: watch::channel(Vec::new()).0,
-            gossip: Mutex::new(None),
-            tunnel: Mutex::new(None),
+            gossip: Latest::default(),
+            tunnel: Latest::default(),
             members: Mutex::new(BTreeSet::new()),
             filter,
             filter_state: Mutex::new(FilterState::default()),
@@ -520,7 +523,7 @@ impl prometheus_client::collector::Collector for PlaneCollector {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(n as i64).encode(m)?;
         }
-        let gossip = lock(&self.0.gossip).clone();
+        let gossip = self.0.gossip.get();
         if let Some(g) = gossip {
             mesh_gossip::metrics::encode(&g.stats(), &mut encoder)?;
         }
@@ -620,11 +623,9 @@ impl Inner {
         let gossip = Gossip::start(gcfg)
             .await
             .map_err(|e| PlaneError::context(format!("cannot start gossip on {addr}"), e))?;
-        // Published first, then the keys read: a `set_gossip_keys` meanwhile (which stores
-        // its keys first, then reads this) is seen by one side or the other.
-        *lock(&self.gossip) = Some(gossip.clone());
-        let keys = self.keys.borrow().clone();
-        gossip.set_keys(&keys);
+        // Given the keys stored last, read under the slot's lock as `set_gossip_keys` does.
+        self.gossip
+            .publish(gossip.clone(), |g| g.set_keys(&self.keys.borrow()));
         self.start_tunnel(&overlay, me.addr).await;
         // Subscribed before anything can change: the push-pulls that fill the tables land
         // while the first pass runs, and their events must still trigger a pass.
@@ -780,14 +781,12 @@ impl Inner {
         };
         match mesh_overlay::crypt::Tunnel::start(overlay.host_ns(), overlay.host(), cfg).await {
             Ok(t) => {
-                // Published first, then the keys and members read (as for gossip above).
-                *lock(&self.tunnel) = Some(t);
-                let keys = tunnel_keys(&self.keys.borrow());
-                let members = lock(&self.members).clone();
-                if let Some(t) = lock(&self.tunnel).as_ref() {
-                    t.set_keys(&keys);
-                    t.set_peers(members);
-                }
+                // Given the keys and members stored last, read under the slot's lock (as
+                // for gossip above).
+                self.tunnel.publish(t, |t| {
+                    t.set_keys(&tunnel_keys(&self.keys.borrow()));
+                    t.set_peers(lock(&self.members).clone());
+                });
             }
             Err(e) => warn!("encrypted networks will not carry traffic: {e}"),
         }
@@ -1999,7 +1998,7 @@ impl NetworkPlane for Plane {
         lock(&self.0.filter_state).active = false;
         self.0.ready.send_replace(false);
         self.0.keys.send_replace(Vec::new());
-        *lock(&self.0.gossip) = None;
+        self.0.gossip.take();
         let this = self.0.clone();
         self.0.rt.spawn(async move {
             let filter_gone = {
@@ -2023,7 +2022,7 @@ impl NetworkPlane for Plane {
             if let Some(mut r) = this.running.lock().await.take() {
                 r.stop.send_replace(true);
                 r.gossip.leave().await;
-                let tunnel = lock(&this.tunnel).take();
+                let tunnel = this.tunnel.take();
                 if let Some(t) = tunnel {
                     if let Err(e) = t.stop(r.overlay.host()).await {
                         warn!("encryption tunnel teardown: {e}");
@@ -2063,13 +2062,12 @@ impl NetworkPlane for Plane {
             })
             .collect();
         info!(ids = ?keys.iter().map(|k| k.id).collect::<Vec<_>>(), "gossip keys");
-        self.0.keys.send_replace(keys.clone());
-        if let Some(g) = lock(&self.0.gossip).as_ref() {
-            g.set_keys(&keys);
-        }
-        if let Some(t) = lock(&self.0.tunnel).as_ref() {
-            t.set_keys(&tunnel_keys(&keys));
-        }
+        // Stored first; each component reads the newest under its slot's lock.
+        self.0.keys.send_replace(keys);
+        self.0.gossip.update(|g| g.set_keys(&self.0.keys.borrow()));
+        self.0
+            .tunnel
+            .update(|t| t.set_keys(&tunnel_keys(&self.0.keys.borrow())));
     }
 
     fn set_members(&self, addrs: Vec<Ipv4Addr>) {
@@ -2079,9 +2077,9 @@ impl NetworkPlane for Plane {
             return;
         }
         *lock(&self.0.members) = want.clone();
-        if let Some(t) = lock(&self.0.tunnel).as_ref() {
-            t.set_peers(want.clone());
-        }
+        self.0
+            .tunnel
+            .update(|t| t.set_peers(lock(&self.0.members).clone()));
         {
             let mut st = lock(&self.0.filter_state);
             if !st.active {
@@ -2144,7 +2142,7 @@ impl NetworkPlane for Plane {
     }
 
     fn gossip_info(&self) -> Option<mesh_api::GossipInfo> {
-        let g = lock(&self.0.gossip).clone()?;
+        let g = self.0.gossip.get()?;
         let s = g.stats();
         Some(mesh_api::GossipInfo {
             encrypted: g.encrypted(),
