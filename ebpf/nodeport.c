@@ -387,8 +387,11 @@ int np_underlay_in(struct __sk_buff *skb)
 	}
 	/* Not found (new, or evicted from the LRU): the task is chosen by a hash of
 	 * the client's address and port, so a segment of a connection whose entry
-	 * was evicted goes to the same task while the backends are unchanged, and
-	 * a connection given to a local task (the nftables path) stays there. */
+	 * was evicted goes to the same task while the backends are unchanged. A
+	 * connection given to a local task is handed to the kernel (the nftables
+	 * path, whose conntrack keeps its task) and recorded as such: the hash of
+	 * its next segment, after a change of the backends, could name a task on
+	 * another node, which would answer the handshake's ACK with a reset. */
 	if (!have) {
 		__u16 count = *(volatile __u16 *)&pv->count;
 		struct np_backend_val *b;
@@ -407,11 +410,6 @@ int np_underlay_in(struct __sk_buff *skb)
 				return TC_ACT_OK;
 		}
 		be = *b;
-		if (be.local) {
-			if (fv)
-				bpf_map_delete_elem(&np_fwd, &fk);
-			return TC_ACT_OK;
-		}
 		bpf_map_update_elem(&np_fwd, &fk, &be, BPF_ANY);
 	}
 	if (be.local)

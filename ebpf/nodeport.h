@@ -103,7 +103,7 @@ struct np_alive_key {
 };
 
 /* `fwd` (LRU): (client, published port, proto) -> the task it was given
- * (an np_backend_val). */
+ * (an np_backend_val); a local one means the flow is the kernel's. */
 struct np_fwd_key {
 	__u32 client_ip;
 	__u16 client_port;

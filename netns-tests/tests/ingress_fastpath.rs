@@ -348,17 +348,7 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         let marks = format!("echo at 4 tasks at {scaled:.3} s, h3 upgraded at {upgraded:.3} s");
         Ok((held.join().expect("held thread")?, marks, upgraded))
     })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (ok, failed) = text
-        .lines()
-        .find_map(|l| {
-            let mut w = l.strip_prefix("held ")?.split_whitespace();
-            Some((
-                w.next()?.parse::<u64>().ok()?,
-                w.next()?.parse::<u64>().ok()?,
-            ))
-        })
-        .with_context(|| format!("no held line in {text:?} ({:?})", out.stderr))?;
+    let (ok, failed, failures) = held_result(&out)?;
     eprintln!("held through h3's upgrade: {ok} answers, {failed} failed ({marks})");
     ensure!(
         upgraded_at + 3.0 < HELD_SECS,
@@ -366,11 +356,7 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     );
     ensure!(
         failed == 0 && ok >= 8 * 20,
-        "connections held through h3's upgrade: {ok} answers, {failed} failed ({marks}):\n{}",
-        text.lines()
-            .filter(|l| l.starts_with("failed"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        "connections held through h3's upgrade: {ok} answers, {failed} failed ({marks}):\n{failures}"
     );
     let after = fast_path_filters(h3)?;
     ensure!(
@@ -399,6 +385,50 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         String::from_utf8_lossy(&out.stdout).trim() == format!("ok {}", 2 + (1 << 24)),
         "16 MiB up and down through the reloaded h3: {:?}",
         String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Through a node with tasks of its own (h1, two of echo's four): a connection whose hash
+    // named a local task is handed to the kernel (the nftables path) and recorded so, and
+    // stays there when the backends change. Only hashed again, its next segments went to
+    // whatever task the new slots named, on h2 half of the time, which reset it (2 of 16
+    // connections, about 6 of them the kernel's; 24 make a miss unlikely).
+    let via1 = h1.addr().to_string();
+    const HELD1_SECS: f64 = 12.0;
+    let (out, marks) = std::thread::scope(|s| -> Result<_> {
+        let t0 = Instant::now();
+        let held = s.spawn(|| {
+            c.client_exec_timeout(
+                &["python3", "-c", HELD, &via1, "24", &HELD1_SECS.to_string()],
+                Duration::from_secs(60),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        h1.mesh_ok(&["service", "scale", "echo=6"])?;
+        wait_for(
+            "new connections through h1 reach 6 echo tasks",
+            Duration::from_secs(10),
+            Duration::from_millis(300),
+            || {
+                let o = c.client_exec(&["python3", "-c", WHO, &via1, "36"])?;
+                let n = String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .count();
+                Ok((n == 6).then_some(()))
+            },
+        )?;
+        let scaled = t0.elapsed().as_secs_f64();
+        ensure!(
+            scaled + 2.0 < HELD1_SECS,
+            "echo scaled too late for the held connections to see it ({scaled:.3} s)"
+        );
+        let marks = format!("echo at 6 tasks at {scaled:.3} s");
+        Ok((held.join().expect("held thread")?, marks))
+    })?;
+    let (ok, failed, failures) = held_result(&out)?;
+    eprintln!("held through h1 while echo scaled: {ok} answers, {failed} failed ({marks})");
+    ensure!(
+        failed == 0 && ok >= 24 * 30,
+        "connections held through h1 while echo scaled: {ok} answers, {failed} failed ({marks}):\n{failures}"
     );
 
     // h2 leaves the swarm: its filters go, with the programs and maps.
@@ -448,6 +478,27 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         String::from_utf8_lossy(&table.stdout)
     );
     Ok(())
+}
+
+/// What `HELD` printed: answers, failed connections, and the failures' lines.
+fn held_result(out: &std::process::Output) -> Result<(u64, u64, String)> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (ok, failed) = text
+        .lines()
+        .find_map(|l| {
+            let mut w = l.strip_prefix("held ")?.split_whitespace();
+            Some((
+                w.next()?.parse::<u64>().ok()?,
+                w.next()?.parse::<u64>().ok()?,
+            ))
+        })
+        .with_context(|| format!("no held line in {text:?} ({:?})", out.stderr))?;
+    let failures = text
+        .lines()
+        .filter(|l| l.starts_with("failed"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok((ok, failed, failures))
 }
 
 /// The fast path's state file in a daemon's exec root.
