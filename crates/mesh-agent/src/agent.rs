@@ -133,6 +133,10 @@ pub struct Agent {
     node_name: String,
     state: Mutex<AgentState>,
     wake: Arc<Notify>,
+    /// Whether tasks may still be started (false once [`Agent::close`] ran). A start holds it
+    /// read while the runtime starts the task, so `close` returns only once every start in
+    /// flight has its task in the runtime, where the caller can remove it.
+    starts: tokio::sync::RwLock<bool>,
 }
 
 impl Agent {
@@ -157,7 +161,15 @@ impl Agent {
             node_name,
             state: Mutex::new(AgentState::default()),
             wake,
+            starts: tokio::sync::RwLock::new(true),
         })
+    }
+
+    /// Starts no task from now on, and returns once the starts in flight are done (their
+    /// tasks are in the runtime then): the node leaves its swarm or stops, and what runs
+    /// here after this is what the caller removes or leaves running.
+    pub async fn close(&self) {
+        *self.starts.write().await = false;
     }
 
     /// The images of the tasks assigned to this node (for `image prune`: kept).
@@ -1013,6 +1025,12 @@ impl Agent {
             resolv_conf: "nameserver 127.0.0.11\noptions ndots:0\n".into(),
             rootfs,
         };
+        // Held until the runtime has the task: `close` waits for this start to end.
+        let open = self.starts.read().await;
+        if !*open {
+            debug!(task = name, "not started: the agent is closed");
+            return;
+        }
         let rt = self.runtime.clone();
         let plane = self.plane.clone();
         let task = t.clone();
@@ -1034,6 +1052,7 @@ impl Agent {
             rt.start_with(&spec, &mut |pid| plane.attach(&task, pid))
         })
         .await;
+        drop(open);
         let status = match r {
             Ok(Ok(RunState::Running { pid, started_at_ms })) => {
                 info!(task = name, "started");
@@ -1200,6 +1219,10 @@ impl NodeAgent for Agent {
                 warn!("network plane: {e}");
             }
         }
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Agent::close(self))
     }
 
     fn stop_plane(&self) {
@@ -1460,6 +1483,49 @@ mod tests {
         .unwrap()
     }
 
+    /// A node leaving its swarm closes its agent, then removes every task the runtime has: a
+    /// start in flight must have its task there by then, and none may start after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closing_waits_for_the_starts_in_flight_and_starts_nothing_after() {
+        let rt = Arc::new(ProbedRuntime::default());
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (open, open_rx) = std::sync::mpsc::channel();
+        *rt.start_gate.lock().unwrap() = Some((entered_tx, open_rx));
+        let agent = Agent::new(rt.clone(), None, None, "n1".into());
+        let starting = tokio::spawn(
+            agent
+                .clone()
+                .start_task(task("t1", "n1", TaskState::Assigned), "n1".into()),
+        );
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the start never reached the runtime");
+        let closing = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.close().await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!closing.is_finished(), "closed while a start was in flight");
+        open.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), closing)
+            .await
+            .expect("close never returned")
+            .unwrap();
+        assert!(
+            rt.status("t1").is_some(),
+            "the task in flight is not in the runtime"
+        );
+        starting.await.unwrap();
+
+        agent
+            .clone()
+            .start_task(task("t2", "n1", TaskState::Assigned), "n1".into())
+            .await;
+        assert!(rt.status("t2").is_none(), "a task started after close");
+        assert_eq!(rt.specs.lock().unwrap().len(), 1);
+    }
+
     #[test]
     fn a_node_is_told_its_ended_tasks_still_in_the_store() {
         let tasks = [
@@ -1488,11 +1554,18 @@ mod tests {
         specs: Mutex<Vec<RunSpec>>,
         /// If set, the next `list` says so on the first channel, then waits for the second.
         list_gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+        /// The same for the next `start`.
+        start_gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
     }
 
     impl Runtime for ProbedRuntime {
         fn start(&self, spec: &RunSpec) -> Result<RunState, RuntimeError> {
             self.specs.lock().unwrap().push(spec.clone());
+            let gate = self.start_gate.lock().unwrap().take();
+            if let Some((entered, open)) = gate {
+                let _ = entered.send(());
+                let _ = open.recv_timeout(Duration::from_secs(10));
+            }
             let rs = RunState::Running {
                 pid: 4242,
                 started_at_ms: now_ms(),

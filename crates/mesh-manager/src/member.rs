@@ -637,6 +637,9 @@ impl Member {
     /// Stops everything this member runs. The local state stays unless the caller wipes it.
     pub async fn stop(&self) {
         self.shutdown.send_replace(true);
+        // Before the plane stops: a start in flight ends with its task plumbed, and the
+        // caller (a node leaving its swarm removes its tasks) sees every task there is.
+        self.agent.close().await;
         self.agent.stop_plane();
         self.stop_raft().await;
         let tasks: Vec<_> = self.tasks_lock().drain(..).collect();

@@ -27,6 +27,9 @@ pub trait NodeAgent: Send + Sync + 'static {
     /// Starts the node's network plane as `me` (a failure is the agent's to log: the member
     /// goes on without a plane, as Docker's daemon without its overlay driver).
     fn start_plane(&self, me: PlaneIdentity);
+    /// Starts no task from now on; returns once the starts in flight ended (their tasks are
+    /// in the runtime): the node leaves the swarm or shuts down.
+    fn close(&self) -> BoxFuture<'_, ()>;
     /// Stops the network plane: this node leaves the swarm or shuts down.
     fn stop_plane(&self);
     /// Gossip keys for the plane, and the members' underlay addresses when known.
