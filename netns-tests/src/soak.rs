@@ -78,8 +78,11 @@ pub struct SoakOpts {
 /// connect, so the socket is connected to the backend; `getpeername` is made to show the
 /// VIP, the kernel's socket table is not); for
 /// the routing mesh, the optional SANDBOXES (`ADDR=PATH,...`, the holder records of the
-/// nodes' ingress sandboxes) let it read the chosen backend from the sandbox's table.
-const CLIENT: &str = r#"import socket,sys,time,os,json
+/// nodes' ingress sandboxes) let it read the chosen backend from the sandbox's table, or,
+/// for a connection the eBPF fast path took, from that node's flow table (`np_fwd`, found
+/// through `ingress-fastpath.json` next to the record and read with `bpftool`; state
+/// `FASTPATH`).
+const CLIENT: &str = r#"import socket,sys,time,os,json,subprocess
 d,name,targets=sys.argv[1],sys.argv[2],sys.argv[3].split(',')
 sbox=dict(x.split('=',1) for x in sys.argv[4].split(',')) if len(sys.argv)>4 else {}
 out=open(os.path.join(d,name+'.log'),'a',buffering=1)
@@ -106,7 +109,16 @@ def backend(c,a):
       return '@'+src[1]+','+(w[5] if len(w)>5 else '?')
   except OSError:
    pass
-  if a[0] not in sbox:
+  if a[0] in sbox:
+   st=os.path.join(os.path.dirname(os.path.dirname(sbox[a[0]])),'ingress-fastpath.json')
+   if os.path.exists(st):
+    fwd=json.load(open(st))['maps']['np_fwd']
+    k=[int(x) for x in me.split('.')]+[port>>8,port&255,a[1]>>8,a[1]&255,6,0,0,0]
+    r=subprocess.run(['bpftool','-j','map','lookup','id',str(fwd),'key']+[str(x) for x in k],capture_output=True,timeout=2)
+    if r.returncode==0:
+     v=[int(x,16) for x in json.loads(r.stdout)['value']]
+     return '@%d.%d.%d.%d,FASTPATH'%tuple(v[:4])
+  else:
    for l in open('/proc/net/tcp'):
     w=l.split()
     if len(w)>3 and w[1].endswith(':%04X'%port) and w[2]!='00000000:0000':
