@@ -13,7 +13,8 @@
  *                    overlay's VNI as if the node's ingress sandbox had sent
  *                    it (inner source MAC = the sandbox's):
  *                    - one segment: encapsulated in VXLAN here and sent out
- *                      of the underlay at once (bpf_redirect_neigh);
+ *                      of the underlay at once (bpf_redirect_neigh, to the
+ *                      next hop of the route to the node's VTEP);
  *                    - a GSO skb (segments the client's stack merged): to
  *                      the kernel's VXLAN device, over the sandbox's veth
  *                      (np_sbox_veth_in). bpf_skb_adjust_room marks what it
@@ -480,12 +481,9 @@ int np_underlay_in(struct __sk_buff *skb)
 	if (bpf_skb_store_bytes(skb, ETH_LEN, &enc, sizeof(enc), 0))
 		return TC_ACT_SHOT;
 
-	struct bpf_redir_neigh nh;
-
-	__builtin_memset(&nh, 0, sizeof(nh));
-	nh.nh_family = 2; /* AF_INET */
-	nh.ipv4_nh = be.vtep;
-	return bpf_redirect_neigh(cfg->underlay_ifindex, &nh, sizeof(nh), 0);
+	/* The next hop is the route's to the VTEP (a FIB lookup on the outer
+	 * header): the task's node may be behind a router. */
+	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
 SEC("classifier")

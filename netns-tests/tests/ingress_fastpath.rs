@@ -5,8 +5,10 @@
 //! their flow tables: an open connection keeps its task); a UDP client whose task is killed
 //! moves to another task at once (the fast path forgets a removed backend's flows); a daemon
 //! restarted over the programs of another build (an upgrade) puts its own in their place and
-//! keeps every held connection on its task; a node leaving the swarm takes its filters away,
-//! also when it left while its daemon was down.
+//! keeps every held connection on its task; connections handed to the kernel for a local
+//! task stay there when the backends change; a node leaving the swarm takes its filters away,
+//! also when it left while its daemon was down. And a task's node behind a router (its VTEP
+//! not on the entry node's link) is reached by the route.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -476,6 +478,156 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         !table.status.success(),
         "h3 kept the routing mesh's rules: {}",
         String::from_utf8_lossy(&table.stdout)
+    );
+    Ok(())
+}
+
+/// N connections to ADDR:8080, each reading the answering task's hostname; prints `OK FAILED
+/// HOSTNAMES` and the first failures.
+const CONNS: &str = "import socket,sys\naddr,n=sys.argv[1],int(sys.argv[2])\nok=0;bad=[];seen=set()\nfor _ in range(n):\n try:\n  c=socket.create_connection((addr,8080),timeout=2);d=c.recv(100);c.close()\n  if d:\n   ok+=1;seen.add(d.decode())\n  else:\n   bad.append('empty')\n except OSError as e:\n  bad.append(repr(e))\nprint(ok,len(bad),' '.join(sorted(seen)))\nfor b in bad[:5]:\n print(b)";
+/// From 20 client ports, one datagram each to ADDR:5353; prints `ANSWERS HOSTNAMES`.
+const UDP_PORTS: &str = "import socket,sys\nok=0;seen=set()\nfor p in range(40600,40620):\n s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('',p));s.settimeout(1)\n try:\n  s.sendto(b'x',(sys.argv[1],5353));seen.add(s.recv(100).decode());ok+=1\n except OSError:\n  pass\n s.close()\nprint(ok,' '.join(sorted(seen)))";
+
+/// `CONNS` through `via`: (answers, failures, hostnames seen, output).
+fn conns(c: &Cluster, via: &str, n: usize) -> Result<(usize, usize, BTreeSet<String>, String)> {
+    let out = c.client_exec_timeout(
+        &["python3", "-c", CONNS, via, &n.to_string()],
+        Duration::from_secs(60),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut w = text.lines().next().unwrap_or_default().split_whitespace();
+    let ok = w.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    let failed = w.next().and_then(|x| x.parse().ok()).unwrap_or(n);
+    Ok((ok, failed, w.map(str::to_string).collect(), text))
+}
+
+/// A VTEP behind a router: h1 and h3 no longer reach each other on the underlay's link (its
+/// bridge drops what passes between their ports) and route to each other through h2. The
+/// fast path on h3 sends a packet for a task on h1 to h1's VTEP by the route (the kernel's
+/// FIB lookup, so to h2), TCP and UDP. It used to take the VTEP for a neighbour on the link:
+/// h3 asked ARP for h1 itself, nobody answered, and every connection given to h1 hung.
+#[test]
+fn fast_path_reaches_a_vtep_behind_a_router() -> Result<()> {
+    let Some(c) = swarm_cluster(3, 1, "ingress-routed")? else {
+        return Ok(());
+    };
+    let (h1, h2, h3) = (c.host(1), c.host(2), c.host(3));
+    let via = h3.addr().to_string();
+    create(h1, "web", "8080:8080", TCP_SERVER, Some(8080))?;
+    create(h1, "bulk", "7070:7070", BULK_SERVER, None)?;
+    create(h1, "dns", "5353:5353/udp", UDP_SERVER, None)?;
+    // web's task on h1, by its hostname (the first 12 characters of its ID).
+    let on_h1 = wait_for(
+        "web, bulk and dns running on h1 and h2 and answering through h3",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let web = running(&c, "web")?;
+            if web.len() != 2 || running(&c, "bulk")?.len() != 2 || running(&c, "dns")?.len() != 2 {
+                return Ok(None);
+            }
+            let Some((id, _)) = web.iter().find(|(_, node)| node == "h1") else {
+                return Ok(None);
+            };
+            let (_, failed, seen, _) = conns(&c, &via, 20)?;
+            let host: String = id.chars().take(12).collect();
+            Ok((failed == 0 && seen.contains(&host)).then_some(host))
+        },
+    )?;
+
+    let run = |h: &Host, argv: &[&str]| -> Result<()> {
+        let out = h.exec(argv)?;
+        ensure!(
+            out.status.success(),
+            "{} on {}: {}",
+            argv.join(" "),
+            h.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    };
+    for rule in [
+        "add table bridge routed",
+        "add chain bridge routed between { type filter hook forward priority 0; }",
+        "add rule bridge routed between iifname v1 oifname v3 drop",
+        "add rule bridge routed between iifname v3 oifname v1 drop",
+    ] {
+        let out = c.client_exec(&["nft", rule])?;
+        ensure!(
+            out.status.success(),
+            "nft {rule} in the underlay: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    run(
+        h2,
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.eth0.send_redirects=0",
+        ],
+    )?;
+    for (h, peer) in [(h1, h3), (h3, h1)] {
+        let peer = peer.addr().to_string();
+        run(
+            h,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{peer}/32"),
+                "via",
+                &h2.addr().to_string(),
+            ],
+        )?;
+        run(h, &["ip", "neigh", "flush", "to", &peer, "dev", "eth0"])?;
+    }
+    // Through h2 it answers; on the link (`ping -r`: no route, ARP on eth0) it does not.
+    run(h3, &["ping", "-c", "1", "-W", "2", &h1.addr().to_string()])?;
+    let direct = h3.exec(&[
+        "ping",
+        "-r",
+        "-I",
+        "eth0",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        &h1.addr().to_string(),
+    ])?;
+    ensure!(!direct.status.success(), "h3 still reaches h1 on the link");
+
+    let (ok, failed, seen, text) = conns(&c, &via, 60)?;
+    ensure!(
+        failed == 0 && ok == 60 && seen.contains(&on_h1),
+        "60 connections through h3, with h1 behind h2: {text}"
+    );
+    for _ in 0..3 {
+        let out = c.client_exec_timeout(
+            &["python3", "-c", BULK_CLIENT, &via],
+            Duration::from_secs(30),
+        )?;
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).trim() == format!("ok {}", 2 + (1 << 24)),
+            "16 MiB up and down through h3, with h1 behind h2: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let out =
+        c.client_exec_timeout(&["python3", "-c", UDP_PORTS, &via], Duration::from_secs(60))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut w = text.split_whitespace();
+    ensure!(
+        w.next() == Some("20") && w.count() == 2,
+        "20 datagrams through h3 from 20 ports, to dns's 2 tasks: {text:?}"
+    );
+    // They took the fast path: none went through a namespace of h3 that tracks connections.
+    let tracked = tracked_anywhere(h3, &c.client_addr().to_string(), 8080)?;
+    ensure!(
+        tracked.is_empty(),
+        "h3 tracks connections the fast path should have taken: {tracked:?}"
     );
     Ok(())
 }
