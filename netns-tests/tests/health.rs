@@ -355,28 +355,17 @@ fn health_gates_backends_and_replaces_unhealthy_tasks() -> Result<()> {
                 .then_some(()))
         },
     )
-    .with_context(|| {
+    .inspect_err(|_| {
         // Once seen in CI (1 run in about 20): the task Orphaned ("node is down") rather than
         // Failed. What the daemons said of the node and the task tells which it was.
-        format!(
-            "service ps web: {:?}\nh1: {:?}\nh2: {:?}",
-            service_ps(h1, "web"),
-            log_lines(h1, &["node status changed", &id]),
-            log_lines(h2, &["heartbeat", "unhealthy", &id]),
-        )
-    })?;
+        c.print_daemon_logs(|l| {
+            ["node status changed", "heartbeat", "unhealthy", id.as_str()]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+    })
+    .with_context(|| format!("service ps web: {:?}", service_ps(h1, "web")))?;
     Ok(())
-}
-
-/// The lines of `h`'s daemon log that contain any of `words` (the last 40).
-fn log_lines(h: &Host, words: &[&str]) -> Vec<String> {
-    let log = std::fs::read(h.log_path()).unwrap_or_default();
-    let lines: Vec<String> = String::from_utf8_lossy(&log)
-        .lines()
-        .filter(|l| words.iter().any(|w| l.contains(w)))
-        .map(str::to_string)
-        .collect();
-    lines[lines.len().saturating_sub(40)..].to_vec()
 }
 
 /// The current state of `svc`'s tasks meant to run, from `service ps`.
