@@ -302,26 +302,9 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     const HELD_SECS: f64 = 25.0;
     let (out, marks, upgraded_at) = std::thread::scope(|s| -> Result<_> {
         let t0 = Instant::now();
-        let held = s.spawn(|| {
-            c.client_exec_timeout(
-                &["python3", "-c", HELD, &via, "8", &HELD_SECS.to_string()],
-                Duration::from_secs(60),
-            )
-        });
+        let held = s.spawn(|| hold(&c, &via, 8, HELD_SECS));
         std::thread::sleep(Duration::from_secs(1));
-        h1.mesh_ok(&["service", "scale", "echo=4"])?;
-        wait_for(
-            "new connections through h3 reach 4 echo tasks",
-            Duration::from_secs(15),
-            Duration::from_millis(300),
-            || {
-                let o = c.client_exec(&["python3", "-c", WHO, &via, "24"])?;
-                let n = String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .count();
-                Ok((n == 4).then_some(()))
-            },
-        )?;
+        scale_echo(&c, &via, 4)?;
         let scaled = t0.elapsed().as_secs_f64();
         h3.kill_daemon()?;
         let state = h3.exec_root().join(STATE_FILE);
@@ -398,26 +381,9 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     const HELD1_SECS: f64 = 12.0;
     let (out, marks) = std::thread::scope(|s| -> Result<_> {
         let t0 = Instant::now();
-        let held = s.spawn(|| {
-            c.client_exec_timeout(
-                &["python3", "-c", HELD, &via1, "24", &HELD1_SECS.to_string()],
-                Duration::from_secs(60),
-            )
-        });
+        let held = s.spawn(|| hold(&c, &via1, 24, HELD1_SECS));
         std::thread::sleep(Duration::from_secs(1));
-        h1.mesh_ok(&["service", "scale", "echo=6"])?;
-        wait_for(
-            "new connections through h1 reach 6 echo tasks",
-            Duration::from_secs(10),
-            Duration::from_millis(300),
-            || {
-                let o = c.client_exec(&["python3", "-c", WHO, &via1, "36"])?;
-                let n = String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .count();
-                Ok((n == 6).then_some(()))
-            },
-        )?;
+        scale_echo(&c, &via1, 6)?;
         let scaled = t0.elapsed().as_secs_f64();
         ensure!(
             scaled + 2.0 < HELD1_SECS,
@@ -630,6 +596,41 @@ fn fast_path_reaches_a_vtep_behind_a_router() -> Result<()> {
         "h3 tracks connections the fast path should have taken: {tracked:?}"
     );
     Ok(())
+}
+
+/// `HELD`: `n` connections to `via`:9090 held for `secs` seconds.
+fn hold(c: &Cluster, via: &str, n: usize, secs: f64) -> Result<std::process::Output> {
+    c.client_exec_timeout(
+        &[
+            "python3",
+            "-c",
+            HELD,
+            via,
+            &n.to_string(),
+            &secs.to_string(),
+        ],
+        Duration::from_secs(60),
+    )
+}
+
+/// Scales echo to `replicas` and waits until new connections through `via` reach them all
+/// (so a flow balanced anew would move with the odds of the new slots).
+fn scale_echo(c: &Cluster, via: &str, replicas: usize) -> Result<()> {
+    c.host(1)
+        .mesh_ok(&["service", "scale", &format!("echo={replicas}")])?;
+    wait_for(
+        &format!("new connections through {via} reach {replicas} echo tasks"),
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+        || {
+            let tries = (replicas * 6).to_string();
+            let o = c.client_exec(&["python3", "-c", WHO, via, &tries])?;
+            let n = String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .count();
+            Ok((n == replicas).then_some(()))
+        },
+    )
 }
 
 /// What `HELD` printed: answers, failed connections, and the failures' lines.
