@@ -314,8 +314,12 @@ impl Cluster {
             let text = std::fs::read_to_string(h.log_path()).unwrap_or_default();
             let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
             let from = lines.len().saturating_sub(400);
+            let state = match h.daemon_pid() {
+                Some(pid) => format!("meshd running, pid {pid}"),
+                None => "meshd NOT running".to_string(),
+            };
             eprintln!(
-                "--- {} meshd log ({} lines selected) ---",
+                "--- {} meshd log ({} lines selected; {state}) ---",
                 h.name(),
                 lines.len()
             );

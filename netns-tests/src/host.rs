@@ -409,12 +409,24 @@ impl Host {
     }
 
     /// Kills the daemon for cleanup; never fails or panics.
+    /// A daemon found dead is reported: nothing but the test stops it, so it crashed.
     pub(crate) fn kill_for_drop(&self) {
         if let Some(mut child) = self.state().child.take() {
-            if let Ok(None) = child.try_wait() {
-                if let Ok(status) = kill_and_reap(&mut child) {
-                    self.log_reaped("killed at cleanup", status);
+            match child.try_wait() {
+                Ok(None) => {
+                    if let Ok(status) = kill_and_reap(&mut child) {
+                        self.log_reaped("killed at cleanup", status);
+                    }
                 }
+                Ok(Some(status)) => {
+                    self.log_reaped("found dead at cleanup", status);
+                    eprintln!(
+                        "mesh-netns: {}: meshd died during the test ({status}){}",
+                        self.name,
+                        self.log_tail_msg()
+                    );
+                }
+                Err(_) => {}
             }
         }
     }
