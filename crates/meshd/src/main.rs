@@ -198,16 +198,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     for dir in [&args.data_dir, &args.exec_root] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    // One daemon per exec-root: the lock dies with the process, also on SIGKILL.
+    // One daemon per exec-root: the lock dies with the process, also on SIGKILL, and none
+    // of its children holds it (`mesh_executor::ExecRootLock`).
     let lock_path = args.exec_root.join("meshd.lock");
-    let lock = std::fs::File::create(&lock_path)
-        .with_context(|| format!("cannot create {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
+    let Some(lock) = mesh_executor::ExecRootLock::acquire(&lock_path)
+        .with_context(|| format!("cannot lock {}", lock_path.display()))?
+    else {
         bail!(
             "another meshd is running with --exec-root {}",
             args.exec_root.display()
         );
-    }
+    };
     std::fs::write(
         args.exec_root.join("meshd.pid"),
         format!("{}\n", std::process::id()),
