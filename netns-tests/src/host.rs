@@ -1,7 +1,7 @@
 //! One simulated host: a network namespace with its own `meshd`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -255,6 +255,8 @@ impl Host {
                     ),
                 };
                 if let Some(status) = child.try_wait()? {
+                    // Reported here, not again at cleanup.
+                    st.child = None;
                     bail!(
                         "{}: meshd exited before becoming ready ({status}){}",
                         self.name,
@@ -262,7 +264,7 @@ impl Host {
                     );
                 }
             }
-            if socket.exists() && UnixStream::connect(&socket).is_ok() {
+            if socket.exists() && answers(&socket) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -597,6 +599,24 @@ impl Host {
             self.log_tail()
         )
     }
+}
+
+/// Whether a daemon answers a request on `socket`. A connection alone proves nothing: the
+/// listening socket of a daemon just killed lives on in its children until they exec or
+/// die, and takes connections that nobody will serve.
+fn answers(socket: &Path) -> bool {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let timeout = Some(Duration::from_millis(500));
+    if s.set_read_timeout(timeout).is_err()
+        || s.set_write_timeout(timeout).is_err()
+        || s.write_all(b"\"Version\"\n").is_err()
+    {
+        return false;
+    }
+    let mut line = String::new();
+    matches!(std::io::BufReader::new(s).read_line(&mut line), Ok(n) if n > 0)
 }
 
 /// Runs `argv` in namespace `ns` with a timeout.
