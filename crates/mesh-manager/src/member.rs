@@ -357,7 +357,14 @@ impl Member {
         init: bool,
     ) -> Result<RaftNode, ApiError> {
         let local = self.local();
-        let (log, sm) = storage::open(&self.raft_path(), Some(key)).map_err(ApiError::internal)?;
+        // Blocking: the file may still be locked for a moment by the previous daemon's
+        // children (`storage::open`).
+        let path = self.raft_path();
+        let (log, sm) = tokio::task::spawn_blocking(move || {
+            storage::open(&path, Some(key)).map_err(ApiError::internal)
+        })
+        .await
+        .map_err(ApiError::internal)??;
         let network = Network {
             tls: self.client_tls.clone(),
         };

@@ -20,6 +20,7 @@ use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -28,6 +29,7 @@ use openraft::{
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::{watch, RwLock};
+use tracing::info;
 
 use crate::datakey::{self, DataKey};
 use crate::history::{History, Pending};
@@ -155,8 +157,10 @@ impl Db {
 
 /// Opens (or creates) the store at `path` and returns its two halves; with `key`, what they
 /// write is sealed.
+/// Blocks while the file is locked by another process, at most [`LOCKED_WAIT`] (call it where
+/// blocking is fine).
 pub fn open(path: &Path, key: Option<DataKey>) -> Result<(LogStore, StateMachineStore), OpenError> {
-    let db = Database::create(path).map_err(|e| OpenError::Open {
+    let db = create_when_unlocked(path, LOCKED_WAIT).map_err(|e| OpenError::Open {
         path: path.display().to_string(),
         source: e.into(),
     })?;
@@ -173,6 +177,37 @@ pub fn open(path: &Path, key: Option<DataKey>) -> Result<(LogStore, StateMachine
         source: e,
     })?;
     load(Db(Arc::new(db), key), path)
+}
+
+/// How long a store locked by another process is waited for before opening fails.
+pub const LOCKED_WAIT: Duration = Duration::from_secs(5);
+
+/// `Database::create`, waiting up to `wait` while another process holds the file's lock.
+///
+/// redb's lock is an `flock`, which belongs to the open file: every process the previous
+/// daemon forked shares it from its fork to its exec, or to its death if the daemon died
+/// first (a health check's child dies with its parent). A manager SIGKILLed at that moment
+/// and restarted at once found its store "already open" and could not start; the holder is
+/// gone within milliseconds. Only one daemon runs per exec root (`meshd`'s own lock), so a
+/// lock that outlives the wait is someone else's: the error is then returned.
+fn create_when_unlocked(path: &Path, wait: Duration) -> Result<Database, redb::DatabaseError> {
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                if !said {
+                    info!(
+                        path = %path.display(),
+                        "the Raft store is locked by another process (a child of the daemon that ran before?): waiting"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// The two halves over an open database: the state machine read from its snapshot.
@@ -682,6 +717,31 @@ mod tests {
     use openraft::testing::{StoreBuilder, Suite};
 
     use super::*;
+
+    /// The previous daemon's child still holds the store's lock (here: another open file of
+    /// this process): the open waits for it to go, and gives up on a lock that stays.
+    #[test]
+    fn a_store_locked_for_a_moment_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        let holder = Database::create(&path).unwrap();
+        let err = create_when_unlocked(&path, Duration::from_millis(200)).unwrap_err();
+        assert!(
+            matches!(err, redb::DatabaseError::DatabaseAlreadyOpen),
+            "{err}"
+        );
+        let opening = std::thread::spawn({
+            let path = path.clone();
+            move || create_when_unlocked(&path, Duration::from_secs(10))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!opening.is_finished(), "opened while the lock was held");
+        drop(holder);
+        opening
+            .join()
+            .unwrap()
+            .expect("not opened once the lock was released");
+    }
 
     /// Stores opened plain, or sealed with a key.
     struct Builder(Option<DataKey>);
