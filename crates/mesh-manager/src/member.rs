@@ -864,10 +864,25 @@ impl Member {
     }
 
     /// Makes sure this leader still leads, then reads its state.
+    ///
+    /// [`COMMIT_TIMEOUT`] bounds the whole read, not one round of it: a round fails at once
+    /// when one voter's heartbeat fails (a manager that joined a moment ago has no connection
+    /// yet, and a debug build's TLS handshake can outlast the 100 ms heartbeat; a `swarm
+    /// join` arriving then was refused with "no leader" in the soak). Only a leader that
+    /// learns it no longer leads answers at once.
     async fn read(&self, node: &RaftNode) -> Result<StoreState, ApiError> {
-        match tokio::time::timeout(COMMIT_TIMEOUT, node.raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => Ok(node.sm.state().await),
-            _ => Err(ApiError::no_leader()),
+        let deadline = tokio::time::Instant::now() + COMMIT_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, node.raft.ensure_linearizable()).await {
+                Ok(Ok(_)) => return Ok(node.sm.state().await),
+                Ok(Err(openraft::error::RaftError::APIError(
+                    openraft::error::CheckIsLeaderError::QuorumNotEnough(e),
+                ))) if tokio::time::Instant::now() < deadline => {
+                    debug!("linearizable read: {e}; asking the quorum again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ => return Err(ApiError::no_leader()),
+            }
         }
     }
 
