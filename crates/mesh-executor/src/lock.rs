@@ -38,9 +38,10 @@ impl ExecRootLock {
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = libc::F_WRLCK as libc::c_short;
         fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // From offset 0, length 0: the whole file.
         fl.l_start = 0;
-        fl.l_len = 0; // the whole file
-                      // SAFETY: a valid descriptor and a pointer to an initialized `flock` for the call.
+        fl.l_len = 0;
+        // SAFETY: a valid descriptor and a pointer to an initialized `flock` for the call.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) } == 0 {
             return Ok(Some(ExecRootLock { _file: file }));
         }

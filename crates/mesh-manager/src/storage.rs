@@ -157,6 +157,7 @@ impl Db {
 
 /// Opens (or creates) the store at `path` and returns its two halves; with `key`, what they
 /// write is sealed.
+///
 /// Blocks while the file is locked by another process, at most [`LOCKED_WAIT`] (call it where
 /// blocking is fine).
 pub fn open(path: &Path, key: Option<DataKey>) -> Result<(LogStore, StateMachineStore), OpenError> {
