@@ -692,3 +692,101 @@ fn fast_path_filters(h: &Host) -> Result<Vec<(String, Option<u32>)>> {
     }
     Ok(out)
 }
+
+/// A TCP sink: reads each connection to its end and answers the number of bytes read.
+const SINK_SERVER: &str = "import socket,threading\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',7171))\ns.listen(16)\ndef h(c):\n n=0\n while True:\n  x=c.recv(1<<20)\n  if not x:\n   break\n  n+=len(x)\n c.sendall(str(n).encode())\n c.close()\nwhile True:\n c,a=s.accept()\n threading.Thread(target=h,args=(c,),daemon=True).start()";
+/// Uploads 32 MiB to ADDR:7171 and prints the sink's answer (the bytes it read).
+const UPLOAD: &str = "import socket,sys\nc=socket.create_connection((sys.argv[1],7171),timeout=10)\nb=bytes(1<<20)\nfor _ in range(32):\n c.sendall(b)\nc.shutdown(socket.SHUT_WR)\nprint(c.recv(100).decode())";
+
+/// Bytes received on all interfaces but `lo` in the network namespace of task `id` on `h`.
+fn task_rx_bytes(h: &Host, id: &str) -> Result<u64> {
+    let pid = *h.task_pids(id).first().context("the task's process")?;
+    let out = h.exec(&[
+        "nsenter",
+        "-t",
+        &pid.to_string(),
+        "-n",
+        "cat",
+        "/proc/net/dev",
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut total = 0;
+    for l in text.lines().filter(|l| l.contains(':')) {
+        let (dev, counters) = l.split_once(':').unwrap_or_default();
+        if dev.trim() != "lo" {
+            total += counters
+                .split_whitespace()
+                .next()
+                .and_then(|b| b.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// Uploads through h1 to a task on h2 that answer nothing but their ACKs: merged segments take
+/// h1's sandbox and ingress bridge to the VXLAN device, and the bridge knows where the remote
+/// task is although no frame of it ever crossed (the ACKs come back on the fast path). It used
+/// to flood each upload to every local port, so another service's task on h1 received a copy
+/// of every byte.
+#[test]
+fn fast_path_uploads_are_not_flooded_to_local_tasks() -> Result<()> {
+    let Some(c) = swarm_cluster(2, 1, "ingress-flood")? else {
+        return Ok(());
+    };
+    let h1 = c.host(1);
+    let via = h1.addr().to_string();
+    for (name, publish, server, node) in [
+        ("sink", "7171:7171", SINK_SERVER, "h2"),
+        ("quiet", "8080:8080", TCP_SERVER, "h1"),
+    ] {
+        let constraint = format!("node.hostname=={node}");
+        h1.mesh_ok(&[
+            "service",
+            "create",
+            "--name",
+            name,
+            "--publish",
+            publish,
+            "--constraint",
+            &constraint,
+            "--",
+            "python3",
+            "-c",
+            server,
+        ])?;
+    }
+    let quiet = wait_for(
+        "sink on h2 answers an upload through h1, quiet runs on h1",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let quiet = running(&c, "quiet")?;
+            if running(&c, "sink")?.len() != 1 || quiet.len() != 1 {
+                return Ok(None);
+            }
+            let out =
+                c.client_exec_timeout(&["python3", "-c", UPLOAD, &via], Duration::from_secs(30))?;
+            let ok = String::from_utf8_lossy(&out.stdout).trim() == (32u64 << 20).to_string();
+            Ok(ok.then(|| quiet[0].0.clone()))
+        },
+    )?;
+    let before = task_rx_bytes(h1, &quiet)?;
+    for _ in 0..3 {
+        let out =
+            c.client_exec_timeout(&["python3", "-c", UPLOAD, &via], Duration::from_secs(30))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            text.trim() == (32u64 << 20).to_string(),
+            "32 MiB uploaded through h1 to sink: {text:?} ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let got = task_rx_bytes(h1, &quiet)? - before;
+    ensure!(
+        got < 1 << 20,
+        "quiet's task on h1 received {got} bytes while 96 MiB were uploaded through h1 to sink's \
+         task on h2: h1's ingress bridge flooded them"
+    );
+    Ok(())
+}

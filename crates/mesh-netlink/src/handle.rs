@@ -67,6 +67,17 @@ pub struct LinkInfo {
     pub vni: Option<u32>,
 }
 
+/// An entry of a bridge's forwarding database, as [`Handle::bridge_fdb`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BridgeFdbEntry {
+    /// The hardware address.
+    pub mac: [u8; 6],
+    /// Index of the port frames to `mac` leave by.
+    pub port: u32,
+    /// Added as `static` (never ages); else learned.
+    pub is_static: bool,
+}
+
 /// An rtnetlink connection inside one network namespace. Cheap to clone;
 /// the connection closes when the last clone is dropped.
 #[derive(Clone)]
@@ -933,6 +944,103 @@ impl Handle {
         out.sort();
         Ok(out)
     }
+
+    // ---- bridge forwarding database --------------------------------------
+
+    /// Sets a static entry in the FDB of the bridge that port `dev` is in (`NTF_MASTER`, as
+    /// `bridge fdb replace MAC dev DEV master static`): frames to `mac` leave by `dev`, and
+    /// the bridge floods none of them. It never ages; learning moves it to another port that
+    /// sends from `mac`, unless it is `sticky`. Replace semantics: idempotent, and an entry
+    /// of `mac` on another port moves to `dev`.
+    pub async fn set_bridge_fdb(
+        &self,
+        dev: &str,
+        mac: [u8; 6],
+        sticky: bool,
+    ) -> Result<(), NetlinkError> {
+        let index = self.require_index(dev).await?;
+        let mut flags = NeighbourFlags::Controller;
+        if sticky {
+            flags |= NeighbourFlags::Sticky;
+        }
+        let req = self
+            .inner
+            .neighbours()
+            .add_bridge(index, &mac)
+            .flags(flags)
+            .state(NeighbourState::Noarp)
+            .replace()
+            .execute();
+        self.call(
+            "set",
+            || format!("bridge fdb entry {} on {dev}", format_mac(&mac)),
+            req,
+        )
+        .await
+    }
+
+    /// Deletes the bridge FDB entry of `mac` on port `dev`. Idempotent (a missing entry or
+    /// device is fine).
+    pub async fn del_bridge_fdb(&self, dev: &str, mac: [u8; 6]) -> Result<(), NetlinkError> {
+        let Some(index) = self.link_index(dev).await? else {
+            return Ok(());
+        };
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.flags = NeighbourFlags::Controller;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        match self
+            .call(
+                "delete",
+                || format!("bridge fdb entry {} on {dev}", format_mac(&mac)),
+                self.inner.neighbours().del(msg).execute(),
+            )
+            .await
+        {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The FDB of bridge `bridge` (the bridge's own entries, not its ports' `NTF_SELF` ones),
+    /// without the addresses of its ports (`local`), sorted.
+    pub async fn bridge_fdb(&self, bridge: &str) -> Result<Vec<BridgeFdbEntry>, NetlinkError> {
+        let index = self.require_index(bridge).await?;
+        let req = self
+            .inner
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
+        let msgs: Vec<NeighbourMessage> = self
+            .call(
+                "list",
+                || format!("fdb of bridge {bridge}"),
+                req.try_collect(),
+            )
+            .await?;
+        let mut out: Vec<BridgeFdbEntry> = msgs
+            .iter()
+            .filter(|m| {
+                !m.header.flags.contains(NeighbourFlags::Own)
+                    && m.header.state != NeighbourState::Permanent
+                    && m.attributes
+                        .iter()
+                        .any(|a| matches!(a, NeighbourAttribute::Controller(i) if *i == index))
+            })
+            .filter_map(|m| {
+                Some(BridgeFdbEntry {
+                    mac: neighbour_mac(m)?,
+                    port: m.header.ifindex,
+                    is_static: m.header.state == NeighbourState::Noarp,
+                })
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
 }
 
 fn neighbour_ip(m: &NeighbourMessage) -> Option<Ipv4Addr> {
@@ -1045,6 +1153,8 @@ mod tests {
             is_send(&h.add_vxlan("v", 1, 4789, Ipv4Addr::LOCALHOST, None, None));
             is_send(&h.add_veth("a", "b", Some(ns), None));
             is_send(&h.set_fdb("v", [0; 6], Ipv4Addr::LOCALHOST));
+            is_send(&h.set_bridge_fdb("v", [0; 6], false));
+            is_send(&h.bridge_fdb("b"));
             is_send(&h.route_mtu(Ipv4Addr::LOCALHOST));
         }
         let _: fn(&Handle, &Netns) = _futures;

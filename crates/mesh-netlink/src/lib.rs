@@ -40,7 +40,7 @@ pub mod nft;
 mod tun;
 
 pub use error::NetlinkError;
-pub use handle::{Handle, LinkInfo, REQUEST_TIMEOUT};
+pub use handle::{BridgeFdbEntry, Handle, LinkInfo, REQUEST_TIMEOUT};
 pub use mac::{format_mac, mac_for_ip, parse_mac};
 pub use netns::Netns;
 pub use tun::Tun;

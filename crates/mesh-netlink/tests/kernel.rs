@@ -548,6 +548,62 @@ async fn overlay_over_vxlan() {
     );
     assert!(ping(&tasks[0], gw, 2), "task A cannot ping its gateway");
 
+    // The bridge's own FDB: B's MAC, learned on the vxlan port from B's replies, is made
+    // static there (replace), and a static entry on another port is found as such; deleted,
+    // it is gone, twice.
+    let vx_port = ov_h[0].link_index(vx).await.unwrap().expect("vx index");
+    let bridge_entry = |fdb: Vec<mesh_netlink::BridgeFdbEntry>, mac: [u8; 6]| {
+        fdb.into_iter().find(|e| e.mac == mac)
+    };
+    let learned = bridge_entry(ov_h[0].bridge_fdb("br0").await.unwrap(), mac_b);
+    assert!(
+        learned.is_some_and(|e| e.port == vx_port && !e.is_static),
+        "{learned:?}"
+    );
+    ov_h[0].set_bridge_fdb(vx, mac_b, false).await.unwrap();
+    let fdb = ov_h[0].bridge_fdb("br0").await.unwrap();
+    assert_eq!(
+        bridge_entry(fdb, mac_b),
+        Some(mesh_netlink::BridgeFdbEntry {
+            mac: mac_b,
+            port: vx_port,
+            is_static: true
+        })
+    );
+    let (_, fdb_text) = run_in(&overlays[0], &["bridge", "fdb", "show", "br", "br0"]);
+    assert!(
+        fdb_text.lines().any(|l| l.starts_with(&format_mac(&mac_b))
+            && l.contains(&format!("dev {vx} master br0 static"))),
+        "{fdb_text}"
+    );
+    let other = [0x02, 0x42, 0x0a, 0x63, 0x00, 0x63];
+    let veth_a = run_in(&overlays[0], &["ip", "-o", "link", "show", "master", "br0"]).1;
+    let port_a = veth_a
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .find(|n| n != vx)
+        .expect("task A's port");
+    ov_h[0].set_bridge_fdb(&port_a, other, true).await.unwrap();
+    let e = bridge_entry(ov_h[0].bridge_fdb("br0").await.unwrap(), other);
+    assert!(e.is_some_and(|e| e.is_static && e.port != vx_port), "{e:?}");
+    let (_, fdb_text) = run_in(&overlays[0], &["bridge", "fdb", "show", "br", "br0"]);
+    assert!(
+        fdb_text.lines().any(|l| l.starts_with(&format_mac(&other))
+            && l.contains(" static")
+            && l.contains("sticky")),
+        "{fdb_text}"
+    );
+    for _ in 0..2 {
+        ov_h[0].del_bridge_fdb(vx, mac_b).await.unwrap();
+        ov_h[0].del_bridge_fdb(&port_a, other).await.unwrap();
+    }
+    let fdb = ov_h[0].bridge_fdb("br0").await.unwrap();
+    assert!(
+        bridge_entry(fdb.clone(), mac_b).is_none() && bridge_entry(fdb.clone(), other).is_none(),
+        "{fdb:?}"
+    );
+
     // Replace: the FDB entry moves to another VTEP, then back.
     ov_h[0]
         .set_fdb(vx, mac_b, Ipv4Addr::new(10, 98, 0, 77))

@@ -36,7 +36,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mesh_netlink::{Handle, NetlinkError, Netns};
+use mesh_netlink::{BridgeFdbEntry, Handle, NetlinkError, Netns};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
@@ -329,6 +329,11 @@ impl Overlay {
         )
         .await?;
         h.set_master(&outer, "br0").await?;
+        // The bridge knows the task's port before the task sends a frame: a remote endpoint
+        // of the same address that `sync_remotes` still lists (its task just left) loses its
+        // entry to it, and frames from that endpoint, still arriving over VXLAN, cannot take
+        // it back (sticky).
+        h.set_bridge_fdb(&outer, mac, true).await?;
         h.set_up(&outer).await?;
         let t = Handle::new(&task_ns).await?;
         t.rename(&inner, &a.ifname).await?;
@@ -410,6 +415,17 @@ impl Overlay {
             let have_arp: BTreeMap<Ipv4Addr, [u8; 6]> =
                 h.neighbours(&vx).await?.into_iter().collect();
             let have_fdb: BTreeSet<([u8; 6], Ipv4Addr)> = h.fdb(&vx).await?.into_iter().collect();
+            // The bridge's entries: a remote endpoint's MAC is a static one on `vx`. The
+            // bridge would learn it only from a frame that came in over VXLAN, and the
+            // routing mesh's fast path sends replies past it, so without this every frame
+            // to that endpoint was flooded to each local port too.
+            let vx_port = h.link_index(&vx).await?;
+            let have_br: BTreeMap<[u8; 6], BridgeFdbEntry> = h
+                .bridge_fdb("br0")
+                .await?
+                .into_iter()
+                .map(|e| (e.mac, e))
+                .collect();
             for (ip, r) in &want {
                 if have_arp.get(ip) != Some(&r.mac) {
                     h.set_neighbour(&vx, *ip, r.mac).await?;
@@ -417,9 +433,22 @@ impl Overlay {
                 if !have_fdb.contains(&(r.mac, r.vtep)) {
                     h.set_fdb(&vx, r.mac, r.vtep).await?;
                 }
+                match have_br.get(&r.mac) {
+                    Some(e) if e.is_static && Some(e.port) == vx_port => {}
+                    // On a local port: a local endpoint has the address now (`attach`), and
+                    // the remote record is a stale one.
+                    Some(e) if Some(e.port) != vx_port => {}
+                    _ => h.set_bridge_fdb(&vx, r.mac, false).await?,
+                }
             }
             if add_only {
                 return Ok(());
+            }
+            let want_macs: BTreeSet<[u8; 6]> = want.values().map(|r| r.mac).collect();
+            for e in have_br.values() {
+                if e.is_static && Some(e.port) == vx_port && !want_macs.contains(&e.mac) {
+                    h.del_bridge_fdb(&vx, e.mac).await?;
+                }
             }
             let want_fdb: BTreeSet<([u8; 6], Ipv4Addr)> =
                 want.values().map(|r| (r.mac, r.vtep)).collect();

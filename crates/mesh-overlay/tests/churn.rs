@@ -27,9 +27,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mesh_netlink::{Handle, Netns};
+use mesh_netlink::{mac_for_ip, Handle, Netns};
 use mesh_overlay::{
     ns_name, Attachment, HolderError, Holders, NetworkDesc, Overlay, OverlayConfig, OverlayError,
+    Remote,
 };
 
 const H_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
@@ -443,4 +444,86 @@ async fn a_vni_taken_by_another_device_is_named() {
     h.del_link("other0").await.unwrap();
     ov.attach(pid, &attachment(&network, 2)).await.unwrap();
     assert!(task_has_eth0(pid, Ipv4Addr::new(10, 0, 1, 2)).await);
+}
+
+/// A remote endpoint's MAC is a static entry of the network bridge's FDB on `vx-<vni>`, so
+/// frames to it are never flooded to the local ports; it goes when the endpoint does. A
+/// local task's MAC is one on its own port from `attach`, and a remote record of the same
+/// address (its task just left another node) does not take it away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_endpoints_are_static_in_the_bridge_and_a_local_address_wins() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new().await;
+    let ov = lab.overlay().await;
+    let network = net(4098, 2);
+    let pid = lab.task();
+    let local = attachment(&network, 2);
+    ov.attach(pid, &local).await.unwrap();
+    let holder = lab
+        .holders
+        .list()
+        .into_iter()
+        .find(|(n, _)| *n == ns_name(4098))
+        .expect("the network's namespace")
+        .1;
+    let ns = Netns::open(Path::new(&format!("/proc/{holder}/ns/net"))).unwrap();
+    let h = Handle::new(&ns).await.unwrap();
+    let vx_port = h.link_index("vx-4098").await.unwrap().expect("vx-4098");
+    let remote_ip = Ipv4Addr::new(10, 0, 2, 3);
+    let (remote_mac, local_mac) = (mac_for_ip(remote_ip), mac_for_ip(local.ip));
+    let vtep = Ipv4Addr::new(10, 96, 0, 9);
+    let networks = BTreeMap::from([(4098, network.clone())]);
+    let entries = || async {
+        h.bridge_fdb("br0")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.mac, e))
+            .collect::<BTreeMap<_, _>>()
+    };
+
+    let remotes = BTreeMap::from([(
+        4098,
+        BTreeSet::from([
+            Remote {
+                ip: remote_ip,
+                mac: remote_mac,
+                vtep,
+            },
+            Remote {
+                ip: local.ip,
+                mac: local_mac,
+                vtep,
+            },
+        ]),
+    )]);
+    for round in 0..2 {
+        ov.sync_remotes(&networks, &remotes, &BTreeSet::new())
+            .await
+            .unwrap();
+        let fdb = entries().await;
+        let remote = fdb.get(&remote_mac).expect("the remote endpoint's entry");
+        assert!(
+            remote.is_static && remote.port == vx_port,
+            "round {round}: {remote:?}"
+        );
+        let mine = fdb.get(&local_mac).expect("the local task's entry");
+        assert!(
+            mine.is_static && mine.port != vx_port,
+            "round {round}: the local task's entry moved to vx-4098: {mine:?}"
+        );
+    }
+
+    let gone = BTreeMap::from([(4098, BTreeSet::new())]);
+    ov.sync_remotes(&networks, &gone, &BTreeSet::new())
+        .await
+        .unwrap();
+    let fdb = entries().await;
+    assert!(!fdb.contains_key(&remote_mac), "{fdb:?}");
+    assert!(
+        fdb.get(&local_mac).is_some_and(|e| e.port != vx_port),
+        "{fdb:?}"
+    );
 }
