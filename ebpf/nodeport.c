@@ -64,6 +64,7 @@
 #define ETH_LEN 14
 #define IP_OFF ETH_LEN
 #define L4_OFF (ETH_LEN + 20)
+#define IP_TTL_OFF (IP_OFF + 8)
 #define IP_CSUM_OFF (IP_OFF + 10)
 #define IP_SRC_OFF (IP_OFF + 12)
 #define IP_DST_OFF (IP_OFF + 16)
@@ -211,6 +212,25 @@ static __always_inline int rewrite(struct __sk_buff *skb, __u8 proto, int udp_cs
 	return 0;
 }
 
+/* Decrements the TTL of the IPv4 packet at IP_OFF, with its checksum: the fast
+ * path forwards as a router does. A packet whose TTL would expire never gets
+ * here: the kernel's path takes it and answers it as a router does (ICMP time
+ * exceeded). 0, or -1 when a helper failed. */
+static __always_inline int dec_ttl(struct __sk_buff *skb)
+{
+	__u8 w[2]; /* TTL, protocol: one checksummed 16-bit word */
+	__u16 old, new;
+
+	if (bpf_skb_load_bytes(skb, IP_TTL_OFF, w, 2))
+		return -1;
+	__builtin_memcpy(&old, w, 2);
+	w[0]--;
+	__builtin_memcpy(&new, w, 2);
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, 2))
+		return -1;
+	return bpf_skb_store_bytes(skb, IP_TTL_OFF, w, 1, 0) ? -1 : 0;
+}
+
 /* The `rev` key of the IPv4 TCP/UDP reply whose IP header is at `ip`, and whether it
  * carries a UDP checksum: 0, or -1 when the packet is something else. */
 static __always_inline int reply_key(struct iphdr *ip, void *end, struct np_rev_key *rk,
@@ -219,6 +239,8 @@ static __always_inline int reply_key(struct iphdr *ip, void *end, struct np_rev_
 	__be16 *ports;
 
 	if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+		return -1;
+	if (ip->ttl <= 1)
 		return -1;
 	if (ip->protocol == IPPROTO_TCP) {
 		if ((void *)ip + 20 + sizeof(struct tcphdr) > end)
@@ -244,7 +266,7 @@ static __always_inline int reply_key(struct iphdr *ip, void *end, struct np_rev_
 
 /* Rewrites a reply (its IP header at IP_OFF) of flow `rk`/`rv`: source
  * node_ip:published port, Ethernet addresses to the client's next hop from the
- * underlay interface. 0, or -1 when a helper failed. */
+ * underlay interface, TTL one less. 0, or -1 when a helper failed. */
 static __always_inline int reply_rewrite(struct __sk_buff *skb, struct np_config *cfg,
 					 struct np_rev_key *rk, struct np_rev_val *rv,
 					 int udp_csum)
@@ -255,6 +277,8 @@ static __always_inline int reply_rewrite(struct __sk_buff *skb, struct np_config
 	__builtin_memcpy(&macs[6], cfg->underlay_mac, 6);
 	if (rewrite(skb, rk->proto, udp_csum, IP_SRC_OFF, rk->task_ip, cfg->node_ip,
 		    L4_OFF, rk->task_port, rv->port))
+		return -1;
+	if (dec_ttl(skb))
 		return -1;
 	return bpf_skb_store_bytes(skb, 0, macs, 12, 0) ? -1 : 0;
 }
@@ -358,6 +382,9 @@ int np_underlay_in(struct __sk_buff *skb)
 	} else {
 		return TC_ACT_OK;
 	}
+	/* A TTL that expires here is the kernel's to answer. */
+	if (ip->ttl <= 1)
+		return TC_ACT_OK;
 	ports = (void *)(ip + 1);
 	client_ip = ip->saddr;
 	client_port = ports[0];
@@ -435,7 +462,7 @@ int np_underlay_in(struct __sk_buff *skb)
 	}
 
 	if (rewrite(skb, proto, udp_csum, IP_DST_OFF, cfg->node_ip, be.ip,
-		    L4_OFF + 2, port, be.port))
+		    L4_OFF + 2, port, be.port) || dec_ttl(skb))
 		return TC_ACT_SHOT;
 
 	/* Overlay MACs are 02:42 + the address. */

@@ -698,6 +698,13 @@ const SINK_SERVER: &str = "import socket,threading\ns=socket.socket()\ns.setsock
 /// Uploads 32 MiB to ADDR:7171 and prints the sink's answer (the bytes it read).
 const UPLOAD: &str = "import socket,sys\nc=socket.create_connection((sys.argv[1],7171),timeout=10)\nb=bytes(1<<20)\nfor _ in range(32):\n c.sendall(b)\nc.shutdown(socket.SHUT_WR)\nprint(c.recv(100).decode())";
 
+/// A UDP server answering each datagram with the TTL it arrived with.
+const TTL_SERVER: &str = "import socket,struct\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.setsockopt(socket.SOL_IP,12,1)\ns.bind(('0.0.0.0',5454))\nwhile True:\n d,anc,_,a=s.recvmsg(100,256)\n t=[struct.unpack('i',c[2][:4])[0] for c in anc if c[0]==socket.SOL_IP and c[1]==socket.IP_TTL]\n s.sendto(str(t[0] if t else -1).encode(),a)";
+/// To ADDR:5454, one datagram with TTL 5, then one with TTL 1. Prints `answer TTL_AT_TASK
+/// TTL_OF_REPLY` for the first, then `expired ICMP_TYPE FROM` for the error the second got
+/// back (`expired none` if none came) and `late ANSWER` if it was answered after all.
+const TTL_CLIENT: &str = "import socket,struct,sys,time\naddr=sys.argv[1]\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.setsockopt(socket.SOL_IP,11,1)\ns.setsockopt(socket.SOL_IP,12,1)\ns.settimeout(2)\ns.setsockopt(socket.SOL_IP,socket.IP_TTL,5)\ns.sendto(b't',(addr,5454))\nd,anc,_,_=s.recvmsg(100,256)\nt=[struct.unpack('i',c[2][:4])[0] for c in anc if c[0]==socket.SOL_IP and c[1]==socket.IP_TTL]\nprint('answer',d.decode(),t[0] if t else -1,flush=True)\ns.setsockopt(socket.SOL_IP,socket.IP_TTL,1)\ns.sendto(b't',(addr,5454))\ns.settimeout(0)\nerr='none';end=time.time()+2\nwhile time.time()<end and err=='none':\n try:\n  _,anc,_,_=s.recvmsg(100,512,0x2000)\n  for c in anc:\n   if c[1]==11:\n    e=c[2];err='%d %s'%(e[5],socket.inet_ntoa(e[20:24]))\n except BlockingIOError:\n  time.sleep(0.05)\nprint('expired',err,flush=True)\ns.settimeout(1);end=time.time()+1\nwhile time.time()<end:\n try:\n  print('late',s.recv(100).decode());break\n except socket.timeout:\n  break\n except OSError:\n  pass";
+
 /// Bytes received on all interfaces but `lo` in the network namespace of task `id` on `h`.
 fn task_rx_bytes(h: &Host, id: &str) -> Result<u64> {
     let pid = *h.task_pids(id).first().context("the task's process")?;
@@ -728,9 +735,11 @@ fn task_rx_bytes(h: &Host, id: &str) -> Result<u64> {
 /// h1's sandbox and ingress bridge to the VXLAN device, and the bridge knows where the remote
 /// task is although no frame of it ever crossed (the ACKs come back on the fast path). It used
 /// to flood each upload to every local port, so another service's task on h1 received a copy
-/// of every byte.
+/// of every byte. And h1 forwards as a router does: one TTL less each way, and a datagram
+/// whose TTL expires at h1 is answered with ICMP time exceeded from h1 and goes no further
+/// (the fast path used to pass it on with TTL 1).
 #[test]
-fn fast_path_uploads_are_not_flooded_to_local_tasks() -> Result<()> {
+fn fast_path_floods_no_local_task_and_forwards_as_a_router() -> Result<()> {
     let Some(c) = swarm_cluster(2, 1, "ingress-flood")? else {
         return Ok(());
     };
@@ -738,6 +747,7 @@ fn fast_path_uploads_are_not_flooded_to_local_tasks() -> Result<()> {
     let via = h1.addr().to_string();
     for (name, publish, server, node) in [
         ("sink", "7171:7171", SINK_SERVER, "h2"),
+        ("ttl", "5454:5454/udp", TTL_SERVER, "h2"),
         ("quiet", "8080:8080", TCP_SERVER, "h1"),
     ] {
         let constraint = format!("node.hostname=={node}");
@@ -787,6 +797,40 @@ fn fast_path_uploads_are_not_flooded_to_local_tasks() -> Result<()> {
         got < 1 << 20,
         "quiet's task on h1 received {got} bytes while 96 MiB were uploaded through h1 to sink's \
          task on h2: h1's ingress bridge flooded them"
+    );
+
+    // TTL 5 from the client arrives as 4 (h1 is the one router on the way: the overlay is a
+    // link), the reply's 64 as 63. The kernel's path would route twice (host, sandbox): 3.
+    let text = wait_for(
+        "ttl on h2 answers through h1's fast path",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            if running(&c, "ttl")?.len() != 1 {
+                return Ok(None);
+            }
+            let out = c.client_exec_timeout(
+                &["python3", "-c", TTL_CLIENT, &via],
+                Duration::from_secs(20),
+            )?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            // 3: the kernel's path, until the fast path has the port.
+            let answered = text.starts_with("answer ") && !text.starts_with("answer 3 ");
+            Ok(answered.then_some(text))
+        },
+    )?;
+    ensure!(
+        text.lines().next() == Some("answer 4 63"),
+        "TTL at the task and of the reply through h1: {text:?}"
+    );
+    ensure!(
+        text.lines().nth(1) == Some(&format!("expired 11 {via}")),
+        "a datagram with TTL 1 through h1 must get ICMP time exceeded (type 11) from h1: \
+         {text:?}"
+    );
+    ensure!(
+        !text.contains("late"),
+        "a datagram with TTL 1 reached the task through h1: {text:?}"
     );
     Ok(())
 }
