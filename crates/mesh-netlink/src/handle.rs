@@ -898,51 +898,18 @@ impl Handle {
         mac: [u8; 6],
         dst: Ipv4Addr,
     ) -> Result<(), NetlinkError> {
-        let Some(index) = self.link_index(dev).await? else {
-            return Ok(());
-        };
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = index;
-        msg.header.flags = NeighbourFlags::Own;
-        msg.header.state = NeighbourState::Permanent;
-        msg.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
-        match self
-            .call(
-                "delete",
-                || format!("fdb entry {} -> {dst} on {dev}", format_mac(&mac)),
-                self.inner.neighbours().del(msg).execute(),
-            )
-            .await
-        {
-            Err(e) if e.is_not_found() => Ok(()),
-            other => other,
-        }
+        self.del_fdb_entry(dev, mac, NeighbourFlags::Own, Some(dst), || {
+            format!("fdb entry {} -> {dst} on {dev}", format_mac(&mac))
+        })
+        .await
     }
 
     /// The FDB entries of VXLAN `dev` that have a remote VTEP (`NTF_SELF`
     /// entries with an IPv4 destination), sorted.
     pub async fn fdb(&self, dev: &str) -> Result<Vec<([u8; 6], Ipv4Addr)>, NetlinkError> {
         let index = self.require_index(dev).await?;
-        let req = self
-            .inner
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute();
-        let msgs: Vec<NeighbourMessage> = self
-            .call("list", || format!("fdb of {dev}"), req.try_collect())
-            .await?;
-        let mut out: Vec<([u8; 6], Ipv4Addr)> = msgs
-            .iter()
-            .filter(|m| m.header.ifindex == index && m.header.flags.contains(NeighbourFlags::Own))
-            .filter_map(|m| Some((neighbour_mac(m)?, neighbour_ip(m)?)))
-            .collect();
-        out.sort();
-        Ok(out)
+        let msgs = self.fdb_dump(|| format!("fdb of {dev}")).await?;
+        Ok(vxlan_entries(&msgs, index))
     }
 
     // ---- bridge forwarding database --------------------------------------
@@ -982,65 +949,116 @@ impl Handle {
     /// Deletes the bridge FDB entry of `mac` on port `dev`. Idempotent (a missing entry or
     /// device is fine).
     pub async fn del_bridge_fdb(&self, dev: &str, mac: [u8; 6]) -> Result<(), NetlinkError> {
-        let Some(index) = self.link_index(dev).await? else {
-            return Ok(());
-        };
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = index;
-        msg.header.flags = NeighbourFlags::Controller;
-        msg.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        match self
-            .call(
-                "delete",
-                || format!("bridge fdb entry {} on {dev}", format_mac(&mac)),
-                self.inner.neighbours().del(msg).execute(),
-            )
-            .await
-        {
-            Err(e) if e.is_not_found() => Ok(()),
-            other => other,
-        }
+        self.del_fdb_entry(dev, mac, NeighbourFlags::Controller, None, || {
+            format!("bridge fdb entry {} on {dev}", format_mac(&mac))
+        })
+        .await
     }
 
     /// The FDB of bridge `bridge` (the bridge's own entries, not its ports' `NTF_SELF` ones),
     /// without the addresses of its ports (`local`), sorted.
     pub async fn bridge_fdb(&self, bridge: &str) -> Result<Vec<BridgeFdbEntry>, NetlinkError> {
         let index = self.require_index(bridge).await?;
+        let msgs = self.fdb_dump(|| format!("fdb of bridge {bridge}")).await?;
+        Ok(bridge_entries(&msgs, index))
+    }
+
+    /// [`Handle::fdb`] of VXLAN `vxlan` and [`Handle::bridge_fdb`] of `bridge` from one dump
+    /// (the kernel lists both in the same `AF_BRIDGE` table).
+    pub async fn fdb_and_bridge_fdb(
+        &self,
+        vxlan: &str,
+        bridge: &str,
+    ) -> Result<(Vec<([u8; 6], Ipv4Addr)>, Vec<BridgeFdbEntry>), NetlinkError> {
+        let vx = self.require_index(vxlan).await?;
+        let br = self.require_index(bridge).await?;
+        let msgs = self
+            .fdb_dump(|| format!("fdb of {vxlan} and bridge {bridge}"))
+            .await?;
+        Ok((vxlan_entries(&msgs, vx), bridge_entries(&msgs, br)))
+    }
+
+    /// Every entry of the namespace's `AF_BRIDGE` neighbour table.
+    async fn fdb_dump(
+        &self,
+        what: impl FnOnce() -> String,
+    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
         let req = self
             .inner
             .neighbours()
             .get()
             .set_address_family(AddressFamily::Bridge)
             .execute();
-        let msgs: Vec<NeighbourMessage> = self
-            .call(
-                "list",
-                || format!("fdb of bridge {bridge}"),
-                req.try_collect(),
-            )
-            .await?;
-        let mut out: Vec<BridgeFdbEntry> = msgs
-            .iter()
-            .filter(|m| {
-                !m.header.flags.contains(NeighbourFlags::Own)
-                    && m.header.state != NeighbourState::Permanent
-                    && m.attributes
-                        .iter()
-                        .any(|a| matches!(a, NeighbourAttribute::Controller(i) if *i == index))
-            })
-            .filter_map(|m| {
-                Some(BridgeFdbEntry {
-                    mac: neighbour_mac(m)?,
-                    port: m.header.ifindex,
-                    is_static: m.header.state == NeighbourState::Noarp,
-                })
-            })
-            .collect();
-        out.sort();
-        Ok(out)
+        self.call("list", what, req.try_collect()).await
     }
+
+    /// Deletes the `AF_BRIDGE` entry of `mac` on `dev` with `flags` (`NTF_SELF`: the
+    /// device's own, with its VTEP `dst`; `NTF_MASTER`: its bridge's). Idempotent.
+    async fn del_fdb_entry(
+        &self,
+        dev: &str,
+        mac: [u8; 6],
+        flags: NeighbourFlags,
+        dst: Option<Ipv4Addr>,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), NetlinkError> {
+        let Some(index) = self.link_index(dev).await? else {
+            return Ok(());
+        };
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.flags = flags;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        if let Some(dst) = dst {
+            msg.header.state = NeighbourState::Permanent;
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        }
+        match self
+            .call("delete", what, self.inner.neighbours().del(msg).execute())
+            .await
+        {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// The VXLAN device `index`'s own FDB entries with a remote VTEP, sorted.
+fn vxlan_entries(msgs: &[NeighbourMessage], index: u32) -> Vec<([u8; 6], Ipv4Addr)> {
+    let mut out: Vec<([u8; 6], Ipv4Addr)> = msgs
+        .iter()
+        .filter(|m| m.header.ifindex == index && m.header.flags.contains(NeighbourFlags::Own))
+        .filter_map(|m| Some((neighbour_mac(m)?, neighbour_ip(m)?)))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Bridge `index`'s own FDB entries (`NDA_MASTER` is the bridge), but not its ports'
+/// addresses (`permanent`), sorted.
+fn bridge_entries(msgs: &[NeighbourMessage], index: u32) -> Vec<BridgeFdbEntry> {
+    let mut out: Vec<BridgeFdbEntry> = msgs
+        .iter()
+        .filter(|m| {
+            !m.header.flags.contains(NeighbourFlags::Own)
+                && m.header.state != NeighbourState::Permanent
+                && m.attributes
+                    .iter()
+                    .any(|a| matches!(a, NeighbourAttribute::Controller(i) if *i == index))
+        })
+        .filter_map(|m| {
+            Some(BridgeFdbEntry {
+                mac: neighbour_mac(m)?,
+                port: m.header.ifindex,
+                is_static: m.header.state == NeighbourState::Noarp,
+            })
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn neighbour_ip(m: &NeighbourMessage) -> Option<Ipv4Addr> {

@@ -414,18 +414,15 @@ impl Overlay {
                 .unwrap_or_default();
             let have_arp: BTreeMap<Ipv4Addr, [u8; 6]> =
                 h.neighbours(&vx).await?.into_iter().collect();
-            let have_fdb: BTreeSet<([u8; 6], Ipv4Addr)> = h.fdb(&vx).await?.into_iter().collect();
             // The bridge's entries: a remote endpoint's MAC is a static one on `vx`. The
             // bridge would learn it only from a frame that came in over VXLAN, and the
             // routing mesh's fast path sends replies past it, so without this every frame
             // to that endpoint was flooded to each local port too.
+            let (vx_fdb, br_fdb) = h.fdb_and_bridge_fdb(&vx, "br0").await?;
+            let have_fdb: BTreeSet<([u8; 6], Ipv4Addr)> = vx_fdb.into_iter().collect();
+            let have_br: BTreeMap<[u8; 6], BridgeFdbEntry> =
+                br_fdb.into_iter().map(|e| (e.mac, e)).collect();
             let vx_port = h.link_index(&vx).await?;
-            let have_br: BTreeMap<[u8; 6], BridgeFdbEntry> = h
-                .bridge_fdb("br0")
-                .await?
-                .into_iter()
-                .map(|e| (e.mac, e))
-                .collect();
             for (ip, r) in &want {
                 if have_arp.get(ip) != Some(&r.mac) {
                     h.set_neighbour(&vx, *ip, r.mac).await?;
