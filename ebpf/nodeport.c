@@ -30,7 +30,10 @@
  *                    them in `rev`, strips the VXLAN headers, gives them
  *                    node_ip:published port as source and the client's L2
  *                    next hop as destination, and sends them back out
- *                    (reply_in).
+ *                    (reply_in). On the task's node, the same program takes
+ *                    VXLAN on the ingress VNI for a task in `local` past the
+ *                    VXLAN device and the overlay's bridge, straight into the
+ *                    task's namespace (local_in).
  *   np_sbox_veth_in  tc ingress of the sandbox's end of its veth to the
  *                    host (mi0): a GSO skb from np_underlay_in (source MAC
  *                    = the sandbox's overlay MAC, which nothing else sends
@@ -114,6 +117,13 @@ struct {
 	__type(key, struct np_rev_key);
 	__type(value, struct np_rev_val);
 } np_rev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NP_MAX_LOCAL);
+	__type(key, __u32);
+	__type(value, struct np_local_val);
+} np_local SEC(".maps");
 
 struct encap {
 	struct iphdr ip;
@@ -284,6 +294,32 @@ static __always_inline int reply_rewrite(struct __sk_buff *skb, struct np_config
 }
 
 /*
+ * VXLAN from another node for a task of this node (in `local`): the inner
+ * frame, MACs and all, takes the place of the outer headers, and is handed
+ * into the task's namespace through its gateway-bridge veth
+ * (bpf_redirect_peer: no queue, no bridge), where the return path marks it
+ * by the sandbox's MAC as it does on the overlay (mesh_ingress::return_path).
+ * The kernel's way here is UDP receive, the VXLAN device and its GRO cells,
+ * the overlay's bridge and a veth: two queues more. A GSO skb keeps its
+ * tunnel GSO type (6.18 cannot clear it from BPF), which nothing on a local
+ * delivery reads; its gso_size is the inner MSS already (FIXED_GSO). An skb
+ * whose NIC vouched for checksums loses that (the default of adjust_room):
+ * the task's stack checks the inner one itself.
+ */
+static __always_inline int local_in(struct __sk_buff *skb, __u32 ifindex)
+{
+	__u8 macs[12];
+
+	if (bpf_skb_load_bytes(skb, ENCAP_LEN, macs, sizeof(macs)))
+		return TC_ACT_OK;
+	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+		return TC_ACT_OK;
+	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(ifindex, 0);
+}
+
+/*
  * A task's reply coming back from its node in VXLAN (outer IPv4 `oip`, to this
  * node's VXLAN port, on the ingress VNI) for a flow in `rev`, from that flow's
  * node: decapsulated, rewritten (reply_rewrite), and sent to the client at
@@ -295,9 +331,11 @@ static __always_inline int reply_in(struct __sk_buff *skb, struct np_config *cfg
 				    struct iphdr *oip, void *end)
 {
 	struct udphdr *oudp = (void *)(oip + 1);
+	struct np_local_val *lv;
 	struct np_rev_val *rv;
 	struct np_rev_key rk;
 	struct ethhdr *ieth;
+	struct iphdr *iip;
 	int udp_csum = 0;
 	__be32 *vx;
 
@@ -309,7 +347,13 @@ static __always_inline int reply_in(struct __sk_buff *skb, struct np_config *cfg
 	ieth = (void *)(vx + 2);
 	if ((void *)(ieth + 1) > end || ieth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
-	if (reply_key((void *)(ieth + 1), end, &rk, &udp_csum))
+	iip = (void *)(ieth + 1);
+	if ((void *)(iip + 1) > end)
+		return TC_ACT_OK;
+	lv = bpf_map_lookup_elem(&np_local, &iip->daddr);
+	if (lv)
+		return local_in(skb, lv->ifindex);
+	if (reply_key(iip, end, &rk, &udp_csum))
 		return TC_ACT_OK;
 	rv = bpf_map_lookup_elem(&np_rev, &rk);
 	if (!rv || rv->vtep != oip->saddr || skb->gso_size)

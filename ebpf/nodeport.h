@@ -20,6 +20,7 @@
 #define NP_MAX_PORTS 4096
 #define NP_MAX_BACKENDS 65536
 #define NP_MAX_FLOWS 262144
+#define NP_MAX_LOCAL 4096
 
 /*
  * The maps' layouts and meanings, as a whole: a daemon loading these programs
@@ -38,6 +39,7 @@
 #define NP_FWD_KEY_SIZE 12
 #define NP_REV_KEY_SIZE 16
 #define NP_REV_VAL_SIZE 12
+#define NP_LOCAL_VAL_SIZE 8
 
 /*
  * `config` (array, one element): where this node's fast path plugs in.
@@ -128,6 +130,20 @@ struct np_rev_val {
 	__u32 vtep;          /* the task's node */
 };
 
+/*
+ * `local`: this node's tasks that publish ports in ingress mode, by their
+ * address on the ingress overlay (network byte order). VXLAN from another
+ * node on the ingress VNI for one of them is decapsulated by np_underlay_in
+ * and handed straight into the task's namespace through its gateway-bridge
+ * veth (`ifindex`: the host's end, in host byte order), past the VXLAN
+ * device, the overlay's bridge and its veth. Filled by the daemon, not
+ * carried over to a new daemon's maps: it fills them again.
+ */
+struct np_local_val {
+	__u32 ifindex;
+	__u32 pad;
+};
+
 #ifdef __BPF__
 _Static_assert(sizeof(struct np_config) == NP_CONFIG_SIZE, "np_config size");
 _Static_assert(sizeof(struct np_port_key) == NP_PORT_KEY_SIZE, "np_port_key size");
@@ -138,6 +154,7 @@ _Static_assert(sizeof(struct np_alive_key) == NP_ALIVE_KEY_SIZE, "np_alive_key s
 _Static_assert(sizeof(struct np_fwd_key) == NP_FWD_KEY_SIZE, "np_fwd_key size");
 _Static_assert(sizeof(struct np_rev_key) == NP_REV_KEY_SIZE, "np_rev_key size");
 _Static_assert(sizeof(struct np_rev_val) == NP_REV_VAL_SIZE, "np_rev_val size");
+_Static_assert(sizeof(struct np_local_val) == NP_LOCAL_VAL_SIZE, "np_local_val size");
 #endif
 
 #endif /* MESH_NODEPORT_H */

@@ -2,7 +2,8 @@
 //! node without a task: downloads arrive whole (their replies take the GSO path through h3's
 //! sandbox); connections keep flowing, none failing, while backends are added and
 //! while h3's daemon is SIGKILLed and restarted (the restarted one adopts the programs and
-//! their flow tables: an open connection keeps its task); a UDP client whose task is killed
+//! their flow tables: an open connection keeps its task), and then h2's, which runs tasks
+//! (its fast path hands them the VXLAN from h3 past the overlay); a UDP client whose task is killed
 //! moves to another task at once (the fast path forgets a removed backend's flows); a daemon
 //! restarted over the programs of another build (an upgrade) puts its own in their place and
 //! keeps every held connection on its task; connections handed to the kernel for a local
@@ -125,7 +126,7 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     let Some(c) = swarm_cluster(3, 1, "ingress-fp")? else {
         return Ok(());
     };
-    let (h1, h3) = (c.host(1), c.host(3));
+    let (h1, h2, h3) = (c.host(1), c.host(2), c.host(3));
     let via = h3.addr().to_string();
     create(h1, "web", "8080:8080", TCP_SERVER, Some(8080))?;
     create(h1, "echo", "9090:9090", ECHO_SERVER, None)?;
@@ -184,11 +185,21 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         let restarting = t0.elapsed().as_secs_f64();
         h3.start_daemon()?;
         let restarted = t0.elapsed().as_secs_f64();
+        // h2 runs a task: its fast path hands it the VXLAN from h3 past the overlay
+        // (`np_local`), which a restarted daemon keeps.
+        std::thread::sleep(Duration::from_secs(1));
+        let killed2 = t0.elapsed().as_secs_f64();
+        h2.kill_daemon()?;
+        std::thread::sleep(Duration::from_millis(500));
+        let restarting2 = t0.elapsed().as_secs_f64();
+        h2.start_daemon()?;
+        let restarted2 = t0.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_secs(2));
         let scaling = t0.elapsed().as_secs_f64();
         h1.mesh_ok(&["service", "scale", "web=4"])?;
         let marks = format!(
             "h3 killed at {killed:.3} s, restarted from {restarting:.3} to {restarted:.3} s, \
+             h2 killed at {killed2:.3} s, restarted from {restarting2:.3} to {restarted2:.3} s, \
              web scaled at {scaling:.3} s"
         );
         Ok((load.join().expect("load thread")?, marks))
@@ -224,6 +235,11 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     ensure!(
         log.contains("routing mesh fast path attached") && log.contains("adopted=true"),
         "h3's restarted daemon did not adopt the fast path"
+    );
+    let log = std::fs::read_to_string(h2.log_path())?;
+    ensure!(
+        log.contains("routing mesh fast path attached") && log.contains("adopted=true"),
+        "h2's restarted daemon did not adopt the fast path"
     );
     ensure!(running(&c, "web")?.len() == 4, "web did not scale to 4");
 
@@ -400,7 +416,6 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     );
 
     // h2 leaves the swarm: its filters go, with the programs and maps.
-    let h2 = c.host(2);
     ensure!(
         fast_path_filters(h2)?.len() == 4,
         "h2's fast path: {:?}",
@@ -707,6 +722,15 @@ const TTL_CLIENT: &str = "import socket,struct,sys,time\naddr=sys.argv[1]\ns=soc
 
 /// Bytes received on all interfaces but `lo` in the network namespace of task `id` on `h`.
 fn task_rx_bytes(h: &Host, id: &str) -> Result<u64> {
+    Ok(task_rx(h, id)?
+        .iter()
+        .filter(|(dev, _)| *dev != "lo")
+        .map(|(_, b)| b)
+        .sum())
+}
+
+/// Bytes received per interface in the network namespace of task `id` on `h`.
+fn task_rx(h: &Host, id: &str) -> Result<std::collections::BTreeMap<String, u64>> {
     let pid = *h.task_pids(id).first().context("the task's process")?;
     let out = h.exec(&[
         "nsenter",
@@ -717,18 +741,17 @@ fn task_rx_bytes(h: &Host, id: &str) -> Result<u64> {
         "/proc/net/dev",
     ])?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut total = 0;
+    let mut rx = std::collections::BTreeMap::new();
     for l in text.lines().filter(|l| l.contains(':')) {
         let (dev, counters) = l.split_once(':').unwrap_or_default();
-        if dev.trim() != "lo" {
-            total += counters
-                .split_whitespace()
-                .next()
-                .and_then(|b| b.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
+        let bytes = counters
+            .split_whitespace()
+            .next()
+            .and_then(|b| b.parse::<u64>().ok())
+            .unwrap_or(0);
+        rx.insert(dev.trim().to_string(), bytes);
     }
-    Ok(total)
+    Ok(rx)
 }
 
 /// Uploads through h1 to a task on h2 that answer nothing but their ACKs: merged segments take
@@ -782,6 +805,9 @@ fn fast_path_floods_no_local_task_and_forwards_as_a_router() -> Result<()> {
         },
     )?;
     let before = task_rx_bytes(h1, &quiet)?;
+    let sink = running(&c, "sink")?[0].0.clone();
+    let h2 = c.host(2);
+    let sink_before = task_rx(h2, &sink)?;
     for _ in 0..3 {
         let out =
             c.client_exec_timeout(&["python3", "-c", UPLOAD, &via], Duration::from_secs(30))?;
@@ -797,6 +823,21 @@ fn fast_path_floods_no_local_task_and_forwards_as_a_router() -> Result<()> {
         got < 1 << 20,
         "quiet's task on h1 received {got} bytes while 96 MiB were uploaded through h1 to sink's \
          task on h2: h1's ingress bridge flooded them"
+    );
+    // On h2, the fast path takes the VXLAN from h1 past the VXLAN device and the overlay's
+    // bridge: into the task through its gateway interface (eth1; eth0 is on the ingress
+    // overlay), whole segments and merged ones alike.
+    let sink_after = task_rx(h2, &sink)?;
+    let delta = |dev: &str| {
+        sink_after.get(dev).copied().unwrap_or(0) - sink_before.get(dev).copied().unwrap_or(0)
+    };
+    ensure!(
+        delta("eth1") >= 96 << 20 && delta("eth0") < 1 << 20,
+        "sink's task on h2 received {} bytes on its gateway interface and {} on the ingress \
+         overlay during 96 MiB of uploads through h1: the fast path on h2 must hand them in \
+         past the overlay",
+        delta("eth1"),
+        delta("eth0")
     );
 
     // TTL 5 from the client arrives as 4 (h1 is the one router on the way: the overlay is a

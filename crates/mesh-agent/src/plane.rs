@@ -235,6 +235,9 @@ struct IngressReturn {
     sandboxes: BTreeSet<Ipv4Addr>,
     /// UDP target ports whose rules are still to be added (then empty).
     udp_pending: Vec<u16>,
+    /// Where the fast path hands the task VXLAN it decapsulates on this node (its gateway
+    /// interface, when it has one), as set up in its table.
+    shortcut: Option<mesh_ingress::return_path::Shortcut>,
 }
 
 impl TaskNs {
@@ -1190,14 +1193,19 @@ impl Inner {
             None
         };
         let ingress_return = match ingress_return_of(task, ingress_id.as_deref()) {
-            Some((ifname, udp_pending)) => {
+            Some((ifname, addr, udp_pending)) => {
                 let netns = Netns::open(&ns).map_err(PlaneError::failed)?;
-                mesh_ingress::return_path::setup_table(&netns, &ifname)
+                let shortcut = needs_gateway(task).then(|| mesh_ingress::return_path::Shortcut {
+                    ifname: format!("eth{}", task.networks.len()),
+                    addr,
+                });
+                mesh_ingress::return_path::setup_table(&netns, &ifname, shortcut.as_ref())
                     .map_err(|e| PlaneError::context("routing mesh return path", e))?;
                 Some(IngressReturn {
                     ifname,
                     sandboxes: BTreeSet::new(),
                     udp_pending,
+                    shortcut,
                 })
             }
             None => None,
@@ -1411,10 +1419,28 @@ impl Inner {
                 }
             }
         }
+        // The tasks VXLAN skips the overlay to reach: their ingress address -> the host's
+        // end of their gateway veth (`mesh_ingress::return_path::Shortcut`).
+        let gw_ports = match r.overlay.gateway_ports().await {
+            Ok(p) => p,
+            Err(e) => {
+                debug!("routing mesh: gateway ports: {e}");
+                BTreeMap::new()
+            }
+        };
+        let local: BTreeMap<Ipv4Addr, u32> = lock(&self.tasks)
+            .iter()
+            .filter(|(_, ns)| ns.alive())
+            .filter_map(|(id, ns)| {
+                let sc = ns.ingress_return.as_ref()?.shortcut.as_ref()?;
+                Some((sc.addr, *gw_ports.get(id)?))
+            })
+            .collect();
         let Some(np) = r.nodeport.as_mut() else {
             return;
         };
         let res = tokio::task::block_in_place(|| {
+            np.set_local(&local)?;
             let mut want = BTreeSet::new();
             for e in entries {
                 let proto = match e.proto {
@@ -1931,11 +1957,15 @@ fn task_records(
 /// port the task also publishes in host mode is left out: its host-mode clients are answered
 /// through the gateway bridge, and its replies to routing-mesh clients then are not (a
 /// known limit: `mesh_ingress::return_path::add_routes`).
-fn ingress_return_of(task: &Task, ingress_id: Option<&str>) -> Option<(String, Vec<u16>)> {
+fn ingress_return_of(
+    task: &Task,
+    ingress_id: Option<&str>,
+) -> Option<(String, Ipv4Addr, Vec<u16>)> {
     let i = task
         .networks
         .iter()
         .position(|a| Some(a.network_id.as_str()) == ingress_id)?;
+    let addr = task.networks[i].addr.ip;
     let ingress: Vec<&PortConfig> = task
         .spec
         .ports
@@ -1957,7 +1987,7 @@ fn ingress_return_of(task: &Task, ingress_id: Option<&str>) -> Option<(String, V
         .filter(|p| p.protocol == Protocol::Udp && !host_udp.contains(&p.target))
         .map(|p| p.target)
         .collect();
-    Some((format!("eth{i}"), udp.into_iter().collect()))
+    Some((format!("eth{i}"), addr, udp.into_iter().collect()))
 }
 
 /// Adds and removes /32 VIPs on `lo` inside `/proc/<pid>/ns/net`.

@@ -40,6 +40,16 @@
 //!
 //! UDP replies need one more rule per served port (see [`add_routes`]).
 //!
+//! **The fast path's shortcut** ([`Shortcut`]): on the task's node, the routing mesh's eBPF
+//! fast path hands VXLAN from other nodes' sandboxes into the task through its
+//! gateway-bridge interface, decapsulated, the sandbox's MAC as source, past the VXLAN
+//! device and the overlay's bridge (`mesh_lb::nodeport`, `np_local`). Such packets are the
+//! only ones addressed to the task's ingress address on that interface, so the same two
+//! rules, matching that interface and address, mark them; their replies leave through the
+//! ingress interface as all others. `src_valid_mark` stays off on the gateway interface: its
+//! reverse-path check finds the client through the task's default route, which is that
+//! interface.
+//!
 //! **No TIME_WAIT in the task** (`tcp_max_tw_buckets` 0 in its namespace). With the client's
 //! address kept, one client reaching a task through two nodes' addresses uses two TCP
 //! timestamp offsets (Linux picks one per source and destination address pair), and the
@@ -75,20 +85,43 @@ pub const RULE_PRIORITY: u32 = 100;
 /// below 253, and never a sandbox's mark (a host address is never `a.0.0.0`).
 pub const UDP_TABLE: u32 = 250;
 
-/// The task's table: marks connections from the ingress interface `ingress_if` with their
-/// sandbox, and gives the mark to what the task sends on them. Rewritten whole (idempotent).
-pub fn script(ingress_if: &str) -> String {
+/// Where the routing mesh's fast path hands the task VXLAN it decapsulated on the task's node
+/// (`mesh_lb::nodeport`, `np_local`): the task's gateway-bridge interface, and the task's
+/// address on the ingress overlay, which only such packets carry there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shortcut {
+    /// The task's gateway-bridge interface.
+    pub ifname: String,
+    /// The task's address on the ingress overlay.
+    pub addr: Ipv4Addr,
+}
+
+/// The task's table: marks connections from the ingress interface `ingress_if` (and those
+/// the fast path hands in through `shortcut`) with their sandbox, and gives the mark to what
+/// the task sends on them. Rewritten whole (idempotent).
+pub fn script(ingress_if: &str, shortcut: Option<&Shortcut>) -> String {
     let t = RETURN_TABLE;
-    format!(
+    let mut s = format!(
         "add table ip {t}\n\
          add chain ip {t} prerouting {{ type filter hook prerouting priority mangle; policy accept; }}\n\
          add chain ip {t} output {{ type route hook output priority mangle; policy accept; }}\n\
          flush chain ip {t} prerouting\n\
-         flush chain ip {t} output\n\
-         add rule ip {t} prerouting iifname \"{ingress_if}\" ct state new ct mark set @ll,64,32\n\
-         add rule ip {t} prerouting iifname \"{ingress_if}\" meta mark set ct mark\n\
-         add rule ip {t} output ct mark != 0 meta mark set ct mark\n"
-    )
+         flush chain ip {t} output\n"
+    );
+    let mut from = vec![format!("iifname \"{ingress_if}\"")];
+    if let Some(sc) = shortcut {
+        from.push(format!("iifname \"{}\" ip daddr {}", sc.ifname, sc.addr));
+    }
+    for f in &from {
+        s.push_str(&format!(
+            "add rule ip {t} prerouting {f} ct state new ct mark set @ll,64,32\n\
+             add rule ip {t} prerouting {f} meta mark set ct mark\n"
+        ));
+    }
+    s.push_str(&format!(
+        "add rule ip {t} output ct mark != 0 meta mark set ct mark\n"
+    ));
+    s
 }
 
 /// The mark and routing table of the sandbox at `addr`: the four bytes of the address (as
@@ -99,13 +132,20 @@ pub fn sandbox_mark(addr: Ipv4Addr) -> u32 {
 }
 
 /// Sets up the table and `src_valid_mark` in a task's namespace `ns` whose interface on the
-/// ingress overlay is `ingress_if` (then [`add_routes`] adds the routes). Idempotent.
-/// Blocking (one `nft` run and a sysctl, each on a thread in `ns`).
-pub fn setup_table(ns: &Netns, ingress_if: &str) -> Result<(), IngressError> {
-    if !crate::valid_ifname(ingress_if) {
-        return Err(IngressError::Invalid(format!(
-            "ingress interface {ingress_if:?}: want 1 to 15 characters of [A-Za-z0-9_.-]"
-        )));
+/// ingress overlay is `ingress_if` (then [`add_routes`] adds the routes), and the fast path's
+/// `shortcut` into it, if any. Idempotent. Blocking (one `nft` run and a sysctl, each on a
+/// thread in `ns`).
+pub fn setup_table(
+    ns: &Netns,
+    ingress_if: &str,
+    shortcut: Option<&Shortcut>,
+) -> Result<(), IngressError> {
+    for i in std::iter::once(ingress_if).chain(shortcut.map(|s| s.ifname.as_str())) {
+        if !crate::valid_ifname(i) {
+            return Err(IngressError::Invalid(format!(
+                "interface {i:?}: want 1 to 15 characters of [A-Za-z0-9_.-]"
+            )));
+        }
     }
     crate::sysctls(
         ns,
@@ -115,7 +155,7 @@ pub fn setup_table(ns: &Netns, ingress_if: &str) -> Result<(), IngressError> {
             ("net/ipv4/tcp_max_tw_buckets".to_string(), "0"),
         ],
     )?;
-    nft::apply_in(ns, &script(ingress_if)).map_err(|source| IngressError::Nft {
+    nft::apply_in(ns, &script(ingress_if, shortcut)).map_err(|source| IngressError::Nft {
         ns: ns.name().to_string(),
         source,
     })
@@ -168,7 +208,7 @@ mod tests {
     #[test]
     fn the_table_marks_by_the_sandbox_s_mac() {
         assert_eq!(
-            script("eth1"),
+            script("eth1", None),
             "add table ip mesh_ingress_return\n\
              add chain ip mesh_ingress_return prerouting { type filter hook prerouting priority mangle; policy accept; }\n\
              add chain ip mesh_ingress_return output { type route hook output priority mangle; policy accept; }\n\
@@ -178,6 +218,16 @@ mod tests {
              add rule ip mesh_ingress_return prerouting iifname \"eth1\" meta mark set ct mark\n\
              add rule ip mesh_ingress_return output ct mark != 0 meta mark set ct mark\n"
         );
+        let sc = Shortcut {
+            ifname: "eth2".into(),
+            addr: Ipv4Addr::new(10, 255, 0, 7),
+        };
+        assert!(script("eth1", Some(&sc)).ends_with(
+            "add rule ip mesh_ingress_return prerouting iifname \"eth1\" meta mark set ct mark\n\
+             add rule ip mesh_ingress_return prerouting iifname \"eth2\" ip daddr 10.255.0.7 ct state new ct mark set @ll,64,32\n\
+             add rule ip mesh_ingress_return prerouting iifname \"eth2\" ip daddr 10.255.0.7 meta mark set ct mark\n\
+             add rule ip mesh_ingress_return output ct mark != 0 meta mark set ct mark\n"
+        ));
         // The mark is the address, and the last four bytes of the sandbox's MAC.
         let ip = Ipv4Addr::new(10, 0, 0, 2);
         let mac = mesh_netlink::mac_for_ip(ip);

@@ -175,7 +175,7 @@ impl Lab {
         .ctx("plumbing")?;
         // Every task's way back to the sandbox for the connections it balanced.
         for t in &tasks {
-            mesh_ingress::return_path::setup_table(t, "eth0").ctx("return path")?;
+            mesh_ingress::return_path::setup_table(t, "eth0", None).ctx("return path")?;
             rt.block_on(mesh_ingress::return_path::add_routes(
                 t,
                 "eth0",

@@ -31,7 +31,8 @@ use mesh_netlink::Netns;
 
 use crate::consts::{
     NP_ALIVE_KEY_SIZE, NP_BACKEND_KEY_SIZE, NP_BACKEND_VAL_SIZE, NP_CONFIG_SIZE, NP_FWD_KEY_SIZE,
-    NP_MAPS_VERSION, NP_PORT_KEY_SIZE, NP_PORT_VAL_SIZE, NP_REV_KEY_SIZE, NP_REV_VAL_SIZE,
+    NP_LOCAL_VAL_SIZE, NP_MAPS_VERSION, NP_PORT_KEY_SIZE, NP_PORT_VAL_SIZE, NP_REV_KEY_SIZE,
+    NP_REV_VAL_SIZE,
 };
 use crate::plan::{plan, Op};
 use crate::{chain, is_enoent, objects, Proto};
@@ -42,13 +43,15 @@ const MAP_BACKENDS: &str = "np_backends";
 const MAP_ALIVE: &str = "np_alive";
 const MAP_FWD: &str = "np_fwd";
 const MAP_REV: &str = "np_rev";
-const MAPS: [&str; 6] = [
+const MAP_LOCAL: &str = "np_local";
+const MAPS: [&str; 7] = [
     MAP_CONFIG,
     MAP_PORTS,
     MAP_BACKENDS,
     MAP_ALIVE,
     MAP_FWD,
     MAP_REV,
+    MAP_LOCAL,
 ];
 const PROG_UNDERLAY: &str = "np_underlay_in";
 const PROG_SBOX: &str = "np_sbox_in";
@@ -161,8 +164,16 @@ struct AliveKey {
     pad: u8,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LocalVal {
+    ifindex: u32,
+    pad: u32,
+}
+
 const _: () = {
     use std::mem::size_of;
+    assert!(size_of::<LocalVal>() == NP_LOCAL_VAL_SIZE as usize);
     assert!(size_of::<ConfigVal>() == NP_CONFIG_SIZE as usize);
     assert!(size_of::<PortKey>() == NP_PORT_KEY_SIZE as usize);
     assert!(size_of::<PortVal>() == NP_PORT_VAL_SIZE as usize);
@@ -187,6 +198,8 @@ unsafe impl aya::Pod for BackendKey {}
 unsafe impl aya::Pod for BackendVal {}
 // SAFETY: see above.
 unsafe impl aya::Pod for AliveKey {}
+// SAFETY: see above.
+unsafe impl aya::Pod for LocalVal {}
 
 fn be32(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
@@ -269,6 +282,8 @@ pub struct NodePort {
     alive: HashMap<MapData, AliveKey, u32>,
     /// The alive map's counts, as written: (address, port, proto) -> ports using it.
     alive_counts: BTreeMap<AliveKey, u32>,
+    /// This node's tasks reached past the overlay: address -> gateway veth's ifindex.
+    local: HashMap<MapData, u32, LocalVal>,
     node_ip: Ipv4Addr,
     underlay_if: String,
     host_veth: String,
@@ -367,6 +382,7 @@ impl NodePort {
         let backends = HashMap::try_from(take(MAP_BACKENDS)?).map_err(|e| err(MAP_BACKENDS, e))?;
         let alive: HashMap<MapData, AliveKey, u32> =
             HashMap::try_from(take(MAP_ALIVE)?).map_err(|e| err(MAP_ALIVE, e))?;
+        let local = HashMap::try_from(take(MAP_LOCAL)?).map_err(|e| err(MAP_LOCAL, e))?;
         if cfg_map.get(&0, 0).ok() != Some(config) {
             cfg_map.set(0, config, 0).map_err(|e| err(MAP_CONFIG, e))?;
         }
@@ -385,6 +401,7 @@ impl NodePort {
             backends,
             alive,
             alive_counts,
+            local,
             node_ip: p.node_ip,
             underlay_if: p.underlay_if,
             host_veth: p.host_veth,
@@ -583,6 +600,39 @@ impl NodePort {
             Err(e) if is_enoent(&e) => Ok(()),
             Err(e) => Err(err(MAP_ALIVE, e)),
         }
+    }
+
+    /// Sets the tasks of this node that VXLAN for them skips the overlay to reach: each task's
+    /// address on the ingress overlay -> the ifindex of the host's end of a veth whose other
+    /// end is in the task's namespace (its gateway-bridge veth). Others are removed: VXLAN
+    /// for them takes the VXLAN device again.
+    pub fn set_local(&mut self, want: &BTreeMap<Ipv4Addr, u32>) -> Result<(), NodePortError> {
+        let have: BTreeMap<u32, LocalVal> = self.local.iter().filter_map(Result::ok).collect();
+        let want: BTreeMap<u32, LocalVal> = want
+            .iter()
+            .map(|(ip, ifindex)| {
+                let v = LocalVal {
+                    ifindex: *ifindex,
+                    pad: 0,
+                };
+                (be32(*ip), v)
+            })
+            .collect();
+        for k in have.keys() {
+            if !want.contains_key(k) {
+                match self.local.remove(k) {
+                    Ok(()) => {}
+                    Err(e) if is_enoent(&e) => {}
+                    Err(e) => return Err(err(MAP_LOCAL, e)),
+                }
+            }
+        }
+        for (k, v) in &want {
+            if have.get(k) != Some(v) {
+                self.local.insert(k, v, 0).map_err(|e| err(MAP_LOCAL, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Turns the programs off (every packet takes the nftables path) or on again.

@@ -461,6 +461,22 @@ impl Overlay {
         Ok(())
     }
 
+    /// The host's end of each task's gateway veth that exists: task ID -> its ifindex. Empty
+    /// without a gateway.
+    pub async fn gateway_ports(&self) -> Result<BTreeMap<String, u32>, OverlayError> {
+        let Some(gw) = self.gw.as_ref() else {
+            return Ok(BTreeMap::new());
+        };
+        let leases = State::load(&gw.state_file)?.tasks;
+        let mut out = BTreeMap::new();
+        for (id, lease) in leases {
+            if let Some(index) = self.host.link_index(&lease.veth).await? {
+                out.insert(id, index);
+            }
+        }
+        Ok(out)
+    }
+
     /// The gateway addresses in use: task ID -> address (from the allocation file).
     pub fn gateway_leases(&self) -> Result<BTreeMap<String, Ipv4Addr>, OverlayError> {
         let gw = self.gateway()?;
