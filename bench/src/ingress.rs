@@ -292,9 +292,10 @@ numgen DNAT, no SNAT: the task sees the client -> the task, whose reply is polic
 **ingress via other node, eBPF** = h3's ingress port (h3 has no task; the tc fast path on h3's underlay \
 interface DNATs the packet; one segment it VXLAN-encapsulates to h1 itself, a GSO packet it hands to the ingress \
 overlay's VXLAN device through the sandbox's veth, skipping the sandbox's stack; the same program decapsulates \
-the replies, rewrites them and sends them back out: no conntrack entry or NAT rule on h3); **ingress via other \
-node, nftables** = h2's ingress port, h2 started with `--ingress-datapath nftables` (the nftables path, plus the \
-VXLAN ingress overlay to h1). {ROUNDS} interleaved rounds of iperf3 (1 TCP stream, {IPERF_SECS} s; once with \
+the replies, rewrites them and sends them back out: no conntrack entry or NAT rule on h3; on h1 the same \
+program takes the VXLAN past the VXLAN device and the overlay's bridge, into the task through its gateway veth); \
+**ingress via other node, nftables** = h2's ingress port, h2 started with `--ingress-datapath nftables` (the \
+nftables path, plus the VXLAN ingress overlay to h1, where h1's fast path takes it into the task as above). {ROUNDS} interleaved rounds of iperf3 (1 TCP stream, {IPERF_SECS} s; once with \
 the machine's congestion control, {cc}, once with `-C {CUBIC}`) and of new connections ({LOAD_THREADS} client \
 threads, {LOAD_SECS} s, one request per connection); medians. Machine CPU = share of all CPUs busy \
 during the measurement (client, servers and packet processing all share them); CPU per conn = \
@@ -329,8 +330,8 @@ All paths share the same 2 CPUs: the client, the kernels of the three simulated 
 servers. The connection test keeps them busy, so connections/s is about the inverse of the \
 machine CPU one connection costs (last column); via h2 (nftables), that cost adds a DNAT and a conntrack \
 entry in h2's namespace, a second DNAT with its own conntrack entry in the ingress \
-sandbox, VXLAN encapsulation and the UDP send through h2's stack, VXLAN receive on h1, two more \
-bridges and more veth crossings; via h3 (eBPF), one tc program on h3 each way. All of it is charged \
+sandbox, VXLAN encapsulation and the UDP send through h2's stack, and more bridges and veth \
+crossings; via h3 (eBPF), one tc program on h3 each way, and one on h1 on the way in. All of it is charged \
 to the CPUs the direct path spends on client and server alone (on separate machines h3's part would \
 run on h3). One iperf3 stream with {cc} leaves a third of the CPUs idle (the CPU column): {cc} \
 paces the sender by the rate and round trip it measures, and at these microsecond round trips \
