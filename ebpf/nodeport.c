@@ -310,7 +310,8 @@ static __always_inline int local_in(struct __sk_buff *skb, __u32 ifindex)
 {
 	__u8 macs[12];
 
-	if (bpf_skb_load_bytes(skb, ENCAP_LEN, macs, sizeof(macs)))
+	/* The inner MACs: after the outer Ethernet, IPv4, UDP and VXLAN headers. */
+	if (bpf_skb_load_bytes(skb, ETH_LEN + 20 + 8 + 8, macs, sizeof(macs)))
 		return TC_ACT_OK;
 	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
 		return TC_ACT_OK;

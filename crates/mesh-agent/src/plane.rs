@@ -1419,28 +1419,34 @@ impl Inner {
                 }
             }
         }
+        if r.nodeport.is_none() {
+            return;
+        }
         // The tasks VXLAN skips the overlay to reach: their ingress address -> the host's
-        // end of their gateway veth (`mesh_ingress::return_path::Shortcut`).
-        let gw_ports = match r.overlay.gateway_ports().await {
-            Ok(p) => p,
+        // end of their gateway veth (`mesh_ingress::return_path::Shortcut`). Without it
+        // (say the gateway veths cannot be listed), none: VXLAN takes the VXLAN device.
+        let local: BTreeMap<Ipv4Addr, u32> = match r.overlay.gateway_ports().await {
+            Ok(gw_ports) => lock(&self.tasks)
+                .iter()
+                .filter(|(_, ns)| ns.alive())
+                .filter_map(|(id, ns)| {
+                    let sc = ns.ingress_return.as_ref()?.shortcut.as_ref()?;
+                    Some((sc.addr, *gw_ports.get(id)?))
+                })
+                .collect(),
             Err(e) => {
-                debug!("routing mesh: gateway ports: {e}");
+                warn!("routing mesh: gateway veths: {e}");
                 BTreeMap::new()
             }
         };
-        let local: BTreeMap<Ipv4Addr, u32> = lock(&self.tasks)
-            .iter()
-            .filter(|(_, ns)| ns.alive())
-            .filter_map(|(id, ns)| {
-                let sc = ns.ingress_return.as_ref()?.shortcut.as_ref()?;
-                Some((sc.addr, *gw_ports.get(id)?))
-            })
-            .collect();
         let Some(np) = r.nodeport.as_mut() else {
             return;
         };
         let res = tokio::task::block_in_place(|| {
-            np.set_local(&local)?;
+            // The ports do not wait on it: they are the fast path; this, a shortcut.
+            if let Err(e) = np.set_local(&local) {
+                warn!("{e}");
+            }
             let mut want = BTreeSet::new();
             for e in entries {
                 let proto = match e.proto {

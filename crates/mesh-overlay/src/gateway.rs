@@ -468,13 +468,17 @@ impl Overlay {
             return Ok(BTreeMap::new());
         };
         let leases = State::load(&gw.state_file)?.tasks;
-        let mut out = BTreeMap::new();
-        for (id, lease) in leases {
-            if let Some(index) = self.host.link_index(&lease.veth).await? {
-                out.insert(id, index);
-            }
-        }
-        Ok(out)
+        let links: BTreeMap<String, u32> = self
+            .host
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.name, l.index))
+            .collect();
+        Ok(leases
+            .into_iter()
+            .filter_map(|(id, lease)| Some((id, *links.get(&lease.veth)?)))
+            .collect())
     }
 
     /// The gateway addresses in use: task ID -> address (from the allocation file).
