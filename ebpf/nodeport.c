@@ -30,7 +30,7 @@
  *                    them in `rev`, strips the VXLAN headers, gives them
  *                    node_ip:published port as source and the client's L2
  *                    next hop as destination, and sends them back out
- *                    (reply_in). On the task's node, the same program takes
+ *                    (vxlan_in). On the task's node, the same program takes
  *                    VXLAN on the ingress VNI for a task in `local` past the
  *                    VXLAN device and the overlay's bridge, straight into the
  *                    task's namespace (local_in).
@@ -321,14 +321,16 @@ static __always_inline int local_in(struct __sk_buff *skb, __u32 ifindex)
 }
 
 /*
- * A task's reply coming back from its node in VXLAN (outer IPv4 `oip`, to this
- * node's VXLAN port, on the ingress VNI) for a flow in `rev`, from that flow's
- * node: decapsulated, rewritten (reply_rewrite), and sent to the client at
- * once. A segment merged by GSO/GRO is left to the kernel's VXLAN device,
- * which resets its tunnel GSO state (6.18's bpf_skb_adjust_room cannot):
- * np_sbox_in takes it behind the sandbox's leg.
+ * VXLAN to this node's VXLAN port on the ingress VNI (outer IPv4 `oip`):
+ * - for a task of this node in `local`: local_in;
+ * - a task's reply coming back from its node for a flow in `rev`, from that
+ *   flow's node: decapsulated, rewritten (reply_rewrite), and sent to the
+ *   client at once. A segment merged by GSO/GRO is left to the kernel's VXLAN
+ *   device, which resets its tunnel GSO state (6.18's bpf_skb_adjust_room
+ *   cannot): np_sbox_in takes it behind the sandbox's leg.
+ * Anything else is the kernel's (TC_ACT_OK).
  */
-static __always_inline int reply_in(struct __sk_buff *skb, struct np_config *cfg,
+static __always_inline int vxlan_in(struct __sk_buff *skb, struct np_config *cfg,
 				    struct iphdr *oip, void *end)
 {
 	struct udphdr *oudp = (void *)(oip + 1);
@@ -400,11 +402,11 @@ int np_underlay_in(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	proto = ip->protocol;
 	if (proto == IPPROTO_UDP) {
-		int ret = reply_in(skb, cfg, ip, end);
+		int ret = vxlan_in(skb, cfg, ip, end);
 
 		if (ret != TC_ACT_OK)
 			return ret;
-		/* reply_in may have moved the data: parse again. */
+		/* vxlan_in may have moved the data: parse again. */
 		data = (void *)(long)skb->data;
 		end = (void *)(long)skb->data_end;
 		eth = data;
