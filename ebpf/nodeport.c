@@ -377,6 +377,7 @@ int np_underlay_in(struct __sk_buff *skb)
 	struct np_backend_val be, *fv;
 	struct np_backend_key bk;
 	struct np_port_key pk;
+	struct np_local_val *lv;
 	struct np_port_val *pv;
 	struct np_fwd_key fk;
 	struct np_rev_key rk;
@@ -386,7 +387,7 @@ int np_underlay_in(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
 	__be16 *ports;
-	__u32 client_ip, hash, tot_len;
+	__u32 client_ip, hash, tot_len, local_ifindex = 0;
 	__u16 client_port, port;
 	int syn = 0, udp_csum = 0, have = 0;
 	__u8 proto;
@@ -463,10 +464,12 @@ int np_underlay_in(struct __sk_buff *skb)
 	/* Not found (new, or evicted from the LRU): the task is chosen by a hash of
 	 * the client's address and port, so a segment of a connection whose entry
 	 * was evicted goes to the same task while the backends are unchanged. A
-	 * connection given to a local task is handed to the kernel (the nftables
-	 * path, whose conntrack keeps its task) and recorded as such: the hash of
-	 * its next segment, after a change of the backends, could name a task on
-	 * another node, which would answer the handshake's ACK with a reset. */
+	 * connection given to a local task is handed into it through its gateway
+	 * veth when the task is in `local`, else to the kernel (the nftables path, whose
+	 * conntrack keeps its task); either is recorded, and the flow stays on its
+	 * way: the hash of its next segment, after a change of the backends, could
+	 * name a task on another node, which would answer the handshake's ACK with
+	 * a reset, and a flow the kernel's NAT began must end there. */
 	if (!have) {
 		__u16 count = *(volatile __u16 *)&pv->count;
 		struct np_backend_val *b;
@@ -485,10 +488,18 @@ int np_underlay_in(struct __sk_buff *skb)
 				return TC_ACT_OK;
 		}
 		be = *b;
+		if (be.local && bpf_map_lookup_elem(&np_local, &be.ip))
+			be.local = NP_LOCAL_FAST;
 		bpf_map_update_elem(&np_fwd, &fk, &be, BPF_ANY);
 	}
-	if (be.local)
+	if (be.local == NP_LOCAL_FAST) {
+		lv = bpf_map_lookup_elem(&np_local, &be.ip);
+		if (!lv)
+			return TC_ACT_OK;
+		local_ifindex = lv->ifindex;
+	} else if (be.local) {
 		return TC_ACT_OK;
+	}
 
 	__builtin_memset(&rk, 0, sizeof(rk));
 	rk.task_ip = be.ip;
@@ -517,6 +528,14 @@ int np_underlay_in(struct __sk_buff *skb)
 
 	__builtin_memcpy(&macs[2], &be.ip, 4);
 	__builtin_memcpy(&macs[6], cfg->sbox_mac, 6);
+	if (local_ifindex) {
+		/* A task of this node: into its namespace through its gateway-bridge
+		 * veth, as from the sandbox (local_in). Its reply goes to the sandbox
+		 * on the overlay, where np_sbox_in sends it back out. */
+		if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
+			return TC_ACT_SHOT;
+		return bpf_redirect_peer(local_ifindex, 0);
+	}
 	if (skb->gso_size) {
 		/* To the task's MAC from the sandbox's, through the sandbox's veth
 		 * (np_sbox_veth_in) to the overlay's bridge and VXLAN device. */

@@ -76,9 +76,14 @@ struct np_port_val {
 /*
  * `backends`: (published port, proto, slot) -> a task. Same update protocol
  * as lb.h's `backends` (crates/mesh-lb/src/plan.rs): a slot below `count` is
- * always filled. `local` is 1 for a task on this node: its connections take
- * the nftables path (host DNAT -> sandbox), which delivers locally.
+ * always filled. `local` is NP_LOCAL_KERNEL for a task on this node: when the
+ * task is in `local` too, np_underlay_in hands its connections straight into it
+ * (recorded in `fwd` as NP_LOCAL_FAST), else to the nftables path (host DNAT ->
+ * sandbox), which delivers locally.
  */
+#define NP_LOCAL_KERNEL 1
+#define NP_LOCAL_FAST 2
+
 struct np_backend_key {
 	__u16 port;
 	__u8 proto;
@@ -105,7 +110,8 @@ struct np_alive_key {
 };
 
 /* `fwd` (LRU): (client, published port, proto) -> the task it was given
- * (an np_backend_val); a local one means the flow is the kernel's. */
+ * (an np_backend_val); `local` NP_LOCAL_KERNEL means the flow is the kernel's,
+ * NP_LOCAL_FAST that np_underlay_in hands it to a task of this node itself. */
 struct np_fwd_key {
 	__u32 client_ip;
 	__u16 client_port;
@@ -136,7 +142,9 @@ struct np_rev_val {
  * node on the ingress VNI for one of them is decapsulated by np_underlay_in
  * and handed straight into the task's namespace through its gateway-bridge
  * veth (`ifindex`: the host's end, in host byte order), past the VXLAN
- * device, the overlay's bridge and its veth. Filled by the daemon, not
+ * device, the overlay's bridge and its veth; so are the connections this
+ * node's published ports give them, past the host's and the sandbox's
+ * DNAT. Filled by the daemon, not
  * carried over to a new daemon's maps: it fills them again.
  */
 struct np_local_val {

@@ -7,8 +7,11 @@
 //! From the underlay client (10.99.0.1), three paths:
 //!
 //! - **direct**: h1's host-mode port (host DNAT -> task);
-//! - **ingress, same node**: h1's ingress port (host DNAT -> ingress sandbox -> nftables
-//!   numgen DNAT, no SNAT -> the task's ingress-network interface on the same host);
+//! - **ingress, same node**: h1's ingress port: the tc fast path on h1's underlay interface
+//!   DNATs the packet (no SNAT) and hands it into the task through its gateway veth; the reply
+//!   goes to h1's sandbox leg on the ingress overlay, where the same programs rewrite it and
+//!   send it out (the nftables path, host DNAT -> sandbox DNAT, only while the task is not yet
+//!   in the fast path's `np_local`);
 //! - **ingress via other node, eBPF**: h3's ingress port (h3 has no task): the tc fast path
 //!   (`ebpf/nodeport.c`) DNATs the packet on h3's underlay interface and VXLAN-encapsulates it
 //!   straight to h1 (a GSO packet through the ingress overlay's VXLAN device, skipping the
@@ -287,8 +290,10 @@ hence the interleaved rounds and per-round ratios). Reproduce with `cargo xtask 
 A 3-host netns cluster; on h1 an iperf3 server and a `mesh-bench serve-http` server (HTTP/1.0, \
 the server closes each connection) published twice: in ingress mode (every node answers) and \
 in host mode (only h1, DNAT straight to the task). From the underlay client: **direct** = h1's \
-host-mode port; **ingress, same node** = h1's ingress port (host DNAT -> ingress sandbox -> \
-numgen DNAT, no SNAT: the task sees the client -> the task, whose reply is policy-routed back to the sandbox); \
+host-mode port; **ingress, same node** = h1's ingress port (the tc fast path on h1's underlay interface \
+DNATs the packet, no SNAT: the task sees the client, and hands it into the task through its gateway veth; \
+the task's reply is policy-routed to h1's sandbox leg on the ingress overlay, where the same programs \
+rewrite it and send it out: no conntrack entry or NAT rule on h1's host or sandbox); \
 **ingress via other node, eBPF** = h3's ingress port (h3 has no task; the tc fast path on h3's underlay \
 interface DNATs the packet; one segment it VXLAN-encapsulates to h1 itself, a GSO packet it hands to the ingress \
 overlay's VXLAN device through the sandbox's veth, skipping the sandbox's stack; the same program decapsulates \

@@ -83,7 +83,8 @@ fn tracked_anywhere(h: &Host, client: &str, port: u16) -> Result<Vec<String>> {
     }
     ensure!(
         tables.len() > 2,
-        "no namespaces held by h3's daemon: {tables:?}"
+        "no namespaces held by {}'s daemon: {tables:?}",
+        h.name()
     );
     let mut out = Vec::new();
     for (name, table) in tables {
@@ -764,7 +765,8 @@ fn task_rx(h: &Host, id: &str) -> Result<std::collections::BTreeMap<String, u64>
 /// h1's sandbox and ingress bridge to the VXLAN device, and the bridge knows where the remote
 /// task is although no frame of it ever crossed (the ACKs come back on the fast path). It used
 /// to flood each upload to every local port, so another service's task on h1 received a copy
-/// of every byte. And h1 forwards as a router does: one TTL less each way (the merged replies
+/// of every byte. A connection through h1 to its own task (quiet) takes the fast path too,
+/// tracked by none of h1's namespaces. And h1 forwards as a router does: one TTL less each way (the merged replies
 /// of a download too, which its sandbox takes off the VXLAN device), and a datagram
 /// whose TTL expires at h1 is answered with ICMP time exceeded from h1 and goes no further
 /// (the fast path used to pass it on with TTL 1).
@@ -931,6 +933,20 @@ fn fast_path_floods_no_local_task_and_forwards_as_a_router() -> Result<()> {
         hop >= 32 << 20 && other == 0,
         "a 32 MiB download through h1 came in with {hop} bytes at TTL 63 and {other} at \
          another TTL: h1 must take one off every reply, merged or not"
+    );
+
+    // A task on the node that took the connection (quiet on h1) gets it from the fast path
+    // too, through its gateway veth, and answers through the sandbox's leg: neither h1's
+    // namespace nor its sandbox tracks it (the nftables path's two DNATs would).
+    let (ok, failed, seen, text) = conns(&c, &via, 20)?;
+    ensure!(
+        ok == 20 && failed == 0 && seen.len() == 1,
+        "20 connections through h1 to quiet, its task on h1: {text:?}"
+    );
+    let tracked = tracked_anywhere(h1, &c.client_addr().to_string(), 8080)?;
+    ensure!(
+        tracked.is_empty(),
+        "h1 tracks connections to its own task that took the fast path: {tracked:?}"
     );
     Ok(())
 }

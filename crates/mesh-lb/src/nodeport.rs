@@ -1,6 +1,7 @@
 //! The routing mesh's eBPF fast path (`ebpf/nodeport.c`): a published port answered by a task on
-//! another node skips conntrack, the NAT rules and the ingress sandbox's stack on the node that
-//! took the connection, and keeps the client's address (see the C file for its four programs).
+//! another node, or on this one through the task's gateway veth ([`NodePort::set_local`]),
+//! skips conntrack, the NAT rules and the ingress sandbox's stack on the node that took the
+//! connection, and keeps the client's address (see the C file for its four programs).
 //!
 //! [`NodePort::ensure`] loads the programs and attaches them as tc filters (netlink, fixed
 //! priority and handle) to the underlay interface and the host end of the sandbox's veth (host
@@ -602,10 +603,11 @@ impl NodePort {
         }
     }
 
-    /// Sets the tasks of this node that VXLAN for them skips the overlay to reach: each task's
-    /// address on the ingress overlay -> the ifindex of the host's end of a veth whose other
-    /// end is in the task's namespace (its gateway-bridge veth). Others are removed: VXLAN
-    /// for them takes the VXLAN device again.
+    /// Sets the tasks of this node that VXLAN for them skips the overlay to reach, and that the
+    /// published ports of this node hand new connections straight to: each task's address on
+    /// the ingress overlay -> the ifindex of the host's end of a veth whose other end is in the
+    /// task's namespace (its gateway-bridge veth). Others are removed: VXLAN for them takes the
+    /// VXLAN device again, and their new connections the nftables path.
     pub fn set_local(&mut self, want: &BTreeMap<Ipv4Addr, u32>) -> Result<(), NodePortError> {
         let have: BTreeMap<u32, LocalVal> = self.local.iter().filter_map(Result::ok).collect();
         let want: BTreeMap<u32, LocalVal> = want
