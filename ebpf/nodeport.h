@@ -144,8 +144,8 @@ struct np_rev_val {
  * veth (`ifindex`: the host's end, in host byte order), past the VXLAN
  * device, the overlay's bridge and its veth; so are the connections this
  * node's published ports give them, past the host's and the sandbox's
- * DNAT. Filled by the daemon, not
- * carried over to a new daemon's maps: it fills them again.
+ * DNAT. Filled by the daemon, and carried over to a new daemon's maps with
+ * the flows: a flow handed to a local task must find it there.
  */
 struct np_local_val {
 	__u32 ifindex;

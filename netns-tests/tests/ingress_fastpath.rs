@@ -6,8 +6,9 @@
 //! (its fast path hands them the VXLAN from h3 past the overlay); a UDP client whose task is killed
 //! moves to another task at once (the fast path forgets a removed backend's flows); a daemon
 //! restarted over the programs of another build (an upgrade) puts its own in their place and
-//! keeps every held connection on its task; connections handed to the kernel for a local
-//! task stay there when the backends change; a node leaving the swarm takes its filters away,
+//! keeps every held connection on its task; connections handed to a local task stay there
+//! when the backends change and while that node is upgraded (its local tasks' veths carried
+//! over); a node leaving the swarm takes its filters away,
 //! also when it left while its daemon was down. And a task's node behind a router (its VTEP
 //! not on the entry node's link) is reached by the route.
 
@@ -120,6 +121,40 @@ fn kill_task(h: &Host, id: &str) -> usize {
         // SAFETY: kill(2) with pids read from the task's cgroup.
         .filter(|p| unsafe { libc::kill(**p, libc::SIGKILL) } == 0)
         .count()
+}
+
+/// SIGKILLs `h`'s daemon and starts it over the state file of a daemon built with other
+/// programs (an upgrade); returns once the new daemon has put its own in their place, with
+/// the new log's `took over` line (what it carried over from the old maps).
+fn upgrade(h: &Host) -> Result<String> {
+    h.kill_daemon()?;
+    let state = h.exec_root().join(STATE_FILE);
+    let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&state)?)?;
+    let object = st["config"]["object"]
+        .as_u64()
+        .context("no object fingerprint in the state file")?;
+    st["config"]["object"] = (object ^ 1).into();
+    std::fs::write(&state, serde_json::to_vec(&st)?)?;
+    let log_from = std::fs::metadata(h.log_path())?.len() as usize;
+    h.start_daemon()?;
+    wait_for(
+        &format!("{}'s fast path reloaded", h.name()),
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let log = std::fs::read(h.log_path())?;
+            let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
+            let took = log
+                .lines()
+                .find(|l| l.contains("took over the previous programs"));
+            Ok(
+                (log.contains("programs differ") && log.contains("adopted=false"))
+                    .then_some(took)
+                    .flatten()
+                    .map(str::to_string),
+            )
+        },
+    )
 }
 
 #[test]
@@ -321,29 +356,7 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
         std::thread::sleep(Duration::from_secs(1));
         scale_echo(&c, &via, 4)?;
         let scaled = t0.elapsed().as_secs_f64();
-        h3.kill_daemon()?;
-        let state = h3.exec_root().join(STATE_FILE);
-        let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&state)?)?;
-        let object = st["config"]["object"]
-            .as_u64()
-            .context("no object fingerprint in the state file")?;
-        st["config"]["object"] = (object ^ 1).into();
-        std::fs::write(&state, serde_json::to_vec(&st)?)?;
-        let log_from = std::fs::metadata(h3.log_path())?.len() as usize;
-        h3.start_daemon()?;
-        wait_for(
-            "h3's fast path reloaded",
-            Duration::from_secs(20),
-            Duration::from_millis(200),
-            || {
-                let log = std::fs::read(h3.log_path())?;
-                let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
-                Ok((log.contains("programs differ")
-                    && log.contains("took over the previous programs")
-                    && log.contains("adopted=false"))
-                .then_some(()))
-            },
-        )?;
+        upgrade(h3)?;
         let upgraded = t0.elapsed().as_secs_f64();
         let marks = format!("echo at 4 tasks at {scaled:.3} s, h3 upgraded at {upgraded:.3} s");
         Ok((held.join().expect("held thread")?, marks, upgraded))
@@ -388,30 +401,47 @@ fn fast_path_keeps_flows_through_changes_and_restarts() -> Result<()> {
     );
 
     // Through a node with tasks of its own (h1, two of echo's four): a connection whose hash
-    // named a local task is handed to the kernel (the nftables path) and recorded so, and
-    // stays there when the backends change. Only hashed again, its next segments went to
-    // whatever task the new slots named, on h2 half of the time, which reset it (2 of 16
-    // connections, about 6 of them the kernel's; 24 make a miss unlikely).
+    // named a local task is handed into it by the fast path and recorded so, and stays there
+    // when the backends change. Only hashed again, its next segments went to whatever task
+    // the new slots named, on h2 half of the time, which reset it (2 of 16 connections, about
+    // 6 of them local; 24 make a miss unlikely). Then h1 is upgraded under them: the new
+    // programs find the local tasks' veths in the maps carried over (a flow handed to a local
+    // task whose veth they did not know would go to the nftables path mid-stream, which
+    // balances it anew: a reset).
     let via1 = h1.addr().to_string();
-    const HELD1_SECS: f64 = 12.0;
-    let (out, marks) = std::thread::scope(|s| -> Result<_> {
+    const HELD1_SECS: f64 = 16.0;
+    let (out, marks, took) = std::thread::scope(|s| -> Result<_> {
         let t0 = Instant::now();
         let held = s.spawn(|| hold(&c, &via1, 24, HELD1_SECS));
         std::thread::sleep(Duration::from_secs(1));
         scale_echo(&c, &via1, 6)?;
         let scaled = t0.elapsed().as_secs_f64();
+        let took = upgrade(h1)?;
+        let upgraded = t0.elapsed().as_secs_f64();
         ensure!(
-            scaled + 2.0 < HELD1_SECS,
-            "echo scaled too late for the held connections to see it ({scaled:.3} s)"
+            upgraded + 2.0 < HELD1_SECS,
+            "echo scaled ({scaled:.3} s) and h1 upgraded ({upgraded:.3} s) too late for the \
+             held connections to see it"
         );
-        let marks = format!("echo at 6 tasks at {scaled:.3} s");
-        Ok((held.join().expect("held thread")?, marks))
+        let marks = format!("echo at 6 tasks at {scaled:.3} s, h1 upgraded at {upgraded:.3} s");
+        Ok((held.join().expect("held thread")?, marks, took))
     })?;
     let (ok, failed, failures) = held_result(&out)?;
-    eprintln!("held through h1 while echo scaled: {ok} answers, {failed} failed ({marks})");
+    eprintln!("held through h1 while echo scaled and h1 upgraded: {ok} answers, {failed} failed ({marks})");
     ensure!(
-        failed == 0 && ok >= 24 * 30,
-        "connections held through h1 while echo scaled: {ok} answers, {failed} failed ({marks}):\n{failures}"
+        failed == 0 && ok >= 24 * 40,
+        "connections held through h1 while echo scaled and h1 upgraded: {ok} answers, {failed} \
+         failed ({marks}):\n{failures}"
+    );
+    let local_tasks: usize = took
+        .split_once("local_tasks=")
+        .and_then(|(_, n)| n.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    ensure!(
+        local_tasks >= 2,
+        "h1's upgraded fast path carried over {local_tasks} local tasks (echo has 2 or more on \
+         h1): {took:?}"
     );
 
     // h2 leaves the swarm: its filters go, with the programs and maps.

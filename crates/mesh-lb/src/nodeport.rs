@@ -690,12 +690,13 @@ fn old_map(st: &State, name: &'static str) -> Option<Map> {
     })
 }
 
-/// Copies into `new`, the maps just loaded, the ports, backends and flows of the maps a
-/// previous daemon's programs still use (`old`, its state): the new programs then take over
-/// every connection where the old ones left it. Only when both use the same layouts
-/// (`NP_MAPS_VERSION`). Returns the flows carried over, or `None` if nothing was (other
-/// layouts, or the old maps are gone).
-fn carry_over(old: &State, new: &mut BTreeMap<&'static str, Map>) -> Option<usize> {
+/// Copies into `new`, the maps just loaded, the ports, backends, flows and local tasks of the
+/// maps a previous daemon's programs still use (`old`, its state): the new programs then take
+/// over every connection where the old ones left it (a flow handed to a local task finds its
+/// task's veth before the daemon's first pass). Only when both use the same layouts
+/// (`NP_MAPS_VERSION`). Returns the flows and local tasks carried over, or `None` if nothing
+/// was (other layouts, or the old maps are gone).
+fn carry_over(old: &State, new: &mut BTreeMap<&'static str, Map>) -> Option<(usize, usize)> {
     if old.maps_version != NP_MAPS_VERSION {
         tracing::info!(
             old = old.maps_version,
@@ -713,8 +714,17 @@ fn carry_over(old: &State, new: &mut BTreeMap<&'static str, Map>) -> Option<usiz
     const RK: usize = NP_REV_KEY_SIZE as usize;
     const RV: usize = NP_REV_VAL_SIZE as usize;
     const AV: usize = std::mem::size_of::<u32>();
-    let mut flows = None;
-    for name in [MAP_PORTS, MAP_BACKENDS, MAP_ALIVE, MAP_FWD, MAP_REV] {
+    const LK: usize = std::mem::size_of::<u32>();
+    const LV: usize = NP_LOCAL_VAL_SIZE as usize;
+    let (mut flows, mut local) = (None, 0);
+    for name in [
+        MAP_PORTS,
+        MAP_BACKENDS,
+        MAP_ALIVE,
+        MAP_FWD,
+        MAP_REV,
+        MAP_LOCAL,
+    ] {
         let (Some(from), Some(to)) = (old_map(old, name), new.get_mut(name)) else {
             continue;
         };
@@ -723,15 +733,17 @@ fn carry_over(old: &State, new: &mut BTreeMap<&'static str, Map>) -> Option<usiz
             MAP_BACKENDS => copy_entries::<BK, BV>(from, to),
             MAP_ALIVE => copy_entries::<AK, AV>(from, to),
             MAP_FWD => copy_entries::<FK, BV>(from, to),
+            MAP_LOCAL => copy_entries::<LK, LV>(from, to),
             _ => copy_entries::<RK, RV>(from, to),
         };
         match copied {
             Ok(n) if name == MAP_FWD => flows = Some(n),
+            Ok(n) if name == MAP_LOCAL => local = n,
             Ok(_) => {}
             Err(e) => tracing::warn!(map = name, "routing mesh fast path: carrying over: {e}"),
         }
     }
-    flows
+    flows.map(|f| (f, local))
 }
 
 /// Copies every entry of hash map `from` into `to` (both of K-byte keys and V-byte values).
@@ -796,9 +808,11 @@ fn load_and_attach(
     }
     // The programs pass every packet until their config is set (`enabled`): carry the old
     // maps' entries over and set it before they are attached, so they take over at once.
-    if let Some(flows) = previous.as_ref().and_then(|old| carry_over(old, &mut maps)) {
+    if let Some((flows, local_tasks)) = previous.as_ref().and_then(|old| carry_over(old, &mut maps))
+    {
         tracing::info!(
             flows,
+            local_tasks,
             "routing mesh fast path: took over the previous programs' ports and flows"
         );
     }
