@@ -341,7 +341,9 @@ to the CPUs the direct path spends on client and server alone (on separate machi
 run on h3). One iperf3 stream with {cc} leaves a third of the CPUs idle (the CPU column): {cc} \
 paces the sender by the rate and round trip it measures, and at these microsecond round trips \
 each hop a path adds lowers the rate it settles on; with {CUBIC}, which does not pace, every path \
-runs faster. The ingress paths also carry a smaller MSS (1398 instead of 1448: the ingress \
+runs faster, and direct most (twice the others on some machines: its merged packets reach the task no \
+larger than theirs, 34-44 KB on average, but it keeps both CPUs busy where the eBPF path via h3 leaves \
+about a quarter of them idle, as `perf` showed on 2026-12-08). The ingress paths also carry a smaller MSS (1398 instead of 1448: the ingress \
 overlay's MTU is 1450).\n",
         list(&g_other, 2),
         verdict(go, THROUGHPUT_GOAL),
