@@ -32,8 +32,8 @@ use mesh_netlink::Netns;
 
 use crate::consts::{
     NP_ALIVE_KEY_SIZE, NP_BACKEND_KEY_SIZE, NP_BACKEND_VAL_SIZE, NP_CONFIG_SIZE, NP_FWD_KEY_SIZE,
-    NP_LOCAL_VAL_SIZE, NP_MAPS_VERSION, NP_PORT_KEY_SIZE, NP_PORT_VAL_SIZE, NP_REV_KEY_SIZE,
-    NP_REV_VAL_SIZE,
+    NP_LOCAL_KERNEL, NP_LOCAL_VAL_SIZE, NP_MAPS_VERSION, NP_PORT_KEY_SIZE, NP_PORT_VAL_SIZE,
+    NP_REV_KEY_SIZE, NP_REV_VAL_SIZE,
 };
 use crate::plan::{plan, Op};
 use crate::{chain, is_enoent, objects, Proto};
@@ -462,7 +462,12 @@ impl NodePort {
                 ip: be32(b.ip),
                 vtep: be32(b.vtep),
                 port: b.port.to_be(),
-                local: u8::from(b.vtep == self.node_ip),
+                // Local: the kernel's until the program finds the task in `np_local`.
+                local: if b.vtep == self.node_ip {
+                    NP_LOCAL_KERNEL as u8
+                } else {
+                    0
+                },
                 pad: 0,
             })
             .collect();
