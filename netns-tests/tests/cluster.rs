@@ -474,3 +474,48 @@ fn malformed_api_requests_get_clear_errors() -> Result<()> {
     h.mesh_ok(&["version"])?;
     Ok(())
 }
+
+/// `node demote` right after `node promote`, while the promoted node is still asking the
+/// leader to make it a Raft voter, at a few delays across that window. The leader used to
+/// add the voter after the demotion had written the node's role: the node then stopped Raft
+/// as a worker, and two voters with one gone left the swarm without a leader (seen as
+/// `docker node demote` failing with "The swarm does not have a leader"). Each round the
+/// demotion must succeed, the leader must keep committing, and the voters must be h1 alone.
+#[test]
+fn demote_right_after_promote_keeps_the_leader() -> Result<()> {
+    let Some(c) = cluster(2, "promote-demote")? else {
+        return Ok(());
+    };
+    form_swarm(&c, 1)?;
+    let (h1, h2) = (c.host(1), c.host(2));
+    for (round, delay_ms) in [0u64, 150, 300, 600, 1200].into_iter().enumerate() {
+        ensure!(h1
+            .mesh_ok(&["node", "promote", "h2"])?
+            .contains("promoted to a manager"));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let out = h1.mesh(&["node", "demote", "h2"])?;
+        ensure!(
+            out.success() && out.stdout.contains("demoted"),
+            "round {round}: demote {delay_ms} ms after promote: {}",
+            out.stderr
+        );
+        let label = format!("round={round}");
+        wait_for(
+            &format!("round {round}: h1 the only voter, h2 a worker, the leader committing"),
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || {
+                let voters = info(h1)?["raft"]["voters"].as_array().map(|v| v.len());
+                let worker = {
+                    let out = h2.mesh(&["node", "ls"])?;
+                    !out.success() && out.stderr.contains("not a swarm manager")
+                };
+                let wrote = h1
+                    .mesh(&["node", "update", "--label-add", &label, "h2"])?
+                    .success();
+                Ok((voters == Some(1) && worker && wrote).then_some(()))
+            },
+        )?;
+    }
+    Ok(())
+}

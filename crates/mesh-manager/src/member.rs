@@ -130,6 +130,12 @@ pub struct Member {
     orchestrator: tokio::sync::Mutex<Orchestrator>,
     /// One fetch, creation, re-wrap or removal of the data key at a time.
     data_key_lock: tokio::sync::Mutex<()>,
+    /// Held by the leader over each change of the Raft voters together with the roles it
+    /// follows: a voter added for a promoted manager (checked, caught up, added) and a
+    /// demotion or leave (voter removed, role written) never interleave. Interleaved, a
+    /// node demoted while it was being added became a voter after its role said worker; it
+    /// stopped Raft, and two voters with one gone had no quorum: no leader.
+    membership_lock: tokio::sync::Mutex<()>,
     /// The data key once opened, and the unlock key its file is wrapped with (`None`: a key
     /// kept beside it). With autolock the key file cannot be opened without the unlock key,
     /// so the open key lives here for the daemon's life.
@@ -198,6 +204,7 @@ impl Member {
             raft: RwLock::new(None),
             dispatcher: Dispatcher::default(),
             data_key_lock: tokio::sync::Mutex::new(()),
+            membership_lock: tokio::sync::Mutex::new(()),
             keys: StdMutex::new(keys),
             tls_key_sealed: std::sync::atomic::AtomicBool::new(false),
             cert_expiry: std::sync::atomic::AtomicU64::new(0),
@@ -1029,6 +1036,7 @@ impl Member {
     }
 
     async fn leader_add_voter(&self, node: &RaftNode, node_id: &str) -> Result<(), ApiError> {
+        let _membership = self.membership_lock.lock().await;
         let state = self.read(node).await?;
         let n = state
             .nodes
@@ -1099,6 +1107,7 @@ impl Member {
     }
 
     async fn leader_leave(&self, node: &RaftNode, node_id: &str) -> Result<(), ApiError> {
+        let _membership = self.membership_lock.lock().await;
         let state = self.read(node).await?;
         let Some(n) = state.nodes.get(node_id) else {
             return Ok(());
@@ -1385,6 +1394,7 @@ impl Member {
                 )))
             }
             Request::NodeDemote { node: key } => {
+                let _membership = self.membership_lock.lock().await;
                 let state = self.read(node).await?;
                 let n = state.find_node(&key)?;
                 if n.role == NodeRole::Worker {
